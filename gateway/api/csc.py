@@ -1,0 +1,212 @@
+"""CSC API v2 handlers: info, credentials/list, credentials/info.
+
+Thin: decode -> validate -> authorize (the facility from mTLS) -> act -> respond. Only methods that
+are implemented are advertised in ``info``.
+"""
+
+from __future__ import annotations
+
+import base64
+from typing import Any, Literal
+
+from aiohttp import web
+from cryptography.hazmat.primitives import serialization
+from pydantic import Field
+from sqlalchemy import select
+
+from gateway.api.keys import DB, KEYSTORE, SETTINGS
+from gateway.api.middleware import identity
+from gateway.api.schema import CscRequest, parse
+from gateway.errors import AccessDenied, InvalidRequest
+from gateway.signers import Credential
+from gateway.store.schema import credential, facility, signer, signer_facility
+
+SPECS = "2.0.0.2"
+METHODS = ["info", "credentials/list", "credentials/info"]
+RSA_SIGN_ALGOS = [
+    "1.2.840.113549.1.1.11",  # sha256WithRSAEncryption
+    "1.2.840.113549.1.1.12",  # sha384WithRSAEncryption
+    "1.2.840.113549.1.1.13",  # sha512WithRSAEncryption
+    "1.2.840.113549.1.1.1",  # rsaEncryption (signHash over a DigestInfo)
+]
+
+routes = web.RouteTableDef()
+
+
+class InfoRequest(CscRequest):
+    lang: str | None = None
+
+
+class ListRequest(CscRequest):
+    userID: str | None = Field(default=None, max_length=200)  # noqa: N815 - CSC field name
+    credentialInfo: bool = False  # noqa: N815
+    certificates: Literal["none", "single", "chain"] = "single"
+    certInfo: bool = False  # noqa: N815
+    authInfo: bool = False  # noqa: N815
+    onlyValid: bool = False  # noqa: N815
+    lang: str | None = None
+    maxResults: int | None = Field(default=None, ge=1, le=1000)  # noqa: N815 - CSC v1
+
+
+class InfoCredentialRequest(CscRequest):
+    credentialID: str = Field(min_length=1, max_length=200)  # noqa: N815
+    certificates: Literal["none", "single", "chain"] = "single"
+    certInfo: bool = False  # noqa: N815
+    authInfo: bool = False  # noqa: N815
+    lang: str | None = None
+
+
+@routes.post("/csc/v2/info")
+async def info(request: web.Request) -> web.Response:
+    await parse(request, InfoRequest)
+    s = request.app[SETTINGS].service
+    return web.json_response(
+        {
+            "specs": SPECS,
+            "name": s.name,
+            "region": s.region,
+            "lang": s.lang,
+            "description": s.description,
+            "authType": ["TLS"],
+            "methods": METHODS,
+            "signAlgorithms": {"algos": RSA_SIGN_ALGOS},
+        }
+    )
+
+
+def _cert_status(cred: Credential) -> str:
+    from datetime import UTC, datetime
+
+    if cred.certificate is None:
+        return "pending"
+    now = datetime.now(UTC)
+    if cred.certificate.not_valid_after_utc <= now:
+        return "expired"
+    if cred.certificate.not_valid_before_utc > now:
+        return "not_yet_valid"
+    return "valid"
+
+
+def _b64(der: bytes) -> str:
+    return base64.b64encode(der).decode()
+
+
+def credential_info(
+    cred: Credential,
+    *,
+    certificates: str,
+    cert_info: bool,
+    auth_info: bool,
+    key_enabled: bool,
+    lang: str,
+) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "description": f"HPKI signing credential ({cred.key_algorithm}-{cred.key_bits})",
+        "key": {
+            "status": "enabled" if key_enabled and cred.status == "active" else "disabled",
+            "algo": RSA_SIGN_ALGOS,
+            "len": cred.key_bits,
+        },
+        "cert": {"status": _cert_status(cred)},
+        "auth": {"mode": "explicit"},
+        "authMode": "explicit",  # CSC v1 field, still read by v1 clients
+        "SCAL": "2",
+        "multisign": 100,
+        "lang": lang,
+    }
+    cert = out["cert"]
+    if cred.certificate is not None:
+        if certificates in ("single", "chain"):
+            ders = [cred.certificate.public_bytes(serialization.Encoding.DER)]
+            if certificates == "chain":
+                ders += [c.public_bytes(serialization.Encoding.DER) for c in cred.chain]
+            cert["certificates"] = [_b64(d) for d in ders]
+        if cert_info:
+            c = cred.certificate
+            cert.update(
+                issuerDN=c.issuer.rfc4514_string(),
+                serialNumber=format(c.serial_number, "x"),
+                subjectDN=c.subject.rfc4514_string(),
+                validFrom=c.not_valid_before_utc.strftime("%Y%m%d%H%M%SZ"),
+                validTo=c.not_valid_after_utc.strftime("%Y%m%d%H%M%SZ"),
+            )
+    if auth_info:
+        out["auth"]["objects"] = []
+    return out
+
+
+async def _facility_credentials(
+    request: web.Request, *, user_id: str | None = None, credential_id: str | None = None
+) -> list[Credential]:
+    ident = identity(request)
+    if ident.kind != "facility" or ident.facility_id is None:
+        raise AccessDenied("CSC methods are for facility client certificates")
+    q = (
+        select(credential)
+        .select_from(
+            credential.join(signer, credential.c.signer_id == signer.c.id)
+            .join(signer_facility, signer_facility.c.signer_id == signer.c.id)
+            .join(facility, facility.c.id == signer_facility.c.facility_id)
+        )
+        .where(facility.c.id == ident.facility_id)
+        .order_by(credential.c.created_at)
+    )
+    if user_id is not None:
+        q = q.where(signer.c.id == user_id)
+    if credential_id is not None:
+        q = q.where(credential.c.id == credential_id)
+    async with request.app[DB].read() as conn:
+        rows = (await conn.execute(q)).all()
+    return [Credential.from_row(r) for r in rows]
+
+
+@routes.post("/csc/v2/credentials/list")
+async def credentials_list(request: web.Request) -> web.Response:
+    req = await parse(request, ListRequest)
+    creds = await _facility_credentials(request, user_id=req.userID)
+    if req.onlyValid:
+        creds = [c for c in creds if c.status == "active" and _cert_status(c) == "valid"]
+    if req.maxResults is not None:
+        creds = creds[: req.maxResults]
+    body: dict[str, Any] = {"credentialIDs": [c.id for c in creds]}
+    if req.onlyValid:
+        body["onlyValid"] = True
+    if req.credentialInfo:
+        lang = req.lang or request.app[SETTINGS].service.lang
+        body["credentialInfos"] = [
+            {
+                "credentialID": c.id,
+                **credential_info(
+                    c,
+                    certificates=req.certificates,
+                    cert_info=req.certInfo,
+                    auth_info=req.authInfo,
+                    key_enabled=True,
+                    lang=lang,
+                ),
+            }
+            for c in creds
+        ]
+    return web.json_response(body)
+
+
+@routes.post("/csc/v2/credentials/info")
+async def credentials_info(request: web.Request) -> web.Response:
+    req = await parse(request, InfoCredentialRequest)
+    creds = await _facility_credentials(request, credential_id=req.credentialID)
+    if not creds:
+        # Same answer for "does not exist" and "not linked to your facility": no probing.
+        raise InvalidRequest("Invalid parameter credentialID")
+    cred = creds[0]
+    # Ask the HSM: a credential whose key is gone (or a token that is down) is not usable.
+    await request.app[KEYSTORE].get_key(cred.key_id)
+    return web.json_response(
+        credential_info(
+            cred,
+            certificates=req.certificates,
+            cert_info=req.certInfo,
+            auth_info=req.authInfo,
+            key_enabled=True,
+            lang=req.lang or request.app[SETTINGS].service.lang,
+        )
+    )

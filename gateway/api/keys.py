@@ -1,0 +1,19 @@
+"""Typed application keys: the one list of what the app carries."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from gateway.audit import AuditLog
+from gateway.config import Settings
+from gateway.facilities import FacilityRegistry
+from gateway.hsm.api import KeyStore
+from gateway.signers import SignerService
+from gateway.store.db import Database
+
+SETTINGS = web.AppKey("settings", Settings)
+DB = web.AppKey("db", Database)
+AUDIT = web.AppKey("audit", AuditLog)
+KEYSTORE = web.AppKey("keystore", KeyStore)
+FACILITIES = web.AppKey("facilities", FacilityRegistry)
+SIGNERS = web.AppKey("signers", SignerService)

@@ -1,0 +1,109 @@
+"""Middlewares: request id + error rendering (outermost), then mTLS identity (every route).
+
+Order matters: the error middleware wraps everything so that even an identity failure or an
+unknown route answers in the right error format; the identity middleware runs before routing
+results are used, so no route, not even a 404, is reachable without an active client
+certificate.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import secrets
+import ssl
+import time
+from collections.abc import Awaitable, Callable
+
+from aiohttp import web
+
+from gateway.api import errors
+from gateway.api.keys import DB, SETTINGS
+from gateway.auth.mtls import ClientIdentity, identify
+from gateway.errors import AccessDenied, GatewayError, PayloadTooLarge
+from gateway.logs import request_id_var
+
+log = logging.getLogger("gateway.api")
+access_log = logging.getLogger("gateway.access")
+
+IDENTITY = "identity"  # request key holding the ClientIdentity
+_CLIENT_RID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@web.middleware
+async def request_context(request: web.Request, handler: Handler) -> web.StreamResponse:
+    rid = secrets.token_hex(8)
+    request["request_id"] = rid
+    token = request_id_var.set(rid)
+    started = time.perf_counter()
+    status = 500
+    try:
+        try:
+            max_size = request.app[SETTINGS].server.max_body_bytes
+            if request.content_length is not None and request.content_length > max_size:
+                raise PayloadTooLarge(
+                    f"request body of {request.content_length} bytes is over the limit "
+                    f"of {max_size} bytes"
+                )
+            response = await handler(request)
+        except GatewayError as e:
+            if e.status >= 500:
+                log.warning("%s: %s", e.code, e.description, exc_info=e.__cause__ is not None)
+            response = errors.from_gateway_error(request, e)
+        except web.HTTPException as e:
+            if e.status < 400:
+                raise
+            response = errors.from_http_exception(request, e)
+        except Exception:
+            log.exception("unhandled error on %s %s", request.method, request.path)
+            response = errors.internal(request)
+        response.headers["X-Request-ID"] = rid
+        client_rid = request.headers.get("X-Request-ID", "")
+        if client_rid and _CLIENT_RID.match(client_rid):
+            response.headers["X-Client-Request-ID"] = client_rid
+        status = response.status
+        return response
+    finally:
+        ident: ClientIdentity | None = request.get(IDENTITY)
+        access_log.info(
+            "%s %s %s",
+            request.method,
+            request.path,
+            status,
+            extra={
+                "status": status,
+                "client": ident.actor if ident else None,
+                "ms": round((time.perf_counter() - started) * 1000, 2),
+            },
+        )
+        request_id_var.reset(token)
+
+
+def peer_certificate(request: web.Request) -> bytes | None:
+    transport = request.transport
+    if transport is None:
+        return None
+    ssl_object = transport.get_extra_info("ssl_object")
+    if not isinstance(ssl_object, ssl.SSLObject | ssl.SSLSocket):
+        return None
+    der = ssl_object.getpeercert(binary_form=True)
+    return der or None
+
+
+@web.middleware
+async def client_identity(request: web.Request, handler: Handler) -> web.StreamResponse:
+    der = peer_certificate(request)
+    if der is None:
+        # Unreachable behind the TLS listener (CERT_REQUIRED); refuse rather than trust.
+        raise AccessDenied("a client certificate is required")
+    request[IDENTITY] = await identify(request.app[DB], der)
+    return await handler(request)
+
+
+def identity(request: web.Request) -> ClientIdentity:
+    ident = request.get(IDENTITY)
+    if not isinstance(ident, ClientIdentity):
+        raise AccessDenied("a client certificate is required")
+    return ident

@@ -1,0 +1,124 @@
+"""create_app(settings): the one place that wires concrete classes together."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+
+from aiohttp import web
+from cryptography import x509
+
+from gateway.api import csc, health
+from gateway.api.keys import AUDIT, DB, FACILITIES, KEYSTORE, SETTINGS, SIGNERS
+from gateway.api.middleware import client_identity, request_context
+from gateway.audit import AuditLog
+from gateway.config import Settings
+from gateway.errors import ConfigError, HsmUnavailable
+from gateway.facilities import FacilityRegistry
+from gateway.hsm.api import KeyStore
+from gateway.signers import SignerService, TestIssuer
+from gateway.store.db import Database
+
+log = logging.getLogger("gateway.app")
+
+
+def make_keystore(settings: Settings) -> KeyStore:
+    from gateway.hsm.pkcs11 import Pkcs11KeyStore
+
+    return Pkcs11KeyStore(
+        module_path=str(settings.hsm.module),
+        token_label=settings.hsm.token_label,
+        pin=settings.hsm_pin(),
+        softhsm_conf=settings.hsm.softhsm_conf,
+        retry_after=settings.hsm.retry_after,
+    )
+
+
+def make_audit(settings: Settings) -> AuditLog:
+    key = None
+    if settings.audit.hmac_key_file is not None:
+        try:
+            key = settings.audit.hmac_key_file.read_bytes().strip()
+        except OSError as e:
+            raise ConfigError(
+                f"audit.hmac_key_file: cannot read {settings.audit.hmac_key_file}: {e.strerror}"
+            ) from e
+        if len(key) < 32:
+            raise ConfigError("audit.hmac_key_file: the key must be at least 32 bytes")
+    return AuditLog(key=key)
+
+
+def _load_pems(paths: list[str] | list[object]) -> list[x509.Certificate]:
+    from pathlib import Path
+
+    out: list[x509.Certificate] = []
+    for p in paths:
+        path = Path(str(p))
+        try:
+            out.extend(x509.load_pem_x509_certificates(path.read_bytes()))
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"cannot load certificates from {path}: {e}") from e
+    return out
+
+
+def make_signers(
+    settings: Settings, *, db: Database, audit: AuditLog, keystore: KeyStore
+) -> SignerService:
+    pki = settings.pki
+    issuer = None
+    if pki.test_ca_cert is not None and pki.test_ca_key is not None:
+        if not settings.service.sandbox:
+            raise ConfigError("pki.test_ca_* is only allowed when service.sandbox = true")
+        issuer = TestIssuer.load(pki.test_ca_cert, pki.test_ca_key, list(pki.hpki_trust_anchors))
+    return SignerService(
+        db=db,
+        audit=audit,
+        keystore=keystore,
+        key_bits=settings.hsm.key_bits,
+        test_issuer=issuer,
+        trust_anchors=_load_pems(list(pki.hpki_trust_anchors)),
+        intermediates=_load_pems(list(pki.hpki_intermediates)),
+    )
+
+
+def create_app(settings: Settings, *, keystore: KeyStore | None = None) -> web.Application:
+    app = web.Application(
+        client_max_size=settings.server.max_body_bytes,
+        middlewares=[request_context, client_identity],
+    )
+    app[SETTINGS] = settings
+    db = Database(settings.database_url(), echo=settings.store.echo)
+    audit = make_audit(settings)
+    ks = keystore or make_keystore(settings)
+    app[DB] = db
+    app[AUDIT] = audit
+    app[KEYSTORE] = ks
+    app[FACILITIES] = FacilityRegistry(db=db, audit=audit)
+    app[SIGNERS] = make_signers(settings, db=db, audit=audit, keystore=ks)
+
+    async def store_ctx(app: web.Application) -> AsyncIterator[None]:
+        from gateway.store.db import head_revision
+
+        current = await db.current_revision()
+        if current != head_revision():
+            await db.close()
+            raise ConfigError(
+                f"database schema is at {current!r}, this version needs {head_revision()!r}: "
+                "run `hpki-gateway db upgrade -c ...`"
+            )
+        yield
+        await db.close()
+
+    async def hsm_ctx(app: web.Application) -> AsyncIterator[None]:
+        try:
+            await ks.open()
+        except HsmUnavailable as e:
+            # Serve anyway: HSM-backed calls answer 503 until the token is back.
+            log.error("HSM token not available at start-up: %s", e.description)
+        yield
+        await ks.close()
+
+    app.cleanup_ctx.extend([store_ctx, hsm_ctx])
+    app.add_routes(csc.routes)
+    app.add_routes(health.routes)
+    return app

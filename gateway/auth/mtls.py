@@ -1,0 +1,129 @@
+"""Peer certificate -> client identity (facility or administrator).
+
+The TLS layer has already checked the chain to the client CA bundle and the validity period.
+Here the certificate's SHA-256 fingerprint must be registered, not revoked, and its owner
+active. The store is read on every call, so a revocation or suspension is immediate.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Literal
+
+from sqlalchemy import select, update
+
+from gateway.errors import AccessDenied
+from gateway.facilities import fingerprint
+from gateway.store.db import Database
+from gateway.store.schema import admin, client_certificate, facility
+
+# last_used_at is a convenience for the status inquiry: refresh it at most this often per
+# certificate, so the hot path does not write on every request.
+LAST_USED_RESOLUTION = timedelta(minutes=1)
+
+
+@dataclass(frozen=True, kw_only=True)
+class ClientIdentity:
+    kind: Literal["facility", "admin"]
+    certificate_serial: str
+    fingerprint_sha256: str
+    not_after: datetime
+    facility_id: int | None = None
+    institution_code: str | None = None
+    facility_name: str | None = None
+    admin_name: str | None = None
+
+    @property
+    def actor(self) -> str:
+        """How this client is named in the audit log."""
+        if self.kind == "admin":
+            return f"admin:{self.admin_name}"
+        return f"facility:{self.institution_code}"
+
+
+def _date(d: datetime | None) -> str:
+    return d.astimezone(UTC).isoformat(timespec="seconds") if d else "an unknown date"
+
+
+async def identify(db: Database, peer_der: bytes, *, now: datetime | None = None) -> ClientIdentity:
+    """Map the peer certificate to an active client, or raise AccessDenied saying why not."""
+    now = now or datetime.now(UTC)
+    fp = fingerprint(peer_der)
+    async with db.read() as conn:
+        row = (
+            await conn.execute(
+                select(
+                    client_certificate.c.id,
+                    client_certificate.c.serial_hex,
+                    client_certificate.c.status,
+                    client_certificate.c.revoke_at,
+                    client_certificate.c.revoked_at,
+                    client_certificate.c.revocation_reason,
+                    client_certificate.c.not_after,
+                    client_certificate.c.last_used_at,
+                    facility.c.id.label("facility_id"),
+                    facility.c.institution_code,
+                    facility.c.name.label("facility_name"),
+                    facility.c.status.label("facility_status"),
+                    facility.c.status_reason.label("facility_reason"),
+                    facility.c.status_changed_at.label("facility_changed"),
+                    admin.c.name.label("admin_name"),
+                    admin.c.status.label("admin_status"),
+                )
+                .select_from(client_certificate.outerjoin(facility).outerjoin(admin))
+                .where(client_certificate.c.fingerprint_sha256 == fp)
+            )
+        ).one_or_none()
+    if row is None:
+        raise AccessDenied(
+            f"client certificate (SHA-256 {fp}) is not registered with this gateway"
+        )
+    serial = row.serial_hex
+    if row.status == "revoked":
+        raise AccessDenied(
+            f"client certificate {serial} was revoked on {_date(row.revoked_at)}: "
+            f"{row.revocation_reason or 'no reason recorded'}"
+        )
+    if row.revoke_at is not None and row.revoke_at <= now:
+        raise AccessDenied(
+            f"client certificate {serial} was revoked on {_date(row.revoke_at)} "
+            f"(scheduled): {row.revocation_reason or 'replaced by a newer certificate'}"
+        )
+    if row.not_after <= now:
+        raise AccessDenied(f"client certificate {serial} expired on {_date(row.not_after)}")
+    if row.institution_code is not None:
+        if row.facility_status != "active":
+            raise AccessDenied(
+                f"facility {row.institution_code} is {row.facility_status} since "
+                f"{_date(row.facility_changed)}: {row.facility_reason or 'no reason recorded'}"
+            )
+        ident = ClientIdentity(
+            kind="facility",
+            certificate_serial=serial,
+            fingerprint_sha256=fp,
+            not_after=row.not_after,
+            facility_id=row.facility_id,
+            institution_code=row.institution_code,
+            facility_name=row.facility_name,
+        )
+    elif row.admin_name is not None:
+        if row.admin_status != "active":
+            raise AccessDenied(f"administrator {row.admin_name} is {row.admin_status}")
+        ident = ClientIdentity(
+            kind="admin",
+            certificate_serial=serial,
+            fingerprint_sha256=fp,
+            not_after=row.not_after,
+            admin_name=row.admin_name,
+        )
+    else:  # pragma: no cover - the schema requires one owner; refuse rather than guess
+        raise AccessDenied(f"client certificate {serial} has no owner")
+    if row.last_used_at is None or now - row.last_used_at >= LAST_USED_RESOLUTION:
+        async with db.write() as conn:
+            await conn.execute(
+                update(client_certificate)
+                .where(client_certificate.c.id == row.id)
+                .values(last_used_at=now)
+            )
+    return ident

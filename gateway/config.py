@@ -1,0 +1,303 @@
+"""One typed Settings object, read from a TOML file plus ``HPKI_GATEWAY_*`` environment overrides.
+
+Rules:
+- Unknown or mistyped keys stop start-up with a message naming the key (and the file or the
+  environment variable it came from). A file that is not valid TOML is refused with its line.
+- Secrets (HSM PIN, database password) are never inline: they are referenced by ``*_file`` (a
+  path to a file holding the secret) or ``*_env`` (the name of an environment variable).
+- Relative paths are resolved against the directory of the settings file, so a sandbox
+  directory can be moved as a whole.
+- Environment overrides: ``HPKI_GATEWAY_<SECTION>__<KEY>=value`` (double underscore between the
+  section and the key), e.g. ``HPKI_GATEWAY_SERVER__PORT=9443``. Values are parsed as TOML
+  values when they parse (numbers, booleans, arrays), else taken as strings.
+  ``HPKI_GATEWAY_CONFIG`` names the settings file and is not an override.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from gateway.errors import ConfigError
+
+ENV_PREFIX = "HPKI_GATEWAY_"
+CONFIG_ENV = "HPKI_GATEWAY_CONFIG"
+
+# Keys that look like inline secrets get a specific message instead of "unknown key".
+_INLINE_SECRETS = {("hsm", "pin"), ("hsm", "so_pin"), ("store", "password")}
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=False)
+
+
+class ServerSettings(_Section):
+    """The mTLS listener."""
+
+    host: str = "127.0.0.1"
+    """Address to bind."""
+    port: Annotated[int, Field(ge=1, le=65535)] = 8443
+    """TCP port to bind."""
+    public_url: str = "https://localhost:8443"
+    """The URL clients use (WebAuthn RP ID and links are derived from it)."""
+    tls_cert: Path
+    """PEM server certificate (with its chain)."""
+    tls_key: Path
+    """PEM private key of the server certificate."""
+    client_ca: Path
+    """PEM bundle of the CAs that issue facility and admin client certificates."""
+    min_tls_version: Literal["1.2", "1.3"] = "1.2"
+    """Lowest TLS version accepted."""
+    max_body_bytes: Annotated[int, Field(ge=1024, le=256 * 1024 * 1024)] = 10 * 1024 * 1024
+    """Largest request body accepted; larger ones get 413."""
+    workers: Annotated[int, Field(ge=1, le=64)] = 1
+    """Worker processes sharing the port (SO_REUSEPORT); ``serve --workers`` overrides."""
+
+
+class StoreSettings(_Section):
+    """The database."""
+
+    url: str = "sqlite+aiosqlite:///data/gateway.db"
+    """SQLAlchemy async URL. A relative SQLite path is relative to the settings file."""
+    password_file: Path | None = None
+    """File holding the database password (PostgreSQL); never put it in the URL."""
+    password_env: str | None = None
+    """Environment variable holding the database password."""
+    echo: bool = False
+    """Log SQL statements (development only)."""
+
+
+class HsmSettings(_Section):
+    """The PKCS#11 token that holds the signing keys."""
+
+    module: Path = Path("/usr/lib/softhsm/libsofthsm2.so")
+    """PKCS#11 module (shared library)."""
+    token_label: str = "hpki-gateway"
+    """Label of the token to use."""
+    pin_file: Path | None = None
+    """File holding the user PIN."""
+    pin_env: str | None = None
+    """Environment variable holding the user PIN."""
+    softhsm_conf: Path | None = None
+    """SoftHSM2 configuration file (sets SOFTHSM2_CONF); leave unset for a real HSM."""
+    retry_after: Annotated[int, Field(ge=1, le=3600)] = 5
+    """Seconds advertised in Retry-After when the token is unavailable."""
+    key_bits: Literal[2048, 3072, 4096] = 2048
+    """RSA key size for new signer keys (HPKI cards use 2048)."""
+
+
+class PkiSettings(_Section):
+    """Trust and issuance."""
+
+    hpki_trust_anchors: list[Path] = Field(default_factory=list)
+    """PEM files of HPKI trust anchors (roots) used to check signer certificates."""
+    hpki_intermediates: list[Path] = Field(default_factory=list)
+    """PEM files of HPKI issuing CAs offered during path building."""
+    test_ca_cert: Path | None = None
+    """Sandbox only: the TEST HPKI signing CA that issues signer certificates directly."""
+    test_ca_key: Path | None = None
+    """Sandbox only: the key of the TEST HPKI signing CA."""
+    facility_ca_cert: Path | None = None
+    """The CA that issues facility client certificates (sandbox and self-run registries)."""
+    facility_ca_key: Path | None = None
+    """Key of the facility client CA."""
+
+
+class AuditSettings(_Section):
+    """The hash-chained audit log."""
+
+    hmac_key_file: Path | None = None
+    """If set, chain hashes are HMAC-SHA-256 under this key, so an attacker who can write the
+    database cannot recompute a consistent chain without also stealing the key."""
+
+
+class LoggingSettings(_Section):
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    """Root log level."""
+    format: Literal["json", "text"] = "json"
+    """One JSON object per line (for log shippers) or plain text."""
+
+
+class ServiceSettings(_Section):
+    name: str = "hpki-gateway"
+    """Service name shown in /csc/v2/info."""
+    description: str = "HPKI remote signing gateway"
+    """Description shown in /csc/v2/info."""
+    region: str = "JP"
+    """ISO 3166-1 country of the service."""
+    lang: str = "ja-JP"
+    """Default language of the service."""
+    sandbox: bool = False
+    """True for a verification environment built by ``sandbox init``."""
+
+
+class Settings(_Section):
+    """All settings of one deployment."""
+
+    server: ServerSettings
+    store: StoreSettings = StoreSettings()
+    hsm: HsmSettings = HsmSettings()
+    pki: PkiSettings = PkiSettings()
+    audit: AuditSettings = AuditSettings()
+    logging: LoggingSettings = LoggingSettings()
+    service: ServiceSettings = ServiceSettings()
+    data_dir: Path = Path("data")
+    """Directory for the SQLite database and other state."""
+    base_dir: Path = Path(".")
+    """Directory of the settings file; relative paths are resolved against it (set by load)."""
+
+    @field_validator("base_dir")
+    @classmethod
+    def _absolute(cls, v: Path) -> Path:
+        return v.resolve()
+
+    # -- secrets ---------------------------------------------------------------------------
+
+    def hsm_pin(self) -> str:
+        return _read_secret("hsm.pin", self.hsm.pin_file, self.hsm.pin_env)
+
+    def store_password(self) -> str | None:
+        if self.store.password_file is None and self.store.password_env is None:
+            return None
+        return _read_secret("store.password", self.store.password_file, self.store.password_env)
+
+    def database_url(self) -> str:
+        """The store URL with a relative SQLite path made absolute and the password applied."""
+        url = self.store.url
+        for prefix in ("sqlite+aiosqlite:///", "sqlite:///"):
+            if url.startswith(prefix):
+                path = url[len(prefix) :]
+                if path and path != ":memory:" and not path.startswith("/"):
+                    return prefix + str(self.base_dir / path)
+                return url
+        password = self.store_password()
+        if password is not None:
+            from sqlalchemy.engine import make_url
+
+            return make_url(url).set(password=password).render_as_string(hide_password=False)
+        return url
+
+
+def _read_secret(name: str, path: Path | None, env: str | None) -> str:
+    if path is not None and env is not None:
+        raise ConfigError(f"{name}: set either {name}_file or {name}_env, not both")
+    if path is not None:
+        try:
+            value = path.read_text(encoding="utf-8").strip()
+        except OSError as e:
+            raise ConfigError(f"{name}_file: cannot read {path}: {e.strerror}") from e
+        if not value:
+            raise ConfigError(f"{name}_file: {path} is empty")
+        return value
+    if env is not None:
+        value = os.environ.get(env, "")
+        if not value:
+            raise ConfigError(f"{name}_env: environment variable {env} is not set or empty")
+        return value
+    raise ConfigError(f"{name}: no secret configured; set {name}_file or {name}_env")
+
+
+def _env_overrides(environ: Mapping[str, str]) -> dict[str, tuple[str, Any]]:
+    """Map ``section.key`` (or ``key``) -> (env var name, parsed value)."""
+    out: dict[str, tuple[str, Any]] = {}
+    for name, raw in environ.items():
+        if not name.startswith(ENV_PREFIX) or name == CONFIG_ENV:
+            continue
+        rest = name[len(ENV_PREFIX) :].lower()
+        dotted = rest.replace("__", ".")
+        try:
+            value: Any = tomllib.loads(f"v = {raw}")["v"]
+        except tomllib.TOMLDecodeError:
+            value = raw
+        out[dotted] = (name, value)
+    return out
+
+
+def _resolve_paths(model: BaseModel, base: Path) -> dict[str, Any]:
+    """Turn every relative Path field into an absolute one under ``base``."""
+    data: dict[str, Any] = {}
+    for field_name in type(model).model_fields:
+        value = getattr(model, field_name)
+        if field_name == "base_dir":
+            data[field_name] = value
+        elif isinstance(value, BaseModel):
+            data[field_name] = type(value).model_validate(_resolve_paths(value, base))
+        elif isinstance(value, Path):
+            data[field_name] = value if value.is_absolute() else (base / value)
+        elif isinstance(value, list) and value and all(isinstance(v, Path) for v in value):
+            data[field_name] = [v if v.is_absolute() else base / v for v in value]
+        else:
+            data[field_name] = value
+    return data
+
+
+def load_settings(
+    path: str | os.PathLike[str] | None = None, *, environ: Mapping[str, str] | None = None
+) -> Settings:
+    """Load, validate and resolve the settings; raise ConfigError naming what is wrong."""
+    env = os.environ if environ is None else environ
+    if path is None:
+        path = env.get(CONFIG_ENV)
+        if not path:
+            raise ConfigError(
+                f"no settings file: pass -c/--config PATH or set {CONFIG_ENV} "
+                "(build one with `hpki-gateway sandbox init DIR`)"
+            )
+    cfg_path = Path(path)
+    try:
+        text = cfg_path.read_text(encoding="utf-8")
+    except OSError as e:
+        raise ConfigError(f"{cfg_path}: cannot read settings: {e.strerror}") from e
+    try:
+        data: dict[str, Any] = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        # tomllib's message carries "(at line N, column M)".
+        raise ConfigError(f"{cfg_path}: not valid TOML: {e}") from e
+
+    sources: dict[str, str] = {}
+    for dotted, (env_name, value) in _env_overrides(env).items():
+        parts = dotted.split(".")
+        target = data
+        for p in parts[:-1]:
+            existing = target.setdefault(p, {})
+            if not isinstance(existing, dict):
+                raise ConfigError(f"environment variable {env_name}: '{p}' is not a section")
+            target = existing
+        target[parts[-1]] = value
+        sources[dotted] = f"environment variable {env_name}"
+
+    for section, key in _INLINE_SECRETS:
+        sect = data.get(section)
+        if isinstance(sect, dict) and key in sect:
+            where = sources.get(f"{section}.{key}", str(cfg_path))
+            raise ConfigError(
+                f"{where}: '{section}.{key}': secrets are never inline; "
+                f"use {section}.{key}_file or {section}.{key}_env"
+            )
+
+    data["base_dir"] = str(cfg_path.resolve().parent)
+    try:
+        settings = Settings.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(_format_validation_error(e, cfg_path, sources)) from e
+    return Settings.model_validate(_resolve_paths(settings, settings.base_dir))
+
+
+def _format_validation_error(e: ValidationError, cfg_path: Path, sources: dict[str, str]) -> str:
+    lines = []
+    for err in e.errors():
+        dotted = ".".join(str(p) for p in err["loc"])
+        where = sources.get(dotted, str(cfg_path))
+        if err["type"] == "extra_forbidden":
+            lines.append(f"{where}: unknown setting '{dotted}'")
+        elif err["type"] == "missing":
+            lines.append(f"{where}: missing required setting '{dotted}'")
+        else:
+            got = err.get("input")
+            lines.append(f"{where}: setting '{dotted}': {err['msg']} (got {got!r})")
+    return "invalid settings:\n  " + "\n  ".join(lines)

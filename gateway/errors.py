@@ -1,0 +1,85 @@
+"""The gateway's error hierarchy.
+
+Every error a client can see is a :class:`GatewayError` with a stable machine ``code`` (the CSC
+error code where CSC defines one), an HTTP ``status`` and a ``description`` that is safe to show.
+Library exceptions are translated where they enter (``raise HsmUnavailable(...) from e``); the
+cause stays in the server log, never in a response. One place renders them (``gateway.api.errors``).
+"""
+
+from __future__ import annotations
+
+
+class GatewayError(Exception):
+    """Base class: a failure with a safe description and a stable code."""
+
+    status: int = 500
+    code: str = "server_error"
+
+    def __init__(self, description: str, *, headers: dict[str, str] | None = None) -> None:
+        super().__init__(description)
+        self.description = description
+        self.headers: dict[str, str] = dict(headers or {})
+
+
+class InvalidRequest(GatewayError):
+    """Malformed or semantically invalid input (CSC ``invalid_request``)."""
+
+    status = 400
+    code = "invalid_request"
+
+
+class AccessDenied(GatewayError):
+    """Authenticated, but not allowed: revoked, suspended, unknown certificate, locked signer."""
+
+    status = 403
+    code = "access_denied"
+
+
+class NotFound(GatewayError):
+    status = 404
+    code = "not_found"
+
+
+class Conflict(GatewayError):
+    """The request conflicts with the current state (e.g. a duplicate registration)."""
+
+    status = 409
+    code = "conflict"
+
+
+class PayloadTooLarge(GatewayError):
+    status = 413
+    code = "payload_too_large"
+
+
+class TemporarilyUnavailable(GatewayError):
+    """A dependency (HSM token, database) is down; the client should retry after a delay."""
+
+    status = 503
+    code = "temporarily_unavailable"
+
+    def __init__(self, description: str, *, retry_after: int = 5) -> None:
+        super().__init__(description, headers={"Retry-After": str(retry_after)})
+        self.retry_after = retry_after
+
+
+class HsmUnavailable(TemporarilyUnavailable):
+    """The HSM token is absent or failing; the key store reconnects by itself."""
+
+
+class ConfigError(Exception):
+    """The settings cannot be loaded; the message names the file, line or key at fault."""
+
+
+class PkiError(GatewayError):
+    """A certificate or CSR does not meet the profile or does not match its key."""
+
+    status = 400
+    code = "invalid_request"
+
+
+class KeyNotFound(GatewayError):
+    """The credential's key is not on the token (deleted, or the wrong token is configured)."""
+
+    status = 503
+    code = "temporarily_unavailable"

@@ -1,0 +1,83 @@
+"""Key backend protocol: what signing code may ask of a key, wherever it lives.
+
+``sign/`` and ``api/`` depend on these protocols only; ``Pkcs11KeyStore`` (HSM) and, later,
+the PC/SC card store implement them. Nothing here knows about documents or HTTP.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+
+class DigestAlgorithm(enum.Enum):
+    """Digest algorithms accepted for RSA PKCS#1 v1.5 signatures, keyed by their OIDs."""
+
+    SHA256 = "2.16.840.1.101.3.4.2.1"
+    SHA384 = "2.16.840.1.101.3.4.2.2"
+    SHA512 = "2.16.840.1.101.3.4.2.3"
+
+    @property
+    def digest_size(self) -> int:
+        return {"SHA256": 32, "SHA384": 48, "SHA512": 64}[self.name]
+
+    @property
+    def hashlib_name(self) -> str:
+        return self.name.lower()
+
+    @classmethod
+    def from_oid(cls, oid: str) -> DigestAlgorithm:
+        for member in cls:
+            if member.value == oid:
+                return member
+        valid = ", ".join(f"{m.value} ({m.name})" for m in cls)
+        raise ValueError(f"unsupported hash algorithm OID {oid!r}; valid: {valid}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class GeneratedKey:
+    """A key pair just generated inside the key store."""
+
+    key_id: str  # hex of CKA_ID; stable reference stored in the credential row
+    public_key_der: bytes  # SubjectPublicKeyInfo DER
+    key_size: int
+
+
+@runtime_checkable
+class KeyHandle(Protocol):
+    """A private key that can sign but never be read."""
+
+    @property
+    def key_id(self) -> str: ...
+
+    async def sign_digest(self, digest: bytes, algorithm: DigestAlgorithm) -> bytes:
+        """RSA PKCS#1 v1.5 signature over DigestInfo(algorithm, digest)."""
+        ...
+
+
+@runtime_checkable
+class KeyStore(Protocol):
+    """A store of signing keys (an HSM token)."""
+
+    async def open(self) -> None:
+        """Connect and log in; raises HsmUnavailable if the token cannot be reached."""
+        ...
+
+    async def close(self) -> None: ...
+
+    async def generate_rsa_key(self, *, label: str, bits: int = 2048) -> GeneratedKey:
+        """Generate a non-extractable, sensitive signing key pair on the token."""
+        ...
+
+    async def get_key(self, key_id: str) -> KeyHandle:
+        """A handle to an existing private key; raises KeyNotFound when absent."""
+        ...
+
+    async def public_key_der(self, key_id: str) -> bytes:
+        """SubjectPublicKeyInfo DER of the key pair ``key_id``."""
+        ...
+
+    async def check(self) -> None:
+        """Probe the token; raises HsmUnavailable when it is not usable."""
+        ...

@@ -1,0 +1,296 @@
+"""The verification environment: ``hpki-gateway sandbox init DIR`` builds a complete test world.
+
+Layout of DIR (all paths in the manifest are absolute):
+  gateway.toml            settings; ``hpki-gateway serve -c DIR/gateway.toml`` serves the world
+  manifest.json           the stable contract for testers' scripts (docs/sandbox.md)
+  softhsm/                SoftHSM2 conf + token directory (the signer keys live here)
+  secrets/                HSM PINs, audit HMAC key (mode 0600)
+  pki/                    TEST CAs: HPKI root + signing CA, facility client CA, server CA, CRLs
+  tls/                    the gateway's server certificate (SAN localhost, 127.0.0.1)
+  clients/<code>/         each facility's client.pem / client.key / client.<service>.p12
+  clients/admin/          the administrator's client certificate
+  data/gateway.db         SQLite store
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import subprocess
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from cryptography.hazmat.primitives import serialization
+
+from gateway.errors import ConfigError
+from gateway.pki import facility_ca, testworld
+
+MANIFEST_VERSION = 1
+TOKEN_LABEL = "hpki-gateway"
+SOFTHSM_CONFIG_DIR = Path(__file__).resolve().parent.parent / "softhsm-config"
+
+FACILITIES = [
+    {
+        "institution_code": "1310000011",
+        "name": "TEST 中央病院 (hpki-gateway sandbox)",
+        "kind": "hospital",
+    },
+    {
+        "institution_code": "1340000019",
+        "name": "TEST さくら薬局 (hpki-gateway sandbox)",
+        "kind": "pharmacy",
+    },
+]
+SIGNERS = [
+    {
+        "name": "Taro Shinsatsu",
+        "name_kanji": "診察　太郎",
+        "role": "Medical Doctor",
+        "facilities": ["1310000011"],
+    },
+    {
+        "name": "Hanako Geka",
+        "name_kanji": "外科　花子",
+        "role": "Medical Doctor",
+        "facilities": ["1310000011"],
+    },
+    {
+        "name": "Jiro Chozai",
+        "name_kanji": "調剤　次郎",
+        "role": "Pharmacist",
+        "facilities": ["1340000019"],
+    },
+]
+
+
+def _write_private(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+
+
+def _pem(cert: Any) -> bytes:
+    data: bytes = cert.public_bytes(serialization.Encoding.PEM)
+    return data
+
+
+def init_token(softhsm_dir: Path, pin_file: Path, so_pin_file: Path) -> Path:
+    """Run softhsm-config/init-token.sh; returns the softhsm2.conf path."""
+    script = SOFTHSM_CONFIG_DIR / "init-token.sh"
+    if not script.exists():
+        raise ConfigError(f"{script} is missing: run from a checkout of hpki-gateway")
+    res = subprocess.run(
+        ["bash", str(script), str(softhsm_dir), TOKEN_LABEL, str(pin_file), str(so_pin_file)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if res.returncode != 0:
+        raise ConfigError(f"SoftHSM token set-up failed: {res.stderr.strip() or res.stdout}")
+    return softhsm_dir / "softhsm2.conf"
+
+
+def _settings_toml(port: int) -> str:
+    return f"""\
+# hpki-gateway settings for the sandbox (verification environment).
+# Relative paths are relative to this file. Secrets are referenced by file, never inline.
+data_dir = "data"
+
+[service]
+name = "hpki-gateway"
+description = "HPKI remote signing gateway - SANDBOX (TEST certificates only)"
+sandbox = true
+
+[server]
+host = "127.0.0.1"
+port = {port}
+public_url = "https://localhost:{port}"
+tls_cert = "tls/server.pem"
+tls_key = "tls/server.key"
+client_ca = "pki/facility-client-ca.pem"
+
+[store]
+url = "sqlite+aiosqlite:///data/gateway.db"
+
+[hsm]
+module = "/usr/lib/softhsm/libsofthsm2.so"
+token_label = "{TOKEN_LABEL}"
+pin_file = "secrets/hsm.pin"
+softhsm_conf = "softhsm/softhsm2.conf"
+
+[pki]
+hpki_trust_anchors = ["pki/hpki-root.pem"]
+hpki_intermediates = ["pki/hpki-signing-ca.pem"]
+test_ca_cert = "pki/hpki-signing-ca.pem"
+test_ca_key = "pki/hpki-signing-ca.key"
+facility_ca_cert = "pki/facility-client-ca.pem"
+facility_ca_key = "pki/facility-client-ca.key"
+
+[audit]
+hmac_key_file = "secrets/audit.key"
+
+[logging]
+level = "INFO"
+format = "json"
+"""
+
+
+async def init_sandbox(directory: Path, *, port: int = 8443, force: bool = False) -> dict[str, Any]:
+    """Build the world and return the manifest (also written to DIR/manifest.json)."""
+    from gateway.app import make_audit, make_keystore, make_signers
+    from gateway.config import load_settings
+    from gateway.facilities import FacilityRegistry
+    from gateway.store.db import Database
+
+    d = directory.resolve()
+    if (d / "manifest.json").exists() and not force:
+        raise ConfigError(f"{d} already holds a sandbox (use --force to rebuild it)")
+    if force and d.exists():
+        for sub in ("softhsm", "secrets", "pki", "tls", "clients", "data"):
+            shutil.rmtree(d / sub, ignore_errors=True)
+        for f in ("gateway.toml", "manifest.json"):
+            (d / f).unlink(missing_ok=True)
+    d.mkdir(parents=True, exist_ok=True)
+    now = datetime.now(UTC)
+
+    # HSM token
+    init_token(d / "softhsm", d / "secrets" / "hsm.pin", d / "secrets" / "so.pin")
+    _write_private(d / "secrets" / "audit.key", secrets.token_hex(32).encode())
+
+    # PKI
+    pki = d / "pki"
+    pki.mkdir(exist_ok=True)
+    root = testworld.make_hpki_root(now=now)
+    sign_ca = testworld.make_hpki_signing_ca(root, now=now)
+    client_ca = testworld.make_client_ca(now=now)
+    server_ca = testworld.make_server_ca(now=now)
+    root.write(pki / "hpki-root.pem", pki / "hpki-root.key")
+    sign_ca.write(pki / "hpki-signing-ca.pem", pki / "hpki-signing-ca.key")
+    client_ca.write(pki / "facility-client-ca.pem", pki / "facility-client-ca.key")
+    server_ca.write(pki / "server-ca.pem", pki / "server-ca.key")
+    for name, ca in (
+        ("hpki-root", root),
+        ("hpki-signing-ca", sign_ca),
+        ("facility-client-ca", client_ca),
+        ("server-ca", server_ca),
+    ):
+        crl = testworld.make_crl(ca, revoked=[], now=now, next_update=timedelta(days=7))
+        (pki / f"{name}.crl").write_bytes(crl.public_bytes(serialization.Encoding.DER))
+    server = testworld.issue_server_cert(
+        server_ca,
+        hostnames=["localhost"],
+        ips=["127.0.0.1", "::1"],
+        now=now,
+        validity=timedelta(days=825),
+    )
+    tls = d / "tls"
+    tls.mkdir(exist_ok=True)
+    (tls / "server.pem").write_bytes(server.cert_pem() + server_ca.cert_pem())
+    _write_private(tls / "server.key", server.key_pem())
+
+    (d / "gateway.toml").write_text(_settings_toml(port), encoding="utf-8")
+    settings = load_settings(d / "gateway.toml", environ={})
+
+    db = Database(settings.database_url())
+    audit = make_audit(settings)
+    keystore = make_keystore(settings)
+    registry = FacilityRegistry(db=db, audit=audit)
+    actor = "sandbox:init"
+    manifest_facilities = []
+    manifest_signers = []
+    try:
+        await db.migrate()
+        await keystore.open()
+        signers = make_signers(settings, db=db, audit=audit, keystore=keystore)
+        for fac in FACILITIES:
+            f = await registry.add(
+                institution_code=fac["institution_code"],
+                name=fac["name"],
+                kind=fac["kind"],
+                actor=actor,
+            )
+            issued = facility_ca.issue(
+                client_ca,
+                out_dir=d / "clients" / f.institution_code,
+                common_name=f.name,
+                institution_code=f.institution_code,
+                service_name=settings.service.name,
+                now=now,
+            )
+            await registry.register_certificate(
+                issued.cert, institution_code=f.institution_code, actor=actor
+            )
+            manifest_facilities.append(
+                {
+                    "institution_code": f.institution_code,
+                    "name": f.name,
+                    "kind": f.kind,
+                    "client_cert": str(issued.cert_path),
+                    "client_key": str(issued.key_path),
+                    "client_p12": str(issued.p12_path),
+                    "p12_password": issued.p12_password,
+                }
+            )
+        for spec in SIGNERS:
+            s = await signers.add(
+                name=str(spec["name"]),
+                name_kanji=str(spec["name_kanji"]),
+                role=str(spec["role"]),
+                facilities=list(spec["facilities"]),
+                organization="HPKI TEST FACILITY",
+                actor=actor,
+            )
+            manifest_signers.append(
+                {
+                    "id": s.id,
+                    "name": s.name,
+                    "name_kanji": s.name_kanji,
+                    "role": s.role,
+                    "credential_id": s.credentials[0].id,
+                    "facilities": s.facilities,
+                    # Enrolment codes arrive with FIDO2 enrolment; null until then.
+                    "enrollment_code": None,
+                    "enrollment_password": None,
+                }
+            )
+        admin = facility_ca.issue(
+            client_ca,
+            out_dir=d / "clients" / "admin",
+            common_name="admin sandbox-officer",
+            institution_code=None,
+            organization="hpki-gateway administrators",
+            service_name=settings.service.name,
+            now=now,
+        )
+        await registry.register_certificate(admin.cert, admin_name="sandbox-officer", actor=actor)
+    finally:
+        await keystore.close()
+        await db.close()
+
+    manifest: dict[str, Any] = {
+        "manifest_version": MANIFEST_VERSION,
+        "url": settings.server.public_url,
+        "server_ca": str(pki / "server-ca.pem"),
+        "hpki_trust_anchors": [str(pki / "hpki-root.pem")],
+        "hpki_intermediates": [str(pki / "hpki-signing-ca.pem")],
+        "tsa_url": None,
+        "config": str(d / "gateway.toml"),
+        "facilities": manifest_facilities,
+        "signers": manifest_signers,
+        "admin": {
+            "name": "sandbox-officer",
+            "client_cert": str(admin.cert_path),
+            "client_key": str(admin.key_path),
+            "client_p12": str(admin.p12_path),
+            "p12_password": admin.p12_password,
+        },
+        "crls": {p.stem: str(p) for p in sorted(pki.glob("*.crl"))},
+    }
+    (d / "manifest.json").write_text(
+        json.dumps(manifest, ensure_ascii=False, indent=2) + "\n", encoding="utf-8"
+    )
+    return manifest

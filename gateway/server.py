@@ -1,0 +1,134 @@
+"""The TLS listener and worker processes.
+
+TLS >= 1.2 with CERT_REQUIRED against the client CA bundle: a connection without a certificate
+from that bundle fails in the handshake, before any HTTP. ``--workers N`` starts N processes that
+each bind the same port with SO_REUSEPORT; the kernel spreads connections over them, and each
+has its own PKCS#11 session and database pool.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import multiprocessing
+import os
+import signal
+import ssl
+import sys
+from pathlib import Path
+
+from aiohttp import web
+
+from gateway.config import Settings, load_settings
+from gateway.errors import ConfigError
+from gateway.logs import setup_logging
+
+log = logging.getLogger("gateway.server")
+
+
+def make_ssl_context(settings: Settings) -> ssl.SSLContext:
+    s = settings.server
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = (
+        ssl.TLSVersion.TLSv1_3 if s.min_tls_version == "1.3" else ssl.TLSVersion.TLSv1_2
+    )
+    ctx.options |= ssl.OP_NO_COMPRESSION | ssl.OP_CIPHER_SERVER_PREFERENCE
+    ctx.set_ciphers("ECDHE+AESGCM:ECDHE+CHACHA20")  # TLS 1.2 AEAD with forward secrecy only
+    try:
+        ctx.load_cert_chain(str(s.tls_cert), str(s.tls_key))
+    except (OSError, ssl.SSLError) as e:
+        raise ConfigError(f"server.tls_cert/tls_key: cannot load {s.tls_cert}: {e}") from e
+    try:
+        ctx.load_verify_locations(cafile=str(s.client_ca))
+    except (OSError, ssl.SSLError) as e:
+        raise ConfigError(f"server.client_ca: cannot load {s.client_ca}: {e}") from e
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    return ctx
+
+
+async def _serve(settings: Settings, *, reuse_port: bool, ready: Path | None) -> None:
+    from gateway.app import create_app
+
+    app = create_app(settings)
+    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    await runner.setup()
+    site = web.TCPSite(
+        runner,
+        settings.server.host,
+        settings.server.port,
+        ssl_context=make_ssl_context(settings),
+        reuse_port=reuse_port,
+        backlog=1024,
+    )
+    await site.start()
+    log.info(
+        "serving %s on %s:%s (pid %s)",
+        settings.server.public_url,
+        settings.server.host,
+        settings.server.port,
+        os.getpid(),
+    )
+    if ready is not None:
+        ready.write_text(str(os.getpid()))
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await stop.wait()
+    finally:
+        await runner.cleanup()
+
+
+def _worker(config_path: str, index: int, reuse_port: bool) -> None:
+    settings = load_settings(config_path)
+    setup_logging(settings.logging.level, settings.logging.format)
+    try:
+        asyncio.run(_serve(settings, reuse_port=reuse_port, ready=None))
+    except ConfigError as e:
+        log.error("worker %s cannot start: %s", index, e)
+        sys.exit(2)
+
+
+async def _migrate(settings: Settings) -> None:
+    from gateway.store.db import Database
+
+    db = Database(settings.database_url())
+    try:
+        await db.migrate()
+    finally:
+        await db.close()
+
+
+def serve(config_path: str, *, workers: int | None = None) -> int:
+    """Run the gateway until SIGTERM/SIGINT. Returns the exit code."""
+    settings = load_settings(config_path)
+    setup_logging(settings.logging.level, settings.logging.format)
+    n = workers or settings.server.workers
+    make_ssl_context(settings)  # fail fast on TLS material before forking
+    asyncio.run(_migrate(settings))
+    if n == 1:
+        asyncio.run(_serve(settings, reuse_port=False, ready=None))
+        return 0
+    ctx = multiprocessing.get_context("spawn")
+    procs = [
+        ctx.Process(target=_worker, args=(config_path, i, True), name=f"hpki-gateway-worker-{i}")
+        for i in range(n)
+    ]
+    for p in procs:
+        p.start()
+    log.info("started %s workers: %s", n, [p.pid for p in procs])
+
+    def _stop(signum: int, _frame: object) -> None:
+        for p in procs:
+            if p.is_alive() and p.pid is not None:
+                os.kill(p.pid, signal.SIGTERM)
+
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
+    code = 0
+    for p in procs:
+        p.join()
+        if p.exitcode not in (0, -signal.SIGTERM):
+            code = 1
+    return code

@@ -1,0 +1,443 @@
+"""Signers (doctors, pharmacists) and their credentials (an HSM key + HPKI certificate).
+
+A signer may serve several facilities. Production flow: ``add`` generates the key on the token
+(credential status ``pending_certificate``), ``csr`` exports a PKCS#10 request signed by that key,
+``import_cert`` attaches the certificate the HPKI CA issued after checking it carries the same
+public key and meets the HPKI signing profile. In a sandbox, ``add`` has the TEST HPKI CA issue
+the certificate at once.
+"""
+
+from __future__ import annotations
+
+import re
+import secrets
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.x509.oid import NameOID
+from sqlalchemy import delete, insert, select, update
+from sqlalchemy.exc import IntegrityError
+
+from gateway.audit import AuditLog
+from gateway.errors import Conflict, InvalidRequest, NotFound, PkiError
+from gateway.hsm.api import KeyStore
+from gateway.pki import hpki
+from gateway.pki.csr import build_csr, public_key_matches
+from gateway.store.db import Database
+from gateway.store.schema import credential, facility, signer, signer_facility
+
+_ROLE_RE = re.compile(r"^[A-Za-z][A-Za-z .,'()-]{1,63}$")
+
+
+def _new_id(prefix: str) -> str:
+    return f"{prefix}-{secrets.token_hex(8)}"
+
+
+def load_pem_chain(data: bytes) -> list[x509.Certificate]:
+    try:
+        return x509.load_pem_x509_certificates(data)
+    except ValueError as e:
+        raise PkiError(f"not a PEM certificate bundle: {e}") from e
+
+
+def load_certificate(data: bytes) -> x509.Certificate:
+    """A certificate in PEM or DER."""
+    try:
+        if data.lstrip().startswith(b"-----BEGIN"):
+            return x509.load_pem_x509_certificate(data)
+        return x509.load_der_x509_certificate(data)
+    except ValueError as e:
+        raise PkiError(f"not an X.509 certificate: {e}") from e
+
+
+@dataclass(frozen=True, kw_only=True)
+class TestIssuer:
+    """Sandbox only: the TEST HPKI signing CA that issues signer certificates directly."""
+
+    ca_cert: x509.Certificate
+    ca_key: rsa.RSAPrivateKey
+    chain: list[x509.Certificate]  # CA first, then up to the root
+
+    @classmethod
+    def load(cls, cert_path: Path, key_path: Path, anchors: list[Path]) -> TestIssuer:
+        ca_cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
+        key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
+        if not isinstance(key, rsa.RSAPrivateKey):
+            raise PkiError("the test CA key must be RSA")
+        chain = [ca_cert]
+        for p in anchors:
+            chain.extend(load_pem_chain(p.read_bytes()))
+        return cls(ca_cert=ca_cert, ca_key=key, chain=chain)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Credential:
+    id: str
+    signer_id: str
+    key_id: str
+    key_algorithm: str
+    key_bits: int
+    status: str
+    certificate: x509.Certificate | None
+    chain: list[x509.Certificate]
+
+    @classmethod
+    def from_row(cls, r: Any) -> Credential:
+        return cls(
+            id=r.id,
+            signer_id=r.signer_id,
+            key_id=r.key_id,
+            key_algorithm=r.key_algorithm,
+            key_bits=r.key_bits,
+            status=r.status,
+            certificate=(
+                x509.load_der_x509_certificate(r.certificate_der) if r.certificate_der else None
+            ),
+            chain=load_pem_chain(r.chain_pem.encode()) if r.chain_pem else [],
+        )
+
+
+@dataclass(frozen=True, kw_only=True)
+class Signer:
+    id: str
+    name: str
+    name_kanji: str | None
+    role: str
+    status: str
+    facilities: list[str]
+    credentials: list[Credential]
+
+    def to_json_dict(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "name": self.name,
+            "name_kanji": self.name_kanji,
+            "role": self.role,
+            "status": self.status,
+            "facilities": self.facilities,
+            "credentials": [
+                {
+                    "id": c.id,
+                    "status": c.status,
+                    "key": f"{c.key_algorithm}-{c.key_bits}",
+                    "certificate_serial": (
+                        format(c.certificate.serial_number, "x") if c.certificate else None
+                    ),
+                    "not_after": (
+                        c.certificate.not_valid_after_utc.isoformat() if c.certificate else None
+                    ),
+                }
+                for c in self.credentials
+            ],
+        }
+
+
+class SignerService:
+    def __init__(
+        self,
+        *,
+        db: Database,
+        audit: AuditLog,
+        keystore: KeyStore,
+        key_bits: int = 2048,
+        test_issuer: TestIssuer | None = None,
+        trust_anchors: list[x509.Certificate] | None = None,
+        intermediates: list[x509.Certificate] | None = None,
+    ) -> None:
+        self.db = db
+        self.audit = audit
+        self.keystore = keystore
+        self.key_bits = key_bits
+        self.test_issuer = test_issuer
+        self.trust_anchors = trust_anchors or []
+        self.intermediates = intermediates or []
+
+    async def _facility_ids(self, codes: list[str]) -> dict[str, int]:
+        if not codes:
+            raise InvalidRequest("a signer needs at least one facility (--facility CODE)")
+        async with self.db.read() as conn:
+            rows = (
+                await conn.execute(
+                    select(facility.c.id, facility.c.institution_code).where(
+                        facility.c.institution_code.in_(codes)
+                    )
+                )
+            ).all()
+        found = {r.institution_code: r.id for r in rows}
+        missing = [c for c in codes if c not in found]
+        if missing:
+            raise NotFound(f"facility {', '.join(missing)} is not registered")
+        return found
+
+    async def add(
+        self,
+        *,
+        name: str,
+        role: str,
+        facilities: list[str],
+        actor: str,
+        name_kanji: str | None = None,
+        serial_number_attr: str | None = None,
+        organization: str | None = None,
+    ) -> Signer:
+        name = name.strip()
+        if not name or len(name) > 200:
+            raise InvalidRequest("signer name must be 1-200 characters")
+        if not _ROLE_RE.match(role):
+            raise InvalidRequest(
+                f"role {role!r} is not an hcRole text (e.g. 'Medical Doctor', 'Pharmacist')"
+            )
+        fac_ids = await self._facility_ids(facilities)
+        signer_id = _new_id("sgn")
+        cred_id = _new_id("cred")
+        key = await self.keystore.generate_rsa_key(label=f"hpki-{signer_id}", bits=self.key_bits)
+        cert_der: bytes | None = None
+        chain_pem: str | None = None
+        status = "pending_certificate"
+        if self.test_issuer is not None:
+            from gateway.pki import testworld
+
+            cert = testworld.issue_hpki_signer_cert(
+                self.test_issuer_ca(),
+                public_key_der=key.public_key_der,
+                name_romaji=name,
+                name_kanji=name_kanji or name,
+                role=role,
+                organization=organization or "HPKI TEST FACILITY",
+                serial_number_attr=serial_number_attr or signer_id.upper(),
+                now=datetime.now(UTC),
+            )
+            cert_der = cert.public_bytes(serialization.Encoding.DER)
+            chain_pem = "".join(
+                c.public_bytes(serialization.Encoding.PEM).decode() for c in self.test_issuer.chain
+            )
+            status = "active"
+        now = datetime.now(UTC)
+        async with self.db.write() as conn:
+            await conn.execute(
+                insert(signer).values(
+                    id=signer_id,
+                    name=name,
+                    name_kanji=name_kanji,
+                    role=role,
+                    status="active",
+                    created_at=now,
+                )
+            )
+            for fid in fac_ids.values():
+                await conn.execute(
+                    insert(signer_facility).values(signer_id=signer_id, facility_id=fid, created_at=now)
+                )
+            await conn.execute(
+                insert(credential).values(
+                    id=cred_id,
+                    signer_id=signer_id,
+                    key_id=key.key_id,
+                    key_algorithm="RSA",
+                    key_bits=key.key_size,
+                    status=status,
+                    certificate_der=cert_der,
+                    chain_pem=chain_pem,
+                    created_at=now,
+                    updated_at=now,
+                )
+            )
+            await self.audit.append(
+                conn,
+                action="signer.add",
+                actor=actor,
+                signer_id=signer_id,
+                detail={
+                    "name": name,
+                    "role": role,
+                    "facilities": sorted(fac_ids),
+                    "credential": cred_id,
+                    "key_id": key.key_id,
+                    "certificate": "issued by TEST CA" if cert_der else "pending",
+                },
+                now=now,
+            )
+        return await self.get(signer_id)
+
+    def test_issuer_ca(self) -> Any:
+        from gateway.pki.testworld import CertAndKey
+
+        assert self.test_issuer is not None
+        return CertAndKey(cert=self.test_issuer.ca_cert, key=self.test_issuer.ca_key)
+
+    async def get(self, signer_id: str) -> Signer:
+        async with self.db.read() as conn:
+            srow = (await conn.execute(select(signer).where(signer.c.id == signer_id))).one_or_none()
+            if srow is None:
+                raise NotFound(f"signer {signer_id} does not exist")
+            codes = (
+                await conn.execute(
+                    select(facility.c.institution_code)
+                    .select_from(signer_facility.join(facility))
+                    .where(signer_facility.c.signer_id == signer_id)
+                    .order_by(facility.c.institution_code)
+                )
+            ).scalars()
+            creds = (
+                await conn.execute(
+                    select(credential)
+                    .where(credential.c.signer_id == signer_id)
+                    .order_by(credential.c.created_at)
+                )
+            ).all()
+            return Signer(
+                id=srow.id,
+                name=srow.name,
+                name_kanji=srow.name_kanji,
+                role=srow.role,
+                status=srow.status,
+                facilities=list(codes),
+                credentials=[Credential.from_row(c) for c in creds],
+            )
+
+    async def list(self, *, institution_code: str | None = None) -> list[Signer]:
+        async with self.db.read() as conn:
+            q = select(signer.c.id).order_by(signer.c.created_at)
+            if institution_code is not None:
+                q = (
+                    select(signer.c.id)
+                    .select_from(signer.join(signer_facility).join(facility))
+                    .where(facility.c.institution_code == institution_code)
+                    .order_by(signer.c.created_at)
+                )
+            ids = list((await conn.execute(q)).scalars())
+        return [await self.get(i) for i in ids]
+
+    async def _only_credential(self, signer_id: str) -> Credential:
+        s = await self.get(signer_id)
+        if not s.credentials:
+            raise NotFound(f"signer {signer_id} has no credential")
+        return s.credentials[-1]
+
+    async def csr(self, signer_id: str, *, actor: str) -> bytes:
+        """PKCS#10 request (DER) signed by the signer's HSM key, for the HPKI CA."""
+        s = await self.get(signer_id)
+        cred = await self._only_credential(signer_id)
+        subject = x509.Name(
+            [
+                x509.NameAttribute(NameOID.COUNTRY_NAME, "JP"),
+                x509.NameAttribute(NameOID.COMMON_NAME, s.name),
+            ]
+        )
+        public_der = await self.keystore.public_key_der(cred.key_id)
+        handle = await self.keystore.get_key(cred.key_id)
+        der = await build_csr(public_key_der=public_der, subject=subject, key=handle)
+        async with self.db.write() as conn:
+            await self.audit.append(
+                conn,
+                action="credential.csr",
+                actor=actor,
+                signer_id=signer_id,
+                detail={"credential": cred.id},
+            )
+        return der
+
+    async def import_cert(
+        self,
+        signer_id: str,
+        cert_data: bytes,
+        *,
+        chain: list[x509.Certificate] | None = None,
+        actor: str,
+    ) -> Credential:
+        """Attach a CA-issued certificate: same public key, HPKI profile, role, chain."""
+        s = await self.get(signer_id)
+        cred = await self._only_credential(signer_id)
+        cert = load_certificate(cert_data)
+        public_der = await self.keystore.public_key_der(cred.key_id)
+        if not public_key_matches(cert, public_der):
+            raise PkiError(
+                f"the certificate's public key is not the key of credential {cred.id} "
+                "(was it issued for another CSR?)"
+            )
+        problems = hpki.check_signing_profile(cert)
+        if problems:
+            raise PkiError("not an HPKI signing certificate: " + "; ".join(problems))
+        roles = hpki.parse_hcroles(cert)
+        if roles != [s.role]:
+            raise PkiError(
+                f"the certificate's hcRole {roles} does not match the signer's role {s.role!r}"
+            )
+        chain = list(chain or [])
+        if self.trust_anchors:
+            hpki.verify_chain(
+                cert,
+                intermediates=chain + self.intermediates,
+                trust_anchors=self.trust_anchors,
+                moment=datetime.now(UTC),
+            )
+        chain_pem = "".join(c.public_bytes(serialization.Encoding.PEM).decode() for c in chain)
+        now = datetime.now(UTC)
+        async with self.db.write() as conn:
+            await conn.execute(
+                update(credential)
+                .where(credential.c.id == cred.id)
+                .values(
+                    certificate_der=cert.public_bytes(serialization.Encoding.DER),
+                    chain_pem=chain_pem or None,
+                    status="active",
+                    updated_at=now,
+                )
+            )
+            await self.audit.append(
+                conn,
+                action="credential.import_cert",
+                actor=actor,
+                signer_id=signer_id,
+                detail={
+                    "credential": cred.id,
+                    "serial": format(cert.serial_number, "x"),
+                    "issuer": cert.issuer.rfc4514_string(),
+                    "not_after": cert.not_valid_after_utc.isoformat(),
+                },
+                now=now,
+            )
+        return (await self.get(signer_id)).credentials[-1]
+
+    async def link(self, signer_id: str, institution_code: str, *, actor: str) -> None:
+        await self.get(signer_id)
+        fid = (await self._facility_ids([institution_code]))[institution_code]
+        async with self.db.write() as conn:
+            try:
+                await conn.execute(
+                    insert(signer_facility).values(
+                        signer_id=signer_id, facility_id=fid, created_at=datetime.now(UTC)
+                    )
+                )
+            except IntegrityError as e:
+                raise Conflict(f"signer {signer_id} already serves {institution_code}") from e
+            await self.audit.append(
+                conn,
+                action="signer.link",
+                actor=actor,
+                signer_id=signer_id,
+                facility_code=institution_code,
+            )
+
+    async def unlink(self, signer_id: str, institution_code: str, *, actor: str) -> None:
+        fid = (await self._facility_ids([institution_code]))[institution_code]
+        async with self.db.write() as conn:
+            res = await conn.execute(
+                delete(signer_facility)
+                .where(signer_facility.c.signer_id == signer_id)
+                .where(signer_facility.c.facility_id == fid)
+            )
+            if res.rowcount == 0:
+                raise NotFound(f"signer {signer_id} does not serve {institution_code}")
+            await self.audit.append(
+                conn,
+                action="signer.unlink",
+                actor=actor,
+                signer_id=signer_id,
+                facility_code=institution_code,
+            )

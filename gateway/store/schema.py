@@ -1,0 +1,163 @@
+"""Database schema (SQLAlchemy Core). Portable: nothing here is SQLite-only.
+
+Alembic migrations in ``migrations/versions`` create and evolve these tables; this module is the
+typed handle the repositories use. Keep the two in step (``alembic check`` in the tests).
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    Column,
+    DateTime,
+    ForeignKey,
+    Integer,
+    LargeBinary,
+    MetaData,
+    String,
+    Table,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.engine import Dialect
+from sqlalchemy.types import TypeDecorator
+
+NAMING = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+metadata = MetaData(naming_convention=NAMING)
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """Aware UTC datetimes in, aware UTC datetimes out, on every backend.
+
+    SQLite has no time zones: values are stored as naive UTC and given their zone back on read.
+    """
+
+    impl = DateTime
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime given to a UTC column")
+        return value.astimezone(UTC).replace(tzinfo=None)
+
+    def process_result_value(self, value: Any, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        assert isinstance(value, datetime)
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+facility = Table(
+    "facility",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("institution_code", String(10), nullable=False, unique=True),
+    Column("name", String(200), nullable=False),
+    Column("kind", String(20), nullable=False),
+    Column("provisional", Boolean, nullable=False, default=False),
+    Column("status", String(20), nullable=False, default="active"),
+    Column("status_reason", String(500)),
+    Column("status_changed_at", UTCDateTime()),
+    Column("policy", Text, nullable=False, default="{}"),
+    Column("created_at", UTCDateTime(), nullable=False),
+)
+
+admin = Table(
+    "admin",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("name", String(200), nullable=False, unique=True),
+    Column("status", String(20), nullable=False, default="active"),
+    Column("created_at", UTCDateTime(), nullable=False),
+)
+
+client_certificate = Table(
+    "client_certificate",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("serial_hex", String(64), nullable=False, unique=True),
+    Column("fingerprint_sha256", String(64), nullable=False, unique=True),
+    Column("facility_id", Integer, ForeignKey("facility.id"), index=True),
+    Column("admin_id", Integer, ForeignKey("admin.id"), index=True),
+    Column("terminal_label", String(200)),
+    Column("subject", String(500), nullable=False),
+    Column("not_before", UTCDateTime(), nullable=False),
+    Column("not_after", UTCDateTime(), nullable=False),
+    Column("status", String(20), nullable=False, default="active"),
+    Column("revoke_at", UTCDateTime()),
+    Column("revoked_at", UTCDateTime()),
+    Column("revocation_reason", String(500)),
+    Column("issued_at", UTCDateTime(), nullable=False),
+    Column("downloaded_at", UTCDateTime()),
+    Column("last_used_at", UTCDateTime()),
+    Column("certificate_der", LargeBinary, nullable=False),
+)
+
+signer = Table(
+    "signer",
+    metadata,
+    Column("id", String(40), primary_key=True),
+    Column("name", String(200), nullable=False),
+    Column("name_kanji", String(200)),
+    Column("role", String(100), nullable=False),
+    Column("status", String(20), nullable=False, default="active"),
+    Column("created_at", UTCDateTime(), nullable=False),
+)
+
+signer_facility = Table(
+    "signer_facility",
+    metadata,
+    Column("signer_id", String(40), ForeignKey("signer.id"), primary_key=True),
+    Column("facility_id", Integer, ForeignKey("facility.id"), primary_key=True),
+    Column("created_at", UTCDateTime(), nullable=False),
+)
+
+credential = Table(
+    "credential",
+    metadata,
+    Column("id", String(40), primary_key=True),
+    Column("signer_id", String(40), ForeignKey("signer.id"), nullable=False, index=True),
+    Column("key_id", String(64), nullable=False, unique=True),
+    Column("key_algorithm", String(20), nullable=False, default="RSA"),
+    Column("key_bits", Integer, nullable=False),
+    Column("status", String(30), nullable=False),
+    Column("certificate_der", LargeBinary),
+    Column("chain_pem", Text),
+    Column("created_at", UTCDateTime(), nullable=False),
+    Column("updated_at", UTCDateTime(), nullable=False),
+)
+
+audit_head = Table(
+    "audit_head",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=False),
+    Column("seq", BigInteger, nullable=False),
+    Column("hash", String(64), nullable=False),
+)
+
+audit_event = Table(
+    "audit_event",
+    metadata,
+    Column("seq", BigInteger, primary_key=True, autoincrement=False),
+    Column("ts", String(40), nullable=False),
+    Column("actor", String(200), nullable=False),
+    Column("facility_code", String(10)),
+    Column("signer_id", String(40)),
+    Column("action", String(80), nullable=False),
+    Column("detail", Text, nullable=False),
+    Column("prev_hash", String(64), nullable=False),
+    Column("hash", String(64), nullable=False),
+    UniqueConstraint("hash"),
+)

@@ -1,0 +1,205 @@
+"""The listener, end to end over real TLS: who gets in, and what everyone else gets."""
+
+from __future__ import annotations
+
+import shutil
+import ssl
+import time
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+
+from gateway.pki import testworld
+from tests.support.gateway import Server, client_context, request, run_cli
+
+pytestmark = [pytest.mark.tls, pytest.mark.hsm]
+
+
+def _handshake_refused(port: int, ctx: ssl.SSLContext) -> BaseException:
+    """Return the error a client gets; fail if a request gets through."""
+    try:
+        r = request(port, "POST", "/csc/v2/info", ctx=ctx, json_body={})
+    except (ssl.SSLError, ConnectionError, OSError) as e:
+        return e
+    raise AssertionError(f"request without a valid client certificate got HTTP {r.status}")
+
+
+def test_info_with_facility_certificate(gateway: Server, hospital_ctx: ssl.SSLContext) -> None:
+    r = request(gateway.port, "POST", "/csc/v2/info", ctx=hospital_ctx, json_body={})
+    assert r.status == 200, r.body
+    info = r.json()
+    assert "TLS" in info["authType"]
+    assert info["methods"] == ["info", "credentials/list", "credentials/info"]
+    assert info["specs"].startswith("2.")
+    assert info["region"] == "JP"
+    assert len(r.headers["x-request-id"]) == 16
+
+
+def test_no_client_certificate_fails_handshake(gateway: Server, sandbox: dict[str, Any]) -> None:
+    err = _handshake_refused(gateway.port, client_context(sandbox["server_ca"]))
+    assert isinstance(err, ssl.SSLError | ConnectionError | OSError)
+
+
+def test_certificate_from_another_ca_fails_handshake(
+    gateway: Server, sandbox: dict[str, Any], tmp_path: Path
+) -> None:
+    now = datetime.now(UTC)
+    rogue_ca = testworld.make_client_ca(now=now, name="ROGUE client CA")
+    leaf = testworld.issue_client_cert(
+        rogue_ca,
+        common_name="rogue",
+        institution_code="1310000011",
+        now=now,
+        validity=timedelta(days=30),
+    )
+    leaf.write(tmp_path / "c.pem", tmp_path / "c.key")
+    ctx = client_context(sandbox["server_ca"], str(tmp_path / "c.pem"), str(tmp_path / "c.key"))
+    _handshake_refused(gateway.port, ctx)
+
+
+def test_unknown_certificate_from_the_right_ca_is_403(
+    gateway: Server, sandbox: dict[str, Any], tmp_path: Path
+) -> None:
+    pki = Path(sandbox["dir"]) / "pki"
+    ca = testworld.CertAndKey(
+        cert=x509.load_pem_x509_certificate((pki / "facility-client-ca.pem").read_bytes()),
+        key=serialization.load_pem_private_key(  # type: ignore[arg-type]
+            (pki / "facility-client-ca.key").read_bytes(), password=None
+        ),
+    )
+    leaf = testworld.issue_client_cert(
+        ca,
+        common_name="never registered",
+        institution_code="1310000011",
+        now=datetime.now(UTC),
+        validity=timedelta(days=30),
+    )
+    leaf.write(tmp_path / "c.pem", tmp_path / "c.key")
+    ctx = client_context(sandbox["server_ca"], str(tmp_path / "c.pem"), str(tmp_path / "c.key"))
+    r = request(gateway.port, "POST", "/csc/v2/info", ctx=ctx, json_body={})
+    assert r.status == 403
+    assert r.json()["error"] == "access_denied"
+    assert "not registered" in r.json()["error_description"]
+    # Also on a non-CSC route and an unknown one: problem+json, still 403 (no route leaks).
+    for path in ("/health", "/no/such/route"):
+        r = request(gateway.port, "GET", path, ctx=ctx)
+        assert r.status == 403, path
+        assert r.headers["content-type"].startswith("application/problem+json")
+        assert r.json()["code"] == "access_denied"
+
+
+def _new_facility(sandbox: dict[str, Any], code: str, out: Path) -> ssl.SSLContext:
+    cfg = sandbox["config"]
+    run_cli("facility", "add", code, "--name", f"TEST clinic {code}", "--kind", "clinic", "-c", cfg)
+    run_cli("facility", "issue-cert", code, "--out", str(out), "-c", cfg)
+    return client_context(sandbox["server_ca"], str(out / "client.pem"), str(out / "client.key"))
+
+
+def test_revoked_certificate_is_403_with_when_and_why(
+    gateway: Server, sandbox: dict[str, Any], tmp_path: Path
+) -> None:
+    ctx = _new_facility(sandbox, "0110000018", tmp_path)
+    assert request(gateway.port, "POST", "/csc/v2/info", ctx=ctx, json_body={}).status == 200
+    serial = format(
+        x509.load_pem_x509_certificate((tmp_path / "client.pem").read_bytes()).serial_number, "x"
+    )
+    run_cli(
+        "facility", "revoke-cert", serial, "--reason", "key compromise reported",
+        "-c", sandbox["config"],
+    )
+    r = request(gateway.port, "POST", "/csc/v2/info", ctx=ctx, json_body={})
+    assert r.status == 403
+    desc = r.json()["error_description"]
+    assert "revoked on" in desc and "key compromise reported" in desc
+    assert datetime.now(UTC).strftime("%Y-%m-%d") in desc
+
+
+def test_suspended_facility_is_403_then_resumed(
+    gateway: Server, sandbox: dict[str, Any], tmp_path: Path
+) -> None:
+    ctx = _new_facility(sandbox, "0210000017", tmp_path)
+    cfg = sandbox["config"]
+    run_cli("facility", "suspend", "0210000017", "--reason", "contract ended", "-c", cfg)
+    r = request(gateway.port, "POST", "/csc/v2/credentials/list", ctx=ctx, json_body={})
+    assert r.status == 403
+    assert "suspended" in r.json()["error_description"]
+    assert "contract ended" in r.json()["error_description"]
+    run_cli("facility", "resume", "0210000017", "-c", cfg)
+    assert request(gateway.port, "POST", "/csc/v2/info", ctx=ctx, json_body={}).status == 200
+
+
+def test_body_over_limit_is_413(gateway: Server, hospital_ctx: ssl.SSLContext) -> None:
+    big = b'{"lang": "' + b"a" * (11 * 1024 * 1024) + b'"}'
+    try:
+        r = request(gateway.port, "POST", "/csc/v2/info", ctx=hospital_ctx, body=big)
+    except (ConnectionError, ssl.SSLError) as e:  # server may close after answering
+        raise AssertionError(f"no 413 response: {e}") from e
+    assert r.status == 413
+    assert r.json()["error"] == "payload_too_large"
+
+
+@pytest.mark.parametrize(
+    ("body", "needle"),
+    [
+        (b"{not json", "not valid JSON"),
+        (b"[1, 2]", "must be a JSON object"),
+        (b'{"credentialID": 42}', "credentialID"),
+        (b'{"credentialID": "x", "certificates": "all"}', "certificates"),
+        (b'{"credentialID": "x", "certInfo": "yes"}', "certInfo"),
+        (b"{}", "Missing (or invalid type) parameter credentialID"),
+        (b'{"credentialID": "cred-does-not-exist"}', "Invalid parameter credentialID"),
+    ],
+)
+def test_bad_input_is_400_invalid_request(
+    gateway: Server, hospital_ctx: ssl.SSLContext, body: bytes, needle: str
+) -> None:
+    r = request(gateway.port, "POST", "/csc/v2/credentials/info", ctx=hospital_ctx, body=body)
+    assert r.status == 400, r.body
+    err = r.json()
+    assert err["error"] == "invalid_request"
+    assert needle in err["error_description"]
+    assert "Traceback" not in r.body.decode()
+
+
+def test_unknown_csc_route_and_method(gateway: Server, hospital_ctx: ssl.SSLContext) -> None:
+    r = request(gateway.port, "POST", "/csc/v2/signatures/signHash", ctx=hospital_ctx, json_body={})
+    assert r.status == 404
+    assert r.json()["error"] == "invalid_request"
+    r = request(gateway.port, "GET", "/csc/v2/info", ctx=hospital_ctx)
+    assert r.status == 405
+    assert "POST" in r.headers.get("allow", "")
+
+
+def test_token_missing_is_503_then_recovers_without_restart(
+    gateway: Server, sandbox: dict[str, Any], hospital_ctx: ssl.SSLContext
+) -> None:
+    tokens = Path(sandbox["dir"]) / "softhsm" / "tokens"
+    away = tokens.with_name("tokens.away")
+    signer = next(s for s in sandbox["signers"] if "1310000011" in s["facilities"])
+    body = {"credentialID": signer["credential_id"]}
+    assert request(gateway.port, "GET", "/health", ctx=hospital_ctx).status == 200
+    shutil.move(tokens, away)
+    try:
+        r = request(gateway.port, "GET", "/health", ctx=hospital_ctx)
+        assert r.status == 503, r.body
+        assert r.json()["code"] == "temporarily_unavailable"
+        assert int(r.headers["retry-after"]) > 0
+        r = request(gateway.port, "POST", "/csc/v2/credentials/info", ctx=hospital_ctx, json_body=body)
+        assert r.status == 503, r.body
+        assert r.json()["error"] == "temporarily_unavailable"
+    finally:
+        shutil.move(away, tokens)
+    deadline = time.monotonic() + 15
+    statuses = []
+    while time.monotonic() < deadline:
+        r = request(gateway.port, "POST", "/csc/v2/credentials/info", ctx=hospital_ctx, json_body=body)
+        statuses.append(r.status)
+        if r.status == 200:
+            break
+        time.sleep(0.3)
+    assert statuses[-1] == 200, statuses
+    assert request(gateway.port, "GET", "/health", ctx=hospital_ctx).status == 200

@@ -1,0 +1,139 @@
+"""Real-process helpers: run the CLI, serve a sandbox, call it over real mTLS sockets."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[2]
+CLI = [sys.executable, "-m", "gateway"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None, check: bool = True) -> subprocess.CompletedProcess[str]:
+    res = subprocess.run(
+        [*CLI, *args],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env={**os.environ, **(env or {})},
+        timeout=120,
+        check=False,
+    )
+    if check and res.returncode != 0:
+        raise AssertionError(
+            f"hpki-gateway {' '.join(args)} exited {res.returncode}\n"
+            f"stdout: {res.stdout}\nstderr: {res.stderr}"
+        )
+    return res
+
+
+@dataclass
+class Response:
+    status: int
+    headers: dict[str, str]
+    body: bytes
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+
+def client_context(server_ca: str, cert: str | None = None, key: str | None = None) -> ssl.SSLContext:
+    ctx = ssl.create_default_context(cafile=server_ca)
+    if cert is not None:
+        ctx.load_cert_chain(cert, key)
+    return ctx
+
+
+def request(
+    port: int,
+    method: str,
+    path: str,
+    *,
+    ctx: ssl.SSLContext,
+    body: bytes | None = None,
+    json_body: Any = None,
+    headers: dict[str, str] | None = None,
+    host: str = "localhost",
+) -> Response:
+    conn = http.client.HTTPSConnection(host, port, context=ctx, timeout=30)
+    try:
+        hdrs = dict(headers or {})
+        if json_body is not None:
+            body = json.dumps(json_body).encode()
+            hdrs.setdefault("Content-Type", "application/json")
+        conn.request(method, path, body=body, headers=hdrs)
+        r = conn.getresponse()
+        return Response(r.status, {k.lower(): v for k, v in r.getheaders()}, r.read())
+    finally:
+        conn.close()
+
+
+class Server:
+    """``hpki-gateway serve`` in a subprocess, stopped with SIGTERM."""
+
+    def __init__(self, config: Path, port: int, *, workers: int | None = None) -> None:
+        self.config = config
+        self.port = port
+        self.workers = workers
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.log = config.parent / f"serve-{port}.log"
+
+    def start(self, timeout: float = 30.0) -> None:
+        args = [*CLI, "serve", "-c", str(self.config)]
+        if self.workers:
+            args += ["--workers", str(self.workers)]
+        env = {**os.environ, "HPKI_GATEWAY_SERVER__PORT": str(self.port)}
+        self._logf = self.log.open("wb")
+        self.proc = subprocess.Popen(args, cwd=REPO, env=env, stdout=self._logf, stderr=self._logf)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"gateway exited {self.proc.returncode}: {self.log.read_text()}")
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5):
+                    return
+            except OSError:
+                time.sleep(0.1)
+        raise AssertionError(f"gateway did not listen on {self.port}: {self.log.read_text()}")
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        if hasattr(self, "_logf"):
+            self._logf.close()
+
+    def logs(self) -> str:
+        return self.log.read_text(errors="replace")
+
+
+@contextmanager
+def serving(config: Path, *, workers: int | None = None) -> Iterator[Server]:
+    srv = Server(config, free_port(), workers=workers)
+    srv.start()
+    try:
+        yield srv
+    finally:
+        srv.stop()
