@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
 
 from aiohttp import web
 from cryptography import x509
@@ -48,12 +49,9 @@ def make_audit(settings: Settings) -> AuditLog:
     return AuditLog(key=key)
 
 
-def _load_pems(paths: list[str] | list[object]) -> list[x509.Certificate]:
-    from pathlib import Path
-
+def _load_pems(paths: Sequence[Path]) -> list[x509.Certificate]:
     out: list[x509.Certificate] = []
-    for p in paths:
-        path = Path(str(p))
+    for path in paths:
         try:
             out.extend(x509.load_pem_x509_certificates(path.read_bytes()))
         except (OSError, ValueError) as e:
@@ -76,8 +74,8 @@ def make_signers(
         keystore=keystore,
         key_bits=settings.hsm.key_bits,
         test_issuer=issuer,
-        trust_anchors=_load_pems(list(pki.hpki_trust_anchors)),
-        intermediates=_load_pems(list(pki.hpki_intermediates)),
+        trust_anchors=_load_pems(pki.hpki_trust_anchors),
+        intermediates=_load_pems(pki.hpki_intermediates),
     )
 
 

@@ -12,14 +12,14 @@ import asyncio
 import getpass
 import json
 import sys
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
 from typing import Any
 
 from gateway.config import Settings, load_settings
 from gateway.errors import ConfigError, GatewayError
 
-Action = Callable[[argparse.Namespace], Awaitable[int]]
+Action = Callable[[argparse.Namespace], Coroutine[Any, Any, int]]
 
 
 def _actor() -> str:
@@ -122,7 +122,7 @@ async def cmd_facility_add(args: argparse.Namespace) -> int:
 
 async def cmd_facility_list(args: argparse.Namespace) -> int:
     async with _Ctx(_settings(args), with_keystore=False) as ctx:
-        items = await ctx.facilities.list()
+        items = await ctx.facilities.list_all()
     data = [f.__dict__ for f in items]
     text = "\n".join(
         f"{f.institution_code}  {f.status:<9} {f.kind:<13} {f.name}"
@@ -256,13 +256,15 @@ async def cmd_signer_add(args: argparse.Namespace) -> int:
         if cred.status == "active"
         else f"export a CSR: hpki-gateway signer csr {s.id} -o {s.id}.csr"
     )
-    _print(args, s.to_json_dict(), f"signer {s.id} ({s.name}, {s.role}); credential {cred.id}: {hint}")
+    _print(
+        args, s.to_json_dict(), f"signer {s.id} ({s.name}, {s.role}); credential {cred.id}: {hint}"
+    )
     return 0
 
 
 async def cmd_signer_list(args: argparse.Namespace) -> int:
     async with _Ctx(_settings(args), with_keystore=False) as ctx:
-        items = await _signer_service_readonly(ctx).list(institution_code=args.facility)
+        items = await _signer_service_readonly(ctx).list_signers(institution_code=args.facility)
     text = "\n".join(
         f"{s.id}  {s.role:<16} {s.name:<28} {','.join(s.facilities)}  "
         + " ".join(f"{c.id}[{c.status}]" for c in s.credentials)
@@ -383,9 +385,7 @@ def _cfg(p: argparse.ArgumentParser, *, json_flag: bool = True) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="hpki-gateway", description="HPKI remote signing gateway"
-    )
+    parser = argparse.ArgumentParser(prog="hpki-gateway", description="HPKI remote signing gateway")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("serve", help="serve the gateway (mTLS listener)")
@@ -414,7 +414,9 @@ def build_parser() -> argparse.ArgumentParser:
     _cfg(p)
     p.add_argument("code", help="10-digit institution code")
     p.add_argument("--name", required=True)
-    p.add_argument("--kind", required=True, choices=["hospital", "clinic", "dental_clinic", "pharmacy"])
+    p.add_argument(
+        "--kind", required=True, choices=["hospital", "clinic", "dental_clinic", "pharmacy"]
+    )
     p.add_argument("--provisional", action="store_true", help="a provisional code (仮コード)")
     p.set_defaults(func=cmd_facility_add)
     p = fac.add_parser("list", help="list facilities")

@@ -77,7 +77,7 @@ class HsmSettings(_Section):
 
     module: Path = Path("/usr/lib/softhsm/libsofthsm2.so")
     """PKCS#11 module (shared library)."""
-    token_label: str = "hpki-gateway"
+    token_label: str = "hpki-gateway"  # noqa: S105 - a label, not a secret
     """Label of the token to use."""
     pin_file: Path | None = None
     """File holding the user PIN."""

@@ -97,7 +97,9 @@ class FacilityRegistry:
     ) -> Facility:
         validate_institution_code(institution_code)
         if kind not in FACILITY_KINDS:
-            raise InvalidRequest(f"facility kind {kind!r} is not one of {', '.join(FACILITY_KINDS)}")
+            raise InvalidRequest(
+                f"facility kind {kind!r} is not one of {', '.join(FACILITY_KINDS)}"
+            )
         if not name.strip():
             raise InvalidRequest("facility name must not be empty")
         fee = FEE_TABLES[institution_code[2]]
@@ -146,7 +148,7 @@ class FacilityRegistry:
             raise NotFound(f"facility {institution_code} is not registered")
         return Facility.from_row(row)
 
-    async def list(self) -> list[Facility]:
+    async def list_all(self) -> list[Facility]:
         async with self.db.read() as conn:
             rows = (
                 await conn.execute(select(facility).order_by(facility.c.institution_code))

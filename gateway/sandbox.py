@@ -29,7 +29,7 @@ from gateway.errors import ConfigError
 from gateway.pki import facility_ca, testworld
 
 MANIFEST_VERSION = 1
-TOKEN_LABEL = "hpki-gateway"
+TOKEN_LABEL = "hpki-gateway"  # noqa: S105 - a label, not a secret
 SOFTHSM_CONFIG_DIR = Path(__file__).resolve().parent.parent / "softhsm-config"
 
 FACILITIES = [
@@ -207,7 +207,7 @@ async def init_sandbox(directory: Path, *, port: int = 8443, force: bool = False
         await keystore.open()
         signers = make_signers(settings, db=db, audit=audit, keystore=keystore)
         for fac in FACILITIES:
-            f = await registry.add(
+            reg = await registry.add(
                 institution_code=fac["institution_code"],
                 name=fac["name"],
                 kind=fac["kind"],
@@ -215,20 +215,20 @@ async def init_sandbox(directory: Path, *, port: int = 8443, force: bool = False
             )
             issued = facility_ca.issue(
                 client_ca,
-                out_dir=d / "clients" / f.institution_code,
-                common_name=f.name,
-                institution_code=f.institution_code,
+                out_dir=d / "clients" / reg.institution_code,
+                common_name=reg.name,
+                institution_code=reg.institution_code,
                 service_name=settings.service.name,
                 now=now,
             )
             await registry.register_certificate(
-                issued.cert, institution_code=f.institution_code, actor=actor
+                issued.cert, institution_code=reg.institution_code, actor=actor
             )
             manifest_facilities.append(
                 {
-                    "institution_code": f.institution_code,
-                    "name": f.name,
-                    "kind": f.kind,
+                    "institution_code": reg.institution_code,
+                    "name": reg.name,
+                    "kind": reg.kind,
                     "client_cert": str(issued.cert_path),
                     "client_key": str(issued.key_path),
                     "client_p12": str(issued.p12_path),

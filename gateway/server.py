@@ -15,7 +15,6 @@ import os
 import signal
 import ssl
 import sys
-from pathlib import Path
 
 from aiohttp import web
 
@@ -46,7 +45,7 @@ def make_ssl_context(settings: Settings) -> ssl.SSLContext:
     return ctx
 
 
-async def _serve(settings: Settings, *, reuse_port: bool, ready: Path | None) -> None:
+async def _serve(settings: Settings, *, reuse_port: bool) -> None:
     from gateway.app import create_app
 
     app = create_app(settings)
@@ -68,8 +67,6 @@ async def _serve(settings: Settings, *, reuse_port: bool, ready: Path | None) ->
         settings.server.port,
         os.getpid(),
     )
-    if ready is not None:
-        ready.write_text(str(os.getpid()))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -84,7 +81,7 @@ def _worker(config_path: str, index: int, reuse_port: bool) -> None:
     settings = load_settings(config_path)
     setup_logging(settings.logging.level, settings.logging.format)
     try:
-        asyncio.run(_serve(settings, reuse_port=reuse_port, ready=None))
+        asyncio.run(_serve(settings, reuse_port=reuse_port))
     except ConfigError as e:
         log.error("worker %s cannot start: %s", index, e)
         sys.exit(2)
@@ -108,7 +105,7 @@ def serve(config_path: str, *, workers: int | None = None) -> int:
     make_ssl_context(settings)  # fail fast on TLS material before forking
     asyncio.run(_migrate(settings))
     if n == 1:
-        asyncio.run(_serve(settings, reuse_port=False, ready=None))
+        asyncio.run(_serve(settings, reuse_port=False))
         return 0
     ctx = multiprocessing.get_context("spawn")
     procs = [

@@ -26,7 +26,7 @@ from sqlalchemy.exc import IntegrityError
 from gateway.audit import AuditLog
 from gateway.errors import Conflict, InvalidRequest, NotFound, PkiError
 from gateway.hsm.api import KeyStore
-from gateway.pki import hpki
+from gateway.pki import hpki, testworld
 from gateway.pki.csr import build_csr, public_key_matches
 from gateway.store.db import Database
 from gateway.store.schema import credential, facility, signer, signer_facility
@@ -200,8 +200,6 @@ class SignerService:
         chain_pem: str | None = None
         status = "pending_certificate"
         if self.test_issuer is not None:
-            from gateway.pki import testworld
-
             cert = testworld.issue_hpki_signer_cert(
                 self.test_issuer_ca(),
                 public_key_der=key.public_key_der,
@@ -231,7 +229,9 @@ class SignerService:
             )
             for fid in fac_ids.values():
                 await conn.execute(
-                    insert(signer_facility).values(signer_id=signer_id, facility_id=fid, created_at=now)
+                    insert(signer_facility).values(
+                        signer_id=signer_id, facility_id=fid, created_at=now
+                    )
                 )
             await conn.execute(
                 insert(credential).values(
@@ -264,15 +264,15 @@ class SignerService:
             )
         return await self.get(signer_id)
 
-    def test_issuer_ca(self) -> Any:
-        from gateway.pki.testworld import CertAndKey
-
+    def test_issuer_ca(self) -> testworld.CertAndKey:
         assert self.test_issuer is not None
-        return CertAndKey(cert=self.test_issuer.ca_cert, key=self.test_issuer.ca_key)
+        return testworld.CertAndKey(cert=self.test_issuer.ca_cert, key=self.test_issuer.ca_key)
 
     async def get(self, signer_id: str) -> Signer:
         async with self.db.read() as conn:
-            srow = (await conn.execute(select(signer).where(signer.c.id == signer_id))).one_or_none()
+            srow = (
+                await conn.execute(select(signer).where(signer.c.id == signer_id))
+            ).one_or_none()
             if srow is None:
                 raise NotFound(f"signer {signer_id} does not exist")
             codes = (
@@ -300,7 +300,7 @@ class SignerService:
                 credentials=[Credential.from_row(c) for c in creds],
             )
 
-    async def list(self, *, institution_code: str | None = None) -> list[Signer]:
+    async def list_signers(self, *, institution_code: str | None = None) -> list[Signer]:
         async with self.db.read() as conn:
             q = select(signer.c.id).order_by(signer.c.created_at)
             if institution_code is not None:
@@ -368,15 +368,17 @@ class SignerService:
             raise PkiError(
                 f"the certificate's hcRole {roles} does not match the signer's role {s.role!r}"
             )
-        chain = list(chain or [])
+        chain_certs: list[x509.Certificate] = list(chain or [])
         if self.trust_anchors:
             hpki.verify_chain(
                 cert,
-                intermediates=chain + self.intermediates,
+                intermediates=chain_certs + self.intermediates,
                 trust_anchors=self.trust_anchors,
                 moment=datetime.now(UTC),
             )
-        chain_pem = "".join(c.public_bytes(serialization.Encoding.PEM).decode() for c in chain)
+        chain_pem = "".join(
+            c.public_bytes(serialization.Encoding.PEM).decode() for c in chain_certs
+        )
         now = datetime.now(UTC)
         async with self.db.write() as conn:
             await conn.execute(

@@ -38,21 +38,21 @@ class InfoRequest(CscRequest):
 
 
 class ListRequest(CscRequest):
-    userID: str | None = Field(default=None, max_length=200)  # noqa: N815 - CSC field name
-    credentialInfo: bool = False  # noqa: N815
+    userID: str | None = Field(default=None, max_length=200)
+    credentialInfo: bool = False
     certificates: Literal["none", "single", "chain"] = "single"
-    certInfo: bool = False  # noqa: N815
-    authInfo: bool = False  # noqa: N815
-    onlyValid: bool = False  # noqa: N815
+    certInfo: bool = False
+    authInfo: bool = False
+    onlyValid: bool = False
     lang: str | None = None
-    maxResults: int | None = Field(default=None, ge=1, le=1000)  # noqa: N815 - CSC v1
+    maxResults: int | None = Field(default=None, ge=1, le=1000)
 
 
 class InfoCredentialRequest(CscRequest):
-    credentialID: str = Field(min_length=1, max_length=200)  # noqa: N815
+    credentialID: str = Field(min_length=1, max_length=200)
     certificates: Literal["none", "single", "chain"] = "single"
-    certInfo: bool = False  # noqa: N815
-    authInfo: bool = False  # noqa: N815
+    certInfo: bool = False
+    authInfo: bool = False
     lang: str | None = None
 
 

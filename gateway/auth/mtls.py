@@ -76,9 +76,7 @@ async def identify(db: Database, peer_der: bytes, *, now: datetime | None = None
             )
         ).one_or_none()
     if row is None:
-        raise AccessDenied(
-            f"client certificate (SHA-256 {fp}) is not registered with this gateway"
-        )
+        raise AccessDenied(f"client certificate (SHA-256 {fp}) is not registered with this gateway")
     serial = row.serial_hex
     if row.status == "revoked":
         raise AccessDenied(

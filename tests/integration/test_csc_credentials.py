@@ -77,7 +77,9 @@ def test_info_returns_hpki_chain(
     assert info["key"]["status"] == "enabled"
     assert "1.2.840.113549.1.1.11" in info["key"]["algo"]
     assert info["SCAL"] == "2"
-    certs = [x509.load_der_x509_certificate(base64.b64decode(c)) for c in info["cert"]["certificates"]]
+    certs = [
+        x509.load_der_x509_certificate(base64.b64decode(c)) for c in info["cert"]["certificates"]
+    ]
     assert len(certs) == 3  # signer, TEST signing CA, TEST root
     assert hpki.parse_hcroles(certs[0]) == ["Medical Doctor"]
     assert hpki.check_signing_profile(certs[0]) == []

@@ -108,8 +108,13 @@ def test_revoked_certificate_is_403_with_when_and_why(
         x509.load_pem_x509_certificate((tmp_path / "client.pem").read_bytes()).serial_number, "x"
     )
     run_cli(
-        "facility", "revoke-cert", serial, "--reason", "key compromise reported",
-        "-c", sandbox["config"],
+        "facility",
+        "revoke-cert",
+        serial,
+        "--reason",
+        "key compromise reported",
+        "-c",
+        sandbox["config"],
     )
     r = request(gateway.port, "POST", "/csc/v2/info", ctx=ctx, json_body={})
     assert r.status == 403
@@ -188,7 +193,9 @@ def test_token_missing_is_503_then_recovers_without_restart(
         assert r.status == 503, r.body
         assert r.json()["code"] == "temporarily_unavailable"
         assert int(r.headers["retry-after"]) > 0
-        r = request(gateway.port, "POST", "/csc/v2/credentials/info", ctx=hospital_ctx, json_body=body)
+        r = request(
+            gateway.port, "POST", "/csc/v2/credentials/info", ctx=hospital_ctx, json_body=body
+        )
         assert r.status == 503, r.body
         assert r.json()["error"] == "temporarily_unavailable"
     finally:
@@ -196,7 +203,9 @@ def test_token_missing_is_503_then_recovers_without_restart(
     deadline = time.monotonic() + 15
     statuses = []
     while time.monotonic() < deadline:
-        r = request(gateway.port, "POST", "/csc/v2/credentials/info", ctx=hospital_ctx, json_body=body)
+        r = request(
+            gateway.port, "POST", "/csc/v2/credentials/info", ctx=hospital_ctx, json_body=body
+        )
         statuses.append(r.status)
         if r.status == 200:
             break

@@ -27,7 +27,9 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def run_cli(*args: str, env: dict[str, str] | None = None, check: bool = True) -> subprocess.CompletedProcess[str]:
+def run_cli(
+    *args: str, env: dict[str, str] | None = None, check: bool = True
+) -> subprocess.CompletedProcess[str]:
     res = subprocess.run(
         [*CLI, *args],
         capture_output=True,
@@ -55,7 +57,9 @@ class Response:
         return json.loads(self.body)
 
 
-def client_context(server_ca: str, cert: str | None = None, key: str | None = None) -> ssl.SSLContext:
+def client_context(
+    server_ca: str, cert: str | None = None, key: str | None = None
+) -> ssl.SSLContext:
     ctx = ssl.create_default_context(cafile=server_ca)
     if cert is not None:
         ctx.load_cert_chain(cert, key)
@@ -106,7 +110,9 @@ class Server:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise AssertionError(f"gateway exited {self.proc.returncode}: {self.log.read_text()}")
+                raise AssertionError(
+                    f"gateway exited {self.proc.returncode}: {self.log.read_text()}"
+                )
             try:
                 with socket.create_connection(("127.0.0.1", self.port), timeout=0.5):
                     return
