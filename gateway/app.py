@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
@@ -21,6 +22,7 @@ from gateway.signers import SignerService, TestIssuer
 from gateway.store.db import Database
 
 log = logging.getLogger("gateway.app")
+HSM_START_ATTEMPTS = 12
 
 
 def make_keystore(settings: Settings) -> KeyStore:
@@ -108,11 +110,18 @@ def create_app(settings: Settings, *, keystore: KeyStore | None = None) -> web.A
         await db.close()
 
     async def hsm_ctx(app: web.Application) -> AsyncIterator[None]:
-        try:
-            await ks.open()
-        except HsmUnavailable as e:
-            # Serve anyway: HSM-backed calls answer 503 until the token is back.
-            log.error("HSM token not available at start-up: %s", e.description)
+        # SoftHSM may not see the token while another process (a sibling worker starting at
+        # the same moment, a CLI generating a key) holds its files: retry briefly at start-up.
+        for attempt in range(1, HSM_START_ATTEMPTS + 1):
+            try:
+                await ks.open()
+                break
+            except HsmUnavailable as e:
+                if attempt == HSM_START_ATTEMPTS:
+                    # Serve anyway: HSM-backed calls answer 503 until the token is back.
+                    log.error("HSM token not available at start-up: %s", e.description)
+                else:
+                    await asyncio.sleep(0.25)
         yield
         await ks.close()
 

@@ -16,6 +16,7 @@ Rules:
 from __future__ import annotations
 
 import os
+import re
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
@@ -256,8 +257,7 @@ def load_settings(
     try:
         data: dict[str, Any] = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
-        # tomllib's message carries "(at line N, column M)".
-        raise ConfigError(f"{cfg_path}: not valid TOML: {e}") from e
+        raise ConfigError(_toml_error(cfg_path, text, e)) from e
 
     sources: dict[str, str] = {}
     for dotted, (env_name, value) in _env_overrides(env).items():
@@ -286,6 +286,22 @@ def load_settings(
     except ValidationError as e:
         raise ConfigError(_format_validation_error(e, cfg_path, sources)) from e
     return Settings.model_validate(_resolve_paths(settings, settings.base_dir))
+
+
+def _toml_error(cfg_path: Path, text: str, e: tomllib.TOMLDecodeError) -> str:
+    """Name the line at fault and show it (tomllib says "(at line N, column M)")."""
+    msg = str(e)
+    lines = text.splitlines()
+    m = re.search(r"\(at line (\d+), column (\d+)\)", msg)
+    if m:
+        lineno = int(m.group(1))
+    elif "end of document" in msg:
+        lineno = max(len(lines), 1)
+    else:
+        return f"{cfg_path}: not valid TOML: {msg}"
+    shown = lines[lineno - 1] if 0 < lineno <= len(lines) else ""
+    reason = re.sub(r"\s*\(at [^)]*\)$", "", msg)
+    return f"{cfg_path}:{lineno}: not valid TOML: {reason}\n  line {lineno}: {shown}"
 
 
 def _format_validation_error(e: ValidationError, cfg_path: Path, sources: dict[str, str]) -> str:

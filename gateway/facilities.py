@@ -27,12 +27,12 @@ from gateway.store.schema import admin, client_certificate, facility
 
 FEE_TABLES = {"1": "medical", "3": "dental", "4": "pharmacy"}
 FACILITY_KINDS = ("hospital", "clinic", "dental_clinic", "pharmacy")
-_CODE_RE = re.compile(r"^\d{10}$")
+_CODE_RE = re.compile(r"[0-9]{10}")  # ASCII only: \d also matches full-width digits
 
 
 def validate_institution_code(code: str) -> str:
     """Return the code if it is a well-formed institution code, else raise InvalidRequest."""
-    if not isinstance(code, str) or not _CODE_RE.match(code):
+    if not isinstance(code, str) or not _CODE_RE.fullmatch(code):
         raise InvalidRequest(
             f"institution code {code!r} must be exactly 10 digits "
             "(prefecture 01-47, fee table 1/3/4, 7-digit number)"

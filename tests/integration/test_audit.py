@@ -1,0 +1,210 @@
+"""Audit chain on a real SQLite store: appends in the action's transaction, tampering found."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from gateway.audit import AuditLog, event_hash
+from gateway.store.db import Database
+from tests.support.gateway import run_cli
+
+
+async def _db(path: Path) -> Database:
+    db = Database(f"sqlite+aiosqlite:///{path}")
+    await db.migrate()
+    return db
+
+
+async def _fill(db: Database, audit: AuditLog, n: int) -> None:
+    for i in range(n):
+        async with db.write() as conn:
+            await audit.append(conn, action="test.event", actor="test", detail={"i": i})
+
+
+async def _verify(db: Database, audit: AuditLog) -> Any:
+    async with db.read() as conn:
+        return await audit.verify(conn)
+
+
+def _sql(path: Path, stmt: str, *params: object) -> None:
+    con = sqlite3.connect(path)
+    con.execute(stmt, params)
+    con.commit()
+    con.close()
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Path:
+    path = tmp_path / "audit.db"
+
+    async def go() -> None:
+        db = await _db(path)
+        await _fill(db, AuditLog(), 10)
+        await db.close()
+
+    asyncio.run(go())
+    return path
+
+
+def _report(path: Path, key: bytes | None = None) -> Any:
+    async def go() -> Any:
+        db = Database(f"sqlite+aiosqlite:///{path}")
+        try:
+            return await _verify(db, AuditLog(key=key))
+        finally:
+            await db.close()
+
+    return asyncio.run(go())
+
+
+def test_intact_chain(store: Path) -> None:
+    r = _report(store)
+    assert r.ok and r.events == 10
+
+
+def test_modified_row(store: Path) -> None:
+    _sql(store, "UPDATE audit_event SET detail = ? WHERE seq = 4", '{"i":999}')
+    r = _report(store)
+    assert not r.ok
+    assert (r.problem, r.seq, r.events) == ("modified", 4, 3)
+
+
+def test_gap(store: Path) -> None:
+    _sql(store, "DELETE FROM audit_event WHERE seq = 6")
+    r = _report(store)
+    assert (r.ok, r.problem, r.seq) == (False, "gap", 7)
+    assert "expected event 6" in r.message
+
+
+def test_broken_link_even_with_a_recomputed_hash(store: Path) -> None:
+    # An attacker rewrites event 5 consistently with itself but cannot fix event 6's link.
+    con = sqlite3.connect(store)
+    row = con.execute(
+        "SELECT seq, ts, actor, facility_code, signer_id, action, prev_hash FROM audit_event "
+        "WHERE seq = 5"
+    ).fetchone()
+    detail = '{"i":"forged"}'
+    h = event_hash(
+        key=None,
+        seq=row[0],
+        ts=row[1],
+        actor=row[2],
+        facility_code=row[3],
+        signer_id=row[4],
+        action=row[5],
+        detail=detail,
+        prev_hash=row[6],
+    )
+    con.execute("UPDATE audit_event SET detail = ?, hash = ? WHERE seq = 5", (detail, h))
+    con.commit()
+    con.close()
+    r = _report(store)
+    assert (r.ok, r.problem, r.seq) == (False, "broken_link", 6)
+
+
+def test_truncated_tail(store: Path) -> None:
+    _sql(store, "DELETE FROM audit_event WHERE seq = 10")
+    r = _report(store)
+    assert (r.ok, r.problem) == (False, "truncated")
+    assert r.events == 9
+
+
+def test_hmac_key_defeats_a_rewritten_chain(tmp_path: Path) -> None:
+    path = tmp_path / "k.db"
+    key = b"k" * 32
+
+    async def go() -> None:
+        db = await _db(path)
+        await _fill(db, AuditLog(key=key), 3)
+        await db.close()
+
+    asyncio.run(go())
+    assert _report(path, key).ok
+    # Without the key, the chain does not verify (an attacker cannot recompute it).
+    assert _report(path, None).problem == "modified"
+    assert _report(path, b"x" * 32).problem == "modified"
+
+
+def test_concurrent_appends_from_two_processes_keep_one_chain(tmp_path: Path) -> None:
+    path = tmp_path / "c.db"
+
+    async def create() -> None:
+        await (await _db(path)).close()
+
+    asyncio.run(create())
+    script = textwrap.dedent(
+        f"""
+        import asyncio
+        from gateway.audit import AuditLog
+        from gateway.store.db import Database
+
+        async def main():
+            db = Database("sqlite+aiosqlite:///{path}")
+            audit = AuditLog()
+            for i in range(150):
+                async with db.write() as conn:
+                    await audit.append(conn, action="race", actor="p", detail={{"i": i}})
+            await db.close()
+
+        asyncio.run(main())
+        """
+    )
+    procs = [subprocess.Popen([sys.executable, "-c", script]) for _ in range(2)]
+    assert [p.wait(timeout=120) for p in procs] == [0, 0]
+    r = _report(path)
+    assert r.ok, r.message
+    assert r.events == 300
+
+
+def test_cli_audit_verify_detects_tampering(tmp_path: Path) -> None:
+    d = tmp_path / "sb"
+    run_cli("sandbox", "init", str(d), "--port", "18444")
+    cfg = str(d / "gateway.toml")
+    ok = run_cli("audit", "verify", "-c", cfg, "--json")
+    assert '"ok": true' in ok.stdout
+    db = d / "data" / "gateway.db"
+    _sql(db, "UPDATE audit_event SET actor = 'someone-else' WHERE seq = 2")
+    bad = run_cli("audit", "verify", "-c", cfg, check=False)
+    assert bad.returncode == 1
+    assert "AUDIT CHAIN BROKEN (modified)" in bad.stdout
+    assert "event 2" in bad.stdout
+
+
+def test_an_action_and_its_audit_event_commit_together(tmp_path: Path) -> None:
+    """A failed registration leaves neither the facility nor an audit event behind."""
+    d = tmp_path / "sb"
+    run_cli("sandbox", "init", str(d), "--port", "18445")
+    cfg = str(d / "gateway.toml")
+    db = d / "data" / "gateway.db"
+    count = sqlite3.connect(db).execute("SELECT count(*) FROM audit_event").fetchone()[0]
+    dup = run_cli(
+        "facility",
+        "add",
+        "1310000011",
+        "--name",
+        "dup",
+        "--kind",
+        "hospital",
+        "-c",
+        cfg,
+        check=False,
+    )
+    assert dup.returncode == 1
+    assert "already registered" in dup.stderr
+    assert sqlite3.connect(db).execute("SELECT count(*) FROM audit_event").fetchone()[0] == count
+    run_cli("facility", "add", "0510000015", "--name", "new", "--kind", "clinic", "-c", cfg)
+    after = (
+        sqlite3.connect(db)
+        .execute("SELECT action, facility_code FROM audit_event ORDER BY seq DESC LIMIT 1")
+        .fetchone()
+    )
+    assert after == ("facility.add", "0510000015")
+    assert run_cli("audit", "verify", "-c", cfg).returncode == 0

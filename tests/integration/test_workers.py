@@ -1,0 +1,29 @@
+"""--workers N: N processes serve one port (SO_REUSEPORT), each with its own HSM session."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.support.gateway import client_context, request, serving
+
+pytestmark = [pytest.mark.tls, pytest.mark.hsm]
+
+
+def test_two_workers_share_the_port(sandbox: dict[str, Any], hospital: dict[str, Any]) -> None:
+    ctx = client_context(sandbox["server_ca"], hospital["client_cert"], hospital["client_key"])
+    with serving(Path(sandbox["config"]), workers=2) as srv:
+        pids = set()
+        for _ in range(40):  # each request on a new connection: the kernel picks a worker
+            r = request(srv.port, "GET", "/health", ctx=ctx)
+            assert r.status == 200, r.body
+            pids.add(r.json()["worker"])
+            if len(pids) == 2:
+                break
+        assert len(pids) == 2, pids
+        assert srv.proc is not None and srv.proc.pid not in pids
+        r = request(srv.port, "POST", "/csc/v2/credentials/list", ctx=ctx, json_body={})
+        assert r.status == 200
+    assert srv.proc.returncode == 0, srv.logs()
