@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 SANDBOX ?= .sandbox
 
-.PHONY: bootstrap run test lint typecheck unit integration bench clean-sandbox
+.PHONY: bootstrap run test lint typecheck clean-sandbox
 
 bootstrap:
 	@scripts/bootstrap.sh
@@ -23,8 +23,6 @@ typecheck: bootstrap
 test: bootstrap lint typecheck
 	$(BIN)/python -m pytest tests
 
-bench: bootstrap
-	$(BIN)/python bench/run.py
 
 clean-sandbox:
 	rm -rf $(SANDBOX)
