@@ -1,0 +1,75 @@
+"""A throwaway PostgreSQL cluster (Debian's postgresql binaries) for store tests.
+
+Runs as the ``postgres`` system user when the tests run as root (the server refuses root),
+listens on 127.0.0.1 on a free port, trust authentication, removed at the end.
+"""
+
+from __future__ import annotations
+
+import os
+import pwd
+import shutil
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from tests.support.gateway import free_port
+
+
+def _bindir() -> Path:
+    base = Path("/usr/lib/postgresql")
+    versions = sorted(base.glob("*/bin/initdb")) if base.exists() else []
+    if not versions:
+        raise RuntimeError("PostgreSQL server binaries not found: run `make test` (bootstrap)")
+    return versions[-1].parent
+
+
+@contextmanager
+def postgres_cluster() -> Iterator[str]:
+    """Yield an asyncpg SQLAlchemy URL of a fresh cluster; stop and delete it afterwards."""
+    bindir = _bindir()
+    # Not under pytest's tmp dir: that is private to root and the server runs as postgres.
+    base = Path(tempfile.mkdtemp(prefix="hpki-gateway-pg-"))
+    data = base / "pgdata"
+    data.mkdir(parents=True)
+    prefix: list[str] = []
+    if os.geteuid() == 0:
+        pw = pwd.getpwnam("postgres")
+        for p in (base, data):
+            os.chown(p, pw.pw_uid, pw.pw_gid)
+        prefix = ["runuser", "-u", "postgres", "--"]
+    port = free_port()
+    subprocess.run(
+        [*prefix, str(bindir / "initdb"), "-D", str(data), "-A", "trust", "-U", "postgres",
+         "--no-sync"],
+        check=True, capture_output=True,
+    )
+    log = base / "pg.log"
+    if prefix:
+        log.touch()
+        os.chown(log, pwd.getpwnam("postgres").pw_uid, pwd.getpwnam("postgres").pw_gid)
+    subprocess.run(
+        [*prefix, str(bindir / "pg_ctl"), "-D", str(data), "-l", str(log), "-w", "-o",
+         f"-p {port} -k {base} -c listen_addresses=127.0.0.1 -c fsync=off", "start"],
+        check=True, capture_output=True,
+    )
+    try:
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            r = subprocess.run(
+                [str(bindir / "pg_isready"), "-h", "127.0.0.1", "-p", str(port)],
+                capture_output=True, check=False,
+            )
+            if r.returncode == 0:
+                break
+            time.sleep(0.2)
+        yield f"postgresql+asyncpg://postgres@127.0.0.1:{port}/postgres"
+    finally:
+        subprocess.run(
+            [*prefix, str(bindir / "pg_ctl"), "-D", str(data), "-m", "fast", "stop"],
+            check=False, capture_output=True,
+        )
+        shutil.rmtree(base, ignore_errors=True)
