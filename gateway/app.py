@@ -18,6 +18,7 @@ from gateway.config import Settings
 from gateway.errors import ConfigError, HsmUnavailable
 from gateway.facilities import FacilityRegistry
 from gateway.hsm.api import KeyStore
+from gateway.pki import hpki
 from gateway.signers import SignerService, TestIssuer
 from gateway.store.db import Database
 
@@ -34,6 +35,7 @@ def make_keystore(settings: Settings) -> KeyStore:
         pin=settings.hsm_pin(),
         softhsm_conf=settings.hsm.softhsm_conf,
         retry_after=settings.hsm.retry_after,
+        reconnect_interval=settings.hsm.reconnect_interval,
     )
 
 
@@ -70,14 +72,22 @@ def make_signers(
         if not settings.service.sandbox:
             raise ConfigError("pki.test_ca_* is only allowed when service.sandbox = true")
         issuer = TestIssuer.load(pki.test_ca_cert, pki.test_ca_key, list(pki.hpki_trust_anchors))
+    anchors = _load_pems(pki.hpki_trust_anchors)
+    intermediates = _load_pems(pki.hpki_intermediates)
+    if not anchors:
+        # Secure default: the real MHLW HPKI root (bundled, public data) with the MEDIS CAs,
+        # so `signer import-cert` always checks the chain.
+        bundled = hpki.load_bundled_anchors()
+        anchors = [bundled["mhlw_hpki_root_ca_v2"]]
+        intermediates += [bundled["medis_sign_ca"]]
     return SignerService(
         db=db,
         audit=audit,
         keystore=keystore,
         key_bits=settings.hsm.key_bits,
         test_issuer=issuer,
-        trust_anchors=_load_pems(pki.hpki_trust_anchors),
-        intermediates=_load_pems(pki.hpki_intermediates),
+        trust_anchors=anchors,
+        intermediates=intermediates,
     )
 
 

@@ -5,8 +5,7 @@ Rules:
   environment variable it came from). A file that is not valid TOML is refused with its line.
 - Secrets (HSM PIN, database password) are never inline: they are referenced by ``*_file`` (a
   path to a file holding the secret) or ``*_env`` (the name of an environment variable).
-- Relative paths are resolved against the directory of the settings file, so a sandbox
-  directory can be moved as a whole.
+- Relative paths are resolved against the directory of the settings file.
 - Environment overrides: ``HPKI_GATEWAY_<SECTION>__<KEY>=value`` (double underscore between the
   section and the key), e.g. ``HPKI_GATEWAY_SERVER__PORT=9443``. Values are parsed as TOML
   values when they parse (numbers, booleans, arrays), else taken as strings.
@@ -88,6 +87,9 @@ class HsmSettings(_Section):
     """SoftHSM2 configuration file (sets SOFTHSM2_CONF); leave unset for a real HSM."""
     retry_after: Annotated[int, Field(ge=1, le=3600)] = 5
     """Seconds advertised in Retry-After when the token is unavailable."""
+    reconnect_interval: Annotated[float, Field(ge=0.05, le=60)] = 1.0
+    """While the token is away, try to reconnect at most this often (seconds); calls in
+    between fail fast with 503."""
     key_bits: Literal[2048, 3072, 4096] = 2048
     """RSA key size for new signer keys (HPKI cards use 2048)."""
 
@@ -147,8 +149,6 @@ class Settings(_Section):
     audit: AuditSettings = AuditSettings()
     logging: LoggingSettings = LoggingSettings()
     service: ServiceSettings = ServiceSettings()
-    data_dir: Path = Path("data")
-    """Directory for the SQLite database and other state."""
     base_dir: Path = Path(".")
     """Directory of the settings file; relative paths are resolved against it (set by load)."""
 

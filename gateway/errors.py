@@ -15,10 +15,18 @@ class GatewayError(Exception):
     status: int = 500
     code: str = "server_error"
 
+    # What a client is told; None means the description itself is safe to show. Set where the
+    # description names internals (key ids, token labels) that belong in the server log only.
+    public_description: str | None = None
+
     def __init__(self, description: str, *, headers: dict[str, str] | None = None) -> None:
         super().__init__(description)
         self.description = description
         self.headers: dict[str, str] = dict(headers or {})
+
+    @property
+    def client_description(self) -> str:
+        return self.public_description or self.description
 
 
 class InvalidRequest(GatewayError):
@@ -78,8 +86,10 @@ class PkiError(GatewayError):
     code = "invalid_request"
 
 
-class KeyNotFound(GatewayError):
+class KeyNotFound(TemporarilyUnavailable):
     """The credential's key is not on the token (deleted, or the wrong token is configured)."""
 
-    status = 503
-    code = "temporarily_unavailable"
+    public_description = "the signing key of this credential is not available"
+
+    def __init__(self, description: str, *, retry_after: int = 60) -> None:
+        super().__init__(description, retry_after=retry_after)

@@ -98,8 +98,6 @@ def _settings_toml(port: int) -> str:
     return f"""\
 # hpki-gateway settings for the sandbox (verification environment).
 # Relative paths are relative to this file. Secrets are referenced by file, never inline.
-data_dir = "data"
-
 [service]
 name = "hpki-gateway"
 description = "HPKI remote signing gateway - SANDBOX (TEST certificates only)"

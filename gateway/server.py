@@ -11,10 +11,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import multiprocessing
+import multiprocessing.connection
+import multiprocessing.process
 import os
 import signal
 import ssl
 import sys
+import time
 
 from aiohttp import web
 
@@ -77,7 +80,7 @@ async def _serve(settings: Settings, *, reuse_port: bool) -> None:
         await runner.cleanup()
 
 
-def _worker(config_path: str, index: int, reuse_port: bool) -> None:
+def _worker(config_path: str | None, index: int, reuse_port: bool) -> None:
     settings = load_settings(config_path)
     setup_logging(settings.logging.level, settings.logging.format)
     try:
@@ -97,7 +100,7 @@ async def _migrate(settings: Settings) -> None:
         await db.close()
 
 
-def serve(config_path: str, *, workers: int | None = None) -> int:
+def serve(config_path: str | None, *, workers: int | None = None) -> int:
     """Run the gateway until SIGTERM/SIGINT. Returns the exit code."""
     settings = load_settings(config_path)
     setup_logging(settings.logging.level, settings.logging.format)
@@ -107,25 +110,59 @@ def serve(config_path: str, *, workers: int | None = None) -> int:
     if n == 1:
         asyncio.run(_serve(settings, reuse_port=False))
         return 0
+    return _supervise(config_path, n)
+
+
+# A worker that dies is restarted; more than this many deaths in RESTART_WINDOW seconds means
+# something is wrong with the deployment, and the whole gateway stops instead of flapping.
+MAX_RESTARTS = 5
+RESTART_WINDOW = 60.0
+
+
+def _supervise(config_path: str | None, n: int) -> int:
     ctx = multiprocessing.get_context("spawn")
-    procs = [
-        ctx.Process(target=_worker, args=(config_path, i, True), name=f"hpki-gateway-worker-{i}")
-        for i in range(n)
-    ]
-    for p in procs:
+    stopping = False
+
+    def spawn(i: int) -> multiprocessing.process.BaseProcess:
+        p = ctx.Process(
+            target=_worker, args=(config_path, i, True), name=f"hpki-gateway-worker-{i}"
+        )
         p.start()
-    log.info("started %s workers: %s", n, [p.pid for p in procs])
+        return p
+
+    procs = {i: spawn(i) for i in range(n)}
+    log.info("started %s workers: %s", n, [p.pid for p in procs.values()])
 
     def _stop(signum: int, _frame: object) -> None:
-        for p in procs:
+        nonlocal stopping
+        stopping = True
+        for p in procs.values():
             if p.is_alive() and p.pid is not None:
                 os.kill(p.pid, signal.SIGTERM)
 
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, _stop)
+    deaths: list[float] = []
     code = 0
-    for p in procs:
-        p.join()
-        if p.exitcode not in (0, -signal.SIGTERM):
-            code = 1
+    while procs:
+        multiprocessing.connection.wait([p.sentinel for p in procs.values()], timeout=1.0)
+        for i, p in list(procs.items()):
+            if p.is_alive():
+                continue
+            p.join()
+            del procs[i]
+            if stopping:
+                if p.exitcode not in (0, -signal.SIGTERM):
+                    code = 1
+                continue
+            now = time.monotonic()
+            deaths = [t for t in deaths if now - t < RESTART_WINDOW] + [now]
+            log.error("worker %s (pid %s) exited with %s", i, p.pid, p.exitcode)
+            if len(deaths) > MAX_RESTARTS:
+                log.error("workers keep dying (%s in %ss): stopping", len(deaths), RESTART_WINDOW)
+                code = 1
+                _stop(signal.SIGTERM, None)
+                continue
+            procs[i] = spawn(i)
+            log.warning("restarted worker %s as pid %s", i, procs[i].pid)
     return code

@@ -369,13 +369,15 @@ class SignerService:
                 f"the certificate's hcRole {roles} does not match the signer's role {s.role!r}"
             )
         chain_certs: list[x509.Certificate] = list(chain or [])
-        if self.trust_anchors:
-            hpki.verify_chain(
-                cert,
-                intermediates=chain_certs + self.intermediates,
-                trust_anchors=self.trust_anchors,
-                moment=datetime.now(UTC),
-            )
+        if not self.trust_anchors:
+            raise PkiError("no HPKI trust anchors configured (pki.hpki_trust_anchors)")
+        path = hpki.verify_chain(
+            cert,
+            intermediates=chain_certs + self.intermediates,
+            trust_anchors=self.trust_anchors,
+            moment=datetime.now(UTC),
+        )
+        chain_certs = path[1:]  # the validated path (issuing CAs up to the anchor) is stored
         chain_pem = "".join(
             c.public_bytes(serialization.Encoding.PEM).decode() for c in chain_certs
         )

@@ -7,6 +7,7 @@ are implemented are advertised in ``info``.
 from __future__ import annotations
 
 import base64
+from datetime import UTC, datetime
 from typing import Any, Literal
 
 from aiohttp import web
@@ -56,8 +57,17 @@ class InfoCredentialRequest(CscRequest):
     lang: str | None = None
 
 
+def _facility(request: web.Request) -> int:
+    """The calling facility; CSC methods are for facility systems, not administrators."""
+    ident = identity(request)
+    if ident.kind != "facility" or ident.facility_id is None:
+        raise AccessDenied("CSC methods are for facility client certificates")
+    return ident.facility_id
+
+
 @routes.post("/csc/v2/info")
 async def info(request: web.Request) -> web.Response:
+    _facility(request)
     await parse(request, InfoRequest)
     s = request.app[SETTINGS].service
     return web.json_response(
@@ -75,16 +85,11 @@ async def info(request: web.Request) -> web.Response:
 
 
 def _cert_status(cred: Credential) -> str:
-    from datetime import UTC, datetime
-
-    if cred.certificate is None:
-        return "pending"
+    """CSC certificate status: "valid" or "expired" (revocation checks come with verification)."""
+    assert cred.certificate is not None  # only credentials with a certificate are served
     now = datetime.now(UTC)
-    if cred.certificate.not_valid_after_utc <= now:
-        return "expired"
-    if cred.certificate.not_valid_before_utc > now:
-        return "not_yet_valid"
-    return "valid"
+    c = cred.certificate
+    return "valid" if c.not_valid_before_utc <= now < c.not_valid_after_utc else "expired"
 
 
 def _b64(der: bytes) -> str:
@@ -97,13 +102,12 @@ def credential_info(
     certificates: str,
     cert_info: bool,
     auth_info: bool,
-    key_enabled: bool,
     lang: str,
 ) -> dict[str, Any]:
     out: dict[str, Any] = {
         "description": f"HPKI signing credential ({cred.key_algorithm}-{cred.key_bits})",
         "key": {
-            "status": "enabled" if key_enabled and cred.status == "active" else "disabled",
+            "status": "enabled" if cred.status == "active" else "disabled",
             "algo": RSA_SIGN_ALGOS,
             "len": cred.key_bits,
         },
@@ -115,21 +119,21 @@ def credential_info(
         "lang": lang,
     }
     cert = out["cert"]
-    if cred.certificate is not None:
-        if certificates in ("single", "chain"):
-            ders = [cred.certificate.public_bytes(serialization.Encoding.DER)]
-            if certificates == "chain":
-                ders += [c.public_bytes(serialization.Encoding.DER) for c in cred.chain]
-            cert["certificates"] = [_b64(d) for d in ders]
-        if cert_info:
-            c = cred.certificate
-            cert.update(
-                issuerDN=c.issuer.rfc4514_string(),
-                serialNumber=format(c.serial_number, "x"),
-                subjectDN=c.subject.rfc4514_string(),
-                validFrom=c.not_valid_before_utc.strftime("%Y%m%d%H%M%SZ"),
-                validTo=c.not_valid_after_utc.strftime("%Y%m%d%H%M%SZ"),
-            )
+    leaf = cred.certificate
+    assert leaf is not None
+    if certificates in ("single", "chain"):
+        ders = [leaf.public_bytes(serialization.Encoding.DER)]
+        if certificates == "chain":
+            ders += [c.public_bytes(serialization.Encoding.DER) for c in cred.chain]
+        cert["certificates"] = [_b64(d) for d in ders]
+    if cert_info:
+        cert.update(
+            issuerDN=leaf.issuer.rfc4514_string(),
+            serialNumber=format(leaf.serial_number, "x"),
+            subjectDN=leaf.subject.rfc4514_string(),
+            validFrom=leaf.not_valid_before_utc.strftime("%Y%m%d%H%M%SZ"),
+            validTo=leaf.not_valid_after_utc.strftime("%Y%m%d%H%M%SZ"),
+        )
     if auth_info:
         out["auth"]["objects"] = []
     return out
@@ -138,9 +142,7 @@ def credential_info(
 async def _facility_credentials(
     request: web.Request, *, user_id: str | None = None, credential_id: str | None = None
 ) -> list[Credential]:
-    ident = identity(request)
-    if ident.kind != "facility" or ident.facility_id is None:
-        raise AccessDenied("CSC methods are for facility client certificates")
+    facility_id = _facility(request)
     q = (
         select(credential)
         .select_from(
@@ -148,7 +150,9 @@ async def _facility_credentials(
             .join(signer_facility, signer_facility.c.signer_id == signer.c.id)
             .join(facility, facility.c.id == signer_facility.c.facility_id)
         )
-        .where(facility.c.id == ident.facility_id)
+        .where(facility.c.id == facility_id)
+        # A credential still waiting for its certificate cannot sign: not offered to systems.
+        .where(credential.c.certificate_der.is_not(None))
         .order_by(credential.c.created_at)
     )
     if user_id is not None:
@@ -181,7 +185,6 @@ async def credentials_list(request: web.Request) -> web.Response:
                     certificates=req.certificates,
                     cert_info=req.certInfo,
                     auth_info=req.authInfo,
-                    key_enabled=True,
                     lang=lang,
                 ),
             }
@@ -206,7 +209,6 @@ async def credentials_info(request: web.Request) -> web.Response:
             certificates=req.certificates,
             cert_info=req.certInfo,
             auth_info=req.authInfo,
-            key_enabled=True,
             lang=req.lang or request.app[SETTINGS].service.lang,
         )
     )

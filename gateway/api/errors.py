@@ -71,7 +71,7 @@ def render(
 
 def from_gateway_error(request: web.Request, e: GatewayError) -> web.Response:
     return render(
-        request, status=e.status, code=e.code, description=e.description, headers=e.headers
+        request, status=e.status, code=e.code, description=e.client_description, headers=e.headers
     )
 
 

@@ -50,14 +50,33 @@ async def request_context(request: web.Request, handler: Handler) -> web.StreamR
             response = await handler(request)
         except GatewayError as e:
             if e.status >= 500:
-                log.warning("%s: %s", e.code, e.description, exc_info=e.__cause__ is not None)
+                cause = e.__cause__
+                log.warning(
+                    "%s: %s%s",
+                    e.code,
+                    e.description,
+                    f" (cause: {type(cause).__name__})" if cause is not None else "",
+                )
             response = errors.from_gateway_error(request, e)
         except web.HTTPException as e:
             if e.status < 400:
                 raise
             response = errors.from_http_exception(request, e)
-        except Exception:
-            log.exception("unhandled error on %s %s", request.method, request.path)
+        except Exception as e:  # noqa: BLE001 - the last resort: a 500, never a crash
+            # No stack trace in the log (it may carry request data): the type, the message's
+            # first line and where it was raised are enough to find the fault.
+            tb = e.__traceback__
+            while tb is not None and tb.tb_next is not None:
+                tb = tb.tb_next
+            where = f"{tb.tb_frame.f_code.co_filename}:{tb.tb_lineno}" if tb else "?"
+            log.error(
+                "unhandled %s on %s %s at %s: %s",
+                type(e).__name__,
+                request.method,
+                request.path,
+                where,
+                str(e).splitlines()[0][:200] if str(e) else "",
+            )
             response = errors.internal(request)
         response.headers["X-Request-ID"] = rid
         client_rid = request.headers.get("X-Request-ID", "")

@@ -25,6 +25,7 @@ and reconnects (re-initialising the module) at most once per ``reconnect_interva
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import functools
 import logging
 import os
@@ -333,7 +334,7 @@ class Pkcs11KeyStore:
     async def key_attributes(self, key_id: str) -> dict[str, bool]:
         """SENSITIVE / EXTRACTABLE / NEVER_EXTRACTABLE / ALWAYS_SENSITIVE of the private key.
 
-        The token's own word that the key never left it; credential info reports these.
+        The token's own word that the key never left it (the tests assert these).
         """
         return await self._call(functools.partial(self._attributes_sync, key_id), retry=True)
 
@@ -343,7 +344,9 @@ class Pkcs11KeyStore:
 
     async def _run(self, fn: Callable[[], _T]) -> _T:
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(_pkcs11_executor(), fn)
+        # Run in a copy of the caller's context so log records keep the request id.
+        ctx = contextvars.copy_context()
+        return await loop.run_in_executor(_pkcs11_executor(), ctx.run, fn)
 
     async def _call(self, op: Callable[[Any], _T], *, retry: bool) -> _T:
         # Fail fast on the loop while down and not yet due for a reconnect attempt, so an

@@ -212,3 +212,24 @@ def test_token_missing_is_503_then_recovers_without_restart(
         time.sleep(0.3)
     assert statuses[-1] == 200, statuses
     assert request(gateway.port, "GET", "/health", ctx=hospital_ctx).status == 200
+
+
+def test_admin_certificate_is_not_a_facility(gateway: Server, sandbox: dict[str, Any]) -> None:
+    adm = sandbox["admin"]
+    ctx = client_context(sandbox["server_ca"], adm["client_cert"], adm["client_key"])
+    r = request(gateway.port, "POST", "/csc/v2/info", ctx=ctx, json_body={})
+    assert r.status == 403
+    assert r.json()["error_description"] == "CSC methods are for facility client certificates"
+    assert request(gateway.port, "GET", "/health", ctx=ctx).status == 200
+
+
+def test_request_id_is_in_the_log_and_no_traceback(
+    gateway: Server, hospital_ctx: ssl.SSLContext
+) -> None:
+    r = request(gateway.port, "POST", "/csc/v2/credentials/info", ctx=hospital_ctx, body=b"{x")
+    rid = r.headers["x-request-id"]
+    assert r.json()["request_id"] == rid
+    time.sleep(0.2)
+    lines = [line for line in gateway.logs().splitlines() if rid in line]
+    assert any('"status": 400' in line for line in lines), lines
+    assert "Traceback" not in gateway.logs()
