@@ -9,6 +9,7 @@ the certificate at once.
 
 from __future__ import annotations
 
+import logging
 import re
 import secrets
 from dataclasses import dataclass
@@ -24,13 +25,14 @@ from sqlalchemy import delete, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
 from gateway.audit import AuditLog
-from gateway.errors import Conflict, InvalidRequest, NotFound, PkiError
-from gateway.hsm.api import KeyStore
+from gateway.errors import Conflict, GatewayError, InvalidRequest, NotFound, PkiError
+from gateway.hsm.api import GeneratedKey, KeyStore
 from gateway.pki import hpki, testworld
 from gateway.pki.csr import build_csr, public_key_matches
 from gateway.store.db import Database
 from gateway.store.schema import credential, facility, signer, signer_facility
 
+log = logging.getLogger("gateway.signers")
 _ROLE_RE = re.compile(r"^[A-Za-z][A-Za-z .,'()-]{1,63}$")
 
 
@@ -216,6 +218,46 @@ class SignerService:
             )
             status = "active"
         now = datetime.now(UTC)
+        try:
+            await self._store_new_signer(
+                signer_id=signer_id,
+                cred_id=cred_id,
+                name=name,
+                name_kanji=name_kanji,
+                role=role,
+                fac_ids=fac_ids,
+                key=key,
+                status=status,
+                cert_der=cert_der,
+                chain_pem=chain_pem,
+                actor=actor,
+                now=now,
+            )
+        except BaseException:
+            # No credential refers to the new key: remove it rather than leave it on the token.
+            try:
+                await self.keystore.destroy_key(key.key_id)
+            except GatewayError:
+                log.error("could not remove unused key %s from the token", key.key_id)
+            raise
+        return await self.get(signer_id)
+
+    async def _store_new_signer(
+        self,
+        *,
+        signer_id: str,
+        cred_id: str,
+        name: str,
+        name_kanji: str | None,
+        role: str,
+        fac_ids: dict[str, int],
+        key: GeneratedKey,
+        status: str,
+        cert_der: bytes | None,
+        chain_pem: str | None,
+        actor: str,
+        now: datetime,
+    ) -> None:
         async with self.db.write() as conn:
             await conn.execute(
                 insert(signer).values(
@@ -262,7 +304,6 @@ class SignerService:
                 },
                 now=now,
             )
-        return await self.get(signer_id)
 
     def test_issuer_ca(self) -> testworld.CertAndKey:
         assert self.test_issuer is not None

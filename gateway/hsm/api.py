@@ -74,6 +74,10 @@ class KeyStore(Protocol):
         """A handle to an existing private key; raises KeyNotFound when absent."""
         ...
 
+    async def destroy_key(self, key_id: str) -> None:
+        """Delete a key pair that no credential refers to (clean-up of a failed creation)."""
+        ...
+
     async def public_key_der(self, key_id: str) -> bytes:
         """SubjectPublicKeyInfo DER of the key pair ``key_id``."""
         ...

@@ -328,6 +328,10 @@ class Pkcs11KeyStore:
             handle = self._handles.setdefault(key_id, Pkcs11KeyHandle(self, key_id))
         return handle
 
+    async def destroy_key(self, key_id: str) -> None:
+        """Delete a key pair; only for a key that never got a credential (failed creation)."""
+        await self._call(functools.partial(self._destroy_sync, key_id), retry=False)
+
     async def public_key_der(self, key_id: str) -> bytes:
         return await self._call(functools.partial(self._public_key_der_sync, key_id), retry=True)
 
@@ -575,6 +579,16 @@ class Pkcs11KeyStore:
             "generated RSA-%d key %s (label %r) on token %r", bits, key_id, label, self._token_label
         )
         return GeneratedKey(key_id=key_id, public_key_der=der, key_size=bits)
+
+    def _destroy_sync(self, key_id: str, session: Any) -> None:
+        ckid = _key_id_bytes(key_id)
+        if not ckid:
+            return
+        self._private_keys.pop(key_id, None)
+        for cls in (ObjectClass.PRIVATE_KEY, ObjectClass.PUBLIC_KEY):
+            for obj in session.get_objects({Attribute.CLASS: cls, Attribute.ID: ckid}):
+                obj.destroy()
+        _log.info("destroyed key pair %s on token %r", key_id, self._token_label)
 
     def _public_key_der_sync(self, key_id: str, session: Any) -> bytes:
         ckid = _key_id_bytes(key_id)

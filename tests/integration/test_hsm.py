@@ -334,3 +334,13 @@ async def test_unknown_token_label_is_unavailable(token: SoftHsmToken) -> None:
         await ks.check()  # within reconnect_interval: fails fast, no new attempt
     assert time.perf_counter() - started < 0.05
     await ks.close()
+
+
+async def test_destroy_key_removes_both_halves(store: Pkcs11KeyStore) -> None:
+    key = await store.generate_rsa_key(label="to-destroy")
+    await store.get_key(key.key_id)
+    await store.destroy_key(key.key_id)
+    with pytest.raises(KeyNotFound):
+        await store.get_key(key.key_id)
+    with pytest.raises(KeyNotFound):
+        await store.public_key_der(key.key_id)
