@@ -83,3 +83,27 @@ class KeyNotFound(GatewayError):
 
     status = 503
     code = "temporarily_unavailable"
+
+
+# -- signatures, timestamps (issue 4) ---------------------------------------------------------
+
+
+class RoleNotPermitted(GatewayError):
+    """The signer's hcRole may not sign this document type (configurable mapping)."""
+
+    status = 403
+    code = "role_not_permitted"
+
+
+class TsaUnavailable(GatewayError):
+    """The timestamp authority could not be reached or answered badly; nothing was returned."""
+
+    status = 502
+    code = "tsa_unavailable"
+
+
+class TsaTimeout(GatewayError):
+    """The timestamp authority did not answer in time; nothing was returned."""
+
+    status = 504
+    code = "tsa_timeout"
