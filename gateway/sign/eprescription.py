@@ -47,8 +47,14 @@ __all__ = [
 ]
 
 XSI = "http://www.w3.org/2001/XMLSchema-instance"
-ENCODINGS = {"utf-8": "utf-8", "utf8": "utf-8", "shift_jis": "cp932", "sjis": "cp932",
-             "cp932": "cp932", "shift-jis": "cp932"}  # fmt: skip
+ENCODINGS = {
+    "utf-8": "utf-8",
+    "utf8": "utf-8",
+    "shift_jis": "cp932",
+    "sjis": "cp932",
+    "cp932": "cp932",
+    "shift-jis": "cp932",
+}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -124,9 +130,7 @@ def decode_csv(data: bytes, encoding: str = "utf-8") -> list[list[str]]:
     """
     codec = ENCODINGS.get(encoding.lower())
     if codec is None:
-        raise InvalidRequest(
-            f"unknown CSV encoding {encoding!r}; valid: utf-8, shift_jis"
-        )
+        raise InvalidRequest(f"unknown CSV encoding {encoding!r}; valid: utf-8, shift_jis")
     if not data.strip():
         raise InvalidRequest("the prescription CSV is empty")
     if b"\x00" in data:
@@ -137,7 +141,7 @@ def decode_csv(data: bytes, encoding: str = "utf-8") -> list[list[str]]:
     except UnicodeDecodeError as e:
         raise InvalidRequest(
             f"the prescription CSV is not valid {encoding} (byte {e.start}: "
-            f"{body[e.start:e.start + 4].hex()})"
+            f"{body[e.start : e.start + 4].hex()})"
         ) from e
     try:
         rows = list(csv.reader(io.StringIO(text, newline="")))
@@ -200,8 +204,7 @@ async def sign_eprescription(
         )
     ]
     xb = builder or XadesBuilder(certificate=certificate, chain=chain)
-    sig = xb.skeleton(signature_id=profile.sign, uid=uid, signing_time=signing_time,
-                      data_refs=refs)  # fmt: skip
+    sig = xb.skeleton(signature_id=profile.sign, uid=uid, signing_time=signing_time, data_refs=refs)
     sign_el.append(sig)
     await xb.complete(sig, key, uid=uid, data_refs=refs, tsa=tsa)
     out: bytes = etree.tostring(tree, xml_declaration=True, encoding="UTF-8")

@@ -31,15 +31,18 @@ from gateway.sign.timestamp import Rfc3161Client
 
 __all__ = ["GatewayTimeStamper", "KeyHandlePdfSigner", "check_pdf", "sign_pdf"]
 
-_DIGESTS = {"sha256": DigestAlgorithm.SHA256, "sha384": DigestAlgorithm.SHA384,
-            "sha512": DigestAlgorithm.SHA512}  # fmt: skip
+_DIGESTS = {
+    "sha256": DigestAlgorithm.SHA256,
+    "sha384": DigestAlgorithm.SHA384,
+    "sha512": DigestAlgorithm.SHA512,
+}
 
 
 def _a(cert: x509.Certificate) -> asn1_x509.Certificate:
     return asn1_x509.Certificate.load(cert.public_bytes(serialization.Encoding.DER))
 
 
-class KeyHandlePdfSigner(signers.Signer):  # type: ignore[misc]  # pyHanko is untyped
+class KeyHandlePdfSigner(signers.Signer):
     """pyHanko Signer whose raw signature comes from ``KeyHandle.sign_digest``."""
 
     def __init__(
@@ -47,7 +50,9 @@ class KeyHandlePdfSigner(signers.Signer):  # type: ignore[misc]  # pyHanko is un
     ) -> None:
         super().__init__(
             signing_cert=_a(certificate),
-            cert_registry=SimpleCertificateStore.from_certs([_a(c) for c in chain]),
+            cert_registry=SimpleCertificateStore.from_certs(  # type: ignore[no-untyped-call]
+                [_a(c) for c in chain]
+            ),
             signature_mechanism=algos.SignedDigestAlgorithm({"algorithm": "rsassa_pkcs1v15"}),
             embed_roots=True,
         )
@@ -65,11 +70,11 @@ class KeyHandlePdfSigner(signers.Signer):  # type: ignore[misc]  # pyHanko is un
         return await self._key.sign_digest(digest, algorithm)
 
 
-class GatewayTimeStamper(TimeStamper):  # type: ignore[misc]  # pyHanko is untyped
+class GatewayTimeStamper(TimeStamper):
     """pyHanko TimeStamper that posts through :class:`Rfc3161Client` (same time-out, errors)."""
 
     def __init__(self, client: Rfc3161Client) -> None:
-        super().__init__(include_nonce=True)
+        super().__init__(include_nonce=True)  # type: ignore[no-untyped-call]
         self._client = client
 
     async def async_request_tsa_response(self, req: Any) -> Any:

@@ -37,8 +37,11 @@ __all__ = [
 
 _log = logging.getLogger("gateway.sign.timestamp")
 
-_HASH_NAMES = {DigestAlgorithm.SHA256: "sha256", DigestAlgorithm.SHA384: "sha384",
-               DigestAlgorithm.SHA512: "sha512"}  # fmt: skip
+_HASH_NAMES = {
+    DigestAlgorithm.SHA256: "sha256",
+    DigestAlgorithm.SHA384: "sha384",
+    DigestAlgorithm.SHA512: "sha512",
+}
 _CRYPTO_HASHES: dict[str, type[hashes.HashAlgorithm]] = {
     "sha1": hashes.SHA1,
     "sha256": hashes.SHA256,
@@ -128,8 +131,9 @@ class Rfc3161Client:
             }
         )
         body = await self.post(req.dump())
-        return token_from_response(body, digest=digest, algorithm=algorithm, nonce=nonce,
-                                   source=self.url)  # fmt: skip
+        return token_from_response(
+            body, digest=digest, algorithm=algorithm, nonce=nonce, source=self.url
+        )
 
 
 def token_from_response(
@@ -293,8 +297,13 @@ def _find_signer_cert(si: Any, certs: list[x509.Certificate]) -> x509.Certificat
     return None
 
 
-def verify_signer_info(si: Any, cert: x509.Certificate, *, content_digest_of: bytes | None = None,
-                       content_digest: bytes | None = None) -> str | None:  # fmt: skip
+def verify_signer_info(
+    si: Any,
+    cert: x509.Certificate,
+    *,
+    content_digest_of: bytes | None = None,
+    content_digest: bytes | None = None,
+) -> str | None:
     """Check a SignerInfo's messageDigest and RSA signature; the reason text when it fails.
 
     Shared by timestamp tokens and CAdES: both are RFC 5652 SignerInfos with signed attributes.

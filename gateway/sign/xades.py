@@ -99,7 +99,7 @@ def parse_untrusted(data: bytes, *, max_depth: int, what: str = "document") -> e
     }
     depth = 0
     try:
-        context = etree.iterparse(io.BytesIO(data), **parser_kwargs)  # type: ignore[call-overload]
+        context = etree.iterparse(io.BytesIO(data), **parser_kwargs)
         for event, _el in context:
             if event == "start":
                 depth += 1
@@ -263,12 +263,8 @@ class XadesBuilder:
             ref_type=SIGNED_PROPERTIES_TYPE,
             digest=hashlib.sha256(c14n(sp)).digest(),
         )
-        self._add_reference(
-            si, uri=f"#keyInfo-id-{uid}", digest=hashlib.sha256(c14n(ki)).digest()
-        )
-        signature = await key.sign_digest(
-            hashlib.sha256(c14n(si)).digest(), DigestAlgorithm.SHA256
-        )
+        self._add_reference(si, uri=f"#keyInfo-id-{uid}", digest=hashlib.sha256(c14n(ki)).digest())
+        signature = await key.sign_digest(hashlib.sha256(c14n(si)).digest(), DigestAlgorithm.SHA256)
         sv.text = _b64(signature)
         if tsa is not None:
             token = await tsa.timestamp(hashlib.sha256(c14n(sv)).digest(), DigestAlgorithm.SHA256)
@@ -302,10 +298,18 @@ class XadesBuilder:
             # URI="" with the enveloped-signature transform: the digest of the document as it
             # is before the signature goes in equals the digest with the signature removed.
             digest = hashlib.sha256(c14n(tree)).digest()
-            refs = [DataReference(uri="", digest=digest, ref_id=ref_id,
-                                  transforms=(ENVELOPED, EXC_C14N), mime_type="text/xml")]  # fmt: skip
-            sig = self.skeleton(signature_id=sig_id, uid=uid, signing_time=signing_time,
-                                data_refs=refs)  # fmt: skip
+            refs = [
+                DataReference(
+                    uri="",
+                    digest=digest,
+                    ref_id=ref_id,
+                    transforms=(ENVELOPED, EXC_C14N),
+                    mime_type="text/xml",
+                )
+            ]
+            sig = self.skeleton(
+                signature_id=sig_id, uid=uid, signing_time=signing_time, data_refs=refs
+            )
             tree.getroot().append(sig)
             await self.complete(sig, key, uid=uid, data_refs=refs, tsa=tsa)
             return _serialize(tree)
@@ -320,20 +324,34 @@ class XadesBuilder:
                 obj.set("Encoding", BASE64_ENCODING)
                 obj.set("MimeType", "application/octet-stream")
                 obj.text = _b64(document)
-            refs = [DataReference(uri=f"#{obj_id}", digest=b"", ref_id=ref_id,
-                                  mime_type="text/xml" if is_xml else "application/octet-stream")]  # fmt: skip
-            sig = self.skeleton(signature_id=sig_id, uid=uid, signing_time=signing_time,
-                                data_refs=refs)  # fmt: skip
+            refs = [
+                DataReference(
+                    uri=f"#{obj_id}",
+                    digest=b"",
+                    ref_id=ref_id,
+                    mime_type="text/xml" if is_xml else "application/octet-stream",
+                )
+            ]
+            sig = self.skeleton(
+                signature_id=sig_id, uid=uid, signing_time=signing_time, data_refs=refs
+            )
             sig.append(obj)
             refs[0].digest = hashlib.sha256(c14n(obj)).digest()
             await self.complete(sig, key, uid=uid, data_refs=refs, tsa=tsa)
             return _serialize(sig.getroottree())
         if envelope == "Detached":
-            refs = [DataReference(uri=DETACHED_URI, digest=hashlib.sha256(document).digest(),
-                                  ref_id=ref_id, transforms=(),
-                                  mime_type="application/octet-stream")]  # fmt: skip
-            sig = self.skeleton(signature_id=sig_id, uid=uid, signing_time=signing_time,
-                                data_refs=refs)  # fmt: skip
+            refs = [
+                DataReference(
+                    uri=DETACHED_URI,
+                    digest=hashlib.sha256(document).digest(),
+                    ref_id=ref_id,
+                    transforms=(),
+                    mime_type="application/octet-stream",
+                )
+            ]
+            sig = self.skeleton(
+                signature_id=sig_id, uid=uid, signing_time=signing_time, data_refs=refs
+            )
             await self.complete(sig, key, uid=uid, data_refs=refs, tsa=tsa)
             return _serialize(sig.getroottree())
         raise InvalidRequest(
