@@ -165,9 +165,7 @@ class DispensingElementSettings(_Section):
 class SigningSettings(_Section):
     """Document signatures (signDoc, the e-prescription profile) and their verification."""
 
-    role_document_types: dict[str, list[str]] = Field(
-        default_factory=_default_role_document_types
-    )
+    role_document_types: dict[str, list[str]] = Field(default_factory=_default_role_document_types)
     """Which hcRole texts may sign which document type (HPKI.md §2: role strings other than
     "Medical Doctor" are unconfirmed, hence configuration)."""
     max_document_bytes: Annotated[int, Field(ge=1024, le=256 * 1024 * 1024)] = 5 * 1024 * 1024
