@@ -649,8 +649,8 @@ def test_tsa_down_or_slow_gives_502_504_and_no_signature(
         "profile": "jp-eprescription" if fmt == "X" else None,
     }
 
-    async def run(url: str, timeout: float) -> SignedDocument:
-        async with Rfc3161Client(url=url, timeout=timeout) as client:
+    async def run(url: str, limit: float) -> SignedDocument:
+        async with Rfc3161Client(url=url, timeout=limit) as client:
             return await sign_document(key=world.key, chain=world.chain, tsa=client, **kw)
 
     with pytest.raises(TsaUnavailable) as down:
