@@ -10,8 +10,16 @@ from pathlib import Path
 from aiohttp import web
 from cryptography import x509
 
-from gateway.api import csc, health
-from gateway.api.keys import AUDIT, DB, FACILITIES, KEYSTORE, SETTINGS, SIGNERS
+from gateway.api import csc, health, verify
+from gateway.api.keys import (
+    AUDIT,
+    DB,
+    FACILITIES,
+    KEYSTORE,
+    SETTINGS,
+    SIGNERS,
+    VERIFY_TRUST,
+)
 from gateway.api.middleware import client_identity, request_context
 from gateway.audit import AuditLog
 from gateway.config import Settings
@@ -136,6 +144,19 @@ def create_app(settings: Settings, *, keystore: KeyStore | None = None) -> web.A
         await ks.close()
 
     app.cleanup_ctx.extend([store_ctx, hsm_ctx])
+    # Issue 4: verification trust, and the sandbox's TEST TSA served next to the gateway.
+    from gateway.sign.setup import trust_config
+
+    app[VERIFY_TRUST] = trust_config(settings)
+    if settings.test_tsa.enabled:
+        from gateway.api.test_tsa import sandbox_tsa_ctx
+
+        async def tsa_ctx(app: web.Application) -> AsyncIterator[None]:
+            async for _ in sandbox_tsa_ctx(settings):
+                yield
+
+        app.cleanup_ctx.append(tsa_ctx)
     app.add_routes(csc.routes)
     app.add_routes(health.routes)
+    app.add_routes(verify.routes)
     return app

@@ -93,12 +93,15 @@ async def cmd_db_upgrade(args: argparse.Namespace) -> int:
 async def cmd_sandbox_init(args: argparse.Namespace) -> int:
     from gateway.sandbox import init_sandbox
 
-    manifest = await init_sandbox(Path(args.dir), port=args.port, force=args.force)
+    manifest = await init_sandbox(
+        Path(args.dir), port=args.port, force=args.force, tsa_port=args.tsa_port
+    )
     _print(
         args,
         manifest,
         f"sandbox ready in {Path(args.dir).resolve()}\n"
         f"  serve it:  hpki-gateway serve -c {Path(args.dir).resolve() / 'gateway.toml'}\n"
+        f"  TEST TSA:  {manifest['tsa_url']} (served by `serve`)\n"
         f"  manifest:  {Path(args.dir).resolve() / 'manifest.json'}",
     )
     return 0
@@ -355,6 +358,8 @@ async def cmd_cert_inspect(args: argparse.Namespace) -> int:
     cert = load_certificate(Path(args.file).read_bytes())
     info = hpki.inspect_certificate(cert)
     data = info.to_json_dict()
+    chain = await _chain_status(args, cert)
+    data["chain"] = chain
     lines = [
         f"subject:   {info.subject}",
         f"issuer:    {info.issuer}",
@@ -363,10 +368,203 @@ async def cmd_cert_inspect(args: argparse.Namespace) -> int:
         f"hcRole:    {', '.join(info.hc_roles) or '-'}",
         f"policies:  {', '.join(info.policies) or '-'}",
         f"keyUsage:  {', '.join(info.key_usage) or '-'}",
+        f"CRL DP:    {', '.join(info.crl_urls) or '-'}",
         "HPKI signing profile: "
         + ("conforms" if info.conforms_to_signing_profile else "; ".join(info.profile_problems)),
+        f"chain:     {chain['status']}"
+        + (f" ({chain['reason']})" if chain.get("reason") else "")
+        + (f" via {' <- '.join(chain['path'][1:])}" if chain.get("path") else ""),
+        f"revocation: {chain['revocation']['status']}"
+        + (f" ({chain['revocation']['reason']})" if chain["revocation"].get("reason") else ""),
+        "may sign:  "
+        + (", ".join(f"{k}: {'yes' if v else 'no'}" for k, v in chain["may_sign"].items())),
     ]
     _print(args, data, "\n".join(lines))
+    return 0
+
+
+def _verify_trust(args: argparse.Namespace) -> Any:
+    """Trust for verify / cert inspect: settings (-c) and/or --trust/--intermediate/--crl; with
+    neither, the bundled public HPKI anchors (MHLW root, MEDIS CAs)."""
+    from gateway.pki import hpki
+    from gateway.sign.setup import load_pems, trust_config
+
+    settings = load_settings(args.config) if args.config else None
+    anchors = load_pems([Path(p) for p in args.trust or []])
+    intermediates = load_pems([Path(p) for p in args.intermediate or []])
+    if settings is None and not anchors:
+        bundled = hpki.load_bundled_anchors()
+        anchors = [c for c in bundled.values() if c.subject == c.issuer]
+        intermediates += [c for c in bundled.values() if c.subject != c.issuer]
+    return trust_config(
+        settings,
+        extra_anchors=anchors,
+        extra_intermediates=intermediates,
+        extra_crls=[Path(p) for p in args.crl or []],
+        check_revocation=not args.no_revocation,
+        fetch_crls=True if args.fetch_crls else None,
+    )
+
+
+async def _chain_status(args: argparse.Namespace, cert: Any) -> dict[str, Any]:
+    import itertools
+    from datetime import UTC, datetime
+
+    from gateway.errors import PkiError
+    from gateway.pki import hpki
+
+    trust = _verify_trust(args)
+    now = datetime.now(UTC)
+    roles = hpki.parse_hcroles(cert) if not hpki.check_signing_profile(cert) else []
+    out: dict[str, Any] = {
+        "may_sign": {t: trust.roles.permits(roles, t) for t in trust.roles.allowed},
+        "revocation": {"status": "not checked"},
+    }
+    try:
+        path = hpki.verify_chain(
+            cert, intermediates=trust.intermediates, trust_anchors=trust.anchors, moment=now
+        )
+    except PkiError as e:
+        out.update(status="invalid", reason=e.description)
+        return out
+    out.update(status="valid", path=[c.subject.rfc4514_string() for c in path])
+    if trust.check_revocation:
+        statuses = [await trust.crls.status(c, i, now) for c, i in itertools.pairwise(path)]
+        bad = [s for s in statuses if s.status != "good"]
+        worst = next((s for s in bad if s.status == "revoked"), bad[0] if bad else None)
+        out["revocation"] = (
+            {"status": worst.status, "reason": worst.reason}
+            if worst
+            else {"status": "good", "reason": "not on the issuers' current CRLs"}
+        )
+    else:
+        out["revocation"] = {"status": "not checked", "reason": "--no-revocation"}
+    return out
+
+
+# -- signatures (issue 4) --------------------------------------------------------------------
+
+
+async def cmd_verify(args: argparse.Namespace) -> int:
+    from gateway.sign.verify import verify_document
+
+    data = Path(args.file).read_bytes()
+    content = Path(args.content).read_bytes() if args.content else None
+    report = await verify_document(data, trust=_verify_trust(args), content=content)
+    lines = [
+        f"{report.indication}"
+        + (f" / {report.sub_indication}" if report.sub_indication else "")
+        + f": {report.reason}"
+    ]
+    for i, sig in enumerate(report.signatures, 1):
+        lines.append(
+            f"  signature {i}: {sig.format} {sig.level or ''} {sig.indication}"
+            + (f" / {sig.sub_indication}" if sig.sub_indication else "")
+        )
+        if sig.signer:
+            lines.append(f"    signer:     {sig.signer['subject']}")
+            lines.append(f"    hcRole:     {', '.join(sig.signer['hc_roles']) or '-'}")
+        if sig.document_type:
+            lines.append(
+                f"    document:   {sig.document_type} (role may sign: {sig.role_permitted})"
+            )
+        if sig.signing_time:
+            lines.append(f"    signed at:  {sig.signing_time}")
+        if sig.timestamp:
+            lines.append(f"    timestamp:  {sig.timestamp['time']} ({sig.timestamp['status']})")
+        lines.append(f"    chain:      {sig.chain.get('status')}")
+        lines.append(
+            f"    revocation: {sig.revocation.get('status')}"
+            + (f" ({sig.revocation['reason']})" if sig.revocation.get("reason") else "")
+        )
+    _print(args, report.to_json_dict(), "\n".join(lines))
+    return 0 if report.passed else 1
+
+
+def _read_input(path: str) -> bytes:
+    return sys.stdin.buffer.read() if path == "-" else Path(path).read_bytes()
+
+
+def _write_output(path: str, data: bytes) -> None:
+    if path == "-":
+        sys.stdout.buffer.write(data)
+        sys.stdout.buffer.flush()
+    else:
+        Path(path).write_bytes(data)
+        print(f"written to {path}", file=sys.stderr)
+
+
+async def cmd_eprescription_build(args: argparse.Namespace) -> int:
+    from lxml import etree
+
+    from gateway.sign import eprescription
+
+    data = _read_input(args.csv)
+    eprescription.decode_csv(data, args.encoding)
+    profile = eprescription.PROFILES[args.profile]
+    if args.config:
+        from gateway.sign.setup import signing_policy
+
+        profile = signing_policy(_settings(args)).profiles[args.profile]
+    tree = eprescription.build_document(data, profile)
+    _write_output(args.out, etree.tostring(tree, xml_declaration=True, encoding="UTF-8"))
+    return 0
+
+
+async def cmd_eprescription_sign(args: argparse.Namespace) -> int:
+    from gateway.sign.service import sign_document
+    from gateway.sign.setup import signing_policy, tsa_client
+
+    settings = _settings(args)
+    data = _read_input(args.csv)
+    async with _Ctx(settings, with_keystore=True) as ctx:
+        assert ctx.signers is not None and ctx.keystore is not None
+        signer = await ctx.signers.get(args.signer)
+        cred = next((c for c in reversed(signer.credentials) if c.status == "active"), None)
+        if cred is None or cred.certificate is None:
+            raise GatewayError(f"signer {args.signer} has no active credential with a certificate")
+        key = await ctx.keystore.get_key(cred.key_id)
+        tsa = tsa_client(settings) if args.level == "AdES-B-T" else None
+        try:
+            signed = await sign_document(
+                key=key,
+                chain=[cred.certificate, *cred.chain],
+                signature_format="X",
+                conformance_level=args.level,
+                envelope="Enveloped",
+                document=data,
+                profile=args.profile,
+                csv_encoding=args.encoding,
+                tsa=tsa,
+                policy=signing_policy(settings),
+            )
+        finally:
+            if tsa is not None:
+                await tsa.close()
+        async with ctx.db.write() as conn:
+            await ctx.audit.append(
+                conn,
+                action="signature.eprescription.cli",
+                actor=_actor(),
+                signer_id=signer.id,
+                detail={
+                    "credential": cred.id,
+                    "profile": args.profile,
+                    "level": args.level,
+                    "document_sha256": signed.document_digest.hex(),
+                },
+            )
+    assert signed.document_with_signature is not None
+    _write_output(args.out, signed.document_with_signature)
+    return 0
+
+
+async def cmd_sandbox_tsa(args: argparse.Namespace) -> int:
+    from gateway.api.test_tsa import run_forever
+
+    settings = _settings(args)
+    print(f"TEST TSA on {settings.timestamp.url} (Ctrl-C stops it)", file=sys.stderr)
+    await run_forever(settings)
     return 0
 
 
@@ -404,8 +602,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dir")
     p.add_argument("--port", type=int, default=8443)
     p.add_argument("--force", action="store_true", help="rebuild even if DIR has a world")
+    p.add_argument(
+        "--tsa-port", type=int, default=None, help="port of the TEST TSA (default: a free one)"
+    )
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_sandbox_init)
+    p = sb.add_parser("tsa", help="run only the TEST TSA of a sandbox (`serve` already runs it)")
+    _cfg(p, json_flag=False)
+    p.set_defaults(func=cmd_sandbox_tsa)
 
     fac = sub.add_parser("facility", help="facility registry").add_subparsers(
         dest="sub", required=True
@@ -492,11 +696,68 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_audit_verify)
 
     ce = sub.add_parser("cert", help="certificates").add_subparsers(dest="sub", required=True)
-    p = ce.add_parser("inspect", help="show a certificate and its HPKI profile")
+    p = ce.add_parser("inspect", help="show a certificate, its HPKI profile and chain status")
     p.add_argument("file")
-    p.add_argument("--json", action="store_true")
+    _trust_flags(p)
     p.set_defaults(func=cmd_cert_inspect)
+
+    p = sub.add_parser(
+        "verify",
+        help="verify a signed document (CAdES, XAdES / e-prescription, PAdES); "
+        "exit 0 only for TOTAL-PASSED",
+    )
+    p.add_argument("file", help="signed PDF, XML, or CMS (DER/PEM)")
+    p.add_argument("--content", default=None, help="the signed content of a detached signature")
+    _trust_flags(p)
+    p.set_defaults(func=cmd_verify)
+
+    ep = sub.add_parser("eprescription", help="e-prescription XML (HPKI.md §3)").add_subparsers(
+        dest="sub", required=True
+    )
+    p = ep.add_parser("build", help="build the unsigned e-prescription XML from a CSV")
+    p.add_argument("csv", help="prescription CSV ('-' for stdin)")
+    p.add_argument("-o", "--out", default="-")
+    p.add_argument(
+        "--profile", choices=["jp-eprescription", "jp-dispensing"], default="jp-eprescription"
+    )
+    p.add_argument("--encoding", choices=["utf-8", "shift_jis"], default="utf-8")
+    p.add_argument("-c", "--config", default=None, help="settings (dispensing element names)")
+    p.set_defaults(func=cmd_eprescription_build)
+    p = ep.add_parser(
+        "sign",
+        help="OPERATOR TOOL for the sandbox: sign a CSV as an e-prescription with a signer's "
+        "HSM key directly, without FIDO2/SAD (facility systems use signDoc)",
+    )
+    _cfg(p, json_flag=False)
+    p.add_argument("csv", help="prescription CSV ('-' for stdin)")
+    p.add_argument("--signer", required=True, help="signer id (hpki-gateway signer list)")
+    p.add_argument("-o", "--out", default="-")
+    p.add_argument(
+        "--profile", choices=["jp-eprescription", "jp-dispensing"], default="jp-eprescription"
+    )
+    p.add_argument("--level", choices=["AdES-B-B", "AdES-B-T"], default="AdES-B-B")
+    p.add_argument("--encoding", choices=["utf-8", "shift_jis"], default="utf-8")
+    p.set_defaults(func=cmd_eprescription_sign)
     return parser
+
+
+def _trust_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "-c",
+        "--config",
+        default=None,
+        help="settings: HPKI anchors, intermediates, CRLs, TSA roots, role mapping",
+    )
+    p.add_argument("--trust", action="append", help="PEM trust anchor(s) (repeat)")
+    p.add_argument("--intermediate", action="append", help="PEM intermediate CA(s) (repeat)")
+    p.add_argument("--crl", action="append", help="CRL file, DER or PEM (repeat)")
+    p.add_argument("--no-revocation", action="store_true", help="skip the CRL check")
+    p.add_argument(
+        "--fetch-crls",
+        action="store_true",
+        help="download CRLs from the certificates' distribution points",
+    )
+    p.add_argument("--json", action="store_true", help="machine-readable output")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

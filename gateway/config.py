@@ -109,6 +109,14 @@ class PkiSettings(_Section):
     """The CA that issues facility client certificates (sandbox and self-run registries)."""
     facility_ca_key: Path | None = None
     """Key of the facility client CA."""
+    crl_files: list[Path] = Field(default_factory=list)
+    """Local CRL files (DER or PEM) used for revocation checks during verification; HPKI
+    publishes CRLs only, and a relying party usually mirrors them."""
+    fetch_crls: bool = False
+    """Fetch CRLs from the certificates' CRL distribution points when no local CRL covers an
+    issuer. Off by default: an offline check reports revocation as INDETERMINATE instead."""
+    crl_timeout: Annotated[float, Field(gt=0, le=60)] = 5.0
+    """Seconds allowed for one CRL download."""
 
 
 class AuditSettings(_Section):
@@ -139,6 +147,65 @@ class ServiceSettings(_Section):
     """True for a verification environment built by ``sandbox init``."""
 
 
+def _default_role_document_types() -> dict[str, list[str]]:
+    return {"prescription": ["Medical Doctor", "Dentist"], "dispensing": ["Pharmacist"]}
+
+
+class DispensingElementSettings(_Section):
+    """Element names of the dispensing-result document (unconfirmed in public sources, so they
+    are a parameter; defaults follow the prescription pattern)."""
+
+    root: str = "Document"
+    container: str = "Dispensing"
+    management: str = "DispensingManagement"
+    version_value: str = "EDS1.0"
+    document: str = "DispensingDocument"
+    sign: str = "DispensingSign"
+    schema_location: str = "ED.xsd"
+
+
+class SigningSettings(_Section):
+    """Document signatures (signDoc, the e-prescription profile) and their verification."""
+
+    role_document_types: dict[str, list[str]] = Field(default_factory=_default_role_document_types)
+    """Which hcRole texts may sign which document type (HPKI.md §2: role strings other than
+    "Medical Doctor" are unconfirmed, hence configuration)."""
+    max_document_bytes: Annotated[int, Field(ge=1024, le=256 * 1024 * 1024)] = 5 * 1024 * 1024
+    """Largest decoded document accepted for signing or verification (413 above it)."""
+    max_xml_depth: Annotated[int, Field(ge=8, le=1000)] = 64
+    """Deepest XML nesting accepted; deeper documents are refused while parsing."""
+    dispensing: DispensingElementSettings = DispensingElementSettings()
+    """Element names of the jp-dispensing profile."""
+
+
+class TimestampSettings(_Section):
+    """The RFC 3161 timestamp authority used for the -T levels and its trust."""
+
+    url: str | None = None
+    """TSA URL; unset means AdES-B-T requests are refused with a clear error."""
+    timeout: Annotated[float, Field(gt=0, le=120)] = 10.0
+    """Seconds allowed for one TSA round trip; slower answers give 504 and nothing signed."""
+    trust_anchors: list[Path] = Field(default_factory=list)
+    """PEM roots that timestamp tokens must chain to during verification."""
+
+
+class TestTsaSettings(_Section):
+    """Sandbox only: a TEST TSA that ``hpki-gateway serve`` runs next to the gateway."""
+
+    enabled: bool = False
+    """Serve the test TSA (plain HTTP on ``host:port``, path /tsa)."""
+    host: str = "127.0.0.1"
+    """Address to bind (loopback: the test TSA is for the local tester only)."""
+    port: Annotated[int, Field(ge=1, le=65535)] = 8318
+    """TCP port of the test TSA."""
+    cert: Path | None = None
+    """PEM certificate of the test TSA (EKU timeStamping)."""
+    key: Path | None = None
+    """PEM key of the test TSA."""
+    chain: list[Path] = Field(default_factory=list)
+    """PEM CA certificates embedded in the tokens."""
+
+
 class Settings(_Section):
     """All settings of one deployment."""
 
@@ -149,6 +216,9 @@ class Settings(_Section):
     audit: AuditSettings = AuditSettings()
     logging: LoggingSettings = LoggingSettings()
     service: ServiceSettings = ServiceSettings()
+    signing: SigningSettings = SigningSettings()
+    timestamp: TimestampSettings = TimestampSettings()
+    test_tsa: TestTsaSettings = TestTsaSettings()
     base_dir: Path = Path(".")
     """Directory of the settings file; relative paths are resolved against it (set by load)."""
 

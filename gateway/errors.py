@@ -93,3 +93,27 @@ class KeyNotFound(TemporarilyUnavailable):
 
     def __init__(self, description: str, *, retry_after: int = 60) -> None:
         super().__init__(description, retry_after=retry_after)
+
+
+# -- signatures, timestamps (issue 4) ---------------------------------------------------------
+
+
+class RoleNotPermitted(GatewayError):
+    """The signer's hcRole may not sign this document type (configurable mapping)."""
+
+    status = 403
+    code = "role_not_permitted"
+
+
+class TsaUnavailable(GatewayError):
+    """The timestamp authority could not be reached or answered badly; nothing was returned."""
+
+    status = 502
+    code = "tsa_unavailable"
+
+
+class TsaTimeout(GatewayError):
+    """The timestamp authority did not answer in time; nothing was returned."""
+
+    status = 504
+    code = "tsa_timeout"

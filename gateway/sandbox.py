@@ -94,7 +94,15 @@ def init_token(softhsm_dir: Path, pin_file: Path, so_pin_file: Path) -> Path:
     return softhsm_dir / "softhsm2.conf"
 
 
-def _settings_toml(port: int) -> str:
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _settings_toml(port: int, tsa_port: int) -> str:
     return f"""\
 # hpki-gateway settings for the sandbox (verification environment).
 # Relative paths are relative to this file. Secrets are referenced by file, never inline.
@@ -127,6 +135,22 @@ test_ca_cert = "pki/hpki-signing-ca.pem"
 test_ca_key = "pki/hpki-signing-ca.key"
 facility_ca_cert = "pki/facility-client-ca.pem"
 facility_ca_key = "pki/facility-client-ca.key"
+crl_files = ["pki/hpki-signing-ca.crl", "pki/hpki-root.crl"]
+fetch_crls = false
+
+[timestamp]
+# The TEST TSA below, served by `hpki-gateway serve` (or alone: `hpki-gateway sandbox tsa`).
+url = "http://127.0.0.1:{tsa_port}/tsa"
+timeout = 10.0
+trust_anchors = ["pki/tsa-ca.pem"]
+
+[test_tsa]
+enabled = true
+host = "127.0.0.1"
+port = {tsa_port}
+cert = "pki/tsa.pem"
+key = "pki/tsa.key"
+chain = ["pki/tsa-ca.pem"]
 
 [audit]
 hmac_key_file = "secrets/audit.key"
@@ -137,7 +161,9 @@ format = "json"
 """
 
 
-async def init_sandbox(directory: Path, *, port: int = 8443, force: bool = False) -> dict[str, Any]:
+async def init_sandbox(
+    directory: Path, *, port: int = 8443, force: bool = False, tsa_port: int | None = None
+) -> dict[str, Any]:
     """Build the world and return the manifest (also written to DIR/manifest.json)."""
     from gateway.app import make_audit, make_keystore, make_signers
     from gateway.config import load_settings
@@ -178,6 +204,11 @@ async def init_sandbox(directory: Path, *, port: int = 8443, force: bool = False
     ):
         crl = testworld.make_crl(ca, revoked=[], now=now, next_update=timedelta(days=7))
         (pki / f"{name}.crl").write_bytes(crl.public_bytes(serialization.Encoding.DER))
+    # The TEST TSA (issue 4): its own root, a certificate with the timeStamping EKU only.
+    tsa_ca = testworld.make_tsa_ca(now=now)
+    tsa = testworld.issue_tsa_cert(tsa_ca, now=now)
+    tsa_ca.write(pki / "tsa-ca.pem", pki / "tsa-ca.key")
+    tsa.write(pki / "tsa.pem", pki / "tsa.key")
     server = testworld.issue_server_cert(
         server_ca,
         hostnames=["localhost"],
@@ -190,7 +221,8 @@ async def init_sandbox(directory: Path, *, port: int = 8443, force: bool = False
     (tls / "server.pem").write_bytes(server.cert_pem() + server_ca.cert_pem())
     _write_private(tls / "server.key", server.key_pem())
 
-    (d / "gateway.toml").write_text(_settings_toml(port), encoding="utf-8")
+    tsa_port = tsa_port or _free_port()
+    (d / "gateway.toml").write_text(_settings_toml(port, tsa_port), encoding="utf-8")
     settings = load_settings(d / "gateway.toml", environ={})
 
     db = Database(settings.database_url())
@@ -275,7 +307,8 @@ async def init_sandbox(directory: Path, *, port: int = 8443, force: bool = False
         "server_ca": str(pki / "server-ca.pem"),
         "hpki_trust_anchors": [str(pki / "hpki-root.pem")],
         "hpki_intermediates": [str(pki / "hpki-signing-ca.pem")],
-        "tsa_url": None,
+        "tsa_url": settings.timestamp.url,
+        "tsa_trust_anchors": [str(pki / "tsa-ca.pem")],
         "config": str(d / "gateway.toml"),
         "facilities": manifest_facilities,
         "signers": manifest_signers,

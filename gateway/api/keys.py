@@ -17,3 +17,8 @@ AUDIT = web.AppKey("audit", AuditLog)
 KEYSTORE = web.AppKey("keystore", KeyStore)
 FACILITIES = web.AppKey("facilities", FacilityRegistry)
 SIGNERS = web.AppKey("signers", SignerService)
+
+# issue 4: verification trust (anchors, CRLs, role mapping) built once from the settings.
+from gateway.sign.verify import TrustConfig  # noqa: E402 - grouped with its key on purpose
+
+VERIFY_TRUST = web.AppKey("verify_trust", TrustConfig)

@@ -41,11 +41,13 @@ __all__ = [
     "issue_client_cert",
     "issue_hpki_signer_cert",
     "issue_server_cert",
+    "issue_tsa_cert",
     "make_client_ca",
     "make_crl",
     "make_hpki_root",
     "make_hpki_signing_ca",
     "make_server_ca",
+    "make_tsa_ca",
     "pkcs12_bytes",
     "random_serial",
 ]
@@ -495,3 +497,45 @@ def pkcs12_bytes(
     return pkcs12.serialize_key_and_certificates(
         friendly_name, leaf.key, leaf.cert, chain or None, encryption
     )
+
+
+# --------------------------------------------------------------------------------------------
+# Timestamp authority (the sandbox's test TSA)
+# --------------------------------------------------------------------------------------------
+
+
+def make_tsa_ca(*, now: dt.datetime) -> CertAndKey:
+    """The root of the sandbox's TEST TSA (self-signed, 20 years).
+
+    Separate from the HPKI test root on purpose: real deployments trust a commercial TSA whose
+    root has nothing to do with HPKI, and verification keeps the two trust lists apart.
+    """
+    subject = x509.Name(
+        [
+            x509.NameAttribute(NameOID.COUNTRY_NAME, "JP"),
+            x509.NameAttribute(NameOID.ORGANIZATION_NAME, HPKI_TEST_ORGANIZATION),
+            x509.NameAttribute(NameOID.COMMON_NAME, "TSA TEST Root CA - hpki-gateway sandbox"),
+        ]
+    )
+    return _self_signed_ca(subject, now=now, validity=_ROOT_VALIDITY)
+
+
+def issue_tsa_cert(
+    ca: CertAndKey, *, now: dt.datetime, validity: dt.timedelta = _CA_VALIDITY
+) -> CertAndKey:
+    """A TSA certificate as RFC 3161 §2.3 requires: critical EKU with only timeStamping."""
+    subject = x509.Name(
+        [
+            x509.NameAttribute(NameOID.COUNTRY_NAME, "JP"),
+            x509.NameAttribute(NameOID.ORGANIZATION_NAME, HPKI_TEST_ORGANIZATION),
+            x509.NameAttribute(NameOID.COMMON_NAME, "TEST TSA - hpki-gateway sandbox"),
+        ]
+    )
+    key = _new_key()
+    cert = (
+        _leaf_builder(ca, subject, key, now=now, validity=validity)
+        .add_extension(_key_usage(digital_signature=True, non_repudiation=True), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.TIME_STAMPING]), critical=True)
+        .sign(ca.key, hashes.SHA256())
+    )
+    return CertAndKey(cert=cert, key=key)

@@ -1,0 +1,117 @@
+"""The sandbox's TEST timestamp authority: RFC 3161 over plain HTTP on 127.0.0.1.
+
+``hpki-gateway serve`` starts it next to the gateway when ``[test_tsa] enabled = true`` (the
+sandbox sets that up), and ``hpki-gateway sandbox tsa`` runs it alone. Tokens are made by
+pyHanko's ``DummyTimeStamper`` (a library TSA core) with the TEST TSA key from the test world:
+nothing here is fit for production, and ``create_tsa_app`` refuses to run outside a sandbox.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+from pathlib import Path
+
+from aiohttp import web
+from asn1crypto import keys, tsp
+from asn1crypto import x509 as asn1_x509
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from pyhanko.sign.timestamps.dummy_client import DummyTimeStamper
+
+from gateway.config import Settings
+from gateway.errors import ConfigError
+
+log = logging.getLogger("gateway.test_tsa")
+MAX_REQUEST_BYTES = 16 * 1024
+TSA_PATH = "/tsa"
+STAMPER = web.AppKey("stamper", DummyTimeStamper)
+
+
+def _load(settings: Settings) -> DummyTimeStamper:
+    t = settings.test_tsa
+    if not settings.service.sandbox:
+        raise ConfigError("test_tsa is only allowed when service.sandbox = true")
+    if t.cert is None or t.key is None:
+        raise ConfigError("test_tsa.cert and test_tsa.key are required")
+    try:
+        cert = x509.load_pem_x509_certificate(t.cert.read_bytes())
+        key = serialization.load_pem_private_key(t.key.read_bytes(), password=None)
+        chain = [c for p in t.chain for c in x509.load_pem_x509_certificates(Path(p).read_bytes())]
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"test_tsa: cannot load the TSA certificate or key: {e}") from e
+    der_key = key.private_bytes(
+        serialization.Encoding.DER,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+
+    def a(c: x509.Certificate) -> asn1_x509.Certificate:
+        return asn1_x509.Certificate.load(c.public_bytes(serialization.Encoding.DER))
+
+    return DummyTimeStamper(
+        tsa_cert=a(cert),
+        tsa_key=keys.PrivateKeyInfo.load(der_key),
+        certs_to_embed=[a(c) for c in chain],  # type: ignore[arg-type]
+    )
+
+
+async def _stamp(request: web.Request) -> web.Response:
+    if request.content_type != "application/timestamp-query":
+        return web.Response(status=415, text="expected application/timestamp-query")
+    body = await request.read()
+    try:
+        req = tsp.TimeStampReq.load(body, strict=True)
+        req.native  # noqa: B018 - parse fully: a malformed request fails here
+    except (ValueError, TypeError, KeyError):
+        status = tsp.PKIStatusInfo({"status": "rejection", "fail_info": {"bad_data_format"}})
+        return _reply(tsp.TimeStampResp({"status": status}).dump())
+    stamper = request.app[STAMPER]
+    # DummyTimeStamper stamps with its fixed_dt or the local time; give it UTC now.
+    stamper.fixed_dt = datetime.now(UTC)
+    resp = await stamper.async_request_tsa_response(req)
+    return _reply(resp.dump())
+
+
+def _reply(der: bytes) -> web.Response:
+    return web.Response(body=der, content_type="application/timestamp-reply")
+
+
+def create_tsa_app(settings: Settings) -> web.Application:
+    app = web.Application(client_max_size=MAX_REQUEST_BYTES)
+    app[STAMPER] = _load(settings)
+    app.router.add_post(TSA_PATH, _stamp)
+    return app
+
+
+async def start_test_tsa(settings: Settings, *, reuse_port: bool = True) -> web.AppRunner:
+    """Start the test TSA listener; the caller cleans the runner up."""
+    runner = web.AppRunner(create_tsa_app(settings), access_log=None, handle_signals=False)
+    await runner.setup()
+    site = web.TCPSite(
+        runner, settings.test_tsa.host, settings.test_tsa.port, reuse_port=reuse_port
+    )
+    await site.start()
+    log.info(
+        "TEST TSA listening on http://%s:%d%s",
+        settings.test_tsa.host,
+        settings.test_tsa.port,
+        TSA_PATH,
+    )
+    return runner
+
+
+async def sandbox_tsa_ctx(settings: Settings) -> AsyncIterator[None]:
+    runner = await start_test_tsa(settings)
+    yield
+    await runner.cleanup()
+
+
+async def run_forever(settings: Settings) -> None:
+    runner = await start_test_tsa(settings, reuse_port=False)
+    try:
+        await asyncio.Event().wait()
+    finally:
+        await runner.cleanup()

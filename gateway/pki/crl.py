@@ -1,0 +1,154 @@
+"""Revocation from CRLs: HPKI publishes CRLs only (no OCSP, no AIA), so CRLs are the source.
+
+CRLs come from local files (a relying party mirrors them; the sandbox writes its own) and,
+only when enabled, from the certificates' distribution points with a time-out. A CRL counts
+only if its issuer name matches, the issuer's key verifies it and it is not past nextUpdate;
+otherwise the status is "unknown", which verification reports as INDETERMINATE.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import aiohttp
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import rsa
+
+from gateway.errors import ConfigError
+
+__all__ = ["CrlSource", "RevocationStatus", "load_crl", "load_crl_files"]
+
+_log = logging.getLogger("gateway.pki.crl")
+MAX_CRL_BYTES = 20 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class RevocationStatus:
+    status: str  # "good" | "revoked" | "unknown"
+    reason: str
+    revocation_time: dt.datetime | None = None
+
+
+def load_crl(data: bytes) -> x509.CertificateRevocationList:
+    if data.lstrip().startswith(b"-----BEGIN"):
+        return x509.load_pem_x509_crl(data)
+    return x509.load_der_x509_crl(data)
+
+
+def load_crl_files(paths: Sequence[Path]) -> list[x509.CertificateRevocationList]:
+    out = []
+    for p in paths:
+        try:
+            out.append(load_crl(p.read_bytes()))
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"cannot load CRL {p}: {e}") from e
+    return out
+
+
+def _crl_urls(cert: x509.Certificate) -> list[str]:
+    try:
+        ext = cert.extensions.get_extension_for_class(x509.CRLDistributionPoints).value
+    except x509.ExtensionNotFound:
+        return []
+    return [
+        gn.value
+        for dp in ext
+        for gn in (dp.full_name or ())
+        if isinstance(gn, x509.UniformResourceIdentifier)
+    ]
+
+
+class CrlSource:
+    """Local CRLs plus optional fetching (with an in-memory cache until nextUpdate)."""
+
+    def __init__(
+        self,
+        crls: Sequence[x509.CertificateRevocationList] = (),
+        *,
+        fetch: bool = False,
+        timeout: float = 5.0,
+    ) -> None:
+        self._crls = list(crls)
+        self.fetch = fetch
+        self.timeout = timeout
+        self._fetched: dict[str, x509.CertificateRevocationList] = {}
+
+    def _usable(
+        self,
+        crl: x509.CertificateRevocationList,
+        issuer: x509.Certificate,
+        moment: dt.datetime,
+    ) -> str | None:
+        """None when ``crl`` is a valid, current CRL of ``issuer``; else why not."""
+        if crl.issuer != issuer.subject:
+            return "issuer differs"
+        public = issuer.public_key()
+        if not isinstance(public, rsa.RSAPublicKey) or not crl.is_signature_valid(public):
+            return f"CRL of {issuer.subject.rfc4514_string()} has an invalid signature"
+        next_update = crl.next_update_utc
+        if next_update is not None and next_update < moment:
+            return f"CRL of {issuer.subject.rfc4514_string()} expired at {next_update.isoformat()}"
+        return None
+
+    async def _download(self, url: str) -> x509.CertificateRevocationList | None:
+        cached = self._fetched.get(url)
+        now = dt.datetime.now(dt.UTC)
+        if cached is not None and (cached.next_update_utc or now) >= now:
+            return cached
+        try:
+            async with (
+                aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self.timeout)) as s,
+                s.get(url) as resp,
+            ):
+                if resp.status != 200:
+                    return None
+                body = await resp.content.read(MAX_CRL_BYTES + 1)
+            if len(body) > MAX_CRL_BYTES:
+                return None
+            crl = load_crl(body)
+        except (TimeoutError, aiohttp.ClientError, ValueError) as e:
+            _log.info("CRL download from %s failed: %s", url, type(e).__name__)
+            return None
+        self._fetched[url] = crl
+        return crl
+
+    async def status(
+        self, cert: x509.Certificate, issuer: x509.Certificate, moment: dt.datetime
+    ) -> RevocationStatus:
+        problems: list[str] = []
+        candidates = list(self._crls)
+        urls = _crl_urls(cert)
+        if self.fetch:
+            for url in urls:
+                if url.startswith(("http://", "https://")):
+                    crl = await self._download(url)
+                    if crl is not None:
+                        candidates.append(crl)
+        for crl in candidates:
+            why = self._usable(crl, issuer, moment)
+            if why == "issuer differs":
+                continue
+            if why is not None:
+                problems.append(why)
+                continue
+            entry = crl.get_revoked_certificate_by_serial_number(cert.serial_number)
+            if entry is not None:
+                return RevocationStatus(
+                    "revoked",
+                    f"certificate {cert.serial_number:X} is revoked by "
+                    f"{issuer.subject.rfc4514_string()} since "
+                    f"{entry.revocation_date_utc.isoformat()}",
+                    entry.revocation_date_utc,
+                )
+            return RevocationStatus("good", "not on the issuer's current CRL")
+        where = ", ".join(urls) or "no CRL distribution point"
+        detail = "; ".join(problems) if problems else "no CRL of the issuer is available"
+        fetching = "" if self.fetch else " (CRL fetching is disabled)"
+        return RevocationStatus(
+            "unknown",
+            f"revocation of {cert.subject.rfc4514_string()} unknown: {detail} [{where}]{fetching}",
+        )

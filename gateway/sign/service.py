@@ -1,0 +1,249 @@
+"""The HTTP-free signDoc service: one call per document, whatever the format.
+
+The signDoc endpoint (after the SAD check) and the CLI call :func:`sign_document`; the SAD must
+authorize exactly :func:`document_digests` of the request (SHA-256 of each decoded document
+as sent, or the given documentDigests), so the caller checks those before anything is signed.
+Validation happens before the key is touched: a refused request signs nothing.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+from cryptography import x509
+
+from gateway.errors import InvalidRequest, PayloadTooLarge
+from gateway.hsm.api import KeyHandle
+from gateway.sign import cades, eprescription, pades
+from gateway.sign.eprescription import PROFILES, EPrescriptionProfile, RolePolicy
+from gateway.sign.timestamp import Rfc3161Client
+from gateway.sign.xades import XadesBuilder
+
+__all__ = [
+    "CONFORMANCE_LEVELS",
+    "ENVELOPES",
+    "SignedDocument",
+    "SigningPolicy",
+    "document_digests",
+    "sign_document",
+]
+
+#: signature_format -> valid signed_envelope_property values (CSC v2 §11.11).
+ENVELOPES: dict[str, tuple[str, ...]] = {
+    "C": ("Detached", "Attached"),
+    "X": ("Enveloped", "Enveloping", "Detached"),
+    "P": ("Certification", "Revision"),
+}
+DEFAULT_ENVELOPE = {"C": "Attached", "X": "Enveloped", "P": "Certification"}
+CONFORMANCE_LEVELS = ("AdES-B-B", "AdES-B-T")
+MIME_TYPES = {"C": "application/pkcs7-signature", "X": "application/xml", "P": "application/pdf"}
+
+
+@dataclass(frozen=True, kw_only=True)
+class SigningPolicy:
+    """Settings that shape signing: size limit, XML depth, profiles, the role mapping."""
+
+    roles: RolePolicy = field(
+        default_factory=lambda: RolePolicy(
+            {"prescription": ["Medical Doctor", "Dentist"], "dispensing": ["Pharmacist"]}
+        )
+    )
+    profiles: Mapping[str, EPrescriptionProfile] = field(default_factory=lambda: dict(PROFILES))
+    max_document_bytes: int = 5 * 1024 * 1024
+    max_xml_depth: int = 64
+
+
+@dataclass(frozen=True, kw_only=True)
+class SignedDocument:
+    """The result for one document.
+
+    ``document_with_signature`` is the signed document (attached CAdES, XAdES enveloped or
+    enveloping, PAdES, the e-prescription XML); ``signature_object`` the detached signature
+    (detached CAdES / XAdES). ``document_digest`` is what the audit record names.
+    """
+
+    document_with_signature: bytes | None
+    signature_object: bytes | None
+    mime_type: str
+    signature_format: str
+    conformance_level: str
+    envelope: str
+    profile: str | None
+    document_digest: bytes
+
+
+def _check_request(
+    signature_format: str, conformance_level: str, envelope: str | None, profile: str | None
+) -> str:
+    if signature_format not in ENVELOPES:
+        raise InvalidRequest(
+            f"unsupported signature_format {signature_format!r}; valid: C (CAdES), X (XAdES), "
+            "P (PAdES)"
+        )
+    if conformance_level not in CONFORMANCE_LEVELS:
+        raise InvalidRequest(
+            f"unsupported conformance_level {conformance_level!r}; valid: "
+            + ", ".join(CONFORMANCE_LEVELS)
+        )
+    env = envelope or DEFAULT_ENVELOPE[signature_format]
+    if env not in ENVELOPES[signature_format]:
+        raise InvalidRequest(
+            f"signed_envelope_property {env!r} is not valid for signature_format "
+            f"{signature_format}; valid: {', '.join(ENVELOPES[signature_format])}"
+        )
+    if profile is not None:
+        if signature_format != "X":
+            raise InvalidRequest(f"profile {profile!r} needs signature_format X")
+        if env != "Enveloped":
+            raise InvalidRequest(f"profile {profile!r} makes an enveloped signature")
+    return env
+
+
+def document_digests(
+    *, documents: Sequence[bytes] = (), document_digests: Sequence[bytes] = ()
+) -> list[bytes]:
+    """What the SAD must authorize: SHA-256 of each decoded document as sent, then the
+    documentDigests given for detached CAdES, in request order."""
+    return [hashlib.sha256(d).digest() for d in documents] + list(document_digests)
+
+
+async def sign_document(
+    *,
+    key: KeyHandle,
+    chain: Sequence[x509.Certificate],
+    signature_format: str,
+    conformance_level: str,
+    envelope: str | None,
+    document: bytes | None,
+    document_digest: bytes | None = None,
+    profile: str | None = None,
+    csv_encoding: str = "utf-8",
+    tsa: Rfc3161Client | None,
+    now: dt.datetime | None = None,
+    policy: SigningPolicy | None = None,
+) -> SignedDocument:
+    """Sign one document. ``chain[0]`` is the signer's certificate, then its issuers.
+
+    ``document_digest`` (SHA-256) replaces ``document`` only for detached CAdES. AdES-B-T
+    needs ``tsa``; the timestamp is fetched before anything is returned, so a TSA failure
+    (TsaUnavailable 502 / TsaTimeout 504) leaves nothing signed behind. A signer whose hcRole
+    may not sign the profile's document type gets RoleNotPermitted (403) before signing.
+    """
+    policy = policy or SigningPolicy()
+    now = now or dt.datetime.now(dt.UTC)
+    if not chain:
+        raise InvalidRequest("the credential has no certificate")
+    cert, issuers = chain[0], list(chain[1:])
+    env = _check_request(signature_format, conformance_level, envelope, profile)
+    if conformance_level == "AdES-B-T" and tsa is None:
+        raise InvalidRequest("AdES-B-T needs a timestamp authority, and none is configured")
+    stamp = tsa if conformance_level == "AdES-B-T" else None
+
+    if document is None:
+        if document_digest is None:
+            raise InvalidRequest("a document (or, for detached CAdES, its digest) is required")
+        if signature_format != "C" or env != "Detached":
+            raise InvalidRequest("documentDigests are accepted for detached CAdES only")
+        if len(document_digest) != 32:
+            raise InvalidRequest("documentDigests must be SHA-256 (32 bytes)")
+        digest = document_digest
+    else:
+        if len(document) > policy.max_document_bytes:
+            raise PayloadTooLarge(
+                f"document of {len(document)} bytes is over the limit of "
+                f"{policy.max_document_bytes} bytes"
+            )
+        if not document:
+            raise InvalidRequest("the document is empty")
+        digest = hashlib.sha256(document).digest()
+
+    def result(signed: bytes, *, detached: bool) -> SignedDocument:
+        return SignedDocument(
+            document_with_signature=None if detached else signed,
+            signature_object=signed if detached else None,
+            mime_type=MIME_TYPES[signature_format],
+            signature_format=signature_format,
+            conformance_level=conformance_level,
+            envelope=env,
+            profile=profile,
+            document_digest=digest,
+        )
+
+    if signature_format == "C":
+        tpl = cades.template_for(cert, issuers)
+        signed = await tpl.sign(
+            key,
+            content=document,
+            message_digest=digest,
+            attached=env == "Attached",
+            signing_time=now,
+            tsa=stamp,
+        )
+        return result(signed, detached=env == "Detached")
+
+    assert document is not None
+    if signature_format == "X":
+        if profile is not None:
+            prof = policy.profiles.get(profile)
+            if prof is None:
+                raise InvalidRequest(
+                    f"unknown profile {profile!r}; valid: {', '.join(sorted(policy.profiles))}"
+                )
+            signed = await eprescription.sign_eprescription(
+                key=key,
+                certificate=cert,
+                chain=issuers,
+                csv_bytes=document,
+                profile=prof,
+                roles=policy.roles,
+                signing_time=now,
+                tsa=stamp,
+                encoding=csv_encoding,
+                builder=_xades_builder(cert, issuers),
+            )
+            return result(signed, detached=False)
+        signed = await _xades_builder(cert, issuers).sign(
+            key,
+            document=document,
+            envelope=env,
+            signing_time=now,
+            tsa=stamp,
+            max_depth=policy.max_xml_depth,
+        )
+        return result(signed, detached=env == "Detached")
+
+    signed = await pades.sign_pdf(
+        key,
+        certificate=cert,
+        chain=issuers,
+        pdf=document,
+        envelope=env,
+        signing_time=now,
+        tsa=stamp,
+    )
+    return result(signed, detached=False)
+
+
+_builders: dict[bytes, XadesBuilder] = {}
+
+
+def _xades_builder(cert: x509.Certificate, issuers: list[x509.Certificate]) -> XadesBuilder:
+    """One builder per certificate: its base64 and digests are computed once."""
+    from cryptography.hazmat.primitives import hashes
+
+    fp = cert.fingerprint(hashes.SHA256())
+    b = _builders.get(fp)
+    if b is None:
+        if len(_builders) > 4096:
+            _builders.clear()
+        b = _builders[fp] = XadesBuilder(certificate=cert, chain=issuers)
+    return b
+
+
+def profile_from_settings(name: str, elements: Mapping[str, str]) -> EPrescriptionProfile:
+    """The dispensing profile with element names from ``signing.dispensing`` settings."""
+    base = PROFILES[name]
+    return EPrescriptionProfile(name=base.name, document_type=base.document_type, **dict(elements))

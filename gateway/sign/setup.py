@@ -1,0 +1,85 @@
+"""Build the signing policy, the verification trust and the TSA client from the settings."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+from cryptography import x509
+
+from gateway.config import Settings
+from gateway.errors import ConfigError
+from gateway.pki.crl import CrlSource, load_crl_files
+from gateway.sign.eprescription import PRESCRIPTION, RolePolicy
+from gateway.sign.service import SigningPolicy, profile_from_settings
+from gateway.sign.timestamp import Rfc3161Client
+from gateway.sign.verify import TrustConfig
+
+__all__ = ["load_pems", "signing_policy", "trust_config", "tsa_client"]
+
+
+def load_pems(paths: Sequence[Path]) -> list[x509.Certificate]:
+    out: list[x509.Certificate] = []
+    for path in paths:
+        try:
+            data = path.read_bytes()
+            if data.lstrip().startswith(b"-----BEGIN"):
+                out.extend(x509.load_pem_x509_certificates(data))
+            else:
+                out.append(x509.load_der_x509_certificate(data))
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"cannot load certificates from {path}: {e}") from e
+    return out
+
+
+def signing_policy(settings: Settings) -> SigningPolicy:
+    s = settings.signing
+    dispensing = profile_from_settings("jp-dispensing", s.dispensing.model_dump())
+    return SigningPolicy(
+        roles=RolePolicy({k: list(v) for k, v in s.role_document_types.items()}),
+        profiles={PRESCRIPTION.name: PRESCRIPTION, dispensing.name: dispensing},
+        max_document_bytes=s.max_document_bytes,
+        max_xml_depth=s.max_xml_depth,
+    )
+
+
+def trust_config(
+    settings: Settings | None,
+    *,
+    extra_anchors: Sequence[x509.Certificate] = (),
+    extra_intermediates: Sequence[x509.Certificate] = (),
+    extra_crls: Sequence[Path] = (),
+    check_revocation: bool = True,
+    fetch_crls: bool | None = None,
+) -> TrustConfig:
+    """Trust from the settings (when given) plus what the caller adds (CLI flags)."""
+    anchors = list(extra_anchors)
+    intermediates = list(extra_intermediates)
+    tsa_anchors: list[x509.Certificate] = []
+    crl_paths = list(extra_crls)
+    fetch = bool(fetch_crls)
+    timeout = 5.0
+    policy = SigningPolicy()
+    if settings is not None:
+        anchors += load_pems(settings.pki.hpki_trust_anchors)
+        intermediates += load_pems(settings.pki.hpki_intermediates)
+        tsa_anchors += load_pems(settings.timestamp.trust_anchors)
+        crl_paths += list(settings.pki.crl_files)
+        fetch = settings.pki.fetch_crls if fetch_crls is None else fetch_crls
+        timeout = settings.pki.crl_timeout
+        policy = signing_policy(settings)
+    return TrustConfig(
+        anchors=anchors,
+        intermediates=intermediates,
+        tsa_anchors=tsa_anchors or anchors,
+        crls=CrlSource(load_crl_files(crl_paths), fetch=fetch, timeout=timeout),
+        check_revocation=check_revocation,
+        roles=policy.roles,
+        profiles=tuple(policy.profiles.values()),
+        max_xml_depth=policy.max_xml_depth,
+    )
+
+
+def tsa_client(settings: Settings) -> Rfc3161Client | None:
+    url = settings.timestamp.url
+    return Rfc3161Client(url=url, timeout=settings.timestamp.timeout) if url else None
