@@ -5,6 +5,8 @@ from __future__ import annotations
 from aiohttp import web
 
 from gateway.audit import AuditLog
+from gateway.certificates import ClientCertificateService
+from gateway.clock import Clock
 from gateway.config import Settings
 from gateway.facilities import FacilityRegistry
 from gateway.hsm.api import KeyStore
@@ -17,3 +19,5 @@ AUDIT = web.AppKey("audit", AuditLog)
 KEYSTORE = web.AppKey("keystore", KeyStore)
 FACILITIES = web.AppKey("facilities", FacilityRegistry)
 SIGNERS = web.AppKey("signers", SignerService)
+CERTIFICATES = web.AppKey("certificates", ClientCertificateService)
+CLOCK: web.AppKey[Clock] = web.AppKey("clock")
