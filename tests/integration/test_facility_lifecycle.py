@@ -19,8 +19,15 @@ from sqlalchemy import select
 
 from gateway.auth.mtls import identify
 from gateway.clock import JST, jst_date
-from gateway.errors import AccessDenied, Conflict, Gone, InvalidRequest, Locked, NotFound
-from gateway.errors import WrongPassword
+from gateway.errors import (
+    AccessDenied,
+    Conflict,
+    Gone,
+    InvalidRequest,
+    Locked,
+    NotFound,
+    WrongPassword,
+)
 from gateway.facilities import fingerprint
 from gateway.store.schema import audit_event, client_certificate, notification
 from tests.support.gateway import free_port
@@ -366,9 +373,7 @@ async def test_revocation_is_immediate_and_publishes_the_crl(tmp_path: Path) -> 
             institution_code="1310000060", name="TEST 停止医院", kind="clinic", actor="t"
         )
         other = await s.certs.issue("1310000060", actor="test")
-        assert await s.certs.stop_service("1310000060", reason="閉院", actor="o") == [
-            other.serial
-        ]
+        assert await s.certs.stop_service("1310000060", reason="閉院", actor="o") == [other.serial]
         st = await s.certs.status("1310000060")
         assert st["status"] == "stopped"
         assert st["certificates"][0]["status"] == "revoked"
@@ -381,7 +386,7 @@ class _Sink:
     def __init__(self) -> None:
         self.messages: list[tuple[list[str], bytes]] = []
 
-    async def handle_DATA(self, server: object, session: object, envelope) -> str:  # type: ignore[no-untyped-def]  # noqa: N802
+    async def handle_DATA(self, server: object, session: object, envelope) -> str:  # type: ignore[no-untyped-def]
         self.messages.append((list(envelope.rcpt_tos), envelope.content))
         return "250 OK"
 
