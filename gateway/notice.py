@@ -14,13 +14,10 @@ import io
 from dataclasses import dataclass
 from datetime import datetime
 
-from reportlab.lib.pagesizes import A4
-from reportlab.lib.units import mm
-from reportlab.pdfbase import pdfmetrics
-from reportlab.pdfbase.cidfonts import UnicodeCIDFont
-from reportlab.pdfgen import canvas
-
 from gateway.clock import jst_date
+
+# reportlab is imported when a notice is rendered, not when the gateway starts: it costs ~0.1 s
+# of start-up per worker, and most workers never render a notice.
 
 _MINCHO = "HeiseiMin-W3"
 _GOTHIC = "HeiseiKakuGo-W5"
@@ -28,6 +25,9 @@ _registered = False
 
 
 def _fonts() -> None:
+    from reportlab.pdfbase import pdfmetrics
+    from reportlab.pdfbase.cidfonts import UnicodeCIDFont
+
     global _registered
     if not _registered:
         pdfmetrics.registerFont(UnicodeCIDFont(_MINCHO))
@@ -57,6 +57,10 @@ class PasswordNotice:
 
 def render_password_notice(n: PasswordNotice) -> bytes:
     """The notice as PDF bytes (A4, one page)."""
+    from reportlab.lib.pagesizes import A4
+    from reportlab.lib.units import mm
+    from reportlab.pdfgen import canvas
+
     _fonts()
     buf = io.BytesIO()
     c = canvas.Canvas(buf, pagesize=A4)
