@@ -21,7 +21,7 @@ def test_console_script_and_module_entry_point() -> None:
 
 def test_serve_refuses_a_corrupted_settings_file(sandbox: dict[str, Any], tmp_path: Path) -> None:
     bad = tmp_path / "gateway.toml"
-    text = Path(sandbox["config"]).read_text().replace("port = ", "port = = ", 1)
+    text = Path(sandbox["config"]).read_text().replace('port = ', 'port = = ', 1)
     bad.write_text(text)
     lineno = next(i for i, line in enumerate(text.splitlines(), 1) if "port = =" in line)
     res = run_cli("serve", "-c", str(bad), check=False)
@@ -33,9 +33,7 @@ def test_serve_refuses_a_corrupted_settings_file(sandbox: dict[str, Any], tmp_pa
 
 def test_serve_refuses_an_unknown_key(sandbox: dict[str, Any], tmp_path: Path) -> None:
     bad = tmp_path / "gateway.toml"
-    bad.write_text(
-        Path(sandbox["config"]).read_text().replace("[server]\n", "[server]\nhots = 1\n")
-    )
+    bad.write_text(Path(sandbox["config"]).read_text().replace("[server]\n", "[server]\nhots = 1\n"))
     res = run_cli("serve", "-c", str(bad), check=False)
     assert res.returncode == 2
     assert "unknown setting 'server.hots'" in res.stderr

@@ -78,10 +78,7 @@ def test_registry_identity_and_audit(url: str) -> None:
             now = datetime.now(UTC)
             ca = testworld.make_client_ca(now=now)
             leaf = testworld.issue_client_cert(
-                ca,
-                common_name="H",
-                institution_code="1310000011",
-                now=now,
+                ca, common_name="H", institution_code="1310000011", now=now,
                 validity=timedelta(days=30),
             )
             from cryptography.hazmat.primitives import serialization
