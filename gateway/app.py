@@ -10,9 +10,11 @@ from pathlib import Path
 from aiohttp import web
 from cryptography import x509
 
-from gateway.api import csc, health, verify
+from gateway.api import admin, csc, download, health, verify
 from gateway.api.keys import (
     AUDIT,
+    CERTIFICATES,
+    CLOCK,
     DB,
     FACILITIES,
     KEYSTORE,
@@ -22,6 +24,8 @@ from gateway.api.keys import (
 )
 from gateway.api.middleware import client_identity, request_context
 from gateway.audit import AuditLog
+from gateway.certificates import ClientCertificateService
+from gateway.clock import Clock, system_clock
 from gateway.config import Settings
 from gateway.errors import ConfigError, HsmUnavailable
 from gateway.facilities import FacilityRegistry
@@ -99,7 +103,9 @@ def make_signers(
     )
 
 
-def create_app(settings: Settings, *, keystore: KeyStore | None = None) -> web.Application:
+def create_app(
+    settings: Settings, *, keystore: KeyStore | None = None, clock: Clock = system_clock
+) -> web.Application:
     app = web.Application(
         client_max_size=settings.server.max_body_bytes,
         middlewares=[request_context, client_identity],
@@ -111,7 +117,11 @@ def create_app(settings: Settings, *, keystore: KeyStore | None = None) -> web.A
     app[DB] = db
     app[AUDIT] = audit
     app[KEYSTORE] = ks
+    app[CLOCK] = clock
     app[FACILITIES] = FacilityRegistry(db=db, audit=audit)
+    app[CERTIFICATES] = ClientCertificateService(
+        settings=settings, db=db, audit=audit, registry=app[FACILITIES], clock=clock
+    )
     app[SIGNERS] = make_signers(settings, db=db, audit=audit, keystore=ks)
 
     async def store_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -143,8 +153,22 @@ def create_app(settings: Settings, *, keystore: KeyStore | None = None) -> web.A
         yield
         await ks.close()
 
+    async def scheduler_ctx(app: web.Application) -> AsyncIterator[None]:
+        # Every worker runs the loop; the store makes each action happen once (scheduler.py).
+        from gateway.scheduler import Scheduler
+
+        stop = asyncio.Event()
+        task = asyncio.create_task(
+            Scheduler(service=app[CERTIFICATES]).loop(settings.scheduler.interval_seconds, stop)
+        )
+        yield
+        stop.set()
+        await task
+
     app.cleanup_ctx.extend([store_ctx, hsm_ctx])
-    # Issue 4: verification trust, and the sandbox's TEST TSA served next to the gateway.
+    if settings.scheduler.enabled:
+        app.cleanup_ctx.append(scheduler_ctx)
+    # Verification trust, and the sandbox's TEST TSA served next to the gateway.
     from gateway.sign.setup import trust_config
 
     app[VERIFY_TRUST] = trust_config(settings)
@@ -158,5 +182,20 @@ def create_app(settings: Settings, *, keystore: KeyStore | None = None) -> web.A
         app.cleanup_ctx.append(tsa_ctx)
     app.add_routes(csc.routes)
     app.add_routes(health.routes)
+    app.add_routes(admin.routes)
     app.add_routes(verify.routes)
+    return app
+
+
+def create_delivery_app(main: web.Application) -> web.Application:
+    """The download listener's app: shares the main app's services, has only the download.
+
+    It must be cleaned up before ``main`` (which owns the database).
+    """
+    settings = main[SETTINGS]
+    app = web.Application(client_max_size=download.MAX_FORM_BYTES, middlewares=[request_context])
+    app[SETTINGS] = settings
+    app[CLOCK] = main[CLOCK]
+    app[CERTIFICATES] = main[CERTIFICATES]
+    app.add_routes(download.routes)
     return app

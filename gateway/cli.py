@@ -41,6 +41,7 @@ class _Ctx:
 
     def __init__(self, settings: Settings, *, with_keystore: bool) -> None:
         from gateway.app import make_audit, make_keystore, make_signers
+        from gateway.certificates import ClientCertificateService
         from gateway.facilities import FacilityRegistry
         from gateway.store.db import Database
 
@@ -48,6 +49,9 @@ class _Ctx:
         self.db = Database(settings.database_url())
         self.audit = make_audit(settings)
         self.facilities = FacilityRegistry(db=self.db, audit=self.audit)
+        self.certificates = ClientCertificateService(
+            settings=settings, db=self.db, audit=self.audit, registry=self.facilities
+        )
         self.keystore = make_keystore(settings) if with_keystore else None
         self.signers = (
             make_signers(settings, db=self.db, audit=self.audit, keystore=self.keystore)
@@ -117,9 +121,39 @@ async def cmd_facility_add(args: argparse.Namespace) -> int:
             name=args.name,
             kind=args.kind,
             provisional=args.provisional,
+            dental_code=args.dental_code,
+            contact_email=args.contact_email,
+            per_terminal=args.per_terminal,
             actor=_actor(),
         )
     _print(args, f.__dict__, f"registered facility {f.institution_code} ({f.name})")
+    return 0
+
+
+async def cmd_facility_policy(args: argparse.Namespace) -> int:
+    per_terminal = None if args.per_terminal is None else args.per_terminal == "on"
+    async with _Ctx(_settings(args), with_keystore=False) as ctx:
+        f = await ctx.facilities.set_policy(
+            args.code, per_terminal=per_terminal, contact_email=args.contact_email, actor=_actor()
+        )
+    _print(
+        args,
+        f.__dict__,
+        f"facility {f.institution_code}: per-terminal certificates "
+        f"{'on' if f.per_terminal else 'off'}, contact {f.contact_email or '-'}",
+    )
+    return 0
+
+
+async def cmd_facility_link_dental(args: argparse.Namespace) -> int:
+    async with _Ctx(_settings(args), with_keystore=False) as ctx:
+        f = await ctx.facilities.link_dental(args.code, args.dental_code, actor=_actor())
+    _print(
+        args,
+        f.__dict__,
+        f"dental code {f.dental_code} linked to facility {f.institution_code} "
+        "(co-located dental department)",
+    )
     return 0
 
 
@@ -136,24 +170,52 @@ async def cmd_facility_list(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cert_line(c: dict[str, Any]) -> str:
+    status = c["status"]
+    if status == "overlapping":
+        status = f"overlapping until {c['revoke_at'][:10]}"
+    elif status == "revoked":
+        status = f"revoked {c['revoked_at'][:10]}: {c['reason']}"
+    return (
+        f"  serial {c['serial']}  {c['terminal'] or '-'}  issued {c['issued'][:10]} "
+        f"expires {c['expires'][:10]}  downloaded {(c['downloaded_at'] or '-')[:19]}  "
+        f"last used {(c['last_used'] or '-')[:19]}  [{status}]"
+    )
+
+
 async def cmd_facility_status(args: argparse.Namespace) -> int:
     async with _Ctx(_settings(args), with_keystore=False) as ctx:
-        f = await ctx.facilities.get(args.code)
-        certs = await ctx.facilities.certificates(args.code)
-    data = {
-        "institution_code": f.institution_code,
-        "name": f.name,
-        "status": f.status,
-        "certificates": certs,
-    }
-    lines = [f"{f.institution_code} {f.name} [{f.status}]"]
-    for c in certs:
-        lines.append(
-            f"  serial {c['serial']}  {c['status']:<8} issued {c['issued'][:10]} "
-            f"expires {c['expires'][:10]}  last used {c['last_used'] or '-'}"
-            + (f"  revoked {c['revoked_at'][:10]}: {c['reason']}" if c["revoked_at"] else "")
-        )
+        data = await ctx.certificates.status(args.code)
+    lines = [
+        f"{data['institution_code']} {data['name']} [{data['status']}]"
+        + ("  (provisional code 仮コード)" if data["provisional"] else "")
+    ]
+    lines += [_cert_line(c) for c in data["certificates"]] or ["  no certificates"]
     _print(args, data, "\n".join(lines))
+    return 0
+
+
+async def cmd_facility_expiring(args: argparse.Namespace) -> int:
+    async with _Ctx(_settings(args), with_keystore=False) as ctx:
+        items = await ctx.certificates.expiring(args.within)
+    text = "\n".join(
+        f"{c['institution_code']}  {c['serial']}  {c['terminal'] or '-'}  expires "
+        f"{c['expiry_date']} ({c['days_left']} days)  {c['status']}  {c['name']}"
+        for c in items
+    )
+    _print(args, items, text or f"no certificate expires within {args.within} days")
+    return 0
+
+
+async def cmd_facility_stop(args: argparse.Namespace) -> int:
+    async with _Ctx(_settings(args), with_keystore=False) as ctx:
+        revoked = await ctx.certificates.stop_service(args.code, reason=args.reason, actor=_actor())
+    _print(
+        args,
+        {"institution_code": args.code, "status": "stopped", "revoked": revoked},
+        f"facility {args.code} stopped the service; revoked at once: "
+        + (", ".join(revoked) or "no certificates"),
+    )
     return 0
 
 
@@ -173,48 +235,109 @@ async def cmd_facility_resume(args: argparse.Namespace) -> int:
     return 0
 
 
-async def cmd_facility_issue_cert(args: argparse.Namespace) -> int:
-    from gateway.pki import facility_ca
+def _issue_text(res: Any, verb: str) -> str:
+    lines = [
+        f"{verb} client certificate {res.serial} for {res.institution_code}"
+        + (f" (terminal {res.terminal})" if res.terminal else "")
+        + f", expires {res.expires[:10]}"
+    ]
+    for r in res.replaced:
+        lines.append(f"  replaces {r['serial']}: revoked automatically at {r['revoke_at']}")
+    if res.hand_over:
+        lines.append(
+            f"  files in {Path(res.hand_over['p12']).parent}; "
+            f"PKCS#12 password: {res.hand_over['p12_password']}"
+        )
+        lines.append("  (handed over in person: the status records it as downloaded)")
+    else:
+        lines.append(f"  password notice (print, post to the facility): {res.password_notice}")
+        lines.append(f"  download link valid until {res.download_expires}: {res.download_url}")
+        lines.append(
+            f"  the two mails (link, then download password) are in {res.outbox}"
+            + ("; sent by SMTP" if res.mailed else "")
+            + (f"; SMTP failed: {res.mail_error}" if res.mail_error else "")
+        )
+    return "\n".join(lines)
 
-    settings = _settings(args)
-    async with _Ctx(settings, with_keystore=False) as ctx:
-        f = await ctx.facilities.get(args.code)
-        ca = facility_ca.load_ca(settings.pki.facility_ca_cert, settings.pki.facility_ca_key)
-        issued = facility_ca.issue(
-            ca,
-            out_dir=Path(args.out),
-            common_name=f.name,
-            institution_code=f.institution_code,
-            terminal_label=args.terminal,
-            service_name=settings.service.name,
-        )
-        serial = await ctx.facilities.register_certificate(
-            issued.cert,
-            institution_code=f.institution_code,
-            terminal_label=args.terminal,
+
+async def cmd_facility_issue_cert(args: argparse.Namespace) -> int:
+    async with _Ctx(_settings(args), with_keystore=False) as ctx:
+        res = await ctx.certificates.issue(
+            args.code,
+            terminal=args.terminal,
             actor=_actor(),
+            hand_over_dir=Path(args.out) if args.out else None,
         )
-    data = {
-        "serial": serial,
-        "cert": str(issued.cert_path),
-        "key": str(issued.key_path),
-        "p12": str(issued.p12_path),
-        "p12_password": issued.p12_password,
-        "expires": issued.cert.not_valid_after_utc.isoformat(),
-    }
-    _print(
-        args,
-        data,
-        f"issued client certificate {serial} for {f.institution_code}\n"
-        f"  files in {Path(args.out).resolve()}; PKCS#12 password: {issued.p12_password}",
-    )
+    data = res.to_json_dict(include_secrets=True)
+    if res.hand_over:  # the keys the older command printed
+        data.update(res.hand_over)
+    _print(args, data, _issue_text(res, "issued"))
+    return 0
+
+
+async def cmd_facility_rotate_cert(args: argparse.Namespace) -> int:
+    async with _Ctx(_settings(args), with_keystore=False) as ctx:
+        res = await ctx.certificates.rotate(
+            args.code,
+            serial=args.serial,
+            terminal=args.terminal,
+            new_code=args.new_code,
+            reason=args.reason,
+            actor=_actor(),
+            hand_over_dir=Path(args.out) if args.out else None,
+        )
+    data = res.to_json_dict(include_secrets=True)
+    if res.hand_over:
+        data.update(res.hand_over)
+    _print(args, data, _issue_text(res, "rotated: issued"))
     return 0
 
 
 async def cmd_facility_revoke_cert(args: argparse.Namespace) -> int:
     async with _Ctx(_settings(args), with_keystore=False) as ctx:
-        await ctx.facilities.revoke_certificate(args.serial, reason=args.reason, actor=_actor())
-    _print(args, {"serial": args.serial, "status": "revoked"}, f"revoked {args.serial}")
+        out = await ctx.certificates.revoke(args.serial, reason=args.reason, actor=_actor())
+    _print(args, out, f"revoked {out['serial']}")
+    return 0
+
+
+async def cmd_facility_resend(args: argparse.Namespace) -> int:
+    async with _Ctx(_settings(args), with_keystore=False) as ctx:
+        res = await ctx.certificates.resend(args.serial, actor=_actor())
+    _print(
+        args,
+        res.__dict__,
+        f"new download window for {res.serial} until {res.download_expires} "
+        f"(round {res.round}): {res.download_url}\n  mails in {res.outbox}"
+        + ("; sent by SMTP" if res.mailed else ""),
+    )
+    return 0
+
+
+async def cmd_facility_export_p12(args: argparse.Namespace) -> int:
+    from gateway.mailer import write_private
+
+    async with _Ctx(_settings(args), with_keystore=False) as ctx:
+        name, p12 = await ctx.certificates.export_p12(args.serial, actor=_actor())
+        out = Path(args.out)
+        if out.is_dir():
+            out = out / name
+        write_private(out, p12)
+    _print(args, {"serial": args.serial, "file": str(out)}, f"wrote {out} (recorded as downloaded)")
+    return 0
+
+
+async def cmd_scheduler_run_once(args: argparse.Namespace) -> int:
+    from gateway.scheduler import Scheduler
+
+    async with _Ctx(_settings(args), with_keystore=False) as ctx:
+        report = await Scheduler(service=ctx.certificates).run_once()
+    _print(
+        args,
+        report.to_json_dict(),
+        f"scheduler: {len(report.revoked)} revoked, {len(report.reminders)} reminders, "
+        f"{report.mailed} mailed ({report.mail_errors} failed), "
+        f"CRL {'published' if report.crl_published else 'current'}",
+    )
     return 0
 
 
@@ -622,7 +745,30 @@ def build_parser() -> argparse.ArgumentParser:
         "--kind", required=True, choices=["hospital", "clinic", "dental_clinic", "pharmacy"]
     )
     p.add_argument("--provisional", action="store_true", help="a provisional code (仮コード)")
+    p.add_argument("--dental-code", default=None, help="co-located dental department's code")
+    p.add_argument("--contact-email", default=None, help="where reminders and delivery mail go")
+    p.add_argument("--per-terminal", action="store_true", help="one certificate per terminal label")
     p.set_defaults(func=cmd_facility_add)
+    p = fac.add_parser("policy", help="per-terminal policy and contact address")
+    _cfg(p)
+    p.add_argument("code")
+    p.add_argument("--per-terminal", choices=["on", "off"], default=None)
+    p.add_argument("--contact-email", default=None)
+    p.set_defaults(func=cmd_facility_policy)
+    p = fac.add_parser("link-dental", help="link a co-located dental department's code")
+    _cfg(p)
+    p.add_argument("code", help="the facility's medical (医科) code")
+    p.add_argument("dental_code", help="the dental (歯科) code")
+    p.set_defaults(func=cmd_facility_link_dental)
+    p = fac.add_parser("expiring", help="certificates expiring within DAYS")
+    _cfg(p)
+    p.add_argument("--within", type=int, required=True, metavar="DAYS")
+    p.set_defaults(func=cmd_facility_expiring)
+    p = fac.add_parser("stop", help="the facility stops the service: revoke everything now")
+    _cfg(p)
+    p.add_argument("code")
+    p.add_argument("--reason", required=True)
+    p.set_defaults(func=cmd_facility_stop)
     p = fac.add_parser("list", help="list facilities")
     _cfg(p)
     p.set_defaults(func=cmd_facility_list)
@@ -642,9 +788,33 @@ def build_parser() -> argparse.ArgumentParser:
     p = fac.add_parser("issue-cert", help="issue a client certificate from the facility CA")
     _cfg(p)
     p.add_argument("code")
-    p.add_argument("--out", required=True, help="directory for client.pem/.key/.p12")
+    p.add_argument(
+        "--out",
+        default=None,
+        help="hand over in person: write client.pem/.key/.p12 here instead of a download link",
+    )
     p.add_argument("--terminal", default=None, help="terminal label (per-terminal policy)")
     p.set_defaults(func=cmd_facility_issue_cert)
+    p = fac.add_parser(
+        "rotate-cert", help="reissue (renewal, code change, provisional → real code)"
+    )
+    _cfg(p)
+    p.add_argument("code")
+    p.add_argument("--serial", default=None, help="the certificate to replace")
+    p.add_argument("--terminal", default=None, help="the terminal whose certificate to replace")
+    p.add_argument("--new-code", default=None, help="the new (or real) institution code")
+    p.add_argument("--reason", default=None)
+    p.add_argument("--out", default=None, help="hand over in person (see issue-cert)")
+    p.set_defaults(func=cmd_facility_rotate_cert)
+    p = fac.add_parser("resend", help="new 14-day download window (new link and password)")
+    _cfg(p)
+    p.add_argument("serial")
+    p.set_defaults(func=cmd_facility_resend)
+    p = fac.add_parser("export-p12", help="take the stored file out (counts as the download)")
+    _cfg(p)
+    p.add_argument("serial")
+    p.add_argument("--out", required=True, help="file or directory")
+    p.set_defaults(func=cmd_facility_export_p12)
     p = fac.add_parser("revoke-cert", help="revoke a client certificate at once")
     _cfg(p)
     p.add_argument("serial", help="certificate serial (hex)")
@@ -689,6 +859,13 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("signer")
         p.add_argument("facility")
         p.set_defaults(func=func)
+
+    sc = sub.add_parser("scheduler", help="reminders, scheduled revocations, CRL").add_subparsers(
+        dest="sub", required=True
+    )
+    p = sc.add_parser("run-once", help="one scheduler run (for cron); safe next to serve")
+    _cfg(p)
+    p.set_defaults(func=cmd_scheduler_run_once)
 
     au = sub.add_parser("audit", help="audit log").add_subparsers(dest="sub", required=True)
     p = au.add_parser("verify", help="verify the hash chain; exit 1 on the first problem")

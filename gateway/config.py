@@ -29,7 +29,12 @@ ENV_PREFIX = "HPKI_GATEWAY_"
 CONFIG_ENV = "HPKI_GATEWAY_CONFIG"
 
 # Keys that look like inline secrets get a specific message instead of "unknown key".
-_INLINE_SECRETS = {("hsm", "pin"), ("hsm", "so_pin"), ("store", "password")}
+_INLINE_SECRETS = {
+    ("hsm", "pin"),
+    ("hsm", "so_pin"),
+    ("store", "password"),
+    ("smtp", "password"),
+}
 
 
 class _Section(BaseModel):
@@ -117,6 +122,87 @@ class PkiSettings(_Section):
     issuer. Off by default: an offline check reports revocation as INDETERMINATE instead."""
     crl_timeout: Annotated[float, Field(gt=0, le=60)] = 5.0
     """Seconds allowed for one CRL download."""
+    facility_crl: Path | None = None
+    """Where the facility CA publishes its CRL (DER), for a TLS terminator in front of the
+    gateway; rewritten on every revocation and before nextUpdate. Unset: no CRL is written."""
+    crl_validity_hours: Annotated[int, Field(ge=2, le=24 * 90)] = 7 * 24
+    """nextUpdate of each CRL, counted from its thisUpdate."""
+    crl_refresh_hours: Annotated[int, Field(ge=1, le=24 * 45)] = 2 * 24
+    """The scheduler rewrites the CRL when less than this remains until its nextUpdate."""
+
+
+class CertificateSettings(_Section):
+    """Facility client certificates: validity, delivery, rotation, reminders (HPKI.md §6)."""
+
+    validity_months: Annotated[int, Field(ge=1, le=120)] = 39
+    """Validity of a new facility certificate in calendar months (3 years 3 months)."""
+    p12_file_name: str = "client.{service}.p12"
+    """Name of the PKCS#12 file; ``{service}`` becomes ``service.name``."""
+    download_days: Annotated[int, Field(ge=1, le=90)] = 14
+    """How long a download link works; a resend opens a new window of the same length."""
+    max_download_attempts: Annotated[int, Field(ge=1, le=20)] = 5
+    """Wrong download passwords after which the link locks (a resend unlocks)."""
+    rotation_overlap_months: Annotated[int, Field(ge=0, le=12)] = 1
+    """The replaced certificate is revoked this many calendar months after the new one's
+    issue date (0: at once)."""
+    reminder_days: list[Annotated[int, Field(ge=1, le=365)]] = Field(
+        default_factory=lambda: [90, 60, 30, 15, 7]
+    )
+    """Days before expiry with a reminder; after the smallest, one every day, then at expiry."""
+    expiry_header_days: Annotated[int, Field(ge=0, le=365)] = 90
+    """Responses to a facility whose certificate expires within this many days carry
+    ``X-Client-Certificate-Expires``."""
+    outbox_dir: Path = Path("outbox")
+    """Out-of-band deliveries (password notice PDF, the two mails) are written here, 0600."""
+    delivery_key_file: Path | None = None
+    """32+ bytes: wraps (AES-256-GCM) the PKCS#12 kept until it is downloaded. Needed to issue."""
+
+
+class DeliverySettings(_Section):
+    """The optional download listener: server TLS only, nothing but the one-time download."""
+
+    enabled: bool = False
+    """Serve the download links (off by default: delivery is then out of band only)."""
+    host: str = "127.0.0.1"
+    """Address to bind."""
+    port: Annotated[int, Field(ge=1, le=65535)] = 8444
+    """TCP port (must differ from server.port)."""
+    public_url: str = "https://localhost:8444"
+    """Base URL of the download links in the mails."""
+    tls_cert: Path | None = None
+    """PEM server certificate of this listener (default: server.tls_cert)."""
+    tls_key: Path | None = None
+    """Its key (default: server.tls_key)."""
+
+
+class SmtpSettings(_Section):
+    """Mail for delivery and reminders; unset host = no mail (the outbox only)."""
+
+    host: str | None = None
+    """SMTP server; unset: mails are only written to the outbox and the notification table."""
+    port: Annotated[int, Field(ge=1, le=65535)] = 25
+    """SMTP port."""
+    starttls: bool = False
+    """Upgrade with STARTTLS before sending (verifies the server certificate)."""
+    username: str | None = None
+    """SMTP AUTH user (with password_file or password_env)."""
+    password_file: Path | None = None
+    """File holding the SMTP password."""
+    password_env: str | None = None
+    """Environment variable holding the SMTP password."""
+    sender: str = "hpki-gateway@localhost"
+    """From address."""
+    timeout_seconds: Annotated[float, Field(gt=0, le=120)] = 10.0
+    """Timeout of each SMTP conversation."""
+
+
+class SchedulerSettings(_Section):
+    """Reminders, scheduled revocations and CRL refresh (idempotent in the store)."""
+
+    enabled: bool = True
+    """Run the scheduler loop inside ``serve`` (every worker may; the store keeps it once)."""
+    interval_seconds: Annotated[int, Field(ge=5, le=86400)] = 300
+    """Seconds between runs."""
 
 
 class AuditSettings(_Section):
@@ -214,6 +300,10 @@ class Settings(_Section):
     hsm: HsmSettings = HsmSettings()
     pki: PkiSettings = PkiSettings()
     audit: AuditSettings = AuditSettings()
+    certificates: CertificateSettings = CertificateSettings()
+    delivery: DeliverySettings = DeliverySettings()
+    smtp: SmtpSettings = SmtpSettings()
+    scheduler: SchedulerSettings = SchedulerSettings()
     logging: LoggingSettings = LoggingSettings()
     service: ServiceSettings = ServiceSettings()
     signing: SigningSettings = SigningSettings()
@@ -236,6 +326,14 @@ class Settings(_Section):
         if self.store.password_file is None and self.store.password_env is None:
             return None
         return _read_secret("store.password", self.store.password_file, self.store.password_env)
+
+    def smtp_password(self) -> str | None:
+        if self.smtp.password_file is None and self.smtp.password_env is None:
+            return None
+        return _read_secret("smtp.password", self.smtp.password_file, self.smtp.password_env)
+
+    def p12_file_name(self) -> str:
+        return self.certificates.p12_file_name.replace("{service}", self.service.name)
 
     def database_url(self) -> str:
         """The store URL with a relative SQLite path made absolute and the password applied."""

@@ -55,6 +55,27 @@ class Conflict(GatewayError):
     code = "conflict"
 
 
+class Gone(GatewayError):
+    """The thing existed but is no longer available (an expired or used download link)."""
+
+    status = 410
+    code = "gone"
+
+
+class Locked(GatewayError):
+    """Locked after too many wrong passwords; only an officer's action unlocks it."""
+
+    status = 423
+    code = "locked"
+
+
+class WrongPassword(GatewayError):
+    """A wrong download password; the description says how many attempts are left."""
+
+    status = 403
+    code = "wrong_password"
+
+
 class PayloadTooLarge(GatewayError):
     status = 413
     code = "payload_too_large"

@@ -17,8 +17,9 @@ from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
-from sqlalchemy import func, insert, select, update
+from sqlalchemy import and_, func, insert, or_, select, update
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncConnection
 
 from gateway.audit import AuditLog
 from gateway.errors import Conflict, InvalidRequest, NotFound
@@ -27,7 +28,49 @@ from gateway.store.schema import admin, client_certificate, facility
 
 FEE_TABLES = {"1": "medical", "3": "dental", "4": "pharmacy"}
 FACILITY_KINDS = ("hospital", "clinic", "dental_clinic", "pharmacy")
+FACILITY_STATUSES = ("active", "suspended", "stopped")
 _CODE_RE = re.compile(r"[0-9]{10}")  # ASCII only: \d also matches full-width digits
+_EMAIL_RE = re.compile(r"[^@\s<>\\\"]{1,64}@[A-Za-z0-9.-]{1,253}\.[A-Za-z]{2,63}")
+TERMINAL_LABEL_MAX = 64
+
+
+def validate_terminal_label(label: str) -> str:
+    """A terminal label goes into the certificate (OU) and the status: short, printable."""
+    if not isinstance(label, str) or not label.strip():
+        raise InvalidRequest("a terminal label must not be empty")
+    label = label.strip()
+    if len(label) > TERMINAL_LABEL_MAX:
+        raise InvalidRequest(f"terminal label is longer than {TERMINAL_LABEL_MAX} characters")
+    if any(not ch.isprintable() for ch in label):
+        raise InvalidRequest("terminal label contains control characters")
+    return label
+
+
+def validate_email(email: str) -> str:
+    if not isinstance(email, str) or not _EMAIL_RE.fullmatch(email.strip()):
+        raise InvalidRequest(f"contact e-mail {email!r} is not an address like name@example.jp")
+    return email.strip()
+
+
+def validate_dental_link(medical_code: str, dental_code: str) -> None:
+    """A co-located dental department: same prefecture, medical fee table 1 and dental 3."""
+    validate_institution_code(medical_code)
+    validate_institution_code(dental_code)
+    if medical_code[2] != "1":
+        raise InvalidRequest(
+            f"facility {medical_code} is not registered under a medical (医科, fee table 1) "
+            "code: only a medical code can carry a co-located dental department"
+        )
+    if dental_code[2] != "3":
+        raise InvalidRequest(
+            f"institution code {dental_code} is not a dental (歯科, fee table 3) code"
+        )
+    if dental_code[:2] != medical_code[:2]:
+        raise InvalidRequest(
+            f"dental code {dental_code} is in prefecture {dental_code[:2]}, the facility "
+            f"{medical_code} in prefecture {medical_code[:2]}: a co-located department "
+            "shares the prefecture"
+        )
 
 
 def validate_institution_code(code: str) -> str:
@@ -62,6 +105,12 @@ class Facility:
     status_reason: str | None
     status_changed_at: datetime | None
     policy: dict[str, Any]
+    dental_code: str | None = None
+    contact_email: str | None = None
+
+    @property
+    def per_terminal(self) -> bool:
+        return bool(self.policy.get("per_terminal_certificates", False))
 
     @classmethod
     def from_row(cls, r: Any) -> Facility:
@@ -75,7 +124,54 @@ class Facility:
             status_reason=r.status_reason,
             status_changed_at=r.status_changed_at,
             policy=json.loads(r.policy or "{}"),
+            dental_code=r.dental_code,
+            contact_email=r.contact_email,
         )
+
+
+def current_certificates_clause(facility_id: int, now: datetime) -> Any:
+    """SQL: the facility's current certificates (active, unexpired, no revocation scheduled)."""
+    return and_(
+        client_certificate.c.facility_id == facility_id,
+        client_certificate.c.status == "active",
+        client_certificate.c.revoke_at.is_(None),
+        client_certificate.c.not_after > now,
+    )
+
+
+def certificate_status(row: Any, now: datetime) -> str:
+    """``active``, ``overlapping`` (revocation scheduled), ``revoked`` or ``expired``."""
+    if row.status == "revoked" or (row.revoke_at is not None and row.revoke_at <= now):
+        return "revoked"
+    if row.not_after <= now:
+        return "expired"
+    if row.revoke_at is not None:
+        return "overlapping"
+    return "active"
+
+
+def _iso(d: datetime | None) -> str | None:
+    return d.isoformat() if d else None
+
+
+def certificate_json(row: Any, now: datetime) -> dict[str, Any]:
+    """One certificate in the fixed status shape (docs/api-admin.md); dates ISO 8601 UTC."""
+    status = certificate_status(row, now)
+    revoked_at = row.revoked_at
+    if status == "revoked" and revoked_at is None:
+        revoked_at = row.revoke_at  # passed, the scheduler has not yet recorded it
+    return {
+        "serial": row.serial_hex,
+        "terminal": row.terminal_label,
+        "status": status,
+        "issued": _iso(row.issued_at),
+        "expires": _iso(row.not_after),
+        "downloaded_at": _iso(row.downloaded_at),
+        "revoke_at": _iso(row.revoke_at),
+        "revoked_at": _iso(revoked_at),
+        "reason": row.revocation_reason,
+        "last_used": _iso(row.last_used_at),
+    }
 
 
 class FacilityRegistry:
@@ -84,6 +180,26 @@ class FacilityRegistry:
     def __init__(self, *, db: Database, audit: AuditLog) -> None:
         self.db = db
         self.audit = audit
+
+    @staticmethod
+    async def ensure_code_free(conn: AsyncConnection, code: str) -> None:
+        """Refuse a code that is registered, or linked as some facility's dental code."""
+        row = (
+            await conn.execute(
+                select(facility.c.institution_code, facility.c.dental_code).where(
+                    or_(facility.c.institution_code == code, facility.c.dental_code == code)
+                )
+            )
+        ).first()
+        if row is None:
+            return
+        if row.institution_code == code:
+            raise Conflict(f"facility {code} is already registered")
+        raise Conflict(
+            f"institution code {code} is the dental (歯科) code of facility "
+            f"{row.institution_code}, whose co-located dental department is registered under "
+            f"its medical (医科) code {row.institution_code}: use that facility"
+        )
 
     async def add(
         self,
@@ -94,6 +210,9 @@ class FacilityRegistry:
         provisional: bool = False,
         actor: str,
         now: datetime | None = None,
+        dental_code: str | None = None,
+        contact_email: str | None = None,
+        per_terminal: bool = False,
     ) -> Facility:
         validate_institution_code(institution_code)
         if kind not in FACILITY_KINDS:
@@ -108,8 +227,16 @@ class FacilityRegistry:
                 f"institution code {institution_code} has fee table {institution_code[2]} "
                 f"({fee}), which does not fit a facility of kind {kind!r}"
             )
+        if dental_code is not None:
+            validate_dental_link(institution_code, dental_code)
+        if contact_email is not None:
+            contact_email = validate_email(contact_email)
+        policy = {"per_terminal_certificates": True} if per_terminal else {}
         now = now or datetime.now(UTC)
         async with self.db.write() as conn:
+            await self.ensure_code_free(conn, institution_code)
+            if dental_code is not None:
+                await self.ensure_code_free(conn, dental_code)
             try:
                 res = await conn.execute(
                     insert(facility).values(
@@ -118,8 +245,10 @@ class FacilityRegistry:
                         kind=kind,
                         provisional=provisional,
                         status="active",
-                        policy="{}",
+                        policy=json.dumps(policy),
                         created_at=now,
+                        dental_code=dental_code,
+                        contact_email=contact_email,
                     )
                 )
             except IntegrityError as e:
@@ -129,7 +258,13 @@ class FacilityRegistry:
                 action="facility.add",
                 actor=actor,
                 facility_code=institution_code,
-                detail={"name": name, "kind": kind, "provisional": provisional},
+                detail={
+                    "name": name,
+                    "kind": kind,
+                    "provisional": provisional,
+                    "dental_code": dental_code,
+                    "per_terminal": per_terminal,
+                },
                 now=now,
             )
             pk = res.inserted_primary_key
@@ -139,12 +274,30 @@ class FacilityRegistry:
 
     async def get(self, institution_code: str) -> Facility:
         async with self.db.read() as conn:
-            row = (
-                await conn.execute(
-                    select(facility).where(facility.c.institution_code == institution_code)
-                )
-            ).one_or_none()
+            return await self.get_in(conn, institution_code)
+
+    @staticmethod
+    async def get_in(
+        conn: AsyncConnection, institution_code: str, *, for_update: bool = False
+    ) -> Facility:
+        """The facility; ``for_update`` locks its row (PostgreSQL) so issuances serialise."""
+        stmt = select(facility).where(facility.c.institution_code == institution_code)
+        if for_update:
+            stmt = stmt.with_for_update()
+        row = (await conn.execute(stmt)).one_or_none()
         if row is None:
+            dental = (
+                await conn.execute(
+                    select(facility.c.institution_code).where(
+                        facility.c.dental_code == institution_code
+                    )
+                )
+            ).scalar_one_or_none()
+            if dental is not None:
+                raise NotFound(
+                    f"facility {institution_code} is not registered: it is the dental (歯科) "
+                    f"code of facility {dental} (use {dental})"
+                )
             raise NotFound(f"facility {institution_code} is not registered")
         return Facility.from_row(row)
 
@@ -156,27 +309,119 @@ class FacilityRegistry:
         return [Facility.from_row(r) for r in rows]
 
     async def set_status(
-        self, institution_code: str, *, status: str, reason: str | None, actor: str
+        self,
+        institution_code: str,
+        *,
+        status: str,
+        reason: str | None,
+        actor: str,
+        now: datetime | None = None,
     ) -> Facility:
         if status not in ("active", "suspended"):
             raise InvalidRequest(f"facility status {status!r} is not 'active' or 'suspended'")
         if status == "suspended" and not (reason and reason.strip()):
             raise InvalidRequest("a suspension needs a reason")
-        now = datetime.now(UTC)
+        now = now or datetime.now(UTC)
         async with self.db.write() as conn:
-            res = await conn.execute(
+            fac = await self.get_in(conn, institution_code)
+            if fac.status == "stopped":
+                raise Conflict(
+                    f"facility {institution_code} stopped the service on "
+                    f"{_iso(fac.status_changed_at)}: register a new application instead"
+                )
+            await conn.execute(
                 update(facility)
-                .where(facility.c.institution_code == institution_code)
+                .where(facility.c.id == fac.id)
                 .values(status=status, status_reason=reason, status_changed_at=now)
             )
-            if res.rowcount == 0:
-                raise NotFound(f"facility {institution_code} is not registered")
             await self.audit.append(
                 conn,
                 action=f"facility.{'suspend' if status == 'suspended' else 'resume'}",
                 actor=actor,
                 facility_code=institution_code,
                 detail={"reason": reason},
+                now=now,
+            )
+        return await self.get(institution_code)
+
+    async def link_dental(
+        self, institution_code: str, dental_code: str, *, actor: str, now: datetime | None = None
+    ) -> Facility:
+        """Record the co-located dental department's code under the medical registration."""
+        validate_dental_link(institution_code, dental_code)
+        now = now or datetime.now(UTC)
+        async with self.db.write() as conn:
+            fac = await self.get_in(conn, institution_code, for_update=True)
+            if fac.dental_code == dental_code:
+                raise Conflict(
+                    f"dental code {dental_code} is already linked to {fac.institution_code}"
+                )
+            if fac.dental_code is not None:
+                raise Conflict(
+                    f"facility {institution_code} already has the dental code {fac.dental_code}"
+                )
+            await self.ensure_code_free(conn, dental_code)
+            await conn.execute(
+                update(facility).where(facility.c.id == fac.id).values(dental_code=dental_code)
+            )
+            await self.audit.append(
+                conn,
+                action="facility.link_dental",
+                actor=actor,
+                facility_code=institution_code,
+                detail={"dental_code": dental_code},
+                now=now,
+            )
+        return await self.get(institution_code)
+
+    async def set_policy(
+        self,
+        institution_code: str,
+        *,
+        per_terminal: bool | None = None,
+        contact_email: str | None = None,
+        actor: str,
+        now: datetime | None = None,
+    ) -> Facility:
+        """Change the per-terminal policy and/or the contact address."""
+        if contact_email is not None:
+            contact_email = validate_email(contact_email)
+        now = now or datetime.now(UTC)
+        async with self.db.write() as conn:
+            fac = await self.get_in(conn, institution_code, for_update=True)
+            policy = dict(fac.policy)
+            values: dict[str, Any] = {}
+            if per_terminal is not None:
+                if not per_terminal and per_terminal != fac.per_terminal:
+                    n = (
+                        await conn.execute(
+                            select(func.count())
+                            .select_from(client_certificate)
+                            .where(current_certificates_clause(fac.id, now))
+                        )
+                    ).scalar_one()
+                    if n > 1:
+                        raise Conflict(
+                            f"facility {institution_code} has {n} current terminal "
+                            "certificates: revoke all but one before ending the per-terminal "
+                            "policy"
+                        )
+                policy["per_terminal_certificates"] = per_terminal
+                values["policy"] = json.dumps(policy)
+            if contact_email is not None:
+                values["contact_email"] = contact_email
+            if not values:
+                raise InvalidRequest("nothing to change: give a policy or a contact address")
+            await conn.execute(update(facility).where(facility.c.id == fac.id).values(**values))
+            await self.audit.append(
+                conn,
+                action="facility.policy",
+                actor=actor,
+                facility_code=institution_code,
+                detail={
+                    "per_terminal": per_terminal,
+                    "contact_email_set": contact_email is not None,
+                },
                 now=now,
             )
         return await self.get(institution_code)
@@ -191,142 +436,204 @@ class FacilityRegistry:
         admin_name: str | None = None,
         terminal_label: str | None = None,
         actor: str,
+        now: datetime | None = None,
+        downloaded: bool = False,
     ) -> str:
         """Register a client certificate for a facility or an administrator; returns its serial.
 
-        By default a facility has one active certificate (the source rules); a second one is
-        refused unless the facility policy allows per-terminal certificates.
+        By default a facility has one current certificate (the source rules); a second one is
+        refused unless the facility policy allows per-terminal certificates (then one per
+        terminal label). A certificate is never silently replaced: rotation is explicit.
         """
+        now = now or datetime.now(UTC)
+        async with self.db.write() as conn:
+            serial, _ = await self.register_in(
+                conn,
+                cert,
+                institution_code=institution_code,
+                admin_name=admin_name,
+                terminal_label=terminal_label,
+                actor=actor,
+                now=now,
+                downloaded=downloaded,
+            )
+        return serial
+
+    async def register_in(
+        self,
+        conn: AsyncConnection,
+        cert: x509.Certificate,
+        *,
+        institution_code: str | None = None,
+        admin_name: str | None = None,
+        terminal_label: str | None = None,
+        actor: str,
+        now: datetime,
+        downloaded: bool = False,
+        audit_detail: dict[str, Any] | None = None,
+    ) -> tuple[str, int]:
+        """Register inside the caller's transaction; returns (serial, row id)."""
         if (institution_code is None) == (admin_name is None):
             raise InvalidRequest("a client certificate belongs to one facility or one admin")
+        if terminal_label is not None:
+            terminal_label = validate_terminal_label(terminal_label)
         der = cert.public_bytes(serialization.Encoding.DER)
         serial_hex = format(cert.serial_number, "x")
-        now = datetime.now(UTC)
-        async with self.db.write() as conn:
-            facility_id = admin_id = None
-            if institution_code is not None:
-                frow = (
-                    await conn.execute(
-                        select(facility).where(facility.c.institution_code == institution_code)
-                    )
-                ).one_or_none()
-                if frow is None:
-                    raise NotFound(f"facility {institution_code} is not registered")
-                facility_id = frow.id
-                policy = json.loads(frow.policy or "{}")
-                active = (
-                    await conn.execute(
-                        select(func.count())
-                        .select_from(client_certificate)
-                        .where(client_certificate.c.facility_id == facility_id)
-                        .where(client_certificate.c.status == "active")
-                    )
-                ).scalar_one()
-                if active and not policy.get("per_terminal_certificates", False):
-                    raise Conflict(
-                        f"facility {institution_code} already has an active client certificate "
-                        "(one per facility; rotate it instead)"
-                    )
-            else:
-                arow = (
-                    await conn.execute(select(admin).where(admin.c.name == admin_name))
-                ).one_or_none()
-                if arow is None:
-                    res = await conn.execute(
-                        insert(admin).values(name=admin_name, status="active", created_at=now)
-                    )
-                    pk = res.inserted_primary_key
-                    assert pk is not None
-                    admin_id = pk[0]
-                else:
-                    admin_id = arow.id
-            try:
-                await conn.execute(
-                    insert(client_certificate).values(
-                        serial_hex=serial_hex,
-                        fingerprint_sha256=fingerprint(der),
-                        facility_id=facility_id,
-                        admin_id=admin_id,
-                        terminal_label=terminal_label,
-                        subject=cert.subject.rfc4514_string(),
-                        not_before=cert.not_valid_before_utc,
-                        not_after=cert.not_valid_after_utc,
-                        status="active",
-                        issued_at=now,
-                        certificate_der=der,
-                    )
+        facility_id = admin_id = None
+        if institution_code is not None:
+            fac = await self.get_in(conn, institution_code, for_update=True)
+            facility_id = fac.id
+            await self.check_one_current(conn, fac, terminal_label, now)
+        else:
+            arow = (
+                await conn.execute(select(admin).where(admin.c.name == admin_name))
+            ).one_or_none()
+            if arow is None:
+                res = await conn.execute(
+                    insert(admin).values(name=admin_name, status="active", created_at=now)
                 )
-            except IntegrityError as e:
-                raise Conflict(f"client certificate {serial_hex} is already registered") from e
-            await self.audit.append(
-                conn,
-                action="client_certificate.register",
-                actor=actor,
-                facility_code=institution_code,
-                detail={
-                    "serial": serial_hex,
-                    "admin": admin_name,
-                    "terminal": terminal_label,
-                    "not_after": cert.not_valid_after_utc.isoformat(),
-                    "fingerprint_sha256": fingerprint(der),
-                },
-                now=now,
+                pk = res.inserted_primary_key
+                assert pk is not None
+                admin_id = pk[0]
+            else:
+                admin_id = arow.id
+        try:
+            res = await conn.execute(
+                insert(client_certificate).values(
+                    serial_hex=serial_hex,
+                    fingerprint_sha256=fingerprint(der),
+                    facility_id=facility_id,
+                    admin_id=admin_id,
+                    terminal_label=terminal_label,
+                    subject=cert.subject.rfc4514_string(),
+                    not_before=cert.not_valid_before_utc,
+                    not_after=cert.not_valid_after_utc,
+                    status="active",
+                    issued_at=now,
+                    downloaded_at=now if downloaded else None,
+                    certificate_der=der,
+                )
             )
-        return serial_hex
+        except IntegrityError as e:
+            raise Conflict(f"client certificate {serial_hex} is already registered") from e
+        pk = res.inserted_primary_key
+        assert pk is not None
+        await self.audit.append(
+            conn,
+            action="client_certificate.register",
+            actor=actor,
+            facility_code=institution_code,
+            detail={
+                "serial": serial_hex,
+                "admin": admin_name,
+                "terminal": terminal_label,
+                "not_after": cert.not_valid_after_utc.isoformat(),
+                "fingerprint_sha256": fingerprint(der),
+                **(audit_detail or {}),
+            },
+            now=now,
+        )
+        return serial_hex, int(pk[0])
 
-    async def revoke_certificate(self, serial_hex: str, *, reason: str, actor: str) -> None:
+    @staticmethod
+    async def check_one_current(
+        conn: AsyncConnection, fac: Facility, terminal_label: str | None, now: datetime
+    ) -> None:
+        """One current certificate per facility, or per terminal under the per-terminal policy."""
+        if fac.status != "active":
+            raise Conflict(
+                f"facility {fac.institution_code} is {fac.status}: no certificate can be issued"
+            )
+        stmt = select(client_certificate.c.serial_hex, client_certificate.c.terminal_label).where(
+            current_certificates_clause(fac.id, now)
+        )
+        if fac.per_terminal:
+            if terminal_label is None:
+                raise InvalidRequest(
+                    f"facility {fac.institution_code} has per-terminal certificates: "
+                    "give a terminal label (e.g. 「総合受付 端末01」)"
+                )
+            stmt = stmt.where(client_certificate.c.terminal_label == terminal_label)
+        existing = (await conn.execute(stmt)).first()
+        if existing is None:
+            return
+        if fac.per_terminal:
+            raise Conflict(
+                f"terminal {terminal_label!r} of facility {fac.institution_code} already has "
+                f"the current client certificate {existing.serial_hex} (one per terminal; "
+                "rotate it instead)"
+            )
+        raise Conflict(
+            f"facility {fac.institution_code} already has an active client certificate "
+            f"{existing.serial_hex} (one per facility; rotate it instead)"
+        )
+
+    async def revoke_certificate(
+        self, serial_hex: str, *, reason: str, actor: str, now: datetime | None = None
+    ) -> None:
         if not reason.strip():
             raise InvalidRequest("a revocation needs a reason")
-        serial_hex = serial_hex.lower().removeprefix("0x")
-        now = datetime.now(UTC)
+        serial_hex = normalize_serial(serial_hex)
+        now = now or datetime.now(UTC)
         async with self.db.write() as conn:
-            row = (
-                await conn.execute(
-                    select(client_certificate, facility.c.institution_code)
-                    .select_from(client_certificate.outerjoin(facility))
-                    .where(client_certificate.c.serial_hex == serial_hex)
-                )
-            ).one_or_none()
-            if row is None:
-                raise NotFound(f"client certificate {serial_hex} is not registered")
-            if row.status == "revoked":
-                raise Conflict(f"client certificate {serial_hex} was already revoked")
-            await conn.execute(
-                update(client_certificate)
-                .where(client_certificate.c.serial_hex == serial_hex)
-                .values(status="revoked", revoked_at=now, revocation_reason=reason)
-            )
-            await self.audit.append(
-                conn,
-                action="client_certificate.revoke",
-                actor=actor,
-                facility_code=row.institution_code,
-                detail={"serial": serial_hex, "reason": reason},
-                now=now,
-            )
+            await self.revoke_in(conn, serial_hex, reason=reason, actor=actor, now=now)
 
-    async def certificates(self, institution_code: str) -> list[dict[str, Any]]:
+    async def revoke_in(
+        self,
+        conn: AsyncConnection,
+        serial_hex: str,
+        *,
+        reason: str,
+        actor: str,
+        now: datetime,
+        action: str = "client_certificate.revoke",
+    ) -> Any:
+        """Revoke at once inside the caller's transaction; returns the row before the change."""
+        row = (
+            await conn.execute(
+                select(client_certificate, facility.c.institution_code)
+                .select_from(client_certificate.outerjoin(facility))
+                .where(client_certificate.c.serial_hex == serial_hex)
+            )
+        ).one_or_none()
+        if row is None:
+            raise NotFound(f"client certificate {serial_hex} is not registered")
+        if row.status == "revoked":
+            raise Conflict(f"client certificate {serial_hex} was already revoked")
+        await conn.execute(
+            update(client_certificate)
+            .where(client_certificate.c.id == row.id)
+            .values(status="revoked", revoked_at=now, revocation_reason=reason)
+        )
+        await self.audit.append(
+            conn,
+            action=action,
+            actor=actor,
+            facility_code=row.institution_code,
+            detail={"serial": serial_hex, "reason": reason},
+            now=now,
+        )
+        return row
+
+    async def certificates(
+        self, institution_code: str, *, now: datetime | None = None
+    ) -> list[dict[str, Any]]:
+        now = now or datetime.now(UTC)
         fac = await self.get(institution_code)
         async with self.db.read() as conn:
             rows = (
                 await conn.execute(
                     select(client_certificate)
                     .where(client_certificate.c.facility_id == fac.id)
-                    .order_by(client_certificate.c.issued_at)
+                    .order_by(client_certificate.c.issued_at, client_certificate.c.id)
                 )
             ).all()
-        return [
-            {
-                "serial": r.serial_hex,
-                "terminal": r.terminal_label,
-                "status": r.status,
-                "issued": r.issued_at.isoformat(),
-                "expires": r.not_after.isoformat(),
-                "downloaded_at": r.downloaded_at.isoformat() if r.downloaded_at else None,
-                "revoke_at": r.revoke_at.isoformat() if r.revoke_at else None,
-                "revoked_at": r.revoked_at.isoformat() if r.revoked_at else None,
-                "reason": r.revocation_reason,
-                "last_used": r.last_used_at.isoformat() if r.last_used_at else None,
-            }
-            for r in rows
-        ]
+        return [certificate_json(r, now) for r in rows]
+
+
+def normalize_serial(serial_hex: str) -> str:
+    """Accept upper/lower case, an ``0x`` prefix, colons and leading zeros (as openssl prints)."""
+    s = serial_hex.strip().lower().removeprefix("0x").replace(":", "")
+    if not s or any(c not in "0123456789abcdef" for c in s):
+        raise InvalidRequest(f"certificate serial {serial_hex!r} is not hexadecimal")
+    return s.lstrip("0") or "0"

@@ -9,6 +9,7 @@ Layout of DIR (all paths in the manifest are absolute):
   tls/                    the gateway's server certificate (SAN localhost, 127.0.0.1)
   clients/<code>/         each facility's client.pem / client.key / client.<service>.p12
   clients/admin/          the administrator's client certificate
+  outbox/                 password notices (PDF) and delivery mails of issued certificates
   data/gateway.db         SQLite store
 """
 
@@ -137,6 +138,7 @@ facility_ca_cert = "pki/facility-client-ca.pem"
 facility_ca_key = "pki/facility-client-ca.key"
 crl_files = ["pki/hpki-signing-ca.crl", "pki/hpki-root.crl"]
 fetch_crls = false
+facility_crl = "pki/facility-client-ca.crl"
 
 [timestamp]
 # The TEST TSA below, served by `hpki-gateway serve` (or alone: `hpki-gateway sandbox tsa`).
@@ -151,6 +153,22 @@ port = {tsa_port}
 cert = "pki/tsa.pem"
 key = "pki/tsa.key"
 chain = ["pki/tsa-ca.pem"]
+
+[certificates]
+# Facility client certificates: outbox for the password notices and the two delivery mails;
+# the key that wraps a PKCS#12 until it is downloaded.
+outbox_dir = "outbox"
+delivery_key_file = "secrets/delivery.key"
+
+[delivery]
+# The download listener (server TLS only) is off by default; to serve the download links:
+# enabled = true
+port = {port + 1}
+public_url = "https://localhost:{port + 1}"
+
+[scheduler]
+enabled = true
+interval_seconds = 300
 
 [audit]
 hmac_key_file = "secrets/audit.key"
@@ -174,7 +192,7 @@ async def init_sandbox(
     if (d / "manifest.json").exists() and not force:
         raise ConfigError(f"{d} already holds a sandbox (use --force to rebuild it)")
     if force and d.exists():
-        for sub in ("softhsm", "secrets", "pki", "tls", "clients", "data"):
+        for sub in ("softhsm", "secrets", "pki", "tls", "clients", "data", "outbox"):
             shutil.rmtree(d / sub, ignore_errors=True)
         for f in ("gateway.toml", "manifest.json"):
             (d / f).unlink(missing_ok=True)
@@ -184,6 +202,7 @@ async def init_sandbox(
     # HSM token
     init_token(d / "softhsm", d / "secrets" / "hsm.pin", d / "secrets" / "so.pin")
     _write_private(d / "secrets" / "audit.key", secrets.token_hex(32).encode())
+    _write_private(d / "secrets" / "delivery.key", secrets.token_hex(32).encode())
 
     # PKI
     pki = d / "pki"
@@ -252,7 +271,7 @@ async def init_sandbox(
                 now=now,
             )
             await registry.register_certificate(
-                issued.cert, institution_code=reg.institution_code, actor=actor
+                issued.cert, institution_code=reg.institution_code, actor=actor, downloaded=True
             )
             manifest_facilities.append(
                 {
@@ -320,6 +339,7 @@ async def init_sandbox(
             "p12_password": admin.p12_password,
         },
         "crls": {p.stem: str(p) for p in sorted(pki.glob("*.crl"))},
+        "outbox": str(d / "outbox"),
     }
     (d / "manifest.json").write_text(
         json.dumps(manifest, ensure_ascii=False, indent=2) + "\n", encoding="utf-8"

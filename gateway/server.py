@@ -48,8 +48,25 @@ def make_ssl_context(settings: Settings) -> ssl.SSLContext:
     return ctx
 
 
+def make_delivery_ssl_context(settings: Settings) -> ssl.SSLContext:
+    """Server TLS only: a facility fetching its first certificate has no client certificate."""
+    d = settings.delivery
+    cert = d.tls_cert or settings.server.tls_cert
+    key = d.tls_key or settings.server.tls_key
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.options |= ssl.OP_NO_COMPRESSION | ssl.OP_CIPHER_SERVER_PREFERENCE
+    ctx.set_ciphers("ECDHE+AESGCM:ECDHE+CHACHA20")
+    try:
+        ctx.load_cert_chain(str(cert), str(key))
+    except (OSError, ssl.SSLError) as e:
+        raise ConfigError(f"delivery.tls_cert/tls_key: cannot load {cert}: {e}") from e
+    ctx.verify_mode = ssl.CERT_NONE
+    return ctx
+
+
 async def _serve(settings: Settings, *, reuse_port: bool) -> None:
-    from gateway.app import create_app
+    from gateway.app import create_app, create_delivery_app
 
     app = create_app(settings)
     runner = web.AppRunner(app, access_log=None, handle_signals=False)
@@ -63,6 +80,24 @@ async def _serve(settings: Settings, *, reuse_port: bool) -> None:
         backlog=1024,
     )
     await site.start()
+    delivery_runner = None
+    if settings.delivery.enabled:
+        delivery_runner = web.AppRunner(
+            create_delivery_app(app), access_log=None, handle_signals=False
+        )
+        await delivery_runner.setup()
+        await web.TCPSite(
+            delivery_runner,
+            settings.delivery.host,
+            settings.delivery.port,
+            ssl_context=make_delivery_ssl_context(settings),
+            reuse_port=reuse_port,
+        ).start()
+        log.info(
+            "delivery listener (downloads only) on %s:%s",
+            settings.delivery.host,
+            settings.delivery.port,
+        )
     log.info(
         "serving %s on %s:%s (pid %s)",
         settings.server.public_url,
@@ -77,6 +112,8 @@ async def _serve(settings: Settings, *, reuse_port: bool) -> None:
     try:
         await stop.wait()
     finally:
+        if delivery_runner is not None:
+            await delivery_runner.cleanup()
         await runner.cleanup()
 
 
@@ -106,6 +143,10 @@ def serve(config_path: str | None, *, workers: int | None = None) -> int:
     setup_logging(settings.logging.level, settings.logging.format)
     n = workers or settings.server.workers
     make_ssl_context(settings)  # fail fast on TLS material before forking
+    if settings.delivery.enabled:
+        if settings.delivery.port == settings.server.port:
+            raise ConfigError("delivery.port must differ from server.port")
+        make_delivery_ssl_context(settings)
     asyncio.run(_migrate(settings))
     if n == 1:
         asyncio.run(_serve(settings, reuse_port=False))

@@ -22,9 +22,12 @@ _TITLES = {
     404: "Not Found",
     405: "Method Not Allowed",
     409: "Conflict",
+    410: "Gone",
+    423: "Locked",
     413: "Payload Too Large",
     415: "Unsupported Media Type",
     500: "Internal Server Error",
+    502: "Bad Gateway",
     503: "Service Unavailable",
 }
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 from aiohttp import web
 
 from gateway.audit import AuditLog
+from gateway.certificates import ClientCertificateService
+from gateway.clock import Clock
 from gateway.config import Settings
 from gateway.facilities import FacilityRegistry
 from gateway.hsm.api import KeyStore
@@ -17,6 +19,8 @@ AUDIT = web.AppKey("audit", AuditLog)
 KEYSTORE = web.AppKey("keystore", KeyStore)
 FACILITIES = web.AppKey("facilities", FacilityRegistry)
 SIGNERS = web.AppKey("signers", SignerService)
+CERTIFICATES = web.AppKey("certificates", ClientCertificateService)
+CLOCK: web.AppKey[Clock] = web.AppKey("clock")
 
 # issue 4: verification trust (anchors, CRLs, role mapping) built once from the settings.
 from gateway.sign.verify import TrustConfig  # noqa: E402 - grouped with its key on purpose

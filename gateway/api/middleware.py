@@ -4,6 +4,12 @@ Order matters: the error middleware wraps everything so that even an identity fa
 unknown route answers in the right error format; the identity middleware runs before routing
 results are used, so no route, not even a 404, is reachable without an active client
 certificate.
+
+Who may call what is decided here, by path, for every route at once: ``/admin/`` needs an
+administrator's certificate, ``/csc/`` a facility's. Every response to a facility whose
+certificate expires within ``certificates.expiry_header_days`` carries
+``X-Client-Certificate-Expires: <JST date>; days-left=<n>``, so a facility system can warn its
+users long before the certificate stops prescriptions.
 """
 
 from __future__ import annotations
@@ -18,8 +24,9 @@ from collections.abc import Awaitable, Callable
 from aiohttp import web
 
 from gateway.api import errors
-from gateway.api.keys import DB, SETTINGS
+from gateway.api.keys import CLOCK, DB, SETTINGS
 from gateway.auth.mtls import ClientIdentity, identify
+from gateway.clock import days_left, jst_date
 from gateway.errors import AccessDenied, GatewayError, PayloadTooLarge
 from gateway.logs import request_id_var
 
@@ -27,6 +34,7 @@ log = logging.getLogger("gateway.api")
 access_log = logging.getLogger("gateway.access")
 
 IDENTITY = "identity"  # request key holding the ClientIdentity
+EXPIRY_HEADER = "X-Client-Certificate-Expires"
 _CLIENT_RID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -79,6 +87,7 @@ async def request_context(request: web.Request, handler: Handler) -> web.StreamR
             )
             response = errors.internal(request)
         response.headers["X-Request-ID"] = rid
+        _expiry_header(request, response)
         client_rid = request.headers.get("X-Request-ID", "")
         if client_rid and _CLIENT_RID.match(client_rid):
             response.headers["X-Client-Request-ID"] = client_rid
@@ -100,6 +109,20 @@ async def request_context(request: web.Request, handler: Handler) -> web.StreamR
         request_id_var.reset(token)
 
 
+def _expiry_header(request: web.Request, response: web.StreamResponse) -> None:
+    ident = request.get(IDENTITY)
+    if not isinstance(ident, ClientIdentity) or ident.kind != "facility":
+        return
+    if CLOCK not in request.app or response.prepared:
+        return
+    now = request.app[CLOCK]()
+    left = days_left(ident.not_after, now)
+    if left <= request.app[SETTINGS].certificates.expiry_header_days:
+        response.headers[EXPIRY_HEADER] = (
+            f"{jst_date(ident.not_after).isoformat()}; days-left={left}"
+        )
+
+
 def peer_certificate(request: web.Request) -> bytes | None:
     transport = request.transport
     if transport is None:
@@ -117,7 +140,16 @@ async def client_identity(request: web.Request, handler: Handler) -> web.StreamR
     if der is None:
         # Unreachable behind the TLS listener (CERT_REQUIRED); refuse rather than trust.
         raise AccessDenied("a client certificate is required")
-    request[IDENTITY] = await identify(request.app[DB], der)
+    now = request.app[CLOCK]() if CLOCK in request.app else None
+    ident = await identify(request.app[DB], der, now=now)
+    request[IDENTITY] = ident
+    path = request.path
+    if (path == "/admin" or path.startswith("/admin/")) and ident.kind != "admin":
+        raise AccessDenied("the admin API needs an administrator's client certificate")
+    if path.startswith("/csc/") and ident.kind != "facility":
+        raise AccessDenied(
+            "CSC methods are for facility client certificates; administrators use /admin/"
+        )
     return await handler(request)
 
 

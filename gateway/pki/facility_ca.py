@@ -1,13 +1,19 @@
-"""Facility client certificates: issue key + certificate + PKCS#12 from the facility CA.
+"""Facility client certificates: key + certificate + PKCS#12 from the facility CA, and its CRL.
 
-Issue 5 grows this into the full lifecycle (delivery, rotation, reminders); here it issues and
-writes the files a facility system needs to reach the gateway.
+Pure PKI (no store, no HTTP): :func:`issue_material` makes everything a facility needs in memory,
+so the lifecycle service (gateway/certificates.py) decides what is written where: the PKCS#12
+wrapped in the store until it is downloaded, the password only on the printed notice.
+:func:`issue` keeps the older "write the files to a directory" form for the sandbox and for a
+hand-over in person. :func:`publish_crl` writes the CA's CRL for a TLS terminator in front of the
+gateway (the gateway itself checks the store on every call).
 """
 
 from __future__ import annotations
 
 import os
 import secrets
+import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -16,10 +22,36 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
+from gateway.clock import add_months
 from gateway.errors import ConfigError
 from gateway.pki import testworld
 
-DEFAULT_VALIDITY = timedelta(days=365 * 3 + 90)  # 3 years 3 months, as the source rules
+DEFAULT_VALIDITY_MONTHS = 39  # 3 years 3 months, as the source rules
+# Kept for callers that think in days; the months form is what issuance uses.
+DEFAULT_VALIDITY = timedelta(days=365 * 3 + 90)
+
+# Passwords that are printed on paper and typed by a person: no 0/O, 1/I/l look-alikes.
+_PASSWORD_ALPHABET = "ABCDEFGHJKLMNPQRSTUVWXYZabcdefghijkmnpqrstuvwxyz23456789"  # noqa: S105
+
+
+def random_password(length: int = 16) -> str:
+    """A random password (~5.8 bits per character) safe to print and type."""
+    return "".join(secrets.choice(_PASSWORD_ALPHABET) for _ in range(length))
+
+
+@dataclass(frozen=True, kw_only=True)
+class ClientMaterial:
+    """What one issuance produces, in memory. ``p12_password`` exists only here and on paper."""
+
+    cert: x509.Certificate
+    cert_pem: bytes
+    key_pem: bytes
+    p12: bytes
+    p12_password: str
+
+    @property
+    def serial_hex(self) -> str:
+        return format(self.cert.serial_number, "x")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -47,7 +79,72 @@ def load_ca(cert_path: Path | None, key_path: Path | None) -> testworld.CertAndK
 def _write_private(path: Path, data: bytes) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "wb") as f:
+        os.fchmod(f.fileno(), 0o600)
         f.write(data)
+
+
+def issue_material(
+    ca: testworld.CertAndKey,
+    *,
+    common_name: str,
+    institution_code: str | None,
+    organization: str | None = None,
+    terminal_label: str | None = None,
+    now: datetime,
+    validity_months: int = DEFAULT_VALIDITY_MONTHS,
+    validity: timedelta | None = None,
+) -> ClientMaterial:
+    """Key, certificate and password-protected PKCS#12 (with the CA certificate).
+
+    The validity runs ``validity_months`` calendar months from ``now`` (see
+    :func:`gateway.clock.add_months` for the 31st); ``validity`` overrides it for tests.
+    """
+    span = validity if validity is not None else add_months(now, validity_months) - now
+    leaf = testworld.issue_client_cert(
+        ca,
+        common_name=common_name,
+        institution_code=institution_code,
+        organization=organization,
+        terminal_label=terminal_label,
+        now=now,
+        validity=span,
+    )
+    password = random_password()
+    p12 = testworld.pkcs12_bytes(
+        leaf,
+        chain=[ca.cert],
+        password=password.encode(),
+        friendly_name=(
+            f"{common_name} {terminal_label}" if terminal_label else common_name
+        ).encode(),
+    )
+    return ClientMaterial(
+        cert=leaf.cert,
+        cert_pem=leaf.cert_pem(),
+        key_pem=leaf.key_pem(),
+        p12=p12,
+        p12_password=password,
+    )
+
+
+def write_material(
+    material: ClientMaterial, out_dir: Path, p12_name: str
+) -> IssuedClientCertificate:
+    """Write client.pem, client.key (0600) and the PKCS#12 (0600) for a hand-over in person."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    cert_path = out_dir / "client.pem"
+    key_path = out_dir / "client.key"
+    p12_path = out_dir / p12_name
+    cert_path.write_bytes(material.cert_pem)
+    _write_private(key_path, material.key_pem)
+    _write_private(p12_path, material.p12)
+    return IssuedClientCertificate(
+        cert=material.cert,
+        cert_path=cert_path,
+        key_path=key_path,
+        p12_path=p12_path,
+        p12_password=material.p12_password,
+    )
 
 
 def issue(
@@ -59,40 +156,53 @@ def issue(
     organization: str | None = None,
     terminal_label: str | None = None,
     service_name: str = "hpki-gateway",
-    validity: timedelta = DEFAULT_VALIDITY,
+    validity: timedelta | None = None,
     now: datetime | None = None,
 ) -> IssuedClientCertificate:
     """Issue a client certificate and write client.pem, client.key and client.<service>.p12."""
-    now = now or datetime.now(UTC)
-    leaf = testworld.issue_client_cert(
+    material = issue_material(
         ca,
         common_name=common_name,
         institution_code=institution_code,
         organization=organization,
         terminal_label=terminal_label,
-        now=now,
+        now=now or datetime.now(UTC),
         validity=validity,
     )
-    out_dir.mkdir(parents=True, exist_ok=True)
-    cert_path = out_dir / "client.pem"
-    key_path = out_dir / "client.key"
-    p12_path = out_dir / f"client.{service_name}.p12"
-    password = secrets.token_urlsafe(12)
-    cert_path.write_bytes(leaf.cert_pem())
-    _write_private(key_path, leaf.key_pem())
-    _write_private(
-        p12_path,
-        testworld.pkcs12_bytes(
-            leaf,
-            chain=[ca.cert],
-            password=password.encode(),
-            friendly_name=common_name.encode(),
-        ),
-    )
-    return IssuedClientCertificate(
-        cert=leaf.cert,
-        cert_path=cert_path,
-        key_path=key_path,
-        p12_path=p12_path,
-        p12_password=password,
-    )
+    return write_material(material, out_dir, f"client.{service_name}.p12")
+
+
+def publish_crl(
+    ca: testworld.CertAndKey,
+    path: Path,
+    *,
+    revoked: Sequence[tuple[int, datetime, x509.ReasonFlags | None]],
+    now: datetime,
+    validity: timedelta,
+) -> x509.CertificateRevocationList:
+    """Write the CA's CRL (DER) atomically: a reader never sees half a file.
+
+    Several workers may publish at the same moment; each writes a complete file and renames it
+    over the old one, so the last rename wins and every version is whole and valid.
+    """
+    crl = testworld.make_crl(ca, revoked=list(revoked), now=now, next_update=validity)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(crl.public_bytes(serialization.Encoding.DER))
+        os.chmod(tmp, 0o644)  # a CRL is public
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return crl
+
+
+def crl_next_update(path: Path) -> datetime | None:
+    """nextUpdate of the published CRL, or None when there is none (or it is unreadable)."""
+    try:
+        crl = x509.load_der_x509_crl(path.read_bytes())
+    except (OSError, ValueError):
+        return None
+    return crl.next_update_utc

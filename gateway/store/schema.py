@@ -72,6 +72,10 @@ facility = Table(
     Column("status_changed_at", UTCDateTime()),
     Column("policy", Text, nullable=False, default="{}"),
     Column("created_at", UTCDateTime(), nullable=False),
+    # Issue 5 (migration 0003): the dental (歯科) code of a co-located dental department, which
+    # is registered under the medical (医科) code; and where reminders and delivery mail go.
+    Column("dental_code", String(10), unique=True),
+    Column("contact_email", String(320)),
 )
 
 admin = Table(
@@ -160,4 +164,54 @@ audit_event = Table(
     Column("prev_hash", String(64), nullable=False),
     Column("hash", String(64), nullable=False),
     UniqueConstraint("hash"),
+)
+
+
+# -- facility client certificate lifecycle (issue 5, migration 0003) ---------------------------
+
+certificate_delivery = Table(
+    "certificate_delivery",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column(
+        "certificate_id",
+        Integer,
+        ForeignKey("client_certificate.id"),
+        nullable=False,
+        unique=True,
+    ),
+    # SHA-256 of the link token: the database alone does not give a working link.
+    Column("token_hash", String(64), nullable=False, unique=True),
+    # scrypt verifier of the download password (never the password itself).
+    Column("password_hash", String(200), nullable=False),
+    # The PKCS#12 wrapped with AES-256-GCM under delivery.key_file; NULL once downloaded.
+    Column("p12_wrapped", LargeBinary),
+    Column("file_name", String(200), nullable=False),
+    Column("created_at", UTCDateTime(), nullable=False),
+    Column("window_started_at", UTCDateTime(), nullable=False),
+    Column("expires_at", UTCDateTime(), nullable=False),
+    Column("rounds", Integer, nullable=False, default=1),
+    Column("failed_attempts", Integer, nullable=False, default=0),
+    Column("locked_at", UTCDateTime()),
+    Column("downloaded_at", UTCDateTime()),
+)
+
+notification = Table(
+    "notification",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("facility_id", Integer, ForeignKey("facility.id"), index=True),
+    Column("certificate_id", Integer, ForeignKey("client_certificate.id")),
+    # e.g. "expiry-90d" ... "expiry-0d", "expired", "revoked": one row per certificate and kind,
+    # claimed by its INSERT, so a reminder is created once however many schedulers run.
+    Column("kind", String(40), nullable=False),
+    Column("due_at", UTCDateTime(), nullable=False),
+    Column("created_at", UTCDateTime(), nullable=False),
+    Column("recipient", String(320)),
+    Column("subject", String(300), nullable=False),
+    Column("body", Text, nullable=False),
+    Column("smtp_claimed_at", UTCDateTime()),
+    Column("sent_at", UTCDateTime()),
+    Column("error", String(500)),
+    UniqueConstraint("certificate_id", "kind"),
 )

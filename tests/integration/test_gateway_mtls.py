@@ -219,7 +219,9 @@ def test_admin_certificate_is_not_a_facility(gateway: Server, sandbox: dict[str,
     ctx = client_context(sandbox["server_ca"], adm["client_cert"], adm["client_key"])
     r = request(gateway.port, "POST", "/csc/v2/info", ctx=ctx, json_body={})
     assert r.status == 403
-    assert r.json()["error_description"] == "CSC methods are for facility client certificates"
+    assert r.json()["error_description"] == (
+        "CSC methods are for facility client certificates; administrators use /admin/"
+    )
     assert request(gateway.port, "GET", "/health", ctx=ctx).status == 200
 
 

@@ -93,10 +93,18 @@ def request(
 class Server:
     """``hpki-gateway serve`` in a subprocess, stopped with SIGTERM."""
 
-    def __init__(self, config: Path, port: int, *, workers: int | None = None) -> None:
+    def __init__(
+        self,
+        config: Path,
+        port: int,
+        *,
+        workers: int | None = None,
+        env: dict[str, str] | None = None,
+    ) -> None:
         self.config = config
         self.port = port
         self.workers = workers
+        self.extra_env = dict(env or {})
         self.proc: subprocess.Popen[bytes] | None = None
         self.log = config.parent / f"serve-{port}.log"
 
@@ -104,7 +112,7 @@ class Server:
         args = [*CLI, "serve", "-c", str(self.config)]
         if self.workers:
             args += ["--workers", str(self.workers)]
-        env = {**os.environ, "HPKI_GATEWAY_SERVER__PORT": str(self.port)}
+        env = {**os.environ, "HPKI_GATEWAY_SERVER__PORT": str(self.port), **self.extra_env}
         self._logf = self.log.open("wb")
         self.proc = subprocess.Popen(args, cwd=REPO, env=env, stdout=self._logf, stderr=self._logf)
         deadline = time.monotonic() + timeout
@@ -136,8 +144,10 @@ class Server:
 
 
 @contextmanager
-def serving(config: Path, *, workers: int | None = None) -> Iterator[Server]:
-    srv = Server(config, free_port(), workers=workers)
+def serving(
+    config: Path, *, workers: int | None = None, env: dict[str, str] | None = None
+) -> Iterator[Server]:
+    srv = Server(config, free_port(), workers=workers, env=env)
     srv.start()
     try:
         yield srv

@@ -1,0 +1,926 @@
+"""Facility client certificate lifecycle: issue, deliver, rotate, revoke, stop, status, CRL.
+
+The rules come from the source documents (HPKI.md §6):
+- issuance produces two deliveries that never travel together: the PKCS#12 behind a download
+  link (14 days, its own download password, in two separate mails) and the printed password
+  notice (PDF) with the PKCS#12 password; the file is kept (wrapped) only until downloaded;
+- a rotation (institution code change, provisional → real code, renewal) makes the new
+  certificate active at once and schedules the old one's revocation one calendar month after
+  the new one's issue date; the scheduler carries it out (gateway/scheduler.py);
+- stopping the service revokes at once; a certificate is never silently replaced;
+- every revocation republishes the facility CA's CRL.
+
+Every public method takes the acting identity (``actor``) for the audit log and reads the time
+from the injected clock, so tests drive months in milliseconds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import shutil
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from cryptography import x509
+from sqlalchemy import and_, select, update
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from gateway import delivery, mailer
+from gateway.audit import AuditLog
+from gateway.clock import Clock, add_months, days_left, jst_date, system_clock
+from gateway.config import Settings
+from gateway.errors import ConfigError, Conflict, GatewayError, InvalidRequest, NotFound
+from gateway.facilities import (
+    Facility,
+    FacilityRegistry,
+    certificate_json,
+    certificate_status,
+    normalize_serial,
+    validate_institution_code,
+)
+from gateway.notice import PasswordNotice, jp_date, render_password_notice
+from gateway.pki import facility_ca, testworld
+from gateway.store.db import Database
+from gateway.store.schema import certificate_delivery, client_certificate, facility
+
+log = logging.getLogger("gateway.certificates")
+
+ROTATION_KINDS = ("renewal", "code_change", "provisional_to_real")
+
+
+@dataclass(frozen=True, kw_only=True)
+class IssueResult:
+    """What an issuance did; no secrets unless ``hand_over`` (files written for the officer)."""
+
+    serial: str
+    institution_code: str
+    terminal: str | None
+    issued: str
+    expires: str
+    file_name: str
+    outbox: str
+    password_notice: str
+    download_url: str | None = None
+    download_expires: str | None = None
+    mailed: bool = False
+    mail_error: str | None = None
+    replaced: list[dict[str, str]] = field(default_factory=list)
+    hand_over: dict[str, str] | None = None
+
+    def to_json_dict(self, *, include_secrets: bool = False) -> dict[str, Any]:
+        data = asdict(self)
+        if not include_secrets:
+            data.pop("hand_over")
+        return data
+
+
+@dataclass(frozen=True, kw_only=True)
+class ResendResult:
+    serial: str
+    download_url: str
+    download_expires: str
+    round: int
+    outbox: str
+    mailed: bool
+    mail_error: str | None
+
+
+class ClientCertificateService:
+    def __init__(
+        self,
+        *,
+        settings: Settings,
+        db: Database,
+        audit: AuditLog,
+        registry: FacilityRegistry | None = None,
+        clock: Clock = system_clock,
+    ) -> None:
+        self.settings = settings
+        self.db = db
+        self.audit = audit
+        self.registry = registry or FacilityRegistry(db=db, audit=audit)
+        self.clock = clock
+        self._ca: testworld.CertAndKey | None = None
+        self._wrapper: delivery.P12Wrapper | None = None
+
+    # -- configuration ----------------------------------------------------------------------
+
+    @property
+    def ca(self) -> testworld.CertAndKey:
+        if self._ca is None:
+            pki = self.settings.pki
+            self._ca = facility_ca.load_ca(pki.facility_ca_cert, pki.facility_ca_key)
+        return self._ca
+
+    @property
+    def wrapper(self) -> delivery.P12Wrapper:
+        if self._wrapper is None:
+            path = self.settings.certificates.delivery_key_file
+            if path is None:
+                raise ConfigError(
+                    "certificates.delivery_key_file must be set to keep certificate files for "
+                    "download (or hand the files over in person with --out)"
+                )
+            try:
+                self._wrapper = delivery.P12Wrapper(path.read_bytes().strip())
+            except OSError as e:
+                raise ConfigError(
+                    f"certificates.delivery_key_file: cannot read {path}: {e.strerror}"
+                ) from e
+        return self._wrapper
+
+    @property
+    def outbox(self) -> Path:
+        return self.settings.certificates.outbox_dir
+
+    def download_url(self, token: str) -> str:
+        return f"{self.settings.delivery.public_url.rstrip('/')}/download/{token}"
+
+    # -- issuance ---------------------------------------------------------------------------
+
+    async def issue(
+        self,
+        institution_code: str,
+        *,
+        terminal: str | None = None,
+        actor: str,
+        hand_over_dir: Path | None = None,
+    ) -> IssueResult:
+        """A new certificate for a facility that has no current one (or a new terminal)."""
+        now = self.clock()
+        fac = await self.registry.get(institution_code)
+        async with self.db.read() as conn:
+            await self.registry.check_one_current(conn, fac, terminal, now)
+        return await self._issue(
+            fac, terminal=terminal, actor=actor, now=now, hand_over_dir=hand_over_dir
+        )
+
+    async def rotate(
+        self,
+        institution_code: str,
+        *,
+        serial: str | None = None,
+        terminal: str | None = None,
+        new_code: str | None = None,
+        reason: str | None = None,
+        actor: str,
+        hand_over_dir: Path | None = None,
+    ) -> IssueResult:
+        """Reissue: new certificate now, the old one revoked one month after (scheduled)."""
+        now = self.clock()
+        fac = await self.registry.get(institution_code)
+        if new_code is not None:
+            validate_institution_code(new_code)
+            if new_code == fac.institution_code:
+                raise InvalidRequest(f"facility {fac.institution_code} already has that code")
+            if (new_code[2] == "4") != (fac.kind == "pharmacy"):
+                raise InvalidRequest(
+                    f"institution code {new_code} has fee table {new_code[2]}, which does not fit "
+                    f"a facility of kind {fac.kind!r}"
+                )
+        elif fac.provisional:
+            raise InvalidRequest(
+                f"facility {fac.institution_code} is registered under a provisional code "
+                "(仮コード): give the real code (--new-code) to rotate"
+            )
+        async with self.db.read() as conn:
+            old = await self._rotation_target(conn, fac, serial=serial, terminal=terminal, now=now)
+        kind = (
+            "renewal"
+            if new_code is None
+            else ("provisional_to_real" if fac.provisional else "code_change")
+        )
+        return await self._issue(
+            fac,
+            terminal=old.terminal_label,
+            actor=actor,
+            now=now,
+            hand_over_dir=hand_over_dir,
+            replace=old,
+            new_code=new_code,
+            rotation_kind=kind,
+            rotation_reason=reason,
+        )
+
+    async def _rotation_target(
+        self,
+        conn: AsyncConnection,
+        fac: Facility,
+        *,
+        serial: str | None,
+        terminal: str | None,
+        now: datetime,
+    ) -> Any:
+        stmt = select(client_certificate).where(client_certificate.c.facility_id == fac.id)
+        if serial is not None:
+            stmt = stmt.where(client_certificate.c.serial_hex == normalize_serial(serial))
+        elif terminal is not None:
+            stmt = stmt.where(client_certificate.c.terminal_label == terminal)
+        rows = [
+            r for r in (await conn.execute(stmt)).all() if certificate_status(r, now) == "active"
+        ]
+        if serial is not None and not rows:
+            raise NotFound(
+                f"facility {fac.institution_code} has no current certificate {serial} "
+                "(revoked, expired, already being replaced, or another facility's)"
+            )
+        if not rows:
+            raise Conflict(
+                f"facility {fac.institution_code} has no current certificate to rotate: "
+                "issue a new one with issue-cert (after expiry a new issuance is needed)"
+            )
+        if len(rows) > 1:
+            raise InvalidRequest(
+                f"facility {fac.institution_code} has {len(rows)} current terminal certificates: "
+                "name the one to rotate (serial or terminal)"
+            )
+        return rows[0]
+
+    async def _issue(
+        self,
+        fac: Facility,
+        *,
+        terminal: str | None,
+        actor: str,
+        now: datetime,
+        hand_over_dir: Path | None,
+        replace: Any = None,
+        new_code: str | None = None,
+        rotation_kind: str | None = None,
+        rotation_reason: str | None = None,
+    ) -> IssueResult:
+        code = new_code or fac.institution_code
+        provisional = fac.provisional and new_code is None
+        file_name = self.settings.p12_file_name()
+        material = await asyncio.to_thread(
+            facility_ca.issue_material,
+            self.ca,
+            common_name=fac.name,
+            institution_code=code,
+            terminal_label=terminal,
+            now=now,
+            validity_months=self.settings.certificates.validity_months,
+        )
+        serial = material.serial_hex
+        box = self.outbox / code / serial
+        window: delivery.DeliveryWindow | None = None
+        password_hash = wrapped = None
+        if hand_over_dir is None:
+            token, download_password = delivery.new_secrets()
+            password_hash = await asyncio.to_thread(delivery.hash_password, download_password)
+            wrapped = self.wrapper.wrap(material.p12, serial)
+            window = delivery.DeliveryWindow(
+                token=token,
+                password=download_password,
+                expires_at=now + timedelta(days=self.settings.certificates.download_days),
+                round=1,
+            )
+        notice_pdf = await asyncio.to_thread(
+            render_password_notice,
+            PasswordNotice(
+                service_name=self.settings.service.name,
+                facility_name=fac.name,
+                institution_code=code,
+                provisional=provisional,
+                terminal_label=terminal,
+                serial_hex=serial,
+                issued=now,
+                expires=material.cert.not_valid_after_utc,
+                file_name=file_name,
+                download_expires=window.expires_at if window else None,
+                p12_password=material.p12_password,
+            ),
+        )
+        # The paper half is written before the commit: if the outbox cannot be written, nothing
+        # is registered (a certificate whose password nobody can read would be useless).
+        notice_path = box / "password-notice.pdf"
+        mailer.write_private(notice_path, notice_pdf)
+        replaced: list[dict[str, str]] = []
+        try:
+            async with self.db.write() as conn:
+                if replace is not None:
+                    replaced.append(
+                        await self._schedule_replacement(
+                            conn,
+                            fac,
+                            replace,
+                            new_serial=serial,
+                            new_code=new_code,
+                            kind=rotation_kind or "renewal",
+                            reason=rotation_reason,
+                            actor=actor,
+                            now=now,
+                        )
+                    )
+                _, cert_id = await self.registry.register_in(
+                    conn,
+                    material.cert,
+                    institution_code=code,
+                    terminal_label=terminal,
+                    actor=actor,
+                    now=now,
+                    downloaded=hand_over_dir is not None,
+                    audit_detail={
+                        "delivery": "hand_over" if hand_over_dir is not None else "download_link",
+                        "rotation": rotation_kind,
+                        "replaces": [r["serial"] for r in replaced],
+                    },
+                )
+                if window is not None:
+                    assert wrapped is not None and password_hash is not None
+                    await delivery.create_in(
+                        conn,
+                        certificate_id=cert_id,
+                        wrapped_p12=wrapped,
+                        file_name=file_name,
+                        now=now,
+                        days=self.settings.certificates.download_days,
+                        token=window.token,
+                        password_hash=password_hash,
+                    )
+        except BaseException:
+            shutil.rmtree(box, ignore_errors=True)
+            raise
+        hand_over = None
+        if hand_over_dir is not None:
+            files = facility_ca.write_material(material, hand_over_dir, file_name)
+            hand_over = {
+                "cert": str(files.cert_path),
+                "key": str(files.key_path),
+                "p12": str(files.p12_path),
+                "p12_password": material.p12_password,
+            }
+        mailed, mail_error = False, None
+        if window is not None:
+            mailed, mail_error = await self._delivery_mails(fac, code, serial, window, box, now)
+        return IssueResult(
+            serial=serial,
+            institution_code=code,
+            terminal=terminal,
+            issued=now.isoformat(),
+            expires=material.cert.not_valid_after_utc.isoformat(),
+            file_name=file_name,
+            outbox=str(box),
+            password_notice=str(notice_path),
+            download_url=self.download_url(window.token) if window else None,
+            download_expires=window.expires_at.isoformat() if window else None,
+            mailed=mailed,
+            mail_error=mail_error,
+            replaced=replaced,
+            hand_over=hand_over,
+        )
+
+    async def _schedule_replacement(
+        self,
+        conn: AsyncConnection,
+        fac: Facility,
+        old: Any,
+        *,
+        new_serial: str,
+        new_code: str | None,
+        kind: str,
+        reason: str | None,
+        actor: str,
+        now: datetime,
+    ) -> dict[str, str]:
+        overlap = self.settings.certificates.rotation_overlap_months
+        revoke_at = add_months(now, overlap) if overlap else now
+        why = {
+            "renewal": "renewal",
+            "code_change": f"institution code change {fac.institution_code} → {new_code}",
+            "provisional_to_real": (
+                f"provisional code {fac.institution_code} → real code {new_code}"
+            ),
+        }[kind]
+        text = f"replaced by {new_serial} ({why})" + (f": {reason}" if reason else "")
+        res = await conn.execute(
+            update(client_certificate)
+            .where(
+                and_(
+                    client_certificate.c.id == old.id,
+                    client_certificate.c.status == "active",
+                    client_certificate.c.revoke_at.is_(None),
+                )
+            )
+            .values(revoke_at=revoke_at, revocation_reason=text[:500])
+        )
+        if res.rowcount != 1:
+            raise Conflict(f"certificate {old.serial_hex} is already being replaced")
+        if new_code is not None:
+            await self.registry.ensure_code_free(conn, new_code)
+            await conn.execute(
+                update(facility)
+                .where(facility.c.id == fac.id)
+                .values(institution_code=new_code, provisional=False)
+            )
+        await self.audit.append(
+            conn,
+            action="client_certificate.rotate",
+            actor=actor,
+            facility_code=new_code or fac.institution_code,
+            detail={
+                "old_serial": old.serial_hex,
+                "new_serial": new_serial,
+                "kind": kind,
+                "old_code": fac.institution_code,
+                "new_code": new_code or fac.institution_code,
+                "revoke_at": revoke_at.isoformat(),
+                "reason": reason,
+            },
+            now=now,
+        )
+        return {"serial": old.serial_hex, "revoke_at": revoke_at.isoformat(), "reason": text}
+
+    # -- delivery ---------------------------------------------------------------------------
+
+    async def _delivery_mails(
+        self,
+        fac: Facility,
+        code: str,
+        serial: str,
+        window: delivery.DeliveryWindow,
+        box: Path,
+        now: datetime,
+    ) -> tuple[bool, str | None]:
+        """The two separate mails: the link, then the download password (never together)."""
+        service = self.settings.service.name
+        sender = self.settings.smtp.sender
+        to = fac.contact_email
+        prefix = "" if window.round == 1 else f"resend-{window.round}-"
+        link = mailer.build(
+            sender=sender,
+            to=to,
+            subject=f"【{service}】クライアント証明書ファイル受取のご案内（{code}）",
+            body=(
+                f"{fac.name} ご担当者様\n\n"
+                f"{service} に接続するためのクライアント証明書ファイル"
+                f"（{self.settings.p12_file_name()}）をお届けします。\n"
+                "下記のリンクからダウンロードしてください。\n\n"
+                f"  {self.download_url(window.token)}\n\n"
+                f"証明書シリアル番号: {serial}\n"
+                f"ダウンロード有効期限: {jp_date(window.expires_at)}"
+                f"（{self.settings.certificates.download_days}日間）\n\n"
+                "ダウンロード用パスワードは、この後に届く別のメールでお知らせします。\n"
+                "証明書を設定するためのパスワードは、郵送する「パスワード通知書」に記載しています。\n"
+                f"パスワードを{self.settings.certificates.max_download_attempts}回間違えると"
+                "リンクはロックされます。期限切れ・ロックの場合は再送をご依頼ください。\n"
+            ),
+        )
+        pwd = mailer.build(
+            sender=sender,
+            to=to,
+            subject=f"【{service}】ダウンロード用パスワードのお知らせ（{code}）",
+            body=(
+                f"{fac.name} ご担当者様\n\n"
+                f"先にお送りしたクライアント証明書ファイル（シリアル番号 {serial}）の"
+                "ダウンロード用パスワードです。\n\n"
+                f"  ダウンロード用パスワード: {window.password}\n\n"
+                "このパスワードは、証明書を設定するためのパスワード（郵送のパスワード通知書）"
+                "とは異なります。\n"
+            ),
+        )
+        mailer.write_eml(box / f"{prefix}mail-1-download-link.eml", link)
+        mailer.write_eml(box / f"{prefix}mail-2-download-password.eml", pwd)
+        if not mailer.smtp_configured(self.settings) or not to:
+            return False, None
+        try:
+            await asyncio.to_thread(mailer.send, self.settings, link)
+            await asyncio.to_thread(mailer.send, self.settings, pwd)
+        except GatewayError as e:
+            log.warning("delivery mail for %s not sent: %s", serial, e.description)
+            return False, e.description
+        async with self.db.write() as conn:
+            await self.audit.append(
+                conn,
+                action="delivery.mailed",
+                actor="system:mailer",
+                facility_code=code,
+                detail={"serial": serial, "round": window.round, "to": to},
+                now=now,
+            )
+        return True, None
+
+    async def resend(self, serial: str, *, actor: str) -> ResendResult:
+        """A new 14-day window: new link, new download password, attempts reset."""
+        now = self.clock()
+        serial = normalize_serial(serial)
+        async with self.db.write() as conn:
+            cert, fac = await self._certificate_and_facility(conn, serial)
+            row = await delivery.delivery_for_certificate(conn, cert.id)
+            if row.downloaded_at is not None:
+                raise Conflict(
+                    f"certificate {serial} was downloaded on "
+                    f"{row.downloaded_at.isoformat(timespec='seconds')}; the file is no longer "
+                    "kept: if it is lost, reissue (rotate-cert)"
+                )
+            if certificate_status(cert, now) in ("revoked", "expired") or row.p12_wrapped is None:
+                raise Conflict(f"certificate {serial} is {certificate_status(cert, now)}")
+            window = await delivery.reset_window_in(
+                conn, delivery_id=row.id, now=now, days=self.settings.certificates.download_days
+            )
+            await self.audit.append(
+                conn,
+                action="delivery.resend",
+                actor=actor,
+                facility_code=fac.institution_code,
+                detail={
+                    "serial": serial,
+                    "round": window.round,
+                    "expires_at": window.expires_at.isoformat(),
+                },
+                now=now,
+            )
+        box = self.outbox / fac.institution_code / serial
+        mailed, err = await self._delivery_mails(
+            fac, fac.institution_code, serial, window, box, now
+        )
+        return ResendResult(
+            serial=serial,
+            download_url=self.download_url(window.token),
+            download_expires=window.expires_at.isoformat(),
+            round=window.round,
+            outbox=str(box),
+            mailed=mailed,
+            mail_error=err,
+        )
+
+    async def download(self, token: str, password: str, *, remote: str | None) -> tuple[str, bytes]:
+        """The one-time download; counts wrong passwords and locks the link at the limit."""
+        from gateway.errors import Locked, WrongPassword
+
+        now = self.clock()
+        max_attempts = self.settings.certificates.max_download_attempts
+        th = delivery.token_hash(token)
+        async with self.db.read() as conn:
+            row = (
+                await conn.execute(
+                    select(
+                        certificate_delivery,
+                        client_certificate.c.serial_hex,
+                        client_certificate.c.status.label("cert_status"),
+                        facility.c.institution_code,
+                    )
+                    .select_from(
+                        certificate_delivery.join(client_certificate).outerjoin(
+                            facility, facility.c.id == client_certificate.c.facility_id
+                        )
+                    )
+                    .where(certificate_delivery.c.token_hash == th)
+                )
+            ).one_or_none()
+        if row is None:
+            raise NotFound("this download link is not valid (a resend replaces older links)")
+        delivery.refuse_unavailable(row, row.cert_status, now, max_attempts)
+        ok = await asyncio.to_thread(delivery.verify_password, password, row.password_hash)
+        code = row.institution_code
+        if not ok:
+            async with self.db.write() as conn:
+                res = (
+                    await conn.execute(
+                        update(certificate_delivery)
+                        .where(
+                            and_(
+                                certificate_delivery.c.id == row.id,
+                                certificate_delivery.c.token_hash == th,
+                                certificate_delivery.c.locked_at.is_(None),
+                            )
+                        )
+                        .values(failed_attempts=certificate_delivery.c.failed_attempts + 1)
+                        .returning(certificate_delivery.c.failed_attempts)
+                    )
+                ).one_or_none()
+                failed = int(res.failed_attempts) if res is not None else max_attempts
+                locked = res is not None and failed >= max_attempts
+                if locked:
+                    await conn.execute(
+                        update(certificate_delivery)
+                        .where(certificate_delivery.c.id == row.id)
+                        .values(locked_at=now)
+                    )
+                await self.audit.append(
+                    conn,
+                    action="delivery.locked" if locked else "delivery.wrong_password",
+                    actor=f"download:{remote or 'unknown'}",
+                    facility_code=code,
+                    detail={"serial": row.serial_hex, "failed_attempts": failed},
+                    now=now,
+                )
+            if failed >= max_attempts:
+                raise Locked(
+                    f"wrong download password; the link is now locked after {max_attempts} "
+                    "wrong passwords: ask the registration office to resend it"
+                )
+            raise WrongPassword(
+                f"wrong download password ({max_attempts - failed} attempts left before the "
+                "link locks)"
+            )
+        async with self.db.write() as conn:
+            res2 = await conn.execute(
+                update(certificate_delivery)
+                .where(
+                    and_(
+                        certificate_delivery.c.id == row.id,
+                        certificate_delivery.c.token_hash == th,
+                        certificate_delivery.c.downloaded_at.is_(None),
+                        certificate_delivery.c.locked_at.is_(None),
+                        certificate_delivery.c.p12_wrapped.is_not(None),
+                    )
+                )
+                .values(p12_wrapped=None, downloaded_at=now)
+            )
+            if res2.rowcount != 1:
+                raise Conflict("this download link was used or changed a moment ago")
+            p12 = self.wrapper.unwrap(row.p12_wrapped, row.serial_hex)
+            await conn.execute(
+                update(client_certificate)
+                .where(client_certificate.c.id == row.certificate_id)
+                .values(downloaded_at=now)
+            )
+            await self.audit.append(
+                conn,
+                action="delivery.download",
+                actor=f"download:{remote or 'unknown'}",
+                facility_code=code,
+                detail={"serial": row.serial_hex, "round": row.rounds},
+                now=now,
+            )
+        return row.file_name, p12
+
+    async def export_p12(self, serial: str, *, actor: str) -> tuple[str, bytes]:
+        """Take the stored file out for an officer's own transfer; counts as the download."""
+        now = self.clock()
+        serial = normalize_serial(serial)
+        async with self.db.write() as conn:
+            cert, fac = await self._certificate_and_facility(conn, serial)
+            row = await delivery.delivery_for_certificate(conn, cert.id)
+            # An officer's export ignores the link's window and lock (those guard the link).
+            delivery.refuse_unavailable(
+                row,
+                cert.status,
+                now,
+                self.settings.certificates.max_download_attempts,
+                check_window=False,
+            )
+            p12 = self.wrapper.unwrap(row.p12_wrapped, serial)
+            await conn.execute(
+                update(certificate_delivery)
+                .where(certificate_delivery.c.id == row.id)
+                .values(p12_wrapped=None, downloaded_at=now)
+            )
+            await conn.execute(
+                update(client_certificate)
+                .where(client_certificate.c.id == cert.id)
+                .values(downloaded_at=now)
+            )
+            await self.audit.append(
+                conn,
+                action="delivery.export",
+                actor=actor,
+                facility_code=fac.institution_code,
+                detail={"serial": serial},
+                now=now,
+            )
+        return row.file_name, p12
+
+    # -- revocation -------------------------------------------------------------------------
+
+    async def revoke(self, serial: str, *, reason: str, actor: str) -> dict[str, Any]:
+        if not reason.strip():
+            raise InvalidRequest("a revocation needs a reason")
+        now = self.clock()
+        serial = normalize_serial(serial)
+        async with self.db.write() as conn:
+            row = await self.registry.revoke_in(
+                conn, serial, reason=reason.strip(), actor=actor, now=now
+            )
+            await delivery.drop_file_in(conn, row.id)
+        await self.publish_crl()
+        return {
+            "serial": serial,
+            "status": "revoked",
+            "revoked_at": now.isoformat(),
+            "reason": reason,
+        }
+
+    async def stop_service(self, institution_code: str, *, reason: str, actor: str) -> list[str]:
+        """The facility stops using the service: every certificate is revoked at once."""
+        if not reason.strip():
+            raise InvalidRequest("stopping the service needs a reason")
+        now = self.clock()
+        text = f"service stopped: {reason.strip()}"
+        async with self.db.write() as conn:
+            fac = await self.registry.get_in(conn, institution_code, for_update=True)
+            if fac.status == "stopped":
+                raise Conflict(f"facility {institution_code} has already stopped the service")
+            rows = (
+                await conn.execute(
+                    select(client_certificate.c.serial_hex, client_certificate.c.id).where(
+                        and_(
+                            client_certificate.c.facility_id == fac.id,
+                            client_certificate.c.status == "active",
+                        )
+                    )
+                )
+            ).all()
+            for r in rows:
+                await self.registry.revoke_in(conn, r.serial_hex, reason=text, actor=actor, now=now)
+                await delivery.drop_file_in(conn, r.id)
+            await conn.execute(
+                update(facility)
+                .where(facility.c.id == fac.id)
+                .values(status="stopped", status_reason=text, status_changed_at=now)
+            )
+            await self.audit.append(
+                conn,
+                action="facility.stop",
+                actor=actor,
+                facility_code=institution_code,
+                detail={"reason": reason, "revoked": [r.serial_hex for r in rows]},
+                now=now,
+            )
+        await self.publish_crl()
+        return [r.serial_hex for r in rows]
+
+    async def revoke_due(self, *, actor: str = "system:scheduler") -> list[str]:
+        """Carry out scheduled revocations whose time has come (idempotent, any worker)."""
+        now = self.clock()
+        async with self.db.read() as conn:
+            due = (
+                await conn.execute(
+                    select(
+                        client_certificate.c.id,
+                        client_certificate.c.serial_hex,
+                        client_certificate.c.revoke_at,
+                        client_certificate.c.revocation_reason,
+                        facility.c.institution_code,
+                    )
+                    .select_from(client_certificate.outerjoin(facility))
+                    .where(
+                        and_(
+                            client_certificate.c.status == "active",
+                            client_certificate.c.revoke_at <= now,
+                        )
+                    )
+                )
+            ).all()
+        done = []
+        for r in due:
+            async with self.db.write() as conn:
+                res = await conn.execute(
+                    update(client_certificate)
+                    .where(
+                        and_(
+                            client_certificate.c.id == r.id,
+                            client_certificate.c.status == "active",
+                        )
+                    )
+                    .values(status="revoked", revoked_at=r.revoke_at)
+                )
+                if res.rowcount != 1:
+                    continue  # another worker got there first
+                await delivery.drop_file_in(conn, r.id)
+                await self.audit.append(
+                    conn,
+                    action="client_certificate.revoke_scheduled",
+                    actor=actor,
+                    facility_code=r.institution_code,
+                    detail={
+                        "serial": r.serial_hex,
+                        "revoke_at": r.revoke_at.isoformat(),
+                        "reason": r.revocation_reason,
+                    },
+                    now=now,
+                )
+            done.append(r.serial_hex)
+        if done:
+            await self.publish_crl()
+        return done
+
+    # -- CRL --------------------------------------------------------------------------------
+
+    async def publish_crl(self) -> Path | None:
+        """Rewrite the facility CA's CRL from the store (all revoked, unexpired certificates)."""
+        path = self.settings.pki.facility_crl
+        if path is None:
+            return None
+        now = self.clock()
+        async with self.db.read() as conn:
+            rows = (
+                await conn.execute(
+                    select(
+                        client_certificate.c.serial_hex,
+                        client_certificate.c.revoked_at,
+                        client_certificate.c.revocation_reason,
+                        client_certificate.c.certificate_der,
+                    ).where(
+                        and_(
+                            client_certificate.c.status == "revoked",
+                            client_certificate.c.not_after > now,
+                        )
+                    )
+                )
+            ).all()
+        ca = self.ca
+        entries = []
+        for r in rows:
+            if x509.load_der_x509_certificate(r.certificate_der).issuer != ca.cert.subject:
+                continue
+            text = r.revocation_reason or ""
+            reason = (
+                x509.ReasonFlags.superseded
+                if text.startswith("replaced by")
+                else x509.ReasonFlags.cessation_of_operation
+                if text.startswith("service stopped")
+                else None
+            )
+            entries.append((int(r.serial_hex, 16), r.revoked_at or now, reason))
+        await asyncio.to_thread(
+            facility_ca.publish_crl,
+            ca,
+            path,
+            revoked=entries,
+            now=now,
+            validity=timedelta(hours=self.settings.pki.crl_validity_hours),
+        )
+        return path
+
+    async def refresh_crl(self) -> bool:
+        """Republish when the CRL is missing or its nextUpdate is within crl_refresh_hours."""
+        path = self.settings.pki.facility_crl
+        if path is None:
+            return False
+        nu = await asyncio.to_thread(facility_ca.crl_next_update, path)
+        margin = timedelta(hours=self.settings.pki.crl_refresh_hours)
+        if nu is not None and nu - self.clock() > margin:
+            return False
+        await self.publish_crl()
+        return True
+
+    # -- status inquiry ---------------------------------------------------------------------
+
+    async def status(self, institution_code: str) -> dict[str, Any]:
+        now = self.clock()
+        fac = await self.registry.get(institution_code)
+        certs = await self.registry.certificates(fac.institution_code, now=now)
+        return {
+            "institution_code": fac.institution_code,
+            "name": fac.name,
+            "status": fac.status,
+            "provisional": fac.provisional,
+            "certificates": certs,
+        }
+
+    async def expiring(self, within_days: int) -> list[dict[str, Any]]:
+        """Active or overlapping facility certificates expiring within ``within_days`` (JST)."""
+        if within_days < 0:
+            raise InvalidRequest("--within must be 0 or more days")
+        now = self.clock()
+        async with self.db.read() as conn:
+            rows = (
+                await conn.execute(
+                    select(client_certificate, facility.c.institution_code, facility.c.name)
+                    .select_from(client_certificate.join(facility))
+                    .where(
+                        and_(
+                            client_certificate.c.status == "active",
+                            client_certificate.c.not_after > now,
+                            client_certificate.c.not_after <= now + timedelta(days=within_days + 1),
+                        )
+                    )
+                    .order_by(client_certificate.c.not_after)
+                )
+            ).all()
+        out = []
+        for r in rows:
+            dl = days_left(r.not_after, now)
+            st = certificate_status(r, now)
+            if dl > within_days or st == "revoked":
+                continue
+            out.append(
+                {
+                    "institution_code": r.institution_code,
+                    "name": r.name,
+                    **certificate_json(r, now),
+                    "expiry_date": jst_date(r.not_after).isoformat(),
+                    "days_left": dl,
+                }
+            )
+        return out
+
+    async def _certificate_and_facility(
+        self, conn: AsyncConnection, serial: str
+    ) -> tuple[Any, Facility]:
+        row = (
+            await conn.execute(
+                select(client_certificate).where(client_certificate.c.serial_hex == serial)
+            )
+        ).one_or_none()
+        if row is None:
+            raise NotFound(f"client certificate {serial} is not registered")
+        if row.facility_id is None:
+            raise InvalidRequest(f"client certificate {serial} is an administrator's")
+        frow = (await conn.execute(select(facility).where(facility.c.id == row.facility_id))).one()
+        return row, Facility.from_row(frow)

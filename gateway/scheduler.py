@@ -1,0 +1,296 @@
+"""The lifecycle scheduler: scheduled revocations, expiry reminders, mail, CRL refresh.
+
+Idempotent in the store, so cron (``hpki-gateway scheduler run-once``) and every ``serve`` worker
+may run it at the same time:
+- a scheduled revocation is an ``UPDATE ... WHERE status = 'active'``: one runner changes the
+  row, the others change nothing and skip the audit record;
+- a reminder is claimed by inserting its ``notification`` row, unique on (certificate, kind):
+  the INSERT of a second runner fails and that runner moves on; the notification and its audit
+  record commit together;
+- a mail is claimed by setting ``smtp_claimed_at`` where it was NULL (or stale), so one runner
+  sends it;
+- the CRL is rewritten atomically (rename), so concurrent rewrites are harmless.
+
+Reminder schedule (HPKI.md §6): 90, 60, 30, 15 and 7 days before expiry, then daily, and at
+expiry. "Days before" are JST calendar days (0 = the expiry day). When the scheduler was not
+running on a reminder day, the most recent reminder that is due is sent late, once; older ones
+that were missed are not sent (a stale "90 days left" mail would mislead).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import and_, insert, or_, select, update
+from sqlalchemy.exc import IntegrityError
+
+from gateway import mailer
+from gateway.certificates import ClientCertificateService
+from gateway.clock import JST, days_left, jst_date
+from gateway.errors import GatewayError
+from gateway.notice import jp_date
+from gateway.store.schema import client_certificate, facility, notification
+
+log = logging.getLogger("gateway.scheduler")
+
+EXPIRED_NOTICE_WINDOW = timedelta(days=30)  # "at expiry": not for certificates long expired
+SMTP_CLAIM_STALE = timedelta(minutes=10)  # a runner that died mid-send releases its claim
+
+
+def milestones(reminder_days: list[int]) -> list[int]:
+    """[90, 60, 30, 15, 7, 6, 5, 4, 3, 2, 1, 0]: the configured days, then every day."""
+    days = sorted(set(reminder_days), reverse=True)
+    daily = list(range(min(days) - 1, -1, -1)) if days else []
+    return days + daily
+
+
+def reminder_kind(not_after: datetime, now: datetime, schedule: list[int]) -> str | None:
+    """The reminder due now for a certificate, or None (before the first one)."""
+    if now >= not_after:
+        return "expired"
+    left = days_left(not_after, now)
+    reached = [m for m in schedule if m >= left]
+    if not reached:
+        return None
+    return f"expiry-{min(reached)}d"
+
+
+@dataclass
+class SchedulerReport:
+    revoked: list[str] = field(default_factory=list)
+    reminders: list[dict[str, Any]] = field(default_factory=list)
+    mailed: int = 0
+    mail_errors: int = 0
+    crl_published: bool = False
+
+    def to_json_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class Scheduler:
+    def __init__(self, *, service: ClientCertificateService) -> None:
+        self.service = service
+        self.settings = service.settings
+        self.db = service.db
+        self.audit = service.audit
+
+    @property
+    def clock(self) -> Any:
+        return self.service.clock
+
+    async def run_once(self) -> SchedulerReport:
+        report = SchedulerReport()
+        report.revoked = await self.service.revoke_due()
+        report.crl_published = bool(report.revoked)
+        report.reminders = await self.claim_reminders()
+        report.mailed, report.mail_errors = await self.send_pending_mail()
+        if not report.crl_published:
+            report.crl_published = await self.service.refresh_crl()
+        return report
+
+    async def claim_reminders(self) -> list[dict[str, Any]]:
+        now = self.clock()
+        schedule = milestones(self.settings.certificates.reminder_days)
+        horizon = now + timedelta(days=max(schedule) + 1)
+        async with self.db.read() as conn:
+            rows = (
+                await conn.execute(
+                    select(
+                        client_certificate.c.id,
+                        client_certificate.c.serial_hex,
+                        client_certificate.c.terminal_label,
+                        client_certificate.c.not_after,
+                        facility.c.id.label("facility_id"),
+                        facility.c.institution_code,
+                        facility.c.name,
+                        facility.c.contact_email,
+                    )
+                    .select_from(client_certificate.join(facility))
+                    .where(
+                        and_(
+                            client_certificate.c.status == "active",
+                            client_certificate.c.revoke_at.is_(None),
+                            facility.c.status == "active",
+                            client_certificate.c.not_after <= horizon,
+                            client_certificate.c.not_after > now - EXPIRED_NOTICE_WINDOW,
+                        )
+                    )
+                )
+            ).all()
+            existing = {
+                (r.certificate_id, r.kind)
+                for r in (
+                    await conn.execute(
+                        select(notification.c.certificate_id, notification.c.kind).where(
+                            notification.c.certificate_id.in_([r.id for r in rows] or [-1])
+                        )
+                    )
+                ).all()
+            }
+        created = []
+        for r in rows:
+            kind = reminder_kind(r.not_after, now, schedule)
+            if kind is None or (r.id, kind) in existing:
+                continue
+            subject, body = self.reminder_text(r, kind, now)
+            due = self._due_at(r.not_after, kind)
+            try:
+                async with self.db.write() as conn:
+                    await conn.execute(
+                        insert(notification).values(
+                            facility_id=r.facility_id,
+                            certificate_id=r.id,
+                            kind=kind,
+                            due_at=due,
+                            created_at=now,
+                            recipient=r.contact_email,
+                            subject=subject,
+                            body=body,
+                        )
+                    )
+                    await self.audit.append(
+                        conn,
+                        action="notification.expiry_reminder",
+                        actor="system:scheduler",
+                        facility_code=r.institution_code,
+                        detail={
+                            "serial": r.serial_hex,
+                            "kind": kind,
+                            "expires": r.not_after.isoformat(),
+                        },
+                        now=now,
+                    )
+            except IntegrityError:
+                continue  # another runner claimed this reminder
+            created.append(
+                {"serial": r.serial_hex, "institution_code": r.institution_code, "kind": kind}
+            )
+        return created
+
+    @staticmethod
+    def _due_at(not_after: datetime, kind: str) -> datetime:
+        if kind == "expired":
+            return not_after
+        n = int(kind.removeprefix("expiry-").removesuffix("d"))
+        day = jst_date(not_after) - timedelta(days=n)
+        return datetime(day.year, day.month, day.day, tzinfo=JST)
+
+    def reminder_text(self, r: Any, kind: str, now: datetime) -> tuple[str, str]:
+        service = self.settings.service.name
+        terminal = r.terminal_label or "－"
+        head = (
+            f"{r.name} ご担当者様\n\n"
+            f"医療機関等コード: {r.institution_code}\n"
+            f"端末名称: {terminal}\n"
+            f"証明書シリアル番号: {r.serial_hex}\n"
+            f"有効期限: {jp_date(r.not_after)}\n\n"
+        )
+        if kind == "expired":
+            subject = (
+                f"【{service}】クライアント証明書の有効期限が切れました（{r.institution_code}）"
+            )
+            body = head + (
+                f"{service} に接続するためのクライアント証明書の有効期限が切れました。\n"
+                "この証明書ではゲートウェイに接続できず、電子処方箋などの署名ができません。\n"
+                "新しい証明書の発行を登録担当窓口に申請してください（期限切れ後は新規発行になります）。\n"
+            )
+            return subject, body
+        left = days_left(r.not_after, now)
+        when = "本日が有効期限です" if left == 0 else f"有効期限まであと{left}日です"
+        subject = f"【{service}】クライアント証明書の{when}（{r.institution_code}）"
+        body = head + (
+            f"{service} に接続するためのクライアント証明書の{when}。\n"
+            "期限が切れると、この証明書ではゲートウェイに接続できなくなり、署名ができなくなります。\n\n"
+            "【ご対応のお願い】\n"
+            "1. 有効期限内に、登録担当窓口へ証明書の更新をお申し込みください。\n"
+            "2. 新しい証明書とパスワード通知書が届いたら、"
+            "システムベンダー様へ設定をご依頼ください。\n"
+            "3. 更新後の証明書の発行日から1か月後に、現在の証明書は自動的に失効します。\n"
+            "   その間は新旧どちらの証明書でも接続できます。\n"
+            "期限内の更新であれば切れ目なく利用できます。期限切れの後は新規の発行手続きが必要です。\n"
+        )
+        return subject, body
+
+    async def send_pending_mail(self) -> tuple[int, int]:
+        if not mailer.smtp_configured(self.settings):
+            return 0, 0
+        now = self.clock()
+        async with self.db.read() as conn:
+            pending = (
+                await conn.execute(
+                    select(notification).where(
+                        and_(
+                            notification.c.sent_at.is_(None),
+                            notification.c.recipient.is_not(None),
+                            or_(
+                                notification.c.smtp_claimed_at.is_(None),
+                                notification.c.smtp_claimed_at < now - SMTP_CLAIM_STALE,
+                            ),
+                        )
+                    )
+                )
+            ).all()
+        sent = errors = 0
+        for n in pending:
+            async with self.db.write() as conn:
+                res = await conn.execute(
+                    update(notification)
+                    .where(
+                        and_(
+                            notification.c.id == n.id,
+                            notification.c.sent_at.is_(None),
+                            or_(
+                                notification.c.smtp_claimed_at.is_(None),
+                                notification.c.smtp_claimed_at < now - SMTP_CLAIM_STALE,
+                            ),
+                        )
+                    )
+                    .values(smtp_claimed_at=now)
+                )
+            if res.rowcount != 1:
+                continue
+            msg = mailer.build(
+                sender=self.settings.smtp.sender, to=n.recipient, subject=n.subject, body=n.body
+            )
+            try:
+                await asyncio.to_thread(mailer.send, self.settings, msg)
+            except GatewayError as e:
+                errors += 1
+                log.warning("reminder %s not mailed: %s", n.id, e.description)
+                async with self.db.write() as conn:
+                    await conn.execute(
+                        update(notification)
+                        .where(notification.c.id == n.id)
+                        .values(error=e.description[:500])
+                    )
+                continue
+            sent += 1
+            async with self.db.write() as conn:
+                await conn.execute(
+                    update(notification)
+                    .where(notification.c.id == n.id)
+                    .values(sent_at=self.clock(), error=None)
+                )
+        return sent, errors
+
+    async def loop(self, interval: float, stop: asyncio.Event) -> None:
+        """Run until ``stop`` is set; a failing run is logged and retried next interval."""
+        while not stop.is_set():
+            try:
+                report = await self.run_once()
+                if report.revoked or report.reminders or report.mailed:
+                    log.info(
+                        "scheduler: %s revoked, %s reminders, %s mailed",
+                        len(report.revoked),
+                        len(report.reminders),
+                        report.mailed,
+                    )
+            except Exception:
+                log.exception("scheduler run failed; retrying in %s s", interval)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), timeout=interval)

@@ -1,0 +1,467 @@
+"""The facility certificate lifecycle in process: real store, real CA, an injected clock.
+
+Time is moved by hand (FakeClock), never slept; each scheduler run builds fresh services over a
+fresh engine, which is what a restart or another worker looks like to the store.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+from aiosmtpd.controller import Controller
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import pkcs12
+from sqlalchemy import select
+
+from gateway.auth.mtls import identify
+from gateway.clock import JST, jst_date
+from gateway.errors import (
+    AccessDenied,
+    Conflict,
+    Gone,
+    InvalidRequest,
+    Locked,
+    NotFound,
+    WrongPassword,
+)
+from gateway.facilities import fingerprint
+from gateway.store.schema import audit_event, client_certificate, notification
+from tests.support.gateway import free_port
+from tests.support.lifecycle import (
+    FakeClock,
+    download_password,
+    download_token,
+    make_settings,
+    notice_text,
+    p12_password_from_notice,
+    read_eml,
+    services,
+)
+
+T0 = datetime(2026, 1, 31, 10, 0, tzinfo=JST)  # the 31st on purpose (see clock.add_months)
+
+
+def _require(tool: str) -> None:
+    if shutil.which(tool) is None:
+        raise RuntimeError(f"{tool} is not installed: run `make test` (scripts/bootstrap.sh)")
+
+
+async def _hospital(s, code: str = "1310000011", **kw: object) -> None:  # type: ignore[no-untyped-def]
+    await s.registry.add(
+        institution_code=code, name="TEST 中央病院", kind="hospital", actor="test", now=T0, **kw
+    )
+
+
+async def _der(s, serial: str) -> bytes:  # type: ignore[no-untyped-def]
+    async with s.db.read() as conn:
+        return (
+            await conn.execute(
+                select(client_certificate.c.certificate_der).where(
+                    client_certificate.c.serial_hex == serial
+                )
+            )
+        ).scalar_one()
+
+
+async def test_reminders_exactly_on_the_listed_days_and_once(tmp_path: Path) -> None:
+    clock = FakeClock(T0)
+    settings = make_settings(tmp_path)
+    async with services(settings, clock) as s:
+        await _hospital(s)
+        issued = await s.certs.issue("1310000011", actor="test")
+    expires = datetime.fromisoformat(issued.expires)
+    # 3 years 3 months after 2026-01-31 10:00 JST is 2029-04-30 (April has no 31st).
+    assert expires.astimezone(JST) == datetime(2029, 4, 30, 10, 0, tzinfo=JST)
+    expiry_day = jst_date(expires)
+    day = expiry_day - timedelta(days=100)
+    while day <= expiry_day + timedelta(days=2):
+        for hh, mm in ((0, 5), (10, 0), (23, 55)):
+            clock.set(datetime(day.year, day.month, day.day, hh, mm, tzinfo=JST))
+            # A restart each time, and two "workers" running at once on the same store.
+            async with services(settings, clock) as a, services(settings, clock) as b:
+                await asyncio.gather(a.scheduler.run_once(), b.scheduler.run_once())
+        day += timedelta(days=1)
+    async with services(settings, clock) as s, s.db.read() as conn:
+        rows = (await conn.execute(select(notification).order_by(notification.c.id))).all()
+        audits = (
+            await conn.execute(
+                select(audit_event).where(audit_event.c.action == "notification.expiry_reminder")
+            )
+        ).all()
+    kinds = [r.kind for r in rows]
+    expected_days = [90, 60, 30, 15, 7, 6, 5, 4, 3, 2, 1, 0]
+    assert kinds == [f"expiry-{d}d" for d in expected_days] + ["expired"]
+    assert len(audits) == len(kinds)
+    for r, d in zip(rows, expected_days, strict=False):
+        assert jst_date(r.created_at) == expiry_day - timedelta(days=d), r.kind
+        assert issued.serial in r.body and "2029年4月30日" in r.body
+    # The day-N reminder is created on the first run of that day, at 00:05 JST.
+    assert rows[0].created_at.astimezone(JST).time().hour == 0
+    # "at expiry": created on the first run after 10:00 JST on the expiry day.
+    assert rows[-1].kind == "expired"
+    assert rows[-1].created_at >= expires
+    assert rows[-1].created_at.astimezone(JST).strftime("%H:%M") == "10:00"
+    assert "有効期限が切れました" in rows[-1].subject
+    assert "あと7日" in rows[4].subject and "本日が有効期限" in rows[11].subject
+
+
+async def test_missed_reminders_are_not_sent_late_all_at_once(tmp_path: Path) -> None:
+    clock = FakeClock(T0)
+    settings = make_settings(tmp_path)
+    async with services(settings, clock) as s:
+        await _hospital(s)
+        issued = await s.certs.issue("1310000011", actor="test")
+        # The scheduler was down from day 95 to day 25: only the 30-day reminder goes out.
+        clock.set(datetime.fromisoformat(issued.expires) - timedelta(days=25))
+        report = await s.scheduler.run_once()
+        assert [r["kind"] for r in report.reminders] == ["expiry-30d"]
+        assert (await s.scheduler.run_once()).reminders == []
+
+
+async def test_rotation_revokes_the_old_certificate_exactly_one_month_later(
+    tmp_path: Path,
+) -> None:
+    clock = FakeClock(T0)
+    settings = make_settings(tmp_path)
+    async with services(settings, clock) as s:
+        await _hospital(s, code="1310000029", provisional=True)
+        old = await s.certs.issue("1310000029", actor="test")
+        old_der = await _der(s, old.serial)
+        with pytest.raises(InvalidRequest, match="provisional code"):
+            await s.certs.rotate("1310000029", actor="test")
+        # Provisional -> real code, on 31 March: the old one goes on 30 April (no 31st).
+        clock.set(datetime(2026, 3, 31, 15, 30, tzinfo=JST))
+        new = await s.certs.rotate(
+            "1310000029", new_code="1310000037", reason="real code arrived", actor="officer"
+        )
+        new_der = await _der(s, new.serial)
+    revoke_at = datetime(2026, 4, 30, 15, 30, tzinfo=JST)
+    assert new.replaced[0]["serial"] == old.serial
+    assert datetime.fromisoformat(new.replaced[0]["revoke_at"]) == revoke_at
+    async with services(settings, clock) as s:  # restart: the schedule is in the store
+        status = await s.certs.status("1310000037")
+        assert status["provisional"] is False
+        by_serial = {c["serial"]: c for c in status["certificates"]}
+        assert by_serial[old.serial]["status"] == "overlapping"
+        assert by_serial[new.serial]["status"] == "active"
+        with pytest.raises(NotFound):
+            await s.certs.status("1310000029")
+        # During the overlap both certificates work, both for the facility's new code.
+        for der in (old_der, new_der):
+            ident = await identify(s.db, der, now=clock())
+            assert ident.institution_code == "1310000037"
+        clock.set(revoke_at - timedelta(seconds=1))
+        assert (await s.scheduler.run_once()).revoked == []
+        await identify(s.db, old_der, now=clock())
+        clock.set(revoke_at)
+        assert (await s.scheduler.run_once()).revoked == [old.serial]
+        assert (await s.scheduler.run_once()).revoked == []  # once
+        with pytest.raises(AccessDenied, match="revoked on 2026-04-30T06:30:00"):
+            await identify(s.db, old_der, now=clock())
+        await identify(s.db, new_der, now=clock())
+        async with s.db.read() as conn:
+            ev = (
+                await conn.execute(
+                    select(audit_event).where(
+                        audit_event.c.action == "client_certificate.revoke_scheduled"
+                    )
+                )
+            ).all()
+        assert len(ev) == 1 and old.serial in ev[0].detail
+        status = await s.certs.status("1310000037")
+        gone = next(c for c in status["certificates"] if c["serial"] == old.serial)
+        assert gone["status"] == "revoked"
+        assert datetime.fromisoformat(gone["revoked_at"]) == revoke_at
+        assert "provisional code 1310000029 → real code 1310000037" in gone["reason"]
+    crl = x509.load_der_x509_crl((tmp_path / "facility.crl").read_bytes())
+    entry = crl.get_revoked_certificate_by_serial_number(int(old.serial, 16))
+    assert entry is not None
+    assert entry.extensions.get_extension_for_class(x509.CRLReason).value.reason == (
+        x509.ReasonFlags.superseded
+    )
+    assert crl.get_revoked_certificate_by_serial_number(int(new.serial, 16)) is None
+
+
+async def test_renewal_and_rotation_refusals(tmp_path: Path) -> None:
+    clock = FakeClock(T0)
+    settings = make_settings(tmp_path)
+    async with services(settings, clock) as s:
+        await _hospital(s)
+        first = await s.certs.issue("1310000011", actor="test")
+        renewed = await s.certs.rotate("1310000011", actor="test")
+        assert renewed.replaced[0]["serial"] == first.serial
+        # The old one is already being replaced: a second rotation replaces the new one only.
+        with pytest.raises(NotFound):
+            await s.certs.rotate("1310000011", serial=first.serial, actor="test")
+        # Expired certificates cannot be rotated: that is a new issuance.
+        clock.set(datetime.fromisoformat(renewed.expires) + timedelta(days=1))
+        with pytest.raises(Conflict, match="no current certificate"):
+            await s.certs.rotate("1310000011", actor="test")
+        await s.certs.issue("1310000011", actor="test")
+
+
+async def test_one_certificate_per_facility_and_per_terminal_policy(tmp_path: Path) -> None:
+    clock = FakeClock(T0)
+    settings = make_settings(tmp_path)
+    async with services(settings, clock) as s:
+        await _hospital(s)
+        first = await s.certs.issue("1310000011", actor="test")
+        with pytest.raises(Conflict, match="one per facility; rotate it instead") as e:
+            await s.certs.issue("1310000011", actor="test")
+        assert first.serial in e.value.description
+        # Nothing of the refused issuance is left in the outbox.
+        assert [p.name for p in (tmp_path / "outbox" / "1310000011").iterdir()] == [first.serial]
+        await s.registry.add(
+            institution_code="1410000018",
+            name="TEST 端末クリニック",
+            kind="clinic",
+            per_terminal=True,
+            actor="test",
+        )
+        with pytest.raises(InvalidRequest, match="give a terminal label"):
+            await s.certs.issue("1410000018", actor="test")
+        a = await s.certs.issue("1410000018", terminal="総合受付 端末01", actor="test")
+        await s.certs.issue("1410000018", terminal="総合受付 端末02", actor="test")
+        with pytest.raises(Conflict, match="one per terminal"):
+            await s.certs.issue("1410000018", terminal="総合受付 端末01", actor="test")
+        with pytest.raises(InvalidRequest, match="name the one to rotate"):
+            await s.certs.rotate("1410000018", actor="test")
+        r = await s.certs.rotate("1410000018", terminal="総合受付 端末01", actor="test")
+        assert r.terminal == "総合受付 端末01" and r.replaced[0]["serial"] == a.serial
+        with pytest.raises(Conflict, match="revoke all but one"):
+            await s.registry.set_policy("1410000018", per_terminal=False, actor="test")
+        der = await _der(s, r.serial)
+        ou = x509.load_der_x509_certificate(der).subject.get_attributes_for_oid(
+            x509.NameOID.ORGANIZATIONAL_UNIT_NAME
+        )
+        assert ou[0].value == "総合受付 端末01"
+
+
+async def test_dental_department_is_registered_under_the_medical_code(tmp_path: Path) -> None:
+    settings = make_settings(tmp_path)
+    async with services(settings, FakeClock(T0)) as s:
+        await _hospital(s, dental_code="1330000015")
+        with pytest.raises(Conflict, match="dental \\(歯科\\) code of facility 1310000011"):
+            await s.registry.add(
+                institution_code="1330000015", name="同院歯科", kind="dental_clinic", actor="t"
+            )
+        with pytest.raises(NotFound, match="use 1310000011"):
+            await s.certs.issue("1330000015", actor="test")
+        await s.registry.add(
+            institution_code="1310000045", name="TEST 医院", kind="clinic", actor="t"
+        )
+        for dental, needle in (
+            ("1330000015", "dental \\(歯科\\) code of facility 1310000011"),
+            ("2730000012", "prefecture 27"),
+            ("1310000052", "not a dental"),
+        ):
+            with pytest.raises((Conflict, InvalidRequest), match=needle):
+                await s.registry.link_dental("1310000045", dental, actor="t")
+        f = await s.registry.link_dental("1310000045", "1330000023", actor="t")
+        assert f.dental_code == "1330000023"
+        await s.registry.add(
+            institution_code="1340000019", name="TEST 薬局", kind="pharmacy", actor="t"
+        )
+        with pytest.raises(InvalidRequest, match="medical"):
+            await s.registry.link_dental("1340000019", "1330000031", actor="t")
+
+
+async def test_download_window_lock_resend_and_the_p12(tmp_path: Path) -> None:
+    _require("pdftotext")
+    clock = FakeClock(T0)
+    settings = make_settings(tmp_path)
+    async with services(settings, clock) as s:
+        await _hospital(s)
+        res = await s.certs.issue("1310000011", actor="test")
+        box = Path(res.outbox)
+        token, pwd = download_token(box), download_password(box)
+        assert res.download_url and res.download_url.endswith(token)
+        # The two mails are separate: the link never carries the password, nor the reverse.
+        link_mail = read_eml(box / "mail-1-download-link.eml").get_content()
+        pwd_mail = read_eml(box / "mail-2-download-password.eml").get_content()
+        assert pwd not in link_mail and token not in pwd_mail
+        notice = notice_text(Path(res.password_notice))
+        p12_pwd = p12_password_from_notice(Path(res.password_notice))
+        assert p12_pwd not in link_mail + pwd_mail and pwd not in notice
+        assert res.serial in notice and "2029年4月30日" in notice and "TEST 中央病院" in notice
+        # 14 days: the last second works (but here a wrong password), the next one is gone.
+        clock.set(T0 + timedelta(days=14) - timedelta(seconds=1))
+        for left in (4, 3, 2, 1):
+            with pytest.raises(WrongPassword, match=f"{left} attempts left"):
+                await s.certs.download(token, "wrong", remote="127.0.0.1")
+        with pytest.raises(Locked, match="now locked after 5"):
+            await s.certs.download(token, "wrong", remote="127.0.0.1")
+        with pytest.raises(Locked):
+            await s.certs.download(token, pwd, remote="127.0.0.1")  # even the right one
+        clock.set(T0 + timedelta(days=14))
+        with pytest.raises((Gone, Locked)):
+            await s.certs.download(token, pwd, remote="127.0.0.1")
+        # Resend: a new window, new link and password; the old link is dead.
+        clock.set(T0 + timedelta(days=20))
+        again = await s.certs.resend(res.serial, actor="officer")
+        assert datetime.fromisoformat(again.download_expires) == clock() + timedelta(days=14)
+        token2, pwd2 = download_token(box, "resend-2-"), download_password(box, "resend-2-")
+        with pytest.raises(NotFound):
+            await s.certs.download(token, pwd, remote=None)
+        clock.set(T0 + timedelta(days=34) - timedelta(seconds=1))
+        with pytest.raises(WrongPassword, match="4 attempts left"):
+            await s.certs.download(token2, pwd, remote=None)
+        name, p12 = await s.certs.download(token2, pwd2, remote="127.0.0.1")
+        assert name == "client.hpki-gateway.p12"
+        with pytest.raises(Gone, match="already downloaded"):
+            await s.certs.download(token2, pwd2, remote=None)
+        with pytest.raises(Conflict, match="downloaded on"):
+            await s.certs.resend(res.serial, actor="officer")
+        st = await s.certs.status("1310000011")
+        assert datetime.fromisoformat(st["certificates"][0]["downloaded_at"]) == clock()
+        # The file is no longer kept in the store.
+        async with s.db.read() as conn:
+            from gateway.store.schema import certificate_delivery
+
+            assert (
+                await conn.execute(select(certificate_delivery.c.p12_wrapped))
+            ).scalar_one() is None
+            acts = [
+                r.action
+                for r in (await conn.execute(select(audit_event.c.action))).all()
+                if r.action.startswith("delivery.")
+            ]
+            details = " ".join(
+                r.detail for r in (await conn.execute(select(audit_event.c.detail))).all()
+            )
+        assert acts.count("delivery.wrong_password") == 5 and "delivery.locked" in acts
+        assert acts[-1] == "delivery.download"
+        assert pwd not in details and pwd2 not in details and p12_pwd not in details
+    key, cert, chain = pkcs12.load_key_and_certificates(p12, p12_pwd.encode())
+    assert key is not None and cert is not None and format(cert.serial_number, "x") == res.serial
+    assert len(chain) == 1
+    with pytest.raises(ValueError):
+        pkcs12.load_key_and_certificates(p12, pwd2.encode())
+
+
+async def test_revocation_is_immediate_and_publishes_the_crl(tmp_path: Path) -> None:
+    clock = FakeClock(T0)
+    settings = make_settings(tmp_path)
+    async with services(settings, clock) as s:
+        await _hospital(s)
+        res = await s.certs.issue("1310000011", actor="test")
+        der = await _der(s, res.serial)
+        await s.certs.revoke(res.serial.upper(), reason="PC stolen", actor="officer")
+        with pytest.raises(AccessDenied, match="PC stolen"):
+            await identify(s.db, der, now=clock())
+        with pytest.raises(Gone, match="revoked"):
+            await s.certs.download(
+                download_token(Path(res.outbox)), download_password(Path(res.outbox)), remote=None
+            )
+        crl = x509.load_der_x509_crl((tmp_path / "facility.crl").read_bytes())
+        assert crl.get_revoked_certificate_by_serial_number(int(res.serial, 16)) is not None
+        assert crl.next_update_utc == clock().replace(microsecond=0) + timedelta(days=7)
+        # Refreshed before nextUpdate (2 days margin), not on every run.
+        clock.advance(days=4)
+        assert await s.certs.refresh_crl() is False
+        clock.advance(days=1, seconds=1)
+        assert await s.certs.refresh_crl() is True
+        crl2 = x509.load_der_x509_crl((tmp_path / "facility.crl").read_bytes())
+        assert crl2.next_update_utc > crl.next_update_utc  # type: ignore[operator]
+        assert crl2.get_revoked_certificate_by_serial_number(int(res.serial, 16)) is not None
+        # Stopping the service revokes everything at once.
+        await s.registry.add(
+            institution_code="1310000060", name="TEST 停止医院", kind="clinic", actor="t"
+        )
+        other = await s.certs.issue("1310000060", actor="test")
+        assert await s.certs.stop_service("1310000060", reason="閉院", actor="o") == [other.serial]
+        st = await s.certs.status("1310000060")
+        assert st["status"] == "stopped"
+        assert st["certificates"][0]["status"] == "revoked"
+        assert st["certificates"][0]["reason"] == "service stopped: 閉院"
+        with pytest.raises(Conflict, match="stopped"):
+            await s.certs.issue("1310000060", actor="test")
+
+
+class _Sink:
+    def __init__(self) -> None:
+        self.messages: list[tuple[list[str], bytes]] = []
+
+    async def handle_DATA(self, server: object, session: object, envelope) -> str:  # type: ignore[no-untyped-def]
+        self.messages.append((list(envelope.rcpt_tos), envelope.content))
+        return "250 OK"
+
+
+async def test_smtp_delivery_and_reminder_mail(tmp_path: Path) -> None:
+    import email
+    import email.policy
+
+    port = free_port()
+    sink = _Sink()
+    controller = Controller(sink, hostname="127.0.0.1", port=port)
+    controller.start()
+    try:
+        clock = FakeClock(T0)
+        settings = make_settings(tmp_path, smtp_port=port)
+        async with services(settings, clock) as s:
+            await _hospital(s, contact_email="it@hospital.test.invalid")
+            res = await s.certs.issue("1310000011", actor="test")
+            assert res.mailed and res.mail_error is None
+            assert len(sink.messages) == 2
+            mails = [
+                email.message_from_bytes(m, policy=email.policy.default) for _, m in sink.messages
+            ]
+            assert all(rcpt == ["it@hospital.test.invalid"] for rcpt, _ in sink.messages)
+            assert "ファイル受取" in mails[0]["Subject"]
+            assert "/download/" in mails[0].get_content()  # type: ignore[attr-defined]
+            assert "ダウンロード用パスワード:" in mails[1].get_content()  # type: ignore[attr-defined]
+            assert "/download/" not in mails[1].get_content()  # type: ignore[attr-defined]
+            clock.set(datetime.fromisoformat(res.expires) - timedelta(days=59, hours=1))
+            report = await s.scheduler.run_once()
+            assert report.mailed == 1 and report.mail_errors == 0
+            assert (await s.scheduler.run_once()).mailed == 0
+            reminder = email.message_from_bytes(sink.messages[-1][1], policy=email.policy.default)
+            body = reminder.get_content()  # type: ignore[attr-defined]
+            assert "有効期限まであと59日" in reminder["Subject"]
+            assert res.serial in body and "2029年4月30日" in body and "更新" in body
+            async with s.db.read() as conn:
+                row = (await conn.execute(select(notification))).one()
+            assert row.sent_at == clock() and row.kind == "expiry-60d"
+    finally:
+        controller.stop()
+
+
+async def test_smtp_down_keeps_the_reminder_and_retries(tmp_path: Path) -> None:
+    clock = FakeClock(T0)
+    settings = make_settings(tmp_path, smtp_port=free_port())  # nothing listens there
+    async with services(settings, clock) as s:
+        await _hospital(s, contact_email="it@hospital.test.invalid")
+        res = await s.certs.issue("1310000011", actor="test")
+        assert not res.mailed and "SMTP delivery" in (res.mail_error or "")
+        assert (Path(res.outbox) / "mail-2-download-password.eml").exists()
+        clock.set(datetime.fromisoformat(res.expires) - timedelta(days=10))
+        report = await s.scheduler.run_once()
+        assert report.reminders and report.mail_errors == 1
+        async with s.db.read() as conn:
+            row = (await conn.execute(select(notification))).one()
+        assert row.sent_at is None and "SMTP delivery" in row.error
+
+
+def test_expired_fingerprint_is_refused_by_identify_too(tmp_path: Path) -> None:
+    """Belt and braces: the store check also refuses an expired certificate (TLS does first)."""
+
+    async def go() -> None:
+        clock = FakeClock(T0)
+        settings = make_settings(tmp_path)
+        async with services(settings, clock) as s:
+            await _hospital(s)
+            res = await s.certs.issue("1310000011", actor="test")
+            der = await _der(s, res.serial)
+            assert fingerprint(der)
+            clock.set(datetime.fromisoformat(res.expires))
+            with pytest.raises(AccessDenied, match="expired on"):
+                await identify(s.db, der, now=clock())
+
+    asyncio.run(go())
+
+
+_ = UTC
