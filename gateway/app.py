@@ -4,16 +4,29 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from aiohttp import web
 from cryptography import x509
 
-from gateway.api import csc, health
-from gateway.api.keys import AUDIT, DB, FACILITIES, KEYSTORE, SETTINGS, SIGNERS
+from gateway.api import auth, csc, health, signing
+from gateway.api.keys import (
+    ACTIVATION,
+    AUDIT,
+    CLOCK,
+    DB,
+    FACILITIES,
+    FIDO2,
+    KEYSTORE,
+    SETTINGS,
+    SIGNERS,
+)
 from gateway.api.middleware import client_identity, request_context
 from gateway.audit import AuditLog
+from gateway.auth.activation import SignatureActivation
+from gateway.auth.fido2 import Fido2Authenticator
 from gateway.config import Settings
 from gateway.errors import ConfigError, HsmUnavailable
 from gateway.facilities import FacilityRegistry
@@ -81,7 +94,53 @@ def make_signers(
     )
 
 
-def create_app(settings: Settings, *, keystore: KeyStore | None = None) -> web.Application:
+def _utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def make_fido2(
+    settings: Settings, *, db: Database, audit: AuditLog, clock: Callable[[], datetime] = _utcnow
+) -> Fido2Authenticator:
+    f = settings.fido2
+    return Fido2Authenticator(
+        db=db,
+        audit=audit,
+        rp_id=settings.rp_id(),
+        rp_name=f.rp_name,
+        origins=settings.webauthn_origins(),
+        challenge_ttl=timedelta(seconds=f.challenge_ttl_seconds),
+        enrollment_validity=timedelta(days=f.enrollment_valid_days),
+        max_password_tries=f.enrollment_max_password_tries,
+        clock=clock,
+    )
+
+
+def make_activation(
+    settings: Settings,
+    *,
+    db: Database,
+    audit: AuditLog,
+    fido2: Fido2Authenticator,
+    clock: Callable[[], datetime] = _utcnow,
+) -> SignatureActivation:
+    a = settings.activation
+    return SignatureActivation(
+        db=db,
+        audit=audit,
+        fido2=fido2,
+        sad_ttl=timedelta(seconds=a.sad_ttl_seconds),
+        session_max_hours=a.signing_session_max_hours,
+        session_max_signatures=a.signing_session_max_signatures,
+        clock=clock,
+    )
+
+
+def create_app(
+    settings: Settings,
+    *,
+    keystore: KeyStore | None = None,
+    clock: Callable[[], datetime] = _utcnow,
+) -> web.Application:
     app = web.Application(
         client_max_size=settings.server.max_body_bytes,
         middlewares=[request_context, client_identity],
@@ -95,6 +154,10 @@ def create_app(settings: Settings, *, keystore: KeyStore | None = None) -> web.A
     app[KEYSTORE] = ks
     app[FACILITIES] = FacilityRegistry(db=db, audit=audit)
     app[SIGNERS] = make_signers(settings, db=db, audit=audit, keystore=ks)
+    fido2 = make_fido2(settings, db=db, audit=audit, clock=clock)
+    app[FIDO2] = fido2
+    app[ACTIVATION] = make_activation(settings, db=db, audit=audit, fido2=fido2, clock=clock)
+    app[CLOCK] = clock
 
     async def store_ctx(app: web.Application) -> AsyncIterator[None]:
         from gateway.store.db import head_revision
@@ -128,4 +191,6 @@ def create_app(settings: Settings, *, keystore: KeyStore | None = None) -> web.A
     app.cleanup_ctx.extend([store_ctx, hsm_ctx])
     app.add_routes(csc.routes)
     app.add_routes(health.routes)
+    app.add_routes(auth.routes)
+    app.add_routes(signing.routes)
     return app
