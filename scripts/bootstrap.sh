@@ -9,9 +9,10 @@ cd "$(dirname "$0")/.."
 # softhsm2/opensc: the HSM for tests and the sandbox; xmlsec1, poppler-utils (pdfsig, pdftoppm),
 # openssl: independent verifiers in the tests; chromium: the real-browser WebAuthn tests (driven
 # by the Playwright package, never by a browser it downloads); postgresql: the store tests on a
-# throwaway PostgreSQL cluster; fonts-noto-cjk: Japanese text in generated PDFs renders.
+# throwaway PostgreSQL cluster; fonts-noto-cjk: Japanese text in generated PDFs renders;
+# libnss3-tools: certutil builds the NSS database that lets pdfsig trust the TEST HPKI root.
 APT_PACKAGES=(softhsm2 opensc xmlsec1 poppler-utils openssl sqlite3 python3-venv curl
-              ca-certificates chromium postgresql fonts-noto-cjk)
+              ca-certificates chromium postgresql fonts-noto-cjk libnss3-tools)
 
 missing=()
 for p in "${APT_PACKAGES[@]}"; do

@@ -12,7 +12,6 @@ import asyncio
 import base64
 import json
 import ssl
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -60,18 +59,6 @@ def csc(gateway: Server, hospital_ctx: ssl.SSLContext) -> Csc:
 def pharmacy_csc(gateway: Server, sandbox: dict[str, Any], pharmacy: dict[str, Any]) -> Csc:
     ctx = client_context(sandbox["server_ca"], pharmacy["client_cert"], pharmacy["client_key"])
     return Csc(gateway.port, ctx)
-
-
-@pytest.fixture(scope="module")
-def doctor(sandbox: dict[str, Any], csc: Csc, gateway: Server) -> Iterator[Any]:
-    """Taro, enrolled with the code and password from the sandbox manifest."""
-    doc = _doctor(sandbox)
-    auth = SoftAuthenticator(origin=f"https://localhost:{gateway.port}")
-    r = csc.enroll(doc["enrollment_code"], doc["enrollment_password"], auth)
-    assert r.status == 200, r.body
-    assert r.json()["status"] == "registered"
-    assert r.json()["credential_id"] == auth.credential_id_b64
-    yield doc, auth
 
 
 def _certificate(csc: Csc, credential_id: str) -> x509.Certificate:
@@ -521,11 +508,8 @@ def _signer_of(sandbox: dict[str, Any], cred: str) -> str:
 
 async def _set_status(sandbox: dict[str, Any], signer_id: str, status: str) -> None:
     async with services(sandbox["config"]) as svc:
-        from gateway.audit import AuditLog
-
         signers = SignerService(db=svc.db, audit=_audit(sandbox), keystore=None)  # type: ignore[arg-type]
         await signers.set_status(signer_id, status=status, reason="test", actor="test")
-        del AuditLog
 
 
 def _audit(sandbox: dict[str, Any]) -> Any:
