@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 SANDBOX ?= .sandbox
 
-.PHONY: bootstrap run test lint typecheck clean-sandbox
+.PHONY: bootstrap run test lint typecheck bench clean-sandbox
 
 bootstrap:
 	@scripts/bootstrap.sh
@@ -23,6 +23,9 @@ typecheck: bootstrap
 test: bootstrap lint typecheck
 	$(BIN)/python -m pytest tests
 
+# Raw SoftHSM rate vs signHash (batch, single at 16 clients, 2 workers), RSS: bench/results.json
+bench: bootstrap
+	$(BIN)/python bench/run.py
 
 clean-sandbox:
 	rm -rf $(SANDBOX)

@@ -5,18 +5,21 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator, Sequence
+from datetime import timedelta
 from pathlib import Path
 
 from aiohttp import web
 from cryptography import x509
 
-from gateway.api import admin, csc, download, health, verify
+from gateway.api import admin, auth, csc, download, health, signing, verify
 from gateway.api.keys import (
+    ACTIVATION,
     AUDIT,
     CERTIFICATES,
     CLOCK,
     DB,
     FACILITIES,
+    FIDO2,
     KEYSTORE,
     SETTINGS,
     SIGNERS,
@@ -24,6 +27,8 @@ from gateway.api.keys import (
 )
 from gateway.api.middleware import client_identity, request_context
 from gateway.audit import AuditLog
+from gateway.auth.activation import SignatureActivation
+from gateway.auth.fido2 import Fido2Authenticator
 from gateway.certificates import ClientCertificateService
 from gateway.clock import Clock, system_clock
 from gateway.config import Settings
@@ -103,8 +108,48 @@ def make_signers(
     )
 
 
+def make_fido2(
+    settings: Settings, *, db: Database, audit: AuditLog, clock: Clock = system_clock
+) -> Fido2Authenticator:
+    f = settings.fido2
+    return Fido2Authenticator(
+        db=db,
+        audit=audit,
+        rp_id=settings.rp_id(),
+        rp_name=f.rp_name,
+        origins=settings.webauthn_origins(),
+        challenge_ttl=timedelta(seconds=f.challenge_ttl_seconds),
+        enrollment_validity=timedelta(days=f.enrollment_valid_days),
+        max_password_tries=f.enrollment_max_password_tries,
+        clock=clock,
+    )
+
+
+def make_activation(
+    settings: Settings,
+    *,
+    db: Database,
+    audit: AuditLog,
+    fido2: Fido2Authenticator,
+    clock: Clock = system_clock,
+) -> SignatureActivation:
+    a = settings.activation
+    return SignatureActivation(
+        db=db,
+        audit=audit,
+        fido2=fido2,
+        sad_ttl=timedelta(seconds=a.sad_ttl_seconds),
+        session_max_hours=a.signing_session_max_hours,
+        session_max_signatures=a.signing_session_max_signatures,
+        clock=clock,
+    )
+
+
 def create_app(
-    settings: Settings, *, keystore: KeyStore | None = None, clock: Clock = system_clock
+    settings: Settings,
+    *,
+    keystore: KeyStore | None = None,
+    clock: Clock = system_clock,
 ) -> web.Application:
     app = web.Application(
         client_max_size=settings.server.max_body_bytes,
@@ -123,6 +168,10 @@ def create_app(
         settings=settings, db=db, audit=audit, registry=app[FACILITIES], clock=clock
     )
     app[SIGNERS] = make_signers(settings, db=db, audit=audit, keystore=ks)
+    fido2 = make_fido2(settings, db=db, audit=audit, clock=clock)
+    app[FIDO2] = fido2
+    app[ACTIVATION] = make_activation(settings, db=db, audit=audit, fido2=fido2, clock=clock)
+    app[CLOCK] = clock
 
     async def store_ctx(app: web.Application) -> AsyncIterator[None]:
         from gateway.store.db import head_revision
@@ -182,6 +231,8 @@ def create_app(
         app.cleanup_ctx.append(tsa_ctx)
     app.add_routes(csc.routes)
     app.add_routes(health.routes)
+    app.add_routes(auth.routes)
+    app.add_routes(signing.routes)
     app.add_routes(admin.routes)
     app.add_routes(verify.routes)
     return app

@@ -455,6 +455,88 @@ async def cmd_signer_unlink(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- FIDO2 enrolment, signer lock, signing sessions -----------------------------------------
+
+
+def _fido2(ctx: _Ctx) -> Any:
+    from gateway.app import make_fido2
+
+    return make_fido2(ctx.settings, db=ctx.db, audit=ctx.audit)
+
+
+async def cmd_signer_enroll_code(args: argparse.Namespace) -> int:
+    async with _Ctx(_settings(args), with_keystore=False) as ctx:
+        issued = await _fido2(ctx).issue_enrollment(args.signer, actor=_actor())
+    data = {
+        "signer": issued.signer_id,
+        "enrollment_code": issued.code,
+        "enrollment_password": issued.password,
+        "expires_at": issued.expires_at.isoformat(),
+    }
+    _print(
+        args,
+        data,
+        f"enrolment code for {issued.signer_id} (shown once; hand the code and the password "
+        "over separately)\n"
+        f"  code:     {issued.code}\n  password: {issued.password}\n"
+        f"  valid until {issued.expires_at.isoformat(timespec='minutes')}; register at /enroll",
+    )
+    return 0
+
+
+async def cmd_signer_authenticators(args: argparse.Namespace) -> int:
+    async with _Ctx(_settings(args), with_keystore=False) as ctx:
+        items = await _fido2(ctx).list_authenticators(args.signer)
+    text = "\n".join(
+        f"{a.id}  aaguid {a.aaguid}  count {a.sign_count:<6} registered "
+        f"{a.created_at.isoformat(timespec='minutes')}  last used "
+        f"{a.last_used_at.isoformat(timespec='minutes') if a.last_used_at else '-'}  "
+        f"{a.label or ''}"
+        for a in items
+    )
+    _print(args, [a.to_json_dict() for a in items], text or "no authenticators")
+    return 0
+
+
+async def cmd_signer_remove_authenticator(args: argparse.Namespace) -> int:
+    async with _Ctx(_settings(args), with_keystore=False) as ctx:
+        await _fido2(ctx).remove_authenticator(args.signer, args.authenticator, actor=_actor())
+    _print(args, {"removed": args.authenticator}, f"removed {args.authenticator}")
+    return 0
+
+
+async def cmd_signer_lock(args: argparse.Namespace) -> int:
+    status = "locked" if args.sub == "lock" else "active"
+    async with _Ctx(_settings(args), with_keystore=False) as ctx:
+        await _signer_service_readonly(ctx).set_status(
+            args.signer, status=status, reason=getattr(args, "reason", None), actor=_actor()
+        )
+    _print(args, {"signer": args.signer, "status": status}, f"signer {args.signer} is {status}")
+    return 0
+
+
+async def cmd_facility_signing_session(args: argparse.Namespace) -> int:
+    from gateway.app import make_activation
+    from gateway.auth.activation import SigningSessionPolicy
+
+    if args.enable == args.disable:
+        raise ConfigError("give exactly one of --enable or --disable")
+    policy = SigningSessionPolicy(
+        enabled=bool(args.enable), max_signatures=args.max_signatures, hours=args.hours
+    )
+    async with _Ctx(_settings(args), with_keystore=False) as ctx:
+        act = make_activation(ctx.settings, db=ctx.db, audit=ctx.audit, fido2=_fido2(ctx))
+        await act.set_session_policy(args.code, policy, actor=_actor())
+    text = (
+        f"signing sessions for {args.code}: up to {policy.max_signatures} signatures within "
+        f"{policy.hours} hours after one FIDO2 check (SCAL 1)"
+        if policy.enabled
+        else f"signing sessions for {args.code}: off (every SAD is bound to its hashes, SCAL 2)"
+    )
+    _print(args, {"institution_code": args.code, **policy.to_json_dict()}, text)
+    return 0
+
+
 # -- audit -----------------------------------------------------------------------------------
 
 
@@ -859,6 +941,43 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("signer")
         p.add_argument("facility")
         p.set_defaults(func=func)
+
+    p = sg.add_parser(
+        "enroll-code", help="issue a one-time FIDO2 enrolment code + password (shown once)"
+    )
+    _cfg(p)
+    p.add_argument("signer")
+    p.set_defaults(func=cmd_signer_enroll_code)
+    p = sg.add_parser("authenticators", help="list a signer's FIDO2 authenticators")
+    _cfg(p)
+    p.add_argument("signer")
+    p.set_defaults(func=cmd_signer_authenticators)
+    p = sg.add_parser("remove-authenticator", help="remove a FIDO2 authenticator")
+    _cfg(p)
+    p.add_argument("signer")
+    p.add_argument("authenticator", help="authenticator id (fido-...)")
+    p.set_defaults(func=cmd_signer_remove_authenticator)
+    p = sg.add_parser("lock", help="lock a signer: authorize/signHash answer access_denied")
+    _cfg(p)
+    p.add_argument("signer")
+    p.add_argument("--reason", required=True)
+    p.set_defaults(func=cmd_signer_lock)
+    p = sg.add_parser("unlock", help="make a locked signer active again")
+    _cfg(p)
+    p.add_argument("signer")
+    p.set_defaults(func=cmd_signer_lock)
+
+    p = fac.add_parser(
+        "signing-session",
+        help="signing-session policy (SCAL 1: one FIDO2 check, N signatures in H hours)",
+    )
+    _cfg(p)
+    p.add_argument("code")
+    p.add_argument("--enable", action="store_true")
+    p.add_argument("--disable", action="store_true")
+    p.add_argument("--hours", type=float, default=0.0)
+    p.add_argument("--max-signatures", type=int, default=0)
+    p.set_defaults(func=cmd_facility_signing_session)
 
     sc = sub.add_parser("scheduler", help="reminders, scheduled revocations, CRL").add_subparsers(
         dest="sub", required=True

@@ -292,6 +292,41 @@ class TestTsaSettings(_Section):
     """PEM CA certificates embedded in the tokens."""
 
 
+class Fido2Settings(_Section):
+    """FIDO2 (WebAuthn) enrolment and signer authentication."""
+
+    rp_id: str | None = None
+    """WebAuthn relying-party id; default: the host of ``server.public_url``. Must be a domain
+    (browsers refuse IP addresses); credentials are bound to it, so changing it later orphans
+    every enrolled authenticator."""
+    rp_name: str = "hpki-gateway"
+    """Relying-party name the authenticator may show."""
+    allowed_origins: list[str] = Field(default_factory=list)
+    """Origins whose WebAuthn responses are accepted (facility front-ends that relay the
+    ceremony). The gateway's own origins (that of ``server.public_url`` and
+    ``https://<rp_id>:<server.port>``, which serves ``/enroll``) are always allowed."""
+    challenge_ttl_seconds: Annotated[int, Field(ge=10, le=900)] = 120
+    """Lifetime of a registration or authentication challenge (single use)."""
+    enrollment_valid_days: Annotated[int, Field(ge=1, le=90)] = 14
+    """Validity of an enrolment code issued by ``signer enroll-code``."""
+    enrollment_max_password_tries: Annotated[int, Field(ge=1, le=20)] = 5
+    """Wrong enrolment passwords that lock the code (a new code must then be issued)."""
+
+
+class ActivationSettings(_Section):
+    """Signature activation: SAD lifetime, request limits, signing sessions (SCAL 1)."""
+
+    sad_ttl_seconds: Annotated[int, Field(ge=10, le=3600)] = 300
+    """Lifetime of a hash-bound (SCAL 2) SAD."""
+    max_hashes_per_request: Annotated[int, Field(ge=1, le=1000)] = 100
+    """Most hashes in one authenticate/begin, credentials/authorize or signHash call
+    (advertised as ``multisign``); longer arrays are refused, never truncated."""
+    signing_session_max_hours: Annotated[float, Field(gt=0, le=24)] = 18
+    """Cap on a facility's signing-session length (MEDIS runs 18-hour sessions)."""
+    signing_session_max_signatures: Annotated[int, Field(ge=1, le=100_000)] = 1000
+    """Cap on the signatures one signing session may authorize."""
+
+
 class Settings(_Section):
     """All settings of one deployment."""
 
@@ -309,6 +344,8 @@ class Settings(_Section):
     signing: SigningSettings = SigningSettings()
     timestamp: TimestampSettings = TimestampSettings()
     test_tsa: TestTsaSettings = TestTsaSettings()
+    fido2: Fido2Settings = Fido2Settings()
+    activation: ActivationSettings = ActivationSettings()
     base_dir: Path = Path(".")
     """Directory of the settings file; relative paths are resolved against it (set by load)."""
 
@@ -316,6 +353,29 @@ class Settings(_Section):
     @classmethod
     def _absolute(cls, v: Path) -> Path:
         return v.resolve()
+
+    # -- derived -----------------------------------------------------------------------------
+
+    def rp_id(self) -> str:
+        """The WebAuthn RP ID: configured, or the host of ``server.public_url``."""
+        if self.fido2.rp_id:
+            return self.fido2.rp_id
+        from urllib.parse import urlsplit
+
+        host = urlsplit(self.server.public_url).hostname
+        if not host:
+            raise ConfigError("server.public_url has no host; set fido2.rp_id")
+        return host
+
+    def webauthn_origins(self) -> frozenset[str]:
+        """Origins accepted in clientDataJSON (see ``Fido2Settings.allowed_origins``)."""
+        from urllib.parse import urlsplit
+
+        parts = urlsplit(self.server.public_url)
+        own = f"{parts.scheme}://{parts.netloc}"
+        port = self.server.port
+        listener = f"https://{self.rp_id()}" + ("" if port == 443 else f":{port}")
+        return frozenset({own, listener, *(o.rstrip("/") for o in self.fido2.allowed_origins)})
 
     # -- secrets ---------------------------------------------------------------------------
 

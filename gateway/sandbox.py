@@ -183,7 +183,7 @@ async def init_sandbox(
     directory: Path, *, port: int = 8443, force: bool = False, tsa_port: int | None = None
 ) -> dict[str, Any]:
     """Build the world and return the manifest (also written to DIR/manifest.json)."""
-    from gateway.app import make_audit, make_keystore, make_signers
+    from gateway.app import make_audit, make_fido2, make_keystore, make_signers
     from gateway.config import load_settings
     from gateway.facilities import FacilityRegistry
     from gateway.store.db import Database
@@ -255,6 +255,7 @@ async def init_sandbox(
         await db.migrate()
         await keystore.open()
         signers = make_signers(settings, db=db, audit=audit, keystore=keystore)
+        fido2 = make_fido2(settings, db=db, audit=audit)
         for fac in FACILITIES:
             reg = await registry.add(
                 institution_code=fac["institution_code"],
@@ -293,6 +294,7 @@ async def init_sandbox(
                 organization="HPKI TEST FACILITY",
                 actor=actor,
             )
+            enrol = await fido2.issue_enrollment(s.id, actor=actor)
             manifest_signers.append(
                 {
                     "id": s.id,
@@ -301,9 +303,11 @@ async def init_sandbox(
                     "role": s.role,
                     "credential_id": s.credentials[0].id,
                     "facilities": s.facilities,
-                    # Enrolment codes arrive with FIDO2 enrolment; null until then.
-                    "enrollment_code": None,
-                    "enrollment_password": None,
+                    # One-time FIDO2 enrolment (register at /enroll); TEST world only:
+                    # a real deployment hands code and password over separately.
+                    "enrollment_code": enrol.code,
+                    "enrollment_password": enrol.password,
+                    "enrollment_expires_at": enrol.expires_at.isoformat(),
                 }
             )
         admin = facility_ca.issue(

@@ -486,3 +486,23 @@ class SignerService:
                 signer_id=signer_id,
                 facility_code=institution_code,
             )
+
+    async def set_status(
+        self, signer_id: str, *, status: str, reason: str | None, actor: str
+    ) -> None:
+        """Lock (``locked``) or unlock (``active``) a signer; a locked signer cannot sign."""
+        if status not in ("active", "locked"):
+            raise InvalidRequest(f"signer status {status!r} is not 'active' or 'locked'")
+        async with self.db.write() as conn:
+            res = await conn.execute(
+                update(signer).where(signer.c.id == signer_id).values(status=status)
+            )
+            if res.rowcount == 0:
+                raise NotFound(f"signer {signer_id} does not exist")
+            await self.audit.append(
+                conn,
+                action="signer.lock" if status == "locked" else "signer.unlock",
+                actor=actor,
+                signer_id=signer_id,
+                detail={"reason": reason},
+            )

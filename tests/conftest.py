@@ -16,6 +16,8 @@ from typing import Any
 import pytest
 
 from tests.support.gateway import Server, client_context, free_port, run_cli
+from tests.support.signing import Csc
+from tests.support.webauthn import SoftAuthenticator
 
 
 def _require(tool: str) -> None:
@@ -58,3 +60,23 @@ def pharmacy(sandbox: dict[str, Any]) -> dict[str, Any]:
 @pytest.fixture(scope="session")
 def hospital_ctx(sandbox: dict[str, Any], hospital: dict[str, Any]) -> Any:
     return client_context(sandbox["server_ca"], hospital["client_cert"], hospital["client_key"])
+
+
+@pytest.fixture(scope="session")
+def doctor(
+    sandbox: dict[str, Any], gateway: Server, hospital_ctx: Any
+) -> tuple[dict[str, Any], SoftAuthenticator]:
+    """The sandbox's first doctor, enrolled with the code + password from the manifest.
+
+    Tests that issue further enrolment codes for this doctor must depend on this fixture
+    (a new code revokes unused earlier ones).
+    """
+    doc: dict[str, Any] = next(s for s in sandbox["signers"] if s["role"] == "Medical Doctor")
+    auth = SoftAuthenticator(origin=f"https://localhost:{gateway.port}")
+    r = Csc(gateway.port, hospital_ctx).enroll(
+        doc["enrollment_code"], doc["enrollment_password"], auth
+    )
+    assert r.status == 200, r.body
+    assert r.json()["status"] == "registered"
+    assert r.json()["credential_id"] == auth.credential_id_b64
+    return doc, auth

@@ -23,7 +23,13 @@ from gateway.signers import Credential
 from gateway.store.schema import credential, facility, signer, signer_facility
 
 SPECS = "2.0.0.2"
-METHODS = ["info", "credentials/list", "credentials/info"]
+METHODS = [
+    "info",
+    "credentials/list",
+    "credentials/info",
+    "credentials/authorize",
+    "signatures/signHash",
+]
 RSA_SIGN_ALGOS = [
     "1.2.840.113549.1.1.11",  # sha256WithRSAEncryption
     "1.2.840.113549.1.1.12",  # sha384WithRSAEncryption

@@ -5,6 +5,8 @@ from __future__ import annotations
 from aiohttp import web
 
 from gateway.audit import AuditLog
+from gateway.auth.activation import SignatureActivation
+from gateway.auth.fido2 import Fido2Authenticator
 from gateway.certificates import ClientCertificateService
 from gateway.clock import Clock
 from gateway.config import Settings
@@ -20,9 +22,13 @@ KEYSTORE = web.AppKey("keystore", KeyStore)
 FACILITIES = web.AppKey("facilities", FacilityRegistry)
 SIGNERS = web.AppKey("signers", SignerService)
 CERTIFICATES = web.AppKey("certificates", ClientCertificateService)
+#: The injectable clock (tests walk through time; otherwise system_clock).
 CLOCK: web.AppKey[Clock] = web.AppKey("clock")
 
 # issue 4: verification trust (anchors, CRLs, role mapping) built once from the settings.
 from gateway.sign.verify import TrustConfig  # noqa: E402 - grouped with its key on purpose
 
 VERIFY_TRUST = web.AppKey("verify_trust", TrustConfig)
+
+FIDO2 = web.AppKey("fido2", Fido2Authenticator)
+ACTIVATION = web.AppKey("activation", SignatureActivation)

@@ -12,6 +12,7 @@ from typing import Any
 from sqlalchemy import (
     BigInteger,
     Boolean,
+    CheckConstraint,
     Column,
     DateTime,
     ForeignKey,
@@ -214,4 +215,82 @@ notification = Table(
     Column("sent_at", UTCDateTime()),
     Column("error", String(500)),
     UniqueConstraint("certificate_id", "kind"),
+)
+
+
+# --- FIDO2 enrolment, signer authentication and signature activation (revision 0002) --------
+# Enrolment codes and passwords are stored hashed; SAD tokens only as SHA-256. A SAD's
+# ``remaining`` and each ``sad_hash.remaining`` are decremented by conditional UPDATEs
+# (``... WHERE remaining >= n``) inside one write transaction, so no interleaving of requests
+# or worker processes can sign more than was authorized (see gateway/auth/activation.py).
+
+enrollment = Table(
+    "enrollment",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("signer_id", String(40), ForeignKey("signer.id"), nullable=False, index=True),
+    Column("code_hash", String(64), nullable=False, unique=True),
+    Column("password_hash", String(200), nullable=False),
+    Column("failed_tries", Integer, nullable=False, default=0),
+    Column("status", String(20), nullable=False),  # active | locked | used | revoked
+    Column("expires_at", UTCDateTime(), nullable=False),
+    Column("created_at", UTCDateTime(), nullable=False),
+    Column("used_at", UTCDateTime()),
+)
+
+fido_credential = Table(
+    "fido_credential",
+    metadata,
+    Column("id", String(40), primary_key=True),
+    Column("signer_id", String(40), ForeignKey("signer.id"), nullable=False, index=True),
+    Column("credential_id", String(1400), nullable=False, unique=True),  # base64url
+    Column("credential_data", LargeBinary, nullable=False),  # AttestedCredentialData
+    Column("sign_count", BigInteger, nullable=False),
+    Column("aaguid", String(36), nullable=False),
+    Column("label", String(200)),
+    Column("created_at", UTCDateTime(), nullable=False),
+    Column("last_used_at", UTCDateTime()),
+)
+
+webauthn_challenge = Table(
+    "webauthn_challenge",
+    metadata,
+    Column("id", String(64), primary_key=True),  # SHA-256 hex of the challenge bytes
+    Column("kind", String(20), nullable=False),  # register | authenticate
+    Column("signer_id", String(40), ForeignKey("signer.id"), nullable=False),
+    Column("facility_id", Integer, ForeignKey("facility.id")),
+    Column("enrollment_id", Integer, ForeignKey("enrollment.id")),
+    Column("credential_id", String(40)),  # the CSC credential (authenticate)
+    Column("binding", Text, nullable=False),  # canonical JSON the challenge commits to
+    Column("created_at", UTCDateTime(), nullable=False),
+    Column("expires_at", UTCDateTime(), nullable=False, index=True),
+    Column("used_at", UTCDateTime()),
+)
+
+sad = Table(
+    "sad",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("token_hash", String(64), nullable=False, unique=True),
+    Column("facility_id", Integer, ForeignKey("facility.id"), nullable=False),
+    Column("signer_id", String(40), ForeignKey("signer.id"), nullable=False),
+    Column("credential_id", String(40), ForeignKey("credential.id"), nullable=False),
+    Column("fido_credential_id", String(40)),
+    Column("hash_algorithm", String(40)),  # OID; NULL for a signing session (SCAL 1)
+    Column("scal", String(1), nullable=False),
+    Column("num_signatures", Integer, nullable=False),
+    Column("remaining", Integer, nullable=False),
+    Column("created_at", UTCDateTime(), nullable=False),
+    Column("expires_at", UTCDateTime(), nullable=False, index=True),
+    CheckConstraint("remaining >= 0", name="remaining_not_negative"),
+)
+
+sad_hash = Table(
+    "sad_hash",
+    metadata,
+    Column("sad_id", Integer, ForeignKey("sad.id", ondelete="CASCADE"), primary_key=True),
+    Column("hash", LargeBinary(64), primary_key=True),
+    Column("authorized", Integer, nullable=False),  # multiplicity in the authorized multiset
+    Column("remaining", Integer, nullable=False),
+    CheckConstraint("remaining >= 0", name="remaining_not_negative"),
 )

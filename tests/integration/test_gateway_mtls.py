@@ -33,7 +33,8 @@ def test_info_with_facility_certificate(gateway: Server, hospital_ctx: ssl.SSLCo
     assert r.status == 200, r.body
     info = r.json()
     assert "TLS" in info["authType"]
-    assert info["methods"] == ["info", "credentials/list", "credentials/info"]
+    assert info["methods"][:3] == ["info", "credentials/list", "credentials/info"]
+    assert {"credentials/authorize", "signatures/signHash"} <= set(info["methods"])
     assert info["specs"].startswith("2.")
     assert info["region"] == "JP"
     assert len(r.headers["x-request-id"]) == 16
@@ -171,7 +172,7 @@ def test_bad_input_is_400_invalid_request(
 
 
 def test_unknown_csc_route_and_method(gateway: Server, hospital_ctx: ssl.SSLContext) -> None:
-    r = request(gateway.port, "POST", "/csc/v2/signatures/signHash", ctx=hospital_ctx, json_body={})
+    r = request(gateway.port, "POST", "/csc/v2/signatures/nope", ctx=hospital_ctx, json_body={})
     assert r.status == 404
     assert r.json()["error"] == "invalid_request"
     r = request(gateway.port, "GET", "/csc/v2/info", ctx=hospital_ctx)

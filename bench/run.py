@@ -1,0 +1,285 @@
+"""``make bench``: raw SoftHSM signing vs the gateway's signHash, side by side in one run.
+
+Builds a throwaway sandbox, then measures on the same SoftHSM key:
+  raw_pkcs11_per_s               python-pkcs11 C_Sign loop (CKM_RSA_PKCS over a DigestInfo),
+                                 one process, no gateway
+  signhash_batch_per_s           signHash with 100 hashes per request, 1 worker
+  signhash_single_per_s          signHash with 1 hash per request, 16 concurrent keep-alive
+  signhash_single_p50_ms/_p99_ms   mTLS clients, 1 worker; latency per request
+  signhash_batch_workers2_per_s  the batch rate with ``serve --workers 2``
+  rss_mb_per_worker              largest VmRSS of a worker after its load
+Every signHash spends a hash-bound SCAL 2 SAD obtained beforehand through the real FIDO2
+ceremony (software authenticator); authorization is not timed. Results go to
+bench/results.json (flat keys, numbers). Targets (bench only, never asserted in tests): batch
+>= 0.85x raw, single >= 0.5x raw, workers-2 batch > raw, RSS < 150 MB.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import os
+import sqlite3
+import ssl
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from tests.support.gateway import Server, free_port, run_cli  # noqa: E402
+from tests.support.webauthn import SoftAuthenticator  # noqa: E402
+
+SHA256 = "2.16.840.1.101.3.4.2.1"
+RSA = "1.2.840.113549.1.1.1"
+BATCH = 100
+RAW_SECONDS = float(os.environ.get("BENCH_RAW_SECONDS", "4"))
+BATCH_REQUESTS = int(os.environ.get("BENCH_BATCH_REQUESTS", "60"))  # x100 signatures
+SINGLE_CLIENTS = 16
+SINGLE_PER_CLIENT = int(os.environ.get("BENCH_SINGLE_PER_CLIENT", "200"))
+
+
+def b64(d: bytes) -> str:
+    return base64.b64encode(d).decode()
+
+
+def raw_rate(settings_path: Path, key_id: str) -> float:
+    """C_Sign in a tight loop on the doctor's key: the ceiling for one process."""
+    import pkcs11
+    from pkcs11 import Mechanism, ObjectClass
+
+    from gateway.config import load_settings
+
+    s = load_settings(settings_path, environ={})
+    if s.hsm.softhsm_conf:
+        os.environ["SOFTHSM2_CONF"] = str(s.hsm.softhsm_conf)
+    lib = pkcs11.lib(str(s.hsm.module))
+    token = lib.get_token(token_label=s.hsm.token_label)
+    with token.open(user_pin=s.hsm_pin()) as session:
+        key = session.get_key(object_class=ObjectClass.PRIVATE_KEY, id=bytes.fromhex(key_id))
+        prefix = bytes.fromhex("3031300d060960864801650304020105000420")
+        data = [prefix + os.urandom(32) for _ in range(256)]
+        for d in data[:50]:  # warm-up
+            key.sign(d, mechanism=Mechanism.RSA_PKCS)
+        n, start = 0, time.perf_counter()
+        while time.perf_counter() - start < RAW_SECONDS:
+            for d in data:
+                key.sign(d, mechanism=Mechanism.RSA_PKCS)
+            n += len(data)
+        return n / (time.perf_counter() - start)
+
+
+class Client:
+    def __init__(self, port: int, ctx: ssl.SSLContext, session: aiohttp.ClientSession) -> None:
+        self.base = f"https://localhost:{port}"
+        self.session = session
+
+    async def post(self, path: str, body: dict[str, Any]) -> Any:
+        async with self.session.post(self.base + path, json=body) as r:
+            data = await r.json()
+            if r.status != 200:
+                raise RuntimeError(f"{path}: {r.status} {data}")
+            return data
+
+    async def enroll(self, code: str, password: str, auth: SoftAuthenticator) -> None:
+        begin = await self.post(
+            "/auth/fido2/register/begin", {"enrollment_code": code, "password": password}
+        )
+        await self.post(
+            "/auth/fido2/register/complete",
+            {"enrollment_code": code, "credential": auth.create(begin["publicKey"])},
+        )
+
+    async def authorize(self, cred: str, hashes: list[bytes], auth: SoftAuthenticator) -> str:
+        hs = [b64(h) for h in hashes]
+        begin = await self.post(
+            "/auth/fido2/authenticate/begin",
+            {"credentialID": cred, "hashes": hs, "hashAlgorithmOID": SHA256,
+             "numSignatures": len(hs)},
+        )  # fmt: skip
+        assertion = auth.get(begin["publicKey"])
+        r = await self.post(
+            "/csc/v2/credentials/authorize",
+            {"credentialID": cred, "numSignatures": len(hs), "hashes": hs,
+             "hashAlgorithmOID": SHA256,
+             "authData": [{"id": "webauthn", "value": json.dumps(assertion)}]},
+        )  # fmt: skip
+        return str(r["SAD"])
+
+    async def sign(self, cred: str, sad: str, hashes: list[bytes]) -> float:
+        body = {"credentialID": cred, "SAD": sad, "hashes": [b64(h) for h in hashes],
+                "hashAlgorithmOID": SHA256, "signAlgo": RSA}  # fmt: skip
+        t = time.perf_counter()
+        r = await self.post("/csc/v2/signatures/signHash", body)
+        assert len(r["signatures"]) == len(hashes)
+        return time.perf_counter() - t
+
+
+def _ctx(manifest: dict[str, Any]) -> ssl.SSLContext:
+    fac = next(f for f in manifest["facilities"] if f["kind"] == "hospital")
+    ctx = ssl.create_default_context(cafile=manifest["server_ca"])
+    ctx.load_cert_chain(fac["client_cert"], fac["client_key"])
+    return ctx
+
+
+async def batch_rate(
+    port: int, ctx: ssl.SSLContext, cred: str, auth: SoftAuthenticator, clients: int
+) -> float:
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=ctx, limit=64)) as s:
+        c = Client(port, ctx, s)
+        work = []
+        for _ in range(BATCH_REQUESTS):
+            hashes = [os.urandom(32) for _ in range(BATCH)]
+            work.append((await c.authorize(cred, hashes, auth), hashes))
+        await c.sign(cred, *work.pop())  # warm-up (key handle cache, connections)
+        queue = list(work)
+
+        async def worker() -> None:
+            while queue:
+                sad, hashes = queue.pop()
+                await c.sign(cred, sad, hashes)
+
+        start = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(clients)))
+        elapsed = time.perf_counter() - start
+        return (len(work) * BATCH) / elapsed
+
+
+async def single_rate(
+    port: int, ctx: ssl.SSLContext, cred: str, auth: SoftAuthenticator
+) -> tuple[float, float, float]:
+    # One keep-alive connection per client: 16 sessions with one connection each.
+    sessions = [
+        aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=ctx, limit=1))
+        for _ in range(SINGLE_CLIENTS)
+    ]
+    try:
+        plans: list[list[tuple[str, bytes]]] = []
+        setup = Client(port, ctx, sessions[0])
+        for _ in range(SINGLE_CLIENTS):
+            plan: list[tuple[str, bytes]] = []
+            while len(plan) < SINGLE_PER_CLIENT:
+                hashes = [os.urandom(32) for _ in range(BATCH)]
+                sad = await setup.authorize(cred, hashes, auth)
+                plan += [(sad, h) for h in hashes]
+            plans.append(plan[:SINGLE_PER_CLIENT])
+        latencies: list[float] = []
+
+        async def run(client: Client, plan: list[tuple[str, bytes]]) -> None:
+            await client.sign(cred, *plan[0][:1], [plan[0][1]])  # opens the connection
+            for sad, h in plan[1:]:
+                latencies.append(await client.sign(cred, sad, [h]))
+
+        clients = [Client(port, ctx, s) for s in sessions]
+        start = time.perf_counter()
+        await asyncio.gather(*(run(c, p) for c, p in zip(clients, plans, strict=True)))
+        elapsed = time.perf_counter() - start
+        total = SINGLE_CLIENTS * SINGLE_PER_CLIENT
+        q = statistics.quantiles(latencies, n=100)
+        return total / elapsed, q[49] * 1000, q[98] * 1000
+    finally:
+        for s in sessions:
+            await s.close()
+
+
+def rss_mb(pids: list[int]) -> float:
+    out = 0.0
+    for pid in pids:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                out = max(out, int(line.split()[1]) / 1024)
+    return out
+
+
+def worker_pids(srv: Server) -> list[int]:
+    assert srv.proc is not None
+    children = Path(f"/proc/{srv.proc.pid}/task/{srv.proc.pid}/children").read_text().split()
+    return [int(p) for p in children] or [srv.proc.pid]
+
+
+async def enrolled(port: int, ctx: ssl.SSLContext, code: str, pw: str) -> SoftAuthenticator:
+    auth = SoftAuthenticator(origin=f"https://localhost:{port}")
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=ctx)) as s:
+        await Client(port, ctx, s).enroll(code, pw, auth)
+    return auth
+
+
+def main() -> int:
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="hpki-bench-") as tmp:
+        d = Path(tmp) / "sandbox"
+        run_cli("sandbox", "init", str(d), "--port", str(free_port()))
+        manifest = json.loads((d / "manifest.json").read_text())
+        config = d / "gateway.toml"
+        ctx = _ctx(manifest)
+        doc = next(s for s in manifest["signers"] if s["role"] == "Medical Doctor")
+        cred = doc["credential_id"]
+        # The key id is not in the manifest or the listing: read it from the store.
+        with sqlite3.connect(d / "data" / "gateway.db") as db:
+            key_hex = str(
+                db.execute("SELECT key_id FROM credential WHERE id = ?", (cred,)).fetchone()[0]
+            )
+
+        print("raw python-pkcs11 ...", flush=True)
+        raw = raw_rate(config, key_hex)
+
+        results: dict[str, float] = {"raw_pkcs11_per_s": raw}
+        srv = Server(config, free_port())
+        srv.start()
+        try:
+            auth = asyncio.run(
+                enrolled(srv.port, ctx, doc["enrollment_code"], doc["enrollment_password"])
+            )
+            print("signHash 100 hashes/request, 1 worker ...", flush=True)
+            results["signhash_batch_per_s"] = asyncio.run(
+                batch_rate(srv.port, ctx, cred, auth, clients=2)
+            )
+            print("signHash 1 hash/request, 16 clients, 1 worker ...", flush=True)
+            rate, p50, p99 = asyncio.run(single_rate(srv.port, ctx, cred, auth))
+            results.update(
+                signhash_single_per_s=rate, signhash_single_p50_ms=p50, signhash_single_p99_ms=p99
+            )
+            rss1 = rss_mb(worker_pids(srv))
+        finally:
+            srv.stop()
+
+        srv = Server(config, free_port(), workers=2)
+        srv.start()
+        try:
+            time.sleep(1.0)  # both workers listening
+            issued = json.loads(
+                run_cli("signer", "enroll-code", doc["id"], "-c", str(config), "--json").stdout
+            )
+            auth2 = asyncio.run(
+                enrolled(srv.port, ctx, issued["enrollment_code"], issued["enrollment_password"])
+            )
+            print("signHash 100 hashes/request, 2 workers ...", flush=True)
+            results["signhash_batch_workers2_per_s"] = asyncio.run(
+                batch_rate(srv.port, ctx, cred, auth2, clients=4)
+            )
+            rss2 = rss_mb(worker_pids(srv))
+        finally:
+            srv.stop()
+        results["rss_mb_per_worker"] = max(rss1, rss2)
+
+    results = {k: round(v, 1) for k, v in results.items()}
+    out = REPO / "bench" / "results.json"
+    out.write_text(json.dumps(results, indent=2) + "\n")
+    raw = results["raw_pkcs11_per_s"]
+    print(f"\n{'measure':<32}{'value':>10}  ratio to raw")
+    for k, v in results.items():
+        ratio = f"{v / raw:.2f}x" if k.endswith("_per_s") else ""
+        print(f"{k:<32}{v:>10}  {ratio}")
+    print(f"\nwritten to {out} in {time.perf_counter() - started:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,238 @@
+"""CSC ``credentials/authorize`` (FIDO2 assertion -> SAD) and ``signatures/signHash``.
+
+signHash accepts the v2 field names (``hashes``, ``hashAlgorithmOID``) and the CSC v1 names that
+pyHanko's ``CSCSigner`` sends (``hash``, ``hashAlgo``); ``signAlgo`` is the same in both.
+Every attempt is audited: a signature in the same transaction that consumes the SAD (committed
+before the HSM signs, hence before the response), a refusal in its own transaction. The SAD is
+never logged or audited.
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+from typing import Any
+
+from aiohttp import web
+from pydantic import Field
+
+from gateway.api.auth import (
+    assertion_from_auth_data,
+    caller_of,
+    check_lengths,
+    decode_hashes,
+    digest_algorithm,
+)
+from gateway.api.keys import ACTIVATION, AUDIT, CLOCK, DB, KEYSTORE, SETTINGS
+from gateway.api.schema import CscRequest, parse
+from gateway.auth.activation import SignatureGrant
+from gateway.auth.fido2 import Caller
+from gateway.errors import AccessDenied, GatewayError, InvalidRequest
+from gateway.hsm.api import DigestAlgorithm, KeyHandle
+
+log = logging.getLogger("gateway.api")
+routes = web.RouteTableDef()
+
+SHA_RSA = {
+    "1.2.840.113549.1.1.11": DigestAlgorithm.SHA256,
+    "1.2.840.113549.1.1.12": DigestAlgorithm.SHA384,
+    "1.2.840.113549.1.1.13": DigestAlgorithm.SHA512,
+}
+RSA_ENCRYPTION = "1.2.840.113549.1.1.1"
+
+
+class AuthDataItem(CscRequest):
+    id: str = Field(max_length=64)
+    value: str | dict[str, Any]
+
+
+class AuthorizeRequest(CscRequest):
+    credentialID: str = Field(min_length=1, max_length=200)
+    numSignatures: int = Field(ge=1, le=100_000)
+    hashes: list[str] | None = None
+    hash: list[str] | None = None  # CSC v1 name
+    hashAlgorithmOID: str | None = Field(default=None, max_length=64)
+    authData: list[AuthDataItem] = Field(min_length=1, max_length=8)
+    description: str | None = Field(default=None, max_length=500)
+
+
+class SignHashRequest(CscRequest):
+    credentialID: str = Field(min_length=1, max_length=200)
+    SAD: str = Field(min_length=1, max_length=200)
+    hashes: list[str] | None = None
+    hash: list[str] | None = None  # CSC v1 name (pyHanko)
+    hashAlgorithmOID: str | None = Field(default=None, max_length=64)
+    hashAlgo: str | None = Field(default=None, max_length=64)  # CSC v1 name (pyHanko)
+    signAlgo: str = Field(min_length=1, max_length=64)
+    signAlgoParams: str | None = None
+    operationMode: str | None = None
+
+
+def _pick(v2: list[str] | None, v1: list[str] | None, field: str) -> list[str]:
+    if v2 is not None and v1 is not None and v2 != v1:
+        raise InvalidRequest(f"Invalid parameter {field}: 'hashes' and 'hash' differ")
+    value = v2 if v2 is not None else v1
+    if value is None:
+        raise InvalidRequest(f"Missing (or invalid type) parameter {field}")
+    return value
+
+
+async def _refused(
+    request: web.Request,
+    caller: Caller,
+    *,
+    action: str,
+    reason: str,
+    detail: dict[str, Any],
+) -> None:
+    async with request.app[DB].write() as conn:
+        await request.app[AUDIT].append(
+            conn,
+            action=action,
+            actor=caller.actor,
+            facility_code=caller.institution_code,
+            detail={"reason": reason, **detail},
+        )
+
+
+@routes.post("/csc/v2/credentials/authorize")
+async def authorize(request: web.Request) -> web.Response:
+    caller = caller_of(request)
+    if caller.facility_id is None:
+        raise AccessDenied("CSC methods are for facility client certificates")
+    limit = request.app[SETTINGS].activation.max_hashes_per_request
+    try:
+        req = await parse(request, AuthorizeRequest)
+        raw = req.hashes if req.hashes is not None else (req.hash or [])
+        hashes = decode_hashes(raw, field="hashes", max_count=limit)
+        if hashes and req.hashAlgorithmOID is not None:
+            check_lengths(hashes, digest_algorithm(req.hashAlgorithmOID), field="hashes")
+        assertion = assertion_from_auth_data(
+            [item.model_dump() for item in req.authData]  # plain dicts
+        )
+    except GatewayError as e:
+        # Bad input before a challenge is identified: audited here (the service audits the rest).
+        await _refused(request, caller, action="sad.refused", reason=e.description, detail={})
+        raise
+    issued = await request.app[ACTIVATION].authorize(
+        caller=caller,
+        credential_id=req.credentialID,
+        num_signatures=req.numSignatures,
+        hashes=hashes,
+        hash_algorithm_oid=req.hashAlgorithmOID,
+        assertion=assertion,
+        now=request.app[CLOCK](),
+    )
+    return web.json_response({"SAD": issued.token, "expiresIn": issued.expires_in})
+
+
+def _algorithm(req: SignHashRequest) -> DigestAlgorithm:
+    if req.signAlgo not in SHA_RSA and req.signAlgo != RSA_ENCRYPTION:
+        raise InvalidRequest(
+            f"Invalid parameter signAlgo: {req.signAlgo!r} is not supported; valid: "
+            + ", ".join([*SHA_RSA, RSA_ENCRYPTION])
+        )
+    if req.signAlgoParams:
+        raise InvalidRequest("Invalid parameter signAlgoParams: RSA PKCS#1 v1.5 takes none")
+    if req.operationMode not in (None, "S"):
+        raise InvalidRequest("Invalid parameter operationMode: only 'S' (synchronous)")
+    if req.hashAlgorithmOID and req.hashAlgo and req.hashAlgorithmOID != req.hashAlgo:
+        raise InvalidRequest("Invalid parameter hashAlgorithmOID: 'hashAlgo' differs")
+    oid = req.hashAlgorithmOID or req.hashAlgo
+    implied = SHA_RSA.get(req.signAlgo)
+    if oid is None:
+        if implied is None:
+            raise InvalidRequest("Missing (or invalid type) parameter hashAlgorithmOID")
+        return implied
+    alg = digest_algorithm(oid)
+    if implied is not None and implied is not alg:
+        raise InvalidRequest("Invalid parameter hashAlgorithmOID: does not match signAlgo")
+    return alg
+
+
+async def sign_all(key: KeyHandle, hashes: tuple[bytes, ...], alg: DigestAlgorithm) -> list[bytes]:
+    """One hop to the PKCS#11 thread for the whole batch when the key store offers it."""
+    batch = getattr(key, "sign_digests", None)
+    if batch is not None:
+        result: list[bytes] = await batch(list(hashes), alg)
+        return result
+    return [await key.sign_digest(h, alg) for h in hashes]
+
+
+@routes.post("/csc/v2/signatures/signHash")
+async def sign_hash(request: web.Request) -> web.Response:
+    caller = caller_of(request)
+    if caller.facility_id is None:
+        raise AccessDenied("CSC methods are for facility client certificates")
+    app = request.app
+    limit = app[SETTINGS].activation.max_hashes_per_request
+    credential_id: str | None = None
+    count = 0
+    try:
+        req = await parse(request, SignHashRequest)
+        credential_id = req.credentialID
+        raw = _pick(req.hashes, req.hash, "hashes")
+        count = len(raw)
+        if not raw:
+            raise InvalidRequest("Missing (or invalid type) parameter hashes")
+        hashes = decode_hashes(raw, field="hashes", max_count=limit)
+        alg = _algorithm(req)
+        check_lengths(hashes, alg, field="hashes")
+        now = app[CLOCK]()
+        async with app[DB].write() as conn:
+            grant = await app[ACTIVATION].consume(
+                conn,
+                sad=req.SAD,
+                facility_id=caller.facility_id,
+                credential_id=req.credentialID,
+                hashes=hashes,
+                algorithm=alg,
+                now=now,
+            )
+            await app[AUDIT].append(
+                conn,
+                action="signature.sign_hash",
+                actor=caller.actor,
+                facility_code=caller.institution_code,
+                signer_id=grant.signer_id,
+                detail=_detail(grant),
+                now=now,
+            )
+    except GatewayError as e:
+        if e.status < 500:
+            await _refused(
+                request,
+                caller,
+                action="signature.refused",
+                reason=e.description,
+                detail={"credential": credential_id, "hashes_in_request": count},
+            )
+        raise
+    try:
+        key = await app[KEYSTORE].get_key(grant.key_id)
+        signatures = await sign_all(key, grant.hashes, grant.algorithm)
+    except (GatewayError, ValueError) as e:
+        # Nothing was returned to the client: give the count back, record the failure.
+        async with app[DB].write() as conn:
+            await app[ACTIVATION].refund(conn, sad=req.SAD, grant=grant)
+            await app[AUDIT].append(
+                conn,
+                action="signature.failed",
+                actor=caller.actor,
+                facility_code=caller.institution_code,
+                signer_id=grant.signer_id,
+                detail={**_detail(grant), "reason": str(e)[:200], "refunded": True},
+            )
+        raise
+    b64 = base64.b64encode
+    return web.json_response({"signatures": [b64(s).decode("ascii") for s in signatures]})
+
+
+def _detail(grant: SignatureGrant) -> dict[str, Any]:
+    return {
+        "credential": grant.credential_id,
+        "key_id": grant.key_id,
+        "scal": grant.scal,
+        "hash_algorithm": grant.algorithm.value,
+        "hashes": [h.hex() for h in grant.hashes],
+    }

@@ -1,0 +1,807 @@
+"""FIDO2 signer presence: enrolment codes, authenticator registration, hash-bound challenges.
+
+Enrolment follows the MEDIS model: a registration officer issues a one-time enrolment code and a
+separate password (``hpki-gateway signer enroll-code``; both shown once, stored hashed). The
+doctor registers an authenticator with both; ``enrollment_max_password_tries`` wrong passwords
+lock the code, and a used or expired code is refused. One code registers one authenticator; a
+signer may hold several.
+
+Authentication is bound to what will be signed. ``authenticate_begin`` returns WebAuthn request
+options whose 48-byte challenge is ``nonce(16) || SHA-256(binding)`` where ``binding`` is the
+canonical JSON ``{"credentialID", "hashAlgorithmOID", "hashes": [sorted base64], "numSignatures"}``
+(keys sorted, no whitespace). A client can recompute the tail and see that the authenticator
+signs a commitment to its hashes; the server keeps the challenge state in the database
+(single use, short TTL) and, when the assertion comes back, recomputes the binding from the
+``credentials/authorize`` request and compares it in constant time. User verification is
+required; the sign count must grow (a clone of the authenticator shows as a regression).
+
+python-fido2's ``Fido2Server`` does the WebAuthn checks (type, origin, challenge, RP ID hash,
+UP/UV flags, signature); this module keeps the state, the counters and the policy. It never
+touches keys (``auth/`` rule): it returns who was present, the activation module turns that
+into a SAD.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import hmac
+import json
+import secrets
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from fido2.server import Fido2Server
+from fido2.utils import websafe_decode, websafe_encode
+from fido2.webauthn import (
+    AttestedCredentialData,
+    AuthenticationResponse,
+    AuthenticatorData,
+    PublicKeyCredentialDescriptor,
+    PublicKeyCredentialRpEntity,
+    PublicKeyCredentialType,
+    PublicKeyCredentialUserEntity,
+    RegistrationResponse,
+    ResidentKeyRequirement,
+    UserVerificationRequirement,
+)
+from sqlalchemy import delete, insert, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from gateway.audit import AuditLog
+from gateway.errors import AccessDenied, Conflict, GatewayError, InvalidRequest, NotFound
+from gateway.store.db import Database
+from gateway.store.schema import (
+    credential,
+    enrollment,
+    fido_credential,
+    signer,
+    signer_facility,
+    webauthn_challenge,
+)
+
+Clock = Callable[[], datetime]
+NONCE_BYTES = 16
+# Crockford base32 without I, L, O, U: no look-alikes when a doctor types the code.
+_CODE_ALPHABET = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
+_PASSWORD_ALPHABET = "23456789abcdefghjkmnpqrstuvwxyzABCDEFGHJKLMNPQRSTUVWXYZ"  # noqa: S105
+_SCRYPT_N, _SCRYPT_R, _SCRYPT_P = 2**14, 8, 1
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+# -- pure helpers (unit-tested) ---------------------------------------------------------------
+
+
+def canonical_binding(
+    *,
+    credential_id: str,
+    hash_algorithm_oid: str | None,
+    hashes: Sequence[bytes],
+    num_signatures: int,
+) -> bytes:
+    """The canonical JSON a challenge commits to (documented in docs/api-fido2-signing.md)."""
+    return json.dumps(
+        {
+            "credentialID": credential_id,
+            "hashAlgorithmOID": hash_algorithm_oid,
+            "hashes": sorted(base64.b64encode(h).decode("ascii") for h in hashes),
+            "numSignatures": num_signatures,
+        },
+        sort_keys=True,
+        separators=(",", ":"),
+        ensure_ascii=False,
+    ).encode("utf-8")
+
+
+def bound_challenge(nonce: bytes, binding: bytes) -> bytes:
+    """``nonce || SHA-256(binding)``: 48 bytes with a 16-byte nonce."""
+    return nonce + hashlib.sha256(binding).digest()
+
+
+def challenge_id(challenge: bytes) -> str:
+    """Primary key of the challenge state: the challenge itself is never stored."""
+    return hashlib.sha256(challenge).hexdigest()
+
+
+def normalize_code(code: str) -> str:
+    return "".join(ch for ch in code.upper() if ch not in "- ")
+
+
+def code_hash(code: str) -> str:
+    # The code carries 80 random bits, so a plain SHA-256 suffices (no dictionary to try);
+    # the short password is what gets the slow hash.
+    return hashlib.sha256(normalize_code(code).encode()).hexdigest()
+
+
+def new_enrollment_code() -> str:
+    raw = "".join(secrets.choice(_CODE_ALPHABET) for _ in range(16))
+    return "-".join(raw[i : i + 4] for i in range(0, 16, 4))
+
+
+def new_enrollment_password() -> str:
+    return "".join(secrets.choice(_PASSWORD_ALPHABET) for _ in range(12))
+
+
+def hash_password(password: str, *, salt: bytes | None = None) -> str:
+    salt = salt or secrets.token_bytes(16)
+    dk = hashlib.scrypt(
+        password.encode(), salt=salt, n=_SCRYPT_N, r=_SCRYPT_R, p=_SCRYPT_P, dklen=32
+    )
+    b64 = base64.b64encode
+    return f"scrypt${_SCRYPT_N}${_SCRYPT_R}${_SCRYPT_P}${b64(salt).decode()}${b64(dk).decode()}"
+
+
+def verify_password(password: str, stored: str) -> bool:
+    try:
+        scheme, n, r, p, salt_b64, dk_b64 = stored.split("$")
+        if scheme != "scrypt":
+            return False
+        dk = hashlib.scrypt(
+            password.encode(),
+            salt=base64.b64decode(salt_b64),
+            n=int(n),
+            r=int(r),
+            p=int(p),
+            dklen=32,
+        )
+    except (ValueError, TypeError):
+        return False
+    return hmac.compare_digest(dk, base64.b64decode(dk_b64))
+
+
+def sign_count_ok(stored: int, received: int) -> bool:
+    """WebAuthn §6.1.1: a counter that does not grow signals a cloned authenticator.
+
+    Authenticators without a counter always report 0; that is accepted while the stored value
+    is 0 too.
+    """
+    if received == 0 and stored == 0:
+        return True
+    return received > stored
+
+
+# -- results ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, kw_only=True)
+class IssuedEnrollment:
+    """Shown once to the registration officer; only hashes are stored."""
+
+    signer_id: str
+    code: str
+    password: str
+    expires_at: datetime
+
+
+@dataclass(frozen=True, kw_only=True)
+class RegisteredAuthenticator:
+    id: str
+    signer_id: str
+    credential_id: str  # base64url WebAuthn credential id
+    aaguid: str
+    label: str | None
+    sign_count: int
+    created_at: datetime
+    last_used_at: datetime | None
+
+    def to_json_dict(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "signer_id": self.signer_id,
+            "credential_id": self.credential_id,
+            "aaguid": self.aaguid,
+            "label": self.label,
+            "sign_count": self.sign_count,
+            "created_at": self.created_at.isoformat(),
+            "last_used_at": self.last_used_at.isoformat() if self.last_used_at else None,
+        }
+
+
+@dataclass(frozen=True, kw_only=True)
+class Caller:
+    """Who relays a ceremony: the facility (or admin) of the mTLS client certificate."""
+
+    actor: str
+    facility_id: int | None
+    institution_code: str | None
+
+
+@dataclass(frozen=True, kw_only=True)
+class VerifiedPresence:
+    """A verified assertion: this signer was present and approved exactly ``binding``."""
+
+    signer_id: str
+    fido_credential_id: str
+    challenge_id: str
+    sign_count: int
+
+
+@dataclass(frozen=True, kw_only=True)
+class ChallengeState:
+    id: str
+    signer_id: str
+    facility_id: int | None
+    credential_id: str | None
+    binding: bytes
+
+
+class Fido2Authenticator:
+    """Enrolment and assertion verification over python-fido2, state in the database."""
+
+    def __init__(
+        self,
+        *,
+        db: Database,
+        audit: AuditLog,
+        rp_id: str,
+        rp_name: str,
+        origins: frozenset[str],
+        challenge_ttl: timedelta = timedelta(seconds=120),
+        enrollment_validity: timedelta = timedelta(days=14),
+        max_password_tries: int = 5,
+        clock: Clock = utcnow,
+    ) -> None:
+        self.db = db
+        self.audit = audit
+        self.rp_id = rp_id
+        self.origins = origins
+        self.challenge_ttl = challenge_ttl
+        self.enrollment_validity = enrollment_validity
+        self.max_password_tries = max_password_tries
+        self.clock = clock
+        self.server = Fido2Server(
+            PublicKeyCredentialRpEntity(name=rp_name, id=rp_id),
+            verify_origin=self._origin_allowed,
+        )
+
+    def _origin_allowed(self, origin: str) -> bool:
+        return origin in self.origins
+
+    # -- enrolment codes (CLI) --------------------------------------------------------------
+
+    async def issue_enrollment(
+        self, signer_id: str, *, actor: str, now: datetime | None = None
+    ) -> IssuedEnrollment:
+        """A new code + password; earlier unused codes of the signer are revoked."""
+        now = now or self.clock()
+        code, password = new_enrollment_code(), new_enrollment_password()
+        pw_hash = await asyncio.to_thread(hash_password, password)
+        expires = now + self.enrollment_validity
+        async with self.db.write() as conn:
+            srow = (
+                await conn.execute(select(signer.c.status).where(signer.c.id == signer_id))
+            ).one_or_none()
+            if srow is None:
+                raise NotFound(f"signer {signer_id} does not exist")
+            if srow.status != "active":
+                raise AccessDenied(f"signer {signer_id} is {srow.status}")
+            revoked = await conn.execute(
+                update(enrollment)
+                .where(enrollment.c.signer_id == signer_id, enrollment.c.status == "active")
+                .values(status="revoked")
+            )
+            res = await conn.execute(
+                insert(enrollment).values(
+                    signer_id=signer_id,
+                    code_hash=code_hash(code),
+                    password_hash=pw_hash,
+                    failed_tries=0,
+                    status="active",
+                    expires_at=expires,
+                    created_at=now,
+                )
+            )
+            await self.audit.append(
+                conn,
+                action="enrollment.issue",
+                actor=actor,
+                signer_id=signer_id,
+                detail={
+                    "enrollment": int(res.inserted_primary_key[0]),  # type: ignore[index]
+                    "expires_at": expires.isoformat(),
+                    "revoked_earlier_codes": revoked.rowcount,
+                },
+                now=now,
+            )
+        return IssuedEnrollment(
+            signer_id=signer_id, code=code, password=password, expires_at=expires
+        )
+
+    async def list_authenticators(self, signer_id: str) -> list[RegisteredAuthenticator]:
+        async with self.db.read() as conn:
+            rows = (
+                await conn.execute(
+                    select(fido_credential)
+                    .where(fido_credential.c.signer_id == signer_id)
+                    .order_by(fido_credential.c.created_at)
+                )
+            ).all()
+        return [_authenticator(r) for r in rows]
+
+    async def remove_authenticator(self, signer_id: str, fido_id: str, *, actor: str) -> None:
+        async with self.db.write() as conn:
+            res = await conn.execute(
+                delete(fido_credential).where(
+                    fido_credential.c.id == fido_id, fido_credential.c.signer_id == signer_id
+                )
+            )
+            if res.rowcount == 0:
+                raise NotFound(f"signer {signer_id} has no authenticator {fido_id}")
+            await self.audit.append(
+                conn,
+                action="fido2.remove",
+                actor=actor,
+                signer_id=signer_id,
+                detail={"authenticator": fido_id},
+            )
+
+    # -- registration -----------------------------------------------------------------------
+
+    async def _enrollment_for(
+        self, conn: AsyncConnection, code: str, caller: Caller, now: datetime
+    ) -> Any:
+        row = (
+            await conn.execute(select(enrollment).where(enrollment.c.code_hash == code_hash(code)))
+        ).one_or_none()
+        if row is None:
+            raise InvalidRequest("enrollment code is not valid")
+        if row.status == "used":
+            raise InvalidRequest("enrollment code was already used: ask for a new one")
+        if row.status == "revoked":
+            raise InvalidRequest("enrollment code was replaced by a newer one")
+        if row.status == "locked":
+            raise AccessDenied(
+                "enrollment code is locked after too many wrong passwords: ask for a new one"
+            )
+        if row.expires_at <= now:
+            raise InvalidRequest(
+                f"enrollment code expired on {row.expires_at.isoformat(timespec='seconds')}: "
+                "ask for a new one"
+            )
+        if caller.facility_id is not None:
+            linked = (
+                await conn.execute(
+                    select(signer_facility.c.signer_id).where(
+                        signer_facility.c.signer_id == row.signer_id,
+                        signer_facility.c.facility_id == caller.facility_id,
+                    )
+                )
+            ).one_or_none()
+            if linked is None:
+                raise AccessDenied(
+                    "the signer of this enrollment code does not serve this facility"
+                )
+        srow = (await conn.execute(select(signer).where(signer.c.id == row.signer_id))).one()
+        if srow.status != "active":
+            raise AccessDenied(f"signer {srow.id} is {srow.status}")
+        return row
+
+    async def register_begin(
+        self, *, code: str, password: str, caller: Caller, now: datetime | None = None
+    ) -> dict[str, Any]:
+        """Check code + password, then return ``{"publicKey": creation options}``."""
+        now = now or self.clock()
+        async with self.db.read() as conn:
+            row = await self._enrollment_for(conn, code, caller, now)
+        ok = await asyncio.to_thread(verify_password, password, row.password_hash)
+        if not ok:
+            await self._wrong_password(row.id, row.signer_id, caller, now)
+        async with self.db.write() as conn:
+            # Re-read under the write lock: a concurrent wrong guess may have locked it.
+            row = await self._enrollment_for(conn, code, caller, now)
+            srow = (await conn.execute(select(signer).where(signer.c.id == row.signer_id))).one()
+            existing = (
+                await conn.execute(
+                    select(fido_credential.c.credential_id).where(
+                        fido_credential.c.signer_id == row.signer_id
+                    )
+                )
+            ).scalars()
+            exclude = [
+                PublicKeyCredentialDescriptor(
+                    type=PublicKeyCredentialType.PUBLIC_KEY, id=websafe_decode(c)
+                )
+                for c in existing
+            ]
+            challenge = secrets.token_bytes(32)
+            options, _state = self.server.register_begin(
+                PublicKeyCredentialUserEntity(
+                    id=row.signer_id.encode(),
+                    name=row.signer_id,
+                    display_name=srow.name_kanji or srow.name,
+                ),
+                credentials=exclude,
+                user_verification=UserVerificationRequirement.REQUIRED,
+                resident_key_requirement=ResidentKeyRequirement.DISCOURAGED,
+                challenge=challenge,
+            )
+            await conn.execute(
+                insert(webauthn_challenge).values(
+                    id=challenge_id(challenge),
+                    kind="register",
+                    signer_id=row.signer_id,
+                    facility_id=caller.facility_id,
+                    enrollment_id=row.id,
+                    binding=json.dumps({"enrollment": row.id}),
+                    created_at=now,
+                    expires_at=now + self.challenge_ttl,
+                )
+            )
+        return {"publicKey": dict(options.public_key)}
+
+    async def _wrong_password(
+        self, enrollment_id: int, signer_id: str, caller: Caller, now: datetime
+    ) -> None:
+        async with self.db.write() as conn:
+            row = (
+                await conn.execute(
+                    update(enrollment)
+                    .where(enrollment.c.id == enrollment_id, enrollment.c.status == "active")
+                    .values(failed_tries=enrollment.c.failed_tries + 1)
+                    .returning(enrollment.c.failed_tries)
+                )
+            ).one_or_none()
+            tries = int(row.failed_tries) if row is not None else self.max_password_tries
+            locked = tries >= self.max_password_tries
+            if locked and row is not None:
+                await conn.execute(
+                    update(enrollment)
+                    .where(enrollment.c.id == enrollment_id)
+                    .values(status="locked")
+                )
+            await self.audit.append(
+                conn,
+                action="enrollment.locked" if locked else "enrollment.wrong_password",
+                actor=caller.actor,
+                facility_code=caller.institution_code,
+                signer_id=signer_id,
+                detail={"enrollment": enrollment_id, "failed_tries": tries},
+                now=now,
+            )
+        if locked:
+            raise AccessDenied(
+                "enrollment code is locked after too many wrong passwords: ask for a new one"
+            )
+        left = self.max_password_tries - tries
+        raise AccessDenied(f"wrong enrollment password ({left} tries left)")
+
+    async def register_complete(
+        self,
+        *,
+        code: str,
+        response: Mapping[str, Any],
+        caller: Caller,
+        label: str | None = None,
+        now: datetime | None = None,
+    ) -> RegisteredAuthenticator:
+        """Verify the attestation response and store the authenticator; uses up the code."""
+        now = now or self.clock()
+        try:
+            registration = RegistrationResponse.from_dict(response)
+            challenge = registration.response.client_data.challenge
+        except Exception as e:
+            raise InvalidRequest(f"Invalid parameter credential: {_reason(e)}") from e
+        cid = challenge_id(challenge)
+        signer_id: str | None = None
+        try:
+            async with self.db.write() as conn:
+                row = await self._enrollment_for(conn, code, caller, now)
+                signer_id = row.signer_id
+                state = await self._take_challenge(conn, cid, kind="register", now=now)
+                if json.loads(state.binding) != {"enrollment": row.id}:
+                    raise InvalidRequest("the challenge was issued for another enrollment code")
+                try:
+                    auth_data = self.server.register_complete(
+                        {
+                            "challenge": websafe_encode(challenge),
+                            "user_verification": UserVerificationRequirement.REQUIRED,
+                        },
+                        registration,
+                    )
+                except ValueError as e:
+                    raise InvalidRequest(f"registration refused: {e}") from e
+                cred = auth_data.credential_data
+                if cred is None:  # pragma: no cover - register_complete requires AT
+                    raise InvalidRequest("registration refused: no attested credential data")
+                fido_id = f"fido-{secrets.token_hex(8)}"
+                try:
+                    await conn.execute(
+                        insert(fido_credential).values(
+                            id=fido_id,
+                            signer_id=row.signer_id,
+                            credential_id=websafe_encode(cred.credential_id),
+                            credential_data=bytes(cred),
+                            sign_count=auth_data.counter,
+                            aaguid=str(cred.aaguid),
+                            label=label,
+                            created_at=now,
+                        )
+                    )
+                except IntegrityError as e:
+                    raise Conflict("this authenticator is already registered") from e
+                await conn.execute(
+                    update(enrollment)
+                    .where(enrollment.c.id == row.id)
+                    .values(status="used", used_at=now)
+                )
+                await self.audit.append(
+                    conn,
+                    action="fido2.register",
+                    actor=caller.actor,
+                    facility_code=caller.institution_code,
+                    signer_id=row.signer_id,
+                    detail={
+                        "authenticator": fido_id,
+                        "aaguid": str(cred.aaguid),
+                        "enrollment": row.id,
+                        "sign_count": auth_data.counter,
+                    },
+                    now=now,
+                )
+        except GatewayError as e:
+            await self.refused(
+                action="fido2.register.refused",
+                caller=caller,
+                signer_id=signer_id,
+                reason=e.description,
+                challenge=cid,
+                now=now,
+            )
+            raise
+        return RegisteredAuthenticator(
+            id=fido_id,
+            signer_id=row.signer_id,
+            credential_id=websafe_encode(cred.credential_id),
+            aaguid=str(cred.aaguid),
+            label=label,
+            sign_count=auth_data.counter,
+            created_at=now,
+            last_used_at=None,
+        )
+
+    # -- authentication ---------------------------------------------------------------------
+
+    async def authenticate_begin(
+        self,
+        *,
+        caller: Caller,
+        credential_id: str,
+        hashes: Sequence[bytes],
+        hash_algorithm_oid: str | None,
+        num_signatures: int,
+        now: datetime | None = None,
+    ) -> dict[str, Any]:
+        """Request options whose challenge commits to exactly these hashes."""
+        now = now or self.clock()
+        if caller.facility_id is None:
+            raise AccessDenied("FIDO2 authentication is relayed by facility client certificates")
+        async with self.db.write() as conn:
+            row = (
+                await conn.execute(
+                    select(credential.c.signer_id, credential.c.status, signer.c.status.label("s"))
+                    .select_from(
+                        credential.join(signer, signer.c.id == credential.c.signer_id).join(
+                            signer_facility, signer_facility.c.signer_id == signer.c.id
+                        )
+                    )
+                    .where(
+                        credential.c.id == credential_id,
+                        signer_facility.c.facility_id == caller.facility_id,
+                    )
+                )
+            ).one_or_none()
+            if row is None:
+                raise InvalidRequest("Invalid parameter credentialID")
+            if row.s != "active":
+                raise AccessDenied(f"signer {row.signer_id} is {row.s}")
+            if row.status != "active":
+                raise AccessDenied(f"credential {credential_id} is {row.status}")
+            creds = (
+                await conn.execute(
+                    select(fido_credential.c.credential_id).where(
+                        fido_credential.c.signer_id == row.signer_id
+                    )
+                )
+            ).scalars()
+            allow = [
+                PublicKeyCredentialDescriptor(
+                    type=PublicKeyCredentialType.PUBLIC_KEY, id=websafe_decode(c)
+                )
+                for c in creds
+            ]
+            if not allow:
+                raise InvalidRequest(
+                    f"signer {row.signer_id} has no registered FIDO2 authenticator: enrol one "
+                    "at /enroll with an enrollment code"
+                )
+            binding = canonical_binding(
+                credential_id=credential_id,
+                hash_algorithm_oid=hash_algorithm_oid,
+                hashes=hashes,
+                num_signatures=num_signatures,
+            )
+            challenge = bound_challenge(secrets.token_bytes(NONCE_BYTES), binding)
+            options, _state = self.server.authenticate_begin(
+                credentials=allow,
+                user_verification=UserVerificationRequirement.REQUIRED,
+                challenge=challenge,
+            )
+            await conn.execute(
+                insert(webauthn_challenge).values(
+                    id=challenge_id(challenge),
+                    kind="authenticate",
+                    signer_id=row.signer_id,
+                    facility_id=caller.facility_id,
+                    credential_id=credential_id,
+                    binding=binding.decode(),
+                    created_at=now,
+                    expires_at=now + self.challenge_ttl,
+                )
+            )
+        return {"publicKey": dict(options.public_key)}
+
+    async def _take_challenge(
+        self, conn: AsyncConnection, cid: str, *, kind: str, now: datetime
+    ) -> ChallengeState:
+        """Mark the challenge used (single use, atomic) and return its state."""
+        row = (
+            await conn.execute(select(webauthn_challenge).where(webauthn_challenge.c.id == cid))
+        ).one_or_none()
+        if row is None or row.kind != kind:
+            raise InvalidRequest("unknown challenge: call begin first")
+        if row.used_at is not None:
+            raise InvalidRequest("challenge was already used")
+        if row.expires_at <= now:
+            raise InvalidRequest("challenge expired")
+        res = await conn.execute(
+            update(webauthn_challenge)
+            .where(webauthn_challenge.c.id == cid, webauthn_challenge.c.used_at.is_(None))
+            .values(used_at=now)
+        )
+        if res.rowcount != 1:
+            raise InvalidRequest("challenge was already used")
+        return ChallengeState(
+            id=cid,
+            signer_id=row.signer_id,
+            facility_id=row.facility_id,
+            credential_id=row.credential_id,
+            binding=row.binding.encode(),
+        )
+
+    @staticmethod
+    def parse_assertion(response: Mapping[str, Any]) -> AuthenticationResponse:
+        try:
+            return AuthenticationResponse.from_dict(response)
+        except Exception as e:
+            raise InvalidRequest(f"Invalid parameter authData: {_reason(e)}") from e
+
+    async def verify_assertion(
+        self,
+        conn: AsyncConnection,
+        *,
+        assertion: AuthenticationResponse,
+        facility_id: int,
+        credential_id: str,
+        binding: bytes,
+        now: datetime,
+    ) -> VerifiedPresence:
+        """Check the assertion against its stored challenge, inside the caller's write txn.
+
+        Raises InvalidRequest with the reason; the caller rolls back and records the refusal
+        (``refused``), which also burns the challenge.
+        """
+        challenge = assertion.response.client_data.challenge
+        cid = challenge_id(challenge)
+        state = await self._take_challenge(conn, cid, kind="authenticate", now=now)
+        if state.facility_id != facility_id:
+            raise InvalidRequest("the challenge was issued to another facility")
+        if state.credential_id != credential_id:
+            raise InvalidRequest("the challenge was issued for another credentialID")
+        expected = hashlib.sha256(binding).digest()
+        if len(challenge) != NONCE_BYTES + len(expected) or not hmac.compare_digest(
+            challenge[NONCE_BYTES:], expected
+        ):
+            raise InvalidRequest(
+                "the assertion does not approve this request: credentialID, hashes, "
+                "hashAlgorithmOID or numSignatures differ from authenticate/begin"
+            )
+        raw_id = websafe_encode(assertion.raw_id)
+        frow = (
+            await conn.execute(
+                select(fido_credential).where(fido_credential.c.credential_id == raw_id)
+            )
+        ).one_or_none()
+        if frow is None or frow.signer_id != state.signer_id:
+            raise InvalidRequest("the authenticator is not registered for this signer")
+        try:
+            self.server.authenticate_complete(
+                {
+                    "challenge": websafe_encode(challenge),
+                    "user_verification": UserVerificationRequirement.REQUIRED,
+                },
+                [AttestedCredentialData(frow.credential_data)],
+                assertion,
+            )
+        except ValueError as e:
+            raise InvalidRequest(f"WebAuthn assertion refused: {e}") from e
+        auth_data: AuthenticatorData = assertion.response.authenticator_data
+        counter = int(auth_data.counter)
+        if not sign_count_ok(int(frow.sign_count), counter):
+            raise InvalidRequest(
+                f"WebAuthn assertion refused: sign count {counter} does not exceed "
+                f"{frow.sign_count} (cloned authenticator?)"
+            )
+        res = await conn.execute(
+            update(fido_credential)
+            .where(
+                fido_credential.c.id == frow.id,
+                fido_credential.c.sign_count == frow.sign_count,
+            )
+            .values(sign_count=counter, last_used_at=now)
+        )
+        if res.rowcount != 1:
+            raise InvalidRequest("WebAuthn assertion refused: sign count changed concurrently")
+        return VerifiedPresence(
+            signer_id=state.signer_id,
+            fido_credential_id=frow.id,
+            challenge_id=cid,
+            sign_count=counter,
+        )
+
+    async def refused(
+        self,
+        *,
+        action: str,
+        caller: Caller,
+        signer_id: str | None,
+        reason: str,
+        challenge: str | None = None,
+        detail: Mapping[str, Any] | None = None,
+        now: datetime | None = None,
+    ) -> None:
+        """Record a refused ceremony in its own transaction and burn its challenge."""
+        now = now or self.clock()
+        async with self.db.write() as conn:
+            if challenge is not None:
+                await conn.execute(
+                    update(webauthn_challenge)
+                    .where(
+                        webauthn_challenge.c.id == challenge,
+                        webauthn_challenge.c.used_at.is_(None),
+                    )
+                    .values(used_at=now)
+                )
+            await self.audit.append(
+                conn,
+                action=action,
+                actor=caller.actor,
+                facility_code=caller.institution_code,
+                signer_id=signer_id,
+                detail={"reason": reason, **(detail or {})},
+                now=now,
+            )
+
+
+def _authenticator(r: Any) -> RegisteredAuthenticator:
+    return RegisteredAuthenticator(
+        id=r.id,
+        signer_id=r.signer_id,
+        credential_id=r.credential_id,
+        aaguid=r.aaguid,
+        label=r.label,
+        sign_count=int(r.sign_count),
+        created_at=r.created_at,
+        last_used_at=r.last_used_at,
+    )
+
+
+def _reason(e: BaseException) -> str:
+    text = str(e).strip() or type(e).__name__
+    return text[:200]

@@ -1,0 +1,229 @@
+"""Enrolment codes (MEDIS style), authenticator management, signing-session policy (SCAL 1)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import ssl
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+
+from tests.support.gateway import Server, run_cli
+from tests.support.signing import SHA256, Csc, b64, random_hashes, services
+from tests.support.webauthn import SoftAuthenticator
+
+pytestmark = [pytest.mark.tls, pytest.mark.hsm]
+
+
+def _signer(sandbox: dict[str, Any], index: int = 1) -> dict[str, Any]:
+    return [s for s in sandbox["signers"] if s["role"] == "Medical Doctor"][index]
+
+
+@pytest.fixture(scope="module")
+def csc(gateway: Server, hospital_ctx: ssl.SSLContext) -> Csc:
+    return Csc(gateway.port, hospital_ctx)
+
+
+def _code(sandbox: dict[str, Any], signer_id: str) -> tuple[str, str]:
+    r = run_cli("signer", "enroll-code", signer_id, "-c", sandbox["config"], "--json")
+    data = json.loads(r.stdout)
+    assert data["signer"] == signer_id
+    return data["enrollment_code"], data["enrollment_password"]
+
+
+def _begin(csc: Csc, code: str, password: str) -> Any:
+    return csc.post("/auth/fido2/register/begin", {"enrollment_code": code, "password": password})
+
+
+def test_five_wrong_passwords_lock_the_code(csc: Csc, sandbox: dict[str, Any]) -> None:
+    signer = _signer(sandbox)
+    code, password = _code(sandbox, signer["id"])
+    for left in (4, 3, 2, 1):
+        r = _begin(csc, code, "wrong-password")
+        assert r.status == 403, r.body
+        assert r.json()["detail"] == f"wrong enrollment password ({left} tries left)"
+    r = _begin(csc, code, "wrong-password")
+    assert r.status == 403
+    assert "locked" in r.json()["detail"]
+    # The right password no longer helps: a new code must be issued.
+    r = _begin(csc, code, password)
+    assert r.status == 403
+    assert r.json()["code"] == "access_denied"
+    assert "locked" in r.json()["detail"]
+
+
+def test_code_is_single_use_and_several_authenticators_per_signer(
+    csc: Csc, sandbox: dict[str, Any], gateway: Server
+) -> None:
+    signer = _signer(sandbox)
+    origin = f"https://localhost:{gateway.port}"
+    first, second = SoftAuthenticator(origin=origin), SoftAuthenticator(origin=origin)
+    code, password = _code(sandbox, signer["id"])
+    assert csc.enroll(code, password, first).status == 200
+    r = _begin(csc, code, password)
+    assert r.status == 400
+    assert r.json()["detail"] == "enrollment code was already used: ask for a new one"
+    code2, password2 = _code(sandbox, signer["id"])
+    assert csc.enroll(code2, password2, second).status == 200
+    r = run_cli("signer", "authenticators", signer["id"], "-c", sandbox["config"], "--json")
+    listed = json.loads(r.stdout)
+    ids = {a["credential_id"] for a in listed}
+    assert {first.credential_id_b64, second.credential_id_b64} <= ids
+    # Both can approve; after removal, the removed one cannot.
+    cred = signer["credential_id"]
+    for auth in (first, second):
+        csc.authorize(cred, random_hashes(1), auth)
+    removed = next(a["id"] for a in listed if a["credential_id"] == first.credential_id_b64)
+    run_cli("signer", "remove-authenticator", signer["id"], removed, "-c", sandbox["config"])
+    r = csc.begin(cred, random_hashes(1))
+    allowed = [c["id"] for c in r.json()["publicKey"]["allowCredentials"]]
+    assert first.credential_id_b64 not in allowed
+    assert second.credential_id_b64 in allowed
+
+
+def test_new_code_replaces_the_old_one(csc: Csc, sandbox: dict[str, Any]) -> None:
+    signer = _signer(sandbox)
+    old, old_pw = _code(sandbox, signer["id"])
+    _code(sandbox, signer["id"])
+    r = _begin(csc, old, old_pw)
+    assert r.status == 400
+    assert r.json()["detail"] == "enrollment code was replaced by a newer one"
+
+
+def test_expired_and_unknown_codes(csc: Csc, sandbox: dict[str, Any]) -> None:
+    signer = _signer(sandbox)
+
+    async def old_code() -> tuple[str, str]:
+        async with services(sandbox["config"]) as svc:
+            issued = await svc.fido2.issue_enrollment(
+                signer["id"], actor="test", now=datetime.now(UTC) - timedelta(days=14, seconds=1)
+            )
+            return issued.code, issued.password
+
+    code, password = asyncio.run(old_code())
+    r = _begin(csc, code, password)
+    assert r.status == 400
+    assert r.json()["detail"].startswith("enrollment code expired on ")
+    r = _begin(csc, "AAAA-BBBB-CCCC-DDDD", "x")
+    assert r.status == 400
+    assert r.json()["detail"] == "enrollment code is not valid"
+
+
+def test_registration_refusals(csc: Csc, sandbox: dict[str, Any], gateway: Server) -> None:
+    signer = _signer(sandbox)
+    code, password = _code(sandbox, signer["id"])
+    auth = SoftAuthenticator(origin="https://evil.example")
+    r = _begin(csc, code, password)
+    assert r.status == 200
+    options = r.json()["publicKey"]
+    assert options["rp"]["id"] == "localhost"
+    assert options["authenticatorSelection"]["userVerification"] == "required"
+    r = csc.post(
+        "/auth/fido2/register/complete",
+        {"enrollment_code": code, "credential": auth.create(options)},
+    )
+    assert r.status == 400
+    assert "Invalid origin" in r.json()["detail"]
+    r = csc.post(
+        "/auth/fido2/register/complete", {"enrollment_code": code, "credential": {"id": "x"}}
+    )
+    assert r.status == 400
+    assert r.json()["detail"].startswith("Invalid parameter credential")
+
+
+def test_enroll_page_is_served_behind_mtls(csc: Csc) -> None:
+    from tests.support.gateway import request
+
+    r = request(csc.port, "GET", "/enroll", ctx=csc.ctx)
+    assert r.status == 200
+    assert r.headers["content-type"].startswith("text/html")
+    assert b"parseCreationOptionsFromJSON" in r.body
+    assert "frame-ancestors 'none'" in r.headers["content-security-policy"]
+
+
+def test_signing_session_policy(
+    csc: Csc, sandbox: dict[str, Any], hospital: dict[str, Any], gateway: Server
+) -> None:
+    """Off by default; when on: one FIDO2 check, N unbound signatures (SCAL 1), capped."""
+    signer = _signer(sandbox, 1)
+    cred = signer["credential_id"]
+    auth = SoftAuthenticator(origin=f"https://localhost:{gateway.port}")
+    code, password = _code(sandbox, signer["id"])
+    assert csc.enroll(code, password, auth).status == 200
+    conf = sandbox["config"]
+    fac = hospital["institution_code"]
+    r = run_cli(
+        "facility", "signing-session", fac, "--enable", "--hours", "19",
+        "--max-signatures", "3", "-c", conf, check=False,
+    )  # fmt: skip
+    assert r.returncode == 1
+    assert "signing_session_max_hours" in r.stderr
+    run_cli(
+        "facility", "signing-session", fac, "--enable", "--hours", "8",
+        "--max-signatures", "3", "-c", conf,
+    )  # fmt: skip
+    try:
+        r = csc.post("/auth/fido2/authenticate/begin", {"credentialID": cred, "numSignatures": 3})
+        assert r.status == 200, r.body
+        assertion = auth.get(r.json()["publicKey"])
+        r = csc.authorize_raw(cred, [], assertion, alg=None, n=3)
+        assert r.status == 200, r.body
+        assert r.json()["expiresIn"] == 8 * 3600
+        sad = r.json()["SAD"]
+        assert csc.sign_hash(cred, sad, random_hashes(2)).status == 200
+        assert csc.sign_hash(cred, sad, random_hashes(1)).status == 200
+        r = csc.sign_hash(cred, sad, random_hashes(1))
+        assert r.status == 400
+        assert "exceeds" in r.json()["error_description"]
+        # More than the policy allows is refused at authorize.
+        r = csc.post("/auth/fido2/authenticate/begin", {"credentialID": cred, "numSignatures": 4})
+        a = auth.get(r.json()["publicKey"])
+        r = csc.authorize_raw(cred, [], a, alg=None, n=4)
+        assert r.status == 400
+        assert "at most 3" in r.json()["error_description"]
+    finally:
+        run_cli("facility", "signing-session", fac, "--disable", "-c", conf)
+
+    async def audited() -> list[str]:
+        from sqlalchemy import select
+
+        from gateway.store.schema import audit_event
+
+        async with services(conf) as svc, svc.db.read() as conn:
+            rows = (
+                await conn.execute(
+                    select(audit_event.c.detail).where(
+                        audit_event.c.action == "facility.signing_session"
+                    )
+                )
+            ).scalars()
+            return list(rows)
+
+    details = [json.loads(d) for d in asyncio.run(audited())]
+    assert {"enabled": True, "hours": 8.0, "max_signatures": 3} in details
+    assert details[-1]["enabled"] is False
+
+
+def test_hash_bound_sad_is_scal2_by_default(csc: Csc, sandbox: dict[str, Any]) -> None:
+    r = csc.post("/csc/v2/credentials/info", {"credentialID": _signer(sandbox, 0)["credential_id"]})
+    assert r.json()["SCAL"] == "2"
+
+
+def test_admin_cannot_relay_authentication(sandbox: dict[str, Any], gateway: Server) -> None:
+    from tests.support.gateway import client_context
+
+    ctx = client_context(
+        sandbox["server_ca"], sandbox["admin"]["client_cert"], sandbox["admin"]["client_key"]
+    )
+    r = Csc(gateway.port, ctx).post(
+        "/auth/fido2/authenticate/begin",
+        {
+            "credentialID": _signer(sandbox, 0)["credential_id"],
+            "hashes": [b64(random_hashes(1)[0])],
+            "hashAlgorithmOID": SHA256,
+            "numSignatures": 1,
+        },
+    )
+    assert r.status == 403

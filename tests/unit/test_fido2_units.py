@@ -1,0 +1,115 @@
+"""Pure parts of FIDO2 enrolment and activation: binding, codes, passwords, counters, policy."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import pytest
+
+from gateway.auth.activation import SigningSessionPolicy, token_hash
+from gateway.auth.fido2 import (
+    bound_challenge,
+    canonical_binding,
+    code_hash,
+    hash_password,
+    new_enrollment_code,
+    new_enrollment_password,
+    sign_count_ok,
+    verify_password,
+)
+from gateway.config import load_settings
+from gateway.errors import ConfigError
+
+
+def test_binding_is_the_documented_canonical_json() -> None:
+    a, b = b"\x01" * 32, b"\x00" * 32
+    got = canonical_binding(
+        credential_id="cred-1", hash_algorithm_oid="2.16.840.1.101.3.4.2.1", hashes=[a, b],
+        num_signatures=2,
+    )  # fmt: skip
+    assert got == (
+        b'{"credentialID":"cred-1","hashAlgorithmOID":"2.16.840.1.101.3.4.2.1",'
+        b'"hashes":["AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=",'
+        b'"AQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQE="],"numSignatures":2}'
+    )
+    # Order of the hashes does not matter; multiplicity does.
+    assert got == canonical_binding(
+        credential_id="cred-1", hash_algorithm_oid="2.16.840.1.101.3.4.2.1", hashes=[b, a],
+        num_signatures=2,
+    )  # fmt: skip
+    assert got != canonical_binding(
+        credential_id="cred-1", hash_algorithm_oid="2.16.840.1.101.3.4.2.1", hashes=[a, a, b],
+        num_signatures=2,
+    )  # fmt: skip
+
+
+def test_bound_challenge_layout() -> None:
+    nonce = bytes(range(16))
+    c = bound_challenge(nonce, b"{}")
+    assert len(c) == 48
+    assert c[:16] == nonce
+    assert c[16:] == hashlib.sha256(b"{}").digest()
+
+
+@pytest.mark.parametrize(
+    ("stored", "received", "ok"),
+    [(0, 0, True), (0, 1, True), (5, 6, True), (5, 5, False), (5, 4, False), (5, 0, False)],
+)
+def test_sign_count_must_grow(stored: int, received: int, ok: bool) -> None:
+    assert sign_count_ok(stored, received) is ok
+
+
+def test_codes_and_passwords() -> None:
+    code = new_enrollment_code()
+    assert len(code) == 19 and code.count("-") == 3
+    assert code_hash(code) == code_hash(code.lower().replace("-", " "))
+    pw = new_enrollment_password()
+    stored = hash_password(pw)
+    assert stored.startswith("scrypt$") and pw not in stored
+    assert verify_password(pw, stored)
+    assert not verify_password(pw + "x", stored)
+    assert not verify_password(pw, "garbage")
+    assert len(token_hash("x")) == 64
+
+
+def test_session_policy_is_capped() -> None:
+    pol = SigningSessionPolicy.from_policy(
+        {"signing_session": {"enabled": True, "max_signatures": 5000, "hours": 48}}
+    )
+    capped = pol.capped(max_hours=18, max_signatures=1000)
+    assert (capped.enabled, capped.hours, capped.max_signatures) == (True, 18, 1000)
+    assert SigningSessionPolicy.from_policy({}).enabled is False
+
+
+def _settings(tmp_path: Path, extra: str = "") -> Path:
+    p = tmp_path / "gateway.toml"
+    p.write_text(
+        '[server]\nport = 9443\npublic_url = "https://gw.example.jp"\ntls_cert = "a"\n'
+        'tls_key = "b"\nclient_ca = "c"\n' + extra
+    )
+    return p
+
+
+def test_rp_id_and_origins(tmp_path: Path) -> None:
+    s = load_settings(
+        _settings(tmp_path, '[fido2]\nallowed_origins = ["https://emr.example.jp/"]\n'),
+        environ={},
+    )
+    assert s.rp_id() == "gw.example.jp"
+    assert s.webauthn_origins() == {
+        "https://gw.example.jp",
+        "https://gw.example.jp:9443",
+        "https://emr.example.jp",
+    }
+    assert s.activation.sad_ttl_seconds == 300
+    assert s.fido2.challenge_ttl_seconds == 120
+
+
+def test_unknown_fido2_keys_are_refused(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"unknown setting 'fido2\.rp_idd'"):
+        load_settings(_settings(tmp_path, '[fido2]\nrp_idd = "x"\n'), environ={})
+    with pytest.raises(ConfigError, match="signing_session_max_hours"):
+        load_settings(
+            _settings(tmp_path, "[activation]\nsigning_session_max_hours = 30\n"), environ={}
+        )
