@@ -11,7 +11,7 @@ from pathlib import Path
 from aiohttp import web
 from cryptography import x509
 
-from gateway.api import admin, auth, csc, download, health, signing, verify
+from gateway.api import admin, auth, csc, download, health, sign_doc, signing, verify
 from gateway.api.keys import (
     ACTIVATION,
     AUDIT,
@@ -235,6 +235,7 @@ def create_app(
     app.add_routes(signing.routes)
     app.add_routes(admin.routes)
     app.add_routes(verify.routes)
+    sign_doc.setup(app)
     return app
 
 

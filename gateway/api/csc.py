@@ -29,7 +29,18 @@ METHODS = [
     "credentials/info",
     "credentials/authorize",
     "signatures/signHash",
+    "signatures/signDoc",
 ]
+# CSC v2 info: the signDoc formats, their envelopes and levels (gateway/sign/service.py).
+SIGNATURE_FORMATS = {
+    "formats": ["C", "X", "P"],
+    "envelope_properties": [
+        ["Detached", "Attached"],
+        ["Enveloped", "Enveloping", "Detached"],
+        ["Certification", "Revision"],
+    ],
+}
+CONFORMANCE_LEVELS = ["AdES-B-B", "AdES-B-T"]
 RSA_SIGN_ALGOS = [
     "1.2.840.113549.1.1.11",  # sha256WithRSAEncryption
     "1.2.840.113549.1.1.12",  # sha384WithRSAEncryption
@@ -86,6 +97,8 @@ async def info(request: web.Request) -> web.Response:
             "authType": ["TLS"],
             "methods": METHODS,
             "signAlgorithms": {"algos": RSA_SIGN_ALGOS},
+            "signature_formats": SIGNATURE_FORMATS,
+            "conformance_levels": CONFORMANCE_LEVELS,
         }
     )
 

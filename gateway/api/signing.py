@@ -77,7 +77,7 @@ def _pick(v2: list[str] | None, v1: list[str] | None, field: str) -> list[str]:
     return value
 
 
-async def _refused(
+async def refused(
     request: web.Request,
     caller: Caller,
     *,
@@ -112,7 +112,7 @@ async def authorize(request: web.Request) -> web.Response:
         )
     except GatewayError as e:
         # Bad input before a challenge is identified: audited here (the service audits the rest).
-        await _refused(request, caller, action="sad.refused", reason=e.description, detail={})
+        await refused(request, caller, action="sad.refused", reason=e.description, detail={})
         raise
     issued = await request.app[ACTIVATION].authorize(
         caller=caller,
@@ -200,7 +200,7 @@ async def sign_hash(request: web.Request) -> web.Response:
             )
     except GatewayError as e:
         if e.status < 500:
-            await _refused(
+            await refused(
                 request,
                 caller,
                 action="signature.refused",

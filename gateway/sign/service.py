@@ -75,7 +75,7 @@ class SignedDocument:
     document_digest: bytes
 
 
-def _check_request(
+def check_request(
     signature_format: str, conformance_level: str, envelope: str | None, profile: str | None
 ) -> str:
     if signature_format not in ENVELOPES:
@@ -137,7 +137,7 @@ async def sign_document(
     if not chain:
         raise InvalidRequest("the credential has no certificate")
     cert, issuers = chain[0], list(chain[1:])
-    env = _check_request(signature_format, conformance_level, envelope, profile)
+    env = check_request(signature_format, conformance_level, envelope, profile)
     if conformance_level == "AdES-B-T" and tsa is None:
         raise InvalidRequest("AdES-B-T needs a timestamp authority, and none is configured")
     stamp = tsa if conformance_level == "AdES-B-T" else None
