@@ -5,7 +5,7 @@ certificate with 403 before routing). Handlers are thin: decode → validate →
 same services as the CLI → respond; every change is audited by the services with the actor
 ``admin:<name>``. Responses never carry the PKCS#12 password or the download password: the
 paper notice is fetched as a PDF (audited), the download password travels only in its mail.
-Errors are RFC 9457 problem+json (docs/api-admin.md lists each one).
+Errors are RFC 9457 problem+json (docs/api.md lists each one).
 """
 
 from __future__ import annotations

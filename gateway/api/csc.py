@@ -122,6 +122,7 @@ def credential_info(
     cert_info: bool,
     auth_info: bool,
     lang: str,
+    multisign: int,
 ) -> dict[str, Any]:
     out: dict[str, Any] = {
         "description": f"HPKI signing credential ({cred.key_algorithm}-{cred.key_bits})",
@@ -134,7 +135,7 @@ def credential_info(
         "auth": {"mode": "explicit"},
         "authMode": "explicit",  # CSC v1 field, still read by v1 clients
         "SCAL": "2",
-        "multisign": 100,
+        "multisign": multisign,
         "lang": lang,
     }
     cert = out["cert"]
@@ -205,6 +206,7 @@ async def credentials_list(request: web.Request) -> web.Response:
                     cert_info=req.certInfo,
                     auth_info=req.authInfo,
                     lang=lang,
+                    multisign=request.app[SETTINGS].activation.max_hashes_per_request,
                 ),
             }
             for c in creds
@@ -229,5 +231,6 @@ async def credentials_info(request: web.Request) -> web.Response:
             cert_info=req.certInfo,
             auth_info=req.authInfo,
             lang=req.lang or request.app[SETTINGS].service.lang,
+            multisign=request.app[SETTINGS].activation.max_hashes_per_request,
         )
     )

@@ -42,13 +42,26 @@ _POLICY = web.AppKey("sign_doc_policy", service.SigningPolicy)
 _TSA: web.AppKey[Rfc3161Client | None] = web.AppKey("sign_doc_tsa")
 
 
-def _check_entry(entry: DocumentEntry | DocumentDigestsEntry) -> None:
+def _check_entry(
+    entry: DocumentEntry | DocumentDigestsEntry, *, policy: service.SigningPolicy, has_tsa: bool
+) -> None:
     """Refuse what cannot be signed before the SAD is spent."""
-    if entry.signAlgo != SHA_RSA_256 and entry.signAlgo != RSA_ENCRYPTION:
+    if entry.signAlgo not in (SHA_RSA_256, RSA_ENCRYPTION):
         raise InvalidRequest(
-            f"Invalid parameter signAlgo: {entry.signAlgo!r}; signDoc signs with "
-            f"sha256WithRSAEncryption ({SHA_RSA_256})"
+            f"Invalid parameter signAlgo: {entry.signAlgo!r}; signDoc signs RSA PKCS#1 v1.5 "
+            f"with SHA-256: sha256WithRSAEncryption ({SHA_RSA_256}) or rsaEncryption "
+            f"({RSA_ENCRYPTION})"
         )
+    if getattr(entry, "signAlgoParams", None):
+        raise InvalidRequest("Invalid parameter signAlgoParams: RSA PKCS#1 v1.5 takes none")
+    if entry.conformance_level == "AdES-B-T" and not has_tsa:
+        raise InvalidRequest("AdES-B-T needs a timestamp authority, and none is configured")
+    if isinstance(entry, DocumentEntry):
+        size = len(entry.decoded())
+        if size > policy.max_document_bytes:
+            raise PayloadTooLarge(
+                f"document of {size} bytes is over the limit of {policy.max_document_bytes} bytes"
+            )
     profile = entry.profile if isinstance(entry, DocumentEntry) else None
     service.check_request(
         entry.signature_format,
@@ -112,15 +125,13 @@ async def sign_doc(request: web.Request) -> web.Response:
     try:
         req = await parse(request, SignDocRequest)
         credential_id = req.credentialID
-        for doc in req.documents or []:
-            _check_entry(doc)
-            if len(doc.document) * 3 // 4 > app[_POLICY].max_document_bytes + 3:
-                raise PayloadTooLarge(
-                    "document is over the limit of "
-                    f"{app[_POLICY].max_document_bytes} bytes (signing.max_document_bytes)"
-                )
-        for entry in req.documentDigests or []:
-            _check_entry(entry)
+        has_tsa = app[_TSA] is not None
+        entries: list[DocumentEntry | DocumentDigestsEntry] = [
+            *(req.documents or []),
+            *(req.documentDigests or []),
+        ]
+        for entry in entries:
+            _check_entry(entry, policy=app[_POLICY], has_tsa=has_tsa)
         digests = req.authorized_digests()
         now = app[CLOCK]()
         async with app[DB].write() as conn:

@@ -1,4 +1,4 @@
-"""Request and response shapes of CSC v2 ``signatures/signDoc`` (the endpoint is wired later).
+"""Request and response shapes of CSC v2 ``signatures/signDoc`` (gateway/api/sign_doc.py).
 
 The endpoint is a thin wrapper: parse :class:`SignDocRequest`, have the SAD authorize
 :meth:`SignDocRequest.authorized_digests`, call :func:`gateway.sign.service.sign_document` per

@@ -266,3 +266,30 @@ def test_role_not_permitted_gives_the_signature_back(csc: Csc, doctor: Any) -> N
     cert_b64 = xml.split(b"X509Certificate>")[1].split(b"<")[0]
     cert = x509.load_der_x509_certificate(base64.b64decode(cert_b64))
     assert doc["name"] in cert.subject.rfc4514_string()
+
+
+def test_size_limit_and_b_t_checks_before_the_sad_is_spent(csc: Csc, doctor: Any) -> None:
+    doc, _ = doctor
+    sad = _approve(csc, doctor, [CSV])
+    r = _sign_doc(
+        csc,
+        doc["credential_id"],
+        sad,
+        [{"document": b64(CSV), "signature_format": "C", "signAlgoParams": "AA=="}],
+    )
+    assert r.status == 400 and "signAlgoParams" in r.json()["error_description"]
+    big = b"x" * (5 * 1024 * 1024 + 1)
+    r = _sign_doc(csc, doc["credential_id"], sad, [{"document": b64(big), "signature_format": "C"}])
+    assert r.status == 413, r.body
+    assert "over the limit of 5242880 bytes" in r.json()["error_description"]
+    ok = _sign_doc(
+        csc, doc["credential_id"], sad, [{"document": b64(CSV), "signature_format": "C"}]
+    )
+    assert ok.status == 200, ok.body
+
+
+def test_multisign_follows_the_setting(csc: Csc, doctor: Any) -> None:
+    doc, _ = doctor
+    r = csc.post("/csc/v2/credentials/info", {"credentialID": doc["credential_id"]})
+    assert r.status == 200
+    assert r.json()["multisign"] == 100  # activation.max_hashes_per_request default
