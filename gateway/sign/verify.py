@@ -115,6 +115,8 @@ class SignatureReport:
     document_type: str | None = None
     role_permitted: bool | None = None
     notes: list[str] = field(default_factory=list)
+    #: What the signature's references cover (element paths, "the whole document", ...).
+    signed_elements: list[str] = field(default_factory=list)
 
     def fail(self, indication: str, sub: str, reason: str) -> SignatureReport:
         if self.indication == TOTAL_PASSED:
@@ -140,6 +142,7 @@ class SignatureReport:
             "document_type": self.document_type,
             "role_permitted": self.role_permitted,
             "notes": self.notes,
+            "signed_elements": self.signed_elements,
         }
 
 
@@ -503,7 +506,7 @@ def _e_profile(
     sig: etree._Element, trust: TrustConfig
 ) -> tuple[EPrescriptionProfile | None, str | None]:
     """(profile, problem): whether the document is an e-prescription and the signature sits
-    where the profile puts it (Document/<Container>/<Sign>/ds:Signature)."""
+    where the profile puts it (Document/<Container>/<Sign>/ds:Signature), the only one there."""
     root = sig.getroottree().getroot()
     for p in trust.profiles:
         if root.tag != p.root:
@@ -511,11 +514,59 @@ def _e_profile(
         container = root.find(p.container)
         if container is None:
             continue
+        where = f"{p.root}/{p.container}/{p.sign}"
         parent = sig.getparent()
         if parent is None or parent.tag != p.sign or parent.getparent() is not container:
-            return p, f"the signature is not at {p.root}/{p.container}/{p.sign}"
+            return p, f"the signature is not at {where}"
+        slots = container.findall(p.sign)
+        if len(slots) != 1 or len(parent.findall(_DS + "Signature")) != 1:
+            return p, f"more than one signature slot at {where}"
         return p, None
     return None, None
+
+
+def _profile_structure(
+    root: etree._Element, profile: EPrescriptionProfile, signed: list[etree._Element]
+) -> str | None:
+    """None when the profile's document element is the one element of its name, at its fixed
+    path, and covered by the signature's references (itself or an ancestor); else why not.
+
+    Without this, a signed document element moved elsewhere (where the references still find
+    it by Id) next to a forged unsigned one at the fixed path would verify (signature wrapping).
+    """
+    p = profile
+    fixed = f"{p.root}/{p.container}/{p.document}"
+    target = root.find(f"{p.container}/{p.document}")
+    if target is None:
+        return f"no {fixed} element"
+    covering = {id(el) for el in signed}
+    if not any(id(a) in covering for a in (target, *target.iterancestors())):
+        moved = [_path(el) for el in signed if el.tag == p.document]
+        return f"the signature does not cover {fixed}" + (
+            f" (it covers {', '.join(moved)} instead: signature wrapping)" if moved else ""
+        )
+    for tag in (p.container, p.document, p.sign):
+        n = sum(1 for _ in root.iter(tag))
+        if n != 1:
+            return f"the document has {n} <{tag}> elements; the {p.name} profile allows one"
+    return None
+
+
+def _path(el: etree._Element) -> str:
+    """A readable absolute path of an element (prefix:name, [n] among same-named siblings)."""
+    parts = []
+    node: etree._Element | None = el
+    while node is not None:
+        q = etree.QName(node)
+        name = f"{node.prefix}:{q.localname}" if node.prefix else q.localname
+        parent = node.getparent()
+        if parent is not None:
+            same = [c for c in parent if c.tag == node.tag]
+            if len(same) > 1:
+                name += f"[{same.index(node) + 1}]"
+        parts.append(name)
+        node = parent
+    return "/" + "/".join(reversed(parts))
 
 
 async def _verify_xml(
@@ -580,6 +631,10 @@ async def _verify_one_xml(
         c = _load_cert(base64.b64decode(_text(el)))
         if c is not None:
             certs.append(c)
+    sps = list(sig.iter(_XA + "SignedProperties"))
+    if len(sps) > 1:
+        rep.fail(TOTAL_FAILED, "FORMAT_FAILURE", "more than one xades:SignedProperties")
+        return
     sp = sig.find(f"{_DS}Object/{_XA}QualifyingProperties/{_XA}SignedProperties")
     cert_digest = None
     if sp is not None:
@@ -615,6 +670,7 @@ async def _verify_one_xml(
         # The signature value decides first whether this is tampering or a foreign cert.
     # References
     covered_sp = False
+    covered: list[etree._Element] = []
     for ref in si.iterfind(_DS + "Reference"):
         uri = ref.get("URI")
         transforms = [
@@ -635,8 +691,11 @@ async def _verify_one_xml(
                 )
                 return
             octets = content
+            rep.signed_elements.append(f"detached content {uri!r}")
         elif uri == "":
             octets = _apply_transforms(tree, transforms, sig)
+            covered.append(tree.getroot())
+            rep.signed_elements.append("/ (the whole document)")
         else:
             target_id = uri[1:]
             if target_id in dupes:
@@ -652,6 +711,8 @@ async def _verify_one_xml(
                 return
             if target is sp and ref.get("Type") == SIGNED_PROPERTIES_TYPE:
                 covered_sp = True
+            covered.append(target)
+            rep.signed_elements.append(_path(target))
             octets = _apply_transforms(target, transforms, sig)
         if hashlib.new(alg, octets).digest() != expected:
             rep.fail(
@@ -661,11 +722,11 @@ async def _verify_one_xml(
                 "does not match: the signed data was changed",
             )
             return
-    if profile is not None and not any(
-        r.get("URI") == f"#{profile.document}" for r in si.iterfind(_DS + "Reference")
-    ):
-        rep.fail(TOTAL_FAILED, "FORMAT_FAILURE", f"the signature does not cover {profile.document}")
-        return
+    if profile is not None:
+        problem = _profile_structure(tree.getroot(), profile, covered)
+        if problem is not None:
+            rep.fail(TOTAL_FAILED, "FORMAT_FAILURE", problem)
+            return
     if not covered_sp:
         rep.fail(TOTAL_FAILED, "FORMAT_FAILURE", "SignedProperties is not signed")
         return
