@@ -343,21 +343,31 @@ def _attr(attrs: Any, name: str) -> Any:
     return None
 
 
+#: Digests accepted for CMS content, signatures and signing-certificate bindings.
+_STRONG_DIGESTS = ("sha256", "sha384", "sha512")
+
+
 def _cms_binding(si: Any, cert: x509.Certificate) -> str | None:
-    """None when signingCertificate(V2) names ``cert``; else why not."""
+    """None when signingCertificateV2 names ``cert`` with SHA-256/384/512; else why not.
+
+    The ESS signingCertificate (v1) binds with SHA-1 only and is not accepted; neither is a
+    signingCertificateV2 whose hash is SHA-1 or MD5.
+    """
     der = cert.public_bytes(serialization.Encoding.DER)
     v2 = _attr(si["signed_attrs"], "signing_certificate_v2")
     if v2 is not None:
         first = v2["certs"][0]
         alg = first["hash_algorithm"]["algorithm"].native
+        if alg not in _STRONG_DIGESTS:
+            return f"signingCertificateV2 uses {alg}; only SHA-256/384/512 are accepted"
         if hashlib.new(alg, der).digest() != first["cert_hash"].native:
             return "signingCertificateV2 names another certificate than the one that signed"
         return None
-    v1 = _attr(si["signed_attrs"], "signing_certificate")
-    if v1 is not None:
-        if hashlib.sha1(der).digest() != v1["certs"][0]["cert_hash"].native:  # noqa: S324
-            return "signingCertificate names another certificate than the one that signed"
-        return None
+    if _attr(si["signed_attrs"], "signing_certificate") is not None:
+        return (
+            "the signer certificate is bound only by signingCertificate (SHA-1), which is not "
+            "accepted: signingCertificateV2 with SHA-256/384/512 is required"
+        )
     return "no signingCertificateV2 attribute binds the signer certificate"
 
 
@@ -397,6 +407,13 @@ async def _verify_cms_signed_data(
         if md is None:
             rep.fail(TOTAL_FAILED, "FORMAT_FAILURE", "no messageDigest signed attribute")
             continue
+        if digest_alg not in _STRONG_DIGESTS:
+            rep.fail(
+                TOTAL_FAILED,
+                "FORMAT_FAILURE",
+                f"unsupported digest {digest_alg} (only SHA-256/384/512 are accepted)",
+            )
+            continue
         if content_digest is None:
             if content is None:
                 rep.fail(
@@ -404,9 +421,6 @@ async def _verify_cms_signed_data(
                     "SIGNED_DATA_NOT_FOUND",
                     "detached signature: give the signed content (--content / content)",
                 )
-                continue
-            if digest_alg not in ("sha256", "sha384", "sha512", "sha1"):
-                rep.fail(TOTAL_FAILED, "FORMAT_FAILURE", f"unsupported digest {digest_alg}")
                 continue
             actual = hashlib.new(digest_alg, content).digest()
         else:
