@@ -235,7 +235,7 @@ def create_app(
     app.add_routes(auth.routes)
     app.add_routes(signing.routes)
     app.add_routes(admin.routes)
-    app.add_routes(verify.routes)
+    verify.setup(app)
     sign_doc.setup(app)
     return app
 

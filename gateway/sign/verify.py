@@ -24,13 +24,13 @@ from __future__ import annotations
 
 import base64
 import binascii
-import copy
+import contextlib
 import datetime as dt
 import hashlib
 import io
 import itertools
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -78,7 +78,6 @@ _SIG_URIS: dict[str, hashes.HashAlgorithm] = {
     "http://www.w3.org/2001/04/xmldsig-more#rsa-sha512": hashes.SHA512(),
 }
 _DS = "{%s}" % DS  # noqa: UP031
-_MARK = "{urn:hpki-gateway:verify}enveloped-mark"
 _XA = "{%s}" % XADES  # noqa: UP031
 
 
@@ -98,6 +97,10 @@ class TrustConfig:
     )
     profiles: Sequence[EPrescriptionProfile] = tuple(PROFILES.values())
     max_xml_depth: int = 64
+    #: Refused before any digest is computed: more signatures in a document, more references
+    #: in one XML signature (each reference may cost a canonicalisation of the whole document).
+    max_signatures: int = 10
+    max_references: int = 10
 
 
 @dataclass
@@ -389,6 +392,11 @@ async def _verify_cms_signed_data(
         if content is not None and content != attached:
             pass  # the embedded content is what was signed; --content is ignored for it
         content = attached
+    if len(sd["signer_infos"]) > trust.max_signatures:
+        raise InvalidRequest(
+            f"the signature has {len(sd['signer_infos'])} SignerInfos; at most "
+            f"{trust.max_signatures} are verified (signing.verify_max_signatures)"
+        )
     certs = _cms_certs(sd)
     for si in sd["signer_infos"]:
         rep = SignatureReport(format=fmt)
@@ -487,6 +495,36 @@ def _id_index(root: etree._Element) -> tuple[dict[str, etree._Element], set[str]
     return index, dupes
 
 
+@contextlib.contextmanager
+def _detached(el: etree._Element) -> Iterator[None]:
+    """Take ``el`` out of its tree for a moment (the enveloped-signature transform), without
+    copying the tree: the text after it stays where it was, and everything is put back."""
+    parent = el.getparent()
+    if parent is None:
+        yield
+        return
+    index = parent.index(el)
+    tail = el.tail
+    prev = el.getprevious()
+    prev_tail = prev.tail if prev is not None else None
+    parent_text = parent.text
+    if tail:
+        if prev is not None:
+            prev.tail = (prev_tail or "") + tail
+        else:
+            parent.text = (parent_text or "") + tail
+    parent.remove(el)  # lxml takes the tail along; it was kept just above
+    try:
+        yield
+    finally:
+        if prev is not None:
+            prev.tail = prev_tail
+        else:
+            parent.text = parent_text
+        el.tail = tail
+        parent.insert(index, el)
+
+
 def _apply_transforms(
     node: etree._Element | etree._ElementTree, transforms: list[str], sig: etree._Element
 ) -> bytes:
@@ -501,18 +539,12 @@ def _apply_transforms(
         else:
             raise ValueError(f"unsupported transform {t}")
     if enveloped:
-        # Remove this signature from a copy: mark it, copy, unmark, drop the marked copy.
-        sig.set(_MARK, "1")
-        try:
-            node = copy.deepcopy(node)
-        finally:
-            del sig.attrib[_MARK]
         start = node.getroot() if isinstance(node, etree._ElementTree) else node
-        for el in list(start.iter()):
-            if isinstance(el.tag, str) and el.get(_MARK) and el.getparent() is not None:
-                parent = el.getparent()
-                assert parent is not None
-                parent.remove(el)
+        if start is sig:
+            return b""  # the transform removes the whole node-set
+        if any(a is start for a in sig.iterancestors()):
+            with _detached(sig):
+                return c14n(node, exclusive=c14n_alg == EXC_C14N)
     return c14n(node, exclusive=c14n_alg == EXC_C14N)
 
 
@@ -589,6 +621,11 @@ async def _verify_xml(
     tree = parse_untrusted(data, max_depth=trust.max_xml_depth)
     root = tree.getroot()
     sigs = [root] if root.tag == _DS + "Signature" else list(root.iter(_DS + "Signature"))
+    if len(sigs) > trust.max_signatures:
+        raise InvalidRequest(
+            f"the document has {len(sigs)} signatures; at most {trust.max_signatures} are "
+            "verified (signing.verify_max_signatures)"
+        )
     index, dupes = _id_index(root)
     reports = []
     for sig in sigs:
@@ -619,6 +656,15 @@ async def _verify_one_xml(
     sv = sig.find(_DS + "SignatureValue")
     if si is None or sv is None:
         rep.fail(TOTAL_FAILED, "FORMAT_FAILURE", "ds:SignedInfo or ds:SignatureValue missing")
+        return
+    n_refs = len(si.findall(_DS + "Reference"))
+    if n_refs > trust.max_references:
+        rep.fail(
+            TOTAL_FAILED,
+            "FORMAT_FAILURE",
+            f"the signature has {n_refs} references; at most {trust.max_references} are "
+            "verified (signing.verify_max_references)",
+        )
         return
     profile, misplaced = _e_profile(sig, trust)
     if profile is not None:
@@ -813,7 +859,13 @@ async def _verify_pdf(
 
     reader = PdfFileReader(io.BytesIO(data), strict=False)
     reports = []
-    for emb in reader.embedded_signatures:
+    embedded = reader.embedded_signatures
+    if len(embedded) > trust.max_signatures:
+        raise InvalidRequest(
+            f"the PDF has {len(embedded)} signatures; at most {trust.max_signatures} are "
+            "verified (signing.verify_max_signatures)"
+        )
+    for emb in embedded:
         rep = SignatureReport(format="PAdES")
         reports.append(rep)
         try:
