@@ -25,7 +25,7 @@ from gateway.api.keys import (
     SIGNERS,
     VERIFY_TRUST,
 )
-from gateway.api.middleware import client_identity, request_context
+from gateway.api.middleware import ALLOWED_ORIGINS, browser_guard, client_identity, request_context
 from gateway.audit import AuditLog
 from gateway.auth.activation import SignatureActivation
 from gateway.auth.fido2 import Fido2Authenticator
@@ -153,9 +153,10 @@ def create_app(
 ) -> web.Application:
     app = web.Application(
         client_max_size=settings.server.max_body_bytes,
-        middlewares=[request_context, client_identity],
+        middlewares=[request_context, client_identity, browser_guard],
     )
     app[SETTINGS] = settings
+    app[ALLOWED_ORIGINS] = settings.webauthn_origins()
     db = Database(settings.database_url(), echo=settings.store.echo)
     audit = make_audit(settings)
     ks = keystore or make_keystore(settings)
@@ -234,7 +235,7 @@ def create_app(
     app.add_routes(auth.routes)
     app.add_routes(signing.routes)
     app.add_routes(admin.routes)
-    app.add_routes(verify.routes)
+    verify.setup(app)
     sign_doc.setup(app)
     return app
 

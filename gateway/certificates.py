@@ -549,7 +549,7 @@ class ClientCertificateService:
 
     async def download(self, token: str, password: str, *, remote: str | None) -> tuple[str, bytes]:
         """The one-time download; counts wrong passwords and locks the link at the limit."""
-        from gateway.errors import Locked, WrongPassword
+        from gateway.errors import WrongPassword
 
         now = self.clock()
         max_attempts = self.settings.certificates.max_download_attempts
@@ -574,32 +574,51 @@ class ClientCertificateService:
         if row is None:
             raise NotFound("this download link is not valid (a resend replaces older links)")
         delivery.refuse_unavailable(row, row.cert_status, now, max_attempts)
-        ok = await asyncio.to_thread(delivery.verify_password, password, row.password_hash)
         code = row.institution_code
+        mine = and_(
+            certificate_delivery.c.id == row.id,
+            certificate_delivery.c.token_hash == th,
+        )
+        # Reserve the attempt BEFORE the (slow) password check, atomically: at most
+        # max_attempts guesses are ever checked, however many arrive at once. The right
+        # password gives its reservation back when it consumes the file.
+        async with self.db.write() as conn:
+            reserved = (
+                await conn.execute(
+                    update(certificate_delivery)
+                    .where(
+                        and_(
+                            mine,
+                            certificate_delivery.c.locked_at.is_(None),
+                            certificate_delivery.c.downloaded_at.is_(None),
+                            certificate_delivery.c.failed_attempts < max_attempts,
+                        )
+                    )
+                    .values(failed_attempts=certificate_delivery.c.failed_attempts + 1)
+                    .returning(certificate_delivery.c.failed_attempts)
+                )
+            ).one_or_none()
+        if reserved is None:
+            await self._refuse_now(th, now, max_attempts)
+            raise delivery.locked_error(max_attempts)
+        failed = int(reserved.failed_attempts)
+        ok = await asyncio.to_thread(delivery.verify_password, password, row.password_hash)
         if not ok:
             async with self.db.write() as conn:
-                res = (
-                    await conn.execute(
+                locked = False
+                if failed >= max_attempts:
+                    res = await conn.execute(
                         update(certificate_delivery)
                         .where(
                             and_(
-                                certificate_delivery.c.id == row.id,
-                                certificate_delivery.c.token_hash == th,
+                                mine,
                                 certificate_delivery.c.locked_at.is_(None),
+                                certificate_delivery.c.downloaded_at.is_(None),
                             )
                         )
-                        .values(failed_attempts=certificate_delivery.c.failed_attempts + 1)
-                        .returning(certificate_delivery.c.failed_attempts)
-                    )
-                ).one_or_none()
-                failed = int(res.failed_attempts) if res is not None else max_attempts
-                locked = res is not None and failed >= max_attempts
-                if locked:
-                    await conn.execute(
-                        update(certificate_delivery)
-                        .where(certificate_delivery.c.id == row.id)
                         .values(locked_at=now)
                     )
+                    locked = res.rowcount == 1
                 await self.audit.append(
                     conn,
                     action="delivery.locked" if locked else "delivery.wrong_password",
@@ -609,10 +628,7 @@ class ClientCertificateService:
                     now=now,
                 )
             if failed >= max_attempts:
-                raise Locked(
-                    f"wrong download password; the link is now locked after {max_attempts} "
-                    "wrong passwords: ask the registration office to resend it"
-                )
+                raise delivery.locked_error(max_attempts)
             raise WrongPassword(
                 f"wrong download password ({max_attempts - failed} attempts left before the "
                 "link locks)"
@@ -622,16 +638,22 @@ class ClientCertificateService:
                 update(certificate_delivery)
                 .where(
                     and_(
-                        certificate_delivery.c.id == row.id,
-                        certificate_delivery.c.token_hash == th,
+                        mine,
                         certificate_delivery.c.downloaded_at.is_(None),
                         certificate_delivery.c.locked_at.is_(None),
                         certificate_delivery.c.p12_wrapped.is_not(None),
                     )
                 )
-                .values(p12_wrapped=None, downloaded_at=now)
+                .values(
+                    p12_wrapped=None,
+                    downloaded_at=now,
+                    failed_attempts=certificate_delivery.c.failed_attempts - 1,
+                )
             )
             if res2.rowcount != 1:
+                # Locked by a concurrent wrong guess meanwhile: the same answer as any guess
+                # after the lock, so a late right password is not revealed.
+                await self._refuse_now(th, now, max_attempts)
                 raise Conflict("this download link was used or changed a moment ago")
             p12 = self.wrapper.unwrap(row.p12_wrapped, row.serial_hex)
             await conn.execute(
@@ -648,6 +670,20 @@ class ClientCertificateService:
                 now=now,
             )
         return row.file_name, p12
+
+    async def _refuse_now(self, th: str, now: datetime, max_attempts: int) -> None:
+        """Raise why the link with token hash ``th`` cannot be used now (re-read), if any."""
+        async with self.db.read() as conn:
+            row = (
+                await conn.execute(
+                    select(certificate_delivery, client_certificate.c.status.label("cert_status"))
+                    .select_from(certificate_delivery.join(client_certificate))
+                    .where(certificate_delivery.c.token_hash == th)
+                )
+            ).one_or_none()
+        if row is None:
+            raise NotFound("this download link is not valid (a resend replaces older links)")
+        delivery.refuse_unavailable(row, row.cert_status, now, max_attempts)
 
     async def export_p12(self, serial: str, *, actor: str) -> tuple[str, bytes]:
         """Take the stored file out for an officer's own transfer; counts as the download."""

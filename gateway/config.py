@@ -260,6 +260,14 @@ class SigningSettings(_Section):
     """Largest decoded document accepted for signing or verification (413 above it)."""
     max_xml_depth: Annotated[int, Field(ge=8, le=1000)] = 64
     """Deepest XML nesting accepted; deeper documents are refused while parsing."""
+    verify_max_signatures: Annotated[int, Field(ge=1, le=1000)] = 10
+    """Most signatures one document may carry for verification (more: FORMAT_FAILURE)."""
+    verify_max_references: Annotated[int, Field(ge=1, le=1000)] = 10
+    """Most ds:Reference elements one XML signature may have (more: FORMAT_FAILURE)."""
+    verify_timeout_seconds: Annotated[float, Field(gt=0, le=600)] = 20.0
+    """Wall-clock limit of one ``/verify``; slower ones are stopped (503, Retry-After)."""
+    verify_concurrency: Annotated[int, Field(ge=1, le=64)] = 2
+    """Verifications at once per gateway worker, each in its own process (more: 503)."""
     dispensing: DispensingElementSettings = DispensingElementSettings()
     """Element names of the jp-dispensing profile."""
 

@@ -137,6 +137,14 @@ async def create_in(
     return expires
 
 
+def locked_error(max_attempts: int) -> Locked:
+    """The one answer for a locked link, whatever the password and whenever it was given."""
+    return Locked(
+        f"this download link is locked after {max_attempts} wrong download passwords; "
+        "ask the registration office to resend it"
+    )
+
+
 def refuse_unavailable(
     row: Any, cert_status: str, now: datetime, max_attempts: int, *, check_window: bool = True
 ) -> None:
@@ -151,11 +159,8 @@ def refuse_unavailable(
         raise Gone("this certificate was revoked; its file is no longer available")
     if not check_window:
         return
-    if row.locked_at is not None:
-        raise Locked(
-            f"this download link is locked after {max_attempts} wrong download passwords; "
-            "ask the registration office to resend it"
-        )
+    if row.locked_at is not None or row.failed_attempts >= max_attempts:
+        raise locked_error(max_attempts)
     if row.expires_at <= now:
         raise Gone(
             f"this download link expired on {row.expires_at.isoformat(timespec='seconds')} "

@@ -76,6 +76,13 @@ class WrongPassword(GatewayError):
     code = "wrong_password"
 
 
+class UnsupportedMediaType(GatewayError):
+    """A request body in another media type than the route accepts (JSON on the API)."""
+
+    status = 415
+    code = "unsupported_media_type"
+
+
 class PayloadTooLarge(GatewayError):
     status = 413
     code = "payload_too_large"

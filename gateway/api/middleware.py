@@ -27,13 +27,15 @@ from gateway.api import errors
 from gateway.api.keys import CLOCK, DB, SETTINGS
 from gateway.auth.mtls import ClientIdentity, identify
 from gateway.clock import days_left, jst_date
-from gateway.errors import AccessDenied, GatewayError, PayloadTooLarge
+from gateway.errors import AccessDenied, GatewayError, PayloadTooLarge, UnsupportedMediaType
 from gateway.logs import request_id_var
 
 log = logging.getLogger("gateway.api")
 access_log = logging.getLogger("gateway.access")
 
 IDENTITY = "identity"  # request key holding the ClientIdentity
+#: Origins accepted on state-changing requests (set by create_app from the settings).
+ALLOWED_ORIGINS: web.AppKey[frozenset[str]] = web.AppKey("allowed_origins")
 EXPIRY_HEADER = "X-Client-Certificate-Expires"
 _CLIENT_RID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 
@@ -150,6 +152,41 @@ async def client_identity(request: web.Request, handler: Handler) -> web.StreamR
         raise AccessDenied(
             "CSC methods are for facility client certificates; administrators use /admin/"
         )
+    return await handler(request)
+
+
+_UNSAFE = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+
+
+def own_origins(request: web.Request) -> frozenset[str]:
+    """The origins a browser request to this listener may come from: the request's own
+    (scheme://Host, which the browser sets), ``server.public_url`` and the WebAuthn origins."""
+    allowed = request.app.get(ALLOWED_ORIGINS)
+    if allowed is None:
+        allowed = request.app[SETTINGS].webauthn_origins()
+    return frozenset({*allowed, f"{request.scheme}://{request.host}"})
+
+
+@web.middleware
+async def browser_guard(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Cross-site request forgery guard for every state-changing request on the main listener.
+
+    A browser holding a facility or admin certificate presents it to any site that makes it
+    send a request here; such a request is refused when the browser marks it cross-site
+    (``Sec-Fetch-Site``) or names a foreign ``Origin`` (403), and a body in any other type than
+    ``application/json`` (which a cross-site form or no-cors fetch cannot send) is 415.
+    """
+    if request.method in _UNSAFE:
+        if request.headers.get("Sec-Fetch-Site", "").lower() == "cross-site":
+            raise AccessDenied("cross-site requests are refused")
+        origin = request.headers.get("Origin")
+        if origin is not None and origin.rstrip("/") not in own_origins(request):
+            raise AccessDenied(f"requests from origin {origin[:100]!r} are refused")
+        if request.content_type != "application/json":
+            shown = request.headers.get("Content-Type", "none")[:100]
+            raise UnsupportedMediaType(
+                f"request bodies must be JSON sent as Content-Type: application/json (got {shown})"
+            )
     return await handler(request)
 
 

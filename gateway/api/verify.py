@@ -4,23 +4,28 @@ Behind mTLS like every route. Body: JSON ``{"document": base64, "content": base6
 (``content`` for detached signatures). Answer: 200 with the ETSI EN 319 102-1 report whatever
 the indication; 400 only for a malformed request, 413 over the size limit. Garbage to verify is
 a TOTAL-FAILED / FORMAT_FAILURE report, never a 500.
+
+The work runs in worker processes (``gateway.sign.pool``), never on the event loop: 503 with
+Retry-After when all verification slots of this worker are busy or the wall-clock limit passed.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+from collections.abc import AsyncIterator
 
 from aiohttp import web
 from pydantic import Field, field_validator
 
-from gateway.api.keys import SETTINGS, VERIFY_TRUST
+from gateway.api.keys import SETTINGS
 from gateway.api.middleware import identity
 from gateway.api.schema import CscRequest, parse
 from gateway.errors import PayloadTooLarge
-from gateway.sign.verify import verify_document
+from gateway.sign.pool import VerificationPool
 
 routes = web.RouteTableDef()
+VERIFY_POOL = web.AppKey("verify_pool", VerificationPool)
 
 
 def _decode(v: str, what: str) -> bytes:
@@ -52,5 +57,21 @@ async def verify(request: web.Request) -> web.Response:
     for what, data in (("document", document), ("content", content or b"")):
         if len(data) > limit:
             raise PayloadTooLarge(f"{what} of {len(data)} bytes is over the limit of {limit}")
-    report = await verify_document(document, trust=request.app[VERIFY_TRUST], content=content)
+    report = await request.app[VERIFY_POOL].verify(document, content)
     return web.json_response(report.to_json_dict())
+
+
+def setup(app: web.Application) -> None:
+    """Register the route; the worker processes live with the app (started on first use)."""
+
+    async def pool_ctx(app: web.Application) -> AsyncIterator[None]:
+        s = app[SETTINGS].signing
+        pool = VerificationPool(
+            app[SETTINGS], slots=s.verify_concurrency, timeout=s.verify_timeout_seconds
+        )
+        app[VERIFY_POOL] = pool
+        yield
+        pool.close()
+
+    app.cleanup_ctx.append(pool_ctx)
+    app.add_routes(routes)

@@ -347,6 +347,10 @@ class Fido2Authenticator:
     async def _enrollment_for(
         self, conn: AsyncConnection, code: str, caller: Caller, now: datetime
     ) -> Any:
+        if caller.facility_id is None:
+            # An admin certificate (or any caller without a facility) never relays an
+            # enrolment: the signer's facility does, on its own registered certificate.
+            raise AccessDenied("FIDO2 enrolment is relayed by facility client certificates")
         row = (
             await conn.execute(select(enrollment).where(enrollment.c.code_hash == code_hash(code)))
         ).one_or_none()
@@ -365,19 +369,16 @@ class Fido2Authenticator:
                 f"enrollment code expired on {row.expires_at.isoformat(timespec='seconds')}: "
                 "ask for a new one"
             )
-        if caller.facility_id is not None:
-            linked = (
-                await conn.execute(
-                    select(signer_facility.c.signer_id).where(
-                        signer_facility.c.signer_id == row.signer_id,
-                        signer_facility.c.facility_id == caller.facility_id,
-                    )
+        linked = (
+            await conn.execute(
+                select(signer_facility.c.signer_id).where(
+                    signer_facility.c.signer_id == row.signer_id,
+                    signer_facility.c.facility_id == caller.facility_id,
                 )
-            ).one_or_none()
-            if linked is None:
-                raise AccessDenied(
-                    "the signer of this enrollment code does not serve this facility"
-                )
+            )
+        ).one_or_none()
+        if linked is None:
+            raise AccessDenied("the signer of this enrollment code does not serve this facility")
         srow = (await conn.execute(select(signer).where(signer.c.id == row.signer_id))).one()
         if srow.status != "active":
             raise AccessDenied(f"signer {srow.id} is {srow.status}")
@@ -495,6 +496,8 @@ class Fido2Authenticator:
                 row = await self._enrollment_for(conn, code, caller, now)
                 signer_id = row.signer_id
                 state = await self._take_challenge(conn, cid, kind="register", now=now)
+                if state.facility_id is None or state.facility_id != caller.facility_id:
+                    raise InvalidRequest("the challenge was issued to another facility")
                 if json.loads(state.binding) != {"enrollment": row.id}:
                     raise InvalidRequest("the challenge was issued for another enrollment code")
                 try:

@@ -2,8 +2,10 @@
 
 CRLs come from local files (a relying party mirrors them; the sandbox writes its own) and,
 only when enabled, from the certificates' distribution points with a time-out. A CRL counts
-only if its issuer name matches, the issuer's key verifies it and it is not past nextUpdate;
-otherwise the status is "unknown", which verification reports as INDETERMINATE.
+only if its issuer name matches, the issuer's key verifies it, its lastUpdate is not in the
+future and it is not past nextUpdate; otherwise the status is "unknown", which verification
+reports as INDETERMINATE. Among the usable CRLs of an issuer, the certificate is revoked if any
+of them lists it; otherwise the newest (latest lastUpdate) is reported as the one that decided.
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ __all__ = ["CrlSource", "RevocationStatus", "load_crl", "load_crl_files"]
 
 _log = logging.getLogger("gateway.pki.crl")
 MAX_CRL_BYTES = 20 * 1024 * 1024
+#: A CRL whose lastUpdate is later than this past "now" is refused (not yet issued).
+CLOCK_SKEW = dt.timedelta(minutes=5)
 
 
 @dataclass(frozen=True)
@@ -89,6 +93,11 @@ class CrlSource:
         public = issuer.public_key()
         if not isinstance(public, rsa.RSAPublicKey) or not crl.is_signature_valid(public):
             return f"CRL of {issuer.subject.rfc4514_string()} has an invalid signature"
+        if crl.last_update_utc > moment + CLOCK_SKEW:
+            return (
+                f"CRL of {issuer.subject.rfc4514_string()} is dated in the future "
+                f"(lastUpdate {crl.last_update_utc.isoformat()})"
+            )
         next_update = crl.next_update_utc
         if next_update is not None and next_update < moment:
             return f"CRL of {issuer.subject.rfc4514_string()} expired at {next_update.isoformat()}"
@@ -128,6 +137,7 @@ class CrlSource:
                     crl = await self._download(url)
                     if crl is not None:
                         candidates.append(crl)
+        usable: list[x509.CertificateRevocationList] = []
         for crl in candidates:
             why = self._usable(crl, issuer, moment)
             if why == "issuer differs":
@@ -135,16 +145,29 @@ class CrlSource:
             if why is not None:
                 problems.append(why)
                 continue
-            entry = crl.get_revoked_certificate_by_serial_number(cert.serial_number)
-            if entry is not None:
-                return RevocationStatus(
-                    "revoked",
-                    f"certificate {cert.serial_number:X} is revoked by "
-                    f"{issuer.subject.rfc4514_string()} since "
-                    f"{entry.revocation_date_utc.isoformat()}",
-                    entry.revocation_date_utc,
-                )
-            return RevocationStatus("good", "not on the issuer's current CRL")
+            usable.append(crl)
+        # Revoked if ANY current CRL of the issuer lists the certificate (an older CRL listed
+        # first must not hide a newer one that revokes); otherwise the newest one decides.
+        entries = [
+            e
+            for crl in usable
+            if (e := crl.get_revoked_certificate_by_serial_number(cert.serial_number)) is not None
+        ]
+        if entries:
+            entry = min(entries, key=lambda e: e.revocation_date_utc)
+            return RevocationStatus(
+                "revoked",
+                f"certificate {cert.serial_number:X} is revoked by "
+                f"{issuer.subject.rfc4514_string()} since "
+                f"{entry.revocation_date_utc.isoformat()}",
+                entry.revocation_date_utc,
+            )
+        if usable:
+            newest = max(usable, key=lambda c: c.last_update_utc)
+            return RevocationStatus(
+                "good",
+                f"not on the issuer's current CRL (issued {newest.last_update_utc.isoformat()})",
+            )
         where = ", ".join(urls) or "no CRL distribution point"
         detail = "; ".join(problems) if problems else "no CRL of the issuer is available"
         fetching = "" if self.fetch else " (CRL fetching is disabled)"

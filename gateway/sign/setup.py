@@ -77,6 +77,14 @@ def trust_config(
         roles=policy.roles,
         profiles=tuple(policy.profiles.values()),
         max_xml_depth=policy.max_xml_depth,
+        **(
+            {
+                "max_signatures": settings.signing.verify_max_signatures,
+                "max_references": settings.signing.verify_max_references,
+            }
+            if settings is not None
+            else {}
+        ),
     )
 
 

@@ -42,8 +42,8 @@ _HASH_NAMES = {
     DigestAlgorithm.SHA384: "sha384",
     DigestAlgorithm.SHA512: "sha512",
 }
+#: The only digests accepted in signatures and certificate bindings (no SHA-1, no MD5).
 _CRYPTO_HASHES: dict[str, type[hashes.HashAlgorithm]] = {
-    "sha1": hashes.SHA1,
     "sha256": hashes.SHA256,
     "sha384": hashes.SHA384,
     "sha512": hashes.SHA512,
@@ -332,7 +332,7 @@ def verify_signer_info(
     if not isinstance(public, rsa.RSAPublicKey):
         return "only RSA signatures are supported"
     sig_alg = si["signature_algorithm"]["algorithm"].native
-    if sig_alg not in ("rsassa_pkcs1v15", "sha256_rsa", "sha384_rsa", "sha512_rsa", "sha1_rsa"):
+    if sig_alg not in ("rsassa_pkcs1v15", "sha256_rsa", "sha384_rsa", "sha512_rsa"):
         return f"unsupported signature algorithm {sig_alg}"
     hash_name = digest_name if sig_alg == "rsassa_pkcs1v15" else sig_alg.split("_")[0]
     try:

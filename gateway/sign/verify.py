@@ -24,13 +24,13 @@ from __future__ import annotations
 
 import base64
 import binascii
-import copy
+import contextlib
 import datetime as dt
 import hashlib
 import io
 import itertools
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -78,7 +78,6 @@ _SIG_URIS: dict[str, hashes.HashAlgorithm] = {
     "http://www.w3.org/2001/04/xmldsig-more#rsa-sha512": hashes.SHA512(),
 }
 _DS = "{%s}" % DS  # noqa: UP031
-_MARK = "{urn:hpki-gateway:verify}enveloped-mark"
 _XA = "{%s}" % XADES  # noqa: UP031
 
 
@@ -98,6 +97,10 @@ class TrustConfig:
     )
     profiles: Sequence[EPrescriptionProfile] = tuple(PROFILES.values())
     max_xml_depth: int = 64
+    #: Refused before any digest is computed: more signatures in a document, more references
+    #: in one XML signature (each reference may cost a canonicalisation of the whole document).
+    max_signatures: int = 10
+    max_references: int = 10
 
 
 @dataclass
@@ -115,6 +118,8 @@ class SignatureReport:
     document_type: str | None = None
     role_permitted: bool | None = None
     notes: list[str] = field(default_factory=list)
+    #: What the signature's references cover (element paths, "the whole document", ...).
+    signed_elements: list[str] = field(default_factory=list)
 
     def fail(self, indication: str, sub: str, reason: str) -> SignatureReport:
         if self.indication == TOTAL_PASSED:
@@ -140,6 +145,7 @@ class SignatureReport:
             "document_type": self.document_type,
             "role_permitted": self.role_permitted,
             "notes": self.notes,
+            "signed_elements": self.signed_elements,
         }
 
 
@@ -340,21 +346,31 @@ def _attr(attrs: Any, name: str) -> Any:
     return None
 
 
+#: Digests accepted for CMS content, signatures and signing-certificate bindings.
+_STRONG_DIGESTS = ("sha256", "sha384", "sha512")
+
+
 def _cms_binding(si: Any, cert: x509.Certificate) -> str | None:
-    """None when signingCertificate(V2) names ``cert``; else why not."""
+    """None when signingCertificateV2 names ``cert`` with SHA-256/384/512; else why not.
+
+    The ESS signingCertificate (v1) binds with SHA-1 only and is not accepted; neither is a
+    signingCertificateV2 whose hash is SHA-1 or MD5.
+    """
     der = cert.public_bytes(serialization.Encoding.DER)
     v2 = _attr(si["signed_attrs"], "signing_certificate_v2")
     if v2 is not None:
         first = v2["certs"][0]
         alg = first["hash_algorithm"]["algorithm"].native
+        if alg not in _STRONG_DIGESTS:
+            return f"signingCertificateV2 uses {alg}; only SHA-256/384/512 are accepted"
         if hashlib.new(alg, der).digest() != first["cert_hash"].native:
             return "signingCertificateV2 names another certificate than the one that signed"
         return None
-    v1 = _attr(si["signed_attrs"], "signing_certificate")
-    if v1 is not None:
-        if hashlib.sha1(der).digest() != v1["certs"][0]["cert_hash"].native:  # noqa: S324
-            return "signingCertificate names another certificate than the one that signed"
-        return None
+    if _attr(si["signed_attrs"], "signing_certificate") is not None:
+        return (
+            "the signer certificate is bound only by signingCertificate (SHA-1), which is not "
+            "accepted: signingCertificateV2 with SHA-256/384/512 is required"
+        )
     return "no signingCertificateV2 attribute binds the signer certificate"
 
 
@@ -376,6 +392,11 @@ async def _verify_cms_signed_data(
         if content is not None and content != attached:
             pass  # the embedded content is what was signed; --content is ignored for it
         content = attached
+    if len(sd["signer_infos"]) > trust.max_signatures:
+        raise InvalidRequest(
+            f"the signature has {len(sd['signer_infos'])} SignerInfos; at most "
+            f"{trust.max_signatures} are verified (signing.verify_max_signatures)"
+        )
     certs = _cms_certs(sd)
     for si in sd["signer_infos"]:
         rep = SignatureReport(format=fmt)
@@ -394,6 +415,13 @@ async def _verify_cms_signed_data(
         if md is None:
             rep.fail(TOTAL_FAILED, "FORMAT_FAILURE", "no messageDigest signed attribute")
             continue
+        if digest_alg not in _STRONG_DIGESTS:
+            rep.fail(
+                TOTAL_FAILED,
+                "FORMAT_FAILURE",
+                f"unsupported digest {digest_alg} (only SHA-256/384/512 are accepted)",
+            )
+            continue
         if content_digest is None:
             if content is None:
                 rep.fail(
@@ -401,9 +429,6 @@ async def _verify_cms_signed_data(
                     "SIGNED_DATA_NOT_FOUND",
                     "detached signature: give the signed content (--content / content)",
                 )
-                continue
-            if digest_alg not in ("sha256", "sha384", "sha512", "sha1"):
-                rep.fail(TOTAL_FAILED, "FORMAT_FAILURE", f"unsupported digest {digest_alg}")
                 continue
             actual = hashlib.new(digest_alg, content).digest()
         else:
@@ -470,6 +495,36 @@ def _id_index(root: etree._Element) -> tuple[dict[str, etree._Element], set[str]
     return index, dupes
 
 
+@contextlib.contextmanager
+def _detached(el: etree._Element) -> Iterator[None]:
+    """Take ``el`` out of its tree for a moment (the enveloped-signature transform), without
+    copying the tree: the text after it stays where it was, and everything is put back."""
+    parent = el.getparent()
+    if parent is None:
+        yield
+        return
+    index = parent.index(el)
+    tail = el.tail
+    prev = el.getprevious()
+    prev_tail = prev.tail if prev is not None else None
+    parent_text = parent.text
+    if tail:
+        if prev is not None:
+            prev.tail = (prev_tail or "") + tail
+        else:
+            parent.text = (parent_text or "") + tail
+    parent.remove(el)  # lxml takes the tail along; it was kept just above
+    try:
+        yield
+    finally:
+        if prev is not None:
+            prev.tail = prev_tail
+        else:
+            parent.text = parent_text
+        el.tail = tail
+        parent.insert(index, el)
+
+
 def _apply_transforms(
     node: etree._Element | etree._ElementTree, transforms: list[str], sig: etree._Element
 ) -> bytes:
@@ -484,18 +539,12 @@ def _apply_transforms(
         else:
             raise ValueError(f"unsupported transform {t}")
     if enveloped:
-        # Remove this signature from a copy: mark it, copy, unmark, drop the marked copy.
-        sig.set(_MARK, "1")
-        try:
-            node = copy.deepcopy(node)
-        finally:
-            del sig.attrib[_MARK]
         start = node.getroot() if isinstance(node, etree._ElementTree) else node
-        for el in list(start.iter()):
-            if isinstance(el.tag, str) and el.get(_MARK) and el.getparent() is not None:
-                parent = el.getparent()
-                assert parent is not None
-                parent.remove(el)
+        if start is sig:
+            return b""  # the transform removes the whole node-set
+        if any(a is start for a in sig.iterancestors()):
+            with _detached(sig):
+                return c14n(node, exclusive=c14n_alg == EXC_C14N)
     return c14n(node, exclusive=c14n_alg == EXC_C14N)
 
 
@@ -503,7 +552,7 @@ def _e_profile(
     sig: etree._Element, trust: TrustConfig
 ) -> tuple[EPrescriptionProfile | None, str | None]:
     """(profile, problem): whether the document is an e-prescription and the signature sits
-    where the profile puts it (Document/<Container>/<Sign>/ds:Signature)."""
+    where the profile puts it (Document/<Container>/<Sign>/ds:Signature), the only one there."""
     root = sig.getroottree().getroot()
     for p in trust.profiles:
         if root.tag != p.root:
@@ -511,11 +560,59 @@ def _e_profile(
         container = root.find(p.container)
         if container is None:
             continue
+        where = f"{p.root}/{p.container}/{p.sign}"
         parent = sig.getparent()
         if parent is None or parent.tag != p.sign or parent.getparent() is not container:
-            return p, f"the signature is not at {p.root}/{p.container}/{p.sign}"
+            return p, f"the signature is not at {where}"
+        slots = container.findall(p.sign)
+        if len(slots) != 1 or len(parent.findall(_DS + "Signature")) != 1:
+            return p, f"more than one signature slot at {where}"
         return p, None
     return None, None
+
+
+def _profile_structure(
+    root: etree._Element, profile: EPrescriptionProfile, signed: list[etree._Element]
+) -> str | None:
+    """None when the profile's document element is the one element of its name, at its fixed
+    path, and covered by the signature's references (itself or an ancestor); else why not.
+
+    Without this, a signed document element moved elsewhere (where the references still find
+    it by Id) next to a forged unsigned one at the fixed path would verify (signature wrapping).
+    """
+    p = profile
+    fixed = f"{p.root}/{p.container}/{p.document}"
+    target = root.find(f"{p.container}/{p.document}")
+    if target is None:
+        return f"no {fixed} element"
+    covering = {id(el) for el in signed}
+    if not any(id(a) in covering for a in (target, *target.iterancestors())):
+        moved = [_path(el) for el in signed if el.tag == p.document]
+        return f"the signature does not cover {fixed}" + (
+            f" (it covers {', '.join(moved)} instead: signature wrapping)" if moved else ""
+        )
+    for tag in (p.container, p.document, p.sign):
+        n = sum(1 for _ in root.iter(tag))
+        if n != 1:
+            return f"the document has {n} <{tag}> elements; the {p.name} profile allows one"
+    return None
+
+
+def _path(el: etree._Element) -> str:
+    """A readable absolute path of an element (prefix:name, [n] among same-named siblings)."""
+    parts = []
+    node: etree._Element | None = el
+    while node is not None:
+        q = etree.QName(node)
+        name = f"{node.prefix}:{q.localname}" if node.prefix else q.localname
+        parent = node.getparent()
+        if parent is not None:
+            same = [c for c in parent if c.tag == node.tag]
+            if len(same) > 1:
+                name += f"[{same.index(node) + 1}]"
+        parts.append(name)
+        node = parent
+    return "/" + "/".join(reversed(parts))
 
 
 async def _verify_xml(
@@ -524,6 +621,11 @@ async def _verify_xml(
     tree = parse_untrusted(data, max_depth=trust.max_xml_depth)
     root = tree.getroot()
     sigs = [root] if root.tag == _DS + "Signature" else list(root.iter(_DS + "Signature"))
+    if len(sigs) > trust.max_signatures:
+        raise InvalidRequest(
+            f"the document has {len(sigs)} signatures; at most {trust.max_signatures} are "
+            "verified (signing.verify_max_signatures)"
+        )
     index, dupes = _id_index(root)
     reports = []
     for sig in sigs:
@@ -555,6 +657,15 @@ async def _verify_one_xml(
     if si is None or sv is None:
         rep.fail(TOTAL_FAILED, "FORMAT_FAILURE", "ds:SignedInfo or ds:SignatureValue missing")
         return
+    n_refs = len(si.findall(_DS + "Reference"))
+    if n_refs > trust.max_references:
+        rep.fail(
+            TOTAL_FAILED,
+            "FORMAT_FAILURE",
+            f"the signature has {n_refs} references; at most {trust.max_references} are "
+            "verified (signing.verify_max_references)",
+        )
+        return
     profile, misplaced = _e_profile(sig, trust)
     if profile is not None:
         rep.format = "XAdES (" + profile.name + ")"
@@ -580,6 +691,10 @@ async def _verify_one_xml(
         c = _load_cert(base64.b64decode(_text(el)))
         if c is not None:
             certs.append(c)
+    sps = list(sig.iter(_XA + "SignedProperties"))
+    if len(sps) > 1:
+        rep.fail(TOTAL_FAILED, "FORMAT_FAILURE", "more than one xades:SignedProperties")
+        return
     sp = sig.find(f"{_DS}Object/{_XA}QualifyingProperties/{_XA}SignedProperties")
     cert_digest = None
     if sp is not None:
@@ -615,6 +730,7 @@ async def _verify_one_xml(
         # The signature value decides first whether this is tampering or a foreign cert.
     # References
     covered_sp = False
+    covered: list[etree._Element] = []
     for ref in si.iterfind(_DS + "Reference"):
         uri = ref.get("URI")
         transforms = [
@@ -635,8 +751,11 @@ async def _verify_one_xml(
                 )
                 return
             octets = content
+            rep.signed_elements.append(f"detached content {uri!r}")
         elif uri == "":
             octets = _apply_transforms(tree, transforms, sig)
+            covered.append(tree.getroot())
+            rep.signed_elements.append("/ (the whole document)")
         else:
             target_id = uri[1:]
             if target_id in dupes:
@@ -652,6 +771,8 @@ async def _verify_one_xml(
                 return
             if target is sp and ref.get("Type") == SIGNED_PROPERTIES_TYPE:
                 covered_sp = True
+            covered.append(target)
+            rep.signed_elements.append(_path(target))
             octets = _apply_transforms(target, transforms, sig)
         if hashlib.new(alg, octets).digest() != expected:
             rep.fail(
@@ -661,11 +782,11 @@ async def _verify_one_xml(
                 "does not match: the signed data was changed",
             )
             return
-    if profile is not None and not any(
-        r.get("URI") == f"#{profile.document}" for r in si.iterfind(_DS + "Reference")
-    ):
-        rep.fail(TOTAL_FAILED, "FORMAT_FAILURE", f"the signature does not cover {profile.document}")
-        return
+    if profile is not None:
+        problem = _profile_structure(tree.getroot(), profile, covered)
+        if problem is not None:
+            rep.fail(TOTAL_FAILED, "FORMAT_FAILURE", problem)
+            return
     if not covered_sp:
         rep.fail(TOTAL_FAILED, "FORMAT_FAILURE", "SignedProperties is not signed")
         return
@@ -738,7 +859,13 @@ async def _verify_pdf(
 
     reader = PdfFileReader(io.BytesIO(data), strict=False)
     reports = []
-    for emb in reader.embedded_signatures:
+    embedded = reader.embedded_signatures
+    if len(embedded) > trust.max_signatures:
+        raise InvalidRequest(
+            f"the PDF has {len(embedded)} signatures; at most {trust.max_signatures} are "
+            "verified (signing.verify_max_signatures)"
+        )
+    for emb in embedded:
         rep = SignatureReport(format="PAdES")
         reports.append(rep)
         try:

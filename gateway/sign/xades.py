@@ -79,8 +79,9 @@ def parse_untrusted(data: bytes, *, max_depth: int, what: str = "document") -> e
     """Parse XML from a client: no DTD, no entities, no network, bounded depth.
 
     A DOCTYPE is refused by a byte scan before parsing (the entity-expansion and external
-    entity attacks all need one); depth is checked while parsing, so a deeply nested document
-    stops at ``max_depth`` instead of building the whole tree first.
+    entity attacks all need one) and again from the parsed tree's docinfo (the byte scan cannot
+    see it in UTF-16/UTF-32); depth is checked while parsing, so a deeply nested document stops
+    at ``max_depth`` instead of building the whole tree first.
     """
     head = data.lstrip()[:3]
     if head.startswith(b"\xef\xbb\xbf"):
@@ -113,6 +114,16 @@ def parse_untrusted(data: bytes, *, max_depth: int, what: str = "document") -> e
     if root is None:
         raise InvalidRequest(f"{what} is not XML")
     tree: etree._ElementTree = root.getroottree()
+    # The byte scan above misses encodings other than ASCII-compatible ones (UTF-16 without a
+    # BOM, UTF-32): ask the parsed tree too. Entities were not resolved (resolve_entities=False),
+    # so refusing here is in time.
+    info = tree.docinfo
+    doctype: str = getattr(info, "doctype", "")  # not in the lxml stubs ("" without one)
+    dtds: list[object | None] = [info.internalDTD, info.externalDTD]
+    if doctype or info.public_id or any(d is not None for d in dtds):
+        raise InvalidRequest(f"{what}: XML with a DTD or entity declarations is refused")
+    if any(True for _ in root.iter(etree.Entity)):
+        raise InvalidRequest(f"{what}: XML with entity references is refused")
     return tree
 
 

@@ -425,3 +425,82 @@ def test_rotation_through_the_gateway_then_scheduled_revocation(
             (f'%"{old.serial}"%',),
         ).fetchone()[0]
     assert n == 1
+
+
+def test_concurrent_download_guesses_are_reserved_before_checking(
+    delivery_gateway: tuple[Server, int],
+    admin_ctx: ssl.SSLContext,
+    sandbox: dict[str, Any],
+) -> None:
+    """30 guesses at once, one right: at most max_download_attempts (5) are ever checked; all
+    the others, and any guess after the lock, get the same 423, so the right one is not
+    revealed by a different answer."""
+    import threading
+    import urllib.parse
+
+    srv, dport = delivery_gateway
+    code = "0810000018"
+    r = request(
+        srv.port,
+        "POST",
+        "/admin/facilities",
+        ctx=admin_ctx,
+        json_body={"institution_code": code, "name": "TEST 同時医院", "kind": "clinic"},
+    )
+    assert r.status == 201, r.body
+    r = request(
+        srv.port, "POST", f"/admin/facilities/{code}/certificates", ctx=admin_ctx, json_body={}
+    )
+    assert r.status == 201, r.body
+    issued = r.json()
+    path = urllib.parse.urlsplit(issued["download_url"]).path
+    box = Path(sandbox["dir"]) / "outbox" / code / issued["serial"]
+    right = download_password(box)
+    ctx = client_context(sandbox["server_ca"])
+    results: dict[int, tuple[int, str]] = {}
+    start = threading.Barrier(30)
+
+    def guess(i: int) -> None:
+        pw = right if i == 25 else f"wrong{i:02d}"
+        start.wait()
+        resp = request(
+            dport,
+            "POST",
+            path,
+            ctx=ctx,
+            body=urllib.parse.urlencode({"password": pw}).encode(),
+            headers={"Content-Type": "application/x-www-form-urlencoded"},
+        )
+        detail = "" if resp.status == 200 else resp.json()["detail"]
+        results[i] = (resp.status, detail)
+
+    threads = [threading.Thread(target=guess, args=(i,)) for i in range(30)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    statuses = [st for st, _ in results.values()]
+    assert len(statuses) == 30
+    assert 409 not in statuses, results
+    assert set(statuses) <= {200, 403, 423}, results
+    checked = [i for i, (st, _) in results.items() if st != 423]
+    assert len(checked) <= 5, results
+    locked = {d for st, d in results.values() if st == 423}
+    assert len(locked) == 1, results
+    # Whatever happened, now every guess (the right one included) answers the same.
+    after = [
+        request(
+            dport,
+            "POST",
+            path,
+            ctx=ctx,
+            body=urllib.parse.urlencode({"password": pw}).encode(),
+            headers={"Content-Type": "application/x-www-form-urlencoded"},
+        )
+        for pw in (right, "wrong-after")
+    ]
+    if results[25][0] == 200:
+        assert [a.status for a in after] == [410, 410]
+    else:
+        assert [a.status for a in after] == [423, 423]
+        assert {a.json()["detail"] for a in after} == locked

@@ -293,7 +293,7 @@ async def test_download_window_lock_resend_and_the_p12(tmp_path: Path) -> None:
         for left in (4, 3, 2, 1):
             with pytest.raises(WrongPassword, match=f"{left} attempts left"):
                 await s.certs.download(token, "wrong", remote="127.0.0.1")
-        with pytest.raises(Locked, match="now locked after 5"):
+        with pytest.raises(Locked, match="locked after 5 wrong"):
             await s.certs.download(token, "wrong", remote="127.0.0.1")
         with pytest.raises(Locked):
             await s.certs.download(token, pwd, remote="127.0.0.1")  # even the right one

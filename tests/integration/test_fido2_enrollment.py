@@ -227,3 +227,52 @@ def test_admin_cannot_relay_authentication(sandbox: dict[str, Any], gateway: Ser
         },
     )
     assert r.status == 403
+
+
+def test_enrolment_needs_the_signers_own_facility(
+    csc: Csc, sandbox: dict[str, Any], gateway: Server, pharmacy: dict[str, Any]
+) -> None:
+    """An admin certificate, or a facility the signer does not serve, cannot enrol an
+    authenticator; a challenge begun by one facility cannot be completed by another."""
+    from tests.support.gateway import client_context
+
+    signer = _signer(sandbox)
+    admin = Csc(
+        gateway.port,
+        client_context(
+            sandbox["server_ca"], sandbox["admin"]["client_cert"], sandbox["admin"]["client_key"]
+        ),
+    )
+    other = Csc(
+        gateway.port,
+        client_context(sandbox["server_ca"], pharmacy["client_cert"], pharmacy["client_key"]),
+    )
+    auth = SoftAuthenticator(origin=f"https://localhost:{gateway.port}")
+    code, password = _code(sandbox, signer["id"])
+    for caller in (admin, other):
+        r = _begin(caller, code, password)
+        assert r.status == 403, r.body
+        assert r.json()["code"] == "access_denied"
+    # The admin cannot complete a ceremony the hospital began either.
+    r = _begin(csc, code, password)
+    assert r.status == 200, r.body
+    created = auth.create(r.json()["publicKey"])
+    body = {"enrollment_code": code, "credential": created}
+    r = admin.post("/auth/fido2/register/complete", body)
+    assert r.status == 403, r.body
+    # A facility that also serves the signer cannot complete the hospital's challenge.
+    conf = sandbox["config"]
+    run_cli("signer", "link", signer["id"], pharmacy["institution_code"], "-c", conf)
+    try:
+        r = _begin(csc, code, password)
+        assert r.status == 200, r.body
+        created = auth.create(r.json()["publicKey"])
+        r = other.post(
+            "/auth/fido2/register/complete", {"enrollment_code": code, "credential": created}
+        )
+        assert r.status == 400, r.body
+        assert r.json()["detail"] == "the challenge was issued to another facility"
+    finally:
+        run_cli("signer", "unlink", signer["id"], pharmacy["institution_code"], "-c", conf)
+    # The hospital itself still enrols with the same code.
+    assert csc.enroll(code, password, auth).status == 200

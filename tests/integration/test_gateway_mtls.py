@@ -236,3 +236,114 @@ def test_request_id_is_in_the_log_and_no_traceback(
     lines = [line for line in gateway.logs().splitlines() if rid in line]
     assert any('"status": 400' in line for line in lines), lines
     assert "Traceback" not in gateway.logs()
+
+
+def _admin_ctx(sandbox: dict[str, Any]) -> ssl.SSLContext:
+    adm = sandbox["admin"]
+    return client_context(sandbox["server_ca"], adm["client_cert"], adm["client_key"])
+
+
+def test_bodies_must_be_sent_as_json_415(
+    gateway: Server, sandbox: dict[str, Any], hospital_ctx: ssl.SSLContext
+) -> None:
+    """A cross-site form or no-cors fetch can send text/plain, a form or no type at all, never
+    application/json: such bodies are refused before any handler runs (CSRF)."""
+    admin = _admin_ctx(sandbox)
+    code = "1110000015"
+    r = request(
+        gateway.port,
+        "POST",
+        "/admin/facilities",
+        ctx=admin,
+        json_body={"institution_code": code, "name": "TEST CSRF医院", "kind": "clinic"},
+    )
+    assert r.status == 201, r.body
+    suspend = f"/admin/facilities/{code}/suspend"
+    for ctype in ("text/plain", "application/x-www-form-urlencoded", "multipart/form-data"):
+        r = request(
+            gateway.port,
+            "POST",
+            suspend,
+            ctx=admin,
+            body=b'{"reason": "csrf"}',
+            headers={"Content-Type": ctype},
+        )
+        assert r.status == 415, (ctype, r.body)
+        assert r.headers["content-type"].startswith("application/problem+json")
+        assert r.json()["code"] == "unsupported_media_type"
+        assert ctype in r.json()["detail"]
+    r = request(
+        gateway.port, "POST", f"/admin/facilities/{code}/resume", ctx=admin, json_content_type=False
+    )
+    assert r.status == 415, r.body
+    r = request(gateway.port, "GET", f"/admin/facilities/{code}", ctx=admin)
+    assert r.json()["status"] == "active"
+    # Under /csc/ the error is CSC JSON; a charset parameter is fine.
+    r = request(
+        gateway.port, "POST", "/csc/v2/info", ctx=hospital_ctx, body=b"{}", json_content_type=False
+    )
+    assert r.status == 415, r.body
+    assert r.json()["error"] == "unsupported_media_type"
+    r = request(
+        gateway.port,
+        "POST",
+        "/csc/v2/info",
+        ctx=hospital_ctx,
+        body=b"{}",
+        headers={"Content-Type": "application/json; charset=utf-8"},
+    )
+    assert r.status == 200, r.body
+
+
+def test_cross_site_requests_are_403(
+    gateway: Server, sandbox: dict[str, Any], hospital_ctx: ssl.SSLContext
+) -> None:
+    admin = _admin_ctx(sandbox)
+    code = "1110000016"
+    r = request(
+        gateway.port,
+        "POST",
+        "/admin/facilities",
+        ctx=admin,
+        json_body={"institution_code": code, "name": "TEST 越境医院", "kind": "clinic"},
+    )
+    assert r.status == 201, r.body
+    suspend = f"/admin/facilities/{code}/suspend"
+    for headers in (
+        {"Sec-Fetch-Site": "cross-site"},
+        {"Origin": "https://evil.example"},
+        {"Origin": "null"},
+        {"Origin": f"https://localhost:{gateway.port}.evil.example"},
+    ):
+        r = request(
+            gateway.port,
+            "POST",
+            suspend,
+            ctx=admin,
+            json_body={"reason": "csrf"},
+            headers=headers,
+        )
+        assert r.status == 403, (headers, r.body)
+        assert r.json()["code"] == "access_denied"
+    r = request(
+        gateway.port,
+        "POST",
+        "/csc/v2/info",
+        ctx=hospital_ctx,
+        json_body={},
+        headers={"Origin": "https://evil.example", "Sec-Fetch-Site": "cross-site"},
+    )
+    assert r.status == 403 and r.json()["error"] == "access_denied"
+    assert (
+        request(gateway.port, "GET", f"/admin/facilities/{code}", ctx=admin).json()["status"]
+        == "active"
+    )
+    # The gateway's own pages (same origin) and non-browser clients (no Origin) still work.
+    for headers in (
+        {"Origin": f"https://localhost:{gateway.port}", "Sec-Fetch-Site": "same-origin"},
+        {},
+    ):
+        r = request(
+            gateway.port, "POST", "/csc/v2/info", ctx=hospital_ctx, json_body={}, headers=headers
+        )
+        assert r.status == 200, (headers, r.body)

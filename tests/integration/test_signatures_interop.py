@@ -414,6 +414,57 @@ def test_moving_the_signature_inside_the_document_fails_ours(world: SignWorld) -
     assert "not at Document/Prescription/PrescriptionSign" in rep.reason
 
 
+def _wrapped(xml: bytes) -> bytes:
+    """Signature wrapping: the signed PrescriptionDocument moved into another element (where the
+    reference still finds it by Id) and a forged, unsigned one put at the profile's path."""
+    root = etree.fromstring(xml)
+    pres = root.find("Prescription")
+    signed = pres.find("PrescriptionDocument")
+    pres.remove(signed)
+    etree.SubElement(root, "Attachment").append(signed)
+    forged = etree.Element("PrescriptionDocument")
+    forged.text = base64.b64encode(OTHER_CSV).decode()
+    pres.insert(1, forged)
+    return etree.tostring(root, xml_declaration=True, encoding="UTF-8")
+
+
+def test_signature_wrapping_fails_ours(world: SignWorld) -> None:
+    xml = _eprescription(world)
+    ok = _verify(world, xml)
+    assert ok.indication == "TOTAL-PASSED", ok.reason
+    assert "/Document/Prescription/PrescriptionDocument" in ok.signatures[0].signed_elements
+    rep = _verify(world, _wrapped(xml))
+    assert (rep.indication, rep.sub_indication) == ("TOTAL-FAILED", "FORMAT_FAILURE"), rep.reason
+    assert "PrescriptionDocument" in rep.reason
+    # the same with the forged element carrying the Id too: duplicate Id
+    root = etree.fromstring(_wrapped(xml))
+    root.find("Prescription/PrescriptionDocument").set("id", "PrescriptionDocument")
+    rep = _verify(world, etree.tostring(root))
+    assert (rep.indication, rep.sub_indication) == ("TOTAL-FAILED", "FORMAT_FAILURE"), rep.reason
+    # a second Prescription container in front, holding the forged document and the signature
+    root = etree.fromstring(xml)
+    real = root.find("Prescription")
+    fake = etree.Element("Prescription")
+    fake.append(etree.fromstring(b"<PrescriptionDocument>AAAA</PrescriptionDocument>"))
+    fake.append(real.find("PrescriptionSign"))
+    root.insert(0, fake)
+    rep = _verify(world, etree.tostring(root))
+    assert (rep.indication, rep.sub_indication) == ("TOTAL-FAILED", "FORMAT_FAILURE"), rep.reason
+    # a forged SignedProperties next to the signed one
+    root = etree.fromstring(xml)
+    obj = root.find("Prescription/PrescriptionSign/ds:Signature/ds:Object", NS)
+    sig = obj.getparent()
+    extra = etree.SubElement(sig, f"{{{DS}}}Object")
+    extra.append(
+        etree.fromstring(
+            f'<xades:QualifyingProperties xmlns:xades="{XADES}">'
+            "<xades:SignedProperties/></xades:QualifyingProperties>"
+        )
+    )
+    rep = _verify(world, etree.tostring(root))
+    assert (rep.indication, rep.sub_indication) == ("TOTAL-FAILED", "FORMAT_FAILURE"), rep.reason
+
+
 def test_dispensing_needs_a_pharmacist(world: SignWorld) -> None:
     with pytest.raises(RoleNotPermitted, match="Medical Doctor may not sign a dispensing"):
         _eprescription(world, profile="jp-dispensing")
@@ -726,6 +777,12 @@ def test_cli_eprescription_sign_and_verify(sandbox: dict[str, Any], sandbox_rx: 
     )
     res = run_cli("verify", "-c", sandbox["config"], str(bad), check=False)
     assert res.returncode == 1 and res.stdout.startswith("TOTAL-FAILED / HASH_FAILURE")
+    wrapped = sandbox_rx.with_name("rx-wrapped.xml")
+    wrapped.write_bytes(_wrapped(sandbox_rx.read_bytes()))
+    res = run_cli("verify", "-c", sandbox["config"], str(wrapped), check=False)
+    assert res.returncode == 1, res.stdout
+    assert res.stdout.startswith("TOTAL-FAILED / FORMAT_FAILURE"), res.stdout
+    assert "does not cover Document/Prescription/PrescriptionDocument" in res.stdout
     pharmacist = next(s for s in sandbox["signers"] if s["role"] == "Pharmacist")
     res = run_cli(
         "eprescription",
@@ -749,6 +806,14 @@ def test_verify_endpoint_over_mtls(
     assert r.status == 200, r.body
     assert r.json()["indication"] == "TOTAL-PASSED"
     assert r.json()["signatures"][0]["document_type"] == "prescription"
+    wrapped = {"document": base64.b64encode(_wrapped(sandbox_rx.read_bytes())).decode()}
+    r = request(gateway.port, "POST", "/verify", ctx=hospital_ctx, json_body=wrapped)
+    assert r.status == 200, r.body
+    assert (r.json()["indication"], r.json()["sub_indication"]) == (
+        "TOTAL-FAILED",
+        "FORMAT_FAILURE",
+    )
+    assert "signature wrapping" in r.json()["reason"]
     for garbage in (b"", b"\x00" * 50, b"<a>", b"%PDF-1.7 nothing", b"0\x82\xff\xff"):
         r = request(
             gateway.port,

@@ -76,13 +76,19 @@ def request(
     json_body: Any = None,
     headers: dict[str, str] | None = None,
     host: str = "localhost",
+    json_content_type: bool = True,
+    timeout: float = 30,
 ) -> Response:
-    conn = http.client.HTTPSConnection(host, port, context=ctx, timeout=30)
+    """One request. POST/PUT/PATCH/DELETE carry ``Content-Type: application/json`` unless the
+    caller sets another one or passes ``json_content_type=False`` (to send none at all)."""
+    conn = http.client.HTTPSConnection(host, port, context=ctx, timeout=timeout)
     try:
         hdrs = dict(headers or {})
         if json_body is not None:
             body = json.dumps(json_body).encode()
-            hdrs.setdefault("Content-Type", "application/json")
+        unsafe = method.upper() in ("POST", "PUT", "PATCH", "DELETE")
+        if json_content_type and unsafe and not any(k.lower() == "content-type" for k in hdrs):
+            hdrs["Content-Type"] = "application/json"
         conn.request(method, path, body=body, headers=hdrs)
         r = conn.getresponse()
         return Response(r.status, {k.lower(): v for k, v in r.getheaders()}, r.read())

@@ -45,6 +45,15 @@ BOMB = b"""<?xml version="1.0"?>
 XXE = b"""<?xml version="1.0"?>
 <!DOCTYPE foo [<!ENTITY xxe SYSTEM "file:///etc/passwd">]><foo>&xxe;</foo>"""
 DEEP = b"<a>" * 5000 + b"</a>" * 5000
+# UTF-16LE without a BOM: "<!DOCTYPE" is not in the bytes, so only the parsed tree shows it.
+XXE_UTF16 = (
+    '<?xml version="1.0" encoding="UTF-16"?>'
+    '<!DOCTYPE d [<!ENTITY x SYSTEM "file:///etc/hostname">]><d id="a"><e>&x;</e></d>'
+).encode("utf-16-le")
+INTERNAL_UTF16 = (
+    '<?xml version="1.0" encoding="UTF-16"?>'
+    '<!DOCTYPE d [<!ENTITY x "INTERNAL">]><d id="a"><e>&x;</e></d>'
+).encode("utf-16-le")
 
 
 @pytest.mark.parametrize(
@@ -55,8 +64,18 @@ DEEP = b"<a>" * 5000 + b"</a>" * 5000
         (BOMB, "DTD or entity"),
         (XXE, "DTD or entity"),
         (DEEP, "nested deeper than 64"),
+        (XXE_UTF16, "DTD or entity"),
+        (INTERNAL_UTF16, "DTD or entity"),
     ],
-    ids=["not-xml", "malformed", "entity-bomb", "external-entity", "deep-nesting"],
+    ids=[
+        "not-xml",
+        "malformed",
+        "entity-bomb",
+        "external-entity",
+        "deep-nesting",
+        "utf16le-external-entity",
+        "utf16le-internal-entity",
+    ],
 )
 def test_untrusted_xml_is_refused_before_it_costs(data: bytes, message: str) -> None:
     with pytest.raises(InvalidRequest, match=message):
@@ -206,6 +225,17 @@ GARBAGE = [
     b"-----BEGIN PKCS7-----\nAAAA\n-----END PKCS7-----\n",
     bytes(range(256)) * 4,
 ]
+
+
+def test_utf16_doctype_is_refused_by_the_verifier(world: Any) -> None:
+    assert b"<!DOCTYPE" not in XXE_UTF16
+    rep = asyncio.run(verify_document(XXE_UTF16, trust=TrustConfig(anchors=[world.root.cert])))
+    assert (rep.indication, rep.sub_indication) == ("TOTAL-FAILED", "FORMAT_FAILURE")
+    assert "DTD or entity" in rep.reason
+    # without a DTD, the same encoding (and plain UTF-8) still parses
+    plain = '<?xml version="1.0" encoding="UTF-16"?><d id="a"><e>x</e></d>'.encode("utf-16-le")
+    assert parse_untrusted(plain, max_depth=64).getroot().findtext("e") == "x"
+    assert parse_untrusted(b"<a><b>y</b></a>", max_depth=64).getroot().findtext("b") == "y"
 
 
 @pytest.mark.parametrize("data", GARBAGE)
