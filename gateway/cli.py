@@ -336,7 +336,8 @@ async def cmd_scheduler_run_once(args: argparse.Namespace) -> int:
         report.to_json_dict(),
         f"scheduler: {len(report.revoked)} revoked, {len(report.reminders)} reminders, "
         f"{report.mailed} mailed ({report.mail_errors} failed), "
-        f"CRL {'published' if report.crl_published else 'current'}",
+        f"CRL {'published' if report.crl_published else 'current'}, "
+        f"purged {report.purged['sads']} SADs and {report.purged['challenges']} challenges",
     )
     return 0
 

@@ -339,6 +339,9 @@ class ActivationSettings(_Section):
     """Cap on a facility's signing-session length (MEDIS runs 18-hour sessions)."""
     signing_session_max_signatures: Annotated[int, Field(ge=1, le=100_000)] = 1000
     """Cap on the signatures one signing session may authorize."""
+    purge_after_hours: Annotated[int, Field(ge=1, le=24 * 365)] = 24
+    """The scheduler deletes SADs and WebAuthn challenges this many hours after they expired
+    (the audit log keeps the record of each issuance and use)."""
 
 
 class Settings(_Section):
