@@ -336,7 +336,8 @@ async def cmd_scheduler_run_once(args: argparse.Namespace) -> int:
         report.to_json_dict(),
         f"scheduler: {len(report.revoked)} revoked, {len(report.reminders)} reminders, "
         f"{report.mailed} mailed ({report.mail_errors} failed), "
-        f"CRL {'published' if report.crl_published else 'current'}",
+        f"CRL {'published' if report.crl_published else 'current'}, "
+        f"purged {report.purged['sads']} SADs and {report.purged['challenges']} challenges",
     )
     return 0
 
@@ -608,6 +609,7 @@ def _verify_trust(args: argparse.Namespace) -> Any:
         extra_crls=[Path(p) for p in args.crl or []],
         check_revocation=not args.no_revocation,
         fetch_crls=True if args.fetch_crls else None,
+        ocsp=True if args.ocsp else None,
     )
 
 
@@ -617,6 +619,7 @@ async def _chain_status(args: argparse.Namespace, cert: Any) -> dict[str, Any]:
 
     from gateway.errors import PkiError
     from gateway.pki import hpki
+    from gateway.pki.revocation import revocation_status
 
     trust = _verify_trust(args)
     now = datetime.now(UTC)
@@ -634,13 +637,22 @@ async def _chain_status(args: argparse.Namespace, cert: Any) -> dict[str, Any]:
         return out
     out.update(status="valid", path=[c.subject.rfc4514_string() for c in path])
     if trust.check_revocation:
-        statuses = [await trust.crls.status(c, i, now) for c, i in itertools.pairwise(path)]
+        statuses = [
+            await revocation_status(c, i, now, crls=trust.crls, ocsp=trust.ocsp)
+            for c, i in itertools.pairwise(path)
+        ]
         bad = [s for s in statuses if s.status != "good"]
         worst = next((s for s in bad if s.status == "revoked"), bad[0] if bad else None)
         out["revocation"] = (
-            {"status": worst.status, "reason": worst.reason}
+            {"status": worst.status, "reason": worst.reason, "source": worst.source}
             if worst
-            else {"status": "good", "reason": "not on the issuers' current CRLs"}
+            else {
+                "status": "good",
+                "reason": "not on the issuers' current CRLs"
+                if all(s.source == "crl" for s in statuses)
+                else "; ".join(s.reason for s in statuses),
+                "source": statuses[0].source if statuses else None,
+            }
         )
     else:
         out["revocation"] = {"status": "not checked", "reason": "--no-revocation"}
@@ -1052,6 +1064,11 @@ def _trust_flags(p: argparse.ArgumentParser) -> None:
         "--fetch-crls",
         action="store_true",
         help="download CRLs from the certificates' distribution points",
+    )
+    p.add_argument(
+        "--ocsp",
+        action="store_true",
+        help="ask the OCSP responder of a certificate's AIA first (CRLs as fallback)",
     )
     p.add_argument("--json", action="store_true", help="machine-readable output")
 

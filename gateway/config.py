@@ -122,6 +122,12 @@ class PkiSettings(_Section):
     issuer. Off by default: an offline check reports revocation as INDETERMINATE instead."""
     crl_timeout: Annotated[float, Field(gt=0, le=60)] = 5.0
     """Seconds allowed for one CRL download."""
+    ocsp: bool = False
+    """Ask the OCSP responder named in a certificate's AIA extension before the CRLs (CRLs stay
+    the fallback when it is unreachable). Off by default, like ``fetch_crls``: the URL comes from
+    a certificate in an untrusted document, and verification stays offline unless enabled."""
+    ocsp_timeout: Annotated[float, Field(gt=0, le=60)] = 5.0
+    """Seconds allowed for one OCSP request and response."""
     facility_crl: Path | None = None
     """Where the facility CA publishes its CRL (DER), for a TLS terminator in front of the
     gateway; rewritten on every revocation and before nextUpdate. Unset: no CRL is written."""
@@ -333,6 +339,9 @@ class ActivationSettings(_Section):
     """Cap on a facility's signing-session length (MEDIS runs 18-hour sessions)."""
     signing_session_max_signatures: Annotated[int, Field(ge=1, le=100_000)] = 1000
     """Cap on the signatures one signing session may authorize."""
+    purge_after_hours: Annotated[int, Field(ge=1, le=24 * 365)] = 24
+    """The scheduler deletes SADs and WebAuthn challenges this many hours after they expired
+    (the audit log keeps the record of each issuance and use)."""
 
 
 class Settings(_Section):

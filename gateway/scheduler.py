@@ -9,7 +9,11 @@ may run it at the same time:
   record commit together;
 - a mail is claimed by setting ``smtp_claimed_at`` where it was NULL (or stale), so one runner
   sends it;
-- the CRL is rewritten atomically (rename), so concurrent rewrites are harmless.
+- the CRL is rewritten atomically (rename), so concurrent rewrites are harmless;
+- expired WebAuthn challenges and SADs are purged ``activation.purge_after_hours`` after they
+  expired, by a conditional ``DELETE ... WHERE expires_at < cutoff``: a second runner deletes
+  nothing, and a live SAD (``expires_at`` in the future) never matches. The audit log is never
+  purged: each SAD's issuance and use stay recorded there (``signature.authorize``, ...).
 
 Reminder schedule (HPKI.md §6): 90, 60, 30, 15 and 7 days before expiry, then daily, and at
 expiry. "Days before" are JST calendar days (0 = the expiry day). When the scheduler was not
@@ -26,7 +30,7 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, insert, or_, select, update
+from sqlalchemy import and_, delete, insert, or_, select, update
 from sqlalchemy.exc import IntegrityError
 
 from gateway import mailer
@@ -34,7 +38,14 @@ from gateway.certificates import ClientCertificateService
 from gateway.clock import JST, days_left, jst_date
 from gateway.errors import GatewayError
 from gateway.notice import jp_date
-from gateway.store.schema import client_certificate, facility, notification
+from gateway.store.schema import (
+    client_certificate,
+    facility,
+    notification,
+    sad,
+    sad_hash,
+    webauthn_challenge,
+)
 
 log = logging.getLogger("gateway.scheduler")
 
@@ -67,6 +78,7 @@ class SchedulerReport:
     mailed: int = 0
     mail_errors: int = 0
     crl_published: bool = False
+    purged: dict[str, int] = field(default_factory=lambda: {"sads": 0, "challenges": 0})
 
     def to_json_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -91,7 +103,38 @@ class Scheduler:
         report.mailed, report.mail_errors = await self.send_pending_mail()
         if not report.crl_published:
             report.crl_published = await self.service.refresh_crl()
+        report.purged = await self.purge_expired()
         return report
+
+    async def purge_expired(self) -> dict[str, int]:
+        """Delete SADs and WebAuthn challenges that expired more than
+        ``activation.purge_after_hours`` ago (idempotent; a live SAD never qualifies)."""
+        now = self.clock()
+        cutoff = now - timedelta(hours=self.settings.activation.purge_after_hours)
+        async with self.db.write() as conn:
+            old_sads = select(sad.c.id).where(sad.c.expires_at < cutoff)
+            # sad_hash rows go with their SAD (ON DELETE CASCADE); deleted explicitly too, so
+            # the purge does not depend on the database enforcing foreign keys.
+            await conn.execute(delete(sad_hash).where(sad_hash.c.sad_id.in_(old_sads)))
+            sads = (await conn.execute(delete(sad).where(sad.c.expires_at < cutoff))).rowcount
+            challenges = (
+                await conn.execute(
+                    delete(webauthn_challenge).where(webauthn_challenge.c.expires_at < cutoff)
+                )
+            ).rowcount
+            if sads or challenges:
+                await self.audit.append(
+                    conn,
+                    action="maintenance.purge_expired",
+                    actor="system:scheduler",
+                    detail={
+                        "sads": sads,
+                        "challenges": challenges,
+                        "expired_before": cutoff.isoformat(),
+                    },
+                    now=now,
+                )
+        return {"sads": int(sads), "challenges": int(challenges)}
 
     async def claim_reminders(self) -> list[dict[str, Any]]:
         now = self.clock()
@@ -283,12 +326,14 @@ class Scheduler:
         while not stop.is_set():
             try:
                 report = await self.run_once()
-                if report.revoked or report.reminders or report.mailed:
+                purged = report.purged["sads"] + report.purged["challenges"]
+                if report.revoked or report.reminders or report.mailed or purged:
                     log.info(
-                        "scheduler: %s revoked, %s reminders, %s mailed",
+                        "scheduler: %s revoked, %s reminders, %s mailed, %s expired rows purged",
                         len(report.revoked),
                         len(report.reminders),
                         report.mailed,
+                        purged,
                     )
             except Exception:
                 log.exception("scheduler run failed; retrying in %s s", interval)

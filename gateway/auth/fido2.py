@@ -32,7 +32,7 @@ import secrets
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, NoReturn
 
 from fido2.server import Fido2Server
 from fido2.utils import websafe_decode, websafe_encode
@@ -70,6 +70,8 @@ NONCE_BYTES = 16
 _CODE_ALPHABET = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
 _PASSWORD_ALPHABET = "23456789abcdefghjkmnpqrstuvwxyzABCDEFGHJKLMNPQRSTUVWXYZ"  # noqa: S105
 _SCRYPT_N, _SCRYPT_R, _SCRYPT_P = 2**14, 8, 1
+#: The one answer once a code is locked, or while every remaining attempt is being checked.
+LOCKED_TEXT = "enrollment code is locked after too many wrong passwords: ask for a new one"
 
 
 def utcnow() -> datetime:
@@ -361,9 +363,7 @@ class Fido2Authenticator:
         if row.status == "revoked":
             raise InvalidRequest("enrollment code was replaced by a newer one")
         if row.status == "locked":
-            raise AccessDenied(
-                "enrollment code is locked after too many wrong passwords: ask for a new one"
-            )
+            raise AccessDenied(LOCKED_TEXT)
         if row.expires_at <= now:
             raise InvalidRequest(
                 f"enrollment code expired on {row.expires_at.isoformat(timespec='seconds')}: "
@@ -391,12 +391,29 @@ class Fido2Authenticator:
         now = now or self.clock()
         async with self.db.read() as conn:
             row = await self._enrollment_for(conn, code, caller, now)
+        # Reserve this attempt BEFORE the (slow) password check, atomically: however many
+        # guesses arrive at once, at most max_password_tries passwords are ever checked. The
+        # right password gives its reservation back when it takes the challenge below.
+        tries = await self._reserve_try(row.id)
+        if tries is None:
+            await self._refuse_now(code, caller, now)
         ok = await asyncio.to_thread(verify_password, password, row.password_hash)
         if not ok:
-            await self._wrong_password(row.id, row.signer_id, caller, now)
+            await self._wrong_password(row.id, row.signer_id, caller, now, tries)
         async with self.db.write() as conn:
             # Re-read under the write lock: a concurrent wrong guess may have locked it.
             row = await self._enrollment_for(conn, code, caller, now)
+            returned = await conn.execute(
+                update(enrollment)
+                .where(
+                    enrollment.c.id == row.id,
+                    enrollment.c.status == "active",
+                    enrollment.c.failed_tries > 0,
+                )
+                .values(failed_tries=enrollment.c.failed_tries - 1)
+            )
+            if returned.rowcount != 1:  # pragma: no cover - the re-read above saw it active
+                raise AccessDenied(LOCKED_TEXT)
             srow = (await conn.execute(select(signer).where(signer.c.id == row.signer_id))).one()
             existing = (
                 await conn.execute(
@@ -437,26 +454,44 @@ class Fido2Authenticator:
             )
         return {"publicKey": dict(options.public_key)}
 
-    async def _wrong_password(
-        self, enrollment_id: int, signer_id: str, caller: Caller, now: datetime
-    ) -> None:
+    async def _reserve_try(self, enrollment_id: int) -> int | None:
+        """Count one attempt now (``failed_tries + 1`` while active and below the limit);
+        None when no attempt is left (locked, or every remaining one is being checked)."""
         async with self.db.write() as conn:
             row = (
                 await conn.execute(
                     update(enrollment)
-                    .where(enrollment.c.id == enrollment_id, enrollment.c.status == "active")
+                    .where(
+                        enrollment.c.id == enrollment_id,
+                        enrollment.c.status == "active",
+                        enrollment.c.failed_tries < self.max_password_tries,
+                    )
                     .values(failed_tries=enrollment.c.failed_tries + 1)
                     .returning(enrollment.c.failed_tries)
                 )
             ).one_or_none()
-            tries = int(row.failed_tries) if row is not None else self.max_password_tries
-            locked = tries >= self.max_password_tries
-            if locked and row is not None:
-                await conn.execute(
+        return None if row is None else int(row.failed_tries)
+
+    async def _refuse_now(self, code: str, caller: Caller, now: datetime) -> NoReturn:
+        """No attempt could be reserved: say why the code cannot be used now (re-read); while
+        it is still active, all attempts are taken, which answers exactly like the lock."""
+        async with self.db.read() as conn:
+            await self._enrollment_for(conn, code, caller, now)
+        raise AccessDenied(LOCKED_TEXT)
+
+    async def _wrong_password(
+        self, enrollment_id: int, signer_id: str, caller: Caller, now: datetime, tries: int
+    ) -> NoReturn:
+        """The reserved attempt ``tries`` failed: it stays counted; the last one locks."""
+        async with self.db.write() as conn:
+            locked = False
+            if tries >= self.max_password_tries:
+                res = await conn.execute(
                     update(enrollment)
-                    .where(enrollment.c.id == enrollment_id)
+                    .where(enrollment.c.id == enrollment_id, enrollment.c.status == "active")
                     .values(status="locked")
                 )
+                locked = res.rowcount == 1
             await self.audit.append(
                 conn,
                 action="enrollment.locked" if locked else "enrollment.wrong_password",
@@ -466,10 +501,8 @@ class Fido2Authenticator:
                 detail={"enrollment": enrollment_id, "failed_tries": tries},
                 now=now,
             )
-        if locked:
-            raise AccessDenied(
-                "enrollment code is locked after too many wrong passwords: ask for a new one"
-            )
+        if tries >= self.max_password_tries:
+            raise AccessDenied(LOCKED_TEXT)
         left = self.max_password_tries - tries
         raise AccessDenied(f"wrong enrollment password ({left} tries left)")
 

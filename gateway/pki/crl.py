@@ -1,4 +1,6 @@
-"""Revocation from CRLs: HPKI publishes CRLs only (no OCSP, no AIA), so CRLs are the source.
+"""Revocation from CRLs: HPKI publishes CRLs only (no OCSP, no AIA), so CRLs are the source
+(OCSP, for certificates that do carry an AIA responder, is in ``ocsp.py``; ``revocation.py``
+combines the two).
 
 CRLs come from local files (a relying party mirrors them; the sandbox writes its own) and,
 only when enabled, from the certificates' distribution points with a time-out. A CRL counts
@@ -35,6 +37,7 @@ class RevocationStatus:
     status: str  # "good" | "revoked" | "unknown"
     reason: str
     revocation_time: dt.datetime | None = None
+    source: str = "crl"  # "crl" | "ocsp": what decided
 
 
 def load_crl(data: bytes) -> x509.CertificateRevocationList:
@@ -126,12 +129,19 @@ class CrlSource:
         return crl
 
     async def status(
-        self, cert: x509.Certificate, issuer: x509.Certificate, moment: dt.datetime
+        self,
+        cert: x509.Certificate,
+        issuer: x509.Certificate,
+        moment: dt.datetime,
+        *,
+        fetch: bool | None = None,
     ) -> RevocationStatus:
+        """``fetch=False`` consults the local CRLs only (whatever ``self.fetch`` says)."""
         problems: list[str] = []
         candidates = list(self._crls)
         urls = _crl_urls(cert)
-        if self.fetch:
+        fetching = self.fetch if fetch is None else fetch and self.fetch
+        if fetching:
             for url in urls:
                 if url.startswith(("http://", "https://")):
                     crl = await self._download(url)
@@ -170,8 +180,8 @@ class CrlSource:
             )
         where = ", ".join(urls) or "no CRL distribution point"
         detail = "; ".join(problems) if problems else "no CRL of the issuer is available"
-        fetching = "" if self.fetch else " (CRL fetching is disabled)"
+        off = "" if self.fetch else " (CRL fetching is disabled)"
         return RevocationStatus(
             "unknown",
-            f"revocation of {cert.subject.rfc4514_string()} unknown: {detail} [{where}]{fetching}",
+            f"revocation of {cert.subject.rfc4514_string()} unknown: {detail} [{where}]{off}",
         )

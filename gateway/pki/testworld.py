@@ -23,7 +23,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.hazmat.primitives.serialization import pkcs12
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from cryptography.x509.oid import AuthorityInformationAccessOID, ExtendedKeyUsageOID, NameOID
 
 from gateway.errors import PkiError
 from gateway.pki.hpki import (
@@ -40,6 +40,7 @@ __all__ = [
     "CertAndKey",
     "issue_client_cert",
     "issue_hpki_signer_cert",
+    "issue_ocsp_responder_cert",
     "issue_server_cert",
     "issue_tsa_cert",
     "make_client_ca",
@@ -262,12 +263,15 @@ def issue_hpki_signer_cert(
     validity_days: int = 5 * 365,
     crl_url: str | None = None,
     organization_kanji: str | None = None,
+    ocsp_url: str | None = None,
 ) -> x509.Certificate:
     """A doctor's signing certificate with the real MEDIS profile, for a key held elsewhere.
 
     Subject in romaji, kanji in a SAN directoryName (``organization_kanji`` defaults to
     ``organization``), hcRole ``role``, critical policy and keyUsage as in HPKI.md §2.
     ``crl_url=None`` means the test-world CRL URL: real HPKI certificates always carry one.
+    ``ocsp_url`` adds an AIA extension naming that OCSP responder (real HPKI certificates have
+    none; it exercises the OCSP path of verification).
     """
     now = _aware(now)
     try:
@@ -295,7 +299,7 @@ def issue_hpki_signer_cert(
     )
     not_after = min(now + dt.timedelta(days=validity_days), ca.cert.not_valid_after_utc)
     # Extension order and criticality copied from the real MEDIS certificate.
-    return (
+    builder = (
         x509.CertificateBuilder()
         .subject_name(subject)
         .issuer_name(ca.cert.subject)
@@ -322,8 +326,40 @@ def issue_hpki_signer_cert(
             ),
             critical=True,
         )
+    )
+    if ocsp_url is not None:
+        builder = builder.add_extension(
+            x509.AuthorityInformationAccess(
+                [
+                    x509.AccessDescription(
+                        AuthorityInformationAccessOID.OCSP, x509.UniformResourceIdentifier(ocsp_url)
+                    )
+                ]
+            ),
+            critical=False,
+        )
+    return builder.sign(ca.key, hashes.SHA256())
+
+
+def issue_ocsp_responder_cert(
+    ca: CertAndKey, *, now: dt.datetime, validity: dt.timedelta = dt.timedelta(days=365)
+) -> CertAndKey:
+    """A delegated OCSP responder of ``ca`` (RFC 6960 §4.2.2.2): EKU id-kp-OCSPSigning."""
+    subject = x509.Name(
+        [
+            x509.NameAttribute(NameOID.COUNTRY_NAME, "JP"),
+            x509.NameAttribute(NameOID.ORGANIZATION_NAME, HPKI_TEST_ORGANIZATION),
+            x509.NameAttribute(NameOID.COMMON_NAME, "TEST OCSP responder - hpki-gateway sandbox"),
+        ]
+    )
+    key = _new_key()
+    cert = (
+        _leaf_builder(ca, subject, key, now=now, validity=validity)
+        .add_extension(_key_usage(digital_signature=True), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.OCSP_SIGNING]), critical=False)
         .sign(ca.key, hashes.SHA256())
     )
+    return CertAndKey(cert=cert, key=key)
 
 
 # --------------------------------------------------------------------------------------------

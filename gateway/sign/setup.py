@@ -10,6 +10,7 @@ from cryptography import x509
 from gateway.config import Settings
 from gateway.errors import ConfigError
 from gateway.pki.crl import CrlSource, load_crl_files
+from gateway.pki.ocsp import OcspClient
 from gateway.sign.eprescription import PRESCRIPTION, RolePolicy
 from gateway.sign.service import SigningPolicy, profile_from_settings
 from gateway.sign.timestamp import Rfc3161Client
@@ -51,6 +52,7 @@ def trust_config(
     extra_crls: Sequence[Path] = (),
     check_revocation: bool = True,
     fetch_crls: bool | None = None,
+    ocsp: bool | None = None,
 ) -> TrustConfig:
     """Trust from the settings (when given) plus what the caller adds (CLI flags)."""
     anchors = list(extra_anchors)
@@ -58,7 +60,9 @@ def trust_config(
     tsa_anchors: list[x509.Certificate] = []
     crl_paths = list(extra_crls)
     fetch = bool(fetch_crls)
+    use_ocsp = bool(ocsp)
     timeout = 5.0
+    ocsp_timeout = 5.0
     policy = SigningPolicy()
     if settings is not None:
         anchors += load_pems(settings.pki.hpki_trust_anchors)
@@ -67,12 +71,15 @@ def trust_config(
         crl_paths += list(settings.pki.crl_files)
         fetch = settings.pki.fetch_crls if fetch_crls is None else fetch_crls
         timeout = settings.pki.crl_timeout
+        use_ocsp = settings.pki.ocsp if ocsp is None else ocsp
+        ocsp_timeout = settings.pki.ocsp_timeout
         policy = signing_policy(settings)
     return TrustConfig(
         anchors=anchors,
         intermediates=intermediates,
         tsa_anchors=tsa_anchors or anchors,
         crls=CrlSource(load_crl_files(crl_paths), fetch=fetch, timeout=timeout),
+        ocsp=OcspClient(timeout=ocsp_timeout) if use_ocsp else None,
         check_revocation=check_revocation,
         roles=policy.roles,
         profiles=tuple(policy.profiles.values()),

@@ -11,7 +11,8 @@ sub-indication from that standard and a readable reason, per signature and for t
 5. the signature timestamp (imprint, TSA signature and trust)
 6. chain to the configured HPKI anchors: INDETERMINATE / NO_CERTIFICATE_CHAIN_FOUND,
    OUT_OF_BOUNDS_NO_POE
-7. revocation from CRLs: TOTAL-FAILED / REVOKED; INDETERMINATE / REVOKED_NO_POE, TRY_LATER
+7. revocation (OCSP where the certificate has an AIA responder and OCSP is on, else CRLs):
+   TOTAL-FAILED / REVOKED; INDETERMINATE / REVOKED_NO_POE, TRY_LATER
 8. HPKI signing profile and the hcRole for the document type: INDETERMINATE /
    CHAIN_CONSTRAINTS_FAILURE, SIG_CONSTRAINTS_FAILURE
 
@@ -44,6 +45,8 @@ from lxml import etree
 from gateway.errors import InvalidRequest, PkiError
 from gateway.pki import hpki
 from gateway.pki.crl import CrlSource
+from gateway.pki.ocsp import OcspClient
+from gateway.pki.revocation import revocation_status
 from gateway.sign import timestamp as ts
 from gateway.sign.eprescription import PROFILES, EPrescriptionProfile, RolePolicy
 from gateway.sign.xades import (
@@ -89,6 +92,9 @@ class TrustConfig:
     intermediates: list[x509.Certificate] = field(default_factory=list)
     tsa_anchors: list[x509.Certificate] = field(default_factory=list)
     crls: CrlSource = field(default_factory=CrlSource)
+    #: Set (``[pki] ocsp = true``, CLI ``--ocsp``): certificates with an AIA OCSP URL are asked
+    #: there first; None: CRLs only.
+    ocsp: OcspClient | None = None
     check_revocation: bool = True
     roles: RolePolicy = field(
         default_factory=lambda: RolePolicy(
@@ -272,12 +278,14 @@ async def _common(
     if trust.check_revocation:
         statuses = []
         for child, issuer in itertools.pairwise(path):
-            statuses.append(await trust.crls.status(child, issuer, now))
+            statuses.append(
+                await revocation_status(child, issuer, now, crls=trust.crls, ocsp=trust.ocsp)
+            )
         revoked = [s for s in statuses if s.status == "revoked"]
         unknown = [s for s in statuses if s.status == "unknown"]
         if revoked:
             r = revoked[0]
-            rep.revocation = {"status": "revoked", "reason": r.reason}
+            rep.revocation = {"status": "revoked", "reason": r.reason, "source": r.source}
             if poe is not None and r.revocation_time is not None and poe < r.revocation_time:
                 rep.notes.append("revoked after the timestamp: the signature predates it")
             elif poe is not None:
@@ -285,10 +293,20 @@ async def _common(
             else:
                 return rep.fail(INDETERMINATE, "REVOKED_NO_POE", r.reason)
         elif unknown:
-            rep.revocation = {"status": "unknown", "reason": unknown[0].reason}
-            return rep.fail(INDETERMINATE, "TRY_LATER", unknown[0].reason)
+            u = unknown[0]
+            rep.revocation = {"status": "unknown", "reason": u.reason, "source": u.source}
+            return rep.fail(INDETERMINATE, "TRY_LATER", u.reason)
         else:
-            rep.revocation = {"status": "good", "reason": "not revoked (CRLs checked)"}
+            sources = {s.source for s in statuses}
+            checked = " and ".join(
+                n for k, n in (("ocsp", "OCSP"), ("crl", "CRLs")) if k in sources
+            )
+            rep.revocation = {
+                "status": "good",
+                "reason": f"not revoked ({checked or 'nothing'} checked)",
+                # What decided for the signer's own certificate.
+                "source": statuses[0].source if statuses else None,
+            }
     else:
         rep.revocation = {"status": "not checked", "reason": "revocation checking disabled"}
 
