@@ -3,7 +3,9 @@
 signHash accepts the v2 field names (``hashes``, ``hashAlgorithmOID``) and the CSC v1 names that
 pyHanko's ``CSCSigner`` sends (``hash``, ``hashAlgo``); ``signAlgo`` is the same in both.
 Every attempt is audited: a signature in the same transaction that consumes the SAD (committed
-before the HSM signs, hence before the response), a refusal in its own transaction. The SAD is
+before the HSM signs, hence before the response; concurrent signHash requests share one such
+transaction, see ``SignatureActivation.consume_and_audit``), a refusal of bad input in its own
+transaction, a refusal of the SAD in the transaction of its group. The SAD is
 never logged or audited.
 """
 
@@ -25,7 +27,7 @@ from gateway.api.auth import (
 )
 from gateway.api.keys import ACTIVATION, AUDIT, CLOCK, DB, KEYSTORE, SETTINGS
 from gateway.api.schema import CscRequest, parse
-from gateway.auth.activation import SignatureGrant
+from gateway.auth.activation import SignatureGrant, SignRequest
 from gateway.auth.fido2 import Caller
 from gateway.errors import AccessDenied, GatewayError, InvalidRequest
 from gateway.hsm.api import DigestAlgorithm, KeyHandle
@@ -178,26 +180,6 @@ async def sign_hash(request: web.Request) -> web.Response:
         hashes = decode_hashes(raw, field="hashes", max_count=limit)
         alg = _algorithm(req)
         check_lengths(hashes, alg, field="hashes")
-        now = app[CLOCK]()
-        async with app[DB].write() as conn:
-            grant = await app[ACTIVATION].consume(
-                conn,
-                sad=req.SAD,
-                facility_id=caller.facility_id,
-                credential_id=req.credentialID,
-                hashes=hashes,
-                algorithm=alg,
-                now=now,
-            )
-            await app[AUDIT].append(
-                conn,
-                action="signature.sign_hash",
-                actor=caller.actor,
-                facility_code=caller.institution_code,
-                signer_id=grant.signer_id,
-                detail=_detail(grant),
-                now=now,
-            )
     except GatewayError as e:
         if e.status < 500:
             await _refused(
@@ -208,6 +190,23 @@ async def sign_hash(request: web.Request) -> web.Response:
                 detail={"credential": credential_id, "hashes_in_request": count},
             )
         raise
+    # Consumption + audit event (or the refusal's event) grouped with concurrent requests into
+    # one committed write transaction, before anything is signed.
+    grant = await app[ACTIVATION].consume_and_audit(
+        SignRequest(
+            sad=req.SAD,
+            facility_id=caller.facility_id,
+            credential_id=req.credentialID,
+            hashes=hashes,
+            algorithm=alg,
+            now=app[CLOCK](),
+            actor=caller.actor,
+            facility_code=caller.institution_code,
+            action="signature.sign_hash",
+            detail=_detail,
+            refused_detail={"credential": credential_id, "hashes_in_request": count},
+        )
+    )
     try:
         key = await app[KEYSTORE].get_key(grant.key_id)
         signatures = await sign_all(key, grant.hashes, grant.algorithm)
