@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import Connection, insert, select, update
+from sqlalchemy import Connection, bindparam, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from gateway.store.schema import audit_event, audit_head
@@ -85,6 +85,17 @@ def event_hash(
     return hashlib.sha256(msg).hexdigest()
 
 
+# Built once (bind parameters only): SQLAlchemy reuses their cache keys and compiled forms.
+_RESERVE = (
+    update(audit_head)
+    .where(audit_head.c.id == 1)
+    .values(seq=audit_head.c.seq + bindparam("n"))
+    .returning(audit_head.c.seq, audit_head.c.hash)
+)
+_INSERT = insert(audit_event)
+_ADVANCE = update(audit_head).where(audit_head.c.id == 1).values(hash=bindparam("h"))
+
+
 class AuditLog:
     """Writes and verifies the chain; holds the optional HMAC key."""
 
@@ -126,12 +137,7 @@ class AuditLog:
         if not records:
             return []
         n = len(records)
-        row = conn.execute(
-            update(audit_head)
-            .where(audit_head.c.id == 1)
-            .values(seq=audit_head.c.seq + n)
-            .returning(audit_head.c.seq, audit_head.c.hash)
-        ).one()
+        row = conn.execute(_RESERVE, {"n": n}).one()
         seq, prev_hash = int(row.seq) - n, str(row.hash)
         events: list[AuditEvent] = []
         wall = datetime.now(UTC)
@@ -164,8 +170,8 @@ class AuditLog:
                 )
             )
             prev_hash = h
-        conn.execute(insert(audit_event), [asdict(ev) for ev in events])
-        conn.execute(update(audit_head).where(audit_head.c.id == 1).values(hash=prev_hash))
+        conn.execute(_INSERT, [asdict(ev) for ev in events])
+        conn.execute(_ADVANCE, {"h": prev_hash})
         return events
 
     async def verify(self, conn: AsyncConnection) -> AuditReport:

@@ -23,14 +23,14 @@ locked, credential not active, signer no longer serving the facility, certificat
 If signing then fails, ``refund`` gives the consumed count back.
 
 Atomicity: ``consume`` first reads the SAD (joined with its signer, credential and
-certificate; ``FOR UPDATE OF sad`` on PostgreSQL) and the remaining count of each hash, refuses
-with the texts above if anything is short, and only then writes two conditional UPDATEs,
+certificate; ``FOR UPDATE OF sad`` on PostgreSQL) and the remaining count of each requested hash,
+refuses with the texts above if anything is short, and only then writes conditional UPDATEs,
 ``sad.remaining -= n WHERE remaining >= n`` and, for hash-bound SADs, ``sad_hash.remaining -= k
-WHERE hash IN (...) AND remaining >= k`` (one statement per multiplicity k), with the row counts
-checked anyway. On SQLite the write transaction is ``BEGIN IMMEDIATE`` (one writer across all
-worker processes); on PostgreSQL the SAD row lock taken by the read is held to commit, and the
-UPDATEs re-check their WHERE clause regardless. Either way two requests can never both spend the
-last signature, and a request that fails part-way rolls back whole.
+WHERE hash = h AND remaining >= k`` per distinct hash, with every row count checked anyway. On
+SQLite the write transaction is ``BEGIN IMMEDIATE`` (one writer across all worker processes); on
+PostgreSQL the SAD row lock taken by the read is held to commit, and the UPDATEs re-check their
+WHERE clause regardless. Either way two requests can never both spend the last signature, and a
+request that fails part-way rolls back whole.
 
 **The fast path: ``consume_and_audit(SignRequest(...))``** does the same check, consumption and
 audit event, but groups concurrently waiting requests into ONE write transaction (one lock, one
@@ -49,8 +49,8 @@ same way::
         refused_detail={"credential": ...}))
 
 (the refusal it raises is already audited), whereas an endpoint that must write more in the same
-transaction keeps calling ``consume`` inside its own ``Database.write()``: both paths share
-``_check``/``_apply``, so their rules cannot drift apart.
+transaction keeps calling ``consume`` inside its own ``Database.write()``: both paths are the
+same ``_Spender`` (read, check, write), so their rules cannot drift apart.
 """
 
 from __future__ import annotations
@@ -61,13 +61,13 @@ import hashlib
 import json
 import secrets
 from collections import Counter, deque
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from cryptography import x509
-from sqlalchemy import Connection, insert, select, update
+from sqlalchemy import Connection, bindparam, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from gateway.audit import AuditLog, AuditRecord
@@ -444,17 +444,20 @@ class SignatureActivation:
     ) -> SignatureGrant:
         """Spend the SAD on ``hashes`` inside the caller's write transaction (see module doc)."""
 
+        token = token_hash(sad)
+
         def spend(sync_conn: Connection) -> SignatureGrant:
-            plan = _check(
-                sync_conn,
-                token=token_hash(sad),
+            spender = _Spender(sync_conn, [token], hashes)
+            grant = spender.check(
+                token=token,
                 facility_id=facility_id,
                 credential_id=credential_id,
                 hashes=hashes,
                 algorithm=algorithm,
                 now=now,
             )
-            return _apply(sync_conn, plan)
+            spender.write()
+            return grant
 
         return await conn.run_sync(spend)
 
@@ -507,43 +510,41 @@ class SignatureActivation:
     ) -> list[SignatureGrant | GatewayError]:
         """One write transaction for a batch (runs in ``Database.run_write``).
 
-        Each request is checked on its own, against the state its predecessors in the batch
-        left (sequential semantics: two requests spending the last signature of one SAD cannot
-        both pass). A refused request has written nothing (``_check`` only reads), so it fails
-        alone; a failure in a write (``_apply``, which cannot fail after ``_check`` under the
+        Each request is checked on its own, in arrival order, against what its predecessors in
+        the batch spent (``_Spender``: two requests spending the last signature of one SAD
+        cannot both pass). A refused request spends nothing, so it fails alone and is audited
+        as refused; a failure in the writes (which cannot fail after the checks under the
         write lock) or in the audit append aborts the whole transaction, and every request of
-        the batch gets the error. SADs are locked in token-hash order (PostgreSQL row locks:
-        two workers' batches cannot deadlock).
+        the batch gets the error. Statements per batch: BEGIN IMMEDIATE, two reads, two
+        UPDATEs (executemany), three for the audit chain, COMMIT, whatever its size.
         """
-        outcomes: list[SignatureGrant | GatewayError | None] = [None] * len(batch)
-        for i in sorted(range(len(batch)), key=lambda i: batch[i].token):
-            r = batch[i].req
+        spender = _Spender(conn, [p.token for p in batch], (h for p in batch for h in p.req.hashes))
+        outcomes: list[SignatureGrant | GatewayError] = []
+        for p in batch:
+            r = p.req
             try:
-                plan = _check(
-                    conn,
-                    token=batch[i].token,
-                    facility_id=r.facility_id,
-                    credential_id=r.credential_id,
-                    hashes=r.hashes,
-                    algorithm=r.algorithm,
-                    now=r.now,
+                outcomes.append(
+                    spender.check(
+                        token=p.token,
+                        facility_id=r.facility_id,
+                        credential_id=r.credential_id,
+                        hashes=r.hashes,
+                        algorithm=r.algorithm,
+                        now=r.now,
+                    )
                 )
             except GatewayError as e:
                 if e.status >= 500:
                     raise
-                outcomes[i] = e
-                continue
-            try:
-                outcomes[i] = _apply(conn, plan)
-            except GatewayError as e:
-                raise TemporarilyUnavailable(
-                    "signature activation changed during the transaction; retry", retry_after=1
-                ) from e
+                outcomes.append(e)
+        try:
+            spender.write()
+        except GatewayError as e:
+            raise TemporarilyUnavailable(
+                "signature activation changed during the transaction; retry", retry_after=1
+            ) from e
         records: list[AuditRecord] = []
-        done: list[SignatureGrant | GatewayError] = []
         for p, out in zip(batch, outcomes, strict=True):
-            assert out is not None
-            done.append(out)
             r = p.req
             if isinstance(out, SignatureGrant):
                 action, signer_id, detail = r.action, out.signer_id, r.detail(out)
@@ -561,7 +562,7 @@ class SignatureActivation:
                 )
             )
         self.audit.append_many_sync(conn, records)
-        return done
+        return outcomes
 
     async def refund(self, conn: AsyncConnection, *, sad: str, grant: SignatureGrant) -> None:
         """Give back what ``consume`` took when the signature could not be produced."""
@@ -588,13 +589,18 @@ class SignatureActivation:
 
 _sad = sad
 
-#: The SAD with everything ``consume`` checks about its signer, credential and certificate, in
-#: one indexed read (token_hash is unique). FOR UPDATE OF sad on PostgreSQL: the row stays
-#: locked until commit, so the remaining counts read here are the ones the UPDATEs change
-#: (SQLite: BEGIN IMMEDIATE already excludes every other writer; the clause renders empty).
-_CONSUME_QUERY = (
+# Statements of the hot path, built once: with bind parameters only, SQLAlchemy reuses their
+# memoized cache keys and compiled forms instead of rebuilding expressions per request.
+
+#: The SADs with everything ``consume`` checks about their signer, credential and certificate,
+#: in one indexed read (token_hash is unique). FOR UPDATE OF sad on PostgreSQL, in id order (a
+#: fixed lock order: two workers' groups cannot deadlock): the rows stay locked until commit,
+#: so the remaining counts read here are the ones the UPDATEs change. SQLite: BEGIN IMMEDIATE
+#: already excludes every other writer; the clause renders empty.
+_SADS = (
     select(
         _sad.c.id,
+        _sad.c.token_hash,
         _sad.c.facility_id,
         _sad.c.signer_id,
         _sad.c.credential_id,
@@ -619,112 +625,138 @@ _CONSUME_QUERY = (
         )
         .outerjoin(facility, facility.c.id == signer_facility.c.facility_id)
     )
+    .where(_sad.c.token_hash.in_(bindparam("tokens", expanding=True)))
+    .order_by(_sad.c.id)
     .with_for_update(of=_sad)
+)
+#: Remaining counts of the requested hashes (a superset when several SADs are read at once).
+_HASHES_LEFT = select(sad_hash.c.sad_id, sad_hash.c.hash, sad_hash.c.remaining).where(
+    sad_hash.c.sad_id.in_(bindparam("sad_ids", expanding=True)),
+    sad_hash.c.hash.in_(bindparam("hashes", expanding=True)),
+)
+_SPEND_SAD = (
+    update(_sad)
+    .where(_sad.c.id == bindparam("b_id"), _sad.c.remaining >= bindparam("b_n"))
+    .values(remaining=_sad.c.remaining - bindparam("b_n"))
+)
+_SPEND_HASH = (
+    update(sad_hash)
+    .where(
+        sad_hash.c.sad_id == bindparam("b_sad"),
+        sad_hash.c.hash == bindparam("b_hash"),
+        sad_hash.c.remaining >= bindparam("b_k"),
+    )
+    .values(remaining=sad_hash.c.remaining - bindparam("b_k"))
 )
 
 
-@dataclass(frozen=True, kw_only=True)
-class _Plan:
-    """A consumption that ``_check`` found allowed, for ``_apply`` to write."""
+class _Spender:
+    """Consumption of one or more SADs in one transaction: read once, check in Python, write once.
 
-    sad_id: int
-    scal: str
-    grant: SignatureGrant
-    multiset: Counter[bytes]
-
-
-def _check(
-    conn: Connection,
-    *,
-    token: str,
-    facility_id: int,
-    credential_id: str,
-    hashes: Sequence[bytes],
-    algorithm: DigestAlgorithm,
-    now: datetime,
-) -> _Plan:
-    """Read and validate a consumption; writes nothing. Raises the CSC refusal."""
-    if not hashes:
-        raise InvalidRequest("Missing (or invalid type) parameter hashes")
-    row = conn.execute(_CONSUME_QUERY.where(_sad.c.token_hash == token)).one_or_none()
-    if row is None:
-        raise InvalidRequest("Invalid parameter SAD")
-    if row.facility_id != facility_id:
-        raise InvalidRequest("SAD was not issued to this facility")
-    if row.credential_id != credential_id:
-        raise InvalidRequest("SAD is not valid for this credential")
-    if row.expires_at <= now:
-        raise InvalidRequest("SAD expired")
-    if row.scal == "2" and row.hash_algorithm != algorithm.value:
-        raise InvalidRequest("Hash algorithm does not match the SAD")
-    # Invariant 1, read now (never cached): active signer serving the facility, active
-    # credential, certificate valid now.
-    if row.signer_status != "active":
-        raise AccessDenied(f"signer {row.signer_id} is {row.signer_status}")
-    if row.serves_facility is None:
-        raise AccessDenied(f"signer {row.signer_id} does not serve this facility")
-    if row.credential_status != "active" or row.certificate_der is None:
-        raise AccessDenied(f"credential {credential_id} is {row.credential_status}")
-    cert = _certificate(row.certificate_der)
-    if not cert.not_valid_before_utc <= now < cert.not_valid_after_utc:
-        raise AccessDenied(f"the certificate of credential {credential_id} is not valid now")
-    n = len(hashes)
-    if row.remaining < n:
-        raise InvalidRequest("Number of signatures exceeds those authorized by the SAD")
-    multiset = Counter(bytes(h) for h in hashes)
-    if row.scal == "2":
-        rows = conn.execute(
-            select(sad_hash.c.hash, sad_hash.c.remaining).where(
-                sad_hash.c.sad_id == row.id, sad_hash.c.hash.in_(list(multiset))
-            )
-        )
-        left = {bytes(r.hash): int(r.remaining) for r in rows}
-        if any(left.get(h, 0) < k for h, k in multiset.items()):
-            raise InvalidRequest("Hash is not authorized by the SAD")
-    grant = SignatureGrant(
-        facility_id=facility_id,
-        institution_code=str(row.institution_code),
-        signer_id=row.signer_id,
-        credential_id=credential_id,
-        key_id=row.key_id,
-        hashes=tuple(bytes(h) for h in hashes),
-        algorithm=algorithm,
-        scal=row.scal,
-    )
-    return _Plan(sad_id=int(row.id), scal=row.scal, grant=grant, multiset=multiset)
-
-
-def _apply(conn: Connection, plan: _Plan) -> SignatureGrant:
-    """Write a checked consumption: conditional UPDATEs with their row counts verified.
-
-    After ``_check`` in the same transaction the conditions hold (the SAD is locked), so a
-    mismatch means someone changed the rows underneath: refuse rather than over-sign.
+    ``__init__`` reads (and on PostgreSQL locks) every SAD named by ``tokens`` and the counts
+    left of the requested ``hashes`` (two statements whatever the number of requests); ``check``
+    validates one request against what is left after the requests checked before it and
+    records what it spends, or raises the CSC refusal having recorded nothing; ``write`` applies
+    the totals with conditional UPDATEs (``remaining >= spent``) whose row counts are verified,
+    so even a check that was wrong could not make a count negative or over-sign.
     """
-    n = len(plan.grant.hashes)
-    res = conn.execute(
-        update(_sad)
-        .where(_sad.c.id == plan.sad_id, _sad.c.remaining >= n)
-        .values(remaining=_sad.c.remaining - n)
-    )
-    if res.rowcount != 1:
-        raise InvalidRequest("Number of signatures exceeds those authorized by the SAD")
-    if plan.scal == "2":
-        by_count: dict[int, list[bytes]] = {}
-        for h, k in plan.multiset.items():
-            by_count.setdefault(k, []).append(h)
-        for k, group in by_count.items():
-            res = conn.execute(
-                update(sad_hash)
-                .where(
-                    sad_hash.c.sad_id == plan.sad_id,
-                    sad_hash.c.hash.in_(group),
-                    sad_hash.c.remaining >= k,
-                )
-                .values(remaining=sad_hash.c.remaining - k)
-            )
-            if res.rowcount != len(group):
+
+    def __init__(self, conn: Connection, tokens: Sequence[str], hashes: Iterable[bytes]) -> None:
+        self.conn = conn
+        self.rows = {r.token_hash: r for r in conn.execute(_SADS, {"tokens": sorted(set(tokens))})}
+        self.sad_left = {int(r.id): int(r.remaining) for r in self.rows.values()}
+        self.hash_left: dict[tuple[int, bytes], int] = {}
+        bound = sorted(int(r.id) for r in self.rows.values() if r.scal == "2")
+        wanted = sorted({bytes(h) for h in hashes})
+        if bound and wanted:
+            res = conn.execute(_HASHES_LEFT, {"sad_ids": bound, "hashes": wanted})
+            self.hash_left = {(int(r.sad_id), bytes(r.hash)): int(r.remaining) for r in res}
+        self.sad_spent: Counter[int] = Counter()
+        self.hash_spent: Counter[tuple[int, bytes]] = Counter()
+
+    def check(
+        self,
+        *,
+        token: str,
+        facility_id: int,
+        credential_id: str,
+        hashes: Sequence[bytes],
+        algorithm: DigestAlgorithm,
+        now: datetime,
+    ) -> SignatureGrant:
+        if not hashes:
+            raise InvalidRequest("Missing (or invalid type) parameter hashes")
+        row = self.rows.get(token)
+        if row is None:
+            raise InvalidRequest("Invalid parameter SAD")
+        if row.facility_id != facility_id:
+            raise InvalidRequest("SAD was not issued to this facility")
+        if row.credential_id != credential_id:
+            raise InvalidRequest("SAD is not valid for this credential")
+        if row.expires_at <= now:
+            raise InvalidRequest("SAD expired")
+        if row.scal == "2" and row.hash_algorithm != algorithm.value:
+            raise InvalidRequest("Hash algorithm does not match the SAD")
+        # Invariant 1, read in this transaction (never cached): active signer serving the
+        # facility, active credential, certificate valid now.
+        if row.signer_status != "active":
+            raise AccessDenied(f"signer {row.signer_id} is {row.signer_status}")
+        if row.serves_facility is None:
+            raise AccessDenied(f"signer {row.signer_id} does not serve this facility")
+        if row.credential_status != "active" or row.certificate_der is None:
+            raise AccessDenied(f"credential {credential_id} is {row.credential_status}")
+        cert = _certificate(row.certificate_der)
+        if not cert.not_valid_before_utc <= now < cert.not_valid_after_utc:
+            raise AccessDenied(f"the certificate of credential {credential_id} is not valid now")
+        sad_id, n = int(row.id), len(hashes)
+        if self.sad_left[sad_id] - self.sad_spent[sad_id] < n:
+            raise InvalidRequest("Number of signatures exceeds those authorized by the SAD")
+        multiset = Counter((sad_id, bytes(h)) for h in hashes)
+        if row.scal == "2":
+            left = self.hash_left
+            if any(left.get(key, 0) - self.hash_spent[key] < k for key, k in multiset.items()):
                 raise InvalidRequest("Hash is not authorized by the SAD")
-    return plan.grant
+            self.hash_spent.update(multiset)
+        self.sad_spent[sad_id] += n
+        return SignatureGrant(
+            facility_id=facility_id,
+            institution_code=str(row.institution_code),
+            signer_id=row.signer_id,
+            credential_id=credential_id,
+            key_id=row.key_id,
+            hashes=tuple(bytes(h) for h in hashes),
+            algorithm=algorithm,
+            scal=row.scal,
+        )
+
+    def write(self) -> None:
+        _update_checked(
+            self.conn,
+            _SPEND_SAD,
+            [{"b_id": i, "b_n": n} for i, n in sorted(self.sad_spent.items())],
+            "Number of signatures exceeds those authorized by the SAD",
+        )
+        _update_checked(
+            self.conn,
+            _SPEND_HASH,
+            [{"b_sad": i, "b_hash": h, "b_k": k} for (i, h), k in sorted(self.hash_spent.items())],
+            "Hash is not authorized by the SAD",
+        )
+
+
+def _update_checked(
+    conn: Connection, stmt: Any, params: list[dict[str, Any]], refusal: str
+) -> None:
+    """Run a one-row conditional UPDATE per parameter set; refuse unless every one matched."""
+    if not params:
+        return
+    if len(params) > 1 and conn.dialect.supports_sane_multi_rowcount:
+        if conn.execute(stmt, params).rowcount != len(params):
+            raise InvalidRequest(refusal)
+        return
+    for one in params:
+        if conn.execute(stmt, one).rowcount != 1:
+            raise InvalidRequest(refusal)
 
 
 _cert_cache: dict[bytes, x509.Certificate] = {}

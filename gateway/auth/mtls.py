@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
-from sqlalchemy import Connection, select, update
+from sqlalchemy import Connection, bindparam, select, update
 
 from gateway.errors import AccessDenied
 from gateway.facilities import fingerprint
@@ -45,24 +45,28 @@ class ClientIdentity:
         return f"facility:{self.institution_code}"
 
 
-_IDENTITY_QUERY = select(
-    client_certificate.c.id,
-    client_certificate.c.serial_hex,
-    client_certificate.c.status,
-    client_certificate.c.revoke_at,
-    client_certificate.c.revoked_at,
-    client_certificate.c.revocation_reason,
-    client_certificate.c.not_after,
-    client_certificate.c.last_used_at,
-    facility.c.id.label("facility_id"),
-    facility.c.institution_code,
-    facility.c.name.label("facility_name"),
-    facility.c.status.label("facility_status"),
-    facility.c.status_reason.label("facility_reason"),
-    facility.c.status_changed_at.label("facility_changed"),
-    admin.c.name.label("admin_name"),
-    admin.c.status.label("admin_status"),
-).select_from(client_certificate.outerjoin(facility).outerjoin(admin))
+_IDENTITY_QUERY = (
+    select(
+        client_certificate.c.id,
+        client_certificate.c.serial_hex,
+        client_certificate.c.status,
+        client_certificate.c.revoke_at,
+        client_certificate.c.revoked_at,
+        client_certificate.c.revocation_reason,
+        client_certificate.c.not_after,
+        client_certificate.c.last_used_at,
+        facility.c.id.label("facility_id"),
+        facility.c.institution_code,
+        facility.c.name.label("facility_name"),
+        facility.c.status.label("facility_status"),
+        facility.c.status_reason.label("facility_reason"),
+        facility.c.status_changed_at.label("facility_changed"),
+        admin.c.name.label("admin_name"),
+        admin.c.status.label("admin_status"),
+    )
+    .select_from(client_certificate.outerjoin(facility).outerjoin(admin))
+    .where(client_certificate.c.fingerprint_sha256 == bindparam("fp"))
+)
 
 
 def _date(d: datetime | None) -> str:
@@ -75,9 +79,7 @@ async def identify(db: Database, peer_der: bytes, *, now: datetime | None = None
     fp = fingerprint(peer_der)
 
     def read(conn: Connection) -> Any:  # Row | None
-        return conn.execute(
-            _IDENTITY_QUERY.where(client_certificate.c.fingerprint_sha256 == fp)
-        ).one_or_none()
+        return conn.execute(_IDENTITY_QUERY, {"fp": fp}).one_or_none()
 
     row = await db.run_read(read)
     if row is None:
