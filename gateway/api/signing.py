@@ -30,7 +30,7 @@ from gateway.api.schema import CscRequest, parse
 from gateway.auth.activation import SignatureGrant, SignRequest
 from gateway.auth.fido2 import Caller
 from gateway.errors import AccessDenied, GatewayError, InvalidRequest
-from gateway.hsm.api import DigestAlgorithm, KeyHandle
+from gateway.hsm.api import DigestAlgorithm, KeyStore
 
 log = logging.getLogger("gateway.api")
 routes = web.RouteTableDef()
@@ -152,12 +152,16 @@ def _algorithm(req: SignHashRequest) -> DigestAlgorithm:
     return alg
 
 
-async def sign_all(key: KeyHandle, hashes: tuple[bytes, ...], alg: DigestAlgorithm) -> list[bytes]:
-    """One hop to the PKCS#11 thread for the whole batch when the key store offers it."""
-    batch = getattr(key, "sign_digests", None)
-    if batch is not None:
-        result: list[bytes] = await batch(list(hashes), alg)
+async def sign_all(
+    keystore: KeyStore, key_id: str, hashes: tuple[bytes, ...], alg: DigestAlgorithm
+) -> list[bytes]:
+    """Key lookup + the whole batch in one hop to the PKCS#11 thread when the key store offers
+    it (``Pkcs11KeyStore.sign_digests``); otherwise ``get_key`` and one call per digest."""
+    direct = getattr(keystore, "sign_digests", None)
+    if direct is not None:
+        result: list[bytes] = await direct(key_id, hashes, alg)
         return result
+    key = await keystore.get_key(key_id)
     return [await key.sign_digest(h, alg) for h in hashes]
 
 
@@ -208,8 +212,7 @@ async def sign_hash(request: web.Request) -> web.Response:
         )
     )
     try:
-        key = await app[KEYSTORE].get_key(grant.key_id)
-        signatures = await sign_all(key, grant.hashes, grant.algorithm)
+        signatures = await sign_all(app[KEYSTORE], grant.key_id, grant.hashes, grant.algorithm)
     except (GatewayError, ValueError) as e:
         # Nothing was returned to the client: give the count back, record the failure.
         async with app[DB].write() as conn:

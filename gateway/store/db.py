@@ -22,20 +22,22 @@ its SQL are the same on both backends.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import threading
 from collections.abc import AsyncIterator, Callable, Hashable
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from pathlib import Path
+from queue import SimpleQueue
 from typing import Any, TypeVar
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import Connection, Engine, create_engine, event, make_url
+from sqlalchemy import URL, Connection, Engine, create_engine, event, make_url
 from sqlalchemy.engine.interfaces import DBAPIConnection
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
-from sqlalchemy.pool import ConnectionPoolEntry
+from sqlalchemy.pool import ConnectionPoolEntry, NullPool
 
 from gateway.errors import TemporarilyUnavailable
 
@@ -64,6 +66,96 @@ def _sqlite_hooks(engine: Engine) -> None:
         conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
 
 
+class _SyncSqlite:
+    """A synchronous SQLite connection owned by one dedicated thread (sqlite3 connections belong
+    to the thread that opened them), running a whole transaction per hop.
+
+    The connection stays open between transactions (no pool checkout per hop) and holds no
+    transaction between them (no WAL snapshot is kept). Jobs reach the thread through a queue
+    and come back with ``call_soon_threadsafe``: lighter than an executor round trip.
+    """
+
+    def __init__(self, url: URL, *, echo: bool, write: bool) -> None:
+        engine = create_engine(url, echo=echo, poolclass=NullPool)
+        _sqlite_hooks(engine)
+        self._engine = engine
+        self._write = write
+        self._bound = engine.execution_options(**{_WRITE: True}) if write else engine
+        self._jobs: SimpleQueue[_Job | None] = SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._conn: Connection | None = None  # touched on the thread only
+
+    async def run(self, fn: Callable[[Connection], _T]) -> _T:
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[_T] = loop.create_future()
+        if self._thread is None:
+            name = "sqlite-write" if self._write else "sqlite-read"
+            self._thread = threading.Thread(target=self._serve, name=name, daemon=True)
+            self._thread.start()
+        self._jobs.put((loop, future, fn))
+        try:
+            return await future
+        except OperationalError as e:
+            raise TemporarilyUnavailable("database unavailable", retry_after=2) from e
+
+    async def close(self) -> None:
+        thread, self._thread = self._thread, None
+        if thread is not None:
+            self._jobs.put(None)
+            await asyncio.get_running_loop().run_in_executor(None, thread.join)
+
+    def _serve(self) -> None:
+        while True:
+            job = self._jobs.get()
+            if job is None:
+                break
+            loop, future, fn = job
+            try:
+                result, error = self._txn(fn), None
+            except BaseException as e:  # noqa: BLE001 - delivered to the caller
+                result, error = None, e
+            with contextlib.suppress(RuntimeError):  # the caller's loop is closed
+                loop.call_soon_threadsafe(_settle, future, result, error)
+        if self._conn is not None:
+            with contextlib.suppress(Exception):
+                self._conn.close()
+            self._conn = None
+        self._engine.dispose()
+
+    def _txn(self, fn: Callable[[Connection], _T]) -> _T:
+        conn = self._conn
+        if conn is None:
+            conn = self._conn = self._bound.connect()
+        try:
+            if self._write:
+                with conn.begin():
+                    return fn(conn)  # committed if fn returns, rolled back if it raises
+            trans = conn.begin()
+            try:
+                return fn(conn)
+            finally:
+                trans.rollback()  # a read commits nothing
+        except BaseException:
+            if conn.in_transaction() or conn.invalidated:
+                # The rollback itself failed: start over with a fresh connection.
+                self._conn = None
+                with contextlib.suppress(Exception):
+                    conn.close()
+            raise
+
+
+_Job = tuple[asyncio.AbstractEventLoop, "asyncio.Future[Any]", Callable[[Connection], Any]]
+
+
+def _settle(future: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
+    if future.done():  # the caller went away
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(result)
+
+
 class Database:
     """The store: one async engine, read and write transactions, migrations."""
 
@@ -78,17 +170,17 @@ class Database:
         else:
             kwargs.update(pool_pre_ping=True, pool_size=5, max_overflow=5)
         self.engine: AsyncEngine = create_async_engine(url, **kwargs)
-        # The SQLite file again, through plain sqlite3 on one dedicated thread (run_read/_write).
-        self._sync_engine: Engine | None = None
-        self._sync_write_engine: Engine | None = None
-        self._sync_thread: ThreadPoolExecutor | None = None
+        # The SQLite file again, through plain sqlite3 (run_read / run_write): a thread for
+        # reads and one for writes, so a read (the identity of every request) never queues
+        # behind a write transaction (WAL: readers and the writer do not block each other).
+        self._sync_read: _SyncSqlite | None = None
+        self._sync_write: _SyncSqlite | None = None
         if self.is_sqlite:
             _sqlite_hooks(self.engine.sync_engine)
             sync_url = make_url(url).set(drivername="sqlite")
             if sync_url.database and sync_url.database != ":memory:":
-                self._sync_engine = create_engine(sync_url, echo=echo)
-                _sqlite_hooks(self._sync_engine)
-                self._sync_write_engine = self._sync_engine.execution_options(**{_WRITE: True})
+                self._sync_read = _SyncSqlite(sync_url, echo=echo, write=False)
+                self._sync_write = _SyncSqlite(sync_url, echo=echo, write=True)
         self._write_engine = self.engine.execution_options(**{_WRITE: True})
         self._write_lock = asyncio.Lock() if self.is_sqlite else None
         self._background: dict[Hashable, asyncio.Task[None]] = {}
@@ -97,11 +189,9 @@ class Database:
         if self._background:
             await asyncio.gather(*self._background.values(), return_exceptions=True)
         await self.engine.dispose()
-        thread, self._sync_thread = self._sync_thread, None
-        if thread is not None and self._sync_engine is not None:
-            # sqlite3 connections may only be closed on the thread that opened them.
-            await asyncio.get_running_loop().run_in_executor(thread, self._sync_engine.dispose)
-            thread.shutdown(wait=False)
+        for sync in (self._sync_read, self._sync_write):
+            if sync is not None:
+                await sync.close()
 
     @asynccontextmanager
     async def read(self) -> AsyncIterator[AsyncConnection]:
@@ -134,21 +224,21 @@ class Database:
 
         ``fn`` must only use the connection it is given, and must not block on anything else.
         """
-        if self._sync_engine is None:
+        if self._sync_read is None:
             async with self.read() as conn:
                 return await conn.run_sync(fn)
-        return await self._in_sync_thread(self._sync_engine, fn, commit=False)
+        return await self._sync_read.run(fn)
 
     async def run_write(self, fn: Callable[[Connection], _T]) -> _T:
         """``fn(conn)`` in one write transaction: committed if it returns, rolled back if it
         raises. Same locking as ``write()``: the in-process lock and ``BEGIN IMMEDIATE`` on
         SQLite, row locks on PostgreSQL."""
-        if self._sync_write_engine is None:
+        if self._sync_write is None:
             async with self.write() as conn:
                 return await conn.run_sync(fn)
         assert self._write_lock is not None
         async with self._write_lock:
-            return await self._in_sync_thread(self._sync_write_engine, fn, commit=True)
+            return await self._sync_write.run(fn)
 
     def write_later(self, key: Hashable, fn: Callable[[Connection], object]) -> None:
         """``run_write(fn)`` in the background, for bookkeeping no response depends on (e.g. a
@@ -166,24 +256,6 @@ class Database:
                 self._background.pop(key, None)
 
         self._background[key] = asyncio.get_running_loop().create_task(run())
-
-    async def _in_sync_thread(
-        self, engine: Engine, fn: Callable[[Connection], _T], *, commit: bool
-    ) -> _T:
-        if self._sync_thread is None:
-            self._sync_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite")
-
-        def txn() -> _T:
-            if commit:
-                with engine.begin() as conn:
-                    return fn(conn)
-            with engine.connect() as conn:
-                return fn(conn)  # rolled back on close: a read commits nothing
-
-        try:
-            return await asyncio.get_running_loop().run_in_executor(self._sync_thread, txn)
-        except OperationalError as e:
-            raise TemporarilyUnavailable("database unavailable", retry_after=2) from e
 
     async def migrate(self) -> None:
         """Bring the schema to the newest Alembic revision (idempotent)."""
