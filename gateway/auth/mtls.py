@@ -10,6 +10,9 @@ written in the background (``Database.write_later``), never on the request's pat
 
 from __future__ import annotations
 
+import asyncio
+import functools
+import weakref
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
@@ -48,6 +51,7 @@ class ClientIdentity:
 _IDENTITY_QUERY = (
     select(
         client_certificate.c.id,
+        client_certificate.c.fingerprint_sha256,
         client_certificate.c.serial_hex,
         client_certificate.c.status,
         client_certificate.c.revoke_at,
@@ -65,8 +69,62 @@ _IDENTITY_QUERY = (
         admin.c.status.label("admin_status"),
     )
     .select_from(client_certificate.outerjoin(facility).outerjoin(admin))
-    .where(client_certificate.c.fingerprint_sha256 == bindparam("fp"))
+    .where(client_certificate.c.fingerprint_sha256.in_(bindparam("fps", expanding=True)))
 )
+
+
+class _IdentityReader:
+    """Shares one identity read among the requests waiting for it (per Database).
+
+    A request's fingerprint waits for the next read; a read takes every fingerprint waiting
+    when it starts, and starts (on the database thread) after all of them arrived. So every
+    request still sees the store as committed after it asked: nothing is cached, a revocation
+    committed before a request's ``identify`` is always seen. Under load one SELECT (one hop)
+    serves every request that arrived while the previous read was running.
+    """
+
+    def __init__(self, db: Database) -> None:
+        self.db = db
+        self.waiting: dict[str, list[asyncio.Future[Any]]] = {}
+        self.task: asyncio.Task[None] | None = None
+
+    async def read(self, fp: str) -> Any:  # Row | None
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Any] = loop.create_future()
+        self.waiting.setdefault(fp, []).append(future)
+        if self.task is None or self.task.done():
+            self.task = loop.create_task(self._drain())
+        return await future
+
+    async def _drain(self) -> None:
+        while self.waiting:
+            batch, self.waiting = self.waiting, {}
+            try:
+                rows = await self.db.run_read(functools.partial(_read_identities, sorted(batch)))
+            except Exception as e:  # noqa: BLE001 - every waiting request gets the error
+                for futures in batch.values():
+                    for f in futures:
+                        if not f.done():
+                            f.set_exception(e)
+                continue
+            for fp, futures in batch.items():
+                for f in futures:
+                    if not f.done():
+                        f.set_result(rows.get(fp))
+
+
+def _read_identities(fps: list[str], conn: Connection) -> dict[str, Any]:
+    return {r.fingerprint_sha256: r for r in conn.execute(_IDENTITY_QUERY, {"fps": fps})}
+
+
+_readers: weakref.WeakKeyDictionary[Database, _IdentityReader] = weakref.WeakKeyDictionary()
+
+
+def _reader(db: Database) -> _IdentityReader:
+    reader = _readers.get(db)
+    if reader is None:
+        reader = _readers[db] = _IdentityReader(db)
+    return reader
 
 
 def _date(d: datetime | None) -> str:
@@ -78,10 +136,7 @@ async def identify(db: Database, peer_der: bytes, *, now: datetime | None = None
     now = now or datetime.now(UTC)
     fp = fingerprint(peer_der)
 
-    def read(conn: Connection) -> Any:  # Row | None
-        return conn.execute(_IDENTITY_QUERY, {"fp": fp}).one_or_none()
-
-    row = await db.run_read(read)
+    row = await _reader(db).read(fp)
     if row is None:
         raise AccessDenied(f"client certificate (SHA-256 {fp}) is not registered with this gateway")
     serial = row.serial_hex
