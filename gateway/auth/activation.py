@@ -515,8 +515,9 @@ class SignatureActivation:
         cannot both pass). A refused request spends nothing, so it fails alone and is audited
         as refused; a failure in the writes (which cannot fail after the checks under the
         write lock) or in the audit append aborts the whole transaction, and every request of
-        the batch gets the error. Statements per batch: BEGIN IMMEDIATE, two reads, two
-        UPDATEs (executemany), three for the audit chain, COMMIT, whatever its size.
+        the batch gets the error. Statements per batch on SQLite: BEGIN IMMEDIATE, two reads,
+        two UPDATEs (executemany; one per row where the driver reports no executemany row
+        count, e.g. asyncpg), three for the audit chain, COMMIT, whatever its size.
         """
         spender = _Spender(conn, [p.token for p in batch], (h for p in batch for h in p.req.hashes))
         outcomes: list[SignatureGrant | GatewayError] = []
