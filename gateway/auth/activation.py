@@ -68,6 +68,7 @@ from typing import Any
 
 from cryptography import x509
 from sqlalchemy import Connection, bindparam, insert, select, update
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from gateway.audit import AuditLog, AuditRecord
@@ -115,7 +116,8 @@ class SignRequest:
     The consumption is ``consume(sad=..., facility_id=..., credential_id=..., hashes=...,
     algorithm=..., now=...)``; on success the event ``action`` (actor, facility_code, the
     grant's signer, ``detail(grant)``) is appended, on refusal ``refused_action`` with
-    ``{"reason": <the CSC text>, **refused_detail}``; both stamped ``now``.
+    ``{"reason": <the CSC text>, **refused_detail}``; both stamped ``now``. ``detail`` runs on
+    the database thread inside the transaction: it must be a quick, pure function of the grant.
     """
 
     sad: str
@@ -507,7 +509,7 @@ class SignatureActivation:
 
     def _run_group(
         self, conn: Connection, *, batch: Sequence[_Pending]
-    ) -> list[SignatureGrant | GatewayError]:
+    ) -> list[SignatureGrant | Exception]:
         """One write transaction for a batch (runs in ``Database.run_write``).
 
         Each request is checked on its own, in arrival order, against what its predecessors in
@@ -520,7 +522,7 @@ class SignatureActivation:
         count, e.g. asyncpg), three for the audit chain, COMMIT, whatever its size.
         """
         spender = _Spender(conn, [p.token for p in batch], (h for p in batch for h in p.req.hashes))
-        outcomes: list[SignatureGrant | GatewayError] = []
+        outcomes: list[SignatureGrant | Exception] = []
         for p in batch:
             r = p.req
             try:
@@ -538,6 +540,10 @@ class SignatureActivation:
                 if e.status >= 500:
                     raise
                 outcomes.append(e)
+            except DBAPIError:
+                raise  # the transaction may be unusable: the whole batch fails
+            except Exception as e:  # noqa: BLE001 - e.g. an unparsable certificate: this
+                outcomes.append(e)  # request fails (500, not audited, as before), not the batch
         try:
             spender.write()
         except GatewayError as e:
@@ -549,9 +555,11 @@ class SignatureActivation:
             r = p.req
             if isinstance(out, SignatureGrant):
                 action, signer_id, detail = r.action, out.signer_id, r.detail(out)
-            else:
+            elif isinstance(out, GatewayError):
                 action, signer_id = r.refused_action, None
                 detail = {"reason": out.description, **r.refused_detail}
+            else:
+                continue
             records.append(
                 AuditRecord(
                     action=action,

@@ -217,11 +217,11 @@ async def _signing_world(db: Database, *, sads: int, hashes: list[bytes]) -> tup
     return fid, tokens
 
 
-def _sign_request(token: str, fid: int, h: bytes) -> SignRequest:
+def _sign_request(token: str, fid: int, h: bytes, credential_id: str = "cred-1") -> SignRequest:
     return SignRequest(
         sad=token,
         facility_id=fid,
-        credential_id="cred-1",
+        credential_id=credential_id,
         hashes=[h],
         algorithm=DigestAlgorithm.SHA256,
         now=datetime.now(UTC),
@@ -299,6 +299,72 @@ def test_grouped_consumption_checks_each_request_and_audits_each(url: str) -> No
                         algorithm=reqs[0].algorithm,
                         now=datetime.now(UTC),
                     )
+        finally:
+            await db.close()
+
+    asyncio.run(go())
+
+
+def test_grouped_consumption_an_unexpected_error_fails_only_its_request(url: str) -> None:
+    """A credential whose stored certificate cannot be parsed breaks its own request (a 500, as
+    before grouping), not the other requests of its group."""
+    from sqlalchemy import insert, select
+
+    from gateway.store.schema import credential, sad, sad_hash
+
+    h = bytes([7]) * 32
+
+    async def go() -> None:
+        db = await _fresh(url)
+        act = _activation(db, AuditLog())
+        try:
+            fid, (good,) = await _signing_world(db, sads=1, hashes=[h])
+            now = datetime.now(UTC)
+            async with db.write() as conn:
+                await conn.execute(
+                    insert(credential).values(
+                        id="cred-bad",
+                        signer_id="sgn-1",
+                        key_id="11" * 16,
+                        key_bits=2048,
+                        status="active",
+                        certificate_der=b"not a certificate",
+                        created_at=now,
+                        updated_at=now,
+                    )
+                )
+                row = (
+                    await conn.execute(select(sad).where(sad.c.token_hash == token_hash(good)))
+                ).one()
+                res = await conn.execute(
+                    insert(sad).values(
+                        token_hash=token_hash("bad-sad"),
+                        facility_id=fid,
+                        signer_id="sgn-1",
+                        credential_id="cred-bad",
+                        hash_algorithm=row.hash_algorithm,
+                        scal="2",
+                        num_signatures=1,
+                        remaining=1,
+                        created_at=now,
+                        expires_at=row.expires_at,
+                    )
+                )
+                await conn.execute(
+                    insert(sad_hash).values(
+                        sad_id=res.inserted_primary_key[0],  # type: ignore[index]
+                        hash=h,
+                        authorized=1,
+                        remaining=1,
+                    )
+                )
+            ok, broken = await asyncio.gather(
+                act.consume_and_audit(_sign_request(good, fid, h)),
+                act.consume_and_audit(_sign_request("bad-sad", fid, h, "cred-bad")),
+                return_exceptions=True,
+            )
+            assert not isinstance(ok, BaseException) and ok.hashes == (h,)
+            assert isinstance(broken, ValueError), broken
         finally:
             await db.close()
 
