@@ -8,6 +8,11 @@ SQLite's ``BEGIN IMMEDIATE`` write lock, PostgreSQL's row lock.
 Hash of event n: ``H(prev_hash || canonical JSON of the event fields)`` where H is SHA-256, or
 HMAC-SHA-256 under ``audit.hmac_key_file`` when configured. ``verify`` walks the chain and
 reports the first gap in the sequence, broken link, modified row or truncated tail.
+
+``append_many`` (and its synchronous twin ``append_many_sync``, for ``Database.run_write``)
+appends several events with the head moved once: one UPDATE ... RETURNING reserves ``n`` sequence
+numbers, one multi-row INSERT, one UPDATE of the head hash, whatever ``n`` is. The chain is the
+same as ``n`` single appends: event k links to event k-1.
 """
 
 from __future__ import annotations
@@ -15,12 +20,12 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import insert, select, update
+from sqlalchemy import Connection, bindparam, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from gateway.store.schema import audit_event, audit_head
@@ -39,6 +44,18 @@ class AuditEvent:
     detail: str  # canonical JSON text
     prev_hash: str
     hash: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class AuditRecord:
+    """An event to append: what ``AuditLog.append`` takes, as a value (for ``append_many``)."""
+
+    action: str
+    actor: str
+    facility_code: str | None = None
+    signer_id: str | None = None
+    detail: Mapping[str, Any] | None = None
+    now: datetime | None = None
 
 
 def _canonical(detail: Mapping[str, Any]) -> str:
@@ -68,6 +85,17 @@ def event_hash(
     return hashlib.sha256(msg).hexdigest()
 
 
+# Built once (bind parameters only): SQLAlchemy reuses their cache keys and compiled forms.
+_RESERVE = (
+    update(audit_head)
+    .where(audit_head.c.id == 1)
+    .values(seq=audit_head.c.seq + bindparam("n"))
+    .returning(audit_head.c.seq, audit_head.c.hash)
+)
+_INSERT = insert(audit_event)
+_ADVANCE = update(audit_head).where(audit_head.c.id == 1).values(hash=bindparam("h"))
+
+
 class AuditLog:
     """Writes and verifies the chain; holds the optional HMAC key."""
 
@@ -86,42 +114,65 @@ class AuditLog:
         now: datetime | None = None,
     ) -> AuditEvent:
         """Append one event in the caller's transaction; never logs secrets (callers' duty)."""
-        row = (
-            await conn.execute(
-                update(audit_head)
-                .where(audit_head.c.id == 1)
-                .values(seq=audit_head.c.seq + 1)
-                .returning(audit_head.c.seq, audit_head.c.hash)
+        record = AuditRecord(
+            action=action,
+            actor=actor,
+            facility_code=facility_code,
+            signer_id=signer_id,
+            detail=detail,
+            now=now,
+        )
+        return (await self.append_many(conn, [record]))[0]
+
+    async def append_many(
+        self, conn: AsyncConnection, records: Sequence[AuditRecord]
+    ) -> list[AuditEvent]:
+        """Append ``records`` in order, in the caller's transaction, moving the head once."""
+        return await conn.run_sync(self.append_many_sync, records)
+
+    def append_many_sync(
+        self, conn: Connection, records: Sequence[AuditRecord]
+    ) -> list[AuditEvent]:
+        """``append_many`` on a synchronous connection (inside ``Database.run_write``)."""
+        if not records:
+            return []
+        n = len(records)
+        row = conn.execute(_RESERVE, {"n": n}).one()
+        seq, prev_hash = int(row.seq) - n, str(row.hash)
+        events: list[AuditEvent] = []
+        wall = datetime.now(UTC)
+        for rec in records:
+            seq += 1
+            ts = (rec.now or wall).astimezone(UTC).isoformat(timespec="microseconds")
+            detail_text = _canonical(rec.detail or {})
+            h = event_hash(
+                key=self._key,
+                seq=seq,
+                ts=ts,
+                actor=rec.actor,
+                facility_code=rec.facility_code,
+                signer_id=rec.signer_id,
+                action=rec.action,
+                detail=detail_text,
+                prev_hash=prev_hash,
             )
-        ).one()
-        seq, prev_hash = int(row.seq), str(row.hash)
-        ts = (now or datetime.now(UTC)).astimezone(UTC).isoformat(timespec="microseconds")
-        detail_text = _canonical(detail or {})
-        h = event_hash(
-            key=self._key,
-            seq=seq,
-            ts=ts,
-            actor=actor,
-            facility_code=facility_code,
-            signer_id=signer_id,
-            action=action,
-            detail=detail_text,
-            prev_hash=prev_hash,
-        )
-        ev = AuditEvent(
-            seq=seq,
-            ts=ts,
-            actor=actor,
-            facility_code=facility_code,
-            signer_id=signer_id,
-            action=action,
-            detail=detail_text,
-            prev_hash=prev_hash,
-            hash=h,
-        )
-        await conn.execute(insert(audit_event).values(**asdict(ev)))
-        await conn.execute(update(audit_head).where(audit_head.c.id == 1).values(hash=h))
-        return ev
+            events.append(
+                AuditEvent(
+                    seq=seq,
+                    ts=ts,
+                    actor=rec.actor,
+                    facility_code=rec.facility_code,
+                    signer_id=rec.signer_id,
+                    action=rec.action,
+                    detail=detail_text,
+                    prev_hash=prev_hash,
+                    hash=h,
+                )
+            )
+            prev_hash = h
+        conn.execute(_INSERT, [asdict(ev) for ev in events])
+        conn.execute(_ADVANCE, {"h": prev_hash})
+        return events
 
     async def verify(self, conn: AsyncConnection) -> AuditReport:
         """Walk the whole chain; stop at the first problem."""

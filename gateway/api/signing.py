@@ -3,7 +3,9 @@
 signHash accepts the v2 field names (``hashes``, ``hashAlgorithmOID``) and the CSC v1 names that
 pyHanko's ``CSCSigner`` sends (``hash``, ``hashAlgo``); ``signAlgo`` is the same in both.
 Every attempt is audited: a signature in the same transaction that consumes the SAD (committed
-before the HSM signs, hence before the response), a refusal in its own transaction. The SAD is
+before the HSM signs, hence before the response; concurrent signHash requests share one such
+transaction, see ``SignatureActivation.consume_and_audit``), a refusal of bad input in its own
+transaction, a refusal of the SAD in the transaction of its group. The SAD is
 never logged or audited.
 """
 
@@ -25,10 +27,10 @@ from gateway.api.auth import (
 )
 from gateway.api.keys import ACTIVATION, AUDIT, CLOCK, DB, KEYSTORE, SETTINGS
 from gateway.api.schema import CscRequest, parse
-from gateway.auth.activation import SignatureGrant
+from gateway.auth.activation import SignatureGrant, SignRequest
 from gateway.auth.fido2 import Caller
 from gateway.errors import AccessDenied, GatewayError, InvalidRequest
-from gateway.hsm.api import DigestAlgorithm, KeyHandle
+from gateway.hsm.api import DigestAlgorithm, KeyStore
 
 log = logging.getLogger("gateway.api")
 routes = web.RouteTableDef()
@@ -150,12 +152,16 @@ def _algorithm(req: SignHashRequest) -> DigestAlgorithm:
     return alg
 
 
-async def sign_all(key: KeyHandle, hashes: tuple[bytes, ...], alg: DigestAlgorithm) -> list[bytes]:
-    """One hop to the PKCS#11 thread for the whole batch when the key store offers it."""
-    batch = getattr(key, "sign_digests", None)
-    if batch is not None:
-        result: list[bytes] = await batch(list(hashes), alg)
+async def sign_all(
+    keystore: KeyStore, key_id: str, hashes: tuple[bytes, ...], alg: DigestAlgorithm
+) -> list[bytes]:
+    """Key lookup + the whole batch in one hop to the PKCS#11 thread when the key store offers
+    it (``Pkcs11KeyStore.sign_digests``); otherwise ``get_key`` and one call per digest."""
+    direct = getattr(keystore, "sign_digests", None)
+    if direct is not None:
+        result: list[bytes] = await direct(key_id, hashes, alg)
         return result
+    key = await keystore.get_key(key_id)
     return [await key.sign_digest(h, alg) for h in hashes]
 
 
@@ -178,26 +184,6 @@ async def sign_hash(request: web.Request) -> web.Response:
         hashes = decode_hashes(raw, field="hashes", max_count=limit)
         alg = _algorithm(req)
         check_lengths(hashes, alg, field="hashes")
-        now = app[CLOCK]()
-        async with app[DB].write() as conn:
-            grant = await app[ACTIVATION].consume(
-                conn,
-                sad=req.SAD,
-                facility_id=caller.facility_id,
-                credential_id=req.credentialID,
-                hashes=hashes,
-                algorithm=alg,
-                now=now,
-            )
-            await app[AUDIT].append(
-                conn,
-                action="signature.sign_hash",
-                actor=caller.actor,
-                facility_code=caller.institution_code,
-                signer_id=grant.signer_id,
-                detail=_detail(grant),
-                now=now,
-            )
     except GatewayError as e:
         if e.status < 500:
             await refused(
@@ -208,9 +194,25 @@ async def sign_hash(request: web.Request) -> web.Response:
                 detail={"credential": credential_id, "hashes_in_request": count},
             )
         raise
+    # Consumption + audit event (or the refusal's event) grouped with concurrent requests into
+    # one committed write transaction, before anything is signed.
+    grant = await app[ACTIVATION].consume_and_audit(
+        SignRequest(
+            sad=req.SAD,
+            facility_id=caller.facility_id,
+            credential_id=req.credentialID,
+            hashes=hashes,
+            algorithm=alg,
+            now=app[CLOCK](),
+            actor=caller.actor,
+            facility_code=caller.institution_code,
+            action="signature.sign_hash",
+            detail=_detail,
+            refused_detail={"credential": credential_id, "hashes_in_request": count},
+        )
+    )
     try:
-        key = await app[KEYSTORE].get_key(grant.key_id)
-        signatures = await sign_all(key, grant.hashes, grant.algorithm)
+        signatures = await sign_all(app[KEYSTORE], grant.key_id, grant.hashes, grant.algorithm)
     except (GatewayError, ValueError) as e:
         # Nothing was returned to the client: give the count back, record the failure.
         async with app[DB].write() as conn:

@@ -2,16 +2,22 @@
 
 The TLS layer has already checked the chain to the client CA bundle and the validity period.
 Here the certificate's SHA-256 fingerprint must be registered, not revoked, and its owner
-active. The store is read on every call, so a revocation or suspension is immediate.
+active. The store is read on every call, so a revocation or suspension is immediate: one
+indexed SELECT (``fingerprint_sha256`` is unique) in one hop to the database thread
+(``Database.run_read``). The ``last_used_at`` refresh (at most once a minute per certificate) is
+written in the background (``Database.write_later``), never on the request's path.
 """
 
 from __future__ import annotations
 
+import asyncio
+import functools
+import weakref
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Literal
+from typing import Any, Literal
 
-from sqlalchemy import select, update
+from sqlalchemy import Connection, bindparam, select, update
 
 from gateway.errors import AccessDenied
 from gateway.facilities import fingerprint
@@ -42,6 +48,85 @@ class ClientIdentity:
         return f"facility:{self.institution_code}"
 
 
+_IDENTITY_QUERY = (
+    select(
+        client_certificate.c.id,
+        client_certificate.c.fingerprint_sha256,
+        client_certificate.c.serial_hex,
+        client_certificate.c.status,
+        client_certificate.c.revoke_at,
+        client_certificate.c.revoked_at,
+        client_certificate.c.revocation_reason,
+        client_certificate.c.not_after,
+        client_certificate.c.last_used_at,
+        facility.c.id.label("facility_id"),
+        facility.c.institution_code,
+        facility.c.name.label("facility_name"),
+        facility.c.status.label("facility_status"),
+        facility.c.status_reason.label("facility_reason"),
+        facility.c.status_changed_at.label("facility_changed"),
+        admin.c.name.label("admin_name"),
+        admin.c.status.label("admin_status"),
+    )
+    .select_from(client_certificate.outerjoin(facility).outerjoin(admin))
+    .where(client_certificate.c.fingerprint_sha256.in_(bindparam("fps", expanding=True)))
+)
+
+
+class _IdentityReader:
+    """Shares one identity read among the requests waiting for it (per Database).
+
+    A request's fingerprint waits for the next read; a read takes every fingerprint waiting
+    when it starts, and starts (on the database thread) after all of them arrived. So every
+    request still sees the store as committed after it asked: nothing is cached, a revocation
+    committed before a request's ``identify`` is always seen. Under load one SELECT (one hop)
+    serves every request that arrived while the previous read was running.
+    """
+
+    def __init__(self, db: Database) -> None:
+        self.db = db
+        self.waiting: dict[str, list[asyncio.Future[Any]]] = {}
+        self.task: asyncio.Task[None] | None = None
+
+    async def read(self, fp: str) -> Any:  # Row | None
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Any] = loop.create_future()
+        self.waiting.setdefault(fp, []).append(future)
+        if self.task is None or self.task.done():
+            self.task = loop.create_task(self._drain())
+        return await future
+
+    async def _drain(self) -> None:
+        while self.waiting:
+            batch, self.waiting = self.waiting, {}
+            try:
+                rows = await self.db.run_read(functools.partial(_read_identities, sorted(batch)))
+            except Exception as e:  # noqa: BLE001 - every waiting request gets the error
+                for futures in batch.values():
+                    for f in futures:
+                        if not f.done():
+                            f.set_exception(e)
+                continue
+            for fp, futures in batch.items():
+                for f in futures:
+                    if not f.done():
+                        f.set_result(rows.get(fp))
+
+
+def _read_identities(fps: list[str], conn: Connection) -> dict[str, Any]:
+    return {r.fingerprint_sha256: r for r in conn.execute(_IDENTITY_QUERY, {"fps": fps})}
+
+
+_readers: weakref.WeakKeyDictionary[Database, _IdentityReader] = weakref.WeakKeyDictionary()
+
+
+def _reader(db: Database) -> _IdentityReader:
+    reader = _readers.get(db)
+    if reader is None:
+        reader = _readers[db] = _IdentityReader(db)
+    return reader
+
+
 def _date(d: datetime | None) -> str:
     return d.astimezone(UTC).isoformat(timespec="seconds") if d else "an unknown date"
 
@@ -50,31 +135,8 @@ async def identify(db: Database, peer_der: bytes, *, now: datetime | None = None
     """Map the peer certificate to an active client, or raise AccessDenied saying why not."""
     now = now or datetime.now(UTC)
     fp = fingerprint(peer_der)
-    async with db.read() as conn:
-        row = (
-            await conn.execute(
-                select(
-                    client_certificate.c.id,
-                    client_certificate.c.serial_hex,
-                    client_certificate.c.status,
-                    client_certificate.c.revoke_at,
-                    client_certificate.c.revoked_at,
-                    client_certificate.c.revocation_reason,
-                    client_certificate.c.not_after,
-                    client_certificate.c.last_used_at,
-                    facility.c.id.label("facility_id"),
-                    facility.c.institution_code,
-                    facility.c.name.label("facility_name"),
-                    facility.c.status.label("facility_status"),
-                    facility.c.status_reason.label("facility_reason"),
-                    facility.c.status_changed_at.label("facility_changed"),
-                    admin.c.name.label("admin_name"),
-                    admin.c.status.label("admin_status"),
-                )
-                .select_from(client_certificate.outerjoin(facility).outerjoin(admin))
-                .where(client_certificate.c.fingerprint_sha256 == fp)
-            )
-        ).one_or_none()
+
+    row = await _reader(db).read(fp)
     if row is None:
         raise AccessDenied(f"client certificate (SHA-256 {fp}) is not registered with this gateway")
     serial = row.serial_hex
@@ -118,10 +180,14 @@ async def identify(db: Database, peer_der: bytes, *, now: datetime | None = None
     else:  # pragma: no cover - the schema requires one owner; refuse rather than guess
         raise AccessDenied(f"client certificate {serial} has no owner")
     if row.last_used_at is None or now - row.last_used_at >= LAST_USED_RESOLUTION:
-        async with db.write() as conn:
-            await conn.execute(
+        cert_id = int(row.id)
+
+        def touch(conn: Connection) -> None:
+            conn.execute(
                 update(client_certificate)
-                .where(client_certificate.c.id == row.id)
+                .where(client_certificate.c.id == cert_id)
                 .values(last_used_at=now)
             )
+
+        db.write_later(("client_certificate.last_used_at", cert_id), touch)
     return ident

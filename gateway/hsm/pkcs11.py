@@ -25,6 +25,7 @@ and reconnects (re-initialising the module) at most once per ``reconnect_interva
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import functools
 import logging
@@ -32,6 +33,7 @@ import os
 import secrets
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -228,6 +230,34 @@ def _spki_der(modulus: bytes, exponent: bytes) -> bytes:
     )
 
 
+#: Jobs one work item of ``Pkcs11KeyStore.sign_digests`` signs before yielding the thread.
+SIGN_WORKER_MAX_JOBS = 64
+
+
+@dataclass(frozen=True, kw_only=True)
+class _SignJob:
+    key_id: str
+    data: list[bytes]
+    loop: asyncio.AbstractEventLoop
+    future: asyncio.Future[list[bytes]]
+    context: contextvars.Context
+
+    def settle(self, result: list[bytes] | None, error: BaseException | None) -> None:
+        """Hand the outcome to the caller's loop (from the PKCS#11 thread)."""
+
+        def settle_on_loop() -> None:
+            if self.future.done():  # the caller went away
+                return
+            if error is not None:
+                self.future.set_exception(error)
+            else:
+                assert result is not None
+                self.future.set_result(result)
+
+        with contextlib.suppress(RuntimeError):  # the caller's loop is closed: nobody waits
+            self.loop.call_soon_threadsafe(settle_on_loop)
+
+
 class Pkcs11KeyHandle:
     """A signing key on the token, referenced by CKA_ID rather than by an object handle.
 
@@ -295,6 +325,10 @@ class Pkcs11KeyStore:
         self._down_since: float | None = None
         self._last_attempt = float("-inf")
         self._closed = False
+        # sign_digests: jobs waiting for the PKCS#11 thread, and whether a worker is on it.
+        self._sign_lock = threading.Lock()
+        self._sign_queue: deque[_SignJob] = deque()
+        self._sign_worker_active = False
 
     def __repr__(self) -> str:
         return f"Pkcs11KeyStore(token_label={self._token_label!r}, module={self._module_path!r})"
@@ -327,6 +361,65 @@ class Pkcs11KeyStore:
         if handle is None:
             handle = self._handles.setdefault(key_id, Pkcs11KeyHandle(self, key_id))
         return handle
+
+    async def sign_digests(
+        self, key_id: str, digests: Sequence[bytes], algorithm: DigestAlgorithm
+    ) -> list[bytes]:
+        """Look up ``key_id`` and sign ``digests`` on the PKCS#11 thread, in one hop.
+
+        Saves ``get_key``'s hop, and most of this one: callers queue their job, and one work
+        item on the PKCS#11 thread signs queued jobs back to back, handing each result to its
+        caller's loop as soon as it is done; it returns to the executor when the queue is empty
+        (or after ``SIGN_WORKER_MAX_JOBS`` jobs, so other PKCS#11 calls get their turn). The
+        thread never idles waiting for the event loop to submit the next signature. Per job the
+        semantics are those of ``_call(..., retry=True)``: fail fast while the token is down,
+        reconnect once and retry on a "gone" error (PKCS#1 v1.5 is deterministic, re-signing
+        is harmless), ``KeyNotFound`` for a missing key; ``ValueError`` for a digest of the
+        wrong length is raised before anything is queued.
+        """
+        data = [_digest_info(d, algorithm) for d in digests]
+        if not data:
+            return []
+        if self._down_since is not None and not self._reconnect_due():
+            raise self._unavailable()
+        loop = asyncio.get_running_loop()
+        job = _SignJob(
+            key_id=key_id,
+            data=data,
+            loop=loop,
+            future=loop.create_future(),
+            context=contextvars.copy_context(),  # log records keep the request id
+        )
+        with self._sign_lock:
+            self._sign_queue.append(job)
+            start = not self._sign_worker_active
+            self._sign_worker_active = True
+        if start:
+            try:
+                _pkcs11_executor().submit(self._sign_worker)
+            except BaseException:
+                with self._sign_lock:
+                    self._sign_worker_active = False
+                raise
+        return await job.future
+
+    def _sign_worker(self) -> None:
+        """Sign queued jobs back to back (runs on the PKCS#11 thread)."""
+        for _ in range(SIGN_WORKER_MAX_JOBS):
+            with self._sign_lock:
+                if not self._sign_queue:
+                    self._sign_worker_active = False
+                    return
+                job = self._sign_queue.popleft()
+            op = functools.partial(self._sign_sync, job.key_id, job.data)
+            try:
+                result = job.context.run(self._call_sync, op, True)
+            except BaseException as e:  # noqa: BLE001 - the caller's error, delivered to it
+                job.settle(None, e)
+            else:
+                job.settle(result, None)
+        # Other PKCS#11 calls queued on the thread run first; then the rest of the queue.
+        _pkcs11_executor().submit(self._sign_worker)
 
     async def destroy_key(self, key_id: str) -> None:
         """Delete a key pair; only for a key that never got a credential (failed creation)."""

@@ -195,6 +195,32 @@ async def test_batch_sign_digests(store: Pkcs11KeyStore, generated: GeneratedKey
     print(f"batch of 500: {elapsed * 1000:.0f} ms ({500 / elapsed:.0f}/s)")
 
 
+async def test_store_sign_digests_concurrent_callers(
+    store: Pkcs11KeyStore, generated: GeneratedKey
+) -> None:
+    """Lookup + sign in one hop, jobs of concurrent callers signed back to back (more than one
+    work item's worth): each caller gets its own signatures, and a caller's error (unknown
+    key, digest of the wrong length) is its own."""
+    jobs = [
+        [hashlib.sha256(f"{i}/{j}".encode()).digest() for j in range(1 + i % 3)] for i in range(150)
+    ]
+    unknown = os.urandom(16).hex()
+    results = await asyncio.gather(
+        *(store.sign_digests(generated.key_id, d, DigestAlgorithm.SHA256) for d in jobs),
+        store.sign_digests(unknown, [jobs[0][0]], DigestAlgorithm.SHA256),
+        store.sign_digests(generated.key_id, [b"\x00" * 31], DigestAlgorithm.SHA256),
+        return_exceptions=True,
+    )
+    *signed, missing, short = results
+    assert isinstance(missing, KeyNotFound)
+    assert isinstance(short, ValueError)
+    for digests, signatures in zip(jobs, signed, strict=True):
+        assert isinstance(signatures, list) and len(signatures) == len(digests)
+        for digest, signature in zip(digests, signatures, strict=True):
+            verify(generated.public_key_der, signature, digest, DigestAlgorithm.SHA256)
+    assert await store.sign_digests(generated.key_id, [], DigestAlgorithm.SHA256) == []
+
+
 async def test_unknown_key_is_key_not_found(store: Pkcs11KeyStore) -> None:
     with pytest.raises(KeyNotFound, match=f"not found on token {LABEL}"):
         await store.get_key(os.urandom(16).hex())
@@ -227,6 +253,8 @@ async def test_token_outage_and_recovery_with_the_same_store(
             await store.check()
         with pytest.raises(HsmUnavailable):
             await store.get_key(generated.key_id)  # not KeyNotFound: the token is gone
+        with pytest.raises(HsmUnavailable):
+            await store.sign_digests(generated.key_id, [digest], DigestAlgorithm.SHA256)
         await asyncio.sleep(0.25)  # past reconnect_interval: a real attempt, still failing
         with pytest.raises(HsmUnavailable):
             await store.check()
@@ -245,6 +273,8 @@ async def test_token_outage_and_recovery_with_the_same_store(
             await asyncio.sleep(0.05)
     print(f"signing again {1000 * (time.perf_counter() - back):.0f} ms after the token came back")
     verify(generated.public_key_der, signature, digest, DigestAlgorithm.SHA256)
+    (again,) = await store.sign_digests(generated.key_id, [digest], DigestAlgorithm.SHA256)
+    assert again == signature
     await store.check()
     assert "reconnected to HSM token" in caplog.text
     assert token.pin not in caplog.text

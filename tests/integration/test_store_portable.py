@@ -9,6 +9,7 @@ import textwrap
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any, cast
 
 import pytest
 from alembic.autogenerate import compare_metadata
@@ -16,9 +17,11 @@ from alembic.migration import MigrationContext
 from sqlalchemy import Connection
 
 from gateway.audit import AuditLog
+from gateway.auth.activation import SignatureActivation, SignRequest, token_hash
 from gateway.auth.mtls import identify
 from gateway.errors import AccessDenied, Conflict
 from gateway.facilities import FacilityRegistry
+from gateway.hsm.api import DigestAlgorithm
 from gateway.pki import testworld
 from gateway.store.db import Database
 from gateway.store.schema import metadata
@@ -140,3 +143,310 @@ def test_concurrent_appends_from_two_processes(url: str) -> None:
         assert report.events == 200
 
     asyncio.run(check())
+
+
+# -- grouped SAD consumption (SignatureActivation.consume_and_audit) on both backends ---------
+
+
+async def _signing_world(db: Database, *, sads: int, hashes: list[bytes]) -> tuple[int, list[str]]:
+    """A facility, an active signer serving it with an active credential (valid certificate),
+    and ``sads`` hash-bound SADs, each authorizing the multiset ``hashes``. Returns the
+    facility id and the SAD tokens."""
+    from collections import Counter
+
+    from cryptography.hazmat.primitives import serialization
+    from sqlalchemy import insert, select
+
+    from gateway.store.schema import credential, facility, sad, sad_hash, signer, signer_facility
+
+    now = datetime.now(UTC)
+    reg = FacilityRegistry(db=db, audit=AuditLog())
+    await reg.add(institution_code="1310000011", name="H", kind="hospital", actor="t")
+    ca = testworld.make_client_ca(now=now)
+    cert = testworld.issue_client_cert(
+        ca, common_name="D", institution_code=None, now=now, validity=timedelta(days=30)
+    ).cert.public_bytes(serialization.Encoding.DER)
+    tokens = [f"sad-token-{i}" for i in range(sads)]
+    async with db.write() as conn:
+        fid = (
+            await conn.execute(
+                select(facility.c.id).where(facility.c.institution_code == "1310000011")
+            )
+        ).scalar_one()
+        await conn.execute(
+            insert(signer).values(id="sgn-1", name="D", role="Medical Doctor", created_at=now)
+        )
+        await conn.execute(
+            insert(signer_facility).values(signer_id="sgn-1", facility_id=fid, created_at=now)
+        )
+        await conn.execute(
+            insert(credential).values(
+                id="cred-1",
+                signer_id="sgn-1",
+                key_id="00" * 16,
+                key_bits=2048,
+                status="active",
+                certificate_der=cert,
+                created_at=now,
+                updated_at=now,
+            )
+        )
+        for t in tokens:
+            res = await conn.execute(
+                insert(sad).values(
+                    token_hash=token_hash(t),
+                    facility_id=fid,
+                    signer_id="sgn-1",
+                    credential_id="cred-1",
+                    hash_algorithm="2.16.840.1.101.3.4.2.1",
+                    scal="2",
+                    num_signatures=len(hashes),
+                    remaining=len(hashes),
+                    created_at=now,
+                    expires_at=now + timedelta(minutes=5),
+                )
+            )
+            sad_id = res.inserted_primary_key[0]  # type: ignore[index]
+            await conn.execute(
+                insert(sad_hash),
+                [
+                    {"sad_id": sad_id, "hash": h, "authorized": k, "remaining": k}
+                    for h, k in Counter(hashes).items()
+                ],
+            )
+    return fid, tokens
+
+
+def _sign_request(token: str, fid: int, h: bytes, credential_id: str = "cred-1") -> SignRequest:
+    return SignRequest(
+        sad=token,
+        facility_id=fid,
+        credential_id=credential_id,
+        hashes=[h],
+        algorithm=DigestAlgorithm.SHA256,
+        now=datetime.now(UTC),
+        actor="facility:1310000011",
+        facility_code="1310000011",
+        action="signature.sign_hash",
+        detail=lambda g: {"hashes": [x.hex() for x in g.hashes]},
+        refused_detail={"credential": "cred-1"},
+    )
+
+
+def _activation(db: Database, audit: AuditLog) -> SignatureActivation:
+    return SignatureActivation(db=db, audit=audit, fido2=cast(Any, None))  # no FIDO2 here
+
+
+def test_grouped_consumption_checks_each_request_and_audits_each(url: str) -> None:
+    """Concurrent requests share write transactions; each is checked against what the requests
+    before it spent, a refused one fails alone, and every one leaves its audit event."""
+    from sqlalchemy import func, select
+
+    from gateway.errors import InvalidRequest
+    from gateway.store.schema import audit_event, sad, sad_hash
+
+    h1, h2, h3 = (bytes([i]) * 32 for i in (1, 2, 3))
+
+    async def go() -> None:
+        db = await _fresh(url)
+        audit = AuditLog()
+        act = _activation(db, audit)
+        try:
+            fid, (t1, t2) = await _signing_world(db, sads=2, hashes=[h1, h2, h2])
+            reqs = [_sign_request(t, fid, h) for t in (t1, t2) for h in (h1, h2, h3) * 4]
+            reqs += [_sign_request("no-such-sad", fid, h1), _sign_request(t1, fid + 99, h1)]
+            outcomes = await asyncio.gather(
+                *(act.consume_and_audit(r) for r in reqs), return_exceptions=True
+            )
+            granted = [
+                (r.sad, r.hashes[0])
+                for r, o in zip(reqs, outcomes, strict=True)
+                if not isinstance(o, BaseException)
+            ]
+            assert sorted(granted) == sorted([(t, h) for t in (t1, t2) for h in (h1, h2, h2)])
+            errors = [o for o in outcomes if isinstance(o, BaseException)]
+            assert all(isinstance(e, InvalidRequest) for e in errors), errors
+            refusals = sorted(e.description for e in errors if isinstance(e, InvalidRequest))
+            assert (
+                refusals.count("Hash is not authorized by the SAD")
+                + refusals.count("Number of signatures exceeds those authorized by the SAD")
+                == len(reqs) - 2 - 6
+            )
+            assert "Invalid parameter SAD" in refusals
+            assert "SAD was not issued to this facility" in refusals
+            async with db.read() as conn:
+                assert (await conn.execute(select(func.sum(sad.c.remaining)))).scalar() == 0
+                assert (await conn.execute(select(func.sum(sad_hash.c.remaining)))).scalar() == 0
+                actions = [
+                    a
+                    for (a,) in await conn.execute(
+                        select(audit_event.c.action).where(audit_event.c.action.like("signature.%"))
+                    )
+                ]
+                assert actions.count("signature.sign_hash") == 6
+                assert actions.count("signature.refused") == len(reqs) - 6
+                report = await audit.verify(conn)
+            assert report.ok, report.message
+            # The transaction-scoped API sees the same state: nothing left to spend.
+            with pytest.raises(InvalidRequest, match="Number of signatures exceeds"):
+                async with db.write() as conn:
+                    await act.consume(
+                        conn,
+                        sad=t1,
+                        facility_id=fid,
+                        credential_id="cred-1",
+                        hashes=[h1],
+                        algorithm=reqs[0].algorithm,
+                        now=datetime.now(UTC),
+                    )
+        finally:
+            await db.close()
+
+    asyncio.run(go())
+
+
+def test_grouped_consumption_an_unexpected_error_fails_only_its_request(url: str) -> None:
+    """A credential whose stored certificate cannot be parsed breaks its own request (a 500, as
+    before grouping), not the other requests of its group."""
+    from sqlalchemy import insert, select
+
+    from gateway.store.schema import credential, sad, sad_hash
+
+    h = bytes([7]) * 32
+
+    async def go() -> None:
+        db = await _fresh(url)
+        act = _activation(db, AuditLog())
+        try:
+            fid, (good,) = await _signing_world(db, sads=1, hashes=[h])
+            now = datetime.now(UTC)
+            async with db.write() as conn:
+                await conn.execute(
+                    insert(credential).values(
+                        id="cred-bad",
+                        signer_id="sgn-1",
+                        key_id="11" * 16,
+                        key_bits=2048,
+                        status="active",
+                        certificate_der=b"not a certificate",
+                        created_at=now,
+                        updated_at=now,
+                    )
+                )
+                row = (
+                    await conn.execute(select(sad).where(sad.c.token_hash == token_hash(good)))
+                ).one()
+                res = await conn.execute(
+                    insert(sad).values(
+                        token_hash=token_hash("bad-sad"),
+                        facility_id=fid,
+                        signer_id="sgn-1",
+                        credential_id="cred-bad",
+                        hash_algorithm=row.hash_algorithm,
+                        scal="2",
+                        num_signatures=1,
+                        remaining=1,
+                        created_at=now,
+                        expires_at=row.expires_at,
+                    )
+                )
+                await conn.execute(
+                    insert(sad_hash).values(
+                        sad_id=res.inserted_primary_key[0],  # type: ignore[index]
+                        hash=h,
+                        authorized=1,
+                        remaining=1,
+                    )
+                )
+            ok, broken = await asyncio.gather(
+                act.consume_and_audit(_sign_request(good, fid, h)),
+                act.consume_and_audit(_sign_request("bad-sad", fid, h, "cred-bad")),
+                return_exceptions=True,
+            )
+            assert not isinstance(ok, BaseException) and ok.hashes == (h,)
+            assert isinstance(broken, ValueError), broken
+        finally:
+            await db.close()
+
+    asyncio.run(go())
+
+
+def test_grouped_consumption_from_two_processes(url: str) -> None:
+    """Two processes, each with 40 concurrent one-hash requests on the same two SADs (4 hashes
+    each): exactly 8 signatures in total, and the audit chain intact."""
+    hashes = [bytes([i]) * 32 for i in range(4)]
+
+    async def create() -> tuple[int, list[str]]:
+        db = await _fresh(url)
+        try:
+            return await _signing_world(db, sads=2, hashes=hashes)
+        finally:
+            await db.close()
+
+    fid, tokens = asyncio.run(create())
+    script = textwrap.dedent(
+        f"""
+        import asyncio, json
+        from gateway.audit import AuditLog
+        from gateway.store.db import Database
+        from tests.integration.test_store_portable import _activation, _sign_request
+
+        async def main():
+            db = Database({url!r})
+            act = _activation(db, AuditLog())
+            reqs = [_sign_request(t, {fid}, h) for t in {tokens!r} for h in {hashes!r} * 5]
+            out = await asyncio.gather(*(act.consume_and_audit(r) for r in reqs),
+                                       return_exceptions=True)
+            await db.close()
+            print(json.dumps(sum(not isinstance(o, BaseException) for o in out)))
+
+        asyncio.run(main())
+        """
+    )
+    repo = Path(__file__).resolve().parents[2]
+    procs = [
+        subprocess.Popen([sys.executable, "-c", script], cwd=repo, stdout=subprocess.PIPE)
+        for _ in range(2)
+    ]
+    granted = [int(p.communicate(timeout=120)[0]) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0]
+    assert sum(granted) == 8, granted
+
+    async def check() -> None:
+        db = Database(url)
+        try:
+            async with db.read() as conn:
+                report = await AuditLog().verify(conn)
+        finally:
+            await db.close()
+        assert report.ok, report.message
+
+    asyncio.run(check())
+
+
+def test_append_many_moves_the_head_once(url: str) -> None:
+    from gateway.audit import AuditRecord
+
+    async def go() -> None:
+        db = await _fresh(url)
+        audit = AuditLog()
+        try:
+            async with db.write() as conn:
+                await audit.append(conn, action="one", actor="t")
+                events = await audit.append_many(
+                    conn, [AuditRecord(action="many", actor="t", detail={"i": i}) for i in range(5)]
+                )
+                assert [e.seq for e in events] == [2, 3, 4, 5, 6]
+                assert [e.prev_hash for e in events[1:]] == [e.hash for e in events[:-1]]
+                assert await audit.append_many(conn, []) == []
+            events = await db.run_write(
+                lambda c: audit.append_many_sync(c, [AuditRecord(action="sync", actor="t")])
+            )
+            assert events[0].seq == 7
+            async with db.read() as conn:
+                report = await audit.verify(conn)
+            assert report.ok and report.events == 7, report.message
+        finally:
+            await db.close()
+
+    asyncio.run(go())
