@@ -250,12 +250,20 @@ class SignatureActivation:
                 .where(facility.c.id == row.id)
                 .values(policy=json.dumps(data, sort_keys=True))
             )
+            # Sessions opened under the old policy end now: a disabled (or narrowed) policy
+            # must not leave hours of unbound signing behind (new sessions follow the new one).
+            now = self.clock()
+            ended = await conn.execute(
+                update(sad)
+                .where(sad.c.facility_id == row.id, sad.c.scal == "1", sad.c.expires_at > now)
+                .values(expires_at=now)
+            )
             await self.audit.append(
                 conn,
                 action="facility.signing_session",
                 actor=actor,
                 facility_code=institution_code,
-                detail=policy.to_json_dict(),
+                detail={**policy.to_json_dict(), "sessions_ended": ended.rowcount},
             )
         return policy
 

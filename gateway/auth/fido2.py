@@ -59,6 +59,7 @@ from gateway.store.schema import (
     credential,
     enrollment,
     fido_credential,
+    sad,
     signer,
     signer_facility,
     webauthn_challenge,
@@ -328,6 +329,9 @@ class Fido2Authenticator:
         return [_authenticator(r) for r in rows]
 
     async def remove_authenticator(self, signer_id: str, fido_id: str, *, actor: str) -> None:
+        """Remove an authenticator and end every live SAD it approved (a lost or stolen key
+        must not keep signing through a signing session it opened)."""
+        now = self.clock()
         async with self.db.write() as conn:
             res = await conn.execute(
                 delete(fido_credential).where(
@@ -336,12 +340,17 @@ class Fido2Authenticator:
             )
             if res.rowcount == 0:
                 raise NotFound(f"signer {signer_id} has no authenticator {fido_id}")
+            ended = await conn.execute(
+                update(sad)
+                .where(sad.c.fido_credential_id == fido_id, sad.c.expires_at > now)
+                .values(expires_at=now)
+            )
             await self.audit.append(
                 conn,
                 action="fido2.remove",
                 actor=actor,
                 signer_id=signer_id,
-                detail={"authenticator": fido_id},
+                detail={"authenticator": fido_id, "sads_ended": ended.rowcount},
             )
 
     # -- registration -----------------------------------------------------------------------

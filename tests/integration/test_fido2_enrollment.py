@@ -202,8 +202,56 @@ def test_signing_session_policy(
             return list(rows)
 
     details = [json.loads(d) for d in asyncio.run(audited())]
-    assert {"enabled": True, "hours": 8.0, "max_signatures": 3} in details
+    assert any(
+        d["enabled"] is True and d["hours"] == 8.0 and d["max_signatures"] == 3 for d in details
+    )
     assert details[-1]["enabled"] is False
+
+
+def _session_sad(csc: Csc, cred: str, auth: SoftAuthenticator, n: int = 5) -> str:
+    r = csc.post("/auth/fido2/authenticate/begin", {"credentialID": cred, "numSignatures": n})
+    assert r.status == 200, r.body
+    r = csc.authorize_raw(cred, [], auth.get(r.json()["publicKey"]), alg=None, n=n)
+    assert r.status == 200, r.body
+    sad: str = r.json()["SAD"]
+    return sad
+
+
+def test_disabling_sessions_or_removing_the_authenticator_ends_live_sads(
+    csc: Csc, sandbox: dict[str, Any], hospital: dict[str, Any], gateway: Server
+) -> None:
+    """A signing session must not outlive the policy or the authenticator that opened it."""
+    signer = _signer(sandbox, 1)
+    cred = signer["credential_id"]
+    conf = sandbox["config"]
+    fac = hospital["institution_code"]
+    auth = SoftAuthenticator(origin=f"https://localhost:{gateway.port}")
+    code, password = _code(sandbox, signer["id"])
+    assert csc.enroll(code, password, auth).status == 200
+    on = ["facility", "signing-session", fac, "--enable", "--hours", "8", "--max-signatures", "5"]
+    run_cli(*on, "-c", conf)
+    try:
+        sad = _session_sad(csc, cred, auth)
+        assert csc.sign_hash(cred, sad, random_hashes(1)).status == 200
+        run_cli("facility", "signing-session", fac, "--disable", "-c", conf)
+        r = csc.sign_hash(cred, sad, random_hashes(1))
+        assert r.status == 400, r.body
+        assert r.json()["error_description"] == "SAD expired"
+        # Enabled again: a session opened with an authenticator ends when it is removed.
+        run_cli(*on, "-c", conf)
+        sad = _session_sad(csc, cred, auth)
+        assert csc.sign_hash(cred, sad, random_hashes(1)).status == 200
+        listed = json.loads(
+            run_cli("signer", "authenticators", signer["id"], "-c", conf, "--json").stdout
+        )
+        mine = [a for a in listed if a["credential_id"] == auth.credential_id_b64]
+        assert len(mine) == 1, listed
+        run_cli("signer", "remove-authenticator", signer["id"], mine[0]["id"], "-c", conf)
+        r = csc.sign_hash(cred, sad, random_hashes(1))
+        assert r.status == 400, r.body
+        assert r.json()["error_description"] == "SAD expired"
+    finally:
+        run_cli("facility", "signing-session", fac, "--disable", "-c", conf)
 
 
 def test_hash_bound_sad_is_scal2_by_default(csc: Csc, sandbox: dict[str, Any]) -> None:
