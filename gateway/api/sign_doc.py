@@ -13,6 +13,7 @@ document), the count is given back, the failure audited, and nothing is returned
 from __future__ import annotations
 
 import base64
+import functools
 import logging
 from collections.abc import AsyncIterator
 from typing import Any
@@ -26,7 +27,7 @@ from gateway.api.keys import ACTIVATION, AUDIT, CLOCK, DB, KEYSTORE, SETTINGS
 from gateway.api.schema import parse
 from gateway.api.sign_doc_schema import DocumentDigestsEntry, DocumentEntry, SignDocRequest
 from gateway.api.signing import RSA_ENCRYPTION, SHA_RSA, refused
-from gateway.auth.activation import SignatureGrant
+from gateway.auth.activation import SignatureGrant, SignRequest
 from gateway.errors import AccessDenied, GatewayError, InvalidRequest, PayloadTooLarge
 from gateway.hsm.api import DigestAlgorithm
 from gateway.sign import service
@@ -133,26 +134,6 @@ async def sign_doc(request: web.Request) -> web.Response:
         for entry in entries:
             _check_entry(entry, policy=app[_POLICY], has_tsa=has_tsa)
         digests = req.authorized_digests()
-        now = app[CLOCK]()
-        async with app[DB].write() as conn:
-            grant = await app[ACTIVATION].consume(
-                conn,
-                sad=req.SAD,
-                facility_id=caller.facility_id,
-                credential_id=req.credentialID,
-                hashes=digests,
-                algorithm=DigestAlgorithm.SHA256,
-                now=now,
-            )
-            await app[AUDIT].append(
-                conn,
-                action="signature.sign_doc",
-                actor=caller.actor,
-                facility_code=caller.institution_code,
-                signer_id=grant.signer_id,
-                detail=_detail(grant, req),
-                now=now,
-            )
     except GatewayError as e:
         if e.status < 500:
             await refused(
@@ -163,6 +144,25 @@ async def sign_doc(request: web.Request) -> web.Response:
                 detail={"credential": credential_id, "method": "signDoc"},
             )
         raise
+    now = app[CLOCK]()
+    # Consumption and its audit event are committed in groups with concurrent requests (one
+    # transaction for all waiting signHash/signDoc calls), still before any response leaves;
+    # a refusal comes back already audited.
+    grant = await app[ACTIVATION].consume_and_audit(
+        SignRequest(
+            sad=req.SAD,
+            facility_id=caller.facility_id,
+            credential_id=req.credentialID,
+            hashes=digests,
+            algorithm=DigestAlgorithm.SHA256,
+            now=now,
+            actor=caller.actor,
+            facility_code=caller.institution_code,
+            action="signature.sign_doc",
+            detail=functools.partial(_detail, req=req),
+            refused_detail={"credential": credential_id, "method": "signDoc"},
+        )
+    )
     try:
         key = await app[KEYSTORE].get_key(grant.key_id)
         chain = await _chain(request, grant.credential_id)
