@@ -306,7 +306,7 @@ def main() -> int:
             )
             print("signHash 100 hashes/request, 2 workers ...", flush=True)
             results["signhash_batch_workers2_per_s"] = asyncio.run(
-                batch_rate(srv.port, ctx, cred, auth2, clients=4)
+                batch_rate(srv.port, ctx, cred, auth2, clients=8)
             )
             rss2 = rss_mb(worker_pids(srv))
         finally:
