@@ -23,10 +23,10 @@ from cryptography import x509
 from sqlalchemy import select
 
 from gateway.api.auth import caller_of
-from gateway.api.keys import ACTIVATION, AUDIT, CLOCK, DB, KEYSTORE, SETTINGS
+from gateway.api.keys import ACTIVATION, CLOCK, DB, KEYSTORE, SETTINGS
 from gateway.api.schema import parse
 from gateway.api.sign_doc_schema import DocumentDigestsEntry, DocumentEntry, SignDocRequest
-from gateway.api.signing import RSA_ENCRYPTION, SHA_RSA, refused
+from gateway.api.signing import RSA_ENCRYPTION, SHA_RSA, refund_failed, refused
 from gateway.auth.activation import SignatureGrant, SignRequest
 from gateway.errors import AccessDenied, GatewayError, InvalidRequest, PayloadTooLarge
 from gateway.hsm.api import DigestAlgorithm
@@ -203,22 +203,14 @@ async def sign_doc(request: web.Request) -> web.Response:
                     )
                 )
     except (GatewayError, ValueError) as e:
-        # Nothing leaves: give the signatures back to the SAD and record why.
-        async with app[DB].write() as conn:
-            await app[ACTIVATION].refund(conn, sad=req.SAD, grant=grant)
-            await app[AUDIT].append(
-                conn,
-                action="signature.failed",
-                actor=caller.actor,
-                facility_code=caller.institution_code,
-                signer_id=grant.signer_id,
-                detail={
-                    "credential": grant.credential_id,
-                    "method": "signDoc",
-                    "reason": (e.description if isinstance(e, GatewayError) else str(e))[:200],
-                    "refunded": True,
-                },
-            )
+        await refund_failed(
+            request,
+            caller,
+            sad=req.SAD,
+            grant=grant,
+            error=e,
+            detail={"credential": grant.credential_id, "method": "signDoc"},
+        )
         raise
     for r in results:
         if r.document_with_signature is not None:

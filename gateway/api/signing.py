@@ -214,20 +214,35 @@ async def sign_hash(request: web.Request) -> web.Response:
     try:
         signatures = await sign_all(app[KEYSTORE], grant.key_id, grant.hashes, grant.algorithm)
     except (GatewayError, ValueError) as e:
-        # Nothing was returned to the client: give the count back, record the failure.
-        async with app[DB].write() as conn:
-            await app[ACTIVATION].refund(conn, sad=req.SAD, grant=grant)
-            await app[AUDIT].append(
-                conn,
-                action="signature.failed",
-                actor=caller.actor,
-                facility_code=caller.institution_code,
-                signer_id=grant.signer_id,
-                detail={**_detail(grant), "reason": str(e)[:200], "refunded": True},
-            )
+        await refund_failed(
+            request, caller, sad=req.SAD, grant=grant, error=e, detail=_detail(grant)
+        )
         raise
     b64 = base64.b64encode
     return web.json_response({"signatures": [b64(s).decode("ascii") for s in signatures]})
+
+
+async def refund_failed(
+    request: web.Request,
+    caller: Caller,
+    *,
+    sad: str,
+    grant: SignatureGrant,
+    error: Exception,
+    detail: dict[str, Any],
+) -> None:
+    """Nothing was returned to the client: give the count back to the SAD, record why."""
+    reason = error.description if isinstance(error, GatewayError) else str(error)
+    async with request.app[DB].write() as conn:
+        await request.app[ACTIVATION].refund(conn, sad=sad, grant=grant)
+        await request.app[AUDIT].append(
+            conn,
+            action="signature.failed",
+            actor=caller.actor,
+            facility_code=caller.institution_code,
+            signer_id=grant.signer_id,
+            detail={**detail, "reason": reason[:200], "refunded": True},
+        )
 
 
 def _detail(grant: SignatureGrant) -> dict[str, Any]:
