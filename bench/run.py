@@ -189,19 +189,39 @@ async def single_rate(
             await s.close()
 
 
+def _vmrss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def _children(pid: int) -> list[int]:
+    # Per thread: a child started from another thread is listed under that thread only.
+    return [
+        int(p)
+        for task in Path(f"/proc/{pid}/task").iterdir()
+        for p in (task / "children").read_text().split()
+    ]
+
+
+def _is_signing_process(pid: int) -> bool:
+    return b"gateway.hsm.signer_process" in Path(f"/proc/{pid}/cmdline").read_bytes()
+
+
 def rss_mb(pids: list[int]) -> float:
+    """The largest VmRSS of a worker plus its signing process (``hsm.signing_process``)."""
     out = 0.0
     for pid in pids:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                out = max(out, int(line.split()[1]) / 1024)
+        signers = [c for c in _children(pid) if _is_signing_process(c)]
+        out = max(out, _vmrss_mb(pid) + sum(_vmrss_mb(c) for c in signers))
     return out
 
 
 def worker_pids(srv: Server) -> list[int]:
     assert srv.proc is not None
-    children = Path(f"/proc/{srv.proc.pid}/task/{srv.proc.pid}/children").read_text().split()
-    return [int(p) for p in children] or [srv.proc.pid]
+    workers = [c for c in _children(srv.proc.pid) if not _is_signing_process(c)]
+    return workers or [srv.proc.pid]
 
 
 async def enrolled(port: int, ctx: ssl.SSLContext, code: str, pw: str) -> SoftAuthenticator:

@@ -44,6 +44,17 @@ HSM_START_ATTEMPTS = 12
 
 
 def make_keystore(settings: Settings) -> KeyStore:
+    if settings.hsm.signing_process:
+        from gateway.hsm.signer_process import SignerProcessKeyStore
+
+        return SignerProcessKeyStore(
+            module_path=str(settings.hsm.module),
+            token_label=settings.hsm.token_label,
+            pin=settings.hsm_pin(),
+            softhsm_conf=settings.hsm.softhsm_conf,
+            retry_after=settings.hsm.retry_after,
+            reconnect_interval=settings.hsm.reconnect_interval,
+        )
     from gateway.hsm.pkcs11 import Pkcs11KeyStore
 
     return Pkcs11KeyStore(

@@ -97,6 +97,9 @@ class HsmSettings(_Section):
     between fail fast with 503."""
     key_bits: Literal[2048, 3072, 4096] = 2048
     """RSA key size for new signer keys (HPKI cards use 2048)."""
+    signing_process: bool = True
+    """Run the PKCS#11 session in a child process per worker (the worker never loads the
+    module); false: on a thread of the worker itself. See docs/performance.md."""
 
 
 class PkiSettings(_Section):

@@ -11,6 +11,10 @@ one process (tests, the CLI next to a running app object) would otherwise mean t
 module, which is exactly the crash above. All mutable store state is touched only on that thread,
 so it needs no locks; the event loop only reads ``_down_since``/``_last_attempt`` for fail-fast.
 
+With ``hsm.signing_process`` (the default) this store runs in a child process per worker
+instead (``gateway/hsm/signer_process.py``), which calls its synchronous methods on its only
+thread; the worker itself then never loads the module.
+
 The module (``pkcs11.lib(path)``) is a process singleton, and SoftHSM reads ``SOFTHSM2_CONF`` at
 ``C_Initialize``: one process can serve one SoftHSM configuration only.
 
@@ -48,23 +52,14 @@ from pkcs11 import exceptions as p11x
 
 from gateway.errors import ConfigError, HsmUnavailable, KeyNotFound
 from gateway.hsm.api import DigestAlgorithm, GeneratedKey
+from gateway.hsm.encoding import check_key_request
+from gateway.hsm.encoding import digest_info as _digest_info
 
 __all__ = ["Pkcs11KeyHandle", "Pkcs11KeyStore"]
 
 _log = logging.getLogger("gateway.hsm")
 
 _T = TypeVar("_T")
-
-#: RFC 8017 §9.2 note 1: DER of DigestInfo up to (and including) the OCTET STRING header, with
-#: NULL parameters. Fixed prefixes avoid an ASN.1 round trip per signature on the hot path; the
-#: integration tests verify the result with ``cryptography``, which checks the encoding exactly.
-_DIGEST_INFO_PREFIX: dict[DigestAlgorithm, bytes] = {
-    DigestAlgorithm.SHA256: bytes.fromhex("3031300d060960864801650304020105000420"),
-    DigestAlgorithm.SHA384: bytes.fromhex("3041300d060960864801650304020205000430"),
-    DigestAlgorithm.SHA512: bytes.fromhex("3051300d060960864801650304020305000440"),
-}
-
-_RSA_KEY_SIZES = frozenset({2048, 3072, 4096})
 
 #: Errors meaning the token, the session or an object handle is gone: drop everything, reconnect.
 _GONE_ERRORS: tuple[type[Exception], ...] = (
@@ -202,17 +197,6 @@ def _reinitialize(module: _Module) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-def _digest_info(digest: bytes, algorithm: DigestAlgorithm) -> bytes:
-    if not isinstance(digest, bytes | bytearray):
-        raise ValueError("digest must be bytes")
-    if len(digest) != algorithm.digest_size:
-        raise ValueError(
-            f"digest length {len(digest)} bytes does not match {algorithm.name} "
-            f"({algorithm.digest_size} bytes)"
-        )
-    return _DIGEST_INFO_PREFIX[algorithm] + bytes(digest)
-
-
 def _key_id_bytes(key_id: str) -> bytes:
     try:
         raw = bytes.fromhex(key_id)
@@ -347,10 +331,7 @@ class Pkcs11KeyStore:
         await self._call(self._probe_sync, retry=True)
 
     async def generate_rsa_key(self, *, label: str, bits: int = 2048) -> GeneratedKey:
-        if not label:
-            raise ValueError("key label must not be empty")
-        if bits not in _RSA_KEY_SIZES:
-            raise ValueError(f"unsupported RSA key size {bits}; valid: {sorted(_RSA_KEY_SIZES)}")
+        check_key_request(label, bits)
         return await self._call(
             functools.partial(self._generate_sync, label=label, bits=bits), retry=False
         )
