@@ -229,18 +229,10 @@ def create_app(
     app.cleanup_ctx.extend([store_ctx, hsm_ctx])
     if settings.scheduler.enabled:
         app.cleanup_ctx.append(scheduler_ctx)
-    # Verification trust, and the sandbox's TEST TSA served next to the gateway.
+    # Verification trust (the sandbox's TEST TSA runs as its own process: gateway/server.py).
     from gateway.sign.setup import trust_config
 
     app[VERIFY_TRUST] = trust_config(settings)
-    if settings.test_tsa.enabled:
-        from gateway.api.test_tsa import sandbox_tsa_ctx
-
-        async def tsa_ctx(app: web.Application) -> AsyncIterator[None]:
-            async for _ in sandbox_tsa_ctx(settings):
-                yield
-
-        app.cleanup_ctx.append(tsa_ctx)
     app.add_routes(csc.routes)
     app.add_routes(health.routes)
     app.add_routes(auth.routes)

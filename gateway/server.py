@@ -9,15 +9,19 @@ has its own PKCS#11 session and database pool.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import multiprocessing
 import multiprocessing.connection
 import multiprocessing.process
 import os
 import signal
+import socket
 import ssl
+import subprocess
 import sys
 import time
+from collections.abc import Iterator
 
 from aiohttp import web
 
@@ -148,10 +152,42 @@ def serve(config_path: str | None, *, workers: int | None = None) -> int:
             raise ConfigError("delivery.port must differ from server.port")
         make_delivery_ssl_context(settings)
     asyncio.run(_migrate(settings))
-    if n == 1:
-        asyncio.run(_serve(settings, reuse_port=False))
-        return 0
-    return _supervise(config_path, n)
+    with _test_tsa(config_path, settings):
+        if n == 1:
+            asyncio.run(_serve(settings, reuse_port=False))
+            return 0
+        return _supervise(config_path, n)
+
+
+@contextlib.contextmanager
+def _test_tsa(config_path: str | None, settings: Settings) -> Iterator[None]:
+    """Sandbox only: the TEST TSA runs as one process of its own next to the workers (not in
+    each worker: it would load pyHanko into every worker and bind its port N times)."""
+    if not settings.test_tsa.enabled:
+        yield
+        return
+    args = [sys.executable, "-m", "gateway", "sandbox", "tsa"]
+    if config_path is not None:
+        args += ["-c", config_path]
+    proc = subprocess.Popen(args)
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            with socket.create_connection((settings.test_tsa.host, settings.test_tsa.port), 0.5):
+                break
+        except OSError:
+            time.sleep(0.1)
+    if proc.poll() is not None:
+        log.error("the TEST TSA did not start (exit %s); B-T signatures will fail", proc.returncode)
+    try:
+        yield
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 # A worker that dies is restarted; more than this many deaths in RESTART_WINDOW seconds means

@@ -17,7 +17,7 @@ from cryptography import x509
 
 from gateway.errors import InvalidRequest, PayloadTooLarge
 from gateway.hsm.api import KeyHandle
-from gateway.sign import cades, eprescription, pades
+from gateway.sign import cades, eprescription
 from gateway.sign.eprescription import PROFILES, EPrescriptionProfile, RolePolicy
 from gateway.sign.timestamp import Rfc3161Client
 from gateway.sign.xades import XadesBuilder
@@ -214,6 +214,9 @@ async def sign_document(
             max_depth=policy.max_xml_depth,
         )
         return result(signed, detached=env == "Detached")
+
+    # pyHanko (~8 MB) is loaded on the first PDF, not in every worker at start-up.
+    from gateway.sign import pades
 
     signed = await pades.sign_pdf(
         key,

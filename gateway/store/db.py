@@ -29,15 +29,16 @@ from collections.abc import AsyncIterator, Callable, Hashable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from queue import SimpleQueue
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
-from alembic import command
-from alembic.config import Config
 from sqlalchemy import URL, Connection, Engine, create_engine, event, make_url
 from sqlalchemy.engine.interfaces import DBAPIConnection
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import OperationalError, ProgrammingError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 from sqlalchemy.pool import ConnectionPoolEntry, NullPool
+
+if TYPE_CHECKING:
+    from alembic.config import Config
 
 from gateway.errors import TemporarilyUnavailable
 
@@ -263,16 +264,18 @@ class Database:
             await conn.run_sync(_upgrade)
 
     async def current_revision(self) -> str | None:
-        from alembic.runtime.migration import MigrationContext
-
-        def _rev(sync_conn: Connection) -> str | None:
-            return MigrationContext.configure(sync_conn).get_current_revision()
-
+        """The schema revision in the store (plain SQL: workers need not import Alembic)."""
         async with self.engine.connect() as conn:
-            return await conn.run_sync(_rev)
+            try:
+                rows = (await conn.exec_driver_sql("SELECT version_num FROM alembic_version")).all()
+            except (OperationalError, ProgrammingError):
+                return None  # no alembic_version table: an empty store
+        return str(rows[0][0]) if len(rows) == 1 else None
 
 
 def alembic_config(connection: Connection | None = None) -> Config:
+    from alembic.config import Config
+
     cfg = Config()
     cfg.set_main_option("script_location", str(MIGRATIONS))
     if connection is not None:
@@ -281,10 +284,15 @@ def alembic_config(connection: Connection | None = None) -> Config:
 
 
 def _upgrade(sync_conn: Connection) -> None:
+    from alembic import command
+
     command.upgrade(alembic_config(sync_conn), "head")
 
 
-def head_revision() -> str | None:
-    from alembic.script import ScriptDirectory
+# The newest migration. Workers compare the store against it without importing Alembic (11 MB
+# per process); tests/integration/test_store_portable.py checks it is Alembic's own head.
+HEAD_REVISION = "0003"
 
-    return ScriptDirectory.from_config(alembic_config()).get_current_head()
+
+def head_revision() -> str:
+    return HEAD_REVISION

@@ -450,3 +450,24 @@ def test_append_many_moves_the_head_once(url: str) -> None:
             await db.close()
 
     asyncio.run(go())
+
+
+def test_head_revision_constant_is_alembics_head() -> None:
+    """Workers check the schema against HEAD_REVISION without importing Alembic."""
+    from alembic.script import ScriptDirectory
+
+    from gateway.store.db import HEAD_REVISION, alembic_config
+
+    assert ScriptDirectory.from_config(alembic_config()).get_current_head() == HEAD_REVISION
+
+
+def test_a_worker_imports_neither_alembic_nor_pyhanko_nor_pkcs11() -> None:
+    """Memory per worker: these load only where needed (migrations, PDFs, the signing child)."""
+    code = (
+        "import sys\n"
+        "from gateway.app import create_app\n"
+        "import gateway.api.sign_doc, gateway.sign.service\n"
+        "print(sorted(m for m in ('alembic', 'pyhanko', 'pkcs11') if m in sys.modules))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout
