@@ -63,7 +63,7 @@ import secrets
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 from cryptography import x509
@@ -73,6 +73,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from gateway.audit import AuditLog, AuditRecord
 from gateway.auth.fido2 import Caller, Fido2Authenticator, canonical_binding
+from gateway.clock import Clock, system_clock
 from gateway.errors import (
     AccessDenied,
     GatewayError,
@@ -83,12 +84,6 @@ from gateway.errors import (
 from gateway.hsm.api import DigestAlgorithm
 from gateway.store.db import Database
 from gateway.store.schema import credential, facility, sad, sad_hash, signer, signer_facility
-
-Clock = Callable[[], datetime]
-
-
-def utcnow() -> datetime:
-    return datetime.now(UTC)
 
 
 def token_hash(token: str) -> str:
@@ -194,7 +189,7 @@ class SignatureActivation:
         sad_ttl: timedelta = timedelta(seconds=300),
         session_max_hours: float = 18,
         session_max_signatures: int = 1000,
-        clock: Clock = utcnow,
+        clock: Clock = system_clock,
     ) -> None:
         self.db = db
         self.audit = audit

@@ -29,9 +29,9 @@ import hashlib
 import hmac
 import json
 import secrets
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any, NoReturn
 
 from fido2.server import Fido2Server
@@ -53,6 +53,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from gateway.audit import AuditLog
+from gateway.clock import Clock, system_clock
 from gateway.errors import AccessDenied, Conflict, GatewayError, InvalidRequest, NotFound
 from gateway.store.db import Database
 from gateway.store.schema import (
@@ -65,7 +66,6 @@ from gateway.store.schema import (
     webauthn_challenge,
 )
 
-Clock = Callable[[], datetime]
 NONCE_BYTES = 16
 # Crockford base32 without I, L, O, U: no look-alikes when a doctor types the code.
 _CODE_ALPHABET = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
@@ -73,10 +73,6 @@ _PASSWORD_ALPHABET = "23456789abcdefghjkmnpqrstuvwxyzABCDEFGHJKLMNPQRSTUVWXYZ"  
 _SCRYPT_N, _SCRYPT_R, _SCRYPT_P = 2**14, 8, 1
 #: The one answer once a code is locked, or while every remaining attempt is being checked.
 LOCKED_TEXT = "enrollment code is locked after too many wrong passwords: ask for a new one"
-
-
-def utcnow() -> datetime:
-    return datetime.now(UTC)
 
 
 # -- pure helpers (unit-tested) ---------------------------------------------------------------
@@ -249,7 +245,7 @@ class Fido2Authenticator:
         challenge_ttl: timedelta = timedelta(seconds=120),
         enrollment_validity: timedelta = timedelta(days=14),
         max_password_tries: int = 5,
-        clock: Clock = utcnow,
+        clock: Clock = system_clock,
     ) -> None:
         self.db = db
         self.audit = audit
