@@ -656,20 +656,37 @@ class ClientCertificateService:
                 await self._refuse_now(th, now, max_attempts)
                 raise Conflict("this download link was used or changed a moment ago")
             p12 = self.wrapper.unwrap(row.p12_wrapped, row.serial_hex)
-            await conn.execute(
-                update(client_certificate)
-                .where(client_certificate.c.id == row.certificate_id)
-                .values(downloaded_at=now)
-            )
-            await self.audit.append(
+            await self._released(
                 conn,
+                certificate_id=row.certificate_id,
+                now=now,
                 action="delivery.download",
                 actor=f"download:{remote or 'unknown'}",
                 facility_code=code,
                 detail={"serial": row.serial_hex, "round": row.rounds},
-                now=now,
             )
         return row.file_name, p12
+
+    async def _released(
+        self,
+        conn: AsyncConnection,
+        *,
+        certificate_id: int,
+        now: datetime,
+        action: str,
+        actor: str,
+        facility_code: str | None,
+        detail: dict[str, Any],
+    ) -> None:
+        """The file left the store (download or export): the status records when, audited."""
+        await conn.execute(
+            update(client_certificate)
+            .where(client_certificate.c.id == certificate_id)
+            .values(downloaded_at=now)
+        )
+        await self.audit.append(
+            conn, action=action, actor=actor, facility_code=facility_code, detail=detail, now=now
+        )
 
     async def _refuse_now(self, th: str, now: datetime, max_attempts: int) -> None:
         """Raise why the link with token hash ``th`` cannot be used now (re-read), if any."""
@@ -706,18 +723,14 @@ class ClientCertificateService:
                 .where(certificate_delivery.c.id == row.id)
                 .values(p12_wrapped=None, downloaded_at=now)
             )
-            await conn.execute(
-                update(client_certificate)
-                .where(client_certificate.c.id == cert.id)
-                .values(downloaded_at=now)
-            )
-            await self.audit.append(
+            await self._released(
                 conn,
+                certificate_id=cert.id,
+                now=now,
                 action="delivery.export",
                 actor=actor,
                 facility_code=fac.institution_code,
                 detail={"serial": serial},
-                now=now,
             )
         return row.file_name, p12
 
