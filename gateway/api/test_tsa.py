@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -86,7 +85,7 @@ def create_tsa_app(settings: Settings) -> web.Application:
     return app
 
 
-async def start_test_tsa(settings: Settings, *, reuse_port: bool = True) -> web.AppRunner:
+async def start_test_tsa(settings: Settings, *, reuse_port: bool = False) -> web.AppRunner:
     """Start the test TSA listener; the caller cleans the runner up."""
     runner = web.AppRunner(create_tsa_app(settings), access_log=None, handle_signals=False)
     await runner.setup()
@@ -103,14 +102,8 @@ async def start_test_tsa(settings: Settings, *, reuse_port: bool = True) -> web.
     return runner
 
 
-async def sandbox_tsa_ctx(settings: Settings) -> AsyncIterator[None]:
-    runner = await start_test_tsa(settings)
-    yield
-    await runner.cleanup()
-
-
 async def run_forever(settings: Settings) -> None:
-    runner = await start_test_tsa(settings, reuse_port=False)
+    runner = await start_test_tsa(settings)
     try:
         await asyncio.Event().wait()
     finally:
