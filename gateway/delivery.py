@@ -14,9 +14,7 @@ password sent in a separate mail; a resend opens a new 14-day window. Here:
 
 from __future__ import annotations
 
-import base64
 import hashlib
-import hmac
 import os
 import secrets
 from dataclasses import dataclass
@@ -29,43 +27,15 @@ from sqlalchemy import insert, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from gateway.errors import ConfigError, Conflict, GatewayError, Gone, Locked
+from gateway.passwords import hash_password as hash_password
+from gateway.passwords import verify_password as verify_password
 from gateway.store.schema import certificate_delivery
 
-_SCRYPT = {"n": 2**14, "r": 8, "p": 1}
 _WRAP_VERSION = b"hgw1"
 
 
 def token_hash(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
-
-
-def hash_password(password: str) -> str:
-    salt = os.urandom(16)
-    dk = hashlib.scrypt(password.encode(), salt=salt, dklen=32, **_SCRYPT)
-    return "scrypt${n}${r}${p}${salt}${dk}".format(
-        **_SCRYPT,
-        salt=base64.b64encode(salt).decode(),
-        dk=base64.b64encode(dk).decode(),
-    )
-
-
-def verify_password(password: str, stored: str) -> bool:
-    """Constant-time check against an scrypt verifier (CPU-heavy: run it in a thread)."""
-    try:
-        scheme, n, r, p, salt_b64, dk_b64 = stored.split("$")
-        if scheme != "scrypt":
-            return False
-        dk = hashlib.scrypt(
-            password.encode(),
-            salt=base64.b64decode(salt_b64),
-            dklen=32,
-            n=int(n),
-            r=int(r),
-            p=int(p),
-        )
-    except (ValueError, TypeError):
-        return False
-    return hmac.compare_digest(dk, base64.b64decode(dk_b64))
 
 
 class P12Wrapper:

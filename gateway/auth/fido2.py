@@ -48,13 +48,14 @@ from fido2.webauthn import (
     ResidentKeyRequirement,
     UserVerificationRequirement,
 )
-from sqlalchemy import delete, insert, select, update
+from sqlalchemy import ColumnElement, and_, delete, insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from gateway.audit import AuditLog
 from gateway.clock import Clock, system_clock
 from gateway.errors import AccessDenied, Conflict, GatewayError, InvalidRequest, NotFound
+from gateway.passwords import AttemptLimit, hash_password, verify_password
 from gateway.store.db import Database
 from gateway.store.schema import (
     credential,
@@ -70,9 +71,17 @@ NONCE_BYTES = 16
 # Crockford base32 without I, L, O, U: no look-alikes when a doctor types the code.
 _CODE_ALPHABET = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
 _PASSWORD_ALPHABET = "23456789abcdefghjkmnpqrstuvwxyzABCDEFGHJKLMNPQRSTUVWXYZ"  # noqa: S105
-_SCRYPT_N, _SCRYPT_R, _SCRYPT_P = 2**14, 8, 1
 #: The one answer once a code is locked, or while every remaining attempt is being checked.
 LOCKED_TEXT = "enrollment code is locked after too many wrong passwords: ask for a new one"
+
+
+_ATTEMPTS = AttemptLimit(
+    enrollment, failed="failed_tries", checking="checking_tries", lock={"status": "locked"}
+)
+
+
+def _open_enrollment(enrollment_id: int) -> ColumnElement[bool]:
+    return and_(enrollment.c.id == enrollment_id, enrollment.c.status == "active")
 
 
 # -- pure helpers (unit-tested) ---------------------------------------------------------------
@@ -126,33 +135,6 @@ def new_enrollment_code() -> str:
 
 def new_enrollment_password() -> str:
     return "".join(secrets.choice(_PASSWORD_ALPHABET) for _ in range(12))
-
-
-def hash_password(password: str, *, salt: bytes | None = None) -> str:
-    salt = salt or secrets.token_bytes(16)
-    dk = hashlib.scrypt(
-        password.encode(), salt=salt, n=_SCRYPT_N, r=_SCRYPT_R, p=_SCRYPT_P, dklen=32
-    )
-    b64 = base64.b64encode
-    return f"scrypt${_SCRYPT_N}${_SCRYPT_R}${_SCRYPT_P}${b64(salt).decode()}${b64(dk).decode()}"
-
-
-def verify_password(password: str, stored: str) -> bool:
-    try:
-        scheme, n, r, p, salt_b64, dk_b64 = stored.split("$")
-        if scheme != "scrypt":
-            return False
-        dk = hashlib.scrypt(
-            password.encode(),
-            salt=base64.b64decode(salt_b64),
-            n=int(n),
-            r=int(r),
-            p=int(p),
-            dklen=32,
-        )
-    except (ValueError, TypeError):
-        return False
-    return hmac.compare_digest(dk, base64.b64decode(dk_b64))
 
 
 def sign_count_ok(stored: int, received: int) -> bool:
@@ -399,26 +381,16 @@ class Fido2Authenticator:
         # Reserve this attempt BEFORE the (slow) password check, atomically: however many
         # guesses arrive at once, at most max_password_tries passwords are ever checked. The
         # right password gives its reservation back when it takes the challenge below.
-        tries = await self._reserve_try(row.id)
-        if tries is None:
+        if not await self._reserve_try(row.id):
             await self._refuse_now(code, caller, now)
         ok = await asyncio.to_thread(verify_password, password, row.password_hash)
         if not ok:
-            await self._wrong_password(row.id, row.signer_id, caller, now, tries)
+            await self._wrong_password(row.id, row.signer_id, caller, now)
         async with self.db.write() as conn:
             # Re-read under the write lock: a concurrent wrong guess may have locked it.
             row = await self._enrollment_for(conn, code, caller, now)
-            returned = await conn.execute(
-                update(enrollment)
-                .where(
-                    enrollment.c.id == row.id,
-                    enrollment.c.status == "active",
-                    enrollment.c.failed_tries > 0,
-                )
-                .values(failed_tries=enrollment.c.failed_tries - 1)
-            )
-            if returned.rowcount != 1:  # pragma: no cover - the re-read above saw it active
-                raise AccessDenied(LOCKED_TEXT)
+            if not await _ATTEMPTS.give_back(conn, _open_enrollment(row.id)):
+                raise AccessDenied(LOCKED_TEXT)  # pragma: no cover - the re-read saw it active
             srow = (await conn.execute(select(signer).where(signer.c.id == row.signer_id))).one()
             existing = (
                 await conn.execute(
@@ -459,23 +431,13 @@ class Fido2Authenticator:
             )
         return {"publicKey": dict(options.public_key)}
 
-    async def _reserve_try(self, enrollment_id: int) -> int | None:
-        """Count one attempt now (``failed_tries + 1`` while active and below the limit);
-        None when no attempt is left (locked, or every remaining one is being checked)."""
+    async def _reserve_try(self, enrollment_id: int) -> bool:
+        """Reserve one password check; False when none is left (locked, or every remaining
+        attempt is being checked)."""
         async with self.db.write() as conn:
-            row = (
-                await conn.execute(
-                    update(enrollment)
-                    .where(
-                        enrollment.c.id == enrollment_id,
-                        enrollment.c.status == "active",
-                        enrollment.c.failed_tries < self.max_password_tries,
-                    )
-                    .values(failed_tries=enrollment.c.failed_tries + 1)
-                    .returning(enrollment.c.failed_tries)
-                )
-            ).one_or_none()
-        return None if row is None else int(row.failed_tries)
+            return await _ATTEMPTS.reserve(
+                conn, _open_enrollment(enrollment_id), self.max_password_tries
+            )
 
     async def _refuse_now(self, code: str, caller: Caller, now: datetime) -> NoReturn:
         """No attempt could be reserved: say why the code cannot be used now (re-read); while
@@ -485,18 +447,16 @@ class Fido2Authenticator:
         raise AccessDenied(LOCKED_TEXT)
 
     async def _wrong_password(
-        self, enrollment_id: int, signer_id: str, caller: Caller, now: datetime, tries: int
+        self, enrollment_id: int, signer_id: str, caller: Caller, now: datetime
     ) -> NoReturn:
-        """The reserved attempt ``tries`` failed: it stays counted; the last one locks."""
+        """The reserved check failed: it counts as a wrong password; the last one locks."""
         async with self.db.write() as conn:
-            locked = False
-            if tries >= self.max_password_tries:
-                res = await conn.execute(
-                    update(enrollment)
-                    .where(enrollment.c.id == enrollment_id, enrollment.c.status == "active")
-                    .values(status="locked")
-                )
-                locked = res.rowcount == 1
+            tries, locked = await _ATTEMPTS.failed_check(
+                conn,
+                enrollment.c.id == enrollment_id,
+                _open_enrollment(enrollment_id),
+                self.max_password_tries,
+            )
             await self.audit.append(
                 conn,
                 action="enrollment.locked" if locked else "enrollment.wrong_password",

@@ -231,7 +231,9 @@ enrollment = Table(
     Column("signer_id", String(40), ForeignKey("signer.id"), nullable=False, index=True),
     Column("code_hash", String(64), nullable=False, unique=True),
     Column("password_hash", String(200), nullable=False),
+    # Wrong passwords checked, and password checks under way (gateway.passwords.AttemptLimit).
     Column("failed_tries", Integer, nullable=False, default=0),
+    Column("checking_tries", Integer, nullable=False, default=0, server_default="0"),
     Column("status", String(20), nullable=False),  # active | locked | used | revoked
     Column("expires_at", UTCDateTime(), nullable=False),
     Column("created_at", UTCDateTime(), nullable=False),
