@@ -11,9 +11,10 @@ from pathlib import Path
 from aiohttp import web
 from cryptography import x509
 
-from gateway.api import admin, auth, csc, download, health, sign_doc, signing, verify
+from gateway.api import auth, csc, download, health, sign_doc, signing, verify
 from gateway.api.keys import (
     ACTIVATION,
+    ALLOWED_ORIGINS,
     AUDIT,
     CERTIFICATES,
     CLOCK,
@@ -23,9 +24,11 @@ from gateway.api.keys import (
     KEYSTORE,
     SETTINGS,
     SIGNERS,
+    SIGNING,
+    VERIFY_POOL,
     VERIFY_TRUST,
 )
-from gateway.api.middleware import ALLOWED_ORIGINS, browser_guard, client_identity, request_context
+from gateway.api.middleware import browser_guard, client_identity, request_context
 from gateway.audit import AuditLog
 from gateway.auth.activation import SignatureActivation
 from gateway.auth.fido2 import Fido2Authenticator
@@ -36,7 +39,11 @@ from gateway.errors import ConfigError, HsmUnavailable
 from gateway.facilities import FacilityRegistry
 from gateway.hsm.api import KeyStore
 from gateway.pki import hpki
+from gateway.sign.pool import VerificationPool
+from gateway.sign.timestamp import Rfc3161Client
 from gateway.signers import SignerService, TestIssuer
+from gateway.signing.core import SigningService
+from gateway.signing.ledger import SadLedger
 from gateway.store.db import Database
 
 log = logging.getLogger("gateway.app")
@@ -142,6 +149,7 @@ def make_activation(
     db: Database,
     audit: AuditLog,
     fido2: Fido2Authenticator,
+    ledger: SadLedger | None = None,
     clock: Clock = system_clock,
 ) -> SignatureActivation:
     a = settings.activation
@@ -149,11 +157,39 @@ def make_activation(
         db=db,
         audit=audit,
         fido2=fido2,
+        ledger=ledger or SadLedger(db=db, audit=audit),
         sad_ttl=timedelta(seconds=a.sad_ttl_seconds),
         session_max_hours=a.signing_session_max_hours,
         session_max_signatures=a.signing_session_max_signatures,
         clock=clock,
     )
+
+
+def make_signing(
+    settings: Settings,
+    *,
+    db: Database,
+    audit: AuditLog,
+    ledger: SadLedger,
+    keystore: KeyStore,
+    tsa: Rfc3161Client | None,
+    clock: Clock = system_clock,
+) -> SigningService:
+    from gateway.sign.setup import signing_policy
+
+    return SigningService(
+        db=db,
+        audit=audit,
+        ledger=ledger,
+        keystore=keystore,
+        clock=clock,
+        policy=signing_policy(settings),
+        tsa=tsa,
+    )
+
+
+#: Every route table of the main listener (the delivery listener has only ``download``).
+ROUTES = (csc.routes, health.routes, auth.routes, signing.routes, sign_doc.routes, verify.routes)
 
 
 def create_app(
@@ -162,32 +198,19 @@ def create_app(
     keystore: KeyStore | None = None,
     clock: Clock = system_clock,
 ) -> web.Application:
+    """The main app. Its services exist from start-up (``cleanup_ctx``) to clean-up."""
     app = web.Application(
         client_max_size=settings.server.max_body_bytes,
         middlewares=[request_context, client_identity, browser_guard],
     )
     app[SETTINGS] = settings
+    app[CLOCK] = clock
     app[ALLOWED_ORIGINS] = settings.webauthn_origins()
-    db = Database(settings.database_url(), echo=settings.store.echo)
-    audit = make_audit(settings)
-    ks = keystore or make_keystore(settings)
-    app[DB] = db
-    app[AUDIT] = audit
-    app[KEYSTORE] = ks
-    app[CLOCK] = clock
-    app[FACILITIES] = FacilityRegistry(db=db, audit=audit)
-    app[CERTIFICATES] = ClientCertificateService(
-        settings=settings, db=db, audit=audit, registry=app[FACILITIES], clock=clock
-    )
-    app[SIGNERS] = make_signers(settings, db=db, audit=audit, keystore=ks)
-    fido2 = make_fido2(settings, db=db, audit=audit, clock=clock)
-    app[FIDO2] = fido2
-    app[ACTIVATION] = make_activation(settings, db=db, audit=audit, fido2=fido2, clock=clock)
-    app[CLOCK] = clock
 
     async def store_ctx(app: web.Application) -> AsyncIterator[None]:
         from gateway.store.db import head_revision
 
+        db = Database(settings.database_url(), echo=settings.store.echo)
         current = await db.current_revision()
         if current != head_revision():
             await db.close()
@@ -195,10 +218,13 @@ def create_app(
                 f"database schema is at {current!r}, this version needs {head_revision()!r}: "
                 "run `hpki-gateway db upgrade -c ...`"
             )
+        app[DB] = db
+        app[AUDIT] = make_audit(settings)
         yield
         await db.close()
 
     async def hsm_ctx(app: web.Application) -> AsyncIterator[None]:
+        ks = keystore or make_keystore(settings)
         # SoftHSM may not see the token while another process (a sibling worker starting at
         # the same moment, a CLI generating a key) holds its files: retry briefly at start-up.
         for attempt in range(1, HSM_START_ATTEMPTS + 1):
@@ -211,8 +237,44 @@ def create_app(
                     log.error("HSM token not available at start-up: %s", e.description)
                 else:
                     await asyncio.sleep(0.25)
+        app[KEYSTORE] = ks
         yield
         await ks.close()
+
+    async def services_ctx(app: web.Application) -> AsyncIterator[None]:
+        from gateway.sign.setup import trust_config, tsa_client
+
+        db, audit, ks = app[DB], app[AUDIT], app[KEYSTORE]
+        app[FACILITIES] = FacilityRegistry(db=db, audit=audit)
+        app[CERTIFICATES] = ClientCertificateService(
+            settings=settings, db=db, audit=audit, registry=app[FACILITIES], clock=clock
+        )
+        app[SIGNERS] = make_signers(settings, db=db, audit=audit, keystore=ks)
+        fido2 = make_fido2(settings, db=db, audit=audit, clock=clock)
+        ledger = SadLedger(db=db, audit=audit)
+        app[FIDO2] = fido2
+        app[ACTIVATION] = make_activation(
+            settings, db=db, audit=audit, fido2=fido2, ledger=ledger, clock=clock
+        )
+        tsa = tsa_client(settings)  # one HTTP session per worker
+        app[SIGNING] = make_signing(
+            settings, db=db, audit=audit, ledger=ledger, keystore=ks, tsa=tsa, clock=clock
+        )
+        # Verification trust (the sandbox's TEST TSA runs as its own process: server.py).
+        app[VERIFY_TRUST] = trust_config(settings)
+        yield
+        if tsa is not None:
+            await tsa.close()
+
+    async def verify_pool_ctx(app: web.Application) -> AsyncIterator[None]:
+        # The worker processes start on first use.
+        s = settings.signing
+        pool = VerificationPool(
+            settings, slots=s.verify_concurrency, timeout=s.verify_timeout_seconds
+        )
+        app[VERIFY_POOL] = pool
+        yield
+        pool.close()
 
     async def scheduler_ctx(app: web.Application) -> AsyncIterator[None]:
         # Every worker runs the loop; the store makes each action happen once (scheduler.py).
@@ -226,32 +288,24 @@ def create_app(
         stop.set()
         await task
 
-    app.cleanup_ctx.extend([store_ctx, hsm_ctx])
+    app.cleanup_ctx.extend([store_ctx, hsm_ctx, services_ctx, verify_pool_ctx])
     if settings.scheduler.enabled:
         app.cleanup_ctx.append(scheduler_ctx)
-    # Verification trust (the sandbox's TEST TSA runs as its own process: gateway/server.py).
-    from gateway.sign.setup import trust_config
-
-    app[VERIFY_TRUST] = trust_config(settings)
-    app.add_routes(csc.routes)
-    app.add_routes(health.routes)
-    app.add_routes(auth.routes)
-    app.add_routes(signing.routes)
-    app.add_routes(admin.routes)
-    verify.setup(app)
-    sign_doc.setup(app)
+    for table in ROUTES:
+        app.add_routes(table)
     return app
 
 
 def create_delivery_app(main: web.Application) -> web.Application:
     """The download listener's app: shares the main app's services, has only the download.
 
-    It must be cleaned up before ``main`` (which owns the database).
+    Create it once ``main`` has started, and clean it up before ``main`` (which owns the
+    database).
     """
     settings = main[SETTINGS]
     app = web.Application(client_max_size=download.MAX_FORM_BYTES, middlewares=[request_context])
     app[SETTINGS] = settings
     app[CLOCK] = main[CLOCK]
-    app[CERTIFICATES] = main[CERTIFICATES]
+    app[CERTIFICATES] = main[CERTIFICATES]  # main has started: its services exist
     app.add_routes(download.routes)
     return app

@@ -56,6 +56,8 @@ from gateway.audit import AuditLog
 from gateway.clock import Clock, system_clock
 from gateway.errors import AccessDenied, Conflict, GatewayError, InvalidRequest, NotFound
 from gateway.passwords import AttemptLimit, hash_password, verify_password
+from gateway.signing.grant import Caller as Caller
+from gateway.signing.rules import require_credential_active, require_signer_active
 from gateway.store.db import Database
 from gateway.store.schema import (
     credential,
@@ -186,15 +188,6 @@ class RegisteredAuthenticator:
 
 
 @dataclass(frozen=True, kw_only=True)
-class Caller:
-    """Who relays a ceremony: the facility (or admin) of the mTLS client certificate."""
-
-    actor: str
-    facility_id: int | None
-    institution_code: str | None
-
-
-@dataclass(frozen=True, kw_only=True)
 class VerifiedPresence:
     """A verified assertion: this signer was present and approved exactly ``binding``."""
 
@@ -261,8 +254,7 @@ class Fido2Authenticator:
             ).one_or_none()
             if srow is None:
                 raise NotFound(f"signer {signer_id} does not exist")
-            if srow.status != "active":
-                raise AccessDenied(f"signer {signer_id} is {srow.status}")
+            require_signer_active(signer_id, srow.status)
             revoked = await conn.execute(
                 update(enrollment)
                 .where(enrollment.c.signer_id == signer_id, enrollment.c.status == "active")
@@ -367,8 +359,7 @@ class Fido2Authenticator:
         if linked is None:
             raise AccessDenied("the signer of this enrollment code does not serve this facility")
         srow = (await conn.execute(select(signer).where(signer.c.id == row.signer_id))).one()
-        if srow.status != "active":
-            raise AccessDenied(f"signer {srow.id} is {srow.status}")
+        require_signer_active(srow.id, srow.status)
         return row
 
     async def register_begin(
@@ -600,10 +591,8 @@ class Fido2Authenticator:
             ).one_or_none()
             if row is None:
                 raise InvalidRequest("Invalid parameter credentialID")
-            if row.s != "active":
-                raise AccessDenied(f"signer {row.signer_id} is {row.s}")
-            if row.status != "active":
-                raise AccessDenied(f"credential {credential_id} is {row.status}")
+            require_signer_active(row.signer_id, row.s)
+            require_credential_active(credential_id, row.status)
             creds = (
                 await conn.execute(
                     select(fido_credential.c.credential_id).where(

@@ -278,6 +278,8 @@ sad = Table(
     Column("signer_id", String(40), ForeignKey("signer.id"), nullable=False),
     Column("credential_id", String(40), ForeignKey("credential.id"), nullable=False),
     Column("fido_credential_id", String(40)),
+    # How the signer proved presence (gateway.signing.grant.PRESENCE_*).
+    Column("presence", String(20), nullable=False, default="fido2", server_default="fido2"),
     Column("hash_algorithm", String(40)),  # OID; NULL for a signing session (SCAL 1)
     Column("scal", String(1), nullable=False),
     Column("num_signatures", Integer, nullable=False),

@@ -477,7 +477,7 @@ def test_sad_expires(
             fid = await _facility_id(svc, hospital["institution_code"])
             try:
                 async with svc.db.write() as conn:
-                    await svc.activation.consume(
+                    await svc.activation.ledger.consume(
                         conn,
                         sad=sad,
                         facility_id=fid,

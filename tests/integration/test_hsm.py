@@ -27,8 +27,8 @@ from pkcs11 import Attribute, ObjectClass
 from pkcs11 import exceptions as p11x
 
 from gateway.errors import ConfigError, HsmUnavailable, KeyNotFound
-from gateway.hsm.api import DigestAlgorithm, GeneratedKey, KeyHandle, KeyStore
-from gateway.hsm.pkcs11 import Pkcs11KeyHandle, Pkcs11KeyStore
+from gateway.hsm.api import DigestAlgorithm, GeneratedKey, KeyHandle, KeyStore, StoreKeyHandle
+from gateway.hsm.pkcs11 import Pkcs11KeyStore
 from tests.support.softhsm import SOFTHSM_MODULE, SoftHsmToken, make_token, process_token
 
 pytestmark = pytest.mark.hsm
@@ -93,7 +93,7 @@ async def on_pkcs11_thread(store: Pkcs11KeyStore, fn: Callable[[Any], T]) -> T:
 
 def test_store_implements_protocols(store: Pkcs11KeyStore) -> None:
     assert isinstance(store, KeyStore)
-    assert isinstance(Pkcs11KeyHandle(store, "00"), KeyHandle)
+    assert isinstance(StoreKeyHandle(store, "00"), KeyHandle)
 
 
 async def test_generated_key_is_sensitive_and_never_extractable(
@@ -161,7 +161,7 @@ async def test_wrong_digest_length_is_value_error(
         await handle.sign_digest(b"\x00" * 32, DigestAlgorithm.SHA384)
     with pytest.raises(ValueError):
         await handle.sign_digest(b"", DigestAlgorithm.SHA256)
-    assert isinstance(handle, Pkcs11KeyHandle)
+    assert isinstance(handle, StoreKeyHandle)
     with pytest.raises(ValueError):
         await handle.sign_digests([b"\x00" * 32, b"\x00" * 31], DigestAlgorithm.SHA256)
 
@@ -183,7 +183,7 @@ async def test_200_concurrent_signatures(store: Pkcs11KeyStore, generated: Gener
 
 async def test_batch_sign_digests(store: Pkcs11KeyStore, generated: GeneratedKey) -> None:
     handle = await store.get_key(generated.key_id)
-    assert isinstance(handle, Pkcs11KeyHandle)
+    assert isinstance(handle, StoreKeyHandle)
     digests = [hashlib.sha512(i.to_bytes(4, "big")).digest() for i in range(500)]
     started = time.perf_counter()
     signatures = await handle.sign_digests(digests, DigestAlgorithm.SHA512)

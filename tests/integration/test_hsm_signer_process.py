@@ -23,8 +23,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa, utils
 
 from gateway.errors import HsmUnavailable, KeyNotFound
-from gateway.hsm.api import DigestAlgorithm, GeneratedKey, KeyHandle, KeyStore
-from gateway.hsm.signer_process import SignerProcessKeyHandle, SignerProcessKeyStore
+from gateway.hsm.api import DigestAlgorithm, GeneratedKey, KeyHandle, KeyStore, StoreKeyHandle
+from gateway.hsm.signer_process import SignerProcessKeyStore
 from tests.support.softhsm import SOFTHSM_MODULE, SoftHsmToken, process_token
 
 pytestmark = pytest.mark.hsm
@@ -90,7 +90,7 @@ async def test_sign_verify_and_errors_through_the_process(
 ) -> None:
     assert isinstance(store, KeyStore)
     handle = await store.get_key(generated.key_id)
-    assert isinstance(handle, KeyHandle) and isinstance(handle, SignerProcessKeyHandle)
+    assert isinstance(handle, KeyHandle) and isinstance(handle, StoreKeyHandle)
     assert handle.key_id == generated.key_id
     for algorithm in DigestAlgorithm:
         digest = hashlib.new(algorithm.hashlib_name, b"prescription 42").digest()

@@ -9,7 +9,6 @@ import textwrap
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, cast
 
 import pytest
 from alembic.autogenerate import compare_metadata
@@ -17,12 +16,12 @@ from alembic.migration import MigrationContext
 from sqlalchemy import Connection
 
 from gateway.audit import AuditLog
-from gateway.auth.activation import SignatureActivation, SignRequest, token_hash
 from gateway.auth.mtls import identify
 from gateway.errors import AccessDenied, Conflict
 from gateway.facilities import FacilityRegistry
 from gateway.hsm.api import DigestAlgorithm
 from gateway.pki import testworld
+from gateway.signing.ledger import SadLedger, SignRequest, token_hash
 from gateway.store.db import Database
 from gateway.store.schema import metadata
 from tests.support.postgres import postgres_cluster
@@ -233,8 +232,8 @@ def _sign_request(token: str, fid: int, h: bytes, credential_id: str = "cred-1")
     )
 
 
-def _activation(db: Database, audit: AuditLog) -> SignatureActivation:
-    return SignatureActivation(db=db, audit=audit, fido2=cast(Any, None))  # no FIDO2 here
+def _activation(db: Database, audit: AuditLog) -> SadLedger:
+    return SadLedger(db=db, audit=audit)
 
 
 def test_grouped_consumption_checks_each_request_and_audits_each(url: str) -> None:

@@ -1,4 +1,7 @@
-"""enrollment: count password checks under way apart from wrong passwords
+"""enrollment checks under way; the presence method of a SAD
+
+enrollment.checking_tries counts password checks under way apart from wrong passwords;
+sad.presence records how the signer proved presence (fido2 for every existing SAD).
 
 Revision ID: 0004
 Revises: 0003
@@ -21,8 +24,14 @@ def upgrade() -> None:
         batch_op.add_column(
             sa.Column("checking_tries", sa.Integer(), nullable=False, server_default="0")
         )
+    with op.batch_alter_table("sad", schema=None) as batch_op:
+        batch_op.add_column(
+            sa.Column("presence", sa.String(length=20), nullable=False, server_default="fido2")
+        )
 
 
 def downgrade() -> None:
+    with op.batch_alter_table("sad", schema=None) as batch_op:
+        batch_op.drop_column("presence")
     with op.batch_alter_table("enrollment", schema=None) as batch_op:
         batch_op.drop_column("checking_tries")
