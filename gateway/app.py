@@ -74,7 +74,7 @@ def make_keystore(settings: Settings) -> KeyStore:
     )
 
 
-def make_audit(settings: Settings) -> AuditLog:
+def make_audit(settings: Settings, *, clock: Clock = system_clock) -> AuditLog:
     key = None
     if settings.audit.hmac_key_file is not None:
         try:
@@ -85,7 +85,7 @@ def make_audit(settings: Settings) -> AuditLog:
             ) from e
         if len(key) < 32:
             raise ConfigError("audit.hmac_key_file: the key must be at least 32 bytes")
-    return AuditLog(key=key)
+    return AuditLog(key=key, clock=clock)
 
 
 def _load_pems(paths: Sequence[Path]) -> list[x509.Certificate]:
@@ -219,7 +219,7 @@ def create_app(
                 "run `hpki-gateway db upgrade -c ...`"
             )
         app[DB] = db
-        app[AUDIT] = make_audit(settings)
+        app[AUDIT] = make_audit(settings, clock=clock)
         yield
         await db.close()
 

@@ -11,7 +11,8 @@ options whose 48-byte challenge is ``nonce(16) || SHA-256(binding)`` where ``bin
 canonical JSON ``{"credentialID", "hashAlgorithmOID", "hashes": [sorted base64], "numSignatures"}``
 (keys sorted, no whitespace). A client can recompute the tail and see that the authenticator
 signs a commitment to its hashes; the server keeps the challenge state in the database
-(single use, short TTL) and, when the assertion comes back, recomputes the binding from the
+(single use, short TTL, with the state python-fido2's ``*_begin`` returned, handed back to
+``*_complete`` as is) and, when the assertion comes back, recomputes the binding from the
 ``credentials/authorize`` request and compares it in constant time. User verification is
 required; the sign count must grow (a clone of the authenticator shows as a regression).
 
@@ -116,7 +117,7 @@ def bound_challenge(nonce: bytes, binding: bytes) -> bytes:
 
 
 def challenge_id(challenge: bytes) -> str:
-    """Primary key of the challenge state: the challenge itself is never stored."""
+    """Primary key of the challenge state, found again from the challenge in the response."""
     return hashlib.sha256(challenge).hexdigest()
 
 
@@ -204,6 +205,7 @@ class ChallengeState:
     facility_id: int | None
     credential_id: str | None
     binding: bytes
+    fido2_state: dict[str, Any]  # what python-fido2's *_begin returned, as it was
 
 
 class Fido2Authenticator:
@@ -397,7 +399,7 @@ class Fido2Authenticator:
                 for c in existing
             ]
             challenge = secrets.token_bytes(32)
-            options, _state = self.server.register_begin(
+            options, state = self.server.register_begin(
                 PublicKeyCredentialUserEntity(
                     id=row.signer_id.encode(),
                     name=row.signer_id,
@@ -416,6 +418,7 @@ class Fido2Authenticator:
                     facility_id=caller.facility_id,
                     enrollment_id=row.id,
                     binding=json.dumps({"enrollment": row.id}),
+                    fido2_state=json.dumps(state),
                     created_at=now,
                     expires_at=now + self.challenge_ttl,
                 )
@@ -490,13 +493,7 @@ class Fido2Authenticator:
                 if json.loads(state.binding) != {"enrollment": row.id}:
                     raise InvalidRequest("the challenge was issued for another enrollment code")
                 try:
-                    auth_data = self.server.register_complete(
-                        {
-                            "challenge": websafe_encode(challenge),
-                            "user_verification": UserVerificationRequirement.REQUIRED,
-                        },
-                        registration,
-                    )
+                    auth_data = self.server.register_complete(state.fido2_state, registration)
                 except ValueError as e:
                     raise InvalidRequest(f"registration refused: {e}") from e
                 cred = auth_data.credential_data
@@ -618,7 +615,7 @@ class Fido2Authenticator:
                 num_signatures=num_signatures,
             )
             challenge = bound_challenge(secrets.token_bytes(NONCE_BYTES), binding)
-            options, _state = self.server.authenticate_begin(
+            options, state = self.server.authenticate_begin(
                 credentials=allow,
                 user_verification=UserVerificationRequirement.REQUIRED,
                 challenge=challenge,
@@ -631,6 +628,7 @@ class Fido2Authenticator:
                     facility_id=caller.facility_id,
                     credential_id=credential_id,
                     binding=binding.decode(),
+                    fido2_state=json.dumps(state),
                     created_at=now,
                     expires_at=now + self.challenge_ttl,
                 )
@@ -644,7 +642,7 @@ class Fido2Authenticator:
         row = (
             await conn.execute(select(webauthn_challenge).where(webauthn_challenge.c.id == cid))
         ).one_or_none()
-        if row is None or row.kind != kind:
+        if row is None or row.kind != kind or row.fido2_state is None:
             raise InvalidRequest("unknown challenge: call begin first")
         if row.used_at is not None:
             raise InvalidRequest("challenge was already used")
@@ -663,6 +661,7 @@ class Fido2Authenticator:
             facility_id=row.facility_id,
             credential_id=row.credential_id,
             binding=row.binding.encode(),
+            fido2_state=json.loads(row.fido2_state),
         )
 
     @staticmethod
@@ -712,12 +711,7 @@ class Fido2Authenticator:
             raise InvalidRequest("the authenticator is not registered for this signer")
         try:
             self.server.authenticate_complete(
-                {
-                    "challenge": websafe_encode(challenge),
-                    "user_verification": UserVerificationRequirement.REQUIRED,
-                },
-                [AttestedCredentialData(frow.credential_data)],
-                assertion,
+                state.fido2_state, [AttestedCredentialData(frow.credential_data)], assertion
             )
         except ValueError as e:
             raise InvalidRequest(f"WebAuthn assertion refused: {e}") from e

@@ -264,6 +264,8 @@ webauthn_challenge = Table(
     Column("enrollment_id", Integer, ForeignKey("enrollment.id")),
     Column("credential_id", String(40)),  # the CSC credential (authenticate)
     Column("binding", Text, nullable=False),  # canonical JSON the challenge commits to
+    # The state python-fido2's *_begin returned, as JSON, handed back to *_complete as is.
+    Column("fido2_state", Text),
     Column("created_at", UTCDateTime(), nullable=False),
     Column("expires_at", UTCDateTime(), nullable=False, index=True),
     Column("used_at", UTCDateTime()),
