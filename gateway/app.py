@@ -11,7 +11,7 @@ from pathlib import Path
 from aiohttp import web
 from cryptography import x509
 
-from gateway.api import auth, csc, download, health, sign_doc, signing, verify
+from gateway.api import admin, auth, csc, download, health, sign_doc, signing, verify
 from gateway.api.keys import (
     ACTIVATION,
     ALLOWED_ORIGINS,
@@ -189,7 +189,15 @@ def make_signing(
 
 
 #: Every route table of the main listener (the delivery listener has only ``download``).
-ROUTES = (csc.routes, health.routes, auth.routes, signing.routes, sign_doc.routes, verify.routes)
+ROUTES = (
+    csc.routes,
+    health.routes,
+    auth.routes,
+    signing.routes,
+    sign_doc.routes,
+    verify.routes,
+    admin.routes,
+)
 
 
 def create_app(

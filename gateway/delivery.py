@@ -8,8 +8,9 @@ password sent in a separate mail; a resend opens a new 14-day window. Here:
 - the PKCS#12 (itself encrypted under the p12 password that exists only on the printed notice)
   is wrapped with AES-256-GCM under ``certificates.delivery_key_file`` and deleted from the
   store the moment it is downloaded (or its certificate is revoked);
-- wrong passwords are counted in the store; at ``max_download_attempts`` the link locks until an
-  officer resends (new token, new password, new window).
+- wrong passwords are counted in the store (``ATTEMPTS``: a check is reserved before the slow
+  scrypt); at ``max_download_attempts`` wrong ones the link locks until an officer resends
+  (new token, new password, new window).
 """
 
 from __future__ import annotations
@@ -27,11 +28,16 @@ from sqlalchemy import insert, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from gateway.errors import ConfigError, Conflict, GatewayError, Gone, Locked
+from gateway.passwords import AttemptLimit
 from gateway.passwords import hash_password as hash_password
 from gateway.passwords import verify_password as verify_password
 from gateway.store.schema import certificate_delivery
 
 _WRAP_VERSION = b"hgw1"
+#: Wrong download passwords and the checks under way, per link (gateway/passwords.py).
+ATTEMPTS = AttemptLimit(
+    certificate_delivery, failed="failed_attempts", checking="checking_attempts"
+)
 
 
 def token_hash(token: str) -> str:
@@ -102,6 +108,7 @@ async def create_in(
             expires_at=expires,
             rounds=1,
             failed_attempts=0,
+            checking_attempts=0,
         )
     )
     return expires
@@ -154,6 +161,7 @@ async def reset_window_in(
                 expires_at=expires,
                 rounds=certificate_delivery.c.rounds + 1,
                 failed_attempts=0,
+                checking_attempts=0,
                 locked_at=None,
             )
             .returning(certificate_delivery.c.rounds)

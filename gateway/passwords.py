@@ -21,6 +21,7 @@ import base64
 import hashlib
 import hmac
 import secrets
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -63,15 +64,14 @@ def verify_password(password: str, stored: str) -> bool:
 class AttemptLimit:
     """The attempt counters of one table (see the module docstring).
 
-    ``failed`` and ``checking`` name integer columns of ``table``; ``lock`` holds the values
-    that mark a row locked. Every method takes the condition selecting the row while it is
-    still usable (``open_row``): a row that stopped being usable is never counted.
+    ``failed`` and ``checking`` name integer columns of ``table``. Every method takes the
+    condition selecting the row while it is still usable (``open_row``): a row that stopped
+    being usable is never counted.
     """
 
     table: Table
     failed: str
     checking: str
-    lock: dict[str, Any]
 
     async def reserve(
         self, conn: AsyncConnection, open_row: ColumnElement[bool], limit: int
@@ -101,12 +101,13 @@ class AttemptLimit:
         row: ColumnElement[bool],
         open_row: ColumnElement[bool],
         limit: int,
+        lock: Mapping[str, Any],
     ) -> tuple[int, bool]:
         """The reserved check found a wrong password: count it; the ``limit``-th locks.
 
         Returns (wrong passwords so far, whether this one locked the row). ``row`` selects the
         row whatever its state (a concurrent change must not lose the count); only an
-        ``open_row`` is locked.
+        ``open_row`` is locked, by writing the values ``lock``.
         """
         t = self.table.c
         counted = (
@@ -125,5 +126,5 @@ class AttemptLimit:
         failed = int(counted[0])
         if failed < limit:
             return failed, False
-        res = await conn.execute(update(self.table).where(open_row).values(self.lock))
+        res = await conn.execute(update(self.table).where(open_row).values(dict(lock)))
         return failed, res.rowcount == 1

@@ -78,9 +78,7 @@ _PASSWORD_ALPHABET = "23456789abcdefghjkmnpqrstuvwxyzABCDEFGHJKLMNPQRSTUVWXYZ"  
 LOCKED_TEXT = "enrollment code is locked after too many wrong passwords: ask for a new one"
 
 
-_ATTEMPTS = AttemptLimit(
-    enrollment, failed="failed_tries", checking="checking_tries", lock={"status": "locked"}
-)
+_ATTEMPTS = AttemptLimit(enrollment, failed="failed_tries", checking="checking_tries")
 
 
 def _open_enrollment(enrollment_id: int) -> ColumnElement[bool]:
@@ -450,6 +448,7 @@ class Fido2Authenticator:
                 enrollment.c.id == enrollment_id,
                 _open_enrollment(enrollment_id),
                 self.max_password_tries,
+                lock={"status": "locked"},
             )
             await self.audit.append(
                 conn,

@@ -192,7 +192,9 @@ certificate_delivery = Table(
     Column("window_started_at", UTCDateTime(), nullable=False),
     Column("expires_at", UTCDateTime(), nullable=False),
     Column("rounds", Integer, nullable=False, default=1),
+    # Wrong passwords checked, and password checks under way (gateway.passwords.AttemptLimit).
     Column("failed_attempts", Integer, nullable=False, default=0),
+    Column("checking_attempts", Integer, nullable=False, default=0, server_default="0"),
     Column("locked_at", UTCDateTime()),
     Column("downloaded_at", UTCDateTime()),
 )

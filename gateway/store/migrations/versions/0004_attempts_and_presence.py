@@ -1,6 +1,7 @@
 """enrollment checks under way; the presence method of a SAD
 
-enrollment.checking_tries counts password checks under way apart from wrong passwords;
+enrollment.checking_tries and certificate_delivery.checking_attempts count password checks
+under way apart from wrong passwords;
 sad.presence records how the signer proved presence (fido2 for every existing SAD);
 webauthn_challenge.fido2_state keeps the state python-fido2 returned with the challenge.
 
@@ -25,6 +26,10 @@ def upgrade() -> None:
         batch_op.add_column(
             sa.Column("checking_tries", sa.Integer(), nullable=False, server_default="0")
         )
+    with op.batch_alter_table("certificate_delivery", schema=None) as batch_op:
+        batch_op.add_column(
+            sa.Column("checking_attempts", sa.Integer(), nullable=False, server_default="0")
+        )
     with op.batch_alter_table("webauthn_challenge", schema=None) as batch_op:
         batch_op.add_column(sa.Column("fido2_state", sa.Text(), nullable=True))
     with op.batch_alter_table("sad", schema=None) as batch_op:
@@ -34,6 +39,8 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
+    with op.batch_alter_table("certificate_delivery", schema=None) as batch_op:
+        batch_op.drop_column("checking_attempts")
     with op.batch_alter_table("webauthn_challenge", schema=None) as batch_op:
         batch_op.drop_column("fido2_state")
     with op.batch_alter_table("sad", schema=None) as batch_op:
