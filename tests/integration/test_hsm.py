@@ -1,4 +1,6 @@
-"""Pkcs11KeyStore against a real SoftHSM2 token.
+"""Pkcs11KeyStore against a real SoftHSM2 token: what only the in-process store does (its
+PKCS#11 thread, outages and reconnects, raw attacks on the key). The KeyStore contract itself is
+tests/integration/test_keystore_contract.py, run against every store.
 
 The whole pytest process shares ONE SoftHSM configuration (python-pkcs11 loads the module once
 per process, and SoftHSM reads SOFTHSM2_CONF only at C_Initialize): the token comes from

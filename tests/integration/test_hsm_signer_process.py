@@ -1,7 +1,8 @@
 """SignerProcessKeyStore: the PKCS#11 session in a child process, against a real SoftHSM2 token.
 
-The child runs ``Pkcs11KeyStore``, whose own behaviour ``test_hsm.py`` covers in depth; these
-tests check what the process boundary adds: the same results, errors, texts and log lines on the
+The child runs ``Pkcs11KeyStore``, whose own behaviour ``test_hsm.py`` covers in depth, and the
+KeyStore contract runs against both stores in ``test_keystore_contract.py``; these tests check
+what the process boundary adds: the same results, errors, texts and log lines on the
 worker side, a child that dies with its worker, and a new child when it dies.
 """
 
