@@ -5,9 +5,10 @@ threads (python-pkcs11 releases and re-takes it around every ``C_Sign``), so a s
 the thread about twice its CPU time in wall time. The child has one thread and nothing else to
 do; the worker never loads the PKCS#11 module.
 
-The child (``python -m gateway.hsm.signer_process``) runs an ordinary ``Pkcs11KeyStore`` and calls
-its public blocking API (``open_blocking``, ``sign_digests_blocking``, ...) on its main thread, so the fault model, the reconnect behaviour, the
-error texts and the log lines are exactly those of the in-process store; SoftHSM sees one
+The child (``python -m gateway.hsm.signer_process``) runs an ordinary ``Pkcs11KeyStore`` and
+calls its public blocking API (``open_blocking``, ``sign_digests_blocking``, ...) on its main
+thread, so the fault model, the reconnect behaviour, the error texts and the log lines are
+exactly those of the in-process store; SoftHSM sees one
 session per worker, as before. Protocol: on the child's stdin and stdout (moved off fds 0/1 at
 start, so nothing else can write into the protocol), frames of a 4-byte big-endian length and a
 pickle: the request ``(request_id, operation, args)``, the answer ``(request_id, ok, value)``
