@@ -41,7 +41,7 @@ from gateway.facilities import (
     normalize_serial,
     validate_institution_code,
 )
-from gateway.notice import PasswordNotice, jp_date, render_password_notice
+from gateway.notice import NoticeFonts, PasswordNotice, jp_date, render_password_notice
 from gateway.pki import facility_ca, testworld
 from gateway.store.db import Database
 from gateway.store.schema import certificate_delivery, client_certificate, facility
@@ -89,6 +89,12 @@ class ResendResult:
 
 
 class ClientCertificateService:
+    def notice_fonts(self) -> NoticeFonts:
+        c = self.settings.certificates
+        return NoticeFonts(
+            mincho=c.notice_font_mincho, gothic=c.notice_font_gothic, mono=c.notice_font_mono
+        )
+
     def __init__(
         self,
         *,
@@ -252,6 +258,8 @@ class ClientCertificateService:
         rotation_kind: str | None = None,
         rotation_reason: str | None = None,
     ) -> IssueResult:
+        # A missing font stops the issuance before a serial or a key is spent.
+        self.notice_fonts().check()
         code = new_code or fac.institution_code
         provisional = fac.provisional and new_code is None
         file_name = self.settings.p12_file_name()
@@ -293,6 +301,7 @@ class ClientCertificateService:
                 download_expires=window.expires_at if window else None,
                 p12_password=material.p12_password,
             ),
+            self.notice_fonts(),
         )
         # The paper half is written before the commit: if the outbox cannot be written, nothing
         # is registered (a certificate whose password nobody can read would be useless).
