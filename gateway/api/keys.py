@@ -7,12 +7,12 @@ from aiohttp import web
 from gateway.audit import AuditLog
 from gateway.auth.activation import SignatureActivation
 from gateway.auth.fido2 import Fido2Authenticator
-from gateway.certificates import ClientCertificateService
 from gateway.clock import Clock
 from gateway.config import Settings
-from gateway.facilities import FacilityRegistry
 from gateway.hsm.api import KeyStore
-from gateway.signers import SignerService
+from gateway.lifecycle.certificates import ClientCertificateService
+from gateway.lifecycle.facilities import FacilityRegistry
+from gateway.lifecycle.signers import SignerService
 from gateway.store.db import Database
 
 SETTINGS = web.AppKey("settings", Settings)

@@ -48,6 +48,7 @@ __all__ = [
     "SubjectDirectoryAttributes",
     "build_hcrole_extension_value",
     "check_signing_profile",
+    "default_trust",
     "inspect_certificate",
     "load_bundled_anchors",
     "parse_hcroles",
@@ -478,3 +479,16 @@ def load_bundled_anchors() -> dict[str, x509.Certificate]:
                 entry.read_bytes()
             )
     return out
+
+
+def default_trust() -> tuple[list[x509.Certificate], list[x509.Certificate]]:
+    """The secure default when no trust is configured: ``(anchors, intermediates)``.
+
+    The bundled self-signed roots (MHLW HPKI root, JPKI signing roots) are the anchors, the
+    bundled issuing CAs (MEDIS) the intermediates, so that a chain is always checked, offline.
+    """
+    bundled = load_bundled_anchors().values()
+    return (
+        [c for c in bundled if c.subject == c.issuer],
+        [c for c in bundled if c.subject != c.issuer],
+    )

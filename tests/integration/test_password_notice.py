@@ -16,7 +16,7 @@ import pytest
 
 from gateway.config import CertificateSettings
 from gateway.errors import ConfigError
-from gateway.notice import NoticeFonts, PasswordNotice, render_password_notice
+from gateway.lifecycle.notice import NoticeFonts, PasswordNotice, render_password_notice
 
 _NOTICE = PasswordNotice(
     service_name="hpki-gateway",

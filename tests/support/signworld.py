@@ -16,7 +16,7 @@ from cryptography.hazmat.primitives import serialization
 
 from gateway.errors import HsmUnavailable
 from gateway.hsm.pkcs11 import Pkcs11KeyHandle, Pkcs11KeyStore
-from gateway.pki import testworld
+from gateway.sandbox import testworld
 
 
 @dataclass

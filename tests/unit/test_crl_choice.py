@@ -9,8 +9,8 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from gateway.pki import testworld
 from gateway.pki.crl import CrlSource
+from gateway.sandbox import testworld
 
 NOW = dt.datetime.now(dt.UTC)
 World = tuple[testworld.CertAndKey, testworld.CertAndKey, x509.Certificate]

@@ -12,7 +12,7 @@ import hashlib
 import json
 import re
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 from cryptography import x509
@@ -22,13 +22,13 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from gateway.audit import AuditLog
+from gateway.clock import Clock, system_clock
 from gateway.errors import Conflict, InvalidRequest, NotFound
 from gateway.store.db import Database
 from gateway.store.schema import admin, client_certificate, facility
 
 FEE_TABLES = {"1": "medical", "3": "dental", "4": "pharmacy"}
 FACILITY_KINDS = ("hospital", "clinic", "dental_clinic", "pharmacy")
-FACILITY_STATUSES = ("active", "suspended", "stopped")
 _CODE_RE = re.compile(r"[0-9]{10}")  # ASCII only: \d also matches full-width digits
 _EMAIL_RE = re.compile(r"[^@\s<>\\\"]{1,64}@[A-Za-z0-9.-]{1,253}\.[A-Za-z]{2,63}")
 TERMINAL_LABEL_MAX = 64
@@ -177,9 +177,10 @@ def certificate_json(row: Any, now: datetime) -> dict[str, Any]:
 class FacilityRegistry:
     """Registry operations; every change is audited in its own transaction."""
 
-    def __init__(self, *, db: Database, audit: AuditLog) -> None:
+    def __init__(self, *, db: Database, audit: AuditLog, clock: Clock = system_clock) -> None:
         self.db = db
         self.audit = audit
+        self.clock = clock
 
     @staticmethod
     async def ensure_code_free(conn: AsyncConnection, code: str) -> None:
@@ -232,7 +233,7 @@ class FacilityRegistry:
         if contact_email is not None:
             contact_email = validate_email(contact_email)
         policy = {"per_terminal_certificates": True} if per_terminal else {}
-        now = now or datetime.now(UTC)
+        now = now or self.clock()
         async with self.db.write() as conn:
             await self.ensure_code_free(conn, institution_code)
             if dental_code is not None:
@@ -321,7 +322,7 @@ class FacilityRegistry:
             raise InvalidRequest(f"facility status {status!r} is not 'active' or 'suspended'")
         if status == "suspended" and not (reason and reason.strip()):
             raise InvalidRequest("a suspension needs a reason")
-        now = now or datetime.now(UTC)
+        now = now or self.clock()
         async with self.db.write() as conn:
             fac = await self.get_in(conn, institution_code)
             if fac.status == "stopped":
@@ -349,7 +350,7 @@ class FacilityRegistry:
     ) -> Facility:
         """Record the co-located dental department's code under the medical registration."""
         validate_dental_link(institution_code, dental_code)
-        now = now or datetime.now(UTC)
+        now = now or self.clock()
         async with self.db.write() as conn:
             fac = await self.get_in(conn, institution_code, for_update=True)
             if fac.dental_code == dental_code:
@@ -386,7 +387,7 @@ class FacilityRegistry:
         """Change the per-terminal policy and/or the contact address."""
         if contact_email is not None:
             contact_email = validate_email(contact_email)
-        now = now or datetime.now(UTC)
+        now = now or self.clock()
         async with self.db.write() as conn:
             fac = await self.get_in(conn, institution_code, for_update=True)
             policy = dict(fac.policy)
@@ -445,7 +446,7 @@ class FacilityRegistry:
         refused unless the facility policy allows per-terminal certificates (then one per
         terminal label). A certificate is never silently replaced: rotation is explicit.
         """
-        now = now or datetime.now(UTC)
+        now = now or self.clock()
         async with self.db.write() as conn:
             serial, _ = await self.register_in(
                 conn,
@@ -568,16 +569,6 @@ class FacilityRegistry:
             f"{existing.serial_hex} (one per facility; rotate it instead)"
         )
 
-    async def revoke_certificate(
-        self, serial_hex: str, *, reason: str, actor: str, now: datetime | None = None
-    ) -> None:
-        if not reason.strip():
-            raise InvalidRequest("a revocation needs a reason")
-        serial_hex = normalize_serial(serial_hex)
-        now = now or datetime.now(UTC)
-        async with self.db.write() as conn:
-            await self.revoke_in(conn, serial_hex, reason=reason, actor=actor, now=now)
-
     async def revoke_in(
         self,
         conn: AsyncConnection,
@@ -618,7 +609,7 @@ class FacilityRegistry:
     async def certificates(
         self, institution_code: str, *, now: datetime | None = None
     ) -> list[dict[str, Any]]:
-        now = now or datetime.now(UTC)
+        now = now or self.clock()
         fac = await self.get(institution_code)
         async with self.db.read() as conn:
             rows = (

@@ -25,9 +25,10 @@ from gateway.errors import ConfigError
 # reportlab is imported when a notice is rendered, not when the gateway starts: it costs ~0.1 s
 # of start-up per worker, and most workers never render a notice.
 
+
 @dataclass(frozen=True, kw_only=True)
 class NoticeFonts:
-    """The TrueType files the notice embeds (subsets), each named after the setting it comes from."""
+    """The TrueType files the notice embeds (subsets), named like their settings."""
 
     mincho: Path
     gothic: Path

@@ -16,18 +16,20 @@ Layout of DIR (all paths in the manifest are absolute):
 from __future__ import annotations
 
 import json
-import os
 import secrets
 import shutil
 import subprocess
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 from cryptography.hazmat.primitives import serialization
 
+from gateway.clock import Clock, system_clock
 from gateway.errors import ConfigError
-from gateway.pki import facility_ca, testworld
+from gateway.files import write_private
+from gateway.pki import facility_ca
+from gateway.sandbox import testworld
 
 MANIFEST_VERSION = 1
 TOKEN_LABEL = "hpki-gateway"  # noqa: S105 - a label, not a secret
@@ -65,18 +67,6 @@ SIGNERS = [
         "facilities": ["1340000019"],
     },
 ]
-
-
-def _write_private(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-
-
-def _pem(cert: Any) -> bytes:
-    data: bytes = cert.public_bytes(serialization.Encoding.PEM)
-    return data
 
 
 def init_token(softhsm_dir: Path, pin_file: Path, so_pin_file: Path) -> Path:
@@ -180,12 +170,17 @@ format = "json"
 
 
 async def init_sandbox(
-    directory: Path, *, port: int = 8443, force: bool = False, tsa_port: int | None = None
+    directory: Path,
+    *,
+    port: int = 8443,
+    force: bool = False,
+    tsa_port: int | None = None,
+    clock: Clock = system_clock,
 ) -> dict[str, Any]:
     """Build the world and return the manifest (also written to DIR/manifest.json)."""
     from gateway.app import make_audit, make_fido2, make_keystore, make_signers
     from gateway.config import load_settings
-    from gateway.facilities import FacilityRegistry
+    from gateway.lifecycle.facilities import FacilityRegistry
     from gateway.store.db import Database
 
     d = directory.resolve()
@@ -197,12 +192,12 @@ async def init_sandbox(
         for f in ("gateway.toml", "manifest.json"):
             (d / f).unlink(missing_ok=True)
     d.mkdir(parents=True, exist_ok=True)
-    now = datetime.now(UTC)
+    now = clock()
 
     # HSM token
     init_token(d / "softhsm", d / "secrets" / "hsm.pin", d / "secrets" / "so.pin")
-    _write_private(d / "secrets" / "audit.key", secrets.token_hex(32).encode())
-    _write_private(d / "secrets" / "delivery.key", secrets.token_hex(32).encode())
+    write_private(d / "secrets" / "audit.key", secrets.token_hex(32).encode())
+    write_private(d / "secrets" / "delivery.key", secrets.token_hex(32).encode())
 
     # PKI
     pki = d / "pki"
@@ -238,7 +233,7 @@ async def init_sandbox(
     tls = d / "tls"
     tls.mkdir(exist_ok=True)
     (tls / "server.pem").write_bytes(server.cert_pem() + server_ca.cert_pem())
-    _write_private(tls / "server.key", server.key_pem())
+    write_private(tls / "server.key", server.key_pem())
 
     tsa_port = tsa_port or _free_port()
     (d / "gateway.toml").write_text(_settings_toml(port, tsa_port), encoding="utf-8")

@@ -33,11 +33,11 @@ from typing import Any
 from sqlalchemy import and_, delete, insert, or_, select, update
 from sqlalchemy.exc import IntegrityError
 
-from gateway import mailer
-from gateway.certificates import ClientCertificateService
 from gateway.clock import JST, days_left, jst_date
 from gateway.errors import GatewayError
-from gateway.notice import jp_date
+from gateway.lifecycle import mailer
+from gateway.lifecycle.certificates import ClientCertificateService
+from gateway.lifecycle.notice import jp_date
 from gateway.store.schema import (
     client_certificate,
     facility,

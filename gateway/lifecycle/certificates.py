@@ -6,7 +6,7 @@ The rules come from the source documents (HPKI.md §6):
   notice (PDF) with the PKCS#12 password; the file is kept (wrapped) only until downloaded;
 - a rotation (institution code change, provisional → real code, renewal) makes the new
   certificate active at once and schedules the old one's revocation one calendar month after
-  the new one's issue date; the scheduler carries it out (gateway/scheduler.py);
+  the new one's issue date; the scheduler carries it out (gateway/lifecycle/scheduler.py);
 - stopping the service revokes at once; a certificate is never silently replaced;
 - every revocation republishes the facility CA's CRL.
 
@@ -28,12 +28,13 @@ from cryptography import x509
 from sqlalchemy import and_, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from gateway import delivery, mailer
 from gateway.audit import AuditLog
 from gateway.clock import Clock, add_months, days_left, jst_date, system_clock
 from gateway.config import Settings
 from gateway.errors import ConfigError, Conflict, GatewayError, InvalidRequest, NotFound
-from gateway.facilities import (
+from gateway.files import write_private
+from gateway.lifecycle import delivery, mailer
+from gateway.lifecycle.facilities import (
     Facility,
     FacilityRegistry,
     certificate_json,
@@ -41,14 +42,13 @@ from gateway.facilities import (
     normalize_serial,
     validate_institution_code,
 )
-from gateway.notice import NoticeFonts, PasswordNotice, jp_date, render_password_notice
-from gateway.pki import facility_ca, testworld
+from gateway.lifecycle.notice import NoticeFonts, PasswordNotice, jp_date, render_password_notice
+from gateway.pki import facility_ca
+from gateway.pki.issue import CertAndKey
 from gateway.store.db import Database
 from gateway.store.schema import certificate_delivery, client_certificate, facility
 
 log = logging.getLogger("gateway.certificates")
-
-ROTATION_KINDS = ("renewal", "code_change", "provisional_to_real")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -109,13 +109,13 @@ class ClientCertificateService:
         self.audit = audit
         self.registry = registry or FacilityRegistry(db=db, audit=audit)
         self.clock = clock
-        self._ca: testworld.CertAndKey | None = None
+        self._ca: CertAndKey | None = None
         self._wrapper: delivery.P12Wrapper | None = None
 
     # -- configuration ----------------------------------------------------------------------
 
     @property
-    def ca(self) -> testworld.CertAndKey:
+    def ca(self) -> CertAndKey:
         if self._ca is None:
             pki = self.settings.pki
             self._ca = facility_ca.load_ca(pki.facility_ca_cert, pki.facility_ca_key)
@@ -306,7 +306,7 @@ class ClientCertificateService:
         # The paper half is written before the commit: if the outbox cannot be written, nothing
         # is registered (a certificate whose password nobody can read would be useless).
         notice_path = box / "password-notice.pdf"
-        mailer.write_private(notice_path, notice_pdf)
+        write_private(notice_path, notice_pdf)
         replaced: list[dict[str, str]] = []
         try:
             async with self.db.write() as conn:
