@@ -59,6 +59,7 @@ __all__ = [
     "make_hpki_signing_ca",
     "make_server_ca",
     "make_tsa_ca",
+    "new_key",
     "pkcs12_bytes",
     "random_serial",
 ]

@@ -33,7 +33,7 @@ from gateway.sandbox import testworld
 
 MANIFEST_VERSION = 1
 TOKEN_LABEL = "hpki-gateway"  # noqa: S105 - a label, not a secret
-SOFTHSM_CONFIG_DIR = Path(__file__).resolve().parent.parent / "softhsm-config"
+SOFTHSM_CONFIG_DIR = Path(__file__).resolve().parents[2] / "softhsm-config"
 
 FACILITIES = [
     {
