@@ -25,7 +25,8 @@ CERTIFICATES = web.AppKey("certificates", ClientCertificateService)
 #: The injectable clock (tests walk through time; otherwise system_clock).
 CLOCK: web.AppKey[Clock] = web.AppKey("clock")
 
-# issue 4: verification trust (anchors, CRLs, role mapping) built once from the settings.
+# Verification trust (anchors, CRLs, role mapping): built once from the settings, since
+# loading anchors and CRL files per request would cost more than most verifications.
 from gateway.sign.verify import TrustConfig  # noqa: E402 - grouped with its key on purpose
 
 VERIFY_TRUST = web.AppKey("verify_trust", TrustConfig)

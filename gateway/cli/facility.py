@@ -166,7 +166,8 @@ async def cmd_facility_issue_cert(args: argparse.Namespace) -> int:
             hand_over_dir=Path(args.out) if args.out else None,
         )
     data = res.to_json_dict(include_secrets=True)
-    if res.hand_over:  # the keys the older command printed
+    # A hand-over in person: the file paths and the PKCS#12 password, in the keys scripts read.
+    if res.hand_over:
         data.update(res.hand_over)
     emit(args, data, _issue_text(res, "issued"))
     return 0

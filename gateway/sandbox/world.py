@@ -218,7 +218,8 @@ async def init_sandbox(
     ):
         crl = testworld.make_crl(ca, revoked=[], now=now, next_update=timedelta(days=7))
         (pki / f"{name}.crl").write_bytes(crl.public_bytes(serialization.Encoding.DER))
-    # The TEST TSA (issue 4): its own root, a certificate with the timeStamping EKU only.
+    # The TEST TSA: its own root (real TSAs are not HPKI), a certificate with the
+    # timeStamping EKU only (RFC 3161 §2.3).
     tsa_ca = testworld.make_tsa_ca(now=now)
     tsa = testworld.issue_tsa_cert(tsa_ca, now=now)
     tsa_ca.write(pki / "tsa-ca.pem", pki / "tsa-ca.key")
