@@ -52,6 +52,15 @@ log = logging.getLogger("gateway.certificates")
 
 
 @dataclass(frozen=True, kw_only=True)
+class _PendingDelivery:
+    """A download window about to be stored with its certificate."""
+
+    window: delivery.DeliveryWindow
+    password_hash: str
+    wrapped_p12: bytes
+
+
+@dataclass(frozen=True, kw_only=True)
 class IssueResult:
     """What an issuance did; no secrets unless ``hand_over`` (files written for the officer)."""
 
@@ -261,7 +270,6 @@ class ClientCertificateService:
         # A missing font stops the issuance before a serial or a key is spent.
         self.notice_fonts().check()
         code = new_code or fac.institution_code
-        provisional = fac.provisional and new_code is None
         file_name = self.settings.p12_file_name()
         material = await asyncio.to_thread(
             facility_ca.issue_material,
@@ -274,82 +282,35 @@ class ClientCertificateService:
         )
         serial = material.serial_hex
         box = self.outbox / code / serial
-        window: delivery.DeliveryWindow | None = None
-        password_hash = wrapped = None
-        if hand_over_dir is None:
-            token, download_password = delivery.new_secrets()
-            password_hash = await asyncio.to_thread(delivery.hash_password, download_password)
-            wrapped = self.wrapper.wrap(material.p12, serial)
-            window = delivery.DeliveryWindow(
-                token=token,
-                password=download_password,
-                expires_at=now + timedelta(days=self.settings.certificates.download_days),
-                round=1,
-            )
-        notice_pdf = await asyncio.to_thread(
-            render_password_notice,
-            PasswordNotice(
-                service_name=self.settings.service.name,
-                facility_name=fac.name,
-                institution_code=code,
-                provisional=provisional,
-                terminal_label=terminal,
-                serial_hex=serial,
-                issued=now,
-                expires=material.cert.not_valid_after_utc,
-                file_name=file_name,
-                download_expires=window.expires_at if window else None,
-                p12_password=material.p12_password,
-            ),
-            self.notice_fonts(),
+        pending = None if hand_over_dir is not None else await self._new_delivery(material, now)
+        window = pending.window if pending is not None else None
+        notice_path = await self._write_notice(
+            fac,
+            code=code,
+            provisional=fac.provisional and new_code is None,
+            terminal=terminal,
+            material=material,
+            file_name=file_name,
+            window=window,
+            box=box,
+            now=now,
         )
-        # The paper half is written before the commit: if the outbox cannot be written, nothing
-        # is registered (a certificate whose password nobody can read would be useless).
-        notice_path = box / "password-notice.pdf"
-        write_private(notice_path, notice_pdf)
-        replaced: list[dict[str, str]] = []
         try:
-            async with self.db.write() as conn:
-                if replace is not None:
-                    replaced.append(
-                        await self._schedule_replacement(
-                            conn,
-                            fac,
-                            replace,
-                            new_serial=serial,
-                            new_code=new_code,
-                            kind=rotation_kind or "renewal",
-                            reason=rotation_reason,
-                            actor=actor,
-                            now=now,
-                        )
-                    )
-                _, cert_id = await self.registry.register_in(
-                    conn,
-                    material.cert,
-                    institution_code=code,
-                    terminal_label=terminal,
-                    actor=actor,
-                    now=now,
-                    downloaded=hand_over_dir is not None,
-                    audit_detail={
-                        "delivery": "hand_over" if hand_over_dir is not None else "download_link",
-                        "rotation": rotation_kind,
-                        "replaces": [r["serial"] for r in replaced],
-                    },
-                )
-                if window is not None:
-                    assert wrapped is not None and password_hash is not None
-                    await delivery.create_in(
-                        conn,
-                        certificate_id=cert_id,
-                        wrapped_p12=wrapped,
-                        file_name=file_name,
-                        now=now,
-                        days=self.settings.certificates.download_days,
-                        token=window.token,
-                        password_hash=password_hash,
-                    )
+            replaced = await self._register_issued(
+                fac,
+                material.cert,
+                code=code,
+                terminal=terminal,
+                actor=actor,
+                now=now,
+                hand_over=hand_over_dir is not None,
+                pending=pending,
+                file_name=file_name,
+                replace=replace,
+                new_code=new_code,
+                rotation_kind=rotation_kind,
+                rotation_reason=rotation_reason,
+            )
         except BaseException:
             shutil.rmtree(box, ignore_errors=True)
             raise
@@ -381,6 +342,121 @@ class ClientCertificateService:
             replaced=replaced,
             hand_over=hand_over,
         )
+
+    async def _new_delivery(
+        self, material: facility_ca.ClientMaterial, now: datetime
+    ) -> _PendingDelivery:
+        """Download secrets and the wrapped PKCS#12 for a new download window."""
+        token, download_password = delivery.new_secrets()
+        return _PendingDelivery(
+            window=delivery.DeliveryWindow(
+                token=token,
+                password=download_password,
+                expires_at=now + timedelta(days=self.settings.certificates.download_days),
+                round=1,
+            ),
+            password_hash=await asyncio.to_thread(delivery.hash_password, download_password),
+            wrapped_p12=self.wrapper.wrap(material.p12, material.serial_hex),
+        )
+
+    async def _write_notice(
+        self,
+        fac: Facility,
+        *,
+        code: str,
+        provisional: bool,
+        terminal: str | None,
+        material: facility_ca.ClientMaterial,
+        file_name: str,
+        window: delivery.DeliveryWindow | None,
+        box: Path,
+        now: datetime,
+    ) -> Path:
+        """Render the password notice and write it to the outbox (0600); returns its path."""
+        notice_pdf = await asyncio.to_thread(
+            render_password_notice,
+            PasswordNotice(
+                service_name=self.settings.service.name,
+                facility_name=fac.name,
+                institution_code=code,
+                provisional=provisional,
+                terminal_label=terminal,
+                serial_hex=material.serial_hex,
+                issued=now,
+                expires=material.cert.not_valid_after_utc,
+                file_name=file_name,
+                download_expires=window.expires_at if window else None,
+                p12_password=material.p12_password,
+            ),
+            self.notice_fonts(),
+        )
+        # The paper half is written before the commit: if the outbox cannot be written, nothing
+        # is registered (a certificate whose password nobody can read would be useless).
+        notice_path = box / "password-notice.pdf"
+        write_private(notice_path, notice_pdf)
+        return notice_path
+
+    async def _register_issued(
+        self,
+        fac: Facility,
+        cert: x509.Certificate,
+        *,
+        code: str,
+        terminal: str | None,
+        actor: str,
+        now: datetime,
+        hand_over: bool,
+        pending: _PendingDelivery | None,
+        file_name: str,
+        replace: Any,
+        new_code: str | None,
+        rotation_kind: str | None,
+        rotation_reason: str | None,
+    ) -> list[dict[str, str]]:
+        """One transaction: schedule the replaced certificate's revocation, register the new
+        one, open its download window. Returns the replaced certificates."""
+        replaced: list[dict[str, str]] = []
+        async with self.db.write() as conn:
+            if replace is not None:
+                replaced.append(
+                    await self._schedule_replacement(
+                        conn,
+                        fac,
+                        replace,
+                        new_serial=format(cert.serial_number, "x"),
+                        new_code=new_code,
+                        kind=rotation_kind or "renewal",
+                        reason=rotation_reason,
+                        actor=actor,
+                        now=now,
+                    )
+                )
+            _, cert_id = await self.registry.register_in(
+                conn,
+                cert,
+                institution_code=code,
+                terminal_label=terminal,
+                actor=actor,
+                now=now,
+                downloaded=hand_over,
+                audit_detail={
+                    "delivery": "hand_over" if hand_over else "download_link",
+                    "rotation": rotation_kind,
+                    "replaces": [r["serial"] for r in replaced],
+                },
+            )
+            if pending is not None:
+                await delivery.create_in(
+                    conn,
+                    certificate_id=cert_id,
+                    wrapped_p12=pending.wrapped_p12,
+                    file_name=file_name,
+                    now=now,
+                    days=self.settings.certificates.download_days,
+                    token=pending.window.token,
+                    password_hash=pending.password_hash,
+                )
+        return replaced
 
     async def _schedule_replacement(
         self,
