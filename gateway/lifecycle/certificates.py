@@ -229,14 +229,10 @@ class ClientCertificateService:
         terminal: str | None,
         now: datetime,
     ) -> Any:
-        stmt = select(client_certificate).where(client_certificate.c.facility_id == fac.id)
-        if serial is not None:
-            stmt = stmt.where(client_certificate.c.serial_hex == normalize_serial(serial))
-        elif terminal is not None:
-            stmt = stmt.where(client_certificate.c.terminal_label == terminal)
-        rows = [
-            r for r in (await conn.execute(stmt)).all() if certificate_status(r, now) == "active"
-        ]
+        candidates = await self.registry.certificate_rows_in(
+            conn, fac.id, serial=serial, terminal=terminal
+        )
+        rows = [r for r in candidates if certificate_status(r, now) == "active"]
         if serial is not None and not rows:
             raise NotFound(
                 f"facility {fac.institution_code} has no current certificate {serial} "
@@ -481,26 +477,12 @@ class ClientCertificateService:
             ),
         }[kind]
         text = f"replaced by {new_serial} ({why})" + (f": {reason}" if reason else "")
-        res = await conn.execute(
-            update(client_certificate)
-            .where(
-                and_(
-                    client_certificate.c.id == old.id,
-                    client_certificate.c.status == "active",
-                    client_certificate.c.revoke_at.is_(None),
-                )
-            )
-            .values(revoke_at=revoke_at, revocation_reason=text[:500])
-        )
-        if res.rowcount != 1:
+        if not await self.registry.schedule_revocation_in(
+            conn, old.id, revoke_at=revoke_at, reason=text
+        ):
             raise Conflict(f"certificate {old.serial_hex} is already being replaced")
         if new_code is not None:
-            await self.registry.ensure_code_free(conn, new_code)
-            await conn.execute(
-                update(facility)
-                .where(facility.c.id == fac.id)
-                .values(institution_code=new_code, provisional=False)
-            )
+            await self.registry.change_code_in(conn, fac.id, new_code)
         await self.audit.append(
             conn,
             action="client_certificate.rotate",
@@ -593,7 +575,7 @@ class ClientCertificateService:
         now = self.clock()
         serial = normalize_serial(serial)
         async with self.db.write() as conn:
-            cert, fac = await self._certificate_and_facility(conn, serial)
+            cert, fac = await self.registry.certificate_and_facility_in(conn, serial)
             row = await delivery.delivery_for_certificate(conn, cert.id)
             if row.downloaded_at is not None:
                 raise Conflict(
@@ -764,11 +746,7 @@ class ClientCertificateService:
         detail: dict[str, Any],
     ) -> None:
         """The file left the store (download or export): the status records when, audited."""
-        await conn.execute(
-            update(client_certificate)
-            .where(client_certificate.c.id == certificate_id)
-            .values(downloaded_at=now)
-        )
+        await self.registry.mark_downloaded_in(conn, certificate_id, now)
         await self.audit.append(
             conn, action=action, actor=actor, facility_code=facility_code, detail=detail, now=now
         )
@@ -792,7 +770,7 @@ class ClientCertificateService:
         now = self.clock()
         serial = normalize_serial(serial)
         async with self.db.write() as conn:
-            cert, fac = await self._certificate_and_facility(conn, serial)
+            cert, fac = await self.registry.certificate_and_facility_in(conn, serial)
             row = await delivery.delivery_for_certificate(conn, cert.id)
             # An officer's export ignores the link's window and lock (those guard the link).
             delivery.refuse_unavailable(
@@ -849,24 +827,11 @@ class ClientCertificateService:
             fac = await self.registry.get_in(conn, institution_code, for_update=True)
             if fac.status == "stopped":
                 raise Conflict(f"facility {institution_code} has already stopped the service")
-            rows = (
-                await conn.execute(
-                    select(client_certificate.c.serial_hex, client_certificate.c.id).where(
-                        and_(
-                            client_certificate.c.facility_id == fac.id,
-                            client_certificate.c.status == "active",
-                        )
-                    )
-                )
-            ).all()
+            rows = await self.registry.active_certificates_in(conn, fac.id)
             for r in rows:
                 await self.registry.revoke_in(conn, r.serial_hex, reason=text, actor=actor, now=now)
                 await delivery.drop_file_in(conn, r.id)
-            await conn.execute(
-                update(facility)
-                .where(facility.c.id == fac.id)
-                .values(status="stopped", status_reason=text, status_changed_at=now)
-            )
+            await self.registry.stop_in(conn, fac.id, reason=text, now=now)
             await self.audit.append(
                 conn,
                 action="facility.stop",
@@ -881,39 +846,11 @@ class ClientCertificateService:
     async def revoke_due(self, *, actor: str = "system:scheduler") -> list[str]:
         """Carry out scheduled revocations whose time has come (idempotent, any worker)."""
         now = self.clock()
-        async with self.db.read() as conn:
-            due = (
-                await conn.execute(
-                    select(
-                        client_certificate.c.id,
-                        client_certificate.c.serial_hex,
-                        client_certificate.c.revoke_at,
-                        client_certificate.c.revocation_reason,
-                        facility.c.institution_code,
-                    )
-                    .select_from(client_certificate.outerjoin(facility))
-                    .where(
-                        and_(
-                            client_certificate.c.status == "active",
-                            client_certificate.c.revoke_at <= now,
-                        )
-                    )
-                )
-            ).all()
+        due = await self.registry.due_revocations(now)
         done = []
         for r in due:
             async with self.db.write() as conn:
-                res = await conn.execute(
-                    update(client_certificate)
-                    .where(
-                        and_(
-                            client_certificate.c.id == r.id,
-                            client_certificate.c.status == "active",
-                        )
-                    )
-                    .values(status="revoked", revoked_at=r.revoke_at)
-                )
-                if res.rowcount != 1:
+                if not await self.registry.revoke_scheduled_in(conn, r.id, r.revoke_at):
                     continue  # another worker got there first
                 await delivery.drop_file_in(conn, r.id)
                 await self.audit.append(
@@ -941,22 +878,7 @@ class ClientCertificateService:
         if path is None:
             return None
         now = self.clock()
-        async with self.db.read() as conn:
-            rows = (
-                await conn.execute(
-                    select(
-                        client_certificate.c.serial_hex,
-                        client_certificate.c.revoked_at,
-                        client_certificate.c.revocation_reason,
-                        client_certificate.c.certificate_der,
-                    ).where(
-                        and_(
-                            client_certificate.c.status == "revoked",
-                            client_certificate.c.not_after > now,
-                        )
-                    )
-                )
-            ).all()
+        rows = await self.registry.revoked_unexpired(now)
         ca = self.ca
         entries = []
         for r in rows:
@@ -1012,21 +934,7 @@ class ClientCertificateService:
         if within_days < 0:
             raise InvalidRequest("--within must be 0 or more days")
         now = self.clock()
-        async with self.db.read() as conn:
-            rows = (
-                await conn.execute(
-                    select(client_certificate, facility.c.institution_code, facility.c.name)
-                    .select_from(client_certificate.join(facility))
-                    .where(
-                        and_(
-                            client_certificate.c.status == "active",
-                            client_certificate.c.not_after > now,
-                            client_certificate.c.not_after <= now + timedelta(days=within_days + 1),
-                        )
-                    )
-                    .order_by(client_certificate.c.not_after)
-                )
-            ).all()
+        rows = await self.registry.expiring_rows(now, now + timedelta(days=within_days + 1))
         out = []
         for r in rows:
             dl = days_left(r.not_after, now)
@@ -1043,18 +951,3 @@ class ClientCertificateService:
                 }
             )
         return out
-
-    async def _certificate_and_facility(
-        self, conn: AsyncConnection, serial: str
-    ) -> tuple[Any, Facility]:
-        row = (
-            await conn.execute(
-                select(client_certificate).where(client_certificate.c.serial_hex == serial)
-            )
-        ).one_or_none()
-        if row is None:
-            raise NotFound(f"client certificate {serial} is not registered")
-        if row.facility_id is None:
-            raise InvalidRequest(f"client certificate {serial} is an administrator's")
-        frow = (await conn.execute(select(facility).where(facility.c.id == row.facility_id))).one()
-        return row, Facility.from_row(frow)
