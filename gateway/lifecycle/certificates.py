@@ -754,13 +754,7 @@ class ClientCertificateService:
     async def _refuse_now(self, th: str, now: datetime, max_attempts: int) -> None:
         """Raise why the link with token hash ``th`` cannot be used now (re-read), if any."""
         async with self.db.read() as conn:
-            row = (
-                await conn.execute(
-                    select(certificate_delivery, client_certificate.c.status.label("cert_status"))
-                    .select_from(certificate_delivery.join(client_certificate))
-                    .where(certificate_delivery.c.token_hash == th)
-                )
-            ).one_or_none()
+            row = await delivery.link_state_in(conn, th)
         if row is None:
             raise NotFound("this download link is not valid (a resend replaces older links)")
         delivery.refuse_unavailable(row, row.cert_status, now, max_attempts)
@@ -781,11 +775,7 @@ class ClientCertificateService:
                 check_window=False,
             )
             p12 = self.wrapper.unwrap(row.p12_wrapped, serial)
-            await conn.execute(
-                update(certificate_delivery)
-                .where(certificate_delivery.c.id == row.id)
-                .values(p12_wrapped=None, downloaded_at=now)
-            )
+            await delivery.export_file_in(conn, row.id, now)
             await self._released(
                 conn,
                 certificate_id=cert.id,
