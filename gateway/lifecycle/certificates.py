@@ -120,6 +120,10 @@ class ClientCertificateService:
         self.clock = clock
         self._ca: CertAndKey | None = None
         self._wrapper: delivery.P12Wrapper | None = None
+        if settings.pki.facility_ca_cert is not None:
+            # A gateway that can issue stops at start-up, not at its first issuance, when a
+            # font of the password notice is missing.
+            self.notice_fonts().check()
 
     # -- configuration ----------------------------------------------------------------------
 

@@ -14,9 +14,13 @@ from pathlib import Path
 
 import pytest
 
+from gateway.audit import AuditLog
 from gateway.config import CertificateSettings
 from gateway.errors import ConfigError
+from gateway.lifecycle.certificates import ClientCertificateService
 from gateway.lifecycle.notice import NoticeFonts, PasswordNotice, render_password_notice
+from gateway.store.db import Database
+from tests.support.lifecycle import make_settings
 
 _NOTICE = PasswordNotice(
     service_name="hpki-gateway",
@@ -85,3 +89,21 @@ def test_a_missing_font_file_is_a_clear_configuration_error(tmp_path: Path, role
     fonts = replace(_default_fonts(), **{role: missing})
     with pytest.raises(ConfigError, match=rf"certificates\.notice_font_{role}: .*{missing}"):
         render_password_notice(_NOTICE, fonts)
+
+
+async def test_a_gateway_that_issues_refuses_to_start_without_its_fonts(tmp_path: Path) -> None:
+    settings = make_settings(tmp_path)
+    missing = tmp_path / "gone.ttf"
+    fonts = settings.certificates.model_copy(update={"notice_font_mono": missing})
+    broken = settings.model_copy(update={"certificates": fonts})
+    db = Database(broken.database_url())
+    try:
+        with pytest.raises(
+            ConfigError, match=rf"certificates\.notice_font_mono: font file {missing}"
+        ):
+            ClientCertificateService(settings=broken, db=db, audit=AuditLog())
+        # The same settings with the fonts in place build the service.
+        service = ClientCertificateService(settings=settings, db=db, audit=AuditLog())
+        assert service.notice_fonts().mono == settings.certificates.notice_font_mono
+    finally:
+        await db.close()
