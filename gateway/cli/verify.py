@@ -59,15 +59,15 @@ def _verify_trust(args: argparse.Namespace) -> Any:
     """Trust for verify / cert inspect: settings (-c) and/or --trust/--intermediate/--crl; with
     neither, the bundled public HPKI anchors (MHLW root, MEDIS CAs)."""
     from gateway.pki import hpki
-    from gateway.sign.setup import load_pems, trust_config
+    from gateway.pki.load import load_certificate_files
+    from gateway.sign.setup import trust_config
 
     settings = load_settings(args.config) if args.config else None
-    anchors = load_pems([Path(p) for p in args.trust or []])
-    intermediates = load_pems([Path(p) for p in args.intermediate or []])
+    anchors = load_certificate_files([Path(p) for p in args.trust or []])
+    intermediates = load_certificate_files([Path(p) for p in args.intermediate or []])
     if settings is None and not anchors:
-        bundled = hpki.load_bundled_anchors()
-        anchors = [c for c in bundled.values() if c.subject == c.issuer]
-        intermediates += [c for c in bundled.values() if c.subject != c.issuer]
+        anchors, bundled_intermediates = hpki.default_trust()
+        intermediates += bundled_intermediates
     return trust_config(
         settings,
         extra_anchors=anchors,
