@@ -99,7 +99,7 @@ def make_signers(
     intermediates = load_certificate_files(pki.hpki_intermediates)
     if not anchors:
         # Secure default, so that `signer import-cert` always checks the chain.
-        anchors, bundled_intermediates = hpki.default_trust()
+        anchors, bundled_intermediates = hpki.default_trust("signer")
         intermediates += bundled_intermediates
     return SignerService(
         db=db,

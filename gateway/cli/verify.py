@@ -66,7 +66,7 @@ def _verify_trust(args: argparse.Namespace) -> Any:
     anchors = load_certificate_files([Path(p) for p in args.trust or []])
     intermediates = load_certificate_files([Path(p) for p in args.intermediate or []])
     if settings is None and not anchors:
-        anchors, bundled_intermediates = hpki.default_trust()
+        anchors, bundled_intermediates = hpki.default_trust("verify")
         intermediates += bundled_intermediates
     return trust_config(
         settings,
