@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from datetime import timedelta
-from pathlib import Path
 
 from aiohttp import web
-from cryptography import x509
 
 from gateway.api import admin, auth, csc, download, health, sign_doc, signing, verify
 from gateway.api.keys import (
@@ -32,16 +31,17 @@ from gateway.api.middleware import browser_guard, client_identity, request_conte
 from gateway.audit import AuditLog
 from gateway.auth.activation import SignatureActivation
 from gateway.auth.fido2 import Fido2Authenticator
-from gateway.certificates import ClientCertificateService
 from gateway.clock import Clock, system_clock
 from gateway.config import Settings
 from gateway.errors import ConfigError, HsmUnavailable
-from gateway.facilities import FacilityRegistry
 from gateway.hsm.api import KeyStore
+from gateway.lifecycle.certificates import ClientCertificateService
+from gateway.lifecycle.facilities import FacilityRegistry
+from gateway.lifecycle.signers import SignerService, TestIssuer
 from gateway.pki import hpki
+from gateway.pki.load import load_certificate_files
 from gateway.sign.pool import VerificationPool
 from gateway.sign.timestamp import Rfc3161Client
-from gateway.signers import SignerService, TestIssuer
 from gateway.signing.core import SigningService
 from gateway.signing.ledger import SadLedger
 from gateway.store.db import Database
@@ -88,18 +88,13 @@ def make_audit(settings: Settings, *, clock: Clock = system_clock) -> AuditLog:
     return AuditLog(key=key, clock=clock)
 
 
-def _load_pems(paths: Sequence[Path]) -> list[x509.Certificate]:
-    out: list[x509.Certificate] = []
-    for path in paths:
-        try:
-            out.extend(x509.load_pem_x509_certificates(path.read_bytes()))
-        except (OSError, ValueError) as e:
-            raise ConfigError(f"cannot load certificates from {path}: {e}") from e
-    return out
-
-
 def make_signers(
-    settings: Settings, *, db: Database, audit: AuditLog, keystore: KeyStore
+    settings: Settings,
+    *,
+    db: Database,
+    audit: AuditLog,
+    keystore: KeyStore | None,
+    clock: Clock = system_clock,
 ) -> SignerService:
     pki = settings.pki
     issuer = None
@@ -107,14 +102,12 @@ def make_signers(
         if not settings.service.sandbox:
             raise ConfigError("pki.test_ca_* is only allowed when service.sandbox = true")
         issuer = TestIssuer.load(pki.test_ca_cert, pki.test_ca_key, list(pki.hpki_trust_anchors))
-    anchors = _load_pems(pki.hpki_trust_anchors)
-    intermediates = _load_pems(pki.hpki_intermediates)
+    anchors = load_certificate_files(pki.hpki_trust_anchors)
+    intermediates = load_certificate_files(pki.hpki_intermediates)
     if not anchors:
-        # Secure default: the real MHLW HPKI root (bundled, public data) with the MEDIS CAs,
-        # so `signer import-cert` always checks the chain.
-        bundled = hpki.load_bundled_anchors()
-        anchors = [bundled["mhlw_hpki_root_ca_v2"]]
-        intermediates += [bundled["medis_sign_ca"]]
+        # Secure default, so that `signer import-cert` always checks the chain.
+        anchors, bundled_intermediates = hpki.default_trust("signer")
+        intermediates += bundled_intermediates
     return SignerService(
         db=db,
         audit=audit,
@@ -123,6 +116,7 @@ def make_signers(
         test_issuer=issuer,
         trust_anchors=anchors,
         intermediates=intermediates,
+        clock=clock,
     )
 
 
@@ -200,6 +194,48 @@ ROUTES = (
 )
 
 
+@dataclass(frozen=True, kw_only=True)
+class Services:
+    """The services of one deployment, wired once for the app and the CLI alike."""
+
+    db: Database
+    audit: AuditLog
+    keystore: KeyStore | None
+    facilities: FacilityRegistry
+    certificates: ClientCertificateService
+    signers: SignerService
+    fido2: Fido2Authenticator
+    ledger: SadLedger
+    activation: SignatureActivation
+
+
+def build_services(
+    settings: Settings, *, keystore: KeyStore | None, clock: Clock = system_clock
+) -> Services:
+    """Every service from the settings. ``keystore=None``: nothing that touches a key works
+    (CLI commands that need none); the app always passes one."""
+    db = Database(settings.database_url(), echo=settings.store.echo)
+    audit = make_audit(settings, clock=clock)
+    facilities = FacilityRegistry(db=db, audit=audit, clock=clock)
+    fido2 = make_fido2(settings, db=db, audit=audit, clock=clock)
+    ledger = SadLedger(db=db, audit=audit)
+    return Services(
+        db=db,
+        audit=audit,
+        keystore=keystore,
+        facilities=facilities,
+        certificates=ClientCertificateService(
+            settings=settings, db=db, audit=audit, registry=facilities, clock=clock
+        ),
+        signers=make_signers(settings, db=db, audit=audit, keystore=keystore, clock=clock),
+        fido2=fido2,
+        ledger=ledger,
+        activation=make_activation(
+            settings, db=db, audit=audit, fido2=fido2, ledger=ledger, clock=clock
+        ),
+    )
+
+
 def create_app(
     settings: Settings,
     *,
@@ -218,7 +254,10 @@ def create_app(
     async def store_ctx(app: web.Application) -> AsyncIterator[None]:
         from gateway.store.db import head_revision
 
-        db = Database(settings.database_url(), echo=settings.store.echo)
+        services = build_services(
+            settings, keystore=keystore or make_keystore(settings), clock=clock
+        )
+        db = services.db
         current = await db.current_revision()
         if current != head_revision():
             await db.close()
@@ -226,13 +265,20 @@ def create_app(
                 f"database schema is at {current!r}, this version needs {head_revision()!r}: "
                 "run `hpki-gateway db upgrade -c ...`"
             )
+        assert services.keystore is not None
         app[DB] = db
-        app[AUDIT] = make_audit(settings, clock=clock)
+        app[AUDIT] = services.audit
+        app[KEYSTORE] = services.keystore
+        app[FACILITIES] = services.facilities
+        app[CERTIFICATES] = services.certificates
+        app[SIGNERS] = services.signers
+        app[FIDO2] = services.fido2
+        app[ACTIVATION] = services.activation
         yield
         await db.close()
 
     async def hsm_ctx(app: web.Application) -> AsyncIterator[None]:
-        ks = keystore or make_keystore(settings)
+        ks = app[KEYSTORE]
         # SoftHSM may not see the token while another process (a sibling worker starting at
         # the same moment, a CLI generating a key) holds its files: retry briefly at start-up.
         for attempt in range(1, HSM_START_ATTEMPTS + 1):
@@ -245,28 +291,21 @@ def create_app(
                     log.error("HSM token not available at start-up: %s", e.description)
                 else:
                     await asyncio.sleep(0.25)
-        app[KEYSTORE] = ks
         yield
         await ks.close()
 
-    async def services_ctx(app: web.Application) -> AsyncIterator[None]:
+    async def signing_ctx(app: web.Application) -> AsyncIterator[None]:
         from gateway.sign.setup import trust_config, tsa_client
 
-        db, audit, ks = app[DB], app[AUDIT], app[KEYSTORE]
-        app[FACILITIES] = FacilityRegistry(db=db, audit=audit)
-        app[CERTIFICATES] = ClientCertificateService(
-            settings=settings, db=db, audit=audit, registry=app[FACILITIES], clock=clock
-        )
-        app[SIGNERS] = make_signers(settings, db=db, audit=audit, keystore=ks)
-        fido2 = make_fido2(settings, db=db, audit=audit, clock=clock)
-        ledger = SadLedger(db=db, audit=audit)
-        app[FIDO2] = fido2
-        app[ACTIVATION] = make_activation(
-            settings, db=db, audit=audit, fido2=fido2, ledger=ledger, clock=clock
-        )
         tsa = tsa_client(settings)  # one HTTP session per worker
         app[SIGNING] = make_signing(
-            settings, db=db, audit=audit, ledger=ledger, keystore=ks, tsa=tsa, clock=clock
+            settings,
+            db=app[DB],
+            audit=app[AUDIT],
+            ledger=app[ACTIVATION].ledger,  # one ledger: one group-commit queue per worker
+            keystore=app[KEYSTORE],
+            tsa=tsa,
+            clock=clock,
         )
         # Verification trust (the sandbox's TEST TSA runs as its own process: server.py).
         app[VERIFY_TRUST] = trust_config(settings)
@@ -286,7 +325,7 @@ def create_app(
 
     async def scheduler_ctx(app: web.Application) -> AsyncIterator[None]:
         # Every worker runs the loop; the store makes each action happen once (scheduler.py).
-        from gateway.scheduler import Scheduler
+        from gateway.lifecycle.scheduler import Scheduler
 
         stop = asyncio.Event()
         task = asyncio.create_task(
@@ -296,7 +335,7 @@ def create_app(
         stop.set()
         await task
 
-    app.cleanup_ctx.extend([store_ctx, hsm_ctx, services_ctx, verify_pool_ctx])
+    app.cleanup_ctx.extend([store_ctx, hsm_ctx, signing_ctx, verify_pool_ctx])
     if settings.scheduler.enabled:
         app.cleanup_ctx.append(scheduler_ctx)
     for table in ROUTES:

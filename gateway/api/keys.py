@@ -11,14 +11,14 @@ from aiohttp import web
 from gateway.audit import AuditLog
 from gateway.auth.activation import SignatureActivation
 from gateway.auth.fido2 import Fido2Authenticator
-from gateway.certificates import ClientCertificateService
 from gateway.clock import Clock
 from gateway.config import Settings
-from gateway.facilities import FacilityRegistry
 from gateway.hsm.api import KeyStore
+from gateway.lifecycle.certificates import ClientCertificateService
+from gateway.lifecycle.facilities import FacilityRegistry
+from gateway.lifecycle.signers import SignerService
 from gateway.sign.pool import VerificationPool
 from gateway.sign.verify import TrustConfig
-from gateway.signers import SignerService
 from gateway.signing.core import SigningService
 from gateway.store.db import Database
 
@@ -36,6 +36,7 @@ CERTIFICATES = web.AppKey("certificates", ClientCertificateService)
 FIDO2 = web.AppKey("fido2", Fido2Authenticator)
 ACTIVATION = web.AppKey("activation", SignatureActivation)
 SIGNING = web.AppKey("signing", SigningService)
-#: Verification trust (anchors, CRLs, role mapping) built once from the settings.
+#: Verification trust (anchors, CRLs, role mapping): built once from the settings, since
+#: loading anchors and CRL files per request would cost more than most verifications.
 VERIFY_TRUST = web.AppKey("verify_trust", TrustConfig)
 VERIFY_POOL = web.AppKey("verify_pool", VerificationPool)

@@ -21,7 +21,7 @@ from sqlalchemy import Connection, bindparam, select, update
 
 from gateway.clock import system_clock
 from gateway.errors import AccessDenied
-from gateway.facilities import fingerprint
+from gateway.lifecycle.facilities import fingerprint
 from gateway.store.db import Database
 from gateway.store.schema import admin, client_certificate, facility
 

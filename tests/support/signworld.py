@@ -17,7 +17,7 @@ from cryptography.hazmat.primitives import serialization
 from gateway.errors import HsmUnavailable
 from gateway.hsm.api import StoreKeyHandle
 from gateway.hsm.pkcs11 import Pkcs11KeyStore
-from gateway.pki import testworld
+from gateway.sandbox import testworld
 
 
 @dataclass
@@ -78,7 +78,7 @@ def make_sign_world(
     root = testworld.make_hpki_root(now=now)
     ca = testworld.make_hpki_signing_ca(root, now=now)
     other = (
-        testworld._new_key()
+        testworld.new_key()
         .public_key()
         .public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
     )

@@ -31,7 +31,7 @@ from gateway.errors import ConfigError, Conflict, GatewayError, Gone, Locked
 from gateway.passwords import AttemptLimit
 from gateway.passwords import hash_password as hash_password
 from gateway.passwords import verify_password as verify_password
-from gateway.store.schema import certificate_delivery
+from gateway.store.schema import certificate_delivery, client_certificate
 
 _WRAP_VERSION = b"hgw1"
 #: Wrong download passwords and the checks under way, per link (gateway/passwords.py).
@@ -192,3 +192,23 @@ async def drop_file_in(conn: AsyncConnection, certificate_id: int) -> None:
         .where(certificate_delivery.c.certificate_id == certificate_id)
         .values(p12_wrapped=None)
     )
+
+
+async def export_file_in(conn: AsyncConnection, delivery_id: int, now: datetime) -> None:
+    """The stored PKCS#12 left by an officer's export: dropped, and recorded as downloaded."""
+    await conn.execute(
+        update(certificate_delivery)
+        .where(certificate_delivery.c.id == delivery_id)
+        .values(p12_wrapped=None, downloaded_at=now)
+    )
+
+
+async def link_state_in(conn: AsyncConnection, th: str) -> Any:
+    """The delivery with token hash ``th`` and its certificate's status, or None."""
+    return (
+        await conn.execute(
+            select(certificate_delivery, client_certificate.c.status.label("cert_status"))
+            .select_from(certificate_delivery.join(client_certificate))
+            .where(certificate_delivery.c.token_hash == th)
+        )
+    ).one_or_none()
