@@ -18,6 +18,7 @@ signing endpoint calls it after decoding and validating its input:
 
 from __future__ import annotations
 
+import asyncio
 import functools
 from collections import Counter
 from collections.abc import Mapping, Sequence
@@ -39,6 +40,9 @@ from gateway.signing.ledger import SadLedger, SignRequest
 from gateway.signing.rules import certificate
 from gateway.store.db import Database
 from gateway.store.schema import credential
+
+
+_MALFORMED = (KeyError, IndexError, RecursionError)
 
 
 class OutsideGrant(GatewayError):
@@ -184,7 +188,7 @@ class SigningService:
         )
         try:
             return await key.sign_digests(spent.hashes, spent.algorithm)
-        except (GatewayError, ValueError) as e:
+        except BaseException as e:
             await self._refund(caller, sad=sad, spent=spent, error=e, detail=_hash_detail(spent))
             raise
 
@@ -232,7 +236,7 @@ class SigningService:
                 )
                 for j in jobs
             ]
-        except (GatewayError, ValueError) as e:
+        except BaseException as e:
             await self._refund(
                 caller,
                 sad=sad,
@@ -240,6 +244,13 @@ class SigningService:
                 error=e,
                 detail={"credential": spent.credential_id, "method": "signDoc"},
             )
+            if isinstance(e, _MALFORMED):
+                # The format libraries (pyHanko, lxml) parse the client's document and fail on
+                # a malformed one with lookup or recursion errors of their own: the input's
+                # fault, answered as such once the count is back.
+                raise InvalidRequest(
+                    f"document could not be read ({type(e).__name__}); nothing was signed"
+                ) from e
             raise
         return results
 
@@ -285,8 +296,35 @@ class SigningService:
         error: Exception,
         detail: Mapping[str, Any],
     ) -> None:
-        """Nothing was returned to the client: give the count back to the SAD, record why."""
-        reason = error.description if isinstance(error, GatewayError) else str(error)
+        """Nothing was returned to the client: give the count back to the SAD, record why.
+
+        Runs for any exception after the spend, whatever its type (a library's KeyError or
+        RecursionError on a malformed document, a cancelled request): the audit must never
+        hold a signature that nobody received without the failure that followed it. The
+        write is shielded from cancellation so that a client hanging up cannot stop it.
+        """
+        if isinstance(error, GatewayError):
+            reason = error.description
+        elif isinstance(error, asyncio.CancelledError):
+            reason = "request cancelled"
+        elif type(error) is ValueError:
+            reason = str(error)
+        else:
+            # A library's message may quote the document; its type is enough to find the fault.
+            reason = f"internal error ({type(error).__name__})"
+        await asyncio.shield(
+            self._write_refund(caller, sad=sad, spent=spent, reason=reason, detail=detail)
+        )
+
+    async def _write_refund(
+        self,
+        caller: Caller,
+        *,
+        sad: str,
+        spent: SignatureGrant,
+        reason: str,
+        detail: Mapping[str, Any],
+    ) -> None:
         async with self.db.write() as conn:
             await self.ledger.refund(conn, sad=sad, grant=spent)
             await self.audit.append(
