@@ -41,7 +41,6 @@ from gateway.signing.rules import certificate
 from gateway.store.db import Database
 from gateway.store.schema import credential
 
-
 _MALFORMED = (KeyError, IndexError, RecursionError)
 
 
@@ -293,7 +292,7 @@ class SigningService:
         *,
         sad: str,
         spent: SignatureGrant,
-        error: Exception,
+        error: BaseException,
         detail: Mapping[str, Any],
     ) -> None:
         """Nothing was returned to the client: give the count back to the SAD, record why.
