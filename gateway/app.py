@@ -19,15 +19,20 @@ from gateway.api.keys import (
     CLOCK,
     DB,
     FACILITIES,
+    FACILITY_LIMITER,
     FIDO2,
+    IP_LIMITER,
     KEYSTORE,
+    REFUSALS,
     SETTINGS,
     SIGNERS,
     SIGNING,
     VERIFY_POOL,
     VERIFY_TRUST,
 )
+from gateway.api.limits import Limiter, RefusalSummary, summary_task
 from gateway.api.middleware import browser_guard, client_identity, request_context
+from gateway.api.throttle import facility_limit, ip_limit
 from gateway.audit import AuditLog
 from gateway.auth.activation import SignatureActivation
 from gateway.auth.fido2 import Fido2Authenticator
@@ -245,7 +250,7 @@ def create_app(
     """The main app. Its services exist from start-up (``cleanup_ctx``) to clean-up."""
     app = web.Application(
         client_max_size=settings.server.max_body_bytes,
-        middlewares=[request_context, client_identity, browser_guard],
+        middlewares=[request_context, ip_limit, client_identity, facility_limit, browser_guard],
     )
     app[SETTINGS] = settings
     app[CLOCK] = clock
@@ -335,7 +340,27 @@ def create_app(
         stop.set()
         await task
 
-    app.cleanup_ctx.extend([store_ctx, hsm_ctx, signing_ctx, verify_pool_ctx])
+    async def limits_ctx(app: web.Application) -> AsyncIterator[None]:
+        lim = settings.limits
+        summary = RefusalSummary(db=app[DB], audit=app[AUDIT], clock=clock)
+        app[REFUSALS] = summary
+        if lim.enabled:
+            app[IP_LIMITER] = Limiter(
+                rate=lim.ip_rate,
+                burst=lim.ip_burst,
+                concurrency=lim.ip_concurrency,
+                what="client address",
+            )
+            app[FACILITY_LIMITER] = Limiter(
+                rate=lim.facility_rate,
+                burst=lim.facility_burst,
+                concurrency=lim.facility_concurrency,
+                what="facility",
+            )
+        async for _ in summary_task(summary, lim.summary_seconds):
+            yield
+
+    app.cleanup_ctx.extend([store_ctx, limits_ctx, hsm_ctx, signing_ctx, verify_pool_ctx])
     if settings.scheduler.enabled:
         app.cleanup_ctx.append(scheduler_ctx)
     for table in ROUTES:

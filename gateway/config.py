@@ -236,6 +236,27 @@ class LoggingSettings(_Section):
     """One JSON object per line (for log shippers) or plain text."""
 
 
+class LimitSettings(_Section):
+    """Request rates and concurrency per client address and per facility (api/limits.py),
+    per worker process; over a limit: 429 with Retry-After."""
+
+    enabled: bool = True
+    ip_rate: Annotated[float, Field(gt=0, le=1_000_000)] = 200.0
+    """Requests per second from one remote address (token bucket refill)."""
+    ip_burst: Annotated[int, Field(ge=1, le=1_000_000)] = 400
+    """Requests one address may send at once before the rate applies."""
+    ip_concurrency: Annotated[int, Field(ge=1, le=100_000)] = 128
+    """Requests from one address in progress at the same time."""
+    facility_rate: Annotated[float, Field(gt=0, le=1_000_000)] = 100.0
+    """Requests per second from one facility (all its addresses)."""
+    facility_burst: Annotated[int, Field(ge=1, le=1_000_000)] = 200
+    """Requests one facility may send at once before the rate applies."""
+    facility_concurrency: Annotated[int, Field(ge=1, le=100_000)] = 64
+    """Requests from one facility in progress at the same time."""
+    summary_seconds: Annotated[float, Field(ge=0.1, le=3600)] = 60.0
+    """How often the counted refusals are written as one ``request.refused.summary`` event."""
+
+
 class ServiceSettings(_Section):
     name: str = "hpki-gateway"
     """Service name shown in /csc/v2/info."""
@@ -368,6 +389,7 @@ class Settings(_Section):
     scheduler: SchedulerSettings = SchedulerSettings()
     logging: LoggingSettings = LoggingSettings()
     service: ServiceSettings = ServiceSettings()
+    limits: LimitSettings = LimitSettings()
     signing: SigningSettings = SigningSettings()
     timestamp: TimestampSettings = TimestampSettings()
     test_tsa: TestTsaSettings = TestTsaSettings()

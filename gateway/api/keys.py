@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
+from gateway.api.limits import Limiter, RefusalSummary
 from gateway.audit import AuditLog
 from gateway.auth.activation import SignatureActivation
 from gateway.auth.fido2 import Fido2Authenticator
@@ -40,3 +41,7 @@ SIGNING = web.AppKey("signing", SigningService)
 #: loading anchors and CRL files per request would cost more than most verifications.
 VERIFY_TRUST = web.AppKey("verify_trust", TrustConfig)
 VERIFY_POOL = web.AppKey("verify_pool", VerificationPool)
+#: Per-address and per-facility limiters, and the refusal counter (api/limits.py).
+IP_LIMITER = web.AppKey("ip_limiter", Limiter)
+FACILITY_LIMITER = web.AppKey("facility_limiter", Limiter)
+REFUSALS = web.AppKey("refusals", RefusalSummary)

@@ -23,8 +23,10 @@ from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
-from gateway.api import errors
-from gateway.api.keys import ALLOWED_ORIGINS, CLOCK, DB, SETTINGS
+from gateway.api import errors, schema
+from gateway.api.keys import ALLOWED_ORIGINS, CLOCK, DB, REFUSALS, SETTINGS
+from gateway.api.limits import RateLimited
+from gateway.api.schema import UnreadableBody
 from gateway.auth.mtls import ClientIdentity, identify
 from gateway.clock import days_left, jst_date
 from gateway.errors import AccessDenied, GatewayError, PayloadTooLarge, UnsupportedMediaType
@@ -57,6 +59,13 @@ async def request_context(request: web.Request, handler: Handler) -> web.StreamR
                 )
             response = await handler(request)
         except GatewayError as e:
+            if isinstance(e, RateLimited | UnreadableBody) and REFUSALS in request.app:
+                ident_ = request.get(IDENTITY)
+                request.app[REFUSALS].count(
+                    e.code if isinstance(e, RateLimited) else "unreadable_body",
+                    actor=ident_.actor if ident_ else f"ip:{request.remote}",
+                    facility_code=ident_.institution_code if ident_ else None,
+                )
             if e.status >= 500:
                 cause = e.__cause__
                 log.warning(
@@ -185,6 +194,9 @@ async def browser_guard(request: web.Request, handler: Handler) -> web.StreamRes
             raise UnsupportedMediaType(
                 f"request bodies must be JSON sent as Content-Type: application/json (got {shown})"
             )
+        # Every body is parsed here, once, whether or not the route reads it: one that no
+        # parser should take (too deep, a number too long, not JSON) is 400 on every route.
+        await schema.read_json(request)
     return await handler(request)
 
 
