@@ -15,8 +15,8 @@ import multiprocessing
 import multiprocessing.connection
 import multiprocessing.process
 import os
+import select
 import signal
-import socket
 import ssl
 import subprocess
 import sys
@@ -121,7 +121,12 @@ async def _serve(settings: Settings, *, reuse_port: bool) -> None:
         await runner.cleanup()
 
 
-def _worker(config_path: str | None, index: int, reuse_port: bool) -> None:
+def _worker(config_path: str | None, index: int, reuse_port: bool, parent: int = 0) -> None:
+    from gateway.lifetime import die_with_parent
+
+    # A worker ends with the supervisor, even a kill -9'd one: no orphan holding the port.
+    if parent and not die_with_parent(parent):
+        return
     settings = load_settings(config_path)
     setup_logging(settings.logging.level, settings.logging.format)
     try:
@@ -166,18 +171,19 @@ def _test_tsa(config_path: str | None, settings: Settings) -> Iterator[None]:
     if not settings.test_tsa.enabled:
         yield
         return
-    args = [sys.executable, "-m", "gateway", "sandbox", "tsa"]
+    args = [sys.executable, "-m", "gateway", "sandbox", "tsa", "--with-parent", str(os.getpid())]
     if config_path is not None:
         args += ["-c", config_path]
-    proc = subprocess.Popen(args)
-    deadline = time.monotonic() + 15
-    while time.monotonic() < deadline and proc.poll() is None:
-        try:
-            with socket.create_connection((settings.test_tsa.host, settings.test_tsa.port), 0.5):
-                break
-        except OSError:
-            time.sleep(0.1)
-    if proc.poll() is not None:
+    # The TSA ends with this process however it ends: PR_SET_PDEATHSIG and EOF on its stdin
+    # (gateway/lifetime.py). It says "ready" on stdout once it listens; a port it cannot have
+    # is one error line from it and an exit, never a stale listener answering in its place.
+    proc = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    assert proc.stdout is not None
+    ready, _, _ = select.select([proc.stdout], [], [], 15)
+    line = proc.stdout.readline() if ready else b""
+    if line.strip() != b"ready":
+        proc.kill()
+        proc.wait()
         log.error("the TEST TSA did not start (exit %s); B-T signatures will fail", proc.returncode)
     try:
         yield
@@ -202,7 +208,9 @@ def _supervise(config_path: str | None, n: int) -> int:
 
     def spawn(i: int) -> multiprocessing.process.BaseProcess:
         p = ctx.Process(
-            target=_worker, args=(config_path, i, True), name=f"hpki-gateway-worker-{i}"
+            target=_worker,
+            args=(config_path, i, True, os.getpid()),
+            name=f"hpki-gateway-worker-{i}",
         )
         p.start()
         return p

@@ -31,9 +31,21 @@ async def cmd_sandbox_tsa(args: argparse.Namespace) -> int:
     from gateway.sandbox.tsa import run_forever
 
     settings = settings_of(args)
-    print(f"TEST TSA on {settings.timestamp.url} (Ctrl-C stops it)", file=sys.stderr)
-    await run_forever(settings)
-    return 0
+    if not args.with_parent:
+        print(f"TEST TSA on {settings.timestamp.url} (Ctrl-C stops it)", file=sys.stderr)
+        return await run_forever(settings)
+    # Started by `serve`: end with it (kill -9 included), say "ready" on stdout once listening.
+    from gateway.lifetime import die_with_parent, exit_at_eof
+
+    if not die_with_parent(args.with_parent):
+        return 0
+    exit_at_eof()
+
+    def ready() -> None:
+        sys.stdout.write("ready\n")
+        sys.stdout.flush()
+
+    return await run_forever(settings, ready=ready)
 
 
 def register(sub: Any) -> None:
@@ -51,4 +63,5 @@ def register(sub: Any) -> None:
     p.set_defaults(func=cmd_sandbox_init)
     p = sb.add_parser("tsa", help="run only the TEST TSA of a sandbox (`serve` already runs it)")
     config_flags(p, json_flag=False)
+    p.add_argument("--with-parent", type=int, default=0, help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_sandbox_tsa)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from pathlib import Path
 
 from aiohttp import web
@@ -104,9 +105,34 @@ async def start_test_tsa(settings: Settings, *, reuse_port: bool = False) -> web
     return runner
 
 
-async def run_forever(settings: Settings) -> None:
-    runner = await start_test_tsa(settings)
+#: How long a starting TSA waits for its port to be free (a predecessor that is dying with its
+#: parent releases it within moments).
+BIND_WAIT_SECONDS = 5.0
+
+
+async def run_forever(settings: Settings, *, ready: Callable[[], None] | None = None) -> int:
+    """Serve until cancelled. A port held by someone else past ``BIND_WAIT_SECONDS`` is one
+    error line and exit 1, not a traceback."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + BIND_WAIT_SECONDS
+    while True:
+        try:
+            runner = await start_test_tsa(settings)
+            break
+        except OSError as e:
+            if loop.time() >= deadline:
+                log.error(
+                    "TEST TSA cannot listen on %s:%d: %s",
+                    settings.test_tsa.host,
+                    settings.test_tsa.port,
+                    e.strerror or e,
+                )
+                return 1
+            await asyncio.sleep(0.2)
+    if ready is not None:
+        ready()
     try:
         await asyncio.Event().wait()
     finally:
         await runner.cleanup()
+    return 0

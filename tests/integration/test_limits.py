@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import json
 import ssl
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -67,3 +66,97 @@ def test_every_json_route_answers_400_to_a_body_no_parser_should_take(
     logs = gateway.logs()
     assert "Traceback" not in logs
     assert "RecursionError" not in logs and "unhandled" not in logs
+
+
+def test_rates_per_facility_and_address_429_and_one_summary_row(
+    gateway: Server, sandbox: dict[str, Any], hospital_ctx: ssl.SSLContext
+) -> None:
+    pharmacy = next(f for f in sandbox["facilities"] if f["kind"] == "pharmacy")
+    pharmacy_ctx = client_context(
+        sandbox["server_ca"], pharmacy["client_cert"], pharmacy["client_key"]
+    )
+    admin = _admin_ctx(sandbox)
+    before = len(_audit(sandbox["config"], "request.refused.summary"))
+    env = {
+        "HPKI_GATEWAY_LIMITS__FACILITY_RATE": "0.01",
+        "HPKI_GATEWAY_LIMITS__FACILITY_BURST": "3",
+        "HPKI_GATEWAY_LIMITS__IP_RATE": "0.01",
+        "HPKI_GATEWAY_LIMITS__IP_BURST": "10",
+        "HPKI_GATEWAY_LIMITS__SUMMARY_SECONDS": "3600",
+        "HPKI_GATEWAY_SCHEDULER__ENABLED": "false",
+        "HPKI_GATEWAY_TEST_TSA__ENABLED": "false",
+    }
+    with serving(Path(sandbox["config"]), env=env) as srv:
+        info = [
+            request(srv.port, "POST", "/csc/v2/info", ctx=hospital_ctx, json_body={})
+            for _ in range(5)
+        ]
+        assert [r.status for r in info] == [200, 200, 200, 429, 429]
+        assert info[3].json()["error"] == "rate_limited"
+        assert int(info[3].headers["retry-after"]) >= 1
+        # Another facility and an administrator have their own budgets.
+        assert request(srv.port, "GET", "/admin/facilities", ctx=admin).status == 200
+        bad = request(srv.port, "POST", "/csc/v2/info", ctx=pharmacy_ctx, body=deep_json(2000))
+        assert bad.status == 400
+        # The address's budget (10) is shared by everyone behind it.
+        tail = [request(srv.port, "GET", "/admin/facilities", ctx=admin) for _ in range(4)]
+        assert [r.status for r in tail] == [200, 200, 200, 429]
+        assert tail[3].headers["content-type"].startswith("application/problem+json")
+        assert int(tail[3].headers["retry-after"]) >= 1
+        # Nothing written yet: the refusals are counted in memory.
+        assert len(_audit(sandbox["config"], "request.refused.summary")) == before
+    rows = _audit(sandbox["config"], "request.refused.summary")
+    assert len(rows) == before + 1
+    detail = json.loads(rows[-1].detail)
+    counts = {(c["reason"], c["client"]): c["count"] for c in detail["counts"]}
+    assert counts == {
+        ("rate_limited", "facility:1310000011"): 2,
+        ("rate_limited", "ip:127.0.0.1"): 1,
+        ("unreadable_body", "facility:1340000019"): 1,
+    }
+    assert detail["total"] == 4
+    assert "Traceback" not in srv.logs()
+
+
+def test_concurrency_cap_per_client_is_refused_at_once_and_given_back() -> None:
+    from gateway.api.limits import Limiter, RateLimited
+
+    lim = Limiter(rate=1000, burst=1000, concurrency=2, what="facility")
+    a, b = lim.acquire("f"), lim.acquire("f")
+    with pytest.raises(RateLimited) as e:
+        lim.acquire("f")
+    assert e.value.status == 429 and e.value.headers["Retry-After"] == "1"
+    assert lim.acquire("g") is not a  # another client is not affected
+    lim.release(a)
+    c = lim.acquire("f")
+    lim.release(b)
+    lim.release(c)
+
+
+def test_a_flood_of_refusals_is_counted_not_written_row_by_row(
+    gateway: Server, sandbox: dict[str, Any], hospital_ctx: ssl.SSLContext
+) -> None:
+    """200 unreadable bodies from 8 threads: no audit row until the summary, then one."""
+    before = len(_audit(sandbox["config"], "request.refused.summary"))
+    env = {
+        "HPKI_GATEWAY_LIMITS__SUMMARY_SECONDS": "3600",
+        "HPKI_GATEWAY_SCHEDULER__ENABLED": "false",
+        "HPKI_GATEWAY_TEST_TSA__ENABLED": "false",
+    }
+    with serving(Path(sandbox["config"]), env=env) as srv:
+
+        def one(_: int) -> int:
+            return request(
+                srv.port,
+                "POST",
+                "/csc/v2/signatures/signHash",
+                ctx=hospital_ctx,
+                body=huge_integer_json(),
+            ).status
+
+        with ThreadPoolExecutor(8) as pool:
+            statuses = list(pool.map(one, range(200)))
+        assert set(statuses) == {400}
+    rows = _audit(sandbox["config"], "request.refused.summary")
+    assert len(rows) == before + 1
+    assert json.loads(rows[-1].detail)["total"] == 200
