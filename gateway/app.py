@@ -23,6 +23,7 @@ from gateway.api.keys import (
     FIDO2,
     IP_LIMITER,
     KEYSTORE,
+    METRICS,
     REFUSALS,
     SETTINGS,
     SIGNERS,
@@ -31,6 +32,7 @@ from gateway.api.keys import (
     VERIFY_TRUST,
 )
 from gateway.api.limits import Limiter, RefusalSummary, summary_task
+from gateway.api.metrics import count_requests
 from gateway.api.middleware import browser_guard, client_identity, request_context
 from gateway.api.throttle import facility_limit, ip_limit
 from gateway.audit import AuditLog
@@ -43,6 +45,7 @@ from gateway.hsm.api import KeyStore
 from gateway.lifecycle.certificates import ClientCertificateService
 from gateway.lifecycle.facilities import FacilityRegistry
 from gateway.lifecycle.signers import SignerService, TestIssuer
+from gateway.metrics import Metrics
 from gateway.pki import hpki
 from gateway.pki.load import load_certificate_files
 from gateway.sign.pool import VerificationPool
@@ -250,10 +253,18 @@ def create_app(
     """The main app. Its services exist from start-up (``cleanup_ctx``) to clean-up."""
     app = web.Application(
         client_max_size=settings.server.max_body_bytes,
-        middlewares=[request_context, ip_limit, client_identity, facility_limit, browser_guard],
+        middlewares=[
+            count_requests,
+            request_context,
+            ip_limit,
+            client_identity,
+            facility_limit,
+            browser_guard,
+        ],
     )
     app[SETTINGS] = settings
     app[CLOCK] = clock
+    app[METRICS] = Metrics()
     app[ALLOWED_ORIGINS] = settings.webauthn_origins()
 
     async def store_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -312,6 +323,8 @@ def create_app(
             tsa=tsa,
             clock=clock,
         )
+        app[SIGNING].metrics = app[METRICS]
+        app[ACTIVATION].ledger.metrics = app[METRICS]
         # Verification trust (the sandbox's TEST TSA runs as its own process: server.py).
         app[VERIFY_TRUST] = trust_config(settings)
         yield
@@ -334,7 +347,11 @@ def create_app(
 
         stop = asyncio.Event()
         task = asyncio.create_task(
-            Scheduler(service=app[CERTIFICATES]).loop(settings.scheduler.interval_seconds, stop)
+            Scheduler(service=app[CERTIFICATES]).loop(
+                settings.scheduler.interval_seconds,
+                stop,
+                on_run=lambda outcome: app[METRICS].scheduler_runs.labels(outcome).inc(),
+            )
         )
         yield
         stop.set()

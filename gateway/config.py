@@ -257,6 +257,14 @@ class LimitSettings(_Section):
     """How often the counted refusals are written as one ``request.refused.summary`` event."""
 
 
+class MetricsSettings(_Section):
+    """The Prometheus scrape listener (api/metrics.py): plain HTTP, localhost by default."""
+
+    port: Annotated[int, Field(ge=0, le=65535)] = 0
+    """0: no listener. Worker *i* of ``serve --workers N`` listens on ``port + i``."""
+    host: str = "127.0.0.1"
+
+
 class ServiceSettings(_Section):
     name: str = "hpki-gateway"
     """Service name shown in /csc/v2/info."""
@@ -390,6 +398,7 @@ class Settings(_Section):
     logging: LoggingSettings = LoggingSettings()
     service: ServiceSettings = ServiceSettings()
     limits: LimitSettings = LimitSettings()
+    metrics: MetricsSettings = MetricsSettings()
     signing: SigningSettings = SigningSettings()
     timestamp: TimestampSettings = TimestampSettings()
     test_tsa: TestTsaSettings = TestTsaSettings()

@@ -69,7 +69,7 @@ def make_delivery_ssl_context(settings: Settings) -> ssl.SSLContext:
     return ctx
 
 
-async def _serve(settings: Settings, *, reuse_port: bool) -> None:
+async def _serve(settings: Settings, *, reuse_port: bool, index: int = 0) -> None:
     from gateway.app import create_app, create_delivery_app
 
     app = create_app(settings)
@@ -102,6 +102,15 @@ async def _serve(settings: Settings, *, reuse_port: bool) -> None:
             settings.delivery.host,
             settings.delivery.port,
         )
+    metrics_runner = None
+    if settings.metrics.port:
+        from gateway.api.metrics import metrics_app
+
+        metrics_runner = web.AppRunner(metrics_app(app), access_log=None, handle_signals=False)
+        await metrics_runner.setup()
+        port = settings.metrics.port + index
+        await web.TCPSite(metrics_runner, settings.metrics.host, port).start()
+        log.info("metrics on http://%s:%s/metrics", settings.metrics.host, port)
     log.info(
         "serving %s on %s:%s (pid %s)",
         settings.server.public_url,
@@ -116,6 +125,8 @@ async def _serve(settings: Settings, *, reuse_port: bool) -> None:
     try:
         await stop.wait()
     finally:
+        if metrics_runner is not None:
+            await metrics_runner.cleanup()
         if delivery_runner is not None:
             await delivery_runner.cleanup()
         await runner.cleanup()
@@ -130,7 +141,7 @@ def _worker(config_path: str | None, index: int, reuse_port: bool, parent: int =
     settings = load_settings(config_path)
     setup_logging(settings.logging.level, settings.logging.format)
     try:
-        asyncio.run(_serve(settings, reuse_port=reuse_port))
+        asyncio.run(_serve(settings, reuse_port=reuse_port, index=index))
     except ConfigError as e:
         log.error("worker %s cannot start: %s", index, e)
         sys.exit(2)

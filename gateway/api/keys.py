@@ -18,6 +18,7 @@ from gateway.hsm.api import KeyStore
 from gateway.lifecycle.certificates import ClientCertificateService
 from gateway.lifecycle.facilities import FacilityRegistry
 from gateway.lifecycle.signers import SignerService
+from gateway.metrics import Metrics
 from gateway.sign.pool import VerificationPool
 from gateway.sign.verify import TrustConfig
 from gateway.signing.core import SigningService
@@ -45,3 +46,5 @@ VERIFY_POOL = web.AppKey("verify_pool", VerificationPool)
 IP_LIMITER = web.AppKey("ip_limiter", Limiter)
 FACILITY_LIMITER = web.AppKey("facility_limiter", Limiter)
 REFUSALS = web.AppKey("refusals", RefusalSummary)
+#: The worker's Prometheus metrics (gateway/metrics.py, served by api/metrics.py).
+METRICS = web.AppKey("metrics", Metrics)

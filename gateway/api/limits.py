@@ -54,9 +54,10 @@ class RateLimited(GatewayError):
     status = 429
     code = "rate_limited"
 
-    def __init__(self, description: str, *, retry_after: int) -> None:
+    def __init__(self, description: str, *, retry_after: int, limit: str = "") -> None:
         super().__init__(description, headers={"Retry-After": str(retry_after)})
         self.retry_after = retry_after
+        self.limit = limit
 
 
 @dataclass
@@ -104,6 +105,7 @@ class Limiter:
             raise RateLimited(
                 f"too many requests in progress for this {self.what} (limit {self.concurrency})",
                 retry_after=1,
+                limit=self.what,
             )
         if b.tokens < 1.0:
             wait = max(1, math.ceil((1.0 - b.tokens) / self.rate))
@@ -111,6 +113,7 @@ class Limiter:
                 f"request rate over the limit for this {self.what} "
                 f"({self.rate:g} per second, burst {self.burst})",
                 retry_after=wait,
+                limit=self.what,
             )
         b.tokens -= 1.0
         b.active += 1

@@ -24,7 +24,7 @@ from collections.abc import Awaitable, Callable
 from aiohttp import web
 
 from gateway.api import errors, schema
-from gateway.api.keys import ALLOWED_ORIGINS, CLOCK, DB, REFUSALS, SETTINGS
+from gateway.api.keys import ALLOWED_ORIGINS, CLOCK, DB, METRICS, REFUSALS, SETTINGS
 from gateway.api.limits import RateLimited
 from gateway.api.schema import UnreadableBody
 from gateway.auth.mtls import ClientIdentity, identify
@@ -66,6 +66,8 @@ async def request_context(request: web.Request, handler: Handler) -> web.StreamR
                     actor=ident_.actor if ident_ else f"ip:{request.remote}",
                     facility_code=ident_.institution_code if ident_ else None,
                 )
+            if isinstance(e, RateLimited) and METRICS in request.app:
+                request.app[METRICS].rate_limited.labels(e.limit).inc()
             if e.status >= 500:
                 cause = e.__cause__
                 log.warning(

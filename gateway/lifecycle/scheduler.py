@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
@@ -298,11 +299,19 @@ class Scheduler:
                 )
         return sent, errors
 
-    async def loop(self, interval: float, stop: asyncio.Event) -> None:
-        """Run until ``stop`` is set; a failing run is logged and retried next interval."""
+    async def loop(
+        self,
+        interval: float,
+        stop: asyncio.Event,
+        on_run: Callable[[str], None] | None = None,
+    ) -> None:
+        """Run until ``stop`` is set; a failing run is logged and retried next interval.
+        ``on_run`` hears each run's outcome ("ok" / "failed"), for the metrics."""
         while not stop.is_set():
+            outcome = "failed"
             try:
                 report = await self.run_once()
+                outcome = "ok"
                 purged = report.purged["sads"] + report.purged["challenges"]
                 if report.revoked or report.reminders or report.mailed or purged:
                     log.info(
@@ -314,5 +323,7 @@ class Scheduler:
                     )
             except Exception:
                 log.exception("scheduler run failed; retrying in %s s", interval)
+            if on_run is not None:
+                on_run(outcome)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), timeout=interval)

@@ -24,14 +24,14 @@ from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cryptography import x509
 from sqlalchemy import select
 
 from gateway.audit import AuditLog
 from gateway.clock import Clock
-from gateway.errors import GatewayError, InvalidRequest, PayloadTooLarge, PkiError
+from gateway.errors import AccessDenied, GatewayError, InvalidRequest, PayloadTooLarge, PkiError
 from gateway.hsm.api import DigestAlgorithm, KeyHandle, KeyStore, StoreKeyHandle
 from gateway.sign import service
 from gateway.sign.timestamp import Rfc3161Client
@@ -40,6 +40,9 @@ from gateway.signing.ledger import SadLedger, SignRequest
 from gateway.signing.rules import certificate
 from gateway.store.db import Database
 from gateway.store.schema import credential
+
+if TYPE_CHECKING:
+    from gateway.metrics import Metrics
 
 _MALFORMED = (KeyError, IndexError, RecursionError)
 
@@ -123,6 +126,8 @@ class SigningService:
         self.clock = clock
         self.policy = policy
         self.tsa = tsa
+        #: Set by the app (gateway/metrics.py): SADs consumed / refused / refunded, signatures.
+        self.metrics: Metrics | None = None
 
     async def refused(
         self, caller: Caller, *, action: str, reason: str, detail: Mapping[str, Any]
@@ -186,10 +191,13 @@ class SigningService:
             digests=spent.hashes,
         )
         try:
-            return await key.sign_digests(spent.hashes, spent.algorithm)
+            signatures = await key.sign_digests(spent.hashes, spent.algorithm)
         except BaseException as e:
             await self._refund(caller, sad=sad, spent=spent, error=e, detail=_hash_detail(spent))
             raise
+        if self.metrics is not None:
+            self.metrics.signatures.labels(spent.presence, "hash", "raw").inc(len(signatures))
+        return signatures
 
     # -- signDoc ----------------------------------------------------------------------------
 
@@ -251,6 +259,11 @@ class SigningService:
                     f"document could not be read ({type(e).__name__}); nothing was signed"
                 ) from e
             raise
+        if self.metrics is not None:
+            for j in jobs:
+                self.metrics.signatures.labels(
+                    spent.presence, j.signature_format, j.conformance_level
+                ).inc()
         return results
 
     # -- shared -----------------------------------------------------------------------------
@@ -270,21 +283,28 @@ class SigningService:
     ) -> SignatureGrant:
         if caller.facility_id is None:  # pragma: no cover - the handlers refuse it first
             raise InvalidRequest("CSC methods are for facility client certificates")
-        return await self.ledger.consume_and_audit(
-            SignRequest(
-                sad=sad,
-                facility_id=caller.facility_id,
-                credential_id=credential_id,
-                hashes=hashes,
-                algorithm=algorithm,
-                now=now or self.clock(),
-                actor=caller.actor,
-                facility_code=caller.institution_code,
-                action=action,
-                detail=detail,
-                refused_detail=refused_detail,
-            )
+        request = SignRequest(
+            sad=sad,
+            facility_id=caller.facility_id,
+            credential_id=credential_id,
+            hashes=hashes,
+            algorithm=algorithm,
+            now=now or self.clock(),
+            actor=caller.actor,
+            facility_code=caller.institution_code,
+            action=action,
+            detail=detail,
+            refused_detail=refused_detail,
         )
+        try:
+            spent = await self.ledger.consume_and_audit(request)
+        except (InvalidRequest, AccessDenied):
+            if self.metrics is not None:
+                self.metrics.sad.labels("refused").inc()
+            raise
+        if self.metrics is not None:
+            self.metrics.sad.labels("consumed").inc(len(spent.hashes))
+        return spent
 
     async def _refund(
         self,
@@ -335,6 +355,8 @@ class SigningService:
                 detail={**detail, "reason": reason[:200], "refunded": True},
                 now=self.clock(),
             )
+        if self.metrics is not None:
+            self.metrics.sad.labels("refunded").inc(len(spent.hashes))
 
     async def _chain(self, credential_id: str) -> list[x509.Certificate]:
         """The credential's certificate, then its issuers (as stored with the credential)."""
