@@ -1,0 +1,215 @@
+"""Faults under signing load, with real processes: kill -9 of a worker and of the whole
+server, the HSM token pulled, the database locked, the TSA down. A client-side ledger checks
+that every signature received has its audit record, that no digest is signed twice, that the
+audit chain verifies, and that no process is left behind.
+
+Its own sandbox (own token, database and ports), so that pulling the token or killing the
+server does not disturb the session's gateway.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import json
+import os
+import signal
+import ssl
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import select
+
+from gateway.store.schema import audit_event
+from tests.support.faults import Ledger, alive, descendants, wait_until
+from tests.support.gateway import Server, client_context, free_port, request, run_cli
+from tests.support.signing import Csc, b64, random_hashes, services
+from tests.support.webauthn import SoftAuthenticator
+
+pytestmark = [pytest.mark.tls, pytest.mark.hsm]
+
+
+class World:
+    def __init__(self, root: Path) -> None:
+        self.port = free_port()
+        run_cli("sandbox", "init", str(root), "--port", str(self.port))
+        self.manifest: dict[str, Any] = json.loads((root / "manifest.json").read_text())
+        self.root = root
+        self.config = Path(self.manifest["config"])
+        hospital = next(f for f in self.manifest["facilities"] if f["kind"] == "hospital")
+        self.ctx = client_context(
+            self.manifest["server_ca"], hospital["client_cert"], hospital["client_key"]
+        )
+        self.doc: dict[str, Any] = next(
+            s for s in self.manifest["signers"] if s["role"] == "Medical Doctor"
+        )
+        self.auth = SoftAuthenticator(origin=f"https://localhost:{self.port}")
+        self.auth_lock = threading.Lock()
+
+    def server(self, **kw: Any) -> Server:
+        return Server(self.config, self.port, **kw)
+
+    def csc(self) -> Csc:
+        return Csc(self.port, self.ctx)
+
+    def authorize(self, hashes: list[bytes]) -> str:
+        with self.auth_lock:  # one authenticator, one sign counter
+            return self.csc().authorize(self.doc["credential_id"], hashes, self.auth)
+
+    def audit(self) -> list[Any]:
+        async def rows() -> list[Any]:
+            async with services(self.config) as svc, svc.db.read() as conn:
+                q = select(audit_event).order_by(audit_event.c.seq)
+                return list((await conn.execute(q)).all())
+
+        return asyncio.run(rows())
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
+    w = World(tmp_path_factory.mktemp("faults"))
+    srv = w.server()
+    srv.start()
+    try:
+        r = w.csc().enroll(w.doc["enrollment_code"], w.doc["enrollment_password"], w.auth)
+        assert r.status == 200, r.body
+    finally:
+        srv.stop()
+    yield w
+
+
+def _load(world: World, ledger: Ledger, stop: threading.Event, batch: int = 6) -> None:
+    """One client: authorize a batch of fresh digests, sign them one by one; connection
+    errors and 5xx are counted and retried with the next batch."""
+    cred = world.doc["credential_id"]
+    while not stop.is_set():
+        hashes = random_hashes(batch)
+        try:
+            sad = world.authorize(hashes)
+        except (AssertionError, OSError, ssl.SSLError):
+            ledger.errors += 1
+            time.sleep(0.05)
+            continue
+        for h in hashes:
+            if stop.is_set():
+                return
+            with ledger.lock:
+                ledger.sent.append(h)
+            try:
+                r = world.csc().sign_hash(cred, sad, [h])
+            except (OSError, ssl.SSLError, ConnectionError):
+                ledger.errors += 1
+                break
+            with ledger.lock:
+                ledger.statuses.append(r.status)
+            if r.status == 200:
+                ledger.got(h, base64.b64decode(r.json()["signatures"][0]))
+            else:
+                break
+
+
+def _run_load(
+    world: World, ledger: Ledger, clients: int = 3
+) -> tuple[threading.Event, list[threading.Thread]]:
+    stop = threading.Event()
+    threads = [
+        threading.Thread(target=_load, args=(world, ledger, stop), daemon=True)
+        for _ in range(clients)
+    ]
+    for t in threads:
+        t.start()
+    return stop, threads
+
+
+def _check_ledger(world: World, ledger: Ledger) -> None:
+    rows = world.audit()
+    signed: Counter[str] = Counter()
+    for r in rows:
+        if r.action == "signature.sign_hash":
+            signed.update(json.loads(r.detail)["hashes"])
+    missing = [h.hex() for h in ledger.received if h.hex() not in signed]
+    assert missing == [], "signatures received without their audit record"
+    assert [h for h, n in signed.items() if n > 1] == [], "a digest signed twice"
+    verify = run_cli("audit", "verify", "-c", str(world.config), "--json", check=False)
+    assert verify.returncode == 0, verify.stdout + verify.stderr
+
+
+def _signs_again(world: World) -> None:
+    h = random_hashes(1)
+    r = world.csc().sign_hash(world.doc["credential_id"], world.authorize(h), h)
+    assert r.status == 200, r.body
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_kill_9_of_the_whole_server_under_load(world: World, workers: int) -> None:
+    srv = world.server(workers=workers if workers > 1 else None)
+    srv.start()
+    ledger = Ledger()
+    stop, threads = _run_load(world, ledger)
+    try:
+        assert wait_until(lambda: len(ledger.received) >= 12, 60), srv.logs()
+        assert srv.proc is not None
+        tree = descendants(srv.proc.pid)
+        # The signing process(es), the TEST TSA and with --workers the workers themselves.
+        assert len(tree) >= (2 if workers == 1 else 5), tree
+        srv.proc.send_signal(signal.SIGKILL)
+        srv.proc.wait()
+        assert wait_until(lambda: not [p for p in tree if alive(p)], 15), [
+            p for p in tree if alive(p)
+        ]
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(30)
+        srv.stop()
+    _check_ledger(world, ledger)
+    # A restart needs nothing from the dead one: same ports (gateway, TSA), and B-T works.
+    again = world.server()
+    again.start()
+    try:
+        _signs_again(world)
+        doc = b"signed after a kill -9"
+        sad = world.authorize([hashlib.sha256(doc).digest()])
+        r = world.csc().post(
+            "/csc/v2/signatures/signDoc",
+            {
+                "credentialID": world.doc["credential_id"],
+                "SAD": sad,
+                "documents": [
+                    {"document": b64(doc), "signature_format": "C", "conformance_level": "AdES-B-T"}
+                ],
+            },
+        )
+        assert r.status == 200, r.body
+    finally:
+        again.stop()
+    assert "Traceback" not in again.logs()
+
+
+def test_kill_9_of_a_worker_under_load(world: World) -> None:
+    srv = world.server(workers=2)
+    srv.start()
+    ledger = Ledger()
+    stop, threads = _run_load(world, ledger)
+    try:
+        assert wait_until(lambda: len(ledger.received) >= 8, 60), srv.logs()
+        victim = request(world.port, "GET", "/health", ctx=world.ctx).json()["worker"]
+        os.kill(victim, signal.SIGKILL)
+        before = len(ledger.received)
+        assert wait_until(lambda: len(ledger.received) >= before + 8, 60), srv.logs()
+        assert wait_until(lambda: "restarted worker" in srv.logs(), 30)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(30)
+        assert srv.proc is not None
+        root = srv.proc.pid
+        srv.stop()
+    assert wait_until(lambda: not descendants(root), 15)
+    _check_ledger(world, ledger)
