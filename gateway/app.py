@@ -222,7 +222,11 @@ def build_services(
 ) -> Services:
     """Every service from the settings. ``keystore=None``: nothing that touches a key works
     (CLI commands that need none); the app always passes one."""
-    db = Database(settings.database_url(), echo=settings.store.echo)
+    db = Database(
+        settings.database_url(),
+        echo=settings.store.echo,
+        busy_timeout_ms=settings.store.busy_timeout_ms,
+    )
     audit = make_audit(settings, clock=clock)
     facilities = FacilityRegistry(db=db, audit=audit, clock=clock)
     fido2 = make_fido2(settings, db=db, audit=audit, clock=clock)

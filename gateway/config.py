@@ -75,6 +75,9 @@ class StoreSettings(_Section):
     """Environment variable holding the database password."""
     echo: bool = False
     """Log SQL statements (development only)."""
+    busy_timeout_ms: Annotated[int, Field(ge=1, le=600_000)] = 15000
+    """SQLite: how long a write waits for another process's write lock before the request
+    gets 503 ``temporarily_unavailable`` (Retry-After 2)."""
 
 
 class HsmSettings(_Section):

@@ -49,14 +49,14 @@ _WRITE = "hpki_write"
 _T = TypeVar("_T")
 
 
-def _sqlite_hooks(engine: Engine) -> None:
+def _sqlite_hooks(engine: Engine, busy_timeout_ms: int = 15000) -> None:
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_connection: DBAPIConnection, _record: ConnectionPoolEntry) -> None:
         # Let SQLAlchemy (not the sqlite3 module) emit BEGIN, so we can choose IMMEDIATE.
         dbapi_connection.isolation_level = None
         cur = dbapi_connection.cursor()
         cur.execute("PRAGMA journal_mode=WAL")
-        cur.execute("PRAGMA busy_timeout=15000")
+        cur.execute(f"PRAGMA busy_timeout={int(busy_timeout_ms)}")
         cur.execute("PRAGMA foreign_keys=ON")
         cur.execute("PRAGMA synchronous=NORMAL")
         cur.close()
@@ -76,9 +76,9 @@ class _SyncSqlite:
     and come back with ``call_soon_threadsafe``: lighter than an executor round trip.
     """
 
-    def __init__(self, url: URL, *, echo: bool, write: bool) -> None:
+    def __init__(self, url: URL, *, echo: bool, write: bool, busy_timeout_ms: int) -> None:
         engine = create_engine(url, echo=echo, poolclass=NullPool)
-        _sqlite_hooks(engine)
+        _sqlite_hooks(engine, busy_timeout_ms)
         self._engine = engine
         self._write = write
         self._bound = engine.execution_options(**{_WRITE: True}) if write else engine
@@ -160,7 +160,7 @@ def _settle(future: asyncio.Future[Any], result: Any, error: BaseException | Non
 class Database:
     """The store: one async engine, read and write transactions, migrations."""
 
-    def __init__(self, url: str, *, echo: bool = False) -> None:
+    def __init__(self, url: str, *, echo: bool = False, busy_timeout_ms: int = 15000) -> None:
         self.url = url
         self.is_sqlite = url.startswith("sqlite")
         kwargs: dict[str, Any] = {"echo": echo}
@@ -177,11 +177,15 @@ class Database:
         self._sync_read: _SyncSqlite | None = None
         self._sync_write: _SyncSqlite | None = None
         if self.is_sqlite:
-            _sqlite_hooks(self.engine.sync_engine)
+            _sqlite_hooks(self.engine.sync_engine, busy_timeout_ms)
             sync_url = make_url(url).set(drivername="sqlite")
             if sync_url.database and sync_url.database != ":memory:":
-                self._sync_read = _SyncSqlite(sync_url, echo=echo, write=False)
-                self._sync_write = _SyncSqlite(sync_url, echo=echo, write=True)
+                self._sync_read = _SyncSqlite(
+                    sync_url, echo=echo, write=False, busy_timeout_ms=busy_timeout_ms
+                )
+                self._sync_write = _SyncSqlite(
+                    sync_url, echo=echo, write=True, busy_timeout_ms=busy_timeout_ms
+                )
         self._write_engine = self.engine.execution_options(**{_WRITE: True})
         self._write_lock = asyncio.Lock() if self.is_sqlite else None
         self._background: dict[Hashable, asyncio.Task[None]] = {}

@@ -15,6 +15,8 @@ import hashlib
 import json
 import os
 import signal
+import socket
+import sqlite3
 import ssl
 import threading
 import time
@@ -108,6 +110,7 @@ def _load(world: World, ledger: Ledger, stop: threading.Event, batch: int = 6) -
                 break
             with ledger.lock:
                 ledger.statuses.append(r.status)
+                ledger.samples.setdefault(r.status, r)
             if r.status == 200:
                 ledger.got(h, base64.b64decode(r.json()["signatures"][0]))
             else:
@@ -213,3 +216,107 @@ def test_kill_9_of_a_worker_under_load(world: World) -> None:
         srv.stop()
     assert wait_until(lambda: not descendants(root), 15)
     _check_ledger(world, ledger)
+
+
+def test_hsm_token_pulled_under_load(world: World) -> None:
+    token_dir = next((world.root / "softhsm" / "tokens").iterdir())
+    away = world.root / "token.away"  # outside the token directory: not adopted as a token
+    srv = world.server()
+    srv.start()
+    ledger = Ledger()
+    stop, threads = _run_load(world, ledger)
+    seq = world.audit()[-1].seq
+    try:
+        assert wait_until(lambda: len(ledger.received) >= 6, 60), srv.logs()
+        token_dir.rename(away)
+        try:
+            assert wait_until(lambda: 503 in ledger.statuses, 30), ledger.statuses
+        finally:
+            away.rename(token_dir)
+        before = len(ledger.received)
+        assert wait_until(lambda: len(ledger.received) >= before + 6, 60), srv.logs()
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(30)
+        srv.stop()
+    r503 = ledger.samples[503]
+    assert r503.json()["error"] == "temporarily_unavailable"
+    assert int(r503.headers["retry-after"]) >= 1
+    failed = [r for r in world.audit() if r.seq > seq and r.action == "signature.failed"]
+    assert failed and all(json.loads(r.detail)["refunded"] is True for r in failed)
+    _check_ledger(world, ledger)
+    assert "Traceback" not in srv.logs()
+
+
+def test_database_locked_past_the_busy_timeout(world: World) -> None:
+    env = {"HPKI_GATEWAY_STORE__BUSY_TIMEOUT_MS": "300", "HPKI_GATEWAY_TEST_TSA__ENABLED": "false"}
+    srv = world.server(env=env)
+    srv.start()
+    db_file = world.config.parent / "data" / "gateway.db"
+    try:
+        h = random_hashes(1)
+        sad = world.authorize(h)
+        holder = sqlite3.connect(db_file, isolation_level=None, timeout=5)
+        holder.execute("BEGIN EXCLUSIVE")
+        try:
+            r = world.csc().sign_hash(world.doc["credential_id"], sad, h)
+            assert r.status == 503, r.body
+            assert r.json()["error"] == "temporarily_unavailable"
+            assert int(r.headers["retry-after"]) >= 1
+        finally:
+            holder.execute("ROLLBACK")
+            holder.close()
+        # The lock is gone: the same SAD, not spent by the refused attempt, signs.
+        r = world.csc().sign_hash(world.doc["credential_id"], sad, h)
+        assert r.status == 200, r.body
+    finally:
+        srv.stop()
+    assert "Traceback" not in srv.logs()
+
+
+class _Silent:
+    """A TCP listener that accepts and never answers (a hung TSA)."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(16)
+        self.port = self.sock.getsockname()[1]
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+@pytest.mark.parametrize("fault", ["down", "hung"])
+def test_tsa_down_or_hung_spends_nothing(world: World, fault: str) -> None:
+    silent = _Silent()
+    port = silent.port if fault == "hung" else free_port()
+    if fault == "down":
+        silent.close()
+    env = {
+        "HPKI_GATEWAY_TEST_TSA__ENABLED": "false",
+        "HPKI_GATEWAY_TIMESTAMP__URL": f"http://127.0.0.1:{port}/tsa",
+        "HPKI_GATEWAY_TIMESTAMP__TIMEOUT": "1",
+    }
+    srv = world.server(env=env)
+    srv.start()
+    try:
+        doc = f"TSA {fault}".encode()
+        sad = world.authorize([hashlib.sha256(doc).digest()])
+        body = {
+            "credentialID": world.doc["credential_id"],
+            "SAD": sad,
+            "documents": [{"document": b64(doc), "signature_format": "C"}],
+        }
+        bt = {**body, "documents": [{**body["documents"][0], "conformance_level": "AdES-B-T"}]}
+        r = world.csc().post("/csc/v2/signatures/signDoc", bt)
+        expected = {"down": (502, "tsa_unavailable"), "hung": (504, "tsa_timeout")}[fault]
+        assert (r.status, r.json()["error"]) == expected, r.body
+        # Nothing was spent: the same SAD signs the same document at B-B.
+        r = world.csc().post("/csc/v2/signatures/signDoc", body)
+        assert r.status == 200, r.body
+    finally:
+        srv.stop()
+        silent.close()
+    assert "Traceback" not in srv.logs()

@@ -9,6 +9,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 
 def _ppid(pid: int) -> int | None:
@@ -63,6 +64,8 @@ class Ledger:
     received: dict[bytes, bytes] = field(default_factory=dict)
     statuses: list[int] = field(default_factory=list)
     errors: int = 0
+    #: One response per non-200 status, to look at its headers.
+    samples: dict[int, Any] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def got(self, digest: bytes, signature: bytes) -> None:
