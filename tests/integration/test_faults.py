@@ -320,3 +320,32 @@ def test_tsa_down_or_hung_spends_nothing(world: World, fault: str) -> None:
         srv.stop()
         silent.close()
     assert "Traceback" not in srv.logs()
+
+
+def test_disk_full_for_the_database_refuses_to_sign(world: World) -> None:
+    """The server may not grow any file (RLIMIT_FSIZE, the kernel's EFBIG as on a full disk):
+    the spend cannot be written, so nothing is signed; once writes work again, the same SAD
+    signs."""
+    import resource
+
+    env = {"HPKI_GATEWAY_TEST_TSA__ENABLED": "false", "HPKI_GATEWAY_SCHEDULER__ENABLED": "false"}
+    srv = world.server(env=env)
+    srv.start()
+    assert srv.proc is not None
+    try:
+        h = random_hashes(1)
+        sad = world.authorize(h)
+        seq = world.audit()[-1].seq
+        soft, hard = resource.prlimit(srv.proc.pid, resource.RLIMIT_FSIZE)
+        resource.prlimit(srv.proc.pid, resource.RLIMIT_FSIZE, (1, hard))
+        try:
+            r = world.csc().sign_hash(world.doc["credential_id"], sad, h)
+            assert r.status == 503, r.body
+            assert r.json()["error"] == "temporarily_unavailable"
+        finally:
+            resource.prlimit(srv.proc.pid, resource.RLIMIT_FSIZE, (soft, hard))
+        assert [r.action for r in world.audit() if r.seq > seq] == []
+        r = world.csc().sign_hash(world.doc["credential_id"], sad, h)
+        assert r.status == 200, r.body
+    finally:
+        srv.stop()
