@@ -14,7 +14,11 @@ async def cmd_sandbox_init(args: argparse.Namespace) -> int:
     from gateway.sandbox.world import init_sandbox
 
     manifest = await init_sandbox(
-        Path(args.dir), port=args.port, force=args.force, tsa_port=args.tsa_port
+        Path(args.dir),
+        port=args.port,
+        force=args.force,
+        tsa_port=args.tsa_port,
+        store_url=args.store_url,
     )
     emit(
         args,
@@ -58,6 +62,11 @@ def register(sub: Any) -> None:
     p.add_argument("--force", action="store_true", help="rebuild even if DIR has a world")
     p.add_argument(
         "--tsa-port", type=int, default=None, help="port of the TEST TSA (default: a free one)"
+    )
+    p.add_argument(
+        "--store-url",
+        default=None,
+        help="database URL instead of data/gateway.db (e.g. postgresql+asyncpg://...)",
     )
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_sandbox_init)

@@ -83,6 +83,10 @@ class SchedulerReport:
         return asdict(self)
 
 
+class _Skipped(Exception):
+    """Another instance holds the scheduler lock this round."""
+
+
 class Scheduler:
     def __init__(self, *, service: ClientCertificateService) -> None:
         self.service = service
@@ -306,11 +310,18 @@ class Scheduler:
         on_run: Callable[[str], None] | None = None,
     ) -> None:
         """Run until ``stop`` is set; a failing run is logged and retried next interval.
-        ``on_run`` hears each run's outcome ("ok" / "failed"), for the metrics."""
+        ``on_run`` hears each run's outcome ("ok", "failed", "skipped": another instance
+        held the lock), for the metrics."""
         while not stop.is_set():
             outcome = "failed"
             try:
-                report = await self.run_once()
+                # One instance at a time across every gateway sharing the store (PostgreSQL
+                # advisory lock); the others skip this round.
+                async with self.db.exclusive("hpki-gateway.scheduler") as mine:
+                    if not mine:
+                        outcome = "skipped"
+                        raise _Skipped
+                    report = await self.run_once()
                 outcome = "ok"
                 purged = report.purged["sads"] + report.purged["challenges"]
                 if report.revoked or report.reminders or report.mailed or purged:
@@ -321,6 +332,8 @@ class Scheduler:
                         report.mailed,
                         purged,
                     )
+            except _Skipped:
+                pass
             except Exception:
                 log.exception("scheduler run failed; retrying in %s s", interval)
             if on_run is not None:

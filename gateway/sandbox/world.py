@@ -181,6 +181,7 @@ async def init_sandbox(
     force: bool = False,
     tsa_port: int | None = None,
     clock: Clock = system_clock,
+    store_url: str | None = None,
 ) -> dict[str, Any]:
     """Build the world and return the manifest (also written to DIR/manifest.json)."""
     from gateway.config import load_settings
@@ -193,7 +194,12 @@ async def init_sandbox(
     write_private(d / "secrets" / "delivery.key", secrets.token_hex(32).encode())
     client_ca = _write_pki(d, now)
     tsa_port = tsa_port or _free_port()
-    (d / "gateway.toml").write_text(_settings_toml(port, tsa_port), encoding="utf-8")
+    toml = _settings_toml(port, tsa_port)
+    if store_url is not None:  # e.g. PostgreSQL, shared by several gateway instances
+        toml = toml.replace(
+            'url = "sqlite+aiosqlite:///data/gateway.db"', f"url = {json.dumps(store_url)}", 1
+        )
+    (d / "gateway.toml").write_text(toml, encoding="utf-8")
     settings = load_settings(d / "gateway.toml", environ={})
     seeded = await _seed_store(settings, d, client_ca, clock)
     pki = d / "pki"

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import threading
 from collections.abc import AsyncIterator, Callable, Hashable
@@ -31,7 +32,7 @@ from pathlib import Path
 from queue import SimpleQueue
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from sqlalchemy import URL, Connection, Engine, create_engine, event, make_url
+from sqlalchemy import URL, Connection, Engine, create_engine, event, make_url, text
 from sqlalchemy.engine.interfaces import DBAPIConnection
 from sqlalchemy.exc import OperationalError, ProgrammingError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
@@ -189,6 +190,40 @@ class Database:
         self._write_engine = self.engine.execution_options(**{_WRITE: True})
         self._write_lock = asyncio.Lock() if self.is_sqlite else None
         self._background: dict[Hashable, asyncio.Task[None]] = {}
+
+    @asynccontextmanager
+    async def exclusive(self, name: str) -> AsyncIterator[bool]:
+        """Whether this process holds ``name`` among every process sharing the database.
+
+        PostgreSQL: a session advisory lock (``pg_try_advisory_lock``), held on one pooled
+        connection for the block and released after it, so that of several gateway instances
+        only one runs the block at a time; the others get False at once and skip. SQLite (one
+        host): always True; the work the block does must be idempotent in the store anyway
+        (a process may die half-way), which makes a second run a no-op.
+        """
+        if self.is_sqlite:
+            yield True
+            return
+        key = int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "big", signed=True)
+        try:
+            conn = await self.engine.connect()
+        except OperationalError as e:
+            raise TemporarilyUnavailable("database unavailable", retry_after=2) from e
+        try:
+            got = bool(
+                (
+                    await conn.execute(text("SELECT pg_try_advisory_lock(:k)"), {"k": key})
+                ).scalar_one()
+            )
+            await conn.commit()
+            try:
+                yield got
+            finally:
+                if got:
+                    await conn.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": key})
+                    await conn.commit()
+        finally:
+            await conn.close()
 
     async def close(self) -> None:
         if self._background:
