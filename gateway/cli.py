@@ -663,7 +663,7 @@ async def _chain_status(args: argparse.Namespace, cert: Any) -> dict[str, Any]:
 
 
 async def cmd_verify(args: argparse.Namespace) -> int:
-    from gateway.sign.verify import verify_document
+    from gateway.verify import verify_document
 
     data = Path(args.file).read_bytes()
     content = Path(args.content).read_bytes() if args.content else None

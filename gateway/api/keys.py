@@ -26,7 +26,7 @@ CERTIFICATES = web.AppKey("certificates", ClientCertificateService)
 CLOCK: web.AppKey[Clock] = web.AppKey("clock")
 
 # issue 4: verification trust (anchors, CRLs, role mapping) built once from the settings.
-from gateway.sign.verify import TrustConfig  # noqa: E402 - grouped with its key on purpose
+from gateway.verify import TrustConfig  # noqa: E402 - grouped with its key on purpose
 
 VERIFY_TRUST = web.AppKey("verify_trust", TrustConfig)
 

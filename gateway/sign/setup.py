@@ -14,7 +14,7 @@ from gateway.pki.ocsp import OcspClient
 from gateway.sign.eprescription import PRESCRIPTION, RolePolicy
 from gateway.sign.service import SigningPolicy, profile_from_settings
 from gateway.sign.timestamp import Rfc3161Client
-from gateway.sign.verify import TrustConfig
+from gateway.verify import TrustConfig
 
 __all__ = ["load_pems", "signing_policy", "trust_config", "tsa_client"]
 

@@ -28,7 +28,7 @@ from gateway.pki.crl import CrlSource
 from gateway.pki.ocsp import OcspClient, build_request, check_response, ocsp_urls
 from gateway.pki.revocation import revocation_status
 from gateway.sign.service import sign_document
-from gateway.sign.verify import TrustConfig, verify_document
+from gateway.verify import TrustConfig, verify_document
 from tests.support.softkey import SoftwareKeyHandle
 
 NOW = dt.datetime.now(dt.UTC)

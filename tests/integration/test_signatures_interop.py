@@ -34,7 +34,7 @@ from gateway.sign import cades
 from gateway.sign.eprescription import RolePolicy
 from gateway.sign.service import SignedDocument, sign_document
 from gateway.sign.timestamp import Rfc3161Client, parse_token
-from gateway.sign.verify import TrustConfig, verify_document
+from gateway.verify import TrustConfig, verify_document
 from gateway.sign.xades import DS, XADES, c14n
 from tests.support.gateway import Server, client_context, request, run_cli
 from tests.support.signworld import SignWorld, make_sign_world

@@ -15,7 +15,7 @@ from gateway.hsm.api import DigestAlgorithm
 from gateway.sign.cades import der_length, der_tlv
 from gateway.sign.eprescription import decode_csv
 from gateway.sign.service import SigningPolicy, document_digests, sign_document
-from gateway.sign.verify import TrustConfig, verify_document
+from gateway.verify import TrustConfig, verify_document
 from gateway.sign.xades import parse_untrusted
 from tests.support.softkey import make_world
 
