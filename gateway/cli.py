@@ -607,6 +607,7 @@ def _verify_trust(args: argparse.Namespace) -> Any:
         extra_anchors=anchors,
         extra_intermediates=intermediates,
         extra_crls=[Path(p) for p in args.crl or []],
+        extra_tsa_anchors=load_pems([Path(p) for p in getattr(args, "tsa_trust", None) or []]),
         check_revocation=not args.no_revocation,
         fetch_crls=True if args.fetch_crls else None,
         ocsp=True if args.ocsp else None,
@@ -663,38 +664,10 @@ async def _chain_status(args: argparse.Namespace, cert: Any) -> dict[str, Any]:
 
 
 async def cmd_verify(args: argparse.Namespace) -> int:
-    from gateway.verify import verify_document
+    from gateway.verify.cli import run
 
-    data = Path(args.file).read_bytes()
-    content = Path(args.content).read_bytes() if args.content else None
-    report = await verify_document(data, trust=_verify_trust(args), content=content)
-    lines = [
-        f"{report.indication}"
-        + (f" / {report.sub_indication}" if report.sub_indication else "")
-        + f": {report.reason}"
-    ]
-    for i, sig in enumerate(report.signatures, 1):
-        lines.append(
-            f"  signature {i}: {sig.format} {sig.level or ''} {sig.indication}"
-            + (f" / {sig.sub_indication}" if sig.sub_indication else "")
-        )
-        if sig.signer:
-            lines.append(f"    signer:     {sig.signer['subject']}")
-            lines.append(f"    hcRole:     {', '.join(sig.signer['hc_roles']) or '-'}")
-        if sig.document_type:
-            lines.append(
-                f"    document:   {sig.document_type} (role may sign: {sig.role_permitted})"
-            )
-        if sig.signing_time:
-            lines.append(f"    signed at:  {sig.signing_time}")
-        if sig.timestamp:
-            lines.append(f"    timestamp:  {sig.timestamp['time']} ({sig.timestamp['status']})")
-        lines.append(f"    chain:      {sig.chain.get('status')}")
-        lines.append(
-            f"    revocation: {sig.revocation.get('status')}"
-            + (f" ({sig.revocation['reason']})" if sig.revocation.get("reason") else "")
-        )
-    _print(args, report.to_json_dict(), "\n".join(lines))
+    report, text = await run(args, _verify_trust(args))
+    _print(args, report.to_json_dict(), text)
     return 0 if report.passed else 1
 
 
@@ -712,23 +685,13 @@ def _write_output(path: str, data: bytes) -> None:
 
 
 async def cmd_eprescription_build(args: argparse.Namespace) -> int:
-    from lxml import etree
+    from gateway.sign.eprescription_cli import build
 
-    from gateway.sign import eprescription
-
-    data = _read_input(args.csv)
-    eprescription.decode_csv(data, args.encoding)
-    profile = eprescription.PROFILES[args.profile]
-    if args.config:
-        from gateway.sign.setup import signing_policy
-
-        profile = signing_policy(_settings(args)).profiles[args.profile]
-    tree = eprescription.build_document(data, profile)
-    _write_output(args.out, etree.tostring(tree, xml_declaration=True, encoding="UTF-8"))
-    return 0
+    return await build(args, _read_input, _write_output)
 
 
 async def cmd_eprescription_sign(args: argparse.Namespace) -> int:
+    from gateway.sign.eprescription_cli import input_from_args
     from gateway.sign.service import sign_document
     from gateway.sign.setup import signing_policy, tsa_client
 
@@ -752,6 +715,7 @@ async def cmd_eprescription_sign(args: argparse.Namespace) -> int:
                 document=data,
                 profile=args.profile,
                 csv_encoding=args.encoding,
+                eprescription_input=input_from_args(args),
                 tsa=tsa,
                 policy=signing_policy(settings),
             )
@@ -786,6 +750,12 @@ async def cmd_sandbox_tsa(args: argparse.Namespace) -> int:
 
 
 # -- parser ----------------------------------------------------------------------------------
+
+
+def _ep_args(p: argparse.ArgumentParser) -> None:
+    from gateway.sign.eprescription_cli import add_arguments
+
+    add_arguments(p)
 
 
 def _cfg(p: argparse.ArgumentParser, *, json_flag: bool = True) -> None:
@@ -1017,6 +987,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("file", help="signed PDF, XML, or CMS (DER/PEM)")
     p.add_argument("--content", default=None, help="the signed content of a detached signature")
     _trust_flags(p)
+    from gateway.verify.cli import add_arguments as _verify_arguments
+
+    _verify_arguments(p)
     p.set_defaults(func=cmd_verify)
 
     ep = sub.add_parser("eprescription", help="e-prescription XML (HPKI.md §3)").add_subparsers(
@@ -1029,7 +1002,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--profile", choices=["jp-eprescription", "jp-dispensing"], default="jp-eprescription"
     )
     p.add_argument("--encoding", choices=["utf-8", "shift_jis"], default="utf-8")
-    p.add_argument("-c", "--config", default=None, help="settings (dispensing element names)")
+    p.add_argument("-c", "--config", default=None, help="settings (unused; kept for scripts)")
+    _ep_args(p)
     p.set_defaults(func=cmd_eprescription_build)
     p = ep.add_parser(
         "sign",
@@ -1045,6 +1019,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--level", choices=["AdES-B-B", "AdES-B-T"], default="AdES-B-B")
     p.add_argument("--encoding", choices=["utf-8", "shift_jis"], default="utf-8")
+    _ep_args(p)
     p.set_defaults(func=cmd_eprescription_sign)
     return parser
 

@@ -246,19 +246,6 @@ def _default_role_document_types() -> dict[str, list[str]]:
     return {"prescription": ["Medical Doctor", "Dentist"], "dispensing": ["Pharmacist"]}
 
 
-class DispensingElementSettings(_Section):
-    """Element names of the dispensing-result document (unconfirmed in public sources, so they
-    are a parameter; defaults follow the prescription pattern)."""
-
-    root: str = "Document"
-    container: str = "Dispensing"
-    management: str = "DispensingManagement"
-    version_value: str = "EDS1.0"
-    document: str = "DispensingDocument"
-    sign: str = "DispensingSign"
-    schema_location: str = "ED.xsd"
-
-
 class SigningSettings(_Section):
     """Document signatures (signDoc, the e-prescription profile) and their verification."""
 
@@ -277,8 +264,6 @@ class SigningSettings(_Section):
     """Wall-clock limit of one ``/verify``; slower ones are stopped (503, Retry-After)."""
     verify_concurrency: Annotated[int, Field(ge=1, le=64)] = 2
     """Verifications at once per gateway worker, each in its own process (more: 503)."""
-    dispensing: DispensingElementSettings = DispensingElementSettings()
-    """Element names of the jp-dispensing profile."""
 
 
 class TimestampSettings(_Section):

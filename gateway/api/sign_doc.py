@@ -181,6 +181,7 @@ async def sign_doc(request: web.Request) -> web.Response:
                     document=doc.decoded(),
                     profile=doc.profile,
                     csv_encoding=doc.csv_encoding,
+                    eprescription_input=doc.eprescription_input(),
                     tsa=tsa,
                     now=now,
                     policy=app[_POLICY],

@@ -8,6 +8,7 @@ Validation happens before the key is touched: a refused request signs nothing.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import hashlib
 from collections.abc import Mapping, Sequence
@@ -18,7 +19,12 @@ from cryptography import x509
 from gateway.errors import InvalidRequest, PayloadTooLarge
 from gateway.hsm.api import KeyHandle
 from gateway.sign import cades, eprescription
-from gateway.sign.eprescription import PROFILES, EPrescriptionProfile, RolePolicy
+from gateway.sign.eprescription import (
+    PROFILES,
+    EPrescriptionInput,
+    EPrescriptionProfile,
+    RolePolicy,
+)
 from gateway.sign.timestamp import Rfc3161Client
 from gateway.sign.xades import XadesBuilder
 
@@ -121,6 +127,7 @@ async def sign_document(
     document_digest: bytes | None = None,
     profile: str | None = None,
     csv_encoding: str = "utf-8",
+    eprescription_input: EPrescriptionInput | None = None,
     tsa: Rfc3161Client | None,
     now: dt.datetime | None = None,
     policy: SigningPolicy | None = None,
@@ -192,17 +199,19 @@ async def sign_document(
                 raise InvalidRequest(
                     f"unknown profile {profile!r}; valid: {', '.join(sorted(policy.profiles))}"
                 )
+            base = eprescription_input or EPrescriptionInput()
             signed = await eprescription.sign_eprescription(
                 key=key,
                 certificate=cert,
                 chain=issuers,
-                csv_bytes=document,
+                document=document,
                 profile=prof,
                 roles=policy.roles,
                 signing_time=now,
                 tsa=stamp,
-                encoding=csv_encoding,
+                extra=dataclasses.replace(base, encoding=csv_encoding),
                 builder=_xades_builder(cert, issuers),
+                max_depth=policy.max_xml_depth,
             )
             return result(signed, detached=False)
         signed = await _xades_builder(cert, issuers).sign(
@@ -244,9 +253,3 @@ def _xades_builder(cert: x509.Certificate, issuers: list[x509.Certificate]) -> X
             _builders.clear()
         b = _builders[fp] = XadesBuilder(certificate=cert, chain=issuers)
     return b
-
-
-def profile_from_settings(name: str, elements: Mapping[str, str]) -> EPrescriptionProfile:
-    """The dispensing profile with element names from ``signing.dispensing`` settings."""
-    base = PROFILES[name]
-    return EPrescriptionProfile(name=base.name, document_type=base.document_type, **dict(elements))

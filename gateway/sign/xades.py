@@ -362,8 +362,8 @@ class XadesBuilder:
             ordered = [ki_ref, sp_ref]
         else:
             ordered = [sp_ref, ki_ref]
-        for r in ordered:
-            self._add_reference(si, **r)  # type: ignore[arg-type]
+        for ref in ordered:
+            self._add_reference(si, **ref)  # type: ignore[arg-type]
         signature = await key.sign_digest(hashlib.sha256(c14n(si)).digest(), DigestAlgorithm.SHA256)
         sv.text = _b64(signature)
         if tsa is not None:

@@ -35,7 +35,7 @@ class _Local(etree.Resolver):
         name = _LOCATIONS.get(system_url) or Path(system_url).name
         path = _DIR / name
         if path.is_file():
-            return self.resolve_filename(str(path), context)
+            return self.resolve_filename(str(path), context)  # type: ignore[attr-defined]
         return None
 
 
@@ -55,5 +55,5 @@ def schema_problem(sig: etree._Element) -> str | None:
     doc = etree.ElementTree(copy.deepcopy(sig))
     if schema.validate(doc):
         return None
-    err = schema.error_log.last_error
+    err = schema.error_log.last_error  # type: ignore[attr-defined]
     return f"line {err.line}: {err.message}" if err is not None else "invalid"

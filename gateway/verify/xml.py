@@ -306,7 +306,7 @@ async def _verify_one(
         rep.format = f"XAdES ({profile.name})"
         rep.document_type = slot.document_type if slot is not None else profile.document_type
         if slot is None:
-            rep.fail(TOTAL_FAILED, "FORMAT_FAILURE", placement_problem(profile))
+            rep.fail(TOTAL_FAILED, "FORMAT_FAILURE", placement_problem(profile) or "misplaced")
             return
     problem = structure_problem(sig)
     if problem is not None:

@@ -81,7 +81,7 @@ def structure_problem(sig: etree._Element) -> str | None:
 
 
 def _certs(parent: etree._Element | None, what: str) -> list[x509.Certificate]:
-    out = []
+    out: list[x509.Certificate] = []
     if parent is None:
         return out
     for el in parent.iter(_XA + "EncapsulatedX509Certificate"):
@@ -90,7 +90,7 @@ def _certs(parent: etree._Element | None, what: str) -> list[x509.Certificate]:
 
 
 def _crls(parent: etree._Element | None, what: str) -> list[x509.CertificateRevocationList]:
-    out = []
+    out: list[x509.CertificateRevocationList] = []
     if parent is None:
         return out
     for el in parent.iter(_XA + "EncapsulatedCRLValue"):
@@ -128,9 +128,7 @@ def read_unsigned(
             _certs(prop.find(_XA + "CertificateValues"), "TimeStampValidationData certificate"),
             _crls(prop.find(_XA + "RevocationValues"), "TimeStampValidationData CRL"),
         )
-    for prop in usp:
-        if not isinstance(prop.tag, str):
-            continue
+    for prop in usp.iterchildren("*"):
         name = etree.QName(prop).localname
         if prop.tag == _XA + "SignatureTimeStamp":
             kind = "signature"
