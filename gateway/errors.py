@@ -145,3 +145,12 @@ class TsaTimeout(GatewayError):
 
     status = 504
     code = "tsa_timeout"
+
+
+class RevocationUnavailable(TemporarilyUnavailable):
+    """The revocation data a long-term signature (B-LT / B-LTA) must carry could not be had:
+    the CRL server is down or slow and no current CRL is cached or configured. Nothing is
+    signed; the client retries later."""
+
+    def __init__(self, description: str, *, retry_after: int = 60) -> None:
+        super().__init__(description, retry_after=retry_after)

@@ -55,8 +55,10 @@ def _check_entry(
         )
     if getattr(entry, "signAlgoParams", None):
         raise InvalidRequest("Invalid parameter signAlgoParams: RSA PKCS#1 v1.5 takes none")
-    if entry.conformance_level == "AdES-B-T" and not has_tsa:
-        raise InvalidRequest("AdES-B-T needs a timestamp authority, and none is configured")
+    if entry.conformance_level != "AdES-B-B" and not has_tsa:
+        raise InvalidRequest(
+            f"{entry.conformance_level} needs a timestamp authority, and none is configured"
+        )
     if isinstance(entry, DocumentEntry):
         size = len(entry.decoded())
         if size > policy.max_document_bytes:

@@ -46,7 +46,7 @@ class DocumentEntry(CscRequest):
 
     document: str = Field(min_length=1)
     signature_format: Literal["C", "X", "P"]
-    conformance_level: Literal["AdES-B-B", "AdES-B-T"] = "AdES-B-B"
+    conformance_level: Literal["AdES-B-B", "AdES-B-T", "AdES-B-LT", "AdES-B-LTA"] = "AdES-B-B"
     signAlgo: str = "1.2.840.113549.1.1.11"
     signAlgoParams: str | None = None
     signed_props: list[dict[str, str]] | None = None

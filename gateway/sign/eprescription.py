@@ -59,6 +59,7 @@ from gateway.sign.xades import (
     c14n,
     parse_untrusted,
 )
+from gateway.sign.xades_ltv import LongTerm, finish_long_term
 
 __all__ = [
     "DISPENSING",
@@ -415,7 +416,7 @@ def check_document(
     dupes = sorted(k for k, n in _ids(root).items() if n > 1)
     if dupes:
         raise InvalidRequest(f"duplicate ids in the document: {', '.join(dupes[:5])}")
-    mgmt_parent = root.find(p.container) if p is PRESCRIPTION else root
+    mgmt_parent = root.find(p.container) if p.document_type == "prescription" else root
     mgmt = mgmt_parent.find(p.management) if mgmt_parent is not None else None
     if mgmt is None or mgmt.get("id") != p.management:
         raise InvalidRequest(f"no {p.management} element with id={p.management}")
@@ -443,7 +444,7 @@ def check_document(
 
 def _embedded(el: etree._Element, profile: EPrescriptionProfile) -> bool:
     """Inside the prescription a dispensing result embeds (its names may repeat there)."""
-    return profile is DISPENSING and any(
+    return profile.document_type == "dispensing" and any(
         a.tag == "ReferencePrescription" for a in el.iterancestors()
     )
 
@@ -466,7 +467,7 @@ def prepare_document(
         check_document(tree, profile, encoding=extra.encoding)
         return tree
     decode_csv(document, extra.encoding)
-    if profile is PRESCRIPTION or profile.document_type == "prescription":
+    if profile.document_type == "prescription":
         if extra.prescription is not None:
             raise InvalidRequest("prescription is for jp-dispensing only")
         tree = build_prescription(
@@ -520,6 +521,7 @@ async def sign_eprescription(
     extra: EPrescriptionInput | None = None,
     builder: XadesBuilder | None = None,
     max_depth: int = 64,
+    long_term: LongTerm | None = None,
 ) -> bytes:
     """The signed e-prescription (or dispensing result) XML.
 
@@ -529,7 +531,7 @@ async def sign_eprescription(
     extra = extra or EPrescriptionInput()
     roles.check(certificate, profile.document_type)
     tree = prepare_document(document, profile, extra, max_depth=max_depth)
-    if profile is DISPENSING:
+    if profile.document_type == "dispensing":
         await _check_embedded_prescription(tree)
     root = tree.getroot()
     signed_el = root.find(profile.signed_path)
@@ -553,6 +555,11 @@ async def sign_eprescription(
         signature_id=sig_id, uid=uid, signing_time=signing_time, data_refs=refs, style=style
     )
     sign_el.append(sig)
-    await xb.complete(sig, key, uid=uid, data_refs=refs, tsa=tsa, style=style)
+    token = await xb.complete(sig, key, uid=uid, data_refs=refs, tsa=tsa, style=style)
+    if long_term is not None:
+        assert tsa is not None
+        await finish_long_term(
+            sig, token, long_term, tsa=tsa, sample=True, uid=uid, now=signing_time
+        )
     out: bytes = etree.tostring(tree, xml_declaration=True, encoding="UTF-8")
     return out

@@ -27,6 +27,7 @@ from gateway.sign.eprescription import (
 )
 from gateway.sign.timestamp import Rfc3161Client
 from gateway.sign.xades import XadesBuilder
+from gateway.sign.xades_ltv import LongTermSource, prepare_long_term
 
 __all__ = [
     "CONFORMANCE_LEVELS",
@@ -44,7 +45,13 @@ ENVELOPES: dict[str, tuple[str, ...]] = {
     "P": ("Certification", "Revision"),
 }
 DEFAULT_ENVELOPE = {"C": "Attached", "X": "Enveloped", "P": "Certification"}
-CONFORMANCE_LEVELS = ("AdES-B-B", "AdES-B-T")
+CONFORMANCE_LEVELS = ("AdES-B-B", "AdES-B-T", "AdES-B-LT", "AdES-B-LTA")
+#: Levels each format reaches (XAdES: ES-BES, ES-T, ES-XL, ES-A).
+FORMAT_LEVELS = {
+    "C": ("AdES-B-B", "AdES-B-T"),
+    "X": CONFORMANCE_LEVELS,
+    "P": ("AdES-B-B", "AdES-B-T"),
+}
 MIME_TYPES = {"C": "application/pkcs7-signature", "X": "application/xml", "P": "application/pdf"}
 
 
@@ -60,6 +67,8 @@ class SigningPolicy:
     profiles: Mapping[str, EPrescriptionProfile] = field(default_factory=lambda: dict(PROFILES))
     max_document_bytes: int = 5 * 1024 * 1024
     max_xml_depth: int = 64
+    #: Validation data for B-LT / B-LTA (CRL files and downloads, TSA anchors).
+    long_term: LongTermSource = field(default_factory=LongTermSource)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -93,6 +102,11 @@ def check_request(
         raise InvalidRequest(
             f"unsupported conformance_level {conformance_level!r}; valid: "
             + ", ".join(CONFORMANCE_LEVELS)
+        )
+    if conformance_level not in FORMAT_LEVELS[signature_format]:
+        raise InvalidRequest(
+            f"conformance_level {conformance_level} is not available for signature_format "
+            f"{signature_format}; valid: {', '.join(FORMAT_LEVELS[signature_format])}"
         )
     env = envelope or DEFAULT_ENVELOPE[signature_format]
     if env not in ENVELOPES[signature_format]:
@@ -145,9 +159,11 @@ async def sign_document(
         raise InvalidRequest("the credential has no certificate")
     cert, issuers = chain[0], list(chain[1:])
     env = check_request(signature_format, conformance_level, envelope, profile)
-    if conformance_level == "AdES-B-T" and tsa is None:
-        raise InvalidRequest("AdES-B-T needs a timestamp authority, and none is configured")
-    stamp = tsa if conformance_level == "AdES-B-T" else None
+    if conformance_level != "AdES-B-B" and tsa is None:
+        raise InvalidRequest(
+            f"{conformance_level} needs a timestamp authority, and none is configured"
+        )
+    stamp = tsa if conformance_level != "AdES-B-B" else None
 
     if document is None:
         if document_digest is None:
@@ -192,6 +208,13 @@ async def sign_document(
         return result(signed, detached=env == "Detached")
 
     assert document is not None
+    # Validation data is gathered before the key is used: a CRL server that is down refuses
+    # the request (503) with nothing signed.
+    long_term = (
+        await prepare_long_term(conformance_level, chain, policy.long_term, now)
+        if signature_format == "X"
+        else None
+    )
     if signature_format == "X":
         if profile is not None:
             prof = policy.profiles.get(profile)
@@ -212,6 +235,7 @@ async def sign_document(
                 extra=dataclasses.replace(base, encoding=csv_encoding),
                 builder=_xades_builder(cert, issuers),
                 max_depth=policy.max_xml_depth,
+                long_term=long_term,
             )
             return result(signed, detached=False)
         signed = await _xades_builder(cert, issuers).sign(
@@ -221,6 +245,7 @@ async def sign_document(
             signing_time=now,
             tsa=stamp,
             max_depth=policy.max_xml_depth,
+            long_term=long_term,
         )
         return result(signed, detached=env == "Detached")
 

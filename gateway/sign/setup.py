@@ -14,6 +14,7 @@ from gateway.pki.ocsp import OcspClient
 from gateway.sign.eprescription import PROFILES, RolePolicy
 from gateway.sign.service import SigningPolicy
 from gateway.sign.timestamp import Rfc3161Client
+from gateway.sign.xades_ltv import LongTermSource
 from gateway.verify.trust import TrustConfig
 
 __all__ = ["load_pems", "signing_policy", "trust_config", "tsa_client"]
@@ -35,9 +36,18 @@ def load_pems(paths: Sequence[Path]) -> list[x509.Certificate]:
 
 def signing_policy(settings: Settings) -> SigningPolicy:
     s = settings.signing
+    long_term = LongTermSource(
+        crls=CrlSource(
+            load_crl_files(list(settings.pki.crl_files)),
+            fetch=settings.pki.fetch_crls,
+            timeout=settings.pki.crl_timeout,
+        ),
+        tsa_anchors=load_pems(settings.timestamp.trust_anchors),
+    )
     return SigningPolicy(
         roles=RolePolicy({k: list(v) for k, v in s.role_document_types.items()}),
         profiles=dict(PROFILES),
+        long_term=long_term,
         max_document_bytes=s.max_document_bytes,
         max_xml_depth=s.max_xml_depth,
     )

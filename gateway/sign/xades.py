@@ -24,6 +24,7 @@ import io
 import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from asn1crypto import tsp
 from asn1crypto import x509 as asn1_x509
@@ -34,6 +35,9 @@ from lxml import etree
 from gateway.errors import InvalidRequest
 from gateway.hsm.api import DigestAlgorithm, KeyHandle
 from gateway.sign.timestamp import TimestampClient
+
+if TYPE_CHECKING:
+    from gateway.sign.xades_ltv import LongTerm
 
 __all__ = [
     "DS",
@@ -333,8 +337,9 @@ class XadesBuilder:
         data_refs: Sequence[DataReference],
         tsa: TimestampClient | None,
         style: XadesStyle = GENERIC_STYLE,
-    ) -> None:
-        """Add the references, sign SignedInfo, then (B-T) add the SignatureTimeStamp.
+    ) -> bytes | None:
+        """Add the references, sign SignedInfo, then (B-T) add the SignatureTimeStamp; the
+        timestamp token (None without ``tsa``).
 
         ``sig`` must already sit where it will stay in its document: nothing about the
         signed bytes changes afterwards. The data references come first, then the
@@ -379,6 +384,8 @@ class XadesBuilder:
                     "Algorithm", style.timestamp_c14n
                 )
             etree.SubElement(sts, _XA + "EncapsulatedTimeStamp").text = _b64(token)
+            return token
+        return None
 
     # -- the three signDoc envelopes -------------------------------------------------------
 
@@ -391,6 +398,7 @@ class XadesBuilder:
         signing_time: dt.datetime,
         tsa: TimestampClient | None,
         max_depth: int = 64,
+        long_term: LongTerm | None = None,
     ) -> bytes:
         """XAdES over ``document``; ``envelope``: Enveloped, Enveloping or Detached."""
         uid = secrets.token_hex(8)
@@ -414,7 +422,8 @@ class XadesBuilder:
                 signature_id=sig_id, uid=uid, signing_time=signing_time, data_refs=refs
             )
             tree.getroot().append(sig)
-            await self.complete(sig, key, uid=uid, data_refs=refs, tsa=tsa)
+            token = await self.complete(sig, key, uid=uid, data_refs=refs, tsa=tsa)
+            await _long_term(sig, token, long_term, tsa, uid, signing_time, None)
             return _serialize(tree)
         if envelope == "Enveloping":
             obj_id = f"object-{uid}"
@@ -440,7 +449,8 @@ class XadesBuilder:
             )
             sig.append(obj)
             refs[0].digest = hashlib.sha256(c14n(obj)).digest()
-            await self.complete(sig, key, uid=uid, data_refs=refs, tsa=tsa)
+            token = await self.complete(sig, key, uid=uid, data_refs=refs, tsa=tsa)
+            await _long_term(sig, token, long_term, tsa, uid, signing_time, None)
             return _serialize(sig.getroottree())
         if envelope == "Detached":
             refs = [
@@ -455,7 +465,8 @@ class XadesBuilder:
             sig = self.skeleton(
                 signature_id=sig_id, uid=uid, signing_time=signing_time, data_refs=refs
             )
-            await self.complete(sig, key, uid=uid, data_refs=refs, tsa=tsa)
+            token = await self.complete(sig, key, uid=uid, data_refs=refs, tsa=tsa)
+            await _long_term(sig, token, long_term, tsa, uid, signing_time, document)
             return _serialize(sig.getroottree())
         raise InvalidRequest(
             f"unknown XAdES signed_envelope_property {envelope!r}; "
@@ -466,6 +477,25 @@ class XadesBuilder:
 #: The URI of the one external data object of a detached XAdES signature; a verifier is
 #: given the content separately (``verify --content``).
 DETACHED_URI = "urn:hpki-gateway:detached-document"
+
+
+async def _long_term(
+    sig: etree._Element,
+    token: bytes | None,
+    long_term: LongTerm | None,
+    tsa: TimestampClient | None,
+    uid: str,
+    now: dt.datetime,
+    content: bytes | None,
+) -> None:
+    if long_term is None:
+        return
+    from gateway.sign.xades_ltv import finish_long_term
+
+    assert tsa is not None
+    await finish_long_term(
+        sig, token, long_term, tsa=tsa, sample=False, uid=uid, now=now, content=content
+    )
 
 
 def unsigned_signature_properties(sig: etree._Element) -> etree._Element:

@@ -19,6 +19,7 @@ import shutil
 import socket
 import subprocess
 import threading
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -309,12 +310,14 @@ def test_eprescription_structure_is_hpki_section_3(world: SignWorld) -> None:
     xsi = "{http://www.w3.org/2001/XMLSchema-instance}noNamespaceSchemaLocation"
     assert root.get(xsi) == "EP.xsd"
     pres = root.find("Prescription")
-    assert [c.tag for c in pres][:3] == [
+    assert [c.tag for c in pres] == [
         "PrescriptionManagement",
         "PrescriptionDocument",
+        "AdditionalPrescriptionInformation",
         "PrescriptionSign",
     ]
     assert pres.find("PrescriptionManagement/Version").get("Value") == "EPS1.0"
+    uuid.UUID(pres.find("PrescriptionManagement/PrescriptionId").get("Value"))
     assert base64.b64decode(pres.find("PrescriptionDocument").text) == CSV
     sig = pres.find("PrescriptionSign/ds:Signature", NS)
     assert sig.get("Id") == "PrescriptionSign"
@@ -327,41 +330,36 @@ def test_eprescription_structure_is_hpki_section_3(world: SignWorld) -> None:
     )
     refs = si.findall("ds:Reference", NS)
     assert len(refs) == 3
-    assert refs[0].get("Id") == "id-ref-PrescriptionDocument"
+    assert refs[0].get("Id").endswith("-Reference1-Detached")
     assert refs[0].get("URI") == "#PrescriptionDocument"
-    assert refs[1].get("Type") == "http://uri.etsi.org/01903#SignedProperties"
-    uid = refs[1].get("URI").removeprefix("#xades-id-")
-    assert refs[2].get("URI") == f"#keyInfo-id-{uid}"
+    ki = sig.find("ds:KeyInfo", NS)
+    sp = sig.find("ds:Object/xades:QualifyingProperties/xades:SignedProperties", NS)
+    assert refs[1].get("URI") == f"#{ki.get('Id')}" and refs[1].get("Type") is None
+    assert refs[2].get("URI") == f"#{sp.get('Id')}"
+    assert refs[2].get("Type") == "http://uri.etsi.org/01903#SignedProperties"
+    exc = ["http://www.w3.org/2001/10/xml-exc-c14n#"]
+    assert [
+        [t.get("Algorithm") for t in r.findall("ds:Transforms/ds:Transform", NS)] for r in refs
+    ] == [
+        [],
+        exc,
+        exc,
+    ]
     for r in refs:
-        assert [t.get("Algorithm") for t in r.findall("ds:Transforms/ds:Transform", NS)] == [
-            "http://www.w3.org/2001/10/xml-exc-c14n#"
-        ]
         assert r.find("ds:DigestMethod", NS).get("Algorithm") == (
             "http://www.w3.org/2001/04/xmlenc#sha256"
         )
-    assert sig.find("ds:SignatureValue", NS).get("Id") == f"value-id-{uid}"
-    ki = sig.find("ds:KeyInfo", NS)
-    assert ki.get("Id") == f"keyInfo-id-{uid}"
     cert_der = base64.b64decode(ki.find("ds:X509Data/ds:X509Certificate", NS).text)
     assert cert_der == world.cert.public_bytes(serialization.Encoding.DER)
     qp = sig.find("ds:Object/xades:QualifyingProperties", NS)
     assert qp.get("Target") == "#PrescriptionSign"
-    sp = qp.find("xades:SignedProperties", NS)
-    assert sp.get("Id") == f"xades-id-{uid}"
     st = sp.find("xades:SignedSignatureProperties/xades:SigningTime", NS).text
-    assert st.endswith("+09:00") and dt.datetime.fromisoformat(st).utcoffset() == dt.timedelta(
-        hours=9
-    )
+    assert st.endswith("+00:00") and dt.datetime.fromisoformat(st).utcoffset() == dt.timedelta(0)
     cert_el = sp.find("xades:SignedSignatureProperties/xades:SigningCertificateV2/xades:Cert", NS)
     assert base64.b64decode(cert_el.find("xades:CertDigest/ds:DigestValue", NS).text) == (
         hashlib.sha256(cert_der).digest()
     )
-    from asn1crypto import tsp
-
-    issuer_serial = tsp.IssuerSerial.load(
-        base64.b64decode(cert_el.find("xades:IssuerSerialV2", NS).text)
-    )
-    assert issuer_serial["serial_number"].native == world.cert.serial_number
+    assert [etree.QName(c).localname for c in cert_el] == ["CertDigest"]
 
 
 def test_eprescription_verifies_with_xmlsec1_signxml_and_ours(world: SignWorld) -> None:
@@ -466,19 +464,33 @@ def test_signature_wrapping_fails_ours(world: SignWorld) -> None:
 
 
 def test_dispensing_needs_a_pharmacist(world: SignWorld) -> None:
+    prescription = _eprescription(world)
     with pytest.raises(RoleNotPermitted, match="Medical Doctor may not sign a dispensing"):
-        _eprescription(world, profile="jp-dispensing")
+        _eprescription(world, profile="jp-dispensing", eprescription_input=_rx(prescription))
     xml = _eprescription(
-        world, profile="jp-dispensing", chain=[world.pharmacist_cert, world.ca.cert]
+        world,
+        profile="jp-dispensing",
+        chain=[world.pharmacist_cert, world.ca.cert],
+        eprescription_input=_rx(prescription),
     )
     root = etree.fromstring(xml)
-    assert root.find("Dispensing/DispensingSign/ds:Signature", NS).get("Id") == "DispensingSign"
+    assert root.find("DispensingSign/ds:Signature", NS).get("Id") == "DispensingSign"
+    assert root.find("DispensingManagement/Version").get("Value") == "EPD1.0"
     assert _xmlsec(world, world.write("disp.xml", xml)).returncode == 0
     rep = _verify(world, xml)
     assert rep.indication == "TOTAL-PASSED", rep.reason
-    assert rep.signatures[0].document_type == "dispensing"
+    assert [(s.document_type, s.indication) for s in rep.signatures] == [
+        ("prescription", "TOTAL-PASSED"),
+        ("dispensing", "TOTAL-PASSED"),
+    ]
     with pytest.raises(RoleNotPermitted, match="Pharmacist may not sign a prescription"):
         _eprescription(world, chain=[world.pharmacist_cert, world.ca.cert])
+
+
+def _rx(prescription: bytes) -> Any:
+    from gateway.sign.eprescription import EPrescriptionInput
+
+    return EPrescriptionInput(prescription=prescription)
 
 
 def test_verifier_refuses_a_role_the_mapping_does_not_allow(world: SignWorld) -> None:
