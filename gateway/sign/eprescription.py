@@ -369,15 +369,22 @@ def build_dispensing(
     _management(root, p, _check_document_id(dispensing_id, "dispensing_id"))
     container = etree.SubElement(root, p.container)
     container.set("id", p.container)
-    ref = etree.SubElement(container, "ReferencePrescription")
-    for child in list(container_src):
-        ref.append(child)
+    placeholder = f"reference-prescription-{secrets.token_hex(16)}"
+    etree.SubElement(container, "ReferencePrescription").text = placeholder
     _document(container, p, csv_bytes)
     info = etree.SubElement(root, p.additional)
     info.set("id", p.additional)
     _additional(info, additional, dispensing=True)
     etree.SubElement(root, "DispensingSign")
-    return root.getroottree()
+    # The prescription goes in as its serialized bytes and the whole is parsed again: moving
+    # lxml elements between documents re-resolves their namespaces (a default-namespace
+    # element becomes prefixed), which would change the prescription's bytes.
+    inner = "".join(
+        [container_src.text or "", *(etree.tostring(c, encoding="unicode") for c in container_src)]
+    ).encode("utf-8")
+    skeleton = etree.tostring(root, encoding="UTF-8", xml_declaration=True)
+    assembled = skeleton.replace(placeholder.encode(), inner, 1)
+    return parse_untrusted(assembled, max_depth=256, what="the dispensing result")
 
 
 # -- checking an unsigned document -------------------------------------------------------------

@@ -240,6 +240,7 @@ def _sign(world: SignWorld, tsa: dict[str, Any] | None, level: str, **kw: Any) -
 def _trust(world: SignWorld, tsa: dict[str, Any] | None, **kw: Any) -> TrustConfig:
     return TrustConfig(
         anchors=[world.root.cert, _mhlw_root()],
+        intermediates=[world.ca.cert],
         tsa_anchors=[tsa["ca"], _sample_tsa_root()] if tsa else [_sample_tsa_root()],
         crls=CrlSource(load_crl_files([world.dir / "root.crl", world.dir / "ca.crl"])),
         **kw,
@@ -275,3 +276,255 @@ def test_our_es_xl_prescription_has_the_samples_tree(world: SignWorld, tsa: dict
     ours = etree.fromstring(_sign(world, tsa, "AdES-B-LT", eprescription_input=extra))
     sample = etree.parse(str(SAMPLE)).getroot()
     assert _shape(ours) == _shape(sample)
+
+
+LEVELS = {
+    "AdES-B-B": ("B-B", "ES-BES"),
+    "AdES-B-T": ("B-T", "ES-T"),
+    "AdES-B-LT": ("B-LT", "ES-XL"),
+    "AdES-B-LTA": ("B-LTA", "ES-A"),
+}
+
+
+def _xmlsec(world: SignWorld, path: Path, node_id: str) -> subprocess.CompletedProcess[str]:
+    if shutil.which("xmlsec1") is None:
+        raise RuntimeError("xmlsec1 is not installed: run scripts/bootstrap.sh")
+    ids = []
+    for name in ("Signature", "SignedProperties", "KeyInfo", "QualifyingProperties"):
+        ids += ["--id-attr:Id", name]
+    for name in ("PrescriptionDocument", "Dispensing", "DispensingDocument"):
+        ids += ["--id-attr:id", name]
+    return subprocess.run(
+        [
+            "xmlsec1",
+            "--verify",
+            *ids,
+            "--node-id",
+            node_id,
+            "--trusted-pem",
+            str(world.dir / "root.pem"),
+            "--untrusted-pem",
+            str(world.dir / "ca.pem"),
+            str(path),
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+
+
+@pytest.mark.parametrize("level", sorted(LEVELS))
+def test_our_prescription_at_every_level(world: SignWorld, tsa: dict[str, Any], level: str) -> None:
+    xml = _sign(world, tsa if level != "AdES-B-B" else None, level)
+    sig = etree.fromstring(xml).find(".//ds:Signature", NS)
+    assert schema_problem(sig) is None
+    res = _xmlsec(world, world.write(f"rx-{level}.xml", xml), "PrescriptionSign")
+    assert res.returncode == 0, res.stderr
+    rep = asyncio.run(verify_document(xml, trust=_trust(world, tsa)))
+    assert rep.indication == "TOTAL-PASSED", rep.reason
+    assert (rep.signatures[0].level, rep.signatures[0].xades_level) == LEVELS[level]
+    if level in ("AdES-B-LT", "AdES-B-LTA"):
+        assert rep.signatures[0].revocation["source"] == "document"
+
+
+def _short_lived(world: SignWorld) -> list[x509.Certificate]:
+    spki = world.cert.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    cert = testworld.issue_hpki_signer_cert(
+        world.ca,
+        public_key_der=spki,
+        name_romaji="Ichiro Tanki",
+        name_kanji="短期一郎",
+        role="Medical Doctor",
+        organization="HPKI TEST FACILITY",
+        serial_number_attr="ICHIROTANKI",
+        now=dt.datetime.now(dt.UTC) - dt.timedelta(minutes=5),
+        validity_days=1,
+    )
+    return [cert, world.ca.cert, world.root.cert]
+
+
+def test_expired_signer_passes_with_es_a_only(world: SignWorld, tsa: dict[str, Any]) -> None:
+    chain = _short_lived(world)
+    later = dt.datetime.now(dt.UTC) + dt.timedelta(days=3)  # signer expired, CRLs past nextUpdate
+    archived = _sign(world, tsa, "AdES-B-LTA", chain=chain)
+    rep = asyncio.run(verify_document(archived, trust=_trust(world, tsa), now=later))
+    assert rep.indication == "TOTAL-PASSED", rep.reason
+    assert rep.signatures[0].xades_level == "ES-A"
+    assert rep.signatures[0].archive_timestamps[0]["status"] == "valid"
+    xl = _sign(world, tsa, "AdES-B-LT", chain=chain)
+    rep = asyncio.run(verify_document(xl, trust=_trust(world, tsa), now=later))
+    assert (rep.indication, rep.sub_indication) == ("INDETERMINATE", "OUT_OF_BOUNDS_NO_POE")
+    # and an ES-A whose archive timestamp was altered no longer proves anything
+    root = etree.fromstring(archived)
+    sv = root.find(".//ds:SignatureValue", NS)
+    crl_el = root.find(".//xades:RevocationValues/xades:CRLValues/xades:EncapsulatedCRLValue", NS)
+    crl_el.addprevious(etree.fromstring(etree.tostring(crl_el)))  # an extra CRL after the fact
+    assert sv is not None
+    rep = asyncio.run(verify_document(etree.tostring(root), trust=_trust(world, tsa), now=later))
+    assert (rep.indication, rep.sub_indication) == ("TOTAL-FAILED", "HASH_FAILURE"), rep.reason
+    assert "archive timestamp" in rep.reason
+
+
+class _CountingKey:
+    """The real HSM key, counting its signatures (to show a refused request used none)."""
+
+    def __init__(self, key: Any) -> None:
+        self.key, self.calls = key, 0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.key, name)
+
+    async def sign_digest(self, *args: Any, **kw: Any) -> bytes:
+        self.calls += 1
+        result: bytes = await self.key.sign_digest(*args, **kw)
+        return result
+
+
+def _pharmacist(world: SignWorld) -> list[x509.Certificate]:
+    return [world.pharmacist_cert, world.ca.cert, world.root.cert]
+
+
+def test_dispensing_around_the_real_prescription(world: SignWorld, tsa: dict[str, Any]) -> None:
+    xml = _sign(
+        world,
+        tsa,
+        "AdES-B-LTA",
+        chain=_pharmacist(world),
+        profile="jp-dispensing",
+        document=DISPENSING_CSV,
+        eprescription_input=EPrescriptionInput(
+            prescription=SAMPLE.read_bytes(),
+            additional=[AdditionalLine(re_code="1,2", yj_code="1,4", csv_line_no="2")],
+        ),
+    )
+    root = etree.fromstring(xml)
+    assert (
+        root.get("{http://www.w3.org/2001/XMLSchema-instance}noNamespaceSchemaLocation") == "ED.xsd"
+    )
+    assert [c.tag for c in root] == [
+        "DispensingManagement",
+        "Dispensing",
+        "AdditionalDispensedInformation",
+        "DispensingSign",
+    ]
+    assert [c.tag for c in root.find("Dispensing")] == [
+        "ReferencePrescription",
+        "DispensingDocument",
+    ]
+    # the prescription travels intact: its signature element is byte-identical
+    sample_sig = etree.parse(str(SAMPLE)).find(".//ds:Signature", NS)
+    embedded = root.find("Dispensing/ReferencePrescription/PrescriptionSign/ds:Signature", NS)
+    assert etree.tostring(embedded, method="c14n") == etree.tostring(sample_sig, method="c14n")
+    res = _xmlsec(world, world.write("dispensing.xml", xml), "DispensingSign")
+    assert res.returncode == 0, res.stderr
+    rep = asyncio.run(verify_document(xml, trust=_trust(world, tsa)))
+    assert rep.indication == "TOTAL-PASSED", rep.reason
+    by_type = {s.document_type: s for s in rep.signatures}
+    assert by_type["prescription"].xades_level == "ES-XL"
+    assert "Sanjushi Kagurazaka" in by_type["prescription"].signer["subject"]
+    assert by_type["prescription"].chain["path"][-1].startswith("OU=MHLW HPKI Root CA V2")
+    assert by_type["dispensing"].xades_level == "ES-A"
+    assert by_type["dispensing"].signer["hc_roles"] == ["Pharmacist"]
+
+
+def test_dispensing_refuses_a_broken_prescription_before_the_key(
+    world: SignWorld, tsa: dict[str, Any]
+) -> None:
+    broken = (NEGATIVE / "PrescriptionReferenceError.xml").read_bytes()
+    key = _CountingKey(world.key)
+    with pytest.raises(InvalidRequest, match="embedded prescription's signature is broken"):
+        _sign(
+            world,
+            tsa,
+            "AdES-B-T",
+            key=key,
+            chain=_pharmacist(world),
+            profile="jp-dispensing",
+            document=DISPENSING_CSV,
+            eprescription_input=EPrescriptionInput(prescription=broken),
+        )
+    assert key.calls == 0
+
+
+def test_long_term_without_revocation_data_is_503_before_the_key(
+    world: SignWorld, tsa: dict[str, Any]
+) -> None:
+    key = _CountingKey(world.key)
+    empty = SigningPolicy(long_term=LongTermSource(CrlSource(fetch=True, timeout=1)))
+    with pytest.raises(RevocationUnavailable) as e:
+        _sign(world, tsa, "AdES-B-LT", key=key, policy=empty)
+    assert e.value.status == 503 and e.value.headers["Retry-After"]
+    assert key.calls == 0
+
+
+def test_unsigned_document_in_signed_out(world: SignWorld) -> None:
+    from gateway.sign.eprescription import build_prescription
+
+    doc_id = "1439e0c5-7c1d-4512-861d-263de48417bf"
+    tree = build_prescription(CSV, prescription_id=doc_id, additional=_sample_additional())
+    unsigned = etree.tostring(tree, xml_declaration=True, encoding="UTF-8")
+    xml = _sign(world, None, "AdES-B-B", document=unsigned)
+    root = etree.fromstring(xml)
+    assert root.find("Prescription/PrescriptionManagement/PrescriptionId").get("Value") == doc_id
+    rep = asyncio.run(verify_document(xml, trust=_trust(world, None)))
+    assert rep.indication == "TOTAL-PASSED", rep.reason
+
+
+def _unsigned(mutate: Any = None) -> bytes:
+    from gateway.sign.eprescription import build_prescription
+
+    root = build_prescription(CSV).getroot()
+    if mutate is not None:
+        mutate(root)
+    return etree.tostring(root, xml_declaration=True, encoding="UTF-8")
+
+
+def _set_text(path: str, text: str) -> Any:
+    def go(root: etree._Element) -> None:
+        root.find(path).text = text
+
+    return go
+
+
+BAD_DOCUMENTS = {
+    "dtd": (
+        b'<?xml version="1.0"?><!DOCTYPE Document [<!ENTITY x "y">]><Document id="Document"/>',
+        "DTD",
+    ),
+    "wrong root": (b'<Prescription id="Document"/>', "root must be <Document"),
+    "duplicate id": (
+        _unsigned(
+            lambda r: r.find("Prescription/PrescriptionSign").set("id", "PrescriptionDocument")
+        ),
+        "duplicate ids",
+    ),
+    "missing id": (
+        _unsigned(lambda r: r.find("Prescription/PrescriptionDocument").attrib.pop("id")),
+        "PrescriptionDocument element with its id",
+    ),
+    "not base64": (_unsigned(_set_text("Prescription/PrescriptionDocument", "@@@")), "Base64"),
+    "not utf-8": (
+        _unsigned(
+            _set_text(
+                "Prescription/PrescriptionDocument",
+                base64.b64encode("処方".encode("cp932")).decode(),
+            )
+        ),
+        "not valid utf-8",
+    ),
+    "already signed": (
+        _unsigned(lambda r: etree.SubElement(r.find("Prescription/PrescriptionSign"), "X")),
+        "must be present and empty",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_DOCUMENTS))
+def test_bad_unsigned_documents_are_refused(world: SignWorld, case: str) -> None:
+    document, message = BAD_DOCUMENTS[case]
+    key = _CountingKey(world.key)
+    with pytest.raises(InvalidRequest, match=message):
+        _sign(world, None, "AdES-B-B", key=key, document=document)
+    assert key.calls == 0

@@ -35,8 +35,8 @@ from gateway.sign import cades
 from gateway.sign.eprescription import RolePolicy
 from gateway.sign.service import SignedDocument, sign_document
 from gateway.sign.timestamp import Rfc3161Client, parse_token
-from gateway.verify import TrustConfig, verify_document
 from gateway.sign.xades import DS, XADES, c14n
+from gateway.verify import TrustConfig, verify_document
 from tests.support.gateway import Server, client_context, request, run_cli
 from tests.support.signworld import SignWorld, make_sign_world
 from tests.support.softhsm import SOFTHSM_MODULE, process_token

@@ -15,8 +15,8 @@ from gateway.hsm.api import DigestAlgorithm
 from gateway.sign.cades import der_length, der_tlv
 from gateway.sign.eprescription import decode_csv
 from gateway.sign.service import SigningPolicy, document_digests, sign_document
-from gateway.verify import TrustConfig, verify_document
 from gateway.sign.xades import parse_untrusted
+from gateway.verify import TrustConfig, verify_document
 from tests.support.softkey import make_world
 
 
