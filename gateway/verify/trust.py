@@ -253,7 +253,9 @@ async def _check_revocation(
     checked = " and ".join(names[k] for k in dict.fromkeys(sources))
     rep.revocation = {
         "status": "good",
-        "reason": f"not revoked at {at.isoformat()} ({checked or 'nothing'} checked)",
+        "reason": "not revoked"
+        + (f" at {at.isoformat()}" if at != now else "")
+        + f" ({checked or 'nothing'} checked)",
         "source": sources[0] if sources else None,
         "checked_at": at.isoformat(),
     }

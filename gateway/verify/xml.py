@@ -327,17 +327,17 @@ async def _verify_one(
         return
     cert = next((c for c in candidates if binding.matches(c)), None)
     verifier = cert or (candidates[0] if candidates else None)
+    if cert is None and verifier is not None:
+        rep.signer = signer_info(verifier)
+    covered = _references(rep, sig, doc)
+    if covered is None:
+        return
     if verifier is None:
         rep.fail(
             INDETERMINATE,
             "NO_SIGNING_CERTIFICATE_FOUND",
             "no signing certificate: no certificate in KeyInfo or CertificateValues",
         )
-        return
-    if cert is None:
-        rep.signer = signer_info(verifier)
-    covered = _references(rep, sig, doc)
-    if covered is None:
         return
     if profile is not None and slot is not None:
         problem = placement_problem(profile, slot, doc.tree.getroot(), covered)

@@ -511,7 +511,10 @@ def test_xades_bt_signature_timestamp_over_c14n_signature_value(
     enc = root.find(".//xades:SignatureTimeStamp/xades:EncapsulatedTimeStamp", NS)
     token = base64.b64decode(enc.text)
     imprint = parse_token(token).info["message_imprint"]["hashed_message"].native
-    assert imprint == hashlib.sha256(c14n(sv)).digest()
+    # As in the national service's samples: no CanonicalizationMethod in the SignatureTimeStamp,
+    # so the imprint is over the XAdES default, inclusive C14N 1.0 of the SignatureValue.
+    assert root.find(".//xades:SignatureTimeStamp/ds:CanonicalizationMethod", NS) is None
+    assert imprint == hashlib.sha256(c14n(sv, exclusive=False)).digest()
     tok = world.write("x-bt.tst", token)
     res = subprocess.run(
         [
