@@ -671,6 +671,21 @@ async def cmd_verify(args: argparse.Namespace) -> int:
     return 0 if report.passed else 1
 
 
+async def cmd_extend(args: argparse.Namespace) -> int:
+    from gateway.sign.extend_cli import run
+
+    settings = _settings(args)
+    async with _Ctx(settings, with_keystore=False) as ctx:
+        code, lines = await run(args, settings, ctx.db, ctx.audit, _actor())
+    for line in lines:
+        document = line.pop("document", None)
+        if document is not None:
+            sys.stdout.buffer.write(document)
+        else:
+            print(f"{line['file']}: {line['result']}", file=sys.stderr)
+    return code
+
+
 def _read_input(path: str) -> bytes:
     return sys.stdin.buffer.read() if path == "-" else Path(path).read_bytes()
 
@@ -991,6 +1006,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     _verify_arguments(p)
     p.set_defaults(func=cmd_verify)
+
+    p = sub.add_parser(
+        "extend",
+        help="raise signed XML to ES-T / ES-XL / ES-A, or renew ES-A archive timestamps",
+    )
+    _cfg(p, json_flag=False)
+    from gateway.sign.extend_cli import add_arguments as _extend_arguments
+
+    _extend_arguments(p)
+    p.set_defaults(func=cmd_extend)
 
     ep = sub.add_parser("eprescription", help="e-prescription XML (HPKI.md §3)").add_subparsers(
         dest="sub", required=True

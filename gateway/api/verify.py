@@ -75,3 +75,6 @@ def setup(app: web.Application) -> None:
 
     app.cleanup_ctx.append(pool_ctx)
     app.add_routes(routes)
+    from gateway.api import extend  # the long-term side of verification: POST /extend
+
+    extend.setup(app)

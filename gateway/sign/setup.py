@@ -43,6 +43,7 @@ def signing_policy(settings: Settings) -> SigningPolicy:
             timeout=settings.pki.crl_timeout,
         ),
         tsa_anchors=load_pems(settings.timestamp.trust_anchors),
+        certs=load_pems([*settings.pki.hpki_trust_anchors, *settings.pki.hpki_intermediates]),
     )
     return SigningPolicy(
         roles=RolePolicy({k: list(v) for k, v in s.role_document_types.items()}),

@@ -57,6 +57,9 @@ class LongTermSource:
 
     crls: CrlSource = field(default_factory=CrlSource)
     tsa_anchors: Sequence[x509.Certificate] = ()
+    #: HPKI anchors and intermediates: the signer's chain when extending a signature that
+    #: carries only the signer's certificate.
+    certs: Sequence[x509.Certificate] = ()
 
 
 @dataclass
