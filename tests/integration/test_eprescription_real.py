@@ -6,7 +6,9 @@ e-prescription, from MediSignVerifier's public test resources) and the real MHLW
 - our own documents have exactly the samples' element tree at every level, validate against
   the XAdES schemas, pass ``xmlsec1 --verify`` and our verifier; a signature whose certificate
   expired after its ES-A still passes, one without ES-A does not;
-- a dispensing result made around the real signed prescription verifies both signatures.
+- a dispensing result made around the real signed prescription verifies both signatures;
+- extending (code, CLI, ``POST /extend``) raises the level without touching the signature, and
+  the ES-A renewal job renews only what is due.
 """
 
 from __future__ import annotations
@@ -29,13 +31,14 @@ from gateway.errors import InvalidRequest, RevocationUnavailable
 from gateway.pki import testworld
 from gateway.pki.crl import CrlSource, load_crl_files
 from gateway.sign.eprescription import AdditionalLine, EPrescriptionInput
+from gateway.sign.extend import extend_xml
 from gateway.sign.service import SignedDocument, SigningPolicy, sign_document
 from gateway.sign.timestamp import Rfc3161Client
 from gateway.sign.xades import DS, XADES
 from gateway.sign.xades_ltv import LongTermSource
 from gateway.verify import TrustConfig, verify_document
 from gateway.verify.schema import schema_problem
-from tests.support.gateway import Server, run_cli
+from tests.support.gateway import Server, request, run_cli
 from tests.support.signworld import SignWorld, make_sign_world
 from tests.support.softhsm import SOFTHSM_MODULE, process_token
 
@@ -528,3 +531,125 @@ def test_bad_unsigned_documents_are_refused(world: SignWorld, case: str) -> None
     with pytest.raises(InvalidRequest, match=message):
         _sign(world, None, "AdES-B-B", key=key, document=document)
     assert key.calls == 0
+
+
+# -- extend ---------------------------------------------------------------------------------------
+
+
+def _extend(world: SignWorld, tsa: dict[str, Any], data: bytes, level: str, **kw: Any) -> Any:
+    async def go() -> Any:
+        client = Rfc3161Client(url=tsa["url"], timeout=10)
+        crls = [*load_crl_files([world.dir / "root.crl", world.dir / "ca.crl"]), tsa["crl"]]
+        source = LongTermSource(
+            CrlSource(crls), tsa_anchors=[tsa["ca"]], certs=[world.ca.cert, world.root.cert]
+        )
+        try:
+            return await extend_xml(data, level, tsa=client, source=source, **kw)
+        finally:
+            await client.close()
+
+    return asyncio.run(go())
+
+
+def _signed_info(xml: bytes, sign: str) -> list[bytes]:
+    sig = etree.fromstring(xml).find(f".//{sign}/ds:Signature", NS)
+    return [
+        etree.tostring(sig.find(f"ds:{n}", NS), method="c14n")
+        for n in ("SignedInfo", "SignatureValue", "KeyInfo")
+    ]
+
+
+@pytest.mark.parametrize("level", ["AdES-B-T", "AdES-B-LT", "AdES-B-LTA"])
+def test_extend_our_prescription_keeps_the_signature(
+    world: SignWorld, tsa: dict[str, Any], level: str
+) -> None:
+    bes = _sign(world, None, "AdES-B-B")
+    result = _extend(world, tsa, bes, level)
+    assert _signed_info(result.document, "PrescriptionSign") == _signed_info(
+        bes, "PrescriptionSign"
+    )
+    rep = asyncio.run(verify_document(result.document, trust=_trust(world, tsa)))
+    assert rep.indication == "TOTAL-PASSED", rep.reason
+    expected = {"AdES-B-T": "ES-T", "AdES-B-LT": "ES-XL", "AdES-B-LTA": "ES-A"}[level]
+    assert rep.signatures[0].xades_level == expected
+    assert result.changes == [("PrescriptionSign", "ES-BES", expected)]
+
+
+def test_renewed_es_a_has_two_valid_archive_timestamps(
+    world: SignWorld, tsa: dict[str, Any]
+) -> None:
+    archived = _sign(world, tsa, "AdES-B-LTA")
+    same = _extend(world, tsa, archived, "AdES-B-LTA")
+    assert same.document == etree.tostring(
+        etree.fromstring(archived).getroottree(), xml_declaration=True, encoding="UTF-8"
+    )  # already ES-A: nothing added without renew
+    renewed = _extend(world, tsa, archived, "AdES-B-LTA", renew=True)
+    rep = asyncio.run(verify_document(renewed.document, trust=_trust(world, tsa)))
+    assert rep.indication == "TOTAL-PASSED", rep.reason
+    assert [a["status"] for a in rep.signatures[0].archive_timestamps] == ["valid", "valid"]
+
+
+def test_extend_a_dispensing_result_leaves_the_prescription(
+    world: SignWorld, tsa: dict[str, Any]
+) -> None:
+    disp = _sign(
+        world,
+        None,
+        "AdES-B-B",
+        chain=_pharmacist(world),
+        profile="jp-dispensing",
+        document=DISPENSING_CSV,
+        eprescription_input=EPrescriptionInput(prescription=SAMPLE.read_bytes()),
+    )
+    result = _extend(world, tsa, disp, "AdES-B-LTA")
+    assert [c[0] for c in result.changes] == ["DispensingSign"]
+    rep = asyncio.run(verify_document(result.document, trust=_trust(world, tsa)))
+    assert rep.indication == "TOTAL-PASSED", rep.reason
+    assert {s.document_type: s.xades_level for s in rep.signatures} == {
+        "prescription": "ES-XL",
+        "dispensing": "ES-A",
+    }
+
+
+def test_cli_extends_the_real_prescription_and_runs_the_renewal_job(
+    sandbox: dict[str, Any], gateway: Server, tmp_path: Path
+) -> None:
+    src = tmp_path / "rx.xml"
+    src.write_bytes(SAMPLE.read_bytes())
+    out = tmp_path / "rx-a.xml"
+    run_cli("extend", str(src), "--level", "AdES-B-LTA", "-o", str(out), "-c", sandbox["config"])
+    sandbox_tsa = x509.load_pem_x509_certificate(Path(sandbox["tsa_trust_anchors"][0]).read_bytes())
+    trust = TrustConfig(anchors=[_mhlw_root()], tsa_anchors=[_sample_tsa_root(), sandbox_tsa])
+    rep = asyncio.run(verify_document(out.read_bytes(), trust=trust))
+    assert rep.indication == "TOTAL-PASSED", rep.reason
+    assert rep.signatures[0].xades_level == "ES-A"
+    folder = tmp_path / "archive"
+    folder.mkdir()
+    (folder / "a.xml").write_bytes(out.read_bytes())
+    (folder / "plain.xml").write_bytes(SAMPLE.read_bytes())
+    res = run_cli("extend", str(folder), "--renew-within", "0", "-c", sandbox["config"])
+    assert "a.xml: not due" in res.stderr and "plain.xml: not due" in res.stderr
+    before = (folder / "a.xml").read_bytes()
+    # the sandbox TSA's certificate itself ends within a century: renewing would not help
+    res = run_cli(
+        "extend", str(folder), "--renew-within", "36500", "-c", sandbox["config"], check=False
+    )
+    assert res.returncode == 1 and "not renewed" in res.stderr
+    assert (folder / "a.xml").read_bytes() == before
+
+
+def test_extend_route(sandbox: dict[str, Any], gateway: Server, hospital_ctx: Any) -> None:
+    body = {"document": base64.b64encode(SAMPLE.read_bytes()).decode(), "level": "AdES-B-LTA"}
+    r = request(gateway.port, "POST", "/extend", ctx=hospital_ctx, json_body=body)
+    assert r.status == 200, r.body
+    answer = json.loads(r.body)
+    assert answer["changes"] == [{"signature": "PrescriptionSign", "from": "ES-XL", "to": "ES-A"}]
+    extended = base64.b64decode(answer["document"])
+    assert (
+        etree.fromstring(extended).find(".//{http://uri.etsi.org/01903/v1.4.1#}ArchiveTimeStamp")
+        is not None
+    )
+    bad = request(
+        gateway.port, "POST", "/extend", ctx=hospital_ctx, json_body={**body, "level": "ES-Z"}
+    )
+    assert bad.status == 400 and b"level must be" in bad.body
