@@ -251,6 +251,7 @@ async def init_sandbox(
     actor = "sandbox:init"
     manifest_facilities = []
     manifest_signers = []
+    credentials: dict[str, Any] = {}  # role -> first credential: signs the sample documents
     try:
         await db.migrate()
         await keystore.open()
@@ -295,6 +296,7 @@ async def init_sandbox(
                 actor=actor,
             )
             enrol = await fido2.issue_enrollment(s.id, actor=actor)
+            credentials.setdefault(s.role, s.credentials[0])
             manifest_signers.append(
                 {
                     "id": s.id,
@@ -310,6 +312,12 @@ async def init_sandbox(
                     "enrollment_expires_at": enrol.expires_at.isoformat(),
                 }
             )
+        from gateway.sign.samples import write_samples
+
+        samples = await write_samples(
+            d, settings, keystore=keystore, doctor=credentials["Medical Doctor"],
+            pharmacist=credentials["Pharmacist"], db=db, audit=audit,
+        )  # fmt: skip
         admin = facility_ca.issue(
             client_ca,
             out_dir=d / "clients" / "admin",
@@ -343,6 +351,8 @@ async def init_sandbox(
             "p12_password": admin.p12_password,
         },
         "crls": {p.stem: str(p) for p in sorted(pki.glob("*.crl"))},
+        # Signed e-prescriptions and dispensing results, one per level (ES-BES .. ES-A).
+        "samples": samples,
         "outbox": str(d / "outbox"),
     }
     (d / "manifest.json").write_text(

@@ -25,7 +25,7 @@ from gateway.sign.eprescription import (
     EPrescriptionProfile,
     RolePolicy,
 )
-from gateway.sign.timestamp import Rfc3161Client
+from gateway.sign.timestamp import Rfc3161Client, TimestampClient
 from gateway.sign.xades import XadesBuilder
 from gateway.sign.xades_ltv import LongTermSource, prepare_long_term
 
@@ -142,7 +142,7 @@ async def sign_document(
     profile: str | None = None,
     csv_encoding: str = "utf-8",
     eprescription_input: EPrescriptionInput | None = None,
-    tsa: Rfc3161Client | None,
+    tsa: TimestampClient | None,
     now: dt.datetime | None = None,
     policy: SigningPolicy | None = None,
 ) -> SignedDocument:
@@ -251,6 +251,9 @@ async def sign_document(
 
     # pyHanko (~8 MB) is loaded on the first PDF, not in every worker at start-up.
     from gateway.sign import pades
+
+    if stamp is not None and not isinstance(stamp, Rfc3161Client):
+        raise InvalidRequest("PAdES timestamps need the RFC 3161 HTTP timestamp authority")
 
     signed = await pades.sign_pdf(
         key,

@@ -18,6 +18,7 @@ only an archive timestamp proves that the validation data in the document existe
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -95,6 +96,13 @@ class Evidence:
 
 
 def signer_info(cert: x509.Certificate) -> dict[str, Any]:
+    return dict(_signer_info(cert))
+
+
+# Decoding the hcRole extension (asn1crypto) is the costliest step of a verification after the
+# signatures themselves; the same few signer certificates come again and again.
+@functools.lru_cache(maxsize=512)
+def _signer_info(cert: x509.Certificate) -> dict[str, Any]:
     info = hpki.inspect_certificate(cert)
     return {
         "subject": info.subject,
@@ -262,8 +270,13 @@ async def _check_revocation(
     return True
 
 
+@functools.lru_cache(maxsize=512)
+def _profile_problems(cert: x509.Certificate) -> list[str]:
+    return hpki.check_signing_profile(cert)
+
+
 def _check_constraints(rep: SignatureReport, cert: x509.Certificate, trust: TrustConfig) -> bool:
-    problems = hpki.check_signing_profile(cert)
+    problems = _profile_problems(cert)
     if problems:
         rep.fail(
             INDETERMINATE,

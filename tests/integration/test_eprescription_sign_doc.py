@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import hashlib
+import json
 from pathlib import Path
 from typing import Any
 
@@ -118,3 +119,19 @@ def test_info_lists_the_levels(pharmacist: Any) -> None:
     r = csc.post("/csc/v2/info", {})
     assert r.status == 200, r.body
     assert r.json()["conformance_levels"] == ["AdES-B-B", "AdES-B-T", "AdES-B-LT", "AdES-B-LTA"]
+
+
+def test_sandbox_manifest_lists_samples_at_every_level(sandbox: dict[str, Any]) -> None:
+    from tests.support.gateway import run_cli
+
+    levels = ["AdES-B-B", "AdES-B-T", "AdES-B-LT", "AdES-B-LTA"]
+    forms = {"AdES-B-B": "ES-BES", "AdES-B-T": "ES-T", "AdES-B-LT": "ES-XL", "AdES-B-LTA": "ES-A"}
+    for kind in ("prescription", "dispensing"):
+        assert sorted(sandbox["samples"][kind]) == sorted(levels)
+        for level, path in sandbox["samples"][kind].items():
+            res = run_cli("verify", "-c", sandbox["config"], path, "--json")
+            report = json.loads(res.stdout)
+            assert report["indication"] == "TOTAL-PASSED", report["reason"]
+            sigs = report["signatures"]
+            assert len(sigs) == (2 if kind == "dispensing" else 1)
+            assert sigs[-1]["xades_level"] == forms[level]
