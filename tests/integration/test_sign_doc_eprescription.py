@@ -17,7 +17,7 @@ from cryptography import x509
 from lxml import etree
 
 from gateway.verify import TrustConfig, verify_document
-from tests.integration.test_eprescription_real import SAMPLE, _mhlw_root, _sample_tsa_root
+from tests.integration.test_signatures_eprescription import SAMPLE, _mhlw_root, _sample_tsa_root
 from tests.support.gateway import Server, client_context
 from tests.support.signing import Csc, b64
 from tests.support.webauthn import SoftAuthenticator
