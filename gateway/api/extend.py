@@ -4,7 +4,7 @@ XAdES) to ES-T / ES-XL / ES-A, or renew its ES-A, without touching the signer's 
 Behind mTLS like every route. Body: ``{"document": base64, "level": "AdES-B-LTA",
 "renew": false}``. Answer: ``{"document": base64, "changes": [{"signature", "from", "to"}]}``.
 Audited as ``signature.extend`` (digests before and after). A TSA or CRL server that is down
-gives 502/504 (TSA) or 503 with Retry-After (revocation data): nothing is returned.
+gives 503 with Retry-After: nothing is returned.
 """
 
 from __future__ import annotations

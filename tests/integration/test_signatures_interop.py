@@ -700,7 +700,7 @@ def silent_tsa() -> Iterator[str]:
 
 
 @pytest.mark.parametrize("fmt", ["C", "X", "P"])
-def test_tsa_down_or_slow_gives_502_504_and_no_signature(
+def test_tsa_down_or_slow_gives_503_and_no_signature(
     world: SignWorld, silent_tsa: str, fmt: str
 ) -> None:
     with socket.socket() as s:
@@ -721,10 +721,12 @@ def test_tsa_down_or_slow_gives_502_504_and_no_signature(
 
     with pytest.raises(TsaUnavailable) as down:
         asyncio.run(run(dead, 5))
-    assert down.value.status == 502 and "unreachable" in down.value.description
+    assert down.value.status == 503 and "unreachable" in down.value.description
+    assert down.value.code == "tsa_unavailable" and down.value.headers["Retry-After"] == "30"
     with pytest.raises(TsaTimeout) as slow:
         asyncio.run(run(silent_tsa, 0.5))
-    assert slow.value.status == 504 and "did not answer within 0.5 s" in slow.value.description
+    assert slow.value.status == 503 and "did not answer within 0.5 s" in slow.value.description
+    assert slow.value.code == "tsa_timeout" and slow.value.headers["Retry-After"] == "30"
 
 
 # -- the CMS template stays correct under concurrency --------------------------------------------
