@@ -272,7 +272,7 @@ class TimestampSettings(_Section):
     url: str | None = None
     """TSA URL; unset means AdES-B-T requests are refused with a clear error."""
     timeout: Annotated[float, Field(gt=0, le=120)] = 10.0
-    """Seconds allowed for one TSA round trip; slower answers give 503 (tsa_timeout) and nothing signed."""
+    """Seconds allowed for one TSA round trip; slower answers give 503 and nothing signed."""
     trust_anchors: list[Path] = Field(default_factory=list)
     """PEM roots that timestamp tokens must chain to during verification."""
 

@@ -128,6 +128,10 @@ class CrlSource:
         self._fetched[url] = crl
         return crl
 
+    def local_crls(self) -> list[x509.CertificateRevocationList]:
+        """The configured CRL files (as loaded)."""
+        return list(self._crls)
+
     async def current_crl(
         self, cert: x509.Certificate, issuer: x509.Certificate, moment: dt.datetime
     ) -> tuple[x509.CertificateRevocationList | None, str]:

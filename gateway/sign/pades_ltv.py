@@ -32,17 +32,14 @@ def validation_context(
     from pyhanko_certvalidator import ValidationContext
 
     certs = [chain[0], *long_term.signer.certs]
-    roots = [c for c in certs if c.subject == c.issuer] + [
-        c for c in long_term.source.tsa_anchors
-    ]
+    roots = [c for c in certs if c.subject == c.issuer] + [c for c in long_term.source.tsa_anchors]
     others = [c for c in certs if c.subject != c.issuer]
     crls = [*long_term.signer.crls, *long_term.source.crls.local_crls()]
     return ValidationContext(
         trust_roots=[_a(c) for c in roots],
         other_certs=[_a(c) for c in others],
         crls=[
-            asn1_crl.CertificateList.load(c.public_bytes(serialization.Encoding.DER))
-            for c in crls
+            asn1_crl.CertificateList.load(c.public_bytes(serialization.Encoding.DER)) for c in crls
         ],
         allow_fetching=False,
         # The signer's CRLs were gathered before signing (a missing one refused the request);
