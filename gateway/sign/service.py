@@ -151,7 +151,7 @@ async def sign_document(
     ``document_digest`` (SHA-256) replaces ``document`` only for detached CAdES. AdES-B-T
     needs ``tsa``; the timestamp is fetched before anything is returned, so a TSA failure
     (TsaUnavailable / TsaTimeout, 503 with Retry-After) leaves nothing signed behind. A signer
-    whose hcRole may not sign the profile's document type gets RoleNotPermitted (403) before signing.
+    whose hcRole may not sign the profile's document type gets RoleNotPermitted (403) first.
     """
     policy = policy or SigningPolicy()
     now = now or dt.datetime.now(dt.UTC)
