@@ -50,7 +50,7 @@ CONFORMANCE_LEVELS = ("AdES-B-B", "AdES-B-T", "AdES-B-LT", "AdES-B-LTA")
 FORMAT_LEVELS = {
     "C": ("AdES-B-B", "AdES-B-T"),
     "X": CONFORMANCE_LEVELS,
-    "P": ("AdES-B-B", "AdES-B-T"),
+    "P": CONFORMANCE_LEVELS,
 }
 MIME_TYPES = {"C": "application/pkcs7-signature", "X": "application/xml", "P": "application/pdf"}
 
@@ -212,7 +212,7 @@ async def sign_document(
     # the request (503) with nothing signed.
     long_term = (
         await prepare_long_term(conformance_level, chain, policy.long_term, now)
-        if signature_format == "X"
+        if signature_format in ("X", "P")
         else None
     )
     if signature_format == "X":
@@ -263,6 +263,7 @@ async def sign_document(
         envelope=env,
         signing_time=now,
         tsa=stamp,
+        long_term=long_term,
     )
     return result(signed, detached=False)
 

@@ -230,6 +230,7 @@ def check_token(
     trust_anchors: list[x509.Certificate],
     moment: dt.datetime | None = None,
     extra_certs: Sequence[x509.Certificate] = (),
+    imprint_digest: bytes | None = None,
 ) -> TokenProblem | None:
     """Check the imprint, the TSA's signature, its timeStamping EKU and its chain.
 
@@ -242,7 +243,8 @@ def check_token(
     alg = imprint["hash_algorithm"]["algorithm"].native
     if alg not in _CRYPTO_HASHES:
         return TokenProblem("format", f"timestamp uses unsupported hash {alg}")
-    if _hash(alg, imprint_data) != imprint["hashed_message"].native:
+    expected = imprint_digest if imprint_digest is not None else _hash(alg, imprint_data)
+    if expected != imprint["hashed_message"].native:
         return TokenProblem("hash", "the timestamp does not cover this signature value")
     signer_infos = token.signed_data["signer_infos"]
     if len(signer_infos) != 1:

@@ -78,6 +78,8 @@ class TimestampEvidence:
     #: Validation data carried for this timestamp (XAdES 1.4.1 TimeStampValidationData).
     certs: list[x509.Certificate] = field(default_factory=list)
     crls: list[x509.CertificateRevocationList] = field(default_factory=list)
+    #: The stamped digest itself where the data is not at hand (a PDF document timestamp).
+    imprint_digest: bytes | None = None
 
 
 @dataclass
@@ -149,6 +151,7 @@ def _check_timestamps(
             trust_anchors=trust.tsa_anchors,
             moment=moment,
             extra_certs=t.certs,
+            imprint_digest=t.imprint_digest,
         )
         entry = {
             "time": token.gen_time.isoformat(),

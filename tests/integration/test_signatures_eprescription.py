@@ -653,3 +653,62 @@ def test_extend_route(sandbox: dict[str, Any], gateway: Server, hospital_ctx: An
         gateway.port, "POST", "/extend", ctx=hospital_ctx, json_body={**body, "level": "ES-Z"}
     )
     assert bad.status == 400 and b"level must be" in bad.body
+
+
+# -- PAdES B-LT / B-LTA (pyHanko) ---------------------------------------------------------------
+
+
+def _sign_pdf(world: SignWorld, tsa: dict[str, Any], level: str, **kw: Any) -> bytes:
+    import io
+
+    from reportlab.pdfgen import canvas
+
+    buf = io.BytesIO()
+    c = canvas.Canvas(buf)
+    c.drawString(72, 760, "PRESCRIPTION (TEST) - long-term PAdES")
+    c.save()
+
+    async def go() -> SignedDocument:
+        async with Rfc3161Client(url=tsa["url"], timeout=10) as client:
+            return await sign_document(
+                key=world.key,
+                chain=kw.pop("chain", world.chain),
+                signature_format="P",
+                conformance_level=level,
+                envelope="Revision",
+                document=buf.getvalue(),
+                tsa=client,
+                policy=_policy(world, tsa),
+            )
+
+    res = asyncio.run(go())
+    assert res.document_with_signature is not None
+    return res.document_with_signature
+
+
+@pytest.mark.parametrize(("level", "expected"), [("AdES-B-LT", "B-LT"), ("AdES-B-LTA", "B-LTA")])
+def test_pades_long_term(world: SignWorld, tsa: dict[str, Any], level: str, expected: str) -> None:
+    import io
+
+    from pyhanko.pdf_utils.reader import PdfFileReader
+
+    pdf = _sign_pdf(world, tsa, level)
+    reader = PdfFileReader(io.BytesIO(pdf))
+    assert "/DSS" in reader.root  # the validation data pyHanko embedded
+    assert len(reader.embedded_timestamp_signatures) == (1 if expected == "B-LTA" else 0)
+    rep = asyncio.run(verify_document(pdf, trust=_trust(world, tsa)))
+    assert rep.indication == "TOTAL-PASSED", rep.reason
+    assert rep.signatures[0].level == expected
+    # judged with the CRLs of the DSS, not the configured ones
+    assert rep.signatures[0].revocation["source"] == "document"
+
+
+def test_pades_lta_outlives_the_signer_certificate(world: SignWorld, tsa: dict[str, Any]) -> None:
+    later = dt.datetime.now(dt.UTC) + dt.timedelta(days=3)
+    chain = _short_lived(world)
+    lta = _sign_pdf(world, tsa, "AdES-B-LTA", chain=chain)
+    rep = asyncio.run(verify_document(lta, trust=_trust(world, tsa), now=later))
+    assert rep.indication == "TOTAL-PASSED", rep.reason
+    lt = _sign_pdf(world, tsa, "AdES-B-LT", chain=chain)
+    rep = asyncio.run(verify_document(lt, trust=_trust(world, tsa), now=later))
+    assert (rep.indication, rep.sub_indication) == ("INDETERMINATE", "OUT_OF_BOUNDS_NO_POE")
