@@ -48,7 +48,7 @@ DEFAULT_ENVELOPE = {"C": "Attached", "X": "Enveloped", "P": "Certification"}
 CONFORMANCE_LEVELS = ("AdES-B-B", "AdES-B-T", "AdES-B-LT", "AdES-B-LTA")
 #: Levels each format reaches (XAdES: ES-BES, ES-T, ES-XL, ES-A).
 FORMAT_LEVELS = {
-    "C": ("AdES-B-B", "AdES-B-T"),
+    "C": ("AdES-B-B", "AdES-B-T", "AdES-B-LT"),
     "X": CONFORMANCE_LEVELS,
     "P": CONFORMANCE_LEVELS,
 }
@@ -195,6 +195,9 @@ async def sign_document(
             document_digest=digest,
         )
 
+    # Validation data is gathered before the key is used: a CRL server that is down refuses
+    # the request (503) with nothing signed.
+    long_term = await prepare_long_term(conformance_level, chain, policy.long_term, now)
     if signature_format == "C":
         tpl = cades.template_for(cert, issuers)
         signed = await tpl.sign(
@@ -204,17 +207,11 @@ async def sign_document(
             attached=env == "Attached",
             signing_time=now,
             tsa=stamp,
+            long_term=long_term,
         )
         return result(signed, detached=env == "Detached")
 
     assert document is not None
-    # Validation data is gathered before the key is used: a CRL server that is down refuses
-    # the request (503) with nothing signed.
-    long_term = (
-        await prepare_long_term(conformance_level, chain, policy.long_term, now)
-        if signature_format in ("X", "P")
-        else None
-    )
     if signature_format == "X":
         if profile is not None:
             prof = policy.profiles.get(profile)

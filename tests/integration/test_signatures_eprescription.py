@@ -712,3 +712,37 @@ def test_pades_lta_outlives_the_signer_certificate(world: SignWorld, tsa: dict[s
     lt = _sign_pdf(world, tsa, "AdES-B-LT", chain=chain)
     rep = asyncio.run(verify_document(lt, trust=_trust(world, tsa), now=later))
     assert (rep.indication, rep.sub_indication) == ("INDETERMINATE", "OUT_OF_BOUNDS_NO_POE")
+
+
+# -- CAdES B-LT ---------------------------------------------------------------------------------
+
+
+def test_cades_long_term(world: SignWorld, tsa: dict[str, Any]) -> None:
+    async def go(level: str) -> SignedDocument:
+        async with Rfc3161Client(url=tsa["url"], timeout=10) as client:
+            return await sign_document(
+                key=world.key,
+                chain=world.chain,
+                signature_format="C",
+                conformance_level=level,
+                envelope="Attached",
+                document=CSV,
+                tsa=client,
+                policy=_policy(world, tsa),
+            )
+
+    cms = asyncio.run(go("AdES-B-LT")).document_with_signature
+    assert cms is not None
+    path = world.write("lt.p7s", cms)
+    res = subprocess.run(
+        ["openssl", "cms", "-verify", "-binary", "-inform", "DER", "-in", str(path),
+         "-CAfile", str(world.dir / "root.pem"), "-purpose", "any", "-out", "/dev/null"],
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    rep = asyncio.run(verify_document(cms, trust=_trust(world, tsa)))
+    assert rep.indication == "TOTAL-PASSED", rep.reason
+    assert rep.signatures[0].level == "B-LT"
+    assert rep.signatures[0].revocation["source"] == "document"
+    with pytest.raises(InvalidRequest, match="not available for signature_format C"):
+        asyncio.run(go("AdES-B-LTA"))
