@@ -11,16 +11,16 @@ a systemd timer.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import datetime as dt
 import hashlib
-import os
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from gateway.config import Settings
 from gateway.errors import InvalidRequest
-from gateway.sign.extend import TARGETS, extend_xml, needs_renewal
+from gateway.sign.extend import TARGETS, extend_xml
+from gateway.sign.renewal import renew_paths, replace_atomically
 from gateway.sign.setup import signing_policy, tsa_client
 
 __all__ = ["add_arguments", "run"]
@@ -41,20 +41,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
 
 
-def _inputs(paths: list[str]) -> Iterator[Path]:
-    for p in map(Path, paths):
-        if p.is_dir():
-            yield from sorted(q for q in p.rglob("*.xml") if q.is_file())
-        else:
-            yield p
-
-
-def _replace(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.extend-tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
 async def run(
     args: argparse.Namespace, settings: Settings, db: Any, audit: Any, actor: str
 ) -> tuple[int, list[dict[str, Any]]]:
@@ -65,55 +51,47 @@ async def run(
     source = signing_policy(settings).long_term
     now = dt.datetime.now(dt.UTC)
     lines: list[dict[str, Any]] = []
-    worst = 0
     try:
-        files = list(_inputs(args.files))
-        if args.renew_within is None and len(files) != 1:
-            raise InvalidRequest("give one file to extend (or --renew-within for a folder)")
-        for path in files:
-            data = path.read_bytes()
-            entry: dict[str, Any] = {"file": str(path)}
-            lines.append(entry)
-            within = dt.timedelta(days=args.renew_within or 0)
-            if args.renew_within is not None and not needs_renewal(data, within=within, now=now):
-                entry["result"] = "not due"
-                continue
-            renew = args.renew or args.renew_within is not None
-            level = "AdES-B-LTA" if args.renew_within is not None else args.level
-            try:
-                result = await extend_xml(data, level, tsa=tsa, source=source, renew=renew, now=now)
-            except InvalidRequest as e:
-                entry["result"], worst = f"refused: {e.description}", 1
-                continue
-            if args.renew_within is not None and needs_renewal(
-                result.document, within=within, now=now
-            ):
-                entry["result"], worst = (
-                    "not renewed: the TSA's own certificate expires within the window",
-                    1,
-                )
-                continue
-            entry["result"] = "extended"
-            entry["changes"] = [list(c) for c in result.changes]
-            async with db.write() as conn:
-                await audit.append(
-                    conn,
-                    action="signature.extend",
-                    actor=actor,
-                    detail={
-                        "file": str(path),
-                        "level": level,
-                        "renew": renew,
-                        "document_sha256": hashlib.sha256(data).hexdigest(),
-                        "extended_sha256": hashlib.sha256(result.document).hexdigest(),
-                    },
-                )
-            if args.renew_within is not None:
-                _replace(path, result.document)
-            elif args.out:
-                _replace(Path(args.out), result.document)
-            else:
-                entry["document"] = result.document
+        if args.renew_within is not None:
+            lines = await renew_paths(
+                [Path(p) for p in args.files],
+                within=dt.timedelta(days=args.renew_within),
+                tsa=tsa,
+                source=source,
+                db=db,
+                audit=audit,
+                actor=actor,
+                now=now,
+            )
+            bad = [x for x in lines if x["result"].startswith(("not renewed", "refused", "busy"))]
+            return (1 if bad else 0), lines
+        path = Path(args.files[0])
+        if len(args.files) != 1 or not await asyncio.to_thread(path.is_file):
+            raise InvalidRequest("give one file to extend (or --renew-within for folders)")
+        data = await asyncio.to_thread(path.read_bytes)
+        entry: dict[str, Any] = {"file": str(path)}
+        lines.append(entry)
+        result = await extend_xml(
+            data, args.level, tsa=tsa, source=source, renew=args.renew, now=now
+        )
+        entry["result"] = "extended"
+        async with db.write() as conn:
+            await audit.append(
+                conn,
+                action="signature.extend",
+                actor=actor,
+                detail={
+                    "file": str(path),
+                    "level": args.level,
+                    "renew": args.renew,
+                    "document_sha256": hashlib.sha256(data).hexdigest(),
+                    "extended_sha256": hashlib.sha256(result.document).hexdigest(),
+                },
+            )
+        if args.out:
+            replace_atomically(Path(args.out), result.document)
+        else:
+            entry["document"] = result.document
     finally:
         await tsa.close()
-    return worst, lines
+    return 0, lines

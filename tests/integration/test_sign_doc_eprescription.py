@@ -135,3 +135,22 @@ def test_sandbox_manifest_lists_samples_at_every_level(sandbox: dict[str, Any]) 
             sigs = report["signatures"]
             assert len(sigs) == (2 if kind == "dispensing" else 1)
             assert sigs[-1]["xades_level"] == forms[level]
+
+
+def test_the_scheduler_runs_the_es_a_renewal(sandbox: dict[str, Any], tmp_path: Path) -> None:
+    from tests.support.gateway import run_cli
+
+    folder = tmp_path / "archive"
+    folder.mkdir()
+    es_a = Path(sandbox["samples"]["prescription"]["AdES-B-LTA"])
+    (folder / "rx.xml").write_bytes(es_a.read_bytes())
+    base = Path(sandbox["config"])
+    config = base.with_name("gateway-renewal.toml")
+    config.write_text(
+        base.read_text(encoding="utf-8")
+        + f'\n[signing]\narchive_renewal_paths = ["{folder}"]\narchive_renewal_days = 30\n',
+        encoding="utf-8",
+    )
+    report = json.loads(run_cli("scheduler", "run-once", "-c", str(config), "--json").stdout)
+    assert report["archives"] == [{"file": str(folder / "rx.xml"), "result": "not due"}]
+    assert (folder / "rx.xml").read_bytes() == es_a.read_bytes()
