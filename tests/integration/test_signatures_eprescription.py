@@ -28,8 +28,8 @@ from cryptography.hazmat.primitives import serialization
 from lxml import etree
 
 from gateway.errors import InvalidRequest, RevocationUnavailable
-from gateway.pki import testworld
 from gateway.pki.crl import CrlSource, load_crl_files
+from gateway.sandbox import testworld
 from gateway.sign.eprescription import AdditionalLine, EPrescriptionInput
 from gateway.sign.extend import extend_xml
 from gateway.sign.service import SignedDocument, SigningPolicy, sign_document

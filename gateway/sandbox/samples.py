@@ -39,7 +39,7 @@ class _InProcessTestTsa:
     """The sandbox TEST TSA's key, stamping in this process (sandbox init only)."""
 
     def __init__(self, settings: Settings) -> None:
-        from gateway.api.test_tsa import _load
+        from gateway.sandbox.tsa import _load
 
         self.stamper = _load(settings)
 

@@ -1,0 +1,54 @@
+"""``sandbox``: the verification environment (a complete TEST world) and its TEST TSA."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+from gateway.cli.common import config_flags, emit, settings_of
+
+
+async def cmd_sandbox_init(args: argparse.Namespace) -> int:
+    from gateway.sandbox.world import init_sandbox
+
+    manifest = await init_sandbox(
+        Path(args.dir), port=args.port, force=args.force, tsa_port=args.tsa_port
+    )
+    emit(
+        args,
+        manifest,
+        f"sandbox ready in {Path(args.dir).resolve()}\n"
+        f"  serve it:  hpki-gateway serve -c {Path(args.dir).resolve() / 'gateway.toml'}\n"
+        f"  TEST TSA:  {manifest['tsa_url']} (served by `serve`)\n"
+        f"  manifest:  {Path(args.dir).resolve() / 'manifest.json'}",
+    )
+    return 0
+
+
+async def cmd_sandbox_tsa(args: argparse.Namespace) -> int:
+    from gateway.sandbox.tsa import run_forever
+
+    settings = settings_of(args)
+    print(f"TEST TSA on {settings.timestamp.url} (Ctrl-C stops it)", file=sys.stderr)
+    await run_forever(settings)
+    return 0
+
+
+def register(sub: Any) -> None:
+    sb = sub.add_parser("sandbox", help="verification environment").add_subparsers(
+        dest="sub", required=True
+    )
+    p = sb.add_parser("init", help="build a complete test world in DIR")
+    p.add_argument("dir")
+    p.add_argument("--port", type=int, default=8443)
+    p.add_argument("--force", action="store_true", help="rebuild even if DIR has a world")
+    p.add_argument(
+        "--tsa-port", type=int, default=None, help="port of the TEST TSA (default: a free one)"
+    )
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_sandbox_init)
+    p = sb.add_parser("tsa", help="run only the TEST TSA of a sandbox (`serve` already runs it)")
+    config_flags(p, json_flag=False)
+    p.set_defaults(func=cmd_sandbox_tsa)
