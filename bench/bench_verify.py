@@ -66,9 +66,7 @@ def run() -> dict[str, float]:
         assert rep.indication == "TOTAL-PASSED", rep.reason
 
     config = SignatureConfiguration(expect_references=3)
-    pem = signer.public_bytes(
-        __import__("cryptography").hazmat.primitives.serialization.Encoding.PEM
-    )
+    pem = signer.public_bytes(serialization.Encoding.PEM)
 
     def base() -> None:
         XAdESVerifier().verify(data, x509_cert=pem.decode(), expect_config=config)
