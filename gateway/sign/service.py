@@ -27,7 +27,7 @@ from gateway.sign.eprescription import (
 )
 from gateway.sign.timestamp import Rfc3161Client, TimestampClient
 from gateway.sign.xades import XadesBuilder
-from gateway.sign.xades_ltv import LongTermSource, prepare_long_term
+from gateway.sign.xades_ltv import LongTerm, LongTermSource, prepare_long_term
 
 __all__ = [
     "CONFORMANCE_LEVELS",
@@ -165,23 +165,7 @@ async def sign_document(
         )
     stamp = tsa if conformance_level != "AdES-B-B" else None
 
-    if document is None:
-        if document_digest is None:
-            raise InvalidRequest("a document (or, for detached CAdES, its digest) is required")
-        if signature_format != "C" or env != "Detached":
-            raise InvalidRequest("documentDigests are accepted for detached CAdES only")
-        if len(document_digest) != 32:
-            raise InvalidRequest("documentDigests must be SHA-256 (32 bytes)")
-        digest = document_digest
-    else:
-        if len(document) > policy.max_document_bytes:
-            raise PayloadTooLarge(
-                f"document of {len(document)} bytes is over the limit of "
-                f"{policy.max_document_bytes} bytes"
-            )
-        if not document:
-            raise InvalidRequest("the document is empty")
-        digest = hashlib.sha256(document).digest()
+    digest = _checked_digest(document, document_digest, signature_format, env, policy)
 
     def result(signed: bytes, *, detached: bool) -> SignedDocument:
         return SignedDocument(
@@ -213,38 +197,21 @@ async def sign_document(
 
     assert document is not None
     if signature_format == "X":
-        if profile is not None:
-            prof = policy.profiles.get(profile)
-            if prof is None:
-                raise InvalidRequest(
-                    f"unknown profile {profile!r}; valid: {', '.join(sorted(policy.profiles))}"
-                )
-            base = eprescription_input or EPrescriptionInput()
-            signed = await eprescription.sign_eprescription(
-                key=key,
-                certificate=cert,
-                chain=issuers,
-                document=document,
-                profile=prof,
-                roles=policy.roles,
-                signing_time=now,
-                tsa=stamp,
-                extra=dataclasses.replace(base, encoding=csv_encoding),
-                builder=_xades_builder(cert, issuers),
-                max_depth=policy.max_xml_depth,
-                long_term=long_term,
-            )
-            return result(signed, detached=False)
-        signed = await _xades_builder(cert, issuers).sign(
+        signed = await _sign_xml(
             key,
+            chain,
             document=document,
             envelope=env,
-            signing_time=now,
+            profile=profile,
+            extra=dataclasses.replace(
+                eprescription_input or EPrescriptionInput(), encoding=csv_encoding
+            ),
             tsa=stamp,
-            max_depth=policy.max_xml_depth,
+            now=now,
+            policy=policy,
             long_term=long_term,
         )
-        return result(signed, detached=env == "Detached")
+        return result(signed, detached=env == "Detached" and profile is None)
 
     # pyHanko (~8 MB) is loaded on the first PDF, not in every worker at start-up.
     from gateway.sign import pades
@@ -263,6 +230,78 @@ async def sign_document(
         long_term=long_term,
     )
     return result(signed, detached=False)
+
+
+def _checked_digest(
+    document: bytes | None,
+    document_digest: bytes | None,
+    signature_format: str,
+    envelope: str,
+    policy: SigningPolicy,
+) -> bytes:
+    """SHA-256 of the document (what the SAD authorizes), after the size and shape checks."""
+    if document is None:
+        if document_digest is None:
+            raise InvalidRequest("a document (or, for detached CAdES, its digest) is required")
+        if signature_format != "C" or envelope != "Detached":
+            raise InvalidRequest("documentDigests are accepted for detached CAdES only")
+        if len(document_digest) != 32:
+            raise InvalidRequest("documentDigests must be SHA-256 (32 bytes)")
+        return document_digest
+    if len(document) > policy.max_document_bytes:
+        raise PayloadTooLarge(
+            f"document of {len(document)} bytes is over the limit of "
+            f"{policy.max_document_bytes} bytes"
+        )
+    if not document:
+        raise InvalidRequest("the document is empty")
+    return hashlib.sha256(document).digest()
+
+
+async def _sign_xml(
+    key: KeyHandle,
+    chain: Sequence[x509.Certificate],
+    *,
+    document: bytes,
+    envelope: str,
+    profile: str | None,
+    extra: EPrescriptionInput,
+    tsa: TimestampClient | None,
+    now: dt.datetime,
+    policy: SigningPolicy,
+    long_term: LongTerm | None,
+) -> bytes:
+    """XAdES: an e-prescription / dispensing profile, or one of the generic envelopes."""
+    cert, issuers = chain[0], list(chain[1:])
+    if profile is None:
+        return await _xades_builder(cert, issuers).sign(
+            key,
+            document=document,
+            envelope=envelope,
+            signing_time=now,
+            tsa=tsa,
+            max_depth=policy.max_xml_depth,
+            long_term=long_term,
+        )
+    prof = policy.profiles.get(profile)
+    if prof is None:
+        raise InvalidRequest(
+            f"unknown profile {profile!r}; valid: {', '.join(sorted(policy.profiles))}"
+        )
+    return await eprescription.sign_eprescription(
+        key=key,
+        certificate=cert,
+        chain=issuers,
+        document=document,
+        profile=prof,
+        roles=policy.roles,
+        signing_time=now,
+        tsa=tsa,
+        extra=extra,
+        builder=_xades_builder(cert, issuers),
+        max_depth=policy.max_xml_depth,
+        long_term=long_term,
+    )
 
 
 _builders: dict[bytes, XadesBuilder] = {}
