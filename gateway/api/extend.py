@@ -21,7 +21,7 @@ from gateway.api.keys import AUDIT, DB, SETTINGS
 from gateway.api.middleware import identity
 from gateway.api.schema import CscRequest, parse
 from gateway.errors import InvalidRequest, PayloadTooLarge
-from gateway.sign.extend import TARGETS, extend_xml
+from gateway.sign.extend import TARGETS, extend_document
 from gateway.sign.setup import signing_policy, tsa_client
 from gateway.sign.timestamp import Rfc3161Client
 from gateway.sign.xades_ltv import LongTermSource
@@ -67,7 +67,7 @@ async def extend(request: web.Request) -> web.Response:
     tsa = request.app.get(_TSA)
     if tsa is None:
         raise InvalidRequest("extending needs a timestamp authority, and none is configured")
-    result = await extend_xml(
+    result = await extend_document(
         document,
         body.level,
         tsa=tsa,

@@ -41,7 +41,7 @@ from gateway.sign.xades_ltv import (
     tsa_validation_data,
 )
 
-__all__ = ["TARGETS", "ExtendResult", "extend_xml", "needs_renewal"]
+__all__ = ["TARGETS", "ExtendResult", "extend_document", "extend_xml", "needs_renewal"]
 
 _DS = "{%s}" % DS  # noqa: UP031
 _XA = "{%s}" % XADES  # noqa: UP031
@@ -208,6 +208,38 @@ async def extend_xml(
         )
         changes.append((sig.get("Id") or "", before, after))
     out: bytes = etree.tostring(tree, xml_declaration=True, encoding="UTF-8")
+    return ExtendResult(out, changes)
+
+
+async def extend_document(
+    data: bytes,
+    level: str,
+    *,
+    tsa: ts.TimestampClient,
+    source: LongTermSource,
+    now: dt.datetime | None = None,
+    renew: bool = False,
+    max_depth: int = 64,
+) -> ExtendResult:
+    """Any signed document: XAdES (:func:`extend_xml`), CAdES or PAdES
+    (:mod:`gateway.sign.extend_binary`)."""
+    from gateway.sign import extend_binary
+    from gateway.verify import detect_format
+
+    target = TARGETS.get(level)
+    if target is None:
+        raise InvalidRequest(f"unknown level {level!r}; valid: AdES-B-T, AdES-B-LT, AdES-B-LTA")
+    now = now or dt.datetime.now(dt.UTC)
+    fmt = detect_format(data)
+    if fmt == "XAdES":
+        return await extend_xml(
+            data, level, tsa=tsa, source=source, now=now, renew=renew, max_depth=max_depth
+        )
+    extend = extend_binary.extend_pdf if fmt == "PAdES" else extend_binary.extend_cms
+    try:
+        out, changes = await extend(data, target, tsa=tsa, source=source, now=now)
+    except (ValueError, TypeError, KeyError) as e:
+        raise InvalidRequest(f"the {fmt} signature cannot be read: {e}") from e
     return ExtendResult(out, changes)
 
 

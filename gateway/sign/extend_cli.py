@@ -19,7 +19,7 @@ from typing import Any
 
 from gateway.config import Settings
 from gateway.errors import InvalidRequest
-from gateway.sign.extend import TARGETS, extend_xml
+from gateway.sign.extend import TARGETS, extend_document
 from gateway.sign.renewal import renew_paths, replace_atomically
 from gateway.sign.setup import signing_policy, tsa_client
 
@@ -71,7 +71,7 @@ async def run(
         data = await asyncio.to_thread(path.read_bytes)
         entry: dict[str, Any] = {"file": str(path)}
         lines.append(entry)
-        result = await extend_xml(
+        result = await extend_document(
             data, args.level, tsa=tsa, source=source, renew=args.renew, now=now
         )
         entry["result"] = "extended"

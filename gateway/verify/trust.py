@@ -179,12 +179,18 @@ def _check_timestamps(
 
 
 def _level(found: Evidence, trusted: list[tuple[TimestampEvidence, dt.datetime]]) -> str:
-    kinds = {t.kind for t, _ in trusted}
-    if "signature" not in kinds:
+    signature = sum(1 for t, _ in trusted if t.kind == "signature")
+    archive = sum(1 for t, _ in trusted if t.kind == "archive")
+    if not signature and archive:
+        # PAdES: a document timestamp over a signature without its own is its B-T (EN 319
+        # 142-1 §5.3); only a later one archives the validation data. (A XAdES archive
+        # timestamp without a SignatureTimeStamp is refused as a structure fault before this.)
+        signature, archive = 1, archive - 1
+    if not signature:
         return "B-B"
     if not found.has_validation_data:
         return "B-T"
-    return "B-LTA" if "archive" in kinds else "B-LT"
+    return "B-LTA" if archive else "B-LT"
 
 
 def _check_chain(
@@ -321,7 +327,7 @@ async def check_common(
     rep.proven_by = (
         "signature timestamp" if stamps else "archive timestamp" if archives else "validation time"
     )
-    if now > cert.not_valid_after_utc and not archives:
+    if now > cert.not_valid_after_utc and rep.level != "B-LTA":
         rep.chain = {
             "status": "expired",
             "reason": f"expired at {cert.not_valid_after_utc.isoformat()}",

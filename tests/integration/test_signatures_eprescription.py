@@ -31,7 +31,7 @@ from gateway.errors import InvalidRequest, RevocationUnavailable
 from gateway.pki.crl import CrlSource, load_crl_files
 from gateway.sandbox import testworld
 from gateway.sign.eprescription import AdditionalLine, EPrescriptionInput
-from gateway.sign.extend import extend_xml
+from gateway.sign.extend import extend_document
 from gateway.sign.service import SignedDocument, SigningPolicy, sign_document
 from gateway.sign.timestamp import Rfc3161Client
 from gateway.sign.xades import DS, XADES
@@ -544,7 +544,7 @@ def _extend(world: SignWorld, tsa: dict[str, Any], data: bytes, level: str, **kw
             CrlSource(crls), tsa_anchors=[tsa["ca"]], certs=[world.ca.cert, world.root.cert]
         )
         try:
-            return await extend_xml(data, level, tsa=client, source=source, **kw)
+            return await extend_document(data, level, tsa=client, source=source, **kw)
         finally:
             await client.close()
 
@@ -746,3 +746,70 @@ def test_cades_long_term(world: SignWorld, tsa: dict[str, Any]) -> None:
     assert rep.signatures[0].revocation["source"] == "document"
     with pytest.raises(InvalidRequest, match="not available for signature_format C"):
         asyncio.run(go("AdES-B-LTA"))
+
+
+# -- extend CMS and PDF -------------------------------------------------------------------------
+
+
+def _sign_bb(world: SignWorld, fmt: str) -> bytes:
+    import io
+
+    from reportlab.pdfgen import canvas
+
+    buf = io.BytesIO()
+    c = canvas.Canvas(buf)
+    c.drawString(72, 760, "PRESCRIPTION (TEST) - to extend")
+    c.save()
+    document = buf.getvalue() if fmt == "P" else CSV
+
+    async def go() -> SignedDocument:
+        return await sign_document(
+            key=world.key,
+            chain=world.chain,
+            signature_format=fmt,
+            conformance_level="AdES-B-B",
+            envelope="Attached" if fmt == "C" else "Revision",
+            document=document,
+            tsa=None,
+        )
+
+    res = asyncio.run(go())
+    assert res.document_with_signature is not None
+    return res.document_with_signature
+
+
+@pytest.mark.parametrize(
+    ("fmt", "level", "expected"),
+    [
+        ("C", "AdES-B-T", "B-T"),
+        ("C", "AdES-B-LT", "B-LT"),
+        ("P", "AdES-B-LT", "B-LT"),
+        ("P", "AdES-B-LTA", "B-LTA"),
+    ],
+)
+def test_extend_cms_and_pdf(
+    world: SignWorld, tsa: dict[str, Any], fmt: str, level: str, expected: str
+) -> None:
+    signed = _sign_bb(world, fmt)
+    result = _extend(world, tsa, signed, level)
+    assert [c[1:] for c in result.changes] == [("B-B", expected)]
+    rep = asyncio.run(verify_document(result.document, trust=_trust(world, tsa)))
+    assert rep.indication == "TOTAL-PASSED", rep.reason
+    assert rep.signatures[0].level == expected
+    if fmt == "C":  # the signature itself is untouched: openssl still verifies it
+        path = world.write(f"ext-{level}.p7s", result.document)
+        res = subprocess.run(
+            ["openssl", "cms", "-verify", "-binary", "-inform", "DER", "-in", str(path),
+             "-CAfile", str(world.dir / "root.pem"), "-purpose", "any", "-out", "/dev/null"],
+            capture_output=True, text=True, check=False,
+        )  # fmt: skip
+        assert res.returncode == 0, res.stderr
+    else:
+        assert result.document.startswith(signed)  # incremental updates only
+
+
+def test_extend_refuses_what_cannot_be_built(world: SignWorld, tsa: dict[str, Any]) -> None:
+    with pytest.raises(InvalidRequest, match="CAdES B-LTA"):
+        _extend(world, tsa, _sign_bb(world, "C"), "AdES-B-LTA")
+    with pytest.raises(InvalidRequest, match="extend a PDF to B-LT or B-LTA"):
+        _extend(world, tsa, _sign_bb(world, "P"), "AdES-B-T")
