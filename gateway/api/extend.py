@@ -12,25 +12,19 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
-from collections.abc import AsyncIterator
 
 from aiohttp import web
 from pydantic import Field, field_validator
 
-from gateway.api.keys import AUDIT, DB, SETTINGS
+from gateway.api.keys import AUDIT, DB, SETTINGS, SIGNING
 from gateway.api.middleware import identity
 from gateway.api.schema import CscRequest, parse
 from gateway.errors import InvalidRequest, PayloadTooLarge
 from gateway.sign.extend import TARGETS, extend_document
-from gateway.sign.setup import signing_policy, tsa_client
-from gateway.sign.timestamp import Rfc3161Client
-from gateway.sign.xades_ltv import LongTermSource
 
-__all__ = ["setup"]
+__all__ = ["routes"]
 
 routes = web.RouteTableDef()
-_TSA = web.AppKey("extend_tsa", Rfc3161Client)
-_SOURCE = web.AppKey("extend_source", LongTermSource)
 
 
 class ExtendRequest(CscRequest):
@@ -64,14 +58,15 @@ async def extend(request: web.Request) -> web.Response:
     limit = settings.signing.max_document_bytes
     if len(document) > limit:
         raise PayloadTooLarge(f"document of {len(document)} bytes is over the limit of {limit}")
-    tsa = request.app.get(_TSA)
+    signing = request.app[SIGNING]
+    tsa = signing.tsa
     if tsa is None:
         raise InvalidRequest("extending needs a timestamp authority, and none is configured")
     result = await extend_document(
         document,
         body.level,
         tsa=tsa,
-        source=request.app[_SOURCE],
+        source=signing.policy.long_term,
         renew=body.renew,
         max_depth=settings.signing.max_xml_depth,
     )
@@ -95,18 +90,3 @@ async def extend(request: web.Request) -> web.Response:
             "changes": [{"signature": s, "from": a, "to": b} for s, a, b in result.changes],
         }
     )
-
-
-def setup(app: web.Application) -> None:
-    async def ctx(app: web.Application) -> AsyncIterator[None]:
-        settings = app[SETTINGS]
-        client = tsa_client(settings)
-        if client is not None:
-            app[_TSA] = client
-        app[_SOURCE] = signing_policy(settings).long_term
-        yield
-        if client is not None:
-            await client.close()
-
-    app.cleanup_ctx.append(ctx)
-    app.add_routes(routes)
