@@ -271,6 +271,8 @@ class SigningSettings(_Section):
     """Wall-clock limit of one ``/verify``; slower ones are stopped (503, Retry-After)."""
     verify_concurrency: Annotated[int, Field(ge=1, le=64)] = 2
     """Verifications at once per gateway worker, each in its own process (more: 503)."""
+    eprescription_issuer_serial_v2: bool = False
+    """Add IssuerSerialV2 to the e-prescription's SigningCertificateV2 (samples: no)."""
     archive_renewal_paths: list[Path] = Field(default_factory=list)
     """Archived ES-A documents (files or folders of *.xml) the scheduler keeps renewed."""
     archive_renewal_days: Annotated[int, Field(ge=1, le=3650)] = 90

@@ -35,6 +35,7 @@ from __future__ import annotations
 import base64
 import binascii
 import csv
+import dataclasses
 import datetime as dt
 import hashlib
 import io
@@ -529,6 +530,7 @@ async def sign_eprescription(
     builder: XadesBuilder | None = None,
     max_depth: int = 64,
     long_term: LongTerm | None = None,
+    issuer_serial_v2: bool = False,
 ) -> bytes:
     """The signed e-prescription (or dispensing result) XML.
 
@@ -557,7 +559,7 @@ async def sign_eprescription(
     sig_id = profile.sign_path.rsplit("/", 1)[-1]
     uid = secrets.token_hex(8)
     xb = builder or XadesBuilder(certificate=certificate, chain=chain)
-    style = EPRESCRIPTION_STYLE
+    style = dataclasses.replace(EPRESCRIPTION_STYLE, issuer_serial_v2=issuer_serial_v2)
     sig = xb.skeleton(
         signature_id=sig_id, uid=uid, signing_time=signing_time, data_refs=refs, style=style
     )

@@ -67,6 +67,8 @@ class SigningPolicy:
     profiles: Mapping[str, EPrescriptionProfile] = field(default_factory=lambda: dict(PROFILES))
     max_document_bytes: int = 5 * 1024 * 1024
     max_xml_depth: int = 64
+    #: IssuerSerialV2 beside CertDigest in the e-prescription's SigningCertificateV2.
+    eprescription_issuer_serial_v2: bool = False
     #: Validation data for B-LT / B-LTA (CRL files and downloads, TSA anchors).
     long_term: LongTermSource = field(default_factory=LongTermSource)
 
@@ -301,6 +303,7 @@ async def _sign_xml(
         builder=_xades_builder(cert, issuers),
         max_depth=policy.max_xml_depth,
         long_term=long_term,
+        issuer_serial_v2=policy.eprescription_issuer_serial_v2,
     )
 
 

@@ -35,6 +35,7 @@ def signing_policy(settings: Settings) -> SigningPolicy:
         roles=RolePolicy({k: list(v) for k, v in s.role_document_types.items()}),
         profiles=dict(PROFILES),
         long_term=long_term,
+        eprescription_issuer_serial_v2=s.eprescription_issuer_serial_v2,
         max_document_bytes=s.max_document_bytes,
         max_xml_depth=s.max_xml_depth,
     )

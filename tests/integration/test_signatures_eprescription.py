@@ -813,3 +813,18 @@ def test_extend_refuses_what_cannot_be_built(world: SignWorld, tsa: dict[str, An
         _extend(world, tsa, _sign_bb(world, "C"), "AdES-B-LTA")
     with pytest.raises(InvalidRequest, match="extend a PDF to B-LT or B-LTA"):
         _extend(world, tsa, _sign_bb(world, "P"), "AdES-B-T")
+
+
+def test_issuer_serial_v2_as_an_option(world: SignWorld) -> None:
+    from asn1crypto import tsp
+
+    policy = SigningPolicy(eprescription_issuer_serial_v2=True)
+    xml = _sign(world, None, "AdES-B-B", policy=policy)
+    sig = etree.fromstring(xml).find(".//ds:Signature", NS)
+    cert_el = sig.find(".//xades:SigningCertificateV2/xades:Cert", NS)
+    assert [etree.QName(c).localname for c in cert_el] == ["CertDigest", "IssuerSerialV2"]
+    serial = tsp.IssuerSerial.load(base64.b64decode(cert_el[1].text))["serial_number"].native
+    assert serial == world.cert.serial_number
+    assert schema_problem(sig) is None
+    rep = asyncio.run(verify_document(xml, trust=_trust(world, None)))
+    assert rep.indication == "TOTAL-PASSED", rep.reason
