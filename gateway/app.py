@@ -10,7 +10,7 @@ from datetime import timedelta
 
 from aiohttp import web
 
-from gateway.api import admin, auth, csc, download, health, sign_doc, signing, verify
+from gateway.api import admin, auth, csc, download, extend, health, sign_doc, signing, verify
 from gateway.api.keys import (
     ACTIVATION,
     ALLOWED_ORIGINS,
@@ -48,11 +48,11 @@ from gateway.lifecycle.signers import SignerService, TestIssuer
 from gateway.metrics import Metrics
 from gateway.pki import hpki
 from gateway.pki.load import load_certificate_files
-from gateway.sign.pool import VerificationPool
 from gateway.sign.timestamp import Rfc3161Client
 from gateway.signing.core import SigningService
 from gateway.signing.ledger import SadLedger
 from gateway.store.db import Database
+from gateway.verify.pool import VerificationPool
 
 log = logging.getLogger("gateway.app")
 HSM_START_ATTEMPTS = 12
@@ -198,6 +198,7 @@ ROUTES = (
     signing.routes,
     sign_doc.routes,
     verify.routes,
+    extend.routes,
     admin.routes,
 )
 

@@ -285,19 +285,6 @@ def _default_role_document_types() -> dict[str, list[str]]:
     return {"prescription": ["Medical Doctor", "Dentist"], "dispensing": ["Pharmacist"]}
 
 
-class DispensingElementSettings(_Section):
-    """Element names of the dispensing-result document (unconfirmed in public sources, so they
-    are a parameter; defaults follow the prescription pattern)."""
-
-    root: str = "Document"
-    container: str = "Dispensing"
-    management: str = "DispensingManagement"
-    version_value: str = "EDS1.0"
-    document: str = "DispensingDocument"
-    sign: str = "DispensingSign"
-    schema_location: str = "ED.xsd"
-
-
 class SigningSettings(_Section):
     """Document signatures (signDoc, the e-prescription profile) and their verification."""
 
@@ -316,8 +303,12 @@ class SigningSettings(_Section):
     """Wall-clock limit of one ``/verify``; slower ones are stopped (503, Retry-After)."""
     verify_concurrency: Annotated[int, Field(ge=1, le=64)] = 2
     """Verifications at once per gateway worker, each in its own process (more: 503)."""
-    dispensing: DispensingElementSettings = DispensingElementSettings()
-    """Element names of the jp-dispensing profile."""
+    eprescription_issuer_serial_v2: bool = False
+    """Add IssuerSerialV2 to the e-prescription's SigningCertificateV2 (samples: no)."""
+    archive_renewal_paths: list[Path] = Field(default_factory=list)
+    """Archived ES-A documents (files or folders of *.xml) the scheduler keeps renewed."""
+    archive_renewal_days: Annotated[int, Field(ge=1, le=3650)] = 90
+    """Renew an ES-A when its last archive timestamp's TSA certificate ends within this."""
 
 
 class TimestampSettings(_Section):
@@ -326,7 +317,7 @@ class TimestampSettings(_Section):
     url: str | None = None
     """TSA URL; unset means AdES-B-T requests are refused with a clear error."""
     timeout: Annotated[float, Field(gt=0, le=120)] = 10.0
-    """Seconds allowed for one TSA round trip; slower answers give 504 and nothing signed."""
+    """Seconds allowed for one TSA round trip; slower answers give 503 and nothing signed."""
     trust_anchors: list[Path] = Field(default_factory=list)
     """PEM roots that timestamp tokens must chain to during verification."""
 

@@ -78,6 +78,7 @@ class SchedulerReport:
     mail_errors: int = 0
     crl_published: bool = False
     purged: dict[str, int] = field(default_factory=lambda: {"sads": 0, "challenges": 0})
+    archives: list[dict[str, Any]] = field(default_factory=list)
 
     def to_json_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -107,6 +108,9 @@ class Scheduler:
         if not report.crl_published:
             report.crl_published = await self.service.refresh_crl()
         report.purged = await self.purge_expired()
+        from gateway.sign.renewal import renew_configured  # ES-A renewal (signatures.md)
+
+        report.archives = await renew_configured(self.settings, db=self.db, audit=self.audit)
         return report
 
     async def purge_expired(self) -> dict[str, int]:
