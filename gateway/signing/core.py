@@ -216,6 +216,16 @@ class SigningService:
         refused_detail: Mapping[str, Any],
     ) -> list[service.SignedDocument]:
         """Spend ``sad`` on the jobs' digests, then build every signature (all or none)."""
+        try:
+            await _inspect(jobs, self.policy)
+        except GatewayError as e:
+            await self.refused(
+                caller,
+                action="signature.refused",
+                reason=e.description,
+                detail={**refused_detail, "method": "signDoc"},
+            )
+            raise
         now = self.clock()
         spent = await self._spend(
             caller,
@@ -381,6 +391,46 @@ class SigningService:
         except ValueError as e:
             raise PkiError(f"not a PEM certificate bundle: {e}") from e
         return [certificate(row.certificate_der), *chain]
+
+
+#: Wall-clock limit for reading a client's documents before the spend (off the event loop).
+INSPECT_SECONDS = 10.0
+
+
+async def _inspect(jobs: Sequence[DocumentJob], policy: service.SigningPolicy) -> None:
+    """Read what the format code will read of each document, before any SAD is spent, in a
+    thread (parsing a 5 MB document must not stop the event loop) with a time limit: PDFs
+    through pyHanko (``pades.inspect_pdf``), generic XML through the untrusted-XML parser and
+    its limits. A refusal here spends nothing."""
+    for j in jobs:
+        doc = j.document
+        if doc is None or len(doc) > policy.max_document_bytes:
+            continue  # no document, or refused by the size check of the format code
+        if j.signature_format == "P":
+            from gateway.sign import pades
+
+            check: Any = functools.partial(pades.inspect_pdf, doc)
+        elif j.signature_format == "X" and j.profile is None and _xml_input(j):
+            from gateway.sign.xades import parse_untrusted
+
+            check = functools.partial(parse_untrusted, doc, max_depth=policy.max_xml_depth)
+        else:
+            continue
+        try:
+            await asyncio.wait_for(asyncio.to_thread(check), INSPECT_SECONDS)
+        except TimeoutError as e:
+            raise InvalidRequest(
+                f"document could not be read within {INSPECT_SECONDS:g} s; nothing was signed"
+            ) from e
+
+
+def _xml_input(job: DocumentJob) -> bool:
+    """Whether the generic XAdES builder parses this document as XML (xades.py ``sign``)."""
+    assert job.document is not None
+    env = service.check_request(
+        job.signature_format, job.conformance_level, job.envelope, job.profile
+    )
+    return env == "Enveloped" or (env == "Enveloping" and job.document.lstrip().startswith(b"<"))
 
 
 def _hash_detail(spent: SignatureGrant) -> dict[str, Any]:

@@ -14,7 +14,7 @@ from sqlalchemy import select
 
 from gateway.store.schema import audit_event
 from tests.support.gateway import Server
-from tests.support.hostile import HOSTILE_PDFS
+from tests.support.hostile import HOSTILE_PDFS, HOSTILE_XML
 from tests.support.signing import Csc, b64, services
 
 pytestmark = [pytest.mark.tls, pytest.mark.hsm]
@@ -53,16 +53,34 @@ def test_a_hostile_pdf_spends_nothing_and_leaves_no_false_signature(
     again = csc.post("/csc/v2/signatures/signDoc", body)
     assert again.status == 400, again.body
     assert again.json()["error_description"] == first.json()["error_description"]
-    # Every signature.sign_doc for this digest is followed by its signature.failed.
-    rows = [
-        r
-        for r in _audit(sandbox["config"])
-        if r.action in ("signature.sign_doc", "signature.failed")
-        and (digest in r.detail or json.loads(r.detail).get("method") == "signDoc")
-    ]
-    signed = [r for r in rows if r.action == "signature.sign_doc" and digest in r.detail]
-    for s in signed:
-        following = [r for r in rows if r.seq > s.seq and r.action == "signature.failed"]
-        assert following, f"signature.sign_doc #{s.seq} for a document nobody received"
-        assert json.loads(following[0].detail)["refunded"] is True
+    assert "not a readable PDF" in first.json()["error_description"]
+    # Read before the spend: no signature.sign_doc for it at all, and the refusal audited.
+    rows = _audit(sandbox["config"])
+    assert [r.seq for r in rows if r.action == "signature.sign_doc" and digest in r.detail] == []
+    refused = [r for r in rows if r.action == "signature.refused"]
+    assert "not a readable PDF" in json.loads(refused[-1].detail)["reason"]
     assert "Traceback" not in gateway.logs()
+
+
+@pytest.mark.parametrize("kind", sorted(HOSTILE_XML))
+def test_an_xml_bomb_for_xades_is_a_quick_400_and_spends_nothing(
+    csc: Csc, doctor: Any, sandbox: dict[str, Any], kind: str
+) -> None:
+    xml = HOSTILE_XML[kind]()
+    digest = hashlib.sha256(xml).hexdigest()
+    doc, auth = doctor
+    sad = csc.authorize(doc["credential_id"], [hashlib.sha256(xml).digest()], auth)
+    body = {
+        "credentialID": doc["credential_id"],
+        "SAD": sad,
+        "documents": [{"document": b64(xml), "signature_format": "X"}],
+    }
+    r = csc.post("/csc/v2/signatures/signDoc", body)
+    assert r.status == 400, r.body
+    assert {"attributes": "attributes", "namespaces": "namespace declarations"}[kind] in (
+        r.json()["error_description"]
+    )
+    rows = _audit(sandbox["config"])
+    assert not [x for x in rows if x.action == "signature.sign_doc" and digest in x.detail]
+    refused = [x for x in rows if x.action == "signature.refused"]
+    assert refused and "XML" in json.loads(refused[-1].detail)["reason"]

@@ -58,3 +58,15 @@ def deep_json(depth: int = 100_000) -> bytes:
 
 def huge_integer_json(digits: int = 5_000) -> bytes:
     return b'{"credentialID":' + b"7" * digits + b"}"
+
+
+def xml_many_attributes(n: int = 200_000) -> bytes:
+    """One element with ``n`` attributes (2.3 MB at 200,000)."""
+    return b"<r " + b" ".join(b'a%d="1"' % i for i in range(n)) + b"/>"
+
+
+def xml_many_namespaces(n: int = 20_000) -> bytes:
+    return b"<r " + b" ".join(b'xmlns:n%d="urn:x:%d"' % (i, i) for i in range(n)) + b"/>"
+
+
+HOSTILE_XML = {"attributes": xml_many_attributes, "namespaces": xml_many_namespaces}
