@@ -31,6 +31,7 @@ from sqlalchemy import select
 from gateway.store.schema import audit_event
 from tests.support.faults import Ledger, alive, descendants, wait_until
 from tests.support.gateway import Server, client_context, free_port, request, run_cli
+from tests.support.postgres import postgres_cluster
 from tests.support.signing import Csc, b64, random_hashes, services
 from tests.support.webauthn import SoftAuthenticator
 
@@ -38,9 +39,10 @@ pytestmark = [pytest.mark.tls, pytest.mark.hsm]
 
 
 class World:
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, store_url: str | None = None) -> None:
         self.port = free_port()
-        run_cli("sandbox", "init", str(root), "--port", str(self.port))
+        extra = ["--store-url", store_url] if store_url else []
+        run_cli("sandbox", "init", str(root), "--port", str(self.port), *extra)
         self.manifest: dict[str, Any] = json.loads((root / "manifest.json").read_text())
         self.root = root
         self.config = Path(self.manifest["config"])
@@ -75,7 +77,17 @@ class World:
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
-    w = World(tmp_path_factory.mktemp("faults"))
+    yield _enrolled(World(tmp_path_factory.mktemp("faults")))
+
+
+@pytest.fixture(scope="module")
+def pg_world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
+    """The same world on a throwaway PostgreSQL cluster."""
+    with postgres_cluster() as url:
+        yield _enrolled(World(tmp_path_factory.mktemp("faults-pg"), url))
+
+
+def _enrolled(w: World) -> World:
     srv = w.server()
     srv.start()
     try:
@@ -83,7 +95,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
         assert r.status == 200, r.body
     finally:
         srv.stop()
-    yield w
+    return w
 
 
 def _load(world: World, ledger: Ledger, stop: threading.Event, batch: int = 6) -> None:
@@ -168,6 +180,14 @@ def _signs_again(world: World) -> None:
 
 @pytest.mark.parametrize("workers", [1, 2])
 def test_kill_9_of_the_whole_server_under_load(world: World, workers: int) -> None:
+    _kill_whole_server(world, workers)
+
+
+def test_kill_9_of_the_whole_server_under_load_on_postgresql(pg_world: World) -> None:
+    _kill_whole_server(pg_world, 2)
+
+
+def _kill_whole_server(world: World, workers: int) -> None:
     srv = world.server(workers=workers if workers > 1 else None)
     srv.start()
     ledger = Ledger()
