@@ -61,9 +61,12 @@ async def _single(
         setup = Client(ports[0], ctx, sessions[0])
         plans = []
         for _ in range(CLIENTS):
-            hashes = [os.urandom(32) for _ in range(PER_CLIENT)]
-            sad = await setup.authorize(cred, hashes, auth)
-            plans.append([(sad, h) for h in hashes])
+            plan: list[tuple[str, bytes]] = []
+            while len(plan) < PER_CLIENT:  # at most 100 hashes per SAD
+                hashes = [os.urandom(32) for _ in range(min(100, PER_CLIENT - len(plan)))]
+                sad = await setup.authorize(cred, hashes, auth)
+                plan += [(sad, h) for h in hashes]
+            plans.append(plan)
 
         async def run(client: Client, plan: list[tuple[str, bytes]]) -> None:
             for sad, h in plan:
