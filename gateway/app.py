@@ -10,7 +10,17 @@ from datetime import timedelta
 
 from aiohttp import web
 
-from gateway.api import admin, auth, csc, download, health, sign_doc, signing, verify
+from gateway.api import (
+    admin,
+    auth,
+    csc,
+    download,
+    health,
+    selfservice,
+    sign_doc,
+    signing,
+    verify,
+)
 from gateway.api.keys import (
     ACTIVATION,
     AUDIT,
@@ -265,6 +275,7 @@ def create_app(
     app.add_routes(auth.routes)
     app.add_routes(signing.routes)
     app.add_routes(admin.routes)
+    selfservice.setup(app)
     verify.setup(app)
     sign_doc.setup(app)
     return app
