@@ -14,7 +14,6 @@ import base64
 import json
 import shutil
 import sqlite3
-import ssl
 import subprocess
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -321,7 +320,7 @@ def test_client_renew_command_against_the_running_gateway(
     gateway: Server, sandbox: dict[str, Any], tmp_path: Path
 ) -> None:
     _require("openssl")
-    code, d = facility_expiring_in(sandbox, 20, tmp_path / "sys")
+    _, d = facility_expiring_in(sandbox, 20, tmp_path / "sys")
     old_pem = (d / "client.pem").read_bytes()
     old_key = (d / "client.key").read_bytes()
     args = [
