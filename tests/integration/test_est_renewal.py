@@ -39,7 +39,7 @@ from tests.support.lifecycle import FakeClock
 
 pytestmark = [pytest.mark.tls, pytest.mark.hsm]
 
-_codes = iter(range(1310000001, 1310000999))
+_codes = iter(range(2719000001, 2719000999))
 
 
 def _require(*tools: str) -> None:
