@@ -244,6 +244,7 @@ class ClientCertificateService:
             rotation_kind=kind,
             rotation_reason=reason,
             postage=postage,
+            fee_event="reissue" if postage == "notice_lost" and kind == "renewal" else None,
         )
 
     async def _rotation_target(
@@ -289,6 +290,7 @@ class ClientCertificateService:
         rotation_kind: str | None = None,
         rotation_reason: str | None = None,
         postage: str | None = None,
+        fee_event: str | None = None,
     ) -> IssueResult:
         # A missing font stops the issuance before a serial or a key is spent.
         self.notice_fonts().check()
@@ -334,6 +336,7 @@ class ClientCertificateService:
                 rotation_kind=rotation_kind,
                 rotation_reason=rotation_reason,
                 postage=postage,
+                fee_event=fee_event,
             )
         except BaseException:
             shutil.rmtree(box, ignore_errors=True)

@@ -881,6 +881,7 @@ class FacilityRegistry:
                 facility.c.institution_code,
                 facility.c.name,
                 facility.c.contact_email,
+                facility.c.policy,
             )
             .select_from(client_certificate.join(facility))
             .where(

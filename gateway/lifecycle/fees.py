@@ -28,6 +28,7 @@ POSTAGE_REASONS = {
 EVENT_TEXT = {
     "issue": "クライアント証明書発行",
     "renewal": "クライアント証明書更新",
+    "reissue": "クライアント証明書再発行",
     "est_renewal": "クライアント証明書更新（自動更新）",
     "code_change": "医療機関等コード変更による発行",
     "provisional_to_real": "仮コードから正式コードへの発行",

@@ -187,3 +187,74 @@ def test_officer_vendor_and_facility_over_mtls(
     assert r.status == 200 and r.json()["status"] == "rejected"
     # admin applications routes are refused to a facility
     assert request(port, "GET", "/admin/applications", ctx=hctx).status == 403
+
+
+def test_statement_routes_and_command(
+    gateway: Server, admin_ctx: ssl.SSLContext, sandbox: dict[str, Any], tmp_path: Path
+) -> None:
+    from datetime import datetime
+
+    from gateway.clock import JST
+
+    code = "2718000003"
+    r = request(
+        gateway.port, "POST", "/admin/applications", ctx=admin_ctx, json_body=new_body(code)
+    )
+    assert r.status == 201
+    now = datetime.now(JST)
+    this_month = f"{now.year}-{now.month:02d}"
+    last = f"{now.year - (now.month == 1)}-{(now.month - 2) % 12 + 1:02d}"
+    # The facility is registered on approval; its statements exist from then on.
+    r = request(
+        gateway.port,
+        "POST",
+        f"/admin/applications/{r.json()['request_id']}/approve",
+        ctx=admin_ctx,
+        json_body={},
+    )
+    assert r.status == 200
+    r = request(
+        gateway.port,
+        "POST",
+        f"/admin/facilities/{code}/payment-method",
+        ctx=admin_ctx,
+        json_body={"payment_method": "deduction"},
+    )
+    assert r.status == 200 and r.json()["payment_method"] == "deduction"
+    r = request(
+        gateway.port, "GET", f"/admin/facilities/{code}/statements/{this_month}", ctx=admin_ctx
+    )
+    assert r.status == 400 and "not over yet" in r.json()["detail"]
+    r = request(
+        gateway.port,
+        "GET",
+        f"/admin/facilities/{code}/statements/{last}?format=json",
+        ctx=admin_ctx,
+    )
+    assert r.status == 200 and r.json()["total_yen"] == 0
+    assert r.json()["payment_method"] == "deduction"
+    csv_r = request(
+        gateway.port, "GET", f"/admin/facilities/{code}/statements/{last}?format=csv", ctx=admin_ctx
+    )
+    assert csv_r.status == 200 and csv_r.headers["content-type"].startswith("text/csv")
+    assert csv_r.body.decode("utf-8-sig").splitlines()[-1].split(",")[4] == "合計"
+    pdf_r = request(
+        gateway.port, "GET", f"/admin/facilities/{code}/statements/{last}?format=pdf", ctx=admin_ctx
+    )
+    assert pdf_r.status == 200 and pdf_r.body.startswith(b"%PDF")
+    out = tmp_path / "st.pdf"
+    run_cli(
+        "statement",
+        "make",
+        code,
+        last,
+        "--format",
+        "pdf",
+        "--out",
+        str(out),
+        "-c",
+        sandbox["config"],
+    )
+    assert out.read_bytes() == pdf_r.body  # the command and the route make the same document
+    r = request(gateway.port, "GET", f"/admin/facilities/{code}/statements/2026-13", ctx=admin_ctx)
+    assert r.status == 400
