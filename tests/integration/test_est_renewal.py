@@ -423,3 +423,34 @@ async def test_client_renew_across_the_whole_window_with_an_injected_clock(
     assert datetime.fromisoformat(old["revoke_at"]) > expiry
     assert current["status"] == "active" and current["serial"] == format(new.serial_number, "x")
     assert fac.auto_renewal
+
+
+def test_a_revoked_certificate_cannot_renew(
+    gateway: Server, sandbox: dict[str, Any], tmp_path: Path
+) -> None:
+    _require("curl", "openssl")
+    code, d = facility_expiring_in(sandbox, 30, tmp_path / "rev")
+    serial = format(
+        x509.load_pem_x509_certificate((d / "client.pem").read_bytes()).serial_number, "x"
+    )
+
+    async def revoke() -> None:
+        db, svc = _service(sandbox, FakeClock(datetime.now(UTC)))
+        try:
+            await svc.revoke(serial, reason="key compromise (test)", actor="test")
+        finally:
+            await db.close()
+
+    asyncio.run(revoke())
+    csr = openssl_req(
+        tmp_path,
+        "r",
+        "-newkey",
+        "rsa:2048",
+        "-keyout",
+        str(tmp_path / "r.key"),
+        "-subj",
+        f"/C=JP/CN=TEST clinic {code}/serialNumber={code}",
+    )
+    status, body = post_csr(sandbox, gateway.port, d, csr)
+    assert status == 403 and "was revoked" in json.loads(body)["detail"], body
