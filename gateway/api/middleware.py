@@ -155,7 +155,9 @@ async def client_identity(request: web.Request, handler: Handler) -> web.StreamR
             "CSC methods are for facility client certificates; administrators use /admin/"
         )
     if path.startswith(("/facility/", EST_PREFIX)) and ident.kind != "facility":
-        raise AccessDenied(f"{path.split('/')[1]} is for facility client certificates")
+        raise AccessDenied(
+            "/facility/ and EST (/.well-known/est/) are for facility client certificates"
+        )
     if (path == "/vendor" or path.startswith("/vendor/")) != (ident.kind == "vendor"):
         raise AccessDenied(
             "a vendor's client certificate is for the vendor API (/vendor/) only"
