@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -191,6 +192,9 @@ async def cmd_client_renew(args: argparse.Namespace) -> int:
 
     from gateway.lifecycle.renewal_client import ClientFiles, renew, text_report
 
+    if not 0 <= args.renew_within <= 365:
+        print("hpki-gateway: --renew-within must be 0 to 365 days", file=sys.stderr)
+        return 2
     files = ClientFiles(cert=Path(args.cert), key=Path(args.key), server_ca=Path(args.ca))
     report = await asyncio.to_thread(renew, args.url, files, renew_within=args.renew_within)
     emit(args, report.to_json_dict(), text_report(report))

@@ -269,3 +269,32 @@ async def test_expired_certificate_costs_postage_on_the_new_issuance(tmp_path: P
             ("postage", 753),
         ]
         assert "有効期限切れ" in issued["fees"][1]["description"]
+
+
+async def test_per_terminal_application_issues_one_certificate_per_terminal(
+    tmp_path: Path,
+) -> None:
+    async with world(tmp_path) as w:
+        app, _ = await w.svc.submit(
+            new_app(terminals=("総合受付 端末01", "総合受付 端末02")), OFFICER
+        )
+        out = await w.svc.approve(app["request_id"], actor="admin:officer")
+        assert [c["terminal"] for c in out["issued_certificates"]] == [
+            "総合受付 端末01",
+            "総合受付 端末02",
+        ]
+        assert (await w.s.registry.get(CODE)).per_terminal  # type: ignore[attr-defined]
+        assert [f["amount_yen"] for c in out["issued_certificates"] for f in c["fees"]] == [
+            1500,
+            1500,
+        ]
+        with pytest.raises(InvalidRequest, match="listed twice"):
+            await w.svc.submit(
+                Submission(
+                    kind="reapply",
+                    institution_code=CODE,
+                    remarks="x",
+                    terminals=("総合受付 端末01", "総合受付 端末01"),
+                ),
+                OFFICER,
+            )
