@@ -14,7 +14,6 @@ from typing import Literal
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field
 
-from gateway.api.est import routes as est_routes
 from gateway.api.keys import AUDIT, CERTIFICATES, CLOCK, DB, FACILITIES, SETTINGS
 from gateway.api.middleware import identity
 from gateway.api.schema import parse
@@ -27,9 +26,6 @@ from gateway.lifecycle.applications import (
 )
 from gateway.lifecycle.statements import StatementService
 
-APPLICATIONS = web.AppKey("applications", ApplicationService)
-VENDORS = web.AppKey("vendors", VendorRegistry)
-STATEMENTS = web.AppKey("statements", StatementService)
 IDEMPOTENCY_HEADER = "Idempotency-Key"
 
 routes = web.RouteTableDef()
@@ -78,22 +74,32 @@ class PaymentBody(_Strict):
     payment_method: Literal["deduction", "transfer"]
 
 
-def setup(app: web.Application) -> None:
-    """Wire the self-service services over the app's store and lifecycle; add the routes."""
-    db, audit, clock = app[DB], app[AUDIT], app[CLOCK]
-    app[APPLICATIONS] = ApplicationService(
-        db=db,
-        audit=audit,
+def _applications(request: web.Request) -> ApplicationService:
+    """The services are stateless views over the app's store and lifecycle: built per call."""
+    app = request.app
+    return ApplicationService(
+        db=app[DB],
+        audit=app[AUDIT],
         registry=app[FACILITIES],
         certificates=app[CERTIFICATES],
-        clock=clock,
+        clock=app[CLOCK],
     )
-    app[VENDORS] = VendorRegistry(db=db, audit=audit, clock=clock)
-    app[STATEMENTS] = StatementService(
-        settings=app[SETTINGS], db=db, audit=audit, registry=app[FACILITIES], clock=clock
+
+
+def _vendors(request: web.Request) -> VendorRegistry:
+    app = request.app
+    return VendorRegistry(db=app[DB], audit=app[AUDIT], clock=app[CLOCK])
+
+
+def _statements(request: web.Request) -> StatementService:
+    app = request.app
+    return StatementService(
+        settings=app[SETTINGS],
+        db=app[DB],
+        audit=app[AUDIT],
+        registry=app[FACILITIES],
+        clock=app[CLOCK],
     )
-    app.add_routes(routes)
-    app.add_routes(est_routes)
 
 
 def _submission(body: ApplicationBody, code: str) -> Submission:
@@ -114,7 +120,7 @@ def _submission(body: ApplicationBody, code: str) -> Submission:
 
 async def _submit(request: web.Request, sub: Submission, who: Applicant) -> web.Response:
     key = request.headers.get(IDEMPOTENCY_HEADER)
-    app, created = await request.app[APPLICATIONS].submit(sub, who, idempotency_key=key)
+    app, created = await _applications(request).submit(sub, who, idempotency_key=key)
     return web.json_response(app, status=201 if created else 200)
 
 
@@ -123,7 +129,7 @@ async def _submit(request: web.Request, sub: Submission, who: Applicant) -> web.
 
 @routes.get("/admin/applications")
 async def admin_pending(request: web.Request) -> web.Response:
-    return web.json_response({"applications": await request.app[APPLICATIONS].pending()})
+    return web.json_response({"applications": await _applications(request).pending()})
 
 
 @routes.post("/admin/applications")
@@ -135,13 +141,13 @@ async def admin_submit(request: web.Request) -> web.Response:
 
 @routes.get("/admin/applications/{request_id}")
 async def admin_application(request: web.Request) -> web.Response:
-    return web.json_response(await request.app[APPLICATIONS].get(request.match_info["request_id"]))
+    return web.json_response(await _applications(request).get(request.match_info["request_id"]))
 
 
 @routes.post("/admin/applications/{request_id}/approve")
 async def admin_approve(request: web.Request) -> web.Response:
     body = await parse(request, Decision)
-    out = await request.app[APPLICATIONS].approve(
+    out = await _applications(request).approve(
         request.match_info["request_id"], actor=identity(request).actor, note=body.reason
     )
     return web.json_response(out)
@@ -150,7 +156,7 @@ async def admin_approve(request: web.Request) -> web.Response:
 @routes.post("/admin/applications/{request_id}/reject")
 async def admin_reject(request: web.Request) -> web.Response:
     body = await parse(request, Decision)
-    out = await request.app[APPLICATIONS].reject(
+    out = await _applications(request).reject(
         request.match_info["request_id"], reason=body.reason or "", actor=identity(request).actor
     )
     return web.json_response(out)
@@ -158,7 +164,7 @@ async def admin_reject(request: web.Request) -> web.Response:
 
 @routes.get("/admin/facilities/{code}/applications")
 async def admin_facility_applications(request: web.Request) -> web.Response:
-    return web.json_response(await request.app[APPLICATIONS].status(request.match_info["code"]))
+    return web.json_response(await _applications(request).status(request.match_info["code"]))
 
 
 @routes.post("/admin/facilities/{code}/payment-method")
@@ -179,7 +185,7 @@ async def admin_statement(request: web.Request) -> web.Response:
     fmt = request.query.get("format", "json")
     if fmt not in ("json", "csv", "pdf"):
         raise InvalidRequest("query parameter 'format' must be json, csv or pdf")
-    svc = request.app[STATEMENTS]
+    svc = _statements(request)
     st = await svc.statement(
         request.match_info["code"], request.match_info["month"], actor=identity(request).actor
     )
@@ -203,13 +209,13 @@ async def admin_statement(request: web.Request) -> web.Response:
 
 @routes.get("/admin/vendors")
 async def admin_vendors(request: web.Request) -> web.Response:
-    return web.json_response({"vendors": await request.app[VENDORS].list_all()})
+    return web.json_response({"vendors": await _vendors(request).list_all()})
 
 
 @routes.post("/admin/vendors")
 async def admin_add_vendor(request: web.Request) -> web.Response:
     body = await parse(request, VendorBody)
-    v = await request.app[VENDORS].add(
+    v = await _vendors(request).add(
         body.name, contact_email=body.contact_email, actor=identity(request).actor
     )
     return web.json_response(v, status=201)
@@ -218,7 +224,7 @@ async def admin_add_vendor(request: web.Request) -> web.Response:
 @routes.post("/admin/vendors/{name}/facilities")
 async def admin_link_vendor(request: web.Request) -> web.Response:
     body = await parse(request, VendorLink)
-    v = await request.app[VENDORS].link(
+    v = await _vendors(request).link(
         request.match_info["name"], body.institution_code, actor=identity(request).actor
     )
     return web.json_response(v)
@@ -226,7 +232,7 @@ async def admin_link_vendor(request: web.Request) -> web.Response:
 
 @routes.post("/admin/vendors/{name}/facilities/{code}/unlink")
 async def admin_unlink_vendor(request: web.Request) -> web.Response:
-    v = await request.app[VENDORS].unlink(
+    v = await _vendors(request).unlink(
         request.match_info["name"], request.match_info["code"], actor=identity(request).actor
     )
     return web.json_response(v)
@@ -244,7 +250,7 @@ def _facility_code(request: web.Request) -> str:
 
 @routes.get("/facility/applications")
 async def facility_status(request: web.Request) -> web.Response:
-    return web.json_response(await request.app[APPLICATIONS].status(_facility_code(request)))
+    return web.json_response(await _applications(request).status(_facility_code(request)))
 
 
 @routes.post("/facility/applications")
@@ -271,13 +277,13 @@ def _vendor(request: web.Request) -> Applicant:
 async def vendor_facilities(request: web.Request) -> web.Response:
     who = _vendor(request)
     assert who.vendor_name is not None
-    v = await request.app[VENDORS].get(who.vendor_name)
+    v = await _vendors(request).get(who.vendor_name)
     return web.json_response({"vendor": v["name"], "facilities": v["facilities"]})
 
 
 async def _vendor_serves(request: web.Request, who: Applicant, code: str) -> None:
     assert who.vendor_name is not None
-    v = await request.app[VENDORS].get(who.vendor_name)
+    v = await _vendors(request).get(who.vendor_name)
     if code not in v["facilities"]:
         raise AccessDenied(f"vendor {who.vendor_name!r} is not linked to facility {code}")
 
@@ -287,7 +293,7 @@ async def vendor_status(request: web.Request) -> web.Response:
     who = _vendor(request)
     code = request.match_info["code"]
     await _vendor_serves(request, who, code)
-    return web.json_response(await request.app[APPLICATIONS].status(code))
+    return web.json_response(await _applications(request).status(code))
 
 
 @routes.post("/vendor/facilities/{code}/applications")

@@ -1,7 +1,7 @@
 """facility self-service: applications, vendors, renewal key check, fee ledger
 
-Revision ID: 0004_selfservice
-Revises: 0003
+Revision ID: 0005_selfservice
+Revises: 0004
 Create Date: 2026-11-27 10:51:05.541822
 """
 
@@ -14,8 +14,8 @@ from alembic import op
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-revision = "0004_selfservice"
-down_revision = "0003"
+revision = "0005_selfservice"
+down_revision = "0004"
 branch_labels = None
 depends_on = None
 
