@@ -118,9 +118,17 @@ def test_officer_vendor_and_facility_over_mtls(
     )
     assert request(port, "GET", "/vendor/facilities", ctx=vctx).json()["facilities"] == [CODE]
     # nothing else is reachable with a vendor's certificate
-    for path in ("/admin/facilities", "/facility/applications", "/csc/v2/info"):
+    for path in (
+        "/admin/facilities",
+        "/facility/applications",
+        "/csc/v2/info",
+        "/.well-known/est/cacerts",
+    ):
         method = "POST" if path.startswith("/csc/") else "GET"
         assert request(port, method, path, ctx=vctx, json_body={}).status == 403, path
+    # EST and the vendor API are not the officer's either
+    assert request(port, "GET", "/.well-known/est/cacerts", ctx=admin_ctx).status == 403
+    assert request(port, "GET", "/vendor/facilities", ctx=admin_ctx).status == 403
     r = request(
         port,
         "POST",
