@@ -10,7 +10,19 @@ from datetime import timedelta
 
 from aiohttp import web
 
-from gateway.api import admin, auth, csc, download, extend, health, sign_doc, signing, verify
+from gateway.api import (
+    admin,
+    auth,
+    csc,
+    download,
+    est,
+    extend,
+    health,
+    selfservice,
+    sign_doc,
+    signing,
+    verify,
+)
 from gateway.api.keys import (
     ACTIVATION,
     ALLOWED_ORIGINS,
@@ -200,6 +212,8 @@ ROUTES = (
     verify.routes,
     extend.routes,
     admin.routes,
+    selfservice.routes,
+    est.routes,
 )
 
 
