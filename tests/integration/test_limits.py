@@ -16,7 +16,7 @@ from sqlalchemy import select
 
 from gateway.app import ROUTES
 from gateway.store.schema import audit_event
-from tests.support.gateway import Server, client_context, request, serving
+from tests.support.gateway import Server, client_context, request, run_cli, serving
 from tests.support.hostile import deep_json, huge_integer_json
 from tests.support.signing import services
 
@@ -26,6 +26,16 @@ pytestmark = [pytest.mark.tls]
 def _admin_ctx(sandbox: dict[str, Any]) -> ssl.SSLContext:
     adm = sandbox["admin"]
     return client_context(sandbox["server_ca"], adm["client_cert"], adm["client_key"])
+
+
+def _vendor_ctx(sandbox: dict[str, Any], tmp_path: Path) -> ssl.SSLContext:
+    """A vendor with its own client certificate (the /vendor/ routes take no other)."""
+    name = f"limits-vendor-{tmp_path.name[-8:]}"
+    run_cli("vendor", "add", name, "-c", sandbox["config"])
+    run_cli("vendor", "issue-cert", name, "--out", str(tmp_path / "v"), "-c", sandbox["config"])
+    return client_context(
+        sandbox["server_ca"], str(tmp_path / "v" / "client.pem"), str(tmp_path / "v" / "client.key")
+    )
 
 
 def _json_routes(code: str) -> list[str]:
@@ -55,11 +65,13 @@ def test_every_json_route_answers_400_to_a_body_no_parser_should_take(
     hospital: dict[str, Any],
     hospital_ctx: ssl.SSLContext,
     body: bytes,
+    tmp_path: Path,
 ) -> None:
     admin = _admin_ctx(sandbox)
+    vendor = _vendor_ctx(sandbox, tmp_path)
     seen = {}
     for path in _json_routes(hospital["institution_code"]):
-        ctx = admin if path.startswith("/admin/") else hospital_ctx
+        ctx = {"admin": admin, "vendor": vendor}.get(path.split("/")[1], hospital_ctx)
         r = request(gateway.port, "POST", path, ctx=ctx, body=body)
         seen[path] = (r.status, r.body[:200])
     assert {p: s for p, s in seen.items() if s[0] != 400} == {}
