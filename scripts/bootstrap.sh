@@ -10,9 +10,12 @@ cd "$(dirname "$0")/.."
 # openssl: independent verifiers in the tests; chromium: the real-browser WebAuthn tests (driven
 # by the Playwright package, never by a browser it downloads); postgresql: the store tests on a
 # throwaway PostgreSQL cluster; fonts-noto-cjk: Japanese text in generated PDFs renders;
-# libnss3-tools: certutil builds the NSS trust store that pdfsig verifies PAdES against.
+# libnss3-tools: certutil builds the NSS trust store that pdfsig verifies PAdES against;
+# pcscd, vsmartcard-vpcd, pcsc-tools: real PC/SC with virtual card readers in tests and
+# `sandbox cards up`; swig, libpcsclite-dev: pyscard builds from source.
 APT_PACKAGES=(softhsm2 opensc xmlsec1 poppler-utils openssl sqlite3 python3-venv curl
-              ca-certificates chromium postgresql fonts-noto-cjk libnss3-tools)
+              ca-certificates chromium postgresql fonts-noto-cjk libnss3-tools
+              pcscd vsmartcard-vpcd pcsc-tools swig libpcsclite-dev)
 
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
