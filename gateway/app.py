@@ -11,7 +11,7 @@ from pathlib import Path
 from aiohttp import web
 from cryptography import x509
 
-from gateway.api import admin, auth, csc, download, health, sign_doc, signing, verify
+from gateway.api import admin, auth, csc, download, health, jpki, sign_doc, signing, verify
 from gateway.api.keys import (
     ACTIVATION,
     AUDIT,
@@ -20,6 +20,7 @@ from gateway.api.keys import (
     DB,
     FACILITIES,
     FIDO2,
+    JPKI,
     KEYSTORE,
     SETTINGS,
     SIGNERS,
@@ -29,6 +30,7 @@ from gateway.api.middleware import ALLOWED_ORIGINS, browser_guard, client_identi
 from gateway.audit import AuditLog
 from gateway.auth.activation import SignatureActivation
 from gateway.auth.fido2 import Fido2Authenticator
+from gateway.auth.jpki_setup import make_jpki
 from gateway.certificates import ClientCertificateService
 from gateway.clock import Clock, system_clock
 from gateway.config import Settings
@@ -183,6 +185,7 @@ def create_app(
     fido2 = make_fido2(settings, db=db, audit=audit, clock=clock)
     app[FIDO2] = fido2
     app[ACTIVATION] = make_activation(settings, db=db, audit=audit, fido2=fido2, clock=clock)
+    app[JPKI] = make_jpki(settings, db=db, audit=audit, fido2=fido2, clock=clock)
     app[CLOCK] = clock
 
     async def store_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -238,6 +241,7 @@ def create_app(
     app.add_routes(auth.routes)
     app.add_routes(signing.routes)
     app.add_routes(admin.routes)
+    app.add_routes(jpki.routes)
     verify.setup(app)
     sign_doc.setup(app)
     return app

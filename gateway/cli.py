@@ -16,6 +16,7 @@ from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
 from typing import Any
 
+from gateway.card import cli as card_cli
 from gateway.config import Settings, load_settings
 from gateway.errors import ConfigError, GatewayError
 
@@ -1046,6 +1047,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--level", choices=["AdES-B-B", "AdES-B-T"], default="AdES-B-B")
     p.add_argument("--encoding", choices=["utf-8", "shift_jis"], default="utf-8")
     p.set_defaults(func=cmd_eprescription_sign)
+    card_cli.register(sub, signer=sg, sandbox=sb)
     return parser
 
 

@@ -28,6 +28,7 @@ from cryptography.hazmat.primitives import serialization
 
 from gateway.errors import ConfigError
 from gateway.pki import facility_ca, testworld
+from gateway.vcard.sandbox import build_jpki_world, jpki_settings_toml
 
 MANIFEST_VERSION = 1
 TOKEN_LABEL = "hpki-gateway"  # noqa: S105 - a label, not a secret
@@ -192,7 +193,17 @@ async def init_sandbox(
     if (d / "manifest.json").exists() and not force:
         raise ConfigError(f"{d} already holds a sandbox (use --force to rebuild it)")
     if force and d.exists():
-        for sub in ("softhsm", "secrets", "pki", "tls", "clients", "data", "outbox"):
+        for sub in (
+            "softhsm",
+            "secrets",
+            "pki",
+            "tls",
+            "clients",
+            "data",
+            "outbox",
+            "jpki",
+            "cards",
+        ):
             shutil.rmtree(d / sub, ignore_errors=True)
         for f in ("gateway.toml", "manifest.json"):
             (d / f).unlink(missing_ok=True)
@@ -241,7 +252,10 @@ async def init_sandbox(
     _write_private(tls / "server.key", server.key_pem())
 
     tsa_port = tsa_port or _free_port()
-    (d / "gateway.toml").write_text(_settings_toml(port, tsa_port), encoding="utf-8")
+    jpki_port = _free_port()
+    (d / "gateway.toml").write_text(
+        _settings_toml(port, tsa_port) + jpki_settings_toml(jpki_port), encoding="utf-8"
+    )
     settings = load_settings(d / "gateway.toml", environ={})
 
     db = Database(settings.database_url())
@@ -320,6 +334,9 @@ async def init_sandbox(
             now=now,
         )
         await registry.register_certificate(admin.cert, admin_name="sandbox-officer", actor=actor)
+        jpki_entry = build_jpki_world(
+            d, now=now, port=jpki_port, signer_ids=[str(s["id"]) for s in manifest_signers]
+        )
     finally:
         await keystore.close()
         await db.close()
@@ -344,6 +361,8 @@ async def init_sandbox(
         },
         "crls": {p.stem: str(p) for p in sorted(pki.glob("*.crl"))},
         "outbox": str(d / "outbox"),
+        "jpki": jpki_entry,
+        "cards": [],
     }
     (d / "manifest.json").write_text(
         json.dumps(manifest, ensure_ascii=False, indent=2) + "\n", encoding="utf-8"

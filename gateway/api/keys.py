@@ -32,3 +32,7 @@ VERIFY_TRUST = web.AppKey("verify_trust", TrustConfig)
 
 FIDO2 = web.AppKey("fido2", Fido2Authenticator)
 ACTIVATION = web.AppKey("activation", SignatureActivation)
+
+from gateway.auth.jpki import JpkiAuthenticator  # noqa: E402 - grouped with its key
+
+JPKI = web.AppKey("jpki", JpkiAuthenticator)

@@ -25,10 +25,11 @@ from gateway.api.auth import (
     decode_hashes,
     digest_algorithm,
 )
-from gateway.api.keys import ACTIVATION, AUDIT, CLOCK, DB, KEYSTORE, SETTINGS
+from gateway.api.keys import ACTIVATION, AUDIT, CLOCK, DB, JPKI, KEYSTORE, SETTINGS
 from gateway.api.schema import CscRequest, parse
 from gateway.auth.activation import SignatureGrant, SignRequest
 from gateway.auth.fido2 import Caller
+from gateway.auth.jpki import parse_auth_data
 from gateway.errors import AccessDenied, GatewayError, InvalidRequest
 from gateway.hsm.api import DigestAlgorithm, KeyStore
 
@@ -109,9 +110,11 @@ async def authorize(request: web.Request) -> web.Response:
         hashes = decode_hashes(raw, field="hashes", max_count=limit)
         if hashes and req.hashAlgorithmOID is not None:
             check_lengths(hashes, digest_algorithm(req.hashAlgorithmOID), field="hashes")
-        assertion = assertion_from_auth_data(
-            [item.model_dump() for item in req.authData]  # plain dicts
-        )
+        items = [item.model_dump() for item in req.authData]  # plain dicts
+        card = parse_auth_data(items)
+        if card is not None and not request.app[SETTINGS].jpki.enabled:
+            raise InvalidRequest("Invalid parameter authData: My Number card presence is disabled")
+        assertion = None if card is not None else assertion_from_auth_data(items)
     except GatewayError as e:
         # Bad input before a challenge is identified: audited here (the service audits the rest).
         await refused(request, caller, action="sad.refused", reason=e.description, detail={})
@@ -123,6 +126,7 @@ async def authorize(request: web.Request) -> web.Response:
         hashes=hashes,
         hash_algorithm_oid=req.hashAlgorithmOID,
         assertion=assertion,
+        jpki=None if card is None else (request.app[JPKI], card),
         now=request.app[CLOCK](),
     )
     return web.json_response({"SAD": issued.token, "expiresIn": issued.expires_in})

@@ -73,6 +73,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from gateway.audit import AuditLog, AuditRecord
 from gateway.auth.fido2 import Caller, Fido2Authenticator, canonical_binding
+from gateway.auth.jpki import JpkiAuthenticator, JpkiAuthorization
 from gateway.clock import Clock, system_clock
 from gateway.errors import (
     AccessDenied,
@@ -272,10 +273,12 @@ class SignatureActivation:
         num_signatures: int,
         hashes: Sequence[bytes],
         hash_algorithm_oid: str | None,
-        assertion: dict[str, Any],
+        assertion: dict[str, Any] | None = None,
+        jpki: tuple[JpkiAuthenticator, JpkiAuthorization] | None = None,
         now: datetime | None = None,
     ) -> IssuedSad:
-        """Verify the WebAuthn assertion for exactly this request and issue a SAD.
+        """Verify the WebAuthn assertion (or the My Number card signature, ``jpki``) for
+        exactly this request and issue a SAD.
 
         Every outcome is audited; a refused attempt also burns its challenge.
         """
@@ -283,6 +286,18 @@ class SignatureActivation:
         if caller.facility_id is None or caller.institution_code is None:
             raise AccessDenied("CSC methods are for facility client certificates")
         facility_id = caller.facility_id
+        if jpki is not None:
+            return await self._authorize_jpki(
+                caller=caller,
+                credential_id=credential_id,
+                num_signatures=num_signatures,
+                hashes=hashes,
+                hash_algorithm_oid=hash_algorithm_oid,
+                jpki=jpki,
+                now=now,
+            )
+        if assertion is None:
+            raise InvalidRequest("Missing (or invalid type) parameter authData")
         parsed = self.fido2.parse_assertion(assertion)
         cid: str | None = None
         signer_id: str | None = None
@@ -393,6 +408,151 @@ class SignatureActivation:
         return IssuedSad(
             token=token, expires_in=int(ttl.total_seconds()), scal=scal, num_signatures=count
         )
+
+    async def _authorize_jpki(
+        self,
+        *,
+        caller: Caller,
+        credential_id: str,
+        num_signatures: int,
+        hashes: Sequence[bytes],
+        hash_algorithm_oid: str | None,
+        jpki: tuple[JpkiAuthenticator, JpkiAuthorization],
+        now: datetime,
+    ) -> IssuedSad:
+        """The card path: the same rules and SAD as FIDO2; the certificate checks (network:
+        OCSP/CRL) run before the write transaction, the challenge and link inside it."""
+        authenticator, auth = jpki
+        assert caller.facility_id is not None
+        facility_id = caller.facility_id
+        signer_id: str | None = None
+        try:
+            algorithm = DigestAlgorithm.from_oid(hash_algorithm_oid) if hash_algorithm_oid else None
+        except ValueError as e:
+            raise InvalidRequest(f"Invalid parameter hashAlgorithmOID: {e}") from e
+        binding = canonical_binding(
+            credential_id=credential_id,
+            hash_algorithm_oid=hash_algorithm_oid,
+            hashes=hashes,
+            num_signatures=num_signatures,
+        )
+        try:
+            checked = await authenticator.precheck(
+                auth, facility_id=facility_id, credential_id=credential_id, binding=binding, now=now
+            )
+            async with self.db.write() as conn:
+                scal, ttl, count = await self._scal(
+                    conn, facility_id, hashes, algorithm, num_signatures
+                )
+                presence = await authenticator.verify(
+                    conn,
+                    auth,
+                    checked,
+                    facility_id=facility_id,
+                    credential_id=credential_id,
+                    binding=binding,
+                    now=now,
+                )
+                signer_id = presence.signer_id
+                await self._check_signer(
+                    conn, facility_id=facility_id, credential_id=credential_id, now=now
+                )
+                token = secrets.token_urlsafe(32)
+                res = await conn.execute(
+                    insert(sad).values(
+                        token_hash=token_hash(token),
+                        facility_id=facility_id,
+                        signer_id=presence.signer_id,
+                        credential_id=credential_id,
+                        # The presence that approved it: unlinking the card ends the SAD.
+                        fido_credential_id=presence.binding_id,
+                        hash_algorithm=algorithm.value if (algorithm and scal == "2") else None,
+                        scal=scal,
+                        num_signatures=count,
+                        remaining=count,
+                        created_at=now,
+                        expires_at=now + ttl,
+                    )
+                )
+                sad_id = int(res.inserted_primary_key[0])  # type: ignore[index]
+                if scal == "2":
+                    multiset = Counter(bytes(h) for h in hashes)
+                    await conn.execute(
+                        insert(sad_hash),
+                        [
+                            {"sad_id": sad_id, "hash": h, "authorized": k, "remaining": k}
+                            for h, k in multiset.items()
+                        ],
+                    )
+                await self.audit.append(
+                    conn,
+                    action="sad.issue",
+                    actor=caller.actor,
+                    facility_code=caller.institution_code,
+                    signer_id=presence.signer_id,
+                    detail={
+                        "sad": sad_id,
+                        "credential": credential_id,
+                        "presence": "jpki",
+                        "jpki_link": presence.binding_id,
+                        "jpki_serial": f"{checked.cert.serial_number:x}",
+                        "revocation": presence.revocation,
+                        "scal": scal,
+                        "num_signatures": count,
+                        "hash_algorithm": hash_algorithm_oid,
+                        "hashes": [h.hex() for h in hashes],
+                        "expires_at": (now + ttl).isoformat(),
+                    },
+                    now=now,
+                )
+        except GatewayError as e:
+            await authenticator.refused(
+                action="sad.refused",
+                caller=caller,
+                signer_id=signer_id,
+                reason=e.description,
+                challenge=auth.challenge_id,
+                detail={
+                    "credential": credential_id,
+                    "presence": "jpki",
+                    "hashes": [h.hex() for h in hashes],
+                },
+                now=now,
+            )
+            raise
+        return IssuedSad(
+            token=token, expires_in=int(ttl.total_seconds()), scal=scal, num_signatures=count
+        )
+
+    async def _scal(
+        self,
+        conn: AsyncConnection,
+        facility_id: int,
+        hashes: Sequence[bytes],
+        algorithm: DigestAlgorithm | None,
+        num_signatures: int,
+    ) -> tuple[str, timedelta, int]:
+        """SCAL 2 bound to the hashes, or the facility's signing session (SCAL 1)."""
+        if hashes:
+            if algorithm is None:
+                raise InvalidRequest("Missing (or invalid type) parameter hashAlgorithmOID")
+            if num_signatures != len(hashes):
+                raise InvalidRequest(
+                    "Invalid parameter numSignatures: must equal the number of hashes"
+                )
+            return "2", self.sad_ttl, num_signatures
+        pol = await self.session_policy(conn, facility_id)
+        if not pol.enabled:
+            raise InvalidRequest(
+                "Missing (or invalid type) parameter hashes: this facility has no "
+                "signing-session policy, so a SAD must be bound to hashes"
+            )
+        if num_signatures > pol.max_signatures:
+            raise InvalidRequest(
+                f"Invalid parameter numSignatures: the signing session of this "
+                f"facility allows at most {pol.max_signatures}"
+            )
+        return "1", timedelta(hours=pol.hours), num_signatures
 
     async def _check_signer(
         self, conn: AsyncConnection, *, facility_id: int, credential_id: str, now: datetime
