@@ -90,6 +90,8 @@ class PcscConnection:
         if conn is not None:
             with contextlib.suppress(Exception):  # the card or pcscd may already be gone
                 conn.disconnect()
+            with contextlib.suppress(Exception):
+                conn.release()
 
     def __enter__(self) -> PcscConnection:
         return self

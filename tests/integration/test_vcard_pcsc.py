@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import subprocess
 import time
@@ -81,6 +82,7 @@ def test_pyscard_reads_token_and_cert_and_signs(pcsc: PcscWorld) -> None:
         cert = x509.load_der_x509_certificate(got)
         cert.public_key().verify(sig, b"challenge", padding.PKCS1v15(), hashes.SHA256())  # type: ignore[union-attr, call-arg, arg-type]
         conn.disconnect()
+        conn.release()
     finally:
         reader.remove()
 
@@ -99,6 +101,7 @@ def test_pin_blocks_after_three_wrong_tries(pcsc: PcscWorld) -> None:
         assert _tx(conn, "0020008004" + b"1111".hex())[1] == 0x6984  # even the right PIN
         assert _tx(conn, "00200080")[1] == 0x6984
         conn.disconnect()
+        conn.release()
     finally:
         reader.remove()
 
@@ -112,12 +115,16 @@ def test_removed_card_is_seen_by_pcsc(pcsc: PcscWorld) -> None:
     reader.remove()  # returns once pcscd has polled the empty slot
     with pytest.raises(CardConnectionException, match=r"(?i)removed"):
         _tx(conn, SELECT_AP)
+    with contextlib.suppress(CardConnectionException):
+        conn.disconnect()
+    conn.release()
     # Another card pushed right after is a new card: powered up, answering.
     reader.insert(make_card().applet)
     try:
         conn2 = _connect(reader.name)
         assert _tx(conn2, SELECT_AP)[1] == 0x9000
         conn2.disconnect()
+        conn2.release()
     finally:
         reader.remove()
 
@@ -127,7 +134,9 @@ def test_pcsc_scan_and_opensc_tool_see_the_card(pcsc: PcscWorld) -> None:
     reader = pcsc.readers[0]
     reader.insert(card.applet)
     try:
-        _connect(reader.name).disconnect()  # present before the tools look
+        probe = _connect(reader.name)  # present before the tools look
+        probe.disconnect()
+        probe.release()
         out = subprocess.run(
             ["pcsc_scan", "-r"], env=pcsc.env(), capture_output=True, text=True, timeout=30
         )

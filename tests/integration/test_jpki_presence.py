@@ -1,0 +1,367 @@
+"""My Number card presence end to end over real pcscd: a sandbox doctor links a virtual card,
+approves an e-prescription with it (begin -> card -> authorize -> signDoc), and every attack is
+refused with a clear error and an audit record."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import datetime as dt
+import hashlib
+import json
+import subprocess
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+from sqlalchemy import func, select
+
+from gateway.card.client import GatewayCallError, GatewayClient, authorize
+from gateway.card.errors import CardError, CardErrorCode
+from gateway.card.jpki import JpkiCard, open_jpki_card
+from gateway.pki.jpki import issue_auth_cert, make_test_jpki_ca
+from gateway.pki.testworld import CertAndKey
+from gateway.store.schema import audit_event
+from gateway.vcard.jpki import JpkiApplet
+from gateway.vcard.sandbox import load_card, write_crl
+from tests.support.gateway import CLI, REPO, Server, run_cli
+from tests.support.pcsc import PcscWorld
+from tests.support.signing import Csc, b64, services
+
+pytestmark = [pytest.mark.tls, pytest.mark.hsm]
+
+SHA256 = "2.16.840.1.101.3.4.2.1"
+CSV = (
+    "1,医療機関コード,1310000011\n2,患者氏名,試験　花子\n3,処方,アムロジピン錠5mg 1錠 分1\n"
+).encode()
+
+
+@dataclass
+class Doctor:
+    manifest: dict[str, Any]
+    pin: str
+    applet: JpkiApplet
+    gw: GatewayClient
+
+
+def _sandbox_ca(sandbox: dict[str, Any]) -> CertAndKey:
+    jpki = Path(sandbox["dir"]) / "jpki"
+    key = serialization.load_pem_private_key((jpki / "test-jpki-ca.key").read_bytes(), None)
+    assert isinstance(key, rsa.RSAPrivateKey)
+    cert = x509.load_pem_x509_certificate((jpki / "test-jpki-ca.pem").read_bytes())
+    return CertAndKey(cert=cert, key=key)
+
+
+def _applet(ca: CertAndKey, *, pin: str = "4321", **kw: Any) -> JpkiApplet:
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    cert = issue_auth_cert(ca, key.public_key(), now=dt.datetime.now(dt.UTC), **kw)
+    return JpkiApplet(
+        auth_key=key,
+        auth_cert_der=cert.public_bytes(serialization.Encoding.DER),
+        auth_ca_der=ca.cert.public_bytes(serialization.Encoding.DER),
+        pin=pin,
+    )
+
+
+async def _audit_count(config: str, action: str) -> int:
+    async with services(config) as svc, svc.db.read() as conn:
+        q = select(func.count()).select_from(audit_event).where(audit_event.c.action == action)
+        return int((await conn.execute(q)).scalar_one())
+
+
+async def _audit_rows(config: str, action: str) -> list[Any]:
+    async with services(config) as svc, svc.db.read() as conn:
+        q = select(audit_event).where(audit_event.c.action == action).order_by(audit_event.c.seq)
+        return list((await conn.execute(q)).all())
+
+
+@pytest.fixture(scope="module")
+def gw(sandbox: dict[str, Any], gateway: Server, hospital: dict[str, Any]) -> GatewayClient:
+    return GatewayClient(
+        url=f"https://localhost:{gateway.port}",
+        client_cert=hospital["client_cert"],
+        client_key=hospital["client_key"],
+        server_ca=sandbox["server_ca"],
+    )
+
+
+@pytest.fixture(scope="module")
+def jpki_doctor(
+    sandbox: dict[str, Any], gateway: Server, hospital: dict[str, Any], pcsc: PcscWorld,
+    gw: GatewayClient,
+) -> Iterator[Doctor]:  # fmt: skip
+    """The sandbox's second doctor, whose card is enrolled by `card enroll` (code+password)."""
+    doc = [s for s in sandbox["signers"] if s["role"] == "Medical Doctor"][1]
+    card_dir = Path(sandbox["dir"]) / "cards" / doc["id"]
+    applet = load_card(card_dir, Path(sandbox["jpki"]["trust_anchor"]))
+    pin = (card_dir / "pin").read_text().strip()
+    reader = pcsc.readers[0]
+    reader.insert(applet)
+    res = subprocess.run(
+        [*CLI, "card", "enroll", "--url", gw.url, "--client-cert", hospital["client_cert"],
+         "--client-key", hospital["client_key"], "--ca", sandbox["server_ca"],
+         "--code", doc["enrollment_code"], "--password", doc["enrollment_password"],
+         "--pin-stdin", "--json", "--lang", "en", "--label", "test card"],
+        input=pin + "\n", capture_output=True, text=True, env=pcsc.env(), cwd=REPO, timeout=60,
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    out = json.loads(res.stdout)
+    assert out["status"] == "linked" and out["link"]["signer_id"] == doc["id"]
+    assert pin not in res.stdout + res.stderr
+    try:
+        yield Doctor(manifest=doc, pin=pin, applet=applet, gw=gw)
+    finally:
+        reader.remove()
+
+
+def test_enrolment_linked_and_audited(jpki_doctor: Doctor, sandbox: dict[str, Any]) -> None:
+    rows = asyncio.run(_audit_rows(sandbox["config"], "jpki.link"))
+    mine = [r for r in rows if r.signer_id == jpki_doctor.manifest["id"]]
+    assert mine and json.loads(mine[-1].detail)["how"] == "enrollment"
+    listed = run_cli("signer", "jpki-links", jpki_doctor.manifest["id"], "-c", sandbox["config"],
+                     "--json")  # fmt: skip
+    links = json.loads(listed.stdout)
+    assert len(links) == 1 and links[0]["label"] == "test card"
+
+
+def test_card_cli_authorize_then_sign_doc_eprescription(
+    jpki_doctor: Doctor, sandbox: dict[str, Any], hospital: dict[str, Any], pcsc: PcscWorld,
+    gateway: Server, hospital_ctx: Any,
+) -> None:  # fmt: skip
+    doc = jpki_doctor.manifest
+    digest = hashlib.sha256(CSV).digest()
+    res = subprocess.run(
+        [*CLI, "card", "authorize", "--url", jpki_doctor.gw.url,
+         "--client-cert", hospital["client_cert"], "--client-key", hospital["client_key"],
+         "--ca", sandbox["server_ca"], "--credential", doc["credential_id"],
+         "--hash", b64(digest), "--pin-stdin", "--json", "--lang", "en"],
+        input=jpki_doctor.pin + "\n", capture_output=True, text=True, env=pcsc.env(), cwd=REPO,
+        timeout=60,
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    sad = json.loads(res.stdout)["SAD"]
+    csc = Csc(gateway.port, hospital_ctx)
+    r = csc.post(
+        "/csc/v2/signatures/signDoc",
+        {
+            "credentialID": doc["credential_id"],
+            "SAD": sad,
+            "documents": [
+                {"document": b64(CSV), "signature_format": "X", "profile": "jp-eprescription"}
+            ],
+        },
+    )
+    assert r.status == 200, r.body
+    xml = base64.b64decode(r.json()["DocumentWithSignature"][0])
+    report = csc.post("/verify", {"document": b64(xml)})
+    assert report.status == 200, report.body
+    assert report.json()["indication"] == "TOTAL-PASSED", report.json()
+    issued = asyncio.run(_audit_rows(sandbox["config"], "sad.issue"))
+    detail = json.loads(issued[-1].detail)
+    assert detail["presence"] == "jpki" and detail["hashes"] == [digest.hex()]
+    # No PIN anywhere: CLI output, gateway log, pcscd log.
+    for text in (res.stdout, res.stderr, gateway.logs(), pcsc.pcscd.dir.joinpath("pcscd.log")
+                 .read_text(errors="replace")):  # fmt: skip
+        assert jpki_doctor.pin not in text
+
+
+def test_status_shows_card_and_tries(jpki_doctor: Doctor, pcsc: PcscWorld) -> None:
+    res = subprocess.run([*CLI, "card", "status", "--json"], capture_output=True, text=True,
+                         env=pcsc.env(), cwd=REPO, timeout=60)  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    items = json.loads(res.stdout)
+    assert items[0] == {
+        "reader": pcsc.readers[0].name,
+        "kind": "jpki",
+        "token": "JPKIAPICCTOKEN2",
+        "pin_tries_left": 3,
+    }
+    assert items[1]["kind"] == "none"
+
+
+# -- attacks: each refused, with a reason, audited ---------------------------------------------
+
+
+def _begin(gw: GatewayClient, cred: str, hashes: list[bytes]) -> dict[str, Any]:
+    return gw.post(
+        "/auth/jpki/authenticate/begin",
+        {"credentialID": cred, "hashes": [b64(h) for h in hashes], "hashAlgorithmOID": SHA256,
+         "numSignatures": len(hashes)},
+    )  # fmt: skip
+
+
+def _authorize_raw(
+    gw: GatewayClient, cred: str, hashes: list[bytes], cert: bytes, sig: bytes, cid: str
+) -> dict[str, Any]:
+    value = json.dumps({"certificate": b64(cert), "signature": b64(sig), "challenge_id": cid})
+    return gw.post(
+        "/csc/v2/credentials/authorize",
+        {"credentialID": cred, "hashes": [b64(h) for h in hashes], "hashAlgorithmOID": SHA256,
+         "numSignatures": len(hashes), "authData": [{"id": "jpki", "value": value}]},
+    )  # fmt: skip
+
+
+def _decode(text: str) -> bytes:
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
+def _card_sign(
+    applet: JpkiApplet, pin: str, challenge: bytes, pcsc: PcscWorld
+) -> tuple[bytes, bytes]:
+    """Certificate and the card's signature over ``challenge``, through pcscd. The enrolled
+    card stays in reader 0 (one card is never in two readers); others go into reader 1."""
+    if pcsc.readers[0].applet is applet:
+        with open_jpki_card(pcsc.readers[0].name) as card:
+            cert = card.read_auth_certificate()
+            card.verify_auth_pin(pin)
+            return cert, card.sign(challenge)
+    reader = pcsc.readers[1]
+    reader.insert(applet)
+    try:
+        with open_jpki_card(reader.name) as card:
+            cert = card.read_auth_certificate()
+            card.verify_auth_pin(pin)
+            return cert, card.sign(challenge)
+    finally:
+        reader.remove()
+
+
+ATTACKS = {
+    "signature_over_another_challenge": "does not verify over this challenge",
+    "replayed_authorization": "challenge was already used",
+    "other_hashes_than_begin": "does not approve this request",
+    "unlinked_card": "not linked to the signer",
+    "rogue_ca_with_jpki_dn": "not issued by a configured JPKI authentication trust anchor",
+    "revoked_ocsp": "revoked",
+    "expired_certificate": "expired",
+    "revocation_unreachable": "cannot be checked now",
+}
+
+
+@pytest.mark.parametrize("case", list(ATTACKS))
+def test_attack_refused(
+    case: str, jpki_doctor: Doctor, sandbox: dict[str, Any], pcsc: PcscWorld
+) -> None:
+    gw, doc = jpki_doctor.gw, jpki_doctor.manifest
+    cred = doc["credential_id"]
+    hashes = [hashlib.sha256(case.encode()).digest()]
+    before = asyncio.run(_audit_count(sandbox["config"], "sad.refused"))
+    ca = _sandbox_ca(sandbox)
+    applet, pin = jpki_doctor.applet, jpki_doctor.pin
+    begun = _begin(gw, cred, hashes)
+    challenge, cid = _decode(begun["challenge"]), begun["challenge_id"]
+    send = hashes
+    if case == "signature_over_another_challenge":
+        other = _begin(gw, cred, hashes)
+        cert, sig = _card_sign(applet, pin, _decode(other["challenge"]), pcsc)
+    elif case == "replayed_authorization":
+        cert, sig = _card_sign(applet, pin, challenge, pcsc)
+        assert "SAD" in _authorize_raw(gw, cred, hashes, cert, sig, cid)
+    elif case == "other_hashes_than_begin":
+        cert, sig = _card_sign(applet, pin, challenge, pcsc)
+        send = [hashlib.sha256(b"another prescription").digest()]
+    elif case == "unlinked_card":
+        fresh = _applet(ca, ocsp_url=sandbox["jpki"]["ocsp_url"])
+        cert, sig = _card_sign(fresh, "4321", challenge, pcsc)
+    elif case == "rogue_ca_with_jpki_dn":
+        rogue = make_test_jpki_ca(now=dt.datetime.now(dt.UTC))
+        assert rogue.cert.subject == ca.cert.subject  # same DN, other key
+        cert, sig = _card_sign(_applet(rogue), "4321", challenge, pcsc)
+    elif case == "revoked_ocsp":
+        revoked = _applet(ca, ocsp_url=sandbox["jpki"]["ocsp_url"])
+        cert_obj = x509.load_der_x509_certificate(revoked.auth_cert_der)
+        write_crl(Path(sandbox["dir"]), [cert_obj.serial_number])
+        try:
+            cert, sig = _card_sign(revoked, "4321", challenge, pcsc)
+            with pytest.raises(GatewayCallError) as err:
+                _authorize_raw(gw, cred, send, cert, sig, cid)
+        finally:
+            write_crl(Path(sandbox["dir"]), [])
+        assert err.value.status in (401, 403) and "revoked" in err.value.description
+        after = asyncio.run(_audit_count(sandbox["config"], "sad.refused"))
+        assert after == before + 1
+        return
+    elif case == "expired_certificate":
+        old = dt.datetime.now(dt.UTC) - dt.timedelta(days=400)
+        cert, sig = _card_sign(
+            _applet(ca, not_before=old, validity=dt.timedelta(days=30)), "4321", challenge, pcsc
+        )
+    elif case == "revocation_unreachable":
+        cert, sig = _card_sign(
+            _applet(ca, ocsp_url="http://127.0.0.1:9/ocsp"), "4321", challenge, pcsc
+        )
+    with pytest.raises(GatewayCallError) as err:
+        _authorize_raw(gw, cred, send, cert, sig, cid)
+    assert 400 <= err.value.status < 500
+    assert ATTACKS[case] in err.value.description, err.value.description
+    after = asyncio.run(_audit_count(sandbox["config"], "sad.refused"))
+    assert after >= before + 1
+    rows = asyncio.run(_audit_rows(sandbox["config"], "sad.refused"))
+    assert ATTACKS[case] in json.loads(rows[-1].detail)["reason"]
+
+
+def test_pin_blocked_mid_flow_is_refused_by_the_card(
+    jpki_doctor: Doctor, sandbox: dict[str, Any], pcsc: PcscWorld, hospital: dict[str, Any]
+) -> None:
+    ca = _sandbox_ca(sandbox)
+    applet = _applet(ca, pin="1357")
+    reader = pcsc.readers[1]
+    reader.insert(applet)
+    try:
+        with open_jpki_card(reader.name) as card:
+            for left in (2, 1):
+                with pytest.raises(CardError) as e:
+                    card.verify_auth_pin("0000")
+                assert e.value.code is CardErrorCode.WRONG_PIN and e.value.tries_left == left
+                assert f"{left}" in e.value.message("ja") and "Wrong PIN" in e.value.message("en")
+            with pytest.raises(CardError) as e:
+                card.verify_auth_pin("0000")
+            assert e.value.code is CardErrorCode.PIN_BLOCKED
+            assert "市区町村" in e.value.message("ja")
+        res = subprocess.run(
+            [*CLI, "card", "authorize", "--url", jpki_doctor.gw.url,
+             "--client-cert", hospital["client_cert"], "--client-key", hospital["client_key"],
+             "--ca", sandbox["server_ca"], "--credential", jpki_doctor.manifest["credential_id"],
+             "--hash", b64(hashlib.sha256(b"x").digest()), "--pin-stdin", "--lang", "ja"],
+            input="1357\n", capture_output=True, text=True, env=pcsc.env(), cwd=REPO, timeout=60,
+        )  # fmt: skip
+        assert res.returncode == 3
+        assert "ロック" in res.stderr and "1357" not in res.stdout + res.stderr
+    finally:
+        reader.remove()
+
+
+def test_card_pulled_between_verify_and_sign(
+    jpki_doctor: Doctor, sandbox: dict[str, Any], pcsc: PcscWorld
+) -> None:
+    gw, doc = jpki_doctor.gw, jpki_doctor.manifest
+    hashes = [hashlib.sha256(b"pulled").digest()]
+    begun = _begin(gw, doc["credential_id"], hashes)
+    reader = pcsc.readers[1]
+    reader.insert(_applet(_sandbox_ca(sandbox), pin="2468"))
+    with open_jpki_card(reader.name) as card:
+        card.verify_auth_pin("2468")
+        reader.remove()
+        with pytest.raises(CardError) as e:
+            card.sign(_decode(begun["challenge"]))
+    assert e.value.code is CardErrorCode.CARD_REMOVED
+    assert "外され" in e.value.message("ja") and "removed" in e.value.message("en")
+
+
+def test_python_api_authorize(jpki_doctor: Doctor, pcsc: PcscWorld) -> None:
+    """The importable flow a facility system uses, on the enrolled card in reader 0."""
+    with open_jpki_card(pcsc.readers[0].name) as card:
+        assert isinstance(card, JpkiCard)
+        out = authorize(
+            card,
+            jpki_doctor.gw,
+            credential_id=jpki_doctor.manifest["credential_id"],
+            hashes=[hashlib.sha256(b"api").digest()],
+            pin=jpki_doctor.pin,
+        )
+    assert out["SAD"] and out["expiresIn"] > 0
