@@ -12,6 +12,7 @@ from typing import Any
 
 from aiohttp import web
 from pydantic import Field
+from sqlalchemy import select
 
 from gateway.api.admin import AdminRequest
 from gateway.api.auth import (
@@ -21,11 +22,12 @@ from gateway.api.auth import (
     decode_hashes,
     digest_algorithm,
 )
-from gateway.api.keys import JPKI, SETTINGS
+from gateway.api.keys import DB, JPKI, SETTINGS
 from gateway.api.middleware import identity
 from gateway.api.schema import CscRequest, parse
 from gateway.auth.jpki import AUTH_DATA_ID, parse_auth_data
 from gateway.errors import AccessDenied, InvalidRequest, NotFound
+from gateway.store.schema import fido_credential, jpki_binding
 
 routes = web.RouteTableDef()
 
@@ -47,6 +49,29 @@ class LinkJpki(AdminRequest):
     certificate: str = Field(min_length=1, max_length=24000)
     """base64 DER, or PEM text."""
     label: str | None = Field(default=None, max_length=200)
+
+
+def offered_presence_methods(request: web.Request) -> list[str]:
+    """Signer presence methods this gateway offers (``/csc/v2/info`` ``presenceMethods``)."""
+    return ["webauthn", *(["jpki"] if request.app[SETTINGS].jpki.enabled else [])]
+
+
+async def presence_methods(request: web.Request, signer_id: str) -> list[str]:
+    """Methods a credential of ``signer_id`` accepts now: offered AND registered for the
+    signer (a FIDO2 authenticator; a linked My Number card)."""
+    async with request.app[DB].read() as conn:
+        fido = (
+            await conn.execute(
+                select(fido_credential.c.id).where(fido_credential.c.signer_id == signer_id)
+            )
+        ).first()
+        card = (
+            await conn.execute(
+                select(jpki_binding.c.id).where(jpki_binding.c.signer_id == signer_id)
+            )
+        ).first()
+    registered = {"webauthn": fido is not None, "jpki": card is not None}
+    return [m for m in offered_presence_methods(request) if registered[m]]
 
 
 def _enabled(request: web.Request) -> None:

@@ -365,3 +365,161 @@ def test_python_api_authorize(jpki_doctor: Doctor, pcsc: PcscWorld) -> None:
             pin=jpki_doctor.pin,
         )
     assert out["SAD"] and out["expiresIn"] > 0
+
+
+def test_info_and_credential_info_name_presence_methods(
+    jpki_doctor: Doctor, gateway: Server, hospital_ctx: Any
+) -> None:
+    csc = Csc(gateway.port, hospital_ctx)
+    info = csc.post("/csc/v2/info", {})
+    assert info.status == 200 and info.json()["presenceMethods"] == ["webauthn", "jpki"]
+    r = csc.post(
+        "/csc/v2/credentials/info", {"credentialID": jpki_doctor.manifest["credential_id"]}
+    )
+    assert r.status == 200, r.body
+    assert r.json()["presenceMethods"] == ["jpki"]  # this doctor has no FIDO2 authenticator
+
+
+def _admin_ctx(sandbox: dict[str, Any]) -> Any:
+    from tests.support.gateway import client_context
+
+    adm = sandbox["admin"]
+    return client_context(sandbox["server_ca"], adm["client_cert"], adm["client_key"])
+
+
+def test_officer_links_by_cli_and_admin_api_by_key_not_name(
+    jpki_doctor: Doctor, sandbox: dict[str, Any], gateway: Server, tmp_path: Path
+) -> None:
+    from tests.support.gateway import request
+
+    pharmacist = next(s for s in sandbox["signers"] if s["role"] == "Pharmacist")
+    ca = _sandbox_ca(sandbox)
+    ocsp = sandbox["jpki"]["ocsp_url"]
+    # CLI, PEM file
+    card = _applet(ca, ocsp_url=ocsp)
+    pem = tmp_path / "card.pem"
+    pem.write_bytes(
+        x509.load_der_x509_certificate(card.auth_cert_der).public_bytes(serialization.Encoding.PEM)
+    )
+    out = run_cli("signer", "link-jpki", pharmacist["id"], "--cert", str(pem), "-c",
+                  sandbox["config"], "--json")  # fmt: skip
+    link_id = json.loads(out.stdout)["id"]
+    # The same card again: refused (one card, one signer).
+    again = run_cli("signer", "link-jpki", pharmacist["id"], "--cert", str(pem), "-c",
+                    sandbox["config"], check=False)  # fmt: skip
+    assert again.returncode == 1 and "already linked" in again.stderr
+    # Admin API, base64 DER; a rogue CA with the JPKI DN is refused and audited.
+    ctx = _admin_ctx(sandbox)
+    rogue = _applet(make_test_jpki_ca(now=dt.datetime.now(dt.UTC)), ocsp_url=ocsp)
+    before = asyncio.run(_audit_count(sandbox["config"], "jpki.link.refused"))
+    r = request(gateway.port, "POST", f"/admin/signers/{pharmacist['id']}/jpki", ctx=ctx,
+                json_body={"certificate": b64(rogue.auth_cert_der)})  # fmt: skip
+    assert r.status == 403, r.body
+    assert "checked by key" in r.json()["detail"]
+    assert asyncio.run(_audit_count(sandbox["config"], "jpki.link.refused")) == before + 1
+    good = _applet(ca, ocsp_url=ocsp)
+    r = request(gateway.port, "POST", f"/admin/signers/{pharmacist['id']}/jpki", ctx=ctx,
+                json_body={"certificate": b64(good.auth_cert_der), "label": "spare"})  # fmt: skip
+    assert r.status == 201, r.body
+    r = request(gateway.port, "GET", f"/admin/signers/{pharmacist['id']}/jpki", ctx=ctx)
+    assert {k["id"] for k in r.json()["links"]} >= {link_id}
+    assert len(r.json()["links"]) == 2
+    r = request(gateway.port, "DELETE", f"/admin/signers/{pharmacist['id']}/jpki/{link_id}",
+                ctx=ctx)  # fmt: skip
+    assert r.status == 200, r.body
+    assert asyncio.run(_audit_count(sandbox["config"], "jpki.unlink")) >= 1
+    out = run_cli("signer", "unlink-jpki", pharmacist["id"], link_id, "-c", sandbox["config"],
+                  check=False)  # fmt: skip
+    assert out.returncode == 1 and "has no My Number card link" in out.stderr
+
+
+def test_unlink_ends_live_sads(jpki_doctor: Doctor, sandbox: dict[str, Any], pcsc: PcscWorld,
+                               gateway: Server, hospital_ctx: Any) -> None:  # fmt: skip
+    """A second card of the doctor approves; unlinking it ends its SAD before use."""
+    ca = _sandbox_ca(sandbox)
+    spare = _applet(ca, ocsp_url=sandbox["jpki"]["ocsp_url"], pin="9753")
+    doc = jpki_doctor.manifest
+    made = asyncio.run(_link(sandbox, doc["id"], spare.auth_cert_der))
+    digest = hashlib.sha256(b"spare card").digest()
+    begun = _begin(jpki_doctor.gw, doc["credential_id"], [digest])
+    cert, sig = _card_sign(spare, "9753", _decode(begun["challenge"]), pcsc)
+    sad = _authorize_raw(jpki_doctor.gw, doc["credential_id"], [digest], cert, sig,
+                         begun["challenge_id"])["SAD"]  # fmt: skip
+    run_cli("signer", "unlink-jpki", doc["id"], made, "-c", sandbox["config"])
+    csc = Csc(gateway.port, hospital_ctx)
+    r = csc.post("/csc/v2/signatures/signHash", {"credentialID": doc["credential_id"], "SAD": sad,
+                 "hashes": [b64(digest)], "hashAlgorithmOID": SHA256,
+                 "signAlgo": "1.2.840.113549.1.1.11"})  # fmt: skip
+    assert r.status == 400 and "SAD expired" in r.body.decode()
+
+
+async def _link(sandbox: dict[str, Any], signer_id: str, der: bytes) -> str:
+    from gateway.auth.jpki_setup import make_jpki
+    from gateway.config import load_settings
+
+    settings = load_settings(sandbox["config"], environ={})
+    async with services(sandbox["config"]) as svc:
+        jpki = make_jpki(settings, db=svc.db, audit=svc.activation.audit, fido2=svc.fido2)
+        link = await jpki.link(signer_id, der, actor="test")
+    return link.id
+
+
+def test_revoked_by_crl_source(sandbox: dict[str, Any]) -> None:
+    """The CRL source (file): a listed serial is refused, another is good; a CRL signed by a
+    rogue CA with the same DN does not count."""
+    from gateway.auth.jpki import JpkiAuthenticator
+    from gateway.auth.jpki_revocation import CrlRevocation
+    from gateway.errors import AccessDenied
+
+    ca = _sandbox_ca(sandbox)
+    card = x509.load_der_x509_certificate(_applet(ca).auth_cert_der)
+    other = x509.load_der_x509_certificate(_applet(ca).auth_cert_der)
+    crl_dir = Path(sandbox["dir"]) / "crl-test"
+    crl_dir.mkdir(exist_ok=True)
+    from gateway.pki import testworld
+
+    now = dt.datetime.now(dt.UTC)
+    crl = testworld.make_crl(ca, revoked=[(card.serial_number, now, None)], now=now,
+                             next_update=dt.timedelta(days=1))  # fmt: skip
+    (crl_dir / "jpki.crl").write_bytes(crl.public_bytes(serialization.Encoding.DER))
+    rogue = make_test_jpki_ca(now=now)
+    rogue_crl = testworld.make_crl(rogue, revoked=[(other.serial_number, now, None)], now=now,
+                                   next_update=dt.timedelta(days=1))  # fmt: skip
+    (crl_dir / "rogue.crl").write_bytes(rogue_crl.public_bytes(serialization.Encoding.DER))
+
+    async def check(cert: x509.Certificate, accept: bool = False) -> str:
+        auth = JpkiAuthenticator(
+            db=None,  # type: ignore[arg-type] - certificate checks touch no database
+            audit=None,  # type: ignore[arg-type]
+            fido2=None,  # type: ignore[arg-type]
+            trust_anchors=[ca.cert],
+            revocation=CrlRevocation(files=[crl_dir / "jpki.crl", crl_dir / "rogue.crl"]),
+            on_revocation_unavailable="accept" if accept else "refuse",
+        )
+        try:
+            return (await auth.check_certificate(cert, now)).revocation
+        except AccessDenied as e:
+            return e.description
+
+    assert "revoked" in asyncio.run(check(card))
+    assert asyncio.run(check(other)) == "good"
+    # No CRL of the issuer at all: unavailable -> refused, or accepted when configured so.
+    stranger_ca = make_test_jpki_ca(now=now)
+    stranger = x509.load_der_x509_certificate(_applet(stranger_ca).auth_cert_der)
+
+    async def check_stranger(accept: bool) -> str:
+        auth = JpkiAuthenticator(
+            db=None,  # type: ignore[arg-type]
+            audit=None,  # type: ignore[arg-type]
+            fido2=None,  # type: ignore[arg-type]
+            trust_anchors=[stranger_ca.cert],
+            revocation=CrlRevocation(files=[crl_dir / "jpki.crl"]),
+            on_revocation_unavailable="accept" if accept else "refuse",
+        )
+        try:
+            return (await auth.check_certificate(stranger, now)).revocation
+        except AccessDenied as e:
+            return e.description
+
+    assert "cannot be checked now" in asyncio.run(check_stranger(False))
+    assert asyncio.run(check_stranger(True)) == "unavailable-accepted"
