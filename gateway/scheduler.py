@@ -41,6 +41,7 @@ from gateway.notice import jp_date
 from gateway.store.schema import (
     client_certificate,
     facility,
+    jpki_challenge,
     notification,
     sad,
     sad_hash,
@@ -120,6 +121,11 @@ class Scheduler:
             challenges = (
                 await conn.execute(
                     delete(webauthn_challenge).where(webauthn_challenge.c.expires_at < cutoff)
+                )
+            ).rowcount
+            challenges += (
+                await conn.execute(
+                    delete(jpki_challenge).where(jpki_challenge.c.expires_at < cutoff)
                 )
             ).rowcount
             if sads or challenges:
