@@ -113,7 +113,7 @@ async def cmd_card_read_cert(args: argparse.Namespace) -> int:
 
 def _card_flow(args: argparse.Namespace, flow: Any) -> int:
     """Run ``flow(card, pin)`` with the card held; map errors to messages and exit codes."""
-    from gateway.card.client import GatewayCallError
+    from gateway.card.client import GatewayCallError, explain
     from gateway.card.jpki import open_jpki_card
 
     try:
@@ -125,6 +125,9 @@ def _card_flow(args: argparse.Namespace, flow: Any) -> int:
     except CardError as e:
         return _card_failed(args, e)
     except GatewayCallError as e:
+        card_err = explain(e)
+        if card_err is not None:
+            return _card_failed(args, card_err)
         if args.json:
             print(json.dumps({"error": "gateway", "status": e.status, "body": e.body}))
         print(f"hpki-gateway card: the gateway refused: {e.description}", file=sys.stderr)

@@ -15,9 +15,13 @@ import json
 import ssl
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import urlsplit
 
+from cryptography import x509
+
+from gateway.card.errors import CardError, CardErrorCode
 from gateway.card.jpki import JpkiCard
 
 SHA256_OID = "2.16.840.1.101.3.4.2.1"
@@ -82,6 +86,24 @@ class GatewayClient:
         return data
 
 
+def explain(e: GatewayCallError) -> CardError | None:
+    """The gateway's refusals that a doctor can act on, as card messages (ja/en)."""
+    text = e.description
+    if "JPKI certificate is expired or not yet valid" in text:
+        return CardError(CardErrorCode.CERTIFICATE_EXPIRED)
+    if "JPKI certificate is revoked" in text:
+        return CardError(CardErrorCode.CERTIFICATE_REVOKED)
+    return None
+
+
+def _check_validity(cert_der: bytes) -> None:
+    """Refuse before asking for the PIN when the card's certificate is out of its validity."""
+    cert = x509.load_der_x509_certificate(cert_der)
+    now = datetime.now(UTC)
+    if not cert.not_valid_before_utc <= now < cert.not_valid_after_utc:
+        raise CardError(CardErrorCode.CERTIFICATE_EXPIRED)
+
+
 def _b64u_decode(text: str) -> bytes:
     return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
 
@@ -98,6 +120,7 @@ def authorize(
 ) -> dict[str, Any]:
     """begin -> VERIFY -> sign -> authorize; returns ``{"SAD", "expiresIn"}``."""
     cert = card.read_auth_certificate()
+    _check_validity(cert)
     body: dict[str, Any] = {
         "credentialID": credential_id,
         "hashes": [base64.b64encode(h).decode() for h in hashes],
@@ -134,6 +157,7 @@ def enroll(
 ) -> dict[str, Any]:
     """Link this card to the signer of the enrolment code (the card proves possession)."""
     cert = card.read_auth_certificate()
+    _check_validity(cert)
     begun = gateway.post(
         "/auth/jpki/register/begin", {"enrollment_code": code, "password": password}
     )

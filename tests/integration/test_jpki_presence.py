@@ -102,10 +102,14 @@ def jpki_doctor(
     pin = (card_dir / "pin").read_text().strip()
     reader = pcsc.readers[0]
     reader.insert(applet)
+    # A fresh code: other tests may have replaced the manifest's.
+    issued = json.loads(
+        run_cli("signer", "enroll-code", doc["id"], "-c", sandbox["config"], "--json").stdout
+    )
     res = subprocess.run(
         [*CLI, "card", "enroll", "--url", gw.url, "--client-cert", hospital["client_cert"],
          "--client-key", hospital["client_key"], "--ca", sandbox["server_ca"],
-         "--code", doc["enrollment_code"], "--password", doc["enrollment_password"],
+         "--code", issued["enrollment_code"], "--password", issued["enrollment_password"],
          "--pin-stdin", "--json", "--lang", "en", "--label", "test card"],
         input=pin + "\n", capture_output=True, text=True, env=pcsc.env(), cwd=REPO, timeout=60,
     )  # fmt: skip
@@ -368,7 +372,7 @@ def test_python_api_authorize(jpki_doctor: Doctor, pcsc: PcscWorld) -> None:
 
 
 def test_info_and_credential_info_name_presence_methods(
-    jpki_doctor: Doctor, gateway: Server, hospital_ctx: Any
+    jpki_doctor: Doctor, gateway: Server, hospital_ctx: Any, sandbox: dict[str, Any]
 ) -> None:
     csc = Csc(gateway.port, hospital_ctx)
     info = csc.post("/csc/v2/info", {})
@@ -377,7 +381,27 @@ def test_info_and_credential_info_name_presence_methods(
         "/csc/v2/credentials/info", {"credentialID": jpki_doctor.manifest["credential_id"]}
     )
     assert r.status == 200, r.body
-    assert r.json()["presenceMethods"] == ["jpki"]  # this doctor has no FIDO2 authenticator
+    fido = json.loads(
+        run_cli("signer", "authenticators", jpki_doctor.manifest["id"], "-c", sandbox["config"],
+                "--json").stdout
+    )  # fmt: skip
+    assert r.json()["presenceMethods"] == (["webauthn"] if fido else []) + ["jpki"]
+    # A signer with no card linked: no "jpki".
+    pharmacist = next(s for s in sandbox["signers"] if s["role"] == "Pharmacist")
+    from tests.support.gateway import client_context
+
+    pctx = client_context(
+        sandbox["server_ca"],
+        *next((f["client_cert"], f["client_key"]) for f in sandbox["facilities"]
+              if f["kind"] == "pharmacy"),
+    )  # fmt: skip
+    links = json.loads(run_cli("signer", "jpki-links", pharmacist["id"], "-c", sandbox["config"],
+                               "--json").stdout)  # fmt: skip
+    r = Csc(gateway.port, pctx).post(
+        "/csc/v2/credentials/info", {"credentialID": pharmacist["credential_id"]}
+    )
+    assert r.status == 200, r.body
+    assert ("jpki" in r.json()["presenceMethods"]) == bool(links)
 
 
 def _admin_ctx(sandbox: dict[str, Any]) -> Any:
@@ -523,3 +547,41 @@ def test_revoked_by_crl_source(sandbox: dict[str, Any]) -> None:
 
     assert "cannot be checked now" in asyncio.run(check_stranger(False))
     assert asyncio.run(check_stranger(True)) == "unavailable-accepted"
+
+
+@pytest.mark.parametrize("case", ["expired", "revoked"])
+def test_cli_says_expired_or_revoked_in_the_doctors_words(
+    case: str, jpki_doctor: Doctor, sandbox: dict[str, Any], pcsc: PcscWorld,
+    hospital: dict[str, Any],
+) -> None:  # fmt: skip
+    ca = _sandbox_ca(sandbox)
+    ocsp = sandbox["jpki"]["ocsp_url"]
+    if case == "expired":
+        old = dt.datetime.now(dt.UTC) - dt.timedelta(days=400)
+        card = _applet(ca, pin="8642", ocsp_url=ocsp, not_before=old,
+                       validity=dt.timedelta(days=30))  # fmt: skip
+    else:
+        card = _applet(ca, pin="8642", ocsp_url=ocsp)
+        asyncio.run(_link(sandbox, jpki_doctor.manifest["id"], card.auth_cert_der))
+        serial = x509.load_der_x509_certificate(card.auth_cert_der).serial_number
+        write_crl(Path(sandbox["dir"]), [serial])
+    reader = pcsc.readers[1]
+    reader.insert(card)
+    try:
+        res = subprocess.run(
+            [*CLI, "card", "authorize", "--url", jpki_doctor.gw.url, "--reader", reader.name,
+             "--client-cert", hospital["client_cert"], "--client-key", hospital["client_key"],
+             "--ca", sandbox["server_ca"], "--credential", jpki_doctor.manifest["credential_id"],
+             "--hash", b64(hashlib.sha256(case.encode()).digest()), "--pin-stdin", "--lang", "ja",
+             "--json"],
+            input="8642\n", capture_output=True, text=True, env=pcsc.env(), cwd=REPO, timeout=60,
+        )  # fmt: skip
+    finally:
+        reader.remove()
+        write_crl(Path(sandbox["dir"]), [])
+    assert res.returncode == 3, res.stderr
+    out = json.loads(res.stdout)
+    want = "certificate_expired" if case == "expired" else "certificate_revoked"
+    assert out["error"] == want
+    assert ("有効期限" if case == "expired" else "失効") in res.stderr
+    assert "8642" not in res.stdout + res.stderr
