@@ -90,7 +90,7 @@ async def _measure(store: Pkcs11KeyStore) -> dict[str, float]:
     from lxml import etree
     from pyhanko.sign.signers.pdf_cms import Signer  # noqa: F401 - pyHanko imported for timing
 
-    from gateway.pki import testworld
+    from gateway.sandbox import testworld
     from gateway.sign.cades import template_for
     from gateway.sign.eprescription import RolePolicy, build_document, sign_eprescription
     from gateway.sign.pades import KeyHandlePdfSigner

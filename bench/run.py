@@ -370,7 +370,7 @@ def main() -> int:
                 print(f"signDoc {kind} through the HTTP API, 1 worker ...", flush=True)
                 results[key] = asyncio.run(signdoc(srv.port, ctx, cred, auth, kind))
             print("credentials/authorize with the My Number card, 16 clients ...", flush=True)
-            from gateway.vcard.sandbox import load_card
+            from gateway.sandbox.jpki import load_card
 
             card_dir = d / "cards" / doc["id"]
             run_cli("signer", "link-jpki", doc["id"], "--cert", str(card_dir / "auth.pem"),

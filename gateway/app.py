@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from datetime import timedelta
-from pathlib import Path
 
 from aiohttp import web
-from cryptography import x509
 
 from gateway.api import admin, auth, csc, download, health, jpki, sign_doc, signing, verify
 from gateway.api.keys import (
@@ -30,15 +29,17 @@ from gateway.api.middleware import ALLOWED_ORIGINS, browser_guard, client_identi
 from gateway.audit import AuditLog
 from gateway.auth.activation import SignatureActivation
 from gateway.auth.fido2 import Fido2Authenticator
+from gateway.auth.jpki import JpkiAuthenticator
 from gateway.auth.jpki_setup import make_jpki
-from gateway.certificates import ClientCertificateService
 from gateway.clock import Clock, system_clock
 from gateway.config import Settings
 from gateway.errors import ConfigError, HsmUnavailable
-from gateway.facilities import FacilityRegistry
 from gateway.hsm.api import KeyStore
+from gateway.lifecycle.certificates import ClientCertificateService
+from gateway.lifecycle.facilities import FacilityRegistry
+from gateway.lifecycle.signers import SignerService, TestIssuer
 from gateway.pki import hpki
-from gateway.signers import SignerService, TestIssuer
+from gateway.pki.load import load_certificate_files
 from gateway.store.db import Database
 
 log = logging.getLogger("gateway.app")
@@ -83,18 +84,13 @@ def make_audit(settings: Settings) -> AuditLog:
     return AuditLog(key=key)
 
 
-def _load_pems(paths: Sequence[Path]) -> list[x509.Certificate]:
-    out: list[x509.Certificate] = []
-    for path in paths:
-        try:
-            out.extend(x509.load_pem_x509_certificates(path.read_bytes()))
-        except (OSError, ValueError) as e:
-            raise ConfigError(f"cannot load certificates from {path}: {e}") from e
-    return out
-
-
 def make_signers(
-    settings: Settings, *, db: Database, audit: AuditLog, keystore: KeyStore
+    settings: Settings,
+    *,
+    db: Database,
+    audit: AuditLog,
+    keystore: KeyStore | None,
+    clock: Clock = system_clock,
 ) -> SignerService:
     pki = settings.pki
     issuer = None
@@ -102,14 +98,12 @@ def make_signers(
         if not settings.service.sandbox:
             raise ConfigError("pki.test_ca_* is only allowed when service.sandbox = true")
         issuer = TestIssuer.load(pki.test_ca_cert, pki.test_ca_key, list(pki.hpki_trust_anchors))
-    anchors = _load_pems(pki.hpki_trust_anchors)
-    intermediates = _load_pems(pki.hpki_intermediates)
+    anchors = load_certificate_files(pki.hpki_trust_anchors)
+    intermediates = load_certificate_files(pki.hpki_intermediates)
     if not anchors:
-        # Secure default: the real MHLW HPKI root (bundled, public data) with the MEDIS CAs,
-        # so `signer import-cert` always checks the chain.
-        bundled = hpki.load_bundled_anchors()
-        anchors = [bundled["mhlw_hpki_root_ca_v2"]]
-        intermediates += [bundled["medis_sign_ca"]]
+        # Secure default, so that `signer import-cert` always checks the chain.
+        anchors, bundled_intermediates = hpki.default_trust("signer")
+        intermediates += bundled_intermediates
     return SignerService(
         db=db,
         audit=audit,
@@ -118,6 +112,7 @@ def make_signers(
         test_issuer=issuer,
         trust_anchors=anchors,
         intermediates=intermediates,
+        clock=clock,
     )
 
 
@@ -158,6 +153,45 @@ def make_activation(
     )
 
 
+@dataclass(frozen=True, kw_only=True)
+class Services:
+    """The services of one deployment, wired once for the app and the CLI alike."""
+
+    db: Database
+    audit: AuditLog
+    keystore: KeyStore | None
+    facilities: FacilityRegistry
+    certificates: ClientCertificateService
+    signers: SignerService
+    fido2: Fido2Authenticator
+    activation: SignatureActivation
+    jpki: JpkiAuthenticator
+
+
+def build_services(
+    settings: Settings, *, keystore: KeyStore | None, clock: Clock = system_clock
+) -> Services:
+    """Every service from the settings. ``keystore=None``: nothing that touches a key works
+    (CLI commands that need none); the app always passes one."""
+    db = Database(settings.database_url(), echo=settings.store.echo)
+    audit = make_audit(settings)
+    facilities = FacilityRegistry(db=db, audit=audit, clock=clock)
+    fido2 = make_fido2(settings, db=db, audit=audit, clock=clock)
+    return Services(
+        db=db,
+        audit=audit,
+        keystore=keystore,
+        facilities=facilities,
+        certificates=ClientCertificateService(
+            settings=settings, db=db, audit=audit, registry=facilities, clock=clock
+        ),
+        signers=make_signers(settings, db=db, audit=audit, keystore=keystore, clock=clock),
+        fido2=fido2,
+        activation=make_activation(settings, db=db, audit=audit, fido2=fido2, clock=clock),
+        jpki=make_jpki(settings, db=db, audit=audit, fido2=fido2, clock=clock),
+    )
+
+
 def create_app(
     settings: Settings,
     *,
@@ -170,23 +204,19 @@ def create_app(
     )
     app[SETTINGS] = settings
     app[ALLOWED_ORIGINS] = settings.webauthn_origins()
-    db = Database(settings.database_url(), echo=settings.store.echo)
-    audit = make_audit(settings)
     ks = keystore or make_keystore(settings)
+    services = build_services(settings, keystore=ks, clock=clock)
+    db = services.db
     app[DB] = db
-    app[AUDIT] = audit
+    app[AUDIT] = services.audit
     app[KEYSTORE] = ks
     app[CLOCK] = clock
-    app[FACILITIES] = FacilityRegistry(db=db, audit=audit)
-    app[CERTIFICATES] = ClientCertificateService(
-        settings=settings, db=db, audit=audit, registry=app[FACILITIES], clock=clock
-    )
-    app[SIGNERS] = make_signers(settings, db=db, audit=audit, keystore=ks)
-    fido2 = make_fido2(settings, db=db, audit=audit, clock=clock)
-    app[FIDO2] = fido2
-    app[ACTIVATION] = make_activation(settings, db=db, audit=audit, fido2=fido2, clock=clock)
-    app[JPKI] = make_jpki(settings, db=db, audit=audit, fido2=fido2, clock=clock)
-    app[CLOCK] = clock
+    app[FACILITIES] = services.facilities
+    app[CERTIFICATES] = services.certificates
+    app[SIGNERS] = services.signers
+    app[FIDO2] = services.fido2
+    app[ACTIVATION] = services.activation
+    app[JPKI] = services.jpki
 
     async def store_ctx(app: web.Application) -> AsyncIterator[None]:
         from gateway.store.db import head_revision
@@ -219,7 +249,7 @@ def create_app(
 
     async def scheduler_ctx(app: web.Application) -> AsyncIterator[None]:
         # Every worker runs the loop; the store makes each action happen once (scheduler.py).
-        from gateway.scheduler import Scheduler
+        from gateway.lifecycle.scheduler import Scheduler
 
         stop = asyncio.Event()
         task = asyncio.create_task(

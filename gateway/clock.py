@@ -26,14 +26,6 @@ def system_clock() -> datetime:
     return datetime.now(UTC)
 
 
-def fixed_clock(at: datetime) -> Clock:
-    """A clock that always says ``at`` (tests, ``--now`` in the sandbox)."""
-    if at.tzinfo is None:
-        raise ValueError("a clock needs an aware datetime")
-    value = at.astimezone(UTC)
-    return lambda: value
-
-
 def add_months(when: datetime, months: int) -> datetime:
     """The same wall-clock time ``months`` calendar months later, in JST.
 

@@ -163,6 +163,13 @@ class CertificateSettings(_Section):
     ``X-Client-Certificate-Expires``."""
     outbox_dir: Path = Path("outbox")
     """Out-of-band deliveries (password notice PDF, the two mails) are written here, 0600."""
+    notice_font_mincho: Path = Path("/usr/share/fonts/opentype/ipaexfont-mincho/ipaexm.ttf")
+    """TrueType font of the notice's body text, embedded as a subset (Debian fonts-ipaexfont)."""
+    notice_font_gothic: Path = Path("/usr/share/fonts/opentype/ipaexfont-gothic/ipaexg.ttf")
+    """TrueType font of the notice's headings and labels (Debian fonts-ipaexfont)."""
+    notice_font_mono: Path = Path("/usr/share/fonts/truetype/dejavu/DejaVuSansMono-Bold.ttf")
+    """Monospaced TrueType font of the printed password, with a slashed zero so that 0 and O
+    stay apart (Debian fonts-dejavu-core)."""
     delivery_key_file: Path | None = None
     """32+ bytes: wraps (AES-256-GCM) the PKCS#12 kept until it is downloaded. Needed to issue."""
 

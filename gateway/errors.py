@@ -123,7 +123,7 @@ class KeyNotFound(TemporarilyUnavailable):
         super().__init__(description, retry_after=retry_after)
 
 
-# -- signatures, timestamps (issue 4) ---------------------------------------------------------
+# -- signatures, timestamps ------------------------------------------------------------------
 
 
 class RoleNotPermitted(GatewayError):

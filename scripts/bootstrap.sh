@@ -6,16 +6,31 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# softhsm2/opensc: the HSM for tests and the sandbox; xmlsec1, poppler-utils (pdfsig, pdftoppm),
-# openssl: independent verifiers in the tests; chromium: the real-browser WebAuthn tests (driven
-# by the Playwright package, never by a browser it downloads); postgresql: the store tests on a
-# throwaway PostgreSQL cluster; fonts-noto-cjk: Japanese text in generated PDFs renders;
-# libnss3-tools: certutil builds the NSS trust store that pdfsig verifies PAdES against;
-# pcscd, vsmartcard-vpcd, pcsc-tools: real PC/SC with virtual card readers in tests and
-# `sandbox cards up`; swig, libpcsclite-dev: pyscard builds from source.
-APT_PACKAGES=(softhsm2 opensc xmlsec1 poppler-utils openssl sqlite3 python3-venv curl
-              ca-certificates chromium postgresql fonts-noto-cjk libnss3-tools
-              pcscd vsmartcard-vpcd pcsc-tools swig libpcsclite-dev)
+# Every Debian package the gateway, `make test` and `make bench` use, with what for. The install
+# runs with --no-install-recommends, so nothing here may rely on a package's recommendations.
+APT_PACKAGES=(
+    python3-venv          # the .venv
+    build-essential       # C extensions built from source (pyscard, python-pkcs11 without a wheel)
+    softhsm2              # the HSM of tests, bench and sandbox (libsofthsm2.so, softhsm2-util)
+    opensc                # pkcs11-tool, to inspect a token by hand (operations.md)
+    openssl               # independent verifier of CMS, TSA replies, OCSP, PKCS#12 in the tests
+    xmlsec1               # independent verifier of XAdES / e-prescription signatures
+    poppler-utils         # pdfsig (PAdES), pdftotext/pdffonts/pdftoppm (password notice)
+    poppler-data          # CJK CMaps: pdftotext reads Japanese text only with them
+    libnss3-tools         # certutil: the NSS trust store that pdfsig verifies against
+    fonts-ipaexfont       # IPAex Mincho/Gothic, embedded (subset) in the password notice
+    fonts-dejavu-core     # DejaVu Sans Mono Bold: the password on the notice
+    fonts-noto-cjk        # Japanese glyphs in Chromium pages and PDFs that embed no font
+    curl                  # a real foreign TLS client with the facility .p12 in the tests
+    ca-certificates
+    sqlite3               # the default store; backups by hand (operations.md)
+    chromium              # the real-browser WebAuthn tests (driven by Playwright)
+    postgresql            # the store tests on a throwaway cluster (initdb, pg_ctl)
+    pcscd                 # PC/SC daemon: card readers, real or virtual
+    vsmartcard-vpcd       # virtual PC/SC reader driver that the virtual test cards speak to
+    pcsc-tools            # pcsc_scan, to see a reader and a card by hand
+    libpcsclite-dev swig  # build pyscard (the PC/SC client) from source
+)
 
 missing=()
 for p in "${APT_PACKAGES[@]}"; do

@@ -19,8 +19,8 @@ from gateway.api.keys import AUDIT, CERTIFICATES, DB, FACILITIES
 from gateway.api.middleware import identity
 from gateway.api.schema import parse
 from gateway.errors import InvalidRequest, NotFound
-from gateway.facilities import Facility, normalize_serial
-from gateway.scheduler import Scheduler
+from gateway.lifecycle.facilities import Facility, normalize_serial
+from gateway.lifecycle.scheduler import Scheduler
 
 routes = web.RouteTableDef()
 

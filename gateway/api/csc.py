@@ -20,7 +20,7 @@ from gateway.api.keys import DB, KEYSTORE, SETTINGS
 from gateway.api.middleware import identity
 from gateway.api.schema import CscRequest, parse
 from gateway.errors import AccessDenied, InvalidRequest
-from gateway.signers import Credential
+from gateway.lifecycle.signers import Credential
 from gateway.store.schema import credential, facility, signer, signer_facility
 
 SPECS = "2.0.0.2"

@@ -3,8 +3,8 @@
 A separate aiohttp application on its own port, server TLS only (a facility has no client
 certificate yet: this is how it gets one). Two routes: ``GET /download/{token}`` shows a small
 form, ``POST /download/{token}`` with the download password returns the file once. Wrong
-passwords are counted in the store and lock the link (gateway/delivery.py). No other route of
-the gateway is reachable here, and nothing here reaches the mTLS routes.
+passwords are counted in the store and lock the link (gateway/lifecycle/delivery.py). No other
+route of the gateway is reachable here, and nothing here reaches the mTLS routes.
 """
 
 from __future__ import annotations

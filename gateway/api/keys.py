@@ -7,12 +7,12 @@ from aiohttp import web
 from gateway.audit import AuditLog
 from gateway.auth.activation import SignatureActivation
 from gateway.auth.fido2 import Fido2Authenticator
-from gateway.certificates import ClientCertificateService
 from gateway.clock import Clock
 from gateway.config import Settings
-from gateway.facilities import FacilityRegistry
 from gateway.hsm.api import KeyStore
-from gateway.signers import SignerService
+from gateway.lifecycle.certificates import ClientCertificateService
+from gateway.lifecycle.facilities import FacilityRegistry
+from gateway.lifecycle.signers import SignerService
 from gateway.store.db import Database
 
 SETTINGS = web.AppKey("settings", Settings)
@@ -25,7 +25,8 @@ CERTIFICATES = web.AppKey("certificates", ClientCertificateService)
 #: The injectable clock (tests walk through time; otherwise system_clock).
 CLOCK: web.AppKey[Clock] = web.AppKey("clock")
 
-# issue 4: verification trust (anchors, CRLs, role mapping) built once from the settings.
+# Verification trust (anchors, CRLs, role mapping): built once from the settings, since
+# loading anchors and CRL files per request would cost more than most verifications.
 from gateway.sign.verify import TrustConfig  # noqa: E402 - grouped with its key on purpose
 
 VERIFY_TRUST = web.AppKey("verify_trust", TrustConfig)

@@ -30,10 +30,10 @@ from gateway.api.signing import RSA_ENCRYPTION, SHA_RSA, refund_failed, refused
 from gateway.auth.activation import SignatureGrant, SignRequest
 from gateway.errors import AccessDenied, GatewayError, InvalidRequest, PayloadTooLarge
 from gateway.hsm.api import DigestAlgorithm
+from gateway.lifecycle.signers import Credential
 from gateway.sign import service
 from gateway.sign.setup import signing_policy, tsa_client
 from gateway.sign.timestamp import Rfc3161Client
-from gateway.signers import Credential
 from gateway.store.schema import credential
 
 log = logging.getLogger("gateway.api")

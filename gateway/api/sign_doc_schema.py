@@ -19,7 +19,6 @@ from gateway.api.schema import CscRequest
 
 __all__ = ["DocumentDigestsEntry", "DocumentEntry", "SignDocRequest", "SignDocResponse"]
 
-SHA256_OID = "2.16.840.1.101.3.4.2.1"
 MAX_DOCUMENTS = 100
 
 

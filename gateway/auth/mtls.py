@@ -20,7 +20,7 @@ from typing import Any, Literal
 from sqlalchemy import Connection, bindparam, select, update
 
 from gateway.errors import AccessDenied
-from gateway.facilities import fingerprint
+from gateway.lifecycle.facilities import fingerprint
 from gateway.store.db import Database
 from gateway.store.schema import admin, client_certificate, facility
 

@@ -1,5 +1,4 @@
-"""``hpki-gateway card ...`` (the facility PC), ``signer link-jpki|jpki-links|unlink-jpki``
-(the registration officer) and ``sandbox cards up|down``: registered by :func:`register`.
+"""``hpki-gateway card ...``: the My Number card client on the facility PC.
 
 Card messages are in Japanese and English (``--lang``, default from HPKI_GATEWAY_LANG/LANG);
 the PIN is read without echo (or from stdin with ``--pin-stdin``) and never printed or logged.
@@ -170,92 +169,6 @@ async def cmd_card_authorize(args: argparse.Namespace) -> int:
     return await asyncio.to_thread(_card_flow, args, flow)
 
 
-# -- officer: links --------------------------------------------------------------------------
-
-
-class _Jpki:
-    """The JPKI authenticator over the configured database, for one command."""
-
-    def __init__(self, config: str | None) -> None:
-        from gateway.app import make_audit, make_fido2
-        from gateway.auth.jpki_setup import make_jpki
-        from gateway.config import load_settings
-        from gateway.store.db import Database
-
-        settings = load_settings(config)
-        self.db = Database(settings.database_url())
-        audit = make_audit(settings)
-        fido2 = make_fido2(settings, db=self.db, audit=audit)
-        self.jpki = make_jpki(settings, db=self.db, audit=audit, fido2=fido2)
-
-    async def __aenter__(self) -> Any:
-        await self.db.migrate()
-        return self.jpki
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.db.close()
-
-
-def _actor() -> str:
-    try:
-        return f"cli:{getpass.getuser()}"
-    except (KeyError, OSError):
-        return "cli:unknown"
-
-
-async def cmd_signer_link_jpki(args: argparse.Namespace) -> int:
-    data = Path(args.cert).read_bytes()
-    async with _Jpki(args.config) as jpki:
-        link = await jpki.link(args.signer, data, actor=_actor(), label=args.label)
-    _out(args, link.to_json_dict(), f"linked {link.id} (serial {link.serial}) to {args.signer}")
-    return 0
-
-
-async def cmd_signer_jpki_links(args: argparse.Namespace) -> int:
-    async with _Jpki(args.config) as jpki:
-        links = await jpki.list_links(args.signer)
-    text = "\n".join(
-        f"{k.id}  serial {k.serial}  until {k.not_after.date()}  {k.label or ''}" for k in links
-    )
-    _out(args, [k.to_json_dict() for k in links], text or "no My Number card linked")
-    return 0
-
-
-async def cmd_signer_unlink_jpki(args: argparse.Namespace) -> int:
-    async with _Jpki(args.config) as jpki:
-        await jpki.unlink(args.signer, args.link, actor=_actor())
-    _out(args, {"status": "unlinked", "link": args.link}, f"unlinked {args.link}")
-    return 0
-
-
-# -- sandbox cards ---------------------------------------------------------------------------
-
-
-async def cmd_sandbox_cards_up(args: argparse.Namespace) -> int:
-    from gateway.vcard.sandbox import cards_up
-
-    manifest = await asyncio.to_thread(cards_up, Path(args.dir))
-    text = "\n".join(
-        f"{c['signer']}: {c['reader']}  PCSCLITE_CSOCK_NAME={c['pcsc_socket']}"
-        for c in manifest["cards"]
-    )
-    _out(args, manifest["cards"], text)
-    return 0
-
-
-async def cmd_sandbox_cards_down(args: argparse.Namespace) -> int:
-    from gateway.vcard.sandbox import cards_down
-
-    await asyncio.to_thread(cards_down, Path(args.dir))
-    _out(args, [], "virtual cards stopped")
-    return 0
-
-
-def _cfg(p: argparse.ArgumentParser) -> None:
-    p.add_argument("-c", "--config", default=None, help="settings file")
-    p.add_argument("--json", action="store_true", help="machine-readable output")
-
-
 def _card_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--reader", default=None, help="PC/SC reader (default: the first with a card)")
     p.add_argument("--lang", choices=["ja", "en"], default=default_language())
@@ -270,8 +183,8 @@ def _gateway_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pin-stdin", action="store_true", help="read the PIN from stdin")
 
 
-def register(sub: Any, *, signer: Any, sandbox: Any) -> None:
-    """Add ``card``, ``signer *-jpki`` and ``sandbox cards`` to the CLI parser."""
+def register(sub: Any) -> None:
+    """Add the ``card`` command group to the CLI parser."""
     card = sub.add_parser("card", help="My Number card on this PC (PC/SC)").add_subparsers(
         dest="sub", required=True
     )
@@ -297,31 +210,3 @@ def register(sub: Any, *, signer: Any, sandbox: Any) -> None:
     p.add_argument("--hash", action="append", required=True, help="base64 digest (repeat)")
     p.add_argument("--hash-algorithm", default="2.16.840.1.101.3.4.2.1", help="digest OID")
     p.set_defaults(func=cmd_card_authorize)
-
-    p = signer.add_parser("link-jpki", help="link a My Number card certificate (DER or PEM)")
-    p.add_argument("signer")
-    p.add_argument("--cert", required=True, help="the card's authentication certificate")
-    p.add_argument("--label", default=None)
-    _cfg(p)
-    p.set_defaults(func=cmd_signer_link_jpki)
-    p = signer.add_parser("jpki-links", help="list a signer's linked My Number cards")
-    p.add_argument("signer")
-    _cfg(p)
-    p.set_defaults(func=cmd_signer_jpki_links)
-    p = signer.add_parser("unlink-jpki", help="unlink a My Number card (ends its SADs)")
-    p.add_argument("signer")
-    p.add_argument("link")
-    _cfg(p)
-    p.set_defaults(func=cmd_signer_unlink_jpki)
-
-    cards = sandbox.add_parser("cards", help="virtual My Number cards").add_subparsers(
-        dest="cards_sub", required=True
-    )
-    p = cards.add_parser("up", help="pcscd + vpcd + a virtual card per sandbox signer")
-    p.add_argument("dir")
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(func=cmd_sandbox_cards_up)
-    p = cards.add_parser("down", help="stop the virtual cards")
-    p.add_argument("dir")
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(func=cmd_sandbox_cards_down)

@@ -1,11 +1,12 @@
 """Facility client certificates: key + certificate + PKCS#12 from the facility CA, and its CRL.
 
 Pure PKI (no store, no HTTP): :func:`issue_material` makes everything a facility needs in memory,
-so the lifecycle service (gateway/certificates.py) decides what is written where: the PKCS#12
-wrapped in the store until it is downloaded, the password only on the printed notice.
-:func:`issue` keeps the older "write the files to a directory" form for the sandbox and for a
-hand-over in person. :func:`publish_crl` writes the CA's CRL for a TLS terminator in front of the
-gateway (the gateway itself checks the store on every call).
+so the lifecycle service (gateway/lifecycle/certificates.py) decides what is written where: the
+PKCS#12 wrapped in the store until it is downloaded, the password only on the printed notice.
+:func:`issue` writes the files to a directory instead, for a hand-over in person (administrator
+certificates, the sandbox's facilities), where no download link is involved.
+:func:`publish_crl` writes the CA's CRL for a TLS terminator in front of the gateway (the
+gateway itself checks the store on every call).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import secrets
 import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 
 from cryptography import x509
@@ -24,11 +25,10 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 
 from gateway.clock import add_months
 from gateway.errors import ConfigError
-from gateway.pki import testworld
+from gateway.files import write_private
+from gateway.pki.issue import CertAndKey, issue_client_cert, make_crl, pkcs12_bytes
 
 DEFAULT_VALIDITY_MONTHS = 39  # 3 years 3 months, as the source rules
-# Kept for callers that think in days; the months form is what issuance uses.
-DEFAULT_VALIDITY = timedelta(days=365 * 3 + 90)
 
 # Passwords that are printed on paper and typed by a person: no 0/O, 1/I/l look-alikes.
 _PASSWORD_ALPHABET = "ABCDEFGHJKLMNPQRSTUVWXYZabcdefghijkmnpqrstuvwxyz23456789"  # noqa: S105
@@ -63,7 +63,7 @@ class IssuedClientCertificate:
     p12_password: str
 
 
-def load_ca(cert_path: Path | None, key_path: Path | None) -> testworld.CertAndKey:
+def load_ca(cert_path: Path | None, key_path: Path | None) -> CertAndKey:
     if cert_path is None or key_path is None:
         raise ConfigError("pki.facility_ca_cert and pki.facility_ca_key must be set to issue")
     try:
@@ -73,18 +73,11 @@ def load_ca(cert_path: Path | None, key_path: Path | None) -> testworld.CertAndK
         raise ConfigError(f"cannot load the facility CA from {cert_path}: {e}") from e
     if not isinstance(key, rsa.RSAPrivateKey):
         raise ConfigError("the facility CA key must be RSA")
-    return testworld.CertAndKey(cert=cert, key=key)
-
-
-def _write_private(path: Path, data: bytes) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        os.fchmod(f.fileno(), 0o600)
-        f.write(data)
+    return CertAndKey(cert=cert, key=key)
 
 
 def issue_material(
-    ca: testworld.CertAndKey,
+    ca: CertAndKey,
     *,
     common_name: str,
     institution_code: str | None,
@@ -100,7 +93,7 @@ def issue_material(
     :func:`gateway.clock.add_months` for the 31st); ``validity`` overrides it for tests.
     """
     span = validity if validity is not None else add_months(now, validity_months) - now
-    leaf = testworld.issue_client_cert(
+    leaf = issue_client_cert(
         ca,
         common_name=common_name,
         institution_code=institution_code,
@@ -110,7 +103,7 @@ def issue_material(
         validity=span,
     )
     password = random_password()
-    p12 = testworld.pkcs12_bytes(
+    p12 = pkcs12_bytes(
         leaf,
         chain=[ca.cert],
         password=password.encode(),
@@ -136,8 +129,8 @@ def write_material(
     key_path = out_dir / "client.key"
     p12_path = out_dir / p12_name
     cert_path.write_bytes(material.cert_pem)
-    _write_private(key_path, material.key_pem)
-    _write_private(p12_path, material.p12)
+    write_private(key_path, material.key_pem)
+    write_private(p12_path, material.p12)
     return IssuedClientCertificate(
         cert=material.cert,
         cert_path=cert_path,
@@ -148,7 +141,7 @@ def write_material(
 
 
 def issue(
-    ca: testworld.CertAndKey,
+    ca: CertAndKey,
     *,
     out_dir: Path,
     common_name: str,
@@ -157,7 +150,7 @@ def issue(
     terminal_label: str | None = None,
     service_name: str = "hpki-gateway",
     validity: timedelta | None = None,
-    now: datetime | None = None,
+    now: datetime,
 ) -> IssuedClientCertificate:
     """Issue a client certificate and write client.pem, client.key and client.<service>.p12."""
     material = issue_material(
@@ -166,14 +159,14 @@ def issue(
         institution_code=institution_code,
         organization=organization,
         terminal_label=terminal_label,
-        now=now or datetime.now(UTC),
+        now=now,
         validity=validity,
     )
     return write_material(material, out_dir, f"client.{service_name}.p12")
 
 
 def publish_crl(
-    ca: testworld.CertAndKey,
+    ca: CertAndKey,
     path: Path,
     *,
     revoked: Sequence[tuple[int, datetime, x509.ReasonFlags | None]],
@@ -185,7 +178,7 @@ def publish_crl(
     Several workers may publish at the same moment; each writes a complete file and renames it
     over the old one, so the last rename wins and every version is whole and valid.
     """
-    crl = testworld.make_crl(ca, revoked=list(revoked), now=now, next_update=validity)
+    crl = make_crl(ca, revoked=list(revoked), now=now, next_update=validity)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import datetime as dt
 from dataclasses import dataclass
 from importlib import resources
-from typing import Any
+from typing import Any, Literal
 
 from asn1crypto import core
 from asn1crypto import x509 as asn1_x509
@@ -48,6 +48,7 @@ __all__ = [
     "SubjectDirectoryAttributes",
     "build_hcrole_extension_value",
     "check_signing_profile",
+    "default_trust",
     "inspect_certificate",
     "load_bundled_anchors",
     "parse_hcroles",
@@ -478,3 +479,28 @@ def load_bundled_anchors() -> dict[str, x509.Certificate]:
                 entry.read_bytes()
             )
     return out
+
+
+# Which bundled certificates a purpose trusts (file stems in gateway/pki/anchors). A signer's
+# certificate is an HPKI signing certificate: only the MHLW root and the MEDIS signing CA may
+# vouch for it. Verification also meets JPKI signatures and MEDIS authentication chains.
+_DEFAULT_TRUST = {
+    "signer": {"mhlw_hpki_root_ca_v2", "medis_sign_ca"},
+    "verify": None,  # every bundled certificate
+}
+
+
+def default_trust(
+    purpose: Literal["signer", "verify"],
+) -> tuple[list[x509.Certificate], list[x509.Certificate]]:
+    """The secure default when no trust is configured: ``(anchors, intermediates)``.
+
+    The bundled self-signed roots are the anchors, the bundled issuing CAs the intermediates,
+    so that a chain is always checked, offline; ``purpose`` narrows them (``_DEFAULT_TRUST``).
+    """
+    wanted = _DEFAULT_TRUST[purpose]
+    bundled = [c for stem, c in load_bundled_anchors().items() if wanted is None or stem in wanted]
+    return (
+        [c for c in bundled if c.subject == c.issuer],
+        [c for c in bundled if c.subject != c.issuer],
+    )

@@ -1,8 +1,8 @@
 """Revocation of one certificate: OCSP first where the certificate names a responder, CRLs else.
 
-Policy (issue 4: "revocation from CRLs; use OCSP where a certificate has AIA"):
+Policy (HPKI publishes CRLs; OCSP is asked only where a certificate names a responder in AIA):
 - without an OCSP client (``[pki] ocsp = false``, the default) or without an AIA OCSP URL in
-  the certificate: CRLs only (``CrlSource``), as before;
+  the certificate: CRLs only (``CrlSource``);
 - OCSP ``revoked``: revoked (source ``ocsp``);
 - OCSP ``good``: good (source ``ocsp``), unless a local CRL lists the certificate: ``revoked``
   from either source wins (no CRL is downloaded for an OCSP-good certificate);

@@ -8,8 +8,8 @@ from pathlib import Path
 from cryptography import x509
 
 from gateway.config import Settings
-from gateway.errors import ConfigError
 from gateway.pki.crl import CrlSource, load_crl_files
+from gateway.pki.load import load_certificate_files as load_pems
 from gateway.pki.ocsp import OcspClient
 from gateway.sign.eprescription import PRESCRIPTION, RolePolicy
 from gateway.sign.service import SigningPolicy, profile_from_settings
@@ -17,20 +17,6 @@ from gateway.sign.timestamp import Rfc3161Client
 from gateway.sign.verify import TrustConfig
 
 __all__ = ["load_pems", "signing_policy", "trust_config", "tsa_client"]
-
-
-def load_pems(paths: Sequence[Path]) -> list[x509.Certificate]:
-    out: list[x509.Certificate] = []
-    for path in paths:
-        try:
-            data = path.read_bytes()
-            if data.lstrip().startswith(b"-----BEGIN"):
-                out.extend(x509.load_pem_x509_certificates(data))
-            else:
-                out.append(x509.load_der_x509_certificate(data))
-        except (OSError, ValueError) as e:
-            raise ConfigError(f"cannot load certificates from {path}: {e}") from e
-    return out
 
 
 def signing_policy(settings: Settings) -> SigningPolicy:

@@ -73,7 +73,7 @@ facility = Table(
     Column("status_changed_at", UTCDateTime()),
     Column("policy", Text, nullable=False, default="{}"),
     Column("created_at", UTCDateTime(), nullable=False),
-    # Issue 5 (migration 0003): the dental (歯科) code of a co-located dental department, which
+    # Migration 0003: the dental (歯科) code of a co-located dental department, which
     # is registered under the medical (医科) code; and where reminders and delivery mail go.
     Column("dental_code", String(10), unique=True),
     Column("contact_email", String(320)),
@@ -168,7 +168,7 @@ audit_event = Table(
 )
 
 
-# -- facility client certificate lifecycle (issue 5, migration 0003) ---------------------------
+# -- facility client certificate lifecycle (migration 0003) ------------------------------------
 
 certificate_delivery = Table(
     "certificate_delivery",

@@ -24,10 +24,10 @@ from cryptography import x509
 from cryptography.hazmat.primitives.serialization import pkcs12
 
 from gateway.audit import AuditLog
-from gateway.certificates import ClientCertificateService
 from gateway.clock import add_months, days_left, jst_date
 from gateway.config import load_settings
-from gateway.facilities import FacilityRegistry
+from gateway.lifecycle.certificates import ClientCertificateService
+from gateway.lifecycle.facilities import FacilityRegistry
 from gateway.store.db import Database
 from tests.support.gateway import Server, client_context, free_port, request, run_cli
 from tests.support.lifecycle import FakeClock, download_password, notice_text

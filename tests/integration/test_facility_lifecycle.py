@@ -28,7 +28,7 @@ from gateway.errors import (
     NotFound,
     WrongPassword,
 )
-from gateway.facilities import fingerprint
+from gateway.lifecycle.facilities import fingerprint
 from gateway.store.schema import audit_event, client_certificate, notification
 from tests.support.gateway import free_port
 from tests.support.lifecycle import (

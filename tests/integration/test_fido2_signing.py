@@ -27,7 +27,7 @@ from sqlalchemy import func, select, text
 from gateway.auth.fido2 import Caller, canonical_binding
 from gateway.errors import InvalidRequest
 from gateway.hsm.api import DigestAlgorithm
-from gateway.signers import SignerService
+from gateway.lifecycle.signers import SignerService
 from gateway.store.schema import audit_event
 from tests.support.gateway import Server, client_context, serving
 from tests.support.signing import (

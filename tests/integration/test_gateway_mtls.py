@@ -13,7 +13,7 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from gateway.pki import testworld
+from gateway.sandbox import testworld
 from tests.support.gateway import Server, client_context, request, run_cli
 
 pytestmark = [pytest.mark.tls, pytest.mark.hsm]

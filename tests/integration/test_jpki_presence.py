@@ -24,11 +24,10 @@ from sqlalchemy import func, select
 from gateway.card.client import GatewayCallError, GatewayClient, authorize
 from gateway.card.errors import CardError, CardErrorCode
 from gateway.card.jpki import JpkiCard, open_jpki_card
-from gateway.pki.jpki import issue_auth_cert, make_test_jpki_ca
-from gateway.pki.testworld import CertAndKey
+from gateway.pki.issue import CertAndKey
+from gateway.sandbox.jpki import issue_auth_cert, load_card, make_test_jpki_ca, write_crl
 from gateway.store.schema import audit_event
 from gateway.vcard.jpki import JpkiApplet
-from gateway.vcard.sandbox import load_card, write_crl
 from tests.support.gateway import CLI, REPO, Server, run_cli
 from tests.support.pcsc import PcscWorld
 from tests.support.signing import Csc, b64, services
@@ -500,7 +499,7 @@ def test_revoked_by_crl_source(sandbox: dict[str, Any]) -> None:
     other = x509.load_der_x509_certificate(_applet(ca).auth_cert_der)
     crl_dir = Path(sandbox["dir"]) / "crl-test"
     crl_dir.mkdir(exist_ok=True)
-    from gateway.pki import testworld
+    from gateway.pki import issue as testworld
 
     now = dt.datetime.now(dt.UTC)
     crl = testworld.make_crl(ca, revoked=[(card.serial_number, now, None)], now=now,

@@ -1,6 +1,6 @@
 """OCSP where a certificate has AIA: a real responder (the TEST OCSP app) on 127.0.0.1.
 
-The client (gateway/pki/ocsp.py) talks HTTP to the sandbox responder (gateway/api/test_ocsp.py)
+The client (gateway/pki/ocsp.py) talks HTTP to the sandbox responder (gateway/sandbox/ocsp.py)
 or to small hostile variants of it; CRLs are the fallback (gateway/pki/revocation.py), and the
 verification report names the source.
 """
@@ -22,11 +22,11 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509 import ocsp
 
-from gateway.api.test_ocsp import OCSP_PATH, SandboxOcspResponder, create_ocsp_app
-from gateway.pki import testworld
 from gateway.pki.crl import CrlSource
 from gateway.pki.ocsp import OcspClient, build_request, check_response, ocsp_urls
 from gateway.pki.revocation import revocation_status
+from gateway.sandbox import testworld
+from gateway.sandbox.ocsp import OCSP_PATH, SandboxOcspResponder, create_ocsp_app
 from gateway.sign.service import sign_document
 from gateway.sign.verify import TrustConfig, verify_document
 from tests.support.softkey import SoftwareKeyHandle

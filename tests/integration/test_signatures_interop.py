@@ -24,6 +24,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from asn1crypto import cms
+from asn1crypto import x509 as asn1_x509
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from lxml import etree
@@ -168,6 +170,27 @@ def test_cades_bb_verifies_with_openssl_and_ours(world: SignWorld, envelope: str
     ]
 
 
+def _swap_certificate(sig: bytes, old: x509.Certificate, new: x509.Certificate) -> bytes:
+    """The CMS ``sig`` with certificate ``old`` replaced by ``new`` (re-encoded, any length)."""
+    old_der = old.public_bytes(serialization.Encoding.DER)
+    new_der = new.public_bytes(serialization.Encoding.DER)
+    info = cms.ContentInfo.load(sig)
+    signed = info["content"]
+    choices = [c for c in signed["certificates"]]
+    assert [c.chosen.dump() for c in choices].count(old_der) == 1
+    signed["certificates"] = cms.CertificateSet(
+        [
+            cms.CertificateChoices(name="certificate", value=asn1_x509.Certificate.load(new_der))
+            if c.chosen.dump() == old_der
+            else c
+            for c in choices
+        ]
+    )
+    out = info.dump()
+    assert out != sig
+    return out
+
+
 def test_cades_tampering_fails_openssl_and_ours(world: SignWorld) -> None:
     doc = b"the prescription content"
     sig = _sign(
@@ -180,11 +203,12 @@ def test_cades_tampering_fails_openssl_and_ours(world: SignWorld) -> None:
     rep = _verify(world, bad)
     assert (rep.indication, rep.sub_indication) == ("TOTAL-FAILED", "HASH_FAILURE")
     # a swapped certificate: the signer's certificate replaced by another doctor's
-    der = world.cert.public_bytes(serialization.Encoding.DER)
-    other = world.other_cert.public_bytes(serialization.Encoding.DER)
-    assert len(der) == len(other) or True
-    swapped = sig.replace(der, other)
-    assert swapped != sig
+    swapped = _swap_certificate(sig, world.cert, world.other_cert)
+    # Still well-formed CMS carrying the other doctor's certificate: what fails below is the
+    # signature check, not the parsing.
+    certs = cms.ContentInfo.load(swapped, strict=True)["content"]["certificates"]
+    other_der = world.other_cert.public_bytes(serialization.Encoding.DER)
+    assert [c.chosen.dump() for c in certs].count(other_der) == 1
     assert _openssl_cms(world, world.write("c-swap.p7s", swapped)) != 0
     assert _verify(world, swapped).indication != "TOTAL-PASSED"
     # a moved signature: the detached signature of this document presented for another one

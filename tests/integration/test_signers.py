@@ -12,7 +12,8 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 
-from gateway.pki import hpki, testworld
+from gateway.pki import hpki
+from gateway.sandbox import testworld
 from tests.support.gateway import run_cli
 
 pytestmark = pytest.mark.hsm

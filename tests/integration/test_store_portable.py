@@ -20,9 +20,9 @@ from gateway.audit import AuditLog
 from gateway.auth.activation import SignatureActivation, SignRequest, token_hash
 from gateway.auth.mtls import identify
 from gateway.errors import AccessDenied, Conflict
-from gateway.facilities import FacilityRegistry
 from gateway.hsm.api import DigestAlgorithm
-from gateway.pki import testworld
+from gateway.lifecycle.facilities import FacilityRegistry
+from gateway.sandbox import testworld
 from gateway.store.db import Database
 from gateway.store.schema import metadata
 from tests.support.postgres import postgres_cluster
@@ -95,7 +95,9 @@ def test_registry_identity_and_audit(url: str) -> None:
             )
             ident = await identify(db, der)
             assert ident.institution_code == "1310000011"
-            await reg.revoke_certificate(serial, reason="test", actor="t")
+            # The registry's part of a revocation (ClientCertificateService.revoke adds the CRL).
+            async with db.write() as conn:
+                await reg.revoke_in(conn, serial, reason="test", actor="t", now=now)
             with pytest.raises(AccessDenied, match="revoked on"):
                 await identify(db, der)
             async with db.read() as conn:

@@ -28,7 +28,11 @@ def _connect(name: str) -> CardConnection:
         try:
             r = next(r for r in readers() if str(r) == name)
             conn = r.createConnection()
-            conn.connect()
+            try:
+                conn.connect()
+            except Exception:
+                conn.release()
+                raise
             return conn
         except Exception:
             if time.monotonic() > deadline:

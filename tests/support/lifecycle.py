@@ -19,11 +19,11 @@ from email.message import EmailMessage
 from pathlib import Path
 
 from gateway.audit import AuditLog
-from gateway.certificates import ClientCertificateService
 from gateway.config import Settings, load_settings
-from gateway.facilities import FacilityRegistry
-from gateway.pki import testworld
-from gateway.scheduler import Scheduler
+from gateway.lifecycle.certificates import ClientCertificateService
+from gateway.lifecycle.facilities import FacilityRegistry
+from gateway.lifecycle.scheduler import Scheduler
+from gateway.sandbox import testworld
 from gateway.store.db import Database
 
 CA_EPOCH = datetime(2020, 1, 1, tzinfo=UTC)

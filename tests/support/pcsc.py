@@ -17,8 +17,8 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from gateway.pki.jpki import issue_auth_cert, make_test_jpki_ca
-from gateway.pki.testworld import CertAndKey
+from gateway.pki.issue import CertAndKey
+from gateway.sandbox.jpki import issue_auth_cert, make_test_jpki_ca
 from gateway.vcard.jpki import JpkiApplet
 from gateway.vcard.pcscd import Pcscd, start_pcscd
 from gateway.vcard.vpcd import VirtualReader

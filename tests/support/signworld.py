@@ -16,7 +16,7 @@ from cryptography.hazmat.primitives import serialization
 
 from gateway.errors import HsmUnavailable
 from gateway.hsm.pkcs11 import Pkcs11KeyHandle, Pkcs11KeyStore
-from gateway.pki import testworld
+from gateway.sandbox import testworld
 
 
 @dataclass
@@ -77,7 +77,7 @@ def make_sign_world(
     root = testworld.make_hpki_root(now=now)
     ca = testworld.make_hpki_signing_ca(root, now=now)
     other = (
-        testworld._new_key()
+        testworld.new_key()
         .public_key()
         .public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
     )

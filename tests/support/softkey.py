@@ -10,7 +10,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa, utils
 
 from gateway.hsm.api import DigestAlgorithm
-from gateway.pki import testworld
+from gateway.sandbox import testworld
 
 _HASHES = {
     DigestAlgorithm.SHA256: hashes.SHA256(),

@@ -17,12 +17,8 @@ from gateway.card.apdu import ApduFormatError, Command, Response, der_length
 from gateway.card.errors import CardError, CardErrorCode
 from gateway.card.jpki import JpkiCard, digest_info_sha256
 from gateway.errors import InvalidRequest
-from gateway.pki.jpki import (
-    JPKI_AUTH_ROOT_NAME,
-    issue_auth_cert,
-    load_auth_roots,
-    make_test_jpki_ca,
-)
+from gateway.pki.jpki import JPKI_AUTH_ROOT_NAME, load_auth_roots
+from gateway.sandbox.jpki import issue_auth_cert, make_test_jpki_ca
 from gateway.vcard.applet import make_atr
 from gateway.vcard.jpki import JpkiApplet
 

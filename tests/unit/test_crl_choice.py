@@ -9,8 +9,8 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from gateway.pki import testworld
 from gateway.pki.crl import CrlSource
+from gateway.sandbox import testworld
 
 NOW = dt.datetime.now(dt.UTC)
 World = tuple[testworld.CertAndKey, testworld.CertAndKey, x509.Certificate]
@@ -21,7 +21,7 @@ def world() -> World:
     root = testworld.make_hpki_root(now=NOW - dt.timedelta(days=1))
     ca = testworld.make_hpki_signing_ca(root, now=NOW - dt.timedelta(days=1))
     spki = (
-        testworld._new_key(2048)
+        testworld.new_key(2048)
         .public_key()
         .public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
     )

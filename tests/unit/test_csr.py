@@ -14,9 +14,9 @@ from cryptography.x509.oid import NameOID
 
 from gateway.errors import PkiError
 from gateway.hsm.api import DigestAlgorithm, KeyHandle
-from gateway.pki import testworld as tw
 from gateway.pki.csr import build_csr, csr_pem, public_key_matches
 from gateway.pki.hpki import check_signing_profile
+from gateway.sandbox import testworld as tw
 
 _HASHES: dict[DigestAlgorithm, hashes.HashAlgorithm] = {
     DigestAlgorithm.SHA256: hashes.SHA256(),

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from gateway.errors import InvalidRequest
-from gateway.facilities import validate_institution_code
+from gateway.lifecycle.facilities import validate_institution_code
 
 
 @pytest.mark.parametrize("code", ["1310000011", "0110000018", "4740000010", "2730000012"])

@@ -412,3 +412,18 @@ def test_small_and_non_rsa_keys_are_refused() -> None:
     ec_key = ec.generate_private_key(ec.SECP256R1())
     [problem] = check_signing_profile(_make_cert(_good_extensions(), key=ec_key))
     assert "RSA" in problem
+
+
+def test_the_default_trust_is_the_bundled_roots_over_the_bundled_issuing_cas() -> None:
+    bundled = load_bundled_anchors()
+    anchors, intermediates = hpki.default_trust("verify")
+    assert bundled["mhlw_hpki_root_ca_v2"] in anchors and bundled["jpki_sign_ca01"] in anchors
+    assert bundled["medis_sign_ca"] in intermediates and bundled["medis_auth_ca"] in intermediates
+    assert all(c.subject == c.issuer for c in anchors)
+    assert all(c.subject != c.issuer for c in intermediates)
+    assert len(anchors) + len(intermediates) == len(bundled)
+    # A signer's certificate may chain only to the HPKI root through the MEDIS signing CA.
+    assert hpki.default_trust("signer") == (
+        [bundled["mhlw_hpki_root_ca_v2"]],
+        [bundled["medis_sign_ca"]],
+    )

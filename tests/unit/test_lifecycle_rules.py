@@ -7,10 +7,14 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from gateway.clock import JST, add_months, days_left
-from gateway.delivery import P12Wrapper, hash_password, verify_password
 from gateway.errors import ConfigError, GatewayError, InvalidRequest
-from gateway.facilities import normalize_serial, validate_dental_link, validate_terminal_label
-from gateway.scheduler import milestones, reminder_kind
+from gateway.lifecycle.delivery import P12Wrapper, hash_password, verify_password
+from gateway.lifecycle.facilities import (
+    normalize_serial,
+    validate_dental_link,
+    validate_terminal_label,
+)
+from gateway.lifecycle.scheduler import milestones, reminder_kind
 
 
 @pytest.mark.parametrize(

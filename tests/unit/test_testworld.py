@@ -18,7 +18,6 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from cryptography.x509.verification import PolicyBuilder, Store
 
 from gateway.errors import PkiError
-from gateway.pki import testworld as tw
 from gateway.pki.hpki import (
     HPKI_SIGNING_EE_POLICY,
     SIGNING_CA_POLICY,
@@ -29,6 +28,7 @@ from gateway.pki.hpki import (
     parse_hcroles,
     verify_chain,
 )
+from gateway.sandbox import testworld as tw
 
 
 def real_hpki_dir() -> Path:

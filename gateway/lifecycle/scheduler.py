@@ -33,14 +33,12 @@ from typing import Any
 from sqlalchemy import and_, delete, insert, or_, select, update
 from sqlalchemy.exc import IntegrityError
 
-from gateway import mailer
-from gateway.certificates import ClientCertificateService
 from gateway.clock import JST, days_left, jst_date
 from gateway.errors import GatewayError
-from gateway.notice import jp_date
+from gateway.lifecycle import mailer
+from gateway.lifecycle.certificates import ClientCertificateService
+from gateway.lifecycle.notice import jp_date
 from gateway.store.schema import (
-    client_certificate,
-    facility,
     jpki_challenge,
     notification,
     sad,
@@ -147,30 +145,9 @@ class Scheduler:
         schedule = milestones(self.settings.certificates.reminder_days)
         horizon = now + timedelta(days=max(schedule) + 1)
         async with self.db.read() as conn:
-            rows = (
-                await conn.execute(
-                    select(
-                        client_certificate.c.id,
-                        client_certificate.c.serial_hex,
-                        client_certificate.c.terminal_label,
-                        client_certificate.c.not_after,
-                        facility.c.id.label("facility_id"),
-                        facility.c.institution_code,
-                        facility.c.name,
-                        facility.c.contact_email,
-                    )
-                    .select_from(client_certificate.join(facility))
-                    .where(
-                        and_(
-                            client_certificate.c.status == "active",
-                            client_certificate.c.revoke_at.is_(None),
-                            facility.c.status == "active",
-                            client_certificate.c.not_after <= horizon,
-                            client_certificate.c.not_after > now - EXPIRED_NOTICE_WINDOW,
-                        )
-                    )
-                )
-            ).all()
+            rows = await self.service.registry.reminder_candidates_in(
+                conn, now=now, horizon=horizon, expired_since=now - EXPIRED_NOTICE_WINDOW
+            )
             existing = {
                 (r.certificate_id, r.kind)
                 for r in (

@@ -4,7 +4,7 @@ It answers for one TEST HPKI signing CA from that CA's revocation state, its CRL
 again on every request (the sandbox rewrites them): a serial the CA lists is ``revoked``, any
 other serial of this CA is ``good``, a certificate of another issuer is ``unknown``. The
 response is signed by the CA itself or by a delegated responder certificate
-(:func:`gateway.pki.testworld.issue_ocsp_responder_cert`) and echoes the request's nonce.
+(:func:`gateway.sandbox.testworld.issue_ocsp_responder_cert`) and echoes the request's nonce.
 Nothing here is fit for production: the keys are software keys of the test world.
 """
 
@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 from aiohttp import web
@@ -21,6 +21,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509 import ocsp
 
+from gateway.clock import Clock, system_clock
 from gateway.pki.crl import load_crl
 
 __all__ = ["OCSP_PATH", "SandboxOcspResponder", "create_ocsp_app"]
@@ -28,10 +29,6 @@ __all__ = ["OCSP_PATH", "SandboxOcspResponder", "create_ocsp_app"]
 log = logging.getLogger("gateway.test_ocsp")
 MAX_REQUEST_BYTES = 16 * 1024
 OCSP_PATH = "/ocsp"
-
-
-def _utcnow() -> dt.datetime:
-    return dt.datetime.now(dt.UTC)
 
 
 class SandboxOcspResponder:
@@ -45,7 +42,7 @@ class SandboxOcspResponder:
         signer_key: rsa.RSAPrivateKey,
         crl_files: Sequence[Path],
         validity: dt.timedelta = dt.timedelta(hours=1),
-        clock: Callable[[], dt.datetime] = _utcnow,
+        clock: Clock = system_clock,
     ) -> None:
         self.ca_cert = ca_cert
         self.signer_cert = signer_cert

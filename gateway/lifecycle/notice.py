@@ -3,36 +3,67 @@
 The source documents deliver a client certificate in two halves that never travel together:
 the file (behind a download link with its own download password, by mail) and the PKCS#12
 password (on paper, by post, to the facility's own address). This module makes the paper half.
-Fonts: reportlab's built-in Japanese CID fonts (HeiseiMin-W3, HeiseiKakuGo-W5), which every PDF
-reader (and poppler, through fontconfig) maps to an installed Japanese font, so nothing needs to
-be embedded; the password is set in Courier so that look-alike characters stay apart.
+Fonts: a subset of each TrueType font is embedded (IPAex Mincho and Gothic for the Japanese, a
+monospaced bold with a slashed zero for the password so that look-alike characters stay apart),
+so the notice prints the same on any PC whatever fonts it has; reportlab's built-in CID fonts
+are not embedded and would leave the glyphs to the reader's machine. The paths are settings
+(``certificates.notice_font_*``); a missing file stops the rendering with a :class:`ConfigError`
+naming the setting, before anything is written.
 """
 
 from __future__ import annotations
 
 import io
+import threading
 from dataclasses import dataclass
 from datetime import datetime
+from pathlib import Path
 
 from gateway.clock import jst_date
+from gateway.errors import ConfigError
 
 # reportlab is imported when a notice is rendered, not when the gateway starts: it costs ~0.1 s
 # of start-up per worker, and most workers never render a notice.
 
-_MINCHO = "HeiseiMin-W3"
-_GOTHIC = "HeiseiKakuGo-W5"
-_registered = False
+
+@dataclass(frozen=True, kw_only=True)
+class NoticeFonts:
+    """The TrueType files the notice embeds (subsets), named like their settings."""
+
+    mincho: Path
+    gothic: Path
+    mono: Path
+
+    def check(self) -> None:
+        """Raise :class:`ConfigError` naming the first font file that is not there."""
+        for role, path in (("mincho", self.mincho), ("gothic", self.gothic), ("mono", self.mono)):
+            if not path.is_file():
+                raise ConfigError(
+                    f"certificates.notice_font_{role}: font file {path} not found (the password "
+                    "notice embeds it; on Debian install fonts-ipaexfont and fonts-dejavu-core, "
+                    "or point the setting at another TrueType font)"
+                )
 
 
-def _fonts() -> None:
+# reportlab registers fonts process-wide by name; the name carries the path so that two
+# settings with different files never share a registration.
+# Notices are rendered in worker threads, hence the lock.
+_registered: dict[Path, str] = {}
+_lock = threading.Lock()
+
+
+def _font(path: Path) -> str:
     from reportlab.pdfbase import pdfmetrics
-    from reportlab.pdfbase.cidfonts import UnicodeCIDFont
+    from reportlab.pdfbase.ttfonts import TTFont
 
-    global _registered
-    if not _registered:
-        pdfmetrics.registerFont(UnicodeCIDFont(_MINCHO))
-        pdfmetrics.registerFont(UnicodeCIDFont(_GOTHIC))
-        _registered = True
+    with _lock:
+        name = _registered.get(path)
+        if name is None:
+            name = f"notice-{len(_registered)}-{path.stem}"
+            # subfontIndex 0: .ttc collections work too; TTFont embeds only the glyphs used.
+            pdfmetrics.registerFont(TTFont(name, str(path), subfontIndex=0))
+            _registered[path] = name
+        return name
 
 
 def jp_date(when: datetime) -> str:
@@ -55,29 +86,31 @@ class PasswordNotice:
     p12_password: str
 
 
-def render_password_notice(n: PasswordNotice) -> bytes:
-    """The notice as PDF bytes (A4, one page)."""
+def render_password_notice(n: PasswordNotice, fonts: NoticeFonts) -> bytes:
+    """The notice as PDF bytes (A4, one page), every font embedded as a subset."""
     from reportlab.lib.pagesizes import A4
     from reportlab.lib.units import mm
     from reportlab.pdfgen import canvas
 
-    _fonts()
+    fonts.check()
+    mincho, gothic, mono = _font(fonts.mincho), _font(fonts.gothic), _font(fonts.mono)
     buf = io.BytesIO()
-    c = canvas.Canvas(buf, pagesize=A4)
+    # The initial font too: reportlab's default (Helvetica) would be a non-embedded reference.
+    c = canvas.Canvas(buf, pagesize=A4, initialFontName=mincho)
     c.setTitle(f"クライアント証明書パスワード通知書 {n.serial_hex}")
     c.setAuthor(n.service_name)
     width, height = A4
     left = 25 * mm
     y = height - 30 * mm
 
-    c.setFont(_MINCHO, 10)
+    c.setFont(mincho, 10)
     c.drawString(left, y, f"{n.facility_name} 御中")
     c.drawRightString(width - left, y, f"発行日 {jp_date(n.issued)}")
     y -= 16 * mm
-    c.setFont(_GOTHIC, 18)
+    c.setFont(gothic, 18)
     c.drawCentredString(width / 2, y, "クライアント証明書パスワード通知書")
     y -= 8 * mm
-    c.setFont(_MINCHO, 10)
+    c.setFont(mincho, 10)
     c.drawCentredString(width / 2, y, f"{n.service_name} への接続のためのクライアント証明書")
     y -= 14 * mm
 
@@ -97,18 +130,18 @@ def render_password_notice(n: PasswordNotice) -> bytes:
     col = left + 48 * mm
     for label, value in rows:
         c.rect(left, y - row_h + 3 * mm, width - 2 * left, row_h)
-        c.setFont(_GOTHIC, 10)
+        c.setFont(gothic, 10)
         c.drawString(left + 3 * mm, y - 3 * mm, label)
-        c.setFont(_MINCHO, 10)
+        c.setFont(mincho, 10)
         c.drawString(col, y - 3 * mm, value)
         y -= row_h
     y -= 10 * mm
-    c.setFont(_GOTHIC, 12)
+    c.setFont(gothic, 12)
     c.drawString(left, y, "クライアント証明書パスワード")
     y -= 12 * mm
     c.setLineWidth(1.2)
     c.rect(left, y - 4 * mm, width - 2 * left, 14 * mm)
-    c.setFont("Courier-Bold", 20)
+    c.setFont(mono, 20)
     c.drawCentredString(width / 2, y, n.p12_password)
     y -= 16 * mm
 
@@ -121,12 +154,12 @@ def render_password_notice(n: PasswordNotice) -> bytes:
         "・有効期限の90・60・30・15日前、7日前からは毎日、期限切れ時にお知らせします。期限内に更新してください。",
         "・ダウンロード期限が切れた場合は再送をご依頼ください（新たに14日間有効になります）。",
     ]
-    c.setFont(_MINCHO, 9)
+    c.setFont(mincho, 9)
     for line in notes:
         c.drawString(left, y, line)
         y -= 6 * mm
     y -= 4 * mm
-    c.setFont("Helvetica", 7)
+    c.setFont(gothic, 7)
     c.drawString(
         left,
         y,

@@ -16,23 +16,30 @@ Layout of DIR (all paths in the manifest are absolute):
 from __future__ import annotations
 
 import json
-import os
 import secrets
 import shutil
 import subprocess
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cryptography.hazmat.primitives import serialization
 
+from gateway.clock import Clock, system_clock
 from gateway.errors import ConfigError
-from gateway.pki import facility_ca, testworld
-from gateway.vcard.sandbox import build_jpki_world, jpki_settings_toml
+from gateway.files import write_private
+from gateway.pki import facility_ca
+from gateway.pki.issue import CertAndKey
+from gateway.sandbox import testworld
+from gateway.sandbox.jpki import build_cards, build_jpki_ca, jpki_settings_toml
+
+if TYPE_CHECKING:
+    from gateway.app import Services
+    from gateway.config import Settings
 
 MANIFEST_VERSION = 1
 TOKEN_LABEL = "hpki-gateway"  # noqa: S105 - a label, not a secret
-SOFTHSM_CONFIG_DIR = Path(__file__).resolve().parent.parent / "softhsm-config"
+SOFTHSM_CONFIG_DIR = Path(__file__).resolve().parents[2] / "softhsm-config"
 
 FACILITIES = [
     {
@@ -66,18 +73,6 @@ SIGNERS = [
         "facilities": ["1340000019"],
     },
 ]
-
-
-def _write_private(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-
-
-def _pem(cert: Any) -> bytes:
-    data: bytes = cert.public_bytes(serialization.Encoding.PEM)
-    return data
 
 
 def init_token(softhsm_dir: Path, pin_file: Path, so_pin_file: Path) -> Path:
@@ -181,41 +176,78 @@ format = "json"
 
 
 async def init_sandbox(
-    directory: Path, *, port: int = 8443, force: bool = False, tsa_port: int | None = None
+    directory: Path,
+    *,
+    port: int = 8443,
+    force: bool = False,
+    tsa_port: int | None = None,
+    clock: Clock = system_clock,
 ) -> dict[str, Any]:
     """Build the world and return the manifest (also written to DIR/manifest.json)."""
-    from gateway.app import make_audit, make_fido2, make_keystore, make_signers
     from gateway.config import load_settings
-    from gateway.facilities import FacilityRegistry
-    from gateway.store.db import Database
 
     d = directory.resolve()
+    _prepare(d, force=force)
+    now = clock()
+    init_token(d / "softhsm", d / "secrets" / "hsm.pin", d / "secrets" / "so.pin")
+    write_private(d / "secrets" / "audit.key", secrets.token_hex(32).encode())
+    write_private(d / "secrets" / "delivery.key", secrets.token_hex(32).encode())
+    client_ca = _write_pki(d, now)
+    tsa_port = tsa_port or _free_port()
+    jpki_port = _free_port()
+    (d / "gateway.toml").write_text(
+        _settings_toml(port, tsa_port) + jpki_settings_toml(jpki_port), encoding="utf-8"
+    )
+    jpki_entry = build_jpki_ca(d, now=now, port=jpki_port)
+    settings = load_settings(d / "gateway.toml", environ={})
+    seeded = await _seed_store(settings, d, client_ca, clock)
+    build_cards(d, now=now, entry=jpki_entry, signer_ids=[str(s["id"]) for s in seeded["signers"]])
+    pki = d / "pki"
+    admin = seeded["admin"]
+    manifest: dict[str, Any] = {
+        "manifest_version": MANIFEST_VERSION,
+        "url": settings.server.public_url,
+        "server_ca": str(pki / "server-ca.pem"),
+        "hpki_trust_anchors": [str(pki / "hpki-root.pem")],
+        "hpki_intermediates": [str(pki / "hpki-signing-ca.pem")],
+        "tsa_url": settings.timestamp.url,
+        "tsa_trust_anchors": [str(pki / "tsa-ca.pem")],
+        "config": str(d / "gateway.toml"),
+        "facilities": seeded["facilities"],
+        "signers": seeded["signers"],
+        "admin": {
+            "name": "sandbox-officer",
+            "client_cert": str(admin.cert_path),
+            "client_key": str(admin.key_path),
+            "client_p12": str(admin.p12_path),
+            "p12_password": admin.p12_password,
+        },
+        "crls": {p.stem: str(p) for p in sorted(pki.glob("*.crl"))},
+        "outbox": str(d / "outbox"),
+        "jpki": jpki_entry,
+        "cards": [],
+    }
+    (d / "manifest.json").write_text(
+        json.dumps(manifest, ensure_ascii=False, indent=2) + "\n", encoding="utf-8"
+    )
+    return manifest
+
+
+def _prepare(d: Path, *, force: bool) -> None:
     if (d / "manifest.json").exists() and not force:
         raise ConfigError(f"{d} already holds a sandbox (use --force to rebuild it)")
     if force and d.exists():
-        for sub in (
-            "softhsm",
-            "secrets",
-            "pki",
-            "tls",
-            "clients",
-            "data",
-            "outbox",
-            "jpki",
-            "cards",
-        ):
+        subdirs = ("softhsm", "secrets", "pki", "tls", "clients", "data", "outbox", "jpki", "cards")
+        for sub in subdirs:
             shutil.rmtree(d / sub, ignore_errors=True)
         for f in ("gateway.toml", "manifest.json"):
             (d / f).unlink(missing_ok=True)
     d.mkdir(parents=True, exist_ok=True)
-    now = datetime.now(UTC)
 
-    # HSM token
-    init_token(d / "softhsm", d / "secrets" / "hsm.pin", d / "secrets" / "so.pin")
-    _write_private(d / "secrets" / "audit.key", secrets.token_hex(32).encode())
-    _write_private(d / "secrets" / "delivery.key", secrets.token_hex(32).encode())
 
-    # PKI
+def _write_pki(d: Path, now: datetime) -> CertAndKey:
+    """The TEST CAs, their empty CRLs, the TEST TSA and the server certificate, under
+    ``pki/`` and ``tls/``; returns the facility client CA (the store seeding issues from it)."""
     pki = d / "pki"
     pki.mkdir(exist_ok=True)
     root = testworld.make_hpki_root(now=now)
@@ -234,7 +266,8 @@ async def init_sandbox(
     ):
         crl = testworld.make_crl(ca, revoked=[], now=now, next_update=timedelta(days=7))
         (pki / f"{name}.crl").write_bytes(crl.public_bytes(serialization.Encoding.DER))
-    # The TEST TSA (issue 4): its own root, a certificate with the timeStamping EKU only.
+    # The TEST TSA: its own root (real TSAs are not HPKI), a certificate with the
+    # timeStamping EKU only (RFC 3161 §2.3).
     tsa_ca = testworld.make_tsa_ca(now=now)
     tsa = testworld.issue_tsa_cert(tsa_ca, now=now)
     tsa_ca.write(pki / "tsa-ca.pem", pki / "tsa-ca.key")
@@ -249,81 +282,28 @@ async def init_sandbox(
     tls = d / "tls"
     tls.mkdir(exist_ok=True)
     (tls / "server.pem").write_bytes(server.cert_pem() + server_ca.cert_pem())
-    _write_private(tls / "server.key", server.key_pem())
+    write_private(tls / "server.key", server.key_pem())
+    return client_ca
 
-    tsa_port = tsa_port or _free_port()
-    jpki_port = _free_port()
-    (d / "gateway.toml").write_text(
-        _settings_toml(port, tsa_port) + jpki_settings_toml(jpki_port), encoding="utf-8"
-    )
-    settings = load_settings(d / "gateway.toml", environ={})
 
-    db = Database(settings.database_url())
-    audit = make_audit(settings)
-    keystore = make_keystore(settings)
-    registry = FacilityRegistry(db=db, audit=audit)
+async def _seed_store(
+    settings: Settings, d: Path, client_ca: CertAndKey, clock: Clock
+) -> dict[str, Any]:
+    """Facilities with their client certificates, signers with keys, certificates and
+    enrolment codes, and the administrator: through the services the gateway itself uses."""
+    from gateway.app import build_services, make_keystore
+
+    services = build_services(settings, keystore=make_keystore(settings), clock=clock)
+    assert services.keystore is not None
     actor = "sandbox:init"
-    manifest_facilities = []
-    manifest_signers = []
+    now = clock()
     try:
-        await db.migrate()
-        await keystore.open()
-        signers = make_signers(settings, db=db, audit=audit, keystore=keystore)
-        fido2 = make_fido2(settings, db=db, audit=audit)
-        for fac in FACILITIES:
-            reg = await registry.add(
-                institution_code=fac["institution_code"],
-                name=fac["name"],
-                kind=fac["kind"],
-                actor=actor,
-            )
-            issued = facility_ca.issue(
-                client_ca,
-                out_dir=d / "clients" / reg.institution_code,
-                common_name=reg.name,
-                institution_code=reg.institution_code,
-                service_name=settings.service.name,
-                now=now,
-            )
-            await registry.register_certificate(
-                issued.cert, institution_code=reg.institution_code, actor=actor, downloaded=True
-            )
-            manifest_facilities.append(
-                {
-                    "institution_code": reg.institution_code,
-                    "name": reg.name,
-                    "kind": reg.kind,
-                    "client_cert": str(issued.cert_path),
-                    "client_key": str(issued.key_path),
-                    "client_p12": str(issued.p12_path),
-                    "p12_password": issued.p12_password,
-                }
-            )
-        for spec in SIGNERS:
-            s = await signers.add(
-                name=str(spec["name"]),
-                name_kanji=str(spec["name_kanji"]),
-                role=str(spec["role"]),
-                facilities=list(spec["facilities"]),
-                organization="HPKI TEST FACILITY",
-                actor=actor,
-            )
-            enrol = await fido2.issue_enrollment(s.id, actor=actor)
-            manifest_signers.append(
-                {
-                    "id": s.id,
-                    "name": s.name,
-                    "name_kanji": s.name_kanji,
-                    "role": s.role,
-                    "credential_id": s.credentials[0].id,
-                    "facilities": s.facilities,
-                    # One-time FIDO2 enrolment (register at /enroll); TEST world only:
-                    # a real deployment hands code and password over separately.
-                    "enrollment_code": enrol.code,
-                    "enrollment_password": enrol.password,
-                    "enrollment_expires_at": enrol.expires_at.isoformat(),
-                }
-            )
+        await services.db.migrate()
+        await services.keystore.open()
+        facilities = [
+            await _seed_facility(services, spec, d, client_ca, settings, now) for spec in FACILITIES
+        ]
+        signers = [await _seed_signer(services, spec) for spec in SIGNERS]
         admin = facility_ca.issue(
             client_ca,
             out_dir=d / "clients" / "admin",
@@ -333,38 +313,70 @@ async def init_sandbox(
             service_name=settings.service.name,
             now=now,
         )
-        await registry.register_certificate(admin.cert, admin_name="sandbox-officer", actor=actor)
-        jpki_entry = build_jpki_world(
-            d, now=now, port=jpki_port, signer_ids=[str(s["id"]) for s in manifest_signers]
+        await services.facilities.register_certificate(
+            admin.cert, admin_name="sandbox-officer", actor=actor
         )
     finally:
-        await keystore.close()
-        await db.close()
+        await services.keystore.close()
+        await services.db.close()
+    return {"facilities": facilities, "signers": signers, "admin": admin}
 
-    manifest: dict[str, Any] = {
-        "manifest_version": MANIFEST_VERSION,
-        "url": settings.server.public_url,
-        "server_ca": str(pki / "server-ca.pem"),
-        "hpki_trust_anchors": [str(pki / "hpki-root.pem")],
-        "hpki_intermediates": [str(pki / "hpki-signing-ca.pem")],
-        "tsa_url": settings.timestamp.url,
-        "tsa_trust_anchors": [str(pki / "tsa-ca.pem")],
-        "config": str(d / "gateway.toml"),
-        "facilities": manifest_facilities,
-        "signers": manifest_signers,
-        "admin": {
-            "name": "sandbox-officer",
-            "client_cert": str(admin.cert_path),
-            "client_key": str(admin.key_path),
-            "client_p12": str(admin.p12_path),
-            "p12_password": admin.p12_password,
-        },
-        "crls": {p.stem: str(p) for p in sorted(pki.glob("*.crl"))},
-        "outbox": str(d / "outbox"),
-        "jpki": jpki_entry,
-        "cards": [],
-    }
-    (d / "manifest.json").write_text(
-        json.dumps(manifest, ensure_ascii=False, indent=2) + "\n", encoding="utf-8"
+
+async def _seed_facility(
+    services: Services,
+    spec: dict[str, str],
+    d: Path,
+    client_ca: CertAndKey,
+    settings: Settings,
+    now: datetime,
+) -> dict[str, Any]:
+    actor = "sandbox:init"
+    reg = await services.facilities.add(
+        institution_code=spec["institution_code"], name=spec["name"], kind=spec["kind"], actor=actor
     )
-    return manifest
+    issued = facility_ca.issue(
+        client_ca,
+        out_dir=d / "clients" / reg.institution_code,
+        common_name=reg.name,
+        institution_code=reg.institution_code,
+        service_name=settings.service.name,
+        now=now,
+    )
+    await services.facilities.register_certificate(
+        issued.cert, institution_code=reg.institution_code, actor=actor, downloaded=True
+    )
+    return {
+        "institution_code": reg.institution_code,
+        "name": reg.name,
+        "kind": reg.kind,
+        "client_cert": str(issued.cert_path),
+        "client_key": str(issued.key_path),
+        "client_p12": str(issued.p12_path),
+        "p12_password": issued.p12_password,
+    }
+
+
+async def _seed_signer(services: Services, spec: dict[str, Any]) -> dict[str, Any]:
+    actor = "sandbox:init"
+    s = await services.signers.add(
+        name=str(spec["name"]),
+        name_kanji=str(spec["name_kanji"]),
+        role=str(spec["role"]),
+        facilities=list(spec["facilities"]),
+        organization="HPKI TEST FACILITY",
+        actor=actor,
+    )
+    enrol = await services.fido2.issue_enrollment(s.id, actor=actor)
+    return {
+        "id": s.id,
+        "name": s.name,
+        "name_kanji": s.name_kanji,
+        "role": s.role,
+        "credential_id": s.credentials[0].id,
+        "facilities": s.facilities,
+        # One-time FIDO2 enrolment (register at /enroll); TEST world only:
+        # a real deployment hands code and password over separately.
+        "enrollment_code": enrol.code,
+        "enrollment_password": enrol.password,
+        "enrollment_expires_at": enrol.expires_at.isoformat(),
+    }

@@ -29,7 +29,7 @@ from sqlalchemy import insert, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from gateway.errors import ConfigError, Conflict, GatewayError, Gone, Locked
-from gateway.store.schema import certificate_delivery
+from gateway.store.schema import certificate_delivery, client_certificate
 
 _SCRYPT = {"n": 2**14, "r": 8, "p": 1}
 _WRAP_VERSION = b"hgw1"
@@ -214,3 +214,23 @@ async def drop_file_in(conn: AsyncConnection, certificate_id: int) -> None:
         .where(certificate_delivery.c.certificate_id == certificate_id)
         .values(p12_wrapped=None)
     )
+
+
+async def export_file_in(conn: AsyncConnection, delivery_id: int, now: datetime) -> None:
+    """The stored PKCS#12 left by an officer's export: dropped, and recorded as downloaded."""
+    await conn.execute(
+        update(certificate_delivery)
+        .where(certificate_delivery.c.id == delivery_id)
+        .values(p12_wrapped=None, downloaded_at=now)
+    )
+
+
+async def link_state_in(conn: AsyncConnection, th: str) -> Any:
+    """The delivery with token hash ``th`` and its certificate's status, or None."""
+    return (
+        await conn.execute(
+            select(certificate_delivery, client_certificate.c.status.label("cert_status"))
+            .select_from(certificate_delivery.join(client_certificate))
+            .where(certificate_delivery.c.token_hash == th)
+        )
+    ).one_or_none()

@@ -12,7 +12,7 @@ import hashlib
 import json
 import re
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 from cryptography import x509
@@ -22,13 +22,13 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from gateway.audit import AuditLog
+from gateway.clock import Clock, system_clock
 from gateway.errors import Conflict, InvalidRequest, NotFound
 from gateway.store.db import Database
 from gateway.store.schema import admin, client_certificate, facility
 
 FEE_TABLES = {"1": "medical", "3": "dental", "4": "pharmacy"}
 FACILITY_KINDS = ("hospital", "clinic", "dental_clinic", "pharmacy")
-FACILITY_STATUSES = ("active", "suspended", "stopped")
 _CODE_RE = re.compile(r"[0-9]{10}")  # ASCII only: \d also matches full-width digits
 _EMAIL_RE = re.compile(r"[^@\s<>\\\"]{1,64}@[A-Za-z0-9.-]{1,253}\.[A-Za-z]{2,63}")
 TERMINAL_LABEL_MAX = 64
@@ -177,9 +177,10 @@ def certificate_json(row: Any, now: datetime) -> dict[str, Any]:
 class FacilityRegistry:
     """Registry operations; every change is audited in its own transaction."""
 
-    def __init__(self, *, db: Database, audit: AuditLog) -> None:
+    def __init__(self, *, db: Database, audit: AuditLog, clock: Clock = system_clock) -> None:
         self.db = db
         self.audit = audit
+        self.clock = clock
 
     @staticmethod
     async def ensure_code_free(conn: AsyncConnection, code: str) -> None:
@@ -232,7 +233,7 @@ class FacilityRegistry:
         if contact_email is not None:
             contact_email = validate_email(contact_email)
         policy = {"per_terminal_certificates": True} if per_terminal else {}
-        now = now or datetime.now(UTC)
+        now = now or self.clock()
         async with self.db.write() as conn:
             await self.ensure_code_free(conn, institution_code)
             if dental_code is not None:
@@ -321,7 +322,7 @@ class FacilityRegistry:
             raise InvalidRequest(f"facility status {status!r} is not 'active' or 'suspended'")
         if status == "suspended" and not (reason and reason.strip()):
             raise InvalidRequest("a suspension needs a reason")
-        now = now or datetime.now(UTC)
+        now = now or self.clock()
         async with self.db.write() as conn:
             fac = await self.get_in(conn, institution_code)
             if fac.status == "stopped":
@@ -349,7 +350,7 @@ class FacilityRegistry:
     ) -> Facility:
         """Record the co-located dental department's code under the medical registration."""
         validate_dental_link(institution_code, dental_code)
-        now = now or datetime.now(UTC)
+        now = now or self.clock()
         async with self.db.write() as conn:
             fac = await self.get_in(conn, institution_code, for_update=True)
             if fac.dental_code == dental_code:
@@ -386,7 +387,7 @@ class FacilityRegistry:
         """Change the per-terminal policy and/or the contact address."""
         if contact_email is not None:
             contact_email = validate_email(contact_email)
-        now = now or datetime.now(UTC)
+        now = now or self.clock()
         async with self.db.write() as conn:
             fac = await self.get_in(conn, institution_code, for_update=True)
             policy = dict(fac.policy)
@@ -445,7 +446,7 @@ class FacilityRegistry:
         refused unless the facility policy allows per-terminal certificates (then one per
         terminal label). A certificate is never silently replaced: rotation is explicit.
         """
-        now = now or datetime.now(UTC)
+        now = now or self.clock()
         async with self.db.write() as conn:
             serial, _ = await self.register_in(
                 conn,
@@ -568,16 +569,6 @@ class FacilityRegistry:
             f"{existing.serial_hex} (one per facility; rotate it instead)"
         )
 
-    async def revoke_certificate(
-        self, serial_hex: str, *, reason: str, actor: str, now: datetime | None = None
-    ) -> None:
-        if not reason.strip():
-            raise InvalidRequest("a revocation needs a reason")
-        serial_hex = normalize_serial(serial_hex)
-        now = now or datetime.now(UTC)
-        async with self.db.write() as conn:
-            await self.revoke_in(conn, serial_hex, reason=reason, actor=actor, now=now)
-
     async def revoke_in(
         self,
         conn: AsyncConnection,
@@ -618,7 +609,7 @@ class FacilityRegistry:
     async def certificates(
         self, institution_code: str, *, now: datetime | None = None
     ) -> list[dict[str, Any]]:
-        now = now or datetime.now(UTC)
+        now = now or self.clock()
         fac = await self.get(institution_code)
         async with self.db.read() as conn:
             rows = (
@@ -629,6 +620,203 @@ class FacilityRegistry:
                 )
             ).all()
         return [certificate_json(r, now) for r in rows]
+
+    # -- client certificate rows: the store access of the lifecycle service -------------------
+
+    @staticmethod
+    async def certificate_rows_in(
+        conn: AsyncConnection,
+        facility_id: int,
+        *,
+        serial: str | None = None,
+        terminal: str | None = None,
+    ) -> list[Any]:
+        """A facility's certificate rows, narrowed to one serial or one terminal if given."""
+        stmt = select(client_certificate).where(client_certificate.c.facility_id == facility_id)
+        if serial is not None:
+            stmt = stmt.where(client_certificate.c.serial_hex == normalize_serial(serial))
+        elif terminal is not None:
+            stmt = stmt.where(client_certificate.c.terminal_label == terminal)
+        return list((await conn.execute(stmt)).all())
+
+    @staticmethod
+    async def schedule_revocation_in(
+        conn: AsyncConnection, certificate_id: int, *, revoke_at: datetime, reason: str
+    ) -> bool:
+        """Schedule an active certificate's revocation; False if it already has one."""
+        res = await conn.execute(
+            update(client_certificate)
+            .where(
+                and_(
+                    client_certificate.c.id == certificate_id,
+                    client_certificate.c.status == "active",
+                    client_certificate.c.revoke_at.is_(None),
+                )
+            )
+            .values(revoke_at=revoke_at, revocation_reason=reason[:500])
+        )
+        return bool(res.rowcount == 1)
+
+    async def change_code_in(self, conn: AsyncConnection, facility_id: int, new_code: str) -> None:
+        """The facility's real (or new) institution code replaces the old one."""
+        await self.ensure_code_free(conn, new_code)
+        await conn.execute(
+            update(facility)
+            .where(facility.c.id == facility_id)
+            .values(institution_code=new_code, provisional=False)
+        )
+
+    @staticmethod
+    async def active_certificates_in(conn: AsyncConnection, facility_id: int) -> list[Any]:
+        """``(serial_hex, id)`` of a facility's certificates not yet revoked."""
+        rows = await conn.execute(
+            select(client_certificate.c.serial_hex, client_certificate.c.id).where(
+                and_(
+                    client_certificate.c.facility_id == facility_id,
+                    client_certificate.c.status == "active",
+                )
+            )
+        )
+        return list(rows.all())
+
+    @staticmethod
+    async def stop_in(
+        conn: AsyncConnection, facility_id: int, *, reason: str, now: datetime
+    ) -> None:
+        await conn.execute(
+            update(facility)
+            .where(facility.c.id == facility_id)
+            .values(status="stopped", status_reason=reason, status_changed_at=now)
+        )
+
+    @staticmethod
+    async def mark_downloaded_in(conn: AsyncConnection, certificate_id: int, now: datetime) -> None:
+        await conn.execute(
+            update(client_certificate)
+            .where(client_certificate.c.id == certificate_id)
+            .values(downloaded_at=now)
+        )
+
+    async def due_revocations(self, now: datetime) -> list[Any]:
+        """Active certificates whose scheduled revocation time has come."""
+        async with self.db.read() as conn:
+            rows = await conn.execute(
+                select(
+                    client_certificate.c.id,
+                    client_certificate.c.serial_hex,
+                    client_certificate.c.revoke_at,
+                    client_certificate.c.revocation_reason,
+                    facility.c.institution_code,
+                )
+                .select_from(client_certificate.outerjoin(facility))
+                .where(
+                    and_(
+                        client_certificate.c.status == "active",
+                        client_certificate.c.revoke_at <= now,
+                    )
+                )
+            )
+            return list(rows.all())
+
+    @staticmethod
+    async def revoke_scheduled_in(
+        conn: AsyncConnection, certificate_id: int, revoked_at: datetime
+    ) -> bool:
+        """Carry out one scheduled revocation; False when another worker got there first."""
+        res = await conn.execute(
+            update(client_certificate)
+            .where(
+                and_(
+                    client_certificate.c.id == certificate_id,
+                    client_certificate.c.status == "active",
+                )
+            )
+            .values(status="revoked", revoked_at=revoked_at)
+        )
+        return bool(res.rowcount == 1)
+
+    async def revoked_unexpired(self, now: datetime) -> list[Any]:
+        """What the CRL lists: revoked certificates not yet expired."""
+        async with self.db.read() as conn:
+            rows = await conn.execute(
+                select(
+                    client_certificate.c.serial_hex,
+                    client_certificate.c.revoked_at,
+                    client_certificate.c.revocation_reason,
+                    client_certificate.c.certificate_der,
+                ).where(
+                    and_(
+                        client_certificate.c.status == "revoked",
+                        client_certificate.c.not_after > now,
+                    )
+                )
+            )
+            return list(rows.all())
+
+    async def expiring_rows(self, now: datetime, until: datetime) -> list[Any]:
+        """Active facility certificates expiring in (now, until], soonest first, with the
+        facility's code and name."""
+        async with self.db.read() as conn:
+            rows = await conn.execute(
+                select(client_certificate, facility.c.institution_code, facility.c.name)
+                .select_from(client_certificate.join(facility))
+                .where(
+                    and_(
+                        client_certificate.c.status == "active",
+                        client_certificate.c.not_after > now,
+                        client_certificate.c.not_after <= until,
+                    )
+                )
+                .order_by(client_certificate.c.not_after)
+            )
+            return list(rows.all())
+
+    @staticmethod
+    async def reminder_candidates_in(
+        conn: AsyncConnection, *, now: datetime, horizon: datetime, expired_since: datetime
+    ) -> list[Any]:
+        """Certificates of active facilities, not being replaced, expiring by ``horizon`` or
+        expired after ``expired_since``: the ones a reminder may be due for."""
+        rows = await conn.execute(
+            select(
+                client_certificate.c.id,
+                client_certificate.c.serial_hex,
+                client_certificate.c.terminal_label,
+                client_certificate.c.not_after,
+                facility.c.id.label("facility_id"),
+                facility.c.institution_code,
+                facility.c.name,
+                facility.c.contact_email,
+            )
+            .select_from(client_certificate.join(facility))
+            .where(
+                and_(
+                    client_certificate.c.status == "active",
+                    client_certificate.c.revoke_at.is_(None),
+                    facility.c.status == "active",
+                    client_certificate.c.not_after <= horizon,
+                    client_certificate.c.not_after > expired_since,
+                )
+            )
+        )
+        return list(rows.all())
+
+    @staticmethod
+    async def certificate_and_facility_in(
+        conn: AsyncConnection, serial: str
+    ) -> tuple[Any, Facility]:
+        """A facility certificate's row and its facility (not an administrator's)."""
+        row = (
+            await conn.execute(
+                select(client_certificate).where(client_certificate.c.serial_hex == serial)
+            )
+        ).one_or_none()
+        if row is None:
+            raise NotFound(f"client certificate {serial} is not registered")
+        if row.facility_id is None:
+            raise InvalidRequest(f"client certificate {serial} is an administrator's")
+        frow = (await conn.execute(select(facility).where(facility.c.id == row.facility_id))).one()
+        return row, Facility.from_row(frow)
 
 
 def normalize_serial(serial_hex: str) -> str:

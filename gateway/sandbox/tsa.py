@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from datetime import UTC, datetime
 from pathlib import Path
 
 from aiohttp import web
@@ -20,6 +19,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from pyhanko.sign.timestamps.dummy_client import DummyTimeStamper
 
+from gateway.clock import Clock, system_clock
 from gateway.config import Settings
 from gateway.errors import ConfigError
 
@@ -27,6 +27,7 @@ log = logging.getLogger("gateway.test_tsa")
 MAX_REQUEST_BYTES = 16 * 1024
 TSA_PATH = "/tsa"
 STAMPER = web.AppKey("stamper", DummyTimeStamper)
+CLOCK: web.AppKey[Clock] = web.AppKey("clock")
 
 
 def _load(settings: Settings) -> DummyTimeStamper:
@@ -69,7 +70,7 @@ async def _stamp(request: web.Request) -> web.Response:
         return _reply(tsp.TimeStampResp({"status": status}).dump())
     stamper = request.app[STAMPER]
     # DummyTimeStamper stamps with its fixed_dt or the local time; give it UTC now.
-    stamper.fixed_dt = datetime.now(UTC)
+    stamper.fixed_dt = request.app[CLOCK]()
     resp = await stamper.async_request_tsa_response(req)
     return _reply(resp.dump())
 
@@ -78,9 +79,10 @@ def _reply(der: bytes) -> web.Response:
     return web.Response(body=der, content_type="application/timestamp-reply")
 
 
-def create_tsa_app(settings: Settings) -> web.Application:
+def create_tsa_app(settings: Settings, *, clock: Clock = system_clock) -> web.Application:
     app = web.Application(client_max_size=MAX_REQUEST_BYTES)
     app[STAMPER] = _load(settings)
+    app[CLOCK] = clock
     app.router.add_post(TSA_PATH, _stamp)
     return app
 
@@ -103,7 +105,7 @@ async def start_test_tsa(settings: Settings, *, reuse_port: bool = False) -> web
 
 
 async def run_forever(settings: Settings) -> None:
-    from gateway.api.test_jpki import start_test_jpki
+    from gateway.sandbox.jpki import start_test_jpki
 
     runner = await start_test_tsa(settings)
     jpki = await start_test_jpki(settings) if settings.test_jpki.enabled else None

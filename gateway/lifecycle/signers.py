@@ -13,7 +13,7 @@ import logging
 import re
 import secrets
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -25,10 +25,13 @@ from sqlalchemy import delete, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
 from gateway.audit import AuditLog
+from gateway.clock import Clock, system_clock
 from gateway.errors import Conflict, GatewayError, InvalidRequest, NotFound, PkiError
 from gateway.hsm.api import GeneratedKey, KeyStore
-from gateway.pki import hpki, testworld
+from gateway.pki import hpki
 from gateway.pki.csr import build_csr, public_key_matches
+from gateway.pki.issue import TEST_SIGN_CRL_URL, CertAndKey, issue_hpki_signer_cert
+from gateway.pki.load import parse_certificate, parse_pem_chain
 from gateway.store.db import Database
 from gateway.store.schema import credential, facility, signer, signer_facility
 
@@ -38,23 +41,6 @@ _ROLE_RE = re.compile(r"^[A-Za-z][A-Za-z .,'()-]{1,63}$")
 
 def _new_id(prefix: str) -> str:
     return f"{prefix}-{secrets.token_hex(8)}"
-
-
-def load_pem_chain(data: bytes) -> list[x509.Certificate]:
-    try:
-        return x509.load_pem_x509_certificates(data)
-    except ValueError as e:
-        raise PkiError(f"not a PEM certificate bundle: {e}") from e
-
-
-def load_certificate(data: bytes) -> x509.Certificate:
-    """A certificate in PEM or DER."""
-    try:
-        if data.lstrip().startswith(b"-----BEGIN"):
-            return x509.load_pem_x509_certificate(data)
-        return x509.load_der_x509_certificate(data)
-    except ValueError as e:
-        raise PkiError(f"not an X.509 certificate: {e}") from e
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -73,7 +59,7 @@ class TestIssuer:
             raise PkiError("the test CA key must be RSA")
         chain = [ca_cert]
         for p in anchors:
-            chain.extend(load_pem_chain(p.read_bytes()))
+            chain.extend(parse_pem_chain(p.read_bytes()))
         return cls(ca_cert=ca_cert, ca_key=key, chain=chain)
 
 
@@ -100,7 +86,7 @@ class Credential:
             certificate=(
                 x509.load_der_x509_certificate(r.certificate_der) if r.certificate_der else None
             ),
-            chain=load_pem_chain(r.chain_pem.encode()) if r.chain_pem else [],
+            chain=parse_pem_chain(r.chain_pem.encode()) if r.chain_pem else [],
         )
 
 
@@ -145,19 +131,28 @@ class SignerService:
         *,
         db: Database,
         audit: AuditLog,
-        keystore: KeyStore,
+        keystore: KeyStore | None,
         key_bits: int = 2048,
         test_issuer: TestIssuer | None = None,
         trust_anchors: list[x509.Certificate] | None = None,
         intermediates: list[x509.Certificate] | None = None,
+        clock: Clock = system_clock,
     ) -> None:
         self.db = db
+        self.clock = clock
         self.audit = audit
-        self.keystore = keystore
+        self._keystore = keystore
         self.key_bits = key_bits
         self.test_issuer = test_issuer
         self.trust_anchors = trust_anchors or []
         self.intermediates = intermediates or []
+
+    @property
+    def keys(self) -> KeyStore:
+        """The key store; commands that touch no key (list, link, lock) run without one."""
+        if self._keystore is None:
+            raise GatewayError("this operation needs the HSM key store, which was not opened")
+        return self._keystore
 
     async def _facility_ids(self, codes: list[str]) -> dict[str, int]:
         if not codes:
@@ -197,12 +192,12 @@ class SignerService:
         fac_ids = await self._facility_ids(facilities)
         signer_id = _new_id("sgn")
         cred_id = _new_id("cred")
-        key = await self.keystore.generate_rsa_key(label=f"hpki-{signer_id}", bits=self.key_bits)
+        key = await self.keys.generate_rsa_key(label=f"hpki-{signer_id}", bits=self.key_bits)
         cert_der: bytes | None = None
         chain_pem: str | None = None
         status = "pending_certificate"
         if self.test_issuer is not None:
-            cert = testworld.issue_hpki_signer_cert(
+            cert = issue_hpki_signer_cert(
                 self.test_issuer_ca(),
                 public_key_der=key.public_key_der,
                 name_romaji=name,
@@ -210,14 +205,15 @@ class SignerService:
                 role=role,
                 organization=organization or "HPKI TEST FACILITY",
                 serial_number_attr=serial_number_attr or signer_id.upper(),
-                now=datetime.now(UTC),
+                now=self.clock(),
+                crl_url=TEST_SIGN_CRL_URL,
             )
             cert_der = cert.public_bytes(serialization.Encoding.DER)
             chain_pem = "".join(
                 c.public_bytes(serialization.Encoding.PEM).decode() for c in self.test_issuer.chain
             )
             status = "active"
-        now = datetime.now(UTC)
+        now = self.clock()
         try:
             await self._store_new_signer(
                 signer_id=signer_id,
@@ -236,7 +232,7 @@ class SignerService:
         except BaseException:
             # No credential refers to the new key: remove it rather than leave it on the token.
             try:
-                await self.keystore.destroy_key(key.key_id)
+                await self.keys.destroy_key(key.key_id)
             except GatewayError:
                 log.error("could not remove unused key %s from the token", key.key_id)
             raise
@@ -305,9 +301,9 @@ class SignerService:
                 now=now,
             )
 
-    def test_issuer_ca(self) -> testworld.CertAndKey:
+    def test_issuer_ca(self) -> CertAndKey:
         assert self.test_issuer is not None
-        return testworld.CertAndKey(cert=self.test_issuer.ca_cert, key=self.test_issuer.ca_key)
+        return CertAndKey(cert=self.test_issuer.ca_cert, key=self.test_issuer.ca_key)
 
     async def get(self, signer_id: str) -> Signer:
         async with self.db.read() as conn:
@@ -370,8 +366,8 @@ class SignerService:
                 x509.NameAttribute(NameOID.COMMON_NAME, s.name),
             ]
         )
-        public_der = await self.keystore.public_key_der(cred.key_id)
-        handle = await self.keystore.get_key(cred.key_id)
+        public_der = await self.keys.public_key_der(cred.key_id)
+        handle = await self.keys.get_key(cred.key_id)
         der = await build_csr(public_key_der=public_der, subject=subject, key=handle)
         async with self.db.write() as conn:
             await self.audit.append(
@@ -394,8 +390,8 @@ class SignerService:
         """Attach a CA-issued certificate: same public key, HPKI profile, role, chain."""
         s = await self.get(signer_id)
         cred = await self._only_credential(signer_id)
-        cert = load_certificate(cert_data)
-        public_der = await self.keystore.public_key_der(cred.key_id)
+        cert = parse_certificate(cert_data)
+        public_der = await self.keys.public_key_der(cred.key_id)
         if not public_key_matches(cert, public_der):
             raise PkiError(
                 f"the certificate's public key is not the key of credential {cred.id} "
@@ -416,13 +412,13 @@ class SignerService:
             cert,
             intermediates=chain_certs + self.intermediates,
             trust_anchors=self.trust_anchors,
-            moment=datetime.now(UTC),
+            moment=self.clock(),
         )
         chain_certs = path[1:]  # the validated path (issuing CAs up to the anchor) is stored
         chain_pem = "".join(
             c.public_bytes(serialization.Encoding.PEM).decode() for c in chain_certs
         )
-        now = datetime.now(UTC)
+        now = self.clock()
         async with self.db.write() as conn:
             await conn.execute(
                 update(credential)
@@ -456,7 +452,7 @@ class SignerService:
             try:
                 await conn.execute(
                     insert(signer_facility).values(
-                        signer_id=signer_id, facility_id=fid, created_at=datetime.now(UTC)
+                        signer_id=signer_id, facility_id=fid, created_at=self.clock()
                     )
                 )
             except IntegrityError as e:

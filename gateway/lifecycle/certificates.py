@@ -6,7 +6,7 @@ The rules come from the source documents (HPKI.md §6):
   notice (PDF) with the PKCS#12 password; the file is kept (wrapped) only until downloaded;
 - a rotation (institution code change, provisional → real code, renewal) makes the new
   certificate active at once and schedules the old one's revocation one calendar month after
-  the new one's issue date; the scheduler carries it out (gateway/scheduler.py);
+  the new one's issue date; the scheduler carries it out (gateway/lifecycle/scheduler.py);
 - stopping the service revokes at once; a certificate is never silently replaced;
 - every revocation republishes the facility CA's CRL.
 
@@ -28,12 +28,13 @@ from cryptography import x509
 from sqlalchemy import and_, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from gateway import delivery, mailer
 from gateway.audit import AuditLog
 from gateway.clock import Clock, add_months, days_left, jst_date, system_clock
 from gateway.config import Settings
 from gateway.errors import ConfigError, Conflict, GatewayError, InvalidRequest, NotFound
-from gateway.facilities import (
+from gateway.files import write_private
+from gateway.lifecycle import delivery, mailer
+from gateway.lifecycle.facilities import (
     Facility,
     FacilityRegistry,
     certificate_json,
@@ -41,14 +42,22 @@ from gateway.facilities import (
     normalize_serial,
     validate_institution_code,
 )
-from gateway.notice import PasswordNotice, jp_date, render_password_notice
-from gateway.pki import facility_ca, testworld
+from gateway.lifecycle.notice import NoticeFonts, PasswordNotice, jp_date, render_password_notice
+from gateway.pki import facility_ca
+from gateway.pki.issue import CertAndKey
 from gateway.store.db import Database
 from gateway.store.schema import certificate_delivery, client_certificate, facility
 
 log = logging.getLogger("gateway.certificates")
 
-ROTATION_KINDS = ("renewal", "code_change", "provisional_to_real")
+
+@dataclass(frozen=True, kw_only=True)
+class _PendingDelivery:
+    """A download window about to be stored with its certificate."""
+
+    window: delivery.DeliveryWindow
+    password_hash: str
+    wrapped_p12: bytes
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -89,6 +98,12 @@ class ResendResult:
 
 
 class ClientCertificateService:
+    def notice_fonts(self) -> NoticeFonts:
+        c = self.settings.certificates
+        return NoticeFonts(
+            mincho=c.notice_font_mincho, gothic=c.notice_font_gothic, mono=c.notice_font_mono
+        )
+
     def __init__(
         self,
         *,
@@ -103,13 +118,17 @@ class ClientCertificateService:
         self.audit = audit
         self.registry = registry or FacilityRegistry(db=db, audit=audit)
         self.clock = clock
-        self._ca: testworld.CertAndKey | None = None
+        self._ca: CertAndKey | None = None
         self._wrapper: delivery.P12Wrapper | None = None
+        if settings.pki.facility_ca_cert is not None:
+            # A gateway that can issue stops at start-up, not at its first issuance, when a
+            # font of the password notice is missing.
+            self.notice_fonts().check()
 
     # -- configuration ----------------------------------------------------------------------
 
     @property
-    def ca(self) -> testworld.CertAndKey:
+    def ca(self) -> CertAndKey:
         if self._ca is None:
             pki = self.settings.pki
             self._ca = facility_ca.load_ca(pki.facility_ca_cert, pki.facility_ca_key)
@@ -214,14 +233,10 @@ class ClientCertificateService:
         terminal: str | None,
         now: datetime,
     ) -> Any:
-        stmt = select(client_certificate).where(client_certificate.c.facility_id == fac.id)
-        if serial is not None:
-            stmt = stmt.where(client_certificate.c.serial_hex == normalize_serial(serial))
-        elif terminal is not None:
-            stmt = stmt.where(client_certificate.c.terminal_label == terminal)
-        rows = [
-            r for r in (await conn.execute(stmt)).all() if certificate_status(r, now) == "active"
-        ]
+        candidates = await self.registry.certificate_rows_in(
+            conn, fac.id, serial=serial, terminal=terminal
+        )
+        rows = [r for r in candidates if certificate_status(r, now) == "active"]
         if serial is not None and not rows:
             raise NotFound(
                 f"facility {fac.institution_code} has no current certificate {serial} "
@@ -252,8 +267,9 @@ class ClientCertificateService:
         rotation_kind: str | None = None,
         rotation_reason: str | None = None,
     ) -> IssueResult:
+        # A missing font stops the issuance before a serial or a key is spent.
+        self.notice_fonts().check()
         code = new_code or fac.institution_code
-        provisional = fac.provisional and new_code is None
         file_name = self.settings.p12_file_name()
         material = await asyncio.to_thread(
             facility_ca.issue_material,
@@ -266,81 +282,35 @@ class ClientCertificateService:
         )
         serial = material.serial_hex
         box = self.outbox / code / serial
-        window: delivery.DeliveryWindow | None = None
-        password_hash = wrapped = None
-        if hand_over_dir is None:
-            token, download_password = delivery.new_secrets()
-            password_hash = await asyncio.to_thread(delivery.hash_password, download_password)
-            wrapped = self.wrapper.wrap(material.p12, serial)
-            window = delivery.DeliveryWindow(
-                token=token,
-                password=download_password,
-                expires_at=now + timedelta(days=self.settings.certificates.download_days),
-                round=1,
-            )
-        notice_pdf = await asyncio.to_thread(
-            render_password_notice,
-            PasswordNotice(
-                service_name=self.settings.service.name,
-                facility_name=fac.name,
-                institution_code=code,
-                provisional=provisional,
-                terminal_label=terminal,
-                serial_hex=serial,
-                issued=now,
-                expires=material.cert.not_valid_after_utc,
-                file_name=file_name,
-                download_expires=window.expires_at if window else None,
-                p12_password=material.p12_password,
-            ),
+        pending = None if hand_over_dir is not None else await self._new_delivery(material, now)
+        window = pending.window if pending is not None else None
+        notice_path = await self._write_notice(
+            fac,
+            code=code,
+            provisional=fac.provisional and new_code is None,
+            terminal=terminal,
+            material=material,
+            file_name=file_name,
+            window=window,
+            box=box,
+            now=now,
         )
-        # The paper half is written before the commit: if the outbox cannot be written, nothing
-        # is registered (a certificate whose password nobody can read would be useless).
-        notice_path = box / "password-notice.pdf"
-        mailer.write_private(notice_path, notice_pdf)
-        replaced: list[dict[str, str]] = []
         try:
-            async with self.db.write() as conn:
-                if replace is not None:
-                    replaced.append(
-                        await self._schedule_replacement(
-                            conn,
-                            fac,
-                            replace,
-                            new_serial=serial,
-                            new_code=new_code,
-                            kind=rotation_kind or "renewal",
-                            reason=rotation_reason,
-                            actor=actor,
-                            now=now,
-                        )
-                    )
-                _, cert_id = await self.registry.register_in(
-                    conn,
-                    material.cert,
-                    institution_code=code,
-                    terminal_label=terminal,
-                    actor=actor,
-                    now=now,
-                    downloaded=hand_over_dir is not None,
-                    audit_detail={
-                        "delivery": "hand_over" if hand_over_dir is not None else "download_link",
-                        "rotation": rotation_kind,
-                        "replaces": [r["serial"] for r in replaced],
-                    },
-                )
-                if window is not None:
-                    assert wrapped is not None and password_hash is not None
-                    await delivery.create_in(
-                        conn,
-                        certificate_id=cert_id,
-                        wrapped_p12=wrapped,
-                        file_name=file_name,
-                        now=now,
-                        days=self.settings.certificates.download_days,
-                        token=window.token,
-                        password_hash=password_hash,
-                    )
+            replaced = await self._register_issued(
+                fac,
+                material.cert,
+                code=code,
+                terminal=terminal,
+                actor=actor,
+                now=now,
+                hand_over=hand_over_dir is not None,
+                pending=pending,
+                file_name=file_name,
+                replace=replace,
+                new_code=new_code,
+                rotation_kind=rotation_kind,
+                rotation_reason=rotation_reason,
+            )
         except BaseException:
             shutil.rmtree(box, ignore_errors=True)
             raise
@@ -373,6 +343,121 @@ class ClientCertificateService:
             hand_over=hand_over,
         )
 
+    async def _new_delivery(
+        self, material: facility_ca.ClientMaterial, now: datetime
+    ) -> _PendingDelivery:
+        """Download secrets and the wrapped PKCS#12 for a new download window."""
+        token, download_password = delivery.new_secrets()
+        return _PendingDelivery(
+            window=delivery.DeliveryWindow(
+                token=token,
+                password=download_password,
+                expires_at=now + timedelta(days=self.settings.certificates.download_days),
+                round=1,
+            ),
+            password_hash=await asyncio.to_thread(delivery.hash_password, download_password),
+            wrapped_p12=self.wrapper.wrap(material.p12, material.serial_hex),
+        )
+
+    async def _write_notice(
+        self,
+        fac: Facility,
+        *,
+        code: str,
+        provisional: bool,
+        terminal: str | None,
+        material: facility_ca.ClientMaterial,
+        file_name: str,
+        window: delivery.DeliveryWindow | None,
+        box: Path,
+        now: datetime,
+    ) -> Path:
+        """Render the password notice and write it to the outbox (0600); returns its path."""
+        notice_pdf = await asyncio.to_thread(
+            render_password_notice,
+            PasswordNotice(
+                service_name=self.settings.service.name,
+                facility_name=fac.name,
+                institution_code=code,
+                provisional=provisional,
+                terminal_label=terminal,
+                serial_hex=material.serial_hex,
+                issued=now,
+                expires=material.cert.not_valid_after_utc,
+                file_name=file_name,
+                download_expires=window.expires_at if window else None,
+                p12_password=material.p12_password,
+            ),
+            self.notice_fonts(),
+        )
+        # The paper half is written before the commit: if the outbox cannot be written, nothing
+        # is registered (a certificate whose password nobody can read would be useless).
+        notice_path = box / "password-notice.pdf"
+        write_private(notice_path, notice_pdf)
+        return notice_path
+
+    async def _register_issued(
+        self,
+        fac: Facility,
+        cert: x509.Certificate,
+        *,
+        code: str,
+        terminal: str | None,
+        actor: str,
+        now: datetime,
+        hand_over: bool,
+        pending: _PendingDelivery | None,
+        file_name: str,
+        replace: Any,
+        new_code: str | None,
+        rotation_kind: str | None,
+        rotation_reason: str | None,
+    ) -> list[dict[str, str]]:
+        """One transaction: schedule the replaced certificate's revocation, register the new
+        one, open its download window. Returns the replaced certificates."""
+        replaced: list[dict[str, str]] = []
+        async with self.db.write() as conn:
+            if replace is not None:
+                replaced.append(
+                    await self._schedule_replacement(
+                        conn,
+                        fac,
+                        replace,
+                        new_serial=format(cert.serial_number, "x"),
+                        new_code=new_code,
+                        kind=rotation_kind or "renewal",
+                        reason=rotation_reason,
+                        actor=actor,
+                        now=now,
+                    )
+                )
+            _, cert_id = await self.registry.register_in(
+                conn,
+                cert,
+                institution_code=code,
+                terminal_label=terminal,
+                actor=actor,
+                now=now,
+                downloaded=hand_over,
+                audit_detail={
+                    "delivery": "hand_over" if hand_over else "download_link",
+                    "rotation": rotation_kind,
+                    "replaces": [r["serial"] for r in replaced],
+                },
+            )
+            if pending is not None:
+                await delivery.create_in(
+                    conn,
+                    certificate_id=cert_id,
+                    wrapped_p12=pending.wrapped_p12,
+                    file_name=file_name,
+                    now=now,
+                    days=self.settings.certificates.download_days,
+                    token=pending.window.token,
+                    password_hash=pending.password_hash,
+                )
+        return replaced
+
     async def _schedule_replacement(
         self,
         conn: AsyncConnection,
@@ -396,26 +481,12 @@ class ClientCertificateService:
             ),
         }[kind]
         text = f"replaced by {new_serial} ({why})" + (f": {reason}" if reason else "")
-        res = await conn.execute(
-            update(client_certificate)
-            .where(
-                and_(
-                    client_certificate.c.id == old.id,
-                    client_certificate.c.status == "active",
-                    client_certificate.c.revoke_at.is_(None),
-                )
-            )
-            .values(revoke_at=revoke_at, revocation_reason=text[:500])
-        )
-        if res.rowcount != 1:
+        if not await self.registry.schedule_revocation_in(
+            conn, old.id, revoke_at=revoke_at, reason=text
+        ):
             raise Conflict(f"certificate {old.serial_hex} is already being replaced")
         if new_code is not None:
-            await self.registry.ensure_code_free(conn, new_code)
-            await conn.execute(
-                update(facility)
-                .where(facility.c.id == fac.id)
-                .values(institution_code=new_code, provisional=False)
-            )
+            await self.registry.change_code_in(conn, fac.id, new_code)
         await self.audit.append(
             conn,
             action="client_certificate.rotate",
@@ -508,7 +579,7 @@ class ClientCertificateService:
         now = self.clock()
         serial = normalize_serial(serial)
         async with self.db.write() as conn:
-            cert, fac = await self._certificate_and_facility(conn, serial)
+            cert, fac = await self.registry.certificate_and_facility_in(conn, serial)
             row = await delivery.delivery_for_certificate(conn, cert.id)
             if row.downloaded_at is not None:
                 raise Conflict(
@@ -679,11 +750,7 @@ class ClientCertificateService:
         detail: dict[str, Any],
     ) -> None:
         """The file left the store (download or export): the status records when, audited."""
-        await conn.execute(
-            update(client_certificate)
-            .where(client_certificate.c.id == certificate_id)
-            .values(downloaded_at=now)
-        )
+        await self.registry.mark_downloaded_in(conn, certificate_id, now)
         await self.audit.append(
             conn, action=action, actor=actor, facility_code=facility_code, detail=detail, now=now
         )
@@ -691,13 +758,7 @@ class ClientCertificateService:
     async def _refuse_now(self, th: str, now: datetime, max_attempts: int) -> None:
         """Raise why the link with token hash ``th`` cannot be used now (re-read), if any."""
         async with self.db.read() as conn:
-            row = (
-                await conn.execute(
-                    select(certificate_delivery, client_certificate.c.status.label("cert_status"))
-                    .select_from(certificate_delivery.join(client_certificate))
-                    .where(certificate_delivery.c.token_hash == th)
-                )
-            ).one_or_none()
+            row = await delivery.link_state_in(conn, th)
         if row is None:
             raise NotFound("this download link is not valid (a resend replaces older links)")
         delivery.refuse_unavailable(row, row.cert_status, now, max_attempts)
@@ -707,7 +768,7 @@ class ClientCertificateService:
         now = self.clock()
         serial = normalize_serial(serial)
         async with self.db.write() as conn:
-            cert, fac = await self._certificate_and_facility(conn, serial)
+            cert, fac = await self.registry.certificate_and_facility_in(conn, serial)
             row = await delivery.delivery_for_certificate(conn, cert.id)
             # An officer's export ignores the link's window and lock (those guard the link).
             delivery.refuse_unavailable(
@@ -718,11 +779,7 @@ class ClientCertificateService:
                 check_window=False,
             )
             p12 = self.wrapper.unwrap(row.p12_wrapped, serial)
-            await conn.execute(
-                update(certificate_delivery)
-                .where(certificate_delivery.c.id == row.id)
-                .values(p12_wrapped=None, downloaded_at=now)
-            )
+            await delivery.export_file_in(conn, row.id, now)
             await self._released(
                 conn,
                 certificate_id=cert.id,
@@ -764,24 +821,11 @@ class ClientCertificateService:
             fac = await self.registry.get_in(conn, institution_code, for_update=True)
             if fac.status == "stopped":
                 raise Conflict(f"facility {institution_code} has already stopped the service")
-            rows = (
-                await conn.execute(
-                    select(client_certificate.c.serial_hex, client_certificate.c.id).where(
-                        and_(
-                            client_certificate.c.facility_id == fac.id,
-                            client_certificate.c.status == "active",
-                        )
-                    )
-                )
-            ).all()
+            rows = await self.registry.active_certificates_in(conn, fac.id)
             for r in rows:
                 await self.registry.revoke_in(conn, r.serial_hex, reason=text, actor=actor, now=now)
                 await delivery.drop_file_in(conn, r.id)
-            await conn.execute(
-                update(facility)
-                .where(facility.c.id == fac.id)
-                .values(status="stopped", status_reason=text, status_changed_at=now)
-            )
+            await self.registry.stop_in(conn, fac.id, reason=text, now=now)
             await self.audit.append(
                 conn,
                 action="facility.stop",
@@ -796,39 +840,11 @@ class ClientCertificateService:
     async def revoke_due(self, *, actor: str = "system:scheduler") -> list[str]:
         """Carry out scheduled revocations whose time has come (idempotent, any worker)."""
         now = self.clock()
-        async with self.db.read() as conn:
-            due = (
-                await conn.execute(
-                    select(
-                        client_certificate.c.id,
-                        client_certificate.c.serial_hex,
-                        client_certificate.c.revoke_at,
-                        client_certificate.c.revocation_reason,
-                        facility.c.institution_code,
-                    )
-                    .select_from(client_certificate.outerjoin(facility))
-                    .where(
-                        and_(
-                            client_certificate.c.status == "active",
-                            client_certificate.c.revoke_at <= now,
-                        )
-                    )
-                )
-            ).all()
+        due = await self.registry.due_revocations(now)
         done = []
         for r in due:
             async with self.db.write() as conn:
-                res = await conn.execute(
-                    update(client_certificate)
-                    .where(
-                        and_(
-                            client_certificate.c.id == r.id,
-                            client_certificate.c.status == "active",
-                        )
-                    )
-                    .values(status="revoked", revoked_at=r.revoke_at)
-                )
-                if res.rowcount != 1:
+                if not await self.registry.revoke_scheduled_in(conn, r.id, r.revoke_at):
                     continue  # another worker got there first
                 await delivery.drop_file_in(conn, r.id)
                 await self.audit.append(
@@ -856,22 +872,7 @@ class ClientCertificateService:
         if path is None:
             return None
         now = self.clock()
-        async with self.db.read() as conn:
-            rows = (
-                await conn.execute(
-                    select(
-                        client_certificate.c.serial_hex,
-                        client_certificate.c.revoked_at,
-                        client_certificate.c.revocation_reason,
-                        client_certificate.c.certificate_der,
-                    ).where(
-                        and_(
-                            client_certificate.c.status == "revoked",
-                            client_certificate.c.not_after > now,
-                        )
-                    )
-                )
-            ).all()
+        rows = await self.registry.revoked_unexpired(now)
         ca = self.ca
         entries = []
         for r in rows:
@@ -927,21 +928,7 @@ class ClientCertificateService:
         if within_days < 0:
             raise InvalidRequest("--within must be 0 or more days")
         now = self.clock()
-        async with self.db.read() as conn:
-            rows = (
-                await conn.execute(
-                    select(client_certificate, facility.c.institution_code, facility.c.name)
-                    .select_from(client_certificate.join(facility))
-                    .where(
-                        and_(
-                            client_certificate.c.status == "active",
-                            client_certificate.c.not_after > now,
-                            client_certificate.c.not_after <= now + timedelta(days=within_days + 1),
-                        )
-                    )
-                    .order_by(client_certificate.c.not_after)
-                )
-            ).all()
+        rows = await self.registry.expiring_rows(now, now + timedelta(days=within_days + 1))
         out = []
         for r in rows:
             dl = days_left(r.not_after, now)
@@ -958,18 +945,3 @@ class ClientCertificateService:
                 }
             )
         return out
-
-    async def _certificate_and_facility(
-        self, conn: AsyncConnection, serial: str
-    ) -> tuple[Any, Facility]:
-        row = (
-            await conn.execute(
-                select(client_certificate).where(client_certificate.c.serial_hex == serial)
-            )
-        ).one_or_none()
-        if row is None:
-            raise NotFound(f"client certificate {serial} is not registered")
-        if row.facility_id is None:
-            raise InvalidRequest(f"client certificate {serial} is an administrator's")
-        frow = (await conn.execute(select(facility).where(facility.c.id == row.facility_id))).one()
-        return row, Facility.from_row(frow)

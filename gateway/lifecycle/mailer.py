@@ -6,7 +6,6 @@ message body, because delivery mails carry a download password.
 
 from __future__ import annotations
 
-import os
 import smtplib
 import ssl
 from email.message import EmailMessage
@@ -15,6 +14,7 @@ from pathlib import Path
 
 from gateway.config import Settings
 from gateway.errors import GatewayError
+from gateway.files import write_private
 
 
 class MailError(GatewayError):
@@ -36,16 +36,8 @@ def build(*, sender: str, to: str | None, subject: str, body: str) -> EmailMessa
     return msg
 
 
-def write_private(path: Path, data: bytes) -> None:
-    """Write a file readable by the owner only (the outbox holds passwords)."""
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        os.fchmod(f.fileno(), 0o600)
-        f.write(data)
-
-
 def write_eml(path: Path, msg: EmailMessage) -> Path:
+    """Write a mail to the outbox, owner-only: the mails carry the download link and password."""
     write_private(path, bytes(msg))
     return path
 

@@ -1,0 +1,90 @@
+"""``sandbox``: the verification environment (a complete TEST world), its TEST TSA and its
+virtual My Number cards."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+from gateway.cli.common import config_flags, emit, settings_of
+
+
+async def cmd_sandbox_init(args: argparse.Namespace) -> int:
+    from gateway.sandbox.world import init_sandbox
+
+    manifest = await init_sandbox(
+        Path(args.dir), port=args.port, force=args.force, tsa_port=args.tsa_port
+    )
+    emit(
+        args,
+        manifest,
+        f"sandbox ready in {Path(args.dir).resolve()}\n"
+        f"  serve it:  hpki-gateway serve -c {Path(args.dir).resolve() / 'gateway.toml'}\n"
+        f"  TEST TSA:  {manifest['tsa_url']} (served by `serve`)\n"
+        f"  manifest:  {Path(args.dir).resolve() / 'manifest.json'}",
+    )
+    return 0
+
+
+async def cmd_sandbox_tsa(args: argparse.Namespace) -> int:
+    from gateway.sandbox.tsa import run_forever
+
+    settings = settings_of(args)
+    print(f"TEST TSA on {settings.timestamp.url} (Ctrl-C stops it)", file=sys.stderr)
+    await run_forever(settings)
+    return 0
+
+
+async def cmd_sandbox_cards_up(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from gateway.sandbox.jpki import cards_up
+
+    manifest = await asyncio.to_thread(cards_up, Path(args.dir))
+    text = "\n".join(
+        f"{c['signer']}: {c['reader']}  PCSCLITE_CSOCK_NAME={c['pcsc_socket']}"
+        for c in manifest["cards"]
+    )
+    emit(args, manifest["cards"], text)
+    return 0
+
+
+async def cmd_sandbox_cards_down(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from gateway.sandbox.jpki import cards_down
+
+    await asyncio.to_thread(cards_down, Path(args.dir))
+    emit(args, [], "virtual cards stopped")
+    return 0
+
+
+def register(sub: Any) -> None:
+    sb = sub.add_parser("sandbox", help="verification environment").add_subparsers(
+        dest="sub", required=True
+    )
+    p = sb.add_parser("init", help="build a complete test world in DIR")
+    p.add_argument("dir")
+    p.add_argument("--port", type=int, default=8443)
+    p.add_argument("--force", action="store_true", help="rebuild even if DIR has a world")
+    p.add_argument(
+        "--tsa-port", type=int, default=None, help="port of the TEST TSA (default: a free one)"
+    )
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_sandbox_init)
+    p = sb.add_parser("tsa", help="run only the TEST TSA of a sandbox (`serve` already runs it)")
+    config_flags(p, json_flag=False)
+    p.set_defaults(func=cmd_sandbox_tsa)
+    cards = sb.add_parser("cards", help="virtual My Number cards").add_subparsers(
+        dest="cards_sub", required=True
+    )
+    p = cards.add_parser("up", help="pcscd + vpcd + a virtual card per sandbox signer")
+    p.add_argument("dir")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_sandbox_cards_up)
+    p = cards.add_parser("down", help="stop the virtual cards")
+    p.add_argument("dir")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_sandbox_cards_down)
