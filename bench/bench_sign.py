@@ -33,8 +33,8 @@ if str(REPO) not in sys.path:
 from cryptography.hazmat.primitives import serialization  # noqa: E402
 from cryptography.hazmat.primitives.asymmetric import padding, rsa  # noqa: E402
 
-from gateway.hsm.api import DigestAlgorithm  # noqa: E402
-from gateway.hsm.pkcs11 import Pkcs11KeyHandle, Pkcs11KeyStore, _pkcs11_executor  # noqa: E402
+from gateway.hsm.api import DigestAlgorithm, StoreKeyHandle  # noqa: E402
+from gateway.hsm.pkcs11 import Pkcs11KeyStore, _pkcs11_executor  # noqa: E402
 
 CSV = "1,医療機関コード,1310000011\r\n2,処方,ロキソニン錠60mg,3錠,分3毎食後\r\n".encode()
 DURATION = float(os.environ.get("BENCH_SECONDS", "2.0"))
@@ -65,7 +65,7 @@ def _sync_rate(fn: Callable[[], Any], seconds: float = DURATION) -> float:
 class HsmPrivateKey:
     """cryptography-style RSA private key whose sign() goes to the HSM (for signxml)."""
 
-    def __init__(self, store: Pkcs11KeyStore, key: Pkcs11KeyHandle, public: rsa.RSAPublicKey):
+    def __init__(self, store: Pkcs11KeyStore, key: StoreKeyHandle, public: rsa.RSAPublicKey):
         self._store, self._key, self._public = store, key, public
         self.key_size = public.key_size
 
@@ -98,7 +98,7 @@ async def _measure(store: Pkcs11KeyStore) -> dict[str, float]:
 
     gen = await store.generate_rsa_key(label="bench-sign")
     key = await store.get_key(gen.key_id)
-    assert isinstance(key, Pkcs11KeyHandle)
+    assert isinstance(key, StoreKeyHandle)
     now = dt.datetime.now(dt.UTC) - dt.timedelta(minutes=1)
     root = testworld.make_hpki_root(now=now)
     ca = testworld.make_hpki_signing_ca(root, now=now)

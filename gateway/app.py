@@ -13,6 +13,7 @@ from aiohttp import web
 from gateway.api import admin, auth, csc, download, health, jpki, sign_doc, signing, verify
 from gateway.api.keys import (
     ACTIVATION,
+    ALLOWED_ORIGINS,
     AUDIT,
     CERTIFICATES,
     CLOCK,
@@ -23,9 +24,11 @@ from gateway.api.keys import (
     KEYSTORE,
     SETTINGS,
     SIGNERS,
+    SIGNING,
+    VERIFY_POOL,
     VERIFY_TRUST,
 )
-from gateway.api.middleware import ALLOWED_ORIGINS, browser_guard, client_identity, request_context
+from gateway.api.middleware import browser_guard, client_identity, request_context
 from gateway.audit import AuditLog
 from gateway.auth.activation import SignatureActivation
 from gateway.auth.fido2 import Fido2Authenticator
@@ -40,6 +43,10 @@ from gateway.lifecycle.facilities import FacilityRegistry
 from gateway.lifecycle.signers import SignerService, TestIssuer
 from gateway.pki import hpki
 from gateway.pki.load import load_certificate_files
+from gateway.sign.pool import VerificationPool
+from gateway.sign.timestamp import Rfc3161Client
+from gateway.signing.core import SigningService
+from gateway.signing.ledger import SadLedger
 from gateway.store.db import Database
 
 log = logging.getLogger("gateway.app")
@@ -70,7 +77,7 @@ def make_keystore(settings: Settings) -> KeyStore:
     )
 
 
-def make_audit(settings: Settings) -> AuditLog:
+def make_audit(settings: Settings, *, clock: Clock = system_clock) -> AuditLog:
     key = None
     if settings.audit.hmac_key_file is not None:
         try:
@@ -81,7 +88,7 @@ def make_audit(settings: Settings) -> AuditLog:
             ) from e
         if len(key) < 32:
             raise ConfigError("audit.hmac_key_file: the key must be at least 32 bytes")
-    return AuditLog(key=key)
+    return AuditLog(key=key, clock=clock)
 
 
 def make_signers(
@@ -139,6 +146,7 @@ def make_activation(
     db: Database,
     audit: AuditLog,
     fido2: Fido2Authenticator,
+    ledger: SadLedger | None = None,
     clock: Clock = system_clock,
 ) -> SignatureActivation:
     a = settings.activation
@@ -146,11 +154,48 @@ def make_activation(
         db=db,
         audit=audit,
         fido2=fido2,
+        ledger=ledger or SadLedger(db=db, audit=audit),
         sad_ttl=timedelta(seconds=a.sad_ttl_seconds),
         session_max_hours=a.signing_session_max_hours,
         session_max_signatures=a.signing_session_max_signatures,
         clock=clock,
     )
+
+
+def make_signing(
+    settings: Settings,
+    *,
+    db: Database,
+    audit: AuditLog,
+    ledger: SadLedger,
+    keystore: KeyStore,
+    tsa: Rfc3161Client | None,
+    clock: Clock = system_clock,
+) -> SigningService:
+    from gateway.sign.setup import signing_policy
+
+    return SigningService(
+        db=db,
+        audit=audit,
+        ledger=ledger,
+        keystore=keystore,
+        clock=clock,
+        policy=signing_policy(settings),
+        tsa=tsa,
+    )
+
+
+#: Every route table of the main listener (the delivery listener has only ``download``).
+ROUTES = (
+    csc.routes,
+    health.routes,
+    auth.routes,
+    signing.routes,
+    sign_doc.routes,
+    verify.routes,
+    admin.routes,
+    jpki.routes,
+)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -164,6 +209,7 @@ class Services:
     certificates: ClientCertificateService
     signers: SignerService
     fido2: Fido2Authenticator
+    ledger: SadLedger
     activation: SignatureActivation
     jpki: JpkiAuthenticator
 
@@ -174,9 +220,10 @@ def build_services(
     """Every service from the settings. ``keystore=None``: nothing that touches a key works
     (CLI commands that need none); the app always passes one."""
     db = Database(settings.database_url(), echo=settings.store.echo)
-    audit = make_audit(settings)
+    audit = make_audit(settings, clock=clock)
     facilities = FacilityRegistry(db=db, audit=audit, clock=clock)
     fido2 = make_fido2(settings, db=db, audit=audit, clock=clock)
+    ledger = SadLedger(db=db, audit=audit)
     return Services(
         db=db,
         audit=audit,
@@ -187,8 +234,11 @@ def build_services(
         ),
         signers=make_signers(settings, db=db, audit=audit, keystore=keystore, clock=clock),
         fido2=fido2,
-        activation=make_activation(settings, db=db, audit=audit, fido2=fido2, clock=clock),
-        jpki=make_jpki(settings, db=db, audit=audit, fido2=fido2, clock=clock),
+        ledger=ledger,
+        activation=make_activation(
+            settings, db=db, audit=audit, fido2=fido2, ledger=ledger, clock=clock
+        ),
+        jpki=make_jpki(settings, db=db, audit=audit, fido2=fido2, ledger=ledger, clock=clock),
     )
 
 
@@ -198,29 +248,22 @@ def create_app(
     keystore: KeyStore | None = None,
     clock: Clock = system_clock,
 ) -> web.Application:
+    """The main app. Its services exist from start-up (``cleanup_ctx``) to clean-up."""
     app = web.Application(
         client_max_size=settings.server.max_body_bytes,
         middlewares=[request_context, client_identity, browser_guard],
     )
     app[SETTINGS] = settings
-    app[ALLOWED_ORIGINS] = settings.webauthn_origins()
-    ks = keystore or make_keystore(settings)
-    services = build_services(settings, keystore=ks, clock=clock)
-    db = services.db
-    app[DB] = db
-    app[AUDIT] = services.audit
-    app[KEYSTORE] = ks
     app[CLOCK] = clock
-    app[FACILITIES] = services.facilities
-    app[CERTIFICATES] = services.certificates
-    app[SIGNERS] = services.signers
-    app[FIDO2] = services.fido2
-    app[ACTIVATION] = services.activation
-    app[JPKI] = services.jpki
+    app[ALLOWED_ORIGINS] = settings.webauthn_origins()
 
     async def store_ctx(app: web.Application) -> AsyncIterator[None]:
         from gateway.store.db import head_revision
 
+        services = build_services(
+            settings, keystore=keystore or make_keystore(settings), clock=clock
+        )
+        db = services.db
         current = await db.current_revision()
         if current != head_revision():
             await db.close()
@@ -228,10 +271,21 @@ def create_app(
                 f"database schema is at {current!r}, this version needs {head_revision()!r}: "
                 "run `hpki-gateway db upgrade -c ...`"
             )
+        assert services.keystore is not None
+        app[DB] = db
+        app[AUDIT] = services.audit
+        app[KEYSTORE] = services.keystore
+        app[FACILITIES] = services.facilities
+        app[CERTIFICATES] = services.certificates
+        app[SIGNERS] = services.signers
+        app[FIDO2] = services.fido2
+        app[ACTIVATION] = services.activation
+        app[JPKI] = services.jpki
         yield
         await db.close()
 
     async def hsm_ctx(app: web.Application) -> AsyncIterator[None]:
+        ks = app[KEYSTORE]
         # SoftHSM may not see the token while another process (a sibling worker starting at
         # the same moment, a CLI generating a key) holds its files: retry briefly at start-up.
         for attempt in range(1, HSM_START_ATTEMPTS + 1):
@@ -247,6 +301,35 @@ def create_app(
         yield
         await ks.close()
 
+    async def signing_ctx(app: web.Application) -> AsyncIterator[None]:
+        from gateway.sign.setup import trust_config, tsa_client
+
+        tsa = tsa_client(settings)  # one HTTP session per worker
+        app[SIGNING] = make_signing(
+            settings,
+            db=app[DB],
+            audit=app[AUDIT],
+            ledger=app[ACTIVATION].ledger,  # one ledger: one group-commit queue per worker
+            keystore=app[KEYSTORE],
+            tsa=tsa,
+            clock=clock,
+        )
+        # Verification trust (the sandbox's TEST TSA runs as its own process: server.py).
+        app[VERIFY_TRUST] = trust_config(settings)
+        yield
+        if tsa is not None:
+            await tsa.close()
+
+    async def verify_pool_ctx(app: web.Application) -> AsyncIterator[None]:
+        # The worker processes start on first use.
+        s = settings.signing
+        pool = VerificationPool(
+            settings, slots=s.verify_concurrency, timeout=s.verify_timeout_seconds
+        )
+        app[VERIFY_POOL] = pool
+        yield
+        pool.close()
+
     async def scheduler_ctx(app: web.Application) -> AsyncIterator[None]:
         # Every worker runs the loop; the store makes each action happen once (scheduler.py).
         from gateway.lifecycle.scheduler import Scheduler
@@ -259,33 +342,24 @@ def create_app(
         stop.set()
         await task
 
-    app.cleanup_ctx.extend([store_ctx, hsm_ctx])
+    app.cleanup_ctx.extend([store_ctx, hsm_ctx, signing_ctx, verify_pool_ctx])
     if settings.scheduler.enabled:
         app.cleanup_ctx.append(scheduler_ctx)
-    # Verification trust (the sandbox's TEST TSA runs as its own process: gateway/server.py).
-    from gateway.sign.setup import trust_config
-
-    app[VERIFY_TRUST] = trust_config(settings)
-    app.add_routes(csc.routes)
-    app.add_routes(health.routes)
-    app.add_routes(auth.routes)
-    app.add_routes(signing.routes)
-    app.add_routes(admin.routes)
-    app.add_routes(jpki.routes)
-    verify.setup(app)
-    sign_doc.setup(app)
+    for table in ROUTES:
+        app.add_routes(table)
     return app
 
 
 def create_delivery_app(main: web.Application) -> web.Application:
     """The download listener's app: shares the main app's services, has only the download.
 
-    It must be cleaned up before ``main`` (which owns the database).
+    Create it once ``main`` has started, and clean it up before ``main`` (which owns the
+    database).
     """
     settings = main[SETTINGS]
     app = web.Application(client_max_size=download.MAX_FORM_BYTES, middlewares=[request_context])
     app[SETTINGS] = settings
     app[CLOCK] = main[CLOCK]
-    app[CERTIFICATES] = main[CERTIFICATES]
+    app[CERTIFICATES] = main[CERTIFICATES]  # main has started: its services exist
     app.add_routes(download.routes)
     return app

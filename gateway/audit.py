@@ -28,6 +28,7 @@ from typing import Any
 from sqlalchemy import Connection, bindparam, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from gateway.clock import Clock, system_clock
 from gateway.store.schema import audit_event, audit_head
 
 GENESIS = "0" * 64
@@ -99,8 +100,9 @@ _ADVANCE = update(audit_head).where(audit_head.c.id == 1).values(hash=bindparam(
 class AuditLog:
     """Writes and verifies the chain; holds the optional HMAC key."""
 
-    def __init__(self, *, key: bytes | None = None) -> None:
+    def __init__(self, *, key: bytes | None = None, clock: Clock = system_clock) -> None:
         self._key = key
+        self._clock = clock  # stamps events whose caller gave no ``now``
 
     async def append(
         self,
@@ -140,7 +142,7 @@ class AuditLog:
         row = conn.execute(_RESERVE, {"n": n}).one()
         seq, prev_hash = int(row.seq) - n, str(row.hash)
         events: list[AuditEvent] = []
-        wall = datetime.now(UTC)
+        wall = self._clock()
         for rec in records:
             seq += 1
             ts = (rec.now or wall).astimezone(UTC).isoformat(timespec="microseconds")

@@ -8,21 +8,16 @@ Errors are RFC 9457 problem+json (these paths are not under ``/csc/``).
 
 from __future__ import annotations
 
-import base64
-import binascii
-import json
 from importlib import resources
 from typing import Any
 
 from aiohttp import web
 from pydantic import Field
 
+from gateway.api.decode import caller_of, check_lengths, decode_hashes, digest_algorithm
 from gateway.api.keys import FIDO2, SETTINGS
-from gateway.api.middleware import identity
 from gateway.api.schema import CscRequest, parse
-from gateway.auth.fido2 import Caller
 from gateway.errors import AccessDenied, InvalidRequest
-from gateway.hsm.api import DigestAlgorithm
 
 routes = web.RouteTableDef()
 
@@ -30,45 +25,6 @@ _CSP = (
     "default-src 'none'; script-src 'self' 'unsafe-inline'; style-src 'unsafe-inline'; "
     "connect-src 'self'; form-action 'none'; frame-ancestors 'none'; base-uri 'none'"
 )
-
-
-def caller_of(request: web.Request) -> Caller:
-    ident = identity(request)
-    return Caller(
-        actor=ident.actor, facility_id=ident.facility_id, institution_code=ident.institution_code
-    )
-
-
-def decode_hashes(values: list[str], *, field: str, max_count: int) -> list[bytes]:
-    """Strict standard base64 (CSC); the array length is limited, never truncated."""
-    if len(values) > max_count:
-        raise InvalidRequest(
-            f"Invalid parameter {field}: at most {max_count} hashes per request "
-            "(activation.max_hashes_per_request)"
-        )
-    out: list[bytes] = []
-    for i, v in enumerate(values):
-        try:
-            out.append(base64.b64decode(v, validate=True))
-        except (binascii.Error, ValueError) as e:
-            raise InvalidRequest(f"Invalid parameter {field}: item {i} is not base64") from e
-    return out
-
-
-def check_lengths(hashes: list[bytes], algorithm: DigestAlgorithm, *, field: str) -> None:
-    for i, h in enumerate(hashes):
-        if len(h) != algorithm.digest_size:
-            raise InvalidRequest(
-                f"Invalid parameter {field}: item {i} is {len(h)} bytes, {algorithm.name} "
-                f"digests are {algorithm.digest_size} bytes"
-            )
-
-
-def digest_algorithm(oid: str, *, field: str = "hashAlgorithmOID") -> DigestAlgorithm:
-    try:
-        return DigestAlgorithm.from_oid(oid)
-    except ValueError as e:
-        raise InvalidRequest(f"Invalid parameter {field}: {e}") from e
 
 
 class RegisterBeginRequest(CscRequest):
@@ -161,27 +117,3 @@ async def enroll_page(request: web.Request) -> web.Response:
 @routes.get("/approve")
 async def approve_page(request: web.Request) -> web.Response:
     return _page("approve.html")
-
-
-def assertion_from_auth_data(auth_data: list[dict[str, Any]]) -> dict[str, Any]:
-    """``authData: [{"id": "webauthn", "value": "<AuthenticationResponse JSON string>"}]``."""
-    for item in auth_data:
-        if item.get("id") == "webauthn":
-            value = item.get("value")
-            if isinstance(value, dict):
-                return value
-            if not isinstance(value, str):
-                break
-            try:
-                parsed = json.loads(value)
-            except json.JSONDecodeError as e:
-                raise InvalidRequest(
-                    "Invalid parameter authData: the webauthn value is not JSON"
-                ) from e
-            if not isinstance(parsed, dict):
-                break
-            return parsed
-    raise InvalidRequest(
-        'Missing (or invalid type) parameter authData: expected [{"id": "webauthn", '
-        '"value": "<AuthenticationResponse JSON>"}]'
-    )

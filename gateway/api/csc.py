@@ -7,7 +7,7 @@ are implemented are advertised in ``info``.
 from __future__ import annotations
 
 import base64
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any, Literal
 
 from aiohttp import web
@@ -16,7 +16,7 @@ from pydantic import Field
 from sqlalchemy import select
 
 from gateway.api.jpki import offered_presence_methods, presence_methods
-from gateway.api.keys import DB, KEYSTORE, SETTINGS
+from gateway.api.keys import CLOCK, DB, KEYSTORE, SETTINGS
 from gateway.api.middleware import identity
 from gateway.api.schema import CscRequest, parse
 from gateway.errors import AccessDenied, InvalidRequest
@@ -105,10 +105,9 @@ async def info(request: web.Request) -> web.Response:
     )
 
 
-def _cert_status(cred: Credential) -> str:
+def _cert_status(cred: Credential, now: datetime) -> str:
     """CSC certificate status: "valid" or "expired" (revocation checks come with verification)."""
     assert cred.certificate is not None  # only credentials with a certificate are served
-    now = datetime.now(UTC)
     c = cred.certificate
     return "valid" if c.not_valid_before_utc <= now < c.not_valid_after_utc else "expired"
 
@@ -125,6 +124,7 @@ def credential_info(
     auth_info: bool,
     lang: str,
     multisign: int,
+    now: datetime,
 ) -> dict[str, Any]:
     out: dict[str, Any] = {
         "description": f"HPKI signing credential ({cred.key_algorithm}-{cred.key_bits})",
@@ -133,7 +133,7 @@ def credential_info(
             "algo": RSA_SIGN_ALGOS,
             "len": cred.key_bits,
         },
-        "cert": {"status": _cert_status(cred)},
+        "cert": {"status": _cert_status(cred, now)},
         "auth": {"mode": "explicit"},
         "authMode": "explicit",  # CSC v1 field, still read by v1 clients
         "SCAL": "2",
@@ -190,8 +190,9 @@ async def _facility_credentials(
 async def credentials_list(request: web.Request) -> web.Response:
     req = await parse(request, ListRequest)
     creds = await _facility_credentials(request, user_id=req.userID)
+    now = request.app[CLOCK]()
     if req.onlyValid:
-        creds = [c for c in creds if c.status == "active" and _cert_status(c) == "valid"]
+        creds = [c for c in creds if c.status == "active" and _cert_status(c, now) == "valid"]
     if req.maxResults is not None:
         creds = creds[: req.maxResults]
     body: dict[str, Any] = {"credentialIDs": [c.id for c in creds]}
@@ -209,6 +210,7 @@ async def credentials_list(request: web.Request) -> web.Response:
                     auth_info=req.authInfo,
                     lang=lang,
                     multisign=request.app[SETTINGS].activation.max_hashes_per_request,
+                    now=now,
                 ),
             }
             for c in creds
@@ -233,6 +235,7 @@ async def credentials_info(request: web.Request) -> web.Response:
         auth_info=req.authInfo,
         lang=req.lang or request.app[SETTINGS].service.lang,
         multisign=request.app[SETTINGS].activation.max_hashes_per_request,
+        now=request.app[CLOCK](),
     )
     out["presenceMethods"] = await presence_methods(request, cred.signer_id)
     return web.json_response(out)

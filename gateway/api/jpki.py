@@ -15,13 +15,8 @@ from pydantic import Field
 from sqlalchemy import select
 
 from gateway.api.admin import AdminRequest
-from gateway.api.auth import (
-    AuthenticateBeginRequest,
-    caller_of,
-    check_lengths,
-    decode_hashes,
-    digest_algorithm,
-)
+from gateway.api.auth import AuthenticateBeginRequest
+from gateway.api.decode import caller_of, check_lengths, decode_hashes, digest_algorithm
 from gateway.api.keys import DB, JPKI, SETTINGS
 from gateway.api.middleware import identity
 from gateway.api.schema import CscRequest, parse

@@ -24,7 +24,7 @@ from collections.abc import Awaitable, Callable
 from aiohttp import web
 
 from gateway.api import errors
-from gateway.api.keys import CLOCK, DB, SETTINGS
+from gateway.api.keys import ALLOWED_ORIGINS, CLOCK, DB, SETTINGS
 from gateway.auth.mtls import ClientIdentity, identify
 from gateway.clock import days_left, jst_date
 from gateway.errors import AccessDenied, GatewayError, PayloadTooLarge, UnsupportedMediaType
@@ -34,8 +34,6 @@ log = logging.getLogger("gateway.api")
 access_log = logging.getLogger("gateway.access")
 
 IDENTITY = "identity"  # request key holding the ClientIdentity
-#: Origins accepted on state-changing requests (set by create_app from the settings).
-ALLOWED_ORIGINS: web.AppKey[frozenset[str]] = web.AppKey("allowed_origins")
 EXPIRY_HEADER = "X-Client-Certificate-Expires"
 _CLIENT_RID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 

@@ -1,12 +1,12 @@
-"""CSC ``credentials/authorize`` (FIDO2 assertion -> SAD) and ``signatures/signHash``.
+"""CSC ``credentials/authorize`` (FIDO2 assertion or My Number card signature -> SAD) and
+``signatures/signHash``.
 
-signHash accepts the v2 field names (``hashes``, ``hashAlgorithmOID``) and the CSC v1 names that
-pyHanko's ``CSCSigner`` sends (``hash``, ``hashAlgo``); ``signAlgo`` is the same in both.
-Every attempt is audited: a signature in the same transaction that consumes the SAD (committed
-before the HSM signs, hence before the response; concurrent signHash requests share one such
-transaction, see ``SignatureActivation.consume_and_audit``), a refusal of bad input in its own
-transaction, a refusal of the SAD in the transaction of its group. The SAD is
-never logged or audited.
+Decode, validate, call, render: the SAD is issued by ``auth.activation`` and spent by
+``signing.core.SigningService``. signHash accepts the v2 field names (``hashes``,
+``hashAlgorithmOID``) and the CSC v1 names that pyHanko's ``CSCSigner`` sends (``hash``,
+``hashAlgo``); ``signAlgo`` is the same in both. Every attempt is audited: a refusal of bad
+input here in its own transaction, everything else by the service. The SAD is never logged or
+audited.
 """
 
 from __future__ import annotations
@@ -18,30 +18,23 @@ from typing import Any
 from aiohttp import web
 from pydantic import Field
 
-from gateway.api.auth import (
+from gateway.api.decode import (
+    RSA_ENCRYPTION,
+    SHA_RSA,
     assertion_from_auth_data,
     caller_of,
     check_lengths,
     decode_hashes,
     digest_algorithm,
 )
-from gateway.api.keys import ACTIVATION, AUDIT, CLOCK, DB, JPKI, KEYSTORE, SETTINGS
+from gateway.api.keys import ACTIVATION, CLOCK, JPKI, SETTINGS, SIGNING
 from gateway.api.schema import CscRequest, parse
-from gateway.auth.activation import SignatureGrant, SignRequest
-from gateway.auth.fido2 import Caller
 from gateway.auth.jpki import parse_auth_data
 from gateway.errors import AccessDenied, GatewayError, InvalidRequest
-from gateway.hsm.api import DigestAlgorithm, KeyStore
+from gateway.hsm.api import DigestAlgorithm
 
 log = logging.getLogger("gateway.api")
 routes = web.RouteTableDef()
-
-SHA_RSA = {
-    "1.2.840.113549.1.1.11": DigestAlgorithm.SHA256,
-    "1.2.840.113549.1.1.12": DigestAlgorithm.SHA384,
-    "1.2.840.113549.1.1.13": DigestAlgorithm.SHA512,
-}
-RSA_ENCRYPTION = "1.2.840.113549.1.1.1"
 
 
 class AuthDataItem(CscRequest):
@@ -80,24 +73,6 @@ def _pick(v2: list[str] | None, v1: list[str] | None, field: str) -> list[str]:
     return value
 
 
-async def refused(
-    request: web.Request,
-    caller: Caller,
-    *,
-    action: str,
-    reason: str,
-    detail: dict[str, Any],
-) -> None:
-    async with request.app[DB].write() as conn:
-        await request.app[AUDIT].append(
-            conn,
-            action=action,
-            actor=caller.actor,
-            facility_code=caller.institution_code,
-            detail={"reason": reason, **detail},
-        )
-
-
 @routes.post("/csc/v2/credentials/authorize")
 async def authorize(request: web.Request) -> web.Response:
     caller = caller_of(request)
@@ -114,11 +89,24 @@ async def authorize(request: web.Request) -> web.Response:
         card = parse_auth_data(items)
         if card is not None and not request.app[SETTINGS].jpki.enabled:
             raise InvalidRequest("Invalid parameter authData: My Number card presence is disabled")
-        assertion = None if card is not None else assertion_from_auth_data(items)
+        assertion = assertion_from_auth_data(items) if card is None else {}
     except GatewayError as e:
         # Bad input before a challenge is identified: audited here (the service audits the rest).
-        await refused(request, caller, action="sad.refused", reason=e.description, detail={})
+        await request.app[SIGNING].refused(
+            caller, action="sad.refused", reason=e.description, detail={}
+        )
         raise
+    if card is not None:  # My Number card: same grant, same ledger, presence "jpki"
+        issued = await request.app[JPKI].authorize(
+            caller=caller,
+            credential_id=req.credentialID,
+            num_signatures=req.numSignatures,
+            hashes=hashes,
+            hash_algorithm_oid=req.hashAlgorithmOID,
+            authorization=card,
+            now=request.app[CLOCK](),
+        )
+        return web.json_response({"SAD": issued.token, "expiresIn": issued.expires_in})
     issued = await request.app[ACTIVATION].authorize(
         caller=caller,
         credential_id=req.credentialID,
@@ -126,7 +114,6 @@ async def authorize(request: web.Request) -> web.Response:
         hashes=hashes,
         hash_algorithm_oid=req.hashAlgorithmOID,
         assertion=assertion,
-        jpki=None if card is None else (request.app[JPKI], card),
         now=request.app[CLOCK](),
     )
     return web.json_response({"SAD": issued.token, "expiresIn": issued.expires_in})
@@ -156,19 +143,6 @@ def _algorithm(req: SignHashRequest) -> DigestAlgorithm:
     return alg
 
 
-async def sign_all(
-    keystore: KeyStore, key_id: str, hashes: tuple[bytes, ...], alg: DigestAlgorithm
-) -> list[bytes]:
-    """Key lookup + the whole batch in one hop to the PKCS#11 thread when the key store offers
-    it (``Pkcs11KeyStore.sign_digests``); otherwise ``get_key`` and one call per digest."""
-    direct = getattr(keystore, "sign_digests", None)
-    if direct is not None:
-        result: list[bytes] = await direct(key_id, hashes, alg)
-        return result
-    key = await keystore.get_key(key_id)
-    return [await key.sign_digest(h, alg) for h in hashes]
-
-
 @routes.post("/csc/v2/signatures/signHash")
 async def sign_hash(request: web.Request) -> web.Response:
     caller = caller_of(request)
@@ -190,70 +164,20 @@ async def sign_hash(request: web.Request) -> web.Response:
         check_lengths(hashes, alg, field="hashes")
     except GatewayError as e:
         if e.status < 500:
-            await refused(
-                request,
+            await app[SIGNING].refused(
                 caller,
                 action="signature.refused",
                 reason=e.description,
                 detail={"credential": credential_id, "hashes_in_request": count},
             )
         raise
-    # Consumption + audit event (or the refusal's event) grouped with concurrent requests into
-    # one committed write transaction, before anything is signed.
-    grant = await app[ACTIVATION].consume_and_audit(
-        SignRequest(
-            sad=req.SAD,
-            facility_id=caller.facility_id,
-            credential_id=req.credentialID,
-            hashes=hashes,
-            algorithm=alg,
-            now=app[CLOCK](),
-            actor=caller.actor,
-            facility_code=caller.institution_code,
-            action="signature.sign_hash",
-            detail=_detail,
-            refused_detail={"credential": credential_id, "hashes_in_request": count},
-        )
+    signatures = await app[SIGNING].sign_hashes(
+        caller,
+        sad=req.SAD,
+        credential_id=req.credentialID,
+        hashes=hashes,
+        algorithm=alg,
+        refused_detail={"credential": credential_id, "hashes_in_request": count},
     )
-    try:
-        signatures = await sign_all(app[KEYSTORE], grant.key_id, grant.hashes, grant.algorithm)
-    except (GatewayError, ValueError) as e:
-        await refund_failed(
-            request, caller, sad=req.SAD, grant=grant, error=e, detail=_detail(grant)
-        )
-        raise
     b64 = base64.b64encode
     return web.json_response({"signatures": [b64(s).decode("ascii") for s in signatures]})
-
-
-async def refund_failed(
-    request: web.Request,
-    caller: Caller,
-    *,
-    sad: str,
-    grant: SignatureGrant,
-    error: Exception,
-    detail: dict[str, Any],
-) -> None:
-    """Nothing was returned to the client: give the count back to the SAD, record why."""
-    reason = error.description if isinstance(error, GatewayError) else str(error)
-    async with request.app[DB].write() as conn:
-        await request.app[ACTIVATION].refund(conn, sad=sad, grant=grant)
-        await request.app[AUDIT].append(
-            conn,
-            action="signature.failed",
-            actor=caller.actor,
-            facility_code=caller.institution_code,
-            signer_id=grant.signer_id,
-            detail={**detail, "reason": reason[:200], "refunded": True},
-        )
-
-
-def _detail(grant: SignatureGrant) -> dict[str, Any]:
-    return {
-        "credential": grant.credential_id,
-        "key_id": grant.key_id,
-        "scal": grant.scal,
-        "hash_algorithm": grant.algorithm.value,
-        "hashes": [h.hex() for h in grant.hashes],
-    }

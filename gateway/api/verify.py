@@ -13,19 +13,16 @@ from __future__ import annotations
 
 import base64
 import binascii
-from collections.abc import AsyncIterator
 
 from aiohttp import web
 from pydantic import Field, field_validator
 
-from gateway.api.keys import SETTINGS
+from gateway.api.keys import SETTINGS, VERIFY_POOL
 from gateway.api.middleware import identity
 from gateway.api.schema import CscRequest, parse
 from gateway.errors import PayloadTooLarge
-from gateway.sign.pool import VerificationPool
 
 routes = web.RouteTableDef()
-VERIFY_POOL = web.AppKey("verify_pool", VerificationPool)
 
 
 def _decode(v: str, what: str) -> bytes:
@@ -59,19 +56,3 @@ async def verify(request: web.Request) -> web.Response:
             raise PayloadTooLarge(f"{what} of {len(data)} bytes is over the limit of {limit}")
     report = await request.app[VERIFY_POOL].verify(document, content)
     return web.json_response(report.to_json_dict())
-
-
-def setup(app: web.Application) -> None:
-    """Register the route; the worker processes live with the app (started on first use)."""
-
-    async def pool_ctx(app: web.Application) -> AsyncIterator[None]:
-        s = app[SETTINGS].signing
-        pool = VerificationPool(
-            app[SETTINGS], slots=s.verify_concurrency, timeout=s.verify_timeout_seconds
-        )
-        app[VERIFY_POOL] = pool
-        yield
-        pool.close()
-
-    app.cleanup_ctx.append(pool_ctx)
-    app.add_routes(routes)

@@ -11,7 +11,8 @@ options whose 48-byte challenge is ``nonce(16) || SHA-256(binding)`` where ``bin
 canonical JSON ``{"credentialID", "hashAlgorithmOID", "hashes": [sorted base64], "numSignatures"}``
 (keys sorted, no whitespace). A client can recompute the tail and see that the authenticator
 signs a commitment to its hashes; the server keeps the challenge state in the database
-(single use, short TTL) and, when the assertion comes back, recomputes the binding from the
+(single use, short TTL, with the state python-fido2's ``*_begin`` returned, handed back to
+``*_complete`` as is) and, when the assertion comes back, recomputes the binding from the
 ``credentials/authorize`` request and compares it in constant time. User verification is
 required; the sign count must grow (a clone of the authenticator shows as a regression).
 
@@ -48,13 +49,16 @@ from fido2.webauthn import (
     ResidentKeyRequirement,
     UserVerificationRequirement,
 )
-from sqlalchemy import delete, insert, select, update
+from sqlalchemy import ColumnElement, and_, delete, insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from gateway.audit import AuditLog
 from gateway.clock import Clock, system_clock
 from gateway.errors import AccessDenied, Conflict, GatewayError, InvalidRequest, NotFound
+from gateway.passwords import AttemptLimit, hash_password, verify_password
+from gateway.signing.grant import Caller as Caller
+from gateway.signing.rules import require_credential_active, require_signer_active
 from gateway.store.db import Database
 from gateway.store.schema import (
     credential,
@@ -70,9 +74,15 @@ NONCE_BYTES = 16
 # Crockford base32 without I, L, O, U: no look-alikes when a doctor types the code.
 _CODE_ALPHABET = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
 _PASSWORD_ALPHABET = "23456789abcdefghjkmnpqrstuvwxyzABCDEFGHJKLMNPQRSTUVWXYZ"  # noqa: S105
-_SCRYPT_N, _SCRYPT_R, _SCRYPT_P = 2**14, 8, 1
 #: The one answer once a code is locked, or while every remaining attempt is being checked.
 LOCKED_TEXT = "enrollment code is locked after too many wrong passwords: ask for a new one"
+
+
+_ATTEMPTS = AttemptLimit(enrollment, failed="failed_tries", checking="checking_tries")
+
+
+def _open_enrollment(enrollment_id: int) -> ColumnElement[bool]:
+    return and_(enrollment.c.id == enrollment_id, enrollment.c.status == "active")
 
 
 # -- pure helpers (unit-tested) ---------------------------------------------------------------
@@ -105,7 +115,7 @@ def bound_challenge(nonce: bytes, binding: bytes) -> bytes:
 
 
 def challenge_id(challenge: bytes) -> str:
-    """Primary key of the challenge state: the challenge itself is never stored."""
+    """Primary key of the challenge state, found again from the challenge in the response."""
     return hashlib.sha256(challenge).hexdigest()
 
 
@@ -126,33 +136,6 @@ def new_enrollment_code() -> str:
 
 def new_enrollment_password() -> str:
     return "".join(secrets.choice(_PASSWORD_ALPHABET) for _ in range(12))
-
-
-def hash_password(password: str, *, salt: bytes | None = None) -> str:
-    salt = salt or secrets.token_bytes(16)
-    dk = hashlib.scrypt(
-        password.encode(), salt=salt, n=_SCRYPT_N, r=_SCRYPT_R, p=_SCRYPT_P, dklen=32
-    )
-    b64 = base64.b64encode
-    return f"scrypt${_SCRYPT_N}${_SCRYPT_R}${_SCRYPT_P}${b64(salt).decode()}${b64(dk).decode()}"
-
-
-def verify_password(password: str, stored: str) -> bool:
-    try:
-        scheme, n, r, p, salt_b64, dk_b64 = stored.split("$")
-        if scheme != "scrypt":
-            return False
-        dk = hashlib.scrypt(
-            password.encode(),
-            salt=base64.b64decode(salt_b64),
-            n=int(n),
-            r=int(r),
-            p=int(p),
-            dklen=32,
-        )
-    except (ValueError, TypeError):
-        return False
-    return hmac.compare_digest(dk, base64.b64decode(dk_b64))
 
 
 def sign_count_ok(stored: int, received: int) -> bool:
@@ -204,15 +187,6 @@ class RegisteredAuthenticator:
 
 
 @dataclass(frozen=True, kw_only=True)
-class Caller:
-    """Who relays a ceremony: the facility (or admin) of the mTLS client certificate."""
-
-    actor: str
-    facility_id: int | None
-    institution_code: str | None
-
-
-@dataclass(frozen=True, kw_only=True)
 class VerifiedPresence:
     """A verified assertion: this signer was present and approved exactly ``binding``."""
 
@@ -229,6 +203,7 @@ class ChallengeState:
     facility_id: int | None
     credential_id: str | None
     binding: bytes
+    fido2_state: dict[str, Any]  # what python-fido2's *_begin returned, as it was
 
 
 class Fido2Authenticator:
@@ -279,8 +254,7 @@ class Fido2Authenticator:
             ).one_or_none()
             if srow is None:
                 raise NotFound(f"signer {signer_id} does not exist")
-            if srow.status != "active":
-                raise AccessDenied(f"signer {signer_id} is {srow.status}")
+            require_signer_active(signer_id, srow.status)
             revoked = await conn.execute(
                 update(enrollment)
                 .where(enrollment.c.signer_id == signer_id, enrollment.c.status == "active")
@@ -385,8 +359,7 @@ class Fido2Authenticator:
         if linked is None:
             raise AccessDenied("the signer of this enrollment code does not serve this facility")
         srow = (await conn.execute(select(signer).where(signer.c.id == row.signer_id))).one()
-        if srow.status != "active":
-            raise AccessDenied(f"signer {srow.id} is {srow.status}")
+        require_signer_active(srow.id, srow.status)
         return row
 
     async def register_begin(
@@ -399,26 +372,16 @@ class Fido2Authenticator:
         # Reserve this attempt BEFORE the (slow) password check, atomically: however many
         # guesses arrive at once, at most max_password_tries passwords are ever checked. The
         # right password gives its reservation back when it takes the challenge below.
-        tries = await self._reserve_try(row.id)
-        if tries is None:
+        if not await self._reserve_try(row.id):
             await self._refuse_now(code, caller, now)
         ok = await asyncio.to_thread(verify_password, password, row.password_hash)
         if not ok:
-            await self._wrong_password(row.id, row.signer_id, caller, now, tries)
+            await self._wrong_password(row.id, row.signer_id, caller, now)
         async with self.db.write() as conn:
             # Re-read under the write lock: a concurrent wrong guess may have locked it.
             row = await self._enrollment_for(conn, code, caller, now)
-            returned = await conn.execute(
-                update(enrollment)
-                .where(
-                    enrollment.c.id == row.id,
-                    enrollment.c.status == "active",
-                    enrollment.c.failed_tries > 0,
-                )
-                .values(failed_tries=enrollment.c.failed_tries - 1)
-            )
-            if returned.rowcount != 1:  # pragma: no cover - the re-read above saw it active
-                raise AccessDenied(LOCKED_TEXT)
+            if not await _ATTEMPTS.give_back(conn, _open_enrollment(row.id)):
+                raise AccessDenied(LOCKED_TEXT)  # pragma: no cover - the re-read saw it active
             srow = (await conn.execute(select(signer).where(signer.c.id == row.signer_id))).one()
             existing = (
                 await conn.execute(
@@ -434,7 +397,7 @@ class Fido2Authenticator:
                 for c in existing
             ]
             challenge = secrets.token_bytes(32)
-            options, _state = self.server.register_begin(
+            options, state = self.server.register_begin(
                 PublicKeyCredentialUserEntity(
                     id=row.signer_id.encode(),
                     name=row.signer_id,
@@ -453,29 +416,20 @@ class Fido2Authenticator:
                     facility_id=caller.facility_id,
                     enrollment_id=row.id,
                     binding=json.dumps({"enrollment": row.id}),
+                    fido2_state=json.dumps(state),
                     created_at=now,
                     expires_at=now + self.challenge_ttl,
                 )
             )
         return {"publicKey": dict(options.public_key)}
 
-    async def _reserve_try(self, enrollment_id: int) -> int | None:
-        """Count one attempt now (``failed_tries + 1`` while active and below the limit);
-        None when no attempt is left (locked, or every remaining one is being checked)."""
+    async def _reserve_try(self, enrollment_id: int) -> bool:
+        """Reserve one password check; False when none is left (locked, or every remaining
+        attempt is being checked)."""
         async with self.db.write() as conn:
-            row = (
-                await conn.execute(
-                    update(enrollment)
-                    .where(
-                        enrollment.c.id == enrollment_id,
-                        enrollment.c.status == "active",
-                        enrollment.c.failed_tries < self.max_password_tries,
-                    )
-                    .values(failed_tries=enrollment.c.failed_tries + 1)
-                    .returning(enrollment.c.failed_tries)
-                )
-            ).one_or_none()
-        return None if row is None else int(row.failed_tries)
+            return await _ATTEMPTS.reserve(
+                conn, _open_enrollment(enrollment_id), self.max_password_tries
+            )
 
     async def _refuse_now(self, code: str, caller: Caller, now: datetime) -> NoReturn:
         """No attempt could be reserved: say why the code cannot be used now (re-read); while
@@ -485,18 +439,17 @@ class Fido2Authenticator:
         raise AccessDenied(LOCKED_TEXT)
 
     async def _wrong_password(
-        self, enrollment_id: int, signer_id: str, caller: Caller, now: datetime, tries: int
+        self, enrollment_id: int, signer_id: str, caller: Caller, now: datetime
     ) -> NoReturn:
-        """The reserved attempt ``tries`` failed: it stays counted; the last one locks."""
+        """The reserved check failed: it counts as a wrong password; the last one locks."""
         async with self.db.write() as conn:
-            locked = False
-            if tries >= self.max_password_tries:
-                res = await conn.execute(
-                    update(enrollment)
-                    .where(enrollment.c.id == enrollment_id, enrollment.c.status == "active")
-                    .values(status="locked")
-                )
-                locked = res.rowcount == 1
+            tries, locked = await _ATTEMPTS.failed_check(
+                conn,
+                enrollment.c.id == enrollment_id,
+                _open_enrollment(enrollment_id),
+                self.max_password_tries,
+                lock={"status": "locked"},
+            )
             await self.audit.append(
                 conn,
                 action="enrollment.locked" if locked else "enrollment.wrong_password",
@@ -539,13 +492,7 @@ class Fido2Authenticator:
                 if json.loads(state.binding) != {"enrollment": row.id}:
                     raise InvalidRequest("the challenge was issued for another enrollment code")
                 try:
-                    auth_data = self.server.register_complete(
-                        {
-                            "challenge": websafe_encode(challenge),
-                            "user_verification": UserVerificationRequirement.REQUIRED,
-                        },
-                        registration,
-                    )
+                    auth_data = self.server.register_complete(state.fido2_state, registration)
                 except ValueError as e:
                     raise InvalidRequest(f"registration refused: {e}") from e
                 cred = auth_data.credential_data
@@ -640,10 +587,8 @@ class Fido2Authenticator:
             ).one_or_none()
             if row is None:
                 raise InvalidRequest("Invalid parameter credentialID")
-            if row.s != "active":
-                raise AccessDenied(f"signer {row.signer_id} is {row.s}")
-            if row.status != "active":
-                raise AccessDenied(f"credential {credential_id} is {row.status}")
+            require_signer_active(row.signer_id, row.s)
+            require_credential_active(credential_id, row.status)
             creds = (
                 await conn.execute(
                     select(fido_credential.c.credential_id).where(
@@ -669,7 +614,7 @@ class Fido2Authenticator:
                 num_signatures=num_signatures,
             )
             challenge = bound_challenge(secrets.token_bytes(NONCE_BYTES), binding)
-            options, _state = self.server.authenticate_begin(
+            options, state = self.server.authenticate_begin(
                 credentials=allow,
                 user_verification=UserVerificationRequirement.REQUIRED,
                 challenge=challenge,
@@ -682,6 +627,7 @@ class Fido2Authenticator:
                     facility_id=caller.facility_id,
                     credential_id=credential_id,
                     binding=binding.decode(),
+                    fido2_state=json.dumps(state),
                     created_at=now,
                     expires_at=now + self.challenge_ttl,
                 )
@@ -695,7 +641,7 @@ class Fido2Authenticator:
         row = (
             await conn.execute(select(webauthn_challenge).where(webauthn_challenge.c.id == cid))
         ).one_or_none()
-        if row is None or row.kind != kind:
+        if row is None or row.kind != kind or row.fido2_state is None:
             raise InvalidRequest("unknown challenge: call begin first")
         if row.used_at is not None:
             raise InvalidRequest("challenge was already used")
@@ -714,6 +660,7 @@ class Fido2Authenticator:
             facility_id=row.facility_id,
             credential_id=row.credential_id,
             binding=row.binding.encode(),
+            fido2_state=json.loads(row.fido2_state),
         )
 
     @staticmethod
@@ -763,12 +710,7 @@ class Fido2Authenticator:
             raise InvalidRequest("the authenticator is not registered for this signer")
         try:
             self.server.authenticate_complete(
-                {
-                    "challenge": websafe_encode(challenge),
-                    "user_verification": UserVerificationRequirement.REQUIRED,
-                },
-                [AttestedCredentialData(frow.credential_data)],
-                assertion,
+                state.fido2_state, [AttestedCredentialData(frow.credential_data)], assertion
             )
         except ValueError as e:
             raise InvalidRequest(f"WebAuthn assertion refused: {e}") from e

@@ -49,17 +49,24 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from gateway.audit import AuditLog
 from gateway.auth.fido2 import (
+    _ATTEMPTS,
+    LOCKED_TEXT,
     NONCE_BYTES,
     Caller,
     Fido2Authenticator,
+    _open_enrollment,
     bound_challenge,
     canonical_binding,
     challenge_id,
-    verify_password,
 )
 from gateway.auth.jpki_revocation import JpkiRevocationSource
 from gateway.clock import Clock, system_clock
 from gateway.errors import AccessDenied, Conflict, GatewayError, InvalidRequest, NotFound
+from gateway.hsm.api import DigestAlgorithm
+from gateway.passwords import verify_password
+from gateway.signing.grant import PRESENCE_JPKI, Grant, IssuedSad
+from gateway.signing.ledger import SadLedger
+from gateway.signing.rules import require_may_sign
 from gateway.store.db import Database
 from gateway.store.schema import (
     credential,
@@ -219,15 +226,19 @@ class JpkiAuthenticator:
         db: Database,
         audit: AuditLog,
         fido2: Fido2Authenticator,
+        ledger: SadLedger,
         trust_anchors: Sequence[x509.Certificate],
         revocation: JpkiRevocationSource,
         on_revocation_unavailable: Literal["refuse", "accept"] = "refuse",
         challenge_ttl: timedelta = timedelta(seconds=120),
+        sad_ttl: timedelta = timedelta(seconds=300),
         clock: Clock = system_clock,
     ) -> None:
         self.db = db
         self.audit = audit
         self.fido2 = fido2  # enrolment codes are shared with FIDO2 (one code, one device)
+        self.ledger = ledger  # the one SAD ledger: card grants are stored and spent as FIDO2's
+        self.sad_ttl = sad_ttl
         self.trust_anchors = list(trust_anchors)
         self.revocation = revocation
         self.on_revocation_unavailable = on_revocation_unavailable
@@ -404,23 +415,16 @@ class JpkiAuthenticator:
         f = self.fido2
         async with self.db.read() as conn:
             row = await f._enrollment_for(conn, code, caller, now)
-        tries = await f._reserve_try(row.id)
-        if tries is None:
+        # The same attempt limit as FIDO2 enrolment: reserved before the slow check.
+        if not await f._reserve_try(row.id):
             await f._refuse_now(code, caller, now)
         ok = await asyncio.to_thread(verify_password, password, row.password_hash)
         if not ok:
-            await f._wrong_password(row.id, row.signer_id, caller, now, tries)
+            await f._wrong_password(row.id, row.signer_id, caller, now)
         async with self.db.write() as conn:
             row = await f._enrollment_for(conn, code, caller, now)
-            await conn.execute(
-                update(enrollment)
-                .where(
-                    enrollment.c.id == row.id,
-                    enrollment.c.status == "active",
-                    enrollment.c.failed_tries > 0,
-                )
-                .values(failed_tries=enrollment.c.failed_tries - 1)
-            )
+            if not await _ATTEMPTS.give_back(conn, _open_enrollment(row.id)):
+                raise AccessDenied(LOCKED_TEXT)  # pragma: no cover - the re-read saw it active
             binding = json.dumps({"enrollment": row.id}, sort_keys=True).encode()
             challenge = bound_challenge(secrets.token_bytes(NONCE_BYTES), binding)
             cid = challenge_id(challenge)
@@ -648,6 +652,108 @@ class JpkiAuthenticator:
             revocation=checked.revocation,
         )
 
+    async def authorize(
+        self,
+        *,
+        caller: Caller,
+        credential_id: str,
+        num_signatures: int,
+        hashes: Sequence[bytes],
+        hash_algorithm_oid: str | None,
+        authorization: JpkiAuthorization,
+        now: datetime | None = None,
+    ) -> IssuedSad:
+        """Verify the card's signature for exactly this request and issue a SAD (SCAL 2).
+
+        The certificate checks (network: OCSP/CRL) run before the write transaction; the
+        challenge, the link and the grant inside it. Every outcome is audited (``sad.issue``
+        by the ledger, ``sad.refused`` here); a refused attempt burns its challenge.
+        """
+        now = now or self.clock()
+        if caller.facility_id is None or caller.institution_code is None:
+            raise AccessDenied("CSC methods are for facility client certificates")
+        facility_id = caller.facility_id
+        signer_id: str | None = None
+        try:
+            if not hashes:
+                raise InvalidRequest(
+                    "Missing (or invalid type) parameter hashes: a My Number card approves "
+                    "hashes (SCAL 2), not a signing session"
+                )
+            if hash_algorithm_oid is None:
+                raise InvalidRequest("Missing (or invalid type) parameter hashAlgorithmOID")
+            try:
+                algorithm = DigestAlgorithm.from_oid(hash_algorithm_oid)
+            except ValueError as e:
+                raise InvalidRequest(f"Invalid parameter hashAlgorithmOID: {e}") from e
+            if num_signatures != len(hashes):
+                raise InvalidRequest(
+                    "Invalid parameter numSignatures: must equal the number of hashes"
+                )
+            binding = canonical_binding(
+                credential_id=credential_id,
+                hash_algorithm_oid=hash_algorithm_oid,
+                hashes=hashes,
+                num_signatures=num_signatures,
+            )
+            checked = await self.precheck(
+                authorization,
+                facility_id=facility_id,
+                credential_id=credential_id,
+                binding=binding,
+                now=now,
+            )
+            async with self.db.write() as conn:
+                presence = await self.verify(
+                    conn,
+                    authorization,
+                    checked,
+                    facility_id=facility_id,
+                    credential_id=credential_id,
+                    binding=binding,
+                    now=now,
+                )
+                signer_id = presence.signer_id
+                await _check_signer(
+                    conn, facility_id=facility_id, credential_id=credential_id, now=now
+                )
+                grant = Grant(
+                    facility_id=facility_id,
+                    signer_id=presence.signer_id,
+                    credential_id=credential_id,
+                    hashes=tuple(bytes(h) for h in hashes),
+                    hash_algorithm=algorithm,
+                    count=num_signatures,
+                    scal="2",
+                    presence=PRESENCE_JPKI,
+                    presence_ref=presence.binding_id,
+                    ttl=self.sad_ttl,
+                    evidence={
+                        "presence": PRESENCE_JPKI,
+                        "jpki_link": presence.binding_id,
+                        "jpki_serial": f"{checked.cert.serial_number:x}",
+                        "revocation": presence.revocation,
+                    },
+                )
+                return await self.ledger.issue(
+                    conn, grant, actor=caller.actor, facility_code=caller.institution_code, now=now
+                )
+        except GatewayError as e:
+            await self.refused(
+                action="sad.refused",
+                caller=caller,
+                signer_id=signer_id,
+                reason=e.description,
+                challenge=authorization.challenge_id,
+                detail={
+                    "credential": credential_id,
+                    "presence": PRESENCE_JPKI,
+                    "hashes": [h.hex() for h in hashes],
+                },
+                now=now,
+            )
+            raise
+
     async def refused(
         self,
         *,
@@ -677,6 +783,43 @@ class JpkiAuthenticator:
                 detail={"reason": reason, **(detail or {})},
                 now=now,
             )
+
+
+async def _check_signer(
+    conn: AsyncConnection, *, facility_id: int, credential_id: str, now: datetime
+) -> None:
+    """Invariant 1, read in the issuing transaction: active signer serving the facility,
+    active credential with a valid certificate (the same rules as every presence method)."""
+    row = (
+        await conn.execute(
+            select(
+                credential.c.signer_id,
+                credential.c.status,
+                credential.c.certificate_der,
+                signer.c.status.label("signer_status"),
+                signer_facility.c.facility_id,
+            )
+            .select_from(
+                credential.join(signer, signer.c.id == credential.c.signer_id).outerjoin(
+                    signer_facility,
+                    (signer_facility.c.signer_id == signer.c.id)
+                    & (signer_facility.c.facility_id == facility_id),
+                )
+            )
+            .where(credential.c.id == credential_id)
+        )
+    ).one_or_none()
+    if row is None:
+        raise InvalidRequest("Invalid parameter credentialID")
+    require_may_sign(
+        signer_id=row.signer_id,
+        signer_status=row.signer_status,
+        serves_facility=row.facility_id is not None,
+        credential_id=credential_id,
+        credential_status=row.status,
+        certificate_der=row.certificate_der,
+        now=now,
+    )
 
 
 def _check_state(state: Any, *, facility_id: int, credential_id: str, binding: bytes) -> None:

@@ -14,6 +14,7 @@ from gateway.clock import Clock, system_clock
 from gateway.config import Settings
 from gateway.errors import ConfigError
 from gateway.pki.jpki import load_auth_roots
+from gateway.signing.ledger import SadLedger
 from gateway.store.db import Database
 
 
@@ -45,6 +46,7 @@ def make_jpki(
     db: Database,
     audit: AuditLog,
     fido2: Fido2Authenticator,
+    ledger: SadLedger,
     clock: Clock = system_clock,
 ) -> JpkiAuthenticator:
     j = settings.jpki
@@ -52,9 +54,11 @@ def make_jpki(
         db=db,
         audit=audit,
         fido2=fido2,
+        ledger=ledger,
         trust_anchors=jpki_anchors(settings),
         revocation=make_revocation(settings),
         on_revocation_unavailable=j.on_revocation_unavailable,
         challenge_ttl=timedelta(seconds=j.challenge_ttl_seconds),
+        sad_ttl=timedelta(seconds=settings.activation.sad_ttl_seconds),
         clock=clock,
     )

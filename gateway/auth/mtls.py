@@ -19,6 +19,7 @@ from typing import Any, Literal
 
 from sqlalchemy import Connection, bindparam, select, update
 
+from gateway.clock import system_clock
 from gateway.errors import AccessDenied
 from gateway.lifecycle.facilities import fingerprint
 from gateway.store.db import Database
@@ -133,7 +134,7 @@ def _date(d: datetime | None) -> str:
 
 async def identify(db: Database, peer_der: bytes, *, now: datetime | None = None) -> ClientIdentity:
     """Map the peer certificate to an active client, or raise AccessDenied saying why not."""
-    now = now or datetime.now(UTC)
+    now = now or system_clock()
     fp = fingerprint(peer_der)
 
     row = await _reader(db).read(fp)

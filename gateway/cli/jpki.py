@@ -12,7 +12,14 @@ from gateway.cli.common import Context, actor, config_flags, emit, settings_of
 def _jpki(ctx: Context) -> Any:
     from gateway.auth.jpki_setup import make_jpki
 
-    return make_jpki(ctx.settings, db=ctx.db, audit=ctx.audit, fido2=ctx.fido2, clock=ctx.clock)
+    return make_jpki(
+        ctx.settings,
+        db=ctx.db,
+        audit=ctx.audit,
+        fido2=ctx.fido2,
+        ledger=ctx.activation.ledger,
+        clock=ctx.clock,
+    )
 
 
 async def cmd_signer_link_jpki(args: argparse.Namespace) -> int:

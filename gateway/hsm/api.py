@@ -7,6 +7,7 @@ the PC/SC card store implement them. Nothing here knows about documents or HTTP.
 from __future__ import annotations
 
 import enum
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
@@ -55,6 +56,12 @@ class KeyHandle(Protocol):
         """RSA PKCS#1 v1.5 signature over DigestInfo(algorithm, digest)."""
         ...
 
+    async def sign_digests(
+        self, digests: Sequence[bytes], algorithm: DigestAlgorithm
+    ) -> list[bytes]:
+        """Sign a batch; every digest is validated before anything is signed."""
+        ...
+
 
 @runtime_checkable
 class KeyStore(Protocol):
@@ -74,6 +81,21 @@ class KeyStore(Protocol):
         """A handle to an existing private key; raises KeyNotFound when absent."""
         ...
 
+    async def sign_digests(
+        self, key_id: str, digests: Sequence[bytes], algorithm: DigestAlgorithm
+    ) -> list[bytes]:
+        """Look up ``key_id`` and sign ``digests`` (RSA PKCS#1 v1.5) in one call.
+
+        ValueError for a digest of the wrong length, before anything is signed; KeyNotFound
+        for a missing key; HsmUnavailable while the store cannot be reached.
+        """
+        ...
+
+    async def key_attributes(self, key_id: str) -> dict[str, bool]:
+        """The store's own word on the private key: SENSITIVE, EXTRACTABLE,
+        NEVER_EXTRACTABLE, ALWAYS_SENSITIVE."""
+        ...
+
     async def destroy_key(self, key_id: str) -> None:
         """Delete a key pair that no credential refers to (clean-up of a failed creation)."""
         ...
@@ -85,3 +107,35 @@ class KeyStore(Protocol):
     async def check(self) -> None:
         """Probe the token; raises HsmUnavailable when it is not usable."""
         ...
+
+
+class StoreKeyHandle:
+    """A key referenced by id, signing through its store's ``sign_digests``.
+
+    Every store hands out this one handle: holding only the id lets a store swap the
+    underlying object (a PKCS#11 reconnect, a new signing process) without invalidating
+    handles that callers keep.
+    """
+
+    __slots__ = ("_key_id", "_store")
+
+    def __init__(self, store: KeyStore, key_id: str) -> None:
+        self._store = store
+        self._key_id = key_id
+
+    @property
+    def key_id(self) -> str:
+        return self._key_id
+
+    async def sign_digest(self, digest: bytes, algorithm: DigestAlgorithm) -> bytes:
+        """Sign one digest; ValueError for a digest of the wrong length (a client error)."""
+        signatures = await self._store.sign_digests(self._key_id, [digest], algorithm)
+        return signatures[0]
+
+    async def sign_digests(
+        self, digests: Sequence[bytes], algorithm: DigestAlgorithm
+    ) -> list[bytes]:
+        return await self._store.sign_digests(self._key_id, digests, algorithm)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(key_id={self._key_id!r})"

@@ -51,11 +51,11 @@ from pkcs11 import Attribute, KeyType, Mechanism, MechanismFlag, ObjectClass
 from pkcs11 import exceptions as p11x
 
 from gateway.errors import ConfigError, HsmUnavailable, KeyNotFound
-from gateway.hsm.api import DigestAlgorithm, GeneratedKey
+from gateway.hsm.api import DigestAlgorithm, GeneratedKey, StoreKeyHandle
 from gateway.hsm.encoding import check_key_request
 from gateway.hsm.encoding import digest_info as _digest_info
 
-__all__ = ["Pkcs11KeyHandle", "Pkcs11KeyStore"]
+__all__ = ["Pkcs11KeyStore"]
 
 _log = logging.getLogger("gateway.hsm")
 
@@ -242,45 +242,6 @@ class _SignJob:
             self.loop.call_soon_threadsafe(settle_on_loop)
 
 
-class Pkcs11KeyHandle:
-    """A signing key on the token, referenced by CKA_ID rather than by an object handle.
-
-    Holding only the id lets the store swap the underlying PKCS#11 object after a reconnect
-    without invalidating handles that callers (e.g. per-credential caches) keep.
-    """
-
-    __slots__ = ("_key_id", "_store")
-
-    def __init__(self, store: Pkcs11KeyStore, key_id: str) -> None:
-        self._store = store
-        self._key_id = key_id
-
-    @property
-    def key_id(self) -> str:
-        return self._key_id
-
-    async def sign_digest(self, digest: bytes, algorithm: DigestAlgorithm) -> bytes:
-        """Sign one digest; ValueError for a digest of the wrong length (a client error)."""
-        data = _digest_info(digest, algorithm)
-        signatures = await self._store._sign(self._key_id, [data])
-        return signatures[0]
-
-    async def sign_digests(
-        self, digests: Sequence[bytes], algorithm: DigestAlgorithm
-    ) -> list[bytes]:
-        """Sign a batch in one hop to the PKCS#11 thread, saving a hop per signature.
-
-        All digests are validated before anything is signed, so a bad one signs nothing.
-        """
-        data = [_digest_info(d, algorithm) for d in digests]
-        if not data:
-            return []
-        return await self._store._sign(self._key_id, data)
-
-    def __repr__(self) -> str:
-        return f"Pkcs11KeyHandle(key_id={self._key_id!r})"
-
-
 class Pkcs11KeyStore:
     """KeyStore backed by a PKCS#11 token found by label and logged in with the user PIN."""
 
@@ -305,7 +266,7 @@ class Pkcs11KeyStore:
         self._session: Any = None  # pkcs11.Session
         self._generation = -1
         self._private_keys: dict[str, Any] = {}  # key_id -> pkcs11 PrivateKey
-        self._handles: dict[str, Pkcs11KeyHandle] = {}
+        self._handles: dict[str, StoreKeyHandle] = {}
         self._down_since: float | None = None
         self._last_attempt = float("-inf")
         self._closed = False
@@ -336,11 +297,11 @@ class Pkcs11KeyStore:
             functools.partial(self._generate_sync, label=label, bits=bits), retry=False
         )
 
-    async def get_key(self, key_id: str) -> Pkcs11KeyHandle:
+    async def get_key(self, key_id: str) -> StoreKeyHandle:
         await self._call(functools.partial(self._private_key, key_id), retry=True)
         handle = self._handles.get(key_id)
         if handle is None:
-            handle = self._handles.setdefault(key_id, Pkcs11KeyHandle(self, key_id))
+            handle = self._handles.setdefault(key_id, StoreKeyHandle(self, key_id))
         return handle
 
     async def sign_digests(
@@ -416,9 +377,51 @@ class Pkcs11KeyStore:
         """
         return await self._call(functools.partial(self._attributes_sync, key_id), retry=True)
 
-    async def _sign(self, key_id: str, data: list[bytes]) -> list[bytes]:
-        # Re-signing a batch after a reconnect is harmless: PKCS#1 v1.5 is deterministic.
-        return await self._call(functools.partial(self._sign_sync, key_id, data), retry=True)
+    # ---- blocking API (for a caller that owns its thread: the signing process) ----------
+    # The same operations, errors and fault model as the async API, run on the caller's
+    # thread; never call these from an event loop.
+
+    def open_blocking(self) -> None:
+        self._open_sync()
+
+    def close_blocking(self) -> None:
+        self._close_sync()
+
+    def check_blocking(self) -> None:
+        self._blocking(self._probe_sync, retry=True)
+
+    def generate_rsa_key_blocking(self, *, label: str, bits: int = 2048) -> GeneratedKey:
+        check_key_request(label, bits)
+        return self._blocking(
+            functools.partial(self._generate_sync, label=label, bits=bits), retry=False
+        )
+
+    def find_key_blocking(self, key_id: str) -> None:
+        """Raise KeyNotFound unless the private key ``key_id`` is on the token."""
+        self._blocking(functools.partial(self._private_key, key_id), retry=True)
+
+    def sign_digests_blocking(
+        self, key_id: str, digests: Sequence[bytes], algorithm: DigestAlgorithm
+    ) -> list[bytes]:
+        data = [_digest_info(d, algorithm) for d in digests]
+        if not data:
+            return []
+        return self._blocking(functools.partial(self._sign_sync, key_id, data), retry=True)
+
+    def destroy_key_blocking(self, key_id: str) -> None:
+        self._blocking(functools.partial(self._destroy_sync, key_id), retry=False)
+
+    def public_key_der_blocking(self, key_id: str) -> bytes:
+        return self._blocking(functools.partial(self._public_key_der_sync, key_id), retry=True)
+
+    def key_attributes_blocking(self, key_id: str) -> dict[str, bool]:
+        return self._blocking(functools.partial(self._attributes_sync, key_id), retry=True)
+
+    def _blocking(self, op: Callable[[Any], _T], *, retry: bool) -> _T:
+        # The async API's fail-fast (``_call``), then the same retrying call.
+        if self._down_since is not None and not self._reconnect_due():
+            raise self._unavailable()
+        return self._call_sync(op, retry)
 
     async def _run(self, fn: Callable[[], _T]) -> _T:
         loop = asyncio.get_running_loop()

@@ -5,9 +5,10 @@ threads (python-pkcs11 releases and re-takes it around every ``C_Sign``), so a s
 the thread about twice its CPU time in wall time. The child has one thread and nothing else to
 do; the worker never loads the PKCS#11 module.
 
-The child (``python -m gateway.hsm.signer_process``) runs an ordinary ``Pkcs11KeyStore`` and calls
-its synchronous methods on its main thread, so the fault model, the reconnect behaviour, the
-error texts and the log lines are exactly those of the in-process store; SoftHSM sees one
+The child (``python -m gateway.hsm.signer_process``) runs an ordinary ``Pkcs11KeyStore`` and
+calls its public blocking API (``open_blocking``, ``sign_digests_blocking``, ...) on its main
+thread, so the fault model, the reconnect behaviour, the error texts and the log lines are
+exactly those of the in-process store; SoftHSM sees one
 session per worker, as before. Protocol: on the child's stdin and stdout (moved off fds 0/1 at
 start, so nothing else can write into the protocol), frames of a 4-byte big-endian length and a
 pickle: the request ``(request_id, operation, args)``, the answer ``(request_id, ok, value)``
@@ -39,13 +40,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from gateway.errors import ConfigError, HsmUnavailable, KeyNotFound
-from gateway.hsm.api import DigestAlgorithm, GeneratedKey
+from gateway.hsm.api import DigestAlgorithm, GeneratedKey, StoreKeyHandle
 from gateway.hsm.encoding import check_key_request, digest_info
 
 if TYPE_CHECKING:
     from gateway.hsm.pkcs11 import Pkcs11KeyStore
 
-__all__ = ["SignerProcessKeyHandle", "SignerProcessKeyStore"]
+__all__ = ["SignerProcessKeyStore"]
 
 _log = logging.getLogger("gateway.hsm")
 
@@ -88,34 +89,6 @@ def _decode_error(error: tuple[str, str, int]) -> Exception:
 
 # --------------------------------------------------------------------------------------------
 # Worker side.
-
-
-class SignerProcessKeyHandle:
-    """A key on the token, by CKA_ID; signs through the store's signing process."""
-
-    __slots__ = ("_key_id", "_store")
-
-    def __init__(self, store: SignerProcessKeyStore, key_id: str) -> None:
-        self._store = store
-        self._key_id = key_id
-
-    @property
-    def key_id(self) -> str:
-        return self._key_id
-
-    async def sign_digest(self, digest: bytes, algorithm: DigestAlgorithm) -> bytes:
-        """Sign one digest; ValueError for a digest of the wrong length (a client error)."""
-        signatures = await self._store.sign_digests(self._key_id, [digest], algorithm)
-        return signatures[0]
-
-    async def sign_digests(
-        self, digests: Sequence[bytes], algorithm: DigestAlgorithm
-    ) -> list[bytes]:
-        """Sign a batch in one message; all digests are validated before anything is signed."""
-        return await self._store.sign_digests(self._key_id, digests, algorithm)
-
-    def __repr__(self) -> str:
-        return f"SignerProcessKeyHandle(key_id={self._key_id!r})"
 
 
 class _Reader(asyncio.Protocol):
@@ -193,7 +166,7 @@ class SignerProcessKeyStore:
         self._next_id = 0
         self._opened = False
         self._closed = False
-        self._handles: dict[str, SignerProcessKeyHandle] = {}
+        self._handles: dict[str, StoreKeyHandle] = {}
 
     def __repr__(self) -> str:
         return f"SignerProcessKeyStore(token_label={self._token_label!r})"
@@ -234,21 +207,22 @@ class SignerProcessKeyStore:
         key: GeneratedKey = await self._request("generate", (label, bits))
         return key
 
-    async def get_key(self, key_id: str) -> SignerProcessKeyHandle:
+    async def get_key(self, key_id: str) -> StoreKeyHandle:
         await self._request("get_key", (key_id,))
         handle = self._handles.get(key_id)
         if handle is None:
-            handle = self._handles.setdefault(key_id, SignerProcessKeyHandle(self, key_id))
+            handle = self._handles.setdefault(key_id, StoreKeyHandle(self, key_id))
         return handle
 
     async def sign_digests(
         self, key_id: str, digests: Sequence[bytes], algorithm: DigestAlgorithm
     ) -> list[bytes]:
         """Look up ``key_id`` and sign ``digests`` in one message to the signing process."""
-        data = [digest_info(d, algorithm) for d in digests]
-        if not data:
+        for d in digests:  # a wrong length is refused here, before any message is sent
+            digest_info(d, algorithm)
+        if not digests:
             return []
-        signatures: list[bytes] = await self._request("sign", (key_id, data))
+        signatures: list[bytes] = await self._request("sign", (key_id, list(digests), algorithm))
         return signatures
 
     async def destroy_key(self, key_id: str) -> None:
@@ -509,42 +483,22 @@ def main() -> int:
         forward.request_id = 0
         emit_frame(_frame(answer))
     with contextlib.suppress(Exception):
-        store._close_sync()
+        store.close_blocking()
     return 0
 
 
 def _operations(store: Pkcs11KeyStore) -> dict[str, Callable[..., Any]]:
-    """The child's operations: the in-process store's synchronous code, on this one thread."""
-    import functools
-
-    def call(fn: Callable[[Any], Any], retry: bool) -> Any:
-        # The in-process store's fail-fast (Pkcs11KeyStore._call), then its retrying call.
-        if store._down_since is not None and not store._reconnect_due():
-            raise store._unavailable()
-        return store._call_sync(fn, retry)
-
-    def generate(label: str, bits: int) -> GeneratedKey:
-        check_key_request(label, bits)
-        key: GeneratedKey = call(
-            functools.partial(store._generate_sync, label=label, bits=bits), False
-        )
-        return key
-
-    def get_key(key_id: str) -> None:
-        call(functools.partial(store._private_key, key_id), True)  # the key object stays here
-
+    """The child's operations: the in-process store's blocking API, on this one thread."""
     ops: dict[str, Callable[..., Any]] = {
-        "open": store._open_sync,
-        "close": store._close_sync,
-        "check": lambda: call(store._probe_sync, True),
-        "generate": generate,
-        "get_key": get_key,
-        "sign": lambda key_id, data: call(functools.partial(store._sign_sync, key_id, data), True),
-        "destroy": lambda key_id: call(functools.partial(store._destroy_sync, key_id), False),
-        "public_key": lambda key_id: call(
-            functools.partial(store._public_key_der_sync, key_id), True
-        ),
-        "attrs": lambda key_id: call(functools.partial(store._attributes_sync, key_id), True),
+        "open": store.open_blocking,
+        "close": store.close_blocking,
+        "check": store.check_blocking,
+        "generate": lambda label, bits: store.generate_rsa_key_blocking(label=label, bits=bits),
+        "get_key": store.find_key_blocking,  # the key object stays here
+        "sign": store.sign_digests_blocking,
+        "destroy": store.destroy_key_blocking,
+        "public_key": store.public_key_der_blocking,
+        "attrs": store.key_attributes_blocking,
     }
     assert set(ops) == _OPERATIONS
     return ops

@@ -650,46 +650,25 @@ class ClientCertificateService:
             certificate_delivery.c.id == row.id,
             certificate_delivery.c.token_hash == th,
         )
-        # Reserve the attempt BEFORE the (slow) password check, atomically: at most
-        # max_attempts guesses are ever checked, however many arrive at once. The right
+        # Reserve a check BEFORE the (slow) password check, atomically: at most max_attempts
+        # guesses are ever checked, however many arrive at once (delivery.ATTEMPTS). The right
         # password gives its reservation back when it consumes the file.
+        open_link = and_(
+            mine,
+            certificate_delivery.c.locked_at.is_(None),
+            certificate_delivery.c.downloaded_at.is_(None),
+        )
         async with self.db.write() as conn:
-            reserved = (
-                await conn.execute(
-                    update(certificate_delivery)
-                    .where(
-                        and_(
-                            mine,
-                            certificate_delivery.c.locked_at.is_(None),
-                            certificate_delivery.c.downloaded_at.is_(None),
-                            certificate_delivery.c.failed_attempts < max_attempts,
-                        )
-                    )
-                    .values(failed_attempts=certificate_delivery.c.failed_attempts + 1)
-                    .returning(certificate_delivery.c.failed_attempts)
-                )
-            ).one_or_none()
-        if reserved is None:
+            reserved = await delivery.ATTEMPTS.reserve(conn, open_link, max_attempts)
+        if not reserved:
             await self._refuse_now(th, now, max_attempts)
             raise delivery.locked_error(max_attempts)
-        failed = int(reserved.failed_attempts)
         ok = await asyncio.to_thread(delivery.verify_password, password, row.password_hash)
         if not ok:
             async with self.db.write() as conn:
-                locked = False
-                if failed >= max_attempts:
-                    res = await conn.execute(
-                        update(certificate_delivery)
-                        .where(
-                            and_(
-                                mine,
-                                certificate_delivery.c.locked_at.is_(None),
-                                certificate_delivery.c.downloaded_at.is_(None),
-                            )
-                        )
-                        .values(locked_at=now)
-                    )
-                    locked = res.rowcount == 1
+                failed, locked = await delivery.ATTEMPTS.failed_check(
+                    conn, mine, open_link, max_attempts, lock={"locked_at": now}
+                )
                 await self.audit.append(
                     conn,
                     action="delivery.locked" if locked else "delivery.wrong_password",
@@ -718,7 +697,7 @@ class ClientCertificateService:
                 .values(
                     p12_wrapped=None,
                     downloaded_at=now,
-                    failed_attempts=certificate_delivery.c.failed_attempts - 1,
+                    checking_attempts=certificate_delivery.c.checking_attempts - 1,
                 )
             )
             if res2.rowcount != 1:

@@ -8,15 +8,14 @@ password sent in a separate mail; a resend opens a new 14-day window. Here:
 - the PKCS#12 (itself encrypted under the p12 password that exists only on the printed notice)
   is wrapped with AES-256-GCM under ``certificates.delivery_key_file`` and deleted from the
   store the moment it is downloaded (or its certificate is revoked);
-- wrong passwords are counted in the store; at ``max_download_attempts`` the link locks until an
-  officer resends (new token, new password, new window).
+- wrong passwords are counted in the store (``ATTEMPTS``: a check is reserved before the slow
+  scrypt); at ``max_download_attempts`` wrong ones the link locks until an officer resends
+  (new token, new password, new window).
 """
 
 from __future__ import annotations
 
-import base64
 import hashlib
-import hmac
 import os
 import secrets
 from dataclasses import dataclass
@@ -29,43 +28,20 @@ from sqlalchemy import insert, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from gateway.errors import ConfigError, Conflict, GatewayError, Gone, Locked
+from gateway.passwords import AttemptLimit
+from gateway.passwords import hash_password as hash_password
+from gateway.passwords import verify_password as verify_password
 from gateway.store.schema import certificate_delivery, client_certificate
 
-_SCRYPT = {"n": 2**14, "r": 8, "p": 1}
 _WRAP_VERSION = b"hgw1"
+#: Wrong download passwords and the checks under way, per link (gateway/passwords.py).
+ATTEMPTS = AttemptLimit(
+    certificate_delivery, failed="failed_attempts", checking="checking_attempts"
+)
 
 
 def token_hash(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
-
-
-def hash_password(password: str) -> str:
-    salt = os.urandom(16)
-    dk = hashlib.scrypt(password.encode(), salt=salt, dklen=32, **_SCRYPT)
-    return "scrypt${n}${r}${p}${salt}${dk}".format(
-        **_SCRYPT,
-        salt=base64.b64encode(salt).decode(),
-        dk=base64.b64encode(dk).decode(),
-    )
-
-
-def verify_password(password: str, stored: str) -> bool:
-    """Constant-time check against an scrypt verifier (CPU-heavy: run it in a thread)."""
-    try:
-        scheme, n, r, p, salt_b64, dk_b64 = stored.split("$")
-        if scheme != "scrypt":
-            return False
-        dk = hashlib.scrypt(
-            password.encode(),
-            salt=base64.b64decode(salt_b64),
-            dklen=32,
-            n=int(n),
-            r=int(r),
-            p=int(p),
-        )
-    except (ValueError, TypeError):
-        return False
-    return hmac.compare_digest(dk, base64.b64decode(dk_b64))
 
 
 class P12Wrapper:
@@ -132,6 +108,7 @@ async def create_in(
             expires_at=expires,
             rounds=1,
             failed_attempts=0,
+            checking_attempts=0,
         )
     )
     return expires
@@ -184,6 +161,7 @@ async def reset_window_in(
                 expires_at=expires,
                 rounds=certificate_delivery.c.rounds + 1,
                 failed_attempts=0,
+                checking_attempts=0,
                 locked_at=None,
             )
             .returning(certificate_delivery.c.rounds)

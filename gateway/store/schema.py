@@ -192,7 +192,9 @@ certificate_delivery = Table(
     Column("window_started_at", UTCDateTime(), nullable=False),
     Column("expires_at", UTCDateTime(), nullable=False),
     Column("rounds", Integer, nullable=False, default=1),
+    # Wrong passwords checked, and password checks under way (gateway.passwords.AttemptLimit).
     Column("failed_attempts", Integer, nullable=False, default=0),
+    Column("checking_attempts", Integer, nullable=False, default=0, server_default="0"),
     Column("locked_at", UTCDateTime()),
     Column("downloaded_at", UTCDateTime()),
 )
@@ -231,7 +233,9 @@ enrollment = Table(
     Column("signer_id", String(40), ForeignKey("signer.id"), nullable=False, index=True),
     Column("code_hash", String(64), nullable=False, unique=True),
     Column("password_hash", String(200), nullable=False),
+    # Wrong passwords checked, and password checks under way (gateway.passwords.AttemptLimit).
     Column("failed_tries", Integer, nullable=False, default=0),
+    Column("checking_tries", Integer, nullable=False, default=0, server_default="0"),
     Column("status", String(20), nullable=False),  # active | locked | used | revoked
     Column("expires_at", UTCDateTime(), nullable=False),
     Column("created_at", UTCDateTime(), nullable=False),
@@ -262,6 +266,8 @@ webauthn_challenge = Table(
     Column("enrollment_id", Integer, ForeignKey("enrollment.id")),
     Column("credential_id", String(40)),  # the CSC credential (authenticate)
     Column("binding", Text, nullable=False),  # canonical JSON the challenge commits to
+    # The state python-fido2's *_begin returned, as JSON, handed back to *_complete as is.
+    Column("fido2_state", Text),
     Column("created_at", UTCDateTime(), nullable=False),
     Column("expires_at", UTCDateTime(), nullable=False, index=True),
     Column("used_at", UTCDateTime()),
@@ -276,6 +282,8 @@ sad = Table(
     Column("signer_id", String(40), ForeignKey("signer.id"), nullable=False),
     Column("credential_id", String(40), ForeignKey("credential.id"), nullable=False),
     Column("fido_credential_id", String(40)),
+    # How the signer proved presence (gateway.signing.grant.PRESENCE_*).
+    Column("presence", String(20), nullable=False, default="fido2", server_default="fido2"),
     Column("hash_algorithm", String(40)),  # OID; NULL for a signing session (SCAL 1)
     Column("scal", String(1), nullable=False),
     Column("num_signatures", Integer, nullable=False),

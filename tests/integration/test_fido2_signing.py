@@ -12,6 +12,8 @@ import asyncio
 import base64
 import json
 import ssl
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -200,25 +202,46 @@ def test_info_advertises_methods(csc: Csc) -> None:
 # -- bad assertions: each refused, audited, nothing issued ------------------------------------
 
 
-AUTHORIZE_CASES = [
-    "replayed_assertion",
-    "assertion_for_other_hashes",
-    "other_num_signatures",
-    "wrong_origin",
-    "wrong_rp_id",
-    "uv_flag_missing",
-    "up_flag_missing",
-    "sign_count_regression",
-    "expired_challenge",
-    "unknown_challenge",
-    "tampered_signature",
-    "other_facility",
-]
+@dataclass(frozen=True)
+class Refusal:
+    """One bad assertion: how it is made, and the text it is refused with."""
+
+    expected: str
+    assertion: Mapping[str, Any] = field(default_factory=dict)  # SoftAuthenticator.get kwargs
+    send: str = "approved"  # hashes sent to authorize: approved | other | first_only
+    by_pharmacy: bool = False  # relayed by another facility
+    challenge_age: int = 0  # seconds before now that begin happened
+    replay: bool = False  # the assertion is used once (accepted), then again
+    stale_counter: bool = False  # the server saw a newer sign count first
+    tamper: bool = False  # one bit of the signature flipped
 
 
-@pytest.mark.parametrize("case", AUTHORIZE_CASES)
+AUTHORIZE_REFUSALS = {
+    "replayed_assertion": Refusal("challenge was already used", replay=True),
+    "assertion_for_other_hashes": Refusal(
+        "the assertion does not approve this request", send="other"
+    ),
+    "other_num_signatures": Refusal(
+        "the assertion does not approve this request", send="first_only"
+    ),
+    "wrong_origin": Refusal("Invalid origin", {"origin": "https://evil.example"}),
+    "wrong_rp_id": Refusal("Wrong RP ID hash", {"rp_id": "evil.example"}),
+    "uv_flag_missing": Refusal("User verification required", {"flags": FLAG.UP}),
+    "up_flag_missing": Refusal("User Present flag not set", {"flags": FLAG.UV}),
+    "sign_count_regression": Refusal("sign count", stale_counter=True),
+    "expired_challenge": Refusal("challenge expired", challenge_age=121),
+    "unknown_challenge": Refusal(
+        "unknown challenge",
+        {"challenge": base64.urlsafe_b64encode(bytes(48)).decode().rstrip("=")},
+    ),
+    "tampered_signature": Refusal("Invalid signature", tamper=True),
+    "other_facility": Refusal("the challenge was issued to another facility", by_pharmacy=True),
+}
+
+
+@pytest.mark.parametrize("case", list(AUTHORIZE_REFUSALS.values()), ids=list(AUTHORIZE_REFUSALS))
 def test_authorize_refuses(
-    case: str,
+    case: Refusal,
     doctor: Any,
     csc: Csc,
     pharmacy_csc: Csc,
@@ -229,10 +252,7 @@ def test_authorize_refuses(
     cred = doc["credential_id"]
     hashes = random_hashes(2)
     before = asyncio.run(_audit_count(sandbox["config"], "sad.refused"))
-    caller = csc
-    send_hashes = hashes
-    n: int | None = None
-    if case == "expired_challenge":
+    if case.challenge_age:
 
         async def old_options() -> dict[str, Any]:
             async with services(sandbox["config"]) as svc:
@@ -245,7 +265,7 @@ def test_authorize_refuses(
                     hashes=hashes,
                     hash_algorithm_oid=SHA256,
                     num_signatures=2,
-                    now=datetime.now(UTC) - timedelta(seconds=121),
+                    now=datetime.now(UTC) - timedelta(seconds=case.challenge_age),
                 )
                 return options["publicKey"]  # type: ignore[no-any-return]
 
@@ -254,54 +274,24 @@ def test_authorize_refuses(
         r = csc.begin(cred, hashes)
         assert r.status == 200, r.body
         pk = r.json()["publicKey"]
-    kw: dict[str, Any] = {}
-    expected = ""
-    if case == "replayed_assertion":
-        assertion = auth.get(pk)
-        assert csc.authorize_raw(cred, hashes, assertion).status == 200
-        expected = "challenge was already used"
-    elif case == "assertion_for_other_hashes":
-        send_hashes = random_hashes(2)
-        expected = "the assertion does not approve this request"
-    elif case == "other_num_signatures":
-        send_hashes = [hashes[0]]
-        expected = "the assertion does not approve this request"
-    elif case == "wrong_origin":
-        kw["origin"] = "https://evil.example"
-        expected = "Invalid origin"
-    elif case == "wrong_rp_id":
-        kw["rp_id"] = "evil.example"
-        expected = "Wrong RP ID hash"
-    elif case == "uv_flag_missing":
-        kw["flags"] = FLAG.UP
-        expected = "User verification required"
-    elif case == "up_flag_missing":
-        kw["flags"] = FLAG.UV
-        expected = "User Present flag not set"
-    elif case == "sign_count_regression":
+    kw = dict(case.assertion)
+    if case.stale_counter:
         csc.authorize(cred, random_hashes(1), auth)  # the server now stores auth.sign_count
         kw["counter"] = auth.sign_count  # not greater than the stored counter
-        expected = "sign count"
-    elif case == "expired_challenge":
-        expected = "challenge expired"
-    elif case == "unknown_challenge":
-        kw["challenge"] = base64.urlsafe_b64encode(bytes(48)).decode().rstrip("=")
-        expected = "unknown challenge"
-    elif case == "other_facility":
-        caller = pharmacy_csc
-        expected = "the challenge was issued to another facility"
-    if case != "replayed_assertion":
-        assertion = auth.get(pk, **kw)
-    if case == "tampered_signature":
+    assertion = auth.get(pk, **kw)
+    if case.replay:
+        assert csc.authorize_raw(cred, hashes, assertion).status == 200
+    if case.tamper:
         sig = bytearray(base64.urlsafe_b64decode(assertion["response"]["signature"] + "=="))
         sig[-1] ^= 1
         assertion["response"]["signature"] = base64.urlsafe_b64encode(bytes(sig)).decode()
-        expected = "Invalid signature"
-    r = caller.authorize_raw(cred, send_hashes, assertion, n=n)
+    send = {"approved": hashes, "other": random_hashes(2), "first_only": [hashes[0]]}[case.send]
+    caller = pharmacy_csc if case.by_pharmacy else csc
+    r = caller.authorize_raw(cred, send, assertion)
     assert r.status == 400, r.body
     body = r.json()
     assert body["error"] == "invalid_request"
-    assert expected in body["error_description"], body
+    assert case.expected in body["error_description"], body
     assert "SAD" not in body
     after = asyncio.run(_audit_count(sandbox["config"], "sad.refused"))
     assert after == before + 1
@@ -477,7 +467,7 @@ def test_sad_expires(
             fid = await _facility_id(svc, hospital["institution_code"])
             try:
                 async with svc.db.write() as conn:
-                    await svc.activation.consume(
+                    await svc.activation.ledger.consume(
                         conn,
                         sad=sad,
                         facility_id=fid,

@@ -1,4 +1,6 @@
-"""Pkcs11KeyStore against a real SoftHSM2 token.
+"""Pkcs11KeyStore against a real SoftHSM2 token: what only the in-process store does (its
+PKCS#11 thread, outages and reconnects, raw attacks on the key). The KeyStore contract itself is
+tests/integration/test_keystore_contract.py, run against every store.
 
 The whole pytest process shares ONE SoftHSM configuration (python-pkcs11 loads the module once
 per process, and SoftHSM reads SOFTHSM2_CONF only at C_Initialize): the token comes from
@@ -11,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
-import os
 import subprocess
 import sys
 import threading
@@ -26,9 +27,9 @@ from cryptography.hazmat.primitives.asymmetric import padding, rsa, utils
 from pkcs11 import Attribute, ObjectClass
 from pkcs11 import exceptions as p11x
 
-from gateway.errors import ConfigError, HsmUnavailable, KeyNotFound
-from gateway.hsm.api import DigestAlgorithm, GeneratedKey, KeyHandle, KeyStore
-from gateway.hsm.pkcs11 import Pkcs11KeyHandle, Pkcs11KeyStore
+from gateway.errors import ConfigError, HsmUnavailable
+from gateway.hsm.api import DigestAlgorithm, GeneratedKey
+from gateway.hsm.pkcs11 import Pkcs11KeyStore
 from tests.support.softhsm import SOFTHSM_MODULE, SoftHsmToken, make_token, process_token
 
 pytestmark = pytest.mark.hsm
@@ -91,11 +92,6 @@ async def on_pkcs11_thread(store: Pkcs11KeyStore, fn: Callable[[Any], T]) -> T:
     return await store._run(lambda: fn(store._ensure_session()))
 
 
-def test_store_implements_protocols(store: Pkcs11KeyStore) -> None:
-    assert isinstance(store, KeyStore)
-    assert isinstance(Pkcs11KeyHandle(store, "00"), KeyHandle)
-
-
 async def test_generated_key_is_sensitive_and_never_extractable(
     store: Pkcs11KeyStore, generated: GeneratedKey
 ) -> None:
@@ -141,31 +137,6 @@ async def test_generated_key_is_sensitive_and_never_extractable(
     assert outcome["PRIVATE_EXPONENT"] == "AttributeSensitive"
 
 
-@pytest.mark.parametrize("algorithm", list(DigestAlgorithm))
-async def test_signatures_verify(
-    store: Pkcs11KeyStore, generated: GeneratedKey, algorithm: DigestAlgorithm
-) -> None:
-    handle = await store.get_key(generated.key_id)
-    assert handle.key_id == generated.key_id
-    digest = hashlib.new(algorithm.hashlib_name, b"prescription 42").digest()
-    signature = await handle.sign_digest(digest, algorithm)
-    assert len(signature) == 256
-    verify(generated.public_key_der, signature, digest, algorithm)
-
-
-async def test_wrong_digest_length_is_value_error(
-    store: Pkcs11KeyStore, generated: GeneratedKey
-) -> None:
-    handle = await store.get_key(generated.key_id)
-    with pytest.raises(ValueError, match="SHA384"):
-        await handle.sign_digest(b"\x00" * 32, DigestAlgorithm.SHA384)
-    with pytest.raises(ValueError):
-        await handle.sign_digest(b"", DigestAlgorithm.SHA256)
-    assert isinstance(handle, Pkcs11KeyHandle)
-    with pytest.raises(ValueError):
-        await handle.sign_digests([b"\x00" * 32, b"\x00" * 31], DigestAlgorithm.SHA256)
-
-
 async def test_200_concurrent_signatures(store: Pkcs11KeyStore, generated: GeneratedKey) -> None:
     handle = await store.get_key(generated.key_id)
     digests = [hashlib.sha256(i.to_bytes(4, "big")).digest() for i in range(200)]
@@ -179,56 +150,6 @@ async def test_200_concurrent_signatures(store: Pkcs11KeyStore, generated: Gener
     thread_name = await store._run(lambda: threading.current_thread().name)
     assert thread_name.startswith("pkcs11")
     print(f"200 concurrent sign_digest: {elapsed * 1000:.0f} ms ({200 / elapsed:.0f}/s)")
-
-
-async def test_batch_sign_digests(store: Pkcs11KeyStore, generated: GeneratedKey) -> None:
-    handle = await store.get_key(generated.key_id)
-    assert isinstance(handle, Pkcs11KeyHandle)
-    digests = [hashlib.sha512(i.to_bytes(4, "big")).digest() for i in range(500)]
-    started = time.perf_counter()
-    signatures = await handle.sign_digests(digests, DigestAlgorithm.SHA512)
-    elapsed = time.perf_counter() - started
-    assert len(signatures) == len(digests)
-    for digest, signature in zip(digests, signatures, strict=True):
-        verify(generated.public_key_der, signature, digest, DigestAlgorithm.SHA512)
-    assert await handle.sign_digests([], DigestAlgorithm.SHA512) == []
-    print(f"batch of 500: {elapsed * 1000:.0f} ms ({500 / elapsed:.0f}/s)")
-
-
-async def test_store_sign_digests_concurrent_callers(
-    store: Pkcs11KeyStore, generated: GeneratedKey
-) -> None:
-    """Lookup + sign in one hop, jobs of concurrent callers signed back to back (more than one
-    work item's worth): each caller gets its own signatures, and a caller's error (unknown
-    key, digest of the wrong length) is its own."""
-    jobs = [
-        [hashlib.sha256(f"{i}/{j}".encode()).digest() for j in range(1 + i % 3)] for i in range(150)
-    ]
-    unknown = os.urandom(16).hex()
-    results = await asyncio.gather(
-        *(store.sign_digests(generated.key_id, d, DigestAlgorithm.SHA256) for d in jobs),
-        store.sign_digests(unknown, [jobs[0][0]], DigestAlgorithm.SHA256),
-        store.sign_digests(generated.key_id, [b"\x00" * 31], DigestAlgorithm.SHA256),
-        return_exceptions=True,
-    )
-    *signed, missing, short = results
-    assert isinstance(missing, KeyNotFound)
-    assert isinstance(short, ValueError)
-    for digests, signatures in zip(jobs, signed, strict=True):
-        assert isinstance(signatures, list) and len(signatures) == len(digests)
-        for digest, signature in zip(digests, signatures, strict=True):
-            verify(generated.public_key_der, signature, digest, DigestAlgorithm.SHA256)
-    assert await store.sign_digests(generated.key_id, [], DigestAlgorithm.SHA256) == []
-
-
-async def test_unknown_key_is_key_not_found(store: Pkcs11KeyStore) -> None:
-    with pytest.raises(KeyNotFound, match=f"not found on token {LABEL}"):
-        await store.get_key(os.urandom(16).hex())
-    with pytest.raises(KeyNotFound):
-        await store.get_key("not-hex")
-    with pytest.raises(KeyNotFound):
-        await store.public_key_der(os.urandom(16).hex())
-    await store.check()  # a missing key says nothing about the token's health
 
 
 async def test_token_outage_and_recovery_with_the_same_store(
@@ -345,32 +266,3 @@ async def test_init_token_is_idempotent(
         digest,
         DigestAlgorithm.SHA256,
     )
-
-
-async def test_unknown_token_label_is_unavailable(token: SoftHsmToken) -> None:
-    ks = Pkcs11KeyStore(
-        module_path=SOFTHSM_MODULE,
-        token_label="no-such-token",
-        pin=token.pin,
-        softhsm_conf=token.conf,
-        retry_after=9,
-        reconnect_interval=60,
-    )
-    with pytest.raises(HsmUnavailable) as info:
-        await ks.open()
-    assert info.value.retry_after == 9
-    started = time.perf_counter()
-    with pytest.raises(HsmUnavailable):
-        await ks.check()  # within reconnect_interval: fails fast, no new attempt
-    assert time.perf_counter() - started < 0.05
-    await ks.close()
-
-
-async def test_destroy_key_removes_both_halves(store: Pkcs11KeyStore) -> None:
-    key = await store.generate_rsa_key(label="to-destroy")
-    await store.get_key(key.key_id)
-    await store.destroy_key(key.key_id)
-    with pytest.raises(KeyNotFound):
-        await store.get_key(key.key_id)
-    with pytest.raises(KeyNotFound):
-        await store.public_key_der(key.key_id)

@@ -1,7 +1,8 @@
 """SignerProcessKeyStore: the PKCS#11 session in a child process, against a real SoftHSM2 token.
 
-The child runs ``Pkcs11KeyStore``, whose own behaviour ``test_hsm.py`` covers in depth; these
-tests check what the process boundary adds: the same results, errors, texts and log lines on the
+The child runs ``Pkcs11KeyStore``, whose own behaviour ``test_hsm.py`` covers in depth, and the
+KeyStore contract runs against both stores in ``test_keystore_contract.py``; these tests check
+what the process boundary adds: the same results, errors, texts and log lines on the
 worker side, a child that dies with its worker, and a new child when it dies.
 """
 
@@ -22,9 +23,9 @@ import pytest
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa, utils
 
-from gateway.errors import HsmUnavailable, KeyNotFound
-from gateway.hsm.api import DigestAlgorithm, GeneratedKey, KeyHandle, KeyStore
-from gateway.hsm.signer_process import SignerProcessKeyHandle, SignerProcessKeyStore
+from gateway.errors import HsmUnavailable
+from gateway.hsm.api import DigestAlgorithm, GeneratedKey
+from gateway.hsm.signer_process import SignerProcessKeyStore
 from tests.support.softhsm import SOFTHSM_MODULE, SoftHsmToken, process_token
 
 pytestmark = pytest.mark.hsm
@@ -83,63 +84,6 @@ def alive(pid: int) -> bool:
     # A zombie still answers kill(0): count it as gone.
     with open(f"/proc/{pid}/stat") as f:
         return f.read().split(") ", 1)[1][0] != "Z"
-
-
-async def test_sign_verify_and_errors_through_the_process(
-    store: SignerProcessKeyStore, generated: GeneratedKey
-) -> None:
-    assert isinstance(store, KeyStore)
-    handle = await store.get_key(generated.key_id)
-    assert isinstance(handle, KeyHandle) and isinstance(handle, SignerProcessKeyHandle)
-    assert handle.key_id == generated.key_id
-    for algorithm in DigestAlgorithm:
-        digest = hashlib.new(algorithm.hashlib_name, b"prescription 42").digest()
-        verify(
-            generated.public_key_der,
-            await handle.sign_digest(digest, algorithm),
-            digest,
-            algorithm,
-        )
-    assert await store.public_key_der(generated.key_id) == generated.public_key_der
-    attrs = await store.key_attributes(generated.key_id)
-    assert attrs["SENSITIVE"] and not attrs["EXTRACTABLE"] and attrs["NEVER_EXTRACTABLE"]
-    with pytest.raises(ValueError, match="SHA384"):
-        await handle.sign_digest(b"\x00" * 32, DigestAlgorithm.SHA384)
-    with pytest.raises(ValueError, match="unsupported RSA key size"):
-        await store.generate_rsa_key(label="x", bits=1024)
-    unknown = os.urandom(16).hex()
-    with pytest.raises(KeyNotFound, match=f"signing key {unknown} not found on token {LABEL}"):
-        await store.get_key(unknown)
-    with pytest.raises(KeyNotFound):
-        await store.public_key_der(unknown)
-    await store.check()
-    assert await store.sign_digests(generated.key_id, [], DigestAlgorithm.SHA256) == []
-
-
-async def test_concurrent_callers_get_their_own_results(
-    store: SignerProcessKeyStore, generated: GeneratedKey
-) -> None:
-    jobs = [
-        [hashlib.sha256(f"{i}/{j}".encode()).digest() for j in range(1 + i % 3)] for i in range(150)
-    ]
-    results = await asyncio.gather(
-        *(store.sign_digests(generated.key_id, d, DigestAlgorithm.SHA256) for d in jobs),
-        store.sign_digests(os.urandom(16).hex(), [jobs[0][0]], DigestAlgorithm.SHA256),
-        store.sign_digests(generated.key_id, [b"\x00" * 31], DigestAlgorithm.SHA256),
-        return_exceptions=True,
-    )
-    *signed, missing, short = results
-    assert isinstance(missing, KeyNotFound)
-    assert isinstance(short, ValueError)
-    for digests, signatures in zip(jobs, signed, strict=True):
-        assert isinstance(signatures, list) and len(signatures) == len(digests)
-        for digest, signature in zip(digests, signatures, strict=True):
-            verify(generated.public_key_der, signature, digest, DigestAlgorithm.SHA256)
-    key = await store.get_key(generated.key_id)
-    batch = [hashlib.sha512(i.to_bytes(4, "big")).digest() for i in range(300)]
-    signatures = await key.sign_digests(batch, DigestAlgorithm.SHA512)
-    assert len(signatures) == 300
-    verify(generated.public_key_der, signatures[-1], batch[-1], DigestAlgorithm.SHA512)
 
 
 async def test_token_outage_and_recovery(
@@ -275,15 +219,3 @@ except HsmUnavailable as e:
     assert result.stdout.strip() == "unavailable 7 HSM token unavailable"
     assert "refused the PIN" in result.stderr
     assert "99999999" not in result.stderr
-
-
-async def test_unknown_token_label_fails_fast(token: SoftHsmToken) -> None:
-    ks = make_store(token, token_label="no-such-token", retry_after=9, reconnect_interval=60)
-    with pytest.raises(HsmUnavailable) as info:
-        await ks.open()
-    assert info.value.retry_after == 9
-    started = time.perf_counter()
-    with pytest.raises(HsmUnavailable):
-        await ks.check()
-    assert time.perf_counter() - started < 0.05
-    await ks.close()

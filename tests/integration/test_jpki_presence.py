@@ -482,7 +482,13 @@ async def _link(sandbox: dict[str, Any], signer_id: str, der: bytes) -> str:
 
     settings = load_settings(sandbox["config"], environ={})
     async with services(sandbox["config"]) as svc:
-        jpki = make_jpki(settings, db=svc.db, audit=svc.activation.audit, fido2=svc.fido2)
+        jpki = make_jpki(
+            settings,
+            db=svc.db,
+            audit=svc.activation.audit,
+            fido2=svc.fido2,
+            ledger=svc.activation.ledger,
+        )
         link = await jpki.link(signer_id, der, actor="test")
     return link.id
 
@@ -515,6 +521,7 @@ def test_revoked_by_crl_source(sandbox: dict[str, Any]) -> None:
             db=None,  # type: ignore[arg-type] - certificate checks touch no database
             audit=None,  # type: ignore[arg-type]
             fido2=None,  # type: ignore[arg-type]
+            ledger=None,  # type: ignore[arg-type]
             trust_anchors=[ca.cert],
             revocation=CrlRevocation(files=[crl_dir / "jpki.crl", crl_dir / "rogue.crl"]),
             on_revocation_unavailable="accept" if accept else "refuse",
@@ -535,6 +542,7 @@ def test_revoked_by_crl_source(sandbox: dict[str, Any]) -> None:
             db=None,  # type: ignore[arg-type]
             audit=None,  # type: ignore[arg-type]
             fido2=None,  # type: ignore[arg-type]
+            ledger=None,  # type: ignore[arg-type]
             trust_anchors=[stranger_ca.cert],
             revocation=CrlRevocation(files=[crl_dir / "jpki.crl"]),
             on_revocation_unavailable="accept" if accept else "refuse",

@@ -9,7 +9,6 @@ import textwrap
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, cast
 
 import pytest
 from alembic.autogenerate import compare_metadata
@@ -17,12 +16,12 @@ from alembic.migration import MigrationContext
 from sqlalchemy import Connection
 
 from gateway.audit import AuditLog
-from gateway.auth.activation import SignatureActivation, SignRequest, token_hash
 from gateway.auth.mtls import identify
 from gateway.errors import AccessDenied, Conflict
 from gateway.hsm.api import DigestAlgorithm
 from gateway.lifecycle.facilities import FacilityRegistry
 from gateway.sandbox import testworld
+from gateway.signing.ledger import SadLedger, SignRequest, token_hash
 from gateway.store.db import Database
 from gateway.store.schema import metadata
 from tests.support.postgres import postgres_cluster
@@ -235,8 +234,8 @@ def _sign_request(token: str, fid: int, h: bytes, credential_id: str = "cred-1")
     )
 
 
-def _activation(db: Database, audit: AuditLog) -> SignatureActivation:
-    return SignatureActivation(db=db, audit=audit, fido2=cast(Any, None))  # no FIDO2 here
+def _activation(db: Database, audit: AuditLog) -> SadLedger:
+    return SadLedger(db=db, audit=audit)
 
 
 def test_grouped_consumption_checks_each_request_and_audits_each(url: str) -> None:
@@ -473,3 +472,48 @@ def test_a_worker_imports_neither_alembic_nor_pyhanko_nor_pkcs11() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]", out.stdout
+
+
+def test_a_grant_from_another_presence_method_is_issued_and_spent_the_same_way(url: str) -> None:
+    """The seam a My Number card authenticator plugs into: a Grant with presence "jpki" and
+    SCAL 2, issued by the ledger, spends exactly like a FIDO2 one and says how presence was
+    proved; a hash outside it is refused."""
+    from gateway.errors import InvalidRequest
+    from gateway.signing.grant import PRESENCE_JPKI, Grant
+
+    h1, h2 = bytes([7]) * 32, bytes([8]) * 32
+
+    async def go() -> None:
+        db = await _fresh(url)
+        ledger = SadLedger(db=db, audit=AuditLog())
+        try:
+            fid, _ = await _signing_world(db, sads=0, hashes=[])
+            now = datetime.now(UTC)
+            grant = Grant(
+                facility_id=fid,
+                signer_id="sgn-1",
+                credential_id="cred-1",
+                hashes=(h1,),
+                hash_algorithm=DigestAlgorithm.SHA256,
+                count=1,
+                scal="2",
+                presence=PRESENCE_JPKI,
+                presence_ref=None,
+                ttl=timedelta(minutes=5),
+                evidence={"card": "test"},
+            )
+            async with db.write() as conn:
+                issued = await ledger.issue(
+                    conn, grant, actor="facility:1310000011", facility_code="1310000011", now=now
+                )
+            assert (issued.scal, issued.num_signatures, issued.expires_in) == ("2", 1, 300)
+            with pytest.raises(InvalidRequest, match="Hash is not authorized by the SAD"):
+                await ledger.consume_and_audit(_sign_request(issued.token, fid, h2))
+            spent = await ledger.consume_and_audit(_sign_request(issued.token, fid, h1))
+            assert (spent.presence, spent.scal, spent.hashes) == ("jpki", "2", (h1,))
+            with pytest.raises(InvalidRequest, match="Number of signatures exceeds"):
+                await ledger.consume_and_audit(_sign_request(issued.token, fid, h1))
+        finally:
+            await db.close()
+
+    asyncio.run(go())

@@ -15,14 +15,15 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from gateway.errors import HsmUnavailable
-from gateway.hsm.pkcs11 import Pkcs11KeyHandle, Pkcs11KeyStore
+from gateway.hsm.api import StoreKeyHandle
+from gateway.hsm.pkcs11 import Pkcs11KeyStore
 from gateway.sandbox import testworld
 
 
 @dataclass
 class SignWorld:
     store: Pkcs11KeyStore
-    key: Pkcs11KeyHandle
+    key: StoreKeyHandle
     root: testworld.CertAndKey
     ca: testworld.CertAndKey
     cert: x509.Certificate
@@ -56,7 +57,7 @@ def _issue(ca: testworld.CertAndKey, spki: bytes, role: str, name: str) -> x509.
 def make_sign_world(
     *, module_path: str, token_label: str, pin: str, conf: Path, directory: Path
 ) -> SignWorld:
-    async def setup() -> tuple[Pkcs11KeyStore, Pkcs11KeyHandle, bytes]:
+    async def setup() -> tuple[Pkcs11KeyStore, StoreKeyHandle, bytes]:
         store = Pkcs11KeyStore(
             module_path=module_path, token_label=token_label, pin=pin, softhsm_conf=conf
         )
@@ -69,7 +70,7 @@ def make_sign_world(
             await store.open()
         gen = await store.generate_rsa_key(label="issue4-signer")
         key = await store.get_key(gen.key_id)
-        assert isinstance(key, Pkcs11KeyHandle)
+        assert isinstance(key, StoreKeyHandle)
         return store, key, gen.public_key_der
 
     store, key, spki = asyncio.run(setup())

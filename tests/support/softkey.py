@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from cryptography import x509
@@ -20,7 +21,7 @@ _HASHES = {
 
 
 class SoftwareKeyHandle:
-    """KeyHandle over a cryptography RSA key: same contract as Pkcs11KeyHandle."""
+    """KeyHandle over a cryptography RSA key: same contract as the key stores' handles."""
 
     def __init__(self, key: rsa.RSAPrivateKey) -> None:
         self.key = key
@@ -31,6 +32,11 @@ class SoftwareKeyHandle:
 
     async def sign_digest(self, digest: bytes, algorithm: DigestAlgorithm) -> bytes:
         return self.key.sign(digest, padding.PKCS1v15(), utils.Prehashed(_HASHES[algorithm]))
+
+    async def sign_digests(
+        self, digests: Sequence[bytes], algorithm: DigestAlgorithm
+    ) -> list[bytes]:
+        return [await self.sign_digest(d, algorithm) for d in digests]
 
 
 @dataclass

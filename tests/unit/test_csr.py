@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
@@ -41,6 +42,11 @@ class SoftKeyHandle:
         self.calls.append((digest, algorithm))
         hash_algorithm = _HASHES[algorithm]
         return self._key.sign(digest, padding.PKCS1v15(), utils.Prehashed(hash_algorithm))
+
+    async def sign_digests(
+        self, digests: Sequence[bytes], algorithm: DigestAlgorithm
+    ) -> list[bytes]:
+        return [await self.sign_digest(d, algorithm) for d in digests]
 
 
 def _spki(key: rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey) -> bytes:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.auth.activation import SigningSessionPolicy, token_hash
+from gateway.auth.activation import SigningSessionPolicy
 from gateway.auth.fido2 import (
     bound_challenge,
     canonical_binding,
@@ -20,6 +20,7 @@ from gateway.auth.fido2 import (
 )
 from gateway.config import load_settings
 from gateway.errors import ConfigError
+from gateway.signing.ledger import token_hash
 
 
 def test_binding_is_the_documented_canonical_json() -> None:

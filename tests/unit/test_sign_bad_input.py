@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import datetime as dt
+from collections.abc import Sequence
 from typing import Any
 
 import pytest
@@ -32,6 +33,12 @@ class RecordingKey:
     async def sign_digest(self, digest: bytes, algorithm: DigestAlgorithm) -> bytes:
         self.calls += 1
         return b"\x00" * 256
+
+    async def sign_digests(
+        self, digests: Sequence[bytes], algorithm: DigestAlgorithm
+    ) -> list[bytes]:
+        self.calls += len(digests)
+        return [b"\x00" * 256 for _ in digests]
 
 
 @pytest.fixture(scope="module")

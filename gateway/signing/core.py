@@ -1,0 +1,346 @@
+"""The signing service: spend a SAD, sign with the credential's key, refund, audit.
+
+The one place where a key is used for a signer (cf. step-ca ``authority/tls.go``
+``SignWithContext``, which enforces what the provisioner's sign options returned). Every
+signing endpoint calls it after decoding and validating its input:
+
+1. ``SadLedger.consume_and_audit`` spends the SAD on exactly the digests of the request and
+   commits the audit event (grouped with concurrent requests into one transaction) before the
+   key is touched; a refusal comes back already audited.
+2. The key is reached through ``hsm.api.KeyStore`` only, wrapped in a ``GrantedKey`` that signs
+   nothing outside what was spent: for signHash exactly the spent multiset of digests, for
+   signDoc at most one signature per spent document digest (the format code signs digests it
+   derives from the document, e.g. CAdES signed attributes).
+3. If no signature could be produced (HSM down, TSA down, role not permitted, malformed
+   document) the spent count is refunded, the failure audited, and the error raised; nothing
+   is returned.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from cryptography import x509
+from sqlalchemy import select
+
+from gateway.audit import AuditLog
+from gateway.clock import Clock
+from gateway.errors import GatewayError, InvalidRequest, PayloadTooLarge, PkiError
+from gateway.hsm.api import DigestAlgorithm, KeyHandle, KeyStore, StoreKeyHandle
+from gateway.sign import service
+from gateway.sign.timestamp import Rfc3161Client
+from gateway.signing.grant import Caller, SignatureGrant
+from gateway.signing.ledger import SadLedger, SignRequest
+from gateway.signing.rules import certificate
+from gateway.store.db import Database
+from gateway.store.schema import credential
+
+
+class OutsideGrant(GatewayError):
+    """A digest the grant does not cover reached the key: a bug, never the client's doing."""
+
+    status = 500
+
+
+class GrantedKey:
+    """The credential's key, limited to what one request spent of its grant."""
+
+    __slots__ = ("_digests", "_key", "_left")
+
+    def __init__(
+        self, key: KeyHandle, *, budget: int, digests: Sequence[bytes] | None = None
+    ) -> None:
+        self._key = key
+        self._left = budget
+        self._digests = Counter(digests) if digests is not None else None
+
+    @property
+    def key_id(self) -> str:
+        return self._key.key_id
+
+    def _take(self, digests: Sequence[bytes]) -> None:
+        if len(digests) > self._left:
+            raise OutsideGrant("more signatures than the SAD granted")
+        if self._digests is not None:
+            wanted = Counter(digests)
+            if any(self._digests[d] < k for d, k in wanted.items()):
+                raise OutsideGrant("a digest outside the SAD's hashes")
+            self._digests.subtract(wanted)
+        self._left -= len(digests)
+
+    async def sign_digest(self, digest: bytes, algorithm: DigestAlgorithm) -> bytes:
+        self._take([digest])
+        return await self._key.sign_digest(digest, algorithm)
+
+    async def sign_digests(
+        self, digests: Sequence[bytes], algorithm: DigestAlgorithm
+    ) -> list[bytes]:
+        self._take(digests)
+        return await self._key.sign_digests(digests, algorithm)
+
+
+@dataclass(frozen=True, kw_only=True)
+class DocumentJob:
+    """One signature to build (sign/service.py ``sign_document``); ``digest`` is what the SAD
+    authorizes for it: SHA-256 of ``document`` as sent, or ``document_digest``."""
+
+    digest: bytes
+    signature_format: str
+    conformance_level: str
+    envelope: str | None
+    document: bytes | None
+    document_digest: bytes | None = None
+    profile: str | None = None
+    csv_encoding: str = "utf-8"
+
+
+class SigningService:
+    """Spends SADs and signs (see the module docstring)."""
+
+    def __init__(
+        self,
+        *,
+        db: Database,
+        audit: AuditLog,
+        ledger: SadLedger,
+        keystore: KeyStore,
+        clock: Clock,
+        policy: service.SigningPolicy,
+        tsa: Rfc3161Client | None,
+    ) -> None:
+        self.db = db
+        self.audit = audit
+        self.ledger = ledger
+        self.keystore = keystore
+        self.clock = clock
+        self.policy = policy
+        self.tsa = tsa
+
+    async def refused(
+        self, caller: Caller, *, action: str, reason: str, detail: Mapping[str, Any]
+    ) -> None:
+        """Audit a request refused before it reached the ledger (bad input)."""
+        async with self.db.write() as conn:
+            await self.audit.append(
+                conn,
+                action=action,
+                actor=caller.actor,
+                facility_code=caller.institution_code,
+                detail={"reason": reason, **detail},
+                now=self.clock(),
+            )
+
+    def check_document(
+        self,
+        *,
+        signature_format: str,
+        conformance_level: str,
+        envelope: str | None,
+        profile: str | None,
+        size: int | None,
+    ) -> None:
+        """Refuse what cannot be signed, before any SAD is spent."""
+        if conformance_level == "AdES-B-T" and self.tsa is None:
+            raise InvalidRequest("AdES-B-T needs a timestamp authority, and none is configured")
+        if size is not None and size > self.policy.max_document_bytes:
+            raise PayloadTooLarge(
+                f"document of {size} bytes is over the limit of "
+                f"{self.policy.max_document_bytes} bytes"
+            )
+        service.check_request(signature_format, conformance_level, envelope, profile)
+
+    # -- signHash ---------------------------------------------------------------------------
+
+    async def sign_hashes(
+        self,
+        caller: Caller,
+        *,
+        sad: str,
+        credential_id: str,
+        hashes: Sequence[bytes],
+        algorithm: DigestAlgorithm,
+        refused_detail: Mapping[str, Any],
+    ) -> list[bytes]:
+        """Spend ``sad`` on ``hashes`` and return their signatures, in order."""
+        spent = await self._spend(
+            caller,
+            sad=sad,
+            credential_id=credential_id,
+            hashes=hashes,
+            algorithm=algorithm,
+            action="signature.sign_hash",
+            detail=_hash_detail,
+            refused_detail=refused_detail,
+        )
+        key = GrantedKey(
+            StoreKeyHandle(self.keystore, spent.key_id),
+            budget=len(spent.hashes),
+            digests=spent.hashes,
+        )
+        try:
+            return await key.sign_digests(spent.hashes, spent.algorithm)
+        except (GatewayError, ValueError) as e:
+            await self._refund(caller, sad=sad, spent=spent, error=e, detail=_hash_detail(spent))
+            raise
+
+    # -- signDoc ----------------------------------------------------------------------------
+
+    async def sign_documents(
+        self,
+        caller: Caller,
+        *,
+        sad: str,
+        credential_id: str,
+        jobs: Sequence[DocumentJob],
+        refused_detail: Mapping[str, Any],
+    ) -> list[service.SignedDocument]:
+        """Spend ``sad`` on the jobs' digests, then build every signature (all or none)."""
+        now = self.clock()
+        spent = await self._spend(
+            caller,
+            sad=sad,
+            credential_id=credential_id,
+            hashes=[j.digest for j in jobs],
+            algorithm=DigestAlgorithm.SHA256,
+            action="signature.sign_doc",
+            detail=functools.partial(_document_detail, jobs=jobs),
+            refused_detail=refused_detail,
+            now=now,
+        )
+        try:
+            key = GrantedKey(await self.keystore.get_key(spent.key_id), budget=len(jobs))
+            chain = await self._chain(spent.credential_id)
+            results = [
+                await service.sign_document(
+                    key=key,
+                    chain=chain,
+                    signature_format=j.signature_format,
+                    conformance_level=j.conformance_level,
+                    envelope=j.envelope,
+                    document=j.document,
+                    document_digest=j.document_digest,
+                    profile=j.profile,
+                    csv_encoding=j.csv_encoding,
+                    tsa=self.tsa,
+                    now=now,
+                    policy=self.policy,
+                )
+                for j in jobs
+            ]
+        except (GatewayError, ValueError) as e:
+            await self._refund(
+                caller,
+                sad=sad,
+                spent=spent,
+                error=e,
+                detail={"credential": spent.credential_id, "method": "signDoc"},
+            )
+            raise
+        return results
+
+    # -- shared -----------------------------------------------------------------------------
+
+    async def _spend(
+        self,
+        caller: Caller,
+        *,
+        sad: str,
+        credential_id: str,
+        hashes: Sequence[bytes],
+        algorithm: DigestAlgorithm,
+        action: str,
+        detail: Any,
+        refused_detail: Mapping[str, Any],
+        now: datetime | None = None,
+    ) -> SignatureGrant:
+        if caller.facility_id is None:  # pragma: no cover - the handlers refuse it first
+            raise InvalidRequest("CSC methods are for facility client certificates")
+        return await self.ledger.consume_and_audit(
+            SignRequest(
+                sad=sad,
+                facility_id=caller.facility_id,
+                credential_id=credential_id,
+                hashes=hashes,
+                algorithm=algorithm,
+                now=now or self.clock(),
+                actor=caller.actor,
+                facility_code=caller.institution_code,
+                action=action,
+                detail=detail,
+                refused_detail=refused_detail,
+            )
+        )
+
+    async def _refund(
+        self,
+        caller: Caller,
+        *,
+        sad: str,
+        spent: SignatureGrant,
+        error: Exception,
+        detail: Mapping[str, Any],
+    ) -> None:
+        """Nothing was returned to the client: give the count back to the SAD, record why."""
+        reason = error.description if isinstance(error, GatewayError) else str(error)
+        async with self.db.write() as conn:
+            await self.ledger.refund(conn, sad=sad, grant=spent)
+            await self.audit.append(
+                conn,
+                action="signature.failed",
+                actor=caller.actor,
+                facility_code=caller.institution_code,
+                signer_id=spent.signer_id,
+                detail={**detail, "reason": reason[:200], "refunded": True},
+                now=self.clock(),
+            )
+
+    async def _chain(self, credential_id: str) -> list[x509.Certificate]:
+        """The credential's certificate, then its issuers (as stored with the credential)."""
+        async with self.db.read() as conn:
+            row = (
+                await conn.execute(
+                    select(credential.c.certificate_der, credential.c.chain_pem).where(
+                        credential.c.id == credential_id
+                    )
+                )
+            ).one()
+        if row.certificate_der is None:
+            raise InvalidRequest("Invalid parameter credentialID")
+        try:
+            chain = x509.load_pem_x509_certificates(row.chain_pem.encode()) if row.chain_pem else []
+        except ValueError as e:
+            raise PkiError(f"not a PEM certificate bundle: {e}") from e
+        return [certificate(row.certificate_der), *chain]
+
+
+def _hash_detail(spent: SignatureGrant) -> dict[str, Any]:
+    return {
+        "credential": spent.credential_id,
+        "key_id": spent.key_id,
+        "scal": spent.scal,
+        "hash_algorithm": spent.algorithm.value,
+        "hashes": [h.hex() for h in spent.hashes],
+    }
+
+
+def _document_detail(spent: SignatureGrant, *, jobs: Sequence[DocumentJob]) -> dict[str, Any]:
+    return {
+        "credential": spent.credential_id,
+        "key_id": spent.key_id,
+        "scal": spent.scal,
+        "documents": [
+            {
+                "digest": d.hex(),
+                "format": j.signature_format,
+                "level": j.conformance_level,
+                "envelope": j.envelope,
+                "profile": j.profile,
+            }
+            for d, j in zip(spent.hashes, jobs, strict=True)
+        ],
+    }
