@@ -27,6 +27,12 @@ from gateway.store.schema import fido_credential, jpki_binding
 routes = web.RouteTableDef()
 
 
+class JpkiAbort(CscRequest):
+    challenge_id: str = Field(min_length=1, max_length=128)
+    reason: str = Field(pattern=r"^[a-z_]{1,40}$")
+    """The card client's error code (``pin_blocked``, ``card_removed``, ...)."""
+
+
 class JpkiRegisterBegin(CscRequest):
     enrollment_code: str = Field(min_length=1, max_length=64)
     password: str = Field(min_length=1, max_length=128)
@@ -99,6 +105,16 @@ async def authenticate_begin(request: web.Request) -> web.Response:
         num_signatures=req.numSignatures,
     )
     return web.json_response(out)
+
+
+@routes.post("/auth/jpki/abort")
+async def abort(request: web.Request) -> web.Response:
+    _enabled(request)
+    req = await parse(request, JpkiAbort)
+    await request.app[JPKI].abort(
+        caller=caller_of(request), challenge_id=req.challenge_id, reason=f"card: {req.reason}"
+    )
+    return web.json_response({"status": "aborted"})
 
 
 @routes.post("/auth/jpki/register/begin")

@@ -754,6 +754,28 @@ class JpkiAuthenticator:
             )
             raise
 
+    async def abort(self, *, caller: Caller, challenge_id: str, reason: str) -> None:
+        """The card client gave up after begin (PIN blocked, card pulled, ...): burn the
+        challenge and audit why, so a refusal at the card leaves a record like any other."""
+        now = self.clock()
+        async with self.db.read() as conn:
+            row = (
+                await conn.execute(
+                    select(jpki_challenge).where(jpki_challenge.c.id == challenge_id)
+                )
+            ).one_or_none()
+        if row is None or row.facility_id != caller.facility_id:
+            raise InvalidRequest("unknown challenge_id: call begin first")
+        await self.refused(
+            action="jpki.card_refused",
+            caller=caller,
+            signer_id=row.signer_id,
+            reason=reason,
+            challenge=challenge_id,
+            detail={"credential": row.credential_id, "kind": row.kind},
+            now=now,
+        )
+
     async def refused(
         self,
         *,

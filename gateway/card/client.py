@@ -10,6 +10,7 @@ or an exception message.
 from __future__ import annotations
 
 import base64
+import contextlib
 import http.client
 import json
 import ssl
@@ -104,6 +105,20 @@ def _check_validity(cert_der: bytes) -> None:
         raise CardError(CardErrorCode.CERTIFICATE_EXPIRED)
 
 
+def _card_signs(
+    card: JpkiCard, gateway: GatewayClient, pin: str, challenge: bytes, challenge_id: str
+) -> bytes:
+    """VERIFY then sign; when the card refuses (wrong or blocked PIN, card pulled), tell the
+    gateway so that the challenge is burnt and the refusal audited, then raise it."""
+    try:
+        card.verify_auth_pin(pin)
+        return card.sign(challenge)
+    except CardError as e:
+        with contextlib.suppress(GatewayCallError, OSError):
+            gateway.post("/auth/jpki/abort", {"challenge_id": challenge_id, "reason": e.code.value})
+        raise
+
+
 def _b64u_decode(text: str) -> bytes:
     return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
 
@@ -131,8 +146,7 @@ def authorize(
         body["description"] = description
     begun = gateway.post("/auth/jpki/authenticate/begin", body)
     challenge = _b64u_decode(str(begun["challenge"]))
-    card.verify_auth_pin(pin)
-    signature = card.sign(challenge)
+    signature = _card_signs(card, gateway, pin, challenge, str(begun["challenge_id"]))
     value = json.dumps(
         {
             "certificate": base64.b64encode(cert).decode(),
@@ -162,8 +176,7 @@ def enroll(
         "/auth/jpki/register/begin", {"enrollment_code": code, "password": password}
     )
     challenge = _b64u_decode(str(begun["challenge"]))
-    card.verify_auth_pin(pin)
-    signature = card.sign(challenge)
+    signature = _card_signs(card, gateway, pin, challenge, str(begun["challenge_id"]))
     body: dict[str, Any] = {
         "enrollment_code": code,
         "certificate": base64.b64encode(cert).decode(),

@@ -308,7 +308,7 @@ def test_attack_refused(
     assert ATTACKS[case] in json.loads(rows[-1].detail)["reason"]
 
 
-def test_pin_blocked_mid_flow_is_refused_by_the_card(
+def test_pin_blocked_mid_flow_is_refused_and_audited(
     jpki_doctor: Doctor, sandbox: dict[str, Any], pcsc: PcscWorld, hospital: dict[str, Any]
 ) -> None:
     ca = _sandbox_ca(sandbox)
@@ -322,38 +322,71 @@ def test_pin_blocked_mid_flow_is_refused_by_the_card(
                     card.verify_auth_pin("0000")
                 assert e.value.code is CardErrorCode.WRONG_PIN and e.value.tries_left == left
                 assert f"{left}" in e.value.message("ja") and "Wrong PIN" in e.value.message("en")
-            with pytest.raises(CardError) as e:
-                card.verify_auth_pin("0000")
-            assert e.value.code is CardErrorCode.PIN_BLOCKED
-            assert "市区町村" in e.value.message("ja")
+        # One try left: the doctor starts the flow and types the wrong PIN: blocked mid-flow.
+        before = asyncio.run(_audit_count(sandbox["config"], "jpki.card_refused"))
         res = subprocess.run(
-            [*CLI, "card", "authorize", "--url", jpki_doctor.gw.url,
+            [*CLI, "card", "authorize", "--url", jpki_doctor.gw.url, "--reader", reader.name,
              "--client-cert", hospital["client_cert"], "--client-key", hospital["client_key"],
              "--ca", sandbox["server_ca"], "--credential", jpki_doctor.manifest["credential_id"],
              "--hash", b64(hashlib.sha256(b"x").digest()), "--pin-stdin", "--lang", "ja"],
+            input="0000\n", capture_output=True, text=True, env=pcsc.env(), cwd=REPO, timeout=60,
+        )  # fmt: skip
+        assert res.returncode == 3, res.stderr
+        assert "ロック" in res.stderr and "市区町村" in res.stderr
+        assert "0000" not in res.stdout + res.stderr and "1357" not in res.stdout + res.stderr
+        assert applet.blocked
+        rows = asyncio.run(_audit_rows(sandbox["config"], "jpki.card_refused"))
+        assert len(rows) == before + 1
+        assert json.loads(rows[-1].detail)["reason"] == "card: pin_blocked"
+        # Blocked before the flow: the card client stops before asking the gateway.
+        res = subprocess.run(
+            [*CLI, "card", "authorize", "--url", jpki_doctor.gw.url, "--reader", reader.name,
+             "--client-cert", hospital["client_cert"], "--client-key", hospital["client_key"],
+             "--ca", sandbox["server_ca"], "--credential", jpki_doctor.manifest["credential_id"],
+             "--hash", b64(hashlib.sha256(b"y").digest()), "--pin-stdin", "--lang", "en"],
             input="1357\n", capture_output=True, text=True, env=pcsc.env(), cwd=REPO, timeout=60,
         )  # fmt: skip
-        assert res.returncode == 3
-        assert "ロック" in res.stderr and "1357" not in res.stdout + res.stderr
+        assert res.returncode == 3 and "blocked" in res.stderr
     finally:
         reader.remove()
+
+
+class _PulledBeforeSigning(JpkiCard):
+    """The doctor pulls the card after VERIFY succeeded, just before the signature."""
+
+    def __init__(self, card: JpkiCard, reader: Any) -> None:
+        super().__init__(card.transport)
+        self.reader = reader
+
+    def sign(self, data: bytes) -> bytes:
+        self.reader.remove()
+        return super().sign(data)
 
 
 def test_card_pulled_between_verify_and_sign(
     jpki_doctor: Doctor, sandbox: dict[str, Any], pcsc: PcscWorld
 ) -> None:
-    gw, doc = jpki_doctor.gw, jpki_doctor.manifest
-    hashes = [hashlib.sha256(b"pulled").digest()]
-    begun = _begin(gw, doc["credential_id"], hashes)
     reader = pcsc.readers[1]
-    reader.insert(_applet(_sandbox_ca(sandbox), pin="2468"))
-    with open_jpki_card(reader.name) as card:
-        card.verify_auth_pin("2468")
+    applet = _applet(_sandbox_ca(sandbox), pin="2468", ocsp_url=sandbox["jpki"]["ocsp_url"])
+    asyncio.run(_link(sandbox, jpki_doctor.manifest["id"], applet.auth_cert_der))
+    reader.insert(applet)
+    before = asyncio.run(_audit_count(sandbox["config"], "jpki.card_refused"))
+    try:
+        with open_jpki_card(reader.name) as card, pytest.raises(CardError) as e:
+            authorize(
+                _PulledBeforeSigning(card, reader),
+                jpki_doctor.gw,
+                credential_id=jpki_doctor.manifest["credential_id"],
+                hashes=[hashlib.sha256(b"pulled").digest()],
+                pin="2468",
+            )
+    finally:
         reader.remove()
-        with pytest.raises(CardError) as e:
-            card.sign(_decode(begun["challenge"]))
     assert e.value.code is CardErrorCode.CARD_REMOVED
     assert "外され" in e.value.message("ja") and "removed" in e.value.message("en")
+    rows = asyncio.run(_audit_rows(sandbox["config"], "jpki.card_refused"))
+    assert len(rows) == before + 1
+    assert json.loads(rows[-1].detail)["reason"] == "card: card_removed"
 
 
 def test_python_api_authorize(jpki_doctor: Doctor, pcsc: PcscWorld) -> None:
