@@ -5,11 +5,11 @@ vpcd is a control byte (00 power off, 01 power on, 02 reset, 04 "send the ATR", 
 the ATR); anything else is a command APDU answered with one response APDU. vpcd listens and the
 card connects; a closed connection is a removed card, a new connection an inserted one.
 
-Both moves are synchronous with pcscd's view: ``insert`` returns once vpcd has asked for the
-ATR (pcscd polled and found the card), ``remove`` once vpcd has polled and found the slot
-empty (see ``_wait_empty_polled``). Without the latter, a card
-pulled and another one pushed within one polling interval would look to pcscd like the same
-card, still powered, and its next command would fail.
+Both moves are synchronous with pcscd's view: ``insert`` returns once pcscd has found the
+card, powered it up and polled it again (so a client connecting right after finds it ready),
+``remove`` once vpcd has polled and found the slot empty (see ``_wait_empty_polled``).
+Without the latter, a card pulled and another one pushed within one polling interval would
+look to pcscd like the same card, still powered, and its next command would fail.
 
 The connection is opened by ``connect`` (see :func:`gateway.vcard.pcscd.Pcscd.connector`: it
 reaches vpcd's port inside pcscd's private network namespace), so this module never listens on
@@ -62,7 +62,9 @@ class VirtualReader:
         self._sock: socket.socket | None = None
         self._thread: threading.Thread | None = None
         self._applet: CardApplet | None = None
-        self._seen = threading.Event()
+        self._seen = threading.Event()  # vpcd asked for the ATR: pcscd saw the card
+        self._ready = threading.Event()  # ... and polled it again after powering it up
+        self._atr_after_power_on = 0
 
     @property
     def applet(self) -> CardApplet | None:
@@ -75,12 +77,16 @@ class VirtualReader:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         with self._lock:
             self._seen.clear()
+            self._ready.clear()
+            self._atr_after_power_on = -1
             self._sock, self._applet = sock, applet
             self._thread = threading.Thread(
                 target=self._serve, args=(sock, applet), name=f"vpcd {self.name}", daemon=True
             )
             self._thread.start()
-        if not self._seen.wait(timeout):
+        # Powered up and polled again: normally well under a second. A pcscd that does not
+        # power cards on insertion never gets there; then the first poll has to do.
+        if not self._ready.wait(min(timeout, 5.0)) and not self._seen.wait(timeout):
             raise TimeoutError(f"pcscd did not poll {self.name} within {timeout} s")
 
     def remove(self, *, timeout: float = 10.0) -> None:
@@ -142,8 +148,14 @@ class VirtualReader:
                     if ctrl == CTRL_ATR:
                         _send(sock, applet.atr)
                         self._seen.set()
+                        if self._atr_after_power_on >= 0:
+                            self._atr_after_power_on += 1
+                            # The first ATR read is part of the power-up, the next a poll.
+                            if self._atr_after_power_on >= 2:
+                                self._ready.set()
                     elif ctrl == CTRL_ON:
                         applet.power_on()
+                        self._atr_after_power_on = max(self._atr_after_power_on, 0)
                     elif ctrl == CTRL_OFF:
                         applet.power_off()
                     elif ctrl == CTRL_RESET:
