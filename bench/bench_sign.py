@@ -92,7 +92,7 @@ async def _measure(store: Pkcs11KeyStore) -> dict[str, float]:
 
     from gateway.sandbox import testworld
     from gateway.sign.cades import template_for
-    from gateway.sign.eprescription import RolePolicy, build_document, sign_eprescription
+    from gateway.sign.eprescription import RolePolicy, build_prescription, sign_eprescription
     from gateway.sign.pades import KeyHandlePdfSigner
     from gateway.sign.xades import EXC_C14N, XadesBuilder
 
@@ -143,7 +143,7 @@ async def _measure(store: Pkcs11KeyStore) -> dict[str, float]:
             key=key,
             certificate=cert,
             chain=chain,
-            csv_bytes=CSV,
+            document=CSV,
             roles=roles,
             signing_time=dt.datetime.now(dt.UTC),
             builder=xb,
@@ -160,7 +160,7 @@ async def _measure(store: Pkcs11KeyStore) -> dict[str, float]:
     cert_pem = cert.public_bytes(serialization.Encoding.PEM).decode()
 
     def signxml_xades() -> Any:
-        doc = build_document(CSV).getroot()
+        doc = build_prescription(CSV).getroot()
         signer = XAdESSigner(
             method=methods.enveloped,
             signature_algorithm="rsa-sha256",

@@ -42,8 +42,13 @@ def _documents(kind: str, n: int, salt: int) -> list[dict[str, Any]]:
                          "signed_envelope_property": "Attached"})  # fmt: skip
         else:
             docs.append({"document": _b64(csv), "signature_format": "X",
-                         "profile": "jp-eprescription"})  # fmt: skip
+                         "profile": "jp-eprescription",
+                         "conformance_level": LEVELS.get(kind, "AdES-B-B")})  # fmt: skip
     return docs
+
+
+#: e-prescription kinds at a level: xades-t (ES-T), xades-xl (ES-XL, CRLs from the cache).
+LEVELS = {"xades-t": "AdES-B-T", "xades-xl": "AdES-B-LT"}
 
 
 async def signdoc_rate(
@@ -53,6 +58,7 @@ async def signdoc_rate(
     credential_id: str,
     authorize: Callable[[aiohttp.ClientSession, list[bytes]], Awaitable[str]],
     kind: str,
+    requests: int = REQUESTS,
 ) -> float:
     """Documents signed per second through POST /csc/v2/signatures/signDoc."""
     base = f"https://localhost:{port}"
@@ -60,7 +66,7 @@ async def signdoc_rate(
         connector=aiohttp.TCPConnector(ssl=ssl_ctx, limit=CLIENTS + 2)
     ) as session:
         work: list[dict[str, Any]] = []
-        for r in range(REQUESTS + 1):
+        for r in range(requests + 1):
             docs = _documents(kind, DOCS_PER_REQUEST, r)
             digests = [hashlib.sha256(base64.b64decode(d["document"])).digest() for d in docs]
             sad = await authorize(session, digests)
@@ -83,4 +89,4 @@ async def signdoc_rate(
         start = time.perf_counter()
         await asyncio.gather(*(client() for _ in range(CLIENTS)))
         elapsed = time.perf_counter() - start
-    return REQUESTS * DOCS_PER_REQUEST / elapsed
+    return requests * DOCS_PER_REQUEST / elapsed

@@ -8,6 +8,10 @@ Builds a throwaway sandbox, then measures on the same SoftHSM key:
   signhash_single_p50_ms/_p99_ms   mTLS clients, 1 worker; latency per request
   signhash_batch_workers2_per_s  the batch rate with ``serve --workers 2``
   rss_mb_per_worker              largest VmRSS of a worker after its load
+  xades_eprescription_t_per_s    signDoc e-prescription at ES-T (AdES-B-T), and at ES-XL
+  xades_eprescription_xl_per_s   (AdES-B-LT, revocation data from the cache), interleaved
+  verify_eprescription_xl_per_s  long-term verification of the real ES-XL prescription in
+  signxml_verify_per_s           process, beside signxml's XAdESVerifier (signature only)
 Every signHash spends a hash-bound SCAL 2 SAD obtained beforehand through the real FIDO2
 ceremony (software authenticator); authorization is not timed. Results go to
 bench/results.json (flat keys, numbers). Targets (bench only, never asserted in tests): batch
@@ -44,6 +48,8 @@ RAW_SECONDS = float(os.environ.get("BENCH_RAW_SECONDS", "4"))
 BATCH_REQUESTS = int(os.environ.get("BENCH_BATCH_REQUESTS", "60"))  # x100 signatures
 SINGLE_CLIENTS = 16
 SINGLE_PER_CLIENT = int(os.environ.get("BENCH_SINGLE_PER_CLIENT", "200"))
+LEVEL_ROUNDS = int(os.environ.get("BENCH_LEVEL_ROUNDS", "3"))
+LEVEL_REQUESTS = int(os.environ.get("BENCH_LEVEL_REQUESTS", "10"))  # x20 documents
 JPKI_PER_CLIENT = int(os.environ.get("BENCH_JPKI_PER_CLIENT", "25"))
 
 
@@ -314,16 +320,37 @@ def in_process_baselines(config: Path) -> dict[str, float]:
 
 
 async def signdoc(
-    port: int, ctx: ssl.SSLContext, cred: str, auth: SoftAuthenticator, kind: str
+    port: int,
+    ctx: ssl.SSLContext,
+    cred: str,
+    auth: SoftAuthenticator,
+    kind: str,
+    requests: int | None = None,
 ) -> float:
     from bench.bench_signdoc import signdoc_rate
 
     async def authorize(session: aiohttp.ClientSession, digests: list[bytes]) -> str:
         return await Client(port, ctx, session).authorize(cred, digests, auth)
 
+    extra = {} if requests is None else {"requests": requests}
     return await signdoc_rate(
-        port=port, ssl_ctx=ctx, credential_id=cred, authorize=authorize, kind=kind
+        port=port, ssl_ctx=ctx, credential_id=cred, authorize=authorize, kind=kind, **extra
     )
+
+
+def levels_interleaved(
+    port: int, ctx: ssl.SSLContext, cred: str, auth: SoftAuthenticator
+) -> dict[str, float]:
+    """e-prescription signDoc at ES-T and ES-XL, rounds alternating (T, XL, T, XL, ...) so that
+    load on the machine hits both alike; the median of each."""
+    t_rates, xl_rates = [], []
+    for _ in range(LEVEL_ROUNDS):
+        t_rates.append(asyncio.run(signdoc(port, ctx, cred, auth, "xades-t", LEVEL_REQUESTS)))
+        xl_rates.append(asyncio.run(signdoc(port, ctx, cred, auth, "xades-xl", LEVEL_REQUESTS)))
+    return {
+        "xades_eprescription_t_per_s": statistics.median(t_rates),
+        "xades_eprescription_xl_per_s": statistics.median(xl_rates),
+    }
 
 
 def main() -> int:
@@ -348,6 +375,10 @@ def main() -> int:
         results: dict[str, float] = {"raw_pkcs11_per_s": raw}
         print("in-process baselines: pyHanko generic CMS, signxml XAdESSigner ...", flush=True)
         results.update(in_process_baselines(config))
+        print("long-term verification of the real prescription vs signxml, interleaved ...")
+        from bench.bench_verify import run as bench_verify
+
+        results.update(bench_verify())
         srv = Server(config, free_port())
         srv.start()
         try:
@@ -369,6 +400,8 @@ def main() -> int:
             ):
                 print(f"signDoc {kind} through the HTTP API, 1 worker ...", flush=True)
                 results[key] = asyncio.run(signdoc(srv.port, ctx, cred, auth, kind))
+            print("signDoc e-prescription ES-T / ES-XL, interleaved ...", flush=True)
+            results.update(levels_interleaved(srv.port, ctx, cred, auth))
             print("credentials/authorize with the My Number card, 16 clients ...", flush=True)
             from gateway.sandbox.jpki import load_card
 
@@ -422,6 +455,13 @@ def main() -> int:
         f"cades_signdoc / pyhanko_cms = {cades / results['pyhanko_cms_per_s']:.1f}x, "
         f"cades_signdoc / raw = {cades / raw:.2f}x, "
         f"xades_eprescription / signxml = {xades / results['signxml_xades_per_s']:.2f}x"
+    )
+    print(
+        "xades_eprescription_xl / t = "
+        f"{results['xades_eprescription_xl_per_s'] / results['xades_eprescription_t_per_s']:.2f}x"
+        " (target >= 0.8x), verify_eprescription_xl / signxml_verify = "
+        f"{results['verify_eprescription_xl_per_s'] / results['signxml_verify_per_s']:.2f}x"
+        " (target >= 0.5x)"
     )
     print(f"\nwritten to {out} in {time.perf_counter() - started:.0f} s")
     return 0

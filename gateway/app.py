@@ -10,7 +10,20 @@ from datetime import timedelta
 
 from aiohttp import web
 
-from gateway.api import admin, auth, csc, download, health, jpki, sign_doc, signing, verify
+from gateway.api import (
+    admin,
+    auth,
+    csc,
+    download,
+    est,
+    extend,
+    health,
+    jpki,
+    selfservice,
+    sign_doc,
+    signing,
+    verify,
+)
 from gateway.api.keys import (
     ACTIVATION,
     ALLOWED_ORIGINS,
@@ -43,11 +56,11 @@ from gateway.lifecycle.facilities import FacilityRegistry
 from gateway.lifecycle.signers import SignerService, TestIssuer
 from gateway.pki import hpki
 from gateway.pki.load import load_certificate_files
-from gateway.sign.pool import VerificationPool
 from gateway.sign.timestamp import Rfc3161Client
 from gateway.signing.core import SigningService
 from gateway.signing.ledger import SadLedger
 from gateway.store.db import Database
+from gateway.verify.pool import VerificationPool
 
 log = logging.getLogger("gateway.app")
 HSM_START_ATTEMPTS = 12
@@ -193,7 +206,10 @@ ROUTES = (
     signing.routes,
     sign_doc.routes,
     verify.routes,
+    extend.routes,
     admin.routes,
+    selfservice.routes,
+    est.routes,
     jpki.routes,
 )
 

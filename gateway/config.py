@@ -172,6 +172,26 @@ class CertificateSettings(_Section):
     stay apart (Debian fonts-dejavu-core)."""
     delivery_key_file: Path | None = None
     """32+ bytes: wraps (AES-256-GCM) the PKCS#12 kept until it is downloaded. Needed to issue."""
+    renewal_window_days: Annotated[int, Field(ge=1, le=365)] = 90
+    """A facility renews its own certificate over EST (``/.well-known/est/simplereenroll``)
+    from this many days before expiry (JST calendar days) until it expires."""
+    renewal_min_rsa_bits: Annotated[int, Field(ge=2048, le=8192)] = 2048
+    """The smallest RSA key a renewal request (CSR) may carry; EC keys must be P-256 or
+    stronger."""
+
+
+class FeeSettings(_Section):
+    """Fees charged to facilities (defaults from the source documents, yen, tax included)."""
+
+    issuance_yen: Annotated[int, Field(ge=0, le=1_000_000)] = 1500
+    """Per certificate issued or renewed (ライセンス料 / 電子証明書発行料)."""
+    postage_yen: Annotated[int, Field(ge=0, le=100_000)] = 753
+    """Postage (郵送手数料) when a new certificate is needed because the old one expired or its
+    password notice was lost; none for a renewal in time or a re-send."""
+    issuer_name: str | None = None
+    """Who issues the statement (請求書); default ``service.name``."""
+    transfer_account: str | None = None
+    """Bank account printed on statements of facilities that pay by transfer (振込先)."""
 
 
 class DeliverySettings(_Section):
@@ -253,19 +273,6 @@ def _default_role_document_types() -> dict[str, list[str]]:
     return {"prescription": ["Medical Doctor", "Dentist"], "dispensing": ["Pharmacist"]}
 
 
-class DispensingElementSettings(_Section):
-    """Element names of the dispensing-result document (unconfirmed in public sources, so they
-    are a parameter; defaults follow the prescription pattern)."""
-
-    root: str = "Document"
-    container: str = "Dispensing"
-    management: str = "DispensingManagement"
-    version_value: str = "EDS1.0"
-    document: str = "DispensingDocument"
-    sign: str = "DispensingSign"
-    schema_location: str = "ED.xsd"
-
-
 class SigningSettings(_Section):
     """Document signatures (signDoc, the e-prescription profile) and their verification."""
 
@@ -284,8 +291,12 @@ class SigningSettings(_Section):
     """Wall-clock limit of one ``/verify``; slower ones are stopped (503, Retry-After)."""
     verify_concurrency: Annotated[int, Field(ge=1, le=64)] = 2
     """Verifications at once per gateway worker, each in its own process (more: 503)."""
-    dispensing: DispensingElementSettings = DispensingElementSettings()
-    """Element names of the jp-dispensing profile."""
+    eprescription_issuer_serial_v2: bool = False
+    """Add IssuerSerialV2 to the e-prescription's SigningCertificateV2 (samples: no)."""
+    archive_renewal_paths: list[Path] = Field(default_factory=list)
+    """Archived ES-A documents (files or folders of *.xml) the scheduler keeps renewed."""
+    archive_renewal_days: Annotated[int, Field(ge=1, le=3650)] = 90
+    """Renew an ES-A when its last archive timestamp's TSA certificate ends within this."""
 
 
 class TimestampSettings(_Section):
@@ -294,7 +305,7 @@ class TimestampSettings(_Section):
     url: str | None = None
     """TSA URL; unset means AdES-B-T requests are refused with a clear error."""
     timeout: Annotated[float, Field(gt=0, le=120)] = 10.0
-    """Seconds allowed for one TSA round trip; slower answers give 504 and nothing signed."""
+    """Seconds allowed for one TSA round trip; slower answers give 503 and nothing signed."""
     trust_anchors: list[Path] = Field(default_factory=list)
     """PEM roots that timestamp tokens must chain to during verification."""
 
@@ -410,6 +421,7 @@ class Settings(_Section):
     pki: PkiSettings = PkiSettings()
     audit: AuditSettings = AuditSettings()
     certificates: CertificateSettings = CertificateSettings()
+    fees: FeeSettings = FeeSettings()
     delivery: DeliverySettings = DeliverySettings()
     smtp: SmtpSettings = SmtpSettings()
     scheduler: SchedulerSettings = SchedulerSettings()

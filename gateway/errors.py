@@ -133,15 +133,32 @@ class RoleNotPermitted(GatewayError):
     code = "role_not_permitted"
 
 
-class TsaUnavailable(GatewayError):
-    """The timestamp authority could not be reached or answered badly; nothing was returned."""
+class TsaUnavailable(TemporarilyUnavailable):
+    """The timestamp authority could not be reached or answered badly; nothing was returned.
 
-    status = 502
+    503 with Retry-After: the request can be repeated as it was (through signDoc the SAD is
+    given back). The code names the cause for clients.
+    """
+
     code = "tsa_unavailable"
 
+    def __init__(self, description: str, *, retry_after: int = 30) -> None:
+        super().__init__(description, retry_after=retry_after)
 
-class TsaTimeout(GatewayError):
-    """The timestamp authority did not answer in time; nothing was returned."""
 
-    status = 504
+class TsaTimeout(TemporarilyUnavailable):
+    """The timestamp authority did not answer in time; nothing was returned (503, Retry-After)."""
+
     code = "tsa_timeout"
+
+    def __init__(self, description: str, *, retry_after: int = 30) -> None:
+        super().__init__(description, retry_after=retry_after)
+
+
+class RevocationUnavailable(TemporarilyUnavailable):
+    """The revocation data a long-term signature (B-LT / B-LTA) must carry could not be had:
+    the CRL server is down or slow and no current CRL is cached or configured. Nothing is
+    signed; the client retries later."""
+
+    def __init__(self, description: str, *, retry_after: int = 60) -> None:
+        super().__init__(description, retry_after=retry_after)

@@ -41,7 +41,7 @@ SIGNATURE_FORMATS = {
         ["Certification", "Revision"],
     ],
 }
-CONFORMANCE_LEVELS = ["AdES-B-B", "AdES-B-T"]
+CONFORMANCE_LEVELS = ["AdES-B-B", "AdES-B-T", "AdES-B-LT", "AdES-B-LTA"]
 RSA_SIGN_ALGOS = [
     "1.2.840.113549.1.1.11",  # sha256WithRSAEncryption
     "1.2.840.113549.1.1.12",  # sha384WithRSAEncryption

@@ -18,10 +18,10 @@ from gateway.hsm.api import KeyStore
 from gateway.lifecycle.certificates import ClientCertificateService
 from gateway.lifecycle.facilities import FacilityRegistry
 from gateway.lifecycle.signers import SignerService
-from gateway.sign.pool import VerificationPool
-from gateway.sign.verify import TrustConfig
 from gateway.signing.core import SigningService
 from gateway.store.db import Database
+from gateway.verify import TrustConfig
+from gateway.verify.pool import VerificationPool
 
 SETTINGS = web.AppKey("settings", Settings)
 #: The injectable clock (tests walk through time; otherwise system_clock).

@@ -58,6 +58,7 @@ def _jobs(req: SignDocRequest) -> list[DocumentJob]:
             document=d.decoded(),
             profile=d.profile,
             csv_encoding=d.csv_encoding,
+            eprescription_input=d.eprescription_input(),
         )
         for d in req.documents or []
     ]

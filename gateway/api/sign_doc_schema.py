@@ -16,6 +16,7 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 
 from gateway.api.schema import CscRequest
+from gateway.sign.eprescription import AdditionalLine, EPrescriptionInput
 
 __all__ = ["DocumentDigestsEntry", "DocumentEntry", "SignDocRequest", "SignDocResponse"]
 
@@ -29,12 +30,22 @@ def _b64(value: str, what: str) -> bytes:
         raise ValueError(f"{what} is not valid base64") from e
 
 
+class AdditionalInformationLine(CscRequest):
+    """One ConversionPharmaceuticalCode of AdditionalPrescriptionInformation /
+    AdditionalDispensedInformation (the RE / YJ code lines; dispensing: line number and code)."""
+
+    re_code: str | None = Field(default=None, max_length=2000)
+    yj_code: str | None = Field(default=None, max_length=2000)
+    csv_line_no: str | None = Field(default=None, max_length=20)
+    dispensing_document_code: str | None = Field(default=None, max_length=64)
+
+
 class DocumentEntry(CscRequest):
     """One element of ``documents``."""
 
     document: str = Field(min_length=1)
     signature_format: Literal["C", "X", "P"]
-    conformance_level: Literal["AdES-B-B", "AdES-B-T"] = "AdES-B-B"
+    conformance_level: Literal["AdES-B-B", "AdES-B-T", "AdES-B-LT", "AdES-B-LTA"] = "AdES-B-B"
     signAlgo: str = "1.2.840.113549.1.1.11"
     signAlgoParams: str | None = None
     signed_props: list[dict[str, str]] | None = None
@@ -44,6 +55,39 @@ class DocumentEntry(CscRequest):
     ) = None
     profile: Literal["jp-eprescription", "jp-dispensing"] | None = None
     csv_encoding: Literal["utf-8", "shift_jis"] = "utf-8"
+    #: e-prescription from a CSV: PrescriptionId / DispensingId (UUID; a new one when absent).
+    prescription_id: str | None = Field(default=None, max_length=64)
+    dispensing_id: str | None = Field(default=None, max_length=64)
+    additional_information: list[AdditionalInformationLine] | None = Field(
+        default=None, max_length=500
+    )
+    #: jp-dispensing from a CSV: the signed prescription (base64 XML) the result embeds.
+    prescription: str | None = Field(default=None, max_length=8 * 1024 * 1024)
+
+    @field_validator("prescription")
+    @classmethod
+    def _prescription_b64(cls, v: str | None) -> str | None:
+        if v is not None:
+            _b64(v, "prescription")
+        return v
+
+    def eprescription_input(self) -> EPrescriptionInput:
+        return EPrescriptionInput(
+            document_id=self.dispensing_id
+            if self.profile == "jp-dispensing"
+            else self.prescription_id,
+            additional=[
+                AdditionalLine(
+                    re_code=a.re_code,
+                    yj_code=a.yj_code,
+                    csv_line_no=a.csv_line_no,
+                    dispensing_document_code=a.dispensing_document_code,
+                )
+                for a in self.additional_information or []
+            ],
+            prescription=_b64(self.prescription, "prescription") if self.prescription else None,
+            encoding=self.csv_encoding,
+        )
 
     @field_validator("document")
     @classmethod

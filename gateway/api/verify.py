@@ -5,7 +5,7 @@ Behind mTLS like every route. Body: JSON ``{"document": base64, "content": base6
 the indication; 400 only for a malformed request, 413 over the size limit. Garbage to verify is
 a TOTAL-FAILED / FORMAT_FAILURE report, never a 500.
 
-The work runs in worker processes (``gateway.sign.pool``), never on the event loop: 503 with
+The work runs in worker processes (``gateway.verify.pool``), never on the event loop: 503 with
 Retry-After when all verification slots of this worker are busy or the wall-clock limit passed.
 """
 

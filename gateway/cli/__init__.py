@@ -16,7 +16,7 @@ import sys
 from collections.abc import Sequence
 
 from gateway.card import cli as card_cli
-from gateway.cli import db, eprescription, facility, sandbox, signer, verify
+from gateway.cli import db, eprescription, facility, sandbox, selfservice, signer, verify
 from gateway.cli.common import Action, config_flags
 from gateway.errors import ConfigError, GatewayError
 
@@ -38,6 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     facility.register_admin(sub)
     signer.register(sub)
     facility.register_scheduler(sub)
+    selfservice.register(sub)
     verify.register(sub)
     eprescription.register(sub)
     card_cli.register(sub)

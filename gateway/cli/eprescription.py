@@ -10,23 +10,13 @@ from gateway.errors import GatewayError
 
 
 async def cmd_eprescription_build(args: argparse.Namespace) -> int:
-    from lxml import etree
+    from gateway.sign.eprescription_cli import build
 
-    from gateway.sign import eprescription
-
-    data = read_input(args.csv)
-    eprescription.decode_csv(data, args.encoding)
-    profile = eprescription.PROFILES[args.profile]
-    if args.config:
-        from gateway.sign.setup import signing_policy
-
-        profile = signing_policy(settings_of(args)).profiles[args.profile]
-    tree = eprescription.build_document(data, profile)
-    write_output(args.out, etree.tostring(tree, xml_declaration=True, encoding="UTF-8"))
-    return 0
+    return await build(args, read_input, write_output)
 
 
 async def cmd_eprescription_sign(args: argparse.Namespace) -> int:
+    from gateway.sign.eprescription_cli import input_from_args
     from gateway.sign.service import sign_document
     from gateway.sign.setup import signing_policy, tsa_client
 
@@ -39,7 +29,7 @@ async def cmd_eprescription_sign(args: argparse.Namespace) -> int:
         if cred is None or cred.certificate is None:
             raise GatewayError(f"signer {args.signer} has no active credential with a certificate")
         key = await ctx.keystore.get_key(cred.key_id)
-        tsa = tsa_client(settings) if args.level == "AdES-B-T" else None
+        tsa = tsa_client(settings) if args.level != "AdES-B-B" else None
         try:
             signed = await sign_document(
                 key=key,
@@ -50,6 +40,7 @@ async def cmd_eprescription_sign(args: argparse.Namespace) -> int:
                 document=data,
                 profile=args.profile,
                 csv_encoding=args.encoding,
+                eprescription_input=input_from_args(args),
                 tsa=tsa,
                 policy=signing_policy(settings),
             )
@@ -79,13 +70,14 @@ def register(sub: Any) -> None:
         "eprescription", help="e-prescription XML (docs/signatures.md)"
     ).add_subparsers(dest="sub", required=True)
     p = ep.add_parser("build", help="build the unsigned e-prescription XML from a CSV")
-    p.add_argument("csv", help="prescription CSV ('-' for stdin)")
+    p.add_argument("csv", help="prescription CSV or unsigned XML ('-' for stdin)")
     p.add_argument("-o", "--out", default="-")
     p.add_argument(
         "--profile", choices=["jp-eprescription", "jp-dispensing"], default="jp-eprescription"
     )
     p.add_argument("--encoding", choices=["utf-8", "shift_jis"], default="utf-8")
-    p.add_argument("-c", "--config", default=None, help="settings (dispensing element names)")
+    p.add_argument("-c", "--config", default=None, help="settings (unused; kept for scripts)")
+    _ep_arguments(p)
     p.set_defaults(func=cmd_eprescription_build)
     p = ep.add_parser(
         "sign",
@@ -99,6 +91,17 @@ def register(sub: Any) -> None:
     p.add_argument(
         "--profile", choices=["jp-eprescription", "jp-dispensing"], default="jp-eprescription"
     )
-    p.add_argument("--level", choices=["AdES-B-B", "AdES-B-T"], default="AdES-B-B")
+    p.add_argument(
+        "--level",
+        choices=["AdES-B-B", "AdES-B-T", "AdES-B-LT", "AdES-B-LTA"],
+        default="AdES-B-B",
+    )
     p.add_argument("--encoding", choices=["utf-8", "shift_jis"], default="utf-8")
+    _ep_arguments(p)
     p.set_defaults(func=cmd_eprescription_sign)
+
+
+def _ep_arguments(p: argparse.ArgumentParser) -> None:
+    from gateway.sign.eprescription_cli import add_arguments
+
+    add_arguments(p)

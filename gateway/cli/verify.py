@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from gateway.cli.common import Context, config_flags, emit, settings_of
+from gateway.cli.common import Context, actor, config_flags, emit, settings_of
 from gateway.config import load_settings
 
 
@@ -73,6 +73,9 @@ def _verify_trust(args: argparse.Namespace) -> Any:
         extra_anchors=anchors,
         extra_intermediates=intermediates,
         extra_crls=[Path(p) for p in args.crl or []],
+        extra_tsa_anchors=load_certificate_files(
+            [Path(p) for p in getattr(args, "tsa_trust", None) or []]
+        ),
         check_revocation=not args.no_revocation,
         fetch_crls=True if args.fetch_crls else None,
         ocsp=True if args.ocsp else None,
@@ -126,39 +129,28 @@ async def _chain_status(args: argparse.Namespace, cert: Any) -> dict[str, Any]:
 
 
 async def cmd_verify(args: argparse.Namespace) -> int:
-    from gateway.sign.verify import verify_document
+    from gateway.verify.cli import run
 
-    data = Path(args.file).read_bytes()
-    content = Path(args.content).read_bytes() if args.content else None
-    report = await verify_document(data, trust=_verify_trust(args), content=content)
-    lines = [
-        f"{report.indication}"
-        + (f" / {report.sub_indication}" if report.sub_indication else "")
-        + f": {report.reason}"
-    ]
-    for i, sig in enumerate(report.signatures, 1):
-        lines.append(
-            f"  signature {i}: {sig.format} {sig.level or ''} {sig.indication}"
-            + (f" / {sig.sub_indication}" if sig.sub_indication else "")
-        )
-        if sig.signer:
-            lines.append(f"    signer:     {sig.signer['subject']}")
-            lines.append(f"    hcRole:     {', '.join(sig.signer['hc_roles']) or '-'}")
-        if sig.document_type:
-            lines.append(
-                f"    document:   {sig.document_type} (role may sign: {sig.role_permitted})"
-            )
-        if sig.signing_time:
-            lines.append(f"    signed at:  {sig.signing_time}")
-        if sig.timestamp:
-            lines.append(f"    timestamp:  {sig.timestamp['time']} ({sig.timestamp['status']})")
-        lines.append(f"    chain:      {sig.chain.get('status')}")
-        lines.append(
-            f"    revocation: {sig.revocation.get('status')}"
-            + (f" ({sig.revocation['reason']})" if sig.revocation.get("reason") else "")
-        )
-    emit(args, report.to_json_dict(), "\n".join(lines))
+    report, text = await run(args, _verify_trust(args))
+    emit(args, report.to_json_dict(), text)
     return 0 if report.passed else 1
+
+
+async def cmd_extend(args: argparse.Namespace) -> int:
+    import sys
+
+    from gateway.sign.extend_cli import run
+
+    settings = settings_of(args)
+    async with Context(settings, with_keystore=False) as ctx:
+        code, lines = await run(args, settings, ctx.db, ctx.audit, actor())
+    for line in lines:
+        document = line.pop("document", None)
+        if document is not None:
+            sys.stdout.buffer.write(document)
+        else:
+            print(f"{line['file']}: {line['result']}", file=sys.stderr)
+    return code
 
 
 def trust_flags(p: argparse.ArgumentParser) -> None:
@@ -205,4 +197,17 @@ def register(sub: Any) -> None:
     p.add_argument("file", help="signed PDF, XML, or CMS (DER/PEM)")
     p.add_argument("--content", default=None, help="the signed content of a detached signature")
     trust_flags(p)
+    from gateway.verify.cli import add_arguments as verify_arguments
+
+    verify_arguments(p)
     p.set_defaults(func=cmd_verify)
+
+    p = sub.add_parser(
+        "extend",
+        help="raise signed XML to ES-T / ES-XL / ES-A, or renew ES-A archive timestamps",
+    )
+    config_flags(p, json_flag=False)
+    from gateway.sign.extend_cli import add_arguments as extend_arguments
+
+    extend_arguments(p)
+    p.set_defaults(func=cmd_extend)

@@ -128,6 +128,34 @@ class CrlSource:
         self._fetched[url] = crl
         return crl
 
+    def local_crls(self) -> list[x509.CertificateRevocationList]:
+        """The configured CRL files (as loaded)."""
+        return list(self._crls)
+
+    async def current_crl(
+        self, cert: x509.Certificate, issuer: x509.Certificate, moment: dt.datetime
+    ) -> tuple[x509.CertificateRevocationList | None, str]:
+        """The newest current CRL of ``issuer`` covering ``cert`` (local, else fetched from the
+        certificate's distribution points when fetching is on; downloads are cached until
+        nextUpdate), or None and why not: the validation data an ES-XL signature carries."""
+        problems: list[str] = []
+        candidates = list(self._crls)
+        urls = [u for u in _crl_urls(cert) if u.startswith(("http://", "https://"))]
+        if self.fetch and not any(self._usable(c, issuer, moment) is None for c in candidates):
+            for url in urls:
+                crl = await self._download(url)
+                if crl is not None:
+                    candidates.append(crl)
+                else:
+                    problems.append(f"{url} did not answer with a CRL")
+        usable = [c for c in candidates if self._usable(c, issuer, moment) is None]
+        if usable:
+            return max(usable, key=lambda c: c.last_update_utc), ""
+        where = ", ".join(urls) or "no CRL distribution point"
+        off = "" if self.fetch else "; CRL fetching is disabled"
+        detail = "; ".join(problems) or "no current CRL of the issuer"
+        return None, f"{detail} [{where}]{off}"
+
     async def status(
         self,
         cert: x509.Certificate,

@@ -223,6 +223,8 @@ async def init_sandbox(
             "p12_password": admin.p12_password,
         },
         "crls": {p.stem: str(p) for p in sorted(pki.glob("*.crl"))},
+        # Signed e-prescriptions and dispensing results, one per level (ES-BES .. ES-A).
+        "samples": seeded["samples"],
         "outbox": str(d / "outbox"),
         "jpki": jpki_entry,
         "cards": [],
@@ -304,6 +306,7 @@ async def _seed_store(
             await _seed_facility(services, spec, d, client_ca, settings, now) for spec in FACILITIES
         ]
         signers = [await _seed_signer(services, spec) for spec in SIGNERS]
+        samples = await _samples(services, signers, d, settings)
         admin = facility_ca.issue(
             client_ca,
             out_dir=d / "clients" / "admin",
@@ -319,7 +322,29 @@ async def _seed_store(
     finally:
         await services.keystore.close()
         await services.db.close()
-    return {"facilities": facilities, "signers": signers, "admin": admin}
+    return {"facilities": facilities, "signers": signers, "admin": admin, "samples": samples}
+
+
+async def _samples(
+    services: Services, signers: list[dict[str, Any]], d: Path, settings: Settings
+) -> dict[str, dict[str, str]]:
+    """Signed e-prescriptions and dispensing results at every level (gateway/sandbox/samples.py)."""
+    from gateway.sandbox.samples import write_samples
+
+    async def first(role: str) -> Any:
+        signer = await services.signers.get(next(s["id"] for s in signers if s["role"] == role))
+        return signer.credentials[0]
+
+    assert services.keystore is not None
+    return await write_samples(
+        d,
+        settings,
+        keystore=services.keystore,
+        doctor=await first("Medical Doctor"),
+        pharmacist=await first("Pharmacist"),
+        db=services.db,
+        audit=services.audit,
+    )
 
 
 async def _seed_facility(

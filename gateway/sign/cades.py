@@ -28,6 +28,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 
 from gateway.hsm.api import DigestAlgorithm, KeyHandle
 from gateway.sign.timestamp import TimestampClient
+from gateway.sign.xades_ltv import LongTerm
 
 __all__ = ["CadesTemplate", "SignedAttributes", "der_length", "der_tlv", "template_for"]
 
@@ -91,6 +92,7 @@ class CadesTemplate:
         # certificates [0] IMPLICIT CertificateSet: a SET OF, so DER orders the elements by
         # their encodings. Written directly because asn1crypto's forced re-encoding would
         # re-serialise the certificates themselves (and trip over the hcRole SET).
+        self.all_certs_der: list[bytes] = all_certs
         self.certificates_der: bytes = der_tlv(0xA0, b"".join(sorted(all_certs)))
         self.sid_der: bytes = cms.SignerIdentifier(
             name="issuer_and_serial_number",
@@ -143,8 +145,10 @@ class CadesTemplate:
         signature: bytes,
         content: bytes | None,
         timestamp_token: bytes | None = None,
+        validation: tuple[Sequence[bytes], Sequence[bytes]] | None = None,
     ) -> bytes:
-        """The ContentInfo DER; ``content`` None means detached."""
+        """The ContentInfo DER; ``content`` None means detached. ``validation`` (B-LT): DER
+        certificates and CRLs added to SignedData's certificates and crls (EN 319 122-1 §5.5.1)."""
         unsigned = b""
         if timestamp_token is not None:
             attr = der_tlv(0x30, OID_SIGNATURE_TIME_STAMP + der_tlv(0x31, timestamp_token))
@@ -160,6 +164,13 @@ class CadesTemplate:
             + der_tlv(0x04, signature)
             + unsigned,
         )
+        certificates, crls = self.certificates_der, b""
+        if validation is not None:
+            extra_certs, crl_ders = validation
+            certs = list(dict.fromkeys([*self.all_certs_der, *extra_certs]))
+            certificates = der_tlv(0xA0, b"".join(sorted(certs)))
+            # crls [1] IMPLICIT RevocationInfoChoices: a SET OF, ordered like the certificates.
+            crls = der_tlv(0xA1, b"".join(sorted(dict.fromkeys(crl_ders)))) if crl_ders else b""
         encap = OID_DATA
         if content is not None:
             encap += der_tlv(0xA0, der_tlv(0x04, content))
@@ -168,7 +179,8 @@ class CadesTemplate:
             INTEGER_1
             + self.digest_algorithms_der
             + der_tlv(0x30, encap)
-            + self.certificates_der
+            + certificates
+            + crls
             + der_tlv(0x31, signer_info),
         )
         return der_tlv(0x30, OID_SIGNED_DATA + der_tlv(0xA0, signed_data))
@@ -182,8 +194,9 @@ class CadesTemplate:
         attached: bool,
         signing_time: dt.datetime,
         tsa: TimestampClient | None = None,
+        long_term: LongTerm | None = None,
     ) -> bytes:
-        """A CAdES-B-B (or -B-T when ``tsa`` is given) signature.
+        """A CAdES-B-B (-B-T when ``tsa`` is given; -B-LT with ``long_term``) signature.
 
         Either ``content`` (hashed here) or, for a detached signature, ``message_digest``
         (SHA-256 computed by the caller). The timestamp is fetched before anything is
@@ -200,11 +213,22 @@ class CadesTemplate:
         token = None
         if tsa is not None:
             token = await tsa.timestamp(hashlib.sha256(signature).digest(), DigestAlgorithm.SHA256)
+        validation = None
+        if long_term is not None and token is not None:
+            from gateway.sign.xades_ltv import tsa_validation_data
+
+            tsa_data = await tsa_validation_data(token, long_term.source, signing_time)
+            der = serialization.Encoding.DER
+            validation = (
+                [c.public_bytes(der) for c in [*long_term.signer.certs, *tsa_data.certs]],
+                [c.public_bytes(der) for c in [*long_term.signer.crls, *tsa_data.crls]],
+            )
         return self.assemble(
             signed_attrs=attrs,
             signature=signature,
             content=content if attached else None,
             timestamp_token=token,
+            validation=validation,
         )
 
 

@@ -28,6 +28,7 @@ from pyhanko_certvalidator.registry import SimpleCertificateStore
 from gateway.errors import InvalidRequest
 from gateway.hsm.api import DigestAlgorithm, KeyHandle
 from gateway.sign.timestamp import Rfc3161Client
+from gateway.sign.xades_ltv import LongTerm
 
 __all__ = ["GatewayTimeStamper", "KeyHandlePdfSigner", "check_pdf", "sign_pdf"]
 
@@ -81,6 +82,20 @@ class GatewayTimeStamper(TimeStamper):
         return tsp.TimeStampResp.load(await self._client.post(req.dump()))
 
 
+def _long_term_options(
+    certificate: x509.Certificate, chain: Sequence[x509.Certificate], long_term: LongTerm | None
+) -> dict[str, Any]:
+    if long_term is None:
+        return {}
+    from gateway.sign.pades_ltv import validation_context
+
+    return {
+        "embed_validation_info": True,
+        "use_pades_lta": long_term.form == "ES-A",
+        "validation_context": validation_context([certificate, *chain], long_term),
+    }
+
+
 def check_pdf(data: bytes) -> None:
     """Refuse what is not a PDF before pyHanko spends time on it."""
     if not data[:1024].lstrip().startswith(b"%PDF-"):
@@ -98,8 +113,11 @@ async def sign_pdf(
     envelope: str,
     signing_time: dt.datetime,
     tsa: Rfc3161Client | None,
+    long_term: LongTerm | None = None,
 ) -> bytes:
-    """PAdES-B-B (B-T with ``tsa``); ``envelope``: Certification (DocMDP) or Revision."""
+    """PAdES-B-B (B-T with ``tsa``; B-LT / B-LTA with ``long_term``: the DSS with the
+    validation data, and for B-LTA a document timestamp); ``envelope``: Certification (DocMDP)
+    or Revision."""
     if envelope not in ("Certification", "Revision"):
         raise InvalidRequest(
             f"unknown PAdES signed_envelope_property {envelope!r}; valid: Certification, Revision"
@@ -123,6 +141,7 @@ async def sign_pdf(
         md_algorithm="sha256",
         subfilter=fields.SigSeedSubFilter.PADES,
         certify=envelope == "Certification",
+        **_long_term_options(certificate, chain, long_term),
     )
     signer = KeyHandlePdfSigner(key=key, certificate=certificate, chain=chain)
     pdf_signer = signers.PdfSigner(

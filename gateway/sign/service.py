@@ -8,6 +8,7 @@ Validation happens before the key is touched: a refused request signs nothing.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import hashlib
 from collections.abc import Mapping, Sequence
@@ -18,9 +19,15 @@ from cryptography import x509
 from gateway.errors import InvalidRequest, PayloadTooLarge
 from gateway.hsm.api import KeyHandle
 from gateway.sign import cades, eprescription
-from gateway.sign.eprescription import PROFILES, EPrescriptionProfile, RolePolicy
-from gateway.sign.timestamp import Rfc3161Client
+from gateway.sign.eprescription import (
+    PROFILES,
+    EPrescriptionInput,
+    EPrescriptionProfile,
+    RolePolicy,
+)
+from gateway.sign.timestamp import Rfc3161Client, TimestampClient
 from gateway.sign.xades import XadesBuilder
+from gateway.sign.xades_ltv import LongTerm, LongTermSource, prepare_long_term
 
 __all__ = [
     "CONFORMANCE_LEVELS",
@@ -38,7 +45,13 @@ ENVELOPES: dict[str, tuple[str, ...]] = {
     "P": ("Certification", "Revision"),
 }
 DEFAULT_ENVELOPE = {"C": "Attached", "X": "Enveloped", "P": "Certification"}
-CONFORMANCE_LEVELS = ("AdES-B-B", "AdES-B-T")
+CONFORMANCE_LEVELS = ("AdES-B-B", "AdES-B-T", "AdES-B-LT", "AdES-B-LTA")
+#: Levels each format reaches (XAdES: ES-BES, ES-T, ES-XL, ES-A).
+FORMAT_LEVELS = {
+    "C": ("AdES-B-B", "AdES-B-T", "AdES-B-LT"),
+    "X": CONFORMANCE_LEVELS,
+    "P": CONFORMANCE_LEVELS,
+}
 MIME_TYPES = {"C": "application/pkcs7-signature", "X": "application/xml", "P": "application/pdf"}
 
 
@@ -54,6 +67,10 @@ class SigningPolicy:
     profiles: Mapping[str, EPrescriptionProfile] = field(default_factory=lambda: dict(PROFILES))
     max_document_bytes: int = 5 * 1024 * 1024
     max_xml_depth: int = 64
+    #: IssuerSerialV2 beside CertDigest in the e-prescription's SigningCertificateV2.
+    eprescription_issuer_serial_v2: bool = False
+    #: Validation data for B-LT / B-LTA (CRL files and downloads, TSA anchors).
+    long_term: LongTermSource = field(default_factory=LongTermSource)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -88,6 +105,11 @@ def check_request(
             f"unsupported conformance_level {conformance_level!r}; valid: "
             + ", ".join(CONFORMANCE_LEVELS)
         )
+    if conformance_level not in FORMAT_LEVELS[signature_format]:
+        raise InvalidRequest(
+            f"conformance_level {conformance_level} is not available for signature_format "
+            f"{signature_format}; valid: {', '.join(FORMAT_LEVELS[signature_format])}"
+        )
     env = envelope or DEFAULT_ENVELOPE[signature_format]
     if env not in ENVELOPES[signature_format]:
         raise InvalidRequest(
@@ -121,7 +143,8 @@ async def sign_document(
     document_digest: bytes | None = None,
     profile: str | None = None,
     csv_encoding: str = "utf-8",
-    tsa: Rfc3161Client | None,
+    eprescription_input: EPrescriptionInput | None = None,
+    tsa: TimestampClient | None,
     now: dt.datetime | None = None,
     policy: SigningPolicy | None = None,
 ) -> SignedDocument:
@@ -129,8 +152,8 @@ async def sign_document(
 
     ``document_digest`` (SHA-256) replaces ``document`` only for detached CAdES. AdES-B-T
     needs ``tsa``; the timestamp is fetched before anything is returned, so a TSA failure
-    (TsaUnavailable 502 / TsaTimeout 504) leaves nothing signed behind. A signer whose hcRole
-    may not sign the profile's document type gets RoleNotPermitted (403) before signing.
+    (TsaUnavailable / TsaTimeout, 503 with Retry-After) leaves nothing signed behind. A signer
+    whose hcRole may not sign the profile's document type gets RoleNotPermitted (403) first.
     """
     policy = policy or SigningPolicy()
     now = now or dt.datetime.now(dt.UTC)
@@ -138,27 +161,13 @@ async def sign_document(
         raise InvalidRequest("the credential has no certificate")
     cert, issuers = chain[0], list(chain[1:])
     env = check_request(signature_format, conformance_level, envelope, profile)
-    if conformance_level == "AdES-B-T" and tsa is None:
-        raise InvalidRequest("AdES-B-T needs a timestamp authority, and none is configured")
-    stamp = tsa if conformance_level == "AdES-B-T" else None
+    if conformance_level != "AdES-B-B" and tsa is None:
+        raise InvalidRequest(
+            f"{conformance_level} needs a timestamp authority, and none is configured"
+        )
+    stamp = tsa if conformance_level != "AdES-B-B" else None
 
-    if document is None:
-        if document_digest is None:
-            raise InvalidRequest("a document (or, for detached CAdES, its digest) is required")
-        if signature_format != "C" or env != "Detached":
-            raise InvalidRequest("documentDigests are accepted for detached CAdES only")
-        if len(document_digest) != 32:
-            raise InvalidRequest("documentDigests must be SHA-256 (32 bytes)")
-        digest = document_digest
-    else:
-        if len(document) > policy.max_document_bytes:
-            raise PayloadTooLarge(
-                f"document of {len(document)} bytes is over the limit of "
-                f"{policy.max_document_bytes} bytes"
-            )
-        if not document:
-            raise InvalidRequest("the document is empty")
-        digest = hashlib.sha256(document).digest()
+    digest = _checked_digest(document, document_digest, signature_format, env, policy)
 
     def result(signed: bytes, *, detached: bool) -> SignedDocument:
         return SignedDocument(
@@ -172,6 +181,9 @@ async def sign_document(
             document_digest=digest,
         )
 
+    # Validation data is gathered before the key is used: a CRL server that is down refuses
+    # the request (503) with nothing signed.
+    long_term = await prepare_long_term(conformance_level, chain, policy.long_term, now)
     if signature_format == "C":
         tpl = cades.template_for(cert, issuers)
         signed = await tpl.sign(
@@ -181,42 +193,33 @@ async def sign_document(
             attached=env == "Attached",
             signing_time=now,
             tsa=stamp,
+            long_term=long_term,
         )
         return result(signed, detached=env == "Detached")
 
     assert document is not None
     if signature_format == "X":
-        if profile is not None:
-            prof = policy.profiles.get(profile)
-            if prof is None:
-                raise InvalidRequest(
-                    f"unknown profile {profile!r}; valid: {', '.join(sorted(policy.profiles))}"
-                )
-            signed = await eprescription.sign_eprescription(
-                key=key,
-                certificate=cert,
-                chain=issuers,
-                csv_bytes=document,
-                profile=prof,
-                roles=policy.roles,
-                signing_time=now,
-                tsa=stamp,
-                encoding=csv_encoding,
-                builder=_xades_builder(cert, issuers),
-            )
-            return result(signed, detached=False)
-        signed = await _xades_builder(cert, issuers).sign(
+        signed = await _sign_xml(
             key,
+            chain,
             document=document,
             envelope=env,
-            signing_time=now,
+            profile=profile,
+            extra=dataclasses.replace(
+                eprescription_input or EPrescriptionInput(), encoding=csv_encoding
+            ),
             tsa=stamp,
-            max_depth=policy.max_xml_depth,
+            now=now,
+            policy=policy,
+            long_term=long_term,
         )
-        return result(signed, detached=env == "Detached")
+        return result(signed, detached=env == "Detached" and profile is None)
 
     # pyHanko (~8 MB) is loaded on the first PDF, not in every worker at start-up.
     from gateway.sign import pades
+
+    if stamp is not None and not isinstance(stamp, Rfc3161Client):
+        raise InvalidRequest("PAdES timestamps need the RFC 3161 HTTP timestamp authority")
 
     signed = await pades.sign_pdf(
         key,
@@ -226,8 +229,82 @@ async def sign_document(
         envelope=env,
         signing_time=now,
         tsa=stamp,
+        long_term=long_term,
     )
     return result(signed, detached=False)
+
+
+def _checked_digest(
+    document: bytes | None,
+    document_digest: bytes | None,
+    signature_format: str,
+    envelope: str,
+    policy: SigningPolicy,
+) -> bytes:
+    """SHA-256 of the document (what the SAD authorizes), after the size and shape checks."""
+    if document is None:
+        if document_digest is None:
+            raise InvalidRequest("a document (or, for detached CAdES, its digest) is required")
+        if signature_format != "C" or envelope != "Detached":
+            raise InvalidRequest("documentDigests are accepted for detached CAdES only")
+        if len(document_digest) != 32:
+            raise InvalidRequest("documentDigests must be SHA-256 (32 bytes)")
+        return document_digest
+    if len(document) > policy.max_document_bytes:
+        raise PayloadTooLarge(
+            f"document of {len(document)} bytes is over the limit of "
+            f"{policy.max_document_bytes} bytes"
+        )
+    if not document:
+        raise InvalidRequest("the document is empty")
+    return hashlib.sha256(document).digest()
+
+
+async def _sign_xml(
+    key: KeyHandle,
+    chain: Sequence[x509.Certificate],
+    *,
+    document: bytes,
+    envelope: str,
+    profile: str | None,
+    extra: EPrescriptionInput,
+    tsa: TimestampClient | None,
+    now: dt.datetime,
+    policy: SigningPolicy,
+    long_term: LongTerm | None,
+) -> bytes:
+    """XAdES: an e-prescription / dispensing profile, or one of the generic envelopes."""
+    cert, issuers = chain[0], list(chain[1:])
+    if profile is None:
+        return await _xades_builder(cert, issuers).sign(
+            key,
+            document=document,
+            envelope=envelope,
+            signing_time=now,
+            tsa=tsa,
+            max_depth=policy.max_xml_depth,
+            long_term=long_term,
+        )
+    prof = policy.profiles.get(profile)
+    if prof is None:
+        raise InvalidRequest(
+            f"unknown profile {profile!r}; valid: {', '.join(sorted(policy.profiles))}"
+        )
+    return await eprescription.sign_eprescription(
+        key=key,
+        certificate=cert,
+        chain=issuers,
+        document=document,
+        profile=prof,
+        roles=policy.roles,
+        signing_time=now,
+        tsa=tsa,
+        extra=extra,
+        builder=_xades_builder(cert, issuers),
+        max_depth=policy.max_xml_depth,
+        long_term=long_term,
+        issuer_serial_v2=policy.eprescription_issuer_serial_v2,
+    )
 
 
 _builders: dict[bytes, XadesBuilder] = {}
@@ -244,9 +321,3 @@ def _xades_builder(cert: x509.Certificate, issuers: list[x509.Certificate]) -> X
             _builders.clear()
         b = _builders[fp] = XadesBuilder(certificate=cert, chain=issuers)
     return b
-
-
-def profile_from_settings(name: str, elements: Mapping[str, str]) -> EPrescriptionProfile:
-    """The dispensing profile with element names from ``signing.dispensing`` settings."""
-    base = PROFILES[name]
-    return EPrescriptionProfile(name=base.name, document_type=base.document_type, **dict(elements))

@@ -11,20 +11,31 @@ from gateway.config import Settings
 from gateway.pki.crl import CrlSource, load_crl_files
 from gateway.pki.load import load_certificate_files as load_pems
 from gateway.pki.ocsp import OcspClient
-from gateway.sign.eprescription import PRESCRIPTION, RolePolicy
-from gateway.sign.service import SigningPolicy, profile_from_settings
+from gateway.sign.eprescription import PROFILES, RolePolicy
+from gateway.sign.service import SigningPolicy
 from gateway.sign.timestamp import Rfc3161Client
-from gateway.sign.verify import TrustConfig
+from gateway.sign.xades_ltv import LongTermSource
+from gateway.verify.trust import TrustConfig
 
 __all__ = ["load_pems", "signing_policy", "trust_config", "tsa_client"]
 
 
 def signing_policy(settings: Settings) -> SigningPolicy:
     s = settings.signing
-    dispensing = profile_from_settings("jp-dispensing", s.dispensing.model_dump())
+    long_term = LongTermSource(
+        crls=CrlSource(
+            load_crl_files(list(settings.pki.crl_files)),
+            fetch=settings.pki.fetch_crls,
+            timeout=settings.pki.crl_timeout,
+        ),
+        tsa_anchors=load_pems(settings.timestamp.trust_anchors),
+        certs=load_pems([*settings.pki.hpki_trust_anchors, *settings.pki.hpki_intermediates]),
+    )
     return SigningPolicy(
         roles=RolePolicy({k: list(v) for k, v in s.role_document_types.items()}),
-        profiles={PRESCRIPTION.name: PRESCRIPTION, dispensing.name: dispensing},
+        profiles=dict(PROFILES),
+        long_term=long_term,
+        eprescription_issuer_serial_v2=s.eprescription_issuer_serial_v2,
         max_document_bytes=s.max_document_bytes,
         max_xml_depth=s.max_xml_depth,
     )
@@ -36,6 +47,7 @@ def trust_config(
     extra_anchors: Sequence[x509.Certificate] = (),
     extra_intermediates: Sequence[x509.Certificate] = (),
     extra_crls: Sequence[Path] = (),
+    extra_tsa_anchors: Sequence[x509.Certificate] = (),
     check_revocation: bool = True,
     fetch_crls: bool | None = None,
     ocsp: bool | None = None,
@@ -43,7 +55,7 @@ def trust_config(
     """Trust from the settings (when given) plus what the caller adds (CLI flags)."""
     anchors = list(extra_anchors)
     intermediates = list(extra_intermediates)
-    tsa_anchors: list[x509.Certificate] = []
+    tsa_anchors: list[x509.Certificate] = list(extra_tsa_anchors)
     crl_paths = list(extra_crls)
     fetch = bool(fetch_crls)
     use_ocsp = bool(ocsp)
@@ -60,7 +72,7 @@ def trust_config(
         use_ocsp = settings.pki.ocsp if ocsp is None else ocsp
         ocsp_timeout = settings.pki.ocsp_timeout
         policy = signing_policy(settings)
-    return TrustConfig(
+    trust = TrustConfig(
         anchors=anchors,
         intermediates=intermediates,
         tsa_anchors=tsa_anchors or anchors,
@@ -70,15 +82,11 @@ def trust_config(
         roles=policy.roles,
         profiles=tuple(policy.profiles.values()),
         max_xml_depth=policy.max_xml_depth,
-        **(
-            {
-                "max_signatures": settings.signing.verify_max_signatures,
-                "max_references": settings.signing.verify_max_references,
-            }
-            if settings is not None
-            else {}
-        ),
     )
+    if settings is not None:
+        trust.max_signatures = settings.signing.verify_max_signatures
+        trust.max_references = settings.signing.verify_max_references
+    return trust
 
 
 def tsa_client(settings: Settings) -> Rfc3161Client | None:

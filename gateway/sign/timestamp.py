@@ -12,6 +12,7 @@ import datetime as dt
 import hashlib
 import logging
 import secrets
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -228,6 +229,8 @@ def check_token(
     imprint_data: bytes,
     trust_anchors: list[x509.Certificate],
     moment: dt.datetime | None = None,
+    extra_certs: Sequence[x509.Certificate] = (),
+    imprint_digest: bytes | None = None,
 ) -> TokenProblem | None:
     """Check the imprint, the TSA's signature, its timeStamping EKU and its chain.
 
@@ -240,7 +243,8 @@ def check_token(
     alg = imprint["hash_algorithm"]["algorithm"].native
     if alg not in _CRYPTO_HASHES:
         return TokenProblem("format", f"timestamp uses unsupported hash {alg}")
-    if _hash(alg, imprint_data) != imprint["hashed_message"].native:
+    expected = imprint_digest if imprint_digest is not None else _hash(alg, imprint_data)
+    if expected != imprint["hashed_message"].native:
         return TokenProblem("hash", "the timestamp does not cover this signature value")
     signer_infos = token.signed_data["signer_infos"]
     if len(signer_infos) != 1:
@@ -262,16 +266,66 @@ def check_token(
         return TokenProblem("chain", "the TSA certificate lacks the timeStamping EKU")
     if not trust_anchors:
         return TokenProblem("chain", "no trust anchors configured for timestamps")
+    pool = [*token.certificates, *extra_certs]
+    at = moment or token.gen_time
     try:
-        hpki.verify_chain(
-            tsa_cert,
-            intermediates=token.certificates,
-            trust_anchors=trust_anchors,
-            moment=moment or token.gen_time,
-        )
+        hpki.verify_chain(tsa_cert, intermediates=pool, trust_anchors=trust_anchors, moment=at)
     except PkiError as e:
-        return TokenProblem("chain", f"TSA certificate: {e.description}")
+        why = simple_path_problem(tsa_cert, pool, trust_anchors, at)
+        if why is not None:
+            return TokenProblem("chain", f"TSA certificate: {e.description}; {why}")
     return None
+
+
+def _can_issue(cert: x509.Certificate) -> bool:
+    try:
+        bc = cert.extensions.get_extension_for_class(x509.BasicConstraints).value
+        if not bc.ca:
+            return False
+    except x509.ExtensionNotFound:
+        pass
+    try:
+        return cert.extensions.get_extension_for_class(x509.KeyUsage).value.key_cert_sign
+    except x509.ExtensionNotFound:
+        return True
+
+
+def simple_path_problem(
+    cert: x509.Certificate,
+    pool: Sequence[x509.Certificate],
+    anchors: Sequence[x509.Certificate],
+    moment: dt.datetime,
+    depth: int = 5,
+) -> str | None:
+    """None when ``cert`` chains to one of ``anchors`` by signatures, each certificate valid at
+    ``moment`` and each issuer allowed to sign certificates; else why not.
+
+    Why by hand: cryptography's verifier applies the Web-PKI profile, which TSA roots of test
+    and national services often do not meet (no basicConstraints on a self-signed root,
+    issuer and serial in its authority key identifier), while a TSA path needs no more than
+    this; the timeStamping EKU is checked by the caller.
+    """
+    if not cert.not_valid_before_utc <= moment <= cert.not_valid_after_utc:
+        return f"{cert.subject.rfc4514_string()} is not valid at {moment.isoformat()}"
+    for anchor in anchors:
+        if anchor.subject == cert.issuer:
+            try:
+                cert.verify_directly_issued_by(anchor)
+                return None
+            except (ValueError, TypeError, InvalidSignature):
+                continue
+    if depth == 0:
+        return "the TSA path is too long"
+    for issuer in pool:
+        if issuer.subject != cert.issuer or issuer == cert or not _can_issue(issuer):
+            continue
+        try:
+            cert.verify_directly_issued_by(issuer)
+        except (ValueError, TypeError, InvalidSignature):
+            continue
+        if simple_path_problem(issuer, pool, anchors, moment, depth - 1) is None:
+            return None
+    return f"no path from {cert.subject.rfc4514_string()} to a TSA trust anchor"
 
 
 def _find_signer_cert(si: Any, certs: list[x509.Certificate]) -> x509.Certificate | None:

@@ -24,6 +24,7 @@ import io
 import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from asn1crypto import tsp
 from asn1crypto import x509 as asn1_x509
@@ -35,16 +36,23 @@ from gateway.errors import InvalidRequest
 from gateway.hsm.api import DigestAlgorithm, KeyHandle
 from gateway.sign.timestamp import TimestampClient
 
+if TYPE_CHECKING:
+    from gateway.sign.xades_ltv import LongTerm
+
 __all__ = [
     "DS",
     "ENVELOPED",
+    "EPRESCRIPTION_STYLE",
     "EXC_C14N",
+    "GENERIC_STYLE",
     "JST",
     "XADES",
     "DataReference",
     "XadesBuilder",
+    "XadesStyle",
     "c14n",
     "parse_untrusted",
+    "unsigned_signature_properties",
 ]
 
 DS = "http://www.w3.org/2000/09/xmldsig#"
@@ -141,6 +149,70 @@ class DataReference:
     mime_type: str | None = None  # DataObjectFormat (generic XAdES B-B); None: omitted
 
 
+@dataclass(frozen=True)
+class XadesStyle:
+    """How a signature is written where formats differ in more than values.
+
+    The generic signDoc envelopes keep the gateway's historical shape; the e-prescription
+    style is the one of the national service's samples (HPKI.md §3): ``xs``/``xa`` prefixes,
+    SigningTime in UTC, SigningCertificateV2 with CertDigest only, references in the order
+    document, KeyInfo, SignedProperties, an Id on every ds/XAdES element, and a
+    SignatureTimeStamp without CanonicalizationMethod (its imprint is then over the inclusive
+    C14N 1.0 of the SignatureValue element, the XAdES default).
+    """
+
+    ds_prefix: str = "ds"
+    xades_prefix: str = "xades"
+    signing_time_utc: bool = False
+    issuer_serial_v2: bool = True
+    keyinfo_reference_first: bool = False
+    sample_ids: bool = False
+    timestamp_c14n: str | None = EXC_C14N
+
+
+GENERIC_STYLE = XadesStyle()
+EPRESCRIPTION_STYLE = XadesStyle(
+    ds_prefix="xs",
+    xades_prefix="xa",
+    signing_time_utc=True,
+    issuer_serial_v2=False,
+    keyinfo_reference_first=True,
+    sample_ids=True,
+    timestamp_c14n=None,
+)
+
+
+_BARE_ID_KINDS = frozenset(
+    {
+        "SignatureTimeStamp",
+        "ArchiveTimeStamp",
+        "TimeStampValidationData",
+        "CertificateValues",
+        "RevocationValues",
+    }
+)
+
+
+class _Ids:
+    """Element Ids: the generic ``<kind>-id-<uid>`` or the samples' ``id<8 hex>-<Kind>``."""
+
+    def __init__(self, uid: str, sample: bool) -> None:
+        self.uid, self.sample = uid, sample
+
+    def __call__(self, kind: str) -> str:
+        if self.sample:
+            # The samples name most Ids after their element, but not the timestamps' and
+            # the validation data's.
+            bare = kind in _BARE_ID_KINDS
+            return f"id{secrets.token_hex(4)}" + ("" if bare else f"-{kind}")
+        return {
+            "SignatureValue": f"value-id-{self.uid}",
+            "KeyInfo": f"keyInfo-id-{self.uid}",
+            "SignedProperties": f"xades-id-{self.uid}",
+            "SignatureTimeStamp": f"ts-id-{self.uid}",
+        }.get(kind, f"{kind}-{self.uid}")
+
+
 @dataclass
 class _CertInfo:
     cert_b64: str
@@ -179,17 +251,21 @@ class XadesBuilder:
         uid: str,
         signing_time: dt.datetime,
         data_refs: Sequence[DataReference],
+        style: XadesStyle = GENERIC_STYLE,
     ) -> etree._Element:
         """ds:Signature with SignedInfo still empty of references and no SignatureValue."""
-        sig = etree.Element(_DS + "Signature", nsmap={"ds": DS})
+        ids = _Ids(uid, style.sample_ids)
+        sig = etree.Element(_DS + "Signature", nsmap={style.ds_prefix: DS})
         sig.set("Id", signature_id)
         si = etree.SubElement(sig, _DS + "SignedInfo")
+        if style.sample_ids:
+            si.set("Id", ids("SignedInfo"))
         etree.SubElement(si, _DS + "CanonicalizationMethod").set("Algorithm", EXC_C14N)
         etree.SubElement(si, _DS + "SignatureMethod").set("Algorithm", RSA_SHA256)
         sv = etree.SubElement(sig, _DS + "SignatureValue")
-        sv.set("Id", f"value-id-{uid}")
+        sv.set("Id", ids("SignatureValue"))
         ki = etree.SubElement(sig, _DS + "KeyInfo")
-        ki.set("Id", f"keyInfo-id-{uid}")
+        ki.set("Id", ids("KeyInfo"))
         x509data = etree.SubElement(ki, _DS + "X509Data")
         etree.SubElement(x509data, _DS + "X509Certificate").text = self._cert.cert_b64
         if self.include_chain:
@@ -197,21 +273,29 @@ class XadesBuilder:
                 etree.SubElement(x509data, _DS + "X509Certificate").text = _b64(
                     c.public_bytes(serialization.Encoding.DER)
                 )
-        obj = etree.SubElement(sig, _DS + "Object")
-        qp = etree.SubElement(obj, _XA + "QualifyingProperties", nsmap={"xades": XADES})
+        if style.sample_ids:
+            obj = etree.SubElement(sig, _DS + "Object", nsmap={style.xades_prefix: XADES})
+            qp = etree.SubElement(obj, _XA + "QualifyingProperties")
+            qp.set("Id", ids("QualifyingProperties"))
+        else:
+            obj = etree.SubElement(sig, _DS + "Object")
+            qp = etree.SubElement(obj, _XA + "QualifyingProperties", nsmap={"xades": XADES})
         qp.set("Target", f"#{signature_id}")
         sp = etree.SubElement(qp, _XA + "SignedProperties")
-        sp.set("Id", f"xades-id-{uid}")
+        sp.set("Id", ids("SignedProperties"))
         ssp = etree.SubElement(sp, _XA + "SignedSignatureProperties")
         etree.SubElement(ssp, _XA + "SigningTime").text = (
-            signing_time.astimezone(JST).replace(microsecond=0).isoformat()
+            signing_time.astimezone(dt.UTC if style.signing_time_utc else JST)
+            .replace(microsecond=0)
+            .isoformat()
         )
         scv2 = etree.SubElement(ssp, _XA + "SigningCertificateV2")
         cert = etree.SubElement(scv2, _XA + "Cert")
         cd = etree.SubElement(cert, _XA + "CertDigest")
         etree.SubElement(cd, _DS + "DigestMethod").set("Algorithm", SHA256)
         etree.SubElement(cd, _DS + "DigestValue").text = self._cert.digest_b64
-        etree.SubElement(cert, _XA + "IssuerSerialV2").text = self._cert.issuer_serial_v2_b64
+        if style.issuer_serial_v2:
+            etree.SubElement(cert, _XA + "IssuerSerialV2").text = self._cert.issuer_serial_v2_b64
         formats = [r for r in data_refs if r.mime_type and r.ref_id]
         if formats:
             sdop = etree.SubElement(sp, _XA + "SignedDataObjectProperties")
@@ -252,12 +336,14 @@ class XadesBuilder:
         uid: str,
         data_refs: Sequence[DataReference],
         tsa: TimestampClient | None,
-    ) -> None:
-        """Add the references, sign SignedInfo, then (B-T) add the SignatureTimeStamp.
+        style: XadesStyle = GENERIC_STYLE,
+    ) -> bytes | None:
+        """Add the references, sign SignedInfo, then (B-T) add the SignatureTimeStamp; the
+        timestamp token (None without ``tsa``).
 
         ``sig`` must already sit where it will stay in its document: nothing about the
         signed bytes changes afterwards. The data references come first, then the
-        SignedProperties and the KeyInfo (HPKI.md §3 order).
+        SignedProperties and the KeyInfo (or KeyInfo then SignedProperties: ``style``).
         """
         si = sig.find(_DS + "SignedInfo")
         sv = sig.find(_DS + "SignatureValue")
@@ -268,25 +354,38 @@ class XadesBuilder:
             self._add_reference(
                 si, uri=r.uri, digest=r.digest, ref_id=r.ref_id, transforms=r.transforms
             )
-        self._add_reference(
-            si,
-            uri=f"#xades-id-{uid}",
-            ref_type=SIGNED_PROPERTIES_TYPE,
-            digest=hashlib.sha256(c14n(sp)).digest(),
-        )
-        self._add_reference(si, uri=f"#keyInfo-id-{uid}", digest=hashlib.sha256(c14n(ki)).digest())
+        n = len(data_refs)
+        sp_ref = {
+            "uri": f"#{sp.get('Id')}",
+            "ref_type": SIGNED_PROPERTIES_TYPE,
+            "digest": hashlib.sha256(c14n(sp)).digest(),
+        }
+        ki_ref = {"uri": f"#{ki.get('Id')}", "digest": hashlib.sha256(c14n(ki)).digest()}
+        if style.keyinfo_reference_first:
+            ki_ref["ref_id"] = f"id{secrets.token_hex(4)}-Reference{n + 1}-KeyInfo"
+            sp_ref["ref_id"] = f"id{secrets.token_hex(4)}-Reference{n + 2}-SignedProperties"
+            ordered = [ki_ref, sp_ref]
+        else:
+            ordered = [sp_ref, ki_ref]
+        for ref in ordered:
+            self._add_reference(si, **ref)  # type: ignore[arg-type]
         signature = await key.sign_digest(hashlib.sha256(c14n(si)).digest(), DigestAlgorithm.SHA256)
         sv.text = _b64(signature)
         if tsa is not None:
-            token = await tsa.timestamp(hashlib.sha256(c14n(sv)).digest(), DigestAlgorithm.SHA256)
-            qp = sp.getparent()
-            assert qp is not None
-            up = etree.SubElement(qp, _XA + "UnsignedProperties")
-            usp = etree.SubElement(up, _XA + "UnsignedSignatureProperties")
+            exclusive = style.timestamp_c14n == EXC_C14N
+            token = await tsa.timestamp(
+                hashlib.sha256(c14n(sv, exclusive=exclusive)).digest(), DigestAlgorithm.SHA256
+            )
+            usp = unsigned_signature_properties(sig)
             sts = etree.SubElement(usp, _XA + "SignatureTimeStamp")
-            sts.set("Id", f"ts-id-{uid}")
-            etree.SubElement(sts, _DS + "CanonicalizationMethod").set("Algorithm", EXC_C14N)
+            sts.set("Id", _Ids(uid, style.sample_ids)("SignatureTimeStamp"))
+            if style.timestamp_c14n is not None:
+                etree.SubElement(sts, _DS + "CanonicalizationMethod").set(
+                    "Algorithm", style.timestamp_c14n
+                )
             etree.SubElement(sts, _XA + "EncapsulatedTimeStamp").text = _b64(token)
+            return token
+        return None
 
     # -- the three signDoc envelopes -------------------------------------------------------
 
@@ -299,6 +398,7 @@ class XadesBuilder:
         signing_time: dt.datetime,
         tsa: TimestampClient | None,
         max_depth: int = 64,
+        long_term: LongTerm | None = None,
     ) -> bytes:
         """XAdES over ``document``; ``envelope``: Enveloped, Enveloping or Detached."""
         uid = secrets.token_hex(8)
@@ -322,7 +422,8 @@ class XadesBuilder:
                 signature_id=sig_id, uid=uid, signing_time=signing_time, data_refs=refs
             )
             tree.getroot().append(sig)
-            await self.complete(sig, key, uid=uid, data_refs=refs, tsa=tsa)
+            token = await self.complete(sig, key, uid=uid, data_refs=refs, tsa=tsa)
+            await _long_term(sig, token, long_term, tsa, uid, signing_time, None)
             return _serialize(tree)
         if envelope == "Enveloping":
             obj_id = f"object-{uid}"
@@ -348,7 +449,8 @@ class XadesBuilder:
             )
             sig.append(obj)
             refs[0].digest = hashlib.sha256(c14n(obj)).digest()
-            await self.complete(sig, key, uid=uid, data_refs=refs, tsa=tsa)
+            token = await self.complete(sig, key, uid=uid, data_refs=refs, tsa=tsa)
+            await _long_term(sig, token, long_term, tsa, uid, signing_time, None)
             return _serialize(sig.getroottree())
         if envelope == "Detached":
             refs = [
@@ -363,7 +465,8 @@ class XadesBuilder:
             sig = self.skeleton(
                 signature_id=sig_id, uid=uid, signing_time=signing_time, data_refs=refs
             )
-            await self.complete(sig, key, uid=uid, data_refs=refs, tsa=tsa)
+            token = await self.complete(sig, key, uid=uid, data_refs=refs, tsa=tsa)
+            await _long_term(sig, token, long_term, tsa, uid, signing_time, document)
             return _serialize(sig.getroottree())
         raise InvalidRequest(
             f"unknown XAdES signed_envelope_property {envelope!r}; "
@@ -374,6 +477,39 @@ class XadesBuilder:
 #: The URI of the one external data object of a detached XAdES signature; a verifier is
 #: given the content separately (``verify --content``).
 DETACHED_URI = "urn:hpki-gateway:detached-document"
+
+
+async def _long_term(
+    sig: etree._Element,
+    token: bytes | None,
+    long_term: LongTerm | None,
+    tsa: TimestampClient | None,
+    uid: str,
+    now: dt.datetime,
+    content: bytes | None,
+) -> None:
+    if long_term is None:
+        return
+    from gateway.sign.xades_ltv import finish_long_term
+
+    assert tsa is not None
+    await finish_long_term(
+        sig, token, long_term, tsa=tsa, sample=False, uid=uid, now=now, content=content
+    )
+
+
+def unsigned_signature_properties(sig: etree._Element) -> etree._Element:
+    """The signature's xades:UnsignedSignatureProperties, created when missing."""
+    qp = sig.find(f"{_DS}Object/{_XA}QualifyingProperties")
+    if qp is None:
+        raise ValueError("the signature has no xades:QualifyingProperties")
+    up = qp.find(_XA + "UnsignedProperties")
+    if up is None:
+        up = etree.SubElement(qp, _XA + "UnsignedProperties")
+    usp = up.find(_XA + "UnsignedSignatureProperties")
+    if usp is None:
+        usp = etree.SubElement(up, _XA + "UnsignedSignatureProperties")
+    return usp
 
 
 def _serialize(tree: etree._ElementTree) -> bytes:

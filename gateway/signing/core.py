@@ -33,6 +33,7 @@ from gateway.clock import Clock
 from gateway.errors import GatewayError, InvalidRequest, PayloadTooLarge, PkiError
 from gateway.hsm.api import DigestAlgorithm, KeyHandle, KeyStore, StoreKeyHandle
 from gateway.sign import service
+from gateway.sign.eprescription import EPrescriptionInput
 from gateway.sign.timestamp import Rfc3161Client
 from gateway.signing.grant import Caller, SignatureGrant
 from gateway.signing.ledger import SadLedger, SignRequest
@@ -97,6 +98,8 @@ class DocumentJob:
     document_digest: bytes | None = None
     profile: str | None = None
     csv_encoding: str = "utf-8"
+    #: e-prescription inputs beside the document (ids, additional lines, embedded prescription).
+    eprescription_input: EPrescriptionInput | None = None
 
 
 class SigningService:
@@ -145,8 +148,10 @@ class SigningService:
         size: int | None,
     ) -> None:
         """Refuse what cannot be signed, before any SAD is spent."""
-        if conformance_level == "AdES-B-T" and self.tsa is None:
-            raise InvalidRequest("AdES-B-T needs a timestamp authority, and none is configured")
+        if conformance_level != "AdES-B-B" and self.tsa is None:
+            raise InvalidRequest(
+                f"{conformance_level} needs a timestamp authority, and none is configured"
+            )
         if size is not None and size > self.policy.max_document_bytes:
             raise PayloadTooLarge(
                 f"document of {size} bytes is over the limit of "
@@ -226,6 +231,7 @@ class SigningService:
                     document_digest=j.document_digest,
                     profile=j.profile,
                     csv_encoding=j.csv_encoding,
+                    eprescription_input=j.eprescription_input,
                     tsa=self.tsa,
                     now=now,
                     policy=self.policy,

@@ -28,7 +28,7 @@ from gateway.pki.revocation import revocation_status
 from gateway.sandbox import testworld
 from gateway.sandbox.ocsp import OCSP_PATH, SandboxOcspResponder, create_ocsp_app
 from gateway.sign.service import sign_document
-from gateway.sign.verify import TrustConfig, verify_document
+from gateway.verify import TrustConfig, verify_document
 from tests.support.softkey import SoftwareKeyHandle
 
 NOW = dt.datetime.now(dt.UTC)

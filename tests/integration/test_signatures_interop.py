@@ -19,6 +19,7 @@ import shutil
 import socket
 import subprocess
 import threading
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -36,8 +37,8 @@ from gateway.sign import cades
 from gateway.sign.eprescription import RolePolicy
 from gateway.sign.service import SignedDocument, sign_document
 from gateway.sign.timestamp import Rfc3161Client, parse_token
-from gateway.sign.verify import TrustConfig, verify_document
 from gateway.sign.xades import DS, XADES, c14n
+from gateway.verify import TrustConfig, verify_document
 from tests.support.gateway import Server, client_context, request, run_cli
 from tests.support.signworld import SignWorld, make_sign_world
 from tests.support.softhsm import SOFTHSM_MODULE, process_token
@@ -333,12 +334,14 @@ def test_eprescription_structure_is_hpki_section_3(world: SignWorld) -> None:
     xsi = "{http://www.w3.org/2001/XMLSchema-instance}noNamespaceSchemaLocation"
     assert root.get(xsi) == "EP.xsd"
     pres = root.find("Prescription")
-    assert [c.tag for c in pres][:3] == [
+    assert [c.tag for c in pres] == [
         "PrescriptionManagement",
         "PrescriptionDocument",
+        "AdditionalPrescriptionInformation",
         "PrescriptionSign",
     ]
     assert pres.find("PrescriptionManagement/Version").get("Value") == "EPS1.0"
+    uuid.UUID(pres.find("PrescriptionManagement/PrescriptionId").get("Value"))
     assert base64.b64decode(pres.find("PrescriptionDocument").text) == CSV
     sig = pres.find("PrescriptionSign/ds:Signature", NS)
     assert sig.get("Id") == "PrescriptionSign"
@@ -351,41 +354,36 @@ def test_eprescription_structure_is_hpki_section_3(world: SignWorld) -> None:
     )
     refs = si.findall("ds:Reference", NS)
     assert len(refs) == 3
-    assert refs[0].get("Id") == "id-ref-PrescriptionDocument"
+    assert refs[0].get("Id").endswith("-Reference1-Detached")
     assert refs[0].get("URI") == "#PrescriptionDocument"
-    assert refs[1].get("Type") == "http://uri.etsi.org/01903#SignedProperties"
-    uid = refs[1].get("URI").removeprefix("#xades-id-")
-    assert refs[2].get("URI") == f"#keyInfo-id-{uid}"
+    ki = sig.find("ds:KeyInfo", NS)
+    sp = sig.find("ds:Object/xades:QualifyingProperties/xades:SignedProperties", NS)
+    assert refs[1].get("URI") == f"#{ki.get('Id')}" and refs[1].get("Type") is None
+    assert refs[2].get("URI") == f"#{sp.get('Id')}"
+    assert refs[2].get("Type") == "http://uri.etsi.org/01903#SignedProperties"
+    exc = ["http://www.w3.org/2001/10/xml-exc-c14n#"]
+    assert [
+        [t.get("Algorithm") for t in r.findall("ds:Transforms/ds:Transform", NS)] for r in refs
+    ] == [
+        [],
+        exc,
+        exc,
+    ]
     for r in refs:
-        assert [t.get("Algorithm") for t in r.findall("ds:Transforms/ds:Transform", NS)] == [
-            "http://www.w3.org/2001/10/xml-exc-c14n#"
-        ]
         assert r.find("ds:DigestMethod", NS).get("Algorithm") == (
             "http://www.w3.org/2001/04/xmlenc#sha256"
         )
-    assert sig.find("ds:SignatureValue", NS).get("Id") == f"value-id-{uid}"
-    ki = sig.find("ds:KeyInfo", NS)
-    assert ki.get("Id") == f"keyInfo-id-{uid}"
     cert_der = base64.b64decode(ki.find("ds:X509Data/ds:X509Certificate", NS).text)
     assert cert_der == world.cert.public_bytes(serialization.Encoding.DER)
     qp = sig.find("ds:Object/xades:QualifyingProperties", NS)
     assert qp.get("Target") == "#PrescriptionSign"
-    sp = qp.find("xades:SignedProperties", NS)
-    assert sp.get("Id") == f"xades-id-{uid}"
     st = sp.find("xades:SignedSignatureProperties/xades:SigningTime", NS).text
-    assert st.endswith("+09:00") and dt.datetime.fromisoformat(st).utcoffset() == dt.timedelta(
-        hours=9
-    )
+    assert st.endswith("+00:00") and dt.datetime.fromisoformat(st).utcoffset() == dt.timedelta(0)
     cert_el = sp.find("xades:SignedSignatureProperties/xades:SigningCertificateV2/xades:Cert", NS)
     assert base64.b64decode(cert_el.find("xades:CertDigest/ds:DigestValue", NS).text) == (
         hashlib.sha256(cert_der).digest()
     )
-    from asn1crypto import tsp
-
-    issuer_serial = tsp.IssuerSerial.load(
-        base64.b64decode(cert_el.find("xades:IssuerSerialV2", NS).text)
-    )
-    assert issuer_serial["serial_number"].native == world.cert.serial_number
+    assert [etree.QName(c).localname for c in cert_el] == ["CertDigest"]
 
 
 def test_eprescription_verifies_with_xmlsec1_signxml_and_ours(world: SignWorld) -> None:
@@ -490,19 +488,33 @@ def test_signature_wrapping_fails_ours(world: SignWorld) -> None:
 
 
 def test_dispensing_needs_a_pharmacist(world: SignWorld) -> None:
+    prescription = _eprescription(world)
     with pytest.raises(RoleNotPermitted, match="Medical Doctor may not sign a dispensing"):
-        _eprescription(world, profile="jp-dispensing")
+        _eprescription(world, profile="jp-dispensing", eprescription_input=_rx(prescription))
     xml = _eprescription(
-        world, profile="jp-dispensing", chain=[world.pharmacist_cert, world.ca.cert]
+        world,
+        profile="jp-dispensing",
+        chain=[world.pharmacist_cert, world.ca.cert],
+        eprescription_input=_rx(prescription),
     )
     root = etree.fromstring(xml)
-    assert root.find("Dispensing/DispensingSign/ds:Signature", NS).get("Id") == "DispensingSign"
+    assert root.find("DispensingSign/ds:Signature", NS).get("Id") == "DispensingSign"
+    assert root.find("DispensingManagement/Version").get("Value") == "EPD1.0"
     assert _xmlsec(world, world.write("disp.xml", xml)).returncode == 0
     rep = _verify(world, xml)
     assert rep.indication == "TOTAL-PASSED", rep.reason
-    assert rep.signatures[0].document_type == "dispensing"
+    assert [(s.document_type, s.indication) for s in rep.signatures] == [
+        ("prescription", "TOTAL-PASSED"),
+        ("dispensing", "TOTAL-PASSED"),
+    ]
     with pytest.raises(RoleNotPermitted, match="Pharmacist may not sign a prescription"):
         _eprescription(world, chain=[world.pharmacist_cert, world.ca.cert])
+
+
+def _rx(prescription: bytes) -> Any:
+    from gateway.sign.eprescription import EPrescriptionInput
+
+    return EPrescriptionInput(prescription=prescription)
 
 
 def test_verifier_refuses_a_role_the_mapping_does_not_allow(world: SignWorld) -> None:
@@ -523,7 +535,10 @@ def test_xades_bt_signature_timestamp_over_c14n_signature_value(
     enc = root.find(".//xades:SignatureTimeStamp/xades:EncapsulatedTimeStamp", NS)
     token = base64.b64decode(enc.text)
     imprint = parse_token(token).info["message_imprint"]["hashed_message"].native
-    assert imprint == hashlib.sha256(c14n(sv)).digest()
+    # As in the national service's samples: no CanonicalizationMethod in the SignatureTimeStamp,
+    # so the imprint is over the XAdES default, inclusive C14N 1.0 of the SignatureValue.
+    assert root.find(".//xades:SignatureTimeStamp/ds:CanonicalizationMethod", NS) is None
+    assert imprint == hashlib.sha256(c14n(sv, exclusive=False)).digest()
     tok = world.write("x-bt.tst", token)
     res = subprocess.run(
         [
@@ -709,7 +724,7 @@ def silent_tsa() -> Iterator[str]:
 
 
 @pytest.mark.parametrize("fmt", ["C", "X", "P"])
-def test_tsa_down_or_slow_gives_502_504_and_no_signature(
+def test_tsa_down_or_slow_gives_503_and_no_signature(
     world: SignWorld, silent_tsa: str, fmt: str
 ) -> None:
     with socket.socket() as s:
@@ -730,10 +745,12 @@ def test_tsa_down_or_slow_gives_502_504_and_no_signature(
 
     with pytest.raises(TsaUnavailable) as down:
         asyncio.run(run(dead, 5))
-    assert down.value.status == 502 and "unreachable" in down.value.description
+    assert down.value.status == 503 and "unreachable" in down.value.description
+    assert down.value.code == "tsa_unavailable" and down.value.headers["Retry-After"] == "30"
     with pytest.raises(TsaTimeout) as slow:
         asyncio.run(run(silent_tsa, 0.5))
-    assert slow.value.status == 504 and "did not answer within 0.5 s" in slow.value.description
+    assert slow.value.status == 503 and "did not answer within 0.5 s" in slow.value.description
+    assert slow.value.code == "tsa_timeout" and slow.value.headers["Retry-After"] == "30"
 
 
 # -- the CMS template stays correct under concurrency --------------------------------------------

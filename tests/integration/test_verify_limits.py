@@ -28,7 +28,7 @@ _REF = (
     "<ds:DigestValue>{digest}</ds:DigestValue></ds:Reference>"
 )
 _SIG = (
-    '<ds:Signature xmlns:ds="{ds}"><ds:SignedInfo>'
+    '<ds:Signature Id="s" xmlns:ds="{ds}"><ds:SignedInfo>'
     '<ds:CanonicalizationMethod Algorithm="http://www.w3.org/2001/10/xml-exc-c14n#"/>'
     '<ds:SignatureMethod Algorithm="http://www.w3.org/2001/04/xmldsig-more#rsa-sha256"/>'
     "{refs}</ds:SignedInfo><ds:SignatureValue>AAAA</ds:SignatureValue><ds:Object>"

@@ -16,8 +16,8 @@ from gateway.hsm.api import DigestAlgorithm
 from gateway.sign.cades import der_length, der_tlv
 from gateway.sign.eprescription import decode_csv
 from gateway.sign.service import SigningPolicy, document_digests, sign_document
-from gateway.sign.verify import TrustConfig, verify_document
 from gateway.sign.xades import parse_untrusted
+from gateway.verify import TrustConfig, verify_document
 from tests.support.softkey import make_world
 
 
@@ -110,7 +110,8 @@ def test_shift_jis_csv_is_accepted() -> None:
 
 CASES: list[tuple[dict[str, Any], type[Exception], str]] = [
     ({"signature_format": "J"}, InvalidRequest, "unsupported signature_format 'J'"),
-    ({"conformance_level": "AdES-B-LTA"}, InvalidRequest, "unsupported conformance_level"),
+    ({"conformance_level": "AdES-B-LTX"}, InvalidRequest, "unsupported conformance_level"),
+    ({"conformance_level": "AdES-B-LTA"}, InvalidRequest, "not available for signature_format C"),
     ({"envelope": "Enveloped"}, InvalidRequest, "not valid for signature_format C"),
     ({"conformance_level": "AdES-B-T"}, InvalidRequest, "no"),
     ({"document": b"x" * 2048}, PayloadTooLarge, "over the limit of 1024"),
@@ -213,7 +214,7 @@ def test_sign_doc_schema_and_authorized_digests() -> None:
                 "credentialID": "c",
                 "SAD": "s",
                 "documents": [
-                    {"document": doc, "signature_format": "C", "conformance_level": "AdES-B-LTA"}
+                    {"document": doc, "signature_format": "C", "conformance_level": "AdES-B-LTX"}
                 ],
             }
         )

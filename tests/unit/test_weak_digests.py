@@ -15,7 +15,7 @@ from asn1crypto import x509 as asn1_x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding
 
-from gateway.sign.verify import TrustConfig, VerificationReport, verify_document
+from gateway.verify import TrustConfig, VerificationReport, verify_document
 from tests.support.softkey import World, make_world
 
 CONTENT = b"1,Rx,Loxonin 60mg,3 tablets\r\n"

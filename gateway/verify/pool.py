@@ -20,11 +20,11 @@ from concurrent.futures.process import BrokenProcessPool
 
 from gateway.config import Settings
 from gateway.errors import TemporarilyUnavailable
-from gateway.sign.verify import TrustConfig, VerificationReport, verify_document
+from gateway.verify import TrustConfig, VerificationReport, verify_document
 
 __all__ = ["VerificationPool"]
 
-_log = logging.getLogger("gateway.sign.pool")
+_log = logging.getLogger("gateway.verify.pool")
 
 #: Seconds allowed for a new worker process to start (not counted in the verification limit).
 START_TIMEOUT = 60.0

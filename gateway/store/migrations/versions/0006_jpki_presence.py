@@ -1,7 +1,7 @@
 """My Number card (JPKI) presence: linked authentication certificates and card challenges
 
-Revision ID: 0005
-Revises: 0004
+Revision ID: 0006_jpki
+Revises: 0005_selfservice
 Create Date: 2026-11-27 10:30:00
 """
 
@@ -10,8 +10,8 @@ from __future__ import annotations
 import sqlalchemy as sa
 from alembic import op
 
-revision = "0005"
-down_revision = "0004"
+revision = "0006_jpki"
+down_revision = "0005_selfservice"
 branch_labels = None
 depends_on = None
 

@@ -1,0 +1,214 @@
+"""CMS signatures: CAdES, and the CMS inside PAdES (integrity, then the common checks)."""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+from typing import Any
+
+from asn1crypto import cms, core, pem
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+
+from gateway.errors import InvalidRequest
+from gateway.sign import timestamp as ts
+from gateway.verify.report import INDETERMINATE, TOTAL_FAILED, SignatureReport
+from gateway.verify.trust import Evidence, TimestampEvidence, TrustConfig, check_common, signer_info
+
+__all__ = ["load_cms", "verify_cms_signed_data"]
+
+#: Digests accepted for CMS content, signatures and signing-certificate bindings.
+_STRONG_DIGESTS = ("sha256", "sha384", "sha512")
+
+
+def load_cert(der: bytes) -> x509.Certificate | None:
+    try:
+        return x509.load_der_x509_certificate(der)
+    except ValueError:
+        return None
+
+
+def _cms_certs(sd: Any) -> list[x509.Certificate]:
+    out = []
+    for c in sd["certificates"] or []:
+        if c.name == "certificate":
+            cert = load_cert(c.chosen.dump())
+            if cert is not None:
+                out.append(cert)
+    return out
+
+
+def _cms_crls(sd: Any) -> list[x509.CertificateRevocationList]:
+    out = []
+    for c in sd["crls"] or []:
+        if c.name == "crl":
+            try:
+                out.append(x509.load_der_x509_crl(c.chosen.dump()))
+            except ValueError:
+                continue
+    return out
+
+
+def _attr(attrs: Any, name: str) -> Any:
+    if isinstance(attrs, core.Void):
+        return None
+    for a in attrs:
+        if a["type"].native == name:
+            return a["values"][0]
+    return None
+
+
+def _cms_binding(si: Any, cert: x509.Certificate) -> str | None:
+    """None when signingCertificateV2 names ``cert`` with SHA-256/384/512; else why not.
+
+    The ESS signingCertificate (v1) binds with SHA-1 only and is not accepted; neither is a
+    signingCertificateV2 whose hash is SHA-1 or MD5.
+    """
+    der = cert.public_bytes(serialization.Encoding.DER)
+    v2 = _attr(si["signed_attrs"], "signing_certificate_v2")
+    if v2 is not None:
+        first = v2["certs"][0]
+        alg = first["hash_algorithm"]["algorithm"].native
+        if alg not in _STRONG_DIGESTS:
+            return f"signingCertificateV2 uses {alg}; only SHA-256/384/512 are accepted"
+        if hashlib.new(alg, der).digest() != first["cert_hash"].native:
+            return "signingCertificateV2 names another certificate than the one that signed"
+        return None
+    if _attr(si["signed_attrs"], "signing_certificate") is not None:
+        return (
+            "the signer certificate is bound only by signingCertificate (SHA-1), which is not "
+            "accepted: signingCertificateV2 with SHA-256/384/512 is required"
+        )
+    return "no signingCertificateV2 attribute binds the signer certificate"
+
+
+def _attached_content(sd: Any, content: bytes | None) -> bytes | None:
+    embedded_content = sd["encap_content_info"]["content"]
+    if isinstance(embedded_content, core.Void) or embedded_content is None:
+        return content
+    attached = embedded_content.native
+    # The embedded content is what was signed; a separately given content is ignored.
+    return attached if isinstance(attached, bytes) else embedded_content.contents
+
+
+def _integrity(
+    rep: SignatureReport,
+    si: Any,
+    cert: x509.Certificate,
+    content: bytes | None,
+    digest: bytes | None,
+) -> bool:
+    """messageDigest, the signature value and the certificate binding; False: failed."""
+    digest_alg = si["digest_algorithm"]["algorithm"].native
+    md = _attr(si["signed_attrs"], "message_digest")
+    if md is None:
+        rep.fail(TOTAL_FAILED, "FORMAT_FAILURE", "no messageDigest signed attribute")
+        return False
+    if digest_alg not in _STRONG_DIGESTS:
+        rep.fail(
+            TOTAL_FAILED,
+            "FORMAT_FAILURE",
+            f"unsupported digest {digest_alg} (only SHA-256/384/512 are accepted)",
+        )
+        return False
+    if digest is None:
+        if content is None:
+            rep.fail(
+                INDETERMINATE,
+                "SIGNED_DATA_NOT_FOUND",
+                "detached signature: give the signed content (--content / content)",
+            )
+            return False
+        digest = hashlib.new(digest_alg, content).digest()
+    if md.native != digest:
+        rep.fail(
+            TOTAL_FAILED,
+            "HASH_FAILURE",
+            "the signed content does not match the signature's messageDigest",
+        )
+        return False
+    problem = ts.verify_signer_info(si, cert, content_digest=digest)
+    if problem is not None:
+        rep.fail(TOTAL_FAILED, "SIG_CRYPTO_FAILURE", problem)
+        return False
+    binding = _cms_binding(si, cert)
+    if binding is not None:
+        rep.fail(INDETERMINATE, "NO_SIGNING_CERTIFICATE_FOUND", binding)
+        return False
+    return True
+
+
+def _timestamps(si: Any, sd: Any) -> list[TimestampEvidence]:
+    out = []
+    token = _attr(si["unsigned_attrs"], "signature_time_stamp_token")
+    if token is not None:
+        out.append(TimestampEvidence("signature", token.dump(), si["signature"].native))
+    return out
+
+
+async def verify_cms_signed_data(
+    sd: Any,
+    *,
+    fmt: str,
+    content: bytes | None,
+    content_digest: bytes | None,
+    trust: TrustConfig,
+    now: dt.datetime,
+    extra_crls: list[x509.CertificateRevocationList] | None = None,
+    extra_certs: list[x509.Certificate] | None = None,
+    archive: list[TimestampEvidence] | None = None,
+) -> list[SignatureReport]:
+    """Every SignerInfo of ``sd``; ``extra_*``: validation data found outside the CMS (the
+    PDF's DSS) and archive timestamps over it (PDF document timestamps)."""
+    content = _attached_content(sd, content)
+    if len(sd["signer_infos"]) > trust.max_signatures:
+        raise InvalidRequest(
+            f"the signature has {len(sd['signer_infos'])} SignerInfos; at most "
+            f"{trust.max_signatures} are verified (signing.verify_max_signatures)"
+        )
+    certs = _cms_certs(sd)
+    crls = _cms_crls(sd) + list(extra_crls or [])
+    reports = []
+    for si in sd["signer_infos"]:
+        rep = SignatureReport(format=fmt)
+        reports.append(rep)
+        cert = ts._find_signer_cert(si, certs)
+        if cert is None:
+            rep.fail(
+                INDETERMINATE,
+                "NO_SIGNING_CERTIFICATE_FOUND",
+                "the signer certificate is not in the signature",
+            )
+            continue
+        rep.signer = signer_info(cert)
+        if not _integrity(rep, si, cert, content, content_digest):
+            continue
+        st = _attr(si["signed_attrs"], "signing_time")
+        stamps = _timestamps(si, sd) + list(archive or [])
+        found = Evidence(
+            cert=cert,
+            embedded=certs + list(extra_certs or []),
+            signing_time=st.native if st is not None else None,
+            timestamps=stamps,
+            crls=crls,
+            has_validation_data=bool(crls),
+        )
+        await check_common(rep, found, trust, now)
+    return reports
+
+
+def load_cms(data: bytes) -> Any:
+    if pem.detect(data):
+        _, _, data = pem.unarmor(data)
+    ci = cms.ContentInfo.load(data, strict=True)
+    if ci["content_type"].native != "signed_data":
+        raise ValueError("CMS content is not SignedData")
+    sd = ci["content"]
+    # Parse the parts we read now, so malformed input fails here. Not ``sd.native``: that
+    # would decode the certificates with asn1crypto, which misreads the hcRole extension
+    # (certificates are read with cryptography instead).
+    for si in sd["signer_infos"]:
+        si["signed_attrs"].native  # noqa: B018
+        si["unsigned_attrs"].contents  # noqa: B018
+    sd["encap_content_info"].native  # noqa: B018
+    return sd
