@@ -18,6 +18,7 @@ from gateway.api import (
     est,
     extend,
     health,
+    jpki,
     selfservice,
     sign_doc,
     signing,
@@ -34,6 +35,7 @@ from gateway.api.keys import (
     FACILITY_LIMITER,
     FIDO2,
     IP_LIMITER,
+    JPKI,
     KEYSTORE,
     METRICS,
     REFUSALS,
@@ -50,6 +52,8 @@ from gateway.api.throttle import facility_limit, ip_limit
 from gateway.audit import AuditLog
 from gateway.auth.activation import SignatureActivation
 from gateway.auth.fido2 import Fido2Authenticator
+from gateway.auth.jpki import JpkiAuthenticator
+from gateway.auth.jpki_setup import make_jpki
 from gateway.clock import Clock, system_clock
 from gateway.config import Settings
 from gateway.errors import ConfigError, HsmUnavailable
@@ -214,6 +218,7 @@ ROUTES = (
     admin.routes,
     selfservice.routes,
     est.routes,
+    jpki.routes,
 )
 
 
@@ -230,6 +235,7 @@ class Services:
     fido2: Fido2Authenticator
     ledger: SadLedger
     activation: SignatureActivation
+    jpki: JpkiAuthenticator
 
 
 def build_services(
@@ -260,6 +266,7 @@ def build_services(
         activation=make_activation(
             settings, db=db, audit=audit, fido2=fido2, ledger=ledger, clock=clock
         ),
+        jpki=make_jpki(settings, db=db, audit=audit, fido2=fido2, ledger=ledger, clock=clock),
     )
 
 
@@ -309,6 +316,7 @@ def create_app(
         app[SIGNERS] = services.signers
         app[FIDO2] = services.fido2
         app[ACTIVATION] = services.activation
+        app[JPKI] = services.jpki
         yield
         await db.close()
 

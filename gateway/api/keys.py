@@ -12,6 +12,7 @@ from gateway.api.limits import Limiter, RefusalSummary
 from gateway.audit import AuditLog
 from gateway.auth.activation import SignatureActivation
 from gateway.auth.fido2 import Fido2Authenticator
+from gateway.auth.jpki import JpkiAuthenticator
 from gateway.clock import Clock
 from gateway.config import Settings
 from gateway.hsm.api import KeyStore
@@ -48,3 +49,4 @@ FACILITY_LIMITER = web.AppKey("facility_limiter", Limiter)
 REFUSALS = web.AppKey("refusals", RefusalSummary)
 #: The worker's Prometheus metrics (gateway/metrics.py, served by api/metrics.py).
 METRICS = web.AppKey("metrics", Metrics)
+JPKI = web.AppKey("jpki", JpkiAuthenticator)

@@ -115,6 +115,8 @@ async def run_forever(settings: Settings, *, ready: Callable[[], None] | None = 
     error line and exit 1, not a traceback."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + BIND_WAIT_SECONDS
+    from gateway.sandbox.jpki import start_test_jpki
+
     while True:
         try:
             runner = await start_test_tsa(settings)
@@ -129,10 +131,13 @@ async def run_forever(settings: Settings, *, ready: Callable[[], None] | None = 
                 )
                 return 1
             await asyncio.sleep(0.2)
+    jpki = await start_test_jpki(settings) if settings.test_jpki.enabled else None
     if ready is not None:
         ready()
     try:
         await asyncio.Event().wait()
     finally:
+        if jpki is not None:
+            await jpki.cleanup()
         await runner.cleanup()
     return 0

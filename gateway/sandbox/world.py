@@ -31,6 +31,7 @@ from gateway.files import write_private
 from gateway.pki import facility_ca
 from gateway.pki.issue import CertAndKey
 from gateway.sandbox import testworld
+from gateway.sandbox.jpki import build_cards, build_jpki_ca, jpki_settings_toml
 
 if TYPE_CHECKING:
     from gateway.app import Services
@@ -194,14 +195,17 @@ async def init_sandbox(
     write_private(d / "secrets" / "delivery.key", secrets.token_hex(32).encode())
     client_ca = _write_pki(d, now)
     tsa_port = tsa_port or _free_port()
-    toml = _settings_toml(port, tsa_port)
+    jpki_port = _free_port()
+    toml = _settings_toml(port, tsa_port) + jpki_settings_toml(jpki_port)
     if store_url is not None:  # e.g. PostgreSQL, shared by several gateway instances
         toml = toml.replace(
             'url = "sqlite+aiosqlite:///data/gateway.db"', f"url = {json.dumps(store_url)}", 1
         )
     (d / "gateway.toml").write_text(toml, encoding="utf-8")
+    jpki_entry = build_jpki_ca(d, now=now, port=jpki_port)
     settings = load_settings(d / "gateway.toml", environ={})
     seeded = await _seed_store(settings, d, client_ca, clock)
+    build_cards(d, now=now, entry=jpki_entry, signer_ids=[str(s["id"]) for s in seeded["signers"]])
     pki = d / "pki"
     admin = seeded["admin"]
     manifest: dict[str, Any] = {
@@ -226,6 +230,8 @@ async def init_sandbox(
         # Signed e-prescriptions and dispensing results, one per level (ES-BES .. ES-A).
         "samples": seeded["samples"],
         "outbox": str(d / "outbox"),
+        "jpki": jpki_entry,
+        "cards": [],
     }
     (d / "manifest.json").write_text(
         json.dumps(manifest, ensure_ascii=False, indent=2) + "\n", encoding="utf-8"
@@ -237,7 +243,8 @@ def _prepare(d: Path, *, force: bool) -> None:
     if (d / "manifest.json").exists() and not force:
         raise ConfigError(f"{d} already holds a sandbox (use --force to rebuild it)")
     if force and d.exists():
-        for sub in ("softhsm", "secrets", "pki", "tls", "clients", "data", "outbox"):
+        subdirs = ("softhsm", "secrets", "pki", "tls", "clients", "data", "outbox", "jpki", "cards")
+        for sub in subdirs:
             shutil.rmtree(d / sub, ignore_errors=True)
         for f in ("gateway.toml", "manifest.json"):
             (d / f).unlink(missing_ok=True)
