@@ -8,6 +8,9 @@ Builds a throwaway sandbox, then measures on the same SoftHSM key:
   signhash_single_p50_ms/_p99_ms   mTLS clients, 1 worker; latency per request
   signhash_batch_workers2_per_s  the batch rate with ``serve --workers 2``
   rss_mb_per_worker              largest VmRSS of a worker after its load
+  signhash_single_pg_per_s, signhash_single_pg_2inst_per_s, ceremony_per_s,
+  ceremony_raw_pkcs11_per_s      bench_scale.py: PostgreSQL one / two instances, the SCAL 2
+                                 ceremony per prescription (see its docstring)
   xades_eprescription_t_per_s    signDoc e-prescription at ES-T (AdES-B-T), and at ES-XL
   xades_eprescription_xl_per_s   (AdES-B-LT, revocation data from the cache), interleaved
   verify_eprescription_xl_per_s  long-term verification of the real ES-XL prescription in
