@@ -10,7 +10,18 @@ from datetime import timedelta
 
 from aiohttp import web
 
-from gateway.api import admin, auth, csc, download, extend, health, sign_doc, signing, verify
+from gateway.api import (
+    admin,
+    auth,
+    csc,
+    download,
+    extend,
+    health,
+    portal,
+    sign_doc,
+    signing,
+    verify,
+)
 from gateway.api.keys import (
     ACTIVATION,
     ALLOWED_ORIGINS,
@@ -192,6 +203,7 @@ ROUTES = (
     verify.routes,
     extend.routes,
     admin.routes,
+    portal.routes,
 )
 
 

@@ -180,12 +180,26 @@ async def browser_guard(request: web.Request, handler: Handler) -> web.StreamRes
         origin = request.headers.get("Origin")
         if origin is not None and origin.rstrip("/") not in own_origins(request):
             raise AccessDenied(f"requests from origin {origin[:100]!r} are refused")
+        if _portal_form(request, origin):
+            return await handler(request)
         if request.content_type != "application/json":
             shown = request.headers.get("Content-Type", "none")[:100]
             raise UnsupportedMediaType(
                 f"request bodies must be JSON sent as Content-Type: application/json (got {shown})"
             )
     return await handler(request)
+
+
+def _portal_form(request: web.Request, origin: str | None) -> bool:
+    """A portal form (file uploads need multipart) is accepted only when the browser names
+    this listener as its Origin: every browser sends Origin on a form POST, and a cross-site
+    page cannot forge it."""
+    return (
+        request.path.startswith("/portal/")
+        and request.content_type == "multipart/form-data"
+        and origin is not None
+        and origin.rstrip("/") in own_origins(request)
+    )
 
 
 def identity(request: web.Request) -> ClientIdentity:
