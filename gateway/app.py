@@ -17,6 +17,7 @@ from gateway.api import (
     download,
     extend,
     health,
+    openapi,
     portal,
     sign_doc,
     signing,
@@ -204,6 +205,7 @@ ROUTES = (
     extend.routes,
     admin.routes,
     portal.routes,
+    openapi.routes,
 )
 
 
