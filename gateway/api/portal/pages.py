@@ -84,7 +84,9 @@ def _secure(response: web.StreamResponse) -> None:
     response.headers["Content-Security-Policy"] = CSP
     response.headers["Cache-Control"] = "no-store"
     response.headers["X-Content-Type-Options"] = "nosniff"
-    response.headers["Referrer-Policy"] = "no-referrer"
+    # Not no-referrer: under it Chromium sends "Origin: null" with a form post, which the
+    # form guard (an Origin naming this listener) must refuse.
+    response.headers["Referrer-Policy"] = "same-origin"
 
 
 # -- Status -----------------------------------------------------------------------------------
