@@ -19,6 +19,7 @@ from gateway.api import (
     health,
     openapi,
     portal,
+    scenarios,
     sign_doc,
     signing,
     verify,
@@ -206,6 +207,7 @@ ROUTES = (
     admin.routes,
     portal.routes,
     openapi.routes,
+    scenarios.routes,
 )
 
 
@@ -260,7 +262,13 @@ def create_app(
     """The main app. Its services exist from start-up (``cleanup_ctx``) to clean-up."""
     app = web.Application(
         client_max_size=settings.server.max_body_bytes,
-        middlewares=[request_context, client_identity, browser_guard],
+        middlewares=[
+            request_context,
+            client_identity,
+            browser_guard,
+            # The sandbox's failure scenarios; never installed in production.
+            *([scenarios.scenario_effects] if settings.service.sandbox else []),
+        ],
     )
     app[SETTINGS] = settings
     app[CLOCK] = clock

@@ -25,7 +25,7 @@ from tests.support.signing import services
 
 pytestmark = [pytest.mark.tls, pytest.mark.hsm]
 
-PAGES = ["status", "enrol", "sign", "verify", "downloads", "api"]
+PAGES = ["status", "enrol", "sign", "verify", "downloads", "scenarios", "api"]
 UNLABELLED = """() => [...document.querySelectorAll(
     'input:not([type=hidden]), select, textarea')]
   .filter((el) => !(el.labels && el.labels.length) && !el.getAttribute('aria-label'))
@@ -199,6 +199,29 @@ def test_enrol_sign_and_verify_in_japanese(
             page.text_content("#sub-indication-text")
             == "署名対象の内容が署名後に変更されています。"
         )
+
+        # A scenario switched on in the portal: the TSA is down, signing at B-T answers the
+        # documented error; the reset brings the TSA back.
+        page.goto(f"{origin}/portal/scenarios")
+        page.click("#on-tsa_down")
+        assert "有効" in (page.text_content("#scenario-tsa_down .state") or "")
+        shot = _shots(tmp_path, "scenarios-on-ja")
+        page.screenshot(path=str(shot), full_page=True)
+        _publish(shot)
+        try:
+            page.goto(
+                f"{origin}/portal/sign?sample=prescription&credential={signer['credential_id']}"
+                "&level=AdES-B-T"
+            )
+            page.get_by_role("button", name="認証器で承認して署名する").click()
+            page.wait_for_selector("#sign-status[data-done]", timeout=30_000)
+            status = page.text_content("#sign-status") or ""
+            assert page.get_attribute("#sign-status", "class") == "error", status
+            assert "tsa_unavailable" in status and "nothing was signed" in status
+        finally:
+            page.goto(f"{origin}/portal/scenarios")
+            page.click("#reset")
+        assert "有効" not in (page.text_content("#scenario-tsa_down .state") or "")
     finally:
         context.close()
 

@@ -186,6 +186,21 @@ JA: dict[str, str] = {
     "sub_GENERIC": "その他の理由で判断できません。",
     "sub_unknown": "詳細は理由欄を参照してください。",
     "scenarios_heading": "障害シナリオ",
+    "nav_scenarios": "障害シナリオ",
+    "scenarios_intro": (
+        "施設または資格情報ごとに障害を発生させ、ベンダーのシステムが受け取るエラーを確認"
+        "できます（検証環境のみ）。ポータル自体はシナリオの影響を受けません。"
+    ),
+    "scenario": "シナリオ",
+    "scenario_error": "返されるエラー",
+    "scenario_state": "状態",
+    "scenario_on": "有効にする",
+    "scenario_off": "無効にする",
+    "scenario_is_on": "有効",
+    "scenario_is_off": "無効",
+    "scenario_reset": "すべて元に戻す",
+    "scenario_credential": "対象の資格情報",
+    "scenarios_sandbox_only": "障害シナリオは検証環境でのみ使えます。",
 }
 
 EN: dict[str, str] = {
@@ -362,6 +377,21 @@ EN: dict[str, str] = {
     "sub_GENERIC": "Undecided for another reason.",
     "sub_unknown": "See the reason.",
     "scenarios_heading": "Failure scenarios",
+    "nav_scenarios": "Scenarios",
+    "scenarios_intro": (
+        "Switch a failure on for your facility or one credential and see the error a vendor's "
+        "system receives (sandbox only). The portal itself is never affected."
+    ),
+    "scenario": "Scenario",
+    "scenario_error": "Error returned",
+    "scenario_state": "State",
+    "scenario_on": "Switch on",
+    "scenario_off": "Switch off",
+    "scenario_is_on": "on",
+    "scenario_is_off": "off",
+    "scenario_reset": "Reset all",
+    "scenario_credential": "Credential",
+    "scenarios_sandbox_only": "Failure scenarios exist only in a sandbox.",
 }
 
 MESSAGES: dict[str, dict[str, str]] = {"ja": JA, "en": EN}

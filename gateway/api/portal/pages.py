@@ -24,12 +24,19 @@ from typing import Any
 import jinja2
 from aiohttp import BodyPartReader, web
 
+from gateway.api import scenarios
 from gateway.api.keys import CLOCK, FIDO2, KEYSTORE, SETTINGS, SIGNERS, VERIFY_POOL
 from gateway.api.middleware import identity
 from gateway.api.portal import i18n, report_pdf
 from gateway.auth.mtls import ClientIdentity
 from gateway.clock import days_left, jst_date
-from gateway.errors import GatewayError, InvalidRequest, NotFound, PayloadTooLarge
+from gateway.errors import (
+    AccessDenied,
+    GatewayError,
+    InvalidRequest,
+    NotFound,
+    PayloadTooLarge,
+)
 from gateway.sign.samples import DISPENSING_CSV, PRESCRIPTION_CSV
 
 routes = web.RouteTableDef()
@@ -146,7 +153,19 @@ async def status_page(request: web.Request) -> web.Response:
         signers=await _signers_of(request, ident),
         endpoints=_endpoints(request),
         hsm_ok=await _hsm_ok(request),
+        scenarios_on=_scenarios_on(request, ident),
     )
+
+
+def _scenarios_on(request: web.Request, ident: ClientIdentity) -> list[str]:
+    settings = request.app[SETTINGS]
+    if not settings.service.sandbox:
+        return []
+    out = []
+    for key, names in scenarios.active(settings).items():
+        if key == f"facility:{ident.institution_code}" or key.startswith("credential:"):
+            out += [f"{n} ({key})" for n in names]
+    return out
 
 
 # -- Enrol ------------------------------------------------------------------------------------
@@ -548,3 +567,65 @@ async def api_page(request: web.Request) -> web.Response:
         "style-src 'self'", "style-src 'self' 'unsafe-inline'"
     ).replace("img-src 'self'", "img-src 'self' data:")
     return response
+
+
+# -- Scenarios --------------------------------------------------------------------------------
+
+
+async def _scenario_page(request: web.Request, ident: ClientIdentity) -> web.Response:
+    settings = request.app[SETTINGS]
+    if not settings.service.sandbox:
+        return render(request, "scenarios.html", catalog=[], on={}, credentials=[])
+    data = scenarios.active(settings)
+    creds = await _credentials(request, ident) if ident.kind == "facility" else []
+    on: dict[str, list[str]] = {}
+    for key in (f"facility:{ident.institution_code}", *(f"credential:{c['id']}" for c in creds)):
+        for name in data.get(key, []):
+            on.setdefault(name, []).append(key.split(":", 1)[1])
+    return render(
+        request,
+        "scenarios.html",
+        catalog=scenarios.catalog_json(),
+        on=on,
+        credentials=creds,
+    )
+
+
+@routes.get("/portal/scenarios")
+async def scenarios_page(request: web.Request) -> web.Response:
+    return await _scenario_page(request, identity(request))
+
+
+@routes.post("/portal/scenarios")
+async def scenarios_switch(request: web.Request) -> web.Response:
+    ident = identity(request)
+    if ident.kind != "facility":
+        raise AccessDenied("the portal switches the scenarios of the caller's facility")
+    form = await _form(request)
+    action = _text(form, "action") or ""
+    if action == "reset":
+        creds = await _credentials(request, ident)
+        await scenarios.reset(
+            request,
+            actor=ident.actor,
+            only=[
+                f"facility:{ident.institution_code}",
+                *(f"credential:{c['id']}" for c in creds),
+            ],
+        )
+    else:
+        name = _text(form, "scenario") or ""
+        scenario = scenarios.CATALOG.get(name)
+        if scenario is None:
+            raise InvalidRequest(f"Invalid parameter scenario: {name[:60]!r}")
+        if scenario.scope == "credential":
+            credential = _text(form, "credential") or ""
+            if credential not in {c["id"] for c in await _credentials(request, ident)}:
+                raise InvalidRequest("Invalid parameter credential: not one of this facility's")
+            target = f"credential:{credential}"
+        else:
+            target = f"facility:{ident.institution_code}"
+        await scenarios.switch(
+            request, name=name, target=target, on=action == "on", actor=ident.actor
+        )
+    return await _scenario_page(request, ident)
