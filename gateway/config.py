@@ -172,6 +172,26 @@ class CertificateSettings(_Section):
     stay apart (Debian fonts-dejavu-core)."""
     delivery_key_file: Path | None = None
     """32+ bytes: wraps (AES-256-GCM) the PKCS#12 kept until it is downloaded. Needed to issue."""
+    renewal_window_days: Annotated[int, Field(ge=1, le=365)] = 90
+    """A facility renews its own certificate over EST (``/.well-known/est/simplereenroll``)
+    from this many days before expiry (JST calendar days) until it expires."""
+    renewal_min_rsa_bits: Annotated[int, Field(ge=2048, le=8192)] = 2048
+    """The smallest RSA key a renewal request (CSR) may carry; EC keys must be P-256 or
+    stronger."""
+
+
+class FeeSettings(_Section):
+    """Fees charged to facilities (defaults from the source documents, yen, tax included)."""
+
+    issuance_yen: Annotated[int, Field(ge=0, le=1_000_000)] = 1500
+    """Per certificate issued or renewed (ライセンス料 / 電子証明書発行料)."""
+    postage_yen: Annotated[int, Field(ge=0, le=100_000)] = 753
+    """Postage (郵送手数料) when a new certificate is needed because the old one expired or its
+    password notice was lost; none for a renewal in time or a re-send."""
+    issuer_name: str | None = None
+    """Who issues the statement (請求書); default ``service.name``."""
+    transfer_account: str | None = None
+    """Bank account printed on statements of facilities that pay by transfer (振込先)."""
 
 
 class DeliverySettings(_Section):
@@ -354,6 +374,7 @@ class Settings(_Section):
     pki: PkiSettings = PkiSettings()
     audit: AuditSettings = AuditSettings()
     certificates: CertificateSettings = CertificateSettings()
+    fees: FeeSettings = FeeSettings()
     delivery: DeliverySettings = DeliverySettings()
     smtp: SmtpSettings = SmtpSettings()
     scheduler: SchedulerSettings = SchedulerSettings()

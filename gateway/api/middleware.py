@@ -6,8 +6,9 @@ results are used, so no route, not even a 404, is reachable without an active cl
 certificate.
 
 Who may call what is decided here, by path, for every route at once: ``/admin/`` needs an
-administrator's certificate, ``/csc/`` a facility's. Every response to a facility whose
-certificate expires within ``certificates.expiry_header_days`` carries
+administrator's certificate, ``/csc/``, ``/facility/`` and EST (``/.well-known/est/``) a
+facility's, and ``/vendor/`` a vendor's (which reaches nothing else). Every response to a
+facility whose certificate expires within ``certificates.expiry_header_days`` carries
 ``X-Client-Certificate-Expires: <JST date>; days-left=<n>``, so a facility system can warn its
 users long before the certificate stops prescriptions.
 """
@@ -35,6 +36,7 @@ access_log = logging.getLogger("gateway.access")
 
 IDENTITY = "identity"  # request key holding the ClientIdentity
 EXPIRY_HEADER = "X-Client-Certificate-Expires"
+EST_PREFIX = "/.well-known/est/"
 _CLIENT_RID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -150,6 +152,16 @@ async def client_identity(request: web.Request, handler: Handler) -> web.StreamR
         raise AccessDenied(
             "CSC methods are for facility client certificates; administrators use /admin/"
         )
+    if path.startswith(("/facility/", EST_PREFIX)) and ident.kind != "facility":
+        raise AccessDenied(
+            "/facility/ and EST (/.well-known/est/) are for facility client certificates"
+        )
+    if (path == "/vendor" or path.startswith("/vendor/")) != (ident.kind == "vendor"):
+        raise AccessDenied(
+            "a vendor's client certificate is for the vendor API (/vendor/) only"
+            if ident.kind == "vendor"
+            else "the vendor API needs a vendor's client certificate"
+        )
     return await handler(request)
 
 
@@ -182,7 +194,11 @@ async def browser_guard(request: web.Request, handler: Handler) -> web.StreamRes
             raise AccessDenied(f"requests from origin {origin[:100]!r} are refused")
         if _portal_form(request, origin):
             return await handler(request)
-        if request.content_type != "application/json":
+        if request.content_type != "application/json" and not (
+            # EST (RFC 7030) takes a PKCS#10 body: a type no cross-site form or no-cors fetch
+            # can send, so the guard's reason for insisting on JSON holds for it too.
+            request.path.startswith(EST_PREFIX) and request.content_type == "application/pkcs10"
+        ):
             shown = request.headers.get("Content-Type", "none")[:100]
             raise UnsupportedMediaType(
                 f"request bodies must be JSON sent as Content-Type: application/json (got {shown})"

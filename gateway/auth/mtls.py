@@ -1,4 +1,4 @@
-"""Peer certificate -> client identity (facility or administrator).
+"""Peer certificate -> client identity (facility, administrator or vendor).
 
 The TLS layer has already checked the chain to the client CA bundle and the validity period.
 Here the certificate's SHA-256 fingerprint must be registered, not revoked, and its owner
@@ -23,7 +23,7 @@ from gateway.clock import system_clock
 from gateway.errors import AccessDenied
 from gateway.lifecycle.facilities import fingerprint
 from gateway.store.db import Database
-from gateway.store.schema import admin, client_certificate, facility
+from gateway.store.schema import admin, client_certificate, facility, vendor
 
 # last_used_at is a convenience for the status inquiry: refresh it at most this often per
 # certificate, so the hot path does not write on every request.
@@ -32,7 +32,7 @@ LAST_USED_RESOLUTION = timedelta(minutes=1)
 
 @dataclass(frozen=True, kw_only=True)
 class ClientIdentity:
-    kind: Literal["facility", "admin"]
+    kind: Literal["facility", "admin", "vendor"]
     certificate_serial: str
     fingerprint_sha256: str
     not_after: datetime
@@ -40,12 +40,16 @@ class ClientIdentity:
     institution_code: str | None = None
     facility_name: str | None = None
     admin_name: str | None = None
+    vendor_id: int | None = None
+    vendor_name: str | None = None
 
     @property
     def actor(self) -> str:
         """How this client is named in the audit log."""
         if self.kind == "admin":
             return f"admin:{self.admin_name}"
+        if self.kind == "vendor":
+            return f"vendor:{self.vendor_name}"
         return f"facility:{self.institution_code}"
 
 
@@ -68,8 +72,11 @@ _IDENTITY_QUERY = (
         facility.c.status_changed_at.label("facility_changed"),
         admin.c.name.label("admin_name"),
         admin.c.status.label("admin_status"),
+        vendor.c.id.label("vendor_id"),
+        vendor.c.name.label("vendor_name"),
+        vendor.c.status.label("vendor_status"),
     )
-    .select_from(client_certificate.outerjoin(facility).outerjoin(admin))
+    .select_from(client_certificate.outerjoin(facility).outerjoin(admin).outerjoin(vendor))
     .where(client_certificate.c.fingerprint_sha256.in_(bindparam("fps", expanding=True)))
 )
 
@@ -177,6 +184,17 @@ async def identify(db: Database, peer_der: bytes, *, now: datetime | None = None
             fingerprint_sha256=fp,
             not_after=row.not_after,
             admin_name=row.admin_name,
+        )
+    elif row.vendor_name is not None:
+        if row.vendor_status != "active":
+            raise AccessDenied(f"vendor {row.vendor_name} is {row.vendor_status}")
+        ident = ClientIdentity(
+            kind="vendor",
+            certificate_serial=serial,
+            fingerprint_sha256=fp,
+            not_after=row.not_after,
+            vendor_id=row.vendor_id,
+            vendor_name=row.vendor_name,
         )
     else:  # pragma: no cover - the schema requires one owner; refuse rather than guess
         raise AccessDenied(f"client certificate {serial} has no owner")

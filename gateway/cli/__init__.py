@@ -15,7 +15,7 @@ import asyncio
 import sys
 from collections.abc import Sequence
 
-from gateway.cli import db, eprescription, facility, sandbox, signer, verify
+from gateway.cli import db, eprescription, facility, sandbox, selfservice, signer, verify
 from gateway.cli.common import Action, config_flags
 from gateway.errors import ConfigError, GatewayError
 
@@ -37,6 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     facility.register_admin(sub)
     signer.register(sub)
     facility.register_scheduler(sub)
+    selfservice.register(sub)
     verify.register(sub)
     eprescription.register(sub)
     return parser

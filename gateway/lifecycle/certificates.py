@@ -33,7 +33,7 @@ from gateway.clock import Clock, add_months, days_left, jst_date, system_clock
 from gateway.config import Settings
 from gateway.errors import ConfigError, Conflict, GatewayError, InvalidRequest, NotFound
 from gateway.files import write_private
-from gateway.lifecycle import delivery, mailer
+from gateway.lifecycle import delivery, fees, mailer
 from gateway.lifecycle.facilities import (
     Facility,
     FacilityRegistry,
@@ -43,7 +43,7 @@ from gateway.lifecycle.facilities import (
     validate_institution_code,
 )
 from gateway.lifecycle.notice import NoticeFonts, PasswordNotice, jp_date, render_password_notice
-from gateway.pki import facility_ca
+from gateway.pki import csr_check, facility_ca
 from gateway.pki.issue import CertAndKey
 from gateway.store.db import Database
 from gateway.store.schema import certificate_delivery, client_certificate, facility
@@ -77,6 +77,7 @@ class IssueResult:
     mailed: bool = False
     mail_error: str | None = None
     replaced: list[dict[str, str]] = field(default_factory=list)
+    fees: list[dict[str, Any]] = field(default_factory=list)
     hand_over: dict[str, str] | None = None
 
     def to_json_dict(self, *, include_secrets: bool = False) -> dict[str, Any]:
@@ -167,14 +168,30 @@ class ClientCertificateService:
         terminal: str | None = None,
         actor: str,
         hand_over_dir: Path | None = None,
+        postage: str | None = None,
     ) -> IssueResult:
-        """A new certificate for a facility that has no current one (or a new terminal)."""
+        """A new certificate for a facility that has no current one (or a new terminal).
+
+        When the facility's (or the terminal's) last certificate expired, the new one is the
+        costly way back: postage is charged as well as the licence fee (fees.py).
+        """
         now = self.clock()
         fac = await self.registry.get(institution_code)
         async with self.db.read() as conn:
             await self.registry.check_one_current(conn, fac, terminal, now)
+            if postage is None:
+                rows = await self.registry.certificate_rows_in(
+                    conn, fac.id, terminal=terminal if fac.per_terminal else None
+                )
+                if rows and all(certificate_status(r, now) == "expired" for r in rows):
+                    postage = "expired"
         return await self._issue(
-            fac, terminal=terminal, actor=actor, now=now, hand_over_dir=hand_over_dir
+            fac,
+            terminal=terminal,
+            actor=actor,
+            now=now,
+            hand_over_dir=hand_over_dir,
+            postage=postage,
         )
 
     async def rotate(
@@ -187,8 +204,12 @@ class ClientCertificateService:
         reason: str | None = None,
         actor: str,
         hand_over_dir: Path | None = None,
+        postage: str | None = None,
     ) -> IssueResult:
-        """Reissue: new certificate now, the old one revoked one month after (scheduled)."""
+        """Reissue: new certificate now, the old one revoked one month after (scheduled).
+
+        ``postage="notice_lost"``: the reissue replaces a certificate whose password notice was
+        lost, which the source documents charge postage for."""
         now = self.clock()
         fac = await self.registry.get(institution_code)
         if new_code is not None:
@@ -222,6 +243,8 @@ class ClientCertificateService:
             new_code=new_code,
             rotation_kind=kind,
             rotation_reason=reason,
+            postage=postage,
+            fee_event="reissue" if postage == "notice_lost" and kind == "renewal" else None,
         )
 
     async def _rotation_target(
@@ -266,6 +289,8 @@ class ClientCertificateService:
         new_code: str | None = None,
         rotation_kind: str | None = None,
         rotation_reason: str | None = None,
+        postage: str | None = None,
+        fee_event: str | None = None,
     ) -> IssueResult:
         # A missing font stops the issuance before a serial or a key is spent.
         self.notice_fonts().check()
@@ -296,7 +321,7 @@ class ClientCertificateService:
             now=now,
         )
         try:
-            replaced = await self._register_issued(
+            replaced, charged = await self._register_issued(
                 fac,
                 material.cert,
                 code=code,
@@ -310,6 +335,8 @@ class ClientCertificateService:
                 new_code=new_code,
                 rotation_kind=rotation_kind,
                 rotation_reason=rotation_reason,
+                postage=postage,
+                fee_event=fee_event,
             )
         except BaseException:
             shutil.rmtree(box, ignore_errors=True)
@@ -340,6 +367,7 @@ class ClientCertificateService:
             mailed=mailed,
             mail_error=mail_error,
             replaced=replaced,
+            fees=charged,
             hand_over=hand_over,
         )
 
@@ -387,6 +415,7 @@ class ClientCertificateService:
                 file_name=file_name,
                 download_expires=window.expires_at if window else None,
                 p12_password=material.p12_password,
+                recipient_name=fac.recipient_name,
             ),
             self.notice_fonts(),
         )
@@ -412,10 +441,15 @@ class ClientCertificateService:
         new_code: str | None,
         rotation_kind: str | None,
         rotation_reason: str | None,
-    ) -> list[dict[str, str]]:
+        postage: str | None = None,
+        delivery_kind: str | None = None,
+        fee_event: str | None = None,
+    ) -> tuple[list[dict[str, str]], list[dict[str, Any]]]:
         """One transaction: schedule the replaced certificate's revocation, register the new
-        one, open its download window. Returns the replaced certificates."""
+        one, open its download window, charge its fees. Returns the replaced certificates and
+        the fee entries."""
         replaced: list[dict[str, str]] = []
+        serial = format(cert.serial_number, "x")
         async with self.db.write() as conn:
             if replace is not None:
                 replaced.append(
@@ -423,7 +457,7 @@ class ClientCertificateService:
                         conn,
                         fac,
                         replace,
-                        new_serial=format(cert.serial_number, "x"),
+                        new_serial=serial,
                         new_code=new_code,
                         kind=rotation_kind or "renewal",
                         reason=rotation_reason,
@@ -440,7 +474,7 @@ class ClientCertificateService:
                 now=now,
                 downloaded=hand_over,
                 audit_detail={
-                    "delivery": "hand_over" if hand_over else "download_link",
+                    "delivery": delivery_kind or ("hand_over" if hand_over else "download_link"),
                     "rotation": rotation_kind,
                     "replaces": [r["serial"] for r in replaced],
                 },
@@ -456,7 +490,25 @@ class ClientCertificateService:
                     token=pending.window.token,
                     password_hash=pending.password_hash,
                 )
-        return replaced
+            charged = await fees.charge_issuance_in(
+                conn,
+                self.settings,
+                facility_id=fac.id,
+                institution_code=code,
+                serial=serial,
+                event=fee_event or rotation_kind or "issue",
+                postage=postage,
+                now=now,
+            )
+            await self.audit.append(
+                conn,
+                action="fee.charge",
+                actor=actor,
+                facility_code=code,
+                detail={"serial": serial, "entries": charged},
+                now=now,
+            )
+        return replaced, charged
 
     async def _schedule_replacement(
         self,
@@ -505,6 +557,104 @@ class ClientCertificateService:
         )
         return {"serial": old.serial_hex, "revoke_at": revoke_at.isoformat(), "reason": text}
 
+    # -- renewal by the facility's own system (EST) -----------------------------------------
+
+    async def renew_from_request(
+        self, serial: str, request_body: bytes, *, actor: str, facility_code: str | None
+    ) -> tuple[x509.Certificate, dict[str, Any]]:
+        """Certify a key the facility made itself, replacing the certificate ``serial`` that
+        authenticated the call (RFC 7030 simplereenroll).
+
+        Refused with the reason (and audited) outside the renewal window, from a certificate
+        already replaced, revoked or expired, and for a request that fails
+        :func:`gateway.pki.csr_check.check_request` or reuses a key already certified. The
+        replaced certificate follows the rotation rule (revoked one month after); the new
+        one is delivered in the response (no file, no notice, no postage).
+        """
+        now = self.clock()
+        serial = normalize_serial(serial)
+        try:
+            return await self._renew_from_request(serial, request_body, actor=actor, now=now)
+        except GatewayError as e:
+            async with self.db.write() as conn:
+                await self.audit.append(
+                    conn,
+                    action="client_certificate.renewal_refused",
+                    actor=actor,
+                    facility_code=facility_code,
+                    detail={"serial": serial, "code": e.code, "reason": e.description[:300]},
+                    now=now,
+                )
+            raise
+
+    async def _renew_from_request(
+        self, serial: str, request_body: bytes, *, actor: str, now: datetime
+    ) -> tuple[x509.Certificate, dict[str, Any]]:
+        window = self.settings.certificates.renewal_window_days
+        async with self.db.read() as conn:
+            old, fac = await self.registry.certificate_and_facility_in(conn, serial)
+        status = certificate_status(old, now)
+        if status == "overlapping":
+            raise Conflict(
+                f"certificate {serial} was already replaced ({old.revocation_reason}); renew "
+                "with the newer certificate"
+            )
+        if status != "active":
+            raise Conflict(
+                f"certificate {serial} is {status}: a new certificate needs an application (再申請)"
+            )
+        left = days_left(old.not_after, now)
+        if left > window:
+            opens = jst_date(old.not_after) - timedelta(days=window)
+            raise Conflict(
+                f"certificate {serial} expires on {jst_date(old.not_after).isoformat()} "
+                f"({left} days left): renewal opens {window} days before, on "
+                f"{opens.isoformat()}"
+            )
+        current = x509.load_der_x509_certificate(old.certificate_der)
+        csr = csr_check.decode_request(request_body)
+        csr_check.check_request(
+            csr, current=current, min_rsa_bits=self.settings.certificates.renewal_min_rsa_bits
+        )
+        if await self.registry.key_known(csr_check.spki_sha256(csr)):
+            raise Conflict(
+                "the request's key is already certified (the current or an earlier "
+                "certificate): make a new key for every renewal"
+            )
+        cert = await asyncio.to_thread(
+            facility_ca.certify_key,
+            self.ca,
+            csr.public_key(),
+            common_name=fac.name,
+            institution_code=fac.institution_code,
+            terminal_label=old.terminal_label,
+            now=now,
+            validity_months=self.settings.certificates.validity_months,
+        )
+        _, charged = await self._register_issued(
+            fac,
+            cert,
+            code=fac.institution_code,
+            terminal=old.terminal_label,
+            actor=actor,
+            now=now,
+            hand_over=True,
+            pending=None,
+            file_name=self.settings.p12_file_name(),
+            replace=old,
+            new_code=None,
+            rotation_kind="renewal",
+            rotation_reason="renewed by the facility's system (EST)",
+            delivery_kind="est",
+            fee_event="est_renewal",
+        )
+        if not fac.auto_renewal:
+            # From now on the reminders tell this facility that renewal is automatic.
+            await self.registry.set_policy(
+                fac.institution_code, auto_renewal=True, actor=actor, now=now
+            )
+        return cert, {"replaced": serial, "fees": charged}
+
     # -- delivery ---------------------------------------------------------------------------
 
     async def _delivery_mails(
@@ -526,7 +676,7 @@ class ClientCertificateService:
             to=to,
             subject=f"【{service}】クライアント証明書ファイル受取のご案内（{code}）",
             body=(
-                f"{fac.name} ご担当者様\n\n"
+                f"{fac.name} {fac.recipient_name or 'ご担当者'}様\n\n"
                 f"{service} に接続するためのクライアント証明書ファイル"
                 f"（{self.settings.p12_file_name()}）をお届けします。\n"
                 "下記のリンクからダウンロードしてください。\n\n"

@@ -25,10 +25,11 @@ from gateway.audit import AuditLog
 from gateway.clock import Clock, system_clock
 from gateway.errors import Conflict, InvalidRequest, NotFound
 from gateway.store.db import Database
-from gateway.store.schema import admin, client_certificate, facility
+from gateway.store.schema import admin, client_certificate, facility, vendor
 
 FEE_TABLES = {"1": "medical", "3": "dental", "4": "pharmacy"}
 FACILITY_KINDS = ("hospital", "clinic", "dental_clinic", "pharmacy")
+PAYMENT_METHODS = {"deduction": "支払基金からの支払額との相殺", "transfer": "銀行振込"}
 _CODE_RE = re.compile(r"[0-9]{10}")  # ASCII only: \d also matches full-width digits
 _EMAIL_RE = re.compile(r"[^@\s<>\\\"]{1,64}@[A-Za-z0-9.-]{1,253}\.[A-Za-z]{2,63}")
 TERMINAL_LABEL_MAX = 64
@@ -44,6 +45,33 @@ def validate_terminal_label(label: str) -> str:
     if any(not ch.isprintable() for ch in label):
         raise InvalidRequest("terminal label contains control characters")
     return label
+
+
+def validate_recipient(name: str) -> str:
+    """The person the post is addressed to (担当者 氏名): printable, one line."""
+    if not isinstance(name, str) or not name.strip():
+        raise InvalidRequest("the recipient's name (担当者 氏名) must not be empty")
+    name = name.strip()
+    if len(name) > 100 or any(not ch.isprintable() for ch in name):
+        raise InvalidRequest("the recipient's name must be one printable line of 100 characters")
+    return name
+
+
+def validate_payment_method(method: str) -> str:
+    if method not in PAYMENT_METHODS:
+        raise InvalidRequest(
+            f"payment method {method!r} is not 'deduction' (from the fee payment) or 'transfer'"
+        )
+    return method
+
+
+def spki_fingerprint(cert: x509.Certificate) -> str:
+    """SHA-256 of the certified key (SubjectPublicKeyInfo DER)."""
+    return hashlib.sha256(
+        cert.public_key().public_bytes(
+            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+    ).hexdigest()
 
 
 def validate_email(email: str) -> str:
@@ -107,10 +135,17 @@ class Facility:
     policy: dict[str, Any]
     dental_code: str | None = None
     contact_email: str | None = None
+    recipient_name: str | None = None
+    payment_method: str | None = None
 
     @property
     def per_terminal(self) -> bool:
         return bool(self.policy.get("per_terminal_certificates", False))
+
+    @property
+    def auto_renewal(self) -> bool:
+        """The facility's own system renews over EST (``hpki-gateway client renew``)."""
+        return bool(self.policy.get("auto_renewal", False))
 
     @classmethod
     def from_row(cls, r: Any) -> Facility:
@@ -126,6 +161,8 @@ class Facility:
             policy=json.loads(r.policy or "{}"),
             dental_code=r.dental_code,
             contact_email=r.contact_email,
+            recipient_name=r.recipient_name,
+            payment_method=r.payment_method,
         )
 
 
@@ -214,8 +251,14 @@ class FacilityRegistry:
         dental_code: str | None = None,
         contact_email: str | None = None,
         per_terminal: bool = False,
+        recipient_name: str | None = None,
+        payment_method: str | None = None,
     ) -> Facility:
         validate_institution_code(institution_code)
+        if recipient_name is not None:
+            recipient_name = validate_recipient(recipient_name)
+        if payment_method is not None:
+            payment_method = validate_payment_method(payment_method)
         if kind not in FACILITY_KINDS:
             raise InvalidRequest(
                 f"facility kind {kind!r} is not one of {', '.join(FACILITY_KINDS)}"
@@ -250,6 +293,8 @@ class FacilityRegistry:
                         created_at=now,
                         dental_code=dental_code,
                         contact_email=contact_email,
+                        recipient_name=recipient_name,
+                        payment_method=payment_method,
                     )
                 )
             except IntegrityError as e:
@@ -383,10 +428,18 @@ class FacilityRegistry:
         contact_email: str | None = None,
         actor: str,
         now: datetime | None = None,
+        recipient_name: str | None = None,
+        payment_method: str | None = None,
+        auto_renewal: bool | None = None,
     ) -> Facility:
-        """Change the per-terminal policy and/or the contact address."""
+        """Change the per-terminal policy, the contact address, the recipient of the post,
+        the payment method and/or whether the facility renews by itself (EST)."""
         if contact_email is not None:
             contact_email = validate_email(contact_email)
+        if recipient_name is not None:
+            recipient_name = validate_recipient(recipient_name)
+        if payment_method is not None:
+            payment_method = validate_payment_method(payment_method)
         now = now or self.clock()
         async with self.db.write() as conn:
             fac = await self.get_in(conn, institution_code, for_update=True)
@@ -409,8 +462,15 @@ class FacilityRegistry:
                         )
                 policy["per_terminal_certificates"] = per_terminal
                 values["policy"] = json.dumps(policy)
+            if auto_renewal is not None:
+                policy["auto_renewal"] = auto_renewal
+                values["policy"] = json.dumps(policy)
             if contact_email is not None:
                 values["contact_email"] = contact_email
+            if recipient_name is not None:
+                values["recipient_name"] = recipient_name
+            if payment_method is not None:
+                values["payment_method"] = payment_method
             if not values:
                 raise InvalidRequest("nothing to change: give a policy or a contact address")
             await conn.execute(update(facility).where(facility.c.id == fac.id).values(**values))
@@ -422,6 +482,9 @@ class FacilityRegistry:
                 detail={
                     "per_terminal": per_terminal,
                     "contact_email_set": contact_email is not None,
+                    "recipient_set": recipient_name is not None,
+                    "payment_method": payment_method,
+                    "auto_renewal": auto_renewal,
                 },
                 now=now,
             )
@@ -435,12 +498,14 @@ class FacilityRegistry:
         *,
         institution_code: str | None = None,
         admin_name: str | None = None,
+        vendor_name: str | None = None,
         terminal_label: str | None = None,
         actor: str,
         now: datetime | None = None,
         downloaded: bool = False,
     ) -> str:
-        """Register a client certificate for a facility or an administrator; returns its serial.
+        """Register a client certificate for a facility, an administrator or a vendor; returns
+        its serial.
 
         By default a facility has one current certificate (the source rules); a second one is
         refused unless the facility policy allows per-terminal certificates (then one per
@@ -453,6 +518,7 @@ class FacilityRegistry:
                 cert,
                 institution_code=institution_code,
                 admin_name=admin_name,
+                vendor_name=vendor_name,
                 terminal_label=terminal_label,
                 actor=actor,
                 now=now,
@@ -467,6 +533,7 @@ class FacilityRegistry:
         *,
         institution_code: str | None = None,
         admin_name: str | None = None,
+        vendor_name: str | None = None,
         terminal_label: str | None = None,
         actor: str,
         now: datetime,
@@ -474,17 +541,29 @@ class FacilityRegistry:
         audit_detail: dict[str, Any] | None = None,
     ) -> tuple[str, int]:
         """Register inside the caller's transaction; returns (serial, row id)."""
-        if (institution_code is None) == (admin_name is None):
-            raise InvalidRequest("a client certificate belongs to one facility or one admin")
+        owners = [o for o in (institution_code, admin_name, vendor_name) if o is not None]
+        if len(owners) != 1:
+            raise InvalidRequest(
+                "a client certificate belongs to one facility, one admin or one vendor"
+            )
         if terminal_label is not None:
             terminal_label = validate_terminal_label(terminal_label)
         der = cert.public_bytes(serialization.Encoding.DER)
         serial_hex = format(cert.serial_number, "x")
-        facility_id = admin_id = None
+        facility_id = admin_id = vendor_id = None
         if institution_code is not None:
             fac = await self.get_in(conn, institution_code, for_update=True)
             facility_id = fac.id
             await self.check_one_current(conn, fac, terminal_label, now)
+        elif vendor_name is not None:
+            vrow = (
+                await conn.execute(select(vendor).where(vendor.c.name == vendor_name))
+            ).one_or_none()
+            if vrow is None:
+                raise NotFound(f"vendor {vendor_name!r} is not registered")
+            if vrow.status != "active":
+                raise Conflict(f"vendor {vendor_name!r} is {vrow.status}")
+            vendor_id = vrow.id
         else:
             arow = (
                 await conn.execute(select(admin).where(admin.c.name == admin_name))
@@ -505,6 +584,8 @@ class FacilityRegistry:
                     fingerprint_sha256=fingerprint(der),
                     facility_id=facility_id,
                     admin_id=admin_id,
+                    vendor_id=vendor_id,
+                    spki_sha256=spki_fingerprint(cert),
                     terminal_label=terminal_label,
                     subject=cert.subject.rfc4514_string(),
                     not_before=cert.not_valid_before_utc,
@@ -527,6 +608,7 @@ class FacilityRegistry:
             detail={
                 "serial": serial_hex,
                 "admin": admin_name,
+                "vendor": vendor_name,
                 "terminal": terminal_label,
                 "not_after": cert.not_valid_after_utc.isoformat(),
                 "fingerprint_sha256": fingerprint(der),
@@ -638,6 +720,18 @@ class FacilityRegistry:
         elif terminal is not None:
             stmt = stmt.where(client_certificate.c.terminal_label == terminal)
         return list((await conn.execute(stmt)).all())
+
+    async def key_known(self, spki_sha256: str) -> bool:
+        """Whether a certificate of any owner already certifies the key with this hash."""
+        async with self.db.read() as conn:
+            row = (
+                await conn.execute(
+                    select(client_certificate.c.id)
+                    .where(client_certificate.c.spki_sha256 == spki_sha256)
+                    .limit(1)
+                )
+            ).first()
+        return row is not None
 
     @staticmethod
     async def schedule_revocation_in(
@@ -787,6 +881,7 @@ class FacilityRegistry:
                 facility.c.institution_code,
                 facility.c.name,
                 facility.c.contact_email,
+                facility.c.policy,
             )
             .select_from(client_certificate.join(facility))
             .where(

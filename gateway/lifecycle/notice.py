@@ -84,6 +84,7 @@ class PasswordNotice:
     file_name: str
     download_expires: datetime | None
     p12_password: str
+    recipient_name: str | None = None
 
 
 def render_password_notice(n: PasswordNotice, fonts: NoticeFonts) -> bytes:
@@ -104,7 +105,13 @@ def render_password_notice(n: PasswordNotice, fonts: NoticeFonts) -> bytes:
     y = height - 30 * mm
 
     c.setFont(mincho, 10)
-    c.drawString(left, y, f"{n.facility_name} 御中")
+    c.drawString(
+        left,
+        y,
+        f"{n.facility_name} {n.recipient_name} 様"
+        if n.recipient_name
+        else f"{n.facility_name} 御中",
+    )
     c.drawRightString(width - left, y, f"発行日 {jp_date(n.issued)}")
     y -= 16 * mm
     c.setFont(gothic, 18)

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timedelta
@@ -227,18 +228,51 @@ class Scheduler:
         left = days_left(r.not_after, now)
         when = "本日が有効期限です" if left == 0 else f"有効期限まであと{left}日です"
         subject = f"【{service}】クライアント証明書の{when}（{r.institution_code}）"
+        if json.loads(r.policy or "{}").get("auto_renewal"):
+            return subject, head + self._auto_renewal_text(r, left, now)
         body = head + (
             f"{service} に接続するためのクライアント証明書の{when}。\n"
             "期限が切れると、この証明書ではゲートウェイに接続できなくなり、署名ができなくなります。\n\n"
             "【ご対応のお願い】\n"
-            "1. 有効期限内に、登録担当窓口へ証明書の更新をお申し込みください。\n"
+            "1. 有効期限内に、登録担当窓口へ証明書の更新をお申し込みください"
+            "（申請フォームから「再申請」、備考に「有効期限による更新」とご記入ください。"
+            "システムベンダー様による代理申請もできます）。\n"
             "2. 新しい証明書とパスワード通知書が届いたら、"
             "システムベンダー様へ設定をご依頼ください。\n"
             "3. 更新後の証明書の発行日から1か月後に、現在の証明書は自動的に失効します。\n"
             "   その間は新旧どちらの証明書でも接続できます。\n"
-            "期限内の更新であれば切れ目なく利用できます。期限切れの後は新規の発行手続きが必要です。\n"
+            "期限内の更新であれば切れ目なく利用できます。期限切れの後は新規の発行手続きが必要です"
+            f"（発行料に加えて郵送手数料{self.settings.fees.postage_yen}円がかかります）。\n\n"
+            "貴施設のシステムが hpki-gateway client renew を毎日実行するよう設定すると、"
+            "次回からは申請なしで自動的に更新されます（システムベンダー様にご相談ください）。\n"
         )
         return subject, body
+
+    def _auto_renewal_text(self, r: Any, left: int, now: datetime) -> str:
+        """For a facility whose own system renews over EST (``hpki-gateway client renew``):
+        renewal is automatic, and this is when; what to check if it does not happen."""
+        service = self.settings.service.name
+        window = self.settings.certificates.renewal_window_days
+        opens = jst_date(r.not_after) - timedelta(days=window)
+        if left > window:
+            when = (
+                f"{opens.year}年{opens.month}月{opens.day}日（有効期限の{window}日前）以降の"
+                "最初の実行で、貴施設のシステムが自動的に更新します。"
+            )
+        else:
+            when = (
+                f"{opens.year}年{opens.month}月{opens.day}日から自動更新の期間に入っており、"
+                "貴施設のシステムの次回の実行（毎日）で更新されます。"
+            )
+        return (
+            f"{service} に接続するためのクライアント証明書は、貴施設のシステム"
+            "（hpki-gateway client renew）が自動で更新します。お申し込みは不要です。\n"
+            f"{when}\n"
+            "更新後も、現在の証明書は新しい証明書の発行日から1か月間は使えます。\n\n"
+            "有効期限の7日前を過ぎても更新されない場合は、システムベンダー様に"
+            "自動更新の実行結果（終了コード10が更新、0が更新不要、それ以外は失敗）を"
+            "ご確認いただくか、登録担当窓口へ更新をお申し込みください。\n"
+        )
 
     async def send_pending_mail(self) -> tuple[int, int]:
         if not mailer.smtp_configured(self.settings):

@@ -22,11 +22,19 @@ from pathlib import Path
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKeyTypes
 
 from gateway.clock import add_months
 from gateway.errors import ConfigError
 from gateway.files import write_private
-from gateway.pki.issue import CertAndKey, issue_client_cert, make_crl, pkcs12_bytes
+from gateway.pki.issue import (
+    CertAndKey,
+    client_cert_for_key,
+    client_subject,
+    issue_client_cert,
+    make_crl,
+    pkcs12_bytes,
+)
 
 DEFAULT_VALIDITY_MONTHS = 39  # 3 years 3 months, as the source rules
 
@@ -117,6 +125,31 @@ def issue_material(
         key_pem=leaf.key_pem(),
         p12=p12,
         p12_password=password,
+    )
+
+
+def certify_key(
+    ca: CertAndKey,
+    public_key: CertificatePublicKeyTypes,
+    *,
+    common_name: str,
+    institution_code: str,
+    terminal_label: str | None,
+    now: datetime,
+    validity_months: int = DEFAULT_VALIDITY_MONTHS,
+) -> x509.Certificate:
+    """A facility certificate for a key the facility made itself (EST renewal): the same
+    profile and validity as :func:`issue_material`, no private key or PKCS#12 here."""
+    return client_cert_for_key(
+        ca,
+        public_key,
+        subject=client_subject(
+            common_name=common_name,
+            institution_code=institution_code,
+            terminal_label=terminal_label,
+        ),
+        now=now,
+        validity=add_months(now, validity_months) - now,
     )
 
 

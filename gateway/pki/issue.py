@@ -20,6 +20,7 @@ from pathlib import Path
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKeyTypes
 from cryptography.hazmat.primitives.serialization import pkcs12
 from cryptography.x509.oid import AuthorityInformationAccessOID, ExtendedKeyUsageOID, NameOID
 
@@ -37,6 +38,8 @@ __all__ = [
     "CertAndKey",
     "aki",
     "aware",
+    "client_cert_for_key",
+    "client_subject",
     "crl_distribution_points",
     "issue_client_cert",
     "issue_hpki_signer_cert",
@@ -186,23 +189,61 @@ def self_signed_ca(name: x509.Name, *, now: dt.datetime, validity: dt.timedelta)
 def leaf_builder(
     ca: CertAndKey,
     subject: x509.Name,
-    key: rsa.RSAPrivateKey,
+    key: rsa.RSAPrivateKey | CertificatePublicKeyTypes,
     *,
     now: dt.datetime,
     validity: dt.timedelta,
 ) -> x509.CertificateBuilder:
+    """A leaf for ``key`` (a private key here, or only the public key of a request)."""
     now = aware(now)
+    public = key.public_key() if isinstance(key, rsa.RSAPrivateKey) else key
     return (
         x509.CertificateBuilder()
         .subject_name(subject)
         .issuer_name(ca.cert.subject)
-        .public_key(key.public_key())
+        .public_key(public)
         .serial_number(random_serial())
         .not_valid_before(now)
         .not_valid_after(now + validity)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(aki(ca.cert), critical=False)
-        .add_extension(ski(key.public_key()), critical=False)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(public), critical=False)
+    )
+
+
+def client_subject(
+    *,
+    common_name: str,
+    institution_code: str | None,
+    organization: str | None = None,
+    terminal_label: str | None = None,
+) -> x509.Name:
+    """The facility client certificate's subject: C=JP, [O], [OU=terminal], CN, serialNumber."""
+    attrs = [x509.NameAttribute(NameOID.COUNTRY_NAME, "JP")]
+    if organization:
+        attrs.append(x509.NameAttribute(NameOID.ORGANIZATION_NAME, organization))
+    if terminal_label:
+        attrs.append(x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, terminal_label))
+    attrs.append(x509.NameAttribute(NameOID.COMMON_NAME, common_name))
+    if institution_code:
+        attrs.append(x509.NameAttribute(NameOID.SERIAL_NUMBER, institution_code))
+    return x509.Name(attrs)
+
+
+def client_cert_for_key(
+    ca: CertAndKey,
+    public_key: CertificatePublicKeyTypes,
+    *,
+    subject: x509.Name,
+    now: dt.datetime,
+    validity: dt.timedelta,
+) -> x509.Certificate:
+    """A facility client certificate for a key the facility holds (a renewal request's key)."""
+    return (
+        leaf_builder(ca, subject, public_key, now=now, validity=validity)
+        .add_extension(key_usage(digital_signature=True), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+        .sign(ca.key, hashes.SHA256())
     )
 
 
@@ -222,21 +263,14 @@ def issue_client_cert(
     The institution code goes into the subject serialNumber because the registry keys
     facilities on it (HPKI.md §6); a terminal label ("総合受付 端末01") goes into OU.
     """
-    attrs = [x509.NameAttribute(NameOID.COUNTRY_NAME, "JP")]
-    if organization:
-        attrs.append(x509.NameAttribute(NameOID.ORGANIZATION_NAME, organization))
-    if terminal_label:
-        attrs.append(x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, terminal_label))
-    attrs.append(x509.NameAttribute(NameOID.COMMON_NAME, common_name))
-    if institution_code:
-        attrs.append(x509.NameAttribute(NameOID.SERIAL_NUMBER, institution_code))
-    key = new_key(key_size)
-    cert = (
-        leaf_builder(ca, x509.Name(attrs), key, now=now, validity=validity)
-        .add_extension(key_usage(digital_signature=True), critical=True)
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
-        .sign(ca.key, hashes.SHA256())
+    subject = client_subject(
+        common_name=common_name,
+        institution_code=institution_code,
+        organization=organization,
+        terminal_label=terminal_label,
     )
+    key = new_key(key_size)
+    cert = client_cert_for_key(ca, key.public_key(), subject=subject, now=now, validity=validity)
     return CertAndKey(cert=cert, key=key)
 
 

@@ -77,6 +77,10 @@ facility = Table(
     # is registered under the medical (医科) code; and where reminders and delivery mail go.
     Column("dental_code", String(10), unique=True),
     Column("contact_email", String(320)),
+    # Self-service: the person who receives the post (担当者), and how the facility pays
+    # (``deduction`` from the fee payment or ``transfer``; NULL: not chosen, shown as transfer).
+    Column("recipient_name", String(200)),
+    Column("payment_method", String(20)),
 )
 
 admin = Table(
@@ -88,6 +92,24 @@ admin = Table(
     Column("created_at", UTCDateTime(), nullable=False),
 )
 
+vendor = Table(
+    "vendor",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("name", String(200), nullable=False, unique=True),
+    Column("contact_email", String(320)),
+    Column("status", String(20), nullable=False, default="active"),
+    Column("created_at", UTCDateTime(), nullable=False),
+)
+
+vendor_facility = Table(
+    "vendor_facility",
+    metadata,
+    Column("vendor_id", Integer, ForeignKey("vendor.id"), primary_key=True),
+    Column("facility_id", Integer, ForeignKey("facility.id"), primary_key=True),
+    Column("created_at", UTCDateTime(), nullable=False),
+)
+
 client_certificate = Table(
     "client_certificate",
     metadata,
@@ -96,6 +118,10 @@ client_certificate = Table(
     Column("fingerprint_sha256", String(64), nullable=False, unique=True),
     Column("facility_id", Integer, ForeignKey("facility.id"), index=True),
     Column("admin_id", Integer, ForeignKey("admin.id"), index=True),
+    # Self-service: a vendor's own certificate (代理申請), and the certified key's SHA-256
+    # (SubjectPublicKeyInfo) so that a renewal request reusing any known key is refused.
+    Column("vendor_id", Integer, ForeignKey("vendor.id"), index=True),
+    Column("spki_sha256", String(64), index=True),
     Column("terminal_label", String(200)),
     Column("subject", String(500), nullable=False),
     Column("not_before", UTCDateTime(), nullable=False),
@@ -301,4 +327,54 @@ sad_hash = Table(
     Column("authorized", Integer, nullable=False),  # multiplicity in the authorized multiset
     Column("remaining", Integer, nullable=False),
     CheckConstraint("remaining >= 0", name="remaining_not_negative"),
+)
+
+
+application = Table(
+    "application",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("request_id", String(20), nullable=False, unique=True),
+    Column("facility_id", Integer, ForeignKey("facility.id"), index=True),
+    Column("institution_code", String(10), nullable=False, index=True),
+    Column("kind", String(10), nullable=False),  # new | reapply | stop
+    Column("cause", String(30)),
+    Column("status", String(20), nullable=False),
+    Column("facility_name", String(200), nullable=False),
+    Column("facility_kind", String(20), nullable=False),
+    Column("provisional", Boolean, nullable=False, default=False),
+    Column("new_institution_code", String(10)),
+    Column("recipient_name", String(200)),
+    Column("contact_email", String(320)),
+    Column("terminals", Text, nullable=False, default="[]"),
+    Column("remarks", Text),
+    Column("applicant", String(200), nullable=False),
+    Column("via", String(10), nullable=False),  # officer | facility | vendor
+    Column("vendor_id", Integer, ForeignKey("vendor.id")),
+    Column("supersedes", String(20)),
+    Column("superseded_by", String(20)),
+    Column("decided_by", String(200)),
+    Column("decision_reason", String(500)),
+    Column("certificates", Text, nullable=False, default="[]"),
+    Column("idempotency_scope", String(200)),
+    Column("idempotency_key", String(100)),
+    Column("body_sha256", String(64)),
+    Column("created_at", UTCDateTime(), nullable=False),
+    Column("updated_at", UTCDateTime(), nullable=False),
+    UniqueConstraint("idempotency_scope", "idempotency_key"),
+)
+
+fee_entry = Table(
+    "fee_entry",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("facility_id", Integer, ForeignKey("facility.id"), nullable=False, index=True),
+    Column("institution_code", String(10), nullable=False),
+    Column("kind", String(20), nullable=False),  # issuance | postage
+    Column("amount_yen", Integer, nullable=False),
+    Column("occurred_at", UTCDateTime(), nullable=False),
+    Column("certificate_serial", String(64), nullable=False),
+    Column("event", String(40), nullable=False),
+    Column("description", String(300), nullable=False),
+    UniqueConstraint("certificate_serial", "kind"),
 )

@@ -44,8 +44,12 @@ def test_every_route_of_the_app_is_described(spec: dict[str, Any]) -> None:
 def test_every_route_the_api_docs_list_is_described(spec: dict[str, Any]) -> None:
     rows = re.findall(r"^\| (GET|POST)[^|]*\| `([^`?]+)[^`]*` \|", API_MD.read_text(), re.M)
     assert len(rows) > 30, "the walk over docs/api.md found too few routes"
-    described = {(m.upper(), p) for p, ops in spec["paths"].items() for m in ops}
-    assert {(m, p) for m, p in rows} - described == set()
+    # Parameter names may differ ({YYYY-MM} in the docs, {month} in the route): compare shapes.
+    def shape(path: str) -> str:
+        return re.sub(r"{[^}]*}", "{}", path)
+
+    described = {(m.upper(), shape(p)) for p, ops in spec["paths"].items() for m in ops}
+    assert {(m, shape(p)) for m, p in rows} - described == set()
 
 
 def test_request_schemas_are_the_handlers_models(spec: dict[str, Any]) -> None:
