@@ -116,7 +116,13 @@ def make_signers(
     if pki.test_ca_cert is not None and pki.test_ca_key is not None:
         if not settings.service.sandbox:
             raise ConfigError("pki.test_ca_* is only allowed when service.sandbox = true")
-        issuer = TestIssuer.load(pki.test_ca_cert, pki.test_ca_key, list(pki.hpki_trust_anchors))
+        issuer = TestIssuer.load(
+            pki.test_ca_cert,
+            pki.test_ca_key,
+            list(pki.hpki_trust_anchors),
+            crl_url=pki.test_crl_url,
+            ocsp_url=pki.test_ocsp_url,
+        )
     anchors = load_certificate_files(pki.hpki_trust_anchors)
     intermediates = load_certificate_files(pki.hpki_intermediates)
     if not anchors:

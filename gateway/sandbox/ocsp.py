@@ -24,7 +24,7 @@ from cryptography.x509 import ocsp
 from gateway.clock import Clock, system_clock
 from gateway.pki.crl import load_crl
 
-__all__ = ["OCSP_PATH", "SandboxOcspResponder", "create_ocsp_app"]
+__all__ = ["OCSP_PATH", "SandboxOcspResponder", "add_ocsp_route", "create_ocsp_app"]
 
 log = logging.getLogger("gateway.test_ocsp")
 MAX_REQUEST_BYTES = 16 * 1024
@@ -141,6 +141,11 @@ async def _answer(request: web.Request) -> web.Response:
 
 def create_ocsp_app(responder: SandboxOcspResponder) -> web.Application:
     app = web.Application(client_max_size=MAX_REQUEST_BYTES)
+    add_ocsp_route(app, responder)
+    return app
+
+
+def add_ocsp_route(app: web.Application, responder: SandboxOcspResponder) -> None:
+    """Answer OCSP at ``OCSP_PATH`` of ``app`` (the TEST TSA's listener in a sandbox)."""
     app[RESPONDER] = responder
     app.router.add_post(OCSP_PATH, _answer)
-    return app

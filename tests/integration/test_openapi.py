@@ -44,6 +44,7 @@ def test_every_route_of_the_app_is_described(spec: dict[str, Any]) -> None:
 def test_every_route_the_api_docs_list_is_described(spec: dict[str, Any]) -> None:
     rows = re.findall(r"^\| (GET|POST)[^|]*\| `([^`?]+)[^`]*` \|", API_MD.read_text(), re.M)
     assert len(rows) > 30, "the walk over docs/api.md found too few routes"
+
     # Parameter names may differ ({YYYY-MM} in the docs, {month} in the route): compare shapes.
     def shape(path: str) -> str:
         return re.sub(r"{[^}]*}", "{}", path)

@@ -1,0 +1,70 @@
+"""The test world serves itself: `serve` publishes every CRL at the distribution point its
+certificates name and answers OCSP at their AIA URL, so `hpki-gateway verify --fetch-crls
+--ocsp` (or any outside verifier) checks revocation against the sandbox alone."""
+
+from __future__ import annotations
+
+import json
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import pytest
+from cryptography import x509
+from cryptography.x509.oid import AuthorityInformationAccessOID
+
+from tests.support.gateway import Server, run_cli
+
+pytestmark = [pytest.mark.tls, pytest.mark.hsm]
+
+
+def _signer_cert(sandbox: dict[str, Any]) -> x509.Certificate:
+    from lxml import etree
+
+    xml = etree.fromstring(Path(sandbox["samples"]["prescription"]["AdES-B-B"]).read_bytes())
+    ns = {"ds": "http://www.w3.org/2000/09/xmldsig#"}
+    b64 = xml.xpath("//ds:X509Certificate/text()", namespaces=ns)[0]
+    import base64
+
+    return x509.load_der_x509_certificate(base64.b64decode(b64))
+
+
+def test_every_crl_of_the_manifest_is_served(gateway: Server, sandbox: dict[str, Any]) -> None:
+    assert set(sandbox["crl_urls"]) == set(sandbox["crls"])
+    for name, url in sandbox["crl_urls"].items():
+        with urllib.request.urlopen(url, timeout=10) as r:  # noqa: S310 - loopback test URL
+            assert r.read() == Path(sandbox["crls"][name]).read_bytes(), name
+
+
+def test_the_certificates_name_the_served_urls(sandbox: dict[str, Any]) -> None:
+    cert = _signer_cert(sandbox)
+    dps = cert.extensions.get_extension_for_class(x509.CRLDistributionPoints).value
+    assert [n.value for dp in dps for n in dp.full_name or []] == [
+        sandbox["crl_urls"]["hpki-signing-ca"]
+    ]
+    aia = cert.extensions.get_extension_for_class(x509.AuthorityInformationAccess).value
+    ocsp = [
+        d.access_location.value
+        for d in aia
+        if d.access_method == AuthorityInformationAccessOID.OCSP
+    ]
+    assert ocsp == [sandbox["ocsp_urls"]["hpki-signing-ca"]]
+    ca = x509.load_pem_x509_certificate(Path(sandbox["hpki_intermediates"][0]).read_bytes())
+    dps = ca.extensions.get_extension_for_class(x509.CRLDistributionPoints).value
+    assert [n.value for dp in dps for n in dp.full_name or []] == [sandbox["crl_urls"]["hpki-root"]]
+
+
+@pytest.mark.parametrize("flags", [["--fetch-crls"], ["--fetch-crls", "--ocsp"]])
+def test_verify_fetches_revocation_from_the_sandbox(
+    gateway: Server, sandbox: dict[str, Any], flags: list[str], tmp_path: Path
+) -> None:
+    sample = sandbox["samples"]["prescription"]["AdES-B-B"]
+    res = run_cli(
+        "verify", sample, "--trust", sandbox["hpki_trust_anchors"][0],
+        "--intermediate", sandbox["hpki_intermediates"][0], *flags, "--json",
+    )  # fmt: skip
+    report = json.loads(res.stdout)
+    assert report["indication"] == "TOTAL-PASSED", report
+    revocation = report["signatures"][0]["revocation"]
+    assert revocation["status"] == "good", revocation
+    assert revocation["source"] == ("ocsp" if "--ocsp" in flags else "crl"), revocation
