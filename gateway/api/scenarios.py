@@ -17,19 +17,15 @@ middleware is not installed.
 from __future__ import annotations
 
 import asyncio
-import json
-import os
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any, Literal
 
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field
 
-from gateway.api.keys import AUDIT, CLOCK, DB, SETTINGS
+from gateway.api.keys import AUDIT, CLOCK, DB, SETTINGS, SIGNERS
 from gateway.api.middleware import IDENTITY, Handler, identity
 from gateway.api.schema import parse
 from gateway.auth.fido2 import LOCKED_TEXT
@@ -44,11 +40,11 @@ from gateway.errors import (
     TsaTimeout,
     TsaUnavailable,
 )
+from gateway.scenario_file import OCSP_SCENARIOS, active, save, serial_key
 
 __all__ = ["CATALOG", "Scenario", "routes", "scenario_effects"]
 
 routes = web.RouteTableDef()
-FILE = "scenarios.json"
 
 
 @dataclass(frozen=True)
@@ -79,6 +75,10 @@ def _sign_doc(method: str, path: str) -> bool:
 
 def _timestamped(method: str, path: str) -> bool:
     return path in ("/csc/v2/signatures/signDoc", "/extend")
+
+
+def _never(method: str, path: str) -> bool:
+    return False  # the effect is on the TEST OCSP responder, not on the gateway's answers
 
 
 def _keys(method: str, path: str) -> bool:
@@ -140,6 +140,21 @@ CATALOG: dict[str, Scenario] = {
             "authority <url> did not answer within <n> s; nothing was signed\".",
         ),
         Scenario(
+            "ocsp_revoked", "credential", _never, 200, "revoked",
+            "TEST OCSP レスポンダがこの資格情報の証明書を revoked と応答する。OCSP を使う検証"
+            "（verify --ocsp、外部の検証ソフト）は TOTAL-FAILED / REVOKED などになる。",
+            "The TEST OCSP responder answers revoked for this credential's certificate: a "
+            "verification asking OCSP (verify --ocsp, any outside verifier) gets TOTAL-FAILED / "
+            "REVOKED or the like.",
+        ),
+        Scenario(
+            "ocsp_unknown", "credential", _never, 200, "unknown",
+            "TEST OCSP レスポンダがこの資格情報の証明書を unknown と応答する（失効確認が"
+            "決まらない、または CRL にフォールバック）。",
+            "The TEST OCSP responder answers unknown for this credential's certificate (the "
+            "revocation check stays open, or falls back to the CRLs).",
+        ),
+        Scenario(
             "hsm_unavailable", "facility", _keys, 503, "temporarily_unavailable",
             "HSM が利用不可。signHash と signDoc が 503 temporarily_unavailable"
             "（Retry-After: hsm.retry_after）「HSM token unavailable」。",
@@ -158,29 +173,6 @@ def _require_sandbox(settings: Settings) -> None:
         raise AccessDenied("failure scenarios exist only in a sandbox (service.sandbox = true)")
 
 
-def _path(settings: Settings) -> Path:
-    return settings.base_dir / FILE
-
-
-def active(settings: Settings) -> dict[str, list[str]]:
-    """``{"facility:<code>" | "credential:<id>": [scenario, ...]}``."""
-    try:
-        data = json.loads(_path(settings).read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        return {}
-    except (OSError, ValueError):
-        return {}
-    return {str(k): [str(x) for x in v] for k, v in data.items()} if isinstance(data, dict) else {}
-
-
-def _save(settings: Settings, data: dict[str, list[str]]) -> None:
-    target = _path(settings)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".scenarios.")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        json.dump({k: sorted(v) for k, v in sorted(data.items()) if v}, f, indent=2)
-    os.replace(tmp, target)  # atomic: a worker reads the old or the new file, never half
-
-
 async def switch(
     request: web.Request, *, name: str, target: str, on: bool, actor: str
 ) -> dict[str, list[str]]:
@@ -197,7 +189,15 @@ async def switch(
     names = set(data.get(target, []))
     names = names | {name} if on else names - {name}
     data[target] = sorted(names)
-    _save(settings, data)
+    if scenario.name in OCSP_SCENARIOS:
+        # The OCSP responder knows serials, not credentials: keep the serial beside it.
+        credential = target.split(":", 1)[1]
+        serial = await _serial_of(request, credential)
+        key = serial_key(serial, credential)
+        data[key] = sorted(
+            (set(data.get(key, [])) | {name}) if on else set(data.get(key, [])) - {name}
+        )
+    save(settings, data)
     await _audit(request, "sandbox.scenario", actor, {"scenario": name, "target": target, "on": on})
     return active(settings)
 
@@ -208,8 +208,20 @@ async def reset(request: web.Request, *, actor: str, only: list[str] | None = No
     data = active(settings)
     for key in list(data) if only is None else only:
         data.pop(key, None)
-    _save(settings, data)
+        if key.startswith("credential:"):
+            credential = key.split(":", 1)[1]
+            for k in [k for k in data if k.startswith("serial:") and k.endswith(f":{credential}")]:
+                data.pop(k)
+    save(settings, data)
     await _audit(request, "sandbox.scenario_reset", actor, {"targets": only or "all"})
+
+
+async def _serial_of(request: web.Request, credential: str) -> int:
+    for signer in await request.app[SIGNERS].list_signers():
+        for c in signer.credentials:
+            if c.id == credential and c.certificate is not None:
+                return c.certificate.serial_number
+    raise InvalidRequest(f"credential {credential[:80]!r} has no certificate")
 
 
 async def _audit(request: web.Request, action: str, actor: str, detail: dict[str, Any]) -> None:

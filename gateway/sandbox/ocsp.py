@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from aiohttp import web
@@ -43,6 +43,7 @@ class SandboxOcspResponder:
         crl_files: Sequence[Path],
         validity: dt.timedelta = dt.timedelta(hours=1),
         clock: Clock = system_clock,
+        override: Callable[[int], str | None] | None = None,
     ) -> None:
         self.ca_cert = ca_cert
         self.signer_cert = signer_cert
@@ -50,6 +51,9 @@ class SandboxOcspResponder:
         self.crl_files = list(crl_files)
         self.validity = validity
         self.clock = clock
+        #: The sandbox's failure scenarios: a serial answered "revoked" or "unknown" whatever
+        #: the CRL says (None: the CRL decides).
+        self.override = override
 
     def _ca_hashes(self, algorithm: hashes.HashAlgorithm) -> tuple[bytes, bytes]:
         h = hashes.Hash(algorithm)
@@ -90,7 +94,14 @@ class SandboxOcspResponder:
         status = ocsp.OCSPCertStatus.UNKNOWN
         revoked_at: dt.datetime | None = None
         reason: x509.ReasonFlags | None = None
-        if (name_hash, key_hash) == self._ca_hashes(algorithm):
+        forced = self.override(serial) if self.override is not None else None
+        if forced == "revoked" and (name_hash, key_hash) == self._ca_hashes(algorithm):
+            status = ocsp.OCSPCertStatus.REVOKED
+            revoked_at = now - dt.timedelta(minutes=1)
+            reason = x509.ReasonFlags.key_compromise
+        elif forced == "unknown":
+            pass  # stays UNKNOWN
+        elif (name_hash, key_hash) == self._ca_hashes(algorithm):
             entry = self._revoked(serial)
             if entry is None:
                 status = ocsp.OCSPCertStatus.GOOD

@@ -23,6 +23,7 @@ from pyhanko.sign.timestamps.dummy_client import DummyTimeStamper
 from gateway.clock import Clock, system_clock
 from gateway.config import Settings
 from gateway.errors import ConfigError
+from gateway.scenario_file import ocsp_scenario
 
 log = logging.getLogger("gateway.test_tsa")
 MAX_REQUEST_BYTES = 16 * 1024
@@ -119,6 +120,7 @@ def create_tsa_app(settings: Settings, *, clock: Clock = system_clock) -> web.Ap
             signer_key=key,
             crl_files=[p for p in pki.crl_files if p.stem == pki.test_ca_cert.stem],
             clock=clock,
+            override=lambda serial: ocsp_scenario(settings, serial),
         )
         add_ocsp_route(app, responder)
         log.info("TEST OCSP responder at %s, CRLs at %s/", OCSP_PATH, CRL_PATH)

@@ -54,6 +54,7 @@ def test_the_catalog_and_production_refusal(gateway: Server, admin_ctx: Any) -> 
     assert {
         "facility_certificate_revoked", "facility_certificate_expired", "facility_suspended",
         "enrolment_locked", "signer_without_role", "tsa_down", "tsa_slow", "hsm_unavailable",
+        "ocsp_revoked", "ocsp_unknown",
     } <= names  # fmt: skip
     bad = request(
         gateway.port, "POST", "/admin/scenarios", ctx=admin_ctx,
@@ -160,3 +161,45 @@ def test_a_slow_tsa_times_out(
                 json_body=_sign_doc("AdES-B-LT", cred))  # fmt: skip
     assert r.status == 503 and r.json()["error"] == "tsa_timeout", r.body
     assert "did not answer within" in r.json()["error_description"]
+
+
+def _verify_with_ocsp(sandbox: dict[str, Any]) -> dict[str, Any]:
+    import json
+
+    from tests.support.gateway import run_cli
+
+    res = run_cli(
+        "verify", sandbox["samples"]["prescription"]["AdES-B-B"],
+        "--trust", sandbox["hpki_trust_anchors"][0],
+        "--intermediate", sandbox["hpki_intermediates"][0],
+        "--fetch-crls", "--ocsp", "--json", check=False,
+    )  # fmt: skip
+    report: dict[str, Any] = json.loads(res.stdout)
+    return report
+
+
+def test_ocsp_scenarios_change_what_the_test_responder_answers(
+    gateway: Server, sandbox: dict[str, Any], switch: Any
+) -> None:
+    # The samples are signed by the first doctor.
+    cred = next(s for s in sandbox["signers"] if s["role"] == "Medical Doctor")["credential_id"]
+    switch("ocsp_revoked", credential=cred)
+    report = _verify_with_ocsp(sandbox)
+    sig = report["signatures"][0]
+    # Revoked a minute ago, and nothing proves the B-B signature older: REVOKED_NO_POE.
+    assert sig["revocation"]["status"] == "revoked", sig
+    assert (report["indication"], report["sub_indication"]) in (
+        ("INDETERMINATE", "REVOKED_NO_POE"),
+        ("TOTAL-FAILED", "REVOKED"),
+    ), report
+    assert sig["revocation"]["source"] == "ocsp"
+    switch_off_all(gateway)
+
+    switch("ocsp_unknown", credential=cred)
+    report = _verify_with_ocsp(sandbox)
+    unknown = report["signatures"][0]["revocation"]
+    assert unknown["status"] != "good" or unknown["source"] != "ocsp", unknown
+    switch_off_all(gateway)
+
+    report = _verify_with_ocsp(sandbox)
+    assert report["indication"] == "TOTAL-PASSED", report

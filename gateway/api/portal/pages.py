@@ -24,6 +24,7 @@ from typing import Any
 import jinja2
 from aiohttp import BodyPartReader, web
 
+from gateway import scenario_file
 from gateway.api import scenarios
 from gateway.api.keys import CLOCK, FIDO2, KEYSTORE, SETTINGS, SIGNERS, VERIFY_POOL
 from gateway.api.middleware import identity
@@ -162,7 +163,7 @@ def _scenarios_on(request: web.Request, ident: ClientIdentity) -> list[str]:
     if not settings.service.sandbox:
         return []
     out = []
-    for key, names in scenarios.active(settings).items():
+    for key, names in scenario_file.active(settings).items():
         if key == f"facility:{ident.institution_code}" or key.startswith("credential:"):
             out += [f"{n} ({key})" for n in names]
     return out
@@ -576,7 +577,7 @@ async def _scenario_page(request: web.Request, ident: ClientIdentity) -> web.Res
     settings = request.app[SETTINGS]
     if not settings.service.sandbox:
         return render(request, "scenarios.html", catalog=[], on={}, credentials=[])
-    data = scenarios.active(settings)
+    data = scenario_file.active(settings)
     creds = await _credentials(request, ident) if ident.kind == "facility" else []
     on: dict[str, list[str]] = {}
     for key in (f"facility:{ident.institution_code}", *(f"credential:{c['id']}" for c in creds)):
