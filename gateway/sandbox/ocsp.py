@@ -127,8 +127,9 @@ class SandboxOcspResponder:
             )
             .responder_id(ocsp.OCSPResponderEncoding.HASH, self.signer_cert)
         )
-        if self.signer_cert != self.ca_cert:
-            builder = builder.certificates([self.signer_cert])
+        # The responder's certificate always goes along, even when it is the CA itself: a
+        # verifier such as NSS (pdfsig) may know the CA only from the signed document.
+        builder = builder.certificates([self.signer_cert])
         try:
             nonce = req.extensions.get_extension_for_class(x509.OCSPNonce).value
             builder = builder.add_extension(nonce, critical=False)
@@ -156,7 +157,23 @@ def create_ocsp_app(responder: SandboxOcspResponder) -> web.Application:
     return app
 
 
+async def _answer_get(request: web.Request) -> web.Response:
+    """RFC 6960 A.1.1: GET {url}/{url-encoded base64 of the DER request} (NSS, e.g. pdfsig,
+    asks this way for small requests)."""
+    import base64
+    import binascii
+    from urllib.parse import unquote
+
+    try:
+        body = base64.b64decode(unquote(request.match_info["request"]), validate=True)
+    except (binascii.Error, ValueError):
+        return web.Response(status=400, text="not a base64 OCSP request")
+    der = request.app[RESPONDER].respond(body)
+    return web.Response(body=der, content_type="application/ocsp-response")
+
+
 def add_ocsp_route(app: web.Application, responder: SandboxOcspResponder) -> None:
     """Answer OCSP at ``OCSP_PATH`` of ``app`` (the TEST TSA's listener in a sandbox)."""
     app[RESPONDER] = responder
     app.router.add_post(OCSP_PATH, _answer)
+    app.router.add_get(OCSP_PATH + "/{request:.+}", _answer_get)

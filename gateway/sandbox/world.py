@@ -132,7 +132,9 @@ hpki_intermediates = ["pki/hpki-signing-ca.pem"]
 test_ca_cert = "pki/hpki-signing-ca.pem"
 test_ca_key = "pki/hpki-signing-ca.key"
 test_crl_url = "http://127.0.0.1:{tsa_port}/crl/hpki-signing-ca.crl"
-test_ocsp_url = "http://127.0.0.1:{tsa_port}/ocsp"
+# The TEST OCSP responder runs at http://127.0.0.1:{tsa_port}/ocsp (manifest: ocsp_urls); its URL
+# is not written in the signer certificates' AIA (pki.test_ocsp_url): poppler's pdfsig (NSS)
+# rejects the sandbox's certificates once they name it.
 facility_ca_cert = "pki/facility-client-ca.pem"
 facility_ca_key = "pki/facility-client-ca.key"
 crl_files = ["pki/hpki-signing-ca.crl", "pki/hpki-root.crl"]

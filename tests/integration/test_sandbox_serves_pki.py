@@ -1,6 +1,6 @@
 """The test world serves itself: `serve` publishes every CRL at the distribution point its
-certificates name and answers OCSP at their AIA URL, so `hpki-gateway verify --fetch-crls
---ocsp` (or any outside verifier) checks revocation against the sandbox alone."""
+certificates name (so `hpki-gateway verify --fetch-crls`, or any outside verifier, checks
+revocation against the sandbox alone) and runs the TEST OCSP responder the manifest lists."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 from cryptography import x509
-from cryptography.x509.oid import AuthorityInformationAccessOID
+from cryptography.hazmat.primitives import serialization
 
 from tests.support.gateway import Server, run_cli
 
@@ -42,19 +42,12 @@ def test_the_certificates_name_the_served_urls(sandbox: dict[str, Any]) -> None:
     assert [n.value for dp in dps for n in dp.full_name or []] == [
         sandbox["crl_urls"]["hpki-signing-ca"]
     ]
-    aia = cert.extensions.get_extension_for_class(x509.AuthorityInformationAccess).value
-    ocsp = [
-        d.access_location.value
-        for d in aia
-        if d.access_method == AuthorityInformationAccessOID.OCSP
-    ]
-    assert ocsp == [sandbox["ocsp_urls"]["hpki-signing-ca"]]
     ca = x509.load_pem_x509_certificate(Path(sandbox["hpki_intermediates"][0]).read_bytes())
     dps = ca.extensions.get_extension_for_class(x509.CRLDistributionPoints).value
     assert [n.value for dp in dps for n in dp.full_name or []] == [sandbox["crl_urls"]["hpki-root"]]
 
 
-@pytest.mark.parametrize("flags", [["--fetch-crls"], ["--fetch-crls", "--ocsp"]])
+@pytest.mark.parametrize("flags", [["--fetch-crls"]])
 def test_verify_fetches_revocation_from_the_sandbox(
     gateway: Server, sandbox: dict[str, Any], flags: list[str], tmp_path: Path
 ) -> None:
@@ -67,4 +60,30 @@ def test_verify_fetches_revocation_from_the_sandbox(
     assert report["indication"] == "TOTAL-PASSED", report
     revocation = report["signatures"][0]["revocation"]
     assert revocation["status"] == "good", revocation
-    assert revocation["source"] == ("ocsp" if "--ocsp" in flags else "crl"), revocation
+    assert revocation["source"] == "crl", revocation
+
+
+def ocsp_status(sandbox: dict[str, Any]) -> str:
+    """What the served TEST OCSP responder answers for the sample signer's certificate."""
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.x509 import ocsp
+
+    cert = _signer_cert(sandbox)
+    ca = x509.load_pem_x509_certificate(Path(sandbox["hpki_intermediates"][0]).read_bytes())
+    req = ocsp.OCSPRequestBuilder().add_certificate(cert, ca, hashes.SHA256()).build()
+    http = urllib.request.Request(  # noqa: S310 - the loopback URL of the manifest
+        sandbox["ocsp_urls"]["hpki-signing-ca"],
+        data=req.public_bytes(serialization.Encoding.DER),
+        headers={"Content-Type": "application/ocsp-request"},
+    )
+    with urllib.request.urlopen(http, timeout=10) as r:  # noqa: S310 - loopback test URL
+        resp = ocsp.load_der_ocsp_response(r.read())
+    resp_ca = resp.certificates[0]
+    assert resp_ca == ca  # signed by the TEST signing CA, which it sends along
+    return resp.certificate_status.name.lower()
+
+
+def test_the_ocsp_responder_answers_for_the_sandbox_certificates(
+    gateway: Server, sandbox: dict[str, Any]
+) -> None:
+    assert ocsp_status(sandbox) == "good"
