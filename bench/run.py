@@ -50,6 +50,7 @@ SINGLE_CLIENTS = 16
 SINGLE_PER_CLIENT = int(os.environ.get("BENCH_SINGLE_PER_CLIENT", "200"))
 LEVEL_ROUNDS = int(os.environ.get("BENCH_LEVEL_ROUNDS", "3"))
 LEVEL_REQUESTS = int(os.environ.get("BENCH_LEVEL_REQUESTS", "10"))  # x20 documents
+JPKI_PER_CLIENT = int(os.environ.get("BENCH_JPKI_PER_CLIENT", "25"))
 
 
 def b64(d: bytes) -> str:
@@ -193,6 +194,64 @@ async def single_rate(
     finally:
         for s in sessions:
             await s.close()
+
+
+async def jpki_authorize_rate(
+    port: int, ctx: ssl.SSLContext, cred: str, card: Any, pin: str
+) -> float:
+    """credentials/authorize with the My Number card (begin -> card signs -> authorize), 16
+    concurrent clients; the card is the in-process virtual applet (the gateway's work is what
+    is measured) and its OCSP answer is cached after the first call."""
+    from gateway.card.jpki import JpkiCard
+
+    sessions = [
+        aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=ctx, limit=1))
+        for _ in range(SINGLE_CLIENTS)
+    ]
+    try:
+        cert = JpkiCard(card).read_auth_certificate()
+
+        async def one(client: Client) -> None:
+            h = [b64(os.urandom(32))]
+            body = {"credentialID": cred, "hashes": h, "hashAlgorithmOID": SHA256,
+                    "numSignatures": 1}  # fmt: skip
+            begin = await client.post("/auth/jpki/authenticate/begin", body)
+            challenge = base64.urlsafe_b64decode(begin["challenge"] + "==")
+            jc = JpkiCard(card)
+            jc.verify_auth_pin(pin)
+            sig = jc.sign(challenge)
+            value = json.dumps({"certificate": b64(cert), "signature": b64(sig),
+                                "challenge_id": begin["challenge_id"]})  # fmt: skip
+            r = await client.post(
+                "/csc/v2/credentials/authorize",
+                {**body, "authData": [{"id": "jpki", "value": value}]},
+            )
+            assert r["SAD"]
+
+        clients = [Client(port, ctx, s) for s in sessions]
+        await one(clients[0])  # warm: connection, OCSP answer cached
+        per_client = JPKI_PER_CLIENT
+
+        async def run(client: Client) -> None:
+            for _ in range(per_client):
+                await one(client)
+
+        start = time.perf_counter()
+        await asyncio.gather(*(run(c) for c in clients))
+        return SINGLE_CLIENTS * per_client / (time.perf_counter() - start)
+    finally:
+        for s in sessions:
+            await s.close()
+
+
+class _DirectCard:
+    """The virtual My Number card as an in-process transport (no pcscd in the benchmark)."""
+
+    def __init__(self, applet: Any) -> None:
+        self.applet = applet
+
+    def transmit(self, command: Any) -> Any:
+        return self.applet.process(command)
 
 
 def _vmrss_mb(pid: int) -> float:
@@ -343,6 +402,18 @@ def main() -> int:
                 results[key] = asyncio.run(signdoc(srv.port, ctx, cred, auth, kind))
             print("signDoc e-prescription ES-T / ES-XL, interleaved ...", flush=True)
             results.update(levels_interleaved(srv.port, ctx, cred, auth))
+            print("credentials/authorize with the My Number card, 16 clients ...", flush=True)
+            from gateway.sandbox.jpki import load_card
+
+            card_dir = d / "cards" / doc["id"]
+            run_cli("signer", "link-jpki", doc["id"], "--cert", str(card_dir / "auth.pem"),
+                    "-c", str(config))  # fmt: skip
+            applet = load_card(card_dir, d / "jpki" / "test-jpki-ca.pem")
+            results["jpki_authorize_per_s"] = asyncio.run(
+                jpki_authorize_rate(
+                    srv.port, ctx, cred, _DirectCard(applet), (card_dir / "pin").read_text()
+                )
+            )
             rss1 = rss_mb(worker_pids(srv))
         finally:
             srv.stop()

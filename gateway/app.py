@@ -18,6 +18,7 @@ from gateway.api import (
     est,
     extend,
     health,
+    jpki,
     openapi,
     portal,
     scenarios,
@@ -35,6 +36,7 @@ from gateway.api.keys import (
     DB,
     FACILITIES,
     FIDO2,
+    JPKI,
     KEYSTORE,
     SETTINGS,
     SIGNERS,
@@ -46,6 +48,8 @@ from gateway.api.middleware import browser_guard, client_identity, request_conte
 from gateway.audit import AuditLog
 from gateway.auth.activation import SignatureActivation
 from gateway.auth.fido2 import Fido2Authenticator
+from gateway.auth.jpki import JpkiAuthenticator
+from gateway.auth.jpki_setup import make_jpki
 from gateway.clock import Clock, system_clock
 from gateway.config import Settings
 from gateway.errors import ConfigError, HsmUnavailable
@@ -215,6 +219,7 @@ ROUTES = (
     admin.routes,
     selfservice.routes,
     est.routes,
+    jpki.routes,
     portal.routes,
     openapi.routes,
     scenarios.routes,
@@ -234,6 +239,7 @@ class Services:
     fido2: Fido2Authenticator
     ledger: SadLedger
     activation: SignatureActivation
+    jpki: JpkiAuthenticator
 
 
 def build_services(
@@ -260,6 +266,7 @@ def build_services(
         activation=make_activation(
             settings, db=db, audit=audit, fido2=fido2, ledger=ledger, clock=clock
         ),
+        jpki=make_jpki(settings, db=db, audit=audit, fido2=fido2, ledger=ledger, clock=clock),
     )
 
 
@@ -307,6 +314,7 @@ def create_app(
         app[SIGNERS] = services.signers
         app[FIDO2] = services.fido2
         app[ACTIVATION] = services.activation
+        app[JPKI] = services.jpki
         yield
         await db.close()
 

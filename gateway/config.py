@@ -370,6 +370,53 @@ class ActivationSettings(_Section):
     (the audit log keeps the record of each issuance and use)."""
 
 
+class JpkiSettings(_Section):
+    """My Number card (JPKI) signer presence: trust and revocation of authentication certs."""
+
+    enabled: bool = True
+    """Offer ``/auth/jpki/...`` and ``authData`` id ``jpki``."""
+    bundled_roots: bool = True
+    """Trust the real JPKI user-authentication roots shipped in ``gateway/pki/anchors``."""
+    trust_anchors: list[Path] = Field(default_factory=list)
+    """More PEM anchors (the sandbox adds its TEST JPKI CA). Matched by key, never by name."""
+    revocation: Literal["ocsp", "crl"] = "ocsp"
+    """Where revocation comes from: an OCSP responder, or CRLs (files and/or URLs)."""
+    ocsp_url: str | None = None
+    """OCSP responder to ask (J-LIS gives one to registered verifiers / platform operators);
+    unset: the certificate's AIA."""
+    ocsp_cache_seconds: Annotated[int, Field(ge=0, le=86400)] = 300
+    """How long a "good" OCSP answer is reused for the same certificate."""
+    crl_files: list[Path] = Field(default_factory=list)
+    """CRL files (DER or PEM), re-read when they change (``revocation = "crl"``)."""
+    crl_urls: list[str] = Field(default_factory=list)
+    """CRL URLs, fetched and cached until nextUpdate (``revocation = "crl"``)."""
+    timeout_seconds: Annotated[float, Field(gt=0, le=60)] = 5.0
+    """Time allowed for one OCSP or CRL request."""
+    on_revocation_unavailable: Literal["refuse", "accept"] = "refuse"
+    """When the revocation source cannot answer: refuse (default), or accept and audit it."""
+    challenge_ttl_seconds: Annotated[int, Field(ge=10, le=900)] = 120
+    """Lifetime of a card challenge (single use)."""
+
+
+class TestJpkiSettings(_Section):
+    """Sandbox only: the TEST JPKI CA's OCSP responder and CRL, served next to the TEST TSA."""
+
+    enabled: bool = False
+    """Serve ``/ocsp`` and ``/crl`` (plain HTTP on ``host:port``)."""
+    host: str = "127.0.0.1"
+    """Address to bind (loopback: for the local tester only)."""
+    port: Annotated[int, Field(ge=1, le=65535)] = 8319
+    """TCP port."""
+    ca_cert: Path | None = None
+    """PEM certificate of the TEST JPKI CA."""
+    ocsp_cert: Path | None = None
+    """PEM certificate of its delegated OCSP responder."""
+    ocsp_key: Path | None = None
+    """PEM key of the OCSP responder."""
+    crl_file: Path | None = None
+    """The CA's CRL (DER), re-read on every request: revoking a test card rewrites it."""
+
+
 class Settings(_Section):
     """All settings of one deployment."""
 
@@ -390,6 +437,8 @@ class Settings(_Section):
     test_tsa: TestTsaSettings = TestTsaSettings()
     fido2: Fido2Settings = Fido2Settings()
     activation: ActivationSettings = ActivationSettings()
+    jpki: JpkiSettings = JpkiSettings()
+    test_jpki: TestJpkiSettings = TestJpkiSettings()
     base_dir: Path = Path(".")
     """Directory of the settings file; relative paths are resolved against it (set by load)."""
 

@@ -19,6 +19,8 @@ from tests.support.gateway import Server, client_context, free_port, run_cli
 from tests.support.signing import Csc
 from tests.support.webauthn import SoftAuthenticator
 
+pytest_plugins = ["tests.support.pcsc"]
+
 
 def _require(tool: str) -> None:
     if shutil.which(tool) is None:

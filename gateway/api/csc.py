@@ -15,6 +15,7 @@ from cryptography.hazmat.primitives import serialization
 from pydantic import Field
 from sqlalchemy import select
 
+from gateway.api.jpki import offered_presence_methods, presence_methods
 from gateway.api.keys import CLOCK, DB, KEYSTORE, SETTINGS
 from gateway.api.middleware import identity
 from gateway.api.schema import CscRequest, parse
@@ -99,6 +100,7 @@ async def info(request: web.Request) -> web.Response:
             "signAlgorithms": {"algos": RSA_SIGN_ALGOS},
             "signature_formats": SIGNATURE_FORMATS,
             "conformance_levels": CONFORMANCE_LEVELS,
+            "presenceMethods": offered_presence_methods(request),
         }
     )
 
@@ -226,14 +228,14 @@ async def credentials_info(request: web.Request) -> web.Response:
     cred = creds[0]
     # Ask the HSM: a credential whose key is gone (or a token that is down) is not usable.
     await request.app[KEYSTORE].get_key(cred.key_id)
-    return web.json_response(
-        credential_info(
-            cred,
-            certificates=req.certificates,
-            cert_info=req.certInfo,
-            auth_info=req.authInfo,
-            lang=req.lang or request.app[SETTINGS].service.lang,
-            multisign=request.app[SETTINGS].activation.max_hashes_per_request,
-            now=request.app[CLOCK](),
-        )
+    out = credential_info(
+        cred,
+        certificates=req.certificates,
+        cert_info=req.certInfo,
+        auth_info=req.authInfo,
+        lang=req.lang or request.app[SETTINGS].service.lang,
+        multisign=request.app[SETTINGS].activation.max_hashes_per_request,
+        now=request.app[CLOCK](),
     )
+    out["presenceMethods"] = await presence_methods(request, cred.signer_id)
+    return web.json_response(out)

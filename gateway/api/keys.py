@@ -11,6 +11,7 @@ from aiohttp import web
 from gateway.audit import AuditLog
 from gateway.auth.activation import SignatureActivation
 from gateway.auth.fido2 import Fido2Authenticator
+from gateway.auth.jpki import JpkiAuthenticator
 from gateway.clock import Clock
 from gateway.config import Settings
 from gateway.hsm.api import KeyStore
@@ -40,3 +41,4 @@ SIGNING = web.AppKey("signing", SigningService)
 #: loading anchors and CRL files per request would cost more than most verifications.
 VERIFY_TRUST = web.AppKey("verify_trust", TrustConfig)
 VERIFY_POOL = web.AppKey("verify_pool", VerificationPool)
+JPKI = web.AppKey("jpki", JpkiAuthenticator)

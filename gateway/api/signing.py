@@ -1,4 +1,5 @@
-"""CSC ``credentials/authorize`` (FIDO2 assertion -> SAD) and ``signatures/signHash``.
+"""CSC ``credentials/authorize`` (FIDO2 assertion or My Number card signature -> SAD) and
+``signatures/signHash``.
 
 Decode, validate, call, render: the SAD is issued by ``auth.activation`` and spent by
 ``signing.core.SigningService``. signHash accepts the v2 field names (``hashes``,
@@ -26,8 +27,9 @@ from gateway.api.decode import (
     decode_hashes,
     digest_algorithm,
 )
-from gateway.api.keys import ACTIVATION, CLOCK, SETTINGS, SIGNING
+from gateway.api.keys import ACTIVATION, CLOCK, JPKI, SETTINGS, SIGNING
 from gateway.api.schema import CscRequest, parse
+from gateway.auth.jpki import parse_auth_data
 from gateway.errors import AccessDenied, GatewayError, InvalidRequest
 from gateway.hsm.api import DigestAlgorithm
 
@@ -83,15 +85,28 @@ async def authorize(request: web.Request) -> web.Response:
         hashes = decode_hashes(raw, field="hashes", max_count=limit)
         if hashes and req.hashAlgorithmOID is not None:
             check_lengths(hashes, digest_algorithm(req.hashAlgorithmOID), field="hashes")
-        assertion = assertion_from_auth_data(
-            [item.model_dump() for item in req.authData]  # plain dicts
-        )
+        items = [item.model_dump() for item in req.authData]  # plain dicts
+        card = parse_auth_data(items)
+        if card is not None and not request.app[SETTINGS].jpki.enabled:
+            raise InvalidRequest("Invalid parameter authData: My Number card presence is disabled")
+        assertion = assertion_from_auth_data(items) if card is None else {}
     except GatewayError as e:
         # Bad input before a challenge is identified: audited here (the service audits the rest).
         await request.app[SIGNING].refused(
             caller, action="sad.refused", reason=e.description, detail={}
         )
         raise
+    if card is not None:  # My Number card: same grant, same ledger, presence "jpki"
+        issued = await request.app[JPKI].authorize(
+            caller=caller,
+            credential_id=req.credentialID,
+            num_signatures=req.numSignatures,
+            hashes=hashes,
+            hash_algorithm_oid=req.hashAlgorithmOID,
+            authorization=card,
+            now=request.app[CLOCK](),
+        )
+        return web.json_response({"SAD": issued.token, "expiresIn": issued.expires_in})
     issued = await request.app[ACTIVATION].authorize(
         caller=caller,
         credential_id=req.credentialID,

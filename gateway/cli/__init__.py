@@ -15,6 +15,7 @@ import asyncio
 import sys
 from collections.abc import Sequence
 
+from gateway.card import cli as card_cli
 from gateway.cli import db, eprescription, facility, sandbox, selfservice, signer, verify
 from gateway.cli.common import Action, config_flags
 from gateway.errors import ConfigError, GatewayError
@@ -40,6 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     selfservice.register(sub)
     verify.register(sub)
     eprescription.register(sub)
+    card_cli.register(sub)
     return parser
 
 

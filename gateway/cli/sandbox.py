@@ -1,4 +1,5 @@
-"""``sandbox``: the verification environment (a complete TEST world) and its TEST TSA."""
+"""``sandbox``: the verification environment (a complete TEST world), its TEST TSA and its
+virtual My Number cards."""
 
 from __future__ import annotations
 
@@ -36,6 +37,30 @@ async def cmd_sandbox_tsa(args: argparse.Namespace) -> int:
     return 0
 
 
+async def cmd_sandbox_cards_up(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from gateway.sandbox.jpki import cards_up
+
+    manifest = await asyncio.to_thread(cards_up, Path(args.dir))
+    text = "\n".join(
+        f"{c['signer']}: {c['reader']}  PCSCLITE_CSOCK_NAME={c['pcsc_socket']}"
+        for c in manifest["cards"]
+    )
+    emit(args, manifest["cards"], text)
+    return 0
+
+
+async def cmd_sandbox_cards_down(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from gateway.sandbox.jpki import cards_down
+
+    await asyncio.to_thread(cards_down, Path(args.dir))
+    emit(args, [], "virtual cards stopped")
+    return 0
+
+
 def register(sub: Any) -> None:
     sb = sub.add_parser("sandbox", help="verification environment").add_subparsers(
         dest="sub", required=True
@@ -52,3 +77,14 @@ def register(sub: Any) -> None:
     p = sb.add_parser("tsa", help="run only the TEST TSA of a sandbox (`serve` already runs it)")
     config_flags(p, json_flag=False)
     p.set_defaults(func=cmd_sandbox_tsa)
+    cards = sb.add_parser("cards", help="virtual My Number cards").add_subparsers(
+        dest="cards_sub", required=True
+    )
+    p = cards.add_parser("up", help="pcscd + vpcd + a virtual card per sandbox signer")
+    p.add_argument("dir")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_sandbox_cards_up)
+    p = cards.add_parser("down", help="stop the virtual cards")
+    p.add_argument("dir")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_sandbox_cards_down)

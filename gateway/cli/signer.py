@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from gateway.cli import jpki
 from gateway.cli.common import Context, actor, config_flags, emit, settings_of
 
 
@@ -197,3 +198,4 @@ def register(sub: Any) -> None:
     config_flags(p)
     p.add_argument("signer")
     p.set_defaults(func=cmd_signer_lock)
+    jpki.register_signer(sg)

@@ -40,6 +40,7 @@ from gateway.lifecycle import mailer
 from gateway.lifecycle.certificates import ClientCertificateService
 from gateway.lifecycle.notice import jp_date
 from gateway.store.schema import (
+    jpki_challenge,
     notification,
     sad,
     sad_hash,
@@ -123,6 +124,11 @@ class Scheduler:
             challenges = (
                 await conn.execute(
                     delete(webauthn_challenge).where(webauthn_challenge.c.expires_at < cutoff)
+                )
+            ).rowcount
+            challenges += (
+                await conn.execute(
+                    delete(jpki_challenge).where(jpki_challenge.c.expires_at < cutoff)
                 )
             ).rowcount
             if sads or challenges:

@@ -145,8 +145,13 @@ async def start_test_tsa(settings: Settings, *, reuse_port: bool = False) -> web
 
 
 async def run_forever(settings: Settings) -> None:
+    from gateway.sandbox.jpki import start_test_jpki
+
     runner = await start_test_tsa(settings)
+    jpki = await start_test_jpki(settings) if settings.test_jpki.enabled else None
     try:
         await asyncio.Event().wait()
     finally:
+        if jpki is not None:
+            await jpki.cleanup()
         await runner.cleanup()

@@ -31,6 +31,7 @@ from gateway.files import write_private
 from gateway.pki import facility_ca
 from gateway.pki.issue import CertAndKey
 from gateway.sandbox import testworld
+from gateway.sandbox.jpki import build_cards, build_jpki_ca, jpki_settings_toml
 from gateway.sandbox.ocsp import OCSP_PATH
 from gateway.sandbox.tsa import CRL_PATH
 
@@ -201,9 +202,14 @@ async def init_sandbox(
     # The TEST TSA's listener also publishes the CRLs and answers OCSP (`serve` runs it), at
     # the URLs the TEST certificates name, so outside verifiers can check revocation.
     client_ca = _write_pki(d, now, pki_url=pki_base_url(tsa_port))
-    (d / "gateway.toml").write_text(_settings_toml(port, tsa_port), encoding="utf-8")
+    jpki_port = _free_port()
+    (d / "gateway.toml").write_text(
+        _settings_toml(port, tsa_port) + jpki_settings_toml(jpki_port), encoding="utf-8"
+    )
+    jpki_entry = build_jpki_ca(d, now=now, port=jpki_port)
     settings = load_settings(d / "gateway.toml", environ={})
     seeded = await _seed_store(settings, d, client_ca, clock)
+    build_cards(d, now=now, entry=jpki_entry, signer_ids=[str(s["id"]) for s in seeded["signers"]])
     pki = d / "pki"
     admin = seeded["admin"]
     manifest: dict[str, Any] = {
@@ -234,6 +240,8 @@ async def init_sandbox(
         # Signed e-prescriptions and dispensing results, one per level (ES-BES .. ES-A).
         "samples": seeded["samples"],
         "outbox": str(d / "outbox"),
+        "jpki": jpki_entry,
+        "cards": [],
     }
     (d / "manifest.json").write_text(
         json.dumps(manifest, ensure_ascii=False, indent=2) + "\n", encoding="utf-8"
@@ -245,7 +253,8 @@ def _prepare(d: Path, *, force: bool) -> None:
     if (d / "manifest.json").exists() and not force:
         raise ConfigError(f"{d} already holds a sandbox (use --force to rebuild it)")
     if force and d.exists():
-        for sub in ("softhsm", "secrets", "pki", "tls", "clients", "data", "outbox"):
+        subdirs = ("softhsm", "secrets", "pki", "tls", "clients", "data", "outbox", "jpki", "cards")
+        for sub in subdirs:
             shutil.rmtree(d / sub, ignore_errors=True)
         for f in ("gateway.toml", "manifest.json"):
             (d / f).unlink(missing_ok=True)

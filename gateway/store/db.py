@@ -291,7 +291,7 @@ def _upgrade(sync_conn: Connection) -> None:
 
 # The newest migration. Workers compare the store against it without importing Alembic (11 MB
 # per process); tests/integration/test_store_portable.py checks it is Alembic's own head.
-HEAD_REVISION = "0005_selfservice"
+HEAD_REVISION = "0006_jpki"
 
 
 def head_revision() -> str:

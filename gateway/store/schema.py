@@ -378,3 +378,36 @@ fee_entry = Table(
     Column("description", String(300), nullable=False),
     UniqueConstraint("certificate_serial", "kind"),
 )
+
+# My Number card (JPKI) presence: a signer's linked authentication certificates, and the
+# challenges the card signs (the 48 bytes are kept: the signature is checked against them).
+jpki_binding = Table(
+    "jpki_binding",
+    metadata,
+    Column("id", String(40), primary_key=True),
+    Column("signer_id", String(40), ForeignKey("signer.id"), nullable=False, index=True),
+    Column("spki_sha256", String(64), nullable=False, unique=True),  # one card, one signer
+    Column("issuer", String(500), nullable=False),  # RFC 4514 (display; the key decides)
+    Column("serial", String(64), nullable=False),  # hex
+    Column("certificate_der", LargeBinary, nullable=False),
+    Column("not_after", UTCDateTime(), nullable=False),
+    Column("label", String(200)),
+    Column("created_at", UTCDateTime(), nullable=False),
+    Column("last_used_at", UTCDateTime()),
+)
+
+jpki_challenge = Table(
+    "jpki_challenge",
+    metadata,
+    Column("id", String(64), primary_key=True),  # SHA-256 hex of the challenge bytes
+    Column("kind", String(20), nullable=False),  # register | authenticate
+    Column("challenge", LargeBinary(64), nullable=False),
+    Column("signer_id", String(40), ForeignKey("signer.id"), nullable=False),
+    Column("facility_id", Integer, ForeignKey("facility.id")),
+    Column("enrollment_id", Integer, ForeignKey("enrollment.id")),
+    Column("credential_id", String(40)),
+    Column("binding", Text, nullable=False),
+    Column("created_at", UTCDateTime(), nullable=False),
+    Column("expires_at", UTCDateTime(), nullable=False, index=True),
+    Column("used_at", UTCDateTime()),
+)

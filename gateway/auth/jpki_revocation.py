@@ -1,0 +1,119 @@
+"""Where the revocation status of a My Number card's authentication certificate comes from.
+
+J-LIS gives OCSP/CRL access only to registered verifiers or through platform operators
+(HPKI.md §4), so the source is pluggable and configured (``[jpki]``): an OCSP responder
+(a configured URL, else the certificate's AIA), CRL files, or CRL URLs. Each answers "good",
+"revoked", or "unknown" when it cannot answer; what to do with "unknown" is the caller's
+policy (``jpki.on_revocation_unavailable``, "refuse" by default).
+
+Good OCSP answers are cached per certificate for ``cache_seconds`` (capped by the answer's
+own nextUpdate by the OCSP checks): a doctor signing a batch does not hit the responder per
+authorization, and a revocation shows within that time.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Protocol
+
+import aiohttp
+from cryptography import x509
+
+from gateway.pki.crl import CrlSource, RevocationStatus, load_crl, load_crl_files
+from gateway.pki.ocsp import OcspClient, ocsp_urls
+
+
+class JpkiRevocationSource(Protocol):
+    async def status(
+        self, cert: x509.Certificate, issuer: x509.Certificate, now: dt.datetime
+    ) -> RevocationStatus: ...
+
+
+class OcspRevocation:
+    """OCSP at ``url`` (or the certificate's AIA), good answers cached."""
+
+    def __init__(
+        self, *, url: str | None = None, timeout: float = 5.0, cache_seconds: float = 300.0
+    ) -> None:
+        self.url = url
+        self.client = OcspClient(timeout=timeout)
+        self.cache_seconds = cache_seconds
+        self._good: dict[tuple[str, int], float] = {}
+
+    async def status(
+        self, cert: x509.Certificate, issuer: x509.Certificate, now: dt.datetime
+    ) -> RevocationStatus:
+        key = (cert.issuer.rfc4514_string(), cert.serial_number)
+        until = self._good.get(key)
+        if until is not None and time.monotonic() < until:
+            return RevocationStatus("good", "OCSP: good (cached)", source="ocsp")
+        urls = [self.url] if self.url else ocsp_urls(cert)
+        if not urls:
+            return RevocationStatus("unknown", "no OCSP URL configured or in the certificate")
+        answer = await self.client.status(cert, issuer, now, urls)
+        if answer.status == "good":
+            if len(self._good) > 100_000:
+                self._good.clear()
+            self._good[key] = time.monotonic() + self.cache_seconds
+            return RevocationStatus("good", answer.reason, source="ocsp")
+        if answer.status == "revoked":
+            return RevocationStatus("revoked", answer.reason, answer.revocation_time, source="ocsp")
+        return RevocationStatus("unknown", answer.reason, source="ocsp")
+
+
+class CrlRevocation:
+    """CRL files (re-read when they change) and CRL URLs (cached until nextUpdate)."""
+
+    def __init__(
+        self, *, files: Sequence[Path] = (), urls: Sequence[str] = (), timeout: float = 5.0
+    ) -> None:
+        self.files = list(files)
+        self.urls = list(urls)
+        self.timeout = timeout
+        self._stamp: tuple[float, ...] = ()
+        self._from_files: list[x509.CertificateRevocationList] = []
+        self._from_urls: dict[str, x509.CertificateRevocationList] = {}
+
+    def _file_crls(self) -> list[x509.CertificateRevocationList]:
+        stamp = tuple(p.stat().st_mtime if p.exists() else -1.0 for p in self.files)
+        if stamp != self._stamp:
+            self._from_files = load_crl_files([p for p in self.files if p.exists()])
+            self._stamp = stamp
+        return self._from_files
+
+    async def _url_crls(self, now: dt.datetime) -> tuple[list[x509.CertificateRevocationList], str]:
+        out, problems = [], []
+        for url in self.urls:
+            crl = self._from_urls.get(url)
+            if crl is None or (crl.next_update_utc is not None and crl.next_update_utc < now):
+                try:
+                    async with (
+                        aiohttp.ClientSession(
+                            timeout=aiohttp.ClientTimeout(total=self.timeout)
+                        ) as s,
+                        s.get(url, allow_redirects=False) as resp,
+                    ):
+                        if resp.status != 200:
+                            problems.append(f"CRL {url} answered HTTP {resp.status}")
+                            continue
+                        crl = load_crl(await resp.content.read(16 * 1024 * 1024))
+                except (aiohttp.ClientError, TimeoutError, OSError, ValueError) as e:
+                    problems.append(f"CRL {url} unreachable ({type(e).__name__})")
+                    continue
+                self._from_urls[url] = crl
+            out.append(crl)
+        return out, "; ".join(problems)
+
+    async def status(
+        self, cert: x509.Certificate, issuer: x509.Certificate, now: dt.datetime
+    ) -> RevocationStatus:
+        crls = list(self._file_crls())
+        fetched, problems = await self._url_crls(now)
+        crls += fetched
+        result = await CrlSource(crls).status(cert, issuer, now, fetch=False)
+        if result.status == "unknown" and problems:
+            return RevocationStatus("unknown", f"{result.reason}; {problems}")
+        return result

@@ -1,0 +1,100 @@
+"""PC/SC transport over pyscard: readers, exclusive connections, APDU exchange.
+
+Blocking (pyscard calls into libpcsclite): async callers run it in a thread. Library errors are
+translated here into :class:`CardError` codes (no reader, no card, card removed, pcscd down).
+The connection is exclusive while a flow runs (nothing can slip between VERIFY and the
+signature) and resets the card when it closes, so a verified PIN never outlives the flow.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from typing import Protocol
+
+from smartcard.CardConnection import CardConnection
+from smartcard.Exceptions import CardConnectionException, NoCardException, SmartcardException
+from smartcard.scard import SCARD_RESET_CARD, SCARD_SHARE_EXCLUSIVE
+from smartcard.System import readers as _readers
+
+from gateway.card.apdu import Command, Response
+from gateway.card.errors import CardError, CardErrorCode
+
+
+class CardTransport(Protocol):
+    """Anything that exchanges APDUs with one card (PC/SC here; an applet in unit tests)."""
+
+    def transmit(self, command: Command) -> Response: ...
+
+
+def list_readers() -> list[str]:
+    """Names of the PC/SC readers (empty when none); CardError when pcscd cannot be reached."""
+    try:
+        return [str(r) for r in _readers()]
+    except SmartcardException as e:
+        raise CardError(CardErrorCode.PCSC_UNAVAILABLE, detail=str(e)) from e
+    except Exception as e:  # pyscard's EstablishContextException is not a SmartcardException
+        raise CardError(CardErrorCode.PCSC_UNAVAILABLE, detail=type(e).__name__) from e
+
+
+class PcscConnection:
+    """An exclusive connection to the card in one reader."""
+
+    def __init__(self, reader: str) -> None:
+        self.reader = reader
+        found = None
+        try:
+            found = next((r for r in _readers() if str(r) == reader), None)
+        except Exception as e:
+            raise CardError(CardErrorCode.PCSC_UNAVAILABLE, detail=type(e).__name__) from e
+        if found is None:
+            raise CardError(CardErrorCode.NO_READER)
+        conn: CardConnection = found.createConnection()
+        try:
+            conn.connect(mode=SCARD_SHARE_EXCLUSIVE, disposition=SCARD_RESET_CARD)
+        except NoCardException as e:
+            raise CardError(CardErrorCode.NO_CARD) from e
+        except CardConnectionException as e:
+            raise CardError(CardErrorCode.NO_CARD, detail=str(e)) from e
+        self._conn: CardConnection | None = conn
+
+    @property
+    def atr(self) -> bytes:
+        if self._conn is None:
+            raise CardError(CardErrorCode.CARD_REMOVED)
+        return bytes(self._conn.getATR())
+
+    def transmit(self, command: Command) -> Response:
+        if self._conn is None:
+            raise CardError(CardErrorCode.CARD_REMOVED)
+        resp = self._raw(command.encode())
+        # T=0 readers: fetch the answer (61 xx) or repeat with the right Le (6C xx).
+        if resp.sw1 == 0x6C:
+            resp = self._raw(dataclasses.replace(command, le=resp.sw2 or 0x100).encode())
+        data = resp.data
+        while resp.sw1 == 0x61:
+            resp = self._raw(Command(0x00, 0xC0, 0x00, 0x00, le=resp.sw2 or 0x100).encode())
+            data += resp.data
+        return Response(data, resp.sw)
+
+    def _raw(self, apdu: bytes) -> Response:
+        assert self._conn is not None
+        try:
+            data, sw1, sw2 = self._conn.transmit(list(apdu))
+        except CardConnectionException as e:
+            raise CardError(CardErrorCode.CARD_REMOVED) from e
+        return Response(bytes(data), (sw1 << 8) | sw2)
+
+    def close(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            with contextlib.suppress(Exception):  # the card or pcscd may already be gone
+                conn.disconnect()
+            with contextlib.suppress(Exception):
+                conn.release()
+
+    def __enter__(self) -> PcscConnection:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
