@@ -127,9 +127,8 @@ class SandboxOcspResponder:
             )
             .responder_id(ocsp.OCSPResponderEncoding.HASH, self.signer_cert)
         )
-        # The responder's certificate always goes along, even when it is the CA itself: a
-        # verifier such as NSS (pdfsig) may know the CA only from the signed document.
-        builder = builder.certificates([self.signer_cert])
+        if self.signer_cert != self.ca_cert:
+            builder = builder.certificates([self.signer_cert])
         try:
             nonce = req.extensions.get_extension_for_class(x509.OCSPNonce).value
             builder = builder.add_extension(nonce, critical=False)
