@@ -19,6 +19,9 @@ from gateway.api import (
     extend,
     health,
     jpki,
+    openapi,
+    portal,
+    scenarios,
     selfservice,
     sign_doc,
     signing,
@@ -125,7 +128,13 @@ def make_signers(
     if pki.test_ca_cert is not None and pki.test_ca_key is not None:
         if not settings.service.sandbox:
             raise ConfigError("pki.test_ca_* is only allowed when service.sandbox = true")
-        issuer = TestIssuer.load(pki.test_ca_cert, pki.test_ca_key, list(pki.hpki_trust_anchors))
+        issuer = TestIssuer.load(
+            pki.test_ca_cert,
+            pki.test_ca_key,
+            list(pki.hpki_trust_anchors),
+            crl_url=pki.test_crl_url,
+            ocsp_url=pki.test_ocsp_url,
+        )
     anchors = load_certificate_files(pki.hpki_trust_anchors)
     intermediates = load_certificate_files(pki.hpki_intermediates)
     if not anchors:
@@ -219,6 +228,9 @@ ROUTES = (
     selfservice.routes,
     est.routes,
     jpki.routes,
+    portal.routes,
+    openapi.routes,
+    scenarios.routes,
 )
 
 
@@ -286,6 +298,8 @@ def create_app(
             client_identity,
             facility_limit,
             browser_guard,
+            # The sandbox's failure scenarios; never installed in production.
+            *([scenarios.scenario_effects] if settings.service.sandbox else []),
         ],
     )
     app[SETTINGS] = settings

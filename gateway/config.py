@@ -116,6 +116,11 @@ class PkiSettings(_Section):
     """Sandbox only: the TEST HPKI signing CA that issues signer certificates directly."""
     test_ca_key: Path | None = None
     """Sandbox only: the key of the TEST HPKI signing CA."""
+    test_crl_url: str | None = None
+    """Sandbox only: the CRL distribution point written in the signer certificates the TEST CA
+    issues (``serve`` publishes the CRL there). Unset: a placeholder URL nobody serves."""
+    test_ocsp_url: str | None = None
+    """Sandbox only: the OCSP responder named in their AIA (``serve`` runs the TEST responder)."""
     facility_ca_cert: Path | None = None
     """The CA that issues facility client certificates (sandbox and self-run registries)."""
     facility_ca_key: Path | None = None
