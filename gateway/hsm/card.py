@@ -121,6 +121,14 @@ class CardKeyStore:
         await self._run(drop)
         self._pool.shutdown(wait=False)
 
+    async def relock(self) -> None:
+        """Reset the card (a new session: the PIN must be verified again)."""
+        await self._run(self._open_blocking)
+
+    @property
+    def connected(self) -> bool:
+        return self._card is not None
+
     async def certificate(self) -> x509.Certificate:
         if self._cert is None:
             await self.open()
