@@ -24,11 +24,16 @@ from cryptography.hazmat.primitives.asymmetric import padding, rsa, utils
 from gateway.config import load_settings
 from gateway.local.batch import sign_batch
 from gateway.local.setup import build_local_agent
+from gateway.pki.crl import CrlSource, load_crl_files
+from gateway.pki.load import load_certificate_files
 from gateway.vcard.hpki import HPKI_PIN_TRIES
-from gateway.verify import verify_document
+from gateway.verify import TrustConfig, verify_document
+from tests.support.facility_system import sign_prescriptions
 from tests.support.gateway import CLI, REPO
 from tests.support.local import CardWorld, make_card_world, write_prescriptions
 from tests.support.pcsc import PcscWorld
+from tests.support.signing import Csc
+from tests.support.webauthn import SoftAuthenticator
 
 PIN = "314159"
 SHA256 = "2.16.840.1.101.3.4.2.1"
@@ -325,3 +330,63 @@ def test_sign_batch_card_pulled_then_resumed(
         rep = asyncio.run(verify_document((out / name).read_bytes(), trust=trust))
         assert rep.indication == "TOTAL-PASSED", (name, rep.reason)
     assert os.path.exists(out / "report.csv")
+
+
+class RemoteEndpoint:
+    """The remote gateway as the facility system sees it: mTLS, FIDO2 presence."""
+
+    def __init__(self, csc: Csc, auth: SoftAuthenticator) -> None:
+        self.csc, self.auth = csc, auth
+
+    def post(self, path: str, body: Any) -> tuple[int, Any]:
+        r = self.csc.post(path, body)
+        return r.status, r.json()
+
+    def authorize(self, credential_id: str, hashes: list[bytes]) -> str:
+        return self.csc.authorize(credential_id, hashes, self.auth)
+
+
+class LocalEndpoint:
+    """The local agent as the facility system sees it: loopback + secret, the card's PIN."""
+
+    def __init__(self, agent: Agent, pin: str) -> None:
+        self.agent, self.pin = agent, pin
+
+    def post(self, path: str, body: Any) -> tuple[int, Any]:
+        return self.agent.post(path, body)
+
+    def authorize(self, credential_id: str, hashes: list[bytes]) -> str:
+        status, body = self.agent.post(
+            "/csc/v2/credentials/authorize",
+            {"credentialID": credential_id, "numSignatures": len(hashes),
+             "hashes": [_b64(h) for h in hashes], "hashAlgorithmOID": SHA256,
+             "authData": [{"id": "pin", "value": self.pin}]},
+        )  # fmt: skip
+        assert status == 200, body
+        sad: str = body["SAD"]
+        return sad
+
+
+def test_facility_system_code_on_the_remote_gateway(
+    sandbox: dict[str, Any], gateway: Any, hospital_ctx: Any, doctor: Any
+) -> None:
+    doc, auth = doctor
+    trust = TrustConfig(
+        anchors=load_certificate_files([Path(p) for p in sandbox["hpki_trust_anchors"]]),
+        intermediates=load_certificate_files([Path(p) for p in sandbox["hpki_intermediates"]]),
+        crls=CrlSource(load_crl_files([Path(p) for p in sandbox["crls"].values()])),
+    )
+    ep = RemoteEndpoint(Csc(gateway.port, hospital_ctx), auth)
+    signed = sign_prescriptions(ep, trust=trust, credential_id=doc["credential_id"])
+    assert len(signed) == 1
+
+
+def test_facility_system_code_on_the_local_agent(agent: Agent, world: CardWorld, slot: Any) -> None:
+    card = world.card(pin=PIN)
+    slot.insert(card.applet)
+    signed = sign_prescriptions(LocalEndpoint(agent, PIN), trust=world.trust())
+    assert len(signed) == 1 and card.applet.signatures == 4  # 3 hashes + 1 document
+    path = world.dir / "facility-local.xml"
+    path.write_bytes(signed[0])
+    res = world.xmlsec(path)
+    assert res.returncode == 0, res.stderr
