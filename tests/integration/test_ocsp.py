@@ -32,6 +32,16 @@ from gateway.verify import TrustConfig, verify_document
 from tests.support.softkey import SoftwareKeyHandle
 
 NOW = dt.datetime.now(dt.UTC)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _fresh_now() -> None:
+    """NOW as of this module's first test, not of collection: in a long suite the responder's
+    real clock would otherwise run past NOW + the 5 minutes of allowed skew."""
+    global NOW
+    NOW = dt.datetime.now(dt.UTC)
+
+
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
