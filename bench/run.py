@@ -13,6 +13,10 @@ Builds a throwaway sandbox, then measures on the same SoftHSM key:
                                  ceremony per prescription (see its docstring)
   xades_eprescription_t_per_s    signDoc e-prescription at ES-T (AdES-B-T), and at ES-XL
   xades_eprescription_xl_per_s   (AdES-B-LT, revocation data from the cache), interleaved
+  card_raw_sign_per_s            MSE + PSO round trips through pcscd to the virtual HPKI card
+  local_batch_per_s              e-prescriptions/s through local sign-batch (interleaved with
+                                 the raw card rate); *_latency_300ms_*: the card sleeping 0.3 s
+                                 per signature like a real one
   verify_eprescription_xl_per_s  long-term verification of the real ES-XL prescription in
   signxml_verify_per_s           process, beside signxml's XAdESVerifier (signature only)
 Every signHash spends a hash-bound SCAL 2 SAD obtained beforehand through the real FIDO2
@@ -358,6 +362,19 @@ def levels_interleaved(
     }
 
 
+def card_rates(*args: str) -> dict[str, float]:
+    """bench/bench_card.py in its own process (it starts a private pcscd)."""
+    import subprocess
+    import sys
+
+    out = subprocess.run(
+        [sys.executable, "-m", "bench.bench_card", *args],
+        cwd=REPO, capture_output=True, text=True, check=True, timeout=900,
+    )  # fmt: skip
+    rates: dict[str, float] = json.loads(out.stdout.strip().splitlines()[-1])
+    return rates
+
+
 def main() -> int:
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="hpki-bench-") as tmp:
@@ -384,6 +401,10 @@ def main() -> int:
         from bench.bench_verify import run as bench_verify
 
         results.update(bench_verify())
+        print("HPKI card through pcscd + vpcd: raw PSO vs sign-batch, interleaved ...", flush=True)
+        results.update(card_rates())
+        print("... and with a simulated real-card latency of 0.3 s per signature", flush=True)
+        results.update(card_rates("--latency", "0.3", "--n", "10", "--rounds", "1"))
         srv = Server(config, free_port(), env=NO_LIMITS)
         srv.start()
         try:

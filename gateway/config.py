@@ -430,6 +430,37 @@ class JpkiSettings(_Section):
     """Lifetime of a card challenge (single use)."""
 
 
+class CardProfileSettings(_Section):
+    """File ids of an HPKI card without ISO 7816-15 directory files (HPKI.md §5)."""
+
+    name: str
+    pin_ref: Annotated[int, Field(ge=0, le=255)]
+    """VERIFY P2 (``0x80 | reference``; a JMA card uses 0x88)."""
+    key_fid: Annotated[int, Field(ge=0, le=0xFFFF)]
+    cert_fid: Annotated[int, Field(ge=0, le=0xFFFF)]
+
+
+def _default_card_profiles() -> list[CardProfileSettings]:
+    return [CardProfileSettings(name="jma", pin_ref=0x88, key_fid=0x000C, cert_fid=0x0016)]
+
+
+class LocalSettings(_Section):
+    """Local signing with the HPKI card (``hpki-gateway local serve`` / ``sign-batch``)."""
+
+    sign_aids: list[str] = Field(default_factory=lambda: ["E828BD080FA000000391000000000001"])
+    """Signing application AIDs (hex) of the issuing bodies, tried in order."""
+    card_profiles: list[CardProfileSettings] = Field(default_factory=_default_card_profiles)
+    """Card layouts by file id, for cards without EF.OD/PrKDF/CDF."""
+    reader: str | None = None
+    """PC/SC reader name; unset: the first reader holding an HPKI card."""
+    port: Annotated[int, Field(ge=1, le=65535)] = 8765
+    """Loopback port of the local agent (it never binds another address)."""
+    secret_file: Path | None = None
+    """The per-install secret callers present (0600); unset: in the user's config dir."""
+    grant_seconds: Annotated[int, Field(ge=5, le=3600)] = 300
+    """Lifetime of a SAD issued after the PIN (spent or expired: the card is reset)."""
+
+
 class TestJpkiSettings(_Section):
     """Sandbox only: the TEST JPKI CA's OCSP responder and CRL, served next to the TEST TSA."""
 
@@ -472,6 +503,7 @@ class Settings(_Section):
     fido2: Fido2Settings = Fido2Settings()
     activation: ActivationSettings = ActivationSettings()
     jpki: JpkiSettings = JpkiSettings()
+    local: LocalSettings = LocalSettings()
     test_jpki: TestJpkiSettings = TestJpkiSettings()
     base_dir: Path = Path(".")
     """Directory of the settings file; relative paths are resolved against it (set by load)."""

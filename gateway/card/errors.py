@@ -15,6 +15,7 @@ class CardErrorCode(StrEnum):
     NO_CARD = "no_card"
     CARD_REMOVED = "card_removed"
     NOT_MY_NUMBER_CARD = "not_my_number_card"
+    NOT_HPKI_CARD = "not_hpki_card"
     PIN_FORMAT = "pin_format"
     WRONG_PIN = "wrong_pin"
     PIN_BLOCKED = "pin_blocked"
@@ -40,6 +41,10 @@ _MESSAGES: dict[CardErrorCode, tuple[str, str]] = {
     CardErrorCode.NOT_MY_NUMBER_CARD: (
         "このカードはマイナンバーカードではありません（または読み取れません）。",
         "This card is not a My Number card (or cannot be read).",
+    ),
+    CardErrorCode.NOT_HPKI_CARD: (
+        "このカードはHPKIカードではありません（署名用アプリケーションが見つかりません）。",
+        "This card is not an HPKI card (no signing application found).",
     ),
     CardErrorCode.PIN_FORMAT: (
         "利用者証明用暗証番号は数字4桁です。",

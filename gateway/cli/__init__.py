@@ -19,6 +19,7 @@ from gateway.card import cli as card_cli
 from gateway.cli import db, eprescription, facility, sandbox, selfservice, signer, verify
 from gateway.cli.common import Action, config_flags
 from gateway.errors import ConfigError, GatewayError
+from gateway.local import cli as local_cli
 
 __all__ = ["build_parser", "main"]
 
@@ -42,6 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     verify.register(sub)
     eprescription.register(sub)
     card_cli.register(sub)
+    local_cli.register(sub)
     return parser
 
 

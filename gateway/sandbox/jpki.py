@@ -15,7 +15,9 @@ JPKI CA, its OCSP responder certificate and CRL (served by ``serve`` next to the
 namespaces, :mod:`gateway.vcard.pcscd`) and puts that signer's virtual My Number card in its
 first reader, all served by one background process (``python -m gateway.sandbox.jpki DIR``);
 the manifest then lists ``cards``: signer, kind, reader, pin, pcsc_socket (the value for
-``PCSCLITE_CSOCK_NAME``). Any PC/SC client works through that socket. ``sandbox cards down``
+``PCSCLITE_CSOCK_NAME``). A doctor or pharmacist also has a virtual HPKI card in the second
+reader (``kind`` "hpki", plus ``role`` and ``certificate``; :mod:`gateway.sandbox.hpki_cards`).
+Any PC/SC client works through that socket. ``sandbox cards down``
 stops everything and empties the list. Needs root (namespaces).
 """
 
@@ -44,13 +46,15 @@ from gateway.errors import ConfigError
 from gateway.files import write_private
 from gateway.pki.issue import CertAndKey, make_crl, random_serial
 from gateway.pki.jpki import JPKI_AUTH_POLICY, JPKI_AUTH_ROOT_NAME
+from gateway.sandbox.hpki_cards import has_hpki_card, hpki_manifest_entry, load_hpki_card
 from gateway.sandbox.ocsp import OCSP_PATH, RESPONDER, SandboxOcspResponder
 from gateway.sandbox.testworld import issue_ocsp_responder_cert
 from gateway.vcard.jpki import JpkiApplet
 from gateway.vcard.pcscd import Pcscd, reader_names, start_pcscd
 
 log = logging.getLogger("gateway.sandbox.jpki")
-CARD_SLOT = 0  # slot 1 of each signer's reader pair is left for the HPKI card
+CARD_SLOT = 0  # the My Number card; slot 1 of each signer's reader pair holds the HPKI card
+HPKI_SLOT = 1
 CRL_PATH = "/crl"
 
 
@@ -308,6 +312,12 @@ def cards_up(d: Path, *, timeout: float = 30.0) -> dict[str, Any]:
                 "pcsc_socket": str(inst.socket_path),
             }
         )
+        if has_hpki_card(card):
+            entries.append(
+                hpki_manifest_entry(
+                    card, reader=reader_names()[HPKI_SLOT], pcsc_socket=str(inst.socket_path)
+                )
+            )
     ready = d / "cards" / "ready"
     ready.unlink(missing_ok=True)
     log = (d / "cards" / "server.log").open("ab")
@@ -375,6 +385,10 @@ def serve_cards(d: Path) -> None:
         reader = inst.reader(CARD_SLOT)
         reader.insert(load_card(card, ca_pem))
         readers.append(reader)
+        if has_hpki_card(card):
+            hpki_reader = inst.reader(HPKI_SLOT)
+            hpki_reader.insert(load_hpki_card(card))
+            readers.append(hpki_reader)
     stop = False
 
     def on_term(signum: int, frame: object) -> None:

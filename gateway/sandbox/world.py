@@ -31,6 +31,7 @@ from gateway.files import write_private
 from gateway.pki import facility_ca
 from gateway.pki.issue import CertAndKey
 from gateway.sandbox import testworld
+from gateway.sandbox.hpki_cards import build_hpki_cards
 from gateway.sandbox.jpki import build_cards, build_jpki_ca, jpki_settings_toml
 from gateway.sandbox.ocsp import OCSP_PATH
 from gateway.sandbox.tsa import CRL_PATH
@@ -214,6 +215,7 @@ async def init_sandbox(
     settings = load_settings(d / "gateway.toml", environ={})
     seeded = await _seed_store(settings, d, client_ca, clock)
     build_cards(d, now=now, entry=jpki_entry, signer_ids=[str(s["id"]) for s in seeded["signers"]])
+    build_hpki_cards(d, now=now, signers=seeded["signers"])
     pki = d / "pki"
     admin = seeded["admin"]
     manifest: dict[str, Any] = {

@@ -1,14 +1,16 @@
 """The KeyStore / KeyHandle contract (gateway/hsm/api.py), run against every key store.
 
 One suite, parametrized over the stores (as pyHanko's tests/test_pkcs11.py runs one suite per
-token platform): the in-process PKCS#11 store and the signing process today; the card key store
-joins the ``STORES`` table when it exists. What only one store does (the PKCS#11 thread, the
-child process's life, outages) stays in test_hsm.py / test_hsm_signer_process.py.
+token platform): the in-process PKCS#11 store, the signing process, and the HPKI card in a real
+pcscd + vpcd reader (its key was made at card issuance: the "generated" key is the card's).
+What only one store does (the PKCS#11 thread, the child process's life, outages, the card's PIN
+and removal) stays in test_hsm.py / test_hsm_signer_process.py / test_hpki_card.py.
 """
 
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import hashlib
 import os
 import time
@@ -20,8 +22,12 @@ from cryptography.hazmat.primitives.asymmetric import padding, rsa, utils
 
 from gateway.errors import HsmUnavailable, KeyNotFound
 from gateway.hsm.api import DigestAlgorithm, GeneratedKey, KeyHandle, KeyStore, StoreKeyHandle
+from gateway.hsm.card import CardKeyStore, KeyGenerationUnsupported
 from gateway.hsm.pkcs11 import Pkcs11KeyStore
 from gateway.hsm.signer_process import SignerProcessKeyStore
+from gateway.sandbox import testworld
+from gateway.sandbox.hpki_cards import make_hpki_card
+from tests.support.pcsc import PcscWorld
 from tests.support.softhsm import SOFTHSM_MODULE, SoftHsmToken, process_token
 
 pytestmark = pytest.mark.hsm
@@ -32,7 +38,13 @@ LABEL = "hpki-test-hsm"
 STORES: dict[str, Callable[..., KeyStore]] = {
     "pkcs11": Pkcs11KeyStore,
     "signing-process": SignerProcessKeyStore,
+    "card": lambda *, card_reader, **_: CardKeyStore(card_reader),
 }
+#: Stores that make and delete keys (a card's key is made when the card is issued).
+GENERATING = ("pkcs11", "signing-process")
+CARD_PIN = "135790"
+#: Where KeyNotFound says the key was looked for.
+WHERE = {"pkcs11": f"token {LABEL}", "signing-process": f"token {LABEL}", "card": "the HPKI card"}
 
 
 @pytest.fixture(scope="module")
@@ -58,15 +70,36 @@ def kind(request: pytest.FixtureRequest) -> str:
 
 
 @pytest.fixture
-async def store(kind: str, token: SoftHsmToken) -> AsyncIterator[KeyStore]:
-    ks = make_store(kind, token)
-    await ks.open()
-    yield ks
-    await ks.close()
+async def store(
+    kind: str, token: SoftHsmToken, request: pytest.FixtureRequest
+) -> AsyncIterator[KeyStore]:
+    if kind != "card":
+        ks = make_store(kind, token)
+        await ks.open()
+        yield ks
+        await ks.close()
+        return
+    pcsc: PcscWorld = request.getfixturevalue("pcsc")
+    now = dt.datetime.now(dt.UTC)
+    ca = testworld.make_hpki_signing_ca(testworld.make_hpki_root(now=now), now=now)
+    reader = pcsc.readers[1]
+    reader.insert(make_hpki_card(ca, pin=CARD_PIN).applet)
+    card = CardKeyStore(reader.name)
+    try:
+        await card.open()
+        await card.unlock(bytearray(CARD_PIN.encode()))
+        yield card
+        await card.close()
+    finally:
+        reader.remove()
 
 
 @pytest.fixture
 async def generated(store: KeyStore) -> GeneratedKey:
+    if isinstance(store, CardKeyStore):
+        assert store.key_id is not None
+        der = await store.public_key_der(store.key_id)
+        return GeneratedKey(key_id=store.key_id, public_key_der=der, key_size=2048)
     return await store.generate_rsa_key(label="contract-signing-key")
 
 
@@ -154,9 +187,9 @@ async def test_concurrent_callers_get_their_own_results_and_errors(
             verify(generated.public_key_der, signature, digest, DigestAlgorithm.SHA256)
 
 
-async def test_unknown_key_is_key_not_found(store: KeyStore) -> None:
+async def test_unknown_key_is_key_not_found(kind: str, store: KeyStore) -> None:
     unknown = os.urandom(16).hex()
-    with pytest.raises(KeyNotFound, match=f"signing key {unknown} not found on token {LABEL}"):
+    with pytest.raises(KeyNotFound, match=f"signing key {unknown} not found on {WHERE[kind]}"):
         await store.get_key(unknown)
     with pytest.raises(KeyNotFound):
         await store.get_key("not-hex")
@@ -165,7 +198,16 @@ async def test_unknown_key_is_key_not_found(store: KeyStore) -> None:
     await store.check()  # a missing key says nothing about the store's health
 
 
-async def test_destroy_key_removes_both_halves(store: KeyStore) -> None:
+async def test_destroy_key_removes_both_halves(
+    kind: str, store: KeyStore, generated: GeneratedKey
+) -> None:
+    if kind not in GENERATING:  # the card refuses, and its key stays
+        with pytest.raises(KeyGenerationUnsupported):
+            await store.generate_rsa_key(label="to-destroy")
+        with pytest.raises(KeyGenerationUnsupported):
+            await store.destroy_key(generated.key_id)
+        assert await store.public_key_der(generated.key_id) == generated.public_key_der
+        return
     key = await store.generate_rsa_key(label="to-destroy")
     await store.get_key(key.key_id)
     await store.destroy_key(key.key_id)
@@ -175,6 +217,16 @@ async def test_destroy_key_removes_both_halves(store: KeyStore) -> None:
         await store.public_key_der(key.key_id)
 
 
+async def test_unknown_reader_is_unavailable(pcsc: PcscWorld) -> None:
+    ks = CardKeyStore("no such reader 00 00")
+    with pytest.raises(HsmUnavailable):
+        await ks.open()
+    with pytest.raises(HsmUnavailable):
+        await ks.check()
+    await ks.close()
+
+
+@pytest.mark.parametrize("kind", GENERATING)
 async def test_unknown_token_label_fails_fast(kind: str, token: SoftHsmToken) -> None:
     ks = make_store(kind, token, token_label="no-such-token", retry_after=9, reconnect_interval=60)
     with pytest.raises(HsmUnavailable) as info:

@@ -33,12 +33,42 @@ def test_cards_up_and_down(sandbox: dict[str, Any]) -> None:
         cards = json.loads(out.stdout)
         manifest = json.loads((Path(d) / "manifest.json").read_text())
         assert manifest["cards"] == cards
-        assert [c["signer"] for c in cards] == sorted(s["id"] for s in sandbox["signers"])
-        for c in cards:
+        jpki = [c for c in cards if c["kind"] == "jpki"]
+        hpki = [c for c in cards if c["kind"] == "hpki"]
+        assert len(jpki) + len(hpki) == len(cards)
+        assert [c["signer"] for c in jpki] == sorted(s["id"] for s in sandbox["signers"])
+        for c in jpki:
             assert set(c) == {"signer", "kind", "reader", "pin", "pcsc_socket"}
-            assert c["kind"] == "jpki" and len(c["pin"]) == 4 and c["pin"].isdigit()
+            assert len(c["pin"]) == 4 and c["pin"].isdigit()
             assert Path(c["pcsc_socket"]).is_socket()
-        first = cards[0]
+        # One HPKI card per doctor and pharmacist, with the role its certificate carries.
+        card_roles = {"Medical Doctor", "Pharmacist"}
+        assert {c["signer"]: c["role"] for c in hpki} == {
+            s["id"]: s["role"] for s in sandbox["signers"] if s["role"] in card_roles
+        }
+        assert {c["role"] for c in hpki} == card_roles
+        for c in hpki:
+            assert set(c) == {"signer", "kind", "reader", "pin", "pcsc_socket", "role",
+                              "certificate"}  # fmt: skip
+            assert len(c["pin"]) == 6 and Path(c["certificate"]).is_file()
+            mine = next(j for j in jpki if j["signer"] == c["signer"])
+            assert c["pcsc_socket"] == mine["pcsc_socket"] and c["reader"] != mine["reader"]
+            # Through pcscd: SELECT the signing application, a wrong PIN costs one of 15
+            # tries, the manifest's PIN opens it.
+            env = {**os.environ, "PCSCLITE_CSOCK_NAME": c["pcsc_socket"]}
+            wrong = "0" * 6 if c["pin"] != "0" * 6 else "1" * 6
+            tool = subprocess.run(
+                ["opensc-tool", "--reader", "1",
+                 "-s", "00A4040010E828BD080FA00000039100000000000100",
+                 "-s", "0020008106" + wrong.encode().hex(),
+                 "-s", "0020008106" + c["pin"].encode().hex(),
+                 "-s", "00200081"],
+                env=env, capture_output=True, text=True, timeout=30,
+            )  # fmt: skip
+            assert tool.returncode == 0, tool.stderr
+            assert "SW1=0x63, SW2=0xCE" in tool.stdout, tool.stdout
+            assert tool.stdout.count("SW1=0x90, SW2=0x00") == 3, tool.stdout
+        first = jpki[0]
         env = {**os.environ, "PCSCLITE_CSOCK_NAME": first["pcsc_socket"]}
         scan = subprocess.run(["pcsc_scan", "-r"], env=env, capture_output=True, text=True,
                               timeout=30)  # fmt: skip

@@ -1,0 +1,215 @@
+"""The HPKI card's signing application, host side (JAHIS 24-002, HPKI.md §5).
+
+SELECT the application from a list of AIDs (one per issuing body), find the key and the
+certificate through ISO 7816-15 (EF.OD -> PrKDF/CDF) or, on cards without those files, through
+a card profile (file ids from settings); read the certificate without a PIN; VERIFY;
+MSE SET DST; PSO COMPUTE DIGITAL SIGNATURE over a block the host pads (PKCS#1 v1.5 type 1),
+sent with extended length or, when the card or reader refuses it, by command chaining.
+
+Blocking: callers run it in a thread. Nothing here keeps the PIN: it goes to the card and the
+bytes are dropped.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from cryptography import x509
+
+from gateway.card.apdu import SW_OK, Command, Response, der_length
+from gateway.card.errors import CardError, CardErrorCode
+from gateway.card.pcsc import CardTransport
+from gateway.card.pkcs15 import find_signing_key, parse_od
+
+#: The signing application of the JMA card; other issuers' AIDs go into settings.
+DEFAULT_SIGN_AIDS: tuple[bytes, ...] = (bytes.fromhex("E828BD080FA000000391000000000001"),)
+HPKI_PIN_TRIES = 15
+RSA_BYTES = 256
+EF_OD = 0x5031
+_SW_WRONG_LENGTH = 0x6700
+_BLOCKED = (0x6983, 0x6984)
+
+
+@dataclass(frozen=True)
+class CardProfile:
+    """File ids of a card without ISO 7816-15 directory files."""
+
+    name: str
+    pin_ref: int
+    key_fid: int
+    cert_fid: int
+
+    @property
+    def key_ref(self) -> int:
+        return self.key_fid & 0xFF
+
+
+#: A real JMA card: PIN EF 0002 (VERIFY P2 0x88), key EF 000C, certificate EF 0016.
+JMA_PROFILE = CardProfile("jma", pin_ref=0x88, key_fid=0x000C, cert_fid=0x0016)
+
+
+@dataclass(frozen=True)
+class CardLayoutFound:
+    aid: bytes
+    pin_ref: int
+    key_ref: int
+    cert_fid: int
+    source: str  # "pkcs15" or the profile's name
+    access: dict[str, bool]
+
+
+def pad_pkcs1_type1(digest_info: bytes, size: int = RSA_BYTES) -> bytes:
+    """``00 01 FF.. 00 DigestInfo`` (RFC 8017 §9.2 step 5), built on the host: the HPKI card
+    signs the block as it is. cryptography offers no public API that returns this block."""
+    if len(digest_info) > size - 11:
+        raise ValueError("DigestInfo too long for the key")
+    return b"\x00\x01" + b"\xff" * (size - 3 - len(digest_info)) + b"\x00" + digest_info
+
+
+class HpkiCard:
+    """One HPKI card in one exclusive connection."""
+
+    def __init__(
+        self,
+        transport: CardTransport,
+        *,
+        aids: Sequence[bytes] = DEFAULT_SIGN_AIDS,
+        profiles: Sequence[CardProfile] = (JMA_PROFILE,),
+    ) -> None:
+        self._t = transport
+        self._aids = tuple(aids)
+        self._profiles = tuple(profiles)
+        self.layout: CardLayoutFound | None = None
+        self.extended: bool | None = None  # None: not yet known
+
+    def _tx(self, command: Command) -> Response:
+        return self._t.transmit(command)
+
+    def _check(self, r: Response, what: str) -> Response:
+        if not r.ok:
+            raise CardError(CardErrorCode.CARD_ERROR, detail=f"{what}: {r.sw:04X}")
+        return r
+
+    def select(self) -> CardLayoutFound:
+        """SELECT the signing application and find the key and certificate files."""
+        for aid in self._aids:
+            if self._tx(Command(0x00, 0xA4, 0x04, 0x00, aid, le=256)).ok:
+                self.layout = self._find(aid)
+                return self.layout
+        raise CardError(CardErrorCode.NOT_HPKI_CARD)
+
+    def _select_ef(self, fid: int) -> bool:
+        return self._tx(Command(0x00, 0xA4, 0x02, 0x0C, fid.to_bytes(2, "big"))).ok
+
+    def _find(self, aid: bytes) -> CardLayoutFound:
+        if self._select_ef(EF_OD):
+            od = parse_od(self.read_ef(EF_OD, der=False))
+            if "private_keys" in od and "certificates" in od:
+                info = find_signing_key(
+                    self.read_ef(od["private_keys"], der=False),
+                    self.read_ef(od["certificates"], der=False),
+                )
+                if info.pin_ref is None:
+                    raise CardError(CardErrorCode.CARD_ERROR, detail="PrKD names no PIN")
+                return CardLayoutFound(
+                    aid=aid,
+                    pin_ref=info.pin_ref,
+                    key_ref=info.key_ref if info.key_ref is not None else info.key_fid & 0xFF,
+                    cert_fid=info.cert_fid,
+                    source="pkcs15",
+                    access=info.access,
+                )
+        for p in self._profiles:
+            if self._select_ef(p.cert_fid):
+                return CardLayoutFound(
+                    aid=aid,
+                    pin_ref=p.pin_ref,
+                    key_ref=p.key_ref,
+                    cert_fid=p.cert_fid,
+                    source=p.name,
+                    access={},  # a profile says nothing about the key's flags
+                )
+        raise CardError(CardErrorCode.NOT_HPKI_CARD, detail="no certificate file")
+
+    def read_ef(self, fid: int, *, der: bool = True) -> bytes:
+        """The content of a transparent EF; ``der``: stop at the end of its first DER object."""
+        if not self._select_ef(fid):
+            raise CardError(CardErrorCode.CARD_ERROR, detail=f"EF {fid:04X} not found")
+        out = b""
+        total: int | None = None
+        while total is None or len(out) < total:
+            want = 256 if total is None else min(256, total - len(out))
+            r = self._tx(Command(0x00, 0xB0, len(out) >> 8, len(out) & 0xFF, le=want))
+            if r.sw not in (SW_OK, 0x6282) and not (r.sw == 0x6B00 and out):
+                self._check(r, f"READ BINARY {fid:04X}")
+            if r.sw == 0x6B00 or not r.data:
+                break
+            out += r.data
+            if der and total is None and len(out) >= 6:
+                total = der_length(out[:6])
+            if r.sw == 0x6282 or len(r.data) < want:
+                break
+        return out[:total] if total is not None else out
+
+    def certificate(self) -> x509.Certificate:
+        layout = self.layout or self.select()
+        try:
+            return x509.load_der_x509_certificate(self.read_ef(layout.cert_fid))
+        except ValueError as e:
+            raise CardError(CardErrorCode.CARD_ERROR, detail="unreadable certificate") from e
+
+    def tries_left(self) -> int | None:
+        """Tries left without spending one; None when the PIN is already verified."""
+        layout = self.layout or self.select()
+        r = self._tx(Command(0x00, 0x20, 0x00, layout.pin_ref))
+        if r.ok:
+            return None
+        if r.sw in _BLOCKED:
+            return 0
+        if r.sw1 == 0x63 and r.sw2 & 0xF0 == 0xC0:
+            return r.sw2 & 0x0F
+        raise CardError(CardErrorCode.CARD_ERROR, detail=f"VERIFY: {r.sw:04X}")
+
+    def verify_pin(self, pin: bytes) -> None:
+        """VERIFY; CardError WRONG_PIN with the tries left, or PIN_BLOCKED."""
+        layout = self.layout or self.select()
+        if not 4 <= len(pin) <= 16:
+            raise CardError(CardErrorCode.PIN_FORMAT)
+        r = self._tx(Command(0x00, 0x20, 0x00, layout.pin_ref, pin))
+        if r.ok:
+            return
+        if r.sw in _BLOCKED:
+            raise CardError(CardErrorCode.PIN_BLOCKED)
+        if r.sw1 == 0x63 and r.sw2 & 0xF0 == 0xC0:
+            left = r.sw2 & 0x0F
+            if left == 0:
+                raise CardError(CardErrorCode.PIN_BLOCKED)
+            raise CardError(CardErrorCode.WRONG_PIN, tries_left=left)
+        raise CardError(CardErrorCode.CARD_ERROR, detail=f"VERIFY: {r.sw:04X}")
+
+    def sign_digest_info(self, digest_info: bytes) -> bytes:
+        """MSE SET DST + PSO CDS over the host-padded block; the raw 256-byte signature."""
+        layout = self.layout or self.select()
+        block = pad_pkcs1_type1(digest_info)
+        mse = Command(0x00, 0x22, 0x41, 0xB6, bytes((0x84, 0x01, layout.key_ref)))
+        self._check(self._tx(mse), "MSE SET DST")
+        r: Response | None = None
+        if self.extended is not False:
+            r = self._tx(Command(0x00, 0x2A, 0x9E, 0x9A, block, le=RSA_BYTES))
+            if r.sw == _SW_WRONG_LENGTH and self.extended is None:
+                self.extended = False  # neither card nor reader takes extended APDUs: chain
+                r = None
+            elif r.ok:
+                self.extended = True
+        if r is None:
+            half = len(block) // 2
+            first = self._tx(Command(0x10, 0x2A, 0x9E, 0x9A, block[:half]))
+            self._check(first, "PSO (chained)")
+            r = self._tx(Command(0x00, 0x2A, 0x9E, 0x9A, block[half:], le=RSA_BYTES))
+        if r.sw == 0x6982:
+            raise CardError(CardErrorCode.CARD_ERROR, detail="PIN not verified")
+        self._check(r, "PSO COMPUTE DIGITAL SIGNATURE")
+        if len(r.data) != RSA_BYTES:
+            raise CardError(CardErrorCode.CARD_ERROR, detail="signature of the wrong length")
+        return r.data

@@ -1,0 +1,236 @@
+"""CardKeyStore: the HPKI IC card in a PC/SC reader behind the KeyStore protocol.
+
+One card, one key: ``key_id`` is the hex of the first 16 bytes of SHA-256 over the card
+certificate's SubjectPublicKeyInfo, so a handle names exactly that key and a replaced card
+(another key) answers KeyNotFound. The connection is exclusive and resets the card on close,
+so a verified PIN never outlives the store's session. Every card call runs on one worker
+thread (pyscard blocks); the card is a serial device anyway.
+
+The PIN is never kept: ``unlock`` sends it to the card and drops it. Cards cannot generate or
+destroy keys here: those calls raise ``KeyGenerationUnsupported``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import hashlib
+import threading
+from collections.abc import Callable, Sequence
+from typing import TypeVar
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+
+from gateway.card.errors import CardError, CardErrorCode
+from gateway.card.hpki import DEFAULT_SIGN_AIDS, JMA_PROFILE, CardProfile, HpkiCard
+from gateway.card.pcsc import CardTransport, PcscConnection
+from gateway.errors import HsmUnavailable, KeyNotFound
+from gateway.hsm.api import DigestAlgorithm, GeneratedKey, KeyHandle, StoreKeyHandle
+from gateway.hsm.encoding import check_key_request, digest_info
+
+T = TypeVar("T")
+
+
+class KeyGenerationUnsupported(Exception):
+    """An IC card's key was generated at issuance; the store cannot make or delete keys."""
+
+
+def card_key_id(cert: x509.Certificate) -> str:
+    spki = cert.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    return hashlib.sha256(spki).digest()[:16].hex()
+
+
+class CardKeyStore:
+    """The signing key of the HPKI card in ``reader``."""
+
+    def __init__(
+        self,
+        reader: str,
+        *,
+        aids: Sequence[bytes] = DEFAULT_SIGN_AIDS,
+        profiles: Sequence[CardProfile] = (JMA_PROFILE,),
+        connect: Callable[[str], CardTransport] = PcscConnection,
+        retry_after: int = 5,
+    ) -> None:
+        self.reader = reader
+        self._aids = tuple(aids)
+        self._profiles = tuple(profiles)
+        self._connect = connect
+        self._retry_after = retry_after
+        self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="hpki-card")
+        self._conn: CardTransport | None = None
+        self._card: HpkiCard | None = None
+        self._cert: x509.Certificate | None = None
+        self._key_id: str | None = None
+        self._handles: dict[str, StoreKeyHandle] = {}
+        self._lock = threading.Lock()
+        #: Bumped whenever the card session ends (removed, replaced, closed): SADs bound to an
+        #: older generation are dead.
+        self.generation = 0
+
+    def __repr__(self) -> str:
+        return f"CardKeyStore(reader={self.reader!r}, key_id={self._key_id!r})"
+
+    async def _run(self, fn: Callable[[], T]) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._pool, fn)
+
+    # -- session ---------------------------------------------------------------------------
+
+    def _open_blocking(self) -> None:
+        with self._lock:
+            self._drop_blocking()
+            try:
+                conn = self._connect(self.reader)
+            except CardError as e:
+                raise self._unavailable(e) from e
+            card = HpkiCard(conn, aids=self._aids, profiles=self._profiles)
+            try:
+                card.select()
+                cert = card.certificate()
+            except CardError:
+                close = getattr(conn, "close", None)
+                if close is not None:
+                    close()
+                raise
+            self._conn, self._card, self._cert = conn, card, cert
+            self._key_id = card_key_id(cert)
+
+    def _drop_blocking(self) -> None:
+        conn, self._conn, self._card = self._conn, None, None
+        if conn is not None:
+            self.generation += 1
+            close = getattr(conn, "close", None)
+            if close is not None:
+                close()
+
+    def _unavailable(self, e: CardError) -> HsmUnavailable:
+        return HsmUnavailable(f"HPKI card in {self.reader}: {e.code.value}", retry_after=5)
+
+    async def open(self) -> None:
+        """Connect, SELECT the signing application, read the certificate (no PIN)."""
+        await self._run(self._open_blocking)
+
+    async def close(self) -> None:
+        def drop() -> None:
+            with self._lock:
+                self._drop_blocking()
+
+        await self._run(drop)
+        self._pool.shutdown(wait=False)
+
+    async def relock(self) -> None:
+        """Reset the card (a new session: the PIN must be verified again)."""
+        await self._run(self._open_blocking)
+
+    @property
+    def connected(self) -> bool:
+        return self._card is not None
+
+    async def certificate(self) -> x509.Certificate:
+        if self._cert is None:
+            await self.open()
+        assert self._cert is not None
+        return self._cert
+
+    @property
+    def key_id(self) -> str | None:
+        return self._key_id
+
+    def _session(self) -> HpkiCard:
+        if self._card is None:
+            raise HsmUnavailable(f"no HPKI card session in {self.reader}", retry_after=5)
+        return self._card
+
+    def _card_call(self, fn: Callable[[HpkiCard], T]) -> T:
+        with self._lock:
+            card = self._session()
+            try:
+                return fn(card)
+            except CardError as e:
+                if e.code in (CardErrorCode.CARD_REMOVED, CardErrorCode.NO_CARD):
+                    self._drop_blocking()  # every grant on this card ends with it
+                raise
+
+    async def tries_left(self) -> int | None:
+        return await self._run(lambda: self._card_call(lambda c: c.tries_left()))
+
+    async def unlock(self, pin: bytearray) -> None:
+        """VERIFY ``pin`` on the card, then overwrite the caller's buffer."""
+
+        def verify(c: HpkiCard) -> None:
+            try:
+                c.verify_pin(bytes(pin))
+            finally:
+                pin[:] = b"\x00" * len(pin)
+
+        await self._run(lambda: self._card_call(verify))
+
+    # -- KeyStore --------------------------------------------------------------------------
+
+    async def generate_rsa_key(self, *, label: str, bits: int = 2048) -> GeneratedKey:
+        check_key_request(label, bits)
+        raise KeyGenerationUnsupported("an HPKI card's key is generated at card issuance")
+
+    async def destroy_key(self, key_id: str) -> None:
+        raise KeyGenerationUnsupported("an HPKI card's key cannot be deleted from the host")
+
+    def _require(self, key_id: str) -> None:
+        if self._key_id is None or key_id != self._key_id:
+            raise KeyNotFound(f"signing key {key_id} not found on the HPKI card in {self.reader}")
+
+    async def get_key(self, key_id: str) -> KeyHandle:
+        self._require(key_id)
+        handle = self._handles.get(key_id)
+        if handle is None:
+            handle = self._handles[key_id] = StoreKeyHandle(self, key_id)
+        return handle
+
+    async def sign_digests(
+        self, key_id: str, digests: Sequence[bytes], algorithm: DigestAlgorithm
+    ) -> list[bytes]:
+        infos = [digest_info(d, algorithm) for d in digests]  # all checked before any signs
+        self._require(key_id)
+        if not infos:
+            return []
+
+        def sign(c: HpkiCard) -> list[bytes]:
+            return [c.sign_digest_info(i) for i in infos]
+
+        try:
+            return await self._run(lambda: self._card_call(sign))
+        except CardError as e:
+            if e.code in (CardErrorCode.CARD_REMOVED, CardErrorCode.NO_CARD):
+                raise self._unavailable(e) from e
+            raise
+
+    async def key_attributes(self, key_id: str) -> dict[str, bool]:
+        """The card's PrKD access flags; a card without one (profile) is described by the
+        HPKI card specification: the key never leaves the card."""
+        self._require(key_id)
+        access = self._card.layout.access if self._card and self._card.layout else {}
+        if not access:
+            access = {"sensitive": True, "extractable": False}
+            access |= {"alwaysSensitive": True, "neverExtractable": True}
+        return {
+            "SENSITIVE": access["sensitive"],
+            "EXTRACTABLE": access["extractable"],
+            "NEVER_EXTRACTABLE": access["neverExtractable"],
+            "ALWAYS_SENSITIVE": access["alwaysSensitive"],
+        }
+
+    async def public_key_der(self, key_id: str) -> bytes:
+        self._require(key_id)
+        assert self._cert is not None
+        return self._cert.public_key().public_bytes(
+            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+
+    async def check(self) -> None:
+        """Probe the card (tries-left VERIFY, which spends nothing)."""
+        try:
+            await self.tries_left()
+        except CardError as e:
+            raise self._unavailable(e) from e

@@ -1,0 +1,323 @@
+"""The local agent's use case: the card in the reader as one CSC credential.
+
+``authorize`` checks the card's certificate (profile, path, validity, and the hcRole when the
+document type is given) BEFORE the PIN goes to the card, then VERIFYs the PIN and wipes it:
+the PIN is never kept; the card's own verified state (in the agent's exclusive PC/SC
+connection) carries the authorization. The SAD names the hashes (or a count) it covers, lives
+``grant_seconds``, and is bound to the card session: a card pulled or replaced ends the session
+(``CardKeyStore.generation``), and with it every SAD. When the last SAD is spent or expired the
+card is reset, so its verified state ends as well.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import datetime as dt
+import hashlib
+import secrets
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from cryptography import x509
+
+from gateway.card.errors import CardError, CardErrorCode
+from gateway.errors import AccessDenied, GatewayError, HsmUnavailable, InvalidRequest
+from gateway.hsm.api import DigestAlgorithm
+from gateway.hsm.card import CardKeyStore
+from gateway.local.credential import check_card_certificate
+from gateway.sign.eprescription import EPrescriptionInput
+from gateway.sign.service import SignedDocument, SigningPolicy, sign_document
+from gateway.sign.timestamp import TimestampClient
+
+
+class PinRejected(GatewayError):
+    """A wrong PIN (``tries_left`` says how many remain) or a blocked card."""
+
+    status = 403
+    code = "invalid_pin"
+
+    def __init__(self, description: str, *, tries_left: int) -> None:
+        super().__init__(description)
+        self.tries_left = tries_left
+
+
+class NoCard(GatewayError):
+    status = 503
+    code = "no_card"
+
+
+class InvalidSad(GatewayError):
+    """Unknown, spent, expired SAD, or one whose card session has ended."""
+
+    status = 400
+    code = "invalid_request"
+
+
+class CardSessionEnded(InvalidSad):
+    """The card was pulled or replaced after the SAD was issued."""
+
+
+@dataclass
+class LocalGrant:
+    sad_hash: bytes
+    credential_id: str
+    generation: int
+    expires: float  # monotonic
+    remaining: int
+    hashes: Counter[bytes] | None  # None: a count, not a list of hashes
+    document_type: str | None
+    inflight: int = 0  # signatures spent and not yet made (the card must stay unlocked)
+
+
+@dataclass
+class Trust:
+    anchors: Sequence[x509.Certificate]
+    intermediates: Sequence[x509.Certificate]
+
+
+@dataclass
+class LocalAgent:
+    store: CardKeyStore
+    trust: Trust
+    policy: SigningPolicy = field(default_factory=SigningPolicy)
+    tsa: TimestampClient | None = None
+    grant_seconds: int = 300
+    max_signatures: int = 10_000
+    clock: Callable[[], dt.datetime] = lambda: dt.datetime.now(dt.UTC)
+    _grants: dict[bytes, LocalGrant] = field(default_factory=dict)
+    _lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+    # -- the card -------------------------------------------------------------------------
+
+    async def ensure_card(self) -> str:
+        """The credential id of the card in the reader (opening a session when needed)."""
+        if self.store.connected:
+            await self._probe()  # pulled: the session ended, open a new one below
+        if not self.store.connected:
+            try:
+                await self.store.open()
+            except HsmUnavailable as e:
+                raise NoCard("no HPKI card in the reader") from e
+            except CardError as e:
+                raise NoCard(e.message("en")) from e
+        assert self.store.key_id is not None
+        return self.store.key_id
+
+    async def credential_ids(self) -> list[str]:
+        try:
+            return [await self.ensure_card()]
+        except NoCard:
+            return []
+
+    async def certificate(self, credential_id: str) -> x509.Certificate:
+        if credential_id not in await self.credential_ids():
+            raise InvalidRequest("Invalid parameter credentialID")
+        return await self.store.certificate()
+
+    def check_certificate(
+        self, cert: x509.Certificate, document_type: str | None
+    ) -> list[x509.Certificate]:
+        return check_card_certificate(
+            cert,
+            trust_anchors=self.trust.anchors,
+            intermediates=self.trust.intermediates,
+            roles=self.policy.roles,
+            document_type=document_type,
+            now=self.clock(),
+        )
+
+    async def tries_left(self) -> int | None:
+        await self.ensure_card()
+        return await self.store.tries_left()
+
+    # -- authorize ------------------------------------------------------------------------
+
+    async def authorize(
+        self,
+        *,
+        credential_id: str,
+        pin: bytearray,
+        num_signatures: int,
+        hashes: Sequence[bytes] | None = None,
+        algorithm: DigestAlgorithm = DigestAlgorithm.SHA256,
+        document_type: str | None = None,
+    ) -> str:
+        """Check the certificate, VERIFY the PIN (wiped whatever happens); a new SAD."""
+        try:
+            if not 1 <= num_signatures <= self.max_signatures:
+                raise InvalidRequest(f"Invalid parameter numSignatures: 1..{self.max_signatures}")
+            if hashes is not None:
+                if len(hashes) != num_signatures:
+                    raise InvalidRequest("numSignatures must equal the number of hashes")
+                for h in hashes:
+                    if len(h) != algorithm.digest_size:
+                        raise InvalidRequest(f"a hash is not {algorithm.name}")
+            cert = await self.certificate(credential_id)
+            self.check_certificate(cert, document_type)  # before the PIN reaches the card
+            async with self._lock:
+                generation = self.store.generation
+                try:
+                    await self.store.unlock(pin)
+                except CardError as e:
+                    raise _pin_error(e) from e
+                sad = secrets.token_urlsafe(32)
+                sad_hash = _h(sad)
+                self._grants[sad_hash] = LocalGrant(
+                    sad_hash=sad_hash,
+                    credential_id=credential_id,
+                    generation=generation,
+                    expires=time.monotonic() + self.grant_seconds,
+                    remaining=num_signatures,
+                    hashes=Counter(hashes) if hashes is not None else None,
+                    document_type=document_type,
+                )
+                return sad
+        finally:
+            pin[:] = b"\x00" * len(pin)
+
+    async def _spend(self, sad: str, credential_id: str, digests: Sequence[bytes]) -> LocalGrant:
+        """Take ``digests`` from the grant (all or nothing); the grant after the spend."""
+        grant = self._grants.get(_h(sad))
+        if grant is None or grant.credential_id != credential_id:
+            raise InvalidSad("Invalid parameter SAD")
+        if time.monotonic() >= grant.expires:
+            await self._end(grant)
+            raise InvalidSad("the SAD has expired")
+        if grant.generation != self.store.generation:
+            await self._end(grant)
+            raise CardSessionEnded("the card was removed or replaced: authorize again")
+        if len(digests) > grant.remaining:
+            raise InvalidSad("the SAD does not cover this many signatures")
+        if grant.hashes is not None:
+            need = Counter(digests)
+            if any(grant.hashes[d] < n for d, n in need.items()):
+                raise InvalidSad("the SAD does not cover these hashes")
+            grant.hashes -= need
+        grant.remaining -= len(digests)
+        return grant
+
+    async def _end(self, grant: LocalGrant) -> None:
+        self._grants.pop(grant.sad_hash, None)
+        now = time.monotonic()
+        live = [
+            g
+            for g in self._grants.values()
+            if (g.expires > now or g.inflight) and g.generation == self.store.generation
+        ]
+        self._grants = {g.sad_hash: g for g in live}
+        if not live and self.store.connected:
+            await self.store.relock()  # the card forgets the PIN
+
+    async def _after(self, grant: LocalGrant) -> None:
+        if grant.remaining <= 0 and grant.inflight <= 0:
+            await self._end(grant)
+
+    async def _probe(self) -> None:
+        """Find out whether the card is still the one of this session."""
+        with contextlib.suppress(HsmUnavailable):
+            await self.store.check()
+
+    # -- signing --------------------------------------------------------------------------
+
+    async def sign_hash(
+        self, *, credential_id: str, sad: str, hashes: Sequence[bytes], algorithm: DigestAlgorithm
+    ) -> list[bytes]:
+        for h in hashes:
+            if len(h) != algorithm.digest_size:
+                raise InvalidRequest(f"a hash is not {algorithm.name}")
+        async with self._lock:
+            await self._probe()
+            grant = await self._spend(sad, credential_id, hashes)
+            try:
+                signatures = await self.store.sign_digests(credential_id, hashes, algorithm)
+            except (CardError, HsmUnavailable) as e:
+                await self._end(grant)
+                raise NoCard("the card failed or was removed while signing") from e
+            await self._after(grant)
+            return signatures
+
+    async def sign_documents(
+        self, *, credential_id: str, sad: str, jobs: Sequence[DocumentJob]
+    ) -> list[SignedDocument]:
+        """Spend under the lock, build and sign outside it: several callers overlap document
+        building with the card's round trips (the card store serializes the card itself)."""
+        async with self._lock:
+            await self._probe()
+            grant = await self._spend(sad, credential_id, [j.digest for j in jobs])
+            grant.inflight += 1
+        try:
+            cert = await self.store.certificate()
+            chain = self.check_certificate(cert, None)
+            handle = await self.store.get_key(credential_id)
+            out = [
+                await sign_document(
+                    key=handle,
+                    chain=chain[:-1] if len(chain) > 1 else chain,
+                    signature_format=j.signature_format,
+                    conformance_level=j.conformance_level,
+                    envelope=j.envelope,
+                    document=j.document,
+                    document_digest=j.document_digest,
+                    profile=j.profile,
+                    csv_encoding=j.csv_encoding,
+                    eprescription_input=j.eprescription_input,
+                    tsa=self.tsa,
+                    now=self.clock(),
+                    policy=self.policy,
+                )
+                for j in jobs
+            ]
+        except (CardError, HsmUnavailable) as e:
+            async with self._lock:
+                grant.inflight -= 1
+                await self._end(grant)
+            raise NoCard("the card failed or was removed while signing") from e
+        except BaseException:
+            grant.inflight -= 1
+            raise
+        async with self._lock:
+            grant.inflight -= 1
+            await self._after(grant)
+        return out
+
+    async def close(self) -> None:
+        self._grants.clear()
+        await self.store.close()
+
+
+@dataclass(frozen=True)
+class DocumentJob:
+    digest: bytes
+    signature_format: str
+    conformance_level: str
+    envelope: str | None
+    document: bytes | None
+    profile: str | None = None
+    csv_encoding: str = "utf-8"
+    eprescription_input: EPrescriptionInput | None = None
+    document_digest: bytes | None = None
+
+
+def _h(sad: str) -> bytes:
+    return hashlib.sha256(sad.encode()).digest()
+
+
+def _pin_error(e: CardError) -> GatewayError:
+    if e.code is CardErrorCode.WRONG_PIN:
+        left = e.tries_left or 0
+        return PinRejected(f"wrong PIN: {left} tries left before the card locks", tries_left=left)
+    if e.code is CardErrorCode.PIN_BLOCKED:
+        return PinRejected("the card's PIN is blocked (the card must be reissued)", tries_left=0)
+    if e.code is CardErrorCode.PIN_FORMAT:
+        return InvalidRequest("the PIN has 4 to 16 characters")
+    if e.code in (CardErrorCode.CARD_REMOVED, CardErrorCode.NO_CARD):
+        return NoCard("the card was removed")
+    return AccessDenied(e.message("en"))
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
