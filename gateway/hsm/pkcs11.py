@@ -139,9 +139,10 @@ def _store_lock(conf: str | None) -> Iterator[None]:
     in another process that reads the store meanwhile does not list the token: NoSuchToken,
     "HSM token unavailable" until the next reconnect; ``C_GetTokenInfo`` on an open session
     fails the same way. Measured here: 4 processes connecting and probing in a loop failed 446
-    of 800 attempts, and 0 of 800 with this lock. Two workers starting together hit it. An ``fcntl.flock`` on ``<conf>.lock`` (released when the file is
-    closed, also by a crash) makes our processes take turns; without a SoftHSM configuration
-    (a network HSM) there is nothing to lock.
+    of 800 attempts, and 0 of 800 with this lock. Two workers starting together hit it. An
+    ``fcntl.flock`` on ``<conf>.lock`` (released when the file is closed, also by a crash)
+    makes our processes take turns; without a SoftHSM configuration (a network HSM) there is
+    nothing to lock.
     """
     if conf is None:
         yield
