@@ -159,11 +159,24 @@ def serve(config_path: str | None, *, workers: int | None = None) -> int:
         return _supervise(config_path, n)
 
 
+def _accepts(host: str, port: int) -> bool:
+    try:
+        with socket.create_connection((host, port), 0.5):
+            return True
+    except OSError:
+        return False
+
+
 @contextlib.contextmanager
 def _test_tsa(config_path: str | None, settings: Settings) -> Iterator[None]:
     """Sandbox only: the TEST TSA runs as one process of its own next to the workers (not in
     each worker: it would load pyHanko into every worker and bind its port N times)."""
     if not settings.test_tsa.enabled:
+        yield
+        return
+    if _accepts(settings.test_tsa.host, settings.test_tsa.port):
+        # Another gateway of this sandbox runs it already; a second one could not bind the port.
+        log.info("TEST TSA already listening on port %s: using it", settings.test_tsa.port)
         yield
         return
     args = [sys.executable, "-m", "gateway", "sandbox", "tsa"]
@@ -172,11 +185,9 @@ def _test_tsa(config_path: str | None, settings: Settings) -> Iterator[None]:
     proc = subprocess.Popen(args)
     deadline = time.monotonic() + 15
     while time.monotonic() < deadline and proc.poll() is None:
-        try:
-            with socket.create_connection((settings.test_tsa.host, settings.test_tsa.port), 0.5):
-                break
-        except OSError:
-            time.sleep(0.1)
+        if _accepts(settings.test_tsa.host, settings.test_tsa.port):
+            break
+        time.sleep(0.1)
     if proc.poll() is not None:
         log.error("the TEST TSA did not start (exit %s); B-T signatures will fail", proc.returncode)
     try:

@@ -29,9 +29,12 @@ async def cmd_sandbox_init(args: argparse.Namespace) -> int:
 
 
 async def cmd_sandbox_tsa(args: argparse.Namespace) -> int:
+    from gateway.logs import setup_logging
     from gateway.sandbox.tsa import run_forever
 
     settings = settings_of(args)
+    # Its records (aiohttp's included) as the gateway writes them, into the same log.
+    setup_logging(settings.logging.level, settings.logging.format)
     print(f"TEST TSA on {settings.timestamp.url} (Ctrl-C stops it)", file=sys.stderr)
     await run_forever(settings)
     return 0

@@ -94,7 +94,14 @@ async def start_test_tsa(settings: Settings, *, reuse_port: bool = False) -> web
     site = web.TCPSite(
         runner, settings.test_tsa.host, settings.test_tsa.port, reuse_port=reuse_port
     )
-    await site.start()
+    try:
+        await site.start()
+    except OSError as e:
+        await runner.cleanup()
+        raise ConfigError(
+            f"TEST TSA cannot listen on {settings.test_tsa.host}:{settings.test_tsa.port}: "
+            f"{e.strerror or e}"
+        ) from e
     log.info(
         "TEST TSA listening on http://%s:%d%s",
         settings.test_tsa.host,
@@ -108,7 +115,11 @@ async def run_forever(settings: Settings) -> None:
     from gateway.sandbox.jpki import start_test_jpki
 
     runner = await start_test_tsa(settings)
-    jpki = await start_test_jpki(settings) if settings.test_jpki.enabled else None
+    try:
+        jpki = await start_test_jpki(settings) if settings.test_jpki.enabled else None
+    except BaseException:
+        await runner.cleanup()
+        raise
     try:
         await asyncio.Event().wait()
     finally:
