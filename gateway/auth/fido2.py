@@ -367,21 +367,9 @@ class Fido2Authenticator:
     ) -> dict[str, Any]:
         """Check code + password, then return ``{"publicKey": creation options}``."""
         now = now or self.clock()
-        async with self.db.read() as conn:
-            row = await self._enrollment_for(conn, code, caller, now)
-        # Reserve this attempt BEFORE the (slow) password check, atomically: however many
-        # guesses arrive at once, at most max_password_tries passwords are ever checked. The
-        # right password gives its reservation back when it takes the challenge below.
-        if not await self._reserve_try(row.id):
-            await self._refuse_now(code, caller, now)
-        ok = await asyncio.to_thread(verify_password, password, row.password_hash)
-        if not ok:
-            await self._wrong_password(row.id, row.signer_id, caller, now)
+        await self.check_enrollment_password(code=code, password=password, caller=caller, now=now)
         async with self.db.write() as conn:
-            # Re-read under the write lock: a concurrent wrong guess may have locked it.
-            row = await self._enrollment_for(conn, code, caller, now)
-            if not await _ATTEMPTS.give_back(conn, _open_enrollment(row.id)):
-                raise AccessDenied(LOCKED_TEXT)  # pragma: no cover - the re-read saw it active
+            row = await self.take_checked_enrollment(conn, code=code, caller=caller, now=now)
             srow = (await conn.execute(select(signer).where(signer.c.id == row.signer_id))).one()
             existing = (
                 await conn.execute(
@@ -422,6 +410,41 @@ class Fido2Authenticator:
                 )
             )
         return {"publicKey": dict(options.public_key)}
+
+    async def enrollment_for(
+        self, conn: AsyncConnection, *, code: str, caller: Caller, now: datetime
+    ) -> Any:
+        """The active enrolment ``code`` of a signer this caller's facility serves, or refuse."""
+        return await self._enrollment_for(conn, code, caller, now)
+
+    async def check_enrollment_password(
+        self, *, code: str, password: str, caller: Caller, now: datetime
+    ) -> None:
+        """Code + password, under the one attempt limit of every enrolment method.
+
+        The attempt is reserved BEFORE the (slow) password check, atomically: however many
+        guesses arrive at once, at most max_password_tries passwords are ever checked. A wrong
+        password counts (the last one locks) and raises; the right one keeps its reservation
+        until :meth:`take_checked_enrollment` gives it back.
+        """
+        async with self.db.read() as conn:
+            row = await self._enrollment_for(conn, code, caller, now)
+        if not await self._reserve_try(row.id):
+            await self._refuse_now(code, caller, now)
+        ok = await asyncio.to_thread(verify_password, password, row.password_hash)
+        if not ok:
+            await self._wrong_password(row.id, row.signer_id, caller, now)
+
+    async def take_checked_enrollment(
+        self, conn: AsyncConnection, *, code: str, caller: Caller, now: datetime
+    ) -> Any:
+        """After :meth:`check_enrollment_password` passed, inside the write transaction that
+        issues the challenge: re-read the enrolment (a concurrent wrong guess may have locked
+        it) and give the reservation back."""
+        row = await self._enrollment_for(conn, code, caller, now)
+        if not await _ATTEMPTS.give_back(conn, _open_enrollment(row.id)):
+            raise AccessDenied(LOCKED_TEXT)  # pragma: no cover - the re-read saw it active
+        return row
 
     async def _reserve_try(self, enrollment_id: int) -> bool:
         """Reserve one password check; False when none is left (locked, or every remaining

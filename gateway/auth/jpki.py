@@ -27,7 +27,6 @@ returns who was present; the activation turns that into a SAD.
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import binascii
 import hashlib
@@ -49,12 +48,9 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from gateway.audit import AuditLog
 from gateway.auth.fido2 import (
-    _ATTEMPTS,
-    LOCKED_TEXT,
     NONCE_BYTES,
     Caller,
     Fido2Authenticator,
-    _open_enrollment,
     bound_challenge,
     canonical_binding,
     challenge_id,
@@ -63,7 +59,6 @@ from gateway.auth.jpki_revocation import JpkiRevocationSource
 from gateway.clock import Clock, system_clock
 from gateway.errors import AccessDenied, Conflict, GatewayError, InvalidRequest, NotFound
 from gateway.hsm.api import DigestAlgorithm
-from gateway.passwords import verify_password
 from gateway.signing.grant import PRESENCE_JPKI, Grant, IssuedSad
 from gateway.signing.ledger import SadLedger
 from gateway.signing.rules import require_may_sign
@@ -412,19 +407,12 @@ class JpkiAuthenticator:
     async def register_begin(self, *, code: str, password: str, caller: Caller) -> dict[str, Any]:
         """Check code + password (shared attempt counter with FIDO2), return a challenge."""
         now = self.clock()
-        f = self.fido2
-        async with self.db.read() as conn:
-            row = await f._enrollment_for(conn, code, caller, now)
-        # The same attempt limit as FIDO2 enrolment: reserved before the slow check.
-        if not await f._reserve_try(row.id):
-            await f._refuse_now(code, caller, now)
-        ok = await asyncio.to_thread(verify_password, password, row.password_hash)
-        if not ok:
-            await f._wrong_password(row.id, row.signer_id, caller, now)
+        # The same code, password and attempt limit as FIDO2 enrolment.
+        await self.fido2.check_enrollment_password(
+            code=code, password=password, caller=caller, now=now
+        )
         async with self.db.write() as conn:
-            row = await f._enrollment_for(conn, code, caller, now)
-            if not await _ATTEMPTS.give_back(conn, _open_enrollment(row.id)):
-                raise AccessDenied(LOCKED_TEXT)  # pragma: no cover - the re-read saw it active
+            row = await self.fido2.take_checked_enrollment(conn, code=code, caller=caller, now=now)
             binding = json.dumps({"enrollment": row.id}, sort_keys=True).encode()
             challenge = bound_challenge(secrets.token_bytes(NONCE_BYTES), binding)
             cid = challenge_id(challenge)
@@ -456,7 +444,7 @@ class JpkiAuthenticator:
         cid = authorization.challenge_id
         try:
             async with self.db.read() as conn:
-                row = await self.fido2._enrollment_for(conn, code, caller, now)
+                row = await self.fido2.enrollment_for(conn, code=code, caller=caller, now=now)
                 signer_id = row.signer_id
                 state = await self._peek_challenge(conn, cid, kind="register", now=now)
             if state.enrollment_id != row.id or state.facility_id != caller.facility_id:
@@ -466,7 +454,7 @@ class JpkiAuthenticator:
             )
             checked = await self.check_certificate(authorization.certificate, now)
             async with self.db.write() as conn:
-                row = await self.fido2._enrollment_for(conn, code, caller, now)
+                row = await self.fido2.enrollment_for(conn, code=code, caller=caller, now=now)
                 await self._take_challenge(conn, cid, kind="register", now=now)
                 link = await self._insert_link(
                     conn, signer_id=row.signer_id, checked=checked, label=label, now=now

@@ -109,6 +109,37 @@ class KeyStore(Protocol):
         ...
 
 
+class BlockingKeyStore(Protocol):
+    """The same operations as :class:`KeyStore`, called synchronously on the caller's thread.
+
+    The signing process (``hsm/signer_process.py``) drives its store through this protocol from
+    its one thread: going through the async :class:`KeyStore` there would add an event-loop and
+    a thread hop to every signature in the process that exists to avoid them.
+    """
+
+    def open_blocking(self) -> None: ...
+
+    def close_blocking(self) -> None: ...
+
+    def check_blocking(self) -> None: ...
+
+    def generate_rsa_key_blocking(self, *, label: str, bits: int = 2048) -> GeneratedKey: ...
+
+    def find_key_blocking(self, key_id: str) -> None:
+        """Raise KeyNotFound unless ``key_id`` names a private key in the store."""
+        ...
+
+    def sign_digests_blocking(
+        self, key_id: str, digests: Sequence[bytes], algorithm: DigestAlgorithm
+    ) -> list[bytes]: ...
+
+    def destroy_key_blocking(self, key_id: str) -> None: ...
+
+    def public_key_der_blocking(self, key_id: str) -> bytes: ...
+
+    def key_attributes_blocking(self, key_id: str) -> dict[str, bool]: ...
+
+
 class StoreKeyHandle:
     """A key referenced by id, signing through its store's ``sign_digests``.
 

@@ -6,12 +6,12 @@ the thread about twice its CPU time in wall time. The child has one thread and n
 do; the worker never loads the PKCS#11 module.
 
 The child (``python -m gateway.hsm.signer_process``) runs an ordinary ``Pkcs11KeyStore`` and
-calls its public blocking API (``open_blocking``, ``sign_digests_blocking``, ...) on its main
-thread, so the fault model, the reconnect behaviour, the error texts and the log lines are
-exactly those of the in-process store; SoftHSM sees one
-session per worker, as before. Protocol: on the child's stdin and stdout (moved off fds 0/1 at
-start, so nothing else can write into the protocol), frames of a 4-byte big-endian length and a
-pickle: the request ``(request_id, operation, args)``, the answer ``(request_id, ok, value)``
+calls it through the ``BlockingKeyStore`` protocol of ``hsm/api.py`` (``open_blocking``,
+``sign_digests_blocking``, ...) on its main thread, so the fault model, the reconnect
+behaviour, the error texts and the log lines are exactly those of the in-process store; SoftHSM
+sees one session per worker, as before. Protocol: on the child's stdin and stdout (moved off fds
+0/1 at start, so nothing else can write into the protocol), frames of a 4-byte big-endian length
+and a pickle: the request ``(request_id, operation, args)``, the answer ``(request_id, ok, value)``
 with ``value`` a result or an error tuple (see ``_encode_error``), or a forwarded log record
 ``(request_id, None, (level, logger, message))``. Requests are answered in order.
 
@@ -37,14 +37,11 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from gateway.errors import ConfigError, HsmUnavailable, KeyNotFound
-from gateway.hsm.api import DigestAlgorithm, GeneratedKey, StoreKeyHandle
+from gateway.hsm.api import BlockingKeyStore, DigestAlgorithm, GeneratedKey, StoreKeyHandle
 from gateway.hsm.encoding import check_key_request, digest_info
-
-if TYPE_CHECKING:
-    from gateway.hsm.pkcs11 import Pkcs11KeyStore
 
 __all__ = ["SignerProcessKeyStore"]
 
@@ -460,7 +457,8 @@ def main() -> int:
     config = pickle.loads(buf[4 : 4 + length])  # noqa: S301 - from our parent, private pipe
     del buf[: 4 + length]
     conf = config.pop("softhsm_conf")
-    store = Pkcs11KeyStore(**config, softhsm_conf=Path(conf) if conf is not None else None)
+    softhsm_conf = Path(conf) if conf is not None else None
+    store: BlockingKeyStore = Pkcs11KeyStore(**config, softhsm_conf=softhsm_conf)
     operations = _operations(store)
     while True:
         if not _read_exact(rfd, buf, 4):
@@ -487,7 +485,7 @@ def main() -> int:
     return 0
 
 
-def _operations(store: Pkcs11KeyStore) -> dict[str, Callable[..., Any]]:
+def _operations(store: BlockingKeyStore) -> dict[str, Callable[..., Any]]:
     """The child's operations: the in-process store's blocking API, on this one thread."""
     ops: dict[str, Callable[..., Any]] = {
         "open": store.open_blocking,
