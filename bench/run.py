@@ -8,6 +8,9 @@ Builds a throwaway sandbox, then measures on the same SoftHSM key:
   signhash_single_p50_ms/_p99_ms   mTLS clients, 1 worker; latency per request
   signhash_batch_workers2_per_s  the batch rate with ``serve --workers 2``
   rss_mb_per_worker              largest VmRSS of a worker after its load
+  signhash_single_pg_per_s, signhash_single_pg_2inst_per_s, ceremony_per_s,
+  ceremony_raw_pkcs11_per_s      bench_scale.py: PostgreSQL one / two instances, the SCAL 2
+                                 ceremony per prescription (see its docstring)
   xades_eprescription_t_per_s    signDoc e-prescription at ES-T (AdES-B-T), and at ES-XL
   xades_eprescription_xl_per_s   (AdES-B-LT, revocation data from the cache), interleaved
   verify_eprescription_xl_per_s  long-term verification of the real ES-XL prescription in
@@ -48,6 +51,8 @@ RAW_SECONDS = float(os.environ.get("BENCH_RAW_SECONDS", "4"))
 BATCH_REQUESTS = int(os.environ.get("BENCH_BATCH_REQUESTS", "60"))  # x100 signatures
 SINGLE_CLIENTS = 16
 SINGLE_PER_CLIENT = int(os.environ.get("BENCH_SINGLE_PER_CLIENT", "200"))
+#: A bench is a deliberate flood from one facility and one address: no rate limits.
+NO_LIMITS = {"HPKI_GATEWAY_LIMITS__ENABLED": "false"}
 LEVEL_ROUNDS = int(os.environ.get("BENCH_LEVEL_ROUNDS", "3"))
 LEVEL_REQUESTS = int(os.environ.get("BENCH_LEVEL_REQUESTS", "10"))  # x20 documents
 JPKI_PER_CLIENT = int(os.environ.get("BENCH_JPKI_PER_CLIENT", "25"))
@@ -379,7 +384,7 @@ def main() -> int:
         from bench.bench_verify import run as bench_verify
 
         results.update(bench_verify())
-        srv = Server(config, free_port())
+        srv = Server(config, free_port(), env=NO_LIMITS)
         srv.start()
         try:
             auth = asyncio.run(
@@ -418,7 +423,7 @@ def main() -> int:
         finally:
             srv.stop()
 
-        srv = Server(config, free_port(), workers=2)
+        srv = Server(config, free_port(), workers=2, env=NO_LIMITS)
         srv.start()
         try:
             time.sleep(1.0)  # both workers listening
@@ -436,6 +441,10 @@ def main() -> int:
         finally:
             srv.stop()
         results["rss_mb_per_worker"] = max(rss1, rss2)
+        print("PostgreSQL one / two instances, SCAL 2 ceremony (bench_scale.py) ...", flush=True)
+        from bench.bench_scale import run as bench_scale
+
+        results.update(bench_scale())
 
     results = {k: round(v, 1) for k, v in results.items()}
     out = REPO / "bench" / "results.json"

@@ -19,6 +19,9 @@ from gateway.api import (
     extend,
     health,
     jpki,
+    openapi,
+    portal,
+    scenarios,
     selfservice,
     sign_doc,
     signing,
@@ -32,16 +35,23 @@ from gateway.api.keys import (
     CLOCK,
     DB,
     FACILITIES,
+    FACILITY_LIMITER,
     FIDO2,
+    IP_LIMITER,
     JPKI,
     KEYSTORE,
+    METRICS,
+    REFUSALS,
     SETTINGS,
     SIGNERS,
     SIGNING,
     VERIFY_POOL,
     VERIFY_TRUST,
 )
+from gateway.api.limits import Limiter, RefusalSummary, summary_task
+from gateway.api.metrics import count_requests
 from gateway.api.middleware import browser_guard, client_identity, request_context
+from gateway.api.throttle import facility_limit, ip_limit
 from gateway.audit import AuditLog
 from gateway.auth.activation import SignatureActivation
 from gateway.auth.fido2 import Fido2Authenticator
@@ -54,6 +64,7 @@ from gateway.hsm.api import KeyStore
 from gateway.lifecycle.certificates import ClientCertificateService
 from gateway.lifecycle.facilities import FacilityRegistry
 from gateway.lifecycle.signers import SignerService, TestIssuer
+from gateway.metrics import Metrics
 from gateway.pki import hpki
 from gateway.pki.load import load_certificate_files
 from gateway.sign.timestamp import Rfc3161Client
@@ -117,7 +128,13 @@ def make_signers(
     if pki.test_ca_cert is not None and pki.test_ca_key is not None:
         if not settings.service.sandbox:
             raise ConfigError("pki.test_ca_* is only allowed when service.sandbox = true")
-        issuer = TestIssuer.load(pki.test_ca_cert, pki.test_ca_key, list(pki.hpki_trust_anchors))
+        issuer = TestIssuer.load(
+            pki.test_ca_cert,
+            pki.test_ca_key,
+            list(pki.hpki_trust_anchors),
+            crl_url=pki.test_crl_url,
+            ocsp_url=pki.test_ocsp_url,
+        )
     anchors = load_certificate_files(pki.hpki_trust_anchors)
     intermediates = load_certificate_files(pki.hpki_intermediates)
     if not anchors:
@@ -211,6 +228,9 @@ ROUTES = (
     selfservice.routes,
     est.routes,
     jpki.routes,
+    portal.routes,
+    openapi.routes,
+    scenarios.routes,
 )
 
 
@@ -235,7 +255,11 @@ def build_services(
 ) -> Services:
     """Every service from the settings. ``keystore=None``: nothing that touches a key works
     (CLI commands that need none); the app always passes one."""
-    db = Database(settings.database_url(), echo=settings.store.echo)
+    db = Database(
+        settings.database_url(),
+        echo=settings.store.echo,
+        busy_timeout_ms=settings.store.busy_timeout_ms,
+    )
     audit = make_audit(settings, clock=clock)
     facilities = FacilityRegistry(db=db, audit=audit, clock=clock)
     fido2 = make_fido2(settings, db=db, audit=audit, clock=clock)
@@ -267,10 +291,20 @@ def create_app(
     """The main app. Its services exist from start-up (``cleanup_ctx``) to clean-up."""
     app = web.Application(
         client_max_size=settings.server.max_body_bytes,
-        middlewares=[request_context, client_identity, browser_guard],
+        middlewares=[
+            count_requests,
+            request_context,
+            ip_limit,
+            client_identity,
+            facility_limit,
+            browser_guard,
+            # The sandbox's failure scenarios; never installed in production.
+            *([scenarios.scenario_effects] if settings.service.sandbox else []),
+        ],
     )
     app[SETTINGS] = settings
     app[CLOCK] = clock
+    app[METRICS] = Metrics()
     app[ALLOWED_ORIGINS] = settings.webauthn_origins()
 
     async def store_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -330,6 +364,8 @@ def create_app(
             tsa=tsa,
             clock=clock,
         )
+        app[SIGNING].metrics = app[METRICS]
+        app[ACTIVATION].ledger.metrics = app[METRICS]
         # Verification trust (the sandbox's TEST TSA runs as its own process: server.py).
         app[VERIFY_TRUST] = trust_config(settings)
         yield
@@ -352,13 +388,37 @@ def create_app(
 
         stop = asyncio.Event()
         task = asyncio.create_task(
-            Scheduler(service=app[CERTIFICATES]).loop(settings.scheduler.interval_seconds, stop)
+            Scheduler(service=app[CERTIFICATES]).loop(
+                settings.scheduler.interval_seconds,
+                stop,
+                on_run=lambda outcome: app[METRICS].scheduler_runs.labels(outcome).inc(),
+            )
         )
         yield
         stop.set()
         await task
 
-    app.cleanup_ctx.extend([store_ctx, hsm_ctx, signing_ctx, verify_pool_ctx])
+    async def limits_ctx(app: web.Application) -> AsyncIterator[None]:
+        lim = settings.limits
+        summary = RefusalSummary(db=app[DB], audit=app[AUDIT], clock=clock)
+        app[REFUSALS] = summary
+        if lim.enabled:
+            app[IP_LIMITER] = Limiter(
+                rate=lim.ip_rate,
+                burst=lim.ip_burst,
+                concurrency=lim.ip_concurrency,
+                what="client address",
+            )
+            app[FACILITY_LIMITER] = Limiter(
+                rate=lim.facility_rate,
+                burst=lim.facility_burst,
+                concurrency=lim.facility_concurrency,
+                what="facility",
+            )
+        async for _ in summary_task(summary, lim.summary_seconds):
+            yield
+
+    app.cleanup_ctx.extend([store_ctx, limits_ctx, hsm_ctx, signing_ctx, verify_pool_ctx])
     if settings.scheduler.enabled:
         app.cleanup_ctx.append(scheduler_ctx)
     for table in ROUTES:

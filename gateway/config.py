@@ -75,6 +75,9 @@ class StoreSettings(_Section):
     """Environment variable holding the database password."""
     echo: bool = False
     """Log SQL statements (development only)."""
+    busy_timeout_ms: Annotated[int, Field(ge=1, le=600_000)] = 15000
+    """SQLite: how long a write waits for another process's write lock before the request
+    gets 503 ``temporarily_unavailable`` (Retry-After 2)."""
 
 
 class HsmSettings(_Section):
@@ -113,6 +116,11 @@ class PkiSettings(_Section):
     """Sandbox only: the TEST HPKI signing CA that issues signer certificates directly."""
     test_ca_key: Path | None = None
     """Sandbox only: the key of the TEST HPKI signing CA."""
+    test_crl_url: str | None = None
+    """Sandbox only: the CRL distribution point written in the signer certificates the TEST CA
+    issues (``serve`` publishes the CRL there). Unset: a placeholder URL nobody serves."""
+    test_ocsp_url: str | None = None
+    """Sandbox only: the OCSP responder named in their AIA (``serve`` runs the TEST responder)."""
     facility_ca_cert: Path | None = None
     """The CA that issues facility client certificates (sandbox and self-run registries)."""
     facility_ca_key: Path | None = None
@@ -254,6 +262,35 @@ class LoggingSettings(_Section):
     """Root log level."""
     format: Literal["json", "text"] = "json"
     """One JSON object per line (for log shippers) or plain text."""
+
+
+class LimitSettings(_Section):
+    """Request rates and concurrency per client address and per facility (api/limits.py),
+    per worker process; over a limit: 429 with Retry-After."""
+
+    enabled: bool = True
+    ip_rate: Annotated[float, Field(gt=0, le=1_000_000)] = 200.0
+    """Requests per second from one remote address (token bucket refill)."""
+    ip_burst: Annotated[int, Field(ge=1, le=1_000_000)] = 400
+    """Requests one address may send at once before the rate applies."""
+    ip_concurrency: Annotated[int, Field(ge=1, le=100_000)] = 128
+    """Requests from one address in progress at the same time."""
+    facility_rate: Annotated[float, Field(gt=0, le=1_000_000)] = 100.0
+    """Requests per second from one facility (all its addresses)."""
+    facility_burst: Annotated[int, Field(ge=1, le=1_000_000)] = 200
+    """Requests one facility may send at once before the rate applies."""
+    facility_concurrency: Annotated[int, Field(ge=1, le=100_000)] = 64
+    """Requests from one facility in progress at the same time."""
+    summary_seconds: Annotated[float, Field(ge=0.1, le=3600)] = 60.0
+    """How often the counted refusals are written as one ``request.refused.summary`` event."""
+
+
+class MetricsSettings(_Section):
+    """The Prometheus scrape listener (api/metrics.py): plain HTTP, localhost by default."""
+
+    port: Annotated[int, Field(ge=0, le=65535)] = 0
+    """0: no listener. Worker *i* of ``serve --workers N`` listens on ``port + i``."""
+    host: str = "127.0.0.1"
 
 
 class ServiceSettings(_Section):
@@ -427,6 +464,8 @@ class Settings(_Section):
     scheduler: SchedulerSettings = SchedulerSettings()
     logging: LoggingSettings = LoggingSettings()
     service: ServiceSettings = ServiceSettings()
+    limits: LimitSettings = LimitSettings()
+    metrics: MetricsSettings = MetricsSettings()
     signing: SigningSettings = SigningSettings()
     timestamp: TimestampSettings = TimestampSettings()
     test_tsa: TestTsaSettings = TestTsaSettings()

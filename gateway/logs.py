@@ -23,6 +23,39 @@ class _RequestIdFilter(logging.Filter):
         return True
 
 
+class _NoTraceback(logging.Filter):
+    """aiohttp's own error logs (a request it could not parse, a connection it could not
+    serve) carry the exception, whose message quotes the raw request line or header: a
+    traceback with a client's bytes in it. Keep only what finds the fault: the exception's
+    type, its HTTP status if it has one, and where it was raised."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and record.name.startswith("aiohttp"):
+            exc = record.exc_info[1]
+            tb = record.exc_info[2]
+            while tb is not None and tb.tb_next is not None:
+                tb = tb.tb_next
+            where = f" at {tb.tb_frame.f_code.co_filename}:{tb.tb_lineno}" if tb else ""
+            code = getattr(exc, "code", None)
+            status = f" ({code})" if isinstance(code, int) else ""
+            record.msg = f"{record.getMessage()}: {type(exc).__name__}{status}{where}"
+            record.args = None
+            record.exc_info = None
+            record.exc_text = None
+        return True
+
+
+_CONTROL = {c: f"\\x{c:02x}" for c in (*range(0x20), 0x7F) if c not in (0x09,)}
+
+
+class TextFormatter(logging.Formatter):
+    """Plain text with control characters shown as ``\\xNN``: a client's bytes in a log line
+    (a path, a name) must not move an operator's terminal cursor or forge a line."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return super().format(record).translate(_CONTROL)
+
+
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         out: dict[str, Any] = {
@@ -42,11 +75,12 @@ class JsonFormatter(logging.Formatter):
 def setup_logging(level: str = "INFO", fmt: str = "json") -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.addFilter(_RequestIdFilter())
+    handler.addFilter(_NoTraceback())
     if fmt == "json":
         handler.setFormatter(JsonFormatter())
     else:
         handler.setFormatter(
-            logging.Formatter("%(asctime)s %(levelname)s %(name)s [%(request_id)s] %(message)s")
+            TextFormatter("%(asctime)s %(levelname)s %(name)s [%(request_id)s] %(message)s")
         )
     root = logging.getLogger()
     root.handlers[:] = [handler]

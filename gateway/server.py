@@ -15,8 +15,8 @@ import multiprocessing
 import multiprocessing.connection
 import multiprocessing.process
 import os
+import select
 import signal
-import socket
 import ssl
 import subprocess
 import sys
@@ -69,7 +69,7 @@ def make_delivery_ssl_context(settings: Settings) -> ssl.SSLContext:
     return ctx
 
 
-async def _serve(settings: Settings, *, reuse_port: bool) -> None:
+async def _serve(settings: Settings, *, reuse_port: bool, index: int = 0) -> None:
     from gateway.app import create_app, create_delivery_app
 
     app = create_app(settings)
@@ -102,6 +102,15 @@ async def _serve(settings: Settings, *, reuse_port: bool) -> None:
             settings.delivery.host,
             settings.delivery.port,
         )
+    metrics_runner = None
+    if settings.metrics.port:
+        from gateway.api.metrics import metrics_app
+
+        metrics_runner = web.AppRunner(metrics_app(app), access_log=None, handle_signals=False)
+        await metrics_runner.setup()
+        port = settings.metrics.port + index
+        await web.TCPSite(metrics_runner, settings.metrics.host, port).start()
+        log.info("metrics on http://%s:%s/metrics", settings.metrics.host, port)
     log.info(
         "serving %s on %s:%s (pid %s)",
         settings.server.public_url,
@@ -116,16 +125,23 @@ async def _serve(settings: Settings, *, reuse_port: bool) -> None:
     try:
         await stop.wait()
     finally:
+        if metrics_runner is not None:
+            await metrics_runner.cleanup()
         if delivery_runner is not None:
             await delivery_runner.cleanup()
         await runner.cleanup()
 
 
-def _worker(config_path: str | None, index: int, reuse_port: bool) -> None:
+def _worker(config_path: str | None, index: int, reuse_port: bool, parent: int = 0) -> None:
+    from gateway.lifetime import die_with_parent
+
+    # A worker ends with the supervisor, even a kill -9'd one: no orphan holding the port.
+    if parent and not die_with_parent(parent):
+        return
     settings = load_settings(config_path)
     setup_logging(settings.logging.level, settings.logging.format)
     try:
-        asyncio.run(_serve(settings, reuse_port=reuse_port))
+        asyncio.run(_serve(settings, reuse_port=reuse_port, index=index))
     except ConfigError as e:
         log.error("worker %s cannot start: %s", index, e)
         sys.exit(2)
@@ -159,14 +175,6 @@ def serve(config_path: str | None, *, workers: int | None = None) -> int:
         return _supervise(config_path, n)
 
 
-def _accepts(host: str, port: int) -> bool:
-    try:
-        with socket.create_connection((host, port), 0.5):
-            return True
-    except OSError:
-        return False
-
-
 @contextlib.contextmanager
 def _test_tsa(config_path: str | None, settings: Settings) -> Iterator[None]:
     """Sandbox only: the TEST TSA runs as one process of its own next to the workers (not in
@@ -174,21 +182,19 @@ def _test_tsa(config_path: str | None, settings: Settings) -> Iterator[None]:
     if not settings.test_tsa.enabled:
         yield
         return
-    if _accepts(settings.test_tsa.host, settings.test_tsa.port):
-        # Another gateway of this sandbox runs it already; a second one could not bind the port.
-        log.info("TEST TSA already listening on port %s: using it", settings.test_tsa.port)
-        yield
-        return
-    args = [sys.executable, "-m", "gateway", "sandbox", "tsa"]
+    args = [sys.executable, "-m", "gateway", "sandbox", "tsa", "--with-parent", str(os.getpid())]
     if config_path is not None:
         args += ["-c", config_path]
-    proc = subprocess.Popen(args)
-    deadline = time.monotonic() + 15
-    while time.monotonic() < deadline and proc.poll() is None:
-        if _accepts(settings.test_tsa.host, settings.test_tsa.port):
-            break
-        time.sleep(0.1)
-    if proc.poll() is not None:
+    # The TSA ends with this process however it ends: PR_SET_PDEATHSIG and EOF on its stdin
+    # (gateway/lifetime.py). It says "ready" on stdout once it listens; a port it cannot have
+    # is one error line from it and an exit, never a stale listener answering in its place.
+    proc = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    assert proc.stdout is not None
+    ready, _, _ = select.select([proc.stdout], [], [], 15)
+    line = proc.stdout.readline() if ready else b""
+    if line.strip() != b"ready":
+        proc.kill()
+        proc.wait()
         log.error("the TEST TSA did not start (exit %s); B-T signatures will fail", proc.returncode)
     try:
         yield
@@ -213,7 +219,9 @@ def _supervise(config_path: str | None, n: int) -> int:
 
     def spawn(i: int) -> multiprocessing.process.BaseProcess:
         p = ctx.Process(
-            target=_worker, args=(config_path, i, True), name=f"hpki-gateway-worker-{i}"
+            target=_worker,
+            args=(config_path, i, True, os.getpid()),
+            name=f"hpki-gateway-worker-{i}",
         )
         p.start()
         return p

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import base64
 import binascii
-import json
 from typing import Any
 
 from aiohttp import web
 
+from gateway.api import schema
 from gateway.api.middleware import identity
 from gateway.errors import InvalidRequest
 from gateway.hsm.api import DigestAlgorithm
@@ -73,11 +73,9 @@ def assertion_from_auth_data(auth_data: list[dict[str, Any]]) -> dict[str, Any]:
             if not isinstance(value, str):
                 break
             try:
-                parsed = json.loads(value)
-            except json.JSONDecodeError as e:
-                raise InvalidRequest(
-                    "Invalid parameter authData: the webauthn value is not JSON"
-                ) from e
+                parsed = schema.loads(value, what="the webauthn value")
+            except InvalidRequest as e:
+                raise InvalidRequest(f"Invalid parameter authData: {e.description}") from e
             if not isinstance(parsed, dict):
                 break
             return parsed

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
+from gateway.api.limits import Limiter, RefusalSummary
 from gateway.audit import AuditLog
 from gateway.auth.activation import SignatureActivation
 from gateway.auth.fido2 import Fido2Authenticator
@@ -18,6 +19,7 @@ from gateway.hsm.api import KeyStore
 from gateway.lifecycle.certificates import ClientCertificateService
 from gateway.lifecycle.facilities import FacilityRegistry
 from gateway.lifecycle.signers import SignerService
+from gateway.metrics import Metrics
 from gateway.signing.core import SigningService
 from gateway.store.db import Database
 from gateway.verify import TrustConfig
@@ -41,4 +43,10 @@ SIGNING = web.AppKey("signing", SigningService)
 #: loading anchors and CRL files per request would cost more than most verifications.
 VERIFY_TRUST = web.AppKey("verify_trust", TrustConfig)
 VERIFY_POOL = web.AppKey("verify_pool", VerificationPool)
+#: Per-address and per-facility limiters, and the refusal counter (api/limits.py).
+IP_LIMITER = web.AppKey("ip_limiter", Limiter)
+FACILITY_LIMITER = web.AppKey("facility_limiter", Limiter)
+REFUSALS = web.AppKey("refusals", RefusalSummary)
+#: The worker's Prometheus metrics (gateway/metrics.py, served by api/metrics.py).
+METRICS = web.AppKey("metrics", Metrics)
 JPKI = web.AppKey("jpki", JpkiAuthenticator)

@@ -24,8 +24,10 @@ from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
-from gateway.api import errors
-from gateway.api.keys import ALLOWED_ORIGINS, CLOCK, DB, SETTINGS
+from gateway.api import errors, schema
+from gateway.api.keys import ALLOWED_ORIGINS, CLOCK, DB, METRICS, REFUSALS, SETTINGS
+from gateway.api.limits import RateLimited
+from gateway.api.schema import UnreadableBody
 from gateway.auth.mtls import ClientIdentity, identify
 from gateway.clock import days_left, jst_date
 from gateway.errors import AccessDenied, GatewayError, PayloadTooLarge, UnsupportedMediaType
@@ -59,6 +61,15 @@ async def request_context(request: web.Request, handler: Handler) -> web.StreamR
                 )
             response = await handler(request)
         except GatewayError as e:
+            if isinstance(e, RateLimited | UnreadableBody) and REFUSALS in request.app:
+                ident_ = request.get(IDENTITY)
+                request.app[REFUSALS].count(
+                    e.code if isinstance(e, RateLimited) else "unreadable_body",
+                    actor=ident_.actor if ident_ else f"ip:{request.remote}",
+                    facility_code=ident_.institution_code if ident_ else None,
+                )
+            if isinstance(e, RateLimited) and METRICS in request.app:
+                request.app[METRICS].rate_limited.labels(e.limit).inc()
             if e.status >= 500:
                 cause = e.__cause__
                 log.warning(
@@ -192,6 +203,8 @@ async def browser_guard(request: web.Request, handler: Handler) -> web.StreamRes
         origin = request.headers.get("Origin")
         if origin is not None and origin.rstrip("/") not in own_origins(request):
             raise AccessDenied(f"requests from origin {origin[:100]!r} are refused")
+        if _portal_form(request, origin):
+            return await handler(request)
         if request.content_type != "application/json" and not (
             # EST (RFC 7030) takes a PKCS#10 body: a type no cross-site form or no-cors fetch
             # can send, so the guard's reason for insisting on JSON holds for it too.
@@ -201,7 +214,23 @@ async def browser_guard(request: web.Request, handler: Handler) -> web.StreamRes
             raise UnsupportedMediaType(
                 f"request bodies must be JSON sent as Content-Type: application/json (got {shown})"
             )
+        # Every JSON body is parsed here, once, whether or not the route reads it: one that no
+        # parser should take (too deep, a number too long, not JSON) is 400 on every route.
+        if request.content_type == "application/json":
+            await schema.read_json(request)
     return await handler(request)
+
+
+def _portal_form(request: web.Request, origin: str | None) -> bool:
+    """A portal form (file uploads need multipart) is accepted only when the browser names
+    this listener as its Origin: every browser sends Origin on a form POST, and a cross-site
+    page cannot forge it."""
+    return (
+        request.path.startswith("/portal/")
+        and request.content_type == "multipart/form-data"
+        and origin is not None
+        and origin.rstrip("/") in own_origins(request)
+    )
 
 
 def identity(request: web.Request) -> ClientIdentity:

@@ -15,7 +15,11 @@ async def cmd_sandbox_init(args: argparse.Namespace) -> int:
     from gateway.sandbox.world import init_sandbox
 
     manifest = await init_sandbox(
-        Path(args.dir), port=args.port, force=args.force, tsa_port=args.tsa_port
+        Path(args.dir),
+        port=args.port,
+        force=args.force,
+        tsa_port=args.tsa_port,
+        store_url=args.store_url,
     )
     emit(
         args,
@@ -29,15 +33,24 @@ async def cmd_sandbox_init(args: argparse.Namespace) -> int:
 
 
 async def cmd_sandbox_tsa(args: argparse.Namespace) -> int:
-    from gateway.logs import setup_logging
     from gateway.sandbox.tsa import run_forever
 
     settings = settings_of(args)
-    # Its records (aiohttp's included) as the gateway writes them, into the same log.
-    setup_logging(settings.logging.level, settings.logging.format)
-    print(f"TEST TSA on {settings.timestamp.url} (Ctrl-C stops it)", file=sys.stderr)
-    await run_forever(settings)
-    return 0
+    if not args.with_parent:
+        print(f"TEST TSA on {settings.timestamp.url} (Ctrl-C stops it)", file=sys.stderr)
+        return await run_forever(settings)
+    # Started by `serve`: end with it (kill -9 included), say "ready" on stdout once listening.
+    from gateway.lifetime import die_with_parent, exit_at_eof
+
+    if not die_with_parent(args.with_parent):
+        return 0
+    exit_at_eof()
+
+    def ready() -> None:
+        sys.stdout.write("ready\n")
+        sys.stdout.flush()
+
+    return await run_forever(settings, ready=ready)
 
 
 async def cmd_sandbox_cards_up(args: argparse.Namespace) -> int:
@@ -75,10 +88,16 @@ def register(sub: Any) -> None:
     p.add_argument(
         "--tsa-port", type=int, default=None, help="port of the TEST TSA (default: a free one)"
     )
+    p.add_argument(
+        "--store-url",
+        default=None,
+        help="database URL instead of data/gateway.db (e.g. postgresql+asyncpg://...)",
+    )
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_sandbox_init)
     p = sb.add_parser("tsa", help="run only the TEST TSA of a sandbox (`serve` already runs it)")
     config_flags(p, json_flag=False)
+    p.add_argument("--with-parent", type=int, default=0, help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_sandbox_tsa)
     cards = sb.add_parser("cards", help="virtual My Number cards").add_subparsers(
         dest="cards_sub", required=True

@@ -174,6 +174,12 @@ class SignerProcessKeyStore:
         child = self._child
         return child.proc.pid if child is not None and child.alive else None
 
+    @property
+    def queue_depth(self) -> int:
+        """Calls sent to the signing process and not answered yet (metrics)."""
+        child = self._child
+        return len(child.pending) if child is not None else 0
+
     # ---- KeyStore API ----------------------------------------------------------------------
 
     async def open(self) -> None:

@@ -27,6 +27,7 @@ import asyncio
 import contextlib
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
@@ -83,6 +84,10 @@ class SchedulerReport:
 
     def to_json_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+class _Skipped(Exception):
+    """Another instance holds the scheduler lock this round."""
 
 
 class Scheduler:
@@ -342,11 +347,26 @@ class Scheduler:
                 )
         return sent, errors
 
-    async def loop(self, interval: float, stop: asyncio.Event) -> None:
-        """Run until ``stop`` is set; a failing run is logged and retried next interval."""
+    async def loop(
+        self,
+        interval: float,
+        stop: asyncio.Event,
+        on_run: Callable[[str], None] | None = None,
+    ) -> None:
+        """Run until ``stop`` is set; a failing run is logged and retried next interval.
+        ``on_run`` hears each run's outcome ("ok", "failed", "skipped": another instance
+        held the lock), for the metrics."""
         while not stop.is_set():
+            outcome = "failed"
             try:
-                report = await self.run_once()
+                # One instance at a time across every gateway sharing the store (PostgreSQL
+                # advisory lock); the others skip this round.
+                async with self.db.exclusive("hpki-gateway.scheduler") as mine:
+                    if not mine:
+                        outcome = "skipped"
+                        raise _Skipped
+                    report = await self.run_once()
+                outcome = "ok"
                 purged = report.purged["sads"] + report.purged["challenges"]
                 if report.revoked or report.reminders or report.mailed or purged:
                     log.info(
@@ -356,7 +376,11 @@ class Scheduler:
                         report.mailed,
                         purged,
                     )
+            except _Skipped:
+                pass
             except Exception:
                 log.exception("scheduler run failed; retrying in %s s", interval)
+            if on_run is not None:
+                on_run(outcome)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), timeout=interval)

@@ -50,9 +50,20 @@ class TestIssuer:
     ca_cert: x509.Certificate
     ca_key: rsa.RSAPrivateKey
     chain: list[x509.Certificate]  # CA first, then up to the root
+    #: Where the sandbox serves this CA's CRL and its OCSP responder (written in each cert).
+    crl_url: str | None = None
+    ocsp_url: str | None = None
 
     @classmethod
-    def load(cls, cert_path: Path, key_path: Path, anchors: list[Path]) -> TestIssuer:
+    def load(
+        cls,
+        cert_path: Path,
+        key_path: Path,
+        anchors: list[Path],
+        *,
+        crl_url: str | None = None,
+        ocsp_url: str | None = None,
+    ) -> TestIssuer:
         ca_cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
         key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
         if not isinstance(key, rsa.RSAPrivateKey):
@@ -60,7 +71,7 @@ class TestIssuer:
         chain = [ca_cert]
         for p in anchors:
             chain.extend(parse_pem_chain(p.read_bytes()))
-        return cls(ca_cert=ca_cert, ca_key=key, chain=chain)
+        return cls(ca_cert=ca_cert, ca_key=key, chain=chain, crl_url=crl_url, ocsp_url=ocsp_url)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -206,7 +217,8 @@ class SignerService:
                 organization=organization or "HPKI TEST FACILITY",
                 serial_number_attr=serial_number_attr or signer_id.upper(),
                 now=self.clock(),
-                crl_url=TEST_SIGN_CRL_URL,
+                crl_url=self.test_issuer.crl_url or TEST_SIGN_CRL_URL,
+                ocsp_url=self.test_issuer.ocsp_url,
             )
             cert_der = cert.public_bytes(serialization.Encoding.DER)
             chain_pem = "".join(

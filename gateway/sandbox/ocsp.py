@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from aiohttp import web
@@ -24,7 +24,7 @@ from cryptography.x509 import ocsp
 from gateway.clock import Clock, system_clock
 from gateway.pki.crl import load_crl
 
-__all__ = ["OCSP_PATH", "SandboxOcspResponder", "create_ocsp_app"]
+__all__ = ["OCSP_PATH", "SandboxOcspResponder", "add_ocsp_route", "create_ocsp_app"]
 
 log = logging.getLogger("gateway.test_ocsp")
 MAX_REQUEST_BYTES = 16 * 1024
@@ -43,6 +43,7 @@ class SandboxOcspResponder:
         crl_files: Sequence[Path],
         validity: dt.timedelta = dt.timedelta(hours=1),
         clock: Clock = system_clock,
+        override: Callable[[int], str | None] | None = None,
     ) -> None:
         self.ca_cert = ca_cert
         self.signer_cert = signer_cert
@@ -50,6 +51,9 @@ class SandboxOcspResponder:
         self.crl_files = list(crl_files)
         self.validity = validity
         self.clock = clock
+        #: The sandbox's failure scenarios: a serial answered "revoked" or "unknown" whatever
+        #: the CRL says (None: the CRL decides).
+        self.override = override
 
     def _ca_hashes(self, algorithm: hashes.HashAlgorithm) -> tuple[bytes, bytes]:
         h = hashes.Hash(algorithm)
@@ -90,7 +94,14 @@ class SandboxOcspResponder:
         status = ocsp.OCSPCertStatus.UNKNOWN
         revoked_at: dt.datetime | None = None
         reason: x509.ReasonFlags | None = None
-        if (name_hash, key_hash) == self._ca_hashes(algorithm):
+        forced = self.override(serial) if self.override is not None else None
+        if forced == "revoked" and (name_hash, key_hash) == self._ca_hashes(algorithm):
+            status = ocsp.OCSPCertStatus.REVOKED
+            revoked_at = now - dt.timedelta(minutes=1)
+            reason = x509.ReasonFlags.key_compromise
+        elif forced == "unknown":
+            pass  # stays UNKNOWN
+        elif (name_hash, key_hash) == self._ca_hashes(algorithm):
             entry = self._revoked(serial)
             if entry is None:
                 status = ocsp.OCSPCertStatus.GOOD
@@ -141,6 +152,27 @@ async def _answer(request: web.Request) -> web.Response:
 
 def create_ocsp_app(responder: SandboxOcspResponder) -> web.Application:
     app = web.Application(client_max_size=MAX_REQUEST_BYTES)
+    add_ocsp_route(app, responder)
+    return app
+
+
+async def _answer_get(request: web.Request) -> web.Response:
+    """RFC 6960 A.1.1: GET {url}/{url-encoded base64 of the DER request} (NSS, e.g. pdfsig,
+    asks this way for small requests)."""
+    import base64
+    import binascii
+    from urllib.parse import unquote
+
+    try:
+        body = base64.b64decode(unquote(request.match_info["request"]), validate=True)
+    except (binascii.Error, ValueError):
+        return web.Response(status=400, text="not a base64 OCSP request")
+    der = request.app[RESPONDER].respond(body)
+    return web.Response(body=der, content_type="application/ocsp-response")
+
+
+def add_ocsp_route(app: web.Application, responder: SandboxOcspResponder) -> None:
+    """Answer OCSP at ``OCSP_PATH`` of ``app`` (the TEST TSA's listener in a sandbox)."""
     app[RESPONDER] = responder
     app.router.add_post(OCSP_PATH, _answer)
-    return app
+    app.router.add_get(OCSP_PATH + "/{request:.+}", _answer_get)

@@ -18,6 +18,7 @@ from asn1crypto import tsp
 from gateway.config import Settings
 from gateway.hsm.api import DigestAlgorithm
 from gateway.sign.eprescription import AdditionalLine, EPrescriptionInput
+from gateway.sign.samples import DISPENSING_CSV, PRESCRIPTION_CSV
 from gateway.sign.service import sign_document
 from gateway.sign.setup import signing_policy
 from gateway.sign.timestamp import token_from_response
@@ -25,14 +26,6 @@ from gateway.sign.timestamp import token_from_response
 __all__ = ["LEVELS", "write_samples"]
 
 LEVELS = ("AdES-B-B", "AdES-B-T", "AdES-B-LT", "AdES-B-LTA")
-PRESCRIPTION_CSV = (
-    "1,1,1310000011,13,1,TEST 中央病院\r\n"
-    "2,患者,試験　花子,1,19800101\r\n"
-    "201,1,1,1,2,622688101,ミニリンメルトＯＤ錠２５μｇ,2,1,錠\r\n"
-).encode()
-DISPENSING_CSV = (
-    "1,1,1340000019,TEST さくら薬局\r\n201,1,1,1,2,622688101,ミニリンメルトＯＤ錠２５μｇ,2,1,錠\r\n"
-).encode()
 
 
 class _InProcessTestTsa:

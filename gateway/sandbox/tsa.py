@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from pathlib import Path
 
 from aiohttp import web
@@ -17,15 +18,19 @@ from asn1crypto import keys, tsp
 from asn1crypto import x509 as asn1_x509
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
 from pyhanko.sign.timestamps.dummy_client import DummyTimeStamper
 
 from gateway.clock import Clock, system_clock
 from gateway.config import Settings
 from gateway.errors import ConfigError
+from gateway.scenario_file import ocsp_scenario
 
 log = logging.getLogger("gateway.test_tsa")
 MAX_REQUEST_BYTES = 16 * 1024
 TSA_PATH = "/tsa"
+#: The sandbox's CRLs, published by file name (the distribution points of its certificates).
+CRL_PATH = "/crl"
 STAMPER = web.AppKey("stamper", DummyTimeStamper)
 CLOCK: web.AppKey[Clock] = web.AppKey("clock")
 
@@ -79,11 +84,47 @@ def _reply(der: bytes) -> web.Response:
     return web.Response(body=der, content_type="application/timestamp-reply")
 
 
+CRL_FILES: web.AppKey[dict[str, Path]] = web.AppKey("crl_files")
+
+
+async def _crl(request: web.Request) -> web.Response:
+    path = request.app[CRL_FILES].get(request.match_info["name"])
+    if path is None:
+        raise web.HTTPNotFound()
+    # Read on every request: the sandbox rewrites a CRL when it revokes.
+    return web.Response(body=path.read_bytes(), content_type="application/pkix-crl")
+
+
 def create_tsa_app(settings: Settings, *, clock: Clock = system_clock) -> web.Application:
+    """The TEST TSA; in a sandbox also its CRLs (GET /crl/<file>) and the TEST OCSP responder
+    of the HPKI signing CA (POST /ocsp), the URLs its certificates name."""
     app = web.Application(client_max_size=MAX_REQUEST_BYTES)
     app[STAMPER] = _load(settings)
     app[CLOCK] = clock
     app.router.add_post(TSA_PATH, _stamp)
+    pki = settings.pki
+    crls = [*pki.crl_files, *([pki.facility_crl] if pki.facility_crl else [])]
+    if settings.service.sandbox and pki.test_ca_cert is not None:
+        crls += sorted(pki.test_ca_cert.parent.glob("*.crl"))  # every CRL of the test world
+    app[CRL_FILES] = {p.name: p for p in crls}
+    app.router.add_get(CRL_PATH + "/{name}", _crl)
+    if settings.service.sandbox and pki.test_ca_cert is not None and pki.test_ca_key is not None:
+        from gateway.sandbox.ocsp import OCSP_PATH, SandboxOcspResponder, add_ocsp_route
+
+        ca = x509.load_pem_x509_certificate(pki.test_ca_cert.read_bytes())
+        key = serialization.load_pem_private_key(pki.test_ca_key.read_bytes(), password=None)
+        if not isinstance(key, rsa.RSAPrivateKey):
+            raise ConfigError("pki.test_ca_key must be an RSA key")
+        responder = SandboxOcspResponder(
+            ca_cert=ca,
+            signer_cert=ca,
+            signer_key=key,
+            crl_files=[p for p in pki.crl_files if p.stem == pki.test_ca_cert.stem],
+            clock=clock,
+            override=lambda serial: ocsp_scenario(settings, serial),
+        )
+        add_ocsp_route(app, responder)
+        log.info("TEST OCSP responder at %s, CRLs at %s/", OCSP_PATH, CRL_PATH)
     return app
 
 
@@ -94,14 +135,7 @@ async def start_test_tsa(settings: Settings, *, reuse_port: bool = False) -> web
     site = web.TCPSite(
         runner, settings.test_tsa.host, settings.test_tsa.port, reuse_port=reuse_port
     )
-    try:
-        await site.start()
-    except OSError as e:
-        await runner.cleanup()
-        raise ConfigError(
-            f"TEST TSA cannot listen on {settings.test_tsa.host}:{settings.test_tsa.port}: "
-            f"{e.strerror or e}"
-        ) from e
+    await site.start()
     log.info(
         "TEST TSA listening on http://%s:%d%s",
         settings.test_tsa.host,
@@ -111,18 +145,39 @@ async def start_test_tsa(settings: Settings, *, reuse_port: bool = False) -> web
     return runner
 
 
-async def run_forever(settings: Settings) -> None:
+#: How long a starting TSA waits for its port to be free (a predecessor that is dying with its
+#: parent releases it within moments).
+BIND_WAIT_SECONDS = 5.0
+
+
+async def run_forever(settings: Settings, *, ready: Callable[[], None] | None = None) -> int:
+    """Serve until cancelled. A port held by someone else past ``BIND_WAIT_SECONDS`` is one
+    error line and exit 1, not a traceback."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + BIND_WAIT_SECONDS
     from gateway.sandbox.jpki import start_test_jpki
 
-    runner = await start_test_tsa(settings)
-    try:
-        jpki = await start_test_jpki(settings) if settings.test_jpki.enabled else None
-    except BaseException:
-        await runner.cleanup()
-        raise
+    while True:
+        try:
+            runner = await start_test_tsa(settings)
+            break
+        except OSError as e:
+            if loop.time() >= deadline:
+                log.error(
+                    "TEST TSA cannot listen on %s:%d: %s",
+                    settings.test_tsa.host,
+                    settings.test_tsa.port,
+                    e.strerror or e,
+                )
+                return 1
+            await asyncio.sleep(0.2)
+    jpki = await start_test_jpki(settings) if settings.test_jpki.enabled else None
+    if ready is not None:
+        ready()
     try:
         await asyncio.Event().wait()
     finally:
         if jpki is not None:
             await jpki.cleanup()
         await runner.cleanup()
+    return 0

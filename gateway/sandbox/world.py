@@ -32,6 +32,8 @@ from gateway.pki import facility_ca
 from gateway.pki.issue import CertAndKey
 from gateway.sandbox import testworld
 from gateway.sandbox.jpki import build_cards, build_jpki_ca, jpki_settings_toml
+from gateway.sandbox.ocsp import OCSP_PATH
+from gateway.sandbox.tsa import CRL_PATH
 
 if TYPE_CHECKING:
     from gateway.app import Services
@@ -130,6 +132,10 @@ hpki_trust_anchors = ["pki/hpki-root.pem"]
 hpki_intermediates = ["pki/hpki-signing-ca.pem"]
 test_ca_cert = "pki/hpki-signing-ca.pem"
 test_ca_key = "pki/hpki-signing-ca.key"
+test_crl_url = "http://127.0.0.1:{tsa_port}/crl/hpki-signing-ca.crl"
+# The TEST OCSP responder runs at http://127.0.0.1:{tsa_port}/ocsp (manifest: ocsp_urls); its URL
+# is not written in the signer certificates' AIA (pki.test_ocsp_url): poppler's pdfsig (NSS)
+# rejects the sandbox's certificates once they name it.
 facility_ca_cert = "pki/facility-client-ca.pem"
 facility_ca_key = "pki/facility-client-ca.key"
 crl_files = ["pki/hpki-signing-ca.crl", "pki/hpki-root.crl"]
@@ -182,6 +188,7 @@ async def init_sandbox(
     force: bool = False,
     tsa_port: int | None = None,
     clock: Clock = system_clock,
+    store_url: str | None = None,
 ) -> dict[str, Any]:
     """Build the world and return the manifest (also written to DIR/manifest.json)."""
     from gateway.config import load_settings
@@ -192,12 +199,17 @@ async def init_sandbox(
     init_token(d / "softhsm", d / "secrets" / "hsm.pin", d / "secrets" / "so.pin")
     write_private(d / "secrets" / "audit.key", secrets.token_hex(32).encode())
     write_private(d / "secrets" / "delivery.key", secrets.token_hex(32).encode())
-    client_ca = _write_pki(d, now)
     tsa_port = tsa_port or _free_port()
+    # The TEST TSA's listener also publishes the CRLs and answers OCSP (`serve` runs it), at
+    # the URLs the TEST certificates name, so outside verifiers can check revocation.
+    client_ca = _write_pki(d, now, pki_url=pki_base_url(tsa_port))
     jpki_port = _free_port()
-    (d / "gateway.toml").write_text(
-        _settings_toml(port, tsa_port) + jpki_settings_toml(jpki_port), encoding="utf-8"
-    )
+    toml = _settings_toml(port, tsa_port) + jpki_settings_toml(jpki_port)
+    if store_url is not None:  # e.g. PostgreSQL, shared by several gateway instances
+        toml = toml.replace(
+            'url = "sqlite+aiosqlite:///data/gateway.db"', f"url = {json.dumps(store_url)}", 1
+        )
+    (d / "gateway.toml").write_text(toml, encoding="utf-8")
     jpki_entry = build_jpki_ca(d, now=now, port=jpki_port)
     settings = load_settings(d / "gateway.toml", environ={})
     seeded = await _seed_store(settings, d, client_ca, clock)
@@ -223,6 +235,12 @@ async def init_sandbox(
             "p12_password": admin.p12_password,
         },
         "crls": {p.stem: str(p) for p in sorted(pki.glob("*.crl"))},
+        # Where `serve` publishes each CRL and runs the TEST OCSP responder (plain HTTP).
+        "crl_urls": {
+            p.stem: f"{pki_base_url(tsa_port)}{CRL_PATH}/{p.name}"
+            for p in sorted(pki.glob("*.crl"))
+        },
+        "ocsp_urls": {"hpki-signing-ca": f"{pki_base_url(tsa_port)}{OCSP_PATH}"},
         # Signed e-prescriptions and dispensing results, one per level (ES-BES .. ES-A).
         "samples": seeded["samples"],
         "outbox": str(d / "outbox"),
@@ -247,13 +265,19 @@ def _prepare(d: Path, *, force: bool) -> None:
     d.mkdir(parents=True, exist_ok=True)
 
 
-def _write_pki(d: Path, now: datetime) -> CertAndKey:
+def pki_base_url(tsa_port: int) -> str:
+    return f"http://127.0.0.1:{tsa_port}"
+
+
+def _write_pki(d: Path, now: datetime, *, pki_url: str) -> CertAndKey:
     """The TEST CAs, their empty CRLs, the TEST TSA and the server certificate, under
     ``pki/`` and ``tls/``; returns the facility client CA (the store seeding issues from it)."""
     pki = d / "pki"
     pki.mkdir(exist_ok=True)
     root = testworld.make_hpki_root(now=now)
-    sign_ca = testworld.make_hpki_signing_ca(root, now=now)
+    sign_ca = testworld.make_hpki_signing_ca(
+        root, now=now, crl_url=f"{pki_url}{CRL_PATH}/hpki-root.crl"
+    )
     client_ca = testworld.make_client_ca(now=now)
     server_ca = testworld.make_server_ca(now=now)
     root.write(pki / "hpki-root.pem", pki / "hpki-root.key")

@@ -20,6 +20,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from pyhanko.pdf_utils.incremental_writer import IncrementalPdfFileWriter
 from pyhanko.pdf_utils.misc import PdfError
+from pyhanko.pdf_utils.reader import PdfFileReader
 from pyhanko.sign import fields, signers
 from pyhanko.sign.general import SigningError
 from pyhanko.sign.timestamps.api import TimeStamper
@@ -30,7 +31,13 @@ from gateway.hsm.api import DigestAlgorithm, KeyHandle
 from gateway.sign.timestamp import Rfc3161Client
 from gateway.sign.xades_ltv import LongTerm
 
-__all__ = ["GatewayTimeStamper", "KeyHandlePdfSigner", "check_pdf", "sign_pdf"]
+__all__ = [
+    "GatewayTimeStamper",
+    "KeyHandlePdfSigner",
+    "check_pdf",
+    "inspect_pdf",
+    "sign_pdf",
+]
 
 _DIGESTS = {
     "sha256": DigestAlgorithm.SHA256,
@@ -102,6 +109,41 @@ def check_pdf(data: bytes) -> None:
         raise InvalidRequest("document is not a PDF (no %PDF- header)")
     if b"%%EOF" not in data[-2048:]:
         raise InvalidRequest("document is not a complete PDF (no %%EOF trailer)")
+
+
+def inspect_pdf(data: bytes) -> None:
+    """Read, before any SAD is spent, what signing will read of the client's PDF: the header
+    and trailer, the cross-reference table, the catalog, the page tree down to the first page
+    (where the signature field goes) and the existing signature fields.
+
+    A malformed PDF makes pyHanko fail with its own lookup errors or recurse past the
+    interpreter's limit (a /Pages that points at the catalog, 100,000 nested arrays, a 50,000
+    long chain of indirect references): all of them are InvalidRequest (400) here, with the
+    count of the SAD untouched. Blocking: the caller runs it off the event loop.
+    """
+    check_pdf(data)
+    try:
+        reader = PdfFileReader(io.BytesIO(data), strict=False)
+        if reader.encrypted:
+            raise InvalidRequest("encrypted PDFs are not signed")
+        pages = reader.root["/Pages"]
+        if int(pages["/Count"]) < 1:
+            raise InvalidRequest("the PDF has no pages")
+        reader.find_page_for_modification(0)  # type: ignore[no-untyped-call]
+        for _ in fields.enumerate_sig_fields(reader):
+            pass
+    except InvalidRequest:
+        raise
+    except (
+        PdfError,
+        ValueError,
+        KeyError,
+        TypeError,
+        IndexError,
+        AttributeError,
+        RecursionError,
+    ) as e:
+        raise InvalidRequest(f"document is not a readable PDF ({type(e).__name__})") from e
 
 
 async def sign_pdf(

@@ -18,19 +18,20 @@ signing endpoint calls it after decoding and validating its input:
 
 from __future__ import annotations
 
+import asyncio
 import functools
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cryptography import x509
 from sqlalchemy import select
 
 from gateway.audit import AuditLog
 from gateway.clock import Clock
-from gateway.errors import GatewayError, InvalidRequest, PayloadTooLarge, PkiError
+from gateway.errors import AccessDenied, GatewayError, InvalidRequest, PayloadTooLarge, PkiError
 from gateway.hsm.api import DigestAlgorithm, KeyHandle, KeyStore, StoreKeyHandle
 from gateway.sign import service
 from gateway.sign.eprescription import EPrescriptionInput
@@ -40,6 +41,11 @@ from gateway.signing.ledger import SadLedger, SignRequest
 from gateway.signing.rules import certificate
 from gateway.store.db import Database
 from gateway.store.schema import credential
+
+if TYPE_CHECKING:
+    from gateway.metrics import Metrics
+
+_MALFORMED = (KeyError, IndexError, RecursionError)
 
 
 class OutsideGrant(GatewayError):
@@ -123,6 +129,8 @@ class SigningService:
         self.clock = clock
         self.policy = policy
         self.tsa = tsa
+        #: Set by the app (gateway/metrics.py): SADs consumed / refused / refunded, signatures.
+        self.metrics: Metrics | None = None
 
     async def refused(
         self, caller: Caller, *, action: str, reason: str, detail: Mapping[str, Any]
@@ -188,10 +196,13 @@ class SigningService:
             digests=spent.hashes,
         )
         try:
-            return await key.sign_digests(spent.hashes, spent.algorithm)
-        except (GatewayError, ValueError) as e:
+            signatures = await key.sign_digests(spent.hashes, spent.algorithm)
+        except BaseException as e:
             await self._refund(caller, sad=sad, spent=spent, error=e, detail=_hash_detail(spent))
             raise
+        if self.metrics is not None:
+            self.metrics.signatures.labels(spent.presence, "hash", "raw").inc(len(signatures))
+        return signatures
 
     # -- signDoc ----------------------------------------------------------------------------
 
@@ -205,6 +216,16 @@ class SigningService:
         refused_detail: Mapping[str, Any],
     ) -> list[service.SignedDocument]:
         """Spend ``sad`` on the jobs' digests, then build every signature (all or none)."""
+        try:
+            await _inspect(jobs, self.policy)
+        except GatewayError as e:
+            await self.refused(
+                caller,
+                action="signature.refused",
+                reason=e.description,
+                detail={**refused_detail, "method": "signDoc"},
+            )
+            raise
         now = self.clock()
         spent = await self._spend(
             caller,
@@ -238,7 +259,7 @@ class SigningService:
                 )
                 for j in jobs
             ]
-        except (GatewayError, ValueError) as e:
+        except BaseException as e:
             await self._refund(
                 caller,
                 sad=sad,
@@ -246,7 +267,19 @@ class SigningService:
                 error=e,
                 detail={"credential": spent.credential_id, "method": "signDoc"},
             )
+            if isinstance(e, _MALFORMED):
+                # The format libraries (pyHanko, lxml) parse the client's document and fail on
+                # a malformed one with lookup or recursion errors of their own: the input's
+                # fault, answered as such once the count is back.
+                raise InvalidRequest(
+                    f"document could not be read ({type(e).__name__}); nothing was signed"
+                ) from e
             raise
+        if self.metrics is not None:
+            for j in jobs:
+                self.metrics.signatures.labels(
+                    spent.presence, j.signature_format, j.conformance_level
+                ).inc()
         return results
 
     # -- shared -----------------------------------------------------------------------------
@@ -266,21 +299,28 @@ class SigningService:
     ) -> SignatureGrant:
         if caller.facility_id is None:  # pragma: no cover - the handlers refuse it first
             raise InvalidRequest("CSC methods are for facility client certificates")
-        return await self.ledger.consume_and_audit(
-            SignRequest(
-                sad=sad,
-                facility_id=caller.facility_id,
-                credential_id=credential_id,
-                hashes=hashes,
-                algorithm=algorithm,
-                now=now or self.clock(),
-                actor=caller.actor,
-                facility_code=caller.institution_code,
-                action=action,
-                detail=detail,
-                refused_detail=refused_detail,
-            )
+        request = SignRequest(
+            sad=sad,
+            facility_id=caller.facility_id,
+            credential_id=credential_id,
+            hashes=hashes,
+            algorithm=algorithm,
+            now=now or self.clock(),
+            actor=caller.actor,
+            facility_code=caller.institution_code,
+            action=action,
+            detail=detail,
+            refused_detail=refused_detail,
         )
+        try:
+            spent = await self.ledger.consume_and_audit(request)
+        except (InvalidRequest, AccessDenied):
+            if self.metrics is not None:
+                self.metrics.sad.labels("refused").inc()
+            raise
+        if self.metrics is not None:
+            self.metrics.sad.labels("consumed").inc(len(spent.hashes))
+        return spent
 
     async def _refund(
         self,
@@ -288,11 +328,38 @@ class SigningService:
         *,
         sad: str,
         spent: SignatureGrant,
-        error: Exception,
+        error: BaseException,
         detail: Mapping[str, Any],
     ) -> None:
-        """Nothing was returned to the client: give the count back to the SAD, record why."""
-        reason = error.description if isinstance(error, GatewayError) else str(error)
+        """Nothing was returned to the client: give the count back to the SAD, record why.
+
+        Runs for any exception after the spend, whatever its type (a library's KeyError or
+        RecursionError on a malformed document, a cancelled request): the audit must never
+        hold a signature that nobody received without the failure that followed it. The
+        write is shielded from cancellation so that a client hanging up cannot stop it.
+        """
+        if isinstance(error, GatewayError):
+            reason = error.description
+        elif isinstance(error, asyncio.CancelledError):
+            reason = "request cancelled"
+        elif type(error) is ValueError:
+            reason = str(error)
+        else:
+            # A library's message may quote the document; its type is enough to find the fault.
+            reason = f"internal error ({type(error).__name__})"
+        await asyncio.shield(
+            self._write_refund(caller, sad=sad, spent=spent, reason=reason, detail=detail)
+        )
+
+    async def _write_refund(
+        self,
+        caller: Caller,
+        *,
+        sad: str,
+        spent: SignatureGrant,
+        reason: str,
+        detail: Mapping[str, Any],
+    ) -> None:
         async with self.db.write() as conn:
             await self.ledger.refund(conn, sad=sad, grant=spent)
             await self.audit.append(
@@ -304,6 +371,8 @@ class SigningService:
                 detail={**detail, "reason": reason[:200], "refunded": True},
                 now=self.clock(),
             )
+        if self.metrics is not None:
+            self.metrics.sad.labels("refunded").inc(len(spent.hashes))
 
     async def _chain(self, credential_id: str) -> list[x509.Certificate]:
         """The credential's certificate, then its issuers (as stored with the credential)."""
@@ -322,6 +391,46 @@ class SigningService:
         except ValueError as e:
             raise PkiError(f"not a PEM certificate bundle: {e}") from e
         return [certificate(row.certificate_der), *chain]
+
+
+#: Wall-clock limit for reading a client's documents before the spend (off the event loop).
+INSPECT_SECONDS = 10.0
+
+
+async def _inspect(jobs: Sequence[DocumentJob], policy: service.SigningPolicy) -> None:
+    """Read what the format code will read of each document, before any SAD is spent, in a
+    thread (parsing a 5 MB document must not stop the event loop) with a time limit: PDFs
+    through pyHanko (``pades.inspect_pdf``), generic XML through the untrusted-XML parser and
+    its limits. A refusal here spends nothing."""
+    for j in jobs:
+        doc = j.document
+        if doc is None or len(doc) > policy.max_document_bytes:
+            continue  # no document, or refused by the size check of the format code
+        if j.signature_format == "P":
+            from gateway.sign import pades
+
+            check: Any = functools.partial(pades.inspect_pdf, doc)
+        elif j.signature_format == "X" and j.profile is None and _xml_input(j):
+            from gateway.sign.xades import parse_untrusted
+
+            check = functools.partial(parse_untrusted, doc, max_depth=policy.max_xml_depth)
+        else:
+            continue
+        try:
+            await asyncio.wait_for(asyncio.to_thread(check), INSPECT_SECONDS)
+        except TimeoutError as e:
+            raise InvalidRequest(
+                f"document could not be read within {INSPECT_SECONDS:g} s; nothing was signed"
+            ) from e
+
+
+def _xml_input(job: DocumentJob) -> bool:
+    """Whether the generic XAdES builder parses this document as XML (xades.py ``sign``)."""
+    assert job.document is not None
+    env = service.check_request(
+        job.signature_format, job.conformance_level, job.envelope, job.profile
+    )
+    return env == "Enveloped" or (env == "Enveloping" and job.document.lstrip().startswith(b"<"))
 
 
 def _hash_detail(spent: SignatureGrant) -> dict[str, Any]:

@@ -41,7 +41,7 @@ from collections import Counter, deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import Connection, bindparam, insert, select, update
 from sqlalchemy.exc import DBAPIError
@@ -54,6 +54,9 @@ from gateway.signing.grant import Grant, IssuedSad, SignatureGrant
 from gateway.signing.rules import require_may_sign
 from gateway.store.db import Database
 from gateway.store.schema import credential, facility, sad, sad_hash, signer, signer_facility
+
+if TYPE_CHECKING:
+    from gateway.metrics import Metrics
 
 
 def token_hash(token: str) -> str:
@@ -106,6 +109,8 @@ class SadLedger:
         # consume_and_audit: requests waiting for the next group transaction, and its runner.
         self._queue: deque[_Pending] = deque()
         self._drainer: asyncio.Task[None] | None = None
+        #: Set by the app (gateway/metrics.py); counts SADs issued.
+        self.metrics: Metrics | None = None
 
     async def issue(
         self,
@@ -165,6 +170,8 @@ class SadLedger:
             },
             now=now,
         )
+        if self.metrics is not None:
+            self.metrics.sad.labels("issued").inc()
         return IssuedSad(
             token=token,
             expires_in=int(grant.ttl.total_seconds()),

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import threading
 from collections.abc import AsyncIterator, Callable, Hashable
@@ -31,7 +32,7 @@ from pathlib import Path
 from queue import SimpleQueue
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from sqlalchemy import URL, Connection, Engine, create_engine, event, make_url
+from sqlalchemy import URL, Connection, Engine, create_engine, event, make_url, text
 from sqlalchemy.engine.interfaces import DBAPIConnection
 from sqlalchemy.exc import OperationalError, ProgrammingError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
@@ -49,14 +50,14 @@ _WRITE = "hpki_write"
 _T = TypeVar("_T")
 
 
-def _sqlite_hooks(engine: Engine) -> None:
+def _sqlite_hooks(engine: Engine, busy_timeout_ms: int = 15000) -> None:
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_connection: DBAPIConnection, _record: ConnectionPoolEntry) -> None:
         # Let SQLAlchemy (not the sqlite3 module) emit BEGIN, so we can choose IMMEDIATE.
         dbapi_connection.isolation_level = None
         cur = dbapi_connection.cursor()
         cur.execute("PRAGMA journal_mode=WAL")
-        cur.execute("PRAGMA busy_timeout=15000")
+        cur.execute(f"PRAGMA busy_timeout={int(busy_timeout_ms)}")
         cur.execute("PRAGMA foreign_keys=ON")
         cur.execute("PRAGMA synchronous=NORMAL")
         cur.close()
@@ -76,9 +77,9 @@ class _SyncSqlite:
     and come back with ``call_soon_threadsafe``: lighter than an executor round trip.
     """
 
-    def __init__(self, url: URL, *, echo: bool, write: bool) -> None:
+    def __init__(self, url: URL, *, echo: bool, write: bool, busy_timeout_ms: int) -> None:
         engine = create_engine(url, echo=echo, poolclass=NullPool)
-        _sqlite_hooks(engine)
+        _sqlite_hooks(engine, busy_timeout_ms)
         self._engine = engine
         self._write = write
         self._bound = engine.execution_options(**{_WRITE: True}) if write else engine
@@ -160,7 +161,7 @@ def _settle(future: asyncio.Future[Any], result: Any, error: BaseException | Non
 class Database:
     """The store: one async engine, read and write transactions, migrations."""
 
-    def __init__(self, url: str, *, echo: bool = False) -> None:
+    def __init__(self, url: str, *, echo: bool = False, busy_timeout_ms: int = 15000) -> None:
         self.url = url
         self.is_sqlite = url.startswith("sqlite")
         kwargs: dict[str, Any] = {"echo": echo}
@@ -177,14 +178,52 @@ class Database:
         self._sync_read: _SyncSqlite | None = None
         self._sync_write: _SyncSqlite | None = None
         if self.is_sqlite:
-            _sqlite_hooks(self.engine.sync_engine)
+            _sqlite_hooks(self.engine.sync_engine, busy_timeout_ms)
             sync_url = make_url(url).set(drivername="sqlite")
             if sync_url.database and sync_url.database != ":memory:":
-                self._sync_read = _SyncSqlite(sync_url, echo=echo, write=False)
-                self._sync_write = _SyncSqlite(sync_url, echo=echo, write=True)
+                self._sync_read = _SyncSqlite(
+                    sync_url, echo=echo, write=False, busy_timeout_ms=busy_timeout_ms
+                )
+                self._sync_write = _SyncSqlite(
+                    sync_url, echo=echo, write=True, busy_timeout_ms=busy_timeout_ms
+                )
         self._write_engine = self.engine.execution_options(**{_WRITE: True})
         self._write_lock = asyncio.Lock() if self.is_sqlite else None
         self._background: dict[Hashable, asyncio.Task[None]] = {}
+
+    @asynccontextmanager
+    async def exclusive(self, name: str) -> AsyncIterator[bool]:
+        """Whether this process holds ``name`` among every process sharing the database.
+
+        PostgreSQL: a session advisory lock (``pg_try_advisory_lock``), held on one pooled
+        connection for the block and released after it, so that of several gateway instances
+        only one runs the block at a time; the others get False at once and skip. SQLite (one
+        host): always True; the work the block does must be idempotent in the store anyway
+        (a process may die half-way), which makes a second run a no-op.
+        """
+        if self.is_sqlite:
+            yield True
+            return
+        key = int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "big", signed=True)
+        try:
+            conn = await self.engine.connect()
+        except OperationalError as e:
+            raise TemporarilyUnavailable("database unavailable", retry_after=2) from e
+        try:
+            got = bool(
+                (
+                    await conn.execute(text("SELECT pg_try_advisory_lock(:k)"), {"k": key})
+                ).scalar_one()
+            )
+            await conn.commit()
+            try:
+                yield got
+            finally:
+                if got:
+                    await conn.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": key})
+                    await conn.commit()
+        finally:
+            await conn.close()
 
     async def close(self) -> None:
         if self._background:

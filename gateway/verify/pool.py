@@ -16,6 +16,7 @@ import concurrent.futures
 import contextlib
 import logging
 import multiprocessing
+import os
 from concurrent.futures.process import BrokenProcessPool
 
 from gateway.config import Settings
@@ -31,9 +32,15 @@ START_TIMEOUT = 60.0
 _TRUST: TrustConfig | None = None  # in a worker process: built once from the settings
 
 
-def _init_worker(settings: Settings) -> None:
+def _init_worker(settings: Settings, parent: int = 0) -> None:
     global _TRUST
+    from gateway.lifetime import die_with_parent
     from gateway.sign.setup import trust_config
+
+    # End with the gateway worker, even a kill -9'd one (70-220 MB each otherwise held by an
+    # orphan, and with them multiprocessing's resource tracker, which waits for its writers).
+    if parent and not die_with_parent(parent):
+        os._exit(0)
 
     _TRUST = trust_config(settings)
 
@@ -63,7 +70,7 @@ class VerificationPool:
                 max_workers=1,
                 mp_context=multiprocessing.get_context("spawn"),
                 initializer=_init_worker,
-                initargs=(self.settings,),
+                initargs=(self.settings, os.getpid()),
             )
             self._pools[slot] = pool
             # Start the process (imports, trust from the settings) outside the time limit.

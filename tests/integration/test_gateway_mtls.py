@@ -238,24 +238,6 @@ def test_request_id_is_in_the_log_and_no_traceback(
     assert "Traceback" not in gateway.logs()
 
 
-def test_a_second_gateway_of_the_sandbox_uses_the_running_test_tsa(
-    gateway: Server, sandbox: dict[str, Any], hospital_ctx: ssl.SSLContext
-) -> None:
-    """The TEST TSA port is fixed by the sandbox: a second gateway must not start a TSA that
-    cannot bind it (it died with a traceback), and a TSA that cannot listen says why in one
-    line."""
-    from tests.support.gateway import serving
-
-    with serving(Path(sandbox["config"])) as srv:
-        assert request(srv.port, "GET", "/health", ctx=hospital_ctx).status == 200
-    assert "TEST TSA already listening" in srv.logs()
-    assert "Traceback" not in srv.logs()
-    res = run_cli("sandbox", "tsa", "-c", sandbox["config"], check=False)
-    assert res.returncode == 2
-    assert "configuration error: TEST TSA cannot listen on 127.0.0.1:" in res.stderr
-    assert "Traceback" not in res.stderr
-
-
 def _admin_ctx(sandbox: dict[str, Any]) -> ssl.SSLContext:
     adm = sandbox["admin"]
     return client_context(sandbox["server_ca"], adm["client_cert"], adm["client_key"])

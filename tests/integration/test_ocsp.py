@@ -80,13 +80,13 @@ class OcspWorld:
         clock: Callable[[], dt.datetime] | None = None,
     ) -> SandboxOcspResponder:
         s = signer or self.delegate
+        # The responder answers at the module's NOW, the time the checks use: a suite that
+        # reaches this module minutes after importing it must not see "dated in the future".
         return SandboxOcspResponder(
             ca_cert=self.ca.cert,
             signer_cert=s.cert,
             signer_key=s.key,
             crl_files=crl_files,
-            # The checks run at NOW (fixed when the module is imported): a responder on the wall
-            # clock answers "from the future" once the suite took over 5 minutes to get here.
             clock=clock or (lambda: NOW),
         )
 

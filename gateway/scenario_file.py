@@ -1,0 +1,65 @@
+"""The sandbox's switched-on failure scenarios, one JSON file beside its gateway.toml.
+
+Shared by the gateway's workers (``api/scenarios.py``: the catalog, the switches, the effects)
+and the TEST OCSP responder of ``serve`` (``sandbox/tsa.py``), which run in separate processes:
+a file every one of them reads is the simplest shared state, and it is written atomically.
+
+Keys: ``facility:<code>`` and ``credential:<id>`` name what the scenarios are switched on for;
+``serial:<hex>:<credential id>`` carries the certificate serial of an OCSP scenario, which is
+what the responder sees.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+from gateway.config import Settings
+
+__all__ = ["FILE", "OCSP_SCENARIOS", "active", "ocsp_scenario", "save", "serial_key"]
+
+FILE = "scenarios.json"
+#: Scenario name -> what the TEST OCSP responder answers for the certificate.
+OCSP_SCENARIOS = {"ocsp_revoked": "revoked", "ocsp_unknown": "unknown"}
+
+
+def _path(settings: Settings) -> Path:
+    return settings.base_dir / FILE
+
+
+def active(settings: Settings) -> dict[str, list[str]]:
+    """Every switched-on scenario: ``{key: [scenario, ...]}`` (empty when none)."""
+    try:
+        data = json.loads(_path(settings).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(data, dict):
+        return {}
+    return {str(k): [str(x) for x in v] for k, v in data.items() if isinstance(v, list)}
+
+
+def save(settings: Settings, data: dict[str, list[str]]) -> None:
+    target = _path(settings)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".scenarios.")
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        json.dump({k: sorted(v) for k, v in sorted(data.items()) if v}, f, indent=2)
+    os.replace(tmp, target)  # atomic: a reader sees the old or the new file, never half
+
+
+def serial_key(serial: int, credential: str) -> str:
+    return f"serial:{serial:x}:{credential}"
+
+
+def ocsp_scenario(settings: Settings, serial: int) -> str | None:
+    """``"revoked"`` / ``"unknown"`` when an OCSP scenario is on for this serial."""
+    if not settings.service.sandbox:
+        return None
+    prefix = f"serial:{serial:x}:"
+    for key, names in active(settings).items():
+        if key.startswith(prefix):
+            for name in names:
+                if name in OCSP_SCENARIOS:
+                    return OCSP_SCENARIOS[name]
+    return None

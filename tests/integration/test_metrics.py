@@ -1,0 +1,75 @@
+"""The Prometheus scrape: a real gateway process, a real signature, a scrape that parses with
+prometheus_client's own parser and shows what happened."""
+
+from __future__ import annotations
+
+import http.client
+import ssl
+from pathlib import Path
+from typing import Any
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.support.gateway import Server, free_port, serving
+from tests.support.signing import Csc, random_hashes
+
+pytestmark = [pytest.mark.tls, pytest.mark.hsm]
+
+
+def _scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        conn.request("GET", "/metrics")
+        r = conn.getresponse()
+        assert r.status == 200
+        assert r.getheader("Content-Type", "").startswith("text/plain")
+        text = r.read().decode()
+    finally:
+        conn.close()
+    out = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return out
+
+
+def test_a_scrape_parses_and_counts_what_happened(
+    gateway: Server,
+    sandbox: dict[str, Any],
+    hospital_ctx: ssl.SSLContext,
+    doctor: Any,
+) -> None:
+    mport = free_port()
+    env = {
+        "HPKI_GATEWAY_METRICS__PORT": str(mport),
+        "HPKI_GATEWAY_TEST_TSA__ENABLED": "false",
+        "HPKI_GATEWAY_SCHEDULER__INTERVAL_SECONDS": "3600",
+    }
+    doc, auth = doctor
+    with serving(Path(sandbox["config"]), env=env) as srv:
+        csc = Csc(srv.port, hospital_ctx)
+        hashes = random_hashes(2)
+        # Authorized at the session gateway, spent at this one: the SAD lives in the store.
+        sad = Csc(gateway.port, hospital_ctx).authorize(doc["credential_id"], hashes, auth)
+        r = csc.sign_hash(doc["credential_id"], sad, hashes)
+        assert r.status == 200, r.body
+        refused = csc.sign_hash(doc["credential_id"], "not-a-sad-" + "x" * 40, hashes[:1])
+        assert refused.status == 400
+        m = _scrape(mport)
+    sign = (("method", "POST"), ("route", "/csc/v2/signatures/signHash"))
+    assert m[("hpki_gateway_requests_total", (*sign[:1], sign[1], ("status", "200")))] == 1
+    assert m[("hpki_gateway_requests_total", (*sign[:1], sign[1], ("status", "400")))] == 1
+    bucket = ("hpki_gateway_request_duration_seconds_count", (sign[1],))
+    assert m[bucket] == 2
+    presence = (("format", "hash"), ("level", "raw"), ("presence", "fido2"))
+    assert m[("hpki_gateway_signatures_total", presence)] == 2
+    assert m[("hpki_gateway_sad_events_total", (("event", "consumed"),))] == 2
+    assert m[("hpki_gateway_sad_events_total", (("event", "refused"),))] == 1
+    assert m[("hpki_gateway_hsm_up", ())] == 1
+    assert m[("hpki_gateway_signing_process_queue", ())] == 0
+    assert m[("hpki_gateway_scheduler_runs_total", (("outcome", "ok"),))] >= 1
+    for kind in ("facility_client", "signer"):
+        for days in ("30", "90"):
+            key = ("hpki_gateway_certificates_expiring", (("kind", kind), ("within_days", days)))
+            assert key in m

@@ -1,0 +1,219 @@
+"""The portal over real mTLS: pages in both languages, verification reports (HTML, JSON, PDF),
+the downloads, and the form guard. The browser flows are in test_portal_browser.py."""
+
+from __future__ import annotations
+
+import base64
+import json
+import secrets
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.support.gateway import Response, Server, client_context, request
+
+pytestmark = [pytest.mark.tls, pytest.mark.hsm]
+
+PAGES = ["/portal/status", "/portal/enrol", "/portal/sign", "/portal/verify", "/portal/downloads"]
+HEADINGS = {
+    "ja": ["<h1>接続状態</h1>", "<h1>認証器の登録 (FIDO2)</h1>", "<h1>署名</h1>",
+           "<h1>署名の検証</h1>", "<h1>ダウンロード</h1>"],
+    "en": ["<h1>Status</h1>", "<h1>Enrol an authenticator (FIDO2)</h1>", "<h1>Sign</h1>",
+           "<h1>Verify a signature</h1>", "<h1>Downloads</h1>"],
+}  # fmt: skip
+
+
+def multipart(fields: dict[str, str | tuple[str, bytes]]) -> tuple[bytes, str]:
+    boundary = "----portal" + secrets.token_hex(8)
+    out = b""
+    for name, value in fields.items():
+        out += f"--{boundary}\r\n".encode()
+        if isinstance(value, tuple):
+            filename, data = value
+            out += (
+                f'Content-Disposition: form-data; name="{name}"; filename="{filename}"\r\n'
+                "Content-Type: application/octet-stream\r\n\r\n"
+            ).encode() + data
+        else:
+            out += f'Content-Disposition: form-data; name="{name}"\r\n\r\n{value}'.encode()
+        out += b"\r\n"
+    out += f"--{boundary}--\r\n".encode()
+    return out, f"multipart/form-data; boundary={boundary}"
+
+
+def post_form(
+    gateway: Server, ctx: Any, path: str, fields: dict[str, Any], origin: str | None = "own"
+) -> Response:
+    body, ctype = multipart(fields)
+    headers = {"Content-Type": ctype}
+    if origin == "own":
+        headers["Origin"] = f"https://localhost:{gateway.port}"
+    elif origin is not None:
+        headers["Origin"] = origin
+    return request(gateway.port, "POST", path, ctx=ctx, body=body, headers=headers)
+
+
+@pytest.mark.parametrize("lang", ["ja", "en"])
+def test_every_page_in_both_languages(gateway: Server, hospital_ctx: Any, lang: str) -> None:
+    for page, heading in zip(PAGES, HEADINGS[lang], strict=True):
+        r = request(gateway.port, "GET", f"{page}?lang={lang}", ctx=hospital_ctx)
+        html = r.body.decode()
+        assert r.status == 200, (page, html[:300])
+        assert f'<html lang="{lang}">' in html
+        assert heading in html, page
+        assert "default-src 'none'" in r.headers["content-security-policy"]
+        assert f"portal_lang={lang}" in r.headers["set-cookie"]
+
+
+def test_the_language_is_remembered_in_a_cookie(gateway: Server, hospital_ctx: Any) -> None:
+    r = request(
+        gateway.port,
+        "GET",
+        "/portal/status",
+        ctx=hospital_ctx,
+        headers={"Cookie": "portal_lang=en"},
+    )
+    assert '<html lang="en">' in r.body.decode()
+    r = request(gateway.port, "GET", "/portal/status", ctx=hospital_ctx)
+    assert '<html lang="ja">' in r.body.decode()  # Japanese first
+
+
+def test_status_names_the_facility_its_signers_and_the_tsa(
+    gateway: Server, hospital_ctx: Any, sandbox: dict[str, Any], hospital: dict[str, Any]
+) -> None:
+    html = request(gateway.port, "GET", "/portal/status", ctx=hospital_ctx).body.decode()
+    assert hospital["institution_code"] in html
+    doctor = next(s for s in sandbox["signers"] if s["role"] == "Medical Doctor")
+    assert doctor["credential_id"] in html
+    assert sandbox["tsa_url"] in html
+    assert 'id="hsm-state" class="ok"' in html
+
+
+def test_a_sample_shows_its_hash_and_the_binding_the_authenticator_approves(
+    gateway: Server, hospital_ctx: Any, sandbox: dict[str, Any]
+) -> None:
+    import hashlib
+
+    from gateway.sign.samples import PRESCRIPTION_CSV
+
+    doctor = next(s for s in sandbox["signers"] if s["role"] == "Medical Doctor")
+    r = request(
+        gateway.port,
+        "GET",
+        f"/portal/sign?sample=prescription&credential={doctor['credential_id']}",
+        ctx=hospital_ctx,
+    )
+    html = r.body.decode()
+    digest = hashlib.sha256(PRESCRIPTION_CSV).digest()
+    assert digest.hex() in html
+    canonical = json.dumps(
+        {
+            "credentialID": doctor["credential_id"],
+            "hashAlgorithmOID": "2.16.840.1.101.3.4.2.1",
+            "hashes": [base64.b64encode(digest).decode()],
+            "numSignatures": 1,
+        },
+        sort_keys=True,
+        separators=(",", ":"),
+    )
+    expected = base64.b64encode(hashlib.sha256(canonical.encode()).digest()).decode()
+    assert f'<code id="binding">{expected}</code>' in html
+    assert "試験　花子" in html  # the CSV is shown as text
+
+
+def test_verify_a_sample_as_html_json_and_pdf(
+    gateway: Server, hospital_ctx: Any, sandbox: dict[str, Any], tmp_path: Path
+) -> None:
+    doc = Path(sandbox["samples"]["prescription"]["AdES-B-T"]).read_bytes()
+    r = post_form(gateway, hospital_ctx, "/portal/verify?lang=ja", {"document": ("rx.xml", doc)})
+    html = r.body.decode()
+    assert r.status == 200, html[:400]
+    assert 'id="indication" class="ind-TOTAL-PASSED">TOTAL-PASSED' in html
+    assert "署名は有効です。" in html
+    assert 'class="role">Medical Doctor' in html
+    assert "B-T (ES-T)" in html
+    assert "/Document/Prescription/PrescriptionDocument" in html
+
+    fields = {"document_b64": base64.b64encode(doc).decode(), "output": "json"}
+    r = post_form(gateway, hospital_ctx, "/portal/verify", fields)
+    assert r.status == 200
+    assert "attachment" in r.headers["content-disposition"]
+    assert r.json()["indication"] == "TOTAL-PASSED"
+
+    fields["output"] = "pdf"
+    r = post_form(gateway, hospital_ctx, "/portal/verify?lang=ja", fields)
+    assert r.status == 200 and r.body.startswith(b"%PDF")
+    pdf = tmp_path / "report.pdf"
+    pdf.write_bytes(r.body)
+    text = subprocess.run(
+        ["pdftotext", str(pdf), "-"], capture_output=True, text=True, check=True
+    ).stdout
+    assert "TOTAL-PASSED" in text and "署名は有効です。" in text and "到達レベル: B-T" in text
+
+
+def test_downloads_list_the_sandbox_and_a_broken_sample_fails(
+    gateway: Server, hospital_ctx: Any, sandbox: dict[str, Any]
+) -> None:
+    html = request(gateway.port, "GET", "/portal/downloads", ctx=hospital_ctx).body.decode()
+    for name in (
+        "manifest.json",
+        "hpki-root.pem",
+        "hpki-signing-ca.crl",
+        "client-1310000011.p12",
+        "prescription.csv",
+        "prescription-AdES-B-LTA.xml",
+        "dispensing-AdES-B-B-broken.xml",
+    ):
+        assert f'href="/portal/downloads/{name}"' in html, name
+    r = request(gateway.port, "GET", "/portal/downloads/manifest.json", ctx=hospital_ctx)
+    assert r.json()["url"] == sandbox["url"]
+    p12 = request(gateway.port, "GET", "/portal/downloads/client-admin.p12", ctx=hospital_ctx)
+    assert p12.body == Path(sandbox["admin"]["client_p12"]).read_bytes()
+    r = request(gateway.port, "GET", "/portal/downloads/..%2Fgateway.toml", ctx=hospital_ctx)
+    assert r.status == 404
+
+    for kind in ("prescription", "dispensing"):
+        bad = request(
+            gateway.port, "GET", f"/portal/downloads/{kind}-AdES-B-B-broken.xml", ctx=hospital_ctx
+        ).body
+        fields = {"document": ("bad.xml", bad), "output": "json"}
+        report = post_form(gateway, hospital_ctx, "/portal/verify", fields).json()
+        assert (report["indication"], report["sub_indication"]) == (
+            "TOTAL-FAILED",
+            "HASH_FAILURE",
+        ), report
+
+
+def test_portal_forms_need_this_listener_as_origin(
+    gateway: Server, hospital_ctx: Any, sandbox: dict[str, Any]
+) -> None:
+    doc = Path(sandbox["samples"]["prescription"]["AdES-B-B"]).read_bytes()
+    fields = {"document": ("rx.xml", doc)}
+    evil = post_form(gateway, hospital_ctx, "/portal/verify", fields, origin="https://evil.test")
+    assert evil.status == 403
+    none = post_form(gateway, hospital_ctx, "/portal/verify", fields, origin=None)
+    assert none.status == 415
+    # Outside /portal/ a form body is still refused.
+    body, ctype = multipart(fields)
+    r = request(
+        gateway.port,
+        "POST",
+        "/verify",
+        ctx=hospital_ctx,
+        body=body,
+        headers={"Content-Type": ctype, "Origin": f"https://localhost:{gateway.port}"},
+    )
+    assert r.status == 415
+
+
+def test_no_portal_page_without_a_client_certificate(
+    gateway: Server, sandbox: dict[str, Any]
+) -> None:
+    import ssl
+
+    bare = client_context(sandbox["server_ca"])
+    for page in [*PAGES, "/portal/api", "/portal/downloads/manifest.json"]:
+        with pytest.raises((ssl.SSLError, ConnectionError, OSError)):
+            request(gateway.port, "GET", page, ctx=bare)

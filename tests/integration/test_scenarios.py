@@ -1,0 +1,179 @@
+"""Failure scenarios of the sandbox: each switched on through the admin API answers the error
+docs/sandbox.md documents, nothing else changes, and a reset brings the facility back."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from gateway.auth.fido2 import LOCKED_TEXT
+from tests.support.gateway import Server, client_context, request
+
+pytestmark = [pytest.mark.tls, pytest.mark.hsm]
+
+
+@pytest.fixture(scope="module")
+def admin_ctx(sandbox: dict[str, Any]) -> Any:
+    a = sandbox["admin"]
+    return client_context(sandbox["server_ca"], a["client_cert"], a["client_key"])
+
+
+@pytest.fixture
+def switch(gateway: Server, admin_ctx: Any) -> Iterator[Any]:
+    def on(scenario: str, **target: str) -> None:
+        r = request(
+            gateway.port, "POST", "/admin/scenarios", ctx=admin_ctx,
+            json_body={"scenario": scenario, **target},
+        )  # fmt: skip
+        assert r.status == 200, r.body
+
+    yield on
+    r = request(gateway.port, "POST", "/admin/scenarios/reset", ctx=admin_ctx, json_body={})
+    assert r.status == 200 and r.json()["active"] == {}
+
+
+def _sign_doc(level: str, credential: str) -> dict[str, Any]:
+    doc = base64.b64encode(b"1,1,1310000011,13,1,TEST\r\n").decode()
+    return {
+        "credentialID": credential,
+        "SAD": "not-a-sad",
+        "documents": [
+            {"document": doc, "signature_format": "X", "profile": "jp-eprescription",
+             "conformance_level": level}
+        ],
+    }  # fmt: skip
+
+
+def test_the_catalog_and_production_refusal(gateway: Server, admin_ctx: Any) -> None:
+    r = request(gateway.port, "GET", "/admin/scenarios", ctx=admin_ctx)
+    names = {s["scenario"] for s in r.json()["scenarios"]}
+    assert {
+        "facility_certificate_revoked", "facility_certificate_expired", "facility_suspended",
+        "enrolment_locked", "signer_without_role", "tsa_down", "tsa_slow", "hsm_unavailable",
+        "ocsp_revoked", "ocsp_unknown",
+    } <= names  # fmt: skip
+    bad = request(
+        gateway.port, "POST", "/admin/scenarios", ctx=admin_ctx,
+        json_body={"scenario": "no_such", "facility": "1310000011"},
+    )  # fmt: skip
+    assert bad.status == 400
+
+
+def test_facility_scenarios_answer_their_documented_errors(
+    gateway: Server, hospital_ctx: Any, hospital: dict[str, Any], switch: Any
+) -> None:
+    code = hospital["institution_code"]
+    cases = {
+        "facility_certificate_revoked": "was revoked on",
+        "facility_certificate_expired": "expired on",
+        "facility_suspended": f"facility {code} is suspended since",
+    }
+    for scenario, text in cases.items():
+        switch(scenario, facility=code)
+        r = request(gateway.port, "POST", "/csc/v2/info", ctx=hospital_ctx, json_body={})
+        assert r.status == 403, r.body
+        assert r.json()["error"] == "access_denied" and text in r.json()["error_description"]
+        # The portal stays reachable, so that the tester can reset.
+        page = request(gateway.port, "GET", "/portal/status", ctx=hospital_ctx)
+        assert page.status == 200 and scenario in page.body.decode()
+        # A facility cannot switch through the admin API (the /admin path rule).
+        r = request(gateway.port, "POST", "/admin/scenarios/reset", ctx=hospital_ctx, json_body={})
+        assert r.status == 403
+        switch_off_all(gateway)
+        r = request(gateway.port, "POST", "/csc/v2/info", ctx=hospital_ctx, json_body={})
+        assert r.status == 200
+
+
+_ADMIN: dict[str, Any] = {}
+
+
+def switch_off_all(gateway: Server) -> None:
+    r = request(gateway.port, "POST", "/admin/scenarios/reset", ctx=_ADMIN["ctx"], json_body={})
+    assert r.status == 200
+
+
+@pytest.fixture(autouse=True)
+def _admin(admin_ctx: Any) -> None:
+    _ADMIN["ctx"] = admin_ctx
+
+
+def test_signing_scenarios(
+    gateway: Server, hospital_ctx: Any, hospital: dict[str, Any], sandbox: dict[str, Any],
+    switch: Any,
+) -> None:  # fmt: skip
+    code = hospital["institution_code"]
+    doctor = next(s for s in sandbox["signers"] if s["role"] == "Medical Doctor")
+    cred = doctor["credential_id"]
+
+    switch("tsa_down", facility=code)
+    r = request(gateway.port, "POST", "/csc/v2/signatures/signDoc", ctx=hospital_ctx,
+                json_body=_sign_doc("AdES-B-T", cred))  # fmt: skip
+    assert r.status == 503 and r.json()["error"] == "tsa_unavailable", r.body
+    assert r.headers["retry-after"] == "30"
+    assert "nothing was signed" in r.json()["error_description"]
+    # B-B needs no TSA: the request reaches the handler (which refuses the made-up SAD).
+    r = request(gateway.port, "POST", "/csc/v2/signatures/signDoc", ctx=hospital_ctx,
+                json_body=_sign_doc("AdES-B-B", cred))  # fmt: skip
+    assert r.json()["error"] != "tsa_unavailable", r.body
+    switch_off_all(gateway)
+
+    switch("hsm_unavailable", facility=code)
+    digest = base64.b64encode(hashlib.sha256(b"x").digest()).decode()
+    r = request(gateway.port, "POST", "/csc/v2/signatures/signHash", ctx=hospital_ctx,
+                json_body={"credentialID": cred, "SAD": "x", "hashes": [digest],
+                           "hashAlgorithmOID": "2.16.840.1.101.3.4.2.1",
+                           "signAlgo": "1.2.840.113549.1.1.1"})  # fmt: skip
+    assert r.status == 503, r.body
+    assert r.json() | {"request_id": ""} == {
+        "error": "temporarily_unavailable",
+        "error_description": "HSM token unavailable",
+        "request_id": "",
+    }
+    switch_off_all(gateway)
+
+    switch("signer_without_role", credential=cred)
+    r = request(gateway.port, "POST", "/csc/v2/signatures/signDoc", ctx=hospital_ctx,
+                json_body=_sign_doc("AdES-B-B", cred))  # fmt: skip
+    assert r.status == 403 and r.json()["error"] == "role_not_permitted", r.body
+    other = [s for s in sandbox["signers"] if s["role"] == "Medical Doctor"][1]["credential_id"]
+    r = request(gateway.port, "POST", "/csc/v2/signatures/signDoc", ctx=hospital_ctx,
+                json_body=_sign_doc("AdES-B-B", other))  # fmt: skip
+    assert r.json()["error"] != "role_not_permitted"  # only the one credential
+    switch_off_all(gateway)
+
+    switch("enrolment_locked", facility=code)
+    r = request(gateway.port, "POST", "/auth/fido2/register/begin", ctx=hospital_ctx,
+                json_body={"enrollment_code": "AAAA-BBBB-CCCC-DDDD", "password": "x"})  # fmt: skip
+    assert r.status == 403 and r.json()["detail"] == LOCKED_TEXT, r.body
+
+
+def test_a_slow_tsa_times_out(
+    gateway: Server, hospital_ctx: Any, hospital: dict[str, Any], sandbox: dict[str, Any],
+    switch: Any,
+) -> None:  # fmt: skip
+    switch("tsa_slow", facility=hospital["institution_code"])
+    cred = sandbox["signers"][0]["credential_id"]
+    r = request(gateway.port, "POST", "/csc/v2/signatures/signDoc", ctx=hospital_ctx,
+                json_body=_sign_doc("AdES-B-LT", cred))  # fmt: skip
+    assert r.status == 503 and r.json()["error"] == "tsa_timeout", r.body
+    assert "did not answer within" in r.json()["error_description"]
+
+
+def test_ocsp_scenarios_change_what_the_test_responder_answers(
+    gateway: Server, sandbox: dict[str, Any], switch: Any
+) -> None:
+    from tests.integration.test_sandbox_serves_pki import ocsp_status
+
+    # The samples are signed by the first doctor.
+    cred = next(s for s in sandbox["signers"] if s["role"] == "Medical Doctor")["credential_id"]
+    switch("ocsp_revoked", credential=cred)
+    assert ocsp_status(sandbox) == "revoked"
+    switch_off_all(gateway)
+    switch("ocsp_unknown", credential=cred)
+    assert ocsp_status(sandbox) == "unknown"
+    switch_off_all(gateway)
+    assert ocsp_status(sandbox) == "good"
