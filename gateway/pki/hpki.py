@@ -124,6 +124,21 @@ class SubjectDirectoryAttributes(core.SequenceOf):  # type: ignore[misc]  # asn1
     _child_spec = Attribute
 
 
+class _HCRoleValues(core.SetOf):  # type: ignore[misc]  # asn1crypto is untyped
+    _child_spec = HCActorData
+
+
+# Teach asn1crypto's own certificate classes (used by pyHanko and the CMS code) the hcRole
+# attribute, the way pyHanko registers its OIDs (pyhanko/sign/ades/asn1_util.py). Without a
+# spec asn1crypto reads the value as a bare SET with no fields, which it cannot re-encode:
+# `dump(force=True)` of any HPKI certificate then raises "does not match any of the field
+# definitions". asn1crypto 1.5 also forces that re-encoding by itself on a plain `dump()` of
+# any parsed value whose DER length ends in the byte 0x80 (it takes it for a BER indefinite
+# length), so a CMS or certificate that happens to be 0x..80 bytes long could not be written.
+asn1_x509.SubjectDirectoryAttributeId._map.setdefault(HCROLE_ATTRIBUTE_OID, "hc_role")
+asn1_x509.SubjectDirectoryAttribute._oid_specs.setdefault("hc_role", _HCRoleValues)
+
+
 def build_hcrole_extension_value(role: str) -> bytes:
     """DER of a ``subjectDirectoryAttributes`` value carrying one hcRole, as MEDIS encodes it.
 

@@ -445,7 +445,14 @@ def create_test_jpki_app(settings: Settings) -> web.Application:
 async def start_test_jpki(settings: Settings) -> web.AppRunner:
     runner = web.AppRunner(create_test_jpki_app(settings), access_log=None, handle_signals=False)
     await runner.setup()
-    await web.TCPSite(runner, settings.test_jpki.host, settings.test_jpki.port).start()
+    try:
+        await web.TCPSite(runner, settings.test_jpki.host, settings.test_jpki.port).start()
+    except OSError as e:
+        await runner.cleanup()
+        raise ConfigError(
+            f"TEST JPKI cannot listen on {settings.test_jpki.host}:{settings.test_jpki.port}: "
+            f"{e.strerror or e}"
+        ) from e
     log.info("TEST JPKI OCSP/CRL on http://%s:%d", settings.test_jpki.host, settings.test_jpki.port)
     return runner
 

@@ -751,7 +751,7 @@ def test_cades_long_term(world: SignWorld, tsa: dict[str, Any]) -> None:
 # -- extend CMS and PDF -------------------------------------------------------------------------
 
 
-def _sign_bb(world: SignWorld, fmt: str) -> bytes:
+def _sign_bb(world: SignWorld, fmt: str, csv: bytes = CSV) -> bytes:
     import io
 
     from reportlab.pdfgen import canvas
@@ -760,7 +760,7 @@ def _sign_bb(world: SignWorld, fmt: str) -> bytes:
     c = canvas.Canvas(buf)
     c.drawString(72, 760, "PRESCRIPTION (TEST) - to extend")
     c.save()
-    document = buf.getvalue() if fmt == "P" else CSV
+    document = buf.getvalue() if fmt == "P" else csv
 
     async def go() -> SignedDocument:
         return await sign_document(
@@ -806,6 +806,24 @@ def test_extend_cms_and_pdf(
         assert res.returncode == 0, res.stderr
     else:
         assert result.document.startswith(signed)  # incremental updates only
+
+
+@pytest.mark.parametrize("level", ["AdES-B-T", "AdES-B-LT"])
+def test_extend_cms_whose_length_ends_in_0x80(
+    world: SignWorld, tsa: dict[str, Any], level: str
+) -> None:
+    """asn1crypto takes a DER length whose last byte is 0x80 for a BER indefinite length and
+    re-encodes the whole value, certificates included: a signature of such a size (a matter
+    of serial-number lengths) must extend like any other."""
+    signed = _sign_bb(world, "C")
+    assert signed[:2] == b"\x30\x82"  # SEQUENCE, two length bytes
+    pad = (0x80 - signed[3]) % 256
+    signed = _sign_bb(world, "C", CSV + b"\r\n" * (pad // 2) + b" " * (pad % 2))
+    assert signed[3] == 0x80, signed[:4].hex()
+    result = _extend(world, tsa, signed, level)
+    rep = asyncio.run(verify_document(result.document, trust=_trust(world, tsa)))
+    assert rep.indication == "TOTAL-PASSED", rep.reason
+    assert rep.signatures[0].level == level.removeprefix("AdES-")
 
 
 def test_extend_refuses_what_cannot_be_built(world: SignWorld, tsa: dict[str, Any]) -> None:

@@ -114,7 +114,7 @@ class Server:
         self.proc: subprocess.Popen[bytes] | None = None
         self.log = config.parent / f"serve-{port}.log"
 
-    def start(self, timeout: float = 30.0) -> None:
+    def start(self, timeout: float = 120.0) -> None:
         args = [*CLI, "serve", "-c", str(self.config)]
         if self.workers:
             args += ["--workers", str(self.workers)]

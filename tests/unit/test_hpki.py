@@ -86,6 +86,15 @@ def test_hcrole_round_trip(role: str) -> None:
     assert hpki._hcroles_from_extension_value(build_hcrole_extension_value(role)) == [role]
 
 
+def test_asn1crypto_re_encodes_an_hpki_certificate_byte_for_byte() -> None:
+    """asn1crypto re-encodes a certificate on its own when a DER length ends in 0x80 (it
+    takes it for a BER indefinite length); with the hcRole unknown to it, that raised."""
+    der = (real_hpki_dir() / "medis_test_doctor.der").read_bytes()
+    assert asn1_x509.Certificate.load(der).dump(force=True) == der
+    values = asn1_x509.Certificate.load(der).subject_directory_attributes_value[0]["values"]
+    assert values[0][0]["coded_data"]["code_data_free_text"].native == "Medical Doctor"
+
+
 def test_empty_role_is_refused() -> None:
     with pytest.raises(PkiError):
         build_hcrole_extension_value("")
