@@ -5,6 +5,9 @@ card_raw_sign_per_s   MSE + PSO round trips through pcscd to the virtual card (P
 local_batch_per_s     e-prescriptions per second through ``sign-batch`` (CSV -> signed XML)
 Interleaved rounds, medians. With ``--latency S`` the virtual card sleeps S seconds per
 signature, like a real card (~0.3-1 s), to show what the overlap buys.
+
+``--compare BASE`` measures another checkout of the project (BASE: its root) against this one,
+interleaved (base, ours, base, ours, ...), one process per round each, and prints both medians.
 """
 
 from __future__ import annotations
@@ -15,9 +18,13 @@ import hashlib
 import json
 import os
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
+
+HERE = Path(__file__).resolve().parents[1]
 
 
 async def _raw(store: object, key_id: str, n: int) -> float:
@@ -99,10 +106,39 @@ async def _batch_round(settings: object, base: Path, r: int, n: int) -> float:
     return n / elapsed
 
 
+def compare(base: Path, *, rounds: int, n: int, latency: float) -> dict[str, dict[str, float]]:
+    """Both trees, interleaved, each round in a fresh process of that tree."""
+    rates: dict[str, dict[str, list[float]]] = {"base": {}, "ours": {}}
+    for _ in range(rounds):
+        for name, tree in (("base", base), ("ours", HERE)):
+            proc = subprocess.run(
+                [sys.executable, "-m", "bench.bench_card", "--rounds", "1", "--n", str(n),
+                 "--latency", str(latency)],
+                cwd=tree, env={**os.environ, "PYTHONPATH": str(tree)},
+                capture_output=True, text=True, check=True, timeout=3600,
+            )  # fmt: skip
+            for k, v in json.loads(proc.stdout.strip().splitlines()[-1]).items():
+                rates[name].setdefault(k, []).append(v)
+    out: dict[str, dict[str, float]] = {}
+    for name, by_key in rates.items():
+        raw = next(v for k, v in by_key.items() if k.startswith("card_raw_sign"))
+        batch = next(v for k, v in by_key.items() if k.startswith("local_batch"))
+        out[name] = {k: statistics.median(v) for k, v in by_key.items()}
+        out[name]["batch_to_raw"] = statistics.median(
+            b / r for b, r in zip(batch, raw, strict=True)
+        )
+    return out
+
+
 if __name__ == "__main__":
     p = argparse.ArgumentParser()
     p.add_argument("--latency", type=float, default=0.0)
     p.add_argument("--n", type=int, default=100)
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--compare", type=Path, default=None, metavar="BASE")
     a = p.parse_args()
-    print(json.dumps(run(rounds=a.rounds, raw_n=a.n, batch_n=a.n, latency=a.latency)))
+    if a.compare is not None:
+        result = compare(a.compare, rounds=a.rounds, n=a.n, latency=a.latency)
+        print(json.dumps(result, indent=2))
+    else:
+        print(json.dumps(run(rounds=a.rounds, raw_n=a.n, batch_n=a.n, latency=a.latency)))

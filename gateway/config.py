@@ -452,7 +452,10 @@ class LocalSettings(_Section):
     card_profiles: list[CardProfileSettings] = Field(default_factory=_default_card_profiles)
     """Card layouts by file id, for cards without EF.OD/PrKDF/CDF."""
     reader: str | None = None
-    """PC/SC reader name; unset: the first reader holding an HPKI card."""
+    """PC/SC reader name; unset: the first reader holding an HPKI card. With
+    ``pkcs11_module``: the label of the card's token; unset: the first token."""
+    pkcs11_module: Path | None = None
+    """The card vendor's PKCS#11 module: drive the card through it instead of APDUs."""
     port: Annotated[int, Field(ge=1, le=65535)] = 8765
     """Loopback port of the local agent (it never binds another address)."""
     secret_file: Path | None = None

@@ -16,7 +16,7 @@ import json
 import ssl
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -24,6 +24,7 @@ from cryptography import x509
 
 from gateway.card.errors import CardError, CardErrorCode
 from gateway.card.jpki import JpkiCard
+from gateway.clock import Clock, system_clock
 
 SHA256_OID = "2.16.840.1.101.3.4.2.1"
 
@@ -97,10 +98,9 @@ def explain(e: GatewayCallError) -> CardError | None:
     return None
 
 
-def _check_validity(cert_der: bytes) -> None:
+def _check_validity(cert_der: bytes, now: datetime) -> None:
     """Refuse before asking for the PIN when the card's certificate is out of its validity."""
     cert = x509.load_der_x509_certificate(cert_der)
-    now = datetime.now(UTC)
     if not cert.not_valid_before_utc <= now < cert.not_valid_after_utc:
         raise CardError(CardErrorCode.CERTIFICATE_EXPIRED)
 
@@ -132,10 +132,11 @@ def authorize(
     pin: str,
     hash_algorithm_oid: str = SHA256_OID,
     description: str | None = None,
+    clock: Clock = system_clock,
 ) -> dict[str, Any]:
     """begin -> VERIFY -> sign -> authorize; returns ``{"SAD", "expiresIn"}``."""
     cert = card.read_auth_certificate()
-    _check_validity(cert)
+    _check_validity(cert, clock())
     body: dict[str, Any] = {
         "credentialID": credential_id,
         "hashes": [base64.b64encode(h).decode() for h in hashes],
@@ -168,10 +169,11 @@ def enroll(
     password: str,
     pin: str,
     label: str | None = None,
+    clock: Clock = system_clock,
 ) -> dict[str, Any]:
     """Link this card to the signer of the enrolment code (the card proves possession)."""
     cert = card.read_auth_certificate()
-    _check_validity(cert)
+    _check_validity(cert, clock())
     begun = gateway.post(
         "/auth/jpki/register/begin", {"enrollment_code": code, "password": password}
     )

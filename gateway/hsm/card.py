@@ -17,16 +17,16 @@ import concurrent.futures
 import hashlib
 import threading
 from collections.abc import Callable, Sequence
-from typing import TypeVar
+from typing import Protocol, TypeVar
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from gateway.card.errors import CardError, CardErrorCode
-from gateway.card.hpki import DEFAULT_SIGN_AIDS, JMA_PROFILE, CardProfile, HpkiCard
+from gateway.card.hpki import DEFAULT_SIGN_AIDS, HPKI_PIN_TRIES, JMA_PROFILE, CardProfile, HpkiCard
 from gateway.card.pcsc import CardTransport, PcscConnection
 from gateway.errors import HsmUnavailable, KeyNotFound
-from gateway.hsm.api import DigestAlgorithm, GeneratedKey, KeyHandle, StoreKeyHandle
+from gateway.hsm.api import DigestAlgorithm, GeneratedKey, KeyHandle, KeyStore, StoreKeyHandle
 from gateway.hsm.encoding import check_key_request, digest_info
 
 T = TypeVar("T")
@@ -34,6 +34,37 @@ T = TypeVar("T")
 
 class KeyGenerationUnsupported(Exception):
     """An IC card's key was generated at issuance; the store cannot make or delete keys."""
+
+
+class CardStore(KeyStore, Protocol):
+    """One HPKI card's key as the local agent drives it: raw APDUs (:class:`CardKeyStore`) or
+    the card vendor's PKCS#11 module (``gateway/hsm/card_pkcs11.py``).
+
+    ``open`` reads the certificate without the PIN; ``unlock`` gives the PIN to the card and
+    wipes the caller's buffer (CardError for a wrong, blocked or malformed PIN); ``relock``
+    ends the card's verified state; ``generation`` grows whenever the card session ends
+    (pulled, replaced, closed). A card pulled mid-call raises CardError CARD_REMOVED (or
+    HsmUnavailable from ``sign_digests`` / ``check``).
+    """
+
+    reader: str
+    generation: int
+
+    @property
+    def connected(self) -> bool: ...
+
+    @property
+    def key_id(self) -> str | None: ...
+
+    async def certificate(self) -> x509.Certificate: ...
+
+    async def pin_tries_left(self) -> int | None:
+        """Tries left before the card locks, without spending one; None when unknown."""
+        ...
+
+    async def unlock(self, pin: bytearray) -> None: ...
+
+    async def relock(self) -> None: ...
 
 
 def card_key_id(cert: x509.Certificate) -> str:
@@ -155,7 +186,12 @@ class CardKeyStore:
                 raise
 
     async def tries_left(self) -> int | None:
+        """Tries left without spending one; None when the PIN is verified."""
         return await self._run(lambda: self._card_call(lambda c: c.tries_left()))
+
+    async def pin_tries_left(self) -> int | None:
+        left = await self.tries_left()
+        return HPKI_PIN_TRIES if left is None else left  # verified: the counter is full
 
     async def unlock(self, pin: bytearray) -> None:
         """VERIFY ``pin`` on the card, then overwrite the caller's buffer."""

@@ -5,7 +5,7 @@ document type is given) BEFORE the PIN goes to the card, then VERIFYs the PIN an
 the PIN is never kept; the card's own verified state (in the agent's exclusive PC/SC
 connection) carries the authorization. The SAD names the hashes (or a count) it covers, lives
 ``grant_seconds``, and is bound to the card session: a card pulled or replaced ends the session
-(``CardKeyStore.generation``), and with it every SAD. When the last SAD is spent or expired the
+(``CardStore.generation``), and with it every SAD. When the last SAD is spent or expired the
 card is reset, so its verified state ends as well.
 """
 
@@ -14,24 +14,31 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
-import datetime as dt
+import dataclasses
 import hashlib
 import secrets
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from cryptography import x509
 
 from gateway.card.errors import CardError, CardErrorCode
-from gateway.errors import AccessDenied, GatewayError, HsmUnavailable, InvalidRequest
-from gateway.hsm.api import DigestAlgorithm
-from gateway.hsm.card import CardKeyStore
+from gateway.clock import Clock, system_clock
+from gateway.errors import (
+    AccessDenied,
+    GatewayError,
+    HsmUnavailable,
+    InvalidRequest,
+    PayloadTooLarge,
+)
+from gateway.hsm.api import DigestAlgorithm, KeyHandle
+from gateway.hsm.card import CardStore
 from gateway.local.credential import check_card_certificate
-from gateway.sign.eprescription import EPrescriptionInput
-from gateway.sign.service import SignedDocument, SigningPolicy, sign_document
+from gateway.sign.service import SignedDocument, SigningPolicy, check_request, sign_document
 from gateway.sign.timestamp import TimestampClient
+from gateway.signing.core import DocumentJob
 
 
 class PinRejected(GatewayError):
@@ -40,7 +47,7 @@ class PinRejected(GatewayError):
     status = 403
     code = "invalid_pin"
 
-    def __init__(self, description: str, *, tries_left: int) -> None:
+    def __init__(self, description: str, *, tries_left: int | None) -> None:
         super().__init__(description)
         self.tries_left = tries_left
 
@@ -81,15 +88,17 @@ class Trust:
 
 @dataclass
 class LocalAgent:
-    store: CardKeyStore
+    store: CardStore
     trust: Trust
     policy: SigningPolicy = field(default_factory=SigningPolicy)
     tsa: TimestampClient | None = None
     grant_seconds: int = 300
     max_signatures: int = 10_000
-    clock: Callable[[], dt.datetime] = lambda: dt.datetime.now(dt.UTC)
+    clock: Clock = system_clock
     _grants: dict[bytes, LocalGrant] = field(default_factory=dict)
     _lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    #: (card session, certificate, validated path) of the last path check.
+    _path: tuple[int, x509.Certificate, list[x509.Certificate]] | None = None
 
     # -- the card -------------------------------------------------------------------------
 
@@ -131,8 +140,30 @@ class LocalAgent:
         )
 
     async def tries_left(self) -> int | None:
+        """PIN tries left before the card locks (none spent); None when the card won't say."""
         await self.ensure_card()
-        return await self.store.tries_left()
+        return await self.store.pin_tries_left()
+
+    def check_document(
+        self,
+        *,
+        signature_format: str,
+        conformance_level: str,
+        envelope: str | None,
+        profile: str | None,
+        size: int | None,
+    ) -> None:
+        """Refuse what cannot be signed before a SAD is spent (the remote gateway's rules)."""
+        if conformance_level != "AdES-B-B" and self.tsa is None:
+            raise InvalidRequest(
+                f"{conformance_level} needs a timestamp authority, and none is configured"
+            )
+        if size is not None and size > self.policy.max_document_bytes:
+            raise PayloadTooLarge(
+                f"document of {size} bytes is over the limit of "
+                f"{self.policy.max_document_bytes} bytes"
+            )
+        check_request(signature_format, conformance_level, envelope, profile)
 
     # -- authorize ------------------------------------------------------------------------
 
@@ -145,11 +176,19 @@ class LocalAgent:
         hashes: Sequence[bytes] | None = None,
         algorithm: DigestAlgorithm = DigestAlgorithm.SHA256,
         document_type: str | None = None,
+        max_signatures: int | None = None,
+        lifetime: float | None = None,
     ) -> str:
-        """Check the certificate, VERIFY the PIN (wiped whatever happens); a new SAD."""
+        """Check the certificate, VERIFY the PIN (wiped whatever happens); a new SAD.
+
+        ``max_signatures`` and ``lifetime`` (seconds; ``math.inf``: until spent or the card
+        session ends) replace the agent's limit and ``grant_seconds`` for callers in this
+        process: the batch signs a folder of any size, for hours with a real card, after one
+        PIN. The HTTP API keeps both limits."""
         try:
-            if not 1 <= num_signatures <= self.max_signatures:
-                raise InvalidRequest(f"Invalid parameter numSignatures: 1..{self.max_signatures}")
+            limit = self.max_signatures if max_signatures is None else max_signatures
+            if not 1 <= num_signatures <= limit:
+                raise InvalidRequest(f"Invalid parameter numSignatures: 1..{limit}")
             if hashes is not None:
                 if len(hashes) != num_signatures:
                     raise InvalidRequest("numSignatures must equal the number of hashes")
@@ -170,7 +209,7 @@ class LocalAgent:
                     sad_hash=sad_hash,
                     credential_id=credential_id,
                     generation=generation,
-                    expires=time.monotonic() + self.grant_seconds,
+                    expires=time.monotonic() + (lifetime or self.grant_seconds),
                     remaining=num_signatures,
                     hashes=Counter(hashes) if hashes is not None else None,
                     document_type=document_type,
@@ -240,37 +279,48 @@ class LocalAgent:
             await self._after(grant)
             return signatures
 
+    async def signing_chain(self) -> list[x509.Certificate]:
+        """The card certificate's validated path (leaf first, without the anchor when there
+        are issuers), built once per card session; later calls re-check only that every
+        certificate of it is valid now."""
+        cert = await self.store.certificate()
+        cached = self._path
+        now = self.clock()
+        if (
+            cached is None
+            or cached[0] != self.store.generation
+            or cached[1] is not cert
+            or not all(c.not_valid_before_utc <= now < c.not_valid_after_utc for c in cached[2])
+        ):
+            path = self.check_certificate(cert, None)
+            cached = self._path = (self.store.generation, cert, path)
+        path = cached[2]
+        return path[:-1] if len(path) > 1 else path
+
     async def sign_documents(
-        self, *, credential_id: str, sad: str, jobs: Sequence[DocumentJob]
+        self,
+        *,
+        credential_id: str,
+        sad: str,
+        jobs: Sequence[DocumentJob],
+        probe: bool = True,
     ) -> list[SignedDocument]:
         """Spend under the lock, build and sign outside it: several callers overlap document
-        building with the card's round trips (the card store serializes the card itself)."""
+        building with the card's round trips (the card store serializes the card itself).
+
+        ``probe=False`` skips asking the card whether it is still there before the spend (one
+        round trip): a batch signing many documents learns of a pulled card from the
+        signature itself, which fails on the ended PC/SC connection.
+        """
         async with self._lock:
-            await self._probe()
+            if probe:
+                await self._probe()
             grant = await self._spend(sad, credential_id, [j.digest for j in jobs])
             grant.inflight += 1
         try:
-            cert = await self.store.certificate()
-            chain = self.check_certificate(cert, None)
+            chain = await self.signing_chain()
             handle = await self.store.get_key(credential_id)
-            out = [
-                await sign_document(
-                    key=handle,
-                    chain=chain[:-1] if len(chain) > 1 else chain,
-                    signature_format=j.signature_format,
-                    conformance_level=j.conformance_level,
-                    envelope=j.envelope,
-                    document=j.document,
-                    document_digest=j.document_digest,
-                    profile=j.profile,
-                    csv_encoding=j.csv_encoding,
-                    eprescription_input=j.eprescription_input,
-                    tsa=self.tsa,
-                    now=self.clock(),
-                    policy=self.policy,
-                )
-                for j in jobs
-            ]
+            out = [await self._sign_job(handle, chain, j) for j in jobs]
         except (CardError, HsmUnavailable) as e:
             async with self._lock:
                 grant.inflight -= 1
@@ -284,22 +334,18 @@ class LocalAgent:
             await self._after(grant)
         return out
 
+    async def _sign_job(
+        self, key: KeyHandle, chain: list[x509.Certificate], job: DocumentJob
+    ) -> SignedDocument:
+        # A job's fields other than its digest are sign_document's arguments, by name.
+        args = {f.name: getattr(job, f.name) for f in dataclasses.fields(job) if f.name != "digest"}
+        return await sign_document(
+            key=key, chain=chain, tsa=self.tsa, now=self.clock(), policy=self.policy, **args
+        )
+
     async def close(self) -> None:
         self._grants.clear()
         await self.store.close()
-
-
-@dataclass(frozen=True)
-class DocumentJob:
-    digest: bytes
-    signature_format: str
-    conformance_level: str
-    envelope: str | None
-    document: bytes | None
-    profile: str | None = None
-    csv_encoding: str = "utf-8"
-    eprescription_input: EPrescriptionInput | None = None
-    document_digest: bytes | None = None
 
 
 def _h(sad: str) -> bytes:
@@ -308,7 +354,9 @@ def _h(sad: str) -> bytes:
 
 def _pin_error(e: CardError) -> GatewayError:
     if e.code is CardErrorCode.WRONG_PIN:
-        left = e.tries_left or 0
+        left = e.tries_left
+        if left is None:  # a PKCS#11 module does not tell the count
+            return PinRejected("wrong PIN", tries_left=None)
         return PinRejected(f"wrong PIN: {left} tries left before the card locks", tries_left=left)
     if e.code is CardErrorCode.PIN_BLOCKED:
         return PinRejected("the card's PIN is blocked (the card must be reissued)", tries_left=0)

@@ -1,16 +1,21 @@
 """``hpki-gateway local sign-batch IN --out OUT``: every e-prescription in a folder, one PIN.
 
 Inputs: unsigned official XML (prescription or dispensing result: the document says which) and
-prescription CSV files, in name order. For each ``IN/<name>`` the signed XML is written to
-``OUT/<stem>.xml`` through a temporary file and ``os.replace`` (atomic): an output exists only
-complete, and an existing output means "done" — a re-run after Ctrl-C or a pulled card skips
-it, so nothing is signed twice or lost. The card's certificate is checked (profile, path,
-validity, the role for the first pending document's type) before the PIN is asked for.
+prescription CSV files. For each ``IN/<name>`` the signed XML is written to ``OUT/<stem>.xml``
+through a temporary file and ``os.replace`` (atomic): an output exists only complete, and an
+existing output means "done" — a re-run after Ctrl-C or a pulled card skips it, so nothing is
+signed twice or lost. The card's certificate is checked (profile, path, validity, the role for
+the first pending document's type) before the PIN is asked for.
 
-Memory stays flat for any number of files: names are streamed from the directory listing (only
-the names are sorted), at most ``PARALLEL`` documents are in flight (building the next document
-overlaps the card's round trip for the previous one), and both reports are written row by row:
-``OUT/report.csv`` and ``OUT/report.json`` (file, status, signer, time, error).
+Ctrl-C (``stop``) is graceful: no new file is started, the documents in flight are finished and
+written, the report is closed. Even when the batch is cancelled outright, a document whose
+signature was made is still written and reported before the report closes.
+
+Memory stays flat for any number of files: the directory is walked lazily twice (once to count
+and find the first pending document, once to sign) and never held as a list; at most
+``PARALLEL`` documents are in flight (building the next documents overlaps the card's round
+trip for the previous one); both reports are written row by row: ``OUT/report.csv`` and
+``OUT/report.json`` (file, status, signer, time, error).
 """
 
 from __future__ import annotations
@@ -18,9 +23,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import csv
-import datetime as dt
 import hashlib
 import json
+import math
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -29,12 +34,16 @@ from typing import IO, Any
 
 from lxml import etree
 
-from gateway.errors import GatewayError
-from gateway.local.agent import CardSessionEnded, DocumentJob, LocalAgent, NoCard
+from gateway.clock import Clock
+from gateway.errors import GatewayError, InvalidRequest
+from gateway.local.agent import CardSessionEnded, LocalAgent, NoCard
 from gateway.sign.eprescription import PROFILES, EPrescriptionInput, profile_for_document
 from gateway.sign.xades import parse_untrusted
+from gateway.signing.core import DocumentJob
 
-PARALLEL = 3
+#: Documents in flight: enough that one is always ready for the card while the others are
+#: being built or written.
+PARALLEL = 4
 SUFFIXES = (".xml", ".csv")
 REPORT_JSON = "report.json"
 REPORT_CSV = "report.csv"
@@ -53,10 +62,22 @@ class BatchResult:
     def complete(self) -> bool:
         return self.failed == 0 and self.not_done == 0 and self.stopped is None
 
+    def summary(self) -> dict[str, Any]:
+        return {
+            "files": self.files,
+            "signed": self.signed,
+            "skipped": self.skipped,
+            "failed": self.failed,
+            "not_done": self.not_done,
+            "stopped": self.stopped,
+            "complete": self.complete,
+        }
+
 
 @dataclass
 class _Report:
     out: Path
+    clock: Clock
     _csv: IO[str] = field(init=False)
     _json: IO[str] = field(init=False)
     _writer: Any = field(init=False)
@@ -70,7 +91,7 @@ class _Report:
         self._json.write('{"files": [\n')
 
     def row(self, file: str, status: str, signer: str, error: str = "") -> None:
-        when = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+        when = self.clock().isoformat(timespec="seconds")
         self._writer.writerow([file, status, signer, when, error])
         entry = {"file": file, "status": status, "signer": signer, "time": when, "error": error}
         self._json.write(("" if self._first else ",\n") + json.dumps(entry, ensure_ascii=False))
@@ -85,15 +106,19 @@ class _Report:
             os.replace(self.out / f".{name}.tmp", self.out / name)
 
 
+def iter_inputs(src: Path) -> Iterator[str]:
+    """The input file names, lazily, in the directory's own order (never a list in memory)."""
+    with os.scandir(src) as entries:
+        for e in entries:
+            if e.name.startswith(".") or not e.name.lower().endswith(SUFFIXES):
+                continue
+            if e.is_file():
+                yield e.name
+
+
 def input_names(src: Path) -> list[str]:
-    """The input file names, sorted (names only: the documents are read one at a time)."""
-    names = [
-        e.name
-        for e in os.scandir(src)
-        if e.is_file() and not e.name.startswith(".") and e.name.lower().endswith(SUFFIXES)
-    ]
-    names.sort()
-    return names
+    """The input file names, sorted (for callers that want a list; the batch does not)."""
+    return sorted(iter_inputs(src))
 
 
 def output_name(name: str) -> str:
@@ -131,15 +156,25 @@ def write_atomic(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
-def first_document_type(src: Path, names: list[str], out: Path, level: str) -> str | None:
-    for name in names:
+@dataclass
+class Survey:
+    files: int = 0
+    pending: int = 0
+    first_type: str | None = None  # document type of the first readable pending file
+
+
+def survey(src: Path, out: Path, level: str) -> Survey:
+    """Count the inputs and those still to sign; the first pending document's type."""
+    s = Survey()
+    for name in iter_inputs(src):
+        s.files += 1
         if (out / output_name(name)).exists():
             continue
-        try:
-            return job_for((src / name).read_bytes(), name, level=level)[1]
-        except (GatewayError, etree.LxmlError, OSError):
-            continue
-    return None
+        s.pending += 1
+        if s.first_type is None:
+            with contextlib.suppress(GatewayError, etree.LxmlError, OSError):
+                s.first_type = job_for((src / name).read_bytes(), name, level=level)[1]
+    return s
 
 
 async def sign_batch(
@@ -150,54 +185,75 @@ async def sign_batch(
     pin: Callable[[], bytearray],
     level: str = "AdES-B-B",
     progress: Callable[[int, int], None] | None = None,
-    names: list[str] | None = None,
+    stop: asyncio.Event | None = None,
 ) -> BatchResult:
-    """Sign every pending file; ``pin`` is called once, after the certificate check."""
+    """Sign every pending file; ``pin`` is called once, after the certificate check. Setting
+    ``stop`` ends the batch after the documents in flight (Ctrl-C)."""
     await asyncio.to_thread(out.mkdir, parents=True, exist_ok=True)
-    names = await asyncio.to_thread(input_names, src) if names is None else names
-    result = BatchResult(files=len(names))
-    pending = [n for n in names if not (out / output_name(n)).exists()]
-    result.skipped = len(names) - len(pending)
-    report = _Report(out)
+    if await asyncio.to_thread(os.path.samefile, src, out):
+        raise InvalidRequest("the output folder must not be the input folder")
+    found = await asyncio.to_thread(survey, src, out, level)
+    result = BatchResult(files=found.files)
+    stop = stop or asyncio.Event()
+    report = _Report(out, agent.clock)
+    writes: set[asyncio.Task[None]] = set()
     signer = ""
-    try:
-        for n in names:
-            if (out / output_name(n)).exists():
-                report.row(n, "skipped", "", "already signed")
+
+    def advance() -> None:
         if progress:
-            progress(result.skipped, len(names))
-        if not pending:
-            return result
-        credential_id = await agent.ensure_card()
-        cert = await agent.store.certificate()
-        signer = cert.subject.rfc4514_string()
-        doc_type = first_document_type(src, pending, out, level)
-        agent.check_certificate(cert, doc_type)  # before the PIN
-        sad = await agent.authorize(
-            credential_id=credential_id, pin=pin(), num_signatures=len(pending)
-        )
-        queue: Iterator[str] = iter(pending)
-        stop = asyncio.Event()
+            progress(result.skipped + result.signed + result.failed, result.files)
+
+    try:
+        if progress:
+            progress(0, result.files)
+        sad = credential_id = ""
+        if found.pending:
+            credential_id = await agent.ensure_card()
+            cert = await agent.store.certificate()
+            signer = cert.subject.rfc4514_string()
+            agent.check_certificate(cert, found.first_type)  # before the PIN
+            sad = await agent.authorize(
+                credential_id=credential_id,
+                pin=pin(),
+                num_signatures=found.pending,
+                max_signatures=found.pending,
+                lifetime=math.inf,  # a card at ~1 s a signature takes hours for 10,000 files
+            )
+        names = iter_inputs(src)
+
+        async def finish(name: str, doc: bytes) -> None:
+            try:
+                await asyncio.to_thread(write_atomic, out / output_name(name), doc)
+            except OSError as e:
+                result.failed += 1
+                report.row(name, "failed", signer, f"cannot write the output: {e}")
+            else:
+                result.signed += 1
+                report.row(name, "signed", signer)
+            advance()
 
         async def worker() -> None:
-            for name in queue:
+            for name in names:
+                if (out / output_name(name)).exists():
+                    result.skipped += 1
+                    report.row(name, "skipped", "", "already signed")
+                    advance()
+                    continue
                 if stop.is_set():
                     result.not_done += 1
-                    report.row(name, "not_signed", signer, "the batch stopped before this file")
+                    why = result.stopped or "the batch stopped before this file"
+                    report.row(name, "not_signed", signer, why)
                     continue
                 try:
-                    data = await asyncio.to_thread((src / name).read_bytes)
+                    data = (src / name).read_bytes()
                     job, _ = job_for(data, name, level=level)
                     del data
                     signed = await agent.sign_documents(
-                        credential_id=credential_id, sad=sad, jobs=[job]
+                        credential_id=credential_id, sad=sad, jobs=[job], probe=False
                     )
-                    doc = signed[0].document_with_signature
-                    assert doc is not None
-                    await asyncio.to_thread(write_atomic, out / output_name(name), doc)
                 except (NoCard, CardSessionEnded) as e:
+                    result.stopped = result.stopped or e.description
                     stop.set()
-                    result.stopped = e.description
                     result.not_done += 1
                     report.row(name, "not_signed", signer, e.description)
                     continue
@@ -205,30 +261,34 @@ async def sign_batch(
                     result.failed += 1
                     desc = e.description if isinstance(e, GatewayError) else str(e)
                     report.row(name, "failed", signer, desc)
+                    advance()
                     continue
-                result.signed += 1
-                report.row(name, "signed", signer)
-                if progress:
-                    progress(result.skipped + result.signed + result.failed, len(names))
+                doc = signed[0].document_with_signature
+                assert doc is not None
+                # Shielded: once the card has signed, the output and its report row are
+                # written even if the batch is cancelled meanwhile.
+                task = asyncio.ensure_future(finish(name, doc))
+                writes.add(task)
+                task.add_done_callback(writes.discard)
+                await asyncio.shield(task)
 
+        async def watch_stop() -> None:
+            await stop.wait()
+            result.stopped = result.stopped or "interrupted"
+
+        watcher = asyncio.ensure_future(watch_stop())
         try:
             await asyncio.gather(*(worker() for _ in range(PARALLEL)))
-        except asyncio.CancelledError:
-            result.stopped = "interrupted"
-            raise
+        finally:
+            watcher.cancel()
         return result
+    except asyncio.CancelledError:
+        result.stopped = result.stopped or "interrupted"
+        raise
     finally:
+        if writes:  # documents already signed by the card: on disk before the report closes
+            await asyncio.gather(*writes, return_exceptions=True)
         done = result.skipped + result.signed + result.failed + result.not_done
-        result.not_done += max(0, len(names) - done)
+        result.not_done += max(0, result.files - done)
         with contextlib.suppress(OSError):
-            report.close(
-                {
-                    "files": result.files,
-                    "signed": result.signed,
-                    "skipped": result.skipped,
-                    "failed": result.failed,
-                    "not_done": result.not_done,
-                    "stopped": result.stopped,
-                    "complete": result.complete,
-                }
-            )
+            report.close(result.summary())

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import getpass
 import json
 import signal
@@ -48,8 +49,8 @@ async def cmd_local_serve(args: argparse.Namespace) -> int:
     settings = settings_of(args)
     secret_path = Path(args.secret_file or settings.local.secret_file or default_secret_file())
     secret = load_or_create_secret(secret_path)
-    agent = build_local_agent(settings, args.reader)
-    port = args.port or settings.local.port
+    agent = build_local_agent(settings, args.reader, pkcs11_module=args.pkcs11_module)
+    port = settings.local.port if args.port is None else args.port
     runner = web.AppRunner(create_local_app(agent, secret), access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, LOOPBACK, port)
@@ -73,7 +74,7 @@ async def cmd_local_serve(args: argparse.Namespace) -> int:
 async def cmd_local_sign_batch(args: argparse.Namespace) -> int:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
 
-    from gateway.local.batch import input_names, sign_batch
+    from gateway.local.batch import sign_batch
     from gateway.local.setup import build_local_agent
 
     settings = settings_of(args)
@@ -81,8 +82,7 @@ async def cmd_local_sign_batch(args: argparse.Namespace) -> int:
     if not src.is_dir():
         print(f"hpki-gateway local: {src} is not a directory", file=sys.stderr)
         return 2
-    agent = build_local_agent(settings, args.reader)
-    names = input_names(src)
+    agent = build_local_agent(settings, args.reader, pkcs11_module=args.pkcs11_module)
     progress = Progress(
         "[progress.description]{task.description}",
         BarColumn(),
@@ -92,40 +92,65 @@ async def cmd_local_sign_batch(args: argparse.Namespace) -> int:
         transient=False,
         disable=args.json,
     )
-    task = progress.add_task("signing", total=len(names))
+    task = progress.add_task("signing", total=None)
 
     def advance(done: int, total: int) -> None:
         progress.update(task, completed=done, total=total)
 
+    # Ctrl-C once: finish the documents in flight, write the report, exit 130. Twice: cancel
+    # (documents the card has signed are still written). The handler is installed once the
+    # PIN has been read, so Ctrl-C at the PIN prompt simply ends the program.
+    stop = asyncio.Event()
+    main = asyncio.current_task()
+    loop = asyncio.get_running_loop()
+
+    def on_sigint() -> None:
+        if stop.is_set() and main is not None:
+            main.cancel()
+        stop.set()
+
+    def pin() -> bytearray:
+        value = read_pin(args)
+        loop.add_signal_handler(signal.SIGINT, on_sigint)
+        return value
+
     try:
         with progress:
             result = await sign_batch(
-                agent,
-                src,
-                out,
-                pin=lambda: read_pin(args),
-                level=args.level,
-                progress=advance,
-                names=names,
+                agent, src, out, pin=pin, level=args.level, progress=advance, stop=stop
             )
     except CardError as e:
         print(f"hpki-gateway local: {e.message(args.lang)}", file=sys.stderr)
         return EXIT_CARD
+    except asyncio.CancelledError:
+        print(json.dumps({"stopped": "interrupted", "report": str(out / "report.json")}))
+        return EXIT_INTERRUPTED
     finally:
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.remove_signal_handler(signal.SIGINT)
         await agent.close()
-    summary = {
-        "files": result.files,
-        "signed": result.signed,
-        "skipped": result.skipped,
-        "failed": result.failed,
-        "not_done": result.not_done,
-        "stopped": result.stopped,
-        "report": str(out / "report.json"),
-    }
+    summary = {**result.summary(), "report": str(out / "report.json")}
     print(json.dumps(summary, ensure_ascii=False))
     if result.complete:
         return 0
+    if result.stopped == "interrupted":
+        return EXIT_INTERRUPTED
     return EXIT_CARD if result.stopped else EXIT_FAILED
+
+
+def _card_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--reader",
+        default=None,
+        help="PC/SC reader (default: local.reader); with --pkcs11-module: the token label",
+    )
+    p.add_argument(
+        "--pkcs11-module",
+        metavar="PATH",
+        default=None,
+        help="drive the card through its vendor's PKCS#11 module (default: local.pkcs11_module;"
+        " unset: APDUs over PC/SC)",
+    )
 
 
 def register(sub: Any) -> None:
@@ -135,14 +160,14 @@ def register(sub: Any) -> None:
     ).add_subparsers(dest="sub", required=True)
     p = local.add_parser("serve", help="the local agent: CSC-shaped API on 127.0.0.1")
     config_flags(p, json_flag=False)
-    p.add_argument("--reader", default=None, help="PC/SC reader (default: local.reader)")
+    _card_flags(p)
     p.add_argument("--port", type=int, default=None, help="loopback port (0: any free one)")
     p.add_argument("--secret-file", default=None, help="the per-install secret (0600)")
     p.set_defaults(func=cmd_local_serve)
     p = local.add_parser("sign-batch", help="sign every e-prescription in a folder, one PIN")
     p.add_argument("input", metavar="IN", help="folder of unsigned XML / CSV files")
     p.add_argument("--out", required=True, help="folder for the signed files and the report")
-    p.add_argument("--reader", default=None, help="PC/SC reader (default: local.reader)")
+    _card_flags(p)
     p.add_argument("--pin-stdin", action="store_true", help="read the PIN from standard input")
     p.add_argument("--level", choices=LEVELS, default="AdES-B-B")
     p.add_argument("--lang", choices=["ja", "en"], default="ja")

@@ -21,33 +21,21 @@ from typing import Any
 from aiohttp import web
 from cryptography.hazmat.primitives import serialization
 
-from gateway.api.decode import RSA_ENCRYPTION, SHA_RSA_256, decode_hashes, digest_algorithm
+from gateway.api.csc import CONFORMANCE_LEVELS, METHODS, RSA_SIGN_ALGOS, SIGNATURE_FORMATS
+from gateway.api.decode import decode_hashes, digest_algorithm
 from gateway.api.errors import from_gateway_error, render
 from gateway.api.schema import CscRequest, parse
+from gateway.api.sign_doc_io import check_entries, jobs_of, response_body
 from gateway.api.sign_doc_schema import SignDocRequest
 from gateway.api.signing import AuthorizeRequest, SignHashRequest
+from gateway.api.signing import _algorithm as sign_hash_algorithm
 from gateway.card.errors import CardError
 from gateway.errors import GatewayError, InvalidRequest
 from gateway.files import write_private
-from gateway.hsm.api import DigestAlgorithm
-from gateway.local.agent import DocumentJob, LocalAgent, NoCard, PinRejected
-from gateway.sign.service import check_request
+from gateway.local.agent import LocalAgent, NoCard, PinRejected
 
 AGENT = web.AppKey("local_agent", LocalAgent)
 SECRET = web.AppKey("local_secret", bytes)
-METHODS = [
-    "info",
-    "credentials/list",
-    "credentials/info",
-    "credentials/authorize",
-    "signatures/signHash",
-    "signatures/signDoc",
-]
-SIGN_ALGOS = {
-    "1.2.840.113549.1.1.11": DigestAlgorithm.SHA256,
-    "1.2.840.113549.1.1.12": DigestAlgorithm.SHA384,
-    "1.2.840.113549.1.1.13": DigestAlgorithm.SHA512,
-}
 MAX_HASHES = 1000
 LOOPBACK = "127.0.0.1"
 
@@ -124,17 +112,10 @@ async def info(request: web.Request) -> web.Response:
             "lang": "ja-JP",
             "description": "local signing with the HPKI card in this PC's reader",
             "authType": ["external"],
-            "methods": METHODS,
-            "signAlgorithms": {"algos": [*SIGN_ALGOS, RSA_ENCRYPTION]},
-            "signature_formats": {
-                "formats": ["C", "X", "P"],
-                "envelope_properties": [
-                    ["Detached", "Attached"],
-                    ["Enveloped", "Enveloping", "Detached"],
-                    ["Certification", "Revision"],
-                ],
-            },
-            "conformance_levels": ["AdES-B-B", "AdES-B-T", "AdES-B-LT", "AdES-B-LTA"],
+            "methods": METHODS,  # the remote gateway's, all of them served here
+            "signAlgorithms": {"algos": RSA_SIGN_ALGOS},
+            "signature_formats": SIGNATURE_FORMATS,
+            "conformance_levels": CONFORMANCE_LEVELS,
             "presenceMethods": ["pin"],
         }
     )
@@ -144,10 +125,10 @@ async def _credential_info(agent: LocalAgent, cid: str, certificates: str) -> di
     cert = await agent.certificate(cid)
     now = agent.clock()
     valid = cert.not_valid_before_utc <= now < cert.not_valid_after_utc
-    tries = await agent.store.tries_left()
+    tries = await agent.tries_left()
     out: dict[str, Any] = {
         "description": "HPKI card signing key (RSA-2048)",
-        "key": {"status": "enabled", "algo": [*SIGN_ALGOS, RSA_ENCRYPTION], "len": 2048},
+        "key": {"status": "enabled", "algo": RSA_SIGN_ALGOS, "len": 2048},
         "cert": {
             "status": "valid" if valid else "expired",
             "issuerDN": cert.issuer.rfc4514_string(),
@@ -164,7 +145,7 @@ async def _credential_info(agent: LocalAgent, cid: str, certificates: str) -> di
         "PIN": {"presence": "true", "format": "A", "label": "HPKI card PIN"},
         "SCAL": "2",
         "multisign": MAX_HASHES,
-        "pin_tries_left": 15 if tries is None else tries,
+        "pin_tries_left": tries,  # null: the card's PKCS#11 module does not tell
     }
     if certificates in ("single", "chain"):
         der = cert.public_bytes(serialization.Encoding.DER)
@@ -234,21 +215,10 @@ async def sign_hash(request: web.Request) -> web.Response:
     req = await parse(request, SignHashRequest)
     agent = request.app[AGENT]
     raw = req.hashes if req.hashes is not None else req.hash
-    if raw is None:
+    if not raw:
         raise InvalidRequest("Missing (or invalid type) parameter hashes")
     hashes = decode_hashes(raw, field="hashes", max_count=MAX_HASHES)
-    if req.signAlgo in SIGN_ALGOS:
-        algorithm = SIGN_ALGOS[req.signAlgo]
-        oid = req.hashAlgorithmOID or req.hashAlgo
-        if oid is not None and digest_algorithm(oid) is not algorithm:
-            raise InvalidRequest("Invalid parameter hashAlgorithmOID: does not match signAlgo")
-    elif req.signAlgo == RSA_ENCRYPTION:
-        oid = req.hashAlgorithmOID or req.hashAlgo
-        if oid is None:
-            raise InvalidRequest("Missing (or invalid type) parameter hashAlgorithmOID")
-        algorithm = digest_algorithm(oid)
-    else:
-        raise InvalidRequest(f"Invalid parameter signAlgo: {req.signAlgo!r} is not supported")
+    algorithm = sign_hash_algorithm(req)  # the remote gateway's rules, to the letter
     signatures = await agent.sign_hash(
         credential_id=req.credentialID, sad=req.SAD, hashes=hashes, algorithm=algorithm
     )
@@ -259,48 +229,11 @@ async def sign_hash(request: web.Request) -> web.Response:
 async def sign_doc(request: web.Request) -> web.Response:
     req = await parse(request, SignDocRequest)
     agent = request.app[AGENT]
-    digests = iter(req.authorized_digests())
-    jobs: list[DocumentJob] = []
-    for d in req.documents or []:
-        if d.signAlgo not in (SHA_RSA_256, RSA_ENCRYPTION):
-            raise InvalidRequest(f"Invalid parameter signAlgo: {d.signAlgo!r}")
-        check_request(d.signature_format, d.conformance_level, d.signed_envelope_property,
-                      d.profile)  # fmt: skip
-        jobs.append(
-            DocumentJob(
-                digest=next(digests),
-                signature_format=d.signature_format,
-                conformance_level=d.conformance_level,
-                envelope=d.signed_envelope_property,
-                document=d.decoded(),
-                profile=d.profile,
-                csv_encoding=d.csv_encoding,
-                eprescription_input=d.eprescription_input(),
-            )
-        )
-    for entry in req.documentDigests or []:
-        for digest in entry.decoded():
-            jobs.append(
-                DocumentJob(
-                    digest=next(digests),
-                    signature_format="C",
-                    conformance_level=entry.conformance_level,
-                    envelope="Detached",
-                    document=None,
-                    document_digest=digest,
-                )
-            )
-    results = await agent.sign_documents(credential_id=req.credentialID, sad=req.SAD, jobs=jobs)
-    b64 = base64.b64encode
-    body: dict[str, Any] = {}
-    with_sig = [b64(r.document_with_signature).decode() for r in results
-                if r.document_with_signature is not None]  # fmt: skip
-    objects = [b64(r.signature_object).decode() for r in results if r.signature_object is not None]
-    if with_sig:
-        body["DocumentWithSignature"] = with_sig
-    if objects:
-        body["SignatureObject"] = objects
-    return web.json_response(body)
+    check_entries(req, agent)  # before the SAD is spent, as on the remote gateway
+    results = await agent.sign_documents(
+        credential_id=req.credentialID, sad=req.SAD, jobs=jobs_of(req)
+    )
+    return web.json_response(response_body(results))
 
 
 def create_local_app(

@@ -2,14 +2,24 @@
 
 from __future__ import annotations
 
+import hmac
+from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import reduce
 from typing import Protocol
 
+from asn1crypto.algos import DigestInfo
+from cryptography.hazmat.primitives import hashes
+
 from gateway.card.apdu import (
     SW_END_OF_FILE,
+    SW_FILE_NOT_FOUND,
+    SW_INCOMPATIBLE_FILE,
+    SW_NO_CURRENT_EF,
     SW_OFFSET_OUT_OF_RANGE,
     SW_OK,
+    SW_REFERENCE_DATA_UNUSABLE,
+    SW_WRONG_LENGTH,
     SW_WRONG_P1P2,
     Command,
     Response,
@@ -58,3 +68,93 @@ class BinaryFile:
         want = min(command.le or MAX_READ, MAX_READ)
         chunk = self.content[offset : offset + want]
         return Response(chunk, SW_OK if len(chunk) == want else SW_END_OF_FILE)
+
+
+class FileApplet:
+    """What both virtual cards do alike: one application SELECTed by AID (``00 A4 04 00``),
+    EFs by file id (``00 A4 02 0C``), READ BINARY of transparent EFs, and a PIN with a try
+    counter (``63 Cx`` tries left, ``69 84`` once blocked; the empty VERIFY asks without
+    spending a try). A reset or a new SELECT of the application forgets the PIN.
+
+    Subclasses (dataclasses) hold ``aid``, ``tries_left`` and ``_files`` and call
+    ``self._forget()`` when built; they name EFs that SELECT finds but READ BINARY refuses
+    (a key, a PIN) in ``_hidden``.
+    """
+
+    aid: bytes
+    tries_left: int
+    _files: dict[int, BinaryFile]
+    _hidden: frozenset[int] = frozenset()
+    _selected: bool
+    _ef: int | None
+    _verified: bool
+
+    @property
+    def blocked(self) -> bool:
+        return self.tries_left <= 0
+
+    def power_on(self) -> None:
+        self._forget()
+
+    def power_off(self) -> None:
+        self._forget()
+
+    def reset(self) -> None:
+        self._forget()
+
+    def _forget(self) -> None:
+        self._selected, self._ef, self._verified = False, None, False
+
+    def _select(self, c: Command) -> Response:
+        if c.p1 == 0x04:
+            if c.data != self.aid:
+                return Response.status(SW_FILE_NOT_FOUND)
+            self._forget()
+            self._selected = True
+            return Response.status(SW_OK)
+        if c.p1 == 0x02:
+            if len(c.data) != 2:
+                return Response.status(SW_WRONG_LENGTH)
+            fid = int.from_bytes(c.data, "big")
+            if not self._selected or (fid not in self._files and fid not in self._hidden):
+                return Response.status(SW_FILE_NOT_FOUND)
+            self._ef = fid
+            return Response.status(SW_OK)
+        return Response.status(SW_WRONG_P1P2)
+
+    def _read_binary(self, c: Command) -> Response:
+        if self._ef is None:
+            return Response.status(SW_NO_CURRENT_EF)
+        f = self._files.get(self._ef)
+        if f is None:  # a key or a PIN: selectable, never readable
+            return Response.status(SW_INCOMPATIBLE_FILE)
+        return f.read(c)
+
+    def _check_pin(self, given: bytes, pin: bytes, max_tries: int) -> Response:
+        """VERIFY's answer once the command's own checks passed."""
+        if self.blocked:
+            return Response.status(SW_REFERENCE_DATA_UNUSABLE)
+        if not given:  # tries left, without spending one
+            return Response.status(SW_OK if self._verified else 0x63C0 | self.tries_left)
+        if hmac.compare_digest(given, pin):
+            self.tries_left, self._verified = max_tries, True
+            return Response.status(SW_OK)
+        self.tries_left -= 1
+        self._verified = False
+        return Response.status(0x63C0 | self.tries_left)  # the last wrong one: 63 C0
+
+
+def parse_digest_info(
+    data: bytes, algorithms: Mapping[str, hashes.HashAlgorithm]
+) -> tuple[hashes.HashAlgorithm, bytes] | None:
+    """The hash algorithm and digest of a DER DigestInfo, or None when it is not one (or names
+    an algorithm outside ``algorithms``, or the digest has the wrong length)."""
+    try:
+        info = DigestInfo.load(data, strict=True)
+        algorithm = algorithms[info["digest_algorithm"]["algorithm"].native]
+        digest = bytes(info["digest"].native)
+    except (ValueError, KeyError, TypeError):
+        return None
+    if len(digest) != algorithm.digest_size:
+        return None
+    return algorithm, digest

@@ -16,11 +16,9 @@ certificate EF 0016, no directory files) that a host only knows from a card prof
 
 from __future__ import annotations
 
-import hmac
 import time
 from dataclasses import dataclass, field
 
-from asn1crypto.algos import DigestInfo
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
@@ -28,12 +26,8 @@ from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
 from gateway.card.apdu import (
     SW_CLA_NOT_SUPPORTED,
     SW_CONDITIONS_NOT_SATISFIED,
-    SW_FILE_NOT_FOUND,
-    SW_INCOMPATIBLE_FILE,
     SW_INS_NOT_SUPPORTED,
-    SW_NO_CURRENT_EF,
     SW_OK,
-    SW_REFERENCE_DATA_UNUSABLE,
     SW_SECURITY_NOT_SATISFIED,
     SW_WRONG_DATA,
     SW_WRONG_LENGTH,
@@ -42,7 +36,7 @@ from gateway.card.apdu import (
     Response,
 )
 from gateway.card.pkcs15 import build_cdf, build_od, build_prkdf
-from gateway.vcard.applet import BinaryFile, make_atr
+from gateway.vcard.applet import BinaryFile, FileApplet, make_atr, parse_digest_info
 
 #: The signing application of a real JMA card (RID E8 28 BD 08 0F + PIX).
 HPKI_SIGN_AID = bytes.fromhex("E828BD080FA000000391000000000001")
@@ -78,7 +72,7 @@ _HASHES: dict[str, hashes.HashAlgorithm] = {
 
 
 @dataclass
-class HpkiApplet:
+class HpkiApplet(FileApplet):
     """One card; its state (the PIN counter included) lives as long as the object."""
 
     key: rsa.RSAPrivateKey
@@ -91,9 +85,6 @@ class HpkiApplet:
     #: Simulated time the card takes per signature (a real card: ~0.3-1 s), for the bench.
     sign_delay: float = 0.0
     signatures: int = field(default=0, init=False)
-    _selected: bool = field(default=False, init=False)
-    _ef: int | None = field(default=None, init=False)
-    _verified: bool = field(default=False, init=False)
     _dst_key: int | None = field(default=None, init=False)
     _chain: bytes | None = field(default=None, init=False)
 
@@ -102,8 +93,9 @@ class HpkiApplet:
             raise ValueError("an HPKI card PIN has 4 to 16 characters")
         if self.key.key_size != 2048:
             raise ValueError("HPKI cards hold RSA-2048 keys")
+        self._forget()
         lay = self.layout
-        self._files: dict[int, BinaryFile] = {lay.cert_fid: BinaryFile(self.cert_der)}
+        self._files = {lay.cert_fid: BinaryFile(self.cert_der)}
         if lay.pkcs15:
             self._files[EF_OD] = BinaryFile(build_od(prkdf_fid=EF_PRKDF, cdf_fid=EF_CDF))
             self._files[EF_PRKDF] = BinaryFile(
@@ -127,21 +119,8 @@ class HpkiApplet:
     def atr(self) -> bytes:
         return make_atr(b"HPKIGW-HPKI")
 
-    @property
-    def blocked(self) -> bool:
-        return self.tries_left <= 0
-
-    def power_on(self) -> None:
-        self._forget()
-
-    def power_off(self) -> None:
-        self._forget()
-
-    def reset(self) -> None:
-        self._forget()
-
     def _forget(self) -> None:
-        self._selected, self._ef, self._verified = False, None, False
+        super()._forget()
         self._dst_key, self._chain = None, None
 
     def accepts(self, raw_length: int) -> bool:
@@ -170,46 +149,12 @@ class HpkiApplet:
             return self._mse(command)
         return Response.status(SW_INS_NOT_SUPPORTED)
 
-    def _select(self, c: Command) -> Response:
-        if c.p1 == 0x04:
-            if c.data != self.aid:
-                return Response.status(SW_FILE_NOT_FOUND)
-            self._forget()
-            self._selected = True
-            return Response.status(SW_OK)
-        if c.p1 == 0x02:
-            if len(c.data) != 2:
-                return Response.status(SW_WRONG_LENGTH)
-            fid = int.from_bytes(c.data, "big")
-            if not self._selected or fid not in self._files:
-                return Response.status(SW_FILE_NOT_FOUND)
-            self._ef = fid
-            return Response.status(SW_OK)
-        return Response.status(SW_WRONG_P1P2)
-
-    def _read_binary(self, c: Command) -> Response:
-        if self._ef is None:
-            return Response.status(SW_NO_CURRENT_EF)
-        f = self._files.get(self._ef)
-        if f is None:
-            return Response.status(SW_INCOMPATIBLE_FILE)
-        return f.read(c)
-
     def _verify(self, c: Command) -> Response:
         if c.p1 != 0x00 or c.p2 != self.layout.pin_ref:
             return Response.status(SW_WRONG_P1P2)
         if not self._selected:
             return Response.status(SW_CONDITIONS_NOT_SATISFIED)
-        if self.blocked:
-            return Response.status(SW_REFERENCE_DATA_UNUSABLE)
-        if not c.data:  # tries left, without spending one
-            return Response.status(SW_OK if self._verified else 0x63C0 | self.tries_left)
-        if hmac.compare_digest(c.data, self.pin.encode("utf-8")):
-            self.tries_left, self._verified = HPKI_PIN_TRIES, True
-            return Response.status(SW_OK)
-        self.tries_left -= 1
-        self._verified = False
-        return Response.status(0x63C0 | self.tries_left)  # the last wrong one: 63 C0
+        return self._check_pin(c.data, self.pin.encode("utf-8"), HPKI_PIN_TRIES)
 
     def _mse(self, c: Command) -> Response:
         if (c.p1, c.p2) != (0x41, 0xB6):
@@ -263,12 +208,4 @@ def _unpad(block: bytes) -> tuple[hashes.HashAlgorithm, bytes] | None:
     end = block.find(b"\x00", 2)
     if end < 10 or block[2:end] != b"\xff" * (end - 2):
         return None
-    try:
-        info = DigestInfo.load(block[end + 1 :], strict=True)
-        algorithm = _HASHES[info["digest_algorithm"]["algorithm"].native]
-        digest = bytes(info["digest"].native)
-    except (ValueError, KeyError, TypeError):
-        return None
-    if len(digest) != algorithm.digest_size:
-        return None
-    return algorithm, digest
+    return parse_digest_info(block[end + 1 :], _HASHES)

@@ -10,30 +10,24 @@ Behaviour follows the real card as read by OpenSC ``card-jpki.c`` and the jpki/m
 
 from __future__ import annotations
 
-import hmac
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-from asn1crypto.algos import DigestInfo
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
 
 from gateway.card.apdu import (
     SW_CLA_NOT_SUPPORTED,
-    SW_FILE_NOT_FOUND,
-    SW_INCOMPATIBLE_FILE,
     SW_INS_NOT_SUPPORTED,
     SW_NO_CURRENT_EF,
     SW_OK,
-    SW_REFERENCE_DATA_UNUSABLE,
     SW_SECURITY_NOT_SATISFIED,
     SW_WRONG_DATA,
-    SW_WRONG_LENGTH,
     SW_WRONG_P1P2,
     Command,
     Response,
 )
-from gateway.vcard.applet import BinaryFile, make_atr
+from gateway.vcard.applet import BinaryFile, FileApplet, make_atr, parse_digest_info
 
 JPKI_AID = bytes.fromhex("D392F000260100000001")
 EF_TOKEN = 0x0006
@@ -53,7 +47,7 @@ _HASHES: dict[str, hashes.HashAlgorithm] = {
 
 
 @dataclass
-class JpkiApplet:
+class JpkiApplet(FileApplet):
     """The card's state lives here (PIN counter included) for as long as the object lives."""
 
     auth_key: rsa.RSAPrivateKey
@@ -62,13 +56,13 @@ class JpkiApplet:
     pin: str
     token: str = TOKEN_MY_NUMBER_CARD
     tries_left: int = AUTH_PIN_TRIES
-    _ap_selected: bool = field(default=False, init=False)
-    _ef: int | None = field(default=None, init=False)
-    _verified: bool = field(default=False, init=False)
+    aid = JPKI_AID
+    _hidden = frozenset({EF_AUTH_KEY, EF_AUTH_PIN})  # selectable, never readable
 
     def __post_init__(self) -> None:
         if not (len(self.pin) == 4 and self.pin.isdigit()):
             raise ValueError("the JPKI authentication PIN is 4 digits")
+        self._forget()
         self._files = {
             EF_TOKEN: BinaryFile(self.token.encode("ascii").ljust(32, b" ")),
             EF_AUTH_CERT: BinaryFile(self.auth_cert_der),
@@ -81,22 +75,6 @@ class JpkiApplet:
     @property
     def atr(self) -> bytes:
         return make_atr(b"HPKIGW-JPKI")
-
-    @property
-    def blocked(self) -> bool:
-        return self.tries_left <= 0
-
-    def power_on(self) -> None:
-        self._forget()
-
-    def power_off(self) -> None:
-        self._forget()
-
-    def reset(self) -> None:
-        self._forget()
-
-    def _forget(self) -> None:
-        self._ap_selected, self._ef, self._verified = False, None, False
 
     def process(self, command: Command) -> Response:
         if command.cla not in (0x00, 0x80):
@@ -111,45 +89,12 @@ class JpkiApplet:
             return self._sign(command)
         return Response.status(SW_INS_NOT_SUPPORTED)
 
-    def _select(self, c: Command) -> Response:
-        if c.p1 == 0x04:
-            if c.data != JPKI_AID:
-                return Response.status(SW_FILE_NOT_FOUND)
-            self._ap_selected, self._ef, self._verified = True, None, False
-            return Response.status(SW_OK)
-        if c.p1 == 0x02:
-            if len(c.data) != 2:
-                return Response.status(SW_WRONG_LENGTH)
-            fid = int.from_bytes(c.data, "big")
-            if not self._ap_selected or fid not in (*self._files, EF_AUTH_KEY, EF_AUTH_PIN):
-                return Response.status(SW_FILE_NOT_FOUND)
-            self._ef = fid
-            return Response.status(SW_OK)
-        return Response.status(SW_WRONG_P1P2)
-
-    def _read_binary(self, c: Command) -> Response:
-        if self._ef is None:
-            return Response.status(SW_NO_CURRENT_EF)
-        f = self._files.get(self._ef)
-        if f is None:  # the key and the PIN are not readable
-            return Response.status(SW_INCOMPATIBLE_FILE)
-        return f.read(c)
-
     def _verify(self, c: Command) -> Response:
         if c.p1 != 0x00 or c.p2 != 0x80:
             return Response.status(SW_WRONG_P1P2)
         if self._ef != EF_AUTH_PIN:
             return Response.status(SW_NO_CURRENT_EF)
-        if self.blocked:
-            return Response.status(SW_REFERENCE_DATA_UNUSABLE)
-        if not c.data:  # how many tries are left, without spending one
-            return Response.status(SW_OK if self._verified else 0x63C0 | self.tries_left)
-        if hmac.compare_digest(c.data, self.pin.encode("ascii")):
-            self.tries_left, self._verified = AUTH_PIN_TRIES, True
-            return Response.status(SW_OK)
-        self.tries_left -= 1
-        self._verified = False
-        return Response.status(0x63C0 | self.tries_left)
+        return self._check_pin(c.data, self.pin.encode("ascii"), AUTH_PIN_TRIES)
 
     def _sign(self, c: Command) -> Response:
         if c.p1 != 0x00 or c.p2 != 0x80:
@@ -158,14 +103,10 @@ class JpkiApplet:
             return Response.status(SW_NO_CURRENT_EF)
         if not self._verified:
             return Response.status(SW_SECURITY_NOT_SATISFIED)
-        try:
-            info = DigestInfo.load(c.data, strict=True)
-            algorithm = _HASHES[info["digest_algorithm"]["algorithm"].native]
-            digest = bytes(info["digest"].native)
-        except (ValueError, KeyError, TypeError):
+        info = parse_digest_info(c.data, _HASHES)
+        if info is None:
             return Response.status(SW_WRONG_DATA)
-        if len(digest) != algorithm.digest_size:
-            return Response.status(SW_WRONG_DATA)
+        algorithm, digest = info
         # The card pads (PKCS#1 v1.5 type 1) and signs; cryptography rebuilds the very same
         # DigestInfo from the algorithm and digest it was given, so nothing is padded by hand.
         sig = self.auth_key.sign(digest, padding.PKCS1v15(), Prehashed(algorithm))

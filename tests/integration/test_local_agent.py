@@ -29,8 +29,15 @@ from gateway.pki.load import load_certificate_files
 from gateway.vcard.hpki import HPKI_PIN_TRIES
 from gateway.verify import TrustConfig, verify_document
 from tests.support.facility_system import sign_prescriptions
-from tests.support.gateway import CLI, REPO
-from tests.support.local import CardWorld, make_card_world, write_prescriptions
+from tests.support.local import (
+    Agent,
+    CardWorld,
+    LocalEndpoint,
+    make_card_world,
+    run_agent,
+    sign_batch_cli,
+    write_prescriptions,
+)
 from tests.support.pcsc import PcscWorld
 from tests.support.signing import Csc
 from tests.support.webauthn import SoftAuthenticator
@@ -52,46 +59,11 @@ def slot(pcsc: PcscWorld) -> Iterator[Any]:
     reader.remove()
 
 
-class Agent:
-    def __init__(self, url: str, secret: bytes, proc: subprocess.Popen[str]) -> None:
-        self.url, self.secret, self.proc = url, secret, proc
-
-    def post(self, path: str, body: Any, *, secret: bytes | None = None) -> tuple[int, Any]:
-        token = self.secret if secret is None else secret
-        req = urllib.request.Request(  # noqa: S310 - the agent's loopback URL
-            self.url + path,
-            data=json.dumps(body).encode(),
-            headers={"Content-Type": "application/json",
-                     "Authorization": "Bearer " + token.decode()},
-            method="POST",
-        )  # fmt: skip
-        try:
-            with urllib.request.urlopen(req, timeout=60) as r:  # noqa: S310 - loopback
-                return r.status, json.loads(r.read())
-        except urllib.error.HTTPError as e:
-            return e.code, json.loads(e.read())
-
-
 @pytest.fixture
 def agent(pcsc: PcscWorld, world: CardWorld, slot: Any, tmp_path: Path) -> Iterator[Agent]:
     cfg = world.config(reader=slot.name, secret_file=tmp_path / "secret")
-    proc = subprocess.Popen(
-        [*CLI, "local", "serve", "-c", str(cfg), "--port", "0"],
-        env=pcsc.env(), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
-    try:
-        assert proc.stdout is not None
-        line = proc.stdout.readline()
-        assert line, proc.stderr.read() if proc.stderr else ""
-        info = json.loads(line)
-        secret_path = Path(info["secret_file"])
-        assert secret_path.stat().st_mode & 0o077 == 0  # only this user can read it
-        assert info["url"].startswith("http://127.0.0.1:")
-        yield Agent(info["url"], secret_path.read_bytes().strip(), proc)
-    finally:
-        proc.terminate()
-        _, err = proc.communicate(timeout=30)
-        assert PIN not in err and "314159" not in err  # the PIN never reaches a log
+    with run_agent(cfg, pcsc.env(), secrets_never_logged=(PIN,)) as a:
+        yield a
 
 
 def _b64(b: bytes) -> str:
@@ -231,11 +203,7 @@ def test_agent_shows_the_lock_after_15_wrong_pins(
 def _batch(
     pcsc: PcscWorld, cfg: Path, src: Path, out: Path, pin: str
 ) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [*CLI, "local", "sign-batch", str(src), "--out", str(out), "--pin-stdin", "--json",
-         "-c", str(cfg)],
-        input=pin + "\n", env=pcsc.env(), cwd=REPO, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
+    return sign_batch_cli(pcsc.env(), cfg, src, out, pin)
 
 
 def test_sign_batch_of_50_prescriptions(
@@ -344,27 +312,6 @@ class RemoteEndpoint:
 
     def authorize(self, credential_id: str, hashes: list[bytes]) -> str:
         return self.csc.authorize(credential_id, hashes, self.auth)
-
-
-class LocalEndpoint:
-    """The local agent as the facility system sees it: loopback + secret, the card's PIN."""
-
-    def __init__(self, agent: Agent, pin: str) -> None:
-        self.agent, self.pin = agent, pin
-
-    def post(self, path: str, body: Any) -> tuple[int, Any]:
-        return self.agent.post(path, body)
-
-    def authorize(self, credential_id: str, hashes: list[bytes]) -> str:
-        status, body = self.agent.post(
-            "/csc/v2/credentials/authorize",
-            {"credentialID": credential_id, "numSignatures": len(hashes),
-             "hashes": [_b64(h) for h in hashes], "hashAlgorithmOID": SHA256,
-             "authData": [{"id": "pin", "value": self.pin}]},
-        )  # fmt: skip
-        assert status == 200, body
-        sad: str = body["SAD"]
-        return sad
 
 
 def test_facility_system_code_on_the_remote_gateway(

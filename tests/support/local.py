@@ -1,14 +1,24 @@
-"""A world for local signing: TEST HPKI CAs with CRLs, virtual HPKI cards they issue, and a
-settings file for ``hpki-gateway local ...`` pointing at them."""
+"""A world for local signing: TEST HPKI CAs with CRLs, virtual HPKI cards they issue, a
+settings file for ``hpki-gateway local ...`` pointing at them, the agent and the batch as real
+subprocesses, and a SoftHSM token standing in for a card vendor's PKCS#11 module."""
 
 from __future__ import annotations
 
+import base64
+import contextlib
 import datetime as dt
+import json
+import os
 import shutil
 import subprocess
+import urllib.error
+import urllib.request
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from gateway.pki.crl import CrlSource, load_crl_files
@@ -16,6 +26,8 @@ from gateway.pki.issue import CertAndKey
 from gateway.sandbox import testworld
 from gateway.sandbox.hpki_cards import HpkiTestCard, make_hpki_card
 from gateway.verify import TrustConfig
+from tests.support.gateway import CLI, REPO
+from tests.support.softhsm import SOFTHSM_MODULE, make_token
 
 PRESCRIPTION_CSV = "1,医療機関コード,1310000011\r\n2,処方,ロキソニン錠60mg,{n}錠,分3毎食後\r\n"
 
@@ -93,3 +105,148 @@ def write_prescriptions(directory: Path, n: int) -> list[str]:
         (directory / name).write_bytes(PRESCRIPTION_CSV.format(n=i + 1).encode())
         names.append(name)
     return names
+
+
+class Agent:
+    """``hpki-gateway local serve`` in a subprocess, called as a facility system would."""
+
+    def __init__(self, url: str, secret: bytes, proc: subprocess.Popen[str]) -> None:
+        self.url, self.secret, self.proc = url, secret, proc
+
+    def post(self, path: str, body: Any, *, secret: bytes | None = None) -> tuple[int, Any]:
+        token = self.secret if secret is None else secret
+        req = urllib.request.Request(  # noqa: S310 - the agent's loopback URL
+            self.url + path,
+            data=json.dumps(body).encode(),
+            headers={"Content-Type": "application/json",
+                     "Authorization": "Bearer " + token.decode()},
+            method="POST",
+        )  # fmt: skip
+        try:
+            with urllib.request.urlopen(req, timeout=60) as r:  # noqa: S310 - loopback
+                return r.status, json.loads(r.read())
+        except urllib.error.HTTPError as e:
+            return e.code, json.loads(e.read())
+
+
+class LocalEndpoint:
+    """The local agent as the facility system sees it: loopback + secret, the card's PIN."""
+
+    def __init__(self, agent: Agent, pin: str) -> None:
+        self.agent, self.pin = agent, pin
+
+    def post(self, path: str, body: Any) -> tuple[int, Any]:
+        return self.agent.post(path, body)
+
+    def authorize(self, credential_id: str, hashes: list[bytes]) -> str:
+        status, body = self.agent.post(
+            "/csc/v2/credentials/authorize",
+            {"credentialID": credential_id, "numSignatures": len(hashes),
+             "hashes": [base64.b64encode(h).decode() for h in hashes],
+             "hashAlgorithmOID": "2.16.840.1.101.3.4.2.1",
+             "authData": [{"id": "pin", "value": self.pin}]},
+        )  # fmt: skip
+        assert status == 200, body
+        sad: str = body["SAD"]
+        return sad
+
+
+@contextlib.contextmanager
+def run_agent(
+    cfg: Path, env: Mapping[str, str], *extra: str, secrets_never_logged: tuple[str, ...] = ()
+) -> Iterator[Agent]:
+    """Start the agent on a free loopback port; on exit, stop it and check that none of
+    ``secrets_never_logged`` reached its output."""
+    proc = subprocess.Popen(
+        [*CLI, "local", "serve", "-c", str(cfg), "--port", "0", *extra],
+        env=dict(env), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        assert line, proc.stderr.read() if proc.stderr else ""
+        info = json.loads(line)
+        secret_path = Path(info["secret_file"])
+        assert secret_path.stat().st_mode & 0o077 == 0  # only this user can read it
+        assert info["url"].startswith("http://127.0.0.1:")
+        yield Agent(info["url"], secret_path.read_bytes().strip(), proc)
+    finally:
+        proc.terminate()
+        out, err = proc.communicate(timeout=30)
+        for secret in secrets_never_logged:
+            assert secret not in out and secret not in err  # the PIN never reaches a log
+
+
+def sign_batch_cli(
+    env: Mapping[str, str], cfg: Path, src: Path, out: Path, pin: str, *extra: str
+) -> subprocess.CompletedProcess[str]:
+    """``local sign-batch --pin-stdin --json`` to completion."""
+    return subprocess.run(
+        [*CLI, "local", "sign-batch", str(src), "--out", str(out), "--pin-stdin", "--json",
+         "-c", str(cfg), *extra],
+        input=pin + "\n", env=dict(env), cwd=REPO, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+
+
+def last_json(stdout: str) -> Any:
+    return json.loads(stdout.strip().splitlines()[-1])
+
+
+@dataclass(frozen=True)
+class VendorToken:
+    """A SoftHSM token standing in for an HPKI card behind its vendor's PKCS#11 module: the
+    doctor's key generated on the token (as at card issuance), the certificate the TEST CA
+    issued for it, and the CA's certificate beside it."""
+
+    module: str
+    conf: Path
+    label: str
+    pin: str
+    cert: x509.Certificate
+
+    def env(self) -> dict[str, str]:
+        return {**os.environ, "SOFTHSM2_CONF": str(self.conf)}
+
+
+def make_vendor_token(
+    base: Path, world: CardWorld, *, label: str = "HPKI CARD", role: str = "Medical Doctor"
+) -> VendorToken:
+    """Made by subprocesses (softhsm2-util, pkcs11-tool): a SoftHSM configuration is read once
+    per process, and the test process may hold another one."""
+    token = make_token(base, label=label)
+    env = {**os.environ, "SOFTHSM2_CONF": str(token.conf)}
+
+    def tool(*args: str) -> None:
+        if shutil.which("pkcs11-tool") is None:
+            raise RuntimeError("pkcs11-tool is not installed (Debian: opensc)")
+        res = subprocess.run(
+            ["pkcs11-tool", "--module", SOFTHSM_MODULE, "--token-label", label,
+             "--login", "--pin", token.pin, *args],
+            env=env, capture_output=True, text=True, check=False, timeout=60,
+        )  # fmt: skip
+        if res.returncode != 0:
+            raise RuntimeError(f"pkcs11-tool {args[0]}: {res.stderr.strip()}")
+
+    tool("--keypairgen", "--key-type", "rsa:2048", "--id", "01", "--label", "HPKI signing key",
+         "--sensitive", "--usage-sign")  # fmt: skip
+    spki = base / "card-key.der"
+    tool("--read-object", "--type", "pubkey", "--id", "01", "--output-file", str(spki))
+    cert = testworld.issue_hpki_signer_cert(
+        world.ca,
+        public_key_der=spki.read_bytes(),
+        name_romaji="Yamada Taro",
+        name_kanji="山田 太郎",
+        role=role,
+        organization="HPKI TEST card holder",
+        serial_number_attr="CARDP11",
+        now=dt.datetime.now(dt.UTC) - dt.timedelta(minutes=5),
+        validity_days=365,
+    )
+    for der, oid, name in (
+        (cert.public_bytes(serialization.Encoding.DER), "01", "HPKI signing certificate"),
+        (world.ca.cert.public_bytes(serialization.Encoding.DER), "02", "HPKI signing CA"),
+    ):
+        path = base / f"cert-{oid}.der"
+        path.write_bytes(der)
+        tool("--write-object", str(path), "--type", "cert", "--id", oid, "--label", name)
+    return VendorToken(SOFTHSM_MODULE, token.conf, label, token.pin, cert)
