@@ -33,7 +33,7 @@ async def sign_doc(request: web.Request) -> web.Response:
     try:
         req = await parse(request, SignDocRequest)
         credential_id = req.credentialID
-        check_entries(req, signing)
+        check_entries(req, policy=signing.policy, tsa=signing.tsa)
         jobs = jobs_of(req)
     except GatewayError as e:
         if e.status < 500:

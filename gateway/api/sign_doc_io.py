@@ -11,33 +11,27 @@ from __future__ import annotations
 
 import base64
 from collections.abc import Sequence
-from typing import Any, Protocol
+from typing import Any
 
 from gateway.api.decode import RSA_ENCRYPTION, SHA_RSA_256
 from gateway.api.sign_doc_schema import DocumentDigestsEntry, DocumentEntry, SignDocRequest
-from gateway.errors import InvalidRequest
-from gateway.sign.service import SignedDocument
+from gateway.errors import InvalidRequest, PayloadTooLarge
+from gateway.sign.service import SignedDocument, SigningPolicy, check_request
+from gateway.sign.timestamp import TimestampClient
 from gateway.signing.core import DocumentJob
 
-__all__ = ["DocumentChecker", "check_entries", "check_entry", "jobs_of", "response_body"]
+__all__ = ["check_entries", "check_entry", "jobs_of", "response_body"]
 
 
-class DocumentChecker(Protocol):
-    """What can sign documents says what it cannot sign (``SigningService``, ``LocalAgent``)."""
-
-    def check_document(
-        self,
-        *,
-        signature_format: str,
-        conformance_level: str,
-        envelope: str | None,
-        profile: str | None,
-        size: int | None,
-    ) -> None: ...
-
-
-def check_entry(entry: DocumentEntry | DocumentDigestsEntry, signer: DocumentChecker) -> None:
-    """Refuse (InvalidRequest, PayloadTooLarge) what cannot be signed before the SAD is spent."""
+def check_entry(
+    entry: DocumentEntry | DocumentDigestsEntry,
+    *,
+    policy: SigningPolicy,
+    tsa: TimestampClient | None,
+) -> None:
+    """Refuse (InvalidRequest, PayloadTooLarge) what cannot be signed before the SAD is spent:
+    the signature algorithm, a level that needs a timestamp authority when none is set, the
+    document's size, the format / envelope / profile combination."""
     if entry.signAlgo not in (SHA_RSA_256, RSA_ENCRYPTION):
         raise InvalidRequest(
             f"Invalid parameter signAlgo: {entry.signAlgo!r}; signDoc signs RSA PKCS#1 v1.5 "
@@ -46,19 +40,29 @@ def check_entry(entry: DocumentEntry | DocumentDigestsEntry, signer: DocumentChe
         )
     if getattr(entry, "signAlgoParams", None):
         raise InvalidRequest("Invalid parameter signAlgoParams: RSA PKCS#1 v1.5 takes none")
+    if entry.conformance_level != "AdES-B-B" and tsa is None:
+        raise InvalidRequest(
+            f"{entry.conformance_level} needs a timestamp authority, and none is configured"
+        )
     document = entry if isinstance(entry, DocumentEntry) else None
-    signer.check_document(
-        signature_format=entry.signature_format,
-        conformance_level=entry.conformance_level,
-        envelope=entry.signed_envelope_property,
-        profile=document.profile if document else None,
-        size=len(document.decoded()) if document else None,
+    if document is not None and len(document.decoded()) > policy.max_document_bytes:
+        raise PayloadTooLarge(
+            f"document of {len(document.decoded())} bytes is over the limit of "
+            f"{policy.max_document_bytes} bytes"
+        )
+    check_request(
+        entry.signature_format,
+        entry.conformance_level,
+        entry.signed_envelope_property,
+        document.profile if document else None,
     )
 
 
-def check_entries(req: SignDocRequest, signer: DocumentChecker) -> None:
+def check_entries(
+    req: SignDocRequest, *, policy: SigningPolicy, tsa: TimestampClient | None
+) -> None:
     for entry in [*(req.documents or []), *(req.documentDigests or [])]:
-        check_entry(entry, signer)
+        check_entry(entry, policy=policy, tsa=tsa)
 
 
 def jobs_of(req: SignDocRequest) -> list[DocumentJob]:

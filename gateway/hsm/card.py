@@ -74,7 +74,120 @@ def card_key_id(cert: x509.Certificate) -> str:
     return hashlib.sha256(spki).digest()[:16].hex()
 
 
-class CardKeyStore:
+class CardKeyBase:
+    """What both card stores do alike: one worker thread for every card call, the key named
+    by its certificate, no key generation, sessions (``generation``) that end with the card.
+
+    Subclasses open and drop the card session (``_open_blocking``, ``_drop_blocking``, run on
+    the worker under ``_lock``), sign DigestInfos there (``_sign_blocking``), and translate a
+    card that left into CardError CARD_REMOVED / NO_CARD.
+    """
+
+    def __init__(self, reader: str, *, thread_name: str, retry_after: int = 5) -> None:
+        self.reader = reader
+        self._retry_after = retry_after
+        self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=thread_name)
+        self._cert: x509.Certificate | None = None
+        self._key_id: str | None = None
+        self._handles: dict[str, StoreKeyHandle] = {}
+        self._lock = threading.Lock()
+        #: Bumped whenever the card session ends (removed, replaced, closed): SADs bound to an
+        #: older generation are dead.
+        self.generation = 0
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(reader={self.reader!r}, key_id={self._key_id!r})"
+
+    async def _run(self, fn: Callable[[], T]) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._pool, fn)
+
+    def _open_blocking(self) -> None:
+        raise NotImplementedError
+
+    def _drop_blocking(self) -> None:
+        raise NotImplementedError
+
+    def _sign_blocking(self, infos: list[bytes]) -> list[bytes]:
+        raise NotImplementedError
+
+    async def check(self) -> None:
+        raise NotImplementedError
+
+    async def key_attributes(self, key_id: str) -> dict[str, bool]:
+        raise NotImplementedError
+
+    def _unavailable(self, e: CardError) -> HsmUnavailable:
+        return HsmUnavailable(
+            f"HPKI card in {self.reader}: {e.code.value}", retry_after=self._retry_after
+        )
+
+    async def open(self) -> None:
+        """Find the card, read its certificate (no PIN)."""
+        await self._run(self._open_blocking)
+
+    async def close(self) -> None:
+        def drop() -> None:
+            with self._lock:
+                self._drop_blocking()
+
+        await self._run(drop)
+        self._pool.shutdown(wait=False)
+
+    async def relock(self) -> None:
+        """End the card's verified state (a new session: the PIN must be given again)."""
+        await self._run(self._open_blocking)
+
+    async def certificate(self) -> x509.Certificate:
+        if self._cert is None:
+            await self.open()
+        assert self._cert is not None
+        return self._cert
+
+    @property
+    def key_id(self) -> str | None:
+        return self._key_id
+
+    async def generate_rsa_key(self, *, label: str, bits: int = 2048) -> GeneratedKey:
+        check_key_request(label, bits)
+        raise KeyGenerationUnsupported("an HPKI card's key is generated at card issuance")
+
+    async def destroy_key(self, key_id: str) -> None:
+        raise KeyGenerationUnsupported("an HPKI card's key cannot be deleted from the host")
+
+    def _require(self, key_id: str) -> None:
+        if self._key_id is None or key_id != self._key_id:
+            raise KeyNotFound(f"signing key {key_id} not found on the HPKI card in {self.reader}")
+
+    async def get_key(self, key_id: str) -> KeyHandle:
+        self._require(key_id)
+        handle = self._handles.get(key_id)
+        if handle is None:
+            handle = self._handles[key_id] = StoreKeyHandle(self, key_id)
+        return handle
+
+    async def sign_digests(
+        self, key_id: str, digests: Sequence[bytes], algorithm: DigestAlgorithm
+    ) -> list[bytes]:
+        infos = [digest_info(d, algorithm) for d in digests]  # all checked before any signs
+        self._require(key_id)
+        if not infos:
+            return []
+        try:
+            return await self._run(lambda: self._sign_blocking(infos))
+        except CardError as e:
+            if e.code in (CardErrorCode.CARD_REMOVED, CardErrorCode.NO_CARD):
+                raise self._unavailable(e) from e
+            raise
+
+    async def public_key_der(self, key_id: str) -> bytes:
+        self._require(key_id)
+        assert self._cert is not None
+        return self._cert.public_key().public_bytes(
+            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+
+
+class CardKeyStore(CardKeyBase):
     """The signing key of the HPKI card in ``reader``."""
 
     def __init__(
@@ -86,27 +199,12 @@ class CardKeyStore:
         connect: Callable[[str], CardTransport] = PcscConnection,
         retry_after: int = 5,
     ) -> None:
-        self.reader = reader
+        super().__init__(reader, thread_name="hpki-card", retry_after=retry_after)
         self._aids = tuple(aids)
         self._profiles = tuple(profiles)
         self._connect = connect
-        self._retry_after = retry_after
-        self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="hpki-card")
         self._conn: CardTransport | None = None
         self._card: HpkiCard | None = None
-        self._cert: x509.Certificate | None = None
-        self._key_id: str | None = None
-        self._handles: dict[str, StoreKeyHandle] = {}
-        self._lock = threading.Lock()
-        #: Bumped whenever the card session ends (removed, replaced, closed): SADs bound to an
-        #: older generation are dead.
-        self.generation = 0
-
-    def __repr__(self) -> str:
-        return f"CardKeyStore(reader={self.reader!r}, key_id={self._key_id!r})"
-
-    async def _run(self, fn: Callable[[], T]) -> T:
-        return await asyncio.get_running_loop().run_in_executor(self._pool, fn)
 
     # -- session ---------------------------------------------------------------------------
 
@@ -137,38 +235,9 @@ class CardKeyStore:
             if close is not None:
                 close()
 
-    def _unavailable(self, e: CardError) -> HsmUnavailable:
-        return HsmUnavailable(f"HPKI card in {self.reader}: {e.code.value}", retry_after=5)
-
-    async def open(self) -> None:
-        """Connect, SELECT the signing application, read the certificate (no PIN)."""
-        await self._run(self._open_blocking)
-
-    async def close(self) -> None:
-        def drop() -> None:
-            with self._lock:
-                self._drop_blocking()
-
-        await self._run(drop)
-        self._pool.shutdown(wait=False)
-
-    async def relock(self) -> None:
-        """Reset the card (a new session: the PIN must be verified again)."""
-        await self._run(self._open_blocking)
-
     @property
     def connected(self) -> bool:
         return self._card is not None
-
-    async def certificate(self) -> x509.Certificate:
-        if self._cert is None:
-            await self.open()
-        assert self._cert is not None
-        return self._cert
-
-    @property
-    def key_id(self) -> str | None:
-        return self._key_id
 
     def _session(self) -> HpkiCard:
         if self._card is None:
@@ -206,41 +275,8 @@ class CardKeyStore:
 
     # -- KeyStore --------------------------------------------------------------------------
 
-    async def generate_rsa_key(self, *, label: str, bits: int = 2048) -> GeneratedKey:
-        check_key_request(label, bits)
-        raise KeyGenerationUnsupported("an HPKI card's key is generated at card issuance")
-
-    async def destroy_key(self, key_id: str) -> None:
-        raise KeyGenerationUnsupported("an HPKI card's key cannot be deleted from the host")
-
-    def _require(self, key_id: str) -> None:
-        if self._key_id is None or key_id != self._key_id:
-            raise KeyNotFound(f"signing key {key_id} not found on the HPKI card in {self.reader}")
-
-    async def get_key(self, key_id: str) -> KeyHandle:
-        self._require(key_id)
-        handle = self._handles.get(key_id)
-        if handle is None:
-            handle = self._handles[key_id] = StoreKeyHandle(self, key_id)
-        return handle
-
-    async def sign_digests(
-        self, key_id: str, digests: Sequence[bytes], algorithm: DigestAlgorithm
-    ) -> list[bytes]:
-        infos = [digest_info(d, algorithm) for d in digests]  # all checked before any signs
-        self._require(key_id)
-        if not infos:
-            return []
-
-        def sign(c: HpkiCard) -> list[bytes]:
-            return [c.sign_digest_info(i) for i in infos]
-
-        try:
-            return await self._run(lambda: self._card_call(sign))
-        except CardError as e:
-            if e.code in (CardErrorCode.CARD_REMOVED, CardErrorCode.NO_CARD):
-                raise self._unavailable(e) from e
-            raise
+    def _sign_blocking(self, infos: list[bytes]) -> list[bytes]:
+        return self._card_call(lambda c: [c.sign_digest_info(i) for i in infos])
 
     async def key_attributes(self, key_id: str) -> dict[str, bool]:
         """The card's PrKD access flags; a card without one (profile) is described by the
@@ -256,13 +292,6 @@ class CardKeyStore:
             "NEVER_EXTRACTABLE": access["neverExtractable"],
             "ALWAYS_SENSITIVE": access["alwaysSensitive"],
         }
-
-    async def public_key_der(self, key_id: str) -> bytes:
-        self._require(key_id)
-        assert self._cert is not None
-        return self._cert.public_key().public_bytes(
-            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-        )
 
     async def check(self) -> None:
         """Probe the card (tries-left VERIFY, which spends nothing)."""

@@ -19,25 +19,19 @@ is) and is never kept; ``relock`` closes the session, which logs the token out.
 
 from __future__ import annotations
 
-import asyncio
-import concurrent.futures
 import contextlib
-import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any, TypeVar
 
 import pkcs11
 from cryptography import x509
-from cryptography.hazmat.primitives import serialization
 from pkcs11 import Attribute, Mechanism, ObjectClass, TokenFlag
 from pkcs11 import exceptions as p11x
 
 from gateway.card.errors import CardError, CardErrorCode
 from gateway.card.hpki import HPKI_PIN_TRIES
-from gateway.errors import HsmUnavailable, KeyNotFound
-from gateway.hsm.api import DigestAlgorithm, GeneratedKey, KeyHandle, StoreKeyHandle
-from gateway.hsm.card import KeyGenerationUnsupported, card_key_id
-from gateway.hsm.encoding import check_key_request, digest_info
+from gateway.errors import HsmUnavailable
+from gateway.hsm.card import CardKeyBase, card_key_id
 
 T = TypeVar("T")
 
@@ -80,7 +74,7 @@ def _pick_certificate(
     return next(((i, c) for i, c in leaves if non_repudiation(c)), leaves[0])
 
 
-class Pkcs11CardStore:
+class Pkcs11CardStore(CardKeyBase):
     """The signing key of the HPKI card behind a vendor PKCS#11 module."""
 
     def __init__(
@@ -90,29 +84,16 @@ class Pkcs11CardStore:
         token_label: str | None = None,
         load: Callable[[str], Any] = pkcs11.lib,
     ) -> None:
+        super().__init__(token_label or module_path, thread_name="hpki-p11")
         self.module_path = module_path
         self.token_label = token_label
-        self.reader = token_label or module_path
         self._load = load
-        self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="hpki-p11")
         self._lib: Any = None
         self._token: Any = None
         self._session: Any = None
         self._logged_in = False
         self._key: Any = None
         self._cert_id: bytes | None = None
-        self._cert: x509.Certificate | None = None
-        self._key_id: str | None = None
-        self._handles: dict[str, StoreKeyHandle] = {}
-        self._lock = threading.Lock()
-        #: Bumped whenever the card session ends: SADs bound to an older generation are dead.
-        self.generation = 0
-
-    def __repr__(self) -> str:
-        return f"Pkcs11CardStore(module={self.module_path!r}, key_id={self._key_id!r})"
-
-    async def _run(self, fn: Callable[[], T]) -> T:
-        return await asyncio.get_running_loop().run_in_executor(self._pool, fn)
 
     # -- session ---------------------------------------------------------------------------
 
@@ -177,35 +158,9 @@ class Pkcs11CardStore:
             with contextlib.suppress(p11x.PKCS11Error):  # the card may already be gone
                 session.close()  # the last session closed: the token is logged out
 
-    async def open(self) -> None:
-        """Find the token, open a session, read the certificate (no PIN)."""
-        await self._run(self._open_blocking)
-
-    async def close(self) -> None:
-        def drop() -> None:
-            with self._lock:
-                self._drop_blocking()
-
-        await self._run(drop)
-        self._pool.shutdown(wait=False)
-
-    async def relock(self) -> None:
-        """Log out (a new session: the PIN must be given again)."""
-        await self._run(self._open_blocking)
-
     @property
     def connected(self) -> bool:
         return self._session is not None
-
-    async def certificate(self) -> x509.Certificate:
-        if self._cert is None:
-            await self.open()
-        assert self._cert is not None
-        return self._cert
-
-    @property
-    def key_id(self) -> str | None:
-        return self._key_id
 
     def _call(self, fn: Callable[[], T]) -> T:
         with self._lock:
@@ -250,6 +205,10 @@ class Pkcs11CardStore:
             finally:
                 pin[:] = b"\x00" * len(pin)
             assert self._token is not None and self._cert_id is not None
+            if self._logged_in:  # every authorization proves the PIN anew: log out first
+                old, self._session = self._session, self._token.open()
+                self._key, self._logged_in = None, False
+                old.close()
             try:
                 session = self._token.open(user_pin=text)
             except p11x.PinIncorrect as e:
@@ -278,43 +237,13 @@ class Pkcs11CardStore:
 
     # -- KeyStore --------------------------------------------------------------------------
 
-    async def generate_rsa_key(self, *, label: str, bits: int = 2048) -> GeneratedKey:
-        check_key_request(label, bits)
-        raise KeyGenerationUnsupported("an HPKI card's key is generated at card issuance")
-
-    async def destroy_key(self, key_id: str) -> None:
-        raise KeyGenerationUnsupported("an HPKI card's key cannot be deleted from the host")
-
-    def _require(self, key_id: str) -> None:
-        if self._key_id is None or key_id != self._key_id:
-            raise KeyNotFound(f"signing key {key_id} not found on the HPKI card in {self.reader}")
-
-    async def get_key(self, key_id: str) -> KeyHandle:
-        self._require(key_id)
-        handle = self._handles.get(key_id)
-        if handle is None:
-            handle = self._handles[key_id] = StoreKeyHandle(self, key_id)
-        return handle
-
-    async def sign_digests(
-        self, key_id: str, digests: Sequence[bytes], algorithm: DigestAlgorithm
-    ) -> list[bytes]:
-        infos = [digest_info(d, algorithm) for d in digests]  # all checked before any signs
-        self._require(key_id)
-        if not infos:
-            return []
-
+    def _sign_blocking(self, infos: list[bytes]) -> list[bytes]:
         def sign() -> list[bytes]:
             if self._key is None:
                 raise CardError(CardErrorCode.CARD_ERROR, detail="PIN not verified")
             return [bytes(self._key.sign(i, mechanism=Mechanism.RSA_PKCS)) for i in infos]
 
-        try:
-            return await self._run(lambda: self._call(sign))
-        except CardError as e:
-            if e.code in (CardErrorCode.CARD_REMOVED, CardErrorCode.NO_CARD):
-                raise self._unavailable(e) from e
-            raise
+        return self._call(sign)
 
     async def key_attributes(self, key_id: str) -> dict[str, bool]:
         """The module's own word on the key (known once the PIN opened the private objects)."""
@@ -333,13 +262,6 @@ class Pkcs11CardStore:
 
         return await self._run(lambda: self._call(read))
 
-    async def public_key_der(self, key_id: str) -> bytes:
-        self._require(key_id)
-        assert self._cert is not None
-        return self._cert.public_key().public_bytes(
-            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-        )
-
     async def check(self) -> None:
         """Probe the card (``C_GetTokenInfo``: the module answers TokenNotPresent once the
         card has left the reader)."""
@@ -347,6 +269,3 @@ class Pkcs11CardStore:
             await self._run(lambda: self._call(self._flags))
         except CardError as e:
             raise self._unavailable(e) from e
-
-    def _unavailable(self, e: CardError) -> HsmUnavailable:
-        return HsmUnavailable(f"HPKI card in {self.reader}: {e.code.value}", retry_after=5)

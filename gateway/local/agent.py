@@ -31,12 +31,11 @@ from gateway.errors import (
     GatewayError,
     HsmUnavailable,
     InvalidRequest,
-    PayloadTooLarge,
 )
 from gateway.hsm.api import DigestAlgorithm, KeyHandle
 from gateway.hsm.card import CardStore
 from gateway.local.credential import check_card_certificate
-from gateway.sign.service import SignedDocument, SigningPolicy, check_request, sign_document
+from gateway.sign.service import SignedDocument, SigningPolicy, sign_document
 from gateway.sign.timestamp import TimestampClient
 from gateway.signing.core import DocumentJob
 
@@ -143,27 +142,6 @@ class LocalAgent:
         """PIN tries left before the card locks (none spent); None when the card won't say."""
         await self.ensure_card()
         return await self.store.pin_tries_left()
-
-    def check_document(
-        self,
-        *,
-        signature_format: str,
-        conformance_level: str,
-        envelope: str | None,
-        profile: str | None,
-        size: int | None,
-    ) -> None:
-        """Refuse what cannot be signed before a SAD is spent (the remote gateway's rules)."""
-        if conformance_level != "AdES-B-B" and self.tsa is None:
-            raise InvalidRequest(
-                f"{conformance_level} needs a timestamp authority, and none is configured"
-            )
-        if size is not None and size > self.policy.max_document_bytes:
-            raise PayloadTooLarge(
-                f"document of {size} bytes is over the limit of "
-                f"{self.policy.max_document_bytes} bytes"
-            )
-        check_request(signature_format, conformance_level, envelope, profile)
 
     # -- authorize ------------------------------------------------------------------------
 

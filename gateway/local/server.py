@@ -229,7 +229,7 @@ async def sign_hash(request: web.Request) -> web.Response:
 async def sign_doc(request: web.Request) -> web.Response:
     req = await parse(request, SignDocRequest)
     agent = request.app[AGENT]
-    check_entries(req, agent)  # before the SAD is spent, as on the remote gateway
+    check_entries(req, policy=agent.policy, tsa=agent.tsa)  # as on the remote gateway
     results = await agent.sign_documents(
         credential_id=req.credentialID, sad=req.SAD, jobs=jobs_of(req)
     )

@@ -31,7 +31,7 @@ from sqlalchemy import select
 
 from gateway.audit import AuditLog
 from gateway.clock import Clock
-from gateway.errors import AccessDenied, GatewayError, InvalidRequest, PayloadTooLarge, PkiError
+from gateway.errors import AccessDenied, GatewayError, InvalidRequest, PkiError
 from gateway.hsm.api import DigestAlgorithm, KeyHandle, KeyStore, StoreKeyHandle
 from gateway.sign import service
 from gateway.sign.eprescription import EPrescriptionInput
@@ -145,27 +145,6 @@ class SigningService:
                 detail={"reason": reason, **detail},
                 now=self.clock(),
             )
-
-    def check_document(
-        self,
-        *,
-        signature_format: str,
-        conformance_level: str,
-        envelope: str | None,
-        profile: str | None,
-        size: int | None,
-    ) -> None:
-        """Refuse what cannot be signed, before any SAD is spent."""
-        if conformance_level != "AdES-B-B" and self.tsa is None:
-            raise InvalidRequest(
-                f"{conformance_level} needs a timestamp authority, and none is configured"
-            )
-        if size is not None and size > self.policy.max_document_bytes:
-            raise PayloadTooLarge(
-                f"document of {size} bytes is over the limit of "
-                f"{self.policy.max_document_bytes} bytes"
-            )
-        service.check_request(signature_format, conformance_level, envelope, profile)
 
     # -- signHash ---------------------------------------------------------------------------
 

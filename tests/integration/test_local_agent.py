@@ -33,7 +33,7 @@ from tests.support.local import (
     Agent,
     CardWorld,
     LocalEndpoint,
-    make_card_world,
+    check_signed,
     run_agent,
     sign_batch_cli,
     write_prescriptions,
@@ -47,21 +47,11 @@ SHA256 = "2.16.840.1.101.3.4.2.1"
 RSA = "1.2.840.113549.1.1.1"
 
 
-@pytest.fixture(scope="module")
-def world(tmp_path_factory: pytest.TempPathFactory) -> CardWorld:
-    return make_card_world(tmp_path_factory.mktemp("cardworld"))
-
-
 @pytest.fixture
-def slot(pcsc: PcscWorld) -> Iterator[Any]:
-    reader = pcsc.readers[0]
-    yield reader
-    reader.remove()
-
-
-@pytest.fixture
-def agent(pcsc: PcscWorld, world: CardWorld, slot: Any, tmp_path: Path) -> Iterator[Agent]:
-    cfg = world.config(reader=slot.name, secret_file=tmp_path / "secret")
+def agent(
+    pcsc: PcscWorld, card_world: CardWorld, hpki_slot: Any, tmp_path: Path
+) -> Iterator[Agent]:
+    cfg = card_world.config(reader=hpki_slot.name, secret_file=tmp_path / "secret")
     with run_agent(cfg, pcsc.env(), secrets_never_logged=(PIN,)) as a:
         yield a
 
@@ -71,10 +61,10 @@ def _b64(b: bytes) -> str:
 
 
 def test_agent_speaks_csc_with_the_card_in_the_reader(
-    agent: Agent, world: CardWorld, slot: Any
+    agent: Agent, card_world: CardWorld, hpki_slot: Any
 ) -> None:
-    card = world.card(pin=PIN)
-    slot.insert(card.applet)
+    card = card_world.card(pin=PIN)
+    hpki_slot.insert(card.applet)
     # No secret, or a wrong one: another local process cannot drive the card.
     status, body = agent.post("/csc/v2/credentials/list", {}, secret=b"x" * 43)
     assert status == 401 and body["error"] == "unauthorized"
@@ -135,8 +125,8 @@ def test_agent_speaks_csc_with_the_card_in_the_reader(
     status, body = authorize(PIN)
     assert status == 200
     sad = body["SAD"]
-    slot.remove()
-    slot.insert(card.applet)
+    hpki_slot.remove()
+    hpki_slot.insert(card.applet)
     status, body = sign(sad, digests)
     assert status in (400, 503) and card.applet.signatures == signed
     # signDoc: an e-prescription from a CSV, through the card.
@@ -153,29 +143,29 @@ def test_agent_speaks_csc_with_the_card_in_the_reader(
     )  # fmt: skip
     assert status == 200, body
     xml = base64.b64decode(body["DocumentWithSignature"][0])
-    path = world.dir / "agent-signdoc.xml"
+    path = card_world.dir / "agent-signdoc.xml"
     path.write_bytes(xml)
-    res = world.xmlsec(path)
+    res = card_world.xmlsec(path)
     assert res.returncode == 0, res.stderr
-    report = asyncio.run(verify_document(xml, trust=world.trust()))
+    report = asyncio.run(verify_document(xml, trust=card_world.trust()))
     assert report.indication == "TOTAL-PASSED", report.reason
 
 
 def test_agent_refuses_a_wrong_role_and_an_expired_card_before_the_pin(
-    agent: Agent, world: CardWorld, slot: Any
+    agent: Agent, card_world: CardWorld, hpki_slot: Any
 ) -> None:
-    pharmacist = world.card(pin=PIN, role="Pharmacist")
-    slot.insert(pharmacist.applet)
+    pharmacist = card_world.card(pin=PIN, role="Pharmacist")
+    hpki_slot.insert(pharmacist.applet)
     cid = agent.post("/csc/v2/credentials/list", {})[1]["credentialIDs"][0]
     body = {"credentialID": cid, "numSignatures": 1, "documentType": "prescription",
             "authData": [{"id": "pin", "value": "000000"}]}  # fmt: skip
     status, answer = agent.post("/csc/v2/credentials/authorize", body)
     assert status == 403 and answer["error"] == "role_not_permitted"
     assert pharmacist.applet.tries_left == HPKI_PIN_TRIES  # the PIN never reached the card
-    expired = world.card(
+    expired = card_world.card(
         pin=PIN, now=dt.datetime.now(dt.UTC) - dt.timedelta(days=40), validity_days=30
     )
-    slot.insert(expired.applet)
+    hpki_slot.insert(expired.applet)
     cid = agent.post("/csc/v2/credentials/list", {})[1]["credentialIDs"][0]
     status, answer = agent.post("/csc/v2/credentials/authorize", {**body, "credentialID": cid})
     assert status == 403 and answer["error"] == "certificate_expired"
@@ -183,10 +173,10 @@ def test_agent_refuses_a_wrong_role_and_an_expired_card_before_the_pin(
 
 
 def test_agent_shows_the_lock_after_15_wrong_pins(
-    agent: Agent, world: CardWorld, slot: Any
+    agent: Agent, card_world: CardWorld, hpki_slot: Any
 ) -> None:
-    card = world.card(pin=PIN)
-    slot.insert(card.applet)
+    card = card_world.card(pin=PIN)
+    hpki_slot.insert(card.applet)
     cid = agent.post("/csc/v2/credentials/list", {})[1]["credentialIDs"][0]
     body = {"credentialID": cid, "numSignatures": 1, "authData": [{"id": "pin", "value": "9999"}]}
     for left in range(HPKI_PIN_TRIES - 1, 0, -1):
@@ -207,13 +197,13 @@ def _batch(
 
 
 def test_sign_batch_of_50_prescriptions(
-    pcsc: PcscWorld, world: CardWorld, slot: Any, tmp_path: Path
+    pcsc: PcscWorld, card_world: CardWorld, hpki_slot: Any, tmp_path: Path
 ) -> None:
-    card = world.card(pin=PIN)
-    slot.insert(card.applet)
+    card = card_world.card(pin=PIN)
+    hpki_slot.insert(card.applet)
     src, out = tmp_path / "in", tmp_path / "out"
     names = write_prescriptions(src, 50)
-    res = _batch(pcsc, world.config(reader=slot.name), src, out, PIN)
+    res = _batch(pcsc, card_world.config(reader=hpki_slot.name), src, out, PIN)
     assert res.returncode == 0, res.stderr
     summary = json.loads(res.stdout.strip().splitlines()[-1])
     assert (summary["signed"], summary["failed"], summary["not_done"]) == (50, 0, 0)
@@ -224,31 +214,28 @@ def test_sign_batch_of_50_prescriptions(
     assert all("Yamada Taro" in f["signer"] for f in report["files"])
     rows = (out / "report.csv").read_text().splitlines()
     assert rows[0] == "file,status,signer,time,error" and len(rows) == 51
-    trust = world.trust()
     for name in names:
-        path = out / name.replace(".csv", ".xml")
-        res = world.xmlsec(path)
-        assert res.returncode == 0, (name, res.stderr)
-        rep = asyncio.run(verify_document(path.read_bytes(), trust=trust))
-        assert rep.indication == "TOTAL-PASSED", (name, rep.reason)
+        check_signed(card_world, out / name.replace(".csv", ".xml"))
     assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temporary left
     # A second run signs nothing again.
-    res = _batch(pcsc, world.config(reader=slot.name), src, out, PIN)
+    res = _batch(pcsc, card_world.config(reader=hpki_slot.name), src, out, PIN)
     assert res.returncode == 0 and card.applet.signatures == 50
     assert json.loads(res.stdout.strip().splitlines()[-1])["skipped"] == 50
 
 
 def test_sign_batch_refuses_wrong_role_and_expired_before_the_pin(
-    pcsc: PcscWorld, world: CardWorld, slot: Any, tmp_path: Path
+    pcsc: PcscWorld, card_world: CardWorld, hpki_slot: Any, tmp_path: Path
 ) -> None:
     src = tmp_path / "in"
     write_prescriptions(src, 3)
-    cfg = world.config(reader=slot.name)
+    cfg = card_world.config(reader=hpki_slot.name)
     for card in (
-        world.card(pin=PIN, role="Pharmacist"),
-        world.card(pin=PIN, now=dt.datetime.now(dt.UTC) - dt.timedelta(days=40), validity_days=30),
+        card_world.card(pin=PIN, role="Pharmacist"),
+        card_world.card(
+            pin=PIN, now=dt.datetime.now(dt.UTC) - dt.timedelta(days=40), validity_days=30
+        ),
     ):
-        slot.insert(card.applet)
+        hpki_slot.insert(card.applet)
         res = _batch(pcsc, cfg, src, tmp_path / "out", "000000")
         assert res.returncode not in (0, None), res.stdout
         assert card.applet.tries_left == HPKI_PIN_TRIES and card.applet.signatures == 0
@@ -256,19 +243,19 @@ def test_sign_batch_refuses_wrong_role_and_expired_before_the_pin(
 
 
 def test_sign_batch_card_pulled_then_resumed(
-    pcsc: PcscWorld, world: CardWorld, slot: Any, tmp_path: Path
+    pcsc: PcscWorld, card_world: CardWorld, hpki_slot: Any, tmp_path: Path
 ) -> None:
-    card = world.card(pin=PIN)
-    slot.insert(card.applet)
+    card = card_world.card(pin=PIN)
+    hpki_slot.insert(card.applet)
     src, out = tmp_path / "in", tmp_path / "out"
     names = write_prescriptions(src, 20)
-    settings = load_settings(world.config(reader=slot.name), environ={})
+    settings = load_settings(card_world.config(reader=hpki_slot.name), environ={})
     pulled = threading.Event()
 
     def progress(done: int, total: int) -> None:
         if done >= 6 and not pulled.is_set():
             pulled.set()
-            threading.Thread(target=slot.remove).start()
+            threading.Thread(target=hpki_slot.remove).start()
 
     async def run() -> Any:
         agent = build_local_agent(settings)
@@ -285,7 +272,7 @@ def test_sign_batch_card_pulled_then_resumed(
     assert 6 <= len(done_first) < 20
     report = json.loads((out / "report.json").read_text())
     assert report["summary"]["complete"] is False
-    slot.insert(card.applet)
+    hpki_slot.insert(card.applet)
     second = asyncio.run(run())
     assert second.complete and second.skipped == len(done_first)
     assert second.signed == 20 - len(done_first)
@@ -293,7 +280,7 @@ def test_sign_batch_card_pulled_then_resumed(
     assert outputs == [n.replace(".csv", ".xml") for n in names]
     for name, data in done_first.items():  # nothing signed twice: earlier outputs untouched
         assert (out / name).read_bytes() == data
-    trust = world.trust()
+    trust = card_world.trust()
     for name in outputs:
         rep = asyncio.run(verify_document((out / name).read_bytes(), trust=trust))
         assert rep.indication == "TOTAL-PASSED", (name, rep.reason)
@@ -328,12 +315,14 @@ def test_facility_system_code_on_the_remote_gateway(
     assert len(signed) == 1
 
 
-def test_facility_system_code_on_the_local_agent(agent: Agent, world: CardWorld, slot: Any) -> None:
-    card = world.card(pin=PIN)
-    slot.insert(card.applet)
-    signed = sign_prescriptions(LocalEndpoint(agent, PIN), trust=world.trust())
+def test_facility_system_code_on_the_local_agent(
+    agent: Agent, card_world: CardWorld, hpki_slot: Any
+) -> None:
+    card = card_world.card(pin=PIN)
+    hpki_slot.insert(card.applet)
+    signed = sign_prescriptions(LocalEndpoint(agent, PIN), trust=card_world.trust())
     assert len(signed) == 1 and card.applet.signatures == 4  # 3 hashes + 1 document
-    path = world.dir / "facility-local.xml"
+    path = card_world.dir / "facility-local.xml"
     path.write_bytes(signed[0])
-    res = world.xmlsec(path)
+    res = card_world.xmlsec(path)
     assert res.returncode == 0, res.stderr

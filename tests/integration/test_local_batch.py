@@ -9,31 +9,16 @@ import json
 import signal
 import subprocess
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import pytest
-
 from gateway.verify import verify_document
 from tests.support.gateway import CLI, REPO
-from tests.support.local import CardWorld, last_json, make_card_world, sign_batch_cli
+from tests.support.local import CardWorld, last_json, sign_batch_cli
 from tests.support.local import write_prescriptions as write_inputs
 from tests.support.pcsc import PcscWorld
 
 PIN = "271828"
-
-
-@pytest.fixture(scope="module")
-def world(tmp_path_factory: pytest.TempPathFactory) -> CardWorld:
-    return make_card_world(tmp_path_factory.mktemp("batchworld"))
-
-
-@pytest.fixture
-def slot(pcsc: PcscWorld) -> Iterator[Any]:
-    reader = pcsc.readers[0]
-    yield reader
-    reader.remove()
 
 
 def _start(pcsc: PcscWorld, cfg: Path, src: Path, out: Path) -> subprocess.Popen[str]:
@@ -58,14 +43,14 @@ def _report(out: Path) -> tuple[dict[str, set[str]], dict[str, Any]]:
 
 
 def test_ctrl_c_mid_batch_then_the_rerun_completes_it(
-    pcsc: PcscWorld, world: CardWorld, slot: Any, tmp_path: Path
+    pcsc: PcscWorld, card_world: CardWorld, hpki_slot: Any, tmp_path: Path
 ) -> None:
-    card = world.card(pin=PIN)
+    card = card_world.card(pin=PIN)
     card.applet.sign_delay = 0.02  # a card slow enough that Ctrl-C lands mid-batch
-    slot.insert(card.applet)
+    hpki_slot.insert(card.applet)
     src, out = tmp_path / "in", tmp_path / "out"
     names = write_inputs(src, 200)
-    cfg = world.config(reader=slot.name)
+    cfg = card_world.config(reader=hpki_slot.name)
     proc = _start(pcsc, cfg, src, out)
     deadline = time.monotonic() + 300
     while len(list(out.glob("*.xml"))) < 10:
@@ -93,11 +78,11 @@ def test_ctrl_c_mid_batch_then_the_rerun_completes_it(
     assert not [p.name for p in out.iterdir() if p.name.startswith(".")]
     assert card.applet.signatures == len(signed_first)
     first = {name: (out / name).read_bytes() for name in outputs}
-    trust = world.trust()
+    trust = card_world.trust()
     for name, data in first.items():
         rep = asyncio.run(verify_document(data, trust=trust))
         assert rep.indication == "TOTAL-PASSED", (name, rep.reason)
-    res = world.xmlsec(out / sorted(outputs)[-1])
+    res = card_world.xmlsec(out / sorted(outputs)[-1])
     assert res.returncode == 0, res.stderr
 
     # The same command again: what was signed is skipped, the rest signed, nothing twice.
@@ -142,7 +127,7 @@ def _run_measured(
 
 
 def test_memory_does_not_grow_with_the_number_of_files(
-    pcsc: PcscWorld, world: CardWorld, slot: Any, tmp_path: Path
+    pcsc: PcscWorld, card_world: CardWorld, hpki_slot: Any, tmp_path: Path
 ) -> None:
     """What this proves, exactly (the suite cannot afford 10,000 card signatures):
 
@@ -154,9 +139,9 @@ def test_memory_does_not_grow_with_the_number_of_files(
        after ~300: nothing of a signed document is retained (a leak of ~6 kB per document, a
        fraction of one signed e-prescription, would exceed it).
     """
-    card = world.card(pin=PIN)
-    slot.insert(card.applet)
-    cfg = world.config(reader=slot.name)
+    card = card_world.card(pin=PIN)
+    hpki_slot.insert(card.applet)
+    cfg = card_world.config(reader=hpki_slot.name)
 
     small_in, small_out = tmp_path / "in-1000", tmp_path / "out-1000"
     write_inputs(small_in, 1000)

@@ -4,6 +4,7 @@ subprocesses, and a SoftHSM token standing in for a card vendor's PKCS#11 module
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import contextlib
 import datetime as dt
@@ -25,7 +26,8 @@ from gateway.pki.crl import CrlSource, load_crl_files
 from gateway.pki.issue import CertAndKey
 from gateway.sandbox import testworld
 from gateway.sandbox.hpki_cards import HpkiTestCard, make_hpki_card
-from gateway.verify import TrustConfig
+from gateway.verify import TrustConfig, verify_document
+from gateway.verify.report import VerificationReport
 from tests.support.gateway import CLI, REPO
 from tests.support.softhsm import SOFTHSM_MODULE, make_token
 
@@ -82,6 +84,15 @@ class CardWorld:
              "--untrusted-pem", str(self.dir / "ca.pem"), str(path)],
             capture_output=True, text=True, check=False,
         )  # fmt: skip
+
+
+def check_signed(world: CardWorld, path: Path) -> VerificationReport:
+    """The signed e-prescription at ``path`` passes xmlsec1 and our verifier (its report)."""
+    res = world.xmlsec(path)
+    assert res.returncode == 0, (path.name, res.stderr)
+    rep = asyncio.run(verify_document(path.read_bytes(), trust=world.trust()))
+    assert rep.indication == "TOTAL-PASSED", (path.name, rep.reason)
+    return rep
 
 
 def make_card_world(directory: Path) -> CardWorld:

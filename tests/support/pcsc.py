@@ -22,6 +22,7 @@ from gateway.sandbox.jpki import issue_auth_cert, make_test_jpki_ca
 from gateway.vcard.jpki import JpkiApplet
 from gateway.vcard.pcscd import Pcscd, start_pcscd
 from gateway.vcard.vpcd import VirtualReader
+from tests.support.local import CardWorld, make_card_world
 
 
 @dataclass
@@ -50,6 +51,20 @@ def pcsc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PcscWorld]:
         for r in readers:
             r.remove()
         inst.stop()
+
+
+@pytest.fixture
+def hpki_slot(pcsc: PcscWorld) -> Iterator[VirtualReader]:
+    """The first virtual reader, emptied after the test (the local signing tests' slot)."""
+    reader = pcsc.readers[0]
+    yield reader
+    reader.remove()
+
+
+@pytest.fixture(scope="session")
+def card_world(tmp_path_factory: pytest.TempPathFactory) -> CardWorld:
+    """TEST HPKI CAs (with CRLs) issuing the virtual HPKI cards of the local signing tests."""
+    return make_card_world(tmp_path_factory.mktemp("cardworld"))
 
 
 @dataclass
