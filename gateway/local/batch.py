@@ -241,7 +241,7 @@ async def sign_batch(
                     continue
                 if stop.is_set():
                     result.not_done += 1
-                    why = result.stopped or "the batch stopped before this file"
+                    why = result.stopped or "interrupted"
                     report.row(name, "not_signed", signer, why)
                     continue
                 try:
@@ -257,9 +257,9 @@ async def sign_batch(
                     result.not_done += 1
                     report.row(name, "not_signed", signer, e.description)
                     continue
-                except (GatewayError, etree.LxmlError, OSError) as e:
+                except Exception as e:  # noqa: BLE001 - one unreadable file must not end the batch
                     result.failed += 1
-                    desc = e.description if isinstance(e, GatewayError) else str(e)
+                    desc = e.description if isinstance(e, GatewayError) else f"{e!r}"[:500]
                     report.row(name, "failed", signer, desc)
                     advance()
                     continue
@@ -272,15 +272,9 @@ async def sign_batch(
                 task.add_done_callback(writes.discard)
                 await asyncio.shield(task)
 
-        async def watch_stop() -> None:
-            await stop.wait()
-            result.stopped = result.stopped or "interrupted"
-
-        watcher = asyncio.ensure_future(watch_stop())
-        try:
-            await asyncio.gather(*(worker() for _ in range(PARALLEL)))
-        finally:
-            watcher.cancel()
+        await asyncio.gather(*(worker() for _ in range(PARALLEL)))
+        if result.not_done and result.stopped is None:
+            result.stopped = "interrupted"  # stop was set from outside (Ctrl-C)
         return result
     except asyncio.CancelledError:
         result.stopped = result.stopped or "interrupted"

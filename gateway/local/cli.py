@@ -74,7 +74,10 @@ async def cmd_local_serve(args: argparse.Namespace) -> int:
 async def cmd_local_sign_batch(args: argparse.Namespace) -> int:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
 
+    from gateway.errors import RoleNotPermitted
+    from gateway.local.agent import NoCard, PinRejected
     from gateway.local.batch import sign_batch
+    from gateway.local.credential import CardCertificateRejected
     from gateway.local.setup import build_local_agent
 
     settings = settings_of(args)
@@ -122,6 +125,9 @@ async def cmd_local_sign_batch(args: argparse.Namespace) -> int:
     except CardError as e:
         print(f"hpki-gateway local: {e.message(args.lang)}", file=sys.stderr)
         return EXIT_CARD
+    except (PinRejected, NoCard, CardCertificateRejected, RoleNotPermitted) as e:
+        print(f"hpki-gateway local: {e.description}", file=sys.stderr)
+        return EXIT_CARD  # the card cannot sign: nothing was signed, the report says so
     except asyncio.CancelledError:
         print(json.dumps({"stopped": "interrupted", "report": str(out / "report.json")}))
         return EXIT_INTERRUPTED

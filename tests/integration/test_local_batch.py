@@ -5,6 +5,7 @@ number of files."""
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import json
 import signal
 import subprocess
@@ -12,6 +13,14 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pytest
+from lxml import etree
+
+from gateway.config import load_settings
+from gateway.local.batch import sign_batch
+from gateway.local.credential import CardCertificateExpired
+from gateway.local.setup import build_local_agent
+from gateway.vcard.hpki import HPKI_PIN_TRIES
 from gateway.verify import verify_document
 from tests.support.gateway import CLI, REPO
 from tests.support.local import CardWorld, last_json, sign_batch_cli
@@ -168,3 +177,44 @@ def test_memory_does_not_grow_with_the_number_of_files(
     late = [rss for done, rss in samples if done >= 900]
     assert early and late, samples  # sampled in both windows
     assert max(late) - max(early) < 4096, (max(early), max(late))
+
+
+def test_the_batch_takes_its_time_from_the_injected_clock(
+    pcsc: PcscWorld, card_world: CardWorld, hpki_slot: Any, tmp_path: Path
+) -> None:
+    card = card_world.card(pin=PIN)
+    hpki_slot.insert(card.applet)
+    src, out = tmp_path / "in", tmp_path / "out"
+    write_inputs(src, 3)
+    settings = load_settings(card_world.config(reader=hpki_slot.name), environ={})
+    moment = (dt.datetime.now(dt.UTC) + dt.timedelta(days=3)).replace(microsecond=0)
+
+    async def run() -> Any:
+        agent = build_local_agent(settings, clock=lambda: moment)
+        try:
+            return await sign_batch(agent, src, out, pin=lambda: bytearray(PIN.encode()))
+        finally:
+            await agent.close()
+
+    assert asyncio.run(run()).complete
+    report = json.loads((out / "report.json").read_text(encoding="utf-8"))
+    assert {f["time"] for f in report["files"]} == {moment.isoformat()}
+    for path in out.glob("*.xml"):  # the signing time is the clock's too
+        root = etree.fromstring(path.read_bytes())
+        (when,) = root.iter("{http://uri.etsi.org/01903/v1.3.2#}SigningTime")
+        assert dt.datetime.fromisoformat(when.text or "") == moment
+    # A clock past the card's validity: refused before the PIN, nothing signed.
+    late = card_world.card(pin=PIN, validity_days=30)
+    hpki_slot.insert(late.applet)
+    later = dt.datetime.now(dt.UTC) + dt.timedelta(days=45)
+
+    async def run_late() -> Any:
+        agent = build_local_agent(settings, clock=lambda: later)
+        try:
+            return await sign_batch(agent, src, tmp_path / "late", pin=lambda: bytearray(b"0000"))
+        finally:
+            await agent.close()
+
+    with pytest.raises(CardCertificateExpired):
+        asyncio.run(run_late())
+    assert late.applet.tries_left == HPKI_PIN_TRIES and late.applet.signatures == 0
