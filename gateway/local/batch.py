@@ -13,14 +13,16 @@ signature was made is still written and reported before the report closes.
 
 Memory stays flat for any number of files: the directory is walked lazily twice (once to count
 and find the first pending document, once to sign) and never held as a list; at most
-``PARALLEL`` documents are in flight (building the next documents overlaps the card's round
-trip for the previous one); both reports are written row by row: ``OUT/report.csv`` and
+``PARALLEL`` documents are built or at the card (building the next documents overlaps the
+card's round trip for the previous one) and ``WRITERS`` signed ones are being written, each
+by its own thread; both reports are written row by row: ``OUT/report.csv`` and
 ``OUT/report.json`` (file, status, signer, time, error).
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import csv
 import hashlib
@@ -41,9 +43,12 @@ from gateway.sign.eprescription import PROFILES, EPrescriptionInput, profile_for
 from gateway.sign.xades import parse_untrusted
 from gateway.signing.core import DocumentJob
 
-#: Documents in flight: enough that one is always ready for the card while the others are
-#: being built or written.
+#: Documents being built or at the card: enough that one is always ready for the card.
 PARALLEL = 4
+#: Signed documents being written (each fsync'ed before its rename, which takes milliseconds
+#: on a disk): written by their own threads, off the path to the card, so the next documents
+#: are built and signed meanwhile. Also the bound on signed documents held in memory.
+WRITERS = 8
 SUFFIXES = (".xml", ".csv")
 REPORT_JSON = "report.json"
 REPORT_CSV = "report.csv"
@@ -197,6 +202,7 @@ async def sign_batch(
     stop = stop or asyncio.Event()
     report = _Report(out, agent.clock)
     writes: set[asyncio.Task[None]] = set()
+    writer = concurrent.futures.ThreadPoolExecutor(WRITERS, thread_name_prefix="batch-write")
     signer = ""
 
     def advance() -> None:
@@ -220,16 +226,20 @@ async def sign_batch(
                 lifetime=math.inf,  # a card at ~1 s a signature takes hours for 10,000 files
             )
         names = iter_inputs(src)
+        loop = asyncio.get_running_loop()
+        slots = asyncio.Semaphore(WRITERS)
 
         async def finish(name: str, doc: bytes) -> None:
             try:
-                await asyncio.to_thread(write_atomic, out / output_name(name), doc)
+                await loop.run_in_executor(writer, write_atomic, out / output_name(name), doc)
             except OSError as e:
                 result.failed += 1
                 report.row(name, "failed", signer, f"cannot write the output: {e}")
             else:
                 result.signed += 1
                 report.row(name, "signed", signer)
+            finally:
+                slots.release()
             advance()
 
         async def worker() -> None:
@@ -265,14 +275,17 @@ async def sign_batch(
                     continue
                 doc = signed[0].document_with_signature
                 assert doc is not None
-                # Shielded: once the card has signed, the output and its report row are
-                # written even if the batch is cancelled meanwhile.
+                # Written by a task of its own, not awaited here (the worker goes on to the next
+                # document) and not cancelled with the batch: once the card has signed, the
+                # output and its report row are written before the report closes.
+                await slots.acquire()
                 task = asyncio.ensure_future(finish(name, doc))
                 writes.add(task)
                 task.add_done_callback(writes.discard)
-                await asyncio.shield(task)
 
         await asyncio.gather(*(worker() for _ in range(PARALLEL)))
+        while writes:
+            await asyncio.gather(*writes)
         if result.not_done and result.stopped is None:
             result.stopped = "interrupted"  # stop was set from outside (Ctrl-C)
         return result
@@ -280,8 +293,9 @@ async def sign_batch(
         result.stopped = result.stopped or "interrupted"
         raise
     finally:
-        if writes:  # documents already signed by the card: on disk before the report closes
+        while writes:  # documents already signed by the card: on disk before the report closes
             await asyncio.gather(*writes, return_exceptions=True)
+        writer.shutdown(wait=True)
         done = result.skipped + result.signed + result.failed + result.not_done
         result.not_done += max(0, result.files - done)
         with contextlib.suppress(OSError):
