@@ -17,6 +17,8 @@ Builds a throwaway sandbox, then measures on the same SoftHSM key:
   local_batch_per_s              e-prescriptions/s through local sign-batch (interleaved with
                                  the raw card rate); *_latency_300ms_*: the card sleeping 0.3 s
                                  per signature like a real one
+  local_batch_cpu_ms_per_doc     CPU of the batch process per e-prescription (the virtual card
+                                 runs in a process of its own)
   verify_eprescription_xl_per_s  long-term verification of the real ES-XL prescription in
   signxml_verify_per_s           process, beside signxml's XAdESVerifier (signature only)
 Every signHash spends a hash-bound SCAL 2 SAD obtained beforehand through the real FIDO2

@@ -61,7 +61,11 @@ def check_entry(
 def check_entries(
     req: SignDocRequest, *, policy: SigningPolicy, tsa: TimestampClient | None
 ) -> None:
-    for entry in [*(req.documents or []), *(req.documentDigests or [])]:
+    entries: list[DocumentEntry | DocumentDigestsEntry] = [
+        *(req.documents or []),
+        *(req.documentDigests or []),
+    ]
+    for entry in entries:
         check_entry(entry, policy=policy, tsa=tsa)
 
 

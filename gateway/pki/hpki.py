@@ -11,6 +11,7 @@ ASN.1 definitions below.
 from __future__ import annotations
 
 import datetime as dt
+import functools
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any, Literal
@@ -165,6 +166,13 @@ def build_hcrole_extension_value(role: str) -> bytes:
 
 
 def _hcroles_from_extension_value(der: bytes) -> list[str]:
+    return list(_hcroles_of(der))
+
+
+@functools.lru_cache(maxsize=1024)
+def _hcroles_of(der: bytes) -> tuple[str, ...]:
+    """Memoized: every document a signer signs checks the same certificate's roles, and the
+    asn1crypto parse costs more than the rest of the check (a malformed value raises anew)."""
     roles: list[str] = []
     try:
         attributes = SubjectDirectoryAttributes.load(der, strict=True)
@@ -189,7 +197,7 @@ def _hcroles_from_extension_value(der: bytes) -> list[str]:
         raise
     except (ValueError, TypeError, KeyError) as e:
         raise PkiError(f"malformed subjectDirectoryAttributes / hcRole DER: {e}") from e
-    return roles
+    return tuple(roles)
 
 
 def parse_hcroles(cert: x509.Certificate) -> list[str]:
