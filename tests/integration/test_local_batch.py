@@ -32,16 +32,16 @@ PIN = "271828"
 
 
 def _start(pcsc: PcscWorld, cfg: Path, src: Path, out: Path) -> subprocess.Popen[str]:
-    proc = subprocess.Popen(
-        [*CLI, "local", "sign-batch", str(src), "--out", str(out), "--pin-stdin", "--json",
-         "-c", str(cfg)],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        env=pcsc.env(), cwd=REPO, text=True,
-    )  # fmt: skip
-    assert proc.stdin is not None
-    proc.stdin.write(PIN + "\n")
-    proc.stdin.close()
-    return proc
+    """The batch as a running subprocess, the PIN on its standard input (a file)."""
+    pin_file = src.parent / f".pin-{src.name}"
+    pin_file.write_text(PIN + "\n")
+    with pin_file.open("rb") as stdin:
+        return subprocess.Popen(
+            [*CLI, "local", "sign-batch", str(src), "--out", str(out), "--pin-stdin", "--json",
+             "-c", str(cfg)],
+            stdin=stdin, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            env=pcsc.env(), cwd=REPO, text=True,
+        )  # fmt: skip
 
 
 def _report(out: Path) -> tuple[dict[str, set[str]], dict[str, Any]]:
