@@ -155,7 +155,7 @@ async def _batch_round(settings: object, base: Path, r: int, n: int) -> tuple[fl
     return n / elapsed, cpu * 1000 / n
 
 
-def compare(base: Path, *, rounds: int, n: int, latency: float) -> dict[str, dict[str, float]]:
+def compare(base: Path, *, rounds: int, n: int, latency: float) -> dict[str, Any]:
     """Both trees, interleaved, each round in a fresh process of that tree."""
     rates: dict[str, dict[str, list[float]]] = {"base": {}, "ours": {}}
     for _ in range(rounds):
@@ -168,7 +168,7 @@ def compare(base: Path, *, rounds: int, n: int, latency: float) -> dict[str, dic
             )  # fmt: skip
             for k, v in json.loads(proc.stdout.strip().splitlines()[-1]).items():
                 rates[name].setdefault(k, []).append(v)
-    out: dict[str, dict[str, float]] = {}
+    out: dict[str, Any] = {"rounds": rates}
     for name, by_key in rates.items():
         raw = next(v for k, v in by_key.items() if k.startswith("card_raw_sign"))
         batch = next(v for k, v in by_key.items() if k.endswith("_per_s") and "batch" in k)
