@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 from cryptography import x509
 
+from gateway.clock import Clock, system_clock
 from gateway.errors import InvalidRequest, PayloadTooLarge
 from gateway.hsm.api import KeyHandle
 from gateway.sign import cades, eprescription
@@ -47,11 +48,7 @@ ENVELOPES: dict[str, tuple[str, ...]] = {
 DEFAULT_ENVELOPE = {"C": "Attached", "X": "Enveloped", "P": "Certification"}
 CONFORMANCE_LEVELS = ("AdES-B-B", "AdES-B-T", "AdES-B-LT", "AdES-B-LTA")
 #: Levels each format reaches (XAdES: ES-BES, ES-T, ES-XL, ES-A).
-FORMAT_LEVELS = {
-    "C": ("AdES-B-B", "AdES-B-T", "AdES-B-LT"),
-    "X": CONFORMANCE_LEVELS,
-    "P": CONFORMANCE_LEVELS,
-}
+FORMAT_LEVELS = {"C": CONFORMANCE_LEVELS, "X": CONFORMANCE_LEVELS, "P": CONFORMANCE_LEVELS}
 MIME_TYPES = {"C": "application/pkcs7-signature", "X": "application/xml", "P": "application/pdf"}
 
 
@@ -147,6 +144,7 @@ async def sign_document(
     tsa: TimestampClient | None,
     now: dt.datetime | None = None,
     policy: SigningPolicy | None = None,
+    clock: Clock = system_clock,
 ) -> SignedDocument:
     """Sign one document. ``chain[0]`` is the signer's certificate, then its issuers.
 
@@ -156,7 +154,7 @@ async def sign_document(
     whose hcRole may not sign the profile's document type gets RoleNotPermitted (403) first.
     """
     policy = policy or SigningPolicy()
-    now = now or dt.datetime.now(dt.UTC)
+    now = clock() if now is None else now
     if not chain:
         raise InvalidRequest("the credential has no certificate")
     cert, issuers = chain[0], list(chain[1:])
