@@ -42,6 +42,7 @@ def signing_policy(settings: Settings) -> SigningPolicy:
         eprescription_issuer_serial_v2=s.eprescription_issuer_serial_v2,
         max_document_bytes=s.max_document_bytes,
         max_xml_depth=s.max_xml_depth,
+        parallel_documents=s.parallel_documents,
     )
 
 
