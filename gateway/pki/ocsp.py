@@ -222,7 +222,6 @@ def check_response(
         )
     who = issuer.subject.rfc4514_string()
     status = single.certificate_status
-    times = {"der": der, "this_update": this_update, "next_update": next_update}
     if status == ocsp.OCSPCertStatus.REVOKED:
         when = single.revocation_time_utc
         return OcspResult(
@@ -230,10 +229,18 @@ def check_response(
             f"certificate {cert.serial_number:X} is revoked by {who} since "
             f"{when.isoformat() if when else 'an unknown time'} (OCSP)",
             when,
-            **times,
+            der=der,
+            this_update=this_update,
+            next_update=next_update,
         )
     if status == ocsp.OCSPCertStatus.GOOD:
-        return OcspResult("good", f"OCSP: good (thisUpdate {this_update.isoformat()})", **times)
+        return OcspResult(
+            "good",
+            f"OCSP: good (thisUpdate {this_update.isoformat()})",
+            der=der,
+            this_update=this_update,
+            next_update=next_update,
+        )
     return OcspResult("unknown", "OCSP responder does not know the certificate")
 
 

@@ -37,7 +37,7 @@ from gateway.sign import timestamp as ts
 
 __all__ = [
     "ATSHashIndexV3",
-    "IndexProblem",
+    "ArchiveToken",
     "add_archive_timestamp",
     "archive_imprint_input",
     "archive_tokens",
@@ -48,11 +48,11 @@ OID_ARCHIVE_TIME_STAMP_V3 = "0.4.0.1733.2.4"  # id-aa-ets-archiveTimestampV3
 OID_ATS_HASH_INDEX_V3 = "0.4.0.19122.1.5"  # id-aa-ATSHashIndex-v3
 
 
-class _OctetStrings(core.SequenceOf):
+class _OctetStrings(core.SequenceOf):  # type: ignore[misc]  # asn1crypto is untyped
     _child_spec = core.OctetString
 
 
-class ATSHashIndexV3(core.Sequence):
+class ATSHashIndexV3(core.Sequence):  # type: ignore[misc]  # asn1crypto is untyped
     """EN 319 122-1 §5.5.2."""
 
     _fields = [  # noqa: RUF012 - asn1crypto's declaration style
@@ -151,11 +151,6 @@ async def add_archive_timestamp(
 
 
 @dataclass(frozen=True)
-class IndexProblem:
-    reason: str
-
-
-@dataclass(frozen=True)
 class ArchiveToken:
     """One archive-time-stamp-v3 of a SignerInfo, with what its imprint must cover."""
 
@@ -187,7 +182,9 @@ def _missing(listed: Sequence[bytes], present: Sequence[bytes]) -> int:
     return missing
 
 
-def archive_tokens(sd: Any, si: Any, content: bytes | None, digest: bytes | None) -> list[Any]:
+def archive_tokens(
+    sd: Any, si: Any, content: bytes | None, digest: bytes | None
+) -> list[ArchiveToken]:
     """Each archive-time-stamp-v3 of ``si`` with its imprint input, after checking that what
     its ats-hash-index-v3 names is still in the signature. ``content`` the signed content, or
     ``digest`` its SHA-256 (detached signatures given by digest)."""
