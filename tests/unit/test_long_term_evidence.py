@@ -59,7 +59,9 @@ def _responses(
     )  # fmt: skip
 
 
-def _ask(responder: SandboxOcspResponder, cert: x509.Certificate, issuer: x509.Certificate) -> bytes:
+def _ask(
+    responder: SandboxOcspResponder, cert: x509.Certificate, issuer: x509.Certificate
+) -> bytes:
     req = build_request(cert, issuer, b"n" * 16).public_bytes(serialization.Encoding.DER)
     return responder.respond(req)
 
@@ -126,6 +128,8 @@ def test_all_or_none_runs_together_and_stops_at_the_first_failure() -> None:
     def job(i: int, fail: bool = False) -> Callable[[], Awaitable[int]]:
         async def run() -> int:
             started.append(i)
+            if len(started) == 5:
+                gate.set()
             if fail:
                 await asyncio.sleep(0)
                 raise ValueError(f"job {i} failed")
@@ -136,15 +140,7 @@ def test_all_or_none_runs_together_and_stops_at_the_first_failure() -> None:
         return run
 
     async def together() -> list[int]:
-        work = [job(i) for i in range(5)]
-
-        async def release() -> None:
-            while len(started) < 5:
-                await asyncio.sleep(0)
-            gate.set()
-
-        got, _ = await asyncio.gather(all_or_none(work, limit=8), release())
-        return got
+        return await all_or_none([job(i) for i in range(5)], limit=8)
 
     assert asyncio.run(together()) == [0, 1, 2, 3, 4]
     started.clear()
