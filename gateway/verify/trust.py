@@ -134,10 +134,12 @@ def _tsa_revoked(
     token: ts.TimestampToken, t: TimestampEvidence, trust: TrustConfig, now: dt.datetime
 ) -> tuple[bool, str]:
     """Whether the TSA's certificate (or a CA above it) was revoked when it stamped, from the
-    revocation data carried for the timestamp (TimeStampValidationData, CMS crls, DSS) and the
-    configured CRL files; never fetched. (True, reason) names the revoked certificate; without
-    any evidence the timestamp stands and the entry says so (test TSAs publish none)."""
+    revocation data carried for the timestamp (TimeStampValidationData, the signature's CMS
+    crls, the DSS, the token's own SignedData crls) and the configured CRL files; never
+    fetched. (True, reason) names the revoked certificate; without any evidence the timestamp
+    stands and the entry says so (test TSAs publish none)."""
     from gateway.sign.xades_ltv import _path
+    from gateway.verify.cms import _cms_crls, _cms_ocsps
 
     si = token.signed_data["signer_infos"][0]
     tsa_cert = ts._find_signer_cert(si, token.certificates)
@@ -145,10 +147,11 @@ def _tsa_revoked(
         return False, "not checked"
     path = _path(tsa_cert, [*token.certificates, *t.certs, *trust.tsa_anchors])
     at = token.gen_time
-    local = trust.crls.local_crls()
+    crls = [*t.crls, *_cms_crls(token.signed_data), *trust.crls.local_crls()]
+    ocsps = [*t.ocsps, *_cms_ocsps(token.signed_data)]
     checked: list[str] = []
     for child, issuer in itertools.pairwise(path):
-        evidence = carried_status_at(child, issuer, at, [*t.crls, *local], t.ocsps, now=now)
+        evidence = carried_status_at(child, issuer, at, crls, ocsps, now=now)
         if evidence is None or evidence.status == "unknown":
             continue
         if evidence.status == "revoked":
