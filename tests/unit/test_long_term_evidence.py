@@ -123,31 +123,32 @@ def test_revoked_from_either_source_wins(tmp_path: Path) -> None:
 def test_all_or_none_runs_together_and_stops_at_the_first_failure() -> None:
     started: list[int] = []
     finished: list[int] = []
-    gate = asyncio.Event()
+    gates: list[asyncio.Event] = []
 
     def job(i: int, fail: bool = False) -> Callable[[], Awaitable[int]]:
         async def run() -> int:
             started.append(i)
             if len(started) == 5:
-                gate.set()
+                gates[-1].set()
             if fail:
                 await asyncio.sleep(0)
                 raise ValueError(f"job {i} failed")
-            await gate.wait()  # only released if all of them run at once
+            await gates[-1].wait()  # only released if all of them run at once
             finished.append(i)
             return i
 
         return run
 
     async def together() -> list[int]:
+        gates.append(asyncio.Event())
         return await all_or_none([job(i) for i in range(5)], limit=8)
 
     assert asyncio.run(together()) == [0, 1, 2, 3, 4]
     started.clear()
     finished.clear()
-    gate.clear()
 
     async def failing() -> None:
+        gates.append(asyncio.Event())
         await all_or_none([job(0), job(1, fail=True), job(2)], limit=8)
 
     with pytest.raises(ValueError, match="job 1 failed"):
