@@ -63,6 +63,26 @@ class ATSHashIndexV3(core.Sequence):  # type: ignore[misc]  # asn1crypto is unty
     ]
 
 
+class _RawIndex(core.SequenceOf):  # type: ignore[misc]  # asn1crypto is untyped
+    """ATSHashIndexV3 as it is read: its optional first field and the next one are both
+    SEQUENCEs, which asn1crypto's field matching cannot tell apart, so the fields are told by
+    their count (four: the algorithm is given; three: SHA-256), as EU DSS reads it too."""
+
+    _child_spec = core.Any
+
+
+def _decode_index(raw: Any) -> tuple[str, list[bytes], list[bytes], list[bytes]]:
+    items = list(raw)
+    if len(items) not in (3, 4):
+        raise ValueError(f"ATSHashIndexV3 with {len(items)} fields")
+    alg = "sha256"
+    if len(items) == 4:
+        alg = algos.DigestAlgorithm.load(items[0].dump())["algorithm"].native
+        items = items[1:]
+    lists = [_OctetStrings.load(i.dump()).native for i in items]
+    return alg, lists[0], lists[1], lists[2]
+
+
 def _register(dotted: str, name: str, spec: type) -> None:
     set_of = type("SetOf" + spec.__name__, (core.SetOf,), {"_child_spec": spec})
     cms.CMSAttributeType._map.setdefault(dotted, name)
@@ -70,7 +90,7 @@ def _register(dotted: str, name: str, spec: type) -> None:
 
 
 _register(OID_ARCHIVE_TIME_STAMP_V3, "archive_time_stamp_v3", cms.ContentInfo)
-_register(OID_ATS_HASH_INDEX_V3, "ats_hash_index_v3", ATSHashIndexV3)
+_register(OID_ATS_HASH_INDEX_V3, "ats_hash_index_v3", _RawIndex)
 
 _HASHES = ("sha256", "sha384", "sha512")
 
@@ -142,7 +162,9 @@ async def add_archive_timestamp(
     token_der = await tsa.timestamp(hashlib.sha256(data).digest(), DigestAlgorithm.SHA256)
     token = cms.ContentInfo.load(token_der)
     tsi = token["content"]["signer_infos"][0]
-    index_attr = cms.CMSAttribute({"type": "ats_hash_index_v3", "values": [index]})
+    index_attr = cms.CMSAttribute(
+        {"type": "ats_hash_index_v3", "values": [_RawIndex.load(index.dump())]}
+    )
     tsi["unsigned_attrs"] = cms.CMSAttributes([*_unsigned(tsi), index_attr])
     attr = cms.CMSAttribute({"type": "archive_time_stamp_v3", "values": [token]})
     si["unsigned_attrs"] = cms.CMSAttributes([*_unsigned(si), attr])
@@ -162,12 +184,12 @@ class ArchiveToken:
     changed: bool = False
 
 
-def _index_of(token: Any) -> ATSHashIndexV3 | None:
+def _index_of(token: Any) -> Any:
+    """The token's ats-hash-index-v3 value (raw, see ``_RawIndex``), or None."""
     tsi = token["content"]["signer_infos"][0]
     for attr in _unsigned(tsi):
         if attr["type"].native == "ats_hash_index_v3":
-            value: ATSHashIndexV3 = attr["values"][0]
-            return value
+            return attr["values"][0]
     return None
 
 
@@ -197,28 +219,30 @@ def archive_tokens(
             try:
                 index = _index_of(token)
                 info = ts.parse_token(der).info
+                if index is None:
+                    out.append(
+                        ArchiveToken(der, None, "no ats-hash-index-v3 in the archive timestamp")
+                    )
+                    continue
+                alg, cert_hashes, crl_hashes, attr_hashes = _decode_index(index)
             except (ValueError, TypeError, KeyError) as e:
                 out.append(ArchiveToken(der, None, f"unreadable ({e})"))
                 continue
-            if index is None:
-                out.append(ArchiveToken(der, None, "no ats-hash-index-v3 in the archive timestamp"))
-                continue
-            alg = index["hash_ind_algorithm"]["algorithm"].native
             imprint_alg = info["message_imprint"]["hash_algorithm"]["algorithm"].native
             if alg not in _HASHES or imprint_alg not in _HASHES:
                 out.append(ArchiveToken(der, None, f"unsupported hash {alg} / {imprint_alg}"))
                 continue
             gone = {
                 "certificates": _missing(
-                    index["certificates_hash_index"].native,
+                    cert_hashes,
                     [_h(alg, c.dump()) for c in sd["certificates"] or []],
                 ),
                 "CRLs": _missing(
-                    index["crls_hash_index"].native,
+                    crl_hashes,
                     [_h(alg, c.dump()) for c in sd["crls"] or []],
                 ),
                 "unsigned attributes": _missing(
-                    index["unsigned_attr_values_hash_index"].native,
+                    attr_hashes,
                     _attr_value_hashes(si, alg, skip=attr),
                 ),
             }
