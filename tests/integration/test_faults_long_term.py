@@ -224,7 +224,10 @@ def test_tsa_down_or_hung_then_back_with_the_same_sad(world: World, fault: str) 
         expected = {"down": "tsa_unavailable", "hung": "tsa_timeout"}[fault]
         assert (r.status, r.json()["error"]) == (503, expected), r.body
         assert int(r.headers["retry-after"]) >= 1
-        assert "DocumentWithSignature" not in r.json() and "nothing was signed" in r.body
+        assert (
+            "DocumentWithSignature" not in r.json()
+            and "nothing was signed" in r.json()["error_description"]
+        )
         [failed] = _failed(world, seq)
         assert failed["refunded"] is True and "timestamp authority" in failed["reason"]
         # the TSA comes back: the same SAD signs the same document at B-T
@@ -269,7 +272,10 @@ def test_crl_server_down_at_es_xl_then_back(world: World) -> None:
         r = _sign_doc(world, cred, sad, CSV, **entry)
         assert (r.status, r.json()["error"]) == (503, "temporarily_unavailable"), r.body
         assert int(r.headers["retry-after"]) >= 1
-        assert "no current CRL" in r.body and "nothing was signed" in r.body
+        assert (
+            "no current CRL" in r.json()["error_description"]
+            and "nothing was signed" in r.json()["error_description"]
+        )
         [failed] = _failed(world, seq)
         assert failed["refunded"] is True and "CRL" in failed["reason"]
         a.start()
@@ -311,7 +317,10 @@ def test_ocsp_responder_down_at_es_xl_then_back(world: World) -> None:
         r = _sign_doc(world, cred, sad, CSV, **entry)
         assert (r.status, r.json()["error"]) == (503, "temporarily_unavailable"), r.body
         assert int(r.headers["retry-after"]) >= 1
-        assert "no OCSP answer" in r.body and "nothing was signed" in r.body
+        assert (
+            "no OCSP answer" in r.json()["error_description"]
+            and "nothing was signed" in r.json()["error_description"]
+        )
         [failed] = _failed(world, seq)
         assert failed["refunded"] is True and "OCSP" in failed["reason"]
         a.start()
