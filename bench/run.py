@@ -338,6 +338,7 @@ async def signdoc(
     auth: SoftAuthenticator,
     kind: str,
     requests: int | None = None,
+    clients: int | None = None,
 ) -> float:
     from bench.bench_signdoc import signdoc_rate
 
@@ -345,6 +346,8 @@ async def signdoc(
         return await Client(port, ctx, session).authorize(cred, digests, auth)
 
     extra = {} if requests is None else {"requests": requests}
+    if clients is not None:
+        extra["clients"] = clients
     return await signdoc_rate(
         port=port, ssl_ctx=ctx, credential_id=cred, authorize=authorize, kind=kind, **extra
     )
