@@ -260,3 +260,69 @@ def test_a_tsa_revoked_before_it_stamped_is_refused(lt: LtWorld, fmt: str) -> No
     rep = asyncio.run(verify_document(signed, trust=lt.trust()))
     assert rep.indication == "TOTAL-PASSED", rep.reason
     assert rep.signatures[0].timestamp["tsa_revocation"].startswith("not revoked")
+
+
+def test_a_signer_the_responder_says_is_revoked_is_refused_before_the_key(
+    lt: LtWorld, tmp_path: Path
+) -> None:
+    """The TEST responder code (in this process, with a CRL that lists the certificate) says
+    "revoked": 403 access_denied naming the certificate, and the key is never used."""
+    from aiohttp import web
+
+    from gateway.errors import AccessDenied
+    from gateway.sandbox.ocsp import OCSP_PATH, SandboxOcspResponder, create_ocsp_app
+
+    crl = testworld.make_crl(
+        lt.ca, revoked=[], now=dt.datetime.now(dt.UTC),
+        next_update=dt.timedelta(days=1),
+    )  # fmt: skip
+    calls = 0
+
+    class Counting(SoftwareKeyHandle):
+        async def sign_digest(self, *a: Any, **kw: Any) -> bytes:
+            nonlocal calls
+            calls += 1
+            return await super().sign_digest(*a, **kw)
+
+    async def go() -> None:
+        runner = web.AppRunner(
+            create_ocsp_app(
+                SandboxOcspResponder(
+                    ca_cert=lt.ca.cert, signer_cert=lt.ca.cert, signer_key=lt.ca.key,
+                    crl_files=[crl_path],
+                )
+            )
+        )  # fmt: skip
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        url = f"http://127.0.0.1:{runner.addresses[0][1]}{OCSP_PATH}"
+        spki = lt.key.public_key().public_bytes(
+            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+        leaf = testworld.issue_hpki_signer_cert(
+            lt.ca, public_key_der=spki, name_romaji="Revoked Shiro", name_kanji="Revoked Shiro",
+            role="Medical Doctor", organization="HPKI TEST FACILITY", serial_number_attr="REVSHIRO",
+            now=dt.datetime.now(dt.UTC) - dt.timedelta(minutes=5), ocsp_url=url,
+        )  # fmt: skip
+        revoked = testworld.make_crl(
+            lt.ca, revoked=[(leaf.serial_number, dt.datetime.now(dt.UTC), None)],
+            now=dt.datetime.now(dt.UTC), next_update=dt.timedelta(days=1),
+        )  # fmt: skip
+        crl_path.write_bytes(revoked.public_bytes(serialization.Encoding.DER))
+        try:
+            async with Rfc3161Client(url=lt.tsa_url, timeout=10) as client:
+                await sign_document(
+                    key=Counting(lt.key), chain=lt.chain(leaf), signature_format="C",
+                    conformance_level="AdES-B-LT", envelope="Attached", document=CSV, tsa=client,
+                    policy=SigningPolicy(long_term=lt.source()),
+                )  # fmt: skip
+        finally:
+            await runner.cleanup()
+
+    crl_path = tmp_path / "ca.crl"
+    crl_path.write_bytes(crl.public_bytes(serialization.Encoding.DER))
+    with pytest.raises(AccessDenied, match=r"Revoked Shiro.*is revoked") as e:
+        asyncio.run(go())
+    assert e.value.status == 403 and "nothing was signed" in e.value.description
+    assert calls == 0
