@@ -30,7 +30,6 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
-import hmac
 import json
 import secrets
 from collections.abc import Mapping, Sequence
@@ -47,31 +46,23 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from gateway.audit import AuditLog
-from gateway.auth.fido2 import (
-    NONCE_BYTES,
-    Caller,
-    Fido2Authenticator,
-    bound_challenge,
+from gateway.auth import presence
+from gateway.auth.challenges import (
+    JPKI_CHALLENGES,
+    approves,
     canonical_binding,
-    challenge_id,
+    check_issued_for,
+    enrollment_binding,
+    new_bound_challenge,
 )
+from gateway.auth.fido2 import Caller, Fido2Authenticator, use_enrollment
 from gateway.auth.jpki_revocation import JpkiRevocationSource
 from gateway.clock import Clock, system_clock
 from gateway.errors import AccessDenied, Conflict, GatewayError, InvalidRequest, NotFound
-from gateway.hsm.api import DigestAlgorithm
 from gateway.signing.grant import PRESENCE_JPKI, Grant, IssuedSad
-from gateway.signing.ledger import SadLedger
-from gateway.signing.rules import require_may_sign
+from gateway.signing.ledger import SadLedger, end_sads_of
 from gateway.store.db import Database
-from gateway.store.schema import (
-    credential,
-    enrollment,
-    jpki_binding,
-    jpki_challenge,
-    sad,
-    signer,
-    signer_facility,
-)
+from gateway.store.schema import jpki_binding
 
 AUTH_DATA_ID = "jpki"
 MAX_CERT_BYTES = 8192
@@ -346,13 +337,7 @@ class JpkiAuthenticator:
                 )
             raise
         async with self.db.write() as conn:
-            srow = (
-                await conn.execute(select(signer.c.status).where(signer.c.id == signer_id))
-            ).one_or_none()
-            if srow is None:
-                raise NotFound(f"signer {signer_id} does not exist")
-            if srow.status != "active":
-                raise AccessDenied(f"signer {signer_id} is {srow.status}")
+            await presence.require_active_signer(conn, signer_id)
             link = await self._insert_link(
                 conn, signer_id=signer_id, checked=checked, label=label, now=now
             )
@@ -388,17 +373,13 @@ class JpkiAuthenticator:
             )
             if res.rowcount == 0:
                 raise NotFound(f"signer {signer_id} has no My Number card link {link_id}")
-            ended = await conn.execute(
-                update(sad)
-                .where(sad.c.fido_credential_id == link_id, sad.c.expires_at > now)
-                .values(expires_at=now)
-            )
+            ended = await end_sads_of(conn, link_id, now=now)
             await self.audit.append(
                 conn,
                 action="jpki.unlink",
                 actor=actor,
                 signer_id=signer_id,
-                detail={"link": link_id, "sads_ended": ended.rowcount},
+                detail={"link": link_id, "sads_ended": ended},
                 now=now,
             )
 
@@ -413,21 +394,19 @@ class JpkiAuthenticator:
         )
         async with self.db.write() as conn:
             row = await self.fido2.take_checked_enrollment(conn, code=code, caller=caller, now=now)
-            binding = json.dumps({"enrollment": row.id}, sort_keys=True).encode()
-            challenge = bound_challenge(secrets.token_bytes(NONCE_BYTES), binding)
-            cid = challenge_id(challenge)
-            await conn.execute(
-                insert(jpki_challenge).values(
-                    id=cid,
-                    kind="register",
-                    challenge=challenge,
-                    signer_id=row.signer_id,
-                    facility_id=caller.facility_id,
-                    enrollment_id=row.id,
-                    binding=binding.decode(),
-                    created_at=now,
-                    expires_at=now + self.challenge_ttl,
-                )
+            binding = enrollment_binding(row.id)
+            challenge = new_bound_challenge(binding)
+            cid = await JPKI_CHALLENGES.put(
+                conn,
+                challenge,
+                kind="register",
+                signer_id=row.signer_id,
+                facility_id=caller.facility_id,
+                binding=binding,
+                now=now,
+                ttl=self.challenge_ttl,
+                enrollment_id=row.id,
+                challenge=challenge,
             )
         return _challenge_json(challenge, cid, self.challenge_ttl)
 
@@ -446,7 +425,7 @@ class JpkiAuthenticator:
             async with self.db.read() as conn:
                 row = await self.fido2.enrollment_for(conn, code=code, caller=caller, now=now)
                 signer_id = row.signer_id
-                state = await self._peek_challenge(conn, cid, kind="register", now=now)
+                state = await JPKI_CHALLENGES.peek(conn, cid, kind="register", now=now)
             if state.enrollment_id != row.id or state.facility_id != caller.facility_id:
                 raise InvalidRequest("the challenge was issued for another enrollment code")
             verify_card_signature(
@@ -455,15 +434,11 @@ class JpkiAuthenticator:
             checked = await self.check_certificate(authorization.certificate, now)
             async with self.db.write() as conn:
                 row = await self.fido2.enrollment_for(conn, code=code, caller=caller, now=now)
-                await self._take_challenge(conn, cid, kind="register", now=now)
+                await JPKI_CHALLENGES.take(conn, cid, kind="register", now=now)
                 link = await self._insert_link(
                     conn, signer_id=row.signer_id, checked=checked, label=label, now=now
                 )
-                await conn.execute(
-                    update(enrollment)
-                    .where(enrollment.c.id == row.id)
-                    .values(status="used", used_at=now)
-                )
+                await use_enrollment(conn, row.id, now=now)
                 await self.audit.append(
                     conn,
                     action="jpki.link",
@@ -500,34 +475,17 @@ class JpkiAuthenticator:
         if caller.facility_id is None:
             raise AccessDenied("My Number card authentication is relayed by facility certificates")
         async with self.db.write() as conn:
-            row = (
-                await conn.execute(
-                    select(credential.c.signer_id, credential.c.status, signer.c.status.label("s"))
-                    .select_from(
-                        credential.join(signer, signer.c.id == credential.c.signer_id).join(
-                            signer_facility, signer_facility.c.signer_id == signer.c.id
-                        )
-                    )
-                    .where(
-                        credential.c.id == credential_id,
-                        signer_facility.c.facility_id == caller.facility_id,
-                    )
-                )
-            ).one_or_none()
-            if row is None:
-                raise InvalidRequest("Invalid parameter credentialID")
-            if row.s != "active":
-                raise AccessDenied(f"signer {row.signer_id} is {row.s}")
-            if row.status != "active":
-                raise AccessDenied(f"credential {credential_id} is {row.status}")
+            signer_id = await presence.signer_of_credential(
+                conn, credential_id=credential_id, facility_id=caller.facility_id
+            )
             linked = (
                 await conn.execute(
-                    select(jpki_binding.c.id).where(jpki_binding.c.signer_id == row.signer_id)
+                    select(jpki_binding.c.id).where(jpki_binding.c.signer_id == signer_id)
                 )
             ).first()
             if linked is None:
                 raise InvalidRequest(
-                    f"signer {row.signer_id} has no linked My Number card: link one with "
+                    f"signer {signer_id} has no linked My Number card: link one with "
                     "`hpki-gateway signer link-jpki` or `hpki-gateway card enroll`"
                 )
             binding = canonical_binding(
@@ -536,49 +494,20 @@ class JpkiAuthenticator:
                 hashes=hashes,
                 num_signatures=num_signatures,
             )
-            challenge = bound_challenge(secrets.token_bytes(NONCE_BYTES), binding)
-            cid = challenge_id(challenge)
-            await conn.execute(
-                insert(jpki_challenge).values(
-                    id=cid,
-                    kind="authenticate",
-                    challenge=challenge,
-                    signer_id=row.signer_id,
-                    facility_id=caller.facility_id,
-                    credential_id=credential_id,
-                    binding=binding.decode(),
-                    created_at=now,
-                    expires_at=now + self.challenge_ttl,
-                )
+            challenge = new_bound_challenge(binding)
+            cid = await JPKI_CHALLENGES.put(
+                conn,
+                challenge,
+                kind="authenticate",
+                signer_id=signer_id,
+                facility_id=caller.facility_id,
+                binding=binding,
+                now=now,
+                ttl=self.challenge_ttl,
+                credential_id=credential_id,
+                challenge=challenge,
             )
         return _challenge_json(challenge, cid, self.challenge_ttl)
-
-    async def _peek_challenge(
-        self, conn: AsyncConnection, cid: str, *, kind: str, now: datetime
-    ) -> Any:
-        row = (
-            await conn.execute(select(jpki_challenge).where(jpki_challenge.c.id == cid))
-        ).one_or_none()
-        if row is None or row.kind != kind:
-            raise InvalidRequest("unknown challenge_id: call begin first")
-        if row.used_at is not None:
-            raise InvalidRequest("challenge was already used")
-        if row.expires_at <= now:
-            raise InvalidRequest("challenge expired")
-        return row
-
-    async def _take_challenge(
-        self, conn: AsyncConnection, cid: str, *, kind: str, now: datetime
-    ) -> Any:
-        row = await self._peek_challenge(conn, cid, kind=kind, now=now)
-        res = await conn.execute(
-            update(jpki_challenge)
-            .where(jpki_challenge.c.id == cid, jpki_challenge.c.used_at.is_(None))
-            .values(used_at=now)
-        )
-        if res.rowcount != 1:
-            raise InvalidRequest("challenge was already used")
-        return row
 
     async def precheck(
         self,
@@ -591,7 +520,7 @@ class JpkiAuthenticator:
     ) -> CheckedCertificate:
         """Everything that needs no write lock (and the network): run before the transaction."""
         async with self.db.read() as conn:
-            state = await self._peek_challenge(
+            state = await JPKI_CHALLENGES.peek(
                 conn, authorization.challenge_id, kind="authenticate", now=now
             )
         _check_state(state, facility_id=facility_id, credential_id=credential_id, binding=binding)
@@ -610,7 +539,7 @@ class JpkiAuthenticator:
         now: datetime,
     ) -> JpkiPresence:
         """Inside the caller's write transaction: take the challenge, check the link."""
-        state = await self._take_challenge(
+        state = await JPKI_CHALLENGES.take(
             conn, authorization.challenge_id, kind="authenticate", now=now
         )
         _check_state(state, facility_id=facility_id, credential_id=credential_id, binding=binding)
@@ -658,9 +587,7 @@ class JpkiAuthenticator:
         by the ledger, ``sad.refused`` here); a refused attempt burns its challenge.
         """
         now = now or self.clock()
-        if caller.facility_id is None or caller.institution_code is None:
-            raise AccessDenied("CSC methods are for facility client certificates")
-        facility_id = caller.facility_id
+        facility_id, institution_code = presence.facility_of(caller)
         signer_id: str | None = None
         try:
             if not hashes:
@@ -670,14 +597,9 @@ class JpkiAuthenticator:
                 )
             if hash_algorithm_oid is None:
                 raise InvalidRequest("Missing (or invalid type) parameter hashAlgorithmOID")
-            try:
-                algorithm = DigestAlgorithm.from_oid(hash_algorithm_oid)
-            except ValueError as e:
-                raise InvalidRequest(f"Invalid parameter hashAlgorithmOID: {e}") from e
-            if num_signatures != len(hashes):
-                raise InvalidRequest(
-                    "Invalid parameter numSignatures: must equal the number of hashes"
-                )
+            algorithm = presence.check_bound_request(
+                hashes, presence.hash_algorithm(hash_algorithm_oid), num_signatures
+            )
             binding = canonical_binding(
                 credential_id=credential_id,
                 hash_algorithm_oid=hash_algorithm_oid,
@@ -692,7 +614,7 @@ class JpkiAuthenticator:
                 now=now,
             )
             async with self.db.write() as conn:
-                presence = await self.verify(
+                card = await self.verify(
                     conn,
                     authorization,
                     checked,
@@ -701,30 +623,30 @@ class JpkiAuthenticator:
                     binding=binding,
                     now=now,
                 )
-                signer_id = presence.signer_id
-                await _check_signer(
+                signer_id = card.signer_id
+                await presence.check_may_sign(
                     conn, facility_id=facility_id, credential_id=credential_id, now=now
                 )
                 grant = Grant(
                     facility_id=facility_id,
-                    signer_id=presence.signer_id,
+                    signer_id=card.signer_id,
                     credential_id=credential_id,
                     hashes=tuple(bytes(h) for h in hashes),
                     hash_algorithm=algorithm,
                     count=num_signatures,
                     scal="2",
                     presence=PRESENCE_JPKI,
-                    presence_ref=presence.binding_id,
+                    presence_ref=card.binding_id,
                     ttl=self.sad_ttl,
                     evidence={
                         "presence": PRESENCE_JPKI,
-                        "jpki_link": presence.binding_id,
+                        "jpki_link": card.binding_id,
                         "jpki_serial": f"{checked.cert.serial_number:x}",
-                        "revocation": presence.revocation,
+                        "revocation": card.revocation,
                     },
                 )
                 return await self.ledger.issue(
-                    conn, grant, actor=caller.actor, facility_code=caller.institution_code, now=now
+                    conn, grant, actor=caller.actor, facility_code=institution_code, now=now
                 )
         except GatewayError as e:
             await self.refused(
@@ -747,11 +669,7 @@ class JpkiAuthenticator:
         challenge and audit why, so a refusal at the card leaves a record like any other."""
         now = self.clock()
         async with self.db.read() as conn:
-            row = (
-                await conn.execute(
-                    select(jpki_challenge).where(jpki_challenge.c.id == challenge_id)
-                )
-            ).one_or_none()
+            row = await JPKI_CHALLENGES.find(conn, challenge_id)
         if row is None or row.facility_id != caller.facility_id:
             raise InvalidRequest("unknown challenge_id: call begin first")
         await self.refused(
@@ -776,69 +694,16 @@ class JpkiAuthenticator:
         now: datetime | None = None,
     ) -> None:
         """Record a refusal in its own transaction and burn its challenge."""
-        now = now or self.clock()
-        async with self.db.write() as conn:
-            if challenge is not None:
-                await conn.execute(
-                    update(jpki_challenge)
-                    .where(jpki_challenge.c.id == challenge, jpki_challenge.c.used_at.is_(None))
-                    .values(used_at=now)
-                )
-            await self.audit.append(
-                conn,
-                action=action,
-                actor=caller.actor,
-                facility_code=caller.institution_code,
-                signer_id=signer_id,
-                detail={"reason": reason, **(detail or {})},
-                now=now,
-            )
-
-
-async def _check_signer(
-    conn: AsyncConnection, *, facility_id: int, credential_id: str, now: datetime
-) -> None:
-    """Invariant 1, read in the issuing transaction: active signer serving the facility,
-    active credential with a valid certificate (the same rules as every presence method)."""
-    row = (
-        await conn.execute(
-            select(
-                credential.c.signer_id,
-                credential.c.status,
-                credential.c.certificate_der,
-                signer.c.status.label("signer_status"),
-                signer_facility.c.facility_id,
-            )
-            .select_from(
-                credential.join(signer, signer.c.id == credential.c.signer_id).outerjoin(
-                    signer_facility,
-                    (signer_facility.c.signer_id == signer.c.id)
-                    & (signer_facility.c.facility_id == facility_id),
-                )
-            )
-            .where(credential.c.id == credential_id)
-        )
-    ).one_or_none()
-    if row is None:
-        raise InvalidRequest("Invalid parameter credentialID")
-    require_may_sign(
-        signer_id=row.signer_id,
-        signer_status=row.signer_status,
-        serves_facility=row.facility_id is not None,
-        credential_id=credential_id,
-        credential_status=row.status,
-        certificate_der=row.certificate_der,
-        now=now,
-    )
+        await presence.record_refusal(
+            self.db, self.audit, JPKI_CHALLENGES,
+            action=action, caller=caller, signer_id=signer_id, reason=reason,
+            challenge=challenge, detail=detail, now=now or self.clock(),
+        )  # fmt: skip
 
 
 def _check_state(state: Any, *, facility_id: int, credential_id: str, binding: bytes) -> None:
-    if state.facility_id != facility_id:
-        raise InvalidRequest("the challenge was issued to another facility")
-    if state.credential_id != credential_id:
-        raise InvalidRequest("the challenge was issued for another credentialID")
-    expected = hashlib.sha256(binding).digest()
-    if not hmac.compare_digest(bytes(state.challenge)[NONCE_BYTES:], expected):
+    check_issued_for(state, facility_id=facility_id, credential_id=credential_id)
+    if not approves(bytes(state.challenge), binding):
         raise InvalidRequest(
             "the card signature does not approve this request: credentialID, hashes, "
             "hashAlgorithmOID or numSignatures differ from authenticate/begin"

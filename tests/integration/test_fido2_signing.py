@@ -26,7 +26,8 @@ from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
 from sqlalchemy import func, select, text
 
-from gateway.auth.fido2 import Caller, canonical_binding
+from gateway.auth.challenges import canonical_binding
+from gateway.auth.fido2 import Caller
 from gateway.errors import InvalidRequest
 from gateway.hsm.api import DigestAlgorithm
 from gateway.lifecycle.signers import SignerService
