@@ -69,6 +69,34 @@ async def may_sign_row(conn: AsyncConnection, *, credential_id: str, facility_id
     ).one_or_none()
 
 
+async def facility_credentials(
+    conn: AsyncConnection,
+    facility_id: int,
+    *,
+    user_id: str | None = None,
+    credential_id: str | None = None,
+) -> list[Any]:
+    """The credential rows offered to a facility (those of the signers serving it that have a
+    certificate), oldest first; narrowed to one signer or one credential when asked."""
+    q = (
+        select(credential)
+        .select_from(
+            credential.join(signer, credential.c.signer_id == signer.c.id).join(
+                signer_facility, signer_facility.c.signer_id == signer.c.id
+            )
+        )
+        .where(signer_facility.c.facility_id == facility_id)
+        # A credential still waiting for its certificate cannot sign: not offered to systems.
+        .where(credential.c.certificate_der.is_not(None))
+        .order_by(credential.c.created_at)
+    )
+    if user_id is not None:
+        q = q.where(signer.c.id == user_id)
+    if credential_id is not None:
+        q = q.where(credential.c.id == credential_id)
+    return list((await conn.execute(q)).all())
+
+
 async def registered_presence(conn: AsyncConnection, signer_id: str) -> dict[str, bool]:
     """Which presence methods the signer has registered: a FIDO2 authenticator (``webauthn``),
     a linked My Number card (``jpki``)."""
