@@ -92,10 +92,20 @@ def check_issued_for(state: Any, *, facility_id: int, credential_id: str) -> Non
 class ChallengeStore:
     """The stored state of one presence method's challenges (one table)."""
 
-    def __init__(self, table: Table, *, unknown: str, required: Sequence[str] = ()) -> None:
+    def __init__(
+        self,
+        table: Table,
+        *,
+        unknown: str,
+        required: Sequence[str] = (),
+        keeps_challenge: bool = False,
+    ) -> None:
         self.table = table
         self.unknown = unknown  # the answer for an id that was never issued (or of another kind)
         self.required = tuple(required)  # columns a usable row has filled
+        # The card signs the challenge bytes themselves, verified against the stored copy;
+        # WebAuthn's client data carries the challenge, python-fido2's state keeps it.
+        self.keeps_challenge = keeps_challenge
 
     async def put(
         self,
@@ -112,6 +122,8 @@ class ChallengeStore:
     ) -> str:
         """Store a new challenge (in the caller's transaction); returns its id."""
         cid = challenge_id(challenge)
+        if self.keeps_challenge:
+            columns["challenge"] = challenge
         await conn.execute(
             insert(self.table).values(
                 id=cid,
@@ -169,7 +181,9 @@ class ChallengeStore:
 WEBAUTHN_CHALLENGES = ChallengeStore(
     webauthn_challenge, unknown="unknown challenge: call begin first", required=("fido2_state",)
 )
-JPKI_CHALLENGES = ChallengeStore(jpki_challenge, unknown="unknown challenge_id: call begin first")
+JPKI_CHALLENGES = ChallengeStore(
+    jpki_challenge, unknown="unknown challenge_id: call begin first", keeps_challenge=True
+)
 ALL = (WEBAUTHN_CHALLENGES, JPKI_CHALLENGES)
 
 

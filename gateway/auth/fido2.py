@@ -65,7 +65,6 @@ from gateway.errors import AccessDenied, Conflict, GatewayError, InvalidRequest,
 from gateway.passwords import AttemptLimit, hash_password, verify_password
 from gateway.signing.grant import Caller as Caller
 from gateway.signing.ledger import end_sads_of
-from gateway.signing.rules import require_signer_active
 from gateway.store.db import Database
 from gateway.store.schema import enrollment, fido_credential, signer, signer_facility
 
@@ -316,8 +315,7 @@ class Fido2Authenticator:
         ).one_or_none()
         if linked is None:
             raise AccessDenied("the signer of this enrollment code does not serve this facility")
-        srow = (await conn.execute(select(signer).where(signer.c.id == row.signer_id))).one()
-        require_signer_active(srow.id, srow.status)
+        await presence.require_active_signer(conn, row.signer_id)
         return row
 
     async def register_begin(

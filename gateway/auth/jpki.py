@@ -406,7 +406,6 @@ class JpkiAuthenticator:
                 now=now,
                 ttl=self.challenge_ttl,
                 enrollment_id=row.id,
-                challenge=challenge,
             )
         return _challenge_json(challenge, cid, self.challenge_ttl)
 
@@ -505,7 +504,6 @@ class JpkiAuthenticator:
                 now=now,
                 ttl=self.challenge_ttl,
                 credential_id=credential_id,
-                challenge=challenge,
             )
         return _challenge_json(challenge, cid, self.challenge_ttl)
 
