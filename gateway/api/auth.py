@@ -141,7 +141,7 @@ def _page(name: str) -> web.Response:
 
 
 @routes.get("/enroll")
-async def enroll_page(request: web.Request) -> web.Response:
+async def enroll_page(request: web.Request) -> web.StreamResponse:
     """The portal's enrolment page (one page, one script), at the address signers are given."""
     return await portal_pages.enrol_page(request)
 

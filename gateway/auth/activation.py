@@ -31,7 +31,7 @@ from gateway.auth import presence
 from gateway.auth.challenges import canonical_binding, challenge_id
 from gateway.auth.fido2 import Caller, Fido2Authenticator
 from gateway.clock import Clock, system_clock
-from gateway.errors import GatewayError, InvalidRequest, NotFound
+from gateway.errors import InvalidRequest, NotFound
 from gateway.hsm.api import DigestAlgorithm
 from gateway.signing.grant import PRESENCE_FIDO2, Grant, IssuedSad
 from gateway.signing.ledger import SadLedger, end_sessions
@@ -166,62 +166,45 @@ class SignatureActivation:
         Every outcome is audited; a refused attempt also burns its challenge.
         """
         now = now or self.clock()
-        facility_id, institution_code = presence.facility_of(caller)
+        facility_id, _ = presence.facility_of(caller)
         parsed = self.fido2.parse_assertion(assertion)
         algorithm = presence.hash_algorithm(hash_algorithm_oid)
-        cid: str | None = None
-        signer_id: str | None = None
-        try:
-            async with self.db.write() as conn:
-                cid = challenge_id(parsed.response.client_data.challenge)
-                scal, ttl = await self._level(conn, facility_id, hashes, algorithm, num_signatures)
-                verified = await self.fido2.verify_assertion(
-                    conn,
-                    assertion=parsed,
-                    facility_id=facility_id,
+        detail = {"credential": credential_id, "hashes": [h.hex() for h in hashes]}
+        refusal = self.fido2.attempt("sad.refused", caller, now=now, detail=detail)
+        async with refusal as at, self.db.write() as conn:
+            at.challenge = challenge_id(parsed.response.client_data.challenge)
+            scal, ttl = await self._level(conn, facility_id, hashes, algorithm, num_signatures)
+            verified = await self.fido2.verify_assertion(
+                conn,
+                assertion=parsed,
+                facility_id=facility_id,
+                credential_id=credential_id,
+                binding=canonical_binding(
                     credential_id=credential_id,
-                    binding=canonical_binding(
-                        credential_id=credential_id,
-                        hash_algorithm_oid=hash_algorithm_oid,
-                        hashes=hashes,
-                        num_signatures=num_signatures,
-                    ),
-                    now=now,
-                )
-                signer_id = verified.signer_id
-                await presence.check_may_sign(
-                    conn, facility_id=facility_id, credential_id=credential_id, now=now
-                )
-                grant = Grant(
-                    facility_id=facility_id,
-                    signer_id=verified.signer_id,
-                    credential_id=credential_id,
-                    hashes=tuple(bytes(h) for h in hashes) if scal == "2" else (),
-                    hash_algorithm=algorithm,
-                    count=num_signatures,
-                    scal=scal,
-                    presence=PRESENCE_FIDO2,
-                    presence_ref=verified.fido_credential_id,
-                    ttl=ttl,
-                    evidence={
-                        "authenticator": verified.fido_credential_id,
-                        "sign_count": verified.sign_count,
-                    },
-                )
-                return await self.ledger.issue(
-                    conn, grant, actor=caller.actor, facility_code=institution_code, now=now
-                )
-        except GatewayError as e:
-            await self.fido2.refused(
-                action="sad.refused",
-                caller=caller,
-                signer_id=signer_id,
-                reason=e.description,
-                challenge=cid,
-                detail={"credential": credential_id, "hashes": [h.hex() for h in hashes]},
+                    hash_algorithm_oid=hash_algorithm_oid,
+                    hashes=hashes,
+                    num_signatures=num_signatures,
+                ),
                 now=now,
             )
-            raise
+            at.signer_id = verified.signer_id
+            grant = Grant(
+                facility_id=facility_id,
+                signer_id=verified.signer_id,
+                credential_id=credential_id,
+                hashes=tuple(bytes(h) for h in hashes) if scal == "2" else (),
+                hash_algorithm=algorithm,
+                count=num_signatures,
+                scal=scal,
+                presence=PRESENCE_FIDO2,
+                presence_ref=verified.fido_credential_id,
+                ttl=ttl,
+                evidence={
+                    "authenticator": verified.fido_credential_id,
+                    "sign_count": verified.sign_count,
+                },
+            )
+            return await presence.issue_grant(conn, self.ledger, grant, caller=caller, now=now)
 
     async def _level(
         self,

@@ -45,7 +45,7 @@ from fido2.webauthn import (
     ResidentKeyRequirement,
     UserVerificationRequirement,
 )
-from sqlalchemy import ColumnElement, and_, delete, insert, select, update
+from sqlalchemy import ColumnElement, and_, insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -61,10 +61,9 @@ from gateway.auth.challenges import (
     new_bound_challenge,
 )
 from gateway.clock import Clock, system_clock
-from gateway.errors import AccessDenied, Conflict, GatewayError, InvalidRequest, NotFound
+from gateway.errors import AccessDenied, Conflict, InvalidRequest
 from gateway.passwords import AttemptLimit, hash_password, verify_password
 from gateway.signing.grant import Caller as Caller
-from gateway.signing.ledger import end_sads_of
 from gateway.store.db import Database
 from gateway.store.schema import enrollment, fido_credential, signer, signer_facility
 
@@ -140,16 +139,7 @@ class RegisteredAuthenticator:
     last_used_at: datetime | None
 
     def to_json_dict(self) -> dict[str, Any]:
-        return {
-            "id": self.id,
-            "signer_id": self.signer_id,
-            "credential_id": self.credential_id,
-            "aaguid": self.aaguid,
-            "label": self.label,
-            "sign_count": self.sign_count,
-            "created_at": self.created_at.isoformat(),
-            "last_used_at": self.last_used_at.isoformat() if self.last_used_at else None,
-        }
+        return presence.json_dict(self)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -172,8 +162,10 @@ class ChallengeState:
     fido2_state: dict[str, Any]  # what python-fido2's *_begin returned, as it was
 
 
-class Fido2Authenticator:
+class Fido2Authenticator(presence.PresenceMethod):
     """Enrolment and assertion verification over python-fido2, state in the database."""
+
+    challenges = WEBAUTHN_CHALLENGES
 
     def __init__(
         self,
@@ -249,36 +241,17 @@ class Fido2Authenticator:
         )
 
     async def list_authenticators(self, signer_id: str) -> list[RegisteredAuthenticator]:
-        async with self.db.read() as conn:
-            rows = (
-                await conn.execute(
-                    select(fido_credential)
-                    .where(fido_credential.c.signer_id == signer_id)
-                    .order_by(fido_credential.c.created_at)
-                )
-            ).all()
-        return [_authenticator(r) for r in rows]
+        rows = await self._registrations(fido_credential, signer_id)
+        return [presence.from_row(RegisteredAuthenticator, r) for r in rows]
 
     async def remove_authenticator(self, signer_id: str, fido_id: str, *, actor: str) -> None:
         """Remove an authenticator and end every live SAD it approved (a lost or stolen key
         must not keep signing through a signing session it opened)."""
-        now = self.clock()
-        async with self.db.write() as conn:
-            res = await conn.execute(
-                delete(fido_credential).where(
-                    fido_credential.c.id == fido_id, fido_credential.c.signer_id == signer_id
-                )
-            )
-            if res.rowcount == 0:
-                raise NotFound(f"signer {signer_id} has no authenticator {fido_id}")
-            ended = await end_sads_of(conn, fido_id, now=now)
-            await self.audit.append(
-                conn,
-                action="fido2.remove",
-                actor=actor,
-                signer_id=signer_id,
-                detail={"authenticator": fido_id, "sads_ended": ended},
-            )
+        await self._remove_registration(
+            fido_credential, fido_id, signer_id, actor=actor, action="fido2.remove",
+            detail_key="authenticator",
+            not_found=f"signer {signer_id} has no authenticator {fido_id}",
+        )  # fmt: skip
 
     # -- registration -----------------------------------------------------------------------
 
@@ -340,18 +313,11 @@ class Fido2Authenticator:
                 resident_key_requirement=ResidentKeyRequirement.DISCOURAGED,
                 challenge=challenge,
             )
-            await WEBAUTHN_CHALLENGES.put(
-                conn,
-                challenge,
-                kind="register",
-                signer_id=row.signer_id,
-                facility_id=caller.facility_id,
-                binding=enrollment_binding(row.id),
-                now=now,
-                ttl=self.challenge_ttl,
-                enrollment_id=row.id,
-                fido2_state=json.dumps(state),
-            )
+            await self.put_challenge(
+                conn, challenge, kind="register", signer_id=row.signer_id, caller=caller,
+                binding=enrollment_binding(row.id), now=now,
+                enrollment_id=row.id, fido2_state=json.dumps(state),
+            )  # fmt: skip
         return {"publicKey": dict(options.public_key)}
 
     async def enrollment_for(
@@ -447,35 +413,23 @@ class Fido2Authenticator:
         except Exception as e:
             raise InvalidRequest(f"Invalid parameter credential: {_reason(e)}") from e
         cid = challenge_id(challenge)
-        signer_id: str | None = None
-        try:
-            async with self.db.write() as conn:
-                row = await self._enrollment_for(conn, code, caller, now)
-                signer_id = row.signer_id
-                state = await self._take_challenge(conn, cid, kind="register", now=now)
-                if state.facility_id is None or state.facility_id != caller.facility_id:
-                    raise InvalidRequest("the challenge was issued to another facility")
-                if json.loads(state.binding) != {"enrollment": row.id}:
-                    raise InvalidRequest("the challenge was issued for another enrollment code")
-                try:
-                    auth_data = self.server.register_complete(state.fido2_state, registration)
-                except ValueError as e:
-                    raise InvalidRequest(f"registration refused: {e}") from e
-                registered = await self._store_authenticator(
-                    conn, auth_data, enrollment_id=row.id, signer_id=row.signer_id,
-                    caller=caller, label=label, now=now,
-                )  # fmt: skip
-        except GatewayError as e:
-            await self.refused(
-                action="fido2.register.refused",
-                caller=caller,
-                signer_id=signer_id,
-                reason=e.description,
-                challenge=cid,
-                now=now,
-            )
-            raise
-        return registered
+        refusal = self.attempt("fido2.register.refused", caller, now=now, challenge=cid)
+        async with refusal as at, self.db.write() as conn:
+            row = await self._enrollment_for(conn, code, caller, now)
+            at.signer_id = row.signer_id
+            state = await self._take_challenge(conn, cid, kind="register", now=now)
+            if state.facility_id is None or state.facility_id != caller.facility_id:
+                raise InvalidRequest("the challenge was issued to another facility")
+            if json.loads(state.binding) != {"enrollment": row.id}:
+                raise InvalidRequest("the challenge was issued for another enrollment code")
+            try:
+                auth_data = self.server.register_complete(state.fido2_state, registration)
+            except ValueError as e:
+                raise InvalidRequest(f"registration refused: {e}") from e
+            return await self._store_authenticator(
+                conn, auth_data, enrollment_id=row.id, signer_id=row.signer_id,
+                caller=caller, label=label, now=now,
+            )  # fmt: skip
 
     async def _store_authenticator(
         self,
@@ -572,25 +526,18 @@ class Fido2Authenticator:
                 user_verification=UserVerificationRequirement.REQUIRED,
                 challenge=challenge,
             )
-            await WEBAUTHN_CHALLENGES.put(
-                conn,
-                challenge,
-                kind="authenticate",
-                signer_id=signer_id,
-                facility_id=caller.facility_id,
-                binding=binding,
-                now=now,
-                ttl=self.challenge_ttl,
-                credential_id=credential_id,
-                fido2_state=json.dumps(state),
-            )
+            await self.put_challenge(
+                conn, challenge, kind="authenticate", signer_id=signer_id, caller=caller,
+                binding=binding, now=now,
+                credential_id=credential_id, fido2_state=json.dumps(state),
+            )  # fmt: skip
         return {"publicKey": dict(options.public_key)}
 
     async def _take_challenge(
         self, conn: AsyncConnection, cid: str, *, kind: str, now: datetime
     ) -> ChallengeState:
         """Mark the challenge used (single use, atomic) and return its state."""
-        row = await WEBAUTHN_CHALLENGES.take(conn, cid, kind=kind, now=now)
+        row = await self.challenges.take(conn, cid, kind=kind, now=now)
         return ChallengeState(
             id=cid,
             signer_id=row.signer_id,
@@ -653,24 +600,6 @@ class Fido2Authenticator:
             sign_count=counter,
         )
 
-    async def refused(
-        self,
-        *,
-        action: str,
-        caller: Caller,
-        signer_id: str | None,
-        reason: str,
-        challenge: str | None = None,
-        detail: Mapping[str, Any] | None = None,
-        now: datetime | None = None,
-    ) -> None:
-        """Record a refused ceremony in its own transaction and burn its challenge."""
-        await presence.record_refusal(
-            self.db, self.audit, WEBAUTHN_CHALLENGES,
-            action=action, caller=caller, signer_id=signer_id, reason=reason,
-            challenge=challenge, detail=detail, now=now or self.clock(),
-        )  # fmt: skip
-
 
 async def use_enrollment(conn: AsyncConnection, enrollment_id: int, *, now: datetime) -> None:
     """The code registered what it was issued for (an authenticator, a card): it is used up."""
@@ -723,19 +652,6 @@ async def _count_signature(
     if res.rowcount != 1:
         raise InvalidRequest("WebAuthn assertion refused: sign count changed concurrently")
     return counter
-
-
-def _authenticator(r: Any) -> RegisteredAuthenticator:
-    return RegisteredAuthenticator(
-        id=r.id,
-        signer_id=r.signer_id,
-        credential_id=r.credential_id,
-        aaguid=r.aaguid,
-        label=r.label,
-        sign_count=int(r.sign_count),
-        created_at=r.created_at,
-        last_used_at=r.last_used_at,
-    )
 
 
 def _reason(e: BaseException) -> str:

@@ -41,7 +41,7 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
-from sqlalchemy import delete, insert, select, update
+from sqlalchemy import insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -58,9 +58,9 @@ from gateway.auth.challenges import (
 from gateway.auth.fido2 import Caller, Fido2Authenticator, use_enrollment
 from gateway.auth.jpki_revocation import JpkiRevocationSource
 from gateway.clock import Clock, system_clock
-from gateway.errors import AccessDenied, Conflict, GatewayError, InvalidRequest, NotFound
+from gateway.errors import AccessDenied, Conflict, GatewayError, InvalidRequest
 from gateway.signing.grant import PRESENCE_JPKI, Grant, IssuedSad
-from gateway.signing.ledger import SadLedger, end_sads_of
+from gateway.signing.ledger import SadLedger
 from gateway.store.db import Database
 from gateway.store.schema import jpki_binding
 
@@ -110,17 +110,7 @@ class JpkiLink:
     last_used_at: datetime | None
 
     def to_json_dict(self) -> dict[str, Any]:
-        return {
-            "id": self.id,
-            "signer_id": self.signer_id,
-            "issuer": self.issuer,
-            "serial": self.serial,
-            "spki_sha256": self.spki_sha256,
-            "not_after": self.not_after.isoformat(),
-            "label": self.label,
-            "created_at": self.created_at.isoformat(),
-            "last_used_at": self.last_used_at.isoformat() if self.last_used_at else None,
-        }
+        return presence.json_dict(self)
 
 
 def spki_sha256(cert: x509.Certificate) -> str:
@@ -203,8 +193,10 @@ def verify_card_signature(cert: x509.Certificate, challenge: bytes, signature: b
         ) from e
 
 
-class JpkiAuthenticator:
+class JpkiAuthenticator(presence.PresenceMethod):
     """Links, challenges and verification of My Number card authentication signatures."""
+
+    challenges = JPKI_CHALLENGES
 
     def __init__(
         self,
@@ -352,36 +344,18 @@ class JpkiAuthenticator:
         return link
 
     async def list_links(self, signer_id: str) -> list[JpkiLink]:
-        async with self.db.read() as conn:
-            rows = (
-                await conn.execute(
-                    select(jpki_binding)
-                    .where(jpki_binding.c.signer_id == signer_id)
-                    .order_by(jpki_binding.c.created_at)
-                )
-            ).all()
-        return [_link(r) for r in rows]
+        return [
+            presence.from_row(JpkiLink, r)
+            for r in await self._registrations(jpki_binding, signer_id)
+        ]
 
     async def unlink(self, signer_id: str, link_id: str, *, actor: str) -> None:
         """Remove a link and end every live SAD it approved (a lost card stops at once)."""
-        now = self.clock()
-        async with self.db.write() as conn:
-            res = await conn.execute(
-                delete(jpki_binding).where(
-                    jpki_binding.c.id == link_id, jpki_binding.c.signer_id == signer_id
-                )
-            )
-            if res.rowcount == 0:
-                raise NotFound(f"signer {signer_id} has no My Number card link {link_id}")
-            ended = await end_sads_of(conn, link_id, now=now)
-            await self.audit.append(
-                conn,
-                action="jpki.unlink",
-                actor=actor,
-                signer_id=signer_id,
-                detail={"link": link_id, "sads_ended": ended},
-                now=now,
-            )
+        await self._remove_registration(
+            jpki_binding, link_id, signer_id, actor=actor, action="jpki.unlink",
+            detail_key="link",
+            not_found=f"signer {signer_id} has no My Number card link {link_id}",
+        )  # fmt: skip
 
     # -- enrolment by the doctor (code + password + proof of possession) ---------------------
 
@@ -396,17 +370,10 @@ class JpkiAuthenticator:
             row = await self.fido2.take_checked_enrollment(conn, code=code, caller=caller, now=now)
             binding = enrollment_binding(row.id)
             challenge = new_bound_challenge(binding)
-            cid = await JPKI_CHALLENGES.put(
-                conn,
-                challenge,
-                kind="register",
-                signer_id=row.signer_id,
-                facility_id=caller.facility_id,
-                binding=binding,
-                now=now,
-                ttl=self.challenge_ttl,
-                enrollment_id=row.id,
-            )
+            cid = await self.put_challenge(
+                conn, challenge, kind="register", signer_id=row.signer_id, caller=caller,
+                binding=binding, now=now, enrollment_id=row.id,
+            )  # fmt: skip
         return _challenge_json(challenge, cid, self.challenge_ttl)
 
     async def register_complete(
@@ -418,13 +385,12 @@ class JpkiAuthenticator:
         label: str | None = None,
     ) -> JpkiLink:
         now = self.clock()
-        signer_id: str | None = None
         cid = authorization.challenge_id
-        try:
+        async with self.attempt("jpki.link.refused", caller, now=now, challenge=cid) as at:
             async with self.db.read() as conn:
                 row = await self.fido2.enrollment_for(conn, code=code, caller=caller, now=now)
-                signer_id = row.signer_id
-                state = await JPKI_CHALLENGES.peek(conn, cid, kind="register", now=now)
+                at.signer_id = row.signer_id
+                state = await self.challenges.peek(conn, cid, kind="register", now=now)
             if state.enrollment_id != row.id or state.facility_id != caller.facility_id:
                 raise InvalidRequest("the challenge was issued for another enrollment code")
             verify_card_signature(
@@ -433,7 +399,7 @@ class JpkiAuthenticator:
             checked = await self.check_certificate(authorization.certificate, now)
             async with self.db.write() as conn:
                 row = await self.fido2.enrollment_for(conn, code=code, caller=caller, now=now)
-                await JPKI_CHALLENGES.take(conn, cid, kind="register", now=now)
+                await self.challenges.take(conn, cid, kind="register", now=now)
                 link = await self._insert_link(
                     conn, signer_id=row.signer_id, checked=checked, label=label, now=now
                 )
@@ -447,17 +413,7 @@ class JpkiAuthenticator:
                     detail={**_link_detail(link, checked, how="enrollment"), "enrollment": row.id},
                     now=now,
                 )
-        except GatewayError as e:
-            await self.refused(
-                action="jpki.link.refused",
-                caller=caller,
-                signer_id=signer_id,
-                reason=e.description,
-                challenge=cid,
-                now=now,
-            )
-            raise
-        return link
+                return link
 
     # -- authentication ---------------------------------------------------------------------
 
@@ -494,17 +450,10 @@ class JpkiAuthenticator:
                 num_signatures=num_signatures,
             )
             challenge = new_bound_challenge(binding)
-            cid = await JPKI_CHALLENGES.put(
-                conn,
-                challenge,
-                kind="authenticate",
-                signer_id=signer_id,
-                facility_id=caller.facility_id,
-                binding=binding,
-                now=now,
-                ttl=self.challenge_ttl,
-                credential_id=credential_id,
-            )
+            cid = await self.put_challenge(
+                conn, challenge, kind="authenticate", signer_id=signer_id, caller=caller,
+                binding=binding, now=now, credential_id=credential_id,
+            )  # fmt: skip
         return _challenge_json(challenge, cid, self.challenge_ttl)
 
     async def precheck(
@@ -518,7 +467,7 @@ class JpkiAuthenticator:
     ) -> CheckedCertificate:
         """Everything that needs no write lock (and the network): run before the transaction."""
         async with self.db.read() as conn:
-            state = await JPKI_CHALLENGES.peek(
+            state = await self.challenges.peek(
                 conn, authorization.challenge_id, kind="authenticate", now=now
             )
         _check_state(state, facility_id=facility_id, credential_id=credential_id, binding=binding)
@@ -537,7 +486,7 @@ class JpkiAuthenticator:
         now: datetime,
     ) -> JpkiPresence:
         """Inside the caller's write transaction: take the challenge, check the link."""
-        state = await JPKI_CHALLENGES.take(
+        state = await self.challenges.take(
             conn, authorization.challenge_id, kind="authenticate", now=now
         )
         _check_state(state, facility_id=facility_id, credential_id=credential_id, binding=binding)
@@ -585,9 +534,16 @@ class JpkiAuthenticator:
         by the ledger, ``sad.refused`` here); a refused attempt burns its challenge.
         """
         now = now or self.clock()
-        facility_id, institution_code = presence.facility_of(caller)
-        signer_id: str | None = None
-        try:
+        facility_id, _ = presence.facility_of(caller)
+        detail = {
+            "credential": credential_id,
+            "presence": PRESENCE_JPKI,
+            "hashes": [h.hex() for h in hashes],
+        }
+        refusal = self.attempt(
+            "sad.refused", caller, now=now, challenge=authorization.challenge_id, detail=detail
+        )
+        async with refusal as at:
             if not hashes:
                 raise InvalidRequest(
                     "Missing (or invalid type) parameter hashes: a My Number card approves "
@@ -605,26 +561,15 @@ class JpkiAuthenticator:
                 num_signatures=num_signatures,
             )
             checked = await self.precheck(
-                authorization,
-                facility_id=facility_id,
-                credential_id=credential_id,
-                binding=binding,
-                now=now,
-            )
+                authorization, facility_id=facility_id, credential_id=credential_id,
+                binding=binding, now=now,
+            )  # fmt: skip
             async with self.db.write() as conn:
                 card = await self.verify(
-                    conn,
-                    authorization,
-                    checked,
-                    facility_id=facility_id,
-                    credential_id=credential_id,
-                    binding=binding,
-                    now=now,
-                )
-                signer_id = card.signer_id
-                await presence.check_may_sign(
-                    conn, facility_id=facility_id, credential_id=credential_id, now=now
-                )
+                    conn, authorization, checked, facility_id=facility_id,
+                    credential_id=credential_id, binding=binding, now=now,
+                )  # fmt: skip
+                at.signer_id = card.signer_id
                 grant = Grant(
                     facility_id=facility_id,
                     signer_id=card.signer_id,
@@ -643,31 +588,14 @@ class JpkiAuthenticator:
                         "revocation": card.revocation,
                     },
                 )
-                return await self.ledger.issue(
-                    conn, grant, actor=caller.actor, facility_code=institution_code, now=now
-                )
-        except GatewayError as e:
-            await self.refused(
-                action="sad.refused",
-                caller=caller,
-                signer_id=signer_id,
-                reason=e.description,
-                challenge=authorization.challenge_id,
-                detail={
-                    "credential": credential_id,
-                    "presence": PRESENCE_JPKI,
-                    "hashes": [h.hex() for h in hashes],
-                },
-                now=now,
-            )
-            raise
+                return await presence.issue_grant(conn, self.ledger, grant, caller=caller, now=now)
 
     async def abort(self, *, caller: Caller, challenge_id: str, reason: str) -> None:
         """The card client gave up after begin (PIN blocked, card pulled, ...): burn the
         challenge and audit why, so a refusal at the card leaves a record like any other."""
         now = self.clock()
         async with self.db.read() as conn:
-            row = await JPKI_CHALLENGES.find(conn, challenge_id)
+            row = await self.challenges.find(conn, challenge_id)
         if row is None or row.facility_id != caller.facility_id:
             raise InvalidRequest("unknown challenge_id: call begin first")
         await self.refused(
@@ -679,24 +607,6 @@ class JpkiAuthenticator:
             detail={"credential": row.credential_id, "kind": row.kind},
             now=now,
         )
-
-    async def refused(
-        self,
-        *,
-        action: str,
-        caller: Caller,
-        signer_id: str | None,
-        reason: str,
-        challenge: str | None = None,
-        detail: Mapping[str, Any] | None = None,
-        now: datetime | None = None,
-    ) -> None:
-        """Record a refusal in its own transaction and burn its challenge."""
-        await presence.record_refusal(
-            self.db, self.audit, JPKI_CHALLENGES,
-            action=action, caller=caller, signer_id=signer_id, reason=reason,
-            challenge=challenge, detail=detail, now=now or self.clock(),
-        )  # fmt: skip
 
 
 def _check_state(state: Any, *, facility_id: int, credential_id: str, binding: bytes) -> None:
@@ -727,17 +637,3 @@ def _link_detail(link: JpkiLink, checked: CheckedCertificate, *, how: str) -> di
         "not_after": link.not_after.isoformat(),
         "revocation": checked.revocation,
     }
-
-
-def _link(r: Any) -> JpkiLink:
-    return JpkiLink(
-        id=r.id,
-        signer_id=r.signer_id,
-        issuer=r.issuer,
-        serial=r.serial,
-        spki_sha256=r.spki_sha256,
-        not_after=r.not_after,
-        label=r.label,
-        created_at=r.created_at,
-        last_used_at=r.last_used_at,
-    )

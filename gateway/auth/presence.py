@@ -8,20 +8,27 @@ challenge burnt. The proofs themselves stay in ``fido2.py`` and ``jpki.py``.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from datetime import datetime
-from typing import Any
+import contextlib
+from collections.abc import AsyncIterator, Mapping, Sequence
+from dataclasses import dataclass, fields
+from datetime import datetime, timedelta
+from typing import Any, TypeVar
 
+from sqlalchemy import Table, delete, select
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from gateway.audit import AuditLog
 from gateway.auth.challenges import ChallengeStore
-from gateway.errors import AccessDenied, InvalidRequest, NotFound
+from gateway.clock import Clock
+from gateway.errors import AccessDenied, GatewayError, InvalidRequest, NotFound
 from gateway.hsm.api import DigestAlgorithm
-from gateway.signing.grant import Caller
+from gateway.signing.grant import Caller, Grant, IssuedSad
+from gateway.signing.ledger import SadLedger, end_sads_of
 from gateway.signing.rules import require_credential_active, require_may_sign, require_signer_active
 from gateway.store import signers as store
 from gateway.store.db import Database
+
+_T = TypeVar("_T")
 
 
 def facility_of(caller: Caller) -> tuple[int, str]:
@@ -93,29 +100,146 @@ async def registered_methods(db: Database, signer_id: str) -> dict[str, bool]:
         return await store.registered_presence(conn, signer_id)
 
 
-async def record_refusal(
-    db: Database,
-    audit: AuditLog,
-    challenges: ChallengeStore,
-    *,
-    action: str,
-    caller: Caller,
-    signer_id: str | None,
-    reason: str,
-    challenge: str | None,
-    detail: Mapping[str, Any] | None,
-    now: datetime,
-) -> None:
-    """Record a refused ceremony in its own transaction and burn its challenge."""
-    async with db.write() as conn:
-        if challenge is not None:
-            await challenges.burn(conn, challenge, now=now)
-        await audit.append(
-            conn,
-            action=action,
-            actor=caller.actor,
-            facility_code=caller.institution_code,
-            signer_id=signer_id,
-            detail={"reason": reason, **(detail or {})},
-            now=now,
-        )
+@dataclass
+class Attempt:
+    """What a ceremony learnt before it was refused: its signer and its challenge."""
+
+    signer_id: str | None = None
+    challenge: str | None = None
+
+
+class PresenceMethod:
+    """What the authenticators of every presence method share: their challenge store, the
+    audited refusal that burns the challenge, and the registrations (an authenticator, a card
+    link) whose removal ends the SADs they approved."""
+
+    db: Database
+    audit: AuditLog
+    clock: Clock
+    challenge_ttl: timedelta
+    challenges: ChallengeStore
+
+    async def put_challenge(
+        self,
+        conn: AsyncConnection,
+        challenge: bytes,
+        *,
+        kind: str,
+        signer_id: str,
+        caller: Caller,
+        binding: bytes,
+        now: datetime,
+        **columns: Any,
+    ) -> str:
+        return await self.challenges.put(
+            conn, challenge, kind=kind, signer_id=signer_id, facility_id=caller.facility_id,
+            binding=binding, now=now, ttl=self.challenge_ttl, **columns,
+        )  # fmt: skip
+
+    async def refused(
+        self,
+        *,
+        action: str,
+        caller: Caller,
+        signer_id: str | None,
+        reason: str,
+        challenge: str | None = None,
+        detail: Mapping[str, Any] | None = None,
+        now: datetime | None = None,
+    ) -> None:
+        """Record a refused ceremony in its own transaction and burn its challenge."""
+        now = now or self.clock()
+        async with self.db.write() as conn:
+            if challenge is not None:
+                await self.challenges.burn(conn, challenge, now=now)
+            await self.audit.append(
+                conn,
+                action=action,
+                actor=caller.actor,
+                facility_code=caller.institution_code,
+                signer_id=signer_id,
+                detail={"reason": reason, **(detail or {})},
+                now=now,
+            )
+
+    @contextlib.asynccontextmanager
+    async def attempt(
+        self,
+        action: str,
+        caller: Caller,
+        *,
+        now: datetime,
+        challenge: str | None = None,
+        detail: Mapping[str, Any] | None = None,
+    ) -> AsyncIterator[Attempt]:
+        """A ceremony whose refusal (any ``GatewayError``) is audited as ``action`` with what
+        the body set on the :class:`Attempt`, its challenge burnt, and raised again."""
+        attempt = Attempt(challenge=challenge)
+        try:
+            yield attempt
+        except GatewayError as e:
+            await self.refused(
+                action=action, caller=caller, signer_id=attempt.signer_id, reason=e.description,
+                challenge=attempt.challenge, detail=detail, now=now,
+            )  # fmt: skip
+            raise
+
+    async def _registrations(self, table: Table, signer_id: str) -> list[Any]:
+        async with self.db.read() as conn:
+            q = select(table).where(table.c.signer_id == signer_id).order_by(table.c.created_at)
+            return list((await conn.execute(q)).all())
+
+    async def _remove_registration(
+        self,
+        table: Table,
+        ref: str,
+        signer_id: str,
+        *,
+        actor: str,
+        action: str,
+        detail_key: str,
+        not_found: str,
+    ) -> None:
+        """Delete a signer's registration ``ref`` of ``table`` and end every live SAD it
+        approved (a lost key or card must not keep signing), audited as ``action``."""
+        now = self.clock()
+        async with self.db.write() as conn:
+            res = await conn.execute(
+                delete(table).where(table.c.id == ref, table.c.signer_id == signer_id)
+            )
+            if res.rowcount == 0:
+                raise NotFound(not_found)
+            ended = await end_sads_of(conn, ref, now=now)
+            await self.audit.append(
+                conn,
+                action=action,
+                actor=actor,
+                signer_id=signer_id,
+                detail={detail_key: ref, "sads_ended": ended},
+                now=now,
+            )
+
+
+async def issue_grant(
+    conn: AsyncConnection, ledger: SadLedger, grant: Grant, *, caller: Caller, now: datetime
+) -> IssuedSad:
+    """Check the may-sign rule in the issuing transaction, then store ``grant`` as a SAD."""
+    await check_may_sign(
+        conn, facility_id=grant.facility_id, credential_id=grant.credential_id, now=now
+    )
+    return await ledger.issue(
+        conn, grant, actor=caller.actor, facility_code=caller.institution_code, now=now
+    )
+
+
+def from_row(cls: type[_T], row: Any) -> _T:
+    """A registration dataclass from its row (same field names)."""
+    return cls(**{f.name: getattr(row, f.name) for f in fields(cls)})  # type: ignore[arg-type]
+
+
+def json_dict(obj: Any) -> dict[str, Any]:
+    """A registration dataclass as JSON: datetimes in ISO 8601."""
+    return {
+        f.name: v.isoformat() if isinstance(v := getattr(obj, f.name), datetime) else v
+        for f in fields(obj)
+    }
