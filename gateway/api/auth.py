@@ -8,7 +8,6 @@ Errors are RFC 9457 problem+json (these paths are not under ``/csc/``).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from importlib import resources
 from typing import Any
 
@@ -19,6 +18,7 @@ from gateway.api.decode import caller_of, check_lengths, decode_hashes, digest_a
 from gateway.api.keys import FIDO2, SETTINGS
 from gateway.api.portal import pages as portal_pages
 from gateway.api.schema import CscRequest, parse
+from gateway.auth.challenges import Approval
 from gateway.errors import AccessDenied, InvalidRequest
 from gateway.signing.grant import Caller
 
@@ -72,27 +72,9 @@ async def register_complete(request: web.Request) -> web.Response:
     )
 
 
-@dataclass(frozen=True, kw_only=True)
-class BeginArgs:
-    """An ``authenticate/begin`` request, decoded and checked: the same for every method."""
-
-    caller: Caller
-    credential_id: str
-    hashes: list[bytes]
-    hash_algorithm_oid: str | None
-    num_signatures: int
-
-    def as_kwargs(self) -> dict[str, Any]:
-        return {
-            "caller": self.caller,
-            "credential_id": self.credential_id,
-            "hashes": self.hashes,
-            "hash_algorithm_oid": self.hash_algorithm_oid,
-            "num_signatures": self.num_signatures,
-        }
-
-
-def begin_args(request: web.Request, req: AuthenticateBeginRequest, *, relayed: str) -> BeginArgs:
+def begin_args(
+    request: web.Request, req: AuthenticateBeginRequest, *, relayed: str
+) -> tuple[Caller, Approval]:
     """Check an ``authenticate/begin`` body; ``relayed`` is the refusal for a caller without
     a facility."""
     caller = caller_of(request)
@@ -108,8 +90,7 @@ def begin_args(request: web.Request, req: AuthenticateBeginRequest, *, relayed: 
             raise InvalidRequest("Invalid parameter numSignatures: must equal the number of hashes")
     elif req.hashAlgorithmOID is not None:
         digest_algorithm(req.hashAlgorithmOID)
-    return BeginArgs(
-        caller=caller,
+    return caller, Approval(
         credential_id=req.credentialID,
         hashes=hashes,
         hash_algorithm_oid=req.hashAlgorithmOID,
@@ -120,10 +101,11 @@ def begin_args(request: web.Request, req: AuthenticateBeginRequest, *, relayed: 
 @routes.post("/auth/fido2/authenticate/begin")
 async def authenticate_begin(request: web.Request) -> web.Response:
     req = await parse(request, AuthenticateBeginRequest)
-    args = begin_args(
+    caller, approval = begin_args(
         request, req, relayed="FIDO2 authentication is relayed by facility client certificates"
     )
-    return web.json_response(await request.app[FIDO2].authenticate_begin(**args.as_kwargs()))
+    options = await request.app[FIDO2].authenticate_begin(caller=caller, approval=approval)
+    return web.json_response(options)
 
 
 def _page(name: str) -> web.Response:

@@ -72,10 +72,11 @@ def _enabled(request: web.Request) -> None:
 async def authenticate_begin(request: web.Request) -> web.Response:
     _enabled(request)
     req = await parse(request, AuthenticateBeginRequest)
-    args = begin_args(
+    caller, approval = begin_args(
         request, req, relayed="My Number card authentication is relayed by facility certificates"
     )
-    return web.json_response(await request.app[JPKI].authenticate_begin(**args.as_kwargs()))
+    out = await request.app[JPKI].authenticate_begin(caller=caller, approval=approval)
+    return web.json_response(out)
 
 
 @routes.post("/auth/jpki/abort")

@@ -28,7 +28,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from gateway.audit import AuditLog
 from gateway.auth import presence
-from gateway.auth.challenges import canonical_binding, challenge_id
+from gateway.auth.challenges import Approval, challenge_id
 from gateway.auth.fido2 import Caller, Fido2Authenticator
 from gateway.clock import Clock, system_clock
 from gateway.errors import InvalidRequest, NotFound
@@ -154,10 +154,7 @@ class SignatureActivation:
         self,
         *,
         caller: Caller,
-        credential_id: str,
-        num_signatures: int,
-        hashes: Sequence[bytes],
-        hash_algorithm_oid: str | None,
+        approval: Approval,
         assertion: dict[str, Any],
         now: datetime | None = None,
     ) -> IssuedSad:
@@ -168,7 +165,12 @@ class SignatureActivation:
         now = now or self.clock()
         facility_id, _ = presence.facility_of(caller)
         parsed = self.fido2.parse_assertion(assertion)
-        algorithm = presence.hash_algorithm(hash_algorithm_oid)
+        algorithm = presence.hash_algorithm(approval.hash_algorithm_oid)
+        credential_id, hashes, num_signatures = (
+            approval.credential_id,
+            approval.hashes,
+            approval.num_signatures,
+        )
         detail = {"credential": credential_id, "hashes": [h.hex() for h in hashes]}
         refusal = self.fido2.attempt("sad.refused", caller, now=now, detail=detail)
         async with refusal as at, self.db.write() as conn:
@@ -179,12 +181,7 @@ class SignatureActivation:
                 assertion=parsed,
                 facility_id=facility_id,
                 credential_id=credential_id,
-                binding=canonical_binding(
-                    credential_id=credential_id,
-                    hash_algorithm_oid=hash_algorithm_oid,
-                    hashes=hashes,
-                    num_signatures=num_signatures,
-                ),
+                binding=approval.binding(),
                 now=now,
             )
             at.signer_id = verified.signer_id

@@ -21,6 +21,7 @@ import hmac
 import json
 import secrets
 from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -52,6 +53,25 @@ def canonical_binding(
         separators=(",", ":"),
         ensure_ascii=False,
     ).encode("utf-8")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Approval:
+    """What a signer is asked to approve: ``num_signatures`` signatures with a credential,
+    over exactly ``hashes`` (SCAL 2) or, without hashes, a signing session (SCAL 1)."""
+
+    credential_id: str
+    hashes: Sequence[bytes]
+    hash_algorithm_oid: str | None
+    num_signatures: int
+
+    def binding(self) -> bytes:
+        return canonical_binding(
+            credential_id=self.credential_id,
+            hash_algorithm_oid=self.hash_algorithm_oid,
+            hashes=self.hashes,
+            num_signatures=self.num_signatures,
+        )
 
 
 def enrollment_binding(enrollment_id: int) -> bytes:

@@ -26,7 +26,7 @@ import asyncio
 import hashlib
 import json
 import secrets
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, NoReturn
@@ -53,8 +53,8 @@ from gateway.audit import AuditLog
 from gateway.auth import presence
 from gateway.auth.challenges import (
     WEBAUTHN_CHALLENGES,
+    Approval,
     approves,
-    canonical_binding,
     challenge_id,
     check_issued_for,
     enrollment_binding,
@@ -491,17 +491,11 @@ class Fido2Authenticator(presence.PresenceMethod):
     # -- authentication ---------------------------------------------------------------------
 
     async def authenticate_begin(
-        self,
-        *,
-        caller: Caller,
-        credential_id: str,
-        hashes: Sequence[bytes],
-        hash_algorithm_oid: str | None,
-        num_signatures: int,
-        now: datetime | None = None,
+        self, *, caller: Caller, approval: Approval, now: datetime | None = None
     ) -> dict[str, Any]:
-        """Request options whose challenge commits to exactly these hashes."""
+        """Request options whose challenge commits to exactly this approval."""
         now = now or self.clock()
+        credential_id = approval.credential_id
         if caller.facility_id is None:
             raise AccessDenied("FIDO2 authentication is relayed by facility client certificates")
         async with self.db.write() as conn:
@@ -514,12 +508,7 @@ class Fido2Authenticator(presence.PresenceMethod):
                     f"signer {signer_id} has no registered FIDO2 authenticator: enrol one "
                     "at /enroll with an enrollment code"
                 )
-            binding = canonical_binding(
-                credential_id=credential_id,
-                hash_algorithm_oid=hash_algorithm_oid,
-                hashes=hashes,
-                num_signatures=num_signatures,
-            )
+            binding = approval.binding()
             challenge = new_bound_challenge(binding)
             options, state = self.server.authenticate_begin(
                 credentials=allow,

@@ -49,8 +49,8 @@ from gateway.audit import AuditLog
 from gateway.auth import presence
 from gateway.auth.challenges import (
     JPKI_CHALLENGES,
+    Approval,
     approves,
-    canonical_binding,
     check_issued_for,
     enrollment_binding,
     new_bound_challenge,
@@ -417,16 +417,10 @@ class JpkiAuthenticator(presence.PresenceMethod):
 
     # -- authentication ---------------------------------------------------------------------
 
-    async def authenticate_begin(
-        self,
-        *,
-        caller: Caller,
-        credential_id: str,
-        hashes: Sequence[bytes],
-        hash_algorithm_oid: str | None,
-        num_signatures: int,
-    ) -> dict[str, Any]:
+    async def authenticate_begin(self, *, caller: Caller, approval: Approval) -> dict[str, Any]:
+        """A card challenge that commits to exactly this approval."""
         now = self.clock()
+        credential_id = approval.credential_id
         if caller.facility_id is None:
             raise AccessDenied("My Number card authentication is relayed by facility certificates")
         async with self.db.write() as conn:
@@ -443,12 +437,7 @@ class JpkiAuthenticator(presence.PresenceMethod):
                     f"signer {signer_id} has no linked My Number card: link one with "
                     "`hpki-gateway signer link-jpki` or `hpki-gateway card enroll`"
                 )
-            binding = canonical_binding(
-                credential_id=credential_id,
-                hash_algorithm_oid=hash_algorithm_oid,
-                hashes=hashes,
-                num_signatures=num_signatures,
-            )
+            binding = approval.binding()
             challenge = new_bound_challenge(binding)
             cid = await self.put_challenge(
                 conn, challenge, kind="authenticate", signer_id=signer_id, caller=caller,
@@ -520,10 +509,7 @@ class JpkiAuthenticator(presence.PresenceMethod):
         self,
         *,
         caller: Caller,
-        credential_id: str,
-        num_signatures: int,
-        hashes: Sequence[bytes],
-        hash_algorithm_oid: str | None,
+        approval: Approval,
         authorization: JpkiAuthorization,
         now: datetime | None = None,
     ) -> IssuedSad:
@@ -535,6 +521,7 @@ class JpkiAuthenticator(presence.PresenceMethod):
         """
         now = now or self.clock()
         facility_id, _ = presence.facility_of(caller)
+        credential_id, hashes = approval.credential_id, approval.hashes
         detail = {
             "credential": credential_id,
             "presence": PRESENCE_JPKI,
@@ -549,17 +536,14 @@ class JpkiAuthenticator(presence.PresenceMethod):
                     "Missing (or invalid type) parameter hashes: a My Number card approves "
                     "hashes (SCAL 2), not a signing session"
                 )
-            if hash_algorithm_oid is None:
+            if approval.hash_algorithm_oid is None:
                 raise InvalidRequest("Missing (or invalid type) parameter hashAlgorithmOID")
             algorithm = presence.check_bound_request(
-                hashes, presence.hash_algorithm(hash_algorithm_oid), num_signatures
+                hashes,
+                presence.hash_algorithm(approval.hash_algorithm_oid),
+                approval.num_signatures,
             )
-            binding = canonical_binding(
-                credential_id=credential_id,
-                hash_algorithm_oid=hash_algorithm_oid,
-                hashes=hashes,
-                num_signatures=num_signatures,
-            )
+            binding = approval.binding()
             checked = await self.precheck(
                 authorization, facility_id=facility_id, credential_id=credential_id,
                 binding=binding, now=now,
@@ -576,7 +560,7 @@ class JpkiAuthenticator(presence.PresenceMethod):
                     credential_id=credential_id,
                     hashes=tuple(bytes(h) for h in hashes),
                     hash_algorithm=algorithm,
-                    count=num_signatures,
+                    count=approval.num_signatures,
                     scal="2",
                     presence=PRESENCE_JPKI,
                     presence_ref=card.binding_id,
