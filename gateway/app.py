@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -79,20 +79,17 @@ HSM_START_ATTEMPTS = 12
 
 
 def make_keystore(settings: Settings) -> KeyStore:
+    """The PKCS#11 key store, in a signing process of its own (the default) or in this one."""
+    store: Callable[..., KeyStore]
     if settings.hsm.signing_process:
         from gateway.hsm.signer_process import SignerProcessKeyStore
 
-        return SignerProcessKeyStore(
-            module_path=str(settings.hsm.module),
-            token_label=settings.hsm.token_label,
-            pin=settings.hsm_pin(),
-            softhsm_conf=settings.hsm.softhsm_conf,
-            retry_after=settings.hsm.retry_after,
-            reconnect_interval=settings.hsm.reconnect_interval,
-        )
-    from gateway.hsm.pkcs11 import Pkcs11KeyStore
+        store = SignerProcessKeyStore
+    else:
+        from gateway.hsm.pkcs11 import Pkcs11KeyStore
 
-    return Pkcs11KeyStore(
+        store = Pkcs11KeyStore
+    return store(
         module_path=str(settings.hsm.module),
         token_label=settings.hsm.token_label,
         pin=settings.hsm_pin(),
