@@ -75,10 +75,13 @@ def _binding(hashes: list[bytes]) -> bytes:
     )
 
 
-async def _put(db: Database, store: ChallengeStore, *, now: datetime = T0) -> tuple[str, bytes]:
+async def _put(
+    db: Database, store: ChallengeStore, *, now: datetime = T0, fido2_state: bool = True
+) -> tuple[str, bytes]:
     binding = _binding([b"\x01" * 32])
     challenge = new_bound_challenge(binding)
-    extra = {"fido2_state": json.dumps({"challenge": "x"})} if store is WEBAUTHN_CHALLENGES else {}
+    webauthn = store is WEBAUTHN_CHALLENGES and fido2_state
+    extra = {"fido2_state": json.dumps({"challenge": "x"})} if webauthn else {}
     async with db.write() as conn:
         cid = await store.put(
             conn,
@@ -165,19 +168,7 @@ def test_expired_unknown_and_other_kind_are_refused(db: Database, method: str) -
 
 def test_a_webauthn_challenge_without_python_fido2_state_is_unknown(db: Database) -> None:
     async def go() -> str:
-        binding = _binding([b"\x02" * 32])
-        challenge = new_bound_challenge(binding)
-        async with db.write() as conn:
-            cid = await WEBAUTHN_CHALLENGES.put(
-                conn,
-                challenge,
-                kind="authenticate",
-                signer_id="sgn-c",
-                facility_id=1,
-                binding=binding,
-                now=T0,
-                ttl=TTL,
-            )
+        cid, _ = await _put(db, WEBAUTHN_CHALLENGES, fido2_state=False)
         return await _take(db, WEBAUTHN_CHALLENGES, cid, kind="authenticate", now=T0)
 
     assert asyncio.run(go()) == "unknown challenge: call begin first"
