@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -78,20 +79,17 @@ HSM_START_ATTEMPTS = 12
 
 
 def make_keystore(settings: Settings) -> KeyStore:
+    """The PKCS#11 key store, in a signing process of its own (the default) or in this one."""
+    store: Callable[..., KeyStore]
     if settings.hsm.signing_process:
         from gateway.hsm.signer_process import SignerProcessKeyStore
 
-        return SignerProcessKeyStore(
-            module_path=str(settings.hsm.module),
-            token_label=settings.hsm.token_label,
-            pin=settings.hsm_pin(),
-            softhsm_conf=settings.hsm.softhsm_conf,
-            retry_after=settings.hsm.retry_after,
-            reconnect_interval=settings.hsm.reconnect_interval,
-        )
-    from gateway.hsm.pkcs11 import Pkcs11KeyStore
+        store = SignerProcessKeyStore
+    else:
+        from gateway.hsm.pkcs11 import Pkcs11KeyStore
 
-    return Pkcs11KeyStore(
+        store = Pkcs11KeyStore
+    return store(
         module_path=str(settings.hsm.module),
         token_label=settings.hsm.token_label,
         pin=settings.hsm_pin(),
@@ -306,124 +304,141 @@ def create_app(
     app[CLOCK] = clock
     app[METRICS] = Metrics()
     app[ALLOWED_ORIGINS] = settings.webauthn_origins()
-
-    async def store_ctx(app: web.Application) -> AsyncIterator[None]:
-        from gateway.store.db import head_revision
-
-        services = build_services(
-            settings, keystore=keystore or make_keystore(settings), clock=clock
-        )
-        db = services.db
-        current = await db.current_revision()
-        if current != head_revision():
-            await db.close()
-            raise ConfigError(
-                f"database schema is at {current!r}, this version needs {head_revision()!r}: "
-                "run `hpki-gateway db upgrade -c ...`"
-            )
-        assert services.keystore is not None
-        app[DB] = db
-        app[AUDIT] = services.audit
-        app[KEYSTORE] = services.keystore
-        app[FACILITIES] = services.facilities
-        app[CERTIFICATES] = services.certificates
-        app[SIGNERS] = services.signers
-        app[FIDO2] = services.fido2
-        app[ACTIVATION] = services.activation
-        app[JPKI] = services.jpki
-        yield
-        await db.close()
-
-    async def hsm_ctx(app: web.Application) -> AsyncIterator[None]:
-        ks = app[KEYSTORE]
-        # SoftHSM may not see the token while another process (a sibling worker starting at
-        # the same moment, a CLI generating a key) holds its files: retry briefly at start-up.
-        for attempt in range(1, HSM_START_ATTEMPTS + 1):
-            try:
-                await ks.open()
-                break
-            except HsmUnavailable as e:
-                if attempt == HSM_START_ATTEMPTS:
-                    # Serve anyway: HSM-backed calls answer 503 until the token is back.
-                    log.error("HSM token not available at start-up: %s", e.description)
-                else:
-                    await asyncio.sleep(0.25)
-        yield
-        await ks.close()
-
-    async def signing_ctx(app: web.Application) -> AsyncIterator[None]:
-        from gateway.sign.setup import trust_config, tsa_client
-
-        tsa = tsa_client(settings)  # one HTTP session per worker
-        app[SIGNING] = make_signing(
-            settings,
-            db=app[DB],
-            audit=app[AUDIT],
-            ledger=app[ACTIVATION].ledger,  # one ledger: one group-commit queue per worker
-            keystore=app[KEYSTORE],
-            tsa=tsa,
-            clock=clock,
-        )
-        app[SIGNING].metrics = app[METRICS]
-        app[ACTIVATION].ledger.metrics = app[METRICS]
-        # Verification trust (the sandbox's TEST TSA runs as its own process: server.py).
-        app[VERIFY_TRUST] = trust_config(settings)
-        yield
-        if tsa is not None:
-            await tsa.close()
-
-    async def verify_pool_ctx(app: web.Application) -> AsyncIterator[None]:
-        # The worker processes start on first use.
-        s = settings.signing
-        pool = VerificationPool(
-            settings, slots=s.verify_concurrency, timeout=s.verify_timeout_seconds
-        )
-        app[VERIFY_POOL] = pool
-        yield
-        pool.close()
-
-    async def scheduler_ctx(app: web.Application) -> AsyncIterator[None]:
-        # Every worker runs the loop; the store makes each action happen once (scheduler.py).
-        from gateway.lifecycle.scheduler import Scheduler
-
-        stop = asyncio.Event()
-        task = asyncio.create_task(
-            Scheduler(service=app[CERTIFICATES]).loop(
-                settings.scheduler.interval_seconds,
-                stop,
-                on_run=lambda outcome: app[METRICS].scheduler_runs.labels(outcome).inc(),
-            )
-        )
-        yield
-        stop.set()
-        await task
-
-    async def limits_ctx(app: web.Application) -> AsyncIterator[None]:
-        lim = settings.limits
-        summary = RefusalSummary(db=app[DB], audit=app[AUDIT], clock=clock)
-        app[REFUSALS] = summary
-        if lim.enabled:
-            app[IP_LIMITER] = Limiter(
-                rate=lim.ip_rate,
-                burst=lim.ip_burst,
-                concurrency=lim.ip_concurrency,
-                what="client address",
-            )
-            app[FACILITY_LIMITER] = Limiter(
-                rate=lim.facility_rate,
-                burst=lim.facility_burst,
-                concurrency=lim.facility_concurrency,
-                what="facility",
-            )
-        async for _ in summary_task(summary, lim.summary_seconds):
-            yield
-
-    app.cleanup_ctx.extend([store_ctx, limits_ctx, hsm_ctx, signing_ctx, verify_pool_ctx])
+    app.cleanup_ctx.extend(
+        [
+            functools.partial(_store_ctx, keystore=keystore),
+            _limits_ctx,
+            _hsm_ctx,
+            _signing_ctx,
+            _verify_pool_ctx,
+        ]
+    )
     if settings.scheduler.enabled:
-        app.cleanup_ctx.append(scheduler_ctx)
+        app.cleanup_ctx.append(_scheduler_ctx)
     for table in ROUTES:
         app.add_routes(table)
     return app
+
+
+# -- the resources of the main app, each opened and closed in its cleanup_ctx ------------------
+
+
+async def _store_ctx(app: web.Application, *, keystore: KeyStore | None) -> AsyncIterator[None]:
+    from gateway.store.db import head_revision
+
+    settings = app[SETTINGS]
+    services = build_services(
+        settings, keystore=keystore or make_keystore(settings), clock=app[CLOCK]
+    )
+    db = services.db
+    current = await db.current_revision()
+    if current != head_revision():
+        await db.close()
+        raise ConfigError(
+            f"database schema is at {current!r}, this version needs {head_revision()!r}: "
+            "run `hpki-gateway db upgrade -c ...`"
+        )
+    assert services.keystore is not None
+    app[DB] = db
+    app[AUDIT] = services.audit
+    app[KEYSTORE] = services.keystore
+    app[FACILITIES] = services.facilities
+    app[CERTIFICATES] = services.certificates
+    app[SIGNERS] = services.signers
+    app[FIDO2] = services.fido2
+    app[ACTIVATION] = services.activation
+    app[JPKI] = services.jpki
+    yield
+    await db.close()
+
+
+async def _hsm_ctx(app: web.Application) -> AsyncIterator[None]:
+    ks = app[KEYSTORE]
+    # SoftHSM may not see the token while another process (a sibling worker starting at
+    # the same moment, a CLI generating a key) holds its files: retry briefly at start-up.
+    for attempt in range(1, HSM_START_ATTEMPTS + 1):
+        try:
+            await ks.open()
+            break
+        except HsmUnavailable as e:
+            if attempt == HSM_START_ATTEMPTS:
+                # Serve anyway: HSM-backed calls answer 503 until the token is back.
+                log.error("HSM token not available at start-up: %s", e.description)
+            else:
+                await asyncio.sleep(0.25)
+    yield
+    await ks.close()
+
+
+async def _signing_ctx(app: web.Application) -> AsyncIterator[None]:
+    from gateway.sign.setup import trust_config, tsa_client
+
+    settings = app[SETTINGS]
+    tsa = tsa_client(settings)  # one HTTP session per worker
+    app[SIGNING] = make_signing(
+        settings,
+        db=app[DB],
+        audit=app[AUDIT],
+        ledger=app[ACTIVATION].ledger,  # one ledger: one group-commit queue per worker
+        keystore=app[KEYSTORE],
+        tsa=tsa,
+        clock=app[CLOCK],
+    )
+    app[SIGNING].metrics = app[METRICS]
+    app[ACTIVATION].ledger.metrics = app[METRICS]
+    # Verification trust (the sandbox's TEST TSA runs as its own process: server.py).
+    app[VERIFY_TRUST] = trust_config(settings)
+    yield
+    if tsa is not None:
+        await tsa.close()
+
+
+async def _verify_pool_ctx(app: web.Application) -> AsyncIterator[None]:
+    # The worker processes start on first use.
+    settings = app[SETTINGS]
+    s = settings.signing
+    pool = VerificationPool(settings, slots=s.verify_concurrency, timeout=s.verify_timeout_seconds)
+    app[VERIFY_POOL] = pool
+    yield
+    pool.close()
+
+
+async def _scheduler_ctx(app: web.Application) -> AsyncIterator[None]:
+    # Every worker runs the loop; the store makes each action happen once (scheduler.py).
+    from gateway.lifecycle.scheduler import Scheduler
+
+    stop = asyncio.Event()
+    task = asyncio.create_task(
+        Scheduler(service=app[CERTIFICATES]).loop(
+            app[SETTINGS].scheduler.interval_seconds,
+            stop,
+            on_run=lambda outcome: app[METRICS].scheduler_runs.labels(outcome).inc(),
+        )
+    )
+    yield
+    stop.set()
+    await task
+
+
+async def _limits_ctx(app: web.Application) -> AsyncIterator[None]:
+    lim = app[SETTINGS].limits
+    summary = RefusalSummary(db=app[DB], audit=app[AUDIT], clock=app[CLOCK])
+    app[REFUSALS] = summary
+    if lim.enabled:
+        app[IP_LIMITER] = Limiter(
+            rate=lim.ip_rate,
+            burst=lim.ip_burst,
+            concurrency=lim.ip_concurrency,
+            what="client address",
+        )
+        app[FACILITY_LIMITER] = Limiter(
+            rate=lim.facility_rate,
+            burst=lim.facility_burst,
+            concurrency=lim.facility_concurrency,
+            what="facility",
+        )
+    async for _ in summary_task(summary, lim.summary_seconds):
+        yield
 
 
 def create_delivery_app(main: web.Application) -> web.Application:

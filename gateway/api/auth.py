@@ -1,5 +1,5 @@
-"""FIDO2 ceremony endpoints (``/auth/fido2/...``) and the gateway's own pages (``/enroll``,
-``/approve``).
+"""FIDO2 ceremony endpoints (``/auth/fido2/...``) and the gateway's own pages (``/enroll``:
+the portal's enrolment page; ``/approve``).
 
 Behind mTLS like every route: the registration page is opened on a facility PC whose browser
 presents the facility certificate, and the facility system relays authentication ceremonies.
@@ -16,8 +16,11 @@ from pydantic import Field
 
 from gateway.api.decode import caller_of, check_lengths, decode_hashes, digest_algorithm
 from gateway.api.keys import FIDO2, SETTINGS
+from gateway.api.portal import pages as portal_pages
 from gateway.api.schema import CscRequest, parse
+from gateway.auth.challenges import Approval
 from gateway.errors import AccessDenied, InvalidRequest
+from gateway.signing.grant import Caller
 
 routes = web.RouteTableDef()
 
@@ -69,12 +72,14 @@ async def register_complete(request: web.Request) -> web.Response:
     )
 
 
-@routes.post("/auth/fido2/authenticate/begin")
-async def authenticate_begin(request: web.Request) -> web.Response:
-    req = await parse(request, AuthenticateBeginRequest)
+def begin_args(
+    request: web.Request, req: AuthenticateBeginRequest, *, relayed: str
+) -> tuple[Caller, Approval]:
+    """Check an ``authenticate/begin`` body; ``relayed`` is the refusal for a caller without
+    a facility."""
     caller = caller_of(request)
     if caller.facility_id is None:
-        raise AccessDenied("FIDO2 authentication is relayed by facility client certificates")
+        raise AccessDenied(relayed)
     limit = request.app[SETTINGS].activation.max_hashes_per_request
     hashes = decode_hashes(req.hashes, field="hashes", max_count=limit)
     if hashes:
@@ -85,13 +90,21 @@ async def authenticate_begin(request: web.Request) -> web.Response:
             raise InvalidRequest("Invalid parameter numSignatures: must equal the number of hashes")
     elif req.hashAlgorithmOID is not None:
         digest_algorithm(req.hashAlgorithmOID)
-    options = await request.app[FIDO2].authenticate_begin(
-        caller=caller,
+    return caller, Approval(
         credential_id=req.credentialID,
         hashes=hashes,
         hash_algorithm_oid=req.hashAlgorithmOID,
         num_signatures=req.numSignatures,
     )
+
+
+@routes.post("/auth/fido2/authenticate/begin")
+async def authenticate_begin(request: web.Request) -> web.Response:
+    req = await parse(request, AuthenticateBeginRequest)
+    caller, approval = begin_args(
+        request, req, relayed="FIDO2 authentication is relayed by facility client certificates"
+    )
+    options = await request.app[FIDO2].authenticate_begin(caller=caller, approval=approval)
     return web.json_response(options)
 
 
@@ -110,8 +123,9 @@ def _page(name: str) -> web.Response:
 
 
 @routes.get("/enroll")
-async def enroll_page(request: web.Request) -> web.Response:
-    return _page("enroll.html")
+async def enroll_page(request: web.Request) -> web.StreamResponse:
+    """The portal's enrolment page (one page, one script), at the address signers are given."""
+    return await portal_pages.enrol_page(request)
 
 
 @routes.get("/approve")

@@ -13,15 +13,13 @@ from typing import Any, Literal
 from aiohttp import web
 from cryptography.hazmat.primitives import serialization
 from pydantic import Field
-from sqlalchemy import select
 
 from gateway.api.jpki import offered_presence_methods, presence_methods
-from gateway.api.keys import CLOCK, DB, KEYSTORE, SETTINGS
+from gateway.api.keys import CLOCK, KEYSTORE, SETTINGS, SIGNERS
 from gateway.api.middleware import identity
 from gateway.api.schema import CscRequest, parse
 from gateway.errors import AccessDenied, InvalidRequest
 from gateway.lifecycle.signers import Credential
-from gateway.store.schema import credential, facility, signer, signer_facility
 
 SPECS = "2.0.0.2"
 METHODS = [
@@ -164,26 +162,9 @@ def credential_info(
 async def _facility_credentials(
     request: web.Request, *, user_id: str | None = None, credential_id: str | None = None
 ) -> list[Credential]:
-    facility_id = _facility(request)
-    q = (
-        select(credential)
-        .select_from(
-            credential.join(signer, credential.c.signer_id == signer.c.id)
-            .join(signer_facility, signer_facility.c.signer_id == signer.c.id)
-            .join(facility, facility.c.id == signer_facility.c.facility_id)
-        )
-        .where(facility.c.id == facility_id)
-        # A credential still waiting for its certificate cannot sign: not offered to systems.
-        .where(credential.c.certificate_der.is_not(None))
-        .order_by(credential.c.created_at)
+    return await request.app[SIGNERS].facility_credentials(
+        _facility(request), user_id=user_id, credential_id=credential_id
     )
-    if user_id is not None:
-        q = q.where(signer.c.id == user_id)
-    if credential_id is not None:
-        q = q.where(credential.c.id == credential_id)
-    async with request.app[DB].read() as conn:
-        rows = (await conn.execute(q)).all()
-    return [Credential.from_row(r) for r in rows]
 
 
 @routes.post("/csc/v2/credentials/list")

@@ -12,17 +12,16 @@ from typing import Any
 
 from aiohttp import web
 from pydantic import Field
-from sqlalchemy import select
 
 from gateway.api.admin import AdminRequest
-from gateway.api.auth import AuthenticateBeginRequest
-from gateway.api.decode import caller_of, check_lengths, decode_hashes, digest_algorithm
+from gateway.api.auth import AuthenticateBeginRequest, begin_args
+from gateway.api.decode import caller_of
 from gateway.api.keys import DB, JPKI, SETTINGS
 from gateway.api.middleware import identity
 from gateway.api.schema import CscRequest, parse
 from gateway.auth.jpki import AUTH_DATA_ID, parse_auth_data
-from gateway.errors import AccessDenied, InvalidRequest, NotFound
-from gateway.store.schema import fido_credential, jpki_binding
+from gateway.auth.presence import registered_methods
+from gateway.errors import InvalidRequest, NotFound
 
 routes = web.RouteTableDef()
 
@@ -60,18 +59,7 @@ def offered_presence_methods(request: web.Request) -> list[str]:
 async def presence_methods(request: web.Request, signer_id: str) -> list[str]:
     """Methods a credential of ``signer_id`` accepts now: offered AND registered for the
     signer (a FIDO2 authenticator; a linked My Number card)."""
-    async with request.app[DB].read() as conn:
-        fido = (
-            await conn.execute(
-                select(fido_credential.c.id).where(fido_credential.c.signer_id == signer_id)
-            )
-        ).first()
-        card = (
-            await conn.execute(
-                select(jpki_binding.c.id).where(jpki_binding.c.signer_id == signer_id)
-            )
-        ).first()
-    registered = {"webauthn": fido is not None, "jpki": card is not None}
+    registered = await registered_methods(request.app[DB], signer_id)
     return [m for m in offered_presence_methods(request) if registered[m]]
 
 
@@ -84,26 +72,10 @@ def _enabled(request: web.Request) -> None:
 async def authenticate_begin(request: web.Request) -> web.Response:
     _enabled(request)
     req = await parse(request, AuthenticateBeginRequest)
-    caller = caller_of(request)
-    if caller.facility_id is None:
-        raise AccessDenied("My Number card authentication is relayed by facility certificates")
-    limit = request.app[SETTINGS].activation.max_hashes_per_request
-    hashes = decode_hashes(req.hashes, field="hashes", max_count=limit)
-    if hashes:
-        if req.hashAlgorithmOID is None:
-            raise InvalidRequest("Missing (or invalid type) parameter hashAlgorithmOID")
-        check_lengths(hashes, digest_algorithm(req.hashAlgorithmOID), field="hashes")
-        if req.numSignatures != len(hashes):
-            raise InvalidRequest("Invalid parameter numSignatures: must equal the number of hashes")
-    elif req.hashAlgorithmOID is not None:
-        digest_algorithm(req.hashAlgorithmOID)
-    out = await request.app[JPKI].authenticate_begin(
-        caller=caller,
-        credential_id=req.credentialID,
-        hashes=hashes,
-        hash_algorithm_oid=req.hashAlgorithmOID,
-        num_signatures=req.numSignatures,
+    caller, approval = begin_args(
+        request, req, relayed="My Number card authentication is relayed by facility certificates"
     )
+    out = await request.app[JPKI].authenticate_begin(caller=caller, approval=approval)
     return web.json_response(out)
 
 

@@ -153,8 +153,7 @@ async def client_identity(request: web.Request, handler: Handler) -> web.StreamR
     if der is None:
         # Unreachable behind the TLS listener (CERT_REQUIRED); refuse rather than trust.
         raise AccessDenied("a client certificate is required")
-    now = request.app[CLOCK]() if CLOCK in request.app else None
-    ident = await identify(request.app[DB], der, now=now)
+    ident = await identify(request.app[DB], der, now=request.app[CLOCK]())
     request[IDENTITY] = ident
     path = request.path
     if (path == "/admin" or path.startswith("/admin/")) and ident.kind != "admin":

@@ -29,6 +29,7 @@ from gateway.api.decode import (
 )
 from gateway.api.keys import ACTIVATION, CLOCK, JPKI, SETTINGS, SIGNING
 from gateway.api.schema import CscRequest, parse
+from gateway.auth.challenges import Approval
 from gateway.auth.jpki import parse_auth_data
 from gateway.errors import AccessDenied, GatewayError, InvalidRequest
 from gateway.hsm.api import DigestAlgorithm
@@ -96,25 +97,19 @@ async def authorize(request: web.Request) -> web.Response:
             caller, action="sad.refused", reason=e.description, detail={}
         )
         raise
+    approval = Approval(
+        credential_id=req.credentialID,
+        hashes=hashes,
+        hash_algorithm_oid=req.hashAlgorithmOID,
+        num_signatures=req.numSignatures,
+    )
     if card is not None:  # My Number card: same grant, same ledger, presence "jpki"
         issued = await request.app[JPKI].authorize(
-            caller=caller,
-            credential_id=req.credentialID,
-            num_signatures=req.numSignatures,
-            hashes=hashes,
-            hash_algorithm_oid=req.hashAlgorithmOID,
-            authorization=card,
-            now=request.app[CLOCK](),
+            caller=caller, approval=approval, authorization=card, now=request.app[CLOCK]()
         )
         return web.json_response({"SAD": issued.token, "expiresIn": issued.expires_in})
     issued = await request.app[ACTIVATION].authorize(
-        caller=caller,
-        credential_id=req.credentialID,
-        num_signatures=req.numSignatures,
-        hashes=hashes,
-        hash_algorithm_oid=req.hashAlgorithmOID,
-        assertion=assertion,
-        now=request.app[CLOCK](),
+        caller=caller, approval=approval, assertion=assertion, now=request.app[CLOCK]()
     )
     return web.json_response({"SAD": issued.token, "expiresIn": issued.expires_in})
 

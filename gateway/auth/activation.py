@@ -27,15 +27,16 @@ from sqlalchemy import select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from gateway.audit import AuditLog
-from gateway.auth.fido2 import Caller, Fido2Authenticator, canonical_binding, challenge_id
+from gateway.auth import presence
+from gateway.auth.challenges import Approval, challenge_id
+from gateway.auth.fido2 import Caller, Fido2Authenticator
 from gateway.clock import Clock, system_clock
-from gateway.errors import AccessDenied, GatewayError, InvalidRequest, NotFound
+from gateway.errors import InvalidRequest, NotFound
 from gateway.hsm.api import DigestAlgorithm
 from gateway.signing.grant import PRESENCE_FIDO2, Grant, IssuedSad
-from gateway.signing.ledger import SadLedger
-from gateway.signing.rules import require_may_sign
+from gateway.signing.ledger import SadLedger, end_sessions
 from gateway.store.db import Database
-from gateway.store.schema import credential, facility, sad, signer, signer_facility
+from gateway.store.schema import facility
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -136,17 +137,14 @@ class SignatureActivation:
             # Sessions opened under the old policy end now: a disabled (or narrowed) policy
             # must not leave hours of unbound signing behind (new sessions follow the new one).
             now = self.clock()
-            ended = await conn.execute(
-                update(sad)
-                .where(sad.c.facility_id == row.id, sad.c.scal == "1", sad.c.expires_at > now)
-                .values(expires_at=now)
-            )
+            ended = await end_sessions(conn, row.id, now=now)
             await self.audit.append(
                 conn,
                 action="facility.signing_session",
                 actor=actor,
                 facility_code=institution_code,
-                detail={**policy.to_json_dict(), "sessions_ended": ended.rowcount},
+                detail={**policy.to_json_dict(), "sessions_ended": ended},
+                now=now,
             )
         return policy
 
@@ -156,10 +154,7 @@ class SignatureActivation:
         self,
         *,
         caller: Caller,
-        credential_id: str,
-        num_signatures: int,
-        hashes: Sequence[bytes],
-        hash_algorithm_oid: str | None,
+        approval: Approval,
         assertion: dict[str, Any],
         now: datetime | None = None,
     ) -> IssuedSad:
@@ -168,130 +163,68 @@ class SignatureActivation:
         Every outcome is audited; a refused attempt also burns its challenge.
         """
         now = now or self.clock()
-        if caller.facility_id is None or caller.institution_code is None:
-            raise AccessDenied("CSC methods are for facility client certificates")
-        facility_id = caller.facility_id
+        facility_id, _ = presence.facility_of(caller)
         parsed = self.fido2.parse_assertion(assertion)
-        cid: str | None = None
-        signer_id: str | None = None
-        try:
-            algorithm = DigestAlgorithm.from_oid(hash_algorithm_oid) if hash_algorithm_oid else None
-        except ValueError as e:
-            raise InvalidRequest(f"Invalid parameter hashAlgorithmOID: {e}") from e
-        try:
-            async with self.db.write() as conn:
-                cid = challenge_id(parsed.response.client_data.challenge)
-                if hashes:
-                    if algorithm is None:
-                        raise InvalidRequest("Missing (or invalid type) parameter hashAlgorithmOID")
-                    if num_signatures != len(hashes):
-                        raise InvalidRequest(
-                            "Invalid parameter numSignatures: must equal the number of hashes"
-                        )
-                    scal, ttl, count = "2", self.sad_ttl, num_signatures
-                else:
-                    pol = await self.session_policy(conn, facility_id)
-                    if not pol.enabled:
-                        raise InvalidRequest(
-                            "Missing (or invalid type) parameter hashes: this facility has no "
-                            "signing-session policy, so a SAD must be bound to hashes"
-                        )
-                    if num_signatures > pol.max_signatures:
-                        raise InvalidRequest(
-                            f"Invalid parameter numSignatures: the signing session of this "
-                            f"facility allows at most {pol.max_signatures}"
-                        )
-                    scal, ttl, count = "1", timedelta(hours=pol.hours), num_signatures
-                binding = canonical_binding(
-                    credential_id=credential_id,
-                    hash_algorithm_oid=hash_algorithm_oid,
-                    hashes=hashes,
-                    num_signatures=num_signatures,
-                )
-                presence = await self.fido2.verify_assertion(
-                    conn,
-                    assertion=parsed,
-                    facility_id=facility_id,
-                    credential_id=credential_id,
-                    binding=binding,
-                    now=now,
-                )
-                signer_id = presence.signer_id
-                await self._check_signer(
-                    conn, facility_id=facility_id, credential_id=credential_id, now=now
-                )
-                grant = Grant(
-                    facility_id=facility_id,
-                    signer_id=presence.signer_id,
-                    credential_id=credential_id,
-                    hashes=tuple(bytes(h) for h in hashes) if scal == "2" else (),
-                    hash_algorithm=algorithm,
-                    count=count,
-                    scal=scal,
-                    presence=PRESENCE_FIDO2,
-                    presence_ref=presence.fido_credential_id,
-                    ttl=ttl,
-                    evidence={
-                        "authenticator": presence.fido_credential_id,
-                        "sign_count": presence.sign_count,
-                    },
-                )
-                issued = await self.ledger.issue(
-                    conn,
-                    grant,
-                    actor=caller.actor,
-                    facility_code=caller.institution_code,
-                    now=now,
-                )
-        except GatewayError as e:
-            await self.fido2.refused(
-                action="sad.refused",
-                caller=caller,
-                signer_id=signer_id,
-                reason=e.description,
-                challenge=cid,
-                detail={"credential": credential_id, "hashes": [h.hex() for h in hashes]},
+        algorithm = presence.hash_algorithm(approval.hash_algorithm_oid)
+        credential_id, hashes, num_signatures = (
+            approval.credential_id,
+            approval.hashes,
+            approval.num_signatures,
+        )
+        detail = {"credential": credential_id, "hashes": [h.hex() for h in hashes]}
+        refusal = self.fido2.attempt("sad.refused", caller, now=now, detail=detail)
+        async with refusal as at, self.db.write() as conn:
+            at.challenge = challenge_id(parsed.response.client_data.challenge)
+            scal, ttl = await self._level(conn, facility_id, hashes, algorithm, num_signatures)
+            verified = await self.fido2.verify_assertion(
+                conn,
+                assertion=parsed,
+                facility_id=facility_id,
+                credential_id=credential_id,
+                binding=approval.binding(),
                 now=now,
             )
-            raise
-        return issued
-
-    async def _check_signer(
-        self, conn: AsyncConnection, *, facility_id: int, credential_id: str, now: datetime
-    ) -> Any:
-        """Invariant 1: active signer linked to the facility, active credential, valid cert."""
-        row = (
-            await conn.execute(
-                select(
-                    credential.c.signer_id,
-                    credential.c.key_id,
-                    credential.c.status,
-                    credential.c.certificate_der,
-                    signer.c.status.label("signer_status"),
-                    signer_facility.c.facility_id,
-                    facility.c.institution_code,
-                )
-                .select_from(
-                    credential.join(signer, signer.c.id == credential.c.signer_id)
-                    .outerjoin(
-                        signer_facility,
-                        (signer_facility.c.signer_id == signer.c.id)
-                        & (signer_facility.c.facility_id == facility_id),
-                    )
-                    .outerjoin(facility, facility.c.id == signer_facility.c.facility_id)
-                )
-                .where(credential.c.id == credential_id)
+            at.signer_id = verified.signer_id
+            grant = Grant(
+                facility_id=facility_id,
+                signer_id=verified.signer_id,
+                credential_id=credential_id,
+                hashes=tuple(bytes(h) for h in hashes) if scal == "2" else (),
+                hash_algorithm=algorithm,
+                count=num_signatures,
+                scal=scal,
+                presence=PRESENCE_FIDO2,
+                presence_ref=verified.fido_credential_id,
+                ttl=ttl,
+                evidence={
+                    "authenticator": verified.fido_credential_id,
+                    "sign_count": verified.sign_count,
+                },
             )
-        ).one_or_none()
-        if row is None:
-            raise InvalidRequest("Invalid parameter credentialID")
-        require_may_sign(
-            signer_id=row.signer_id,
-            signer_status=row.signer_status,
-            serves_facility=row.facility_id is not None,
-            credential_id=credential_id,
-            credential_status=row.status,
-            certificate_der=row.certificate_der,
-            now=now,
-        )
-        return row
+            return await presence.issue_grant(conn, self.ledger, grant, caller=caller, now=now)
+
+    async def _level(
+        self,
+        conn: AsyncConnection,
+        facility_id: int,
+        hashes: Sequence[bytes],
+        algorithm: DigestAlgorithm | None,
+        num_signatures: int,
+    ) -> tuple[str, timedelta]:
+        """SCAL 2 for hashes (the SAD's TTL); without hashes, the facility's signing session
+        (SCAL 1, its hours) when its policy allows one."""
+        if hashes:
+            presence.check_bound_request(hashes, algorithm, num_signatures)
+            return "2", self.sad_ttl
+        pol = await self.session_policy(conn, facility_id)
+        if not pol.enabled:
+            raise InvalidRequest(
+                "Missing (or invalid type) parameter hashes: this facility has no "
+                "signing-session policy, so a SAD must be bound to hashes"
+            )
+        if num_signatures > pol.max_signatures:
+            raise InvalidRequest(
+                f"Invalid parameter numSignatures: the signing session of this "
+                f"facility allows at most {pol.max_signatures}"
+            )
+        return "1", timedelta(hours=pol.hours)

@@ -7,14 +7,12 @@ lock the code, and a used or expired code is refused. One code registers one aut
 signer may hold several.
 
 Authentication is bound to what will be signed. ``authenticate_begin`` returns WebAuthn request
-options whose 48-byte challenge is ``nonce(16) || SHA-256(binding)`` where ``binding`` is the
-canonical JSON ``{"credentialID", "hashAlgorithmOID", "hashes": [sorted base64], "numSignatures"}``
-(keys sorted, no whitespace). A client can recompute the tail and see that the authenticator
-signs a commitment to its hashes; the server keeps the challenge state in the database
-(single use, short TTL, with the state python-fido2's ``*_begin`` returned, handed back to
-``*_complete`` as is) and, when the assertion comes back, recomputes the binding from the
-``credentials/authorize`` request and compares it in constant time. User verification is
-required; the sign count must grow (a clone of the authenticator shows as a regression).
+options whose 48-byte challenge commits to the hashes (``auth/challenges.py``); the challenge
+state is kept in the database (single use, short TTL, with the state python-fido2's ``*_begin``
+returned, handed back to ``*_complete`` as is) and, when the assertion comes back, the binding
+is recomputed from the ``credentials/authorize`` request and compared in constant time. User
+verification is required; the sign count must grow (a clone of the authenticator shows as a
+regression).
 
 python-fido2's ``Fido2Server`` does the WebAuthn checks (type, origin, challenge, RP ID hash,
 UP/UV flags, signature); this module keeps the state, the counters and the policy. It never
@@ -25,12 +23,10 @@ into a SAD.
 from __future__ import annotations
 
 import asyncio
-import base64
 import hashlib
-import hmac
 import json
 import secrets
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, NoReturn
@@ -49,28 +45,28 @@ from fido2.webauthn import (
     ResidentKeyRequirement,
     UserVerificationRequirement,
 )
-from sqlalchemy import ColumnElement, and_, delete, insert, select, update
+from sqlalchemy import ColumnElement, and_, insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from gateway.audit import AuditLog
+from gateway.auth import presence
+from gateway.auth.challenges import (
+    WEBAUTHN_CHALLENGES,
+    Approval,
+    approves,
+    challenge_id,
+    check_issued_for,
+    enrollment_binding,
+    new_bound_challenge,
+)
 from gateway.clock import Clock, system_clock
-from gateway.errors import AccessDenied, Conflict, GatewayError, InvalidRequest, NotFound
+from gateway.errors import AccessDenied, Conflict, InvalidRequest
 from gateway.passwords import AttemptLimit, hash_password, verify_password
 from gateway.signing.grant import Caller as Caller
-from gateway.signing.rules import require_credential_active, require_signer_active
 from gateway.store.db import Database
-from gateway.store.schema import (
-    credential,
-    enrollment,
-    fido_credential,
-    sad,
-    signer,
-    signer_facility,
-    webauthn_challenge,
-)
+from gateway.store.schema import enrollment, fido_credential, signer, signer_facility
 
-NONCE_BYTES = 16
 # Crockford base32 without I, L, O, U: no look-alikes when a doctor types the code.
 _CODE_ALPHABET = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
 _PASSWORD_ALPHABET = "23456789abcdefghjkmnpqrstuvwxyzABCDEFGHJKLMNPQRSTUVWXYZ"  # noqa: S105
@@ -86,37 +82,6 @@ def _open_enrollment(enrollment_id: int) -> ColumnElement[bool]:
 
 
 # -- pure helpers (unit-tested) ---------------------------------------------------------------
-
-
-def canonical_binding(
-    *,
-    credential_id: str,
-    hash_algorithm_oid: str | None,
-    hashes: Sequence[bytes],
-    num_signatures: int,
-) -> bytes:
-    """The canonical JSON a challenge commits to (documented in docs/api-fido2-signing.md)."""
-    return json.dumps(
-        {
-            "credentialID": credential_id,
-            "hashAlgorithmOID": hash_algorithm_oid,
-            "hashes": sorted(base64.b64encode(h).decode("ascii") for h in hashes),
-            "numSignatures": num_signatures,
-        },
-        sort_keys=True,
-        separators=(",", ":"),
-        ensure_ascii=False,
-    ).encode("utf-8")
-
-
-def bound_challenge(nonce: bytes, binding: bytes) -> bytes:
-    """``nonce || SHA-256(binding)``: 48 bytes with a 16-byte nonce."""
-    return nonce + hashlib.sha256(binding).digest()
-
-
-def challenge_id(challenge: bytes) -> str:
-    """Primary key of the challenge state, found again from the challenge in the response."""
-    return hashlib.sha256(challenge).hexdigest()
 
 
 def normalize_code(code: str) -> str:
@@ -174,16 +139,7 @@ class RegisteredAuthenticator:
     last_used_at: datetime | None
 
     def to_json_dict(self) -> dict[str, Any]:
-        return {
-            "id": self.id,
-            "signer_id": self.signer_id,
-            "credential_id": self.credential_id,
-            "aaguid": self.aaguid,
-            "label": self.label,
-            "sign_count": self.sign_count,
-            "created_at": self.created_at.isoformat(),
-            "last_used_at": self.last_used_at.isoformat() if self.last_used_at else None,
-        }
+        return presence.json_dict(self)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -206,8 +162,10 @@ class ChallengeState:
     fido2_state: dict[str, Any]  # what python-fido2's *_begin returned, as it was
 
 
-class Fido2Authenticator:
+class Fido2Authenticator(presence.PresenceMethod):
     """Enrolment and assertion verification over python-fido2, state in the database."""
+
+    challenges = WEBAUTHN_CHALLENGES
 
     def __init__(
         self,
@@ -249,12 +207,7 @@ class Fido2Authenticator:
         pw_hash = await asyncio.to_thread(hash_password, password)
         expires = now + self.enrollment_validity
         async with self.db.write() as conn:
-            srow = (
-                await conn.execute(select(signer.c.status).where(signer.c.id == signer_id))
-            ).one_or_none()
-            if srow is None:
-                raise NotFound(f"signer {signer_id} does not exist")
-            require_signer_active(signer_id, srow.status)
+            await presence.require_active_signer(conn, signer_id)
             revoked = await conn.execute(
                 update(enrollment)
                 .where(enrollment.c.signer_id == signer_id, enrollment.c.status == "active")
@@ -288,40 +241,17 @@ class Fido2Authenticator:
         )
 
     async def list_authenticators(self, signer_id: str) -> list[RegisteredAuthenticator]:
-        async with self.db.read() as conn:
-            rows = (
-                await conn.execute(
-                    select(fido_credential)
-                    .where(fido_credential.c.signer_id == signer_id)
-                    .order_by(fido_credential.c.created_at)
-                )
-            ).all()
-        return [_authenticator(r) for r in rows]
+        rows = await self._registrations(fido_credential, signer_id)
+        return [presence.from_row(RegisteredAuthenticator, r) for r in rows]
 
     async def remove_authenticator(self, signer_id: str, fido_id: str, *, actor: str) -> None:
         """Remove an authenticator and end every live SAD it approved (a lost or stolen key
         must not keep signing through a signing session it opened)."""
-        now = self.clock()
-        async with self.db.write() as conn:
-            res = await conn.execute(
-                delete(fido_credential).where(
-                    fido_credential.c.id == fido_id, fido_credential.c.signer_id == signer_id
-                )
-            )
-            if res.rowcount == 0:
-                raise NotFound(f"signer {signer_id} has no authenticator {fido_id}")
-            ended = await conn.execute(
-                update(sad)
-                .where(sad.c.fido_credential_id == fido_id, sad.c.expires_at > now)
-                .values(expires_at=now)
-            )
-            await self.audit.append(
-                conn,
-                action="fido2.remove",
-                actor=actor,
-                signer_id=signer_id,
-                detail={"authenticator": fido_id, "sads_ended": ended.rowcount},
-            )
+        await self._remove_registration(
+            fido_credential, fido_id, signer_id, actor=actor, action="fido2.remove",
+            detail_key="authenticator",
+            not_found=f"signer {signer_id} has no authenticator {fido_id}",
+        )  # fmt: skip
 
     # -- registration -----------------------------------------------------------------------
 
@@ -358,8 +288,7 @@ class Fido2Authenticator:
         ).one_or_none()
         if linked is None:
             raise AccessDenied("the signer of this enrollment code does not serve this facility")
-        srow = (await conn.execute(select(signer).where(signer.c.id == row.signer_id))).one()
-        require_signer_active(srow.id, srow.status)
+        await presence.require_active_signer(conn, row.signer_id)
         return row
 
     async def register_begin(
@@ -371,19 +300,7 @@ class Fido2Authenticator:
         async with self.db.write() as conn:
             row = await self.take_checked_enrollment(conn, code=code, caller=caller, now=now)
             srow = (await conn.execute(select(signer).where(signer.c.id == row.signer_id))).one()
-            existing = (
-                await conn.execute(
-                    select(fido_credential.c.credential_id).where(
-                        fido_credential.c.signer_id == row.signer_id
-                    )
-                )
-            ).scalars()
-            exclude = [
-                PublicKeyCredentialDescriptor(
-                    type=PublicKeyCredentialType.PUBLIC_KEY, id=websafe_decode(c)
-                )
-                for c in existing
-            ]
+            exclude = _descriptors(await _authenticator_ids(conn, row.signer_id))
             challenge = secrets.token_bytes(32)
             options, state = self.server.register_begin(
                 PublicKeyCredentialUserEntity(
@@ -396,19 +313,11 @@ class Fido2Authenticator:
                 resident_key_requirement=ResidentKeyRequirement.DISCOURAGED,
                 challenge=challenge,
             )
-            await conn.execute(
-                insert(webauthn_challenge).values(
-                    id=challenge_id(challenge),
-                    kind="register",
-                    signer_id=row.signer_id,
-                    facility_id=caller.facility_id,
-                    enrollment_id=row.id,
-                    binding=json.dumps({"enrollment": row.id}),
-                    fido2_state=json.dumps(state),
-                    created_at=now,
-                    expires_at=now + self.challenge_ttl,
-                )
-            )
+            await self.put_challenge(
+                conn, challenge, kind="register", signer_id=row.signer_id, caller=caller,
+                binding=enrollment_binding(row.id), now=now,
+                enrollment_id=row.id, fido2_state=json.dumps(state),
+            )  # fmt: skip
         return {"publicKey": dict(options.public_key)}
 
     async def enrollment_for(
@@ -504,71 +413,73 @@ class Fido2Authenticator:
         except Exception as e:
             raise InvalidRequest(f"Invalid parameter credential: {_reason(e)}") from e
         cid = challenge_id(challenge)
-        signer_id: str | None = None
+        refusal = self.attempt("fido2.register.refused", caller, now=now, challenge=cid)
+        async with refusal as at, self.db.write() as conn:
+            row = await self._enrollment_for(conn, code, caller, now)
+            at.signer_id = row.signer_id
+            state = await self._take_challenge(conn, cid, kind="register", now=now)
+            if state.facility_id is None or state.facility_id != caller.facility_id:
+                raise InvalidRequest("the challenge was issued to another facility")
+            if json.loads(state.binding) != {"enrollment": row.id}:
+                raise InvalidRequest("the challenge was issued for another enrollment code")
+            try:
+                auth_data = self.server.register_complete(state.fido2_state, registration)
+            except ValueError as e:
+                raise InvalidRequest(f"registration refused: {e}") from e
+            return await self._store_authenticator(
+                conn, auth_data, enrollment_id=row.id, signer_id=row.signer_id,
+                caller=caller, label=label, now=now,
+            )  # fmt: skip
+
+    async def _store_authenticator(
+        self,
+        conn: AsyncConnection,
+        auth_data: AuthenticatorData,
+        *,
+        enrollment_id: int,
+        signer_id: str,
+        caller: Caller,
+        label: str | None,
+        now: datetime,
+    ) -> RegisteredAuthenticator:
+        """Store a verified registration, use up its enrolment code, audit."""
+        cred = auth_data.credential_data
+        if cred is None:  # pragma: no cover - register_complete requires AT
+            raise InvalidRequest("registration refused: no attested credential data")
+        fido_id = f"fido-{secrets.token_hex(8)}"
         try:
-            async with self.db.write() as conn:
-                row = await self._enrollment_for(conn, code, caller, now)
-                signer_id = row.signer_id
-                state = await self._take_challenge(conn, cid, kind="register", now=now)
-                if state.facility_id is None or state.facility_id != caller.facility_id:
-                    raise InvalidRequest("the challenge was issued to another facility")
-                if json.loads(state.binding) != {"enrollment": row.id}:
-                    raise InvalidRequest("the challenge was issued for another enrollment code")
-                try:
-                    auth_data = self.server.register_complete(state.fido2_state, registration)
-                except ValueError as e:
-                    raise InvalidRequest(f"registration refused: {e}") from e
-                cred = auth_data.credential_data
-                if cred is None:  # pragma: no cover - register_complete requires AT
-                    raise InvalidRequest("registration refused: no attested credential data")
-                fido_id = f"fido-{secrets.token_hex(8)}"
-                try:
-                    await conn.execute(
-                        insert(fido_credential).values(
-                            id=fido_id,
-                            signer_id=row.signer_id,
-                            credential_id=websafe_encode(cred.credential_id),
-                            credential_data=bytes(cred),
-                            sign_count=auth_data.counter,
-                            aaguid=str(cred.aaguid),
-                            label=label,
-                            created_at=now,
-                        )
-                    )
-                except IntegrityError as e:
-                    raise Conflict("this authenticator is already registered") from e
-                await conn.execute(
-                    update(enrollment)
-                    .where(enrollment.c.id == row.id)
-                    .values(status="used", used_at=now)
+            await conn.execute(
+                insert(fido_credential).values(
+                    id=fido_id,
+                    signer_id=signer_id,
+                    credential_id=websafe_encode(cred.credential_id),
+                    credential_data=bytes(cred),
+                    sign_count=auth_data.counter,
+                    aaguid=str(cred.aaguid),
+                    label=label,
+                    created_at=now,
                 )
-                await self.audit.append(
-                    conn,
-                    action="fido2.register",
-                    actor=caller.actor,
-                    facility_code=caller.institution_code,
-                    signer_id=row.signer_id,
-                    detail={
-                        "authenticator": fido_id,
-                        "aaguid": str(cred.aaguid),
-                        "enrollment": row.id,
-                        "sign_count": auth_data.counter,
-                    },
-                    now=now,
-                )
-        except GatewayError as e:
-            await self.refused(
-                action="fido2.register.refused",
-                caller=caller,
-                signer_id=signer_id,
-                reason=e.description,
-                challenge=cid,
-                now=now,
             )
-            raise
+        except IntegrityError as e:
+            raise Conflict("this authenticator is already registered") from e
+        await use_enrollment(conn, enrollment_id, now=now)
+        await self.audit.append(
+            conn,
+            action="fido2.register",
+            actor=caller.actor,
+            facility_code=caller.institution_code,
+            signer_id=signer_id,
+            detail={
+                "authenticator": fido_id,
+                "aaguid": str(cred.aaguid),
+                "enrollment": enrollment_id,
+                "sign_count": auth_data.counter,
+            },
+            now=now,
+        )
         return RegisteredAuthenticator(
             id=fido_id,
-            signer_id=row.signer_id,
+            signer_id=signer_id,
             credential_id=websafe_encode(cred.credential_id),
             aaguid=str(cred.aaguid),
             label=label,
@@ -580,103 +491,42 @@ class Fido2Authenticator:
     # -- authentication ---------------------------------------------------------------------
 
     async def authenticate_begin(
-        self,
-        *,
-        caller: Caller,
-        credential_id: str,
-        hashes: Sequence[bytes],
-        hash_algorithm_oid: str | None,
-        num_signatures: int,
-        now: datetime | None = None,
+        self, *, caller: Caller, approval: Approval, now: datetime | None = None
     ) -> dict[str, Any]:
-        """Request options whose challenge commits to exactly these hashes."""
+        """Request options whose challenge commits to exactly this approval."""
         now = now or self.clock()
+        credential_id = approval.credential_id
         if caller.facility_id is None:
             raise AccessDenied("FIDO2 authentication is relayed by facility client certificates")
         async with self.db.write() as conn:
-            row = (
-                await conn.execute(
-                    select(credential.c.signer_id, credential.c.status, signer.c.status.label("s"))
-                    .select_from(
-                        credential.join(signer, signer.c.id == credential.c.signer_id).join(
-                            signer_facility, signer_facility.c.signer_id == signer.c.id
-                        )
-                    )
-                    .where(
-                        credential.c.id == credential_id,
-                        signer_facility.c.facility_id == caller.facility_id,
-                    )
-                )
-            ).one_or_none()
-            if row is None:
-                raise InvalidRequest("Invalid parameter credentialID")
-            require_signer_active(row.signer_id, row.s)
-            require_credential_active(credential_id, row.status)
-            creds = (
-                await conn.execute(
-                    select(fido_credential.c.credential_id).where(
-                        fido_credential.c.signer_id == row.signer_id
-                    )
-                )
-            ).scalars()
-            allow = [
-                PublicKeyCredentialDescriptor(
-                    type=PublicKeyCredentialType.PUBLIC_KEY, id=websafe_decode(c)
-                )
-                for c in creds
-            ]
+            signer_id = await presence.signer_of_credential(
+                conn, credential_id=credential_id, facility_id=caller.facility_id
+            )
+            allow = _descriptors(await _authenticator_ids(conn, signer_id))
             if not allow:
                 raise InvalidRequest(
-                    f"signer {row.signer_id} has no registered FIDO2 authenticator: enrol one "
+                    f"signer {signer_id} has no registered FIDO2 authenticator: enrol one "
                     "at /enroll with an enrollment code"
                 )
-            binding = canonical_binding(
-                credential_id=credential_id,
-                hash_algorithm_oid=hash_algorithm_oid,
-                hashes=hashes,
-                num_signatures=num_signatures,
-            )
-            challenge = bound_challenge(secrets.token_bytes(NONCE_BYTES), binding)
+            binding = approval.binding()
+            challenge = new_bound_challenge(binding)
             options, state = self.server.authenticate_begin(
                 credentials=allow,
                 user_verification=UserVerificationRequirement.REQUIRED,
                 challenge=challenge,
             )
-            await conn.execute(
-                insert(webauthn_challenge).values(
-                    id=challenge_id(challenge),
-                    kind="authenticate",
-                    signer_id=row.signer_id,
-                    facility_id=caller.facility_id,
-                    credential_id=credential_id,
-                    binding=binding.decode(),
-                    fido2_state=json.dumps(state),
-                    created_at=now,
-                    expires_at=now + self.challenge_ttl,
-                )
-            )
+            await self.put_challenge(
+                conn, challenge, kind="authenticate", signer_id=signer_id, caller=caller,
+                binding=binding, now=now,
+                credential_id=credential_id, fido2_state=json.dumps(state),
+            )  # fmt: skip
         return {"publicKey": dict(options.public_key)}
 
     async def _take_challenge(
         self, conn: AsyncConnection, cid: str, *, kind: str, now: datetime
     ) -> ChallengeState:
         """Mark the challenge used (single use, atomic) and return its state."""
-        row = (
-            await conn.execute(select(webauthn_challenge).where(webauthn_challenge.c.id == cid))
-        ).one_or_none()
-        if row is None or row.kind != kind or row.fido2_state is None:
-            raise InvalidRequest("unknown challenge: call begin first")
-        if row.used_at is not None:
-            raise InvalidRequest("challenge was already used")
-        if row.expires_at <= now:
-            raise InvalidRequest("challenge expired")
-        res = await conn.execute(
-            update(webauthn_challenge)
-            .where(webauthn_challenge.c.id == cid, webauthn_challenge.c.used_at.is_(None))
-            .values(used_at=now)
-        )
-        if res.rowcount != 1:
-            raise InvalidRequest("challenge was already used")
+        row = await self.challenges.take(conn, cid, kind=kind, now=now)
         return ChallengeState(
             id=cid,
             signer_id=row.signer_id,
@@ -711,14 +561,8 @@ class Fido2Authenticator:
         challenge = assertion.response.client_data.challenge
         cid = challenge_id(challenge)
         state = await self._take_challenge(conn, cid, kind="authenticate", now=now)
-        if state.facility_id != facility_id:
-            raise InvalidRequest("the challenge was issued to another facility")
-        if state.credential_id != credential_id:
-            raise InvalidRequest("the challenge was issued for another credentialID")
-        expected = hashlib.sha256(binding).digest()
-        if len(challenge) != NONCE_BYTES + len(expected) or not hmac.compare_digest(
-            challenge[NONCE_BYTES:], expected
-        ):
+        check_issued_for(state, facility_id=facility_id, credential_id=credential_id)
+        if not approves(challenge, binding):
             raise InvalidRequest(
                 "the assertion does not approve this request: credentialID, hashes, "
                 "hashAlgorithmOID or numSignatures differ from authenticate/begin"
@@ -737,23 +581,7 @@ class Fido2Authenticator:
             )
         except ValueError as e:
             raise InvalidRequest(f"WebAuthn assertion refused: {e}") from e
-        auth_data: AuthenticatorData = assertion.response.authenticator_data
-        counter = int(auth_data.counter)
-        if not sign_count_ok(int(frow.sign_count), counter):
-            raise InvalidRequest(
-                f"WebAuthn assertion refused: sign count {counter} does not exceed "
-                f"{frow.sign_count} (cloned authenticator?)"
-            )
-        res = await conn.execute(
-            update(fido_credential)
-            .where(
-                fido_credential.c.id == frow.id,
-                fido_credential.c.sign_count == frow.sign_count,
-            )
-            .values(sign_count=counter, last_used_at=now)
-        )
-        if res.rowcount != 1:
-            raise InvalidRequest("WebAuthn assertion refused: sign count changed concurrently")
+        counter = await _count_signature(conn, frow, assertion.response.authenticator_data, now)
         return VerifiedPresence(
             signer_id=state.signer_id,
             fido_credential_id=frow.id,
@@ -761,51 +589,58 @@ class Fido2Authenticator:
             sign_count=counter,
         )
 
-    async def refused(
-        self,
-        *,
-        action: str,
-        caller: Caller,
-        signer_id: str | None,
-        reason: str,
-        challenge: str | None = None,
-        detail: Mapping[str, Any] | None = None,
-        now: datetime | None = None,
-    ) -> None:
-        """Record a refused ceremony in its own transaction and burn its challenge."""
-        now = now or self.clock()
-        async with self.db.write() as conn:
-            if challenge is not None:
-                await conn.execute(
-                    update(webauthn_challenge)
-                    .where(
-                        webauthn_challenge.c.id == challenge,
-                        webauthn_challenge.c.used_at.is_(None),
-                    )
-                    .values(used_at=now)
-                )
-            await self.audit.append(
-                conn,
-                action=action,
-                actor=caller.actor,
-                facility_code=caller.institution_code,
-                signer_id=signer_id,
-                detail={"reason": reason, **(detail or {})},
-                now=now,
-            )
 
-
-def _authenticator(r: Any) -> RegisteredAuthenticator:
-    return RegisteredAuthenticator(
-        id=r.id,
-        signer_id=r.signer_id,
-        credential_id=r.credential_id,
-        aaguid=r.aaguid,
-        label=r.label,
-        sign_count=int(r.sign_count),
-        created_at=r.created_at,
-        last_used_at=r.last_used_at,
+async def use_enrollment(conn: AsyncConnection, enrollment_id: int, *, now: datetime) -> None:
+    """The code registered what it was issued for (an authenticator, a card): it is used up."""
+    await conn.execute(
+        update(enrollment)
+        .where(enrollment.c.id == enrollment_id)
+        .values(status="used", used_at=now)
     )
+
+
+async def _authenticator_ids(conn: AsyncConnection, signer_id: str) -> list[str]:
+    """The WebAuthn credential ids (base64url) of the signer's authenticators."""
+    return list(
+        (
+            await conn.execute(
+                select(fido_credential.c.credential_id).where(
+                    fido_credential.c.signer_id == signer_id
+                )
+            )
+        ).scalars()
+    )
+
+
+def _descriptors(credential_ids: list[str]) -> list[PublicKeyCredentialDescriptor]:
+    return [
+        PublicKeyCredentialDescriptor(type=PublicKeyCredentialType.PUBLIC_KEY, id=websafe_decode(c))
+        for c in credential_ids
+    ]
+
+
+async def _count_signature(
+    conn: AsyncConnection, frow: Any, auth_data: AuthenticatorData, now: datetime
+) -> int:
+    """Store the assertion's sign count; it must grow (WebAuthn §6.1.1), and a concurrent
+    assertion of the same authenticator loses."""
+    counter = int(auth_data.counter)
+    if not sign_count_ok(int(frow.sign_count), counter):
+        raise InvalidRequest(
+            f"WebAuthn assertion refused: sign count {counter} does not exceed "
+            f"{frow.sign_count} (cloned authenticator?)"
+        )
+    res = await conn.execute(
+        update(fido_credential)
+        .where(
+            fido_credential.c.id == frow.id,
+            fido_credential.c.sign_count == frow.sign_count,
+        )
+        .values(sign_count=counter, last_used_at=now)
+    )
+    if res.rowcount != 1:
+        raise InvalidRequest("WebAuthn assertion refused: sign count changed concurrently")
+    return counter
 
 
 def _reason(e: BaseException) -> str:

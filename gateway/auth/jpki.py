@@ -30,7 +30,6 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
-import hmac
 import json
 import secrets
 from collections.abc import Mapping, Sequence
@@ -42,36 +41,28 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
-from sqlalchemy import delete, insert, select, update
+from sqlalchemy import insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from gateway.audit import AuditLog
-from gateway.auth.fido2 import (
-    NONCE_BYTES,
-    Caller,
-    Fido2Authenticator,
-    bound_challenge,
-    canonical_binding,
-    challenge_id,
+from gateway.auth import presence
+from gateway.auth.challenges import (
+    JPKI_CHALLENGES,
+    Approval,
+    approves,
+    check_issued_for,
+    enrollment_binding,
+    new_bound_challenge,
 )
+from gateway.auth.fido2 import Caller, Fido2Authenticator, use_enrollment
 from gateway.auth.jpki_revocation import JpkiRevocationSource
 from gateway.clock import Clock, system_clock
-from gateway.errors import AccessDenied, Conflict, GatewayError, InvalidRequest, NotFound
-from gateway.hsm.api import DigestAlgorithm
+from gateway.errors import AccessDenied, Conflict, GatewayError, InvalidRequest
 from gateway.signing.grant import PRESENCE_JPKI, Grant, IssuedSad
 from gateway.signing.ledger import SadLedger
-from gateway.signing.rules import require_may_sign
 from gateway.store.db import Database
-from gateway.store.schema import (
-    credential,
-    enrollment,
-    jpki_binding,
-    jpki_challenge,
-    sad,
-    signer,
-    signer_facility,
-)
+from gateway.store.schema import jpki_binding
 
 AUTH_DATA_ID = "jpki"
 MAX_CERT_BYTES = 8192
@@ -119,17 +110,7 @@ class JpkiLink:
     last_used_at: datetime | None
 
     def to_json_dict(self) -> dict[str, Any]:
-        return {
-            "id": self.id,
-            "signer_id": self.signer_id,
-            "issuer": self.issuer,
-            "serial": self.serial,
-            "spki_sha256": self.spki_sha256,
-            "not_after": self.not_after.isoformat(),
-            "label": self.label,
-            "created_at": self.created_at.isoformat(),
-            "last_used_at": self.last_used_at.isoformat() if self.last_used_at else None,
-        }
+        return presence.json_dict(self)
 
 
 def spki_sha256(cert: x509.Certificate) -> str:
@@ -212,8 +193,10 @@ def verify_card_signature(cert: x509.Certificate, challenge: bytes, signature: b
         ) from e
 
 
-class JpkiAuthenticator:
+class JpkiAuthenticator(presence.PresenceMethod):
     """Links, challenges and verification of My Number card authentication signatures."""
+
+    challenges = JPKI_CHALLENGES
 
     def __init__(
         self,
@@ -346,13 +329,7 @@ class JpkiAuthenticator:
                 )
             raise
         async with self.db.write() as conn:
-            srow = (
-                await conn.execute(select(signer.c.status).where(signer.c.id == signer_id))
-            ).one_or_none()
-            if srow is None:
-                raise NotFound(f"signer {signer_id} does not exist")
-            if srow.status != "active":
-                raise AccessDenied(f"signer {signer_id} is {srow.status}")
+            await presence.require_active_signer(conn, signer_id)
             link = await self._insert_link(
                 conn, signer_id=signer_id, checked=checked, label=label, now=now
             )
@@ -367,40 +344,18 @@ class JpkiAuthenticator:
         return link
 
     async def list_links(self, signer_id: str) -> list[JpkiLink]:
-        async with self.db.read() as conn:
-            rows = (
-                await conn.execute(
-                    select(jpki_binding)
-                    .where(jpki_binding.c.signer_id == signer_id)
-                    .order_by(jpki_binding.c.created_at)
-                )
-            ).all()
-        return [_link(r) for r in rows]
+        return [
+            presence.from_row(JpkiLink, r)
+            for r in await self._registrations(jpki_binding, signer_id)
+        ]
 
     async def unlink(self, signer_id: str, link_id: str, *, actor: str) -> None:
         """Remove a link and end every live SAD it approved (a lost card stops at once)."""
-        now = self.clock()
-        async with self.db.write() as conn:
-            res = await conn.execute(
-                delete(jpki_binding).where(
-                    jpki_binding.c.id == link_id, jpki_binding.c.signer_id == signer_id
-                )
-            )
-            if res.rowcount == 0:
-                raise NotFound(f"signer {signer_id} has no My Number card link {link_id}")
-            ended = await conn.execute(
-                update(sad)
-                .where(sad.c.fido_credential_id == link_id, sad.c.expires_at > now)
-                .values(expires_at=now)
-            )
-            await self.audit.append(
-                conn,
-                action="jpki.unlink",
-                actor=actor,
-                signer_id=signer_id,
-                detail={"link": link_id, "sads_ended": ended.rowcount},
-                now=now,
-            )
+        await self._remove_registration(
+            jpki_binding, link_id, signer_id, actor=actor, action="jpki.unlink",
+            detail_key="link",
+            not_found=f"signer {signer_id} has no My Number card link {link_id}",
+        )  # fmt: skip
 
     # -- enrolment by the doctor (code + password + proof of possession) ---------------------
 
@@ -413,22 +368,12 @@ class JpkiAuthenticator:
         )
         async with self.db.write() as conn:
             row = await self.fido2.take_checked_enrollment(conn, code=code, caller=caller, now=now)
-            binding = json.dumps({"enrollment": row.id}, sort_keys=True).encode()
-            challenge = bound_challenge(secrets.token_bytes(NONCE_BYTES), binding)
-            cid = challenge_id(challenge)
-            await conn.execute(
-                insert(jpki_challenge).values(
-                    id=cid,
-                    kind="register",
-                    challenge=challenge,
-                    signer_id=row.signer_id,
-                    facility_id=caller.facility_id,
-                    enrollment_id=row.id,
-                    binding=binding.decode(),
-                    created_at=now,
-                    expires_at=now + self.challenge_ttl,
-                )
-            )
+            binding = enrollment_binding(row.id)
+            challenge = new_bound_challenge(binding)
+            cid = await self.put_challenge(
+                conn, challenge, kind="register", signer_id=row.signer_id, caller=caller,
+                binding=binding, now=now, enrollment_id=row.id,
+            )  # fmt: skip
         return _challenge_json(challenge, cid, self.challenge_ttl)
 
     async def register_complete(
@@ -440,13 +385,12 @@ class JpkiAuthenticator:
         label: str | None = None,
     ) -> JpkiLink:
         now = self.clock()
-        signer_id: str | None = None
         cid = authorization.challenge_id
-        try:
+        async with self.attempt("jpki.link.refused", caller, now=now, challenge=cid) as at:
             async with self.db.read() as conn:
                 row = await self.fido2.enrollment_for(conn, code=code, caller=caller, now=now)
-                signer_id = row.signer_id
-                state = await self._peek_challenge(conn, cid, kind="register", now=now)
+                at.signer_id = row.signer_id
+                state = await self.challenges.peek(conn, cid, kind="register", now=now)
             if state.enrollment_id != row.id or state.facility_id != caller.facility_id:
                 raise InvalidRequest("the challenge was issued for another enrollment code")
             verify_card_signature(
@@ -455,15 +399,11 @@ class JpkiAuthenticator:
             checked = await self.check_certificate(authorization.certificate, now)
             async with self.db.write() as conn:
                 row = await self.fido2.enrollment_for(conn, code=code, caller=caller, now=now)
-                await self._take_challenge(conn, cid, kind="register", now=now)
+                await self.challenges.take(conn, cid, kind="register", now=now)
                 link = await self._insert_link(
                     conn, signer_id=row.signer_id, checked=checked, label=label, now=now
                 )
-                await conn.execute(
-                    update(enrollment)
-                    .where(enrollment.c.id == row.id)
-                    .values(status="used", used_at=now)
-                )
+                await use_enrollment(conn, row.id, now=now)
                 await self.audit.append(
                     conn,
                     action="jpki.link",
@@ -473,112 +413,37 @@ class JpkiAuthenticator:
                     detail={**_link_detail(link, checked, how="enrollment"), "enrollment": row.id},
                     now=now,
                 )
-        except GatewayError as e:
-            await self.refused(
-                action="jpki.link.refused",
-                caller=caller,
-                signer_id=signer_id,
-                reason=e.description,
-                challenge=cid,
-                now=now,
-            )
-            raise
-        return link
+                return link
 
     # -- authentication ---------------------------------------------------------------------
 
-    async def authenticate_begin(
-        self,
-        *,
-        caller: Caller,
-        credential_id: str,
-        hashes: Sequence[bytes],
-        hash_algorithm_oid: str | None,
-        num_signatures: int,
-    ) -> dict[str, Any]:
+    async def authenticate_begin(self, *, caller: Caller, approval: Approval) -> dict[str, Any]:
+        """A card challenge that commits to exactly this approval."""
         now = self.clock()
+        credential_id = approval.credential_id
         if caller.facility_id is None:
             raise AccessDenied("My Number card authentication is relayed by facility certificates")
         async with self.db.write() as conn:
-            row = (
-                await conn.execute(
-                    select(credential.c.signer_id, credential.c.status, signer.c.status.label("s"))
-                    .select_from(
-                        credential.join(signer, signer.c.id == credential.c.signer_id).join(
-                            signer_facility, signer_facility.c.signer_id == signer.c.id
-                        )
-                    )
-                    .where(
-                        credential.c.id == credential_id,
-                        signer_facility.c.facility_id == caller.facility_id,
-                    )
-                )
-            ).one_or_none()
-            if row is None:
-                raise InvalidRequest("Invalid parameter credentialID")
-            if row.s != "active":
-                raise AccessDenied(f"signer {row.signer_id} is {row.s}")
-            if row.status != "active":
-                raise AccessDenied(f"credential {credential_id} is {row.status}")
+            signer_id = await presence.signer_of_credential(
+                conn, credential_id=credential_id, facility_id=caller.facility_id
+            )
             linked = (
                 await conn.execute(
-                    select(jpki_binding.c.id).where(jpki_binding.c.signer_id == row.signer_id)
+                    select(jpki_binding.c.id).where(jpki_binding.c.signer_id == signer_id)
                 )
             ).first()
             if linked is None:
                 raise InvalidRequest(
-                    f"signer {row.signer_id} has no linked My Number card: link one with "
+                    f"signer {signer_id} has no linked My Number card: link one with "
                     "`hpki-gateway signer link-jpki` or `hpki-gateway card enroll`"
                 )
-            binding = canonical_binding(
-                credential_id=credential_id,
-                hash_algorithm_oid=hash_algorithm_oid,
-                hashes=hashes,
-                num_signatures=num_signatures,
-            )
-            challenge = bound_challenge(secrets.token_bytes(NONCE_BYTES), binding)
-            cid = challenge_id(challenge)
-            await conn.execute(
-                insert(jpki_challenge).values(
-                    id=cid,
-                    kind="authenticate",
-                    challenge=challenge,
-                    signer_id=row.signer_id,
-                    facility_id=caller.facility_id,
-                    credential_id=credential_id,
-                    binding=binding.decode(),
-                    created_at=now,
-                    expires_at=now + self.challenge_ttl,
-                )
-            )
+            binding = approval.binding()
+            challenge = new_bound_challenge(binding)
+            cid = await self.put_challenge(
+                conn, challenge, kind="authenticate", signer_id=signer_id, caller=caller,
+                binding=binding, now=now, credential_id=credential_id,
+            )  # fmt: skip
         return _challenge_json(challenge, cid, self.challenge_ttl)
-
-    async def _peek_challenge(
-        self, conn: AsyncConnection, cid: str, *, kind: str, now: datetime
-    ) -> Any:
-        row = (
-            await conn.execute(select(jpki_challenge).where(jpki_challenge.c.id == cid))
-        ).one_or_none()
-        if row is None or row.kind != kind:
-            raise InvalidRequest("unknown challenge_id: call begin first")
-        if row.used_at is not None:
-            raise InvalidRequest("challenge was already used")
-        if row.expires_at <= now:
-            raise InvalidRequest("challenge expired")
-        return row
-
-    async def _take_challenge(
-        self, conn: AsyncConnection, cid: str, *, kind: str, now: datetime
-    ) -> Any:
-        row = await self._peek_challenge(conn, cid, kind=kind, now=now)
-        res = await conn.execute(
-            update(jpki_challenge)
-            .where(jpki_challenge.c.id == cid, jpki_challenge.c.used_at.is_(None))
-            .values(used_at=now)
-        )
-        if res.rowcount != 1:
-            raise InvalidRequest("challenge was already used")
-        return row
 
     async def precheck(
         self,
@@ -591,7 +456,7 @@ class JpkiAuthenticator:
     ) -> CheckedCertificate:
         """Everything that needs no write lock (and the network): run before the transaction."""
         async with self.db.read() as conn:
-            state = await self._peek_challenge(
+            state = await self.challenges.peek(
                 conn, authorization.challenge_id, kind="authenticate", now=now
             )
         _check_state(state, facility_id=facility_id, credential_id=credential_id, binding=binding)
@@ -610,7 +475,7 @@ class JpkiAuthenticator:
         now: datetime,
     ) -> JpkiPresence:
         """Inside the caller's write transaction: take the challenge, check the link."""
-        state = await self._take_challenge(
+        state = await self.challenges.take(
             conn, authorization.challenge_id, kind="authenticate", now=now
         )
         _check_state(state, facility_id=facility_id, credential_id=credential_id, binding=binding)
@@ -644,10 +509,7 @@ class JpkiAuthenticator:
         self,
         *,
         caller: Caller,
-        credential_id: str,
-        num_signatures: int,
-        hashes: Sequence[bytes],
-        hash_algorithm_oid: str | None,
+        approval: Approval,
         authorization: JpkiAuthorization,
         now: datetime | None = None,
     ) -> IssuedSad:
@@ -658,100 +520,66 @@ class JpkiAuthenticator:
         by the ledger, ``sad.refused`` here); a refused attempt burns its challenge.
         """
         now = now or self.clock()
-        if caller.facility_id is None or caller.institution_code is None:
-            raise AccessDenied("CSC methods are for facility client certificates")
-        facility_id = caller.facility_id
-        signer_id: str | None = None
-        try:
+        facility_id, _ = presence.facility_of(caller)
+        credential_id, hashes = approval.credential_id, approval.hashes
+        detail = {
+            "credential": credential_id,
+            "presence": PRESENCE_JPKI,
+            "hashes": [h.hex() for h in hashes],
+        }
+        refusal = self.attempt(
+            "sad.refused", caller, now=now, challenge=authorization.challenge_id, detail=detail
+        )
+        async with refusal as at:
             if not hashes:
                 raise InvalidRequest(
                     "Missing (or invalid type) parameter hashes: a My Number card approves "
                     "hashes (SCAL 2), not a signing session"
                 )
-            if hash_algorithm_oid is None:
+            if approval.hash_algorithm_oid is None:
                 raise InvalidRequest("Missing (or invalid type) parameter hashAlgorithmOID")
-            try:
-                algorithm = DigestAlgorithm.from_oid(hash_algorithm_oid)
-            except ValueError as e:
-                raise InvalidRequest(f"Invalid parameter hashAlgorithmOID: {e}") from e
-            if num_signatures != len(hashes):
-                raise InvalidRequest(
-                    "Invalid parameter numSignatures: must equal the number of hashes"
-                )
-            binding = canonical_binding(
-                credential_id=credential_id,
-                hash_algorithm_oid=hash_algorithm_oid,
-                hashes=hashes,
-                num_signatures=num_signatures,
+            algorithm = presence.check_bound_request(
+                hashes,
+                presence.hash_algorithm(approval.hash_algorithm_oid),
+                approval.num_signatures,
             )
+            binding = approval.binding()
             checked = await self.precheck(
-                authorization,
-                facility_id=facility_id,
-                credential_id=credential_id,
-                binding=binding,
-                now=now,
-            )
+                authorization, facility_id=facility_id, credential_id=credential_id,
+                binding=binding, now=now,
+            )  # fmt: skip
             async with self.db.write() as conn:
-                presence = await self.verify(
-                    conn,
-                    authorization,
-                    checked,
-                    facility_id=facility_id,
-                    credential_id=credential_id,
-                    binding=binding,
-                    now=now,
-                )
-                signer_id = presence.signer_id
-                await _check_signer(
-                    conn, facility_id=facility_id, credential_id=credential_id, now=now
-                )
+                card = await self.verify(
+                    conn, authorization, checked, facility_id=facility_id,
+                    credential_id=credential_id, binding=binding, now=now,
+                )  # fmt: skip
+                at.signer_id = card.signer_id
                 grant = Grant(
                     facility_id=facility_id,
-                    signer_id=presence.signer_id,
+                    signer_id=card.signer_id,
                     credential_id=credential_id,
                     hashes=tuple(bytes(h) for h in hashes),
                     hash_algorithm=algorithm,
-                    count=num_signatures,
+                    count=approval.num_signatures,
                     scal="2",
                     presence=PRESENCE_JPKI,
-                    presence_ref=presence.binding_id,
+                    presence_ref=card.binding_id,
                     ttl=self.sad_ttl,
                     evidence={
                         "presence": PRESENCE_JPKI,
-                        "jpki_link": presence.binding_id,
+                        "jpki_link": card.binding_id,
                         "jpki_serial": f"{checked.cert.serial_number:x}",
-                        "revocation": presence.revocation,
+                        "revocation": card.revocation,
                     },
                 )
-                return await self.ledger.issue(
-                    conn, grant, actor=caller.actor, facility_code=caller.institution_code, now=now
-                )
-        except GatewayError as e:
-            await self.refused(
-                action="sad.refused",
-                caller=caller,
-                signer_id=signer_id,
-                reason=e.description,
-                challenge=authorization.challenge_id,
-                detail={
-                    "credential": credential_id,
-                    "presence": PRESENCE_JPKI,
-                    "hashes": [h.hex() for h in hashes],
-                },
-                now=now,
-            )
-            raise
+                return await presence.issue_grant(conn, self.ledger, grant, caller=caller, now=now)
 
     async def abort(self, *, caller: Caller, challenge_id: str, reason: str) -> None:
         """The card client gave up after begin (PIN blocked, card pulled, ...): burn the
         challenge and audit why, so a refusal at the card leaves a record like any other."""
         now = self.clock()
         async with self.db.read() as conn:
-            row = (
-                await conn.execute(
-                    select(jpki_challenge).where(jpki_challenge.c.id == challenge_id)
-                )
-            ).one_or_none()
+            row = await self.challenges.find(conn, challenge_id)
         if row is None or row.facility_id != caller.facility_id:
             raise InvalidRequest("unknown challenge_id: call begin first")
         await self.refused(
@@ -764,81 +592,10 @@ class JpkiAuthenticator:
             now=now,
         )
 
-    async def refused(
-        self,
-        *,
-        action: str,
-        caller: Caller,
-        signer_id: str | None,
-        reason: str,
-        challenge: str | None = None,
-        detail: Mapping[str, Any] | None = None,
-        now: datetime | None = None,
-    ) -> None:
-        """Record a refusal in its own transaction and burn its challenge."""
-        now = now or self.clock()
-        async with self.db.write() as conn:
-            if challenge is not None:
-                await conn.execute(
-                    update(jpki_challenge)
-                    .where(jpki_challenge.c.id == challenge, jpki_challenge.c.used_at.is_(None))
-                    .values(used_at=now)
-                )
-            await self.audit.append(
-                conn,
-                action=action,
-                actor=caller.actor,
-                facility_code=caller.institution_code,
-                signer_id=signer_id,
-                detail={"reason": reason, **(detail or {})},
-                now=now,
-            )
-
-
-async def _check_signer(
-    conn: AsyncConnection, *, facility_id: int, credential_id: str, now: datetime
-) -> None:
-    """Invariant 1, read in the issuing transaction: active signer serving the facility,
-    active credential with a valid certificate (the same rules as every presence method)."""
-    row = (
-        await conn.execute(
-            select(
-                credential.c.signer_id,
-                credential.c.status,
-                credential.c.certificate_der,
-                signer.c.status.label("signer_status"),
-                signer_facility.c.facility_id,
-            )
-            .select_from(
-                credential.join(signer, signer.c.id == credential.c.signer_id).outerjoin(
-                    signer_facility,
-                    (signer_facility.c.signer_id == signer.c.id)
-                    & (signer_facility.c.facility_id == facility_id),
-                )
-            )
-            .where(credential.c.id == credential_id)
-        )
-    ).one_or_none()
-    if row is None:
-        raise InvalidRequest("Invalid parameter credentialID")
-    require_may_sign(
-        signer_id=row.signer_id,
-        signer_status=row.signer_status,
-        serves_facility=row.facility_id is not None,
-        credential_id=credential_id,
-        credential_status=row.status,
-        certificate_der=row.certificate_der,
-        now=now,
-    )
-
 
 def _check_state(state: Any, *, facility_id: int, credential_id: str, binding: bytes) -> None:
-    if state.facility_id != facility_id:
-        raise InvalidRequest("the challenge was issued to another facility")
-    if state.credential_id != credential_id:
-        raise InvalidRequest("the challenge was issued for another credentialID")
-    expected = hashlib.sha256(binding).digest()
-    if not hmac.compare_digest(bytes(state.challenge)[NONCE_BYTES:], expected):
+    check_issued_for(state, facility_id=facility_id, credential_id=credential_id)
+    if not approves(bytes(state.challenge), binding):
         raise InvalidRequest(
             "the card signature does not approve this request: credentialID, hashes, "
             "hashAlgorithmOID or numSignatures differ from authenticate/begin"
@@ -864,17 +621,3 @@ def _link_detail(link: JpkiLink, checked: CheckedCertificate, *, how: str) -> di
         "not_after": link.not_after.isoformat(),
         "revocation": checked.revocation,
     }
-
-
-def _link(r: Any) -> JpkiLink:
-    return JpkiLink(
-        id=r.id,
-        signer_id=r.signer_id,
-        issuer=r.issuer,
-        serial=r.serial,
-        spki_sha256=r.spki_sha256,
-        not_after=r.not_after,
-        label=r.label,
-        created_at=r.created_at,
-        last_used_at=r.last_used_at,
-    )

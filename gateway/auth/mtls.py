@@ -19,7 +19,6 @@ from typing import Any, Literal
 
 from sqlalchemy import Connection, bindparam, select, update
 
-from gateway.clock import system_clock
 from gateway.errors import AccessDenied
 from gateway.lifecycle.facilities import fingerprint
 from gateway.store.db import Database
@@ -139,9 +138,9 @@ def _date(d: datetime | None) -> str:
     return d.astimezone(UTC).isoformat(timespec="seconds") if d else "an unknown date"
 
 
-async def identify(db: Database, peer_der: bytes, *, now: datetime | None = None) -> ClientIdentity:
-    """Map the peer certificate to an active client, or raise AccessDenied saying why not."""
-    now = now or system_clock()
+async def identify(db: Database, peer_der: bytes, *, now: datetime) -> ClientIdentity:
+    """Map the peer certificate to an active client at ``now`` (the app's clock), or raise
+    AccessDenied saying why not."""
     fp = fingerprint(peer_der)
 
     row = await _reader(db).read(fp)

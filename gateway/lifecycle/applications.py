@@ -271,25 +271,10 @@ class ApplicationService:
     async def _submit(
         self, sub: Submission, who: Applicant, key: str | None, now: datetime
     ) -> tuple[dict[str, Any], bool]:
-        if key is not None and (
-            not key.strip() or len(key) > IDEMPOTENCY_KEY_MAX or not key.isprintable()
-        ):
-            raise InvalidRequest(
-                f"an idempotency key is 1-{IDEMPOTENCY_KEY_MAX} printable characters"
-            )
+        _check_idempotency_key(key)
         digest = sub.digest()
         if key is not None:
-            async with self.db.read() as conn:
-                earlier = (
-                    await conn.execute(
-                        select(application).where(
-                            and_(
-                                application.c.idempotency_scope == who.scope,
-                                application.c.idempotency_key == key,
-                            )
-                        )
-                    )
-                ).one_or_none()
+            earlier = await self._by_idempotency_key(who.scope, key)
             if earlier is not None:
                 return await self._replay(earlier, digest, who, key, now), False
         clean = self._validate(sub)
@@ -297,85 +282,20 @@ class ApplicationService:
             fac = await self._facility_in(conn, clean.institution_code)
             await self._check_applicant(conn, clean, who, fac)
             values = self._row_values(clean, fac)
-            open_rows = list(
-                (
-                    await conn.execute(
-                        select(application).where(
-                            and_(
-                                application.c.institution_code == clean.institution_code,
-                                application.c.status == OPEN,
-                            )
-                        )
-                    )
-                ).all()
-            )
-            supersedes = None
-            if clean.kind == "reapply":
-                if fac is None and not open_rows:
-                    raise NotFound(
-                        f"nothing to re-apply for: facility {clean.institution_code} is not "
-                        "registered and has no open application (apply as new, 新規)"
-                    )
-                if fac is None:
-                    # Re-applying before the first application was decided: its facility data.
-                    first = open_rows[0]
-                    values.update(
-                        facility_name=values["facility_name"] or first.facility_name,
-                        facility_kind=values["facility_kind"] or first.facility_kind,
-                    )
-            elif open_rows:
-                o = open_rows[0]
-                raise Conflict(
-                    f"application {o.request_id} ({o.kind}) for {clean.institution_code} is "
-                    "still open: an application is not changed or repeated, re-apply (再申請) "
-                    "with the reason in the remarks (備考)"
-                )
-            if not values["facility_name"] or values["facility_kind"] not in FACILITY_KINDS:
-                raise InvalidRequest(
-                    f"facility {clean.institution_code} is not registered: a new application "
-                    f"names the facility (facility_name) and its kind ({', '.join(FACILITY_KINDS)})"
-                )
+            open_rows = await _open_applications(conn, clean.institution_code)
+            _check_open(clean, fac, open_rows, values)
             request_id = await self._new_request_id(conn)
-            if open_rows and clean.kind == "reapply":
-                supersedes = open_rows[0].request_id
-                await conn.execute(
-                    update(application)
-                    .where(application.c.id == open_rows[0].id)
-                    .values(status="superseded", superseded_by=request_id, updated_at=now)
-                )
-            elif clean.kind == "reapply":
-                supersedes = (
-                    await conn.execute(
-                        select(application.c.request_id)
-                        .where(application.c.institution_code == clean.institution_code)
-                        .order_by(application.c.created_at.desc(), application.c.id.desc())
-                        .limit(1)
-                    )
-                ).scalar_one_or_none()
-            try:
-                await conn.execute(
-                    insert(application).values(
-                        request_id=request_id,
-                        status=OPEN,
-                        applicant=who.actor,
-                        via=who.via,
-                        vendor_id=who.vendor_id,
-                        supersedes=supersedes,
-                        idempotency_scope=who.scope if key is not None else None,
-                        idempotency_key=key,
-                        body_sha256=digest,
-                        created_at=now,
-                        updated_at=now,
-                        certificates="[]",
-                        **values,
-                    )
-                )
-            except IntegrityError as e:
-                # The same key committed by a concurrent request a moment ago.
-                raise Conflict(
-                    "an application with this idempotency key was submitted a moment ago: "
-                    "repeat the request to get it"
-                ) from e
+            supersedes = await _supersede(conn, clean, open_rows, request_id, now)
+            await _insert_application(
+                conn,
+                request_id=request_id,
+                who=who,
+                supersedes=supersedes,
+                key=key,
+                digest=digest,
+                values=values,
+                now=now,
+            )
             await self.audit.append(
                 conn,
                 action="application.submit",
@@ -393,6 +313,19 @@ class ApplicationService:
                 now=now,
             )
         return await self.get(request_id), True
+
+    async def _by_idempotency_key(self, scope: str, key: str) -> Any:
+        async with self.db.read() as conn:
+            return (
+                await conn.execute(
+                    select(application).where(
+                        and_(
+                            application.c.idempotency_scope == scope,
+                            application.c.idempotency_key == key,
+                        )
+                    )
+                )
+            ).one_or_none()
 
     async def _replay(
         self, earlier: Any, digest: str, who: Applicant, key: str, now: datetime
@@ -799,3 +732,124 @@ class ApplicationService:
                 )
             ).all()
             return [await self._view_in(conn, r) for r in rows]
+
+
+# -- the steps of a submission ------------------------------------------------------------------
+
+
+def _check_idempotency_key(key: str | None) -> None:
+    if key is not None and (
+        not key.strip() or len(key) > IDEMPOTENCY_KEY_MAX or not key.isprintable()
+    ):
+        raise InvalidRequest(f"an idempotency key is 1-{IDEMPOTENCY_KEY_MAX} printable characters")
+
+
+async def _open_applications(conn: AsyncConnection, institution_code: str) -> list[Any]:
+    return list(
+        (
+            await conn.execute(
+                select(application).where(
+                    and_(
+                        application.c.institution_code == institution_code,
+                        application.c.status == OPEN,
+                    )
+                )
+            )
+        ).all()
+    )
+
+
+def _check_open(clean: Submission, fac: Any, open_rows: list[Any], values: dict[str, Any]) -> None:
+    """One open application per facility: a new one waits, a re-application replaces it (and,
+    before the facility is registered, takes its facility data). ``values`` is completed."""
+    if clean.kind == "reapply":
+        if fac is None and not open_rows:
+            raise NotFound(
+                f"nothing to re-apply for: facility {clean.institution_code} is not "
+                "registered and has no open application (apply as new, 新規)"
+            )
+        if fac is None:
+            # Re-applying before the first application was decided: its facility data.
+            first = open_rows[0]
+            values.update(
+                facility_name=values["facility_name"] or first.facility_name,
+                facility_kind=values["facility_kind"] or first.facility_kind,
+            )
+    elif open_rows:
+        o = open_rows[0]
+        raise Conflict(
+            f"application {o.request_id} ({o.kind}) for {clean.institution_code} is "
+            "still open: an application is not changed or repeated, re-apply (再申請) "
+            "with the reason in the remarks (備考)"
+        )
+    if not values["facility_name"] or values["facility_kind"] not in FACILITY_KINDS:
+        raise InvalidRequest(
+            f"facility {clean.institution_code} is not registered: a new application "
+            f"names the facility (facility_name) and its kind ({', '.join(FACILITY_KINDS)})"
+        )
+
+
+async def _supersede(
+    conn: AsyncConnection,
+    clean: Submission,
+    open_rows: list[Any],
+    request_id: str,
+    now: datetime,
+) -> str | None:
+    """What a re-application supersedes: the open application (now ``superseded``), else the
+    facility's latest one; None for other kinds."""
+    if clean.kind != "reapply":
+        return None
+    if open_rows:
+        await conn.execute(
+            update(application)
+            .where(application.c.id == open_rows[0].id)
+            .values(status="superseded", superseded_by=request_id, updated_at=now)
+        )
+        return str(open_rows[0].request_id)
+    latest: str | None = (
+        await conn.execute(
+            select(application.c.request_id)
+            .where(application.c.institution_code == clean.institution_code)
+            .order_by(application.c.created_at.desc(), application.c.id.desc())
+            .limit(1)
+        )
+    ).scalar_one_or_none()
+    return latest
+
+
+async def _insert_application(
+    conn: AsyncConnection,
+    *,
+    request_id: str,
+    who: Applicant,
+    supersedes: str | None,
+    key: str | None,
+    digest: str,
+    values: dict[str, Any],
+    now: datetime,
+) -> None:
+    try:
+        await conn.execute(
+            insert(application).values(
+                request_id=request_id,
+                status=OPEN,
+                applicant=who.actor,
+                via=who.via,
+                vendor_id=who.vendor_id,
+                supersedes=supersedes,
+                idempotency_scope=who.scope if key is not None else None,
+                idempotency_key=key,
+                body_sha256=digest,
+                created_at=now,
+                updated_at=now,
+                certificates="[]",
+                **values,
+            )
+        )
+    except IntegrityError as e:
+        # The same key committed by a concurrent request a moment ago.
+        raise Conflict(
+            "an application with this idempotency key was submitted a moment ago: "
+            "repeat the request to get it"
+        ) from e

@@ -375,20 +375,38 @@ class FacilityRegistry:
                     f"facility {institution_code} stopped the service on "
                     f"{_iso(fac.status_changed_at)}: register a new application instead"
                 )
-            await conn.execute(
-                update(facility)
-                .where(facility.c.id == fac.id)
-                .values(status=status, status_reason=reason, status_changed_at=now)
-            )
-            await self.audit.append(
+            await self._change_in(
                 conn,
+                fac,
+                {"status": status, "status_reason": reason, "status_changed_at": now},
                 action=f"facility.{'suspend' if status == 'suspended' else 'resume'}",
                 actor=actor,
-                facility_code=institution_code,
                 detail={"reason": reason},
                 now=now,
             )
         return await self.get(institution_code)
+
+    async def _change_in(
+        self,
+        conn: AsyncConnection,
+        fac: Facility,
+        values: dict[str, Any],
+        *,
+        action: str,
+        actor: str,
+        detail: dict[str, Any],
+        now: datetime,
+    ) -> None:
+        """Change the facility's row and audit it, in the caller's transaction."""
+        await conn.execute(update(facility).where(facility.c.id == fac.id).values(**values))
+        await self.audit.append(
+            conn,
+            action=action,
+            actor=actor,
+            facility_code=fac.institution_code,
+            detail=detail,
+            now=now,
+        )
 
     async def link_dental(
         self, institution_code: str, dental_code: str, *, actor: str, now: datetime | None = None
@@ -407,14 +425,12 @@ class FacilityRegistry:
                     f"facility {institution_code} already has the dental code {fac.dental_code}"
                 )
             await self.ensure_code_free(conn, dental_code)
-            await conn.execute(
-                update(facility).where(facility.c.id == fac.id).values(dental_code=dental_code)
-            )
-            await self.audit.append(
+            await self._change_in(
                 conn,
+                fac,
+                {"dental_code": dental_code},
                 action="facility.link_dental",
                 actor=actor,
-                facility_code=institution_code,
                 detail={"dental_code": dental_code},
                 now=now,
             )
@@ -473,12 +489,12 @@ class FacilityRegistry:
                 values["payment_method"] = payment_method
             if not values:
                 raise InvalidRequest("nothing to change: give a policy or a contact address")
-            await conn.execute(update(facility).where(facility.c.id == fac.id).values(**values))
-            await self.audit.append(
+            await self._change_in(
                 conn,
+                fac,
+                values,
                 action="facility.policy",
                 actor=actor,
-                facility_code=institution_code,
                 detail={
                     "per_terminal": per_terminal,
                     "contact_email_set": contact_email is not None,

@@ -32,21 +32,17 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, delete, insert, or_, select, update
+from sqlalchemy import and_, insert, or_, select, update
 from sqlalchemy.exc import IntegrityError
 
+from gateway.auth import challenges as auth_challenges
 from gateway.clock import JST, days_left, jst_date
 from gateway.errors import GatewayError
 from gateway.lifecycle import mailer
 from gateway.lifecycle.certificates import ClientCertificateService
 from gateway.lifecycle.notice import jp_date
-from gateway.store.schema import (
-    jpki_challenge,
-    notification,
-    sad,
-    sad_hash,
-    webauthn_challenge,
-)
+from gateway.signing import ledger
+from gateway.store.schema import notification
 
 log = logging.getLogger("gateway.scheduler")
 
@@ -118,26 +114,13 @@ class Scheduler:
         return report
 
     async def purge_expired(self) -> dict[str, int]:
-        """Delete SADs and WebAuthn challenges that expired more than
+        """Delete SADs and challenges (WebAuthn, My Number card) that expired more than
         ``activation.purge_after_hours`` ago (idempotent; a live SAD never qualifies)."""
         now = self.clock()
         cutoff = now - timedelta(hours=self.settings.activation.purge_after_hours)
         async with self.db.write() as conn:
-            old_sads = select(sad.c.id).where(sad.c.expires_at < cutoff)
-            # sad_hash rows go with their SAD (ON DELETE CASCADE); deleted explicitly too, so
-            # the purge does not depend on the database enforcing foreign keys.
-            await conn.execute(delete(sad_hash).where(sad_hash.c.sad_id.in_(old_sads)))
-            sads = (await conn.execute(delete(sad).where(sad.c.expires_at < cutoff))).rowcount
-            challenges = (
-                await conn.execute(
-                    delete(webauthn_challenge).where(webauthn_challenge.c.expires_at < cutoff)
-                )
-            ).rowcount
-            challenges += (
-                await conn.execute(
-                    delete(jpki_challenge).where(jpki_challenge.c.expires_at < cutoff)
-                )
-            ).rowcount
+            sads = await ledger.purge_expired(conn, before=cutoff)
+            challenges = await auth_challenges.purge_expired(conn, before=cutoff)
             if sads or challenges:
                 await self.audit.append(
                     conn,
@@ -150,7 +133,7 @@ class Scheduler:
                     },
                     now=now,
                 )
-        return {"sads": int(sads), "challenges": int(challenges)}
+        return {"sads": sads, "challenges": challenges}
 
     async def claim_reminders(self) -> list[dict[str, Any]]:
         now = self.clock()

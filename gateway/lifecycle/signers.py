@@ -32,6 +32,7 @@ from gateway.pki import hpki
 from gateway.pki.csr import build_csr, public_key_matches
 from gateway.pki.issue import TEST_SIGN_CRL_URL, CertAndKey, issue_hpki_signer_cert
 from gateway.pki.load import parse_certificate, parse_pem_chain
+from gateway.store import signers as signer_store
 from gateway.store.db import Database
 from gateway.store.schema import credential, facility, signer, signer_facility
 
@@ -361,6 +362,16 @@ class SignerService:
                 )
             ids = list((await conn.execute(q)).scalars())
         return [await self.get(i) for i in ids]
+
+    async def facility_credentials(
+        self, facility_id: int, *, user_id: str | None = None, credential_id: str | None = None
+    ) -> list[Credential]:
+        """The credentials offered to a facility (CSC ``credentials/list`` and ``info``)."""
+        async with self.db.read() as conn:
+            rows = await signer_store.facility_credentials(
+                conn, facility_id, user_id=user_id, credential_id=credential_id
+            )
+        return [Credential.from_row(r) for r in rows]
 
     async def _only_credential(self, signer_id: str) -> Credential:
         s = await self.get(signer_id)

@@ -43,7 +43,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import Connection, bindparam, insert, select, update
+from sqlalchemy import Connection, bindparam, delete, insert, select, update
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -343,6 +343,38 @@ class SadLedger:
 
 
 _sad = sad  # the module-level name is shadowed by the ``sad`` parameters
+
+
+async def end_sads_of(conn: AsyncConnection, presence_ref: str, *, now: datetime) -> int:
+    """End every live SAD that ``presence_ref`` (an authenticator, a card link) approved: a
+    lost key or card must not keep signing through what it opened. Returns how many."""
+    res = await conn.execute(
+        update(_sad)
+        .where(_sad.c.fido_credential_id == presence_ref, _sad.c.expires_at > now)
+        .values(expires_at=now)
+    )
+    return int(res.rowcount)
+
+
+async def end_sessions(conn: AsyncConnection, facility_id: int, *, now: datetime) -> int:
+    """End the facility's live signing sessions (SCAL 1 SADs). Returns how many."""
+    res = await conn.execute(
+        update(_sad)
+        .where(_sad.c.facility_id == facility_id, _sad.c.scal == "1", _sad.c.expires_at > now)
+        .values(expires_at=now)
+    )
+    return int(res.rowcount)
+
+
+async def purge_expired(conn: AsyncConnection, *, before: datetime) -> int:
+    """Delete the SADs that expired before ``before``, with their hashes. Returns how many."""
+    old = select(_sad.c.id).where(_sad.c.expires_at < before)
+    # sad_hash rows go with their SAD (ON DELETE CASCADE); deleted explicitly too, so the purge
+    # does not depend on the database enforcing foreign keys.
+    await conn.execute(delete(sad_hash).where(sad_hash.c.sad_id.in_(old)))
+    res = await conn.execute(delete(_sad).where(_sad.c.expires_at < before))
+    return int(res.rowcount)
+
 
 # Statements of the hot path, built once: with bind parameters only, SQLAlchemy reuses their
 # memoized cache keys and compiled forms instead of rebuilding expressions per request.

@@ -1,6 +1,7 @@
 """Real browser: Debian Chromium driven by Playwright, CDP virtual authenticator, facility mTLS.
 
-The doctor enrols on the gateway's ``/enroll`` page (navigator.credentials.create with
+The doctor enrols on the gateway's ``/enroll`` page (the portal's enrolment page and its
+script: navigator.credentials.create with
 ``parseCreationOptionsFromJSON`` / ``toJSON``) and approves a signature on ``/approve``
 (navigator.credentials.get; the page checks the challenge commits to its hashes, then calls
 credentials/authorize and signatures/signHash). The browser presents the facility client
@@ -22,6 +23,7 @@ from cryptography.hazmat.primitives import hashes as h
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
 
+from gateway.api.portal.i18n import MESSAGES
 from tests.support.gateway import Server
 from tests.support.signing import b64, random_hashes, services
 
@@ -96,7 +98,7 @@ def test_enrol_and_approve_in_chromium(
             page.click("#submit")
             page.wait_for_selector("#status.ok, #status.error", timeout=15_000)
             status = page.text_content("#status") or ""
-            assert status.startswith("registered: "), status
+            assert status.startswith(MESSAGES["ja"]["enrol_done"]), status  # Japanese first
             creds = cdp.send(
                 "WebAuthn.getCredentials", {"authenticatorId": authenticator["authenticatorId"]}
             )["credentials"]

@@ -134,13 +134,21 @@ def test_registration_refusals(csc: Csc, sandbox: dict[str, Any], gateway: Serve
 
 
 def test_enroll_page_is_served_behind_mtls(csc: Csc) -> None:
+    """``/enroll`` serves the portal's enrolment page; its script registers the authenticator."""
     from tests.support.gateway import request
 
     r = request(csc.port, "GET", "/enroll", ctx=csc.ctx)
     assert r.status == 200
     assert r.headers["content-type"].startswith("text/html")
-    assert b"parseCreationOptionsFromJSON" in r.body
     assert "frame-ancestors 'none'" in r.headers["content-security-policy"]
+    portal = request(csc.port, "GET", "/portal/enrol", ctx=csc.ctx).body
+    form = r.body[r.body.index(b"<main>") : r.body.index(b"</main>")]
+    assert b'<form id="enroll"' in form and form in portal  # the portal's page, its form
+    assert b'<script src="/portal/static/enrol.js">' in r.body
+    script = request(csc.port, "GET", "/portal/static/enrol.js", ctx=csc.ctx)
+    assert script.status == 200
+    assert b"parseCreationOptionsFromJSON" in script.body
+    assert b"/auth/fido2/register/begin" in script.body
 
 
 def test_signing_session_policy(

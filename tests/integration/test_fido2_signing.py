@@ -26,7 +26,8 @@ from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
 from sqlalchemy import func, select, text
 
-from gateway.auth.fido2 import Caller, canonical_binding
+from gateway.auth.challenges import Approval, canonical_binding
+from gateway.auth.fido2 import Caller
 from gateway.errors import InvalidRequest
 from gateway.hsm.api import DigestAlgorithm
 from gateway.lifecycle.signers import SignerService
@@ -261,10 +262,12 @@ def test_authorize_refuses(
                     caller=Caller(
                         actor="test", facility_id=fid, institution_code=hospital["institution_code"]
                     ),
-                    credential_id=cred,
-                    hashes=hashes,
-                    hash_algorithm_oid=SHA256,
-                    num_signatures=2,
+                    approval=Approval(
+                        credential_id=cred,
+                        hashes=hashes,
+                        hash_algorithm_oid=SHA256,
+                        num_signatures=2,
+                    ),
                     now=datetime.now(UTC) - timedelta(seconds=case.challenge_age),
                 )
                 return options["publicKey"]  # type: ignore[no-any-return]

@@ -17,6 +17,7 @@ from sqlalchemy import Connection
 
 from gateway.audit import AuditLog
 from gateway.auth.mtls import identify
+from gateway.clock import system_clock
 from gateway.errors import AccessDenied, Conflict
 from gateway.hsm.api import DigestAlgorithm
 from gateway.lifecycle.facilities import FacilityRegistry
@@ -92,13 +93,13 @@ def test_registry_identity_and_audit(url: str) -> None:
             serial = await reg.register_certificate(
                 leaf.cert, institution_code="1310000011", actor="t"
             )
-            ident = await identify(db, der)
+            ident = await identify(db, der, now=system_clock())
             assert ident.institution_code == "1310000011"
             # The registry's part of a revocation (ClientCertificateService.revoke adds the CRL).
             async with db.write() as conn:
                 await reg.revoke_in(conn, serial, reason="test", actor="t", now=now)
             with pytest.raises(AccessDenied, match="revoked on"):
-                await identify(db, der)
+                await identify(db, der, now=system_clock())
             async with db.read() as conn:
                 report = await audit.verify(conn)
             assert report.ok and report.events == 3

@@ -8,9 +8,8 @@ from pathlib import Path
 import pytest
 
 from gateway.auth.activation import SigningSessionPolicy
+from gateway.auth.challenges import bound_challenge, canonical_binding
 from gateway.auth.fido2 import (
-    bound_challenge,
-    canonical_binding,
     code_hash,
     hash_password,
     new_enrollment_code,

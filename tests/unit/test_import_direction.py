@@ -84,3 +84,40 @@ def test_the_lower_layers_do_not_import_the_upper_ones() -> None:
                 if any(_under(name, u) for u in upper):
                     offenders.append(f"{_rel(path)}:{line}: imports {name}")
     assert offenders == []
+
+
+def _offenders(layers: tuple[str, ...], forbidden: tuple[str, ...]) -> list[str]:
+    found = []
+    for layer in layers:
+        target = GATEWAY / layer
+        paths = sorted(target.rglob("*.py")) if target.is_dir() else [target.with_suffix(".py")]
+        for path in paths:
+            if "migrations" in path.parts:
+                continue
+            for line, name in _imports(path):
+                if any(_under(name, f) for f in forbidden):
+                    found.append(f"{_rel(path)}:{line}: imports {name}")
+    return found
+
+
+def test_the_services_do_not_import_the_http_layer_or_the_wiring() -> None:
+    # api -> auth/signing/sign -> hsm/pki/store: the services know nothing of HTTP handlers,
+    # of the app that wires them, of the CLI or of the server.
+    services = ("auth", "signing", "sign", "verify", "lifecycle", "audit", "passwords")
+    upper = ("gateway.api", "gateway.app", "gateway.cli", "gateway.server")
+    assert _offenders(services, upper) == []
+
+
+def test_signing_does_not_import_how_presence_was_proved() -> None:
+    # The signing use case takes a Grant, whatever proved presence; auth/ builds Grants.
+    assert _offenders(("signing",), ("gateway.auth", "gateway.api")) == []
+
+
+def test_the_store_imports_no_service() -> None:
+    services = ("gateway.auth", "gateway.signing", "gateway.sign", "gateway.verify")
+    assert _offenders(("store",), services) == []
+
+
+def test_a_forbidden_import_is_seen() -> None:
+    # The scan itself: auth/ imports signing/, so forbidding it must find offenders.
+    assert _offenders(("auth",), ("gateway.signing",))

@@ -1,0 +1,212 @@
+"""Challenges of every presence method: the binding they commit to, and their stored state.
+
+A challenge that approves signing is ``nonce(16) || SHA-256(binding)``, where ``binding`` is
+the canonical JSON ``{"credentialID", "hashAlgorithmOID", "hashes": [sorted base64],
+"numSignatures"}`` (keys sorted, no whitespace; documented in docs/api-fido2-signing.md). A
+client can recompute the tail and see that the authenticator (FIDO2) or the card (JPKI) signs a
+commitment to its hashes; the server recomputes the binding from the authorize request and
+compares it in constant time.
+
+The state of a challenge is a row, single use and short-lived, in the table of its method
+(``webauthn_challenge``, ``jpki_challenge``); :class:`ChallengeStore` is the only code that
+reads or writes those tables: put, peek, take (atomically, once), burn (a refusal), purge (the
+scheduler).
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import json
+import secrets
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import Table, delete, insert, select, update
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from gateway.errors import InvalidRequest
+from gateway.store.schema import jpki_challenge, webauthn_challenge
+
+NONCE_BYTES = 16
+
+
+def canonical_binding(
+    *,
+    credential_id: str,
+    hash_algorithm_oid: str | None,
+    hashes: Sequence[bytes],
+    num_signatures: int,
+) -> bytes:
+    """The canonical JSON a challenge commits to (documented in docs/api-fido2-signing.md)."""
+    return json.dumps(
+        {
+            "credentialID": credential_id,
+            "hashAlgorithmOID": hash_algorithm_oid,
+            "hashes": sorted(base64.b64encode(h).decode("ascii") for h in hashes),
+            "numSignatures": num_signatures,
+        },
+        sort_keys=True,
+        separators=(",", ":"),
+        ensure_ascii=False,
+    ).encode("utf-8")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Approval:
+    """What a signer is asked to approve: ``num_signatures`` signatures with a credential,
+    over exactly ``hashes`` (SCAL 2) or, without hashes, a signing session (SCAL 1)."""
+
+    credential_id: str
+    hashes: Sequence[bytes]
+    hash_algorithm_oid: str | None
+    num_signatures: int
+
+    def binding(self) -> bytes:
+        return canonical_binding(
+            credential_id=self.credential_id,
+            hash_algorithm_oid=self.hash_algorithm_oid,
+            hashes=self.hashes,
+            num_signatures=self.num_signatures,
+        )
+
+
+def enrollment_binding(enrollment_id: int) -> bytes:
+    """What a register challenge commits to: the enrolment code it was issued for."""
+    return json.dumps({"enrollment": enrollment_id}, sort_keys=True).encode()
+
+
+def bound_challenge(nonce: bytes, binding: bytes) -> bytes:
+    """``nonce || SHA-256(binding)``: 48 bytes with a 16-byte nonce."""
+    return nonce + hashlib.sha256(binding).digest()
+
+
+def new_bound_challenge(binding: bytes) -> bytes:
+    return bound_challenge(secrets.token_bytes(NONCE_BYTES), binding)
+
+
+def approves(challenge: bytes, binding: bytes) -> bool:
+    """Whether ``challenge`` commits to ``binding`` (constant time)."""
+    expected = hashlib.sha256(binding).digest()
+    return len(challenge) == NONCE_BYTES + len(expected) and hmac.compare_digest(
+        challenge[NONCE_BYTES:], expected
+    )
+
+
+def challenge_id(challenge: bytes) -> str:
+    """Primary key of the challenge state, found again from the challenge in the response."""
+    return hashlib.sha256(challenge).hexdigest()
+
+
+def check_issued_for(state: Any, *, facility_id: int, credential_id: str) -> None:
+    """An authenticate challenge is answered for the facility and credential it was issued to."""
+    if state.facility_id != facility_id:
+        raise InvalidRequest("the challenge was issued to another facility")
+    if state.credential_id != credential_id:
+        raise InvalidRequest("the challenge was issued for another credentialID")
+
+
+class ChallengeStore:
+    """The stored state of one presence method's challenges (one table)."""
+
+    def __init__(
+        self,
+        table: Table,
+        *,
+        unknown: str,
+        required: Sequence[str] = (),
+        keeps_challenge: bool = False,
+    ) -> None:
+        self.table = table
+        self.unknown = unknown  # the answer for an id that was never issued (or of another kind)
+        self.required = tuple(required)  # columns a usable row has filled
+        # The card signs the challenge bytes themselves, verified against the stored copy;
+        # WebAuthn's client data carries the challenge, python-fido2's state keeps it.
+        self.keeps_challenge = keeps_challenge
+
+    async def put(
+        self,
+        conn: AsyncConnection,
+        challenge: bytes,
+        *,
+        kind: str,
+        signer_id: str,
+        facility_id: int | None,
+        binding: bytes,
+        now: datetime,
+        ttl: timedelta,
+        **columns: Any,
+    ) -> str:
+        """Store a new challenge (in the caller's transaction); returns its id."""
+        cid = challenge_id(challenge)
+        if self.keeps_challenge:
+            columns["challenge"] = challenge
+        await conn.execute(
+            insert(self.table).values(
+                id=cid,
+                kind=kind,
+                signer_id=signer_id,
+                facility_id=facility_id,
+                binding=binding.decode(),
+                created_at=now,
+                expires_at=now + ttl,
+                **columns,
+            )
+        )
+        return cid
+
+    async def find(self, conn: AsyncConnection, cid: str) -> Any:
+        """The row, used or not (None when there is none)."""
+        c = self.table.c
+        return (await conn.execute(select(self.table).where(c.id == cid))).one_or_none()
+
+    async def peek(self, conn: AsyncConnection, cid: str, *, kind: str, now: datetime) -> Any:
+        """The row of an unused, unexpired challenge of ``kind``, or refuse saying why."""
+        row = await self.find(conn, cid)
+        if row is None or row.kind != kind or any(getattr(row, n) is None for n in self.required):
+            raise InvalidRequest(self.unknown)
+        if row.used_at is not None:
+            raise InvalidRequest("challenge was already used")
+        if row.expires_at <= now:
+            raise InvalidRequest("challenge expired")
+        return row
+
+    async def take(self, conn: AsyncConnection, cid: str, *, kind: str, now: datetime) -> Any:
+        """:meth:`peek`, then mark it used: single use, atomic (a racing take finds it used)."""
+        row = await self.peek(conn, cid, kind=kind, now=now)
+        c = self.table.c
+        res = await conn.execute(
+            update(self.table).where(c.id == cid, c.used_at.is_(None)).values(used_at=now)
+        )
+        if res.rowcount != 1:
+            raise InvalidRequest("challenge was already used")
+        return row
+
+    async def burn(self, conn: AsyncConnection, cid: str, *, now: datetime) -> None:
+        """Use up a challenge whose ceremony was refused (no second try with the same one)."""
+        c = self.table.c
+        await conn.execute(
+            update(self.table).where(c.id == cid, c.used_at.is_(None)).values(used_at=now)
+        )
+
+    async def purge(self, conn: AsyncConnection, *, before: datetime) -> int:
+        """Delete the challenges that expired before ``before``; returns how many."""
+        res = await conn.execute(delete(self.table).where(self.table.c.expires_at < before))
+        return int(res.rowcount)
+
+
+WEBAUTHN_CHALLENGES = ChallengeStore(
+    webauthn_challenge, unknown="unknown challenge: call begin first", required=("fido2_state",)
+)
+JPKI_CHALLENGES = ChallengeStore(
+    jpki_challenge, unknown="unknown challenge_id: call begin first", keeps_challenge=True
+)
+ALL = (WEBAUTHN_CHALLENGES, JPKI_CHALLENGES)
+
+
+async def purge_expired(conn: AsyncConnection, *, before: datetime) -> int:
+    """Every presence method's challenges that expired before ``before`` (the scheduler)."""
+    return sum([await store.purge(conn, before=before) for store in ALL])
