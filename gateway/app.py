@@ -21,6 +21,7 @@ from gateway.api import (
     jpki,
     openapi,
     portal,
+    scenario_stand_ins,
     scenarios,
     selfservice,
     sign_doc,
@@ -134,6 +135,7 @@ def make_signers(
             list(pki.hpki_trust_anchors),
             crl_url=pki.test_crl_url,
             ocsp_url=pki.test_ocsp_url,
+            ca_issuers_url=pki.test_ca_issuers_url,
         )
     anchors = load_certificate_files(pki.hpki_trust_anchors)
     intermediates = load_certificate_files(pki.hpki_intermediates)
@@ -310,9 +312,9 @@ def create_app(
     async def store_ctx(app: web.Application) -> AsyncIterator[None]:
         from gateway.store.db import head_revision
 
-        services = build_services(
-            settings, keystore=keystore or make_keystore(settings), clock=clock
-        )
+        # In a sandbox, the key store fails on the hsm_unavailable scenario (no-op otherwise).
+        ks = scenario_stand_ins.scenario_keystore(settings, keystore or make_keystore(settings))
+        services = build_services(settings, keystore=ks, clock=clock)
         db = services.db
         current = await db.current_revision()
         if current != head_revision():
@@ -354,7 +356,8 @@ def create_app(
     async def signing_ctx(app: web.Application) -> AsyncIterator[None]:
         from gateway.sign.setup import trust_config, tsa_client
 
-        tsa = tsa_client(settings)  # one HTTP session per worker
+        # One HTTP session per worker; in a sandbox, failing on the tsa_down/tsa_slow scenarios.
+        tsa = scenario_stand_ins.scenario_tsa(settings, tsa_client(settings))
         app[SIGNING] = make_signing(
             settings,
             db=app[DB],

@@ -34,6 +34,7 @@ from gateway.sandbox import testworld
 from gateway.sandbox.hpki_cards import build_hpki_cards
 from gateway.sandbox.jpki import build_cards, build_jpki_ca, jpki_settings_toml
 from gateway.sandbox.ocsp import OCSP_PATH
+from gateway.sandbox.publish import ca_certificates, ca_issuers_url
 from gateway.sandbox.tsa import CRL_PATH
 
 if TYPE_CHECKING:
@@ -134,9 +135,10 @@ hpki_intermediates = ["pki/hpki-signing-ca.pem"]
 test_ca_cert = "pki/hpki-signing-ca.pem"
 test_ca_key = "pki/hpki-signing-ca.key"
 test_crl_url = "http://127.0.0.1:{tsa_port}/crl/hpki-signing-ca.crl"
-# The TEST OCSP responder runs at http://127.0.0.1:{tsa_port}/ocsp (manifest: ocsp_urls); its URL
-# is not written in the signer certificates' AIA (pki.test_ocsp_url): poppler's pdfsig (NSS)
-# rejects the sandbox's certificates once they name it.
+# Written in the AIA of every signer certificate the TEST CA issues; `serve` runs the TEST OCSP
+# responder and publishes the CA certificates there (manifest: ocsp_urls, ca_issuers_urls).
+test_ocsp_url = "http://127.0.0.1:{tsa_port}/ocsp"
+test_ca_issuers_url = "http://127.0.0.1:{tsa_port}/ca/hpki-signing-ca.cer"
 facility_ca_cert = "pki/facility-client-ca.pem"
 facility_ca_key = "pki/facility-client-ca.key"
 crl_files = ["pki/hpki-signing-ca.crl", "pki/hpki-root.crl"]
@@ -243,6 +245,11 @@ async def init_sandbox(
             for p in sorted(pki.glob("*.crl"))
         },
         "ocsp_urls": {"hpki-signing-ca": f"{pki_base_url(tsa_port)}{OCSP_PATH}"},
+        # Where `serve` publishes each CA certificate (DER), the AIA caIssuers URLs.
+        "ca_issuers_urls": {
+            name: ca_issuers_url(pki_base_url(tsa_port), name)
+            for name in sorted(Path(n).stem for n in ca_certificates(pki))
+        },
         # Signed e-prescriptions and dispensing results, one per level (ES-BES .. ES-A).
         "samples": seeded["samples"],
         "outbox": str(d / "outbox"),
@@ -278,7 +285,10 @@ def _write_pki(d: Path, now: datetime, *, pki_url: str) -> CertAndKey:
     pki.mkdir(exist_ok=True)
     root = testworld.make_hpki_root(now=now)
     sign_ca = testworld.make_hpki_signing_ca(
-        root, now=now, crl_url=f"{pki_url}{CRL_PATH}/hpki-root.crl"
+        root,
+        now=now,
+        crl_url=f"{pki_url}{CRL_PATH}/hpki-root.crl",
+        ca_issuers_url=ca_issuers_url(pki_url, "hpki-root"),
     )
     client_ca = testworld.make_client_ca(now=now)
     server_ca = testworld.make_server_ca(now=now)

@@ -1,0 +1,186 @@
+"""The sandbox's signer certificates name its OCSP responder and their issuer's certificate in
+the AIA, and ``serve`` answers at both URLs: verifiers nobody here wrote check revocation
+against the sandbox alone. ``openssl ocsp`` asks the AIA URL; ``pdfsig`` (poppler, NSS) checks
+a PAdES the gateway signed, asks that responder by itself, and follows the OCSP scenarios."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import shutil
+import subprocess
+import urllib.request
+from collections.abc import Iterator
+from io import BytesIO
+from pathlib import Path
+from typing import Any
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.x509.oid import AuthorityInformationAccessOID
+
+from tests.support.gateway import Server, client_context, request
+from tests.support.signing import Csc, b64
+
+pytestmark = [pytest.mark.tls, pytest.mark.hsm]
+
+
+def _require(*tools: str) -> None:
+    for tool in tools:
+        if shutil.which(tool) is None:
+            raise RuntimeError(f"{tool} is not installed: run `make test` (scripts/bootstrap.sh)")
+
+
+def _aia(cert: x509.Certificate) -> dict[str, list[str]]:
+    ext = cert.extensions.get_extension_for_class(x509.AuthorityInformationAccess).value
+    out: dict[str, list[str]] = {"ocsp": [], "ca_issuers": []}
+    for d in ext:
+        key = "ocsp" if d.access_method == AuthorityInformationAccessOID.OCSP else "ca_issuers"
+        out[key].append(str(d.access_location.value))
+    return out
+
+
+def _get(url: str) -> bytes:
+    with urllib.request.urlopen(url, timeout=10) as r:  # noqa: S310 - loopback test URL
+        assert r.headers["Content-Type"] == "application/pkix-cert"
+        body: bytes = r.read()
+        return body
+
+
+def _pem(path: str) -> x509.Certificate:
+    return x509.load_pem_x509_certificate(Path(path).read_bytes())
+
+
+@pytest.fixture(scope="module")
+def signed_pdf(
+    gateway: Server, hospital_ctx: Any, doctor: tuple[dict[str, Any], Any], tmp_path_factory: Any
+) -> tuple[Path, x509.Certificate]:
+    """A PAdES-B-B the gateway signed with the first doctor's key, and that doctor's
+    certificate (issued at `sandbox init` by the TEST signing CA)."""
+    from reportlab.pdfgen import canvas
+
+    buf = BytesIO()
+    c = canvas.Canvas(buf)
+    c.drawString(100, 750, "TEST prescription PDF (AIA)")
+    c.save()
+    pdf = buf.getvalue()
+    doc, auth = doctor
+    csc = Csc(gateway.port, hospital_ctx)
+    sad = csc.authorize(doc["credential_id"], [hashlib.sha256(pdf).digest()], auth)
+    r = csc.post(
+        "/csc/v2/signatures/signDoc",
+        {
+            "credentialID": doc["credential_id"],
+            "SAD": sad,
+            "documents": [
+                {"document": b64(pdf), "signature_format": "P", "conformance_level": "AdES-B-B"}
+            ],
+        },
+    )
+    assert r.status == 200, r.body
+    out = tmp_path_factory.mktemp("aia") / "signed.pdf"
+    out.write_bytes(base64.b64decode(r.json()["DocumentWithSignature"][0]))
+    info = csc.post("/csc/v2/credentials/info", {"credentialID": doc["credential_id"]})
+    cert = x509.load_der_x509_certificate(base64.b64decode(info.json()["cert"]["certificates"][0]))
+    return out, cert
+
+
+@pytest.fixture
+def switch(gateway: Server, sandbox: dict[str, Any]) -> Iterator[Any]:
+    a = sandbox["admin"]
+    ctx = client_context(sandbox["server_ca"], a["client_cert"], a["client_key"])
+
+    def post(path: str, body: dict[str, Any]) -> None:
+        r = request(gateway.port, "POST", path, ctx=ctx, json_body=body)
+        assert r.status == 200, r.body
+
+    yield lambda scenario, credential: post(
+        "/admin/scenarios", {"scenario": scenario, "credential": credential}
+    )
+    post("/admin/scenarios/reset", {})
+
+
+def test_the_certificates_name_the_served_ocsp_and_issuer_urls(
+    gateway: Server, sandbox: dict[str, Any], signed_pdf: tuple[Path, x509.Certificate]
+) -> None:
+    _, signer = signed_pdf
+    aia = _aia(signer)
+    assert aia["ocsp"] == [sandbox["ocsp_urls"]["hpki-signing-ca"]]
+    assert aia["ca_issuers"] == [sandbox["ca_issuers_urls"]["hpki-signing-ca"]]
+    ca = _pem(sandbox["hpki_intermediates"][0])
+    root = _pem(sandbox["hpki_trust_anchors"][0])
+    # The URL gives the issuer's certificate in DER, and that one names the root's.
+    served_ca = x509.load_der_x509_certificate(_get(aia["ca_issuers"][0]))
+    assert served_ca == ca
+    signer.verify_directly_issued_by(served_ca)
+    assert _aia(ca)["ca_issuers"] == [sandbox["ca_issuers_urls"]["hpki-root"]]
+    assert x509.load_der_x509_certificate(_get(sandbox["ca_issuers_urls"]["hpki-root"])) == root
+    # Every CA of the world is published, and only CAs.
+    assert {"hpki-root", "hpki-signing-ca", "tsa-ca", "facility-client-ca", "server-ca"} == set(
+        sandbox["ca_issuers_urls"]
+    )
+    for url in sandbox["ca_issuers_urls"].values():
+        cert = x509.load_der_x509_certificate(_get(url))
+        assert cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+
+
+def _openssl_ocsp(sandbox: dict[str, Any], cert: x509.Certificate, tmp: Path) -> str:
+    _require("openssl")
+    signer_pem = tmp / "signer.pem"
+    signer_pem.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    res = subprocess.run(
+        ["openssl", "ocsp", "-issuer", sandbox["hpki_intermediates"][0],
+         "-cert", str(signer_pem), "-url", _aia(cert)["ocsp"][0],
+         "-CAfile", sandbox["hpki_trust_anchors"][0], "-timeout", "10"],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    assert "Response verify OK" in res.stderr, res.stderr  # signature, nonce, signer chain
+    return res.stdout
+
+
+def test_openssl_ocsp_asks_the_aia_url(
+    gateway: Server, sandbox: dict[str, Any], signed_pdf: tuple[Path, x509.Certificate],
+    doctor: tuple[dict[str, Any], Any], switch: Any, tmp_path: Path,
+) -> None:  # fmt: skip
+    _, cert = signed_pdf
+    assert f"{tmp_path / 'signer.pem'}: good" in _openssl_ocsp(sandbox, cert, tmp_path)
+    switch("ocsp_revoked", doctor[0]["credential_id"])
+    out = _openssl_ocsp(sandbox, cert, tmp_path)
+    assert f"{tmp_path / 'signer.pem'}: revoked" in out and "keyCompromise" in out, out
+
+
+@pytest.fixture(scope="module")
+def nssdb(sandbox: dict[str, Any], tmp_path_factory: Any) -> str:
+    """An NSS database trusting the sandbox's TEST HPKI root, nothing else of the sandbox."""
+    _require("certutil", "pdfsig")
+    d = tmp_path_factory.mktemp("nss")
+    subprocess.run(["certutil", "-N", "-d", f"sql:{d}", "--empty-password"], check=True)
+    subprocess.run(
+        ["certutil", "-A", "-d", f"sql:{d}", "-n", "hpki-test-root", "-t", "CT,C,C",
+         "-i", sandbox["hpki_trust_anchors"][0]],
+        check=True,
+    )  # fmt: skip
+    return f"sql:{d}"
+
+
+def _pdfsig(pdf: Path, nssdb: str) -> str:
+    res = subprocess.run(
+        ["pdfsig", "-nssdir", nssdb, str(pdf)],
+        capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    return res.stdout + res.stderr
+
+
+def test_pdfsig_checks_revocation_against_the_sandbox_ocsp(
+    gateway: Server, signed_pdf: tuple[Path, x509.Certificate], nssdb: str,
+    doctor: tuple[dict[str, Any], Any], switch: Any,
+) -> None:  # fmt: skip
+    pdf, _ = signed_pdf
+    out = _pdfsig(pdf, nssdb)
+    assert "Signature is Valid." in out and "Certificate is Trusted." in out, out
+    # NSS asks the responder named in the AIA: the scenario makes it answer revoked.
+    switch("ocsp_revoked", doctor[0]["credential_id"])
+    out = _pdfsig(pdf, nssdb)
+    assert "Signature is Valid." in out and "Certificate has been Revoked." in out, out
