@@ -24,6 +24,7 @@ import socket
 import threading
 from collections.abc import Sequence
 from contextvars import ContextVar
+from typing import ClassVar
 
 from gateway.config import Settings
 from gateway.errors import HsmUnavailable
@@ -43,8 +44,8 @@ class _StandIn:
     """A loopback TCP port that never serves: bound only (connection refused), or listening
     without ever accepting (the client waits until its time-out). Made once per process."""
 
-    _lock = threading.Lock()
-    _sockets: dict[str, socket.socket] = {}
+    _lock: ClassVar[threading.Lock] = threading.Lock()
+    _sockets: ClassVar[dict[str, socket.socket]] = {}
 
     @classmethod
     def port(cls, kind: str) -> int:

@@ -33,9 +33,12 @@ async def cmd_sandbox_init(args: argparse.Namespace) -> int:
 
 
 async def cmd_sandbox_tsa(args: argparse.Namespace) -> int:
+    from gateway.logs import setup_logging
     from gateway.sandbox.tsa import run_forever
 
     settings = settings_of(args)
+    # The TEST services log what they answer (OCSP: one line per answer) as `serve` does.
+    setup_logging(settings.logging.level, settings.logging.format)
     if not args.with_parent:
         print(f"TEST TSA on {settings.timestamp.url} (Ctrl-C stops it)", file=sys.stderr)
         return await run_forever(settings)

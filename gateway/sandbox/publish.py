@@ -55,6 +55,7 @@ def add_ca_routes(app: web.Application, settings: Settings) -> None:
     pki = settings.pki
     if not settings.service.sandbox or pki.test_ca_cert is None:
         return
-    app[_CA_FILES] = ca_certificates(pki.test_ca_cert.parent)
+    files = ca_certificates(pki.test_ca_cert.parent)
+    app[_CA_FILES] = files
     app.router.add_get(CA_PATH + "/{name}", _ca)
-    log.info("TEST CA certificates at %s/: %s", CA_PATH, ", ".join(app[_CA_FILES]))
+    log.info("TEST CA certificates at %s/: %s", CA_PATH, ", ".join(files))

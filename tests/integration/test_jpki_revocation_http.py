@@ -66,14 +66,17 @@ def _card(sandbox: dict[str, Any], ca: CertAndKey) -> tuple[JpkiApplet, x509.Cer
     return applet, cert
 
 
-async def _refusals(config: str, signer_id: str) -> list[dict[str, Any]]:
+async def _refusals(config: str, credential_id: str) -> list[dict[str, Any]]:
+    """The ``sad.refused`` audit records of ``credential_id`` (the certificate checks run
+    before the card is matched to a signer: the record names the credential)."""
     async with services(config) as svc, svc.db.read() as conn:
         q = (
             select(audit_event)
-            .where(audit_event.c.action == "sad.refused", audit_event.c.signer_id == signer_id)
+            .where(audit_event.c.action == "sad.refused")
             .order_by(audit_event.c.seq)
         )
-        return [json.loads(r.detail) for r in (await conn.execute(q)).all()]
+        rows = [json.loads(r.detail) for r in (await conn.execute(q)).all()]
+    return [d for d in rows if d.get("credential") == credential_id]
 
 
 @pytest.fixture
@@ -107,7 +110,7 @@ def test_a_card_on_the_jpki_crl_is_refused_through_the_whole_flow(
     write_crl(Path(sandbox["dir"]), [revoked_cert.serial_number])
     # The main gateway keeps running the TEST services (TSA, CRLs, OCSP); this one only signs.
     env = {"HPKI_GATEWAY_TEST_TSA__ENABLED": "false", **crl_source}
-    refused_before = len(asyncio.run(_refusals(sandbox["config"], pharmacist["id"])))
+    refused_before = len(asyncio.run(_refusals(sandbox["config"], pharmacist["credential_id"])))
     with serving(Path(sandbox["config"]), env=env) as crl_gw:
         client = GatewayClient(
             url=f"https://localhost:{crl_gw.port}",
@@ -137,7 +140,8 @@ def test_a_card_on_the_jpki_crl_is_refused_through_the_whole_flow(
             approve(revoked, b"dispensing result 2")
     assert err.value.status == 403, err.value.body
     assert "the JPKI certificate is revoked" in err.value.description, err.value.body
-    refusals = asyncio.run(_refusals(sandbox["config"], pharmacist["id"]))
+    refusals = asyncio.run(_refusals(sandbox["config"], pharmacist["credential_id"]))
     assert len(refusals) == refused_before + 1
     assert "the JPKI certificate is revoked" in refusals[-1]["reason"], refusals[-1]
     assert f"{revoked_cert.serial_number:X} is revoked by" in refusals[-1]["reason"]
+    assert refusals[-1]["presence"] == "jpki"

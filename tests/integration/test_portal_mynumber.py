@@ -116,7 +116,7 @@ def test_link_status_per_signer(
 def test_the_status_page_names_the_card_as_a_presence_method(
     gateway: Server, sandbox: dict[str, Any], hospital_ctx: Any, tmp_path: Path
 ) -> None:
-    target = [s for s in sandbox["signers"] if s["role"] == "Medical Doctor"][0]
+    target = next(s for s in sandbox["signers"] if s["role"] == "Medical Doctor")
     links = json.loads(
         run_cli("signer", "jpki-links", target["id"], "-c", sandbox["config"], "--json").stdout
     )
