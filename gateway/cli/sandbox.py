@@ -20,6 +20,7 @@ async def cmd_sandbox_init(args: argparse.Namespace) -> int:
         force=args.force,
         tsa_port=args.tsa_port,
         store_url=args.store_url,
+        ocsp_in_aia=args.ocsp_in_aia,
     )
     emit(
         args,
@@ -95,6 +96,12 @@ def register(sub: Any) -> None:
         "--store-url",
         default=None,
         help="database URL instead of data/gateway.db (e.g. postgresql+asyncpg://...)",
+    )
+    p.add_argument(
+        "--ocsp-in-aia",
+        action="store_true",
+        help="name the TEST OCSP responder in the signer certificates' AIA (docs/sandbox.md: "
+        "pdfsig then cannot judge them)",
     )
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_sandbox_init)

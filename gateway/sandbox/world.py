@@ -103,7 +103,15 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def _settings_toml(port: int, tsa_port: int) -> str:
+def _settings_toml(port: int, tsa_port: int, *, ocsp_in_aia: bool = False) -> str:
+    ocsp_url = f"http://127.0.0.1:{tsa_port}/ocsp"
+    ocsp_line = (
+        f'test_ocsp_url = "{ocsp_url}"'
+        if ocsp_in_aia
+        # NSS (pdfsig) cannot verify OCSP answers under a CA with critical certificatePolicies
+        # (docs/sandbox.md): by default the responder is served but not named in the AIA.
+        else f'# test_ocsp_url = "{ocsp_url}"  (sandbox init --ocsp-in-aia)'
+    )
     return f"""\
 # hpki-gateway settings for the sandbox (verification environment).
 # Relative paths are relative to this file. Secrets are referenced by file, never inline.
@@ -135,10 +143,10 @@ hpki_intermediates = ["pki/hpki-signing-ca.pem"]
 test_ca_cert = "pki/hpki-signing-ca.pem"
 test_ca_key = "pki/hpki-signing-ca.key"
 test_crl_url = "http://127.0.0.1:{tsa_port}/crl/hpki-signing-ca.crl"
-# Written in the AIA of every signer certificate the TEST CA issues; `serve` runs the TEST OCSP
-# responder and publishes the CA certificates there (manifest: ocsp_urls, ca_issuers_urls).
-test_ocsp_url = "http://127.0.0.1:{tsa_port}/ocsp"
+# Written in the AIA of every signer certificate the TEST CA issues; `serve` publishes the CA
+# certificates and runs the TEST OCSP responder there (manifest: ca_issuers_urls, ocsp_urls).
 test_ca_issuers_url = "http://127.0.0.1:{tsa_port}/ca/hpki-signing-ca.cer"
+{ocsp_line}
 facility_ca_cert = "pki/facility-client-ca.pem"
 facility_ca_key = "pki/facility-client-ca.key"
 crl_files = ["pki/hpki-signing-ca.crl", "pki/hpki-root.crl"]
@@ -192,8 +200,11 @@ async def init_sandbox(
     tsa_port: int | None = None,
     clock: Clock = system_clock,
     store_url: str | None = None,
+    ocsp_in_aia: bool = False,
 ) -> dict[str, Any]:
-    """Build the world and return the manifest (also written to DIR/manifest.json)."""
+    """Build the world and return the manifest (also written to DIR/manifest.json).
+
+    ``ocsp_in_aia``: the signer certificates also name the TEST OCSP responder in their AIA."""
     from gateway.config import load_settings
 
     d = directory.resolve()
@@ -207,7 +218,7 @@ async def init_sandbox(
     # the URLs the TEST certificates name, so outside verifiers can check revocation.
     client_ca = _write_pki(d, now, pki_url=pki_base_url(tsa_port))
     jpki_port = _free_port()
-    toml = _settings_toml(port, tsa_port) + jpki_settings_toml(jpki_port)
+    toml = _settings_toml(port, tsa_port, ocsp_in_aia=ocsp_in_aia) + jpki_settings_toml(jpki_port)
     if store_url is not None:  # e.g. PostgreSQL, shared by several gateway instances
         toml = toml.replace(
             'url = "sqlite+aiosqlite:///data/gateway.db"', f"url = {json.dumps(store_url)}", 1

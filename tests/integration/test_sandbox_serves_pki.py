@@ -1,7 +1,6 @@
 """The test world serves itself: `serve` publishes every CRL at the distribution point its
-certificates name and runs the TEST OCSP responder their AIA names (the manifest lists both),
-so `hpki-gateway verify --fetch-crls --ocsp`, or any outside verifier, checks revocation
-against the sandbox alone (outside verifiers: test_sandbox_aia.py)."""
+certificates name (so `hpki-gateway verify --fetch-crls`, or any outside verifier, checks
+revocation against the sandbox alone) and runs the TEST OCSP responder the manifest lists."""
 
 from __future__ import annotations
 
@@ -48,7 +47,7 @@ def test_the_certificates_name_the_served_urls(sandbox: dict[str, Any]) -> None:
     assert [n.value for dp in dps for n in dp.full_name or []] == [sandbox["crl_urls"]["hpki-root"]]
 
 
-@pytest.mark.parametrize("flags", [["--fetch-crls"], ["--fetch-crls", "--ocsp"]])
+@pytest.mark.parametrize("flags", [["--fetch-crls"]])
 def test_verify_fetches_revocation_from_the_sandbox(
     gateway: Server, sandbox: dict[str, Any], flags: list[str], tmp_path: Path
 ) -> None:
@@ -61,7 +60,7 @@ def test_verify_fetches_revocation_from_the_sandbox(
     assert report["indication"] == "TOTAL-PASSED", report
     revocation = report["signatures"][0]["revocation"]
     assert revocation["status"] == "good", revocation
-    assert revocation["source"] == ("ocsp" if "--ocsp" in flags else "crl"), revocation
+    assert revocation["source"] == "crl", revocation
 
 
 def ocsp_status(sandbox: dict[str, Any]) -> str:

@@ -216,19 +216,6 @@ def test_a_slow_tsa_times_out(
     assert r.status == 200, r.body  # the SAD was given back
 
 
-def _verify_with_ocsp(sandbox: dict[str, Any]) -> dict[str, Any]:
-    from tests.support.gateway import run_cli
-
-    res = run_cli(
-        "verify", sandbox["samples"]["prescription"]["AdES-B-B"],
-        "--trust", sandbox["hpki_trust_anchors"][0],
-        "--intermediate", sandbox["hpki_intermediates"][0],
-        "--fetch-crls", "--ocsp", "--json", check=False,
-    )  # fmt: skip
-    report: dict[str, Any] = json.loads(res.stdout)
-    return report
-
-
 def test_ocsp_scenarios_change_what_the_test_responder_answers(
     gateway: Server, sandbox: dict[str, Any], switch: Any
 ) -> None:
@@ -238,21 +225,8 @@ def test_ocsp_scenarios_change_what_the_test_responder_answers(
     cred = next(s for s in sandbox["signers"] if s["role"] == "Medical Doctor")["credential_id"]
     switch("ocsp_revoked", credential=cred)
     assert ocsp_status(sandbox) == "revoked"
-    # A verifier following the certificate's AIA meets the same answer.
-    report = _verify_with_ocsp(sandbox)
-    sig = report["signatures"][0]
-    assert sig["revocation"]["status"] == "revoked" and sig["revocation"]["source"] == "ocsp", sig
-    assert (report["indication"], report["sub_indication"]) in (
-        ("INDETERMINATE", "REVOKED_NO_POE"),
-        ("TOTAL-FAILED", "REVOKED"),
-    ), report
     switch_off_all(gateway)
     switch("ocsp_unknown", credential=cred)
     assert ocsp_status(sandbox) == "unknown"
-    unknown = _verify_with_ocsp(sandbox)["signatures"][0]["revocation"]
-    assert unknown["status"] != "good" or unknown["source"] != "ocsp", unknown
     switch_off_all(gateway)
     assert ocsp_status(sandbox) == "good"
-    report = _verify_with_ocsp(sandbox)
-    assert report["indication"] == "TOTAL-PASSED", report
-    assert report["signatures"][0]["revocation"]["source"] == "ocsp", report
