@@ -241,24 +241,28 @@ class SigningService:
         try:
             key = GrantedKey(await self.keystore.get_key(spent.key_id), budget=len(jobs))
             chain = await self._chain(spent.credential_id)
-            results = [
-                await service.sign_document(
-                    key=key,
-                    chain=chain,
-                    signature_format=j.signature_format,
-                    conformance_level=j.conformance_level,
-                    envelope=j.envelope,
-                    document=j.document,
-                    document_digest=j.document_digest,
-                    profile=j.profile,
-                    csv_encoding=j.csv_encoding,
-                    eprescription_input=j.eprescription_input,
-                    tsa=self.tsa,
-                    now=now,
-                    policy=self.policy,
-                )
-                for j in jobs
-            ]
+            results = await service.all_or_none(
+                [
+                    functools.partial(
+                        service.sign_document,
+                        key=key,
+                        chain=chain,
+                        signature_format=j.signature_format,
+                        conformance_level=j.conformance_level,
+                        envelope=j.envelope,
+                        document=j.document,
+                        document_digest=j.document_digest,
+                        profile=j.profile,
+                        csv_encoding=j.csv_encoding,
+                        eprescription_input=j.eprescription_input,
+                        tsa=self.tsa,
+                        now=now,
+                        policy=self.policy,
+                    )
+                    for j in jobs
+                ],
+                limit=self.policy.parallel_documents,
+            )
         except BaseException as e:
             await self._refund(
                 caller,
