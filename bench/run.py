@@ -24,6 +24,8 @@ Builds a throwaway sandbox, then measures on the same SoftHSM key:
                                  runs in a process of its own)
   verify_eprescription_xl_per_s  long-term verification of the real ES-XL prescription in
   signxml_verify_per_s           process, beside signxml's XAdESVerifier (signature only)
+  jpki_authorize_per_s           credentials/authorize with the My Number card (OCSP answer
+  fido2_authorize_per_s          cached) and with FIDO2, 16 clients each, rounds interleaved
 Every signHash spends a hash-bound SCAL 2 SAD obtained beforehand through the real FIDO2
 ceremony (software authenticator); authorization is not timed. Results go to
 bench/results.json (flat keys, numbers). Targets (bench only, never asserted in tests): batch
@@ -65,6 +67,7 @@ NO_LIMITS = {"HPKI_GATEWAY_LIMITS__ENABLED": "false"}
 LEVEL_ROUNDS = int(os.environ.get("BENCH_LEVEL_ROUNDS", "3"))
 LEVEL_REQUESTS = int(os.environ.get("BENCH_LEVEL_REQUESTS", "10"))  # x20 documents
 JPKI_PER_CLIENT = int(os.environ.get("BENCH_JPKI_PER_CLIENT", "25"))
+AUTHORIZE_ROUNDS = int(os.environ.get("BENCH_AUTHORIZE_ROUNDS", "3"))
 
 
 def b64(d: bytes) -> str:
@@ -270,6 +273,51 @@ async def jpki_authorize_rate(
             await s.close()
 
 
+async def fido2_authorize_rate(
+    port: int, ctx: ssl.SSLContext, cred: str, auth: SoftAuthenticator
+) -> float:
+    """credentials/authorize with the FIDO2 authenticator measured as ``jpki_authorize_rate``
+    measures the card: 16 concurrent clients (one keep-alive connection each), each doing
+    begin -> the software authenticator signs -> authorize, JPKI_PER_CLIENT times."""
+    sessions = [
+        aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=ctx, limit=1))
+        for _ in range(SINGLE_CLIENTS)
+    ]
+    try:
+        clients = [Client(port, ctx, s) for s in sessions]
+
+        async def one(client: Client) -> None:
+            assert await client.authorize(cred, [os.urandom(32)], auth)
+
+        await one(clients[0])  # warm: connection
+
+        async def run(client: Client) -> None:
+            for _ in range(JPKI_PER_CLIENT):
+                await one(client)
+
+        start = time.perf_counter()
+        await asyncio.gather(*(run(c) for c in clients))
+        return SINGLE_CLIENTS * JPKI_PER_CLIENT / (time.perf_counter() - start)
+    finally:
+        for s in sessions:
+            await s.close()
+
+
+def authorize_interleaved(
+    port: int, ctx: ssl.SSLContext, cred: str, auth: SoftAuthenticator, card: Any, pin: str
+) -> dict[str, float]:
+    """My Number card and FIDO2 authorizations, rounds alternating (JPKI, FIDO2, ...) so that
+    load on the machine hits both alike; the median of each."""
+    jpki_rates, fido2_rates = [], []
+    for _ in range(AUTHORIZE_ROUNDS):
+        jpki_rates.append(asyncio.run(jpki_authorize_rate(port, ctx, cred, card, pin)))
+        fido2_rates.append(asyncio.run(fido2_authorize_rate(port, ctx, cred, auth)))
+    return {
+        "jpki_authorize_per_s": statistics.median(jpki_rates),
+        "fido2_authorize_per_s": statistics.median(fido2_rates),
+    }
+
+
 class _DirectCard:
     """The virtual My Number card as an in-process transport (no pcscd in the benchmark)."""
 
@@ -448,16 +496,17 @@ def main() -> int:
                 results[key] = asyncio.run(signdoc(srv.port, ctx, cred, auth, kind))
             print("signDoc e-prescription ES-T / ES-XL, interleaved ...", flush=True)
             results.update(levels_interleaved(srv.port, ctx, cred, auth))
-            print("credentials/authorize with the My Number card, 16 clients ...", flush=True)
+            print("credentials/authorize, My Number card vs FIDO2, 16 clients, interleaved ...",
+                  flush=True)  # fmt: skip
             from gateway.sandbox.jpki import load_card
 
             card_dir = d / "cards" / doc["id"]
             run_cli("signer", "link-jpki", doc["id"], "--cert", str(card_dir / "auth.pem"),
                     "-c", str(config))  # fmt: skip
             applet = load_card(card_dir, d / "jpki" / "test-jpki-ca.pem")
-            results["jpki_authorize_per_s"] = asyncio.run(
-                jpki_authorize_rate(
-                    srv.port, ctx, cred, _DirectCard(applet), (card_dir / "pin").read_text()
+            results.update(
+                authorize_interleaved(
+                    srv.port, ctx, cred, auth, _DirectCard(applet), (card_dir / "pin").read_text()
                 )
             )
             rss1 = rss_mb(worker_pids(srv))

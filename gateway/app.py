@@ -22,6 +22,7 @@ from gateway.api import (
     jpki,
     openapi,
     portal,
+    scenario_stand_ins,
     scenarios,
     selfservice,
     sign_doc,
@@ -132,6 +133,7 @@ def make_signers(
             list(pki.hpki_trust_anchors),
             crl_url=pki.test_crl_url,
             ocsp_url=pki.test_ocsp_url,
+            ca_issuers_url=pki.test_ca_issuers_url,
         )
     anchors = load_certificate_files(pki.hpki_trust_anchors)
     intermediates = load_certificate_files(pki.hpki_intermediates)
@@ -328,7 +330,12 @@ async def _store_ctx(app: web.Application, *, keystore: KeyStore | None) -> Asyn
 
     settings = app[SETTINGS]
     services = build_services(
-        settings, keystore=keystore or make_keystore(settings), clock=app[CLOCK]
+        settings,
+        # In a sandbox, the key store fails on the hsm_unavailable scenario (no-op otherwise).
+        keystore=scenario_stand_ins.scenario_keystore(
+            settings, keystore or make_keystore(settings)
+        ),
+        clock=app[CLOCK],
     )
     db = services.db
     current = await db.current_revision()
@@ -374,7 +381,8 @@ async def _signing_ctx(app: web.Application) -> AsyncIterator[None]:
     from gateway.sign.setup import trust_config, tsa_client
 
     settings = app[SETTINGS]
-    tsa = tsa_client(settings)  # one HTTP session per worker
+    # One HTTP session per worker; in a sandbox, failing on the tsa_down/tsa_slow scenarios.
+    tsa = scenario_stand_ins.scenario_tsa(settings, tsa_client(settings))
     app[SIGNING] = make_signing(
         settings,
         db=app[DB],

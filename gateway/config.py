@@ -121,6 +121,8 @@ class PkiSettings(_Section):
     issues (``serve`` publishes the CRL there). Unset: a placeholder URL nobody serves."""
     test_ocsp_url: str | None = None
     """Sandbox only: the OCSP responder named in their AIA (``serve`` runs the TEST responder)."""
+    test_ca_issuers_url: str | None = None
+    """Sandbox only: where their AIA says the issuing CA's certificate is (``serve`` serves it)."""
     facility_ca_cert: Path | None = None
     """The CA that issues facility client certificates (sandbox and self-run registries)."""
     facility_ca_key: Path | None = None

@@ -1,11 +1,19 @@
 """Failure scenarios of the sandbox: switch a facility (or one credential) into a failure and see
 the error a vendor's system receives, without breaking the TEST world for good.
 
-A scenario answers exactly as the gateway answers when the real failure happens: the same
-status, ``code`` and description (from the same error classes; the descriptions follow the
-texts of docs/api.md), before the handler runs, so nothing is signed and no SAD is spent.
-Revoking, expiring or suspending for real could not be reset (a revocation is final), which is
-why the sandbox overlays them instead.
+Two kinds, by what can be made to fail for one facility while the others go on:
+
+- **On the real component** (:data:`REAL_PATH`): ``tsa_down`` and ``tsa_slow`` send the
+  request's timestamp to a dead or a silent TCP port, ``hsm_unavailable`` makes the key store
+  fail (``api/scenario_stand_ins.py``); ``ocsp_revoked`` / ``ocsp_unknown`` change what the TEST
+  OCSP responder answers (``scenario_file.py``). The request goes through the handler as
+  usual: SADs are spent and given back, and the error comes from the code that meets the real
+  failure.
+- **Overlays** (facility certificate revoked / expired, facility suspended, enrolment locked,
+  signer without the role): revoking, expiring or suspending for real could not be reset (a
+  revocation is final), so these answer exactly as the gateway answers when the real failure
+  happens (same status, ``code`` and description, from the same error classes; the texts of
+  docs/api.md) before the handler runs: nothing is signed and no SAD is spent.
 
 Switched on per facility (``facility:<code>``) or per credential (``credential:<id>``) in the
 portal (``/portal/scenarios``) or the admin API (``/admin/scenarios``), kept in
@@ -16,7 +24,6 @@ middleware is not installed.
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -27,6 +34,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from gateway.api.keys import AUDIT, CLOCK, DB, SETTINGS, SIGNERS
 from gateway.api.middleware import IDENTITY, Handler, identity
+from gateway.api.scenario_stand_ins import HSM_UNAVAILABLE_TEXT, SWITCHED
 from gateway.api.schema import parse
 from gateway.auth.fido2 import LOCKED_TEXT
 from gateway.auth.mtls import ClientIdentity
@@ -34,17 +42,18 @@ from gateway.config import Settings
 from gateway.errors import (
     AccessDenied,
     GatewayError,
-    HsmUnavailable,
     InvalidRequest,
     RoleNotPermitted,
-    TsaTimeout,
-    TsaUnavailable,
 )
 from gateway.scenario_file import OCSP_SCENARIOS, active, save, serial_key
 
-__all__ = ["CATALOG", "Scenario", "routes", "scenario_effects"]
+__all__ = ["CATALOG", "REAL_PATH", "Scenario", "routes", "scenario_effects"]
 
 routes = web.RouteTableDef()
+
+
+#: Scenarios that make the real component fail (the others answer before the handler).
+REAL_PATH = frozenset({"tsa_down", "tsa_slow", "hsm_unavailable", "ocsp_revoked", "ocsp_unknown"})
 
 
 @dataclass(frozen=True)
@@ -125,19 +134,23 @@ CATALOG: dict[str, Scenario] = {
         ),
         Scenario(
             "tsa_down", "facility", _timestamped, 503, "tsa_unavailable",
-            "タイムスタンプ局が停止。B-T 以上の signDoc と /extend が 503 tsa_unavailable"
-            "（Retry-After: 30）「timestamp authority <url> is unreachable …; nothing was "
-            "signed」。B-B は署名できる。",
-            "The TSA is down: signDoc at B-T and above and /extend get 503 tsa_unavailable "
-            "(Retry-After: 30) \"timestamp authority <url> is unreachable ...; nothing was "
-            "signed\". B-B still signs.",
+            "タイムスタンプ局が停止。B-T 以上の signDoc と /extend のタイムスタンプ要求が接続を"
+            "拒否されるポートに送られ、503 tsa_unavailable（Retry-After: 30）「timestamp "
+            "authority <url> is unreachable (ClientConnectorError); nothing was signed」。"
+            "SAD は返却される。B-B は署名できる。",
+            "The TSA is down: the timestamp request of signDoc at B-T and above and of /extend "
+            "goes to a port that refuses connections: 503 tsa_unavailable (Retry-After: 30) "
+            "\"timestamp authority <url> is unreachable (ClientConnectorError); nothing was "
+            "signed\"; the SAD is given back. B-B still signs.",
         ),
         Scenario(
             "tsa_slow", "facility", _timestamped, 503, "tsa_timeout",
-            "タイムスタンプ局が応答しない。timestamp.timeout 秒待ってから 503 tsa_timeout"
-            "「timestamp authority <url> did not answer within <n> s; nothing was signed」。",
-            "The TSA is slow: after timestamp.timeout seconds, 503 tsa_timeout \"timestamp "
-            "authority <url> did not answer within <n> s; nothing was signed\".",
+            "タイムスタンプ局が応答しない。タイムスタンプ要求が応答しないポートに送られ、"
+            "timestamp.timeout 秒後に 503 tsa_timeout「timestamp authority <url> did not answer "
+            "within <n> s; nothing was signed」。SAD は返却される。",
+            "The TSA is slow: the timestamp request goes to a port that never answers; after "
+            "timestamp.timeout seconds, 503 tsa_timeout \"timestamp authority <url> did not "
+            "answer within <n> s; nothing was signed\"; the SAD is given back.",
         ),
         Scenario(
             "ocsp_revoked", "credential", _never, 200, "revoked",
@@ -156,10 +169,12 @@ CATALOG: dict[str, Scenario] = {
         ),
         Scenario(
             "hsm_unavailable", "facility", _keys, 503, "temporarily_unavailable",
-            "HSM が利用不可。signHash と signDoc が 503 temporarily_unavailable"
-            "（Retry-After: hsm.retry_after）「HSM token unavailable」。",
-            "The HSM is unavailable: signHash and signDoc get 503 temporarily_unavailable "
-            "(Retry-After: hsm.retry_after) \"HSM token unavailable\".",
+            "HSM が利用不可。signHash と signDoc の署名で鍵ストアが失敗し、503 "
+            "temporarily_unavailable（Retry-After: hsm.retry_after）"
+            f"「{HSM_UNAVAILABLE_TEXT}」。SAD は返却される。",
+            "The HSM is unavailable: the key store fails when signHash or signDoc signs: 503 "
+            "temporarily_unavailable (Retry-After: hsm.retry_after) "
+            f"\"{HSM_UNAVAILABLE_TEXT}\"; the SAD is given back.",
         ),
     )
 }  # fmt: skip
@@ -240,7 +255,6 @@ def _when(request: web.Request) -> str:
 async def _error(
     request: web.Request, scenario: Scenario, ident: ClientIdentity, body: dict[str, Any]
 ) -> GatewayError:
-    settings = request.app[SETTINGS]
     when = _when(request)
     match scenario.name:
         case "facility_certificate_revoked":
@@ -262,31 +276,7 @@ async def _error(
                 "hcRole Pharmacist may not sign a prescription document "
                 "(allowed: Medical Doctor, Dentist)"
             )
-        case "tsa_down":
-            return TsaUnavailable(
-                f"timestamp authority {settings.timestamp.url} is unreachable "
-                "(ClientConnectorError); nothing was signed"
-            )
-        case "tsa_slow":
-            timeout = settings.timestamp.timeout
-            await asyncio.sleep(timeout)  # the caller waits as long as for a slow TSA
-            return TsaTimeout(
-                f"timestamp authority {settings.timestamp.url} did not answer within "
-                f"{timeout:g} s; nothing was signed"
-            )
-        case "hsm_unavailable":
-            return HsmUnavailable("HSM token unavailable", retry_after=settings.hsm.retry_after)
     raise AssertionError(scenario.name)  # pragma: no cover - the catalog is closed
-
-
-def _needs_timestamp(path: str, body: dict[str, Any]) -> bool:
-    if path == "/extend":
-        return True
-    docs = body.get("documents")
-    if not isinstance(docs, list):
-        return False
-    return any(isinstance(d, dict) and d.get("conformance_level", "AdES-B-B") != "AdES-B-B"
-               for d in docs)  # fmt: skip
 
 
 @web.middleware
@@ -312,12 +302,16 @@ async def scenario_effects(request: web.Request, handler: Handler) -> web.Stream
     if isinstance(credential, str):
         switched |= set(data.get(f"credential:{credential}", []))
     for scenario in candidates:
-        if scenario.name not in switched:
-            continue
-        if scenario.name in ("tsa_down", "tsa_slow") and not _needs_timestamp(path, body):
-            continue
-        raise await _error(request, scenario, ident, body)
-    return await handler(request)
+        if scenario.name in switched and scenario.name not in REAL_PATH:
+            raise await _error(request, scenario, ident, body)
+    real = frozenset(s.name for s in candidates if s.name in switched and s.name in REAL_PATH)
+    if not real:
+        return await handler(request)
+    token = SWITCHED.set(real)  # seen by the TSA client and the key store of this request
+    try:
+        return await handler(request)
+    finally:
+        SWITCHED.reset(token)
 
 
 # -- admin API --------------------------------------------------------------------------------

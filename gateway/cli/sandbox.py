@@ -20,6 +20,7 @@ async def cmd_sandbox_init(args: argparse.Namespace) -> int:
         force=args.force,
         tsa_port=args.tsa_port,
         store_url=args.store_url,
+        ocsp_in_aia=args.ocsp_in_aia,
     )
     emit(
         args,
@@ -33,9 +34,12 @@ async def cmd_sandbox_init(args: argparse.Namespace) -> int:
 
 
 async def cmd_sandbox_tsa(args: argparse.Namespace) -> int:
+    from gateway.logs import setup_logging
     from gateway.sandbox.tsa import run_forever
 
     settings = settings_of(args)
+    # The TEST services log what they answer (OCSP: one line per answer) as `serve` does.
+    setup_logging(settings.logging.level, settings.logging.format)
     if not args.with_parent:
         print(f"TEST TSA on {settings.timestamp.url} (Ctrl-C stops it)", file=sys.stderr)
         return await run_forever(settings)
@@ -92,6 +96,12 @@ def register(sub: Any) -> None:
         "--store-url",
         default=None,
         help="database URL instead of data/gateway.db (e.g. postgresql+asyncpg://...)",
+    )
+    p.add_argument(
+        "--ocsp-in-aia",
+        action="store_true",
+        help="name the TEST OCSP responder in the signer certificates' AIA (docs/sandbox.md: "
+        "pdfsig then cannot judge them)",
     )
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_sandbox_init)

@@ -54,6 +54,7 @@ class TestIssuer:
     #: Where the sandbox serves this CA's CRL and its OCSP responder (written in each cert).
     crl_url: str | None = None
     ocsp_url: str | None = None
+    ca_issuers_url: str | None = None
 
     @classmethod
     def load(
@@ -64,6 +65,7 @@ class TestIssuer:
         *,
         crl_url: str | None = None,
         ocsp_url: str | None = None,
+        ca_issuers_url: str | None = None,
     ) -> TestIssuer:
         ca_cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
         key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
@@ -72,7 +74,14 @@ class TestIssuer:
         chain = [ca_cert]
         for p in anchors:
             chain.extend(parse_pem_chain(p.read_bytes()))
-        return cls(ca_cert=ca_cert, ca_key=key, chain=chain, crl_url=crl_url, ocsp_url=ocsp_url)
+        return cls(
+            ca_cert=ca_cert,
+            ca_key=key,
+            chain=chain,
+            crl_url=crl_url,
+            ocsp_url=ocsp_url,
+            ca_issuers_url=ca_issuers_url,
+        )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -220,6 +229,7 @@ class SignerService:
                 now=self.clock(),
                 crl_url=self.test_issuer.crl_url or TEST_SIGN_CRL_URL,
                 ocsp_url=self.test_issuer.ocsp_url,
+                ca_issuers_url=self.test_issuer.ca_issuers_url,
             )
             cert_der = cert.public_bytes(serialization.Encoding.DER)
             chain_pem = "".join(

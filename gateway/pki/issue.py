@@ -288,6 +288,7 @@ def issue_hpki_signer_cert(
     crl_url: str,
     organization_kanji: str | None = None,
     ocsp_url: str | None = None,
+    ca_issuers_url: str | None = None,
 ) -> x509.Certificate:
     """A doctor's signing certificate with the real MEDIS profile, for a key held elsewhere.
 
@@ -295,7 +296,8 @@ def issue_hpki_signer_cert(
     ``organization``), hcRole ``role``, critical policy and keyUsage as in HPKI.md §2.
     ``crl_url`` is the CRL distribution point: real HPKI certificates always carry one.
     ``ocsp_url`` adds an AIA extension naming that OCSP responder (real HPKI certificates have
-    none; it exercises the OCSP path of verification).
+    none; it exercises the OCSP path of verification); ``ca_issuers_url`` adds the AIA entry
+    naming where the issuing CA's certificate (DER) can be fetched.
     """
     now = aware(now)
     try:
@@ -351,18 +353,26 @@ def issue_hpki_signer_cert(
             critical=True,
         )
     )
-    if ocsp_url is not None:
-        builder = builder.add_extension(
-            x509.AuthorityInformationAccess(
-                [
-                    x509.AccessDescription(
-                        AuthorityInformationAccessOID.OCSP, x509.UniformResourceIdentifier(ocsp_url)
-                    )
-                ]
-            ),
-            critical=False,
-        )
+    aia = authority_information_access(ocsp_url=ocsp_url, ca_issuers_url=ca_issuers_url)
+    if aia is not None:
+        builder = builder.add_extension(aia, critical=False)
     return builder.sign(ca.key, hashes.SHA256())
+
+
+def authority_information_access(
+    *, ocsp_url: str | None = None, ca_issuers_url: str | None = None
+) -> x509.AuthorityInformationAccess | None:
+    """The AIA extension naming an OCSP responder and/or the issuer's certificate (None: no
+    URL given, no extension)."""
+    access = [
+        x509.AccessDescription(method, x509.UniformResourceIdentifier(url))
+        for method, url in (
+            (AuthorityInformationAccessOID.OCSP, ocsp_url),
+            (AuthorityInformationAccessOID.CA_ISSUERS, ca_issuers_url),
+        )
+        if url is not None
+    ]
+    return x509.AuthorityInformationAccess(access) if access else None
 
 
 def make_crl(

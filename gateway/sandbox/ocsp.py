@@ -112,6 +112,8 @@ class SandboxOcspResponder:
                     reason = entry.extensions.get_extension_for_class(x509.CRLReason).value.reason
                 except x509.ExtensionNotFound:
                     reason = None
+        # One line per answer: a tester (and the tests) can see which verifier asked what.
+        log.info("TEST OCSP: serial %X answered %s", serial, status.name.lower())
         builder = (
             ocsp.OCSPResponseBuilder()
             .add_response_by_hash(

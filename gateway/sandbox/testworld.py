@@ -30,6 +30,7 @@ from gateway.pki.issue import (
     TEST_SIGN_CRL_URL,
     CertAndKey,
     aki,
+    authority_information_access,
     aware,
     crl_distribution_points,
     issue_client_cert,
@@ -98,9 +99,14 @@ def make_hpki_root(*, now: dt.datetime) -> CertAndKey:
 
 
 def make_hpki_signing_ca(
-    root: CertAndKey, *, now: dt.datetime, crl_url: str = TEST_ROOT_ARL_URL
+    root: CertAndKey,
+    *,
+    now: dt.datetime,
+    crl_url: str = TEST_ROOT_ARL_URL,
+    ca_issuers_url: str | None = None,
 ) -> CertAndKey:
-    """A stand-in for HPKI-01-MedisSignCA2-forNonRepudiation, 10 years, issued by ``root``."""
+    """A stand-in for HPKI-01-MedisSignCA2-forNonRepudiation, 10 years, issued by ``root``;
+    ``ca_issuers_url`` adds an AIA entry naming where the root's certificate is served."""
     now = aware(now)
     key = new_key()
     name = x509.Name(
@@ -112,7 +118,7 @@ def make_hpki_signing_ca(
         ]
     )
     not_after = min(now + _CA_VALIDITY, root.cert.not_valid_after_utc)
-    cert = (
+    builder = (
         x509.CertificateBuilder()
         .subject_name(name)
         .issuer_name(root.cert.subject)
@@ -131,9 +137,11 @@ def make_hpki_signing_ca(
         )
         .add_extension(CA_KEY_USAGE, critical=True)
         .add_extension(crl_distribution_points(crl_url), critical=False)
-        .sign(root.key, hashes.SHA256())
     )
-    return CertAndKey(cert=cert, key=key)
+    aia = authority_information_access(ca_issuers_url=ca_issuers_url)
+    if aia is not None:
+        builder = builder.add_extension(aia, critical=False)
+    return CertAndKey(cert=builder.sign(root.key, hashes.SHA256()), key=key)
 
 
 def issue_ocsp_responder_cert(

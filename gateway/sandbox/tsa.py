@@ -179,6 +179,9 @@ def create_tsa_app(settings: Settings, *, clock: Clock = system_clock) -> web.Ap
         )
         add_ocsp_route(app, responder)
         log.info("TEST OCSP responder at %s, CRLs at %s/", OCSP_PATH, CRL_PATH)
+        from gateway.sandbox.publish import add_ca_routes
+
+        add_ca_routes(app, settings)
     return app
 
 

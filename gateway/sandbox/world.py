@@ -34,6 +34,7 @@ from gateway.sandbox import testworld
 from gateway.sandbox.hpki_cards import build_hpki_cards
 from gateway.sandbox.jpki import build_cards, build_jpki_ca, jpki_settings_toml
 from gateway.sandbox.ocsp import OCSP_PATH
+from gateway.sandbox.publish import ca_certificates, ca_issuers_url
 from gateway.sandbox.tsa import CRL_PATH
 
 if TYPE_CHECKING:
@@ -102,7 +103,15 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def _settings_toml(port: int, tsa_port: int) -> str:
+def _settings_toml(port: int, tsa_port: int, *, ocsp_in_aia: bool = False) -> str:
+    ocsp_url = f"http://127.0.0.1:{tsa_port}/ocsp"
+    ocsp_line = (
+        f'test_ocsp_url = "{ocsp_url}"'
+        if ocsp_in_aia
+        # NSS (pdfsig) cannot verify OCSP answers under a CA with critical certificatePolicies
+        # (docs/sandbox.md): by default the responder is served but not named in the AIA.
+        else f'# test_ocsp_url = "{ocsp_url}"  (sandbox init --ocsp-in-aia)'
+    )
     return f"""\
 # hpki-gateway settings for the sandbox (verification environment).
 # Relative paths are relative to this file. Secrets are referenced by file, never inline.
@@ -134,9 +143,10 @@ hpki_intermediates = ["pki/hpki-signing-ca.pem"]
 test_ca_cert = "pki/hpki-signing-ca.pem"
 test_ca_key = "pki/hpki-signing-ca.key"
 test_crl_url = "http://127.0.0.1:{tsa_port}/crl/hpki-signing-ca.crl"
-# The TEST OCSP responder runs at http://127.0.0.1:{tsa_port}/ocsp (manifest: ocsp_urls); its URL
-# is not written in the signer certificates' AIA (pki.test_ocsp_url): poppler's pdfsig (NSS)
-# rejects the sandbox's certificates once they name it.
+# Written in the AIA of every signer certificate the TEST CA issues; `serve` publishes the CA
+# certificates and runs the TEST OCSP responder there (manifest: ca_issuers_urls, ocsp_urls).
+test_ca_issuers_url = "http://127.0.0.1:{tsa_port}/ca/hpki-signing-ca.cer"
+{ocsp_line}
 facility_ca_cert = "pki/facility-client-ca.pem"
 facility_ca_key = "pki/facility-client-ca.key"
 crl_files = ["pki/hpki-signing-ca.crl", "pki/hpki-root.crl"]
@@ -190,8 +200,11 @@ async def init_sandbox(
     tsa_port: int | None = None,
     clock: Clock = system_clock,
     store_url: str | None = None,
+    ocsp_in_aia: bool = False,
 ) -> dict[str, Any]:
-    """Build the world and return the manifest (also written to DIR/manifest.json)."""
+    """Build the world and return the manifest (also written to DIR/manifest.json).
+
+    ``ocsp_in_aia``: the signer certificates also name the TEST OCSP responder in their AIA."""
     from gateway.config import load_settings
 
     d = directory.resolve()
@@ -205,7 +218,7 @@ async def init_sandbox(
     # the URLs the TEST certificates name, so outside verifiers can check revocation.
     client_ca = _write_pki(d, now, pki_url=pki_base_url(tsa_port))
     jpki_port = _free_port()
-    toml = _settings_toml(port, tsa_port) + jpki_settings_toml(jpki_port)
+    toml = _settings_toml(port, tsa_port, ocsp_in_aia=ocsp_in_aia) + jpki_settings_toml(jpki_port)
     if store_url is not None:  # e.g. PostgreSQL, shared by several gateway instances
         toml = toml.replace(
             'url = "sqlite+aiosqlite:///data/gateway.db"', f"url = {json.dumps(store_url)}", 1
@@ -243,6 +256,11 @@ async def init_sandbox(
             for p in sorted(pki.glob("*.crl"))
         },
         "ocsp_urls": {"hpki-signing-ca": f"{pki_base_url(tsa_port)}{OCSP_PATH}"},
+        # Where `serve` publishes each CA certificate (DER), the AIA caIssuers URLs.
+        "ca_issuers_urls": {
+            name: ca_issuers_url(pki_base_url(tsa_port), name)
+            for name in sorted(Path(n).stem for n in ca_certificates(pki))
+        },
         # Signed e-prescriptions and dispensing results, one per level (ES-BES .. ES-A).
         "samples": seeded["samples"],
         "outbox": str(d / "outbox"),
@@ -278,7 +296,10 @@ def _write_pki(d: Path, now: datetime, *, pki_url: str) -> CertAndKey:
     pki.mkdir(exist_ok=True)
     root = testworld.make_hpki_root(now=now)
     sign_ca = testworld.make_hpki_signing_ca(
-        root, now=now, crl_url=f"{pki_url}{CRL_PATH}/hpki-root.crl"
+        root,
+        now=now,
+        crl_url=f"{pki_url}{CRL_PATH}/hpki-root.crl",
+        ca_issuers_url=ca_issuers_url(pki_url, "hpki-root"),
     )
     client_ca = testworld.make_client_ca(now=now)
     server_ca = testworld.make_server_ca(now=now)

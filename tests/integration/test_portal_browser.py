@@ -25,7 +25,7 @@ from tests.support.signing import services
 
 pytestmark = [pytest.mark.tls, pytest.mark.hsm]
 
-PAGES = ["status", "enrol", "sign", "verify", "downloads", "scenarios", "api"]
+PAGES = ["status", "enrol", "enrol/mynumber", "sign", "verify", "downloads", "scenarios", "api"]
 UNLABELLED = """() => [...document.querySelectorAll(
     'input:not([type=hidden]), select, textarea')]
   .filter((el) => !(el.labels && el.labels.length) && !el.getAttribute('aria-label'))
@@ -89,7 +89,7 @@ def test_every_page_in_both_languages(
             assert (page.text_content("h1") or "").strip(), name
             assert page.locator("nav[aria-label]").count() == 1
             assert page.evaluate(UNLABELLED) == [], name
-            shot = _shots(tmp_path, f"{name}-{lang}")
+            shot = _shots(tmp_path, f"{name.replace('/', '-')}-{lang}")
             page.screenshot(path=str(shot), full_page=True)
             _publish(shot)
         heading = page.text_content("h1")

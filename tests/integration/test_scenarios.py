@@ -3,15 +3,19 @@ docs/sandbox.md documents, nothing else changes, and a reset brings the facility
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
+import json
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
 from gateway.auth.fido2 import LOCKED_TEXT
+from gateway.sign.samples import PRESCRIPTION_CSV
 from tests.support.gateway import Server, client_context, request
+from tests.support.signing import Csc
 
 pytestmark = [pytest.mark.tls, pytest.mark.hsm]
 
@@ -101,40 +105,83 @@ def _admin(admin_ctx: Any) -> None:
     _ADMIN["ctx"] = admin_ctx
 
 
-def test_signing_scenarios(
-    gateway: Server, hospital_ctx: Any, hospital: dict[str, Any], sandbox: dict[str, Any],
-    switch: Any,
-) -> None:  # fmt: skip
-    code = hospital["institution_code"]
-    doctor = next(s for s in sandbox["signers"] if s["role"] == "Medical Doctor")
-    cred = doctor["credential_id"]
+def _prescription(level: str, credential: str, sad: str) -> dict[str, Any]:
+    return {
+        "credentialID": credential,
+        "SAD": sad,
+        "documents": [
+            {"document": base64.b64encode(PRESCRIPTION_CSV).decode(), "signature_format": "X",
+             "profile": "jp-eprescription", "conformance_level": level}
+        ],
+    }  # fmt: skip
 
+
+async def _refunds(config: str, credential: str) -> int:
+    from sqlalchemy import select
+
+    from gateway.store.schema import audit_event
+    from tests.support.signing import services
+
+    async with services(config) as svc, svc.db.read() as conn:
+        q = select(audit_event.c.detail).where(audit_event.c.action == "signature.failed")
+        details = [json.loads(d) for d in (await conn.execute(q)).scalars()]
+    return sum(d.get("credential") == credential and d.get("refunded") is True for d in details)
+
+
+def test_tsa_and_hsm_scenarios_fail_on_the_signing_path(
+    gateway: Server, hospital_ctx: Any, hospital: dict[str, Any], sandbox: dict[str, Any],
+    doctor: Any, switch: Any,
+) -> None:  # fmt: skip
+    """A real SAD goes through the handler: it is spent, the TSA (or the key store) fails as
+    a dead one does, the SAD is given back, and after the reset the same SAD signs."""
+    code = hospital["institution_code"]
+    doc, auth = doctor
+    cred = doc["credential_id"]
+    csc = Csc(gateway.port, hospital_ctx)
+    digest = hashlib.sha256(PRESCRIPTION_CSV).digest()
+
+    sad = csc.authorize(cred, [digest], auth)
+    refunds = asyncio.run(_refunds(sandbox["config"], cred))
     switch("tsa_down", facility=code)
-    r = request(gateway.port, "POST", "/csc/v2/signatures/signDoc", ctx=hospital_ctx,
-                json_body=_sign_doc("AdES-B-T", cred))  # fmt: skip
+    r = csc.post("/csc/v2/signatures/signDoc", _prescription("AdES-B-T", cred, sad))
     assert r.status == 503 and r.json()["error"] == "tsa_unavailable", r.body
     assert r.headers["retry-after"] == "30"
-    assert "nothing was signed" in r.json()["error_description"]
-    # B-B needs no TSA: the request reaches the handler (which refuses the made-up SAD).
-    r = request(gateway.port, "POST", "/csc/v2/signatures/signDoc", ctx=hospital_ctx,
-                json_body=_sign_doc("AdES-B-B", cred))  # fmt: skip
-    assert r.json()["error"] != "tsa_unavailable", r.body
+    text = r.json()["error_description"]
+    # The real client's words about a refused connection, to the stand-in's address.
+    assert "/sandbox-scenario/tsa_down is unreachable (ClientConnectorError" in text, text
+    assert text.endswith("nothing was signed"), text
+    assert asyncio.run(_refunds(sandbox["config"], cred)) == refunds + 1  # the SAD came back
+    # B-B needs no TSA: with the scenario still on, it signs with the SAD given back.
+    r = csc.post("/csc/v2/signatures/signDoc", _prescription("AdES-B-B", cred, sad))
+    assert r.status == 200, r.body
     switch_off_all(gateway)
+    sad = csc.authorize(cred, [digest], auth)
+    r = csc.post("/csc/v2/signatures/signDoc", _prescription("AdES-B-T", cred, sad))
+    assert r.status == 200, r.body  # the TSA is back for this facility
 
+    hashes = [hashlib.sha256(b"hsm scenario").digest()]
+    sad = csc.authorize(cred, hashes, auth)
     switch("hsm_unavailable", facility=code)
-    digest = base64.b64encode(hashlib.sha256(b"x").digest()).decode()
-    r = request(gateway.port, "POST", "/csc/v2/signatures/signHash", ctx=hospital_ctx,
-                json_body={"credentialID": cred, "SAD": "x", "hashes": [digest],
-                           "hashAlgorithmOID": "2.16.840.1.101.3.4.2.1",
-                           "signAlgo": "1.2.840.113549.1.1.1"})  # fmt: skip
+    r = csc.sign_hash(cred, sad, hashes)
     assert r.status == 503, r.body
     assert r.json() | {"request_id": ""} == {
         "error": "temporarily_unavailable",
         "error_description": "HSM token unavailable",
         "request_id": "",
     }
+    assert r.headers["retry-after"]
     switch_off_all(gateway)
+    r = csc.sign_hash(cred, sad, hashes)  # the same SAD: it was given back
+    assert r.status == 200 and len(r.json()["signatures"]) == 1, r.body
 
+
+def test_overlay_scenarios(
+    gateway: Server, hospital_ctx: Any, hospital: dict[str, Any], sandbox: dict[str, Any],
+    switch: Any,
+) -> None:  # fmt: skip
+    code = hospital["institution_code"]
+    doctor = next(s for s in sandbox["signers"] if s["role"] == "Medical Doctor")
+    cred = doctor["credential_id"]
     switch("signer_without_role", credential=cred)
     r = request(gateway.port, "POST", "/csc/v2/signatures/signDoc", ctx=hospital_ctx,
                 json_body=_sign_doc("AdES-B-B", cred))  # fmt: skip
@@ -153,14 +200,20 @@ def test_signing_scenarios(
 
 def test_a_slow_tsa_times_out(
     gateway: Server, hospital_ctx: Any, hospital: dict[str, Any], sandbox: dict[str, Any],
-    switch: Any,
+    doctor: Any, switch: Any,
 ) -> None:  # fmt: skip
+    doc, auth = doctor
+    cred = doc["credential_id"]
+    csc = Csc(gateway.port, hospital_ctx)
+    sad = csc.authorize(cred, [hashlib.sha256(PRESCRIPTION_CSV).digest()], auth)
     switch("tsa_slow", facility=hospital["institution_code"])
-    cred = sandbox["signers"][0]["credential_id"]
-    r = request(gateway.port, "POST", "/csc/v2/signatures/signDoc", ctx=hospital_ctx,
-                json_body=_sign_doc("AdES-B-LT", cred))  # fmt: skip
+    r = csc.post("/csc/v2/signatures/signDoc", _prescription("AdES-B-LT", cred, sad))
     assert r.status == 503 and r.json()["error"] == "tsa_timeout", r.body
-    assert "did not answer within" in r.json()["error_description"]
+    text = r.json()["error_description"]
+    assert "/sandbox-scenario/tsa_slow did not answer within" in text, text
+    switch_off_all(gateway)
+    r = csc.post("/csc/v2/signatures/signDoc", _prescription("AdES-B-LT", cred, sad))
+    assert r.status == 200, r.body  # the SAD was given back
 
 
 def test_ocsp_scenarios_change_what_the_test_responder_answers(

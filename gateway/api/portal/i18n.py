@@ -44,7 +44,8 @@ JA: dict[str, str] = {
     "certificate_until": "証明書の有効期限",
     "presence": "本人確認の方法",
     "presence_fido2": "FIDO2 認証器",
-    "presence_none": "未登録（認証器の登録が必要）",
+    "presence_jpki": "マイナンバーカード",
+    "presence_none": "未登録（認証器またはカードの登録が必要）",
     "no_signers": "この施設に署名者は登録されていません。",
     "endpoints_heading": "接続先",
     "endpoint": "名称",
@@ -68,9 +69,81 @@ JA: dict[str, str] = {
     "enrol_confirm": "認証器で確認してください…",
     "enrol_done": "登録しました: ",
     "enrol_card_heading": "マイナンバーカードによる本人確認",
-    "enrol_card_later": (
-        "マイナンバーカードでの登録は、カード読取りクライアントが利用可能になり次第"
-        "ここに表示されます。"
+    "enrol_card_intro": (
+        "FIDO2 認証器の代わりに、マイナンバーカードの利用者証明用電子証明書で本人確認する"
+        "こともできます。カードの登録には施設の PC のカード読取りクライアントを使います:"
+    ),
+    "mynumber_heading": "マイナンバーカードの登録",
+    "mynumber_intro": (
+        "署名のたびの本人確認に、マイナンバーカードの利用者証明用電子証明書（暗証番号 4 桁）を"
+        "使えます。カードは施設の PC の IC カードリーダーに置き、カード読取りクライアント"
+        "（hpki-gateway card）がカードにチャレンジへの署名をさせます。カードのそれ以外の情報は"
+        "使いません。"
+    ),
+    "mynumber_browser_cannot": (
+        "ブラウザは IC カードリーダーにアクセスできないため、カードの登録と署名の承認はこの"
+        "ページではできません。カード読取りクライアントを入れた PC で行ってください。この"
+        "ページでは手順と、署名者ごとのカードの登録状態を確認できます。"
+    ),
+    "mynumber_disabled": (
+        "このゲートウェイではマイナンバーカードによる本人確認は無効です (jpki.enabled = false)。"
+    ),
+    "mynumber_where_heading": "どこで何ができるか",
+    "mynumber_step": "手順",
+    "mynumber_browser": "ブラウザ（このポータル）",
+    "mynumber_client": "カード読取りクライアント",
+    "mynumber_step_status": "カードの登録状態の確認",
+    "mynumber_step_fido2": "FIDO2 認証器の登録",
+    "mynumber_step_enrol": "マイナンバーカードの登録（カードが必要）",
+    "mynumber_step_authorize": "署名の承認（カードと暗証番号が必要）",
+    "mynumber_by_doctor_heading": "医師本人による登録（登録コードとパスワード）",
+    "mynumber_by_doctor_1": (
+        "担当者から登録コードとパスワードを別々に受け取ります（FIDO2 と同じ登録コード: "
+        "hpki-gateway signer enroll-code）。"
+    ),
+    "mynumber_by_doctor_2": (
+        "IC カードリーダーに接続した PC でカードを置き、hpki-gateway card status でカードが"
+        "マイナンバーカードとして読めることと暗証番号の残り回数を確認します（回数は減りません）。"
+    ),
+    "mynumber_by_doctor_3": (
+        "hpki-gateway card enroll を実行し、暗証番号を入力します（画面に表示されず、記録も"
+        "されません）。クライアントはカードの証明書を読み、登録のチャレンジにカードで署名して"
+        "（所持の証明）ゲートウェイに送ります。"
+    ),
+    "mynumber_label_example": "診察室のカード",
+    "mynumber_by_doctor_after": (
+        "ゲートウェイは署名・証明書パス（鍵で照合）・有効期限・失効を確認し、公開鍵と"
+        "（発行者・シリアル）で署名者に結び付けて監査ログに記録します。1 人に複数のカードを"
+        "登録できます。カードを更新したら再登録が必要です。"
+    ),
+    "mynumber_by_officer_heading": "担当者による登録（本人確認の後）",
+    "mynumber_by_officer": (
+        "担当者が本人確認をしたうえで、カードから読んだ証明書を署名者に結び付けます。"
+    ),
+    "mynumber_by_officer_api": "管理 API:",
+    "mynumber_approve_heading": "署名の承認",
+    "mynumber_approve": (
+        "署名のたびに、施設のシステムまたは hpki-gateway card authorize が、署名する文書の"
+        "ハッシュに結び付いたチャレンジを受け取り、暗証番号の入力後にカードで署名して SAD を"
+        "得ます（Python からも gateway.card.client として呼べます）。"
+    ),
+    "mynumber_links_heading": "署名者ごとの登録状態",
+    "mynumber_cards": "登録されたマイナンバーカード",
+    "mynumber_linked": "登録済み",
+    "mynumber_not_linked": "未登録",
+    "mynumber_serial": "証明書シリアル",
+    "mynumber_linked_at": "登録日",
+    "mynumber_last_used": "最終使用日",
+    "mynumber_virtual_heading": "検証環境の仮想マイナンバーカード",
+    "mynumber_virtual": (
+        "検証環境では、署名者ごとに仮想マイナンバーカードを本物の pcscd に挿せます。"
+        "カード読取りクライアントは下の PCSCLITE_CSOCK_NAME を設定すると、そのカードを"
+        "実物と同じように使えます。"
+    ),
+    "mynumber_pin_in_manifest": "暗証番号は manifest.json の cards[].pin",
+    "mynumber_reader": "カードリーダー",
+    "mynumber_virtual_down": (
+        "仮想カードは起動していません（hpki-gateway sandbox cards up で起動します）。"
     ),
     "js_needed": "この操作には JavaScript と WebAuthn が必要です。",
     "error": "エラー: ",
@@ -235,7 +308,8 @@ EN: dict[str, str] = {
     "certificate_until": "Certificate valid until",
     "presence": "How presence is proven",
     "presence_fido2": "FIDO2 authenticator",
-    "presence_none": "none yet (enrol an authenticator)",
+    "presence_jpki": "My Number card",
+    "presence_none": "none yet (enrol an authenticator or a card)",
     "no_signers": "No signer is registered for this facility.",
     "endpoints_heading": "Endpoints",
     "endpoint": "Name",
@@ -259,8 +333,84 @@ EN: dict[str, str] = {
     "enrol_confirm": "Confirm on your authenticator...",
     "enrol_done": "registered: ",
     "enrol_card_heading": "My Number card",
-    "enrol_card_later": (
-        "Enrolment with the My Number card appears here once the local card client is available."
+    "enrol_card_intro": (
+        "Instead of a FIDO2 authenticator, a signer can prove presence with the My Number "
+        "card's user-authentication certificate. A card is linked with the local card client "
+        "on the facility PC:"
+    ),
+    "mynumber_heading": "Enrol a My Number card",
+    "mynumber_intro": (
+        "Presence at each signature can be proven with the My Number card's user-authentication "
+        "certificate (4-digit PIN). The card sits in the facility PC's card reader and the "
+        "local card client (hpki-gateway card) has it sign the gateway's challenge; nothing "
+        "else of the card is used."
+    ),
+    "mynumber_browser_cannot": (
+        "A browser cannot reach a card reader, so neither linking a card nor approving a "
+        "signature with it can be done on this page: use the PC where the card client is "
+        "installed. This page shows the steps and which cards each signer has linked."
+    ),
+    "mynumber_disabled": (
+        "My Number card presence is disabled on this gateway (jpki.enabled = false)."
+    ),
+    "mynumber_where_heading": "What can be done where",
+    "mynumber_step": "Step",
+    "mynumber_browser": "Browser (this portal)",
+    "mynumber_client": "Local card client",
+    "mynumber_step_status": "See which cards are linked",
+    "mynumber_step_fido2": "Enrol a FIDO2 authenticator",
+    "mynumber_step_enrol": "Link a My Number card (needs the card)",
+    "mynumber_step_authorize": "Approve a signature (needs the card and its PIN)",
+    "mynumber_by_doctor_heading": "By the doctor (enrolment code and password)",
+    "mynumber_by_doctor_1": (
+        "Receive an enrolment code and a password separately from the officer (the same code "
+        "as for FIDO2: hpki-gateway signer enroll-code)."
+    ),
+    "mynumber_by_doctor_2": (
+        "On the PC with the card reader, put the card in and check with hpki-gateway card "
+        "status that it reads as a My Number card and how many PIN tries are left (none is "
+        "spent)."
+    ),
+    "mynumber_by_doctor_3": (
+        "Run hpki-gateway card enroll and type the PIN (never shown, never logged). The client "
+        "reads the card's certificate and has the card sign the enrolment challenge (proof of "
+        "possession) for the gateway."
+    ),
+    "mynumber_label_example": "consulting room card",
+    "mynumber_by_doctor_after": (
+        "The gateway checks the signature, the path (anchors matched by key), validity and "
+        "revocation, binds the card to the signer by public key and (issuer, serial), and "
+        "audits it. A signer may link several cards; a renewed card needs a new link."
+    ),
+    "mynumber_by_officer_heading": "By an officer (after an identity check)",
+    "mynumber_by_officer": (
+        "After checking the doctor's identity, an officer links the certificate read from the "
+        "card to the signer."
+    ),
+    "mynumber_by_officer_api": "Admin API:",
+    "mynumber_approve_heading": "Approving a signature",
+    "mynumber_approve": (
+        "For each signature, the facility system or hpki-gateway card authorize gets a "
+        "challenge bound to the hashes to be signed, has the card sign it after the PIN, and "
+        "receives the SAD (also callable from Python as gateway.card.client)."
+    ),
+    "mynumber_links_heading": "Cards linked per signer",
+    "mynumber_cards": "Linked My Number cards",
+    "mynumber_linked": "linked",
+    "mynumber_not_linked": "none linked",
+    "mynumber_serial": "certificate serial",
+    "mynumber_linked_at": "linked on",
+    "mynumber_last_used": "last used",
+    "mynumber_virtual_heading": "The sandbox's virtual My Number cards",
+    "mynumber_virtual": (
+        "In the sandbox, each signer's virtual My Number card can be put into a real pcscd. "
+        "With PCSCLITE_CSOCK_NAME set as below, the card client uses it as it would a real "
+        "card."
+    ),
+    "mynumber_pin_in_manifest": "the PIN is cards[].pin in manifest.json",
+    "mynumber_reader": "Reader",
+    "mynumber_virtual_down": (
+        "The virtual cards are not running (start them with hpki-gateway sandbox cards up)."
     ),
     "js_needed": "This step needs JavaScript and WebAuthn.",
     "error": "error: ",

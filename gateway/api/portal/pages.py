@@ -26,7 +26,7 @@ from aiohttp import BodyPartReader, web
 
 from gateway import scenario_file
 from gateway.api import scenarios
-from gateway.api.keys import CLOCK, FIDO2, KEYSTORE, SETTINGS, SIGNERS, VERIFY_POOL
+from gateway.api.keys import CLOCK, FIDO2, JPKI, KEYSTORE, SETTINGS, SIGNERS, VERIFY_POOL
 from gateway.api.middleware import identity
 from gateway.api.portal import i18n, report_pdf
 from gateway.auth.mtls import ClientIdentity
@@ -111,10 +111,15 @@ async def _signers_of(request: web.Request, ident: ClientIdentity) -> list[dict[
     out = []
     for s in signers:
         authenticators = await request.app[FIDO2].list_authenticators(s.id)
+        cards = await request.app[JPKI].list_links(s.id)
         out.append(
             {
                 "signer": s.to_json_dict(),
-                "presence": ["fido2"] if authenticators else [],
+                "presence": [
+                    *(["fido2"] if authenticators else []),
+                    *(["jpki"] if cards else []),
+                ],
+                "cards": [c.to_json_dict() for c in cards],
             }
         )
     return out
@@ -176,6 +181,39 @@ def _scenarios_on(request: web.Request, ident: ClientIdentity) -> list[str]:
 async def enrol_page(request: web.Request) -> web.Response:
     identity(request)
     return render(request, "enrol.html")
+
+
+@routes.get("/portal/enrol/mynumber")
+async def enrol_mynumber_page(request: web.Request) -> web.Response:
+    """How a My Number card is linked (the card itself needs the local card client: a browser
+    cannot reach a PC/SC reader), and which cards each signer has linked."""
+    ident = identity(request)
+    settings = request.app[SETTINGS]
+    manifest = sandbox_manifest(request) or {}
+    code = ident.institution_code
+    facilities = manifest.get("facilities", [])
+    holder = next((f for f in facilities if f.get("institution_code") == code), None)
+    signers = await _signers_of(request, ident)
+    mine = {row["signer"]["id"] for row in signers}
+    # The sandbox's virtual cards (after `sandbox cards up`): reader and socket, never the PIN.
+    cards = [
+        {k: c.get(k, "") for k in ("signer", "reader", "pcsc_socket")}
+        for c in manifest.get("cards", [])
+        if c.get("kind") == "jpki" and c.get("signer") in mine
+    ]
+    return render(
+        request,
+        "enrol_mynumber.html",
+        enabled=settings.jpki.enabled,
+        url=str(request.url.origin()),  # the address this browser reached
+        client_cert=(holder or {}).get("client_cert", "facility.pem"),
+        client_key=(holder or {}).get("client_key", "facility.key"),
+        server_ca=manifest.get("server_ca", "server-ca.pem"),
+        config=manifest.get("config", "gateway.toml"),
+        sandbox_dir=str(Path(manifest["config"]).parent) if "config" in manifest else "DIR",
+        signers=signers,
+        virtual_cards=cards,
+    )
 
 
 # -- Sign -------------------------------------------------------------------------------------
