@@ -27,6 +27,8 @@ import asyncio
 import contextlib
 import logging
 import math
+import os
+import socket
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -124,6 +126,10 @@ class Limiter:
         b.active -= 1
 
 
+#: host:pid of this gateway process, named in its refusal summaries.
+INSTANCE = f"{socket.gethostname()}:{os.getpid()}"
+
+
 class RefusalSummary:
     """Refusals counted in memory, written as one audit event per interval."""
 
@@ -150,6 +156,8 @@ class RefusalSummary:
         counts, since, now = self._counts, self._since, self.clock()
         self._counts, self._since = Counter(), now
         detail = {
+            # Which gateway process counted them: instances and workers share one audit log.
+            "instance": INSTANCE,
             "since": since.isoformat(),
             "until": now.isoformat(),
             "total": sum(counts.values()),
