@@ -197,99 +197,15 @@ def build(
     answered: set[str] = set()  # the codes some route may answer with
     for method, path, handler in routes_:
         model = request_model(handler)
-        doc = inspect.getdoc(handler) or ""
-        op: dict[str, Any] = {
-            "operationId": _operation_id(method, path),
-            "tags": [_tag(path)],
-            "summary": doc.splitlines()[0] if doc else f"{method} {path}",
-            "security": [{"mutualTLS": []}],
+        op = _operation(method, path, handler, model, components)
+        errors = sorted(_errors_for(method, path, handler, model is not None))
+        answered.update(errors)
+        op["responses"] = {
+            "200": _success(method, path, components),
+            **_error_responses(path, errors, codes),
         }
-        params = re.findall(r"{([^}/:]+)", path)
-        if params:
-            op["parameters"] = [
-                {"name": p, "in": "path", "required": True, "schema": {"type": "string"}}
-                for p in params
-            ]
-        if model is not None:
-            op["requestBody"] = {
-                "required": True,
-                "content": {"application/json": {"schema": _schema_ref(model, components)}},
-            }
-        elif path.startswith("/portal/") and method == "POST":
-            op["requestBody"] = {
-                "required": True,
-                "content": {"multipart/form-data": {"schema": {"type": "object"}}},
-            }
-        elif path.startswith("/download/") and method == "POST":
-            form = {"type": "object", "properties": {"password": {"type": "string"}}}
-            op["requestBody"] = {
-                "required": True,
-                "content": {"application/x-www-form-urlencoded": {"schema": form}},
-            }
-        ok: dict[str, Any] = {"description": "Success"}
-        response_model = RESPONSE_MODELS.get((method, path))
-        if response_model is not None:
-            ok["content"] = {
-                "application/json": {"schema": _schema_ref(response_model, components)}
-            }
-        elif path.startswith("/portal") or path in ("/enroll", "/approve"):
-            ok["content"] = {"text/html": {"schema": {"type": "string"}}}
-        else:
-            ok["content"] = {"application/json": {"schema": {"type": "object"}}}
-        responses: dict[str, Any] = {"200": ok}
-        error_ref = "CscError" if path.startswith("/csc/") else "Problem"
-        by_status: dict[int, list[str]] = {}
-        for code in sorted(_errors_for(method, path, handler, model is not None)):
-            answered.add(code)
-            by_status.setdefault(codes[code], []).append(code)
-        for status, names in sorted(by_status.items()):
-            media = "application/json" if error_ref == "CscError" else "application/problem+json"
-            responses[str(status)] = {
-                "description": "Error codes: " + ", ".join(names),
-                "content": {
-                    media: {
-                        "schema": {
-                            "allOf": [
-                                {"$ref": f"#/components/schemas/{error_ref}"},
-                                {
-                                    "properties": {
-                                        ("error" if error_ref == "CscError" else "code"): {
-                                            "enum": names
-                                        }
-                                    }
-                                },
-                            ]
-                        }
-                    }
-                },
-            }
-        op["responses"] = responses
         paths.setdefault(path, {})[method.lower()] = op
-    components["ErrorCode"] = {"type": "string", "enum": sorted(answered)}
-    components["Problem"] = {
-        "type": "object",
-        "description": "RFC 9457 problem details (every path outside /csc/)",
-        "required": ["type", "title", "status", "detail", "code"],
-        "properties": {
-            "type": {"type": "string"},
-            "title": {"type": "string"},
-            "status": {"type": "integer"},
-            "detail": {"type": "string"},
-            "instance": {"type": "string"},
-            "code": {"$ref": "#/components/schemas/ErrorCode"},
-            "request_id": {"type": "string"},
-        },
-    }
-    components["CscError"] = {
-        "type": "object",
-        "description": "CSC API v2 error (paths under /csc/)",
-        "required": ["error", "error_description"],
-        "properties": {
-            "error": {"$ref": "#/components/schemas/ErrorCode"},
-            "error_description": {"type": "string"},
-            "request_id": {"type": "string"},
-        },
-    }
+    components.update(_error_schemas(answered))
     spec: dict[str, Any] = {
         "openapi": OPENAPI_VERSION,
         "info": {
@@ -314,6 +230,113 @@ def build(
     if server_url:
         spec["servers"] = [{"url": server_url}]
     return spec
+
+
+def _operation(
+    method: str, path: str, handler: Any, model: Any, components: dict[str, Any]
+) -> dict[str, Any]:
+    """The operation without its responses: id, tag, summary, path parameters, body."""
+    doc = inspect.getdoc(handler) or ""
+    op: dict[str, Any] = {
+        "operationId": _operation_id(method, path),
+        "tags": [_tag(path)],
+        "summary": doc.splitlines()[0] if doc else f"{method} {path}",
+        "security": [{"mutualTLS": []}],
+    }
+    params = re.findall(r"{([^}/:]+)", path)
+    if params:
+        op["parameters"] = [
+            {"name": p, "in": "path", "required": True, "schema": {"type": "string"}}
+            for p in params
+        ]
+    if model is not None:
+        op["requestBody"] = {
+            "required": True,
+            "content": {"application/json": {"schema": _schema_ref(model, components)}},
+        }
+    elif path.startswith("/portal/") and method == "POST":
+        op["requestBody"] = {
+            "required": True,
+            "content": {"multipart/form-data": {"schema": {"type": "object"}}},
+        }
+    elif path.startswith("/download/") and method == "POST":
+        form = {"type": "object", "properties": {"password": {"type": "string"}}}
+        op["requestBody"] = {
+            "required": True,
+            "content": {"application/x-www-form-urlencoded": {"schema": form}},
+        }
+    return op
+
+
+def _success(method: str, path: str, components: dict[str, Any]) -> dict[str, Any]:
+    ok: dict[str, Any] = {"description": "Success"}
+    response_model = RESPONSE_MODELS.get((method, path))
+    if response_model is not None:
+        ok["content"] = {"application/json": {"schema": _schema_ref(response_model, components)}}
+    elif path.startswith("/portal") or path in ("/enroll", "/approve"):
+        ok["content"] = {"text/html": {"schema": {"type": "string"}}}
+    else:
+        ok["content"] = {"application/json": {"schema": {"type": "object"}}}
+    return ok
+
+
+def _error_responses(path: str, errors: list[str], codes: dict[str, int]) -> dict[str, Any]:
+    """One response per HTTP status, listing the error codes it carries."""
+    csc = path.startswith("/csc/")
+    error_ref, media, field = (
+        ("CscError", "application/json", "error")
+        if csc
+        else ("Problem", "application/problem+json", "code")
+    )
+    by_status: dict[int, list[str]] = {}
+    for code in errors:
+        by_status.setdefault(codes[code], []).append(code)
+    return {
+        str(status): {
+            "description": "Error codes: " + ", ".join(names),
+            "content": {
+                media: {
+                    "schema": {
+                        "allOf": [
+                            {"$ref": f"#/components/schemas/{error_ref}"},
+                            {"properties": {field: {"enum": names}}},
+                        ]
+                    }
+                }
+            },
+        }
+        for status, names in sorted(by_status.items())
+    }
+
+
+def _error_schemas(answered: set[str]) -> dict[str, Any]:
+    return {
+        "ErrorCode": {"type": "string", "enum": sorted(answered)},
+        "Problem": {
+            "type": "object",
+            "description": "RFC 9457 problem details (every path outside /csc/)",
+            "required": ["type", "title", "status", "detail", "code"],
+            "properties": {
+                "type": {"type": "string"},
+                "title": {"type": "string"},
+                "status": {"type": "integer"},
+                "detail": {"type": "string"},
+                "instance": {"type": "string"},
+                "code": {"$ref": "#/components/schemas/ErrorCode"},
+                "request_id": {"type": "string"},
+            },
+        },
+        "CscError": {
+            "type": "object",
+            "description": "CSC API v2 error (paths under /csc/)",
+            "required": ["error", "error_description"],
+            "properties": {
+                "error": {"$ref": "#/components/schemas/ErrorCode"},
+                "error_description": {"type": "string"},
+                "request_id": {"type": "string"},
+            },
+        },
+    }
 
 
 @routes.get("/openapi.json")
