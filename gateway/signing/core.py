@@ -297,7 +297,18 @@ class SigningService:
             )
 
         if job.signature_format == "X" and job.conformance_level in _OFF_LOOP_LEVELS:
-            signed: service.SignedDocument = await build_off_loop(build, key=key, tsa=self.tsa)
+            limit = BUILD_SECONDS
+            if job.conformance_level != "AdES-B-B" and self.tsa is not None:
+                limit += self.tsa.timeout
+            try:
+                signed: service.SignedDocument = await asyncio.wait_for(
+                    build_off_loop(build, key=key, tsa=self.tsa), limit
+                )
+            except TimeoutError as e:
+                # The build is cancelled at its next await and can no longer reach the key.
+                raise InvalidRequest(
+                    f"document could not be signed within {limit:g} s; nothing was signed"
+                ) from e
             return signed
         on_loop: service.SignedDocument = await build(key, self.tsa)
         return on_loop
@@ -415,6 +426,9 @@ class SigningService:
 
 #: Wall-clock limit for reading a client's documents before the spend (off the event loop).
 INSPECT_SECONDS = 10.0
+#: Wall-clock limit for building one XAdES signature on the builder thread; at B-T the TSA's
+#: own time-out (``timestamp.timeout``) is added, so a slow TSA still answers 503 as before.
+BUILD_SECONDS = 60.0
 
 
 async def _inspect(jobs: Sequence[DocumentJob], policy: service.SigningPolicy) -> None:

@@ -235,7 +235,8 @@ class SadLedger:
         loop = asyncio.get_running_loop()
         pending = _Pending(req=req, token=token_hash(req.sad), future=loop.create_future())
         self._queue.append(pending)
-        if len(self._drainers) < self._in_flight:
+        # A finished drainer leaves the set only in a later callback: count the running ones.
+        if sum(not t.done() for t in self._drainers) < self._in_flight:
             task = loop.create_task(self._drain())
             self._drainers.add(task)
             task.add_done_callback(self._drainers.discard)
@@ -527,9 +528,14 @@ class _Spender:
             )
 
 
-def _spend_sads(spent: list[tuple[int, int]]) -> Any:
-    """``_SPEND_SAD`` for several SADs in one statement (distinct ids)."""
-    v = values(column("id", Integer), column("n", Integer), name="spend").data(spent)
+@functools.lru_cache(maxsize=GROUP_MAX_REQUESTS)
+def _spend_sads_stmt(n: int) -> Any:
+    """``_SPEND_SAD`` for ``n`` distinct SADs in one statement, bind parameters only (built and
+    compiled once per ``n``: a VALUES list of literals would be compiled on every call)."""
+    rows = [
+        (bindparam(f"i{j}", type_=Integer), bindparam(f"n{j}", type_=Integer)) for j in range(n)
+    ]
+    v = values(column("id", Integer), column("n", Integer), name="spend").data(rows)
     return (
         update(_sad)
         .where(_sad.c.id == v.c.id, _sad.c.remaining >= v.c.n)
@@ -538,11 +544,20 @@ def _spend_sads(spent: list[tuple[int, int]]) -> Any:
     )
 
 
-def _spend_hashes(spent: list[tuple[tuple[int, bytes], int]]) -> Any:
-    """``_SPEND_HASH`` for several (SAD, hash) rows in one statement (distinct keys)."""
+@functools.lru_cache(maxsize=256)
+def _spend_hashes_stmt(n: int) -> Any:
+    """``_SPEND_HASH`` for ``n`` distinct (SAD, hash) rows in one statement."""
+    rows = [
+        (
+            bindparam(f"s{j}", type_=Integer),
+            bindparam(f"h{j}", type_=LargeBinary),
+            bindparam(f"k{j}", type_=Integer),
+        )
+        for j in range(n)
+    ]
     v = values(
         column("sad_id", Integer), column("hash", LargeBinary), column("k", Integer), name="spend"
-    ).data([(i, h, k) for (i, h), k in spent])
+    ).data(rows)
     return (
         update(sad_hash)
         .where(sad_hash.c.sad_id == v.c.sad_id, sad_hash.c.hash == v.c.hash)
@@ -552,9 +567,25 @@ def _spend_hashes(spent: list[tuple[tuple[int, bytes], int]]) -> Any:
     )
 
 
-def _returning_checked(conn: Connection, stmt: Any, expected: int, refusal: str) -> None:
+def _spend_sads(spent: list[tuple[int, int]]) -> tuple[Any, dict[str, Any]]:
+    params: dict[str, Any] = {}
+    for j, (i, n) in enumerate(spent):
+        params[f"i{j}"], params[f"n{j}"] = i, n
+    return _spend_sads_stmt(len(spent)), params
+
+
+def _spend_hashes(spent: list[tuple[tuple[int, bytes], int]]) -> tuple[Any, dict[str, Any]]:
+    params: dict[str, Any] = {}
+    for j, ((i, h), k) in enumerate(spent):
+        params[f"s{j}"], params[f"h{j}"], params[f"k{j}"] = i, h, k
+    return _spend_hashes_stmt(len(spent)), params
+
+
+def _returning_checked(
+    conn: Connection, stmt: tuple[Any, dict[str, Any]], expected: int, refusal: str
+) -> None:
     """Run a conditional multi-row UPDATE ... RETURNING; refuse unless every row matched."""
-    if len(conn.execute(stmt).all()) != expected:
+    if len(conn.execute(*stmt).all()) != expected:
         raise InvalidRequest(refusal)
 
 
