@@ -36,7 +36,6 @@ from __future__ import annotations
 import asyncio
 import functools
 import hashlib
-import os
 import secrets
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -107,7 +106,7 @@ class _Pending:
 
 
 #: A group transaction takes at most this many waiting requests / hashes (the first always).
-_PG_GROUPS_IN_FLIGHT = int(os.environ.get("XPG_GROUPS", "2"))
+_PG_GROUPS_IN_FLIGHT = 2
 GROUP_MAX_REQUESTS = 64
 GROUP_MAX_HASHES = 1000
 

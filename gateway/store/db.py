@@ -170,13 +170,7 @@ class Database:
             if path and path != ":memory:":
                 Path(path).parent.mkdir(parents=True, exist_ok=True)
         else:
-            import os  # EXPERIMENT-ONLY
-
-            kwargs.update(
-                pool_pre_ping=os.environ.get("XPG_PING", "1") == "1",
-                pool_size=int(os.environ.get("XPG_POOL", "5")),
-                max_overflow=5,
-            )
+            kwargs.update(pool_pre_ping=True, pool_size=5, max_overflow=5)
         self.engine: AsyncEngine = create_async_engine(url, **kwargs)
         # The SQLite file again, through plain sqlite3 (run_read / run_write): a thread for
         # reads and one for writes, so a read (the identity of every request) never queues
