@@ -67,7 +67,19 @@ def b64(d: bytes) -> str:
 
 
 def raw_rate(settings_path: Path, key_id: str) -> float:
-    """C_Sign in a tight loop on the doctor's key: the ceiling for one process."""
+    """C_Sign in a tight loop on the doctor's key: the ceiling for one process.
+
+    Measured in a fresh process: SoftHSM reads its configuration once per process, so a
+    second sandbox in the same bench run would otherwise be looked up in the first one's
+    token directory (same token label, another PIN).
+    """
+    import multiprocessing
+
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        return float(pool.apply(_raw_rate, (settings_path, key_id)))
+
+
+def _raw_rate(settings_path: Path, key_id: str) -> float:
     import pkcs11
     from pkcs11 import Mechanism, ObjectClass
 
