@@ -59,11 +59,12 @@ async def signdoc_rate(
     authorize: Callable[[aiohttp.ClientSession, list[bytes]], Awaitable[str]],
     kind: str,
     requests: int = REQUESTS,
+    clients: int = CLIENTS,
 ) -> float:
     """Documents signed per second through POST /csc/v2/signatures/signDoc."""
     base = f"https://localhost:{port}"
     async with aiohttp.ClientSession(
-        connector=aiohttp.TCPConnector(ssl=ssl_ctx, limit=CLIENTS + 2)
+        connector=aiohttp.TCPConnector(ssl=ssl_ctx, limit=clients + 2)
     ) as session:
         work: list[dict[str, Any]] = []
         for r in range(requests + 1):
@@ -87,6 +88,6 @@ async def signdoc_rate(
                 await send(queue.pop())
 
         start = time.perf_counter()
-        await asyncio.gather(*(client() for _ in range(CLIENTS)))
+        await asyncio.gather(*(client() for _ in range(clients)))
         elapsed = time.perf_counter() - start
     return requests * DOCS_PER_REQUEST / elapsed

@@ -13,6 +13,9 @@ Builds a throwaway sandbox, then measures on the same SoftHSM key:
                                  ceremony per prescription (see its docstring)
   xades_eprescription_t_per_s    signDoc e-prescription at ES-T (AdES-B-T), and at ES-XL
   xades_eprescription_xl_per_s   (AdES-B-LT, revocation data from the cache), interleaved
+  xades_eprescription_t_sequential_per_s, xades_eprescription_t_parallel_per_s
+                                 bench_tsa.py: ES-T with the documents of a request built one
+                                 after the other vs 8 at once (their TSA round trips overlap)
   card_raw_sign_per_s            MSE + PSO round trips through pcscd to the virtual HPKI card
   local_batch_per_s              e-prescriptions/s through local sign-batch (interleaved with
                                  the raw card rate); *_latency_300ms_*: the card sleeping 0.3 s
@@ -347,6 +350,7 @@ async def signdoc(
     auth: SoftAuthenticator,
     kind: str,
     requests: int | None = None,
+    clients: int | None = None,
 ) -> float:
     from bench.bench_signdoc import signdoc_rate
 
@@ -354,6 +358,8 @@ async def signdoc(
         return await Client(port, ctx, session).authorize(cred, digests, auth)
 
     extra = {} if requests is None else {"requests": requests}
+    if clients is not None:
+        extra["clients"] = clients
     return await signdoc_rate(
         port=port, ssl_ctx=ctx, credential_id=cred, authorize=authorize, kind=kind, **extra
     )
@@ -455,6 +461,10 @@ def main() -> int:
             rss1 = rss_mb(worker_pids(srv))
         finally:
             srv.stop()
+        print("signDoc ES-T, documents one after the other vs together, interleaved ...")
+        from bench.bench_tsa import run as bench_tsa
+
+        results.update(bench_tsa(config, srv.port, ctx, cred, auth))
 
         srv = Server(config, free_port(), workers=2, env=NO_LIMITS)
         srv.start()

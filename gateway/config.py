@@ -334,6 +334,13 @@ class SigningSettings(_Section):
     """Archived ES-A documents (files or folders of *.xml) the scheduler keeps renewed."""
     archive_renewal_days: Annotated[int, Field(ge=1, le=3650)] = 90
     """Renew an ES-A when its last archive timestamp's TSA certificate ends within this."""
+    parallel_documents: Annotated[int, Field(ge=1, le=64)] = 8
+    """Documents of one signDoc request built at once, so that their TSA round trips overlap
+    (1: one after the other)."""
+    long_term_revocation: Literal["auto", "ocsp", "crl"] = "auto"
+    """Revocation evidence embedded at B-LT / B-LTA: ``auto`` the OCSP responder's answer for a
+    certificate whose AIA names one (CRLs when it fails, and for the others), ``ocsp`` the same
+    without the CRL fallback, ``crl`` CRLs only. Time-out: ``[pki] ocsp_timeout``."""
 
 
 class TimestampSettings(_Section):

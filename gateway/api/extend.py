@@ -69,6 +69,7 @@ async def extend(request: web.Request) -> web.Response:
         source=signing.policy.long_term,
         renew=body.renew,
         max_depth=settings.signing.max_xml_depth,
+        clock=signing.clock,
     )
     async with request.app[DB].write() as conn:
         await request.app[AUDIT].append(

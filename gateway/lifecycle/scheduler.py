@@ -112,7 +112,9 @@ class Scheduler:
         report.purged = await self.purge_expired()
         from gateway.sign.renewal import renew_configured  # ES-A renewal (signatures.md)
 
-        report.archives = await renew_configured(self.settings, db=self.db, audit=self.audit)
+        report.archives = await renew_configured(
+            self.settings, db=self.db, audit=self.audit, clock=self.clock
+        )
         return report
 
     async def purge_expired(self) -> dict[str, int]:

@@ -22,6 +22,7 @@ import aiohttp
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import rsa
 
+from gateway.clock import Clock, system_clock
 from gateway.errors import ConfigError
 
 __all__ = ["CrlSource", "RevocationStatus", "load_crl", "load_crl_files"]
@@ -78,8 +79,10 @@ class CrlSource:
         *,
         fetch: bool = False,
         timeout: float = 5.0,
+        clock: Clock = system_clock,
     ) -> None:
         self._crls = list(crls)
+        self.clock = clock
         self.fetch = fetch
         self.timeout = timeout
         self._fetched: dict[str, x509.CertificateRevocationList] = {}
@@ -108,7 +111,7 @@ class CrlSource:
 
     async def _download(self, url: str) -> x509.CertificateRevocationList | None:
         cached = self._fetched.get(url)
-        now = dt.datetime.now(dt.UTC)
+        now = self.clock()
         if cached is not None and (cached.next_update_utc or now) >= now:
             return cached
         try:

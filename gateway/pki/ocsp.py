@@ -23,6 +23,7 @@ Anything else is "unavailable", and the caller falls back to CRLs.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import logging
 import secrets
@@ -43,6 +44,7 @@ __all__ = [
     "OcspClient",
     "OcspResult",
     "build_request",
+    "check_embedded",
     "check_response",
     "ocsp_urls",
 ]
@@ -62,6 +64,11 @@ class OcspResult:
     reason: str
     revocation_time: dt.datetime | None = None
     url: str | None = None
+    #: The response itself (DER) and its SingleResponse's times, for a usable answer: what a
+    #: long-term signature embeds as revocation evidence.
+    der: bytes | None = None
+    this_update: dt.datetime | None = None
+    next_update: dt.datetime | None = None
 
 
 def ocsp_urls(cert: x509.Certificate) -> list[str]:
@@ -222,10 +229,31 @@ def check_response(
             f"certificate {cert.serial_number:X} is revoked by {who} since "
             f"{when.isoformat() if when else 'an unknown time'} (OCSP)",
             when,
+            der=der,
+            this_update=this_update,
+            next_update=next_update,
         )
     if status == ocsp.OCSPCertStatus.GOOD:
-        return OcspResult("good", f"OCSP: good (thisUpdate {this_update.isoformat()})")
+        return OcspResult(
+            "good",
+            f"OCSP: good (thisUpdate {this_update.isoformat()})",
+            der=der,
+            this_update=this_update,
+            next_update=next_update,
+        )
     return OcspResult("unknown", "OCSP responder does not know the certificate")
+
+
+def check_embedded(der: bytes, cert: x509.Certificate, issuer: x509.Certificate) -> OcspResult:
+    """An OCSP response carried in a signed document (XAdES OCSPValues, CMS revocation info,
+    PDF DSS), checked as of its own production time: issuer or delegate signature, the
+    delegate valid then, this certificate's SingleResponse. Whether it speaks for the time the
+    signature must be proven at is the caller's decision (``gateway.verify.revocation``)."""
+    try:
+        produced = ocsp.load_der_ocsp_response(der).produced_at_utc
+    except ValueError as e:
+        return OcspResult("unavailable", f"OCSP response unreadable: {e}")
+    return check_response(der, cert, issuer, nonce=None, now=produced)
 
 
 class OcspClient:
@@ -281,7 +309,7 @@ class OcspClient:
                 continue
             result = check_response(got, cert, issuer, nonce=nonce, now=now)
             if result.status in ("good", "revoked"):
-                return OcspResult(result.status, result.reason, result.revocation_time, url)
+                return dataclasses.replace(result, url=url)
             unknown = unknown or result.status == "unknown"
             problems.append(f"{result.reason} [{url}]")
         return OcspResult(

@@ -1,7 +1,8 @@
-"""CAdES baseline signatures (ETSI EN 319 122-1): B-B and B-T, attached or detached.
+"""CAdES baseline signatures (ETSI EN 319 122-1): B-B to B-LTA, attached or detached.
 
 Signed attributes (B-B): contentType, signingTime, messageDigest, signingCertificateV2 (ESS,
-RFC 5035). B-T adds the signature-time-stamp unsigned attribute over the signature value.
+RFC 5035). B-T adds the signature-time-stamp unsigned attribute over the signature value, B-LT
+the validation data in SignedData, B-LTA an archive-time-stamp-v3 (``cades_lta.py``).
 
 Why this is not one ``cms.ContentInfo({...}).dump()`` per request: building the whole
 structure with asn1crypto costs ~1.9 ms per signature and pyHanko's generic CMS ~17 ms, while
@@ -55,6 +56,7 @@ OID_SIGNING_TIME = bytes.fromhex("06092a864886f70d010905")
 OID_SIGNATURE_TIME_STAMP = bytes.fromhex("060b2a864886f70d010910020e")
 SHA256_ALG_ID = bytes.fromhex("300d06096086480165030402010500")
 RSA_ENCRYPTION_ALG_ID = bytes.fromhex("300d06092a864886f70d0101010500")
+OID_RI_OCSP_RESPONSE = bytes.fromhex("06082b06010505071002")  # id-ri-ocsp-response (RFC 5940)
 INTEGER_1 = b"\x02\x01\x01"
 
 
@@ -146,9 +148,11 @@ class CadesTemplate:
         content: bytes | None,
         timestamp_token: bytes | None = None,
         validation: tuple[Sequence[bytes], Sequence[bytes]] | None = None,
+        ocsps: Sequence[bytes] = (),
     ) -> bytes:
         """The ContentInfo DER; ``content`` None means detached. ``validation`` (B-LT): DER
-        certificates and CRLs added to SignedData's certificates and crls (EN 319 122-1 §5.5.1)."""
+        certificates and CRLs added to SignedData's certificates and crls (EN 319 122-1 §5.5.1);
+        ``ocsps``: DER OCSP responses, added to crls as other revocation info (RFC 5940)."""
         unsigned = b""
         if timestamp_token is not None:
             attr = der_tlv(0x30, OID_SIGNATURE_TIME_STAMP + der_tlv(0x31, timestamp_token))
@@ -169,8 +173,13 @@ class CadesTemplate:
             extra_certs, crl_ders = validation
             certs = list(dict.fromkeys([*self.all_certs_der, *extra_certs]))
             certificates = der_tlv(0xA0, b"".join(sorted(certs)))
-            # crls [1] IMPLICIT RevocationInfoChoices: a SET OF, ordered like the certificates.
-            crls = der_tlv(0xA1, b"".join(sorted(dict.fromkeys(crl_ders)))) if crl_ders else b""
+            # crls [1] IMPLICIT RevocationInfoChoices: a SET OF, ordered like the certificates;
+            # an OCSP response is "other" [1] IMPLICIT OtherRevocationInfoFormat.
+            choices = [
+                *crl_ders,
+                *(der_tlv(0xA1, OID_RI_OCSP_RESPONSE + d) for d in ocsps),
+            ]
+            crls = der_tlv(0xA1, b"".join(sorted(dict.fromkeys(choices)))) if choices else b""
         encap = OID_DATA
         if content is not None:
             encap += der_tlv(0xA0, der_tlv(0x04, content))
@@ -196,7 +205,7 @@ class CadesTemplate:
         tsa: TimestampClient | None = None,
         long_term: LongTerm | None = None,
     ) -> bytes:
-        """A CAdES-B-B (-B-T when ``tsa`` is given; -B-LT with ``long_term``) signature.
+        """A CAdES-B-B (-B-T when ``tsa`` is given; -B-LT, -B-LTA with ``long_term``).
 
         Either ``content`` (hashed here) or, for a detached signature, ``message_digest``
         (SHA-256 computed by the caller). The timestamp is fetched before anything is
@@ -214,6 +223,7 @@ class CadesTemplate:
         if tsa is not None:
             token = await tsa.timestamp(hashlib.sha256(signature).digest(), DigestAlgorithm.SHA256)
         validation = None
+        ocsps: list[bytes] = []
         if long_term is not None and token is not None:
             from gateway.sign.xades_ltv import tsa_validation_data
 
@@ -223,13 +233,30 @@ class CadesTemplate:
                 [c.public_bytes(der) for c in [*long_term.signer.certs, *tsa_data.certs]],
                 [c.public_bytes(der) for c in [*long_term.signer.crls, *tsa_data.crls]],
             )
-        return self.assemble(
+            ocsps = [*long_term.signer.ocsps, *tsa_data.ocsps]
+        signed = self.assemble(
             signed_attrs=attrs,
             signature=signature,
             content=content if attached else None,
             timestamp_token=token,
             validation=validation,
+            ocsps=ocsps,
         )
+        if long_term is not None and long_term.form == "ES-A" and tsa is not None:
+            # B-LTA: the archive timestamp covers the finished B-LT structure, so it is added
+            # by re-parsing it (asn1crypto keeps the encodings of everything it did not change).
+            from gateway.sign.cades_lta import archive_signed_data
+
+            ci = cms.ContentInfo.load(signed)
+            await archive_signed_data(
+                ci["content"],
+                tsa=tsa,
+                content_digest=message_digest,
+                source=long_term.source,
+                now=signing_time,
+            )
+            signed = ci.dump()
+        return signed
 
 
 _SHA256 = hashes.SHA256()

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from cryptography import x509
 from lxml import etree
 
+from gateway.clock import Clock, system_clock
 from gateway.errors import InvalidRequest
 from gateway.hsm.api import DigestAlgorithm
 from gateway.sign import timestamp as ts
@@ -33,11 +34,9 @@ from gateway.sign.xades import (
 )
 from gateway.sign.xades_ltv import (
     LongTermSource,
-    ValidationData,
-    _crls_for,
-    _path,
     add_archive_timestamp,
     add_validation_data,
+    path_validation_data,
     tsa_validation_data,
 )
 
@@ -151,15 +150,12 @@ async def _extend_one(
         form = "ES-T"
     if _ORDER.index(form) < _ORDER.index("ES-XL") <= _ORDER.index(target):
         signer = _signer_cert(sig)
-        path = _path(signer, [*source.certs])
-        if len(path) < 2:
+        signer_data = await path_validation_data(signer, [*source.certs], source, now)
+        if not signer_data.certs:
             raise InvalidRequest(
                 f"the issuer of {signer.subject.rfc4514_string()} is not among the configured "
                 "HPKI anchors and intermediates: its chain cannot be added"
             )
-        signer_data = ValidationData(
-            certs=path[1:], crls=await _crls_for(path, source, now, required=True)
-        )
         tsa_data = await tsa_validation_data(_existing_token(sig), source, now)
         add_validation_data(
             sig, signer=signer_data, tsa=tsa_data, sample=sample, uid=secrets.token_hex(8)
@@ -182,13 +178,14 @@ async def extend_xml(
     now: dt.datetime | None = None,
     renew: bool = False,
     max_depth: int = 64,
+    clock: Clock = system_clock,
 ) -> ExtendResult:
     """``data`` with its outermost signatures raised to ``level`` (never lowered); with
     ``renew``, an ES-A gets one more archive timestamp."""
     target = TARGETS.get(level)
     if target is None:
         raise InvalidRequest(f"unknown level {level!r}; valid: AdES-B-T, AdES-B-LT, AdES-B-LTA")
-    now = now or dt.datetime.now(dt.UTC)
+    now = clock() if now is None else now
     tree = parse_untrusted(data, max_depth=max_depth)
     root = tree.getroot()
     sigs = [root] if root.tag == _DS + "Signature" else list(root.iter(_DS + "Signature"))
@@ -220,6 +217,7 @@ async def extend_document(
     now: dt.datetime | None = None,
     renew: bool = False,
     max_depth: int = 64,
+    clock: Clock = system_clock,
 ) -> ExtendResult:
     """Any signed document: XAdES (:func:`extend_xml`), CAdES or PAdES
     (:mod:`gateway.sign.extend_binary`)."""
@@ -229,7 +227,7 @@ async def extend_document(
     target = TARGETS.get(level)
     if target is None:
         raise InvalidRequest(f"unknown level {level!r}; valid: AdES-B-T, AdES-B-LT, AdES-B-LTA")
-    now = now or dt.datetime.now(dt.UTC)
+    now = clock() if now is None else now
     fmt = detect_format(data)
     if fmt == "XAdES":
         return await extend_xml(
@@ -237,7 +235,7 @@ async def extend_document(
         )
     extend = extend_binary.extend_pdf if fmt == "PAdES" else extend_binary.extend_cms
     try:
-        out, changes = await extend(data, target, tsa=tsa, source=source, now=now)
+        out, changes = await extend(data, target, tsa=tsa, source=source, now=now, renew=renew)
     except (ValueError, TypeError, KeyError) as e:
         raise InvalidRequest(f"the {fmt} signature cannot be read: {e}") from e
     return ExtendResult(out, changes)

@@ -2,8 +2,9 @@
 
 CAdES: to B-T, a signature-time-stamp unsigned attribute over the signature value; to B-LT,
 the signer's issuers, the TSA's chain and their CRLs in SignedData's certificates and crls
-(EN 319 122-1 §5.5.1). The SignerInfo's signed attributes and signature value stay as they are
-(asn1crypto re-encodes only what changes). CAdES B-LTA (archive-time-stamp-v3) is not built.
+(EN 319 122-1 §5.5.1); to B-LTA, then an archive-time-stamp-v3 (``cades_lta.py``), and with
+``renew`` another one over it all. The SignerInfo's signed attributes and signature value stay
+as they are (asn1crypto re-encodes only what changes).
 
 PAdES: to B-LT, a document timestamp first when the signature has no timestamp (PAdES B-T by
 document timestamp), then a DSS with the signer's chain and CRLs (and the TSA's) as an
@@ -17,8 +18,9 @@ import hashlib
 import io
 from typing import Any
 
-from asn1crypto import cms, pem
+from asn1crypto import cms, core, pem
 from asn1crypto import crl as asn1_crl
+from asn1crypto import ocsp as asn1_ocsp
 from asn1crypto import x509 as asn1_x509
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
@@ -29,8 +31,8 @@ from gateway.sign import timestamp as ts
 from gateway.sign.xades_ltv import (
     LongTermSource,
     ValidationData,
-    _crls_for,
     _path,
+    path_validation_data,
     tsa_validation_data,
 )
 
@@ -42,13 +44,12 @@ _DER = serialization.Encoding.DER
 async def _signer_data(
     signer: x509.Certificate, pool: list[x509.Certificate], source: LongTermSource, now: Any
 ) -> ValidationData:
-    path = _path(signer, [*pool, *source.certs])
-    if len(path) < 2:
+    if len(_path(signer, [*pool, *source.certs])) < 2:
         raise InvalidRequest(
             f"the issuer of {signer.subject.rfc4514_string()} is not among the configured "
             "HPKI anchors and intermediates: its chain cannot be added"
         )
-    return ValidationData(certs=path[1:], crls=await _crls_for(path, source, now, required=True))
+    return await path_validation_data(signer, [*pool, *source.certs], source, now)
 
 
 def _attr(attrs: Any, name: str) -> Any:
@@ -60,11 +61,21 @@ def _attr(attrs: Any, name: str) -> Any:
     return None
 
 
+_CMS_ORDER = ["B-B", "B-T", "B-LT", "B-LTA"]
+_CMS_TARGET = {"ES-T": "B-T", "ES-XL": "B-LT", "ES-A": "B-LTA"}
+
+
 async def extend_cms(
-    data: bytes, form: str, *, tsa: ts.TimestampClient, source: LongTermSource, now: Any
+    data: bytes,
+    form: str,
+    *,
+    tsa: ts.TimestampClient,
+    source: LongTermSource,
+    now: Any,
+    renew: bool = False,
 ) -> tuple[bytes, list[tuple[str, str, str]]]:
-    if form == "ES-A":
-        raise InvalidRequest("CAdES B-LTA (archive-time-stamp-v3) is not built; extend to B-LT")
+    from gateway.sign.cades_lta import archive_signed_data
+
     if pem.detect(data):
         _, _, data = pem.unarmor(data)
     ci = cms.ContentInfo.load(data)
@@ -74,13 +85,22 @@ async def extend_cms(
         for c in sd["certificates"] or []
         if c.name == "certificate"
     ]
+    target = _CMS_TARGET[form]
     changes: list[tuple[str, str, str]] = []
     extra_certs: list[x509.Certificate] = []
     extra_crls: list[x509.CertificateRevocationList] = []
+    extra_ocsps: list[bytes] = []
+    to_archive: list[Any] = []
     for i, si in enumerate(sd["signer_infos"]):
         has_ts = _attr(si["unsigned_attrs"], "signature_time_stamp_token") is not None
-        before = "B-LT" if has_ts and len(sd["crls"] or []) else "B-T" if has_ts else "B-B"
-        token = None
+        has_ats = _attr(si["unsigned_attrs"], "archive_time_stamp_v3") is not None
+        has_lt = has_ts and bool(len(sd["crls"] or []))
+        before = "B-LTA" if has_ats and has_lt else "B-LT" if has_lt else "B-T" if has_ts else "B-B"
+        name = f"SignerInfo {i + 1}"
+        renewing = renew and target == "B-LTA" and before == "B-LTA"
+        if _CMS_ORDER.index(before) >= _CMS_ORDER.index(target) and not renewing:
+            changes.append((name, before, before))
+            continue
         if not has_ts:
             token = await tsa.timestamp(
                 hashlib.sha256(si["signature"].native).digest(), DigestAlgorithm.SHA256
@@ -92,8 +112,7 @@ async def extend_cms(
             si["unsigned_attrs"] = cms.CMSAttributes([*existing, attr])
         else:
             token = _attr(si["unsigned_attrs"], "signature_time_stamp_token").dump()
-        after = "B-T"
-        if form == "ES-XL":
+        if target != "B-T" and not has_lt:
             signer = ts._find_signer_cert(si, certs)
             if signer is None:
                 raise InvalidRequest("the signer certificate is not in the CMS signature")
@@ -101,30 +120,46 @@ async def extend_cms(
             data_t = await tsa_validation_data(token, source, now)
             extra_certs += [*data_s.certs, *data_t.certs]
             extra_crls += [*data_s.crls, *data_t.crls]
-            after = "B-LT"
-        changes.append((f"SignerInfo {i + 1}", before, after if before != "B-LT" else before))
-    if extra_certs or extra_crls:
-        have = {c.dump() for c in sd["certificates"] or []}
-        new_certs = [
-            cms.CertificateChoices(name="certificate", value=asn1_x509.Certificate.load(d))
-            for d in dict.fromkeys(c.public_bytes(_DER) for c in extra_certs)
-            if cms.CertificateChoices(
-                name="certificate", value=asn1_x509.Certificate.load(d)
-            ).dump()
-            not in have
-        ]
-        sd["certificates"] = cms.CertificateSet([*(sd["certificates"] or []), *new_certs])
-        crl_ders = dict.fromkeys(c.public_bytes(_DER) for c in extra_crls)
-        sd["crls"] = cms.RevocationInfoChoices(
-            [cms.RevocationInfoChoice(name="crl", value=asn1_crl.CertificateList.load(d))
-             for d in crl_ders]
-        )  # fmt: skip
+            extra_ocsps += [*data_s.ocsps, *data_t.ocsps]
+        if target == "B-LTA":
+            to_archive.append(si)
+        changes.append((name, before, target))
+    if extra_certs or extra_crls or extra_ocsps:
+        from gateway.sign.cades_lta import _add_validation_data
+
+        _add_validation_data(
+            sd,
+            [c.public_bytes(_DER) for c in extra_certs],
+            [c.public_bytes(_DER) for c in extra_crls],
+            extra_ocsps,
+        )
+    if to_archive:
+        content = sd["encap_content_info"]["content"]
+        if isinstance(content, core.Void) or content is None:
+            raise InvalidRequest(
+                "a detached CAdES signature needs its content for B-LTA: the archive timestamp "
+                "covers it"
+            )
+        await archive_signed_data(
+            sd,
+            tsa=tsa,
+            content_digest=hashlib.sha256(content.contents).digest(),
+            source=source,
+            now=now,
+            signer_infos=to_archive,
+        )
     out: bytes = ci.dump()
     return out, changes
 
 
 async def extend_pdf(
-    data: bytes, form: str, *, tsa: ts.TimestampClient, source: LongTermSource, now: Any
+    data: bytes,
+    form: str,
+    *,
+    tsa: ts.TimestampClient,
+    source: LongTermSource,
+    now: Any,
+    renew: bool = False,
 ) -> tuple[bytes, list[tuple[str, str, str]]]:
     from pyhanko.pdf_utils.incremental_writer import IncrementalPdfFileWriter
     from pyhanko.pdf_utils.reader import PdfFileReader
@@ -145,6 +180,7 @@ async def extend_pdf(
         raise InvalidRequest("the PDF has no signature to extend")
     certs: list[x509.Certificate] = []
     crls: list[x509.CertificateRevocationList] = []
+    ocsps: list[bytes] = []
     changes = []
     for emb in sigs:
         signer = x509.load_der_x509_certificate(emb.signer_cert.dump())
@@ -152,11 +188,13 @@ async def extend_pdf(
         got = await _signer_data(signer, pool, source, now)
         certs += got.certs
         crls += got.crls
+        ocsps += got.ocsps
         token = _attr(emb.signer_info["unsigned_attrs"], "signature_time_stamp_token")
         if token is not None:
             tsa_data = await tsa_validation_data(token.dump(), source, now)
             certs += tsa_data.certs
             crls += tsa_data.crls
+            ocsps += tsa_data.ocsps
         changes.append((emb.field_name, "B-T" if token is not None else "B-B", "B-LT"))
     stamper = PdfTimeStamper(GatewayTimeStamper(tsa))
 
@@ -177,6 +215,7 @@ async def extend_pdf(
         None,
         certs=[asn1_x509.Certificate.load(c.public_bytes(_DER)) for c in certs],
         crls=[asn1_crl.CertificateList.load(c.public_bytes(_DER)) for c in crls],
+        ocsps=[asn1_ocsp.OCSPResponse.load(d) for d in dict.fromkeys(ocsps)],
         force_write=True,
     )
     if form == "ES-A":

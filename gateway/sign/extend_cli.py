@@ -17,6 +17,7 @@ import hashlib
 from pathlib import Path
 from typing import Any
 
+from gateway.clock import system_clock
 from gateway.config import Settings
 from gateway.errors import InvalidRequest
 from gateway.sign.extend import TARGETS, extend_document
@@ -49,7 +50,7 @@ async def run(
     if tsa is None:
         raise InvalidRequest("extending needs a timestamp authority ([timestamp] url)")
     source = signing_policy(settings).long_term
-    now = dt.datetime.now(dt.UTC)
+    now = system_clock()
     lines: list[dict[str, Any]] = []
     try:
         if args.renew_within is not None:

@@ -35,7 +35,10 @@ def validation_context(
     roots = [c for c in certs if c.subject == c.issuer] + [c for c in long_term.source.tsa_anchors]
     others = [c for c in certs if c.subject != c.issuer]
     crls = [*long_term.signer.crls, *long_term.source.crls.local_crls()]
+    from asn1crypto import ocsp as asn1_ocsp
+
     return ValidationContext(
+        ocsps=[asn1_ocsp.OCSPResponse.load(d) for d in long_term.signer.ocsps],
         trust_roots=[_a(c) for c in roots],
         other_certs=[_a(c) for c in others],
         crls=[

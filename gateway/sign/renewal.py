@@ -22,6 +22,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from gateway.clock import Clock, system_clock
 from gateway.config import Settings
 from gateway.errors import GatewayError
 from gateway.sign.extend import extend_xml, needs_renewal
@@ -80,10 +81,11 @@ async def renew_paths(
     audit: Any,
     actor: str,
     now: dt.datetime | None = None,
+    clock: Clock = system_clock,
 ) -> list[dict[str, Any]]:
     """One entry per document looked at: ``{"file", "result"}``; result is ``renewed``,
     ``not due``, ``busy`` (another run holds the lock), ``not renewed: ...`` or ``refused: ...``."""
-    now = now or dt.datetime.now(dt.UTC)
+    now = clock() if now is None else now
     out: list[dict[str, Any]] = []
     for root in paths:
         with _locked(root) as mine:
@@ -137,7 +139,9 @@ async def _renew_one(
     return entry
 
 
-async def renew_configured(settings: Settings, *, db: Any, audit: Any) -> list[dict[str, Any]]:
+async def renew_configured(
+    settings: Settings, *, db: Any, audit: Any, clock: Clock = system_clock
+) -> list[dict[str, Any]]:
     """The scheduler's run over ``[signing] archive_renewal_paths`` (nothing when unset)."""
     s = settings.signing
     if not s.archive_renewal_paths:
@@ -156,6 +160,7 @@ async def renew_configured(settings: Settings, *, db: Any, audit: Any) -> list[d
             db=db,
             audit=audit,
             actor="scheduler",
+            clock=clock,
         )
     finally:
         await tsa.close()

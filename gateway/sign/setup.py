@@ -30,6 +30,10 @@ def signing_policy(settings: Settings) -> SigningPolicy:
         ),
         tsa_anchors=load_pems(settings.timestamp.trust_anchors),
         certs=load_pems([*settings.pki.hpki_trust_anchors, *settings.pki.hpki_intermediates]),
+        ocsp=OcspClient(timeout=settings.pki.ocsp_timeout)
+        if s.long_term_revocation != "crl"
+        else None,
+        revocation=s.long_term_revocation,
     )
     return SigningPolicy(
         roles=RolePolicy({k: list(v) for k, v in s.role_document_types.items()}),
@@ -38,6 +42,7 @@ def signing_policy(settings: Settings) -> SigningPolicy:
         eprescription_issuer_serial_v2=s.eprescription_issuer_serial_v2,
         max_document_bytes=s.max_document_bytes,
         max_xml_depth=s.max_xml_depth,
+        parallel_documents=s.parallel_documents,
     )
 
 

@@ -246,7 +246,10 @@ class SigningService:
         try:
             key = GrantedKey(await self.keystore.get_key(spent.key_id), budget=len(jobs))
             chain = await self._chain(spent.credential_id)
-            results = [await self._build(j, key=key, chain=chain, now=now) for j in jobs]
+            results = await service.all_or_none(
+                [functools.partial(self._build, j, key=key, chain=chain, now=now) for j in jobs],
+                limit=self.policy.parallel_documents,
+            )
         except BaseException as e:
             await self._refund(
                 caller,

@@ -12,6 +12,7 @@ from __future__ import annotations
 import datetime as dt
 import logging
 
+from gateway.clock import Clock, system_clock
 from gateway.errors import InvalidRequest
 from gateway.verify.report import TOTAL_FAILED, SignatureReport, VerificationReport
 from gateway.verify.trust import TrustConfig
@@ -69,13 +70,14 @@ async def verify_document(
     trust: TrustConfig,
     content: bytes | None = None,
     now: dt.datetime | None = None,
+    clock: Clock = system_clock,
 ) -> VerificationReport:
     """Verify every signature in ``data`` (a signed PDF, signed XML or CMS in DER/PEM).
 
     ``now`` is the validation time (``verify --at``). Never raises for bad input: anything
     unreadable is TOTAL-FAILED / FORMAT_FAILURE.
     """
-    now = now or dt.datetime.now(dt.UTC)
+    now = clock() if now is None else now
     fmt = detect_format(data)
     try:
         report = await _verify(fmt, data, trust, content, now)

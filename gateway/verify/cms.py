@@ -11,6 +11,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from gateway.errors import InvalidRequest
+from gateway.sign import cades_lta
 from gateway.sign import timestamp as ts
 from gateway.verify.report import INDETERMINATE, TOTAL_FAILED, SignatureReport
 from gateway.verify.trust import Evidence, TimestampEvidence, TrustConfig, check_common, signer_info
@@ -46,6 +47,15 @@ def _cms_crls(sd: Any) -> list[x509.CertificateRevocationList]:
                 out.append(x509.load_der_x509_crl(c.chosen.dump()))
             except ValueError:
                 continue
+    return out
+
+
+def _cms_ocsps(sd: Any) -> list[bytes]:
+    """OCSP responses in SignedData's crls (RFC 5940 other revocation info, id-ri-ocsp-response)."""
+    out = []
+    for c in sd["crls"] or []:
+        if c.name == "other" and c.chosen["other_rev_info_format"].native == "ocsp_response":
+            out.append(c.chosen["other_rev_info"].dump())
     return out
 
 
@@ -138,11 +148,43 @@ def _integrity(
     return True
 
 
-def _timestamps(si: Any, sd: Any) -> list[TimestampEvidence]:
+def _timestamps(
+    si: Any,
+    sd: Any,
+    content: bytes | None,
+    digest: bytes | None,
+    certs: list[x509.Certificate],
+    crls: list[x509.CertificateRevocationList],
+    ocsps: list[bytes],
+) -> list[TimestampEvidence]:
+    """The signature timestamp and the archive-time-stamp-v3s (B-LTA), each with the
+    certificates and CRLs of SignedData as its TSA's validation data."""
     out = []
     token = _attr(si["unsigned_attrs"], "signature_time_stamp_token")
     if token is not None:
-        out.append(TimestampEvidence("signature", token.dump(), si["signature"].native))
+        out.append(
+            TimestampEvidence(
+                "signature",
+                token.dump(),
+                si["signature"].native,
+                certs=certs,
+                crls=crls,
+                ocsps=ocsps,
+            )
+        )
+    for a in cades_lta.archive_tokens(sd, si, content, digest):
+        out.append(
+            TimestampEvidence(
+                "archive",
+                a.token_der,
+                a.imprint_data or b"",
+                error=None if a.changed or a.problem is None else a.problem,
+                hash_problem=a.problem if a.changed else None,
+                certs=certs,
+                crls=crls,
+                ocsps=ocsps,
+            )
+        )
     return out
 
 
@@ -157,6 +199,7 @@ async def verify_cms_signed_data(
     extra_crls: list[x509.CertificateRevocationList] | None = None,
     extra_certs: list[x509.Certificate] | None = None,
     archive: list[TimestampEvidence] | None = None,
+    extra_ocsps: list[bytes] | None = None,
 ) -> list[SignatureReport]:
     """Every SignerInfo of ``sd``; ``extra_*``: validation data found outside the CMS (the
     PDF's DSS) and archive timestamps over it (PDF document timestamps)."""
@@ -168,6 +211,7 @@ async def verify_cms_signed_data(
         )
     certs = _cms_certs(sd)
     crls = _cms_crls(sd) + list(extra_crls or [])
+    ocsps = _cms_ocsps(sd) + list(extra_ocsps or [])
     reports = []
     for si in sd["signer_infos"]:
         rep = SignatureReport(format=fmt)
@@ -184,14 +228,16 @@ async def verify_cms_signed_data(
         if not _integrity(rep, si, cert, content, content_digest):
             continue
         st = _attr(si["signed_attrs"], "signing_time")
-        stamps = _timestamps(si, sd) + list(archive or [])
+        stamps = _timestamps(si, sd, content, content_digest, certs, crls, ocsps)
+        stamps += list(archive or [])
         found = Evidence(
             cert=cert,
             embedded=certs + list(extra_certs or []),
             signing_time=st.native if st is not None else None,
             timestamps=stamps,
             crls=crls,
-            has_validation_data=bool(crls),
+            ocsps=ocsps,
+            has_validation_data=bool(crls or ocsps),
         )
         await check_common(rep, found, trust, now)
     return reports

@@ -17,18 +17,21 @@ from gateway.verify.trust import TimestampEvidence, TrustConfig
 __all__ = ["verify_pdf"]
 
 
-def _dss(reader: Any) -> tuple[list[x509.Certificate], list[x509.CertificateRevocationList]]:
-    """The certificates and CRLs of the document security store (PAdES B-LT)."""
+def _dss(
+    reader: Any,
+) -> tuple[list[x509.Certificate], list[x509.CertificateRevocationList], list[bytes]]:
+    """The certificates, CRLs and OCSP responses of the document security store (PAdES B-LT)."""
     from pyhanko.sign.validation.dss import DocumentSecurityStore
     from pyhanko.sign.validation.errors import NoDSSFoundError
 
     try:
         dss = DocumentSecurityStore.read_dss(reader)
     except NoDSSFoundError:
-        return [], []
+        return [], [], []
     certs = [x509.load_der_x509_certificate(c.dump()) for c in dss.load_certs()]
     crls = [x509.load_der_x509_crl(ref.get_object().data) for ref in dss.crls]
-    return certs, crls
+    ocsps = [bytes(ref.get_object().data) for ref in dss.ocsps]
+    return certs, crls, ocsps
 
 
 def _document_timestamps(reader: Any) -> list[TimestampEvidence]:
@@ -59,8 +62,10 @@ async def verify_pdf(data: bytes, *, trust: TrustConfig, now: dt.datetime) -> li
             f"the PDF has {len(embedded)} signatures; at most {trust.max_signatures} are "
             "verified (signing.verify_max_signatures)"
         )
-    dss_certs, dss_crls = _dss(reader)
+    dss_certs, dss_crls, dss_ocsps = _dss(reader)
     archives = _document_timestamps(reader)
+    for a in archives:  # the DSS is also the document timestamps' validation data
+        a.certs, a.crls, a.ocsps = dss_certs, dss_crls, dss_ocsps
     for emb in embedded:
         rep = SignatureReport(format="PAdES")
         reports.append(rep)
@@ -86,6 +91,7 @@ async def verify_pdf(data: bytes, *, trust: TrustConfig, now: dt.datetime) -> li
             now=now,
             extra_certs=dss_certs,
             extra_crls=dss_crls,
+            extra_ocsps=dss_ocsps,
             archive=archives,
         )
         sub = subs[0] if subs else rep.fail(TOTAL_FAILED, "FORMAT_FAILURE", "no SignerInfo")

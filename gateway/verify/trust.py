@@ -34,7 +34,7 @@ from gateway.pki.revocation import revocation_status
 from gateway.sign import timestamp as ts
 from gateway.sign.eprescription import PROFILES, EPrescriptionProfile, RolePolicy
 from gateway.verify.report import INDETERMINATE, TOTAL_FAILED, SignatureReport
-from gateway.verify.revocation import crl_status_at
+from gateway.verify.revocation import carried_status_at
 
 __all__ = ["Evidence", "TimestampEvidence", "TrustConfig", "check_common", "signer_info"]
 
@@ -80,6 +80,10 @@ class TimestampEvidence:
     crls: list[x509.CertificateRevocationList] = field(default_factory=list)
     #: The stamped digest itself where the data is not at hand (a PDF document timestamp).
     imprint_digest: bytes | None = None
+    #: What the timestamp covers was changed or removed (CAdES ats-hash-index-v3): HASH_FAILURE.
+    hash_problem: str | None = None
+    #: OCSP responses (DER) carried for the TSA's certificates.
+    ocsps: list[bytes] = field(default_factory=list)
 
 
 @dataclass
@@ -92,6 +96,8 @@ class Evidence:
     timestamps: list[TimestampEvidence] = field(default_factory=list)
     #: Revocation data the signature carries for the signer's path (RevocationValues, CMS crls).
     crls: list[x509.CertificateRevocationList] = field(default_factory=list)
+    #: OCSP responses (DER) it carries (XAdES OCSPValues, CMS other revocation info, PDF DSS).
+    ocsps: list[bytes] = field(default_factory=list)
     #: The long-term parts (CertificateValues and RevocationValues, or their CMS/PDF forms).
     has_validation_data: bool = False
     format_levels: dict[str, str] = field(default_factory=dict)
@@ -120,7 +126,43 @@ _PROBLEM_SUBS = {
     "hash": (TOTAL_FAILED, "HASH_FAILURE"),
     "signature": (TOTAL_FAILED, "SIG_CRYPTO_FAILURE"),
     "chain": (INDETERMINATE, "NO_CERTIFICATE_CHAIN_FOUND"),
+    "revoked": (INDETERMINATE, "REVOKED_NO_POE"),
 }
+
+
+def _tsa_revoked(
+    token: ts.TimestampToken, t: TimestampEvidence, trust: TrustConfig, now: dt.datetime
+) -> tuple[bool, str]:
+    """Whether the TSA's certificate (or a CA above it) was revoked when it stamped, from the
+    revocation data carried for the timestamp (TimeStampValidationData, the signature's CMS
+    crls, the DSS, the token's own SignedData crls) and the configured CRL files; never
+    fetched. (True, reason) names the revoked certificate; without any evidence the timestamp
+    stands and the entry says so (test TSAs publish none)."""
+    from gateway.sign.xades_ltv import _path
+    from gateway.verify.cms import _cms_crls, _cms_ocsps
+
+    si = token.signed_data["signer_infos"][0]
+    tsa_cert = ts._find_signer_cert(si, token.certificates)
+    if tsa_cert is None:
+        return False, "not checked"
+    path = _path(tsa_cert, [*token.certificates, *t.certs, *trust.tsa_anchors])
+    at = token.gen_time
+    crls = [*t.crls, *_cms_crls(token.signed_data), *trust.crls.local_crls()]
+    ocsps = [*t.ocsps, *_cms_ocsps(token.signed_data)]
+    checked: list[str] = []
+    for child, issuer in itertools.pairwise(path):
+        evidence = carried_status_at(child, issuer, at, crls, ocsps, now=now)
+        if evidence is None or evidence.status == "unknown":
+            continue
+        if evidence.status == "revoked":
+            return True, (
+                f"the TSA certificate {child.subject.rfc4514_string()} was revoked: "
+                f"{evidence.reason}"
+            )
+        checked.append(child.subject.rfc4514_string())
+    if not checked:
+        return False, "no revocation data for the TSA"
+    return False, f"not revoked at {at.isoformat()} ({'; '.join(checked)})"
 
 
 def _check_timestamps(
@@ -130,6 +172,9 @@ def _check_timestamps(
     parsed: list[tuple[TimestampEvidence, ts.TimestampToken]] = []
     for t in found.timestamps:
         what = f"{t.kind} timestamp"
+        if t.hash_problem is not None:
+            rep.fail(TOTAL_FAILED, "HASH_FAILURE", f"{what}: {t.hash_problem}")
+            return None
         if t.error is not None or t.token_der is None:
             rep.fail(TOTAL_FAILED, "FORMAT_FAILURE", f"{what} unreadable: {t.error}")
             return None
@@ -163,6 +208,11 @@ def _check_timestamps(
             rep.timestamp = entry
         elif t.kind == "archive":
             rep.archive_timestamps.append(entry)
+        if problem is None and trust.check_revocation:
+            revoked = _tsa_revoked(token, t, trust, now)
+            entry["tsa_revocation"] = revoked[1]
+            if revoked[0]:
+                problem = ts.TokenProblem("revoked", revoked[1])
         if problem is not None:
             indication, sub = _PROBLEM_SUBS.get(problem.kind, (TOTAL_FAILED, "FORMAT_FAILURE"))
             reason = (
@@ -170,7 +220,7 @@ def _check_timestamps(
                 if problem.kind != "chain"
                 else f"{t.kind} timestamp: {problem.reason}"
             )
-            if problem.kind == "hash":
+            if problem.kind in ("hash", "revoked"):
                 reason = f"{t.kind} timestamp: {problem.reason}"
             rep.fail(indication, sub, reason)
             return None
@@ -235,14 +285,14 @@ async def _check_revocation(
     reasons: list[str] = []
     sources: list[str] = []
     for child, issuer in itertools.pairwise(path):
-        carried = crl_status_at(child, issuer, at, found.crls, now=now) if found.crls else None
+        carried = carried_status_at(child, issuer, at, found.crls, found.ocsps, now=now)
         if carried is not None and carried.status == "revoked":
             rep.revocation = {"status": "revoked", "reason": carried.reason, "source": "document"}
             rep.fail(TOTAL_FAILED, "REVOKED", carried.reason)
             return False
         if carried is not None and carried.status == "good":
             reasons.append(carried.reason)
-            sources.append("document")
+            sources.append("document-ocsp" if carried.kind == "ocsp" else "document")
             continue
         s = await revocation_status(child, issuer, now, crls=trust.crls, ocsp=trust.ocsp)
         if s.status == "revoked":
@@ -266,14 +316,19 @@ async def _check_revocation(
         sources.append(s.source)
     if rep.revocation.get("status") == "revoked":
         return True  # revoked after the proven time: noted above
-    names = {"document": "CRLs in the document", "crl": "CRLs", "ocsp": "OCSP"}
+    names = {
+        "document": "CRLs in the document",
+        "document-ocsp": "OCSP responses in the document",
+        "crl": "CRLs",
+        "ocsp": "OCSP",
+    }
     checked = " and ".join(names[k] for k in dict.fromkeys(sources))
     rep.revocation = {
         "status": "good",
         "reason": "not revoked"
         + (f" at {at.isoformat()}" if at != now else "")
         + f" ({checked or 'nothing'} checked)",
-        "source": sources[0] if sources else None,
+        "source": sources[0].removesuffix("-ocsp") if sources else None,
         "checked_at": at.isoformat(),
     }
     return True

@@ -386,6 +386,7 @@ async def _after_references(
         signing_time=signing_time,
         timestamps=values.timestamps,
         crls=values.crls,
+        ocsps=values.ocsps,
         has_validation_data=values.has_values,
         format_levels=ES_LEVELS,
     )

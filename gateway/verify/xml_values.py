@@ -26,6 +26,7 @@ class UnsignedValues:
     timestamps: list[TimestampEvidence] = field(default_factory=list)
     certs: list[x509.Certificate] = field(default_factory=list)
     crls: list[x509.CertificateRevocationList] = field(default_factory=list)
+    ocsps: list[bytes] = field(default_factory=list)
     has_values: bool = False
 
 
@@ -98,6 +99,13 @@ def _crls(parent: etree._Element | None, what: str) -> list[x509.CertificateRevo
     return out
 
 
+def _ocsps(parent: etree._Element | None, what: str) -> list[bytes]:
+    """OCSPValues/EncapsulatedOCSPValue: DER OCSPResponses (checked where they are used)."""
+    if parent is None:
+        return []
+    return [b64_text(el, what) for el in parent.iter(_XA + "EncapsulatedOCSPValue")]
+
+
 def _ts_c14n(ts_el: etree._Element) -> bool:
     """Whether the timestamp's input is exclusive C14N (its CanonicalizationMethod; default
     inclusive C14N 1.0)."""
@@ -121,12 +129,15 @@ def read_unsigned(
         return out
     sv = sig.find(_DS + "SignatureValue")
     assert sv is not None
-    validation: dict[str, tuple[list[x509.Certificate], list[x509.CertificateRevocationList]]] = {}
+    validation: dict[
+        str, tuple[list[x509.Certificate], list[x509.CertificateRevocationList], list[bytes]]
+    ] = {}
     for prop in usp.iterfind(_XA141 + "TimeStampValidationData"):
         uri = (prop.get("URI") or "").lstrip("#")
         validation[uri] = (
             _certs(prop.find(_XA + "CertificateValues"), "TimeStampValidationData certificate"),
             _crls(prop.find(_XA + "RevocationValues"), "TimeStampValidationData CRL"),
+            _ocsps(prop.find(_XA + "RevocationValues"), "TimeStampValidationData OCSP"),
         )
     for prop in usp.iterchildren("*"):
         name = etree.QName(prop).localname
@@ -146,6 +157,7 @@ def read_unsigned(
             continue
         elif prop.tag == _XA + "RevocationValues":
             out.crls += _crls(prop, "RevocationValues CRL")
+            out.ocsps += _ocsps(prop, "RevocationValues OCSP response")
             continue
         else:
             continue
@@ -154,8 +166,8 @@ def read_unsigned(
             ev.token_der = b64_text(prop.find(_XA + "EncapsulatedTimeStamp"), f"{name} token")
         except ValueError as e:
             ev.error = str(e)
-        certs, crls = validation.get(prop.get("Id") or "", ([], []))
-        ev.certs, ev.crls = certs, crls
+        certs, crls, ocsps = validation.get(prop.get("Id") or "", ([], [], []))
+        ev.certs, ev.crls, ev.ocsps = certs, crls, ocsps
         out.timestamps.append(ev)
     has_revocation = usp.find(_XA + "RevocationValues") is not None
     out.has_values = out.has_values and has_revocation

@@ -223,7 +223,7 @@ def test_a_document_the_doctor_did_not_approve_is_refused(csc: Csc, doctor: Any)
     ("entry", "needle"),
     [
         ({"signature_format": "Z"}, "signature_format"),
-        ({"signature_format": "C", "conformance_level": "AdES-B-LTA"}, "conformance_level"),
+        ({"signature_format": "C", "conformance_level": "AdES-B-LTX"}, "conformance_level"),
         ({"signature_format": "P", "signed_envelope_property": "Attached"}, "not valid for"),
         ({"signature_format": "C", "profile": "jp-eprescription"}, "needs signature_format X"),
         ({"signature_format": "C", "signAlgo": "1.2.840.10045.4.3.2"}, "signAlgo"),

@@ -714,15 +714,15 @@ def test_pades_lta_outlives_the_signer_certificate(world: SignWorld, tsa: dict[s
     assert (rep.indication, rep.sub_indication) == ("INDETERMINATE", "OUT_OF_BOUNDS_NO_POE")
 
 
-# -- CAdES B-LT ---------------------------------------------------------------------------------
+# -- CAdES B-LT and B-LTA --------------------------------------------------------------------------
 
 
-def test_cades_long_term(world: SignWorld, tsa: dict[str, Any]) -> None:
-    async def go(level: str) -> SignedDocument:
+def _sign_cades(world: SignWorld, tsa: dict[str, Any], level: str, **kw: Any) -> bytes:
+    async def go() -> SignedDocument:
         async with Rfc3161Client(url=tsa["url"], timeout=10) as client:
             return await sign_document(
                 key=world.key,
-                chain=world.chain,
+                chain=kw.pop("chain", world.chain),
                 signature_format="C",
                 conformance_level=level,
                 envelope="Attached",
@@ -731,21 +731,123 @@ def test_cades_long_term(world: SignWorld, tsa: dict[str, Any]) -> None:
                 policy=_policy(world, tsa),
             )
 
-    cms = asyncio.run(go("AdES-B-LT")).document_with_signature
-    assert cms is not None
-    path = world.write("lt.p7s", cms)
+    signed = asyncio.run(go()).document_with_signature
+    assert signed is not None
+    return signed
+
+
+def _openssl_cms_verify(world: SignWorld, name: str, cms: bytes) -> None:
+    path = world.write(name, cms)
     res = subprocess.run(
         ["openssl", "cms", "-verify", "-binary", "-inform", "DER", "-in", str(path),
          "-CAfile", str(world.dir / "root.pem"), "-purpose", "any", "-out", "/dev/null"],
         capture_output=True, text=True, check=False,
     )  # fmt: skip
     assert res.returncode == 0, res.stderr
+
+
+@pytest.mark.parametrize(("level", "expected"), [("AdES-B-LT", "B-LT"), ("AdES-B-LTA", "B-LTA")])
+def test_cades_long_term(world: SignWorld, tsa: dict[str, Any], level: str, expected: str) -> None:
+    cms = _sign_cades(world, tsa, level)
+    _openssl_cms_verify(world, f"{expected}.p7s", cms)
     rep = asyncio.run(verify_document(cms, trust=_trust(world, tsa)))
     assert rep.indication == "TOTAL-PASSED", rep.reason
-    assert rep.signatures[0].level == "B-LT"
+    assert rep.signatures[0].level == expected
     assert rep.signatures[0].revocation["source"] == "document"
-    with pytest.raises(InvalidRequest, match="not available for signature_format C"):
-        asyncio.run(go("AdES-B-LTA"))
+    assert len(rep.signatures[0].archive_timestamps) == (1 if expected == "B-LTA" else 0)
+
+
+def _cades_attr(cms: bytes, name: str) -> list[Any]:
+    from asn1crypto import cms as asn1_cms
+
+    import gateway.sign.cades_lta  # noqa: F401 - registers the archive attributes
+
+    si = asn1_cms.ContentInfo.load(cms)["content"]["signer_infos"][0]
+    return [a for a in si["unsigned_attrs"] if a["type"].native == name]
+
+
+def test_cades_b_lta_structure(world: SignWorld, tsa: dict[str, Any]) -> None:
+    """archive-time-stamp-v3 with its ats-hash-index-v3 in the token's unsigned attributes,
+    naming every certificate, CRL and unsigned attribute value the signature held then."""
+    from asn1crypto import cms as asn1_cms
+
+    from gateway.sign.cades_lta import _decode_index, archive_imprint_input
+
+    cms = _sign_cades(world, tsa, "AdES-B-LTA")
+    [ats] = _cades_attr(cms, "archive_time_stamp_v3")
+    token = ats["values"][0]
+    tsi = token["content"]["signer_infos"][0]
+    [index] = [
+        a["values"][0] for a in tsi["unsigned_attrs"] if a["type"].native == "ats_hash_index_v3"
+    ]
+    alg, certs, crls, attrs = _decode_index(index)
+    assert alg == "sha256" and len(list(index)) == 3  # the DEFAULT algorithm is left out
+    assert len(certs) >= 4  # signer, CA, root and the TSA's chain
+    assert len(crls) >= 2
+    assert len(attrs) == 1  # the signature timestamp
+    # the imprint is over the EN 319 122-1 §5.5.3 input, computed independently here
+    import hashlib
+
+    sd = asn1_cms.ContentInfo.load(cms)["content"]
+    si = sd["signer_infos"][0]
+    data = archive_imprint_input(sd, si, index.dump(), hashlib.sha256(CSV).digest())
+    imprint = token["content"]["encap_content_info"]["content"].parsed["message_imprint"]
+    assert imprint["hashed_message"].native == hashlib.sha256(data).digest()
+
+
+def test_cades_b_lta_outlives_the_signer_certificate(world: SignWorld, tsa: dict[str, Any]) -> None:
+    later = dt.datetime.now(dt.UTC) + dt.timedelta(days=3)  # signer expired, CRLs past nextUpdate
+    chain = _short_lived(world)
+    lta = _sign_cades(world, tsa, "AdES-B-LTA", chain=chain)
+    _openssl_cms_verify(world, "lta-short.p7s", lta)
+    rep = asyncio.run(verify_document(lta, trust=_trust(world, tsa), now=later))
+    assert rep.indication == "TOTAL-PASSED", rep.reason
+    assert rep.signatures[0].level == "B-LTA"
+    lt = _sign_cades(world, tsa, "AdES-B-LT", chain=chain)
+    rep = asyncio.run(verify_document(lt, trust=_trust(world, tsa), now=later))
+    assert (rep.indication, rep.sub_indication) == ("INDETERMINATE", "OUT_OF_BOUNDS_NO_POE")
+    assert "archive timestamp" in rep.reason
+    # and from the command line, at that time
+    world.write("tsa-ca.pem", tsa["ca"].public_bytes(serialization.Encoding.PEM))
+    path = world.write("lta-short-cli.p7s", lta)
+    out = run_cli(
+        "verify", str(path), "--trust", str(world.dir / "root.pem"),
+        "--intermediate", str(world.dir / "ca.pem"), "--tsa-trust", str(world.dir / "tsa-ca.pem"),
+        "--at", later.isoformat(), "--json", check=False,
+    )  # fmt: skip
+    assert json.loads(out.stdout)["indication"] == "TOTAL-PASSED", out.stdout
+    path = world.write("lt-short-cli.p7s", lt)
+    out = run_cli(
+        "verify", str(path), "--trust", str(world.dir / "root.pem"),
+        "--intermediate", str(world.dir / "ca.pem"), "--tsa-trust", str(world.dir / "tsa-ca.pem"),
+        "--at", later.isoformat(), "--json", check=False,
+    )  # fmt: skip
+    assert out.returncode == 1
+    assert json.loads(out.stdout)["sub_indication"] == "OUT_OF_BOUNDS_NO_POE", out.stdout
+
+
+def test_cades_b_lta_detects_removed_or_changed_validation_data(
+    world: SignWorld, tsa: dict[str, Any]
+) -> None:
+    from asn1crypto import cms as asn1_cms
+
+    later = dt.datetime.now(dt.UTC) + dt.timedelta(days=3)
+    lta = _sign_cades(world, tsa, "AdES-B-LTA", chain=_short_lived(world))
+    ci = asn1_cms.ContentInfo.load(lta)
+    sd = ci["content"]
+    sd["crls"] = asn1_cms.RevocationInfoChoices(list(sd["crls"])[1:])  # one CRL dropped
+    rep = asyncio.run(verify_document(ci.dump(), trust=_trust(world, tsa), now=later))
+    assert (rep.indication, rep.sub_indication) == ("TOTAL-FAILED", "HASH_FAILURE"), rep.reason
+    assert "archive timestamp" in rep.reason and "CRLs" in rep.reason
+    # the signature timestamp replaced by another: the archive timestamp no longer covers it
+    other = _sign_cades(world, tsa, "AdES-B-T")
+    [sts] = _cades_attr(other, "signature_time_stamp_token")
+    ci = asn1_cms.ContentInfo.load(lta)
+    si = ci["content"]["signer_infos"][0]
+    kept = [a for a in si["unsigned_attrs"] if a["type"].native != "signature_time_stamp_token"]
+    si["unsigned_attrs"] = asn1_cms.CMSAttributes([sts, *kept])
+    rep = asyncio.run(verify_document(ci.dump(), trust=_trust(world, tsa), now=later))
+    assert rep.indication == "TOTAL-FAILED", rep.reason
 
 
 # -- extend CMS and PDF -------------------------------------------------------------------------
@@ -783,6 +885,7 @@ def _sign_bb(world: SignWorld, fmt: str, csv: bytes = CSV) -> bytes:
     [
         ("C", "AdES-B-T", "B-T"),
         ("C", "AdES-B-LT", "B-LT"),
+        ("C", "AdES-B-LTA", "B-LTA"),
         ("P", "AdES-B-LT", "B-LT"),
         ("P", "AdES-B-LTA", "B-LTA"),
     ],
@@ -808,7 +911,7 @@ def test_extend_cms_and_pdf(
         assert result.document.startswith(signed)  # incremental updates only
 
 
-@pytest.mark.parametrize("level", ["AdES-B-T", "AdES-B-LT"])
+@pytest.mark.parametrize("level", ["AdES-B-T", "AdES-B-LT", "AdES-B-LTA"])
 def test_extend_cms_whose_length_ends_in_0x80(
     world: SignWorld, tsa: dict[str, Any], level: str
 ) -> None:
@@ -827,8 +930,12 @@ def test_extend_cms_whose_length_ends_in_0x80(
 
 
 def test_extend_refuses_what_cannot_be_built(world: SignWorld, tsa: dict[str, Any]) -> None:
-    with pytest.raises(InvalidRequest, match="CAdES B-LTA"):
-        _extend(world, tsa, _sign_bb(world, "C"), "AdES-B-LTA")
+    from asn1crypto import cms as asn1_cms
+
+    ci = asn1_cms.ContentInfo.load(_sign_bb(world, "C"))
+    ci["content"]["encap_content_info"] = {"content_type": "data"}  # detached
+    with pytest.raises(InvalidRequest, match="needs its content for B-LTA"):
+        _extend(world, tsa, ci.dump(), "AdES-B-LTA")
     with pytest.raises(InvalidRequest, match="extend a PDF to B-LT or B-LTA"):
         _extend(world, tsa, _sign_bb(world, "P"), "AdES-B-T")
 

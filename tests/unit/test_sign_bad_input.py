@@ -111,7 +111,7 @@ def test_shift_jis_csv_is_accepted() -> None:
 CASES: list[tuple[dict[str, Any], type[Exception], str]] = [
     ({"signature_format": "J"}, InvalidRequest, "unsupported signature_format 'J'"),
     ({"conformance_level": "AdES-B-LTX"}, InvalidRequest, "unsupported conformance_level"),
-    ({"conformance_level": "AdES-B-LTA"}, InvalidRequest, "not available for signature_format C"),
+    ({"conformance_level": "ES-A"}, InvalidRequest, "unsupported conformance_level 'ES-A'"),
     ({"envelope": "Enveloped"}, InvalidRequest, "not valid for signature_format C"),
     ({"conformance_level": "AdES-B-T"}, InvalidRequest, "no"),
     ({"document": b"x" * 2048}, PayloadTooLarge, "over the limit of 1024"),
