@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 
 from tests.support.gateway import Server, client_context, free_port, run_cli
+from tests.support.postgres import Databases, postgres_cluster
 from tests.support.signing import Csc
 from tests.support.webauthn import SoftAuthenticator
 
@@ -82,3 +83,27 @@ def doctor(
     assert r.json()["status"] == "registered"
     assert r.json()["credential_id"] == auth.credential_id_b64
     return doc, auth
+
+
+# -- the store engine ---------------------------------------------------------------------------
+#
+# Tests where the engine's behaviour matters (locking, exactly-once across processes, the audit
+# chain under concurrent writers, lifecycle transactions) take ``store_url`` and run twice: on a
+# SQLite file and on a fresh database of one throwaway PostgreSQL cluster shared by the session
+# (started when the first such test runs). docs/operations.md lists which tests run on which.
+
+
+@pytest.fixture(scope="session")
+def pg_databases() -> Iterator[Databases]:
+    with postgres_cluster() as url:
+        yield Databases(url)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A migrated-or-empty store of each engine: SQLite (a new file, migrated by whoever opens
+    it first) and PostgreSQL (a fresh database holding the migrated schema)."""
+    if request.param == "sqlite":
+        return f"sqlite+aiosqlite:///{tmp_path}/gw.db"
+    dbs: Databases = request.getfixturevalue("pg_databases")
+    return dbs.fresh()

@@ -38,6 +38,7 @@ from gateway.sign.eprescription import EPrescriptionInput
 from gateway.sign.timestamp import Rfc3161Client
 from gateway.signing.grant import Caller, SignatureGrant
 from gateway.signing.ledger import SadLedger, SignRequest
+from gateway.signing.offload import build_off_loop
 from gateway.signing.rules import certificate
 from gateway.store.db import Database
 from gateway.store.schema import credential
@@ -46,6 +47,9 @@ if TYPE_CHECKING:
     from gateway.metrics import Metrics
 
 _MALFORMED = (KeyError, IndexError, RecursionError)
+#: XAdES levels built off the event loop: those whose only outside calls are the key and the
+#: TSA (both bridged back to the loop by ``offload.build_off_loop``).
+_OFF_LOOP_LEVELS = frozenset({"AdES-B-B", "AdES-B-T"})
 
 
 class OutsideGrant(GatewayError):
@@ -168,6 +172,7 @@ class SigningService:
             action="signature.sign_hash",
             detail=_hash_detail,
             refused_detail=refused_detail,
+            now=self.clock(),
         )
         key = GrantedKey(
             StoreKeyHandle(self.keystore, spent.key_id),
@@ -221,25 +226,7 @@ class SigningService:
             key = GrantedKey(await self.keystore.get_key(spent.key_id), budget=len(jobs))
             chain = await self._chain(spent.credential_id)
             results = await service.all_or_none(
-                [
-                    functools.partial(
-                        service.sign_document,
-                        key=key,
-                        chain=chain,
-                        signature_format=j.signature_format,
-                        conformance_level=j.conformance_level,
-                        envelope=j.envelope,
-                        document=j.document,
-                        document_digest=j.document_digest,
-                        profile=j.profile,
-                        csv_encoding=j.csv_encoding,
-                        eprescription_input=j.eprescription_input,
-                        tsa=self.tsa,
-                        now=now,
-                        policy=self.policy,
-                    )
-                    for j in jobs
-                ],
+                [functools.partial(self._build, j, key=key, chain=chain, now=now) for j in jobs],
                 limit=self.policy.parallel_documents,
             )
         except BaseException as e:
@@ -265,6 +252,49 @@ class SigningService:
                 ).inc()
         return results
 
+    async def _build(
+        self, job: DocumentJob, *, key: KeyHandle, chain: list[x509.Certificate], now: datetime
+    ) -> service.SignedDocument:
+        """One signature. XAdES (the e-prescription and the generic envelopes) is built on the
+        builder thread (``offload.py``): parsing, building and canonicalising the document is
+        the request's CPU work and must not stop the event loop. CAdES (a few ASN.1 structures
+        over a digest) stays here, as do PAdES and the long-term levels, whose format code
+        reaches loop-bound clients (pyHanko's TSA client, CRL downloads) directly."""
+
+        def build(k: KeyHandle, tsa: Any) -> Any:
+            return service.sign_document(
+                key=k,
+                chain=chain,
+                signature_format=job.signature_format,
+                conformance_level=job.conformance_level,
+                envelope=job.envelope,
+                document=job.document,
+                document_digest=job.document_digest,
+                profile=job.profile,
+                csv_encoding=job.csv_encoding,
+                eprescription_input=job.eprescription_input,
+                tsa=tsa,
+                now=now,
+                policy=self.policy,
+            )
+
+        if job.signature_format == "X" and job.conformance_level in _OFF_LOOP_LEVELS:
+            limit = BUILD_SECONDS
+            if job.conformance_level != "AdES-B-B" and self.tsa is not None:
+                limit += self.tsa.timeout
+            try:
+                signed: service.SignedDocument = await asyncio.wait_for(
+                    build_off_loop(build, key=key, tsa=self.tsa), limit
+                )
+            except TimeoutError as e:
+                # The build is cancelled at its next await and can no longer reach the key.
+                raise InvalidRequest(
+                    f"document could not be signed within {limit:g} s; nothing was signed"
+                ) from e
+            return signed
+        on_loop: service.SignedDocument = await build(key, self.tsa)
+        return on_loop
+
     # -- shared -----------------------------------------------------------------------------
 
     async def _spend(
@@ -278,7 +308,7 @@ class SigningService:
         action: str,
         detail: Any,
         refused_detail: Mapping[str, Any],
-        now: datetime | None = None,
+        now: datetime,
     ) -> SignatureGrant:
         if caller.facility_id is None:  # pragma: no cover - the handlers refuse it first
             raise InvalidRequest("CSC methods are for facility client certificates")
@@ -288,7 +318,7 @@ class SigningService:
             credential_id=credential_id,
             hashes=hashes,
             algorithm=algorithm,
-            now=now or self.clock(),
+            now=now,
             actor=caller.actor,
             facility_code=caller.institution_code,
             action=action,
@@ -378,6 +408,9 @@ class SigningService:
 
 #: Wall-clock limit for reading a client's documents before the spend (off the event loop).
 INSPECT_SECONDS = 10.0
+#: Wall-clock limit for building one XAdES signature on the builder thread; at B-T the TSA's
+#: own time-out (``timestamp.timeout``) is added, so a slow TSA still answers 503 as before.
+BUILD_SECONDS = 60.0
 
 
 async def _inspect(jobs: Sequence[DocumentJob], policy: service.SigningPolicy) -> None:

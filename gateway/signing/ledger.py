@@ -43,7 +43,18 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import Connection, bindparam, delete, insert, select, update
+from sqlalchemy import (
+    Connection,
+    Integer,
+    LargeBinary,
+    bindparam,
+    column,
+    delete,
+    insert,
+    select,
+    update,
+    values,
+)
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -96,6 +107,7 @@ class _Pending:
 
 
 #: A group transaction takes at most this many waiting requests / hashes (the first always).
+_PG_GROUPS_IN_FLIGHT = 2
 GROUP_MAX_REQUESTS = 64
 GROUP_MAX_HASHES = 1000
 
@@ -108,7 +120,11 @@ class SadLedger:
         self.audit = audit
         # consume_and_audit: requests waiting for the next group transaction, and its runner.
         self._queue: deque[_Pending] = deque()
-        self._drainer: asyncio.Task[None] | None = None
+        self._drainers: set[asyncio.Task[None]] = set()
+        #: Group transactions in flight at once: one on SQLite (one writer anyway); on
+        #: PostgreSQL a second group reads and locks its SADs while the first appends to the
+        #: audit log and commits (row locks keep them apart, as between two instances).
+        self._in_flight = 1 if db.is_sqlite else _PG_GROUPS_IN_FLIGHT
         #: Set by the app (gateway/metrics.py); counts SADs issued.
         self.metrics: Metrics | None = None
 
@@ -219,8 +235,11 @@ class SadLedger:
         loop = asyncio.get_running_loop()
         pending = _Pending(req=req, token=token_hash(req.sad), future=loop.create_future())
         self._queue.append(pending)
-        if self._drainer is None or self._drainer.done():
-            self._drainer = loop.create_task(self._drain())
+        # A finished drainer leaves the set only in a later callback: count the running ones.
+        if sum(not t.done() for t in self._drainers) < self._in_flight:
+            task = loop.create_task(self._drain())
+            self._drainers.add(task)
+            task.add_done_callback(self._drainers.discard)
         return await pending.future
 
     async def _drain(self) -> None:
@@ -263,9 +282,10 @@ class SadLedger:
         cannot both pass). A refused request spends nothing, so it fails alone and is audited
         as refused; a failure in the writes (which cannot fail after the checks under the
         write lock) or in the audit append aborts the whole transaction, and every request of
-        the batch gets the error. Statements per batch on SQLite: BEGIN IMMEDIATE, two reads,
-        two UPDATEs (executemany; one per row where the driver reports no executemany row
-        count, e.g. asyncpg), three for the audit chain, COMMIT, whatever its size.
+        the batch gets the error. Statements per batch: BEGIN (IMMEDIATE on SQLite), two
+        reads, two UPDATEs (executemany with row counts on SQLite; on asyncpg, which reports
+        no executemany row count, one ``UPDATE ... FROM (VALUES ...) RETURNING`` each), three
+        for the audit chain, COMMIT, whatever its size.
         """
         spender = _Spender(conn, [p.token for p in batch], (h for p in batch for h in p.req.hashes))
         outcomes: list[SignatureGrant | Exception] = []
@@ -517,18 +537,88 @@ class _Spender:
         )
 
     def write(self) -> None:
-        _update_checked(
-            self.conn,
-            _SPEND_SAD,
-            [{"b_id": i, "b_n": n} for i, n in sorted(self.sad_spent.items())],
-            "Number of signatures exceeds those authorized by the SAD",
+        sads = sorted(self.sad_spent.items())
+        hashes = sorted(self.hash_spent.items())
+        refusal = "Number of signatures exceeds those authorized by the SAD"
+        if len(sads) > 1 and not self.conn.dialect.supports_sane_multi_rowcount:
+            # asyncpg reports no row count for executemany: one UPDATE ... FROM (VALUES ...)
+            # RETURNING for the whole group instead of a round trip per SAD.
+            _returning_checked(self.conn, _spend_sads(sads), len(sads), refusal)
+        else:
+            _update_checked(
+                self.conn, _SPEND_SAD, [{"b_id": i, "b_n": n} for i, n in sads], refusal
+            )
+        refusal = "Hash is not authorized by the SAD"
+        if len(hashes) > 1 and not self.conn.dialect.supports_sane_multi_rowcount:
+            _returning_checked(self.conn, _spend_hashes(hashes), len(hashes), refusal)
+        else:
+            _update_checked(
+                self.conn,
+                _SPEND_HASH,
+                [{"b_sad": i, "b_hash": h, "b_k": k} for (i, h), k in hashes],
+                refusal,
+            )
+
+
+@functools.lru_cache(maxsize=GROUP_MAX_REQUESTS)
+def _spend_sads_stmt(n: int) -> Any:
+    """``_SPEND_SAD`` for ``n`` distinct SADs in one statement, bind parameters only (built and
+    compiled once per ``n``: a VALUES list of literals would be compiled on every call)."""
+    rows = [
+        (bindparam(f"i{j}", type_=Integer), bindparam(f"n{j}", type_=Integer)) for j in range(n)
+    ]
+    v = values(column("id", Integer), column("n", Integer), name="spend").data(rows)
+    return (
+        update(_sad)
+        .where(_sad.c.id == v.c.id, _sad.c.remaining >= v.c.n)
+        .values(remaining=_sad.c.remaining - v.c.n)
+        .returning(_sad.c.id)
+    )
+
+
+@functools.lru_cache(maxsize=256)
+def _spend_hashes_stmt(n: int) -> Any:
+    """``_SPEND_HASH`` for ``n`` distinct (SAD, hash) rows in one statement."""
+    rows = [
+        (
+            bindparam(f"s{j}", type_=Integer),
+            bindparam(f"h{j}", type_=LargeBinary),
+            bindparam(f"k{j}", type_=Integer),
         )
-        _update_checked(
-            self.conn,
-            _SPEND_HASH,
-            [{"b_sad": i, "b_hash": h, "b_k": k} for (i, h), k in sorted(self.hash_spent.items())],
-            "Hash is not authorized by the SAD",
-        )
+        for j in range(n)
+    ]
+    v = values(
+        column("sad_id", Integer), column("hash", LargeBinary), column("k", Integer), name="spend"
+    ).data(rows)
+    return (
+        update(sad_hash)
+        .where(sad_hash.c.sad_id == v.c.sad_id, sad_hash.c.hash == v.c.hash)
+        .where(sad_hash.c.remaining >= v.c.k)
+        .values(remaining=sad_hash.c.remaining - v.c.k)
+        .returning(sad_hash.c.sad_id)
+    )
+
+
+def _spend_sads(spent: list[tuple[int, int]]) -> tuple[Any, dict[str, Any]]:
+    params: dict[str, Any] = {}
+    for j, (i, n) in enumerate(spent):
+        params[f"i{j}"], params[f"n{j}"] = i, n
+    return _spend_sads_stmt(len(spent)), params
+
+
+def _spend_hashes(spent: list[tuple[tuple[int, bytes], int]]) -> tuple[Any, dict[str, Any]]:
+    params: dict[str, Any] = {}
+    for j, ((i, h), k) in enumerate(spent):
+        params[f"s{j}"], params[f"h{j}"], params[f"k{j}"] = i, h, k
+    return _spend_hashes_stmt(len(spent)), params
+
+
+def _returning_checked(
+    conn: Connection, stmt: tuple[Any, dict[str, Any]], expected: int, refusal: str
+) -> None:
+    """Run a conditional multi-row UPDATE ... RETURNING; refuse unless every row matched."""
+    if len(conn.execute(*stmt).all()) != expected:
+        raise InvalidRequest(refusal)
 
 
 def _update_checked(

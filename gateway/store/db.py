@@ -188,6 +188,14 @@ class Database:
                     sync_url, echo=echo, write=True, busy_timeout_ms=busy_timeout_ms
                 )
         self._write_engine = self.engine.execution_options(**{_WRITE: True})
+        # run_read on PostgreSQL: no BEGIN / ROLLBACK round trips around the read. Under READ
+        # COMMITTED every statement takes its own snapshot inside a transaction anyway, so a
+        # read-only function sees the same rows either way.
+        self._read_engine = (
+            self.engine
+            if self.is_sqlite
+            else self.engine.execution_options(isolation_level="AUTOCOMMIT")
+        )
         self._write_lock = asyncio.Lock() if self.is_sqlite else None
         self._background: dict[Hashable, asyncio.Task[None]] = {}
 
@@ -265,8 +273,11 @@ class Database:
         ``fn`` must only use the connection it is given, and must not block on anything else.
         """
         if self._sync_read is None:
-            async with self.read() as conn:
-                return await conn.run_sync(fn)
+            try:
+                async with self._read_engine.connect() as conn:
+                    return await conn.run_sync(fn)
+            except OperationalError as e:
+                raise TemporarilyUnavailable("database unavailable", retry_after=2) from e
         return await self._sync_read.run(fn)
 
     async def run_write(self, fn: Callable[[Connection], _T]) -> _T:

@@ -1,4 +1,5 @@
-"""Audit chain on a real SQLite store: appends in the action's transaction, tampering found."""
+"""Audit chain on a real store (SQLite and PostgreSQL): appends in the action's transaction,
+tampering found."""
 
 from __future__ import annotations
 
@@ -11,14 +12,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from sqlalchemy import text
 
 from gateway.audit import AuditLog, event_hash
 from gateway.store.db import Database
 from tests.support.gateway import run_cli
 
 
-async def _db(path: Path) -> Database:
-    db = Database(f"sqlite+aiosqlite:///{path}")
+async def _db(url: str) -> Database:
+    db = Database(url)
     await db.migrate()
     return db
 
@@ -41,22 +43,38 @@ def _sql(path: Path, stmt: str, *params: object) -> None:
     con.close()
 
 
+def _tamper(url: str, stmt: str, **params: object) -> Any:
+    """Change the store behind the gateway's back (named parameters), on either engine; the
+    rows a SELECT returns."""
+
+    async def go() -> Any:
+        db = Database(url)
+        try:
+            async with db.engine.begin() as conn:
+                res = await conn.execute(text(stmt), params)
+                return res.all() if res.returns_rows else None
+        finally:
+            await db.close()
+
+    return asyncio.run(go())
+
+
 @pytest.fixture
-def store(tmp_path: Path) -> Path:
-    path = tmp_path / "audit.db"
+def store(store_url: str) -> str:
+    """A store of each engine (SQLite, PostgreSQL) holding a chain of ten events."""
 
     async def go() -> None:
-        db = await _db(path)
+        db = await _db(store_url)
         await _fill(db, AuditLog(), 10)
         await db.close()
 
     asyncio.run(go())
-    return path
+    return store_url
 
 
-def _report(path: Path, key: bytes | None = None) -> Any:
+def _report(url: str, key: bytes | None = None) -> Any:
     async def go() -> Any:
-        db = Database(f"sqlite+aiosqlite:///{path}")
+        db = Database(url)
         try:
             return await _verify(db, AuditLog(key=key))
         finally:
@@ -65,32 +83,32 @@ def _report(path: Path, key: bytes | None = None) -> Any:
     return asyncio.run(go())
 
 
-def test_intact_chain(store: Path) -> None:
+def test_intact_chain(store: str) -> None:
     r = _report(store)
     assert r.ok and r.events == 10
 
 
-def test_modified_row(store: Path) -> None:
-    _sql(store, "UPDATE audit_event SET detail = ? WHERE seq = 4", '{"i":999}')
+def test_modified_row(store: str) -> None:
+    _tamper(store, "UPDATE audit_event SET detail = :d WHERE seq = 4", d='{"i":999}')
     r = _report(store)
     assert not r.ok
     assert (r.problem, r.seq, r.events) == ("modified", 4, 3)
 
 
-def test_gap(store: Path) -> None:
-    _sql(store, "DELETE FROM audit_event WHERE seq = 6")
+def test_gap(store: str) -> None:
+    _tamper(store, "DELETE FROM audit_event WHERE seq = 6")
     r = _report(store)
     assert (r.ok, r.problem, r.seq) == (False, "gap", 7)
     assert "expected event 6" in r.message
 
 
-def test_broken_link_even_with_a_recomputed_hash(store: Path) -> None:
+def test_broken_link_even_with_a_recomputed_hash(store: str) -> None:
     # An attacker rewrites event 5 consistently with itself but cannot fix event 6's link.
-    con = sqlite3.connect(store)
-    row = con.execute(
+    row = _tamper(
+        store,
         "SELECT seq, ts, actor, facility_code, signer_id, action, prev_hash FROM audit_event "
-        "WHERE seq = 5"
-    ).fetchone()
+        "WHERE seq = 5",
+    )[0]
     detail = '{"i":"forged"}'
     h = event_hash(
         key=None,
@@ -103,41 +121,36 @@ def test_broken_link_even_with_a_recomputed_hash(store: Path) -> None:
         detail=detail,
         prev_hash=row[6],
     )
-    con.execute("UPDATE audit_event SET detail = ?, hash = ? WHERE seq = 5", (detail, h))
-    con.commit()
-    con.close()
+    _tamper(store, "UPDATE audit_event SET detail = :d, hash = :h WHERE seq = 5", d=detail, h=h)
     r = _report(store)
     assert (r.ok, r.problem, r.seq) == (False, "broken_link", 6)
 
 
-def test_truncated_tail(store: Path) -> None:
-    _sql(store, "DELETE FROM audit_event WHERE seq = 10")
+def test_truncated_tail(store: str) -> None:
+    _tamper(store, "DELETE FROM audit_event WHERE seq = 10")
     r = _report(store)
     assert (r.ok, r.problem) == (False, "truncated")
     assert r.events == 9
 
 
-def test_hmac_key_defeats_a_rewritten_chain(tmp_path: Path) -> None:
-    path = tmp_path / "k.db"
+def test_hmac_key_defeats_a_rewritten_chain(store_url: str) -> None:
     key = b"k" * 32
 
     async def go() -> None:
-        db = await _db(path)
+        db = await _db(store_url)
         await _fill(db, AuditLog(key=key), 3)
         await db.close()
 
     asyncio.run(go())
-    assert _report(path, key).ok
+    assert _report(store_url, key).ok
     # Without the key, the chain does not verify (an attacker cannot recompute it).
-    assert _report(path, None).problem == "modified"
-    assert _report(path, b"x" * 32).problem == "modified"
+    assert _report(store_url, None).problem == "modified"
+    assert _report(store_url, b"x" * 32).problem == "modified"
 
 
-def test_concurrent_appends_from_two_processes_keep_one_chain(tmp_path: Path) -> None:
-    path = tmp_path / "c.db"
-
+def test_concurrent_appends_from_two_processes_keep_one_chain(store_url: str) -> None:
     async def create() -> None:
-        await (await _db(path)).close()
+        await (await _db(store_url)).close()
 
     asyncio.run(create())
     script = textwrap.dedent(
@@ -147,7 +160,7 @@ def test_concurrent_appends_from_two_processes_keep_one_chain(tmp_path: Path) ->
         from gateway.store.db import Database
 
         async def main():
-            db = Database("sqlite+aiosqlite:///{path}")
+            db = Database({store_url!r})
             audit = AuditLog()
             for i in range(150):
                 async with db.write() as conn:
@@ -159,7 +172,7 @@ def test_concurrent_appends_from_two_processes_keep_one_chain(tmp_path: Path) ->
     )
     procs = [subprocess.Popen([sys.executable, "-c", script]) for _ in range(2)]
     assert [p.wait(timeout=120) for p in procs] == [0, 0]
-    r = _report(path)
+    r = _report(store_url)
     assert r.ok, r.message
     assert r.events == 300
 

@@ -67,9 +67,11 @@ async def _der(s, serial: str) -> bytes:  # type: ignore[no-untyped-def]
         ).scalar_one()
 
 
-async def test_reminders_exactly_on_the_listed_days_and_once(tmp_path: Path) -> None:
+async def test_reminders_exactly_on_the_listed_days_and_once(
+    tmp_path: Path, store_url: str
+) -> None:
     clock = FakeClock(T0)
-    settings = make_settings(tmp_path)
+    settings = make_settings(tmp_path, store_url=store_url)
     async with services(settings, clock) as s:
         await _hospital(s)
         issued = await s.certs.issue("1310000011", actor="test")
@@ -123,10 +125,10 @@ async def test_missed_reminders_are_not_sent_late_all_at_once(tmp_path: Path) ->
 
 
 async def test_rotation_revokes_the_old_certificate_exactly_one_month_later(
-    tmp_path: Path,
+    tmp_path: Path, store_url: str
 ) -> None:
     clock = FakeClock(T0)
-    settings = make_settings(tmp_path)
+    settings = make_settings(tmp_path, store_url=store_url)
     async with services(settings, clock) as s:
         await _hospital(s, code="1310000029", provisional=True)
         old = await s.certs.issue("1310000029", actor="test")
@@ -204,9 +206,11 @@ async def test_renewal_and_rotation_refusals(tmp_path: Path) -> None:
         await s.certs.issue("1310000011", actor="test")
 
 
-async def test_one_certificate_per_facility_and_per_terminal_policy(tmp_path: Path) -> None:
+async def test_one_certificate_per_facility_and_per_terminal_policy(
+    tmp_path: Path, store_url: str
+) -> None:
     clock = FakeClock(T0)
-    settings = make_settings(tmp_path)
+    settings = make_settings(tmp_path, store_url=store_url)
     async with services(settings, clock) as s:
         await _hospital(s)
         first = await s.certs.issue("1310000011", actor="test")
@@ -270,10 +274,10 @@ async def test_dental_department_is_registered_under_the_medical_code(tmp_path: 
             await s.registry.link_dental("1340000019", "1330000031", actor="t")
 
 
-async def test_download_window_lock_resend_and_the_p12(tmp_path: Path) -> None:
+async def test_download_window_lock_resend_and_the_p12(tmp_path: Path, store_url: str) -> None:
     _require("pdftotext")
     clock = FakeClock(T0)
-    settings = make_settings(tmp_path)
+    settings = make_settings(tmp_path, store_url=store_url)
     async with services(settings, clock) as s:
         await _hospital(s)
         res = await s.certs.issue("1310000011", actor="test")
@@ -343,9 +347,11 @@ async def test_download_window_lock_resend_and_the_p12(tmp_path: Path) -> None:
         pkcs12.load_key_and_certificates(p12, pwd2.encode())
 
 
-async def test_revocation_is_immediate_and_publishes_the_crl(tmp_path: Path) -> None:
+async def test_revocation_is_immediate_and_publishes_the_crl(
+    tmp_path: Path, store_url: str
+) -> None:
     clock = FakeClock(T0)
-    settings = make_settings(tmp_path)
+    settings = make_settings(tmp_path, store_url=store_url)
     async with services(settings, clock) as s:
         await _hospital(s)
         res = await s.certs.issue("1310000011", actor="test")
@@ -446,12 +452,12 @@ async def test_smtp_down_keeps_the_reminder_and_retries(tmp_path: Path) -> None:
         assert row.sent_at is None and "SMTP delivery" in row.error
 
 
-def test_expired_fingerprint_is_refused_by_identify_too(tmp_path: Path) -> None:
+def test_expired_fingerprint_is_refused_by_identify_too(tmp_path: Path, store_url: str) -> None:
     """Belt and braces: the store check also refuses an expired certificate (TLS does first)."""
 
     async def go() -> None:
         clock = FakeClock(T0)
-        settings = make_settings(tmp_path)
+        settings = make_settings(tmp_path, store_url=store_url)
         async with services(settings, clock) as s:
             await _hospital(s)
             res = await s.certs.issue("1310000011", actor="test")

@@ -31,7 +31,7 @@ from sqlalchemy import select
 from gateway.store.schema import audit_event
 from tests.support.faults import Ledger, alive, descendants, wait_until
 from tests.support.gateway import Server, client_context, free_port, request, run_cli
-from tests.support.postgres import postgres_cluster
+from tests.support.postgres import Databases
 from tests.support.signing import Csc, b64, random_hashes, services
 from tests.support.webauthn import SoftAuthenticator
 
@@ -81,10 +81,9 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
 
 
 @pytest.fixture(scope="module")
-def pg_world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
-    """The same world on a throwaway PostgreSQL cluster."""
-    with postgres_cluster() as url:
-        yield _enrolled(World(tmp_path_factory.mktemp("faults-pg"), url))
+def pg_world(tmp_path_factory: pytest.TempPathFactory, pg_databases: Databases) -> World:
+    """The same world on a database of the session's throwaway PostgreSQL cluster."""
+    return _enrolled(World(tmp_path_factory.mktemp("faults-pg"), pg_databases.fresh()))
 
 
 def _enrolled(w: World) -> World:

@@ -121,8 +121,10 @@ async def _left(db: Database) -> tuple[set[str], set[str], int, int]:
     return challenges, sads, int(n_sad), int(n_audit)
 
 
-async def test_expired_rows_are_purged_after_the_retention(tmp_path: Path) -> None:
-    settings = make_settings(tmp_path)  # activation.purge_after_hours = 24 (default)
+async def test_expired_rows_are_purged_after_the_retention(tmp_path: Path, store_url: str) -> None:
+    settings = make_settings(
+        tmp_path, store_url=store_url
+    )  # activation.purge_after_hours = 24 (default)
     assert settings.activation.purge_after_hours == 24
     clock = FakeClock(T0)
     async with services(settings, clock) as svc:
@@ -164,9 +166,11 @@ async def test_expired_rows_are_purged_after_the_retention(tmp_path: Path) -> No
 
 
 async def test_a_live_sad_is_never_purged_even_with_the_shortest_retention(
-    tmp_path: Path,
+    tmp_path: Path, store_url: str
 ) -> None:
-    settings = make_settings(tmp_path, extra="[activation]\npurge_after_hours = 1\n")
+    settings = make_settings(
+        tmp_path, store_url=store_url, extra="[activation]\npurge_after_hours = 1\n"
+    )
     clock = FakeClock(T0 + timedelta(hours=9, minutes=59))  # "live" expires at T0 + 10 h
     async with services(settings, clock) as svc:
         await _seed(svc.db, svc.certs.audit)
@@ -180,8 +184,8 @@ async def test_a_live_sad_is_never_purged_even_with_the_shortest_retention(
         assert (await _left(svc.db))[1] == set()
 
 
-async def test_several_schedulers_purge_once(tmp_path: Path) -> None:
-    settings = make_settings(tmp_path)
+async def test_several_schedulers_purge_once(tmp_path: Path, store_url: str) -> None:
+    settings = make_settings(tmp_path, store_url=store_url)
     clock = FakeClock(T0 + timedelta(days=3))
     async with services(settings, clock) as svc:
         await _seed(svc.db, svc.certs.audit)

@@ -1,11 +1,14 @@
 """Two gateway instances (separate processes, own signing processes, as on two hosts) on one
 PostgreSQL cluster: a SAD authorized at one is spent at the other, concurrent spends across
 instances never exceed the count, the scheduler runs on one instance at a time, and the audit
-log stays one verifiable chain."""
+log stays one verifiable chain. Signing over HTTP on PostgreSQL: signDoc (the e-prescription,
+built off the event loop), a refund after the spend, SAD refusals."""
 
 from __future__ import annotations
 
 import asyncio
+import base64
+import hashlib
 import json
 import threading
 from collections.abc import Iterator
@@ -14,11 +17,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from sqlalchemy import select
 
 from gateway.store.db import Database
+from gateway.store.schema import audit_event
 from tests.support.gateway import Server, client_context, free_port, run_cli
-from tests.support.postgres import postgres_cluster
-from tests.support.signing import Csc, random_hashes
+from tests.support.postgres import Databases
+from tests.support.signing import Csc, b64, random_hashes
 from tests.support.webauthn import SoftAuthenticator
 
 pytestmark = [pytest.mark.tls, pytest.mark.hsm]
@@ -45,20 +50,19 @@ class Cluster:
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
-    with postgres_cluster() as url:
-        c = Cluster(tmp_path_factory.mktemp("pg-world"), url)
-        c.a.start()
-        c.b.start()
-        try:
-            r = Csc(c.port_a, c.ctx).enroll(
-                c.doc["enrollment_code"], c.doc["enrollment_password"], c.auth
-            )
-            assert r.status == 200, r.body
-            yield c
-        finally:
-            c.b.stop()
-            c.a.stop()
+def cluster(tmp_path_factory: pytest.TempPathFactory, pg_databases: Databases) -> Iterator[Cluster]:
+    c = Cluster(tmp_path_factory.mktemp("pg-world"), pg_databases.fresh())
+    c.a.start()
+    c.b.start()
+    try:
+        r = Csc(c.port_a, c.ctx).enroll(
+            c.doc["enrollment_code"], c.doc["enrollment_password"], c.auth
+        )
+        assert r.status == 200, r.body
+        yield c
+    finally:
+        c.b.stop()
+        c.a.stop()
 
 
 def test_a_sad_authorized_at_one_instance_is_spent_at_the_other(cluster: Cluster) -> None:
@@ -119,3 +123,75 @@ def test_the_scheduler_lock_has_one_holder_across_instances(cluster: Cluster) ->
         if got == (True, False, True):
             break
     assert got == (True, False, True)
+
+
+CSV = (
+    "1,医療機関コード,1310000011\n2,患者氏名,試験　花子\n3,処方,ロキソプロフェン錠60mg 3錠 分3\n"
+).encode()
+
+
+def _sign_doc(csc: Csc, cred: str, sad: str, document: dict[str, Any]) -> Any:
+    return csc.post(
+        "/csc/v2/signatures/signDoc", {"credentialID": cred, "SAD": sad, "documents": [document]}
+    )
+
+
+def test_eprescription_sign_doc_and_a_refund_across_instances(cluster: Cluster) -> None:
+    """A SAD for one prescription, authorized at A: the pharmacist's profile is refused at B
+    after the spend (403, refunded on PostgreSQL), then the prescription is signed at A with
+    the count given back, and the SAD is spent."""
+    a, b = Csc(cluster.a.port, cluster.ctx), Csc(cluster.b.port, cluster.ctx)
+    cred = cluster.doc["credential_id"]
+    sad = a.authorize(cred, [hashlib.sha256(CSV).digest()], cluster.auth)
+    doc = {"document": b64(CSV), "signature_format": "X"}
+    refused = _sign_doc(b, cred, sad, {**doc, "profile": "jp-dispensing"})
+    assert refused.status == 403, refused.body
+    assert refused.json()["error"] == "role_not_permitted"
+    r = _sign_doc(a, cred, sad, {**doc, "profile": "jp-eprescription"})
+    assert r.status == 200, r.body
+    xml = base64.b64decode(r.json()["DocumentWithSignature"][0])
+    assert base64.b64encode(CSV) in xml
+    report = a.post("/verify", {"document": b64(xml)})
+    assert report.status == 200, report.body
+    assert report.json()["indication"] == "TOTAL-PASSED", report.body
+    spent = _sign_doc(b, cred, sad, {**doc, "profile": "jp-eprescription"})
+    assert spent.status == 400, spent.body
+    assert spent.json()["error_description"] == (
+        "Number of signatures exceeds those authorized by the SAD"
+    )
+
+    async def audit() -> list[tuple[str, dict[str, Any]]]:
+        db = Database(cluster.url)
+        try:
+            async with db.read() as conn:
+                rows = (await conn.execute(select(audit_event).order_by(audit_event.c.seq))).all()
+        finally:
+            await db.close()
+        return [(row.action, json.loads(row.detail)) for row in rows]
+
+    digest = hashlib.sha256(CSV).hexdigest()
+    ours = [
+        action
+        for action, detail in asyncio.run(audit())
+        if (action.startswith("signature.") and digest in json.dumps(detail))
+        or (action == "signature.failed" and detail.get("refunded"))
+    ]
+    assert ours[-3:] == ["signature.sign_doc", "signature.failed", "signature.sign_doc"], ours
+    verify = run_cli("audit", "verify", "-c", str(cluster.config), "--json", check=False)
+    assert verify.returncode == 0, verify.stdout + verify.stderr
+
+
+def test_sad_refusals_on_postgresql(cluster: Cluster) -> None:
+    a, b = Csc(cluster.a.port, cluster.ctx), Csc(cluster.b.port, cluster.ctx)
+    cred = cluster.doc["credential_id"]
+    h = random_hashes(2)
+    sad = a.authorize(cred, h, cluster.auth)
+    wrong = b.sign_hash(cred, sad, random_hashes(1))
+    assert wrong.status == 400
+    assert wrong.json()["error_description"] == "Hash is not authorized by the SAD"
+    unknown = b.sign_hash(cred, "x" * 43, h[:1])
+    assert unknown.status == 400
+    assert unknown.json()["error_description"] == "Invalid parameter SAD"
+    both = b.sign_hash(cred, sad, h)
+    assert both.status == 200, both.body
+    assert len(both.json()["signatures"]) == 2

@@ -6,7 +6,6 @@ import asyncio
 import subprocess
 import sys
 import textwrap
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -25,13 +24,13 @@ from gateway.sandbox import testworld
 from gateway.signing.ledger import SadLedger, SignRequest, token_hash
 from gateway.store.db import Database
 from gateway.store.schema import metadata
-from tests.support.postgres import postgres_cluster
+from tests.support.postgres import Databases
 
 
 @pytest.fixture(scope="module")
-def pg_url() -> Iterator[str]:
-    with postgres_cluster() as url:
-        yield url
+def pg_url(pg_databases: Databases) -> str:
+    """A database of the session's cluster of its own (the tests here drop its schema)."""
+    return pg_databases.fresh()
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

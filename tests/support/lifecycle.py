@@ -45,7 +45,12 @@ class FakeClock:
         self.now = self.now + timedelta(**kw)
 
 
-def make_settings(tmp: Path, *, smtp_port: int | None = None, extra: str = "") -> Settings:
+def make_settings(
+    tmp: Path, *, smtp_port: int | None = None, extra: str = "", store_url: str | None = None
+) -> Settings:
+    """Settings of a lifecycle world in ``tmp``; the store is a SQLite file there unless
+    ``store_url`` names another (the ``store_url`` fixture: SQLite or PostgreSQL)."""
+    url = store_url or f"sqlite+aiosqlite:///{tmp}/gw.db"
     ca = testworld.make_client_ca(now=CA_EPOCH)
     ca.write(tmp / "ca.pem", tmp / "ca.key")
     (tmp / "delivery.key").write_text(secrets.token_hex(32))
@@ -58,7 +63,7 @@ tls_key = "unused.key"
 client_ca = "ca.pem"
 
 [store]
-url = "sqlite+aiosqlite:///{tmp}/gw.db"
+url = "{url}"
 
 [pki]
 facility_ca_cert = "ca.pem"

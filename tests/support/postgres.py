@@ -96,3 +96,52 @@ def postgres_cluster() -> Iterator[str]:
             capture_output=True,
         )
         shutil.rmtree(base, ignore_errors=True)
+
+
+class Databases:
+    """Fresh, migrated databases on one cluster: the first is migrated with Alembic and kept
+    as a template; each further one is a copy of it (``CREATE DATABASE ... TEMPLATE``, tens of
+    milliseconds instead of a migration run per test)."""
+
+    TEMPLATE = "hpki_template"
+
+    def __init__(self, url: str) -> None:
+        self.url = url  # .../postgres
+        self._n = 0
+        self._template_ready = False
+
+    def _psql(self, sql: str) -> None:
+        host_port = self.url.split("@", 1)[1].split("/", 1)[0]
+        host, port = host_port.split(":")
+        subprocess.run(
+            [str(_bindir() / "psql"), "-h", host, "-p", port, "-U", "postgres", "-d", "postgres",
+             "-v", "ON_ERROR_STOP=1", "-q", "-c", sql],
+            check=True,
+            capture_output=True,
+        )  # fmt: skip
+
+    def _db_url(self, name: str) -> str:
+        return self.url.rsplit("/", 1)[0] + "/" + name
+
+    def fresh(self) -> str:
+        """The SQLAlchemy URL of a new database holding the migrated, empty schema."""
+        if not self._template_ready:
+            import asyncio
+
+            from gateway.store.db import Database
+
+            self._psql(f"CREATE DATABASE {self.TEMPLATE}")
+
+            async def migrate() -> None:
+                db = Database(self._db_url(self.TEMPLATE))
+                try:
+                    await db.migrate()
+                finally:
+                    await db.close()
+
+            asyncio.run(migrate())
+            self._template_ready = True
+        self._n += 1
+        name = f"hpki_test_{self._n}"
+        self._psql(f"CREATE DATABASE {name} TEMPLATE {self.TEMPLATE}")
+        return self._db_url(name)
