@@ -105,7 +105,7 @@ class DocumentDigestsEntry(CscRequest):
     hashes: list[str] = Field(min_length=1, max_length=MAX_DOCUMENTS)
     hashAlgorithmOID: Literal["2.16.840.1.101.3.4.2.1"] = "2.16.840.1.101.3.4.2.1"
     signature_format: Literal["C"]
-    conformance_level: Literal["AdES-B-B", "AdES-B-T"] = "AdES-B-B"
+    conformance_level: Literal["AdES-B-B", "AdES-B-T", "AdES-B-LT", "AdES-B-LTA"] = "AdES-B-B"
     signAlgo: str = "1.2.840.113549.1.1.11"
     signed_envelope_property: Literal["Detached"] = "Detached"
 

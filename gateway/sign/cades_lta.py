@@ -86,6 +86,10 @@ def _decode_index(raw: Any) -> tuple[str, list[bytes], list[bytes], list[bytes]]
 def _register(dotted: str, name: str, spec: type) -> None:
     set_of = type("SetOf" + spec.__name__, (core.SetOf,), {"_child_spec": spec})
     cms.CMSAttributeType._map.setdefault(dotted, name)
+    # asn1crypto builds the name -> OID map once, on the first encoding by name: a process
+    # that encoded a CMS attribute before this module was imported has it built already.
+    if cms.CMSAttributeType._reverse_map is not None:
+        cms.CMSAttributeType._reverse_map.setdefault(name, dotted)
     cms.CMSAttribute._oid_specs.setdefault(name, set_of)
 
 

@@ -172,6 +172,35 @@ def test_cades_attached_and_detached_verify_with_openssl(
     assert report["indication"] == "TOTAL-PASSED", report
 
 
+@pytest.mark.parametrize(("level", "reached"), [("AdES-B-LT", "B-LT"), ("AdES-B-LTA", "B-LTA")])
+def test_detached_cades_from_a_digest_at_the_long_term_levels(
+    csc: Csc, doctor: Any, level: str, reached: str
+) -> None:
+    """A system that keeps its document sends only its digest: the detached signature still
+    reaches B-LT (validation data) and B-LTA (archive timestamp over the digest)."""
+    doc, _ = doctor
+    content = f"a document kept by the system, {level}".encode()
+    digest = hashlib.sha256(content).digest()
+    sad = csc.authorize(doc["credential_id"], [digest], doctor[1])
+    r = csc.post(
+        "/csc/v2/signatures/signDoc",
+        {
+            "credentialID": doc["credential_id"],
+            "SAD": sad,
+            "documentDigests": [
+                {"hashes": [b64(digest)], "signature_format": "C", "conformance_level": level}
+            ],
+        },
+    )
+    assert r.status == 200, r.body
+    detached = base64.b64decode(r.json()["SignatureObject"][0])
+    report = _verify(csc, detached, content)
+    assert report["indication"] == "TOTAL-PASSED", report
+    assert report["signatures"][0]["level"] == reached, report
+    # Another document under the same signature is a hash failure, not a pass.
+    assert _verify(csc, detached, content + b"!")["indication"] != "TOTAL-PASSED"
+
+
 def test_pades_bt_with_the_sandbox_tsa(csc: Csc, doctor: Any) -> None:
     from io import BytesIO
 
