@@ -20,7 +20,7 @@ import os
 import socket
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -249,20 +249,55 @@ def test_tsa_down_or_hung_then_back_with_the_same_sad(world: World, fault: str) 
     assert "Traceback" not in srv.logs()
 
 
-def test_crl_server_down_at_es_xl_then_back(world: World) -> None:
-    """ES-XL needs a current CRL of the signer's CA, fetched from its distribution point (A):
-    with A down, 503 with Retry-After before the key is used, audited, SAD kept; with A back,
-    the same SAD signs and the document carries the CRL."""
+def _crl_evidence(world: World, signed: bytes, rep: Any) -> None:
+    assert etree.fromstring(signed).find(f".//{{{XADES}}}EncapsulatedCRLValue") is not None
+    assert rep.signatures[0].xades_level == "ES-XL"
+
+
+def _ocsp_evidence(world: World, signed: bytes, rep: Any) -> None:
+    assert etree.fromstring(signed).find(f".//{{{XADES}}}EncapsulatedOCSPValue") is not None
+    assert rep.signatures[0].revocation["source"] == "document"
+    assert "OCSP" in rep.signatures[0].revocation["reason"]
+
+
+@pytest.mark.parametrize(
+    ("source", "env", "refusal", "evidence"),
+    [
+        # ES-XL needs a current CRL of the signer's CA, fetched from its distribution point (A).
+        ("crl", {}, "no current CRL", _crl_evidence),
+        # A certificate naming an OCSP responder (A), ``long_term_revocation = "ocsp"``: the
+        # document carries the responder's answer (OCSPValues), taken as the evidence.
+        (
+            "ocsp",
+            {"HPKI_GATEWAY_SIGNING__LONG_TERM_REVOCATION": '"ocsp"'},
+            "no OCSP answer",
+            _ocsp_evidence,
+        ),
+    ],
+    ids=["crl-server", "ocsp-responder"],
+)
+def test_revocation_source_down_at_es_xl_then_back(
+    world: World,
+    source: str,
+    env: dict[str, str],
+    refusal: str,
+    evidence: Callable[[World, bytes, Any], None],
+) -> None:
+    """With the revocation source (A) down, 503 with Retry-After before the key is used,
+    audited, SAD kept; with A back, the same SAD signs and the document carries the evidence."""
+    import hashlib
+
+    signer, auth = (
+        (world.doc, world.auth) if source == "crl" else (world.ocsp_signer, world.ocsp_auth)
+    )
     b = TsaProcess(world.config, world.port_b)  # the TSA: up
     b.start()
-    srv = world.server()
+    srv = world.server(**env)
     srv.start()
     a = TsaProcess(world.config, world.port_a)
     try:
-        import hashlib
-
-        cred = world.doc["credential_id"]
-        sad = world.csc().authorize(cred, [hashlib.sha256(CSV).digest()], world.auth)
+        cred = signer["credential_id"]
+        sad = world.csc().authorize(cred, [hashlib.sha256(CSV).digest()], auth)
         seq = world.last_seq()
         entry = {
             "signature_format": "X",
@@ -273,65 +308,18 @@ def test_crl_server_down_at_es_xl_then_back(world: World) -> None:
         assert (r.status, r.json()["error"]) == (503, "temporarily_unavailable"), r.body
         assert int(r.headers["retry-after"]) >= 1
         assert (
-            "no current CRL" in r.json()["error_description"]
+            refusal in r.json()["error_description"]
             and "nothing was signed" in r.json()["error_description"]
         )
         [failed] = _failed(world, seq)
-        assert failed["refunded"] is True and "CRL" in failed["reason"]
+        assert failed["refunded"] is True and source.upper() in failed["reason"]
         a.start()
         r = _sign_doc(world, cred, sad, CSV, **entry)
         assert r.status == 200, r.body
         signed = base64.b64decode(r.json()["DocumentWithSignature"][0])
-        assert etree.fromstring(signed).find(f".//{{{XADES}}}EncapsulatedCRLValue") is not None
         rep = asyncio.run(_verify(world, signed))
         assert rep.indication == "TOTAL-PASSED", rep.reason
-        assert rep.signatures[0].xades_level == "ES-XL"
-    finally:
-        srv.stop()
-        a.stop()
-        b.stop()
-    assert "Traceback" not in srv.logs()
-
-
-def test_ocsp_responder_down_at_es_xl_then_back(world: World) -> None:
-    """A certificate naming an OCSP responder, ``long_term_revocation = "ocsp"``: with the
-    responder (A) down, 503 before the key is used, audited, SAD kept; with it back, the same
-    SAD signs and the document carries the responder's answer (OCSPValues), which our verifier
-    takes as the revocation evidence."""
-    b = TsaProcess(world.config, world.port_b)
-    b.start()
-    srv = world.server(HPKI_GATEWAY_SIGNING__LONG_TERM_REVOCATION='"ocsp"')
-    srv.start()
-    a = TsaProcess(world.config, world.port_a)
-    try:
-        import hashlib
-
-        cred = world.ocsp_signer["credential_id"]
-        sad = world.csc().authorize(cred, [hashlib.sha256(CSV).digest()], world.ocsp_auth)
-        seq = world.last_seq()
-        entry = {
-            "signature_format": "X",
-            "profile": "jp-eprescription",
-            "conformance_level": "AdES-B-LT",
-        }
-        r = _sign_doc(world, cred, sad, CSV, **entry)
-        assert (r.status, r.json()["error"]) == (503, "temporarily_unavailable"), r.body
-        assert int(r.headers["retry-after"]) >= 1
-        assert (
-            "no OCSP answer" in r.json()["error_description"]
-            and "nothing was signed" in r.json()["error_description"]
-        )
-        [failed] = _failed(world, seq)
-        assert failed["refunded"] is True and "OCSP" in failed["reason"]
-        a.start()
-        r = _sign_doc(world, cred, sad, CSV, **entry)
-        assert r.status == 200, r.body
-        signed = base64.b64decode(r.json()["DocumentWithSignature"][0])
-        assert etree.fromstring(signed).find(f".//{{{XADES}}}EncapsulatedOCSPValue") is not None
-        rep = asyncio.run(_verify(world, signed))
-        assert rep.indication == "TOTAL-PASSED", rep.reason
-        assert rep.signatures[0].revocation["source"] == "document"
-        assert "OCSP" in rep.signatures[0].revocation["reason"]
+        evidence(world, signed, rep)
     finally:
         srv.stop()
         a.stop()
