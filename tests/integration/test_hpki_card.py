@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import hashlib
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 
 import pytest
 from cryptography.hazmat.primitives import hashes
@@ -80,14 +81,25 @@ async def test_card_signs_host_padded_blocks(
         await store.close()
 
 
-async def test_wrong_pin_counts_down_and_locks_at_15(
+@contextlib.asynccontextmanager
+async def _inserted(
     pcsc: PcscWorld, hpki_ca: CertAndKey, reader: str
-) -> None:
+) -> AsyncIterator[tuple[HpkiTestCard, CardKeyStore]]:
+    """A doctor's card in the reader and a key store opened on it (closed afterwards)."""
     card = make_hpki_card(hpki_ca, pin=PIN)
     pcsc.readers[0].insert(card.applet)
     store = CardKeyStore(reader)
     await store.open()
     try:
+        yield card, store
+    finally:
+        await store.close()
+
+
+async def test_wrong_pin_counts_down_and_locks_at_15(
+    pcsc: PcscWorld, hpki_ca: CertAndKey, reader: str
+) -> None:
+    async with _inserted(pcsc, hpki_ca, reader) as (card, store):
         with pytest.raises(CardError) as info:
             await store.unlock(bytearray(b"000000"))
         assert info.value.code is CardErrorCode.WRONG_PIN and info.value.tries_left == 14
@@ -104,24 +116,16 @@ async def test_wrong_pin_counts_down_and_locks_at_15(
             await store.unlock(bytearray(PIN.encode()))
         assert info.value.code is CardErrorCode.PIN_BLOCKED
         assert await store.tries_left() == 0
-    finally:
-        await store.close()
 
 
 async def test_unlock_wipes_the_callers_pin_buffer(
     pcsc: PcscWorld, hpki_ca: CertAndKey, reader: str
 ) -> None:
-    card = make_hpki_card(hpki_ca, pin=PIN)
-    pcsc.readers[0].insert(card.applet)
-    store = CardKeyStore(reader)
-    await store.open()
-    try:
+    async with _inserted(pcsc, hpki_ca, reader) as (_, store):
         buf = bytearray(PIN.encode())
         await store.unlock(buf)
         assert buf == bytearray(len(PIN))
         assert PIN not in repr(store)
-    finally:
-        await store.close()
 
 
 async def test_pulled_card_ends_the_session_and_replaced_card_is_another_key(
