@@ -87,3 +87,6 @@ def setup_logging(level: str = "INFO", fmt: str = "json") -> None:
     root.setLevel(level)
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
     logging.getLogger("alembic").setLevel(logging.WARNING)
+    # python-fido2 logs every verified assertion at INFO; the audit log records each one
+    # already (sad.issue), and a log line per authorization slows the ceremony.
+    logging.getLogger("fido2").setLevel(logging.WARNING)

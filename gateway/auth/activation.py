@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import Connection, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from gateway.audit import AuditLog
@@ -97,10 +97,7 @@ class SignatureActivation:
         raw = (
             await conn.execute(select(facility.c.policy).where(facility.c.id == facility_id))
         ).scalar_one_or_none()
-        pol = SigningSessionPolicy.from_policy(json.loads(raw or "{}"))
-        return pol.capped(
-            max_hours=self.session_max_hours, max_signatures=self.session_max_signatures
-        )
+        return self._capped(raw)
 
     async def set_session_policy(
         self, institution_code: str, policy: SigningSessionPolicy, *, actor: str
@@ -172,19 +169,20 @@ class SignatureActivation:
             approval.num_signatures,
         )
         detail = {"credential": credential_id, "hashes": [h.hex() for h in hashes]}
-        refusal = self.fido2.attempt("sad.refused", caller, now=now, detail=detail)
-        async with refusal as at, self.db.write() as conn:
-            at.challenge = challenge_id(parsed.response.client_data.challenge)
-            scal, ttl = await self._level(conn, facility_id, hashes, algorithm, num_signatures)
-            verified = await self.fido2.verify_assertion(
+        binding = approval.binding()
+        attempt = presence.Attempt(challenge=challenge_id(parsed.response.client_data.challenge))
+
+        def unit(conn: Connection) -> IssuedSad:
+            scal, ttl = self._level_sync(conn, facility_id, hashes, algorithm, num_signatures)
+            verified = self.fido2.verify_assertion_sync(
                 conn,
                 assertion=parsed,
                 facility_id=facility_id,
                 credential_id=credential_id,
-                binding=approval.binding(),
+                binding=binding,
                 now=now,
             )
-            at.signer_id = verified.signer_id
+            attempt.signer_id = verified.signer_id
             grant = Grant(
                 facility_id=facility_id,
                 signer_id=verified.signer_id,
@@ -201,11 +199,21 @@ class SignatureActivation:
                     "sign_count": verified.sign_count,
                 },
             )
-            return await presence.issue_grant(conn, self.ledger, grant, caller=caller, now=now)
+            return presence.issue_grant_sync(conn, self.ledger, grant, caller=caller, now=now)
 
-    async def _level(
+        # One grouped write unit: take the challenge, check the assertion, move the sign count,
+        # check the may-sign rule and issue the SAD with its audit event. A refusal rolls the
+        # unit back; its challenge is then burnt and the refusal audited in the same group.
+        refusal = self.fido2.refusal_unit(
+            action="sad.refused", caller=caller, attempt=attempt, detail=detail, now=now
+        )
+        issued = await self.db.run_grouped(unit, on_refusal=refusal)
+        self.ledger.count_issued()
+        return issued
+
+    def _level_sync(
         self,
-        conn: AsyncConnection,
+        conn: Connection,
         facility_id: int,
         hashes: Sequence[bytes],
         algorithm: DigestAlgorithm | None,
@@ -216,7 +224,19 @@ class SignatureActivation:
         if hashes:
             presence.check_bound_request(hashes, algorithm, num_signatures)
             return "2", self.sad_ttl
-        pol = await self.session_policy(conn, facility_id)
+        raw = conn.execute(
+            select(facility.c.policy).where(facility.c.id == facility_id)
+        ).scalar_one_or_none()
+        return self._session_level(self._capped(raw), num_signatures)
+
+    def _capped(self, raw: str | None) -> SigningSessionPolicy:
+        pol = SigningSessionPolicy.from_policy(json.loads(raw or "{}"))
+        return pol.capped(
+            max_hours=self.session_max_hours, max_signatures=self.session_max_signatures
+        )
+
+    @staticmethod
+    def _session_level(pol: SigningSessionPolicy, num_signatures: int) -> tuple[str, timedelta]:
         if not pol.enabled:
             raise InvalidRequest(
                 "Missing (or invalid type) parameter hashes: this facility has no "

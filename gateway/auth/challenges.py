@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Table, delete, insert, select, update
+from sqlalchemy import Connection, Table, bindparam, delete, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from gateway.errors import InvalidRequest
@@ -126,10 +126,23 @@ class ChallengeStore:
         # The card signs the challenge bytes themselves, verified against the stored copy;
         # WebAuthn's client data carries the challenge, python-fido2's state keeps it.
         self.keeps_challenge = keeps_challenge
+        # Built once with bind parameters: compiled once, not per ceremony.
+        c = table.c
+        self._insert = insert(table)
+        self._find = select(table).where(c.id == bindparam("b_cid"))
+        self._use = (
+            update(table)
+            .where(c.id == bindparam("b_cid"), c.used_at.is_(None))
+            .values(used_at=bindparam("b_now"))
+        )
 
-    async def put(
+    async def put(self, conn: AsyncConnection, challenge: bytes, **kw: Any) -> str:
+        """Store a new challenge (in the caller's transaction); returns its id."""
+        return await conn.run_sync(lambda c: self.put_sync(c, challenge, **kw))
+
+    def put_sync(
         self,
-        conn: AsyncConnection,
+        conn: Connection,
         challenge: bytes,
         *,
         kind: str,
@@ -140,32 +153,38 @@ class ChallengeStore:
         ttl: timedelta,
         **columns: Any,
     ) -> str:
-        """Store a new challenge (in the caller's transaction); returns its id."""
+        """:meth:`put` on a synchronous connection (grouped writes)."""
         cid = challenge_id(challenge)
         if self.keeps_challenge:
             columns["challenge"] = challenge
-        await conn.execute(
-            insert(self.table).values(
-                id=cid,
-                kind=kind,
-                signer_id=signer_id,
-                facility_id=facility_id,
-                binding=binding.decode(),
-                created_at=now,
-                expires_at=now + ttl,
+        conn.execute(
+            self._insert,
+            {
+                "id": cid,
+                "kind": kind,
+                "signer_id": signer_id,
+                "facility_id": facility_id,
+                "binding": binding.decode(),
+                "created_at": now,
+                "expires_at": now + ttl,
                 **columns,
-            )
+            },
         )
         return cid
 
     async def find(self, conn: AsyncConnection, cid: str) -> Any:
         """The row, used or not (None when there is none)."""
-        c = self.table.c
-        return (await conn.execute(select(self.table).where(c.id == cid))).one_or_none()
+        return await conn.run_sync(self.find_sync, cid)
+
+    def find_sync(self, conn: Connection, cid: str) -> Any:
+        return conn.execute(self._find, {"b_cid": cid}).one_or_none()
 
     async def peek(self, conn: AsyncConnection, cid: str, *, kind: str, now: datetime) -> Any:
         """The row of an unused, unexpired challenge of ``kind``, or refuse saying why."""
-        row = await self.find(conn, cid)
+        return await conn.run_sync(lambda c: self.peek_sync(c, cid, kind=kind, now=now))
+
+    def peek_sync(self, conn: Connection, cid: str, *, kind: str, now: datetime) -> Any:
+        row = self.find_sync(conn, cid)
         if row is None or row.kind != kind or any(getattr(row, n) is None for n in self.required):
             raise InvalidRequest(self.unknown)
         if row.used_at is not None:
@@ -176,21 +195,21 @@ class ChallengeStore:
 
     async def take(self, conn: AsyncConnection, cid: str, *, kind: str, now: datetime) -> Any:
         """:meth:`peek`, then mark it used: single use, atomic (a racing take finds it used)."""
-        row = await self.peek(conn, cid, kind=kind, now=now)
-        c = self.table.c
-        res = await conn.execute(
-            update(self.table).where(c.id == cid, c.used_at.is_(None)).values(used_at=now)
-        )
+        return await conn.run_sync(lambda c: self.take_sync(c, cid, kind=kind, now=now))
+
+    def take_sync(self, conn: Connection, cid: str, *, kind: str, now: datetime) -> Any:
+        row = self.peek_sync(conn, cid, kind=kind, now=now)
+        res = conn.execute(self._use, {"b_cid": cid, "b_now": now})
         if res.rowcount != 1:
             raise InvalidRequest("challenge was already used")
         return row
 
     async def burn(self, conn: AsyncConnection, cid: str, *, now: datetime) -> None:
         """Use up a challenge whose ceremony was refused (no second try with the same one)."""
-        c = self.table.c
-        await conn.execute(
-            update(self.table).where(c.id == cid, c.used_at.is_(None)).values(used_at=now)
-        )
+        await conn.run_sync(lambda c: self.burn_sync(c, cid, now=now))
+
+    def burn_sync(self, conn: Connection, cid: str, *, now: datetime) -> None:
+        conn.execute(self._use, {"b_cid": cid, "b_now": now})
 
     async def purge(self, conn: AsyncConnection, *, before: datetime) -> int:
         """Delete the challenges that expired before ``before``; returns how many."""

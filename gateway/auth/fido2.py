@@ -23,14 +23,17 @@ into a SAD.
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import json
 import secrets
+import typing
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, NoReturn
 
+from fido2 import utils as fido2_utils
 from fido2.server import Fido2Server
 from fido2.utils import websafe_decode, websafe_encode
 from fido2.webauthn import (
@@ -45,7 +48,7 @@ from fido2.webauthn import (
     ResidentKeyRequirement,
     UserVerificationRequirement,
 )
-from sqlalchemy import ColumnElement, and_, insert, select, update
+from sqlalchemy import ColumnElement, Connection, and_, bindparam, insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -66,6 +69,12 @@ from gateway.passwords import AttemptLimit, hash_password, verify_password
 from gateway.signing.grant import Caller as Caller
 from gateway.store.db import Database
 from gateway.store.schema import enrollment, fido_credential, signer, signer_facility
+
+# python-fido2 2.x resolves the type hints of its WebAuthn data classes (string annotations)
+# with typing.get_type_hints on every construction and every from_dict: about 1 ms of CPU per
+# parsed assertion, most of a ceremony's parsing. A class's hints never change once it is
+# defined and fido2 only reads them, so they are resolved once per class.
+fido2_utils.get_type_hints = functools.cache(typing.get_type_hints)  # type: ignore[assignment]
 
 # Crockford base32 without I, L, O, U: no look-alikes when a doctor types the code.
 _CODE_ALPHABET = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
@@ -493,48 +502,47 @@ class Fido2Authenticator(presence.PresenceMethod):
     async def authenticate_begin(
         self, *, caller: Caller, approval: Approval, now: datetime | None = None
     ) -> dict[str, Any]:
-        """Request options whose challenge commits to exactly this approval."""
+        """Request options whose challenge commits to exactly this approval.
+
+        One grouped write unit (``Database.run_grouped``): the checks of begin, the options and
+        the stored challenge, committed with the concurrent ceremonies of its group."""
         now = now or self.clock()
         credential_id = approval.credential_id
         if caller.facility_id is None:
             raise AccessDenied("FIDO2 authentication is relayed by facility client certificates")
-        async with self.db.write() as conn:
-            signer_id = await presence.signer_of_credential(
-                conn, credential_id=credential_id, facility_id=caller.facility_id
+        facility_id = caller.facility_id
+        binding = approval.binding()
+        challenge = new_bound_challenge(binding)
+
+        def unit(conn: Connection) -> dict[str, Any]:
+            signer_id = presence.signer_of_credential_sync(
+                conn, credential_id=credential_id, facility_id=facility_id
             )
-            allow = _descriptors(await _authenticator_ids(conn, signer_id))
+            allow = _descriptors(_authenticator_ids_sync(conn, signer_id))
             if not allow:
                 raise InvalidRequest(
                     f"signer {signer_id} has no registered FIDO2 authenticator: enrol one "
                     "at /enroll with an enrollment code"
                 )
-            binding = approval.binding()
-            challenge = new_bound_challenge(binding)
             options, state = self.server.authenticate_begin(
                 credentials=allow,
                 user_verification=UserVerificationRequirement.REQUIRED,
                 challenge=challenge,
             )
-            await self.put_challenge(
+            self.put_challenge_sync(
                 conn, challenge, kind="authenticate", signer_id=signer_id, caller=caller,
                 binding=binding, now=now,
                 credential_id=credential_id, fido2_state=json.dumps(state),
             )  # fmt: skip
-        return {"publicKey": dict(options.public_key)}
+            return {"publicKey": dict(options.public_key)}
+
+        return await self.db.run_grouped(unit)
 
     async def _take_challenge(
         self, conn: AsyncConnection, cid: str, *, kind: str, now: datetime
     ) -> ChallengeState:
         """Mark the challenge used (single use, atomic) and return its state."""
-        row = await self.challenges.take(conn, cid, kind=kind, now=now)
-        return ChallengeState(
-            id=cid,
-            signer_id=row.signer_id,
-            facility_id=row.facility_id,
-            credential_id=row.credential_id,
-            binding=row.binding.encode(),
-            fido2_state=json.loads(row.fido2_state),
-        )
+        return _state_of(cid, await self.challenges.take(conn, cid, kind=kind, now=now))
 
     @staticmethod
     def parse_assertion(response: Mapping[str, Any]) -> AuthenticationResponse:
@@ -558,9 +566,28 @@ class Fido2Authenticator(presence.PresenceMethod):
         Raises InvalidRequest with the reason; the caller rolls back and records the refusal
         (``refused``), which also burns the challenge.
         """
+        return await conn.run_sync(
+            lambda c: self.verify_assertion_sync(
+                c, assertion=assertion, facility_id=facility_id, credential_id=credential_id,
+                binding=binding, now=now,
+            )
+        )  # fmt: skip
+
+    def verify_assertion_sync(
+        self,
+        conn: Connection,
+        *,
+        assertion: AuthenticationResponse,
+        facility_id: int,
+        credential_id: str,
+        binding: bytes,
+        now: datetime,
+    ) -> VerifiedPresence:
+        """:meth:`verify_assertion` on a synchronous connection (a grouped write unit)."""
         challenge = assertion.response.client_data.challenge
         cid = challenge_id(challenge)
-        state = await self._take_challenge(conn, cid, kind="authenticate", now=now)
+        row = self.challenges.take_sync(conn, cid, kind="authenticate", now=now)
+        state = _state_of(cid, row)
         check_issued_for(state, facility_id=facility_id, credential_id=credential_id)
         if not approves(challenge, binding):
             raise InvalidRequest(
@@ -568,20 +595,16 @@ class Fido2Authenticator(presence.PresenceMethod):
                 "hashAlgorithmOID or numSignatures differ from authenticate/begin"
             )
         raw_id = websafe_encode(assertion.raw_id)
-        frow = (
-            await conn.execute(
-                select(fido_credential).where(fido_credential.c.credential_id == raw_id)
-            )
-        ).one_or_none()
+        frow = conn.execute(_FIDO_CREDENTIAL, {"raw_id": raw_id}).one_or_none()
         if frow is None or frow.signer_id != state.signer_id:
             raise InvalidRequest("the authenticator is not registered for this signer")
         try:
             self.server.authenticate_complete(
-                state.fido2_state, [AttestedCredentialData(frow.credential_data)], assertion
+                state.fido2_state, [_attested(frow.credential_data)], assertion
             )
         except ValueError as e:
             raise InvalidRequest(f"WebAuthn assertion refused: {e}") from e
-        counter = await _count_signature(conn, frow, assertion.response.authenticator_data, now)
+        counter = _count_signature(conn, frow, assertion.response.authenticator_data, now)
         return VerifiedPresence(
             signer_id=state.signer_id,
             fido_credential_id=frow.id,
@@ -601,26 +624,61 @@ async def use_enrollment(conn: AsyncConnection, enrollment_id: int, *, now: date
 
 async def _authenticator_ids(conn: AsyncConnection, signer_id: str) -> list[str]:
     """The WebAuthn credential ids (base64url) of the signer's authenticators."""
-    return list(
-        (
-            await conn.execute(
-                select(fido_credential.c.credential_id).where(
-                    fido_credential.c.signer_id == signer_id
-                )
-            )
-        ).scalars()
-    )
+    return list((await conn.execute(_AUTHENTICATOR_IDS, {"signer_id": signer_id})).scalars())
+
+
+def _authenticator_ids_sync(conn: Connection, signer_id: str) -> list[str]:
+    return list(conn.execute(_AUTHENTICATOR_IDS, {"signer_id": signer_id}).scalars())
 
 
 def _descriptors(credential_ids: list[str]) -> list[PublicKeyCredentialDescriptor]:
-    return [
-        PublicKeyCredentialDescriptor(type=PublicKeyCredentialType.PUBLIC_KEY, id=websafe_decode(c))
-        for c in credential_ids
-    ]
+    return [_descriptor(c) for c in credential_ids]
 
 
-async def _count_signature(
-    conn: AsyncConnection, frow: Any, auth_data: AuthenticatorData, now: datetime
+@functools.lru_cache(maxsize=4096)
+def _descriptor(credential_id: str) -> PublicKeyCredentialDescriptor:
+    """One allowCredentials entry: immutable for its id, built once (python-fido2's data
+    classes resolve their type hints on every construction)."""
+    return PublicKeyCredentialDescriptor(
+        type=PublicKeyCredentialType.PUBLIC_KEY, id=websafe_decode(credential_id)
+    )
+
+
+@functools.lru_cache(maxsize=4096)
+def _attested(credential_data: bytes) -> AttestedCredentialData:
+    """A stored credential's public key, parsed once: immutable for its bytes."""
+    return AttestedCredentialData(credential_data)
+
+
+def _state_of(cid: str, row: Any) -> ChallengeState:
+    return ChallengeState(
+        id=cid,
+        signer_id=row.signer_id,
+        facility_id=row.facility_id,
+        credential_id=row.credential_id,
+        binding=row.binding.encode(),
+        fido2_state=json.loads(row.fido2_state),
+    )
+
+
+_AUTHENTICATOR_IDS = select(fido_credential.c.credential_id).where(
+    fido_credential.c.signer_id == bindparam("signer_id")
+)
+_FIDO_CREDENTIAL = select(fido_credential).where(
+    fido_credential.c.credential_id == bindparam("raw_id")
+)
+_COUNT = (
+    update(fido_credential)
+    .where(
+        fido_credential.c.id == bindparam("b_id"),
+        fido_credential.c.sign_count == bindparam("b_old"),
+    )
+    .values(sign_count=bindparam("b_new"), last_used_at=bindparam("b_now"))
+)
+
+
+def _count_signature(
+    conn: Connection, frow: Any, auth_data: AuthenticatorData, now: datetime
 ) -> int:
     """Store the assertion's sign count; it must grow (WebAuthn §6.1.1), and a concurrent
     assertion of the same authenticator loses."""
@@ -630,13 +688,8 @@ async def _count_signature(
             f"WebAuthn assertion refused: sign count {counter} does not exceed "
             f"{frow.sign_count} (cloned authenticator?)"
         )
-    res = await conn.execute(
-        update(fido_credential)
-        .where(
-            fido_credential.c.id == frow.id,
-            fido_credential.c.sign_count == frow.sign_count,
-        )
-        .values(sign_count=counter, last_used_at=now)
+    res = conn.execute(
+        _COUNT, {"b_id": frow.id, "b_old": frow.sign_count, "b_new": counter, "b_now": now}
     )
     if res.rowcount != 1:
         raise InvalidRequest("WebAuthn assertion refused: sign count changed concurrently")

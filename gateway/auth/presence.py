@@ -14,10 +14,10 @@ from dataclasses import dataclass, fields
 from datetime import datetime, timedelta
 from typing import Any, TypeVar
 
-from sqlalchemy import Table, delete, select
+from sqlalchemy import Connection, Table, delete, select
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from gateway.audit import AuditLog
+from gateway.audit import AuditLog, AuditRecord
 from gateway.auth.challenges import ChallengeStore
 from gateway.clock import Clock
 from gateway.errors import AccessDenied, GatewayError, InvalidRequest, NotFound
@@ -27,6 +27,7 @@ from gateway.signing.ledger import SadLedger, end_sads_of
 from gateway.signing.rules import require_credential_active, require_may_sign, require_signer_active
 from gateway.store import signers as store
 from gateway.store.db import Database
+from gateway.store.grouped import OnRefusal
 
 _T = TypeVar("_T")
 
@@ -68,6 +69,16 @@ async def signer_of_credential(
 ) -> str:
     """At begin: the signer of a credential offered to this facility, both active."""
     row = await store.served_credential(conn, credential_id=credential_id, facility_id=facility_id)
+    return _served_signer(row, credential_id)
+
+
+def signer_of_credential_sync(conn: Connection, *, credential_id: str, facility_id: int) -> str:
+    """:func:`signer_of_credential` on a synchronous connection (grouped writes)."""
+    row = store.served_credential_sync(conn, credential_id=credential_id, facility_id=facility_id)
+    return _served_signer(row, credential_id)
+
+
+def _served_signer(row: Any, credential_id: str) -> str:
     if row is None:
         raise InvalidRequest("Invalid parameter credentialID")
     require_signer_active(row.signer_id, row.signer_status)
@@ -81,6 +92,18 @@ async def check_may_sign(
     """The one rule, read in the issuing transaction: active signer serving the facility,
     active credential with a certificate valid now (``signing/rules.py``)."""
     row = await store.may_sign_row(conn, credential_id=credential_id, facility_id=facility_id)
+    _may_sign(row, credential_id, now)
+
+
+def check_may_sign_sync(
+    conn: Connection, *, facility_id: int, credential_id: str, now: datetime
+) -> None:
+    """:func:`check_may_sign` on a synchronous connection (grouped writes)."""
+    row = store.may_sign_row_sync(conn, credential_id=credential_id, facility_id=facility_id)
+    _may_sign(row, credential_id, now)
+
+
+def _may_sign(row: Any, credential_id: str, now: datetime) -> None:
     if row is None:
         raise InvalidRequest("Invalid parameter credentialID")
     require_may_sign(
@@ -136,6 +159,24 @@ class PresenceMethod:
             binding=binding, now=now, ttl=self.challenge_ttl, **columns,
         )  # fmt: skip
 
+    def put_challenge_sync(
+        self,
+        conn: Connection,
+        challenge: bytes,
+        *,
+        kind: str,
+        signer_id: str,
+        caller: Caller,
+        binding: bytes,
+        now: datetime,
+        **columns: Any,
+    ) -> str:
+        """:meth:`put_challenge` on a synchronous connection (grouped writes)."""
+        return self.challenges.put_sync(
+            conn, challenge, kind=kind, signer_id=signer_id, facility_id=caller.facility_id,
+            binding=binding, now=now, ttl=self.challenge_ttl, **columns,
+        )  # fmt: skip
+
     async def refused(
         self,
         *,
@@ -161,6 +202,38 @@ class PresenceMethod:
                 detail={"reason": reason, **(detail or {})},
                 now=now,
             )
+
+    def refusal_unit(
+        self,
+        *,
+        action: str,
+        caller: Caller,
+        attempt: Attempt,
+        detail: Mapping[str, Any] | None = None,
+        now: datetime,
+    ) -> OnRefusal:
+        """:meth:`refused` as the ``on_refusal`` of a grouped write unit: after the unit's
+        rollback, in the same group transaction, burn ``attempt``'s challenge and audit the
+        refusal with what the unit set on ``attempt``."""
+
+        def record(conn: Connection, e: GatewayError) -> None:
+            if attempt.challenge is not None:
+                self.challenges.burn_sync(conn, attempt.challenge, now=now)
+            self.audit.append_many_sync(
+                conn,
+                [
+                    AuditRecord(
+                        action=action,
+                        actor=caller.actor,
+                        facility_code=caller.institution_code,
+                        signer_id=attempt.signer_id,
+                        detail={"reason": e.description, **(detail or {})},
+                        now=now,
+                    )
+                ],
+            )
+
+        return record
 
     @contextlib.asynccontextmanager
     async def attempt(
@@ -228,6 +301,18 @@ async def issue_grant(
         conn, facility_id=grant.facility_id, credential_id=grant.credential_id, now=now
     )
     return await ledger.issue(
+        conn, grant, actor=caller.actor, facility_code=caller.institution_code, now=now
+    )
+
+
+def issue_grant_sync(
+    conn: Connection, ledger: SadLedger, grant: Grant, *, caller: Caller, now: datetime
+) -> IssuedSad:
+    """:func:`issue_grant` on a synchronous connection (grouped writes)."""
+    check_may_sign_sync(
+        conn, facility_id=grant.facility_id, credential_id=grant.credential_id, now=now
+    )
+    return ledger.issue_sync(
         conn, grant, actor=caller.actor, facility_code=caller.institution_code, now=now
     )
 

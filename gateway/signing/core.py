@@ -27,7 +27,6 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 from cryptography import x509
-from sqlalchemy import select
 
 from gateway.audit import AuditLog
 from gateway.clock import Clock
@@ -41,7 +40,6 @@ from gateway.signing.ledger import SadLedger, SignRequest
 from gateway.signing.offload import build_off_loop
 from gateway.signing.rules import certificate
 from gateway.store.db import Database
-from gateway.store.schema import credential
 
 if TYPE_CHECKING:
     from gateway.metrics import Metrics
@@ -224,7 +222,7 @@ class SigningService:
         )
         try:
             key = GrantedKey(await self.keystore.get_key(spent.key_id), budget=len(jobs))
-            chain = await self._chain(spent.credential_id)
+            chain = _chain(spent)
             results = await service.all_or_none(
                 [functools.partial(self._build, j, key=key, chain=chain, now=now) for j in jobs],
                 limit=self.policy.parallel_documents,
@@ -387,23 +385,23 @@ class SigningService:
         if self.metrics is not None:
             self.metrics.sad.labels("refunded").inc(len(spent.hashes))
 
-    async def _chain(self, credential_id: str) -> list[x509.Certificate]:
-        """The credential's certificate, then its issuers (as stored with the credential)."""
-        async with self.db.read() as conn:
-            row = (
-                await conn.execute(
-                    select(credential.c.certificate_der, credential.c.chain_pem).where(
-                        credential.c.id == credential_id
-                    )
-                )
-            ).one()
-        if row.certificate_der is None:
-            raise InvalidRequest("Invalid parameter credentialID")
-        try:
-            chain = x509.load_pem_x509_certificates(row.chain_pem.encode()) if row.chain_pem else []
-        except ValueError as e:
-            raise PkiError(f"not a PEM certificate bundle: {e}") from e
-        return [certificate(row.certificate_der), *chain]
+
+def _chain(spent: SignatureGrant) -> list[x509.Certificate]:
+    """The credential's certificate, then its issuers, as the spending transaction read them."""
+    if spent.certificate_der is None:  # pragma: no cover - the spend requires a certificate
+        raise InvalidRequest("Invalid parameter credentialID")
+    return list(_parsed_chain(spent.certificate_der, spent.chain_pem))
+
+
+@functools.lru_cache(maxsize=256)
+def _parsed_chain(certificate_der: bytes, chain_pem: str | None) -> tuple[x509.Certificate, ...]:
+    """Parsed once per process for the same bytes (keyed by content: a renewed certificate or
+    another chain is other bytes, so nothing needs invalidating)."""
+    try:
+        chain = x509.load_pem_x509_certificates(chain_pem.encode()) if chain_pem else []
+    except ValueError as e:
+        raise PkiError(f"not a PEM certificate bundle: {e}") from e
+    return (certificate(certificate_der), *chain)
 
 
 #: Wall-clock limit for reading a client's documents before the spend (off the event loop).

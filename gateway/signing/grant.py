@@ -63,6 +63,10 @@ class SignatureGrant:
     algorithm: DigestAlgorithm
     scal: str
     presence: str
+    #: The credential's certificate and issuers as read in the spending transaction (what a
+    #: signature embeds; signHash does not need them).
+    certificate_der: bytes | None = field(default=None, repr=False, compare=False)
+    chain_pem: str | None = field(default=None, repr=False, compare=False)
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -138,56 +138,81 @@ class SadLedger:
         now: datetime,
     ) -> IssuedSad:
         """Store ``grant`` as a new SAD in the caller's transaction, with its audit event."""
+        issued = await conn.run_sync(
+            lambda c: self.issue_sync(c, grant, actor=actor, facility_code=facility_code, now=now)
+        )
+        self.count_issued()
+        return issued
+
+    def count_issued(self) -> None:
+        """Count an issued SAD (after ``issue_sync``, once its transaction committed)."""
+        if self.metrics is not None:
+            self.metrics.sad.labels("issued").inc()
+
+    def issue_sync(
+        self,
+        conn: Connection,
+        grant: Grant,
+        *,
+        actor: str,
+        facility_code: str | None,
+        now: datetime,
+    ) -> IssuedSad:
+        """:meth:`issue` on a synchronous connection (grouped writes); the caller counts it
+        (:meth:`count_issued`) once committed."""
         token = secrets.token_urlsafe(32)
         bound = grant.scal == "2"
         alg = grant.hash_algorithm
         expires = now + grant.ttl
-        res = await conn.execute(
-            insert(sad).values(
-                token_hash=token_hash(token),
-                facility_id=grant.facility_id,
-                signer_id=grant.signer_id,
-                credential_id=grant.credential_id,
-                fido_credential_id=grant.presence_ref,
-                presence=grant.presence,
-                hash_algorithm=alg.value if (alg and bound) else None,
-                scal=grant.scal,
-                num_signatures=grant.count,
-                remaining=grant.count,
-                created_at=now,
-                expires_at=expires,
-            )
+        res = conn.execute(
+            _ISSUE,
+            {
+                "token_hash": token_hash(token),
+                "facility_id": grant.facility_id,
+                "signer_id": grant.signer_id,
+                "credential_id": grant.credential_id,
+                "fido_credential_id": grant.presence_ref,
+                "presence": grant.presence,
+                "hash_algorithm": alg.value if (alg and bound) else None,
+                "scal": grant.scal,
+                "num_signatures": grant.count,
+                "remaining": grant.count,
+                "created_at": now,
+                "expires_at": expires,
+            },
         )
         sad_id = int(res.inserted_primary_key[0])  # type: ignore[index]
         if bound:
             multiset = Counter(bytes(h) for h in grant.hashes)
-            await conn.execute(
-                insert(sad_hash),
+            conn.execute(
+                _ISSUE_HASHES,
                 [
                     {"sad_id": sad_id, "hash": h, "authorized": k, "remaining": k}
                     for h, k in multiset.items()
                 ],
             )
-        await self.audit.append(
+        self.audit.append_many_sync(
             conn,
-            action="sad.issue",
-            actor=actor,
-            facility_code=facility_code,
-            signer_id=grant.signer_id,
-            detail={
-                "sad": sad_id,
-                "credential": grant.credential_id,
-                **grant.evidence,
-                "scal": grant.scal,
-                "num_signatures": grant.count,
-                "hash_algorithm": alg.value if alg else None,
-                "hashes": [h.hex() for h in grant.hashes],
-                "expires_at": expires.isoformat(),
-            },
-            now=now,
+            [
+                AuditRecord(
+                    action="sad.issue",
+                    actor=actor,
+                    facility_code=facility_code,
+                    signer_id=grant.signer_id,
+                    detail={
+                        "sad": sad_id,
+                        "credential": grant.credential_id,
+                        **grant.evidence,
+                        "scal": grant.scal,
+                        "num_signatures": grant.count,
+                        "hash_algorithm": alg.value if alg else None,
+                        "hashes": [h.hex() for h in grant.hashes],
+                        "expires_at": expires.isoformat(),
+                    },
+                    now=now,
+                )
+            ],
         )
-        if self.metrics is not None:
-            self.metrics.sad.labels("issued").inc()
         return IssuedSad(
             token=token,
             expires_in=int(grant.ttl.total_seconds()),
@@ -363,6 +388,9 @@ class SadLedger:
 
 
 _sad = sad  # the module-level name is shadowed by the ``sad`` parameters
+#: A new SAD (bind parameters only: compiled once).
+_ISSUE = insert(_sad)
+_ISSUE_HASHES = insert(sad_hash)
 
 
 async def end_sads_of(conn: AsyncConnection, presence_ref: str, *, now: datetime) -> int:
@@ -419,6 +447,7 @@ _SADS = (
         credential.c.key_id,
         credential.c.status.label("credential_status"),
         credential.c.certificate_der,
+        credential.c.chain_pem,
         signer.c.status.label("signer_status"),
         signer_facility.c.facility_id.label("serves_facility"),
         facility.c.institution_code,
@@ -534,6 +563,8 @@ class _Spender:
             algorithm=algorithm,
             scal=row.scal,
             presence=row.presence,
+            certificate_der=row.certificate_der,
+            chain_pem=row.chain_pem,
         )
 
     def write(self) -> None:

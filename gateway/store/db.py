@@ -9,7 +9,8 @@ writer anyway, and without the lock concurrent requests on pooled connections ea
 SQLite's busy handler, which sleeps in steps of up to 100 ms (measured: p99 of a one-hash
 signHash at 16 clients went from ~1.2 s to milliseconds).
 
-Hot paths (the mTLS identity read, grouped SAD consumption) use ``run_read`` / ``run_write``: the
+Hot paths (the mTLS identity read, grouped SAD consumption, the presence ceremonies through
+``run_grouped``: ``store/grouped.py``) use ``run_read`` / ``run_write``: the
 caller passes a *synchronous* function of a SQLAlchemy ``Connection`` and the whole transaction
 runs in one go. On a SQLite file that is one hop to a dedicated thread holding plain ``sqlite3``
 connections (same pragmas, same ``BEGIN IMMEDIATE``, same in-process write lock), instead of one
@@ -42,6 +43,7 @@ if TYPE_CHECKING:
     from alembic.config import Config
 
 from gateway.errors import TemporarilyUnavailable
+from gateway.store.grouped import GroupedWrites, OnRefusal
 
 log = logging.getLogger("gateway.store")
 
@@ -198,6 +200,7 @@ class Database:
         )
         self._write_lock = asyncio.Lock() if self.is_sqlite else None
         self._background: dict[Hashable, asyncio.Task[None]] = {}
+        self._grouped = GroupedWrites(self.run_write)
 
     @asynccontextmanager
     async def exclusive(self, name: str) -> AsyncIterator[bool]:
@@ -290,6 +293,14 @@ class Database:
         assert self._write_lock is not None
         async with self._write_lock:
             return await self._sync_write.run(fn)
+
+    async def run_grouped(
+        self, fn: Callable[[Connection], _T], *, on_refusal: OnRefusal | None = None
+    ) -> _T:
+        """``fn(conn)`` as a unit of the next grouped write transaction, in its own savepoint
+        (``store/grouped.py``): committed with the concurrent units of its group, rolled back
+        alone if it raises (after which ``on_refusal`` may record the refusal)."""
+        return await self._grouped.run(fn, on_refusal=on_refusal)
 
     def write_later(self, key: Hashable, fn: Callable[[Connection], object]) -> None:
         """``run_write(fn)`` in the background, for bookkeeping no response depends on (e.g. a

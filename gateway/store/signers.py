@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import Connection, bindparam, select
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from gateway.store.schema import credential, fido_credential, jpki_binding, signer, signer_facility
@@ -21,52 +21,70 @@ async def signer_status(conn: AsyncConnection, signer_id: str) -> str | None:
     ).scalar_one_or_none()
 
 
+# Built once with bind parameters (hot path of every ceremony): SQLAlchemy reuses their cache
+# keys and compiled forms instead of rebuilding the expressions per request.
+_SERVED_CREDENTIAL = (
+    select(
+        credential.c.signer_id,
+        credential.c.status,
+        signer.c.status.label("signer_status"),
+    )
+    .select_from(
+        credential.join(signer, signer.c.id == credential.c.signer_id).join(
+            signer_facility, signer_facility.c.signer_id == signer.c.id
+        )
+    )
+    .where(
+        credential.c.id == bindparam("credential_id"),
+        signer_facility.c.facility_id == bindparam("facility_id"),
+    )
+)
+
+
 async def served_credential(conn: AsyncConnection, *, credential_id: str, facility_id: int) -> Any:
     """``(signer_id, status, signer_status)`` of a credential whose signer serves the facility;
     None when there is none (unknown, or of a signer of another facility)."""
-    return (
-        await conn.execute(
-            select(
-                credential.c.signer_id,
-                credential.c.status,
-                signer.c.status.label("signer_status"),
-            )
-            .select_from(
-                credential.join(signer, signer.c.id == credential.c.signer_id).join(
-                    signer_facility, signer_facility.c.signer_id == signer.c.id
-                )
-            )
-            .where(
-                credential.c.id == credential_id,
-                signer_facility.c.facility_id == facility_id,
-            )
+    params = {"credential_id": credential_id, "facility_id": facility_id}
+    return (await conn.execute(_SERVED_CREDENTIAL, params)).one_or_none()
+
+
+def served_credential_sync(conn: Connection, *, credential_id: str, facility_id: int) -> Any:
+    """:func:`served_credential` on a synchronous connection (grouped writes)."""
+    params = {"credential_id": credential_id, "facility_id": facility_id}
+    return conn.execute(_SERVED_CREDENTIAL, params).one_or_none()
+
+
+_MAY_SIGN = (
+    select(
+        credential.c.signer_id,
+        credential.c.status,
+        credential.c.certificate_der,
+        signer.c.status.label("signer_status"),
+        signer_facility.c.facility_id,
+    )
+    .select_from(
+        credential.join(signer, signer.c.id == credential.c.signer_id).outerjoin(
+            signer_facility,
+            (signer_facility.c.signer_id == signer.c.id)
+            & (signer_facility.c.facility_id == bindparam("facility_id")),
         )
-    ).one_or_none()
+    )
+    .where(credential.c.id == bindparam("credential_id"))
+)
 
 
 async def may_sign_row(conn: AsyncConnection, *, credential_id: str, facility_id: int) -> Any:
     """What the may-sign rule needs: the credential's signer, status and certificate, the
     signer's status and whether it serves the facility (``facility_id`` NULL when not); None
     for an unknown credential."""
-    return (
-        await conn.execute(
-            select(
-                credential.c.signer_id,
-                credential.c.status,
-                credential.c.certificate_der,
-                signer.c.status.label("signer_status"),
-                signer_facility.c.facility_id,
-            )
-            .select_from(
-                credential.join(signer, signer.c.id == credential.c.signer_id).outerjoin(
-                    signer_facility,
-                    (signer_facility.c.signer_id == signer.c.id)
-                    & (signer_facility.c.facility_id == facility_id),
-                )
-            )
-            .where(credential.c.id == credential_id)
-        )
-    ).one_or_none()
+    params = {"credential_id": credential_id, "facility_id": facility_id}
+    return (await conn.execute(_MAY_SIGN, params)).one_or_none()
+
+
+def may_sign_row_sync(conn: Connection, *, credential_id: str, facility_id: int) -> Any:
+    """:func:`may_sign_row` on a synchronous connection (grouped writes)."""
+    params = {"credential_id": credential_id, "facility_id": facility_id}
+    return conn.execute(_MAY_SIGN, params).one_or_none()
 
 
 async def facility_credentials(

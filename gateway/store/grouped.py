@@ -1,0 +1,113 @@
+"""Grouped write units: small write transactions of concurrent requests committed together.
+
+The presence ceremonies (``authenticate/begin`` stores a challenge; ``credentials/authorize``
+takes it, checks the assertion, moves the sign count, issues the SAD and audits) are each a few
+statements. Run one transaction at a time, each statement a hop to the database thread, the
+write lock was held mostly waiting for hops and commits. Here every request hands a *unit* (a
+synchronous function of a SQLAlchemy ``Connection``) to :meth:`GroupedWrites.run`; units that
+queue while a group is in the database run as the next group, in ONE write transaction through
+``Database.run_write`` (one lock, one ``BEGIN IMMEDIATE``, one COMMIT, one hop on SQLite).
+
+Each unit runs inside its own SAVEPOINT, so units stay independent as if each had its own
+transaction:
+
+- a unit that raises is rolled back to its savepoint (nothing it wrote remains) and its caller
+  gets the exception; the other units of the group are not affected;
+- a refused unit (a ``GatewayError`` below 500) may record its refusal with ``on_refusal``,
+  which runs after the rollback, in the same group transaction (e.g. burn the challenge and
+  append the refusal's audit event);
+- a caller gets its result, or its refusal, only once the group has COMMITTED: what it returns
+  (a SAD, a challenge) and its audit events are durable before the response;
+- if the group transaction itself fails (commit, a broken connection, an ``on_refusal`` that
+  raises), nothing of it is committed and every caller of the group gets the error.
+
+Units run in arrival order; the write lock of SQLite (``BEGIN IMMEDIATE``) or the row locks of
+PostgreSQL (e.g. ``audit_head``) serialise a group against every other writer, so a unit sees
+the rows of the units before it in its group as a following transaction would (a challenge
+taken by one unit is found used by the next).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+from collections import deque
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from sqlalchemy import Connection
+
+from gateway.errors import GatewayError
+
+_T = TypeVar("_T")
+
+#: A group takes at most this many waiting units.
+GROUP_MAX_UNITS = 64
+
+Unit = Callable[[Connection], _T]
+OnRefusal = Callable[[Connection, GatewayError], None]
+
+
+@dataclass(eq=False)
+class _Pending:
+    fn: Callable[[Connection], Any]
+    on_refusal: OnRefusal | None
+    future: asyncio.Future[Any]
+
+
+class GroupedWrites:
+    """Runs write units in groups (see the module docstring)."""
+
+    def __init__(self, run_write: Callable[[Callable[[Connection], Any]], Awaitable[Any]]) -> None:
+        self._run_write = run_write
+        self._queue: deque[_Pending] = deque()
+        self._drainer: asyncio.Task[None] | None = None
+
+    async def run(self, fn: Unit[_T], *, on_refusal: OnRefusal | None = None) -> _T:
+        """``fn(conn)`` in its own savepoint of the next group transaction; its result once
+        the group committed. ``fn`` runs on the database thread: it must only use the
+        connection it is given and be quick (no waiting on anything else)."""
+        loop = asyncio.get_running_loop()
+        pending = _Pending(fn=fn, on_refusal=on_refusal, future=loop.create_future())
+        self._queue.append(pending)
+        if self._drainer is None or self._drainer.done():
+            self._drainer = loop.create_task(self._drain())
+        result: _T = await pending.future
+        return result
+
+    async def _drain(self) -> None:
+        while self._queue:
+            batch = [self._queue.popleft() for _ in range(min(GROUP_MAX_UNITS, len(self._queue)))]
+            try:
+                outcomes = await self._run_write(functools.partial(_run_group, batch=batch))
+            except Exception as e:  # noqa: BLE001 - handed to every unit of the group
+                for p in batch:
+                    if not p.future.done():
+                        p.future.set_exception(e)
+                continue
+            for p, (ok, value) in zip(batch, outcomes, strict=True):
+                if p.future.done():  # the caller went away; its unit is committed anyway
+                    continue
+                if ok:
+                    p.future.set_result(value)
+                else:
+                    p.future.set_exception(value)
+
+
+def _run_group(conn: Connection, *, batch: Sequence[_Pending]) -> list[tuple[bool, Any]]:
+    """One transaction: each unit in a savepoint, refusals recorded after their rollback."""
+    outcomes: list[tuple[bool, Any]] = []
+    for p in batch:
+        savepoint = conn.begin_nested()
+        try:
+            value = p.fn(conn)
+        except Exception as e:  # noqa: BLE001 - this unit's outcome, delivered to its caller
+            savepoint.rollback()
+            if p.on_refusal is not None and isinstance(e, GatewayError) and e.status < 500:
+                p.on_refusal(conn, e)  # raising here fails the whole group (nothing commits)
+            outcomes.append((False, e))
+        else:
+            savepoint.commit()
+            outcomes.append((True, value))
+    return outcomes
