@@ -74,7 +74,7 @@ from gateway.store.schema import enrollment, fido_credential, signer, signer_fac
 # with typing.get_type_hints on every construction and every from_dict: about 1 ms of CPU per
 # parsed assertion, most of a ceremony's parsing. A class's hints never change once it is
 # defined and fido2 only reads them, so they are resolved once per class.
-fido2_utils.get_type_hints = functools.cache(typing.get_type_hints)  # type: ignore[assignment]
+fido2_utils.get_type_hints = functools.cache(typing.get_type_hints)  # type: ignore[assignment,attr-defined]
 
 # Crockford base32 without I, L, O, U: no look-alikes when a doctor types the code.
 _CODE_ALPHABET = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
