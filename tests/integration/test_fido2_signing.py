@@ -41,6 +41,7 @@ from tests.support.signing import (
     Csc,
     b64,
     random_hashes,
+    replayed_authorizations,
     services,
 )
 from tests.support.webauthn import FLAG, SoftAuthenticator, challenge_bytes
@@ -579,6 +580,30 @@ def test_concurrent_double_spend_two_workers(
             )
             assert statuses.count(200) == len(hashes), statuses
             assert set(statuses) == {200, 400}, statuses
+
+
+def test_concurrent_authorizations_of_one_challenge_one_wins(
+    doctor: Any, csc: Csc, sandbox: dict[str, Any]
+) -> None:
+    """The same assertion, 12 times at once: they meet in the grouped write transactions of
+    authorize, and exactly one takes the challenge; every other is refused and audited."""
+    doc, auth = doctor
+    issued = asyncio.run(_audit_count(sandbox["config"], "sad.issue"))
+    refused = asyncio.run(_audit_count(sandbox["config"], "sad.refused"))
+    hashes = random_hashes(1)
+    responses = replayed_authorizations([csc], doc["credential_id"], hashes, auth, 12)
+    ok = [r for r in responses if r.status == 200]
+    assert len(ok) == 1, [r.status for r in responses]
+    assert {r.status for r in responses} == {200, 400}
+    texts = {r.json()["error_description"] for r in responses if r.status == 400}
+    # The losers find the challenge used, or lose the sign count race to the winner.
+    assert texts <= {
+        "challenge was already used",
+        "WebAuthn assertion refused: sign count changed concurrently",
+    }, texts
+    assert asyncio.run(_audit_count(sandbox["config"], "sad.issue")) == issued + 1
+    assert asyncio.run(_audit_count(sandbox["config"], "sad.refused")) == refused + 11
+    assert csc.sign_hash(doc["credential_id"], ok[0].json()["SAD"], hashes).status == 200
 
 
 async def _new_code(sandbox: dict[str, Any], signer_id: str) -> tuple[str, str]:

@@ -17,13 +17,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import select
+from sqlalchemy import func, select
 
 from gateway.store.db import Database
 from gateway.store.schema import audit_event
 from tests.support.gateway import Server, client_context, free_port, run_cli
 from tests.support.postgres import Databases
-from tests.support.signing import Csc, b64, random_hashes
+from tests.support.signing import Csc, b64, random_hashes, replayed_authorizations
 from tests.support.webauthn import SoftAuthenticator
 
 pytestmark = [pytest.mark.tls, pytest.mark.hsm]
@@ -195,3 +195,33 @@ def test_sad_refusals_on_postgresql(cluster: Cluster) -> None:
     both = b.sign_hash(cred, sad, h)
     assert both.status == 200, both.body
     assert len(both.json()["signatures"]) == 2
+
+
+def test_one_assertion_replayed_at_both_instances_authorizes_once(cluster: Cluster) -> None:
+    """The same assertion sent at once to both instances (grouped authorize transactions in
+    each, on one PostgreSQL): exactly one SAD; every other copy refused and audited; the audit
+    log is still one chain."""
+    a, b = Csc(cluster.a.port, cluster.ctx), Csc(cluster.b.port, cluster.ctx)
+    before = asyncio.run(_actions(cluster.url))
+    responses = replayed_authorizations(
+        [a, b], cluster.doc["credential_id"], random_hashes(1), cluster.auth, 10
+    )
+    assert [r.status for r in responses].count(200) == 1, [r.body for r in responses]
+    assert {r.status for r in responses} == {200, 400}
+    after = asyncio.run(_actions(cluster.url))
+    assert after.get("sad.issue", 0) - before.get("sad.issue", 0) == 1
+    assert after.get("sad.refused", 0) - before.get("sad.refused", 0) == 9
+    r = run_cli("audit", "verify", "-c", str(cluster.config))
+    assert "audit chain intact" in r.stdout, r.stdout
+
+
+async def _actions(url: str) -> dict[str, int]:
+    db = Database(url)
+    try:
+        async with db.read() as conn:
+            rows = await conn.execute(
+                select(audit_event.c.action, func.count()).group_by(audit_event.c.action)
+            )
+            return {str(k): int(n) for k, n in rows.all()}
+    finally:
+        await db.close()

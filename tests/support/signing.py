@@ -145,3 +145,22 @@ async def services(config: str | Path) -> AsyncIterator[Services]:
         )
     finally:
         await db.close()
+
+
+def replayed_authorizations(
+    cscs: list[Csc], credential_id: str, hashes: list[bytes], auth: SoftAuthenticator, copies: int
+) -> list[Response]:
+    """One ceremony's assertion sent ``copies`` times at once (each on its own TLS connection,
+    spread over ``cscs``): the replay a single-use challenge must stop."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    r = cscs[0].begin(credential_id, hashes)
+    assert r.status == 200, r.body
+    assertion = auth.get(r.json()["publicKey"])
+    with ThreadPoolExecutor(copies) as pool:
+        return list(
+            pool.map(
+                lambda i: cscs[i % len(cscs)].authorize_raw(credential_id, hashes, assertion),
+                range(copies),
+            )
+        )
