@@ -200,7 +200,7 @@ class Database:
         )
         self._write_lock = asyncio.Lock() if self.is_sqlite else None
         self._background: dict[Hashable, asyncio.Task[None]] = {}
-        self._grouped = GroupedWrites(self.run_write)
+        self._grouped = GroupedWrites(self.run_write, grouped=self.is_sqlite)
 
     @asynccontextmanager
     async def exclusive(self, name: str) -> AsyncIterator[bool]:
@@ -299,7 +299,8 @@ class Database:
     ) -> _T:
         """``fn(conn)`` as a unit of the next grouped write transaction, in its own savepoint
         (``store/grouped.py``): committed with the concurrent units of its group, rolled back
-        alone if it raises (after which ``on_refusal`` may record the refusal)."""
+        alone if it raises (after which ``on_refusal`` may record the refusal). On PostgreSQL
+        each unit is its own transaction (row-lock order; see ``store/grouped.py``)."""
         return await self._grouped.run(fn, on_refusal=on_refusal)
 
     def write_later(self, key: Hashable, fn: Callable[[Connection], object]) -> None:

@@ -13,7 +13,7 @@ transaction:
 
 - a unit that raises is rolled back to its savepoint (nothing it wrote remains) and its caller
   gets the exception; the other units of the group are not affected;
-- a refused unit (a ``GatewayError`` below 500) may record its refusal with ``on_refusal``,
+- a refused unit (a ``GatewayError``) may record its refusal with ``on_refusal``,
   which runs after the rollback, in the same group transaction (e.g. burn the challenge and
   append the refusal's audit event);
 - a caller gets its result, or its refusal, only once the group has COMMITTED: what it returns
@@ -21,10 +21,17 @@ transaction:
 - if the group transaction itself fails (commit, a broken connection, an ``on_refusal`` that
   raises), nothing of it is committed and every caller of the group gets the error.
 
-Units run in arrival order; the write lock of SQLite (``BEGIN IMMEDIATE``) or the row locks of
-PostgreSQL (e.g. ``audit_head``) serialise a group against every other writer, so a unit sees
-the rows of the units before it in its group as a following transaction would (a challenge
-taken by one unit is found used by the next).
+Units run in arrival order under SQLite's one write lock (``BEGIN IMMEDIATE`` and the
+process's write lock), so a unit sees the rows of the units before it in its group as a
+following transaction would (a challenge taken by one unit is found used by the next).
+
+On PostgreSQL every unit is its own transaction, run concurrently as before (same savepoint,
+same ``on_refusal``, same code): there, writers lock rows, and every write transaction takes
+the ``audit_head`` row last (its audit append). A group would hold ``audit_head`` from its first
+unit's append while later units lock other rows (an authenticator's sign count), the reverse
+order of e.g. an authenticator's removal (its row, then ``audit_head``) or of another
+instance's group: deadlocks that one transaction per unit cannot form. The statements of a
+unit run in one ``run_sync`` call either way.
 """
 
 from __future__ import annotations
@@ -57,10 +64,17 @@ class _Pending:
 
 
 class GroupedWrites:
-    """Runs write units in groups (see the module docstring)."""
+    """Runs write units in groups (see the module docstring); ``grouped=False`` (PostgreSQL)
+    runs each unit as its own transaction."""
 
-    def __init__(self, run_write: Callable[[Callable[[Connection], Any]], Awaitable[Any]]) -> None:
+    def __init__(
+        self,
+        run_write: Callable[[Callable[[Connection], Any]], Awaitable[Any]],
+        *,
+        grouped: bool = True,
+    ) -> None:
         self._run_write = run_write
+        self._grouped = grouped
         self._queue: deque[_Pending] = deque()
         self._drainer: asyncio.Task[None] | None = None
 
@@ -70,6 +84,12 @@ class GroupedWrites:
         connection it is given and be quick (no waiting on anything else)."""
         loop = asyncio.get_running_loop()
         pending = _Pending(fn=fn, on_refusal=on_refusal, future=loop.create_future())
+        if not self._grouped:
+            ((ok, value),) = await self._run_write(functools.partial(_run_group, batch=[pending]))
+            if ok:
+                alone: _T = value
+                return alone
+            raise value
         self._queue.append(pending)
         if self._drainer is None or self._drainer.done():
             self._drainer = loop.create_task(self._drain())
@@ -104,7 +124,7 @@ def _run_group(conn: Connection, *, batch: Sequence[_Pending]) -> list[tuple[boo
             value = p.fn(conn)
         except Exception as e:  # noqa: BLE001 - this unit's outcome, delivered to its caller
             savepoint.rollback()
-            if p.on_refusal is not None and isinstance(e, GatewayError) and e.status < 500:
+            if p.on_refusal is not None and isinstance(e, GatewayError):
                 p.on_refusal(conn, e)  # raising here fails the whole group (nothing commits)
             outcomes.append((False, e))
         else:
