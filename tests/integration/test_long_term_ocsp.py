@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import subprocess
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -122,7 +123,14 @@ def lt(sandbox: dict[str, Any], gateway: Server) -> LtWorld:
     )
 
 
-def _sign(lt: LtWorld, fmt: str, level: str, *, source: LongTermSource | None = None) -> bytes:
+def _sign(
+    lt: LtWorld,
+    fmt: str,
+    level: str,
+    *,
+    source: LongTermSource | None = None,
+    tsa_url: str | None = None,
+) -> bytes:
     document = CSV
     if fmt == "P":
         import io
@@ -136,7 +144,7 @@ def _sign(lt: LtWorld, fmt: str, level: str, *, source: LongTermSource | None = 
         document = buf.getvalue()
 
     async def go() -> bytes:
-        async with Rfc3161Client(url=lt.tsa_url, timeout=10) as client:
+        async with Rfc3161Client(url=tsa_url or lt.tsa_url, timeout=10) as client:
             res = await sign_document(
                 key=SoftwareKeyHandle(lt.key),
                 chain=lt.chain(),
@@ -260,6 +268,80 @@ def test_a_tsa_revoked_before_it_stamped_is_refused(lt: LtWorld, fmt: str) -> No
     rep = asyncio.run(verify_document(signed, trust=lt.trust()))
     assert rep.indication == "TOTAL-PASSED", rep.reason
     assert rep.signatures[0].timestamp["tsa_revocation"].startswith("not revoked")
+
+
+@pytest.mark.parametrize("fmt", ["X", "C"])
+def test_a_tsa_certificate_is_judged_by_its_own_ocsp_answer(
+    lt: LtWorld, fmt: str, tmp_path: Path
+) -> None:
+    """A TSA whose certificate names an OCSP responder (its CA's, answering from that CA's
+    CRL): the answer is asked for at B-LT, carried as the timestamp's validation data, and
+    decides at verification with no network and no configured CRL. "good": the signature
+    passes and the report says the TSA was checked; "revoked" an hour before it stamped: the
+    timestamp proves nothing (REVOKED_NO_POE naming the TSA)."""
+    import socket
+
+    from aiohttp import web
+
+    from gateway.sandbox.ocsp import OCSP_PATH, SandboxOcspResponder, add_ocsp_route
+    from gateway.sandbox.tsa import TSA_PATH, add_stamp_route, make_stamper
+
+    now = dt.datetime.now(dt.UTC)
+    crl_path = tmp_path / "tsa-ca.crl"
+    asked: list[int] = []
+
+    def ask(serial: int) -> None:
+        asked.append(serial)  # the CRL decides; this only records that OCSP was asked
+
+    def sign_with_tsa(revoked: bool) -> bytes:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.bind(("127.0.0.1", 0))
+        base = f"http://127.0.0.1:{sock.getsockname()[1]}"
+        tsa = testworld.issue_tsa_cert(
+            lt.tsa_ca, now=now - dt.timedelta(hours=2), ocsp_url=base + OCSP_PATH
+        )
+        listed = [(tsa.cert.serial_number, now - dt.timedelta(hours=1), None)] if revoked else []
+        crl_path.write_bytes(lt.tsa_crl(listed).public_bytes(serialization.Encoding.DER))
+        app = web.Application()
+        add_stamp_route(app, make_stamper(tsa.cert, tsa.key, [lt.tsa_ca.cert]))
+        add_ocsp_route(
+            app,
+            SandboxOcspResponder(
+                ca_cert=lt.tsa_ca.cert, signer_cert=lt.tsa_ca.cert, signer_key=lt.tsa_ca.key,
+                crl_files=[crl_path], override=ask,
+            ),
+        )  # fmt: skip
+
+        async def serve() -> web.AppRunner:
+            runner = web.AppRunner(app)
+            await runner.setup()
+            await web.SockSite(runner, sock).start()
+            return runner
+
+        loop = asyncio.new_event_loop()
+        runner = loop.run_until_complete(serve())
+        thread = threading.Thread(target=loop.run_forever, daemon=True)
+        thread.start()
+        try:
+            signed = _sign(lt, fmt, "AdES-B-LT", tsa_url=base + TSA_PATH)
+        finally:
+            asyncio.run_coroutine_threadsafe(runner.cleanup(), loop).result(10)
+            loop.call_soon_threadsafe(loop.stop)
+            thread.join(10)
+            loop.close()
+        assert tsa.cert.serial_number in asked, "the TSA's responder was not asked"
+        return signed
+
+    rep = asyncio.run(verify_document(sign_with_tsa(revoked=False), trust=lt.trust()))
+    assert rep.indication == "TOTAL-PASSED", rep.reason
+    checked = rep.signatures[0].timestamp["tsa_revocation"]
+    assert checked.startswith("not revoked") and "TEST TSA" in checked, checked
+
+    asked.clear()
+    rep = asyncio.run(verify_document(sign_with_tsa(revoked=True), trust=lt.trust()))
+    assert rep.indication != "TOTAL-PASSED"
+    assert rep.sub_indication == "REVOKED_NO_POE", rep.reason
+    assert "TSA certificate" in rep.reason and "TEST TSA" in rep.reason, rep.reason
 
 
 def test_a_signer_the_responder_says_is_revoked_is_refused_before_the_key(
