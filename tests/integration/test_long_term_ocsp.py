@@ -250,6 +250,71 @@ def test_ocsp_only_without_a_responder_refuses_before_the_key(lt: LtWorld) -> No
     assert calls == 0
 
 
+def _as_cades_x_l(signed: bytes, *, keep_revocation_values: bool = True) -> bytes:
+    """The same CAdES signature in the older CAdES-X-L shape other signers write: SignedData
+    holds only the signer's certificate and no revocation data; the path sits in a
+    certificate-values attribute, the CRLs and OCSP answers in revocation-values (unsigned:
+    the signature and its timestamp stay valid)."""
+    from asn1crypto import cms, core
+
+    from gateway.verify.cms import OID_CERTIFICATE_VALUES, OID_REVOCATION_VALUES
+
+    ci = cms.ContentInfo.load(signed)
+    sd = ci["content"]
+    si = sd["signer_infos"][0]
+    sid = si["sid"].chosen
+    certs = [c.chosen for c in sd["certificates"]]
+    signer = [c for c in certs if c.serial_number == sid["serial_number"].native]
+    path = [c for c in certs if c.serial_number != sid["serial_number"].native]
+    crl_vals = [c.chosen for c in sd["crls"] if c.name == "crl"]
+    ocsp_vals = [c.chosen["other_rev_info"]["response_bytes"]["response"].parsed
+                 for c in sd["crls"] if c.name == "other"]  # fmt: skip
+    assert path and crl_vals and ocsp_vals, "the B-LT signature carries path, CRLs and OCSP"
+
+    def der_seq(items: list[Any], tag: int | None = None) -> bytes:
+        """SEQUENCE OF ``items``, EXPLICIT [tag] around it when given (TS 101 733's module)."""
+        body = b"".join(i.dump() for i in items)
+        raw = b"\x30" + _der_len(len(body)) + body
+        return raw if tag is None else bytes([0xA0 | tag]) + _der_len(len(raw)) + raw
+
+    rv_body = der_seq(crl_vals, 0) + der_seq(ocsp_vals, 1)
+    revocation_values = b"\x30" + _der_len(len(rv_body)) + rv_body
+    extra = [(OID_CERTIFICATE_VALUES, der_seq(path))]
+    if keep_revocation_values:
+        extra.append((OID_REVOCATION_VALUES, revocation_values))
+    attrs = list(si["unsigned_attrs"]) + [
+        cms.CMSAttribute({"type": oid, "values": [core.Any.load(raw)]}) for oid, raw in extra
+    ]
+    si["unsigned_attrs"] = cms.CMSAttributes(attrs)
+    sd["certificates"] = cms.CertificateSet([cms.CertificateChoices("certificate", signer[0])])
+    sd["crls"] = None
+    return bytes(ci.dump(force=True))
+
+
+def _der_len(n: int) -> bytes:
+    if n < 0x80:
+        return bytes([n])
+    body = n.to_bytes((n.bit_length() + 7) // 8, "big")
+    return bytes([0x80 | len(body)]) + body
+
+
+def test_a_cades_x_l_with_certificate_and_revocation_values_attributes(lt: LtWorld) -> None:
+    """Validation data in CAdES-X-L's certificate-values / revocation-values attributes (not in
+    SignedData) is read: the path, the signer's OCSP answer and the TSA's CRL come from them,
+    with no configured CRL and no network. Without revocation-values the same signature has
+    no revocation evidence and does not pass."""
+    signed = _as_cades_x_l(_sign(lt, "C", "AdES-B-LT"))
+    rep = asyncio.run(verify_document(signed, trust=lt.trust()))
+    assert rep.indication == "TOTAL-PASSED", rep.reason
+    assert rep.signatures[0].revocation["source"] == "document"
+    assert "OCSP responses in the document" in rep.signatures[0].revocation["reason"]
+    assert rep.signatures[0].timestamp["tsa_revocation"].startswith("not revoked")
+
+    bare = _as_cades_x_l(_sign(lt, "C", "AdES-B-LT"), keep_revocation_values=False)
+    rep = asyncio.run(verify_document(bare, trust=lt.trust()))
+    assert rep.indication != "TOTAL-PASSED", rep.reason
+
+
 @pytest.mark.parametrize("fmt", ["X", "C"])
 def test_a_tsa_revoked_before_it_stamped_is_refused(lt: LtWorld, fmt: str) -> None:
     """The TSA CA's CRL (carried as the timestamp's validation data) lists the TSA certificate
