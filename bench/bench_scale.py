@@ -6,8 +6,10 @@ and the whole SCAL 2 ceremony per prescription.
   signhash_single_pg_2inst_per_s the same clients spread over two instances (separate
                                  processes, own signing processes) on the same cluster
   ceremony_per_s                 prescriptions per second, 16 concurrent doctors (each its own
-                                 authenticator): authenticate/begin -> assertion -> authorize ->
-                                 signDoc XAdES e-prescription, one instance on SQLite
+                                 authenticator and keep-alive TLS connection, opened before
+                                 the clock starts): authenticate/begin -> assertion ->
+                                 authorize -> signDoc XAdES e-prescription, one instance on
+                                 SQLite
   ceremony_raw_pkcs11_per_s      raw C_Sign rate measured in rounds alternating with the
                                  ceremony rounds (the baseline the ceremony target refers to)
 
@@ -46,7 +48,9 @@ from tests.support.webauthn import SoftAuthenticator  # noqa: E402
 CLIENTS = 16
 PER_CLIENT = int(os.environ.get("BENCH_SCALE_PER_CLIENT", "150"))
 ROUNDS = int(os.environ.get("BENCH_SCALE_ROUNDS", "3"))
-CEREMONIES_PER_DOCTOR = int(os.environ.get("BENCH_CEREMONIES_PER_DOCTOR", "6"))
+# 20 x 16 ceremonies a round: long enough that the start and the last stragglers of a round
+# do not decide its rate.
+CEREMONIES_PER_DOCTOR = int(os.environ.get("BENCH_CEREMONIES_PER_DOCTOR", "20"))
 
 
 async def _single(
@@ -149,6 +153,9 @@ async def _ceremonies(
         aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=ctx, limit=1)) for _ in doctors
     ]
     try:
+        # Open every doctor's keep-alive connection first (not timed): the rate is of
+        # ceremonies, not of 16 TLS handshakes at the start of each round.
+        await asyncio.gather(*(Client(port, ctx, s).post("/csc/v2/info", {}) for s in sessions))
         start = time.perf_counter()
         await asyncio.gather(
             *(doctor(c, a, s) for (c, a), s in zip(doctors, sessions, strict=True))
