@@ -283,7 +283,9 @@ async def reset(request: web.Request, *, actor: str, only: list[str] | None = No
         if kind == "credential":
             for k in [k for k in data if k.startswith("serial:") and k.endswith(f":{ident}")]:
                 data.pop(k)
-    save(settings, data)
+    for key in [k for k in data if k.startswith("locked:")] if only is None else []:
+        await _restore_enrolments(request, data.pop(key))  # a facility switched off meanwhile
+    save(settings, {} if only is None else data)
     await _audit(request, "sandbox.scenario_reset", actor, {"targets": only or "all"})
 
 
