@@ -505,3 +505,45 @@ def test_signer_without_role_answers_as_a_real_pharmacist(
     assert switch_off.post("/admin/scenarios/reset", {}).status == 200
     r = hospital.post("/csc/v2/signatures/signDoc", _prescription(doctor["credential_id"], d_sad))
     assert r.status == 200, r.body
+
+
+# -- production settings: no scenario answers, none can be switched ----------------------------
+
+
+def test_production_settings_ignore_and_refuse_the_scenarios(
+    world: tuple[dict[str, Any], Server], switch: Any
+) -> None:
+    """The same world served with ``service.sandbox = false``: a scenario switched on in the
+    sandbox's file changes nothing, and the admin API refuses to list or switch any."""
+    m, _ = world
+    hospital = _facility(m, "hospital")
+    switch("facility_certificate_revoked", facility=hospital["institution_code"])
+    # The world's settings without what only a sandbox may have (the TEST CA, TSA and JPKI
+    # services), beside them so that the relative paths hold.
+    lines = Path(m["config"]).read_text().splitlines()
+    kept = [ln for ln in lines if not ln.startswith(("test_ca_", "test_crl_url", "test_ocsp_url"))]
+    toml = "\n".join(kept).replace("sandbox = true", "sandbox = false")
+    for section in ("[test_tsa]", "[test_jpki]"):
+        head, _, tail = toml.partition(f"{section}\nenabled = true")
+        assert tail, section
+        toml = f"{head}{section}\nenabled = false{tail}"
+    config = Path(m["config"]).with_name("production.toml")
+    config.write_text(toml)
+    prod = Server(config, free_port())
+    prod.start()
+    try:
+        r = request(prod.port, "POST", "/csc/v2/info", ctx=_ctx(m, hospital), json_body={})
+        assert r.status == 200, r.body
+        admin_ctx = _ctx(m, m["admin"])
+        for method, path, body in (
+            ("GET", "/admin/scenarios", None),
+            ("POST", "/admin/scenarios", {"scenario": "tsa_down", "facility": "1310000011"}),
+            ("POST", "/admin/scenarios/reset", {}),
+        ):
+            r = request(prod.port, method, path, ctx=admin_ctx, json_body=body)
+            assert r.status == 403, (path, r.body)
+            assert r.json()["detail"] == (
+                "failure scenarios exist only in a sandbox (service.sandbox = true)"
+            ), r.body
+    finally:
+        prod.stop()
