@@ -1,29 +1,65 @@
 """The portal's dispensing flow in a real browser (Debian Chromium, Playwright): the pharmacy's
 client certificate, the pharmacist enrolled with a CDP virtual authenticator, the sample
-dispensing result around the sandbox's signed prescription signed and verified, in English."""
+dispensing result around the sandbox's signed prescription signed and verified, in English.
+A world of its own: enrolling the pharmacist replaces the manifest's code that other tests use."""
 
 from __future__ import annotations
 
+import json
+import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.integration.test_portal_browser import _context, _new_code, browser
-from tests.support.gateway import Server
+from tests.integration.test_browser_webauthn import CHROMIUM, LAUNCH_ARGS
+from tests.integration.test_portal_browser import _context, _new_code
+from tests.support.gateway import Server, free_port, run_cli
 
 pytestmark = [pytest.mark.tls, pytest.mark.hsm]
 
-__all__ = ["browser"]  # the module's browser fixture, shared
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: Any) -> Iterator[tuple[dict[str, Any], Server]]:
+    d = tmp_path_factory.mktemp("dispensing-world")
+    run_cli("sandbox", "init", str(d), "--port", str(free_port()))
+    manifest: dict[str, Any] = json.loads((d / "manifest.json").read_text())
+    srv = Server(Path(manifest["config"]), free_port())
+    srv.start()
+    try:
+        yield manifest, srv
+    finally:
+        srv.stop()
+
+
+@pytest.fixture(scope="module")
+def browser(world: tuple[dict[str, Any], Server]) -> Iterator[Any]:
+    if not CHROMIUM.is_file():
+        raise RuntimeError(f"{CHROMIUM} not found: run `make test` (scripts/bootstrap.sh)")
+    from playwright.sync_api import sync_playwright
+
+    before = os.environ.get("NODE_EXTRA_CA_CERTS")
+    os.environ["NODE_EXTRA_CA_CERTS"] = world[0]["server_ca"]  # read as Playwright starts
+    try:
+        with sync_playwright() as pw:
+            b = pw.chromium.launch(executable_path=str(CHROMIUM), args=LAUNCH_ARGS)
+            try:
+                yield b
+            finally:
+                b.close()
+    finally:
+        if before is None:
+            os.environ.pop("NODE_EXTRA_CA_CERTS", None)
+        else:
+            os.environ["NODE_EXTRA_CA_CERTS"] = before
 
 
 def test_sign_a_dispensing_result_from_the_signed_prescription(
-    browser: Any,
-    gateway: Server,
-    sandbox: dict[str, Any],
-    pharmacy: dict[str, Any],
-    tmp_path: Path,
+    browser: Any, world: tuple[dict[str, Any], Server], tmp_path: Path
 ) -> None:
+    sandbox, gateway = world
+    pharmacy = next(f for f in sandbox["facilities"] if f["kind"] == "pharmacy")
     origin = f"https://localhost:{gateway.port}"
     pharmacist = next(s for s in sandbox["signers"] if s["role"] == "Pharmacist")
     code, password = _new_code(sandbox, pharmacist["id"])

@@ -17,10 +17,13 @@ pytestmark = [pytest.mark.tls, pytest.mark.hsm]
 
 
 def _world_files(sandbox: dict[str, Any]) -> tuple[dict[str, Path], dict[str, Path]]:
-    """Every CA certificate (PEM, basicConstraints cA) and every CRL under the sandbox."""
+    """Every CA certificate (PEM, basicConstraints cA) and every CRL the world was built with
+    (its PKI directories; other tests leave files of their own elsewhere in it)."""
     cas: dict[str, Path] = {}
     crls: dict[str, Path] = {}
-    for p in sorted(Path(sandbox["dir"]).rglob("*")):
+    world = Path(sandbox["dir"])
+    for p in sorted([*(world / "pki").iterdir(), *(world / "jpki").iterdir(),
+                     *(world / "cards").rglob("*")]):  # fmt: skip
         if p.suffix == ".crl":
             crls[p.name] = p
         elif p.suffix == ".pem" and b"BEGIN CERTIFICATE" in p.read_bytes():
