@@ -242,7 +242,7 @@ def nssdb(aia_world: tuple[dict[str, Any], Server], tmp_path_factory: Any) -> st
 def _pdfsig(pdf: Path, nssdb: str, *, libpkix: bool = True) -> str:
     """pdfsig as docs/sandbox.md tells a tester to run it: with ``NSS_ENABLE_PKIX_VERIFY=1``
     (NSS checks the OCSP responder's path with libpkix, which knows certificatePolicies);
-    ``libpkix=False``: NSS's default before 3.101, the legacy path check."""
+    ``libpkix=False``: NSS's default before 3.102, the legacy path check."""
     env = {k: v for k, v in os.environ.items() if k != "NSS_ENABLE_PKIX_VERIFY"}
     if libpkix:
         env["NSS_ENABLE_PKIX_VERIFY"] = "1"
@@ -297,7 +297,7 @@ def test_pdfsig_without_libpkix_asks_but_cannot_use_the_answer(
     has a critical certificatePolicies (SEC_ERROR_UNKNOWN_CRITICAL_EXTENSION, then
     SEC_ERROR_OCSP_INVALID_SIGNING_CERT), soft-fails, and poppler 22.12 reports the error code
     left behind: the same line whatever the responder says (docs/sandbox.md). This changes when
-    NSS (3.101 verifies with libpkix by default) or poppler do."""
+    NSS (3.102 verifies with libpkix by default) or poppler do."""
     _, gateway = aia_world
     pdf, cert, cred = signed_pdf
     before = _ocsp_answers(gateway, cert.serial_number)
