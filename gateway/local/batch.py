@@ -2,21 +2,27 @@
 
 Inputs: unsigned official XML (prescription or dispensing result: the document says which) and
 prescription CSV files. For each ``IN/<name>`` the signed XML is written to ``OUT/<stem>.xml``
-through a temporary file and ``os.replace`` (atomic): an output exists only complete, and an
-existing output means "done" — a re-run after Ctrl-C or a pulled card skips it, so nothing is
-signed twice or lost. The card's certificate is checked (profile, path, validity, the role for
-the first pending document's type) before the PIN is asked for.
+through a temporary file, fsync'ed, and ``os.replace`` (atomic): an output exists only complete,
+and an existing output means "done" — a re-run after Ctrl-C or a pulled card skips it, so
+nothing is signed twice or lost. Outputs are made durable a group at a time (one directory
+fsync per group, :class:`_GroupWriter`) and reported "signed" only then. The card's
+certificate is checked (profile, path, validity, the role for the first pending document's
+type) before the PIN is asked for.
 
 Ctrl-C (``stop``) is graceful: no new file is started, the documents in flight are finished and
 written, the report is closed. Even when the batch is cancelled outright, a document whose
 signature was made is still written and reported before the report closes.
 
+Large AdES-B-B batches build their documents in builder processes (:mod:`gateway.local.build`)
+up to the digest the card signs, so the batch process only reads, talks to the card and
+writes: the card never waits for a document. Smaller batches and the levels with a timestamp
+build in this process, several documents at once (building overlaps the card's round trip).
+
 Memory stays flat for any number of files: the directory is walked lazily twice (once to count
-and find the first pending document, once to sign) and never held as a list; at most
-``PARALLEL`` documents are built or at the card (building the next documents overlaps the
-card's round trip for the previous one) and ``WRITERS`` signed ones are being written, each
-by its own thread; both reports are written row by row: ``OUT/report.csv`` and
-``OUT/report.json`` (file, status, signer, time, error).
+and find the first pending document, once to sign) and never held as a list; a bounded number
+of documents is being built or at the card, at most ``WRITERS`` signed ones wait to be
+written, and both reports are written row by row: ``OUT/report.csv`` and ``OUT/report.json``
+(file, status, signer, time, error).
 """
 
 from __future__ import annotations
@@ -58,9 +64,11 @@ GATHER = 0.05
 #: Signed documents handed to the writer thread and not yet on disk: the bound on signed
 #: documents held in memory. The writer makes them durable a group at a time.
 WRITERS = 2 * GROUP
-#: Fewer pending files than this: no builder processes (starting them costs more than they
-#: would save).
-POOL_MIN = 32
+#: Fewer pending files than this: no builder processes. Starting them costs ~0.5-1.5 s of
+#: CPU (an interpreter importing the document code), which a batch of a few hundred documents
+#: at a fast card's pace does not win back; with a real card (0.3-1 s a signature) the batch
+#: process builds documents far faster than the card signs them anyway.
+POOL_MIN = 500
 #: Files per call to a builder process (with ``2 * builders + 1`` calls under way, one chunk
 #: is always built and waiting for the card).
 CHUNK = 8
@@ -295,12 +303,11 @@ async def sign_batch(
     if await asyncio.to_thread(os.path.samefile, src, out):
         raise InvalidRequest("the output folder must not be the input folder")
     n_builders = BUILDERS if builders is None else builders
-    warm: asyncio.Future[None] | None = None
-    if level == "AdES-B-B" and n_builders > 0:
-        # The builders' forkserver imports the document code while the folder is surveyed
-        # and the PIN is typed.
-        warm = asyncio.ensure_future(asyncio.to_thread(start_forkserver))
     found = await asyncio.to_thread(survey, src, out, level)
+    warm: asyncio.Future[None] | None = None
+    if level == "AdES-B-B" and n_builders > 0 and found.pending >= POOL_MIN:
+        # The builders' forkserver imports the document code while the PIN is typed.
+        warm = asyncio.ensure_future(asyncio.to_thread(start_forkserver))
     result = BatchResult(files=found.files)
     stop = stop or asyncio.Event()
     report = _Report(out, agent.clock)
@@ -330,7 +337,7 @@ async def sign_batch(
                 max_signatures=found.pending,
                 lifetime=math.inf,  # a card at ~1 s a signature takes hours for 10,000 files
             )
-            if warm is not None and found.pending >= POOL_MIN:
+            if warm is not None:
                 await warm
                 pool = BuilderPool(await agent.signing_chain(), agent.policy, n_builders)
                 # Until the builders answer, the documents are built here (nothing waits).

@@ -63,11 +63,11 @@ def test_ctrl_c_mid_batch_then_the_rerun_completes_it(
     card.applet.sign_delay = 0.02  # a card slow enough that Ctrl-C lands mid-batch
     hpki_slot.insert(card.applet)
     src, out = tmp_path / "in", tmp_path / "out"
-    names = write_inputs(src, 200)
+    names = write_inputs(src, 600)  # enough for the document builder processes to start
     cfg = card_world.config(reader=hpki_slot.name)
     proc = _start(pcsc, cfg, src, out)
     deadline = time.monotonic() + 300
-    while len(list(out.glob("*.xml"))) < 10:
+    while len(list(out.glob("*.xml"))) < 100:
         assert proc.poll() is None, proc.communicate()
         assert time.monotonic() < deadline, "the batch never started signing"
         time.sleep(0.02)
@@ -84,7 +84,7 @@ def test_ctrl_c_mid_batch_then_the_rerun_completes_it(
     left = status.pop("not_signed")
     assert status == {} and signed_first.isdisjoint(left) and signed_first | left == set(names)
     assert report_summary["stopped"] == "interrupted"
-    assert 10 <= len(signed_first) < len(names)
+    assert 100 <= len(signed_first) < len(names)
     # Atomic outputs: one complete, valid document per signed file, no temporary left, and
     # every signature the card made is in an output (the documents in flight were finished).
     outputs = {p.name for p in out.glob("*.xml")}
@@ -226,6 +226,8 @@ def test_ten_thousand_files_signed_in_constant_memory(
 
     shutil.rmtree(big_in)  # 20,000 small files: not kept in pytest's temporary directories
     shutil.rmtree(big_out)
+    print(f"peak kB: batch {small.peak} -> {big.peak}, with builders {small.tree_peak} -> "
+          f"{big.tree_peak}")  # fmt: skip
     assert big.peak - small.peak < 4096, (small.peak, big.peak)
     assert big.tree_peak - small.tree_peak < 8192, (small.tree_peak, big.tree_peak)
     early = [rss for done, rss in big.samples if 1000 <= done <= 2500]
