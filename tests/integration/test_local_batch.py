@@ -25,14 +25,16 @@ from gateway.config import load_settings
 from gateway.local.batch import sign_batch
 from gateway.local.credential import CardCertificateExpired
 from gateway.local.setup import build_local_agent
+from gateway.sign.eprescription import build_dispensing, build_prescription
 from gateway.vcard.hpki import HPKI_PIN_TRIES
 from gateway.verify import verify_document
 from tests.support.gateway import CLI, REPO
-from tests.support.local import CardWorld, last_json, sign_batch_cli
+from tests.support.local import PRESCRIPTION_CSV, CardWorld, last_json, sign_batch_cli
 from tests.support.local import write_prescriptions as write_inputs
 from tests.support.pcsc import PcscWorld
 
 PIN = "271828"
+DISPENSING_CSV = "1,薬局コード,1310000022\r\n2,調剤,ロキソニン錠60mg,3錠\r\n".encode()
 
 
 def _start(pcsc: PcscWorld, cfg: Path, src: Path, out: Path) -> subprocess.Popen[str]:
@@ -275,3 +277,56 @@ def test_the_batch_takes_its_time_from_the_injected_clock(
     with pytest.raises(CardCertificateExpired):
         asyncio.run(run_late())
     assert late.applet.tries_left == HPKI_PIN_TRIES and late.applet.signatures == 0
+
+
+def test_official_xml_and_dispensing_results_in_one_folder_each(
+    pcsc: PcscWorld, card_world: CardWorld, hpki_slot: Any, tmp_path: Path
+) -> None:
+    """Unsigned official XML beside CSV (the doctor's card), an unreadable file reported as
+    failed (exit 1, the others signed); then dispensing results around those signed
+    prescriptions (the pharmacist's card)."""
+    doctor = card_world.card(pin=PIN)
+    hpki_slot.insert(doctor.applet)
+    cfg = card_world.config(reader=hpki_slot.name)
+    src, out = tmp_path / "rx-in", tmp_path / "rx-out"
+    write_inputs(src, 2)
+    unsigned = build_prescription(PRESCRIPTION_CSV.format(n=7).encode())
+    (src / "official.xml").write_bytes(
+        etree.tostring(unsigned, xml_declaration=True, encoding="UTF-8")
+    )
+    (src / "broken.xml").write_bytes(b"<Document><Other/></Document>")
+    res = sign_batch_cli(pcsc.env(), cfg, src, out, PIN)
+    assert res.returncode == 1, res.stderr  # a file failed
+    status, summary = _report(out)
+    assert status == {"signed": {"rx-00000.csv", "rx-00001.csv", "official.xml"},
+                      "failed": {"broken.xml"}}  # fmt: skip
+    assert (summary["signed"], summary["failed"], summary["complete"]) == (3, 1, False)
+    assert doctor.applet.signatures == 3 and not (out / "broken.xml").exists()
+    trust = card_world.trust()
+    for name in ("official.xml", "rx-00000.xml"):
+        res_x = card_world.xmlsec(out / name)
+        assert res_x.returncode == 0, (name, res_x.stderr)
+        rep = asyncio.run(verify_document((out / name).read_bytes(), trust=trust))
+        assert rep.indication == "TOTAL-PASSED", (name, rep.reason)
+
+    pharmacist = card_world.card(pin=PIN, role="Pharmacist")
+    hpki_slot.insert(pharmacist.applet)
+    d_src, d_out = tmp_path / "disp-in", tmp_path / "disp-out"
+    d_src.mkdir()
+    for name in ("official.xml", "rx-00001.xml"):
+        prescription = etree.parse(str(out / name))
+        dispensing = build_dispensing(DISPENSING_CSV, prescription=prescription)
+        (d_src / f"disp-{name}").write_bytes(
+            etree.tostring(dispensing, xml_declaration=True, encoding="UTF-8")
+        )
+    res = sign_batch_cli(pcsc.env(), cfg, d_src, d_out, PIN)
+    assert res.returncode == 0, res.stderr
+    status, summary = _report(d_out)
+    assert status == {"signed": {"disp-official.xml", "disp-rx-00001.xml"}} and summary["complete"]
+    assert pharmacist.applet.signatures == 2
+    for name in ("disp-official.xml", "disp-rx-00001.xml"):
+        res_x = card_world.xmlsec(d_out / name, "DispensingSign")
+        assert res_x.returncode == 0, (name, res_x.stderr)
+        rep = asyncio.run(verify_document((d_out / name).read_bytes(), trust=trust))
+        assert rep.indication == "TOTAL-PASSED", (name, rep.reason)
+        assert {s.document_type for s in rep.signatures} == {"prescription", "dispensing"}
