@@ -25,7 +25,7 @@ from gateway.signing.grant import Caller
 routes = web.RouteTableDef()
 
 _CSP = (
-    "default-src 'none'; script-src 'self' 'unsafe-inline'; style-src 'unsafe-inline'; "
+    "default-src 'none'; script-src 'self'; style-src 'unsafe-inline'; "
     "connect-src 'self'; form-action 'none'; frame-ancestors 'none'; base-uri 'none'"
 )
 

@@ -14,6 +14,9 @@ from aiohttp import web
 
 from gateway.errors import GatewayError
 
+#: The request's id (set by api/middleware.py:request_context; echoed in every error body).
+REQUEST_ID = web.RequestKey("request_id", str)
+
 log = logging.getLogger("gateway.api")
 
 _TITLES = {
@@ -47,7 +50,7 @@ def render(
     description: str,
     headers: dict[str, str] | None = None,
 ) -> web.Response:
-    request_id = request.get("request_id", "")
+    request_id = request.get(REQUEST_ID, "")
     hdrs = dict(headers or {})
     if request.path.startswith("/csc/"):
         body: dict[str, Any] = {"error": code, "error_description": description}

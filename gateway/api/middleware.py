@@ -36,7 +36,7 @@ from gateway.logs import request_id_var
 log = logging.getLogger("gateway.api")
 access_log = logging.getLogger("gateway.access")
 
-IDENTITY = "identity"  # request key holding the ClientIdentity
+IDENTITY = web.RequestKey("identity", ClientIdentity)  # the caller, set by client_identity
 EXPIRY_HEADER = "X-Client-Certificate-Expires"
 EST_PREFIX = "/.well-known/est/"
 _CLIENT_RID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
@@ -47,7 +47,7 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 @web.middleware
 async def request_context(request: web.Request, handler: Handler) -> web.StreamResponse:
     rid = secrets.token_hex(8)
-    request["request_id"] = rid
+    request[errors.REQUEST_ID] = rid
     token = request_id_var.set(rid)
     started = time.perf_counter()
     status = 500

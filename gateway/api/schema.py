@@ -69,7 +69,8 @@ def loads(raw: bytes | str, *, what: str = "request body") -> object:
     return data
 
 
-_PARSED = "json_body"  # request key: the body, parsed once (api/middleware.py:browser_guard)
+#: The body, parsed once (api/middleware.py:browser_guard reads it before the handler).
+_PARSED: web.RequestKey[object] = web.RequestKey("json_body")
 
 
 async def read_json(request: web.Request) -> object:

@@ -248,9 +248,14 @@ def make_tsa_ca(*, now: dt.datetime) -> CertAndKey:
 
 
 def issue_tsa_cert(
-    ca: CertAndKey, *, now: dt.datetime, validity: dt.timedelta = _CA_VALIDITY
+    ca: CertAndKey,
+    *,
+    now: dt.datetime,
+    validity: dt.timedelta = _CA_VALIDITY,
+    ocsp_url: str | None = None,
 ) -> CertAndKey:
-    """A TSA certificate as RFC 3161 §2.3 requires: critical EKU with only timeStamping."""
+    """A TSA certificate as RFC 3161 §2.3 requires: critical EKU with only timeStamping;
+    ``ocsp_url`` names an OCSP responder for it in the AIA (the sandbox's own TSA has none)."""
     subject = x509.Name(
         [
             x509.NameAttribute(NameOID.COUNTRY_NAME, "JP"),
@@ -259,10 +264,12 @@ def issue_tsa_cert(
         ]
     )
     key = new_key()
-    cert = (
+    builder = (
         leaf_builder(ca, subject, key, now=now, validity=validity)
         .add_extension(key_usage(digital_signature=True, non_repudiation=True), critical=True)
         .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.TIME_STAMPING]), critical=True)
-        .sign(ca.key, hashes.SHA256())
     )
-    return CertAndKey(cert=cert, key=key)
+    aia = issue.authority_information_access(ocsp_url=ocsp_url)
+    if aia is not None:
+        builder = builder.add_extension(aia, critical=False)
+    return CertAndKey(cert=builder.sign(ca.key, hashes.SHA256()), key=key)

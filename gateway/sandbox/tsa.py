@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import datetime
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -98,6 +98,15 @@ def _load(settings: Settings) -> DummyTimeStamper:
         chain = [c for p in t.chain for c in x509.load_pem_x509_certificates(Path(p).read_bytes())]
     except (OSError, ValueError) as e:
         raise ConfigError(f"test_tsa: cannot load the TSA certificate or key: {e}") from e
+    if not isinstance(key, rsa.RSAPrivateKey):
+        raise ConfigError("test_tsa.key must be an RSA key")
+    return make_stamper(cert, key, chain)
+
+
+def make_stamper(
+    cert: x509.Certificate, key: rsa.RSAPrivateKey, chain: Sequence[x509.Certificate] = ()
+) -> DummyTimeStamper:
+    """A TEST TSA signer: ``cert`` (EKU timeStamping) and its key, ``chain`` embedded."""
     der_key = key.private_bytes(
         serialization.Encoding.DER,
         serialization.PrivateFormat.PKCS8,
@@ -107,14 +116,21 @@ def _load(settings: Settings) -> DummyTimeStamper:
     def a(c: x509.Certificate) -> asn1_x509.Certificate:
         return asn1_x509.Certificate.load(c.public_bytes(serialization.Encoding.DER))
 
-    if not isinstance(key, rsa.RSAPrivateKey):
-        raise ConfigError("test_tsa.key must be an RSA key")
     return _KeptKeyTimeStamper(
         key=key,
         tsa_cert=a(cert),
         tsa_key=keys.PrivateKeyInfo.load(der_key),
         certs_to_embed=[a(c) for c in chain],
     )
+
+
+def add_stamp_route(
+    app: web.Application, stamper: DummyTimeStamper, *, clock: Clock = system_clock
+) -> None:
+    """POST /tsa: RFC 3161 time-stamp requests answered by ``stamper``."""
+    app[STAMPER] = stamper
+    app[CLOCK] = clock
+    app.router.add_post(TSA_PATH, _stamp)
 
 
 async def _stamp(request: web.Request) -> web.Response:
@@ -153,9 +169,7 @@ def create_tsa_app(settings: Settings, *, clock: Clock = system_clock) -> web.Ap
     """The TEST TSA; in a sandbox also its CRLs (GET /crl/<file>) and the TEST OCSP responder
     of the HPKI signing CA (POST /ocsp), the URLs its certificates name."""
     app = web.Application(client_max_size=MAX_REQUEST_BYTES)
-    app[STAMPER] = _load(settings)
-    app[CLOCK] = clock
-    app.router.add_post(TSA_PATH, _stamp)
+    add_stamp_route(app, _load(settings), clock=clock)
     pki = settings.pki
     crls = [*pki.crl_files, *([pki.facility_crl] if pki.facility_crl else [])]
     if settings.service.sandbox and pki.test_ca_cert is not None:

@@ -165,34 +165,14 @@ async def sign_document(
     now = clock() if now is None else now
     if not chain:
         raise InvalidRequest("the credential has no certificate")
-    cert, issuers = chain[0], list(chain[1:])
     env = check_request(signature_format, conformance_level, envelope, profile)
-    if conformance_level != "AdES-B-B" and tsa is None:
-        raise InvalidRequest(
-            f"{conformance_level} needs a timestamp authority, and none is configured"
-        )
-    stamp = tsa if conformance_level != "AdES-B-B" else None
-
+    stamp = _timestamp_client(conformance_level, tsa)
     digest = _checked_digest(document, document_digest, signature_format, env, policy)
-
-    def result(signed: bytes, *, detached: bool) -> SignedDocument:
-        return SignedDocument(
-            document_with_signature=None if detached else signed,
-            signature_object=signed if detached else None,
-            mime_type=MIME_TYPES[signature_format],
-            signature_format=signature_format,
-            conformance_level=conformance_level,
-            envelope=env,
-            profile=profile,
-            document_digest=digest,
-        )
-
     # Validation data is gathered before the key is used: a CRL server that is down refuses
     # the request (503) with nothing signed.
     long_term = await prepare_long_term(conformance_level, chain, policy.long_term, now)
     if signature_format == "C":
-        tpl = cades.template_for(cert, issuers)
-        signed = await tpl.sign(
+        signed = await cades.template_for(chain[0], list(chain[1:])).sign(
             key,
             content=document,
             message_digest=digest,
@@ -201,10 +181,8 @@ async def sign_document(
             tsa=stamp,
             long_term=long_term,
         )
-        return result(signed, detached=env == "Detached")
-
-    assert document is not None
-    if signature_format == "X":
+    elif signature_format == "X":
+        assert document is not None  # _checked_digest: only detached CAdES goes without
         signed = await _sign_xml(
             key,
             chain,
@@ -219,25 +197,60 @@ async def sign_document(
             policy=policy,
             long_term=long_term,
         )
-        return result(signed, detached=env == "Detached" and profile is None)
+    else:
+        assert document is not None
+        signed = await _sign_pdf(key, chain, document, env, now, stamp, long_term)
+    # Only detached CAdES / XAdES come back as a signature object (a profile is enveloped).
+    detached = env == "Detached"
+    return SignedDocument(
+        document_with_signature=None if detached else signed,
+        signature_object=signed if detached else None,
+        mime_type=MIME_TYPES[signature_format],
+        signature_format=signature_format,
+        conformance_level=conformance_level,
+        envelope=env,
+        profile=profile,
+        document_digest=digest,
+    )
 
+
+def _timestamp_client(
+    conformance_level: str, tsa: TimestampClient | None
+) -> TimestampClient | None:
+    """The TSA a level needs (None at B-B); a timestamped level without one is refused."""
+    if conformance_level == "AdES-B-B":
+        return None
+    if tsa is None:
+        raise InvalidRequest(
+            f"{conformance_level} needs a timestamp authority, and none is configured"
+        )
+    return tsa
+
+
+async def _sign_pdf(
+    key: KeyHandle,
+    chain: Sequence[x509.Certificate],
+    pdf: bytes,
+    envelope: str,
+    now: dt.datetime,
+    stamp: TimestampClient | None,
+    long_term: LongTerm | None,
+) -> bytes:
     # pyHanko (~8 MB) is loaded on the first PDF, not in every worker at start-up.
     from gateway.sign import pades
 
     if stamp is not None and not isinstance(stamp, Rfc3161Client):
         raise InvalidRequest("PAdES timestamps need the RFC 3161 HTTP timestamp authority")
-
-    signed = await pades.sign_pdf(
+    return await pades.sign_pdf(
         key,
-        certificate=cert,
-        chain=issuers,
-        pdf=document,
-        envelope=env,
+        certificate=chain[0],
+        chain=list(chain[1:]),
+        pdf=pdf,
+        envelope=envelope,
         signing_time=now,
         tsa=stamp,
         long_term=long_term,
     )
-    return result(signed, detached=False)
 
 
 async def all_or_none(work: Sequence[Callable[[], Awaitable[T]]], *, limit: int = 8) -> list[T]:

@@ -6,7 +6,9 @@ import datetime as dt
 import hashlib
 from typing import Any
 
-from asn1crypto import cms, core, pem
+from asn1crypto import cms, core, ocsp, pem
+from asn1crypto import crl as asn1_crl
+from asn1crypto import x509 as asn1_x509
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
@@ -57,6 +59,79 @@ def _cms_ocsps(sd: Any) -> list[bytes]:
         if c.name == "other" and c.chosen["other_rev_info_format"].native == "ocsp_response":
             out.append(c.chosen["other_rev_info"].dump())
     return out
+
+
+#: CAdES-X-L's unsigned attributes (ETSI TS 101 733 §6.3.3-6.3.4; EN 319 122-1 keeps them for
+#: B-LT): the path and its revocation data beside the signature instead of in SignedData.
+OID_CERTIFICATE_VALUES = "1.2.840.113549.1.9.16.2.23"
+OID_REVOCATION_VALUES = "1.2.840.113549.1.9.16.2.24"
+
+
+# Written here because asn1crypto has no spec for these two attributes (pyHanko neither); the
+# ASN.1 module of TS 101 733 is EXPLICIT TAGS.
+class _CertificateValues(core.SequenceOf):  # type: ignore[misc]
+    _child_spec = asn1_x509.Certificate
+
+
+class _CrlValues(core.SequenceOf):  # type: ignore[misc]
+    _child_spec = asn1_crl.CertificateList
+
+
+class _OcspValues(core.SequenceOf):  # type: ignore[misc]
+    _child_spec = ocsp.BasicOCSPResponse
+
+
+class _RevocationValues(core.Sequence):  # type: ignore[misc]
+    _fields = [  # noqa: RUF012 - asn1crypto's declaration style
+        ("crl_vals", _CrlValues, {"explicit": 0, "optional": True}),
+        ("ocsp_vals", _OcspValues, {"explicit": 1, "optional": True}),
+        ("other_rev_vals", core.Any, {"explicit": 2, "optional": True}),
+    ]
+
+
+def _values_attributes(
+    si: Any,
+) -> tuple[list[x509.Certificate], list[x509.CertificateRevocationList], list[bytes]]:
+    """The certificates, CRLs and OCSP responses of a SignerInfo's certificate-values and
+    revocation-values attributes (a CAdES-X-L from another signer); unreadable ones are left
+    out, as unreadable entries of SignedData are."""
+    certs: list[x509.Certificate] = []
+    crls: list[x509.CertificateRevocationList] = []
+    ocsps: list[bytes] = []
+    attrs = si["unsigned_attrs"]
+    if isinstance(attrs, core.Void):
+        return certs, crls, ocsps
+    for a in attrs:
+        oid = a["type"].dotted
+        if oid not in (OID_CERTIFICATE_VALUES, OID_REVOCATION_VALUES):
+            continue
+        for value in a["values"]:
+            try:
+                raw = value.dump()
+                if oid == OID_CERTIFICATE_VALUES:
+                    for c in _CertificateValues.load(raw):
+                        cert = load_cert(c.dump())
+                        if cert is not None:
+                            certs.append(cert)
+                    continue
+                values = _RevocationValues.load(raw)
+                for c in values["crl_vals"] or []:
+                    crls.append(x509.load_der_x509_crl(c.dump()))
+                for basic in values["ocsp_vals"] or []:
+                    # The verifier reads whole OCSPResponses (as RFC 5940 carries them).
+                    response = ocsp.OCSPResponse(
+                        {
+                            "response_status": "successful",
+                            "response_bytes": {
+                                "response_type": "basic_ocsp_response",
+                                "response": basic,
+                            },
+                        }
+                    )
+                    ocsps.append(response.dump())
+            except (ValueError, TypeError, KeyError):
+                continue
+    return certs, crls, ocsps
 
 
 def _attr(attrs: Any, name: str) -> Any:
@@ -228,16 +303,18 @@ async def verify_cms_signed_data(
         if not _integrity(rep, si, cert, content, content_digest):
             continue
         st = _attr(si["signed_attrs"], "signing_time")
-        stamps = _timestamps(si, sd, content, content_digest, certs, crls, ocsps)
+        x_certs, x_crls, x_ocsps = _values_attributes(si)
+        si_certs, si_crls, si_ocsps = certs + x_certs, crls + x_crls, ocsps + x_ocsps
+        stamps = _timestamps(si, sd, content, content_digest, si_certs, si_crls, si_ocsps)
         stamps += list(archive or [])
         found = Evidence(
             cert=cert,
-            embedded=certs + list(extra_certs or []),
+            embedded=si_certs + list(extra_certs or []),
             signing_time=st.native if st is not None else None,
             timestamps=stamps,
-            crls=crls,
-            ocsps=ocsps,
-            has_validation_data=bool(crls or ocsps),
+            crls=si_crls,
+            ocsps=si_ocsps,
+            has_validation_data=bool(si_crls or si_ocsps),
         )
         await check_common(rep, found, trust, now)
     return reports

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import subprocess
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -122,7 +123,14 @@ def lt(sandbox: dict[str, Any], gateway: Server) -> LtWorld:
     )
 
 
-def _sign(lt: LtWorld, fmt: str, level: str, *, source: LongTermSource | None = None) -> bytes:
+def _sign(
+    lt: LtWorld,
+    fmt: str,
+    level: str,
+    *,
+    source: LongTermSource | None = None,
+    tsa_url: str | None = None,
+) -> bytes:
     document = CSV
     if fmt == "P":
         import io
@@ -136,7 +144,7 @@ def _sign(lt: LtWorld, fmt: str, level: str, *, source: LongTermSource | None = 
         document = buf.getvalue()
 
     async def go() -> bytes:
-        async with Rfc3161Client(url=lt.tsa_url, timeout=10) as client:
+        async with Rfc3161Client(url=tsa_url or lt.tsa_url, timeout=10) as client:
             res = await sign_document(
                 key=SoftwareKeyHandle(lt.key),
                 chain=lt.chain(),
@@ -242,6 +250,71 @@ def test_ocsp_only_without_a_responder_refuses_before_the_key(lt: LtWorld) -> No
     assert calls == 0
 
 
+def _as_cades_x_l(signed: bytes, *, keep_revocation_values: bool = True) -> bytes:
+    """The same CAdES signature in the older CAdES-X-L shape other signers write: SignedData
+    holds only the signer's certificate and no revocation data; the path sits in a
+    certificate-values attribute, the CRLs and OCSP answers in revocation-values (unsigned:
+    the signature and its timestamp stay valid)."""
+    from asn1crypto import cms, core
+
+    from gateway.verify.cms import OID_CERTIFICATE_VALUES, OID_REVOCATION_VALUES
+
+    ci = cms.ContentInfo.load(signed)
+    sd = ci["content"]
+    si = sd["signer_infos"][0]
+    sid = si["sid"].chosen
+    certs = [c.chosen for c in sd["certificates"]]
+    signer = [c for c in certs if c.serial_number == sid["serial_number"].native]
+    path = [c for c in certs if c.serial_number != sid["serial_number"].native]
+    crl_vals = [c.chosen for c in sd["crls"] if c.name == "crl"]
+    ocsp_vals = [c.chosen["other_rev_info"]["response_bytes"]["response"].parsed
+                 for c in sd["crls"] if c.name == "other"]  # fmt: skip
+    assert path and crl_vals and ocsp_vals, "the B-LT signature carries path, CRLs and OCSP"
+
+    def der_seq(items: list[Any], tag: int | None = None) -> bytes:
+        """SEQUENCE OF ``items``, EXPLICIT [tag] around it when given (TS 101 733's module)."""
+        body = b"".join(i.dump() for i in items)
+        raw = b"\x30" + _der_len(len(body)) + body
+        return raw if tag is None else bytes([0xA0 | tag]) + _der_len(len(raw)) + raw
+
+    rv_body = der_seq(crl_vals, 0) + der_seq(ocsp_vals, 1)
+    revocation_values = b"\x30" + _der_len(len(rv_body)) + rv_body
+    extra = [(OID_CERTIFICATE_VALUES, der_seq(path))]
+    if keep_revocation_values:
+        extra.append((OID_REVOCATION_VALUES, revocation_values))
+    attrs = list(si["unsigned_attrs"]) + [
+        cms.CMSAttribute({"type": oid, "values": [core.Any.load(raw)]}) for oid, raw in extra
+    ]
+    si["unsigned_attrs"] = cms.CMSAttributes(attrs)
+    sd["certificates"] = cms.CertificateSet([cms.CertificateChoices("certificate", signer[0])])
+    sd["crls"] = None
+    return bytes(ci.dump(force=True))
+
+
+def _der_len(n: int) -> bytes:
+    if n < 0x80:
+        return bytes([n])
+    body = n.to_bytes((n.bit_length() + 7) // 8, "big")
+    return bytes([0x80 | len(body)]) + body
+
+
+def test_a_cades_x_l_with_certificate_and_revocation_values_attributes(lt: LtWorld) -> None:
+    """Validation data in CAdES-X-L's certificate-values / revocation-values attributes (not in
+    SignedData) is read: the path, the signer's OCSP answer and the TSA's CRL come from them,
+    with no configured CRL and no network. Without revocation-values the same signature has
+    no revocation evidence and does not pass."""
+    signed = _as_cades_x_l(_sign(lt, "C", "AdES-B-LT"))
+    rep = asyncio.run(verify_document(signed, trust=lt.trust()))
+    assert rep.indication == "TOTAL-PASSED", rep.reason
+    assert rep.signatures[0].revocation["source"] == "document"
+    assert "OCSP responses in the document" in rep.signatures[0].revocation["reason"]
+    assert rep.signatures[0].timestamp["tsa_revocation"].startswith("not revoked")
+
+    bare = _as_cades_x_l(_sign(lt, "C", "AdES-B-LT"), keep_revocation_values=False)
+    rep = asyncio.run(verify_document(bare, trust=lt.trust()))
+    assert rep.indication != "TOTAL-PASSED", rep.reason
+
+
 @pytest.mark.parametrize("fmt", ["X", "C"])
 def test_a_tsa_revoked_before_it_stamped_is_refused(lt: LtWorld, fmt: str) -> None:
     """The TSA CA's CRL (carried as the timestamp's validation data) lists the TSA certificate
@@ -260,6 +333,80 @@ def test_a_tsa_revoked_before_it_stamped_is_refused(lt: LtWorld, fmt: str) -> No
     rep = asyncio.run(verify_document(signed, trust=lt.trust()))
     assert rep.indication == "TOTAL-PASSED", rep.reason
     assert rep.signatures[0].timestamp["tsa_revocation"].startswith("not revoked")
+
+
+@pytest.mark.parametrize("fmt", ["X", "C"])
+def test_a_tsa_certificate_is_judged_by_its_own_ocsp_answer(
+    lt: LtWorld, fmt: str, tmp_path: Path
+) -> None:
+    """A TSA whose certificate names an OCSP responder (its CA's, answering from that CA's
+    CRL): the answer is asked for at B-LT, carried as the timestamp's validation data, and
+    decides at verification with no network and no configured CRL. "good": the signature
+    passes and the report says the TSA was checked; "revoked" an hour before it stamped: the
+    timestamp proves nothing (REVOKED_NO_POE naming the TSA)."""
+    import socket
+
+    from aiohttp import web
+
+    from gateway.sandbox.ocsp import OCSP_PATH, SandboxOcspResponder, add_ocsp_route
+    from gateway.sandbox.tsa import TSA_PATH, add_stamp_route, make_stamper
+
+    now = dt.datetime.now(dt.UTC)
+    crl_path = tmp_path / "tsa-ca.crl"
+    asked: list[int] = []
+
+    def ask(serial: int) -> None:
+        asked.append(serial)  # the CRL decides; this only records that OCSP was asked
+
+    def sign_with_tsa(revoked: bool) -> bytes:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.bind(("127.0.0.1", 0))
+        base = f"http://127.0.0.1:{sock.getsockname()[1]}"
+        tsa = testworld.issue_tsa_cert(
+            lt.tsa_ca, now=now - dt.timedelta(hours=2), ocsp_url=base + OCSP_PATH
+        )
+        listed = [(tsa.cert.serial_number, now - dt.timedelta(hours=1), None)] if revoked else []
+        crl_path.write_bytes(lt.tsa_crl(listed).public_bytes(serialization.Encoding.DER))
+        app = web.Application()
+        add_stamp_route(app, make_stamper(tsa.cert, tsa.key, [lt.tsa_ca.cert]))
+        add_ocsp_route(
+            app,
+            SandboxOcspResponder(
+                ca_cert=lt.tsa_ca.cert, signer_cert=lt.tsa_ca.cert, signer_key=lt.tsa_ca.key,
+                crl_files=[crl_path], override=ask,
+            ),
+        )  # fmt: skip
+
+        async def serve() -> web.AppRunner:
+            runner = web.AppRunner(app)
+            await runner.setup()
+            await web.SockSite(runner, sock).start()
+            return runner
+
+        loop = asyncio.new_event_loop()
+        runner = loop.run_until_complete(serve())
+        thread = threading.Thread(target=loop.run_forever, daemon=True)
+        thread.start()
+        try:
+            signed = _sign(lt, fmt, "AdES-B-LT", tsa_url=base + TSA_PATH)
+        finally:
+            asyncio.run_coroutine_threadsafe(runner.cleanup(), loop).result(10)
+            loop.call_soon_threadsafe(loop.stop)
+            thread.join(10)
+            loop.close()
+        assert tsa.cert.serial_number in asked, "the TSA's responder was not asked"
+        return signed
+
+    rep = asyncio.run(verify_document(sign_with_tsa(revoked=False), trust=lt.trust()))
+    assert rep.indication == "TOTAL-PASSED", rep.reason
+    checked = rep.signatures[0].timestamp["tsa_revocation"]
+    assert checked.startswith("not revoked") and "TEST TSA" in checked, checked
+
+    asked.clear()
+    rep = asyncio.run(verify_document(sign_with_tsa(revoked=True), trust=lt.trust()))
+    assert rep.indication != "TOTAL-PASSED"
+    assert rep.sub_indication == "REVOKED_NO_POE", rep.reason
+    assert "TSA certificate" in rep.reason and "TEST TSA" in rep.reason, rep.reason
 
 
 def test_a_signer_the_responder_says_is_revoked_is_refused_before_the_key(

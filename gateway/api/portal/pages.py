@@ -563,7 +563,9 @@ async def download_file(request: web.Request) -> web.Response:
 
 _STATIC = {
     "portal.css": "text/css",
+    "csc.js": "text/javascript",
     "enrol.js": "text/javascript",
+    "approve.js": "text/javascript",
     "sign.js": "text/javascript",
     "api.js": "text/javascript",
 }

@@ -5,21 +5,13 @@
   const statusEl = document.getElementById("status");
   function show(text, cls) { statusEl.textContent = text; statusEl.className = cls || ""; }
 
-  async function post(path, body) {
-    const r = await fetch(path, {method: "POST", headers: {"Content-Type": "application/json"},
-                                 body: JSON.stringify(body)});
-    const data = await r.json();
-    if (!r.ok) { throw new Error(data.detail || data.error_description || ("HTTP " + r.status)); }
-    return data;
-  }
-
   async function enroll(code, password, label) {
-    const begin = await post("/auth/fido2/register/begin", {enrollment_code: code, password: password});
+    const begin = await HpkiCsc.post("/auth/fido2/register/begin", {enrollment_code: code, password: password});
     const options = PublicKeyCredential.parseCreationOptionsFromJSON(begin.publicKey);
     const credential = await navigator.credentials.create({publicKey: options});
     const body = {enrollment_code: code, credential: credential.toJSON()};
     if (label) { body.label = label; }
-    return await post("/auth/fido2/register/complete", body);
+    return await HpkiCsc.post("/auth/fido2/register/complete", body);
   }
 
   form.addEventListener("submit", async (ev) => {
