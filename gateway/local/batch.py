@@ -418,7 +418,10 @@ async def sign_batch(
                 built: list[Built | str] | None = None
                 if on_pool:
                     assert pool is not None
-                    built = await pool.build(picked, level, agent.clock())
+                    try:
+                        built = await pool.build(picked, level, agent.clock())
+                    except concurrent.futures.BrokenExecutor:
+                        pool.ready = False  # a builder died (killed): build here from now on
                 for i, (name, data) in enumerate(picked):
                     if stop.is_set() and result.stopped is not None:
                         # The card has gone: the rest of this chunk is left for a re-run.

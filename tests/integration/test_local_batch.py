@@ -330,3 +330,45 @@ def test_official_xml_and_dispensing_results_in_one_folder_each(
         rep = asyncio.run(verify_document((d_out / name).read_bytes(), trust=trust))
         assert rep.indication == "TOTAL-PASSED", (name, rep.reason)
         assert {s.document_type for s in rep.signatures} == {"prescription", "dispensing"}
+
+
+def _builders(pid: int) -> list[int]:
+    """The document builder processes of the batch ``pid`` (children of its forkserver)."""
+    found = []
+    for p in _tree(pid):
+        with contextlib.suppress(OSError):
+            if b"forkserver" in Path(f"/proc/{p}/cmdline").read_bytes():
+                found += [c for c in _tree(p) if c != p]
+    return found
+
+
+def test_a_builder_killed_mid_batch_loses_nothing(
+    pcsc: PcscWorld, card_world: CardWorld, hpki_slot: Any, tmp_path: Path
+) -> None:
+    """A document builder process killed (SIGKILL) in the middle: the batch builds the rest
+    itself; every file is signed exactly once and verifies."""
+    card = card_world.card(pin=PIN)
+    card.applet.sign_delay = 0.005  # the batch lasts long enough to kill a builder in it
+    hpki_slot.insert(card.applet)
+    src, out = tmp_path / "in", tmp_path / "out"
+    names = write_inputs(src, 600)
+    proc = _start(pcsc, card_world.config(reader=hpki_slot.name), src, out)
+    deadline = time.monotonic() + 300
+    while not (builders := _builders(proc.pid)) or len(list(out.glob("*.xml"))) < 100:
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, "no builder process, or no output"
+        time.sleep(0.02)
+    for pid in builders:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 0, stderr
+    assert last_json(stdout)["signed"] == 600
+    assert sorted(p.name for p in out.glob("*.xml")) == [n.replace(".csv", ".xml") for n in names]
+    assert card.applet.signatures == 600  # one signature per file
+    status, _ = _report(out)
+    assert status == {"signed": set(names)}
+    trust = card_world.trust()
+    for name in sorted(p.name for p in out.glob("*.xml"))[::60]:
+        rep = asyncio.run(verify_document((out / name).read_bytes(), trust=trust))
+        assert rep.indication == "TOTAL-PASSED", (name, rep.reason)
