@@ -210,7 +210,8 @@ def make_signing(
         ledger=ledger,
         keystore=keystore,
         clock=clock,
-        policy=signing_policy(settings),
+        # In a sandbox, the role check fails on the signer_without_role scenario (no-op otherwise).
+        policy=scenario_stand_ins.scenario_policy(settings, signing_policy(settings)),
         tsa=tsa,
     )
 
@@ -296,9 +297,11 @@ def create_app(
             request_context,
             ip_limit,
             client_identity,
+            # The sandbox's failure scenarios; never installed in production. The certificate
+            # and facility ones answer where the identity check does, the others at the handler.
+            *([scenarios.scenario_identity] if settings.service.sandbox else []),
             facility_limit,
             browser_guard,
-            # The sandbox's failure scenarios; never installed in production.
             *([scenarios.scenario_effects] if settings.service.sandbox else []),
         ],
     )

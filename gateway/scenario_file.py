@@ -6,7 +6,9 @@ a file every one of them reads is the simplest shared state, and it is written a
 
 Keys: ``facility:<code>`` and ``credential:<id>`` name what the scenarios are switched on for;
 ``serial:<hex>:<credential id>`` carries the certificate serial of an OCSP scenario, which is
-what the responder sees.
+what the responder sees; ``since:<target>:<scenario>`` when a scenario was switched on (the date
+the identity check's answer names); ``locked:<code>`` the enrolment codes ``enrolment_locked``
+locked, as ``"<id>:<failed_tries>:<checking_tries>"``, for the reset to put back.
 """
 
 from __future__ import annotations

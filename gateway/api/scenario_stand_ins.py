@@ -1,8 +1,8 @@
-"""The sandbox's TSA and HSM failure scenarios, acting on the signing path itself.
+"""The sandbox's TSA, HSM and role failure scenarios, acting on the signing path itself.
 
-A switched-on ``tsa_down``, ``tsa_slow`` or ``hsm_unavailable`` does not answer for the
-gateway: the request goes through the handler, the SAD is spent, the document is built, and
-then the part that fails in real life fails:
+A switched-on ``tsa_down``, ``tsa_slow``, ``hsm_unavailable`` or ``signer_without_role`` does
+not answer for the gateway: the request goes through the handler, the SAD is spent, the
+document is built, and then the part that fails in real life fails:
 
 - ``tsa_down``: the timestamp request goes to a TCP port that is bound but not listening, so the
   connection is refused exactly as for a TSA that is down; the real RFC 3161 client turns that
@@ -10,7 +10,11 @@ then the part that fails in real life fails:
 - ``tsa_slow``: it goes to a port that accepts connections and never answers, so the client's
   own ``timestamp.timeout`` expires (503 ``tsa_timeout``);
 - ``hsm_unavailable``: the key store raises what the PKCS#11 store raises when the token is
-  gone (503 ``temporarily_unavailable``, ``HSM token unavailable``).
+  gone (503 ``temporarily_unavailable``, ``HSM token unavailable``);
+- ``signer_without_role``: the signing policy's role check reads the credential's hcRole as
+  ``Pharmacist``, so the real check refuses a prescription exactly as for a real pharmacist
+  (403 ``role_not_permitted``, after the SAD check, the SAD given back) and lets a dispensing
+  result through.
 
 Only the requests of the facility (or credential) the scenario is switched on for are affected:
 the scenario middleware (``api/scenarios.py``) puts the names switched on for the request in
@@ -24,14 +28,27 @@ import socket
 import threading
 from collections.abc import Sequence
 from contextvars import ContextVar
+from dataclasses import dataclass, replace
 from typing import ClassVar
+
+from cryptography import x509
 
 from gateway.config import Settings
 from gateway.errors import HsmUnavailable
 from gateway.hsm.api import DigestAlgorithm, GeneratedKey, KeyHandle, KeyStore, StoreKeyHandle
+from gateway.sign.eprescription import RolePolicy
+from gateway.sign.service import SigningPolicy
 from gateway.sign.timestamp import Rfc3161Client
 
-__all__ = ["SWITCHED", "ScenarioKeyStore", "ScenarioTsa", "scenario_keystore", "scenario_tsa"]
+__all__ = [
+    "SWITCHED",
+    "ScenarioKeyStore",
+    "ScenarioRolePolicy",
+    "ScenarioTsa",
+    "scenario_keystore",
+    "scenario_policy",
+    "scenario_tsa",
+]
 
 #: The scenarios switched on for the request being handled (empty outside one).
 SWITCHED: ContextVar[frozenset[str]] = ContextVar("sandbox_scenarios", default=frozenset())
@@ -145,3 +162,25 @@ def scenario_keystore(settings: Settings, keystore: KeyStore) -> KeyStore:
     if not settings.service.sandbox:
         return keystore
     return ScenarioKeyStore(keystore, retry_after=settings.hsm.retry_after)
+
+
+#: The hcRole a credential under ``signer_without_role`` signs with: a pharmacist's.
+STAND_IN_ROLE = "Pharmacist"
+
+
+@dataclass(frozen=True)
+class ScenarioRolePolicy(RolePolicy):
+    """The configured role policy, except that under ``signer_without_role`` the certificate's
+    hcRole reads as a pharmacist's."""
+
+    def check(self, cert: x509.Certificate, document_type: str) -> str:
+        if "signer_without_role" in SWITCHED.get():
+            return self.check_roles([STAND_IN_ROLE], document_type)
+        return super().check(cert, document_type)
+
+
+def scenario_policy(settings: Settings, policy: SigningPolicy) -> SigningPolicy:
+    """``policy`` as the sandbox runs it (unchanged outside a sandbox)."""
+    if not settings.service.sandbox:
+        return policy
+    return replace(policy, roles=ScenarioRolePolicy(policy.roles.allowed))

@@ -1,19 +1,25 @@
 """Failure scenarios of the sandbox: switch a facility (or one credential) into a failure and see
 the error a vendor's system receives, without breaking the TEST world for good.
 
-Two kinds, by what can be made to fail for one facility while the others go on:
+Three kinds, by what can be made to fail for one facility while the others go on:
 
+- **Real state** (:data:`REAL_STATE`): ``enrolment_locked`` locks the facility's signers'
+  active enrolment codes in the store, as five wrong passwords do, and the reset puts back
+  exactly what was there (status and attempt counters).
 - **On the real component** (:data:`REAL_PATH`): ``tsa_down`` and ``tsa_slow`` send the
   request's timestamp to a dead or a silent TCP port, ``hsm_unavailable`` makes the key store
-  fail (``api/scenario_stand_ins.py``); ``ocsp_revoked`` / ``ocsp_unknown`` change what the TEST
+  fail, ``signer_without_role`` makes the role check read a pharmacist's hcRole
+  (``api/scenario_stand_ins.py``); ``ocsp_revoked`` / ``ocsp_unknown`` change what the TEST
   OCSP responder answers (``scenario_file.py``). The request goes through the handler as
   usual: SADs are spent and given back, and the error comes from the code that meets the real
   failure.
-- **Overlays** (facility certificate revoked / expired, facility suspended, enrolment locked,
-  signer without the role): revoking, expiring or suspending for real could not be reset (a
-  revocation is final), so these answer exactly as the gateway answers when the real failure
-  happens (same status, ``code`` and description, from the same error classes; the texts of
-  docs/api.md) before the handler runs: nothing is signed and no SAD is spent.
+- **At the identity check** (facility certificate revoked / expired, facility suspended): a
+  revocation is final, a certificate cannot be made to expire and come back, and a really
+  suspended facility could not reach the portal to reset; so :func:`scenario_identity`, right
+  after the identity middleware, answers what ``auth/mtls.py:identify`` answers for the real
+  state (same error class, status, code and description; the date is when the scenario was
+  switched on) and drops the identity, as a refused one never has it: nothing is signed, no
+  SAD is spent, and the portal stays reachable.
 
 Switched on per facility (``facility:<code>``) or per credential (``credential:<id>``) in the
 portal (``/portal/scenarios``) or the admin API (``/admin/scenarios``), kept in
@@ -24,6 +30,7 @@ middleware is not installed.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -31,6 +38,7 @@ from typing import Any, Literal
 
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field
+from sqlalchemy import select, update
 
 from gateway.api.keys import AUDIT, CLOCK, DB, SETTINGS, SIGNERS
 from gateway.api.middleware import IDENTITY, Handler, identity
@@ -39,21 +47,35 @@ from gateway.api.schema import parse
 from gateway.auth.fido2 import LOCKED_TEXT
 from gateway.auth.mtls import ClientIdentity
 from gateway.config import Settings
-from gateway.errors import (
-    AccessDenied,
-    GatewayError,
-    InvalidRequest,
-    RoleNotPermitted,
-)
+from gateway.errors import AccessDenied, InvalidRequest
 from gateway.scenario_file import OCSP_SCENARIOS, active, save, serial_key
+from gateway.store.schema import enrollment, facility, signer_facility
 
-__all__ = ["CATALOG", "REAL_PATH", "Scenario", "routes", "scenario_effects"]
+__all__ = [
+    "AT_IDENTITY",
+    "CATALOG",
+    "REAL_PATH",
+    "REAL_STATE",
+    "Scenario",
+    "routes",
+    "scenario_effects",
+    "scenario_identity",
+]
 
 routes = web.RouteTableDef()
 
 
-#: Scenarios that make the real component fail (the others answer before the handler).
-REAL_PATH = frozenset({"tsa_down", "tsa_slow", "hsm_unavailable", "ocsp_revoked", "ocsp_unknown"})
+#: Scenarios that make the real component fail.
+REAL_PATH = frozenset(
+    {"tsa_down", "tsa_slow", "hsm_unavailable", "signer_without_role", "ocsp_revoked",
+     "ocsp_unknown"}
+)  # fmt: skip
+#: Scenarios that change the real state in the store (and put it back on reset).
+REAL_STATE = frozenset({"enrolment_locked"})
+#: Scenarios answered by :func:`scenario_identity`.
+AT_IDENTITY = frozenset(
+    {"facility_certificate_revoked", "facility_certificate_expired", "facility_suspended"}
+)
 
 
 @dataclass(frozen=True)
@@ -75,7 +97,7 @@ def _outside_portal(method: str, path: str) -> bool:
 
 
 def _enrolment(method: str, path: str) -> bool:
-    return path.startswith("/auth/fido2/register/")
+    return path.startswith("/auth/fido2/register/")  # documents where the locked codes show
 
 
 def _sign_doc(method: str, path: str) -> bool:
@@ -100,37 +122,52 @@ CATALOG: dict[str, Scenario] = {
         Scenario(
             "facility_certificate_revoked", "facility", _outside_portal, 403, "access_denied",
             "施設のクライアント証明書が失効している。ポータル以外の全ての呼び出しが 403 "
-            "access_denied「client certificate <serial> was revoked on <日時>: …」になる。",
+            "access_denied「client certificate <serial> was revoked on <日時>: sandbox scenario "
+            "facility_certificate_revoked」になる（実際の失効と同じ応答。理由の部分は失効時に"
+            "記録された理由）。",
             "The facility's client certificate is revoked: every call outside the portal gets "
-            "403 access_denied \"client certificate <serial> was revoked on <time>: ...\".",
+            "403 access_denied \"client certificate <serial> was revoked on <time>: sandbox "
+            "scenario facility_certificate_revoked\" (as for a real revocation, whose reason "
+            "is the one recorded).",
         ),
         Scenario(
             "facility_certificate_expired", "facility", _outside_portal, 403, "access_denied",
-            "施設のクライアント証明書の有効期限切れ。403 access_denied「client certificate "
-            "<serial> expired on <日時>」。",
-            "The facility's client certificate has expired: 403 access_denied \"client "
-            "certificate <serial> expired on <time>\".",
+            "施設のクライアント証明書の有効期限切れ。期限前に開いた接続での呼び出しと同じく "
+            "403 access_denied「client certificate <serial> expired on <日時>」。"
+            "期限切れの証明書で新しく接続すると、TLS ハンドシェイクで拒否される"
+            "（アラート certificate_expired、HTTP の応答なし）。",
+            "The facility's client certificate has expired: as on a connection opened before "
+            "the expiry, 403 access_denied \"client certificate <serial> expired on <time>\". "
+            "A new connection with a really expired certificate is refused in the TLS "
+            "handshake (alert certificate_expired, no HTTP answer).",
         ),
         Scenario(
             "facility_suspended", "facility", _outside_portal, 403, "access_denied",
-            "施設が利用停止中。403 access_denied「facility <code> is suspended since <日時>: …」。",
-            "The facility is suspended: 403 access_denied \"facility <code> is suspended since "
-            "<time>: ...\".",
+            "施設が利用停止中。ポータル以外の全ての呼び出しが 403 access_denied「facility <code> "
+            "is suspended since <日時>: sandbox scenario facility_suspended」。",
+            "The facility is suspended: every call outside the portal gets 403 access_denied "
+            "\"facility <code> is suspended since <time>: sandbox scenario "
+            "facility_suspended\".",
         ),
         Scenario(
             "enrolment_locked", "facility", _enrolment, 403, "access_denied",
-            "登録コードがパスワードの誤りでロックされている。認証器の登録が 403 access_denied"
-            f"「{LOCKED_TEXT}」。",
-            "The enrolment code is locked after wrong passwords: registering an authenticator "
-            f"gets 403 access_denied \"{LOCKED_TEXT}\".",
+            "この施設の署名者の有効な登録コードを、パスワードを 5 回誤ったときと同じくロック"
+            "する。そのコードでの認証器の登録が 403 access_denied"
+            f"「{LOCKED_TEXT}」。リセットで元の状態に戻る。",
+            "Locks the active enrolment codes of the facility's signers, as five wrong "
+            "passwords do: registering an authenticator with such a code gets 403 "
+            f"access_denied \"{LOCKED_TEXT}\". The reset puts them back as they were.",
         ),
         Scenario(
             "signer_without_role", "credential", _sign_doc, 403, "role_not_permitted",
-            "資格のない署名者（処方箋に署名する薬剤師）。signDoc が 403 role_not_permitted"
-            "「hcRole Pharmacist may not sign a prescription document (allowed: …)」。",
-            "A signer without the role (a pharmacist signing a prescription): signDoc gets 403 "
-            "role_not_permitted \"hcRole Pharmacist may not sign a prescription document "
-            "(allowed: ...)\".",
+            "資格のない署名者（処方箋に署名する薬剤師）。この資格情報の hcRole を Pharmacist "
+            "として役割を確認し、処方箋の signDoc が 403 role_not_permitted"
+            "「hcRole Pharmacist may not sign a prescription document (allowed: …)」"
+            "（SAD の確認の後。SAD は返却される）。",
+            "A signer without the role (a pharmacist signing a prescription): the role check "
+            "reads this credential's hcRole as Pharmacist, and signDoc of a prescription gets "
+            "403 role_not_permitted \"hcRole Pharmacist may not sign a prescription document "
+            "(allowed: ...)\" (after the SAD check; the SAD is given back).",
         ),
         Scenario(
             "tsa_down", "facility", _timestamped, 503, "tsa_unavailable",
@@ -201,6 +238,7 @@ async def switch(
     if not target.startswith(f"{scenario.scope}:") or len(target) <= len(scenario.scope) + 1:
         raise InvalidRequest(f"scenario {name} is switched per {scenario.scope}")
     data = active(settings)
+    was_on = name in data.get(target, [])
     names = set(data.get(target, []))
     names = names | {name} if on else names - {name}
     data[target] = sorted(names)
@@ -212,6 +250,18 @@ async def switch(
         data[key] = sorted(
             (set(data.get(key, [])) | {name}) if on else set(data.get(key, [])) - {name}
         )
+    if on and not was_on:
+        # When it "happened": the date the identity check's answer names, fixed like a real
+        # revocation's or suspension's.
+        data[_since_key(target, name)] = [_now(request).isoformat()]
+    elif not on:
+        data.pop(_since_key(target, name), None)
+    if name == "enrolment_locked":
+        code = target.split(":", 1)[1]
+        if on and not was_on:
+            data[_locked_key(code)] = await _lock_enrolments(request, code)
+        elif not on:
+            await _restore_enrolments(request, data.pop(_locked_key(code), []))
     save(settings, data)
     await _audit(request, "sandbox.scenario", actor, {"scenario": name, "target": target, "on": on})
     return active(settings)
@@ -221,14 +271,74 @@ async def reset(request: web.Request, *, actor: str, only: list[str] | None = No
     settings = request.app[SETTINGS]
     _require_sandbox(settings)
     data = active(settings)
-    for key in list(data) if only is None else only:
+    for key in (
+        [k for k in data if k.startswith(("facility:", "credential:"))] if only is None else only
+    ):
         data.pop(key, None)
-        if key.startswith("credential:"):
-            credential = key.split(":", 1)[1]
-            for k in [k for k in data if k.startswith("serial:") and k.endswith(f":{credential}")]:
+        kind, _, ident = key.partition(":")
+        for k in [k for k in data if k.startswith(f"since:{key}:")]:
+            data.pop(k)
+        if kind == "facility":
+            await _restore_enrolments(request, data.pop(_locked_key(ident), []))
+        if kind == "credential":
+            for k in [k for k in data if k.startswith("serial:") and k.endswith(f":{ident}")]:
                 data.pop(k)
-    save(settings, data)
+    for key in [k for k in data if k.startswith("locked:")] if only is None else []:
+        await _restore_enrolments(request, data.pop(key))  # a facility switched off meanwhile
+    save(settings, {} if only is None else data)
     await _audit(request, "sandbox.scenario_reset", actor, {"targets": only or "all"})
+
+
+def _since_key(target: str, name: str) -> str:
+    return f"since:{target}:{name}"
+
+
+def _locked_key(institution_code: str) -> str:
+    return f"locked:{institution_code}"
+
+
+def _now(request: web.Request) -> datetime:
+    now: datetime = request.app[CLOCK]() if CLOCK in request.app else datetime.now(UTC)
+    return now
+
+
+async def _lock_enrolments(request: web.Request, institution_code: str) -> list[str]:
+    """Lock the active enrolment codes of the facility's signers, as the fifth wrong password
+    does (``auth/fido2.py``: status ``locked``); returns what the reset puts back, one
+    ``"<id>:<failed_tries>:<checking_tries>"`` per code."""
+    signers = (
+        select(signer_facility.c.signer_id)
+        .join(facility, facility.c.id == signer_facility.c.facility_id)
+        .where(facility.c.institution_code == institution_code)
+    )
+    async with request.app[DB].write() as conn:
+        rows = (
+            await conn.execute(
+                select(enrollment.c.id, enrollment.c.failed_tries, enrollment.c.checking_tries)
+                .where(enrollment.c.status == "active", enrollment.c.signer_id.in_(signers))
+                .order_by(enrollment.c.id)
+            )
+        ).all()
+        if rows:
+            await conn.execute(
+                update(enrollment)
+                .where(enrollment.c.id.in_([r.id for r in rows]))
+                .values(status="locked")
+            )
+    return [f"{r.id}:{r.failed_tries}:{r.checking_tries}" for r in rows]
+
+
+async def _restore_enrolments(request: web.Request, saved: list[str]) -> None:
+    """Put back what :func:`_lock_enrolments` changed, for the codes still locked (one
+    replaced meanwhile by ``signer enroll-code`` stays replaced)."""
+    async with request.app[DB].write() as conn:
+        for entry in saved:
+            enrollment_id, failed, checking = (int(x) for x in entry.split(":"))
+            await conn.execute(
+                update(enrollment)
+                .where(enrollment.c.id == enrollment_id, enrollment.c.status == "locked")
+                .values(status="active", failed_tries=failed, checking_tries=checking)
+            )
 
 
 async def _serial_of(request: web.Request, credential: str) -> int:
@@ -247,67 +357,101 @@ async def _audit(request: web.Request, action: str, actor: str, detail: dict[str
 # -- the effect: the error the real failure gives ----------------------------------------------
 
 
-def _when(request: web.Request) -> str:
-    now: datetime = request.app[CLOCK]() if CLOCK in request.app else datetime.now(UTC)
-    return now.isoformat()
+def _date(d: datetime) -> str:
+    return d.astimezone(UTC).isoformat(timespec="seconds")  # as auth/mtls.py writes dates
 
 
-async def _error(
-    request: web.Request, scenario: Scenario, ident: ClientIdentity, body: dict[str, Any]
-) -> GatewayError:
-    when = _when(request)
-    match scenario.name:
+def _identity_error(name: str, ident: ClientIdentity, since: datetime) -> AccessDenied:
+    """What ``auth/mtls.py:identify`` answers for the real state, word for word."""
+    match name:
         case "facility_certificate_revoked":
             return AccessDenied(
-                f"client certificate {ident.certificate_serial} was revoked on {when}: "
+                f"client certificate {ident.certificate_serial} was revoked on {_date(since)}: "
                 "sandbox scenario facility_certificate_revoked"
             )
         case "facility_certificate_expired":
-            return AccessDenied(f"client certificate {ident.certificate_serial} expired on {when}")
+            return AccessDenied(
+                f"client certificate {ident.certificate_serial} expired on {_date(since)}"
+            )
         case "facility_suspended":
             return AccessDenied(
-                f"facility {ident.institution_code} is suspended since {when}: "
+                f"facility {ident.institution_code} is suspended since {_date(since)}: "
                 "sandbox scenario facility_suspended"
             )
-        case "enrolment_locked":
-            return AccessDenied(LOCKED_TEXT)
-        case "signer_without_role":
-            return RoleNotPermitted(
-                "hcRole Pharmacist may not sign a prescription document "
-                "(allowed: Medical Doctor, Dentist)"
-            )
-    raise AssertionError(scenario.name)  # pragma: no cover - the catalog is closed
+    raise AssertionError(name)  # pragma: no cover - AT_IDENTITY is closed
+
+
+def _since(data: dict[str, list[str]], target: str, name: str, fallback: datetime) -> datetime:
+    try:
+        return datetime.fromisoformat(data[_since_key(target, name)][0])
+    except (KeyError, IndexError, ValueError):
+        return fallback
+
+
+#: When each connection (its TLS transport) first carried a request: a certificate that
+#: "expired" after that was checked valid in its TLS handshake, as on a real keep-alive
+#: connection; one opened later would have been refused in the handshake.
+_OPENED: weakref.WeakKeyDictionary[object, datetime] = weakref.WeakKeyDictionary()
+
+
+@web.middleware
+async def scenario_identity(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Installed in a sandbox only (``app.py``), right after the identity middleware: the
+    certificate and facility scenarios answer there, as the real identity check does, and the
+    request then carries no identity (a refused one never has it)."""
+    ident = request.get(IDENTITY)
+    if (
+        isinstance(ident, ClientIdentity)
+        and ident.kind == "facility"
+        and _outside_portal(request.method, request.path)
+    ):
+        now = _now(request)
+        transport = request.transport
+        opened = now if transport is None else _OPENED.setdefault(transport, now)
+        target = f"facility:{ident.institution_code}"
+        data = active(request.app[SETTINGS])
+        for name in CATALOG:  # the catalog's order: revoked before expired before suspended
+            if name in AT_IDENTITY and name in data.get(target, []):
+                del request[IDENTITY]
+                since = _since(data, target, name, now)
+                expired_before_connecting = (
+                    name == "facility_certificate_expired" and opened >= since
+                )
+                if expired_before_connecting and transport is not None:
+                    # The TLS layer refuses an expired certificate in the handshake and closes
+                    # the connection without an alert or an HTTP answer; so does this.
+                    transport.abort()
+                raise _identity_error(name, ident, since)
+    return await handler(request)
 
 
 @web.middleware
 async def scenario_effects(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Installed in a sandbox only (``app.py``), after the identity middleware."""
+    """Installed in a sandbox only (``app.py``), last: the scenarios that act on the signing
+    path, for the requests of the facility (or credential) they are switched on for."""
     ident = request.get(IDENTITY)
     if not isinstance(ident, ClientIdentity) or ident.kind != "facility":
         return await handler(request)
     method, path = request.method, request.path
-    candidates = [s for s in CATALOG.values() if s.applies(method, path)]
+    candidates = [s for s in CATALOG.values() if s.name in REAL_PATH and s.applies(method, path)]
     if not candidates:
         return await handler(request)
     data = active(request.app[SETTINGS])
     switched = set(data.get(f"facility:{ident.institution_code}", []))
-    body: dict[str, Any] = {}
-    if method == "POST" and request.content_type == "application/json":
+    if any(s.scope == "credential" for s in candidates) and request.content_type == (
+        "application/json"
+    ):
         try:
-            parsed = await request.json()  # aiohttp keeps the body for the handler
+            parsed = await request.json()  # checked by browser_guard; aiohttp keeps the body
         except ValueError:
             parsed = None
-        body = parsed if isinstance(parsed, dict) else {}
-    credential = body.get("credentialID")
-    if isinstance(credential, str):
-        switched |= set(data.get(f"credential:{credential}", []))
-    for scenario in candidates:
-        if scenario.name in switched and scenario.name not in REAL_PATH:
-            raise await _error(request, scenario, ident, body)
-    real = frozenset(s.name for s in candidates if s.name in switched and s.name in REAL_PATH)
+        credential = parsed.get("credentialID") if isinstance(parsed, dict) else None
+        if isinstance(credential, str):
+            switched |= set(data.get(f"credential:{credential}", []))
+    real = frozenset(s.name for s in candidates if s.name in switched)
     if not real:
         return await handler(request)
-    token = SWITCHED.set(real)  # seen by the TSA client and the key store of this request
+    token = SWITCHED.set(real)  # seen by the TSA client, the key store and the role policy
     try:
         return await handler(request)
     finally:

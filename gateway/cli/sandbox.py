@@ -99,9 +99,10 @@ def register(sub: Any) -> None:
     )
     p.add_argument(
         "--ocsp-in-aia",
-        action="store_true",
-        help="name the TEST OCSP responder in the signer certificates' AIA (docs/sandbox.md: "
-        "pdfsig then cannot judge them)",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="name the TEST OCSP responder in the signer certificates' AIA (default); "
+        "--no-ocsp-in-aia builds them like real HPKI certificates, without (docs/sandbox.md)",
     )
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_sandbox_init)

@@ -103,14 +103,14 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def _settings_toml(port: int, tsa_port: int, *, ocsp_in_aia: bool = False) -> str:
+def _settings_toml(port: int, tsa_port: int, *, ocsp_in_aia: bool = True) -> str:
     ocsp_url = f"http://127.0.0.1:{tsa_port}/ocsp"
     ocsp_line = (
         f'test_ocsp_url = "{ocsp_url}"'
         if ocsp_in_aia
-        # NSS (pdfsig) cannot verify OCSP answers under a CA with critical certificatePolicies
-        # (docs/sandbox.md): by default the responder is served but not named in the AIA.
-        else f'# test_ocsp_url = "{ocsp_url}"  (sandbox init --ocsp-in-aia)'
+        # Real HPKI signer certificates name no responder; `sandbox init --no-ocsp-in-aia`
+        # builds that shape (the responder is still served, at ocsp_urls).
+        else f'# test_ocsp_url = "{ocsp_url}"  (sandbox init --no-ocsp-in-aia)'
     )
     return f"""\
 # hpki-gateway settings for the sandbox (verification environment).
@@ -200,11 +200,12 @@ async def init_sandbox(
     tsa_port: int | None = None,
     clock: Clock = system_clock,
     store_url: str | None = None,
-    ocsp_in_aia: bool = False,
+    ocsp_in_aia: bool = True,
 ) -> dict[str, Any]:
     """Build the world and return the manifest (also written to DIR/manifest.json).
 
-    ``ocsp_in_aia``: the signer certificates also name the TEST OCSP responder in their AIA."""
+    ``ocsp_in_aia``: the signer certificates also name the TEST OCSP responder in their AIA
+    (False: like real HPKI certificates, which name none)."""
     from gateway.config import load_settings
 
     d = directory.resolve()
@@ -256,6 +257,8 @@ async def init_sandbox(
             for p in sorted(pki.glob("*.crl"))
         },
         "ocsp_urls": {"hpki-signing-ca": f"{pki_base_url(tsa_port)}{OCSP_PATH}"},
+        # Whether the signer certificates name that responder in their AIA.
+        "ocsp_in_aia": ocsp_in_aia,
         # Where `serve` publishes each CA certificate (DER), the AIA caIssuers URLs.
         "ca_issuers_urls": {
             name: ca_issuers_url(pki_base_url(tsa_port), name)

@@ -193,6 +193,10 @@ class RolePolicy:
             roles = hpki.parse_hcroles(cert)
         except PkiError as e:
             raise RoleNotPermitted(f"the signer certificate's hcRole is unreadable: {e}") from e
+        return self.check_roles(roles, document_type)
+
+    def check_roles(self, roles: Sequence[str], document_type: str) -> str:
+        """The first of ``roles`` that may sign ``document_type``; RoleNotPermitted otherwise."""
         allowed = list(self.allowed.get(document_type, ()))
         for role in roles:
             if role in allowed:

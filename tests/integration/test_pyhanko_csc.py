@@ -8,6 +8,7 @@ poppler's ``pdfsig`` (NSS database trusting the sandbox HPKI root) and with pyHa
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import ssl
 import subprocess
@@ -127,10 +128,13 @@ async def test_pyhanko_csc_signer_signs_pdf(
     assert status.trusted, status.pretty_print_details()
     assert doc["name"] in status.signing_cert.subject.human_friendly
 
-    # poppler's pdfsig with an NSS database that trusts the same root.
+    # poppler's pdfsig with an NSS database that trusts the same root; it asks the TEST OCSP
+    # responder the signer certificate names (docs/sandbox.md).
+    asked = gateway.logs().count("TEST OCSP: serial")
     out_text = _pdfsig(pdf, Path(sandbox["hpki_trust_anchors"][0]), tmp_path / "nss")
     assert "Signature Validation: Signature is Valid." in out_text, out_text
     assert "Certificate Validation: Certificate is Trusted." in out_text, out_text
+    assert gateway.logs().count("TEST OCSP: serial") > asked, out_text
 
 
 def _pdfsig(pdf: Path, root: Path, nss: Path) -> str:
@@ -143,7 +147,10 @@ def _pdfsig(pdf: Path, root: Path, nss: Path) -> str:
          "-i", str(root)],
         check=True,
     )  # fmt: skip
+    # As docs/sandbox.md runs it: NSS checks the OCSP responder's path with libpkix.
     res = subprocess.run(
-        ["pdfsig", "-nssdir", f"sql:{nss}", str(pdf)], capture_output=True, text=True, check=False
-    )
+        ["pdfsig", "-nssdir", f"sql:{nss}", str(pdf)],
+        capture_output=True, text=True, check=False,
+        env={**os.environ, "NSS_ENABLE_PKIX_VERIFY": "1"},
+    )  # fmt: skip
     return res.stdout + res.stderr

@@ -1,15 +1,16 @@
-"""The sandbox's signer certificates name their issuer's certificate in the AIA (always) and the
-TEST OCSP responder (``sandbox init --ocsp-in-aia``), and ``serve`` answers at both URLs:
-verifiers nobody here wrote check revocation against the sandbox alone. ``openssl ocsp`` and
-``hpki-gateway verify --ocsp`` follow the AIA of a certificate the gateway uses and meet the OCSP
-scenarios; ``pdfsig`` (poppler, NSS) asks the responder for a PAdES the gateway signed but cannot
-use its answer (docs/sandbox.md). The default world, without the OCSP URL, keeps pdfsig's
-"Certificate is Trusted." (test_pyhanko_csc.py, test_signatures_interop.py)."""
+"""The sandbox's signer certificates name their issuer's certificate in the AIA and, unless the
+world was built with ``sandbox init --no-ocsp-in-aia``, the TEST OCSP responder; ``serve``
+answers at both URLs: verifiers nobody here wrote check revocation against the sandbox alone.
+``openssl ocsp``, ``hpki-gateway verify --ocsp`` and ``pdfsig`` (poppler, NSS, run with
+``NSS_ENABLE_PKIX_VERIFY=1`` as docs/sandbox.md says) follow the AIA of a certificate the
+gateway uses and meet the OCSP scenarios; without libpkix, NSS 3.87 asks the responder but
+cannot use its answer."""
 
 from __future__ import annotations
 
 import base64
 import hashlib
+import os
 import shutil
 import subprocess
 import urllib.request
@@ -56,32 +57,26 @@ def _pem(path: str) -> x509.Certificate:
     return x509.load_pem_x509_certificate(Path(path).read_bytes())
 
 
-@pytest.fixture(scope="module")
-def aia_world(tmp_path_factory: Any) -> Iterator[tuple[dict[str, Any], Server]]:
-    """A sandbox built with ``--ocsp-in-aia``, served."""
-    d = tmp_path_factory.mktemp("aia-world")
-    run_cli("sandbox", "init", str(d), "--port", str(free_port()), "--ocsp-in-aia")
+def _served_world(tmp_path_factory: Any, name: str, *flags: str) -> tuple[dict[str, Any], Server]:
     import json
 
+    d = tmp_path_factory.mktemp(name)
+    run_cli("sandbox", "init", str(d), "--port", str(free_port()), *flags)
     manifest: dict[str, Any] = json.loads((d / "manifest.json").read_text())
     manifest["dir"] = str(d)
     srv = Server(Path(manifest["config"]), free_port())
     srv.start()
-    try:
-        yield manifest, srv
-    finally:
-        srv.stop()
+    return manifest, srv
 
 
-@pytest.fixture(scope="module")
-def signed_pdf(
-    aia_world: tuple[dict[str, Any], Server], tmp_path_factory: Any
+def _sign_pdf(
+    world: tuple[dict[str, Any], Server], out: Path
 ) -> tuple[Path, x509.Certificate, str]:
-    """A PAdES-B-B the gateway of that world signed with its first doctor's key (FIDO2
-    enrolled with the manifest's code), that doctor's certificate and credential id."""
+    """A PAdES-B-B the gateway of ``world`` signed with its first doctor's key (FIDO2 enrolled
+    with the manifest's code), that doctor's certificate and credential id."""
     from reportlab.pdfgen import canvas
 
-    manifest, gateway = aia_world
+    manifest, gateway = world
     hospital = next(f for f in manifest["facilities"] if f["kind"] == "hospital")
     ctx = client_context(manifest["server_ca"], hospital["client_cert"], hospital["client_key"])
     doc = next(s for s in manifest["signers"] if s["role"] == "Medical Doctor")
@@ -106,11 +101,38 @@ def signed_pdf(
         },
     )
     assert r.status == 200, r.body
-    out = tmp_path_factory.mktemp("aia") / "signed.pdf"
     out.write_bytes(base64.b64decode(r.json()["DocumentWithSignature"][0]))
     info = csc.post("/csc/v2/credentials/info", {"credentialID": doc["credential_id"]})
     cert = x509.load_der_x509_certificate(base64.b64decode(info.json()["cert"]["certificates"][0]))
     return out, cert, str(doc["credential_id"])
+
+
+@pytest.fixture(scope="module")
+def aia_world(tmp_path_factory: Any) -> Iterator[tuple[dict[str, Any], Server]]:
+    """A sandbox built as `sandbox init` builds it by default (OCSP URL in the AIA), served."""
+    world = _served_world(tmp_path_factory, "aia-world")
+    try:
+        yield world
+    finally:
+        world[1].stop()
+
+
+@pytest.fixture(scope="module")
+def signed_pdf(
+    aia_world: tuple[dict[str, Any], Server], tmp_path_factory: Any
+) -> tuple[Path, x509.Certificate, str]:
+    return _sign_pdf(aia_world, tmp_path_factory.mktemp("aia") / "signed.pdf")
+
+
+@pytest.fixture(scope="module")
+def real_shape_world(tmp_path_factory: Any) -> Iterator[tuple[dict[str, Any], Server]]:
+    """A sandbox built with ``--no-ocsp-in-aia`` (no responder named, as in real HPKI
+    certificates), served."""
+    world = _served_world(tmp_path_factory, "no-aia-world", "--no-ocsp-in-aia")
+    try:
+        yield world
+    finally:
+        world[1].stop()
 
 
 @pytest.fixture
@@ -129,17 +151,22 @@ def switch(aia_world: tuple[dict[str, Any], Server]) -> Iterator[Any]:
     post("/admin/scenarios/reset", {})
 
 
-def test_the_default_world_names_the_issuer_but_no_responder(
-    gateway: Server, sandbox: dict[str, Any], hospital_ctx: Any
+def test_a_no_ocsp_in_aia_world_names_the_issuer_but_no_responder(
+    real_shape_world: tuple[dict[str, Any], Server], tmp_path_factory: Any
 ) -> None:
-    cred = next(s for s in sandbox["signers"] if s["role"] == "Medical Doctor")["credential_id"]
-    info = request(gateway.port, "POST", "/csc/v2/credentials/info", ctx=hospital_ctx,
-                   json_body={"credentialID": cred})  # fmt: skip
-    der = base64.b64decode(info.json()["cert"]["certificates"][0])
-    aia = _aia(x509.load_der_x509_certificate(der))
+    sandbox, _ = real_shape_world
+    assert sandbox["ocsp_in_aia"] is False
+    pdf, cert, _ = _sign_pdf(real_shape_world, tmp_path_factory.mktemp("no-aia") / "s.pdf")
+    aia = _aia(cert)
     assert aia == {"ocsp": [], "ca_issuers": [sandbox["ca_issuers_urls"]["hpki-signing-ca"]]}
     served = x509.load_der_x509_certificate(_get(aia["ca_issuers"][0]))
     assert served == _pem(sandbox["hpki_intermediates"][0])
+    # pdfsig trusts it without asking anyone, with or without libpkix.
+    db = _nssdb(sandbox, tmp_path_factory.mktemp("nss-no-aia"))
+    for libpkix in (True, False):
+        out = _pdfsig(pdf, db, libpkix=libpkix)
+        assert "Signature Validation: Signature is Valid." in out, out
+        assert "Certificate Validation: Certificate is Trusted." in out, out
 
 
 def test_the_certificates_name_the_served_ocsp_and_issuer_urls(
@@ -147,6 +174,7 @@ def test_the_certificates_name_the_served_ocsp_and_issuer_urls(
 ) -> None:
     sandbox, _ = aia_world
     _, signer, _ = signed_pdf
+    assert sandbox["ocsp_in_aia"] is True
     aia = _aia(signer)
     assert aia["ocsp"] == [sandbox["ocsp_urls"]["hpki-signing-ca"]]
     assert aia["ca_issuers"] == [sandbox["ca_issuers_urls"]["hpki-signing-ca"]]
@@ -194,12 +222,9 @@ def test_openssl_ocsp_asks_the_aia_url(
     assert f"{tmp_path / 'signer.pem'}: revoked" in out and "keyCompromise" in out, out
 
 
-@pytest.fixture(scope="module")
-def nssdb(aia_world: tuple[dict[str, Any], Server], tmp_path_factory: Any) -> str:
+def _nssdb(sandbox: dict[str, Any], d: Path) -> str:
     """An NSS database trusting the sandbox's TEST HPKI root, nothing else of the sandbox."""
-    sandbox, _ = aia_world
     _require("certutil", "pdfsig")
-    d = tmp_path_factory.mktemp("nss")
     subprocess.run(["certutil", "-N", "-d", f"sql:{d}", "--empty-password"], check=True)
     subprocess.run(
         ["certutil", "-A", "-d", f"sql:{d}", "-n", "hpki-test-root", "-t", "CT,C,C",
@@ -209,36 +234,80 @@ def nssdb(aia_world: tuple[dict[str, Any], Server], tmp_path_factory: Any) -> st
     return f"sql:{d}"
 
 
-def _pdfsig(pdf: Path, nssdb: str) -> str:
+@pytest.fixture(scope="module")
+def nssdb(aia_world: tuple[dict[str, Any], Server], tmp_path_factory: Any) -> str:
+    return _nssdb(aia_world[0], tmp_path_factory.mktemp("nss"))
+
+
+def _pdfsig(pdf: Path, nssdb: str, *, libpkix: bool = True) -> str:
+    """pdfsig as docs/sandbox.md tells a tester to run it: with ``NSS_ENABLE_PKIX_VERIFY=1``
+    (NSS checks the OCSP responder's path with libpkix, which knows certificatePolicies);
+    ``libpkix=False``: NSS's default before 3.102, the legacy path check."""
+    env = {k: v for k, v in os.environ.items() if k != "NSS_ENABLE_PKIX_VERIFY"}
+    if libpkix:
+        env["NSS_ENABLE_PKIX_VERIFY"] = "1"
     res = subprocess.run(
         ["pdfsig", "-nssdir", nssdb, str(pdf)],
-        capture_output=True, text=True, timeout=120, check=False,
+        capture_output=True, text=True, timeout=120, check=False, env=env,
     )  # fmt: skip
     return res.stdout + res.stderr
 
 
-def _ocsp_answers(gateway: Server, serial: int) -> int:
+def _ocsp_answers(gateway: Server, serial: int, status: str = "") -> int:
     """How many answers the served TEST OCSP responder gave for ``serial`` (its log lines)."""
-    return gateway.logs().count(f"TEST OCSP: serial {serial:X} answered")
+    return gateway.logs().count(f"TEST OCSP: serial {serial:X} answered {status}")
 
 
-def test_pdfsig_follows_the_aia_to_the_sandbox_responder(
+TRUSTED = "Certificate Validation: Certificate is Trusted."
+REVOKED = "Certificate Validation: Certificate has been Revoked."
+UNKNOWN_ISSUE = "Certificate Validation: Unknown issue with Certificate or corrupted data."
+
+
+def test_pdfsig_uses_the_sandbox_responder_named_in_the_aia(
     aia_world: tuple[dict[str, Any], Server],
     signed_pdf: tuple[Path, x509.Certificate, str],
     nssdb: str,
+    switch: Any,
 ) -> None:
     _, gateway = aia_world
-    pdf, cert, _ = signed_pdf
-    before = _ocsp_answers(gateway, cert.serial_number)
+    pdf, cert, cred = signed_pdf
+    serial = cert.serial_number
+    before = _ocsp_answers(gateway, serial, "good")
     out = _pdfsig(pdf, nssdb)
     assert "Signature Validation: Signature is Valid." in out, out
-    # NSS found the responder in the AIA and asked it (GET, then POST).
+    assert TRUSTED in out, out
+    # NSS found the responder in the AIA and asked it.
+    assert _ocsp_answers(gateway, serial, "good") > before, out
+    # The answer decides: the responder says revoked, and so does pdfsig.
+    switch("ocsp_revoked", cred)
+    before = _ocsp_answers(gateway, serial, "revoked")
+    out = _pdfsig(pdf, nssdb)
+    assert _ocsp_answers(gateway, serial, "revoked") > before, out
+    assert "Signature Validation: Signature is Valid." in out, out
+    assert REVOKED in out, out
+
+
+def test_pdfsig_without_libpkix_asks_but_cannot_use_the_answer(
+    aia_world: tuple[dict[str, Any], Server],
+    signed_pdf: tuple[Path, x509.Certificate, str],
+    nssdb: str,
+    switch: Any,
+) -> None:
+    """NSS 3.87's default (legacy) path check refuses the responder's path, whose signing CA
+    has a critical certificatePolicies (SEC_ERROR_UNKNOWN_CRITICAL_EXTENSION, then
+    SEC_ERROR_OCSP_INVALID_SIGNING_CERT), soft-fails, and poppler 22.12 reports the error code
+    left behind: the same line whatever the responder says (docs/sandbox.md). This changes when
+    NSS (3.102 verifies with libpkix by default) or poppler do."""
+    _, gateway = aia_world
+    pdf, cert, cred = signed_pdf
+    before = _ocsp_answers(gateway, cert.serial_number)
+    out = _pdfsig(pdf, nssdb, libpkix=False)
+    assert "Signature Validation: Signature is Valid." in out, out
     assert _ocsp_answers(gateway, cert.serial_number) > before, out
-    # ... but NSS 3.87 cannot verify an OCSP answer whose signer's path holds a critical
-    # certificatePolicies extension, as the TEST signing CA's does (like MEDIS's): it soft-
-    # fails, and poppler 22.12 reports the error code NSS left behind. docs/sandbox.md has the
-    # details; this line changes when NSS or poppler do.
-    assert "Certificate Validation: Unknown issue with Certificate or corrupted data." in out, out
+    assert UNKNOWN_ISSUE in out, out
+    switch("ocsp_revoked", cred)
+    out = _pdfsig(pdf, nssdb, libpkix=False)
+    assert UNKNOWN_ISSUE in out and REVOKED not in out, out
 
 
 def _verify_ocsp(sandbox: dict[str, Any], pdf: Path) -> dict[str, Any]:

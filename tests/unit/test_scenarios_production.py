@@ -22,8 +22,9 @@ def _settings(sandbox: bool) -> Settings:
 
 
 def test_production_installs_no_scenario_effect() -> None:
-    assert scenarios.scenario_effects not in create_app(_settings(False)).middlewares
-    assert scenarios.scenario_effects in create_app(_settings(True)).middlewares
+    for middleware in (scenarios.scenario_identity, scenarios.scenario_effects):
+        assert middleware not in create_app(_settings(False)).middlewares
+        assert middleware in create_app(_settings(True)).middlewares
 
 
 def test_production_refuses_every_switch() -> None:

@@ -500,8 +500,15 @@ def downloads(request: web.Request) -> list[Download]:
     client_ca = Path(manifest["server_ca"]).with_name("facility-client-ca.pem")
     if client_ca.is_file():
         out.append(Download(client_ca.name, "dl_ca", client_ca, media_type=pem))
+    jpki = manifest.get("jpki") or {}
+    if jpki.get("trust_anchor"):  # the TEST JPKI CA of the My Number cards
+        out.append(Download(Path(jpki["trust_anchor"]).name, "dl_ca", Path(jpki["trust_anchor"]),
+                            media_type=pem))  # fmt: skip
     for name, p in sorted(manifest.get("crls", {}).items()):
         out.append(Download(f"{name}.crl", "dl_crl", Path(p), media_type="application/pkix-crl"))
+    if jpki.get("crl_file"):
+        out.append(Download(Path(jpki["crl_file"]).name, "dl_crl", Path(jpki["crl_file"]),
+                            media_type="application/pkix-crl"))  # fmt: skip
     holders = [*manifest.get("facilities", []), {"institution_code": "admin", **manifest["admin"]}]
     for f in holders:
         out.append(
