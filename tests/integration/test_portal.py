@@ -153,6 +153,48 @@ def test_verify_a_sample_as_html_json_and_pdf(
     assert "TOTAL-PASSED" in text and "署名は有効です。" in text and "到達レベル: B-T" in text
 
 
+def test_verify_a_detached_cms_with_its_content(
+    gateway: Server, hospital_ctx: Any, doctor: Any
+) -> None:
+    """A detached CAdES from signDoc, uploaded with its content: passes; with other content:
+    HASH_FAILURE; without content: SIGNED_DATA_NOT_FOUND, each in words on the page."""
+    import hashlib
+
+    from tests.support.signing import Csc, b64
+
+    csc = Csc(gateway.port, hospital_ctx)
+    content = "調剤録メモ (TEST)\n".encode() * 40
+    sad = csc.authorize(doctor[0]["credential_id"], [hashlib.sha256(content).digest()], doctor[1])
+    r = csc.post(
+        "/csc/v2/signatures/signDoc",
+        {
+            "credentialID": doctor[0]["credential_id"],
+            "SAD": sad,
+            "documents": [
+                {"document": b64(content), "signature_format": "C",
+                 "signed_envelope_property": "Detached"}
+            ],
+        },
+    )  # fmt: skip
+    assert r.status == 200, r.body
+    p7s = base64.b64decode(r.json()["SignatureObject"][0])
+
+    fields: dict[str, Any] = {"document": ("memo.p7s", p7s), "content": ("memo.txt", content)}
+    html = post_form(gateway, hospital_ctx, "/portal/verify?lang=ja", fields).body.decode()
+    assert 'id="indication" class="ind-TOTAL-PASSED">TOTAL-PASSED' in html, html[:600]
+
+    fields["content"] = ("memo.txt", content + b"changed")
+    html = post_form(gateway, hospital_ctx, "/portal/verify?lang=en", fields).body.decode()
+    assert 'class="ind-TOTAL-FAILED">TOTAL-FAILED' in html and "HASH_FAILURE" in html
+
+    fields = {"document_b64": base64.b64encode(p7s).decode(), "output": "json"}
+    report = post_form(gateway, hospital_ctx, "/portal/verify", fields).json()
+    assert report["sub_indication"] == "SIGNED_DATA_NOT_FOUND", report
+    fields["content_b64"] = base64.b64encode(content).decode()
+    report = post_form(gateway, hospital_ctx, "/portal/verify", fields).json()
+    assert report["indication"] == "TOTAL-PASSED", report
+
+
 def test_downloads_list_the_sandbox_and_a_broken_sample_fails(
     gateway: Server, hospital_ctx: Any, sandbox: dict[str, Any]
 ) -> None:
