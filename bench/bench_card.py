@@ -68,7 +68,7 @@ def _card_process(
 
 
 def run(
-    rounds: int = 3, raw_n: int = 100, batch_n: int = 100, latency: float = 0.0
+    rounds: int = 3, raw_n: int = 1000, batch_n: int = 1000, latency: float = 0.0
 ) -> dict[str, float]:
     from cryptography.hazmat.primitives import serialization
 
@@ -183,7 +183,7 @@ if __name__ == "__main__":
     sys.path.append(str(HERE))  # run as a file: this tree, after any PYTHONPATH (--compare)
     p = argparse.ArgumentParser()
     p.add_argument("--latency", type=float, default=0.0)
-    p.add_argument("--n", type=int, default=100)
+    p.add_argument("--n", type=int, default=1000)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--compare", type=Path, default=None, metavar="BASE")
     a = p.parse_args()

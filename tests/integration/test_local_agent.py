@@ -11,6 +11,7 @@ import json
 import os
 import subprocess
 import threading
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -246,27 +247,30 @@ def test_sign_batch_card_pulled_then_resumed(
     pcsc: PcscWorld, card_world: CardWorld, hpki_slot: Any, tmp_path: Path
 ) -> None:
     card = card_world.card(pin=PIN)
+    card.applet.sign_delay = 0.02  # slow enough that the card is pulled mid-batch
     hpki_slot.insert(card.applet)
     src, out = tmp_path / "in", tmp_path / "out"
     names = write_prescriptions(src, 20)
     settings = load_settings(card_world.config(reader=hpki_slot.name), environ={})
-    pulled = threading.Event()
 
-    def progress(done: int, total: int) -> None:
-        if done >= 6 and not pulled.is_set():
-            pulled.set()
-            threading.Thread(target=hpki_slot.remove).start()
+    def pull_after_six() -> None:  # the card leaves the reader once it has made 6 signatures
+        deadline = time.monotonic() + 300
+        while card.applet.signatures < 6 and time.monotonic() < deadline:
+            time.sleep(0.001)
+        hpki_slot.remove()
 
     async def run() -> Any:
         agent = build_local_agent(settings)
         try:
-            return await sign_batch(
-                agent, src, out, pin=lambda: bytearray(PIN.encode()), progress=progress
-            )
+            return await sign_batch(agent, src, out, pin=lambda: bytearray(PIN.encode()))
         finally:
             await agent.close()
 
+    puller = threading.Thread(target=pull_after_six)
+    puller.start()
     first = asyncio.run(run())
+    puller.join()
+    card.applet.sign_delay = 0.0
     assert first.stopped and not first.complete and first.not_done > 0
     done_first = {p.name: p.read_bytes() for p in out.glob("*.xml")}
     assert 6 <= len(done_first) < 20
