@@ -287,6 +287,12 @@ def _no_answer(srv: Server, conn: http.client.HTTPSConnection) -> str:
     return type(e.value).__name__
 
 
+#: curl's exit codes for a connection the server closed instead of answering (TLS 1.3: the
+#: handshake completes on the client's side first, so curl meets the close as an empty reply
+#: (52) or as a reset (56), whichever the server's close races into).
+CURL_NO_ANSWER = {52: "Empty reply from server", 56: "Recv failure: Connection reset by peer"}
+
+
 def _curl(m: dict[str, Any], srv: Server, cert: str, key: str) -> tuple[int, str]:
     """curl's exit code and last line, as a vendor's shell script sees them."""
     import subprocess
@@ -317,8 +323,8 @@ def test_expired_certificate_scenario_answers_as_a_real_expiry(
     asyncio.run(_register_like(cfg, model, der, cert))
     expired = tmp_path / "expired.pem"
     expired.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    real_new = _curl(m, srv, str(expired), key)
-    assert real_new == (52, "curl: (52) Empty reply from server"), real_new
+    code, said = _curl(m, srv, str(expired), key)
+    assert code in CURL_NO_ANSWER and said == f"curl: ({code}) {CURL_NO_ANSWER[code]}", said
     _no_answer(srv, _https(srv.port, client_context(m["server_ca"], str(expired), key)))
 
     # One that expires while its connection is open: the next request on that connection
@@ -350,7 +356,8 @@ def test_expired_certificate_scenario_answers_as_a_real_expiry(
     assert end.isoformat() in real.json()["error_description"]
 
     # New connections after the "expiry": no answer, as for the really expired certificate.
-    assert _curl(m, srv, hospital["client_cert"], hospital["client_key"]) == real_new
+    code, said = _curl(m, srv, hospital["client_cert"], hospital["client_key"])
+    assert code in CURL_NO_ANSWER and said == f"curl: ({code}) {CURL_NO_ANSWER[code]}", said
     _no_answer(srv, _https(srv.port, _ctx(m, hospital)))
     # The portal stays reachable (to reset).
     assert request(srv.port, "GET", "/portal/scenarios", ctx=_ctx(m, hospital)).status == 200
