@@ -19,7 +19,7 @@ import hashlib
 import secrets
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 
 from cryptography import x509
@@ -270,22 +270,8 @@ class LocalAgent:
         async with self._lock:
             grant = await self._spend(sad, credential_id, digests)
             grant.inflight += 1
-        try:
-            signatures = await self.store.sign_digests(
-                credential_id, digests, DigestAlgorithm.SHA256
-            )
-        except (CardError, HsmUnavailable) as e:
-            async with self._lock:
-                grant.inflight -= 1
-                await self._end(grant)
-            raise NoCard("the card failed or was removed while signing") from e
-        except BaseException:
-            grant.inflight -= 1
-            raise
-        async with self._lock:
-            grant.inflight -= 1
-            await self._after(grant)
-        return signatures
+        async with self._in_flight(grant):
+            return await self.store.sign_digests(credential_id, digests, DigestAlgorithm.SHA256)
 
     async def signing_chain(self) -> list[x509.Certificate]:
         """The card certificate's validated path (leaf first, without the anchor when there
@@ -325,10 +311,18 @@ class LocalAgent:
                 await self._probe()
             grant = await self._spend(sad, credential_id, [j.digest for j in jobs])
             grant.inflight += 1
-        try:
+        async with self._in_flight(grant):
             chain = await self.signing_chain()
             handle = await self.store.get_key(credential_id)
-            out = [await self._sign_job(handle, chain, j) for j in jobs]
+            return [await self._sign_job(handle, chain, j) for j in jobs]
+
+    @contextlib.asynccontextmanager
+    async def _in_flight(self, grant: LocalGrant) -> AsyncIterator[None]:
+        """A spent grant while its signatures are made (outside the lock): a card that fails
+        or is pulled ends the grant (and with it every SAD of the card: NoCard); otherwise the
+        grant is settled once the signatures are made."""
+        try:
+            yield
         except (CardError, HsmUnavailable) as e:
             async with self._lock:
                 grant.inflight -= 1
@@ -340,7 +334,6 @@ class LocalAgent:
         async with self._lock:
             grant.inflight -= 1
             await self._after(grant)
-        return out
 
     async def _sign_job(
         self, key: KeyHandle, chain: list[x509.Certificate], job: DocumentJob
