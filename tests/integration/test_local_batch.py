@@ -14,6 +14,7 @@ import shutil
 import signal
 import subprocess
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -154,14 +155,12 @@ class Measured:
 def _run_measured(pcsc: PcscWorld, cfg: Path, src: Path, out: Path) -> Measured:
     """Run the batch, sampling the memory of its processes every 50 ms."""
     proc = _start(pcsc, cfg, src, out)
-    peak = tree_peak = 0
+    peak = 0
+    moments: list[dict[int, int]] = []  # the RSS of every process of the tree, per sample
     samples: list[tuple[int, int]] = []
     tick = 0
     while proc.poll() is None:
-        # Summed over the processes alive at the same moment: a builder that ends and is
-        # replaced is not counted twice.
-        live = [st for st in map(_status, _tree(proc.pid)) if st]
-        tree_peak = max(tree_peak, sum(st["VmRSS"] for st in live))
+        moments.append({pid: st["VmRSS"] for pid in _tree(proc.pid) if (st := _status(pid))})
         main = _status(proc.pid)
         if main:
             peak = max(peak, main["VmHWM"])
@@ -172,6 +171,10 @@ def _run_measured(pcsc: PcscWorld, cfg: Path, src: Path, out: Path) -> Measured:
         time.sleep(0.05)
     stdout, stderr = proc.communicate(timeout=600)
     res = subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
+    # Summed over the processes alive at the same moment, leaving out those seen in fewer
+    # than 3 samples (< 150 ms: a process forked on the way to a builder, not a builder).
+    seen = Counter(pid for m in moments for pid in m)
+    tree_peak = max((sum(v for p, v in m.items() if seen[p] >= 3) for m in moments), default=0)
     return Measured(res, peak, tree_peak, samples)
 
 
