@@ -29,6 +29,7 @@ from sqlalchemy import Connection, bindparam, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from gateway.clock import Clock, system_clock
+from gateway.store.grouped import defer_to_group
 from gateway.store.schema import audit_event, audit_head
 
 GENESIS = "0" * 64
@@ -125,6 +126,18 @@ class AuditLog:
             now=now,
         )
         return (await self.append_many(conn, [record]))[0]
+
+    def record_sync(self, conn: Connection, records: Sequence[AuditRecord]) -> None:
+        """Append ``records`` in the caller's transaction: inside a grouped write unit
+        (``store/grouped.py``) with the events of the group's other units, in unit order, at
+        the end of the group (one head move per group, in the same transaction; dropped with
+        the unit if it is rolled back); anywhere else now (``append_many_sync``)."""
+        if not defer_to_group(conn, self, records):
+            self.append_many_sync(conn, records)
+
+    def flush_group(self, conn: Connection, items: list[Any]) -> None:
+        """The events a group's units deferred (``record_sync``), appended at once."""
+        self.append_many_sync(conn, items)
 
     async def append_many(
         self, conn: AsyncConnection, records: Sequence[AuditRecord]

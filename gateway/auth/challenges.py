@@ -135,6 +135,7 @@ class ChallengeStore:
             .where(c.id == bindparam("b_cid"), c.used_at.is_(None))
             .values(used_at=bindparam("b_now"))
         )
+        self._take = self._use.returning(*c)
 
     async def put(self, conn: AsyncConnection, challenge: bytes, **kw: Any) -> str:
         """Store a new challenge (in the caller's transaction); returns its id."""
@@ -185,23 +186,30 @@ class ChallengeStore:
 
     def peek_sync(self, conn: Connection, cid: str, *, kind: str, now: datetime) -> Any:
         row = self.find_sync(conn, cid)
+        self._check(row, kind=kind, now=now, used=row is not None and row.used_at is not None)
+        return row
+
+    def _check(self, row: Any, *, kind: str, now: datetime, used: bool) -> None:
         if row is None or row.kind != kind or any(getattr(row, n) is None for n in self.required):
             raise InvalidRequest(self.unknown)
-        if row.used_at is not None:
+        if used:
             raise InvalidRequest("challenge was already used")
         if row.expires_at <= now:
             raise InvalidRequest("challenge expired")
-        return row
 
     async def take(self, conn: AsyncConnection, cid: str, *, kind: str, now: datetime) -> Any:
         """:meth:`peek`, then mark it used: single use, atomic (a racing take finds it used)."""
         return await conn.run_sync(lambda c: self.take_sync(c, cid, kind=kind, now=now))
 
     def take_sync(self, conn: Connection, cid: str, *, kind: str, now: datetime) -> Any:
-        row = self.peek_sync(conn, cid, kind=kind, now=now)
-        res = conn.execute(self._use, {"b_cid": cid, "b_now": now})
-        if res.rowcount != 1:
-            raise InvalidRequest("challenge was already used")
+        """Mark it used and check it in one statement (``UPDATE ... RETURNING``). A refusal
+        after the mark leaves the rollback of the caller's transaction (or savepoint) to undo
+        it; every caller then burns the challenge anyway, as the refusal path does."""
+        row = conn.execute(self._take, {"b_cid": cid, "b_now": now}).one_or_none()
+        if row is None:  # unknown, or used already: say which
+            self.peek_sync(conn, cid, kind=kind, now=now)
+            raise InvalidRequest("challenge was already used")  # pragma: no cover - peek raised
+        self._check(row, kind=kind, now=now, used=False)
         return row
 
     async def burn(self, conn: AsyncConnection, cid: str, *, now: datetime) -> None:

@@ -219,7 +219,7 @@ class PresenceMethod:
         def record(conn: Connection, e: GatewayError) -> None:
             if attempt.challenge is not None:
                 self.challenges.burn_sync(conn, attempt.challenge, now=now)
-            self.audit.append_many_sync(
+            self.audit.record_sync(
                 conn,
                 [
                     AuditRecord(

@@ -191,7 +191,7 @@ class SadLedger:
                     for h, k in multiset.items()
                 ],
             )
-        self.audit.append_many_sync(
+        self.audit.record_sync(
             conn,
             [
                 AuditRecord(
