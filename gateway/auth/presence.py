@@ -69,16 +69,11 @@ async def signer_of_credential(
 ) -> str:
     """At begin: the signer of a credential offered to this facility, both active."""
     row = await store.served_credential(conn, credential_id=credential_id, facility_id=facility_id)
-    return _served_signer(row, credential_id)
+    return served_signer(row, credential_id)
 
 
-def signer_of_credential_sync(conn: Connection, *, credential_id: str, facility_id: int) -> str:
-    """:func:`signer_of_credential` on a synchronous connection (grouped writes)."""
-    row = store.served_credential_sync(conn, credential_id=credential_id, facility_id=facility_id)
-    return _served_signer(row, credential_id)
-
-
-def _served_signer(row: Any, credential_id: str) -> str:
+def served_signer(row: Any, credential_id: str) -> str:
+    """The signer of a served-credential row (``store.served_credential``), both active."""
     if row is None:
         raise InvalidRequest("Invalid parameter credentialID")
     require_signer_active(row.signer_id, row.signer_status)

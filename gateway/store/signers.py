@@ -48,12 +48,6 @@ async def served_credential(conn: AsyncConnection, *, credential_id: str, facili
     return (await conn.execute(_SERVED_CREDENTIAL, params)).one_or_none()
 
 
-def served_credential_sync(conn: Connection, *, credential_id: str, facility_id: int) -> Any:
-    """:func:`served_credential` on a synchronous connection (grouped writes)."""
-    params = {"credential_id": credential_id, "facility_id": facility_id}
-    return conn.execute(_SERVED_CREDENTIAL, params).one_or_none()
-
-
 _MAY_SIGN = (
     select(
         credential.c.signer_id,
