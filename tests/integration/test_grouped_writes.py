@@ -213,3 +213,75 @@ def test_groups_of_many_units_keep_one_chain(store_url: str, n: int) -> None:
             await db.close()
 
     asyncio.run(run())
+
+
+class _CountingAudit(AuditLog):
+    """The audit log, counting its appends (one head move each)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.appends = 0
+
+    def append_many_sync(self, conn: Connection, records: Any) -> Any:
+        self.appends += 1
+        return super().append_many_sync(conn, records)
+
+
+def test_units_record_their_events_once_per_group_in_unit_order(store_url: str) -> None:
+    """``AuditLog.record_sync`` in a unit: its events join the group's one append at the end of
+    the group, in unit order; a unit rolled back takes its events with it, and the refusal
+    recorded after it takes its place."""
+    audit = _CountingAudit()
+
+    def unit(i: int, *, refuse: bool) -> Any:
+        def fn(conn: Connection) -> int:
+            audit.record_sync(conn, [AuditRecord(action=f"test.unit{i}", actor="t", now=T0)])
+            if refuse:
+                raise InvalidRequest(f"unit {i} refused after recording")
+            return i
+
+        return fn
+
+    def refusal(i: int) -> Any:
+        def record(conn: Connection, e: GatewayError) -> None:
+            audit.record_sync(conn, [AuditRecord(action=f"test.refused{i}", actor="t", now=T0)])
+
+        return record
+
+    async def run() -> None:
+        db = await _open(store_url)
+        try:
+            outcomes = await asyncio.gather(
+                *(
+                    db.run_grouped(unit(i, refuse=i % 4 == 1), on_refusal=refusal(i))
+                    for i in range(16)
+                ),
+                return_exceptions=True,
+            )
+            assert [o if isinstance(o, int) else "refused" for o in outcomes] == [
+                "refused" if i % 4 == 1 else i for i in range(16)
+            ]
+            async with db.read() as conn:
+                actions = list(
+                    (
+                        await conn.execute(select(audit_event.c.action).order_by(audit_event.c.seq))
+                    ).scalars()
+                )
+                assert (await audit.verify(conn)).ok
+            expected = [f"test.refused{i}" if i % 4 == 1 else f"test.unit{i}" for i in range(16)]
+            # PostgreSQL runs the units as concurrent transactions: any order, each once.
+            assert actions == expected if db.is_sqlite else sorted(actions) == sorted(expected)
+            # SQLite: the sixteen units queued together ran as one group, one append. PostgreSQL:
+            # each unit is its own transaction with its own append.
+            assert audit.appends == (1 if db.is_sqlite else 16)
+            # Outside a unit, record_sync appends at once.
+            async with db.write() as conn:
+                await conn.run_sync(
+                    lambda c: audit.record_sync(c, [AuditRecord(action="test.alone", actor="t")])
+                )
+            assert audit.appends == (2 if db.is_sqlite else 17)
+            assert (await _counts(db))["test.alone"] == 1
+        finally:
+            await db.close()
+
+    asyncio.run(run())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 
 import pytest
@@ -113,3 +114,45 @@ def test_unknown_fido2_keys_are_refused(tmp_path: Path) -> None:
         load_settings(
             _settings(tmp_path, "[activation]\nsigning_session_max_hours = 30\n"), environ={}
         )
+
+
+@pytest.mark.parametrize("authenticators", [1, 3, 16])
+def test_request_options_are_python_fido2s_own(authenticators: int) -> None:
+    """authenticate/begin builds its options and state from a template of python-fido2's
+    output; they must be exactly what python-fido2 itself returns for the same challenge."""
+    from fido2.server import Fido2Server
+    from fido2.utils import websafe_encode
+    from fido2.webauthn import (
+        PublicKeyCredentialDescriptor,
+        PublicKeyCredentialRpEntity,
+        PublicKeyCredentialType,
+        UserVerificationRequirement,
+    )
+
+    from gateway.audit import AuditLog
+    from gateway.auth.fido2 import Fido2Authenticator, _allow_credentials
+    from gateway.store.db import Database
+
+    auth = Fido2Authenticator(
+        db=Database("sqlite+aiosqlite://"), audit=AuditLog(), rp_id="localhost", rp_name="TEST",
+        origins=frozenset({"https://localhost"}),
+    )  # fmt: skip
+    assert auth._template is not None  # the template is in use, not the fallback
+    server = Fido2Server(PublicKeyCredentialRpEntity(name="TEST", id="localhost"))
+    for n in range(5):
+        challenge = hashlib.sha256(bytes([n])).digest() + bytes(16)
+        raw_ids = [hashlib.sha256(bytes([n, i])).digest() for i in range(authenticators)]
+        ids = tuple(websafe_encode(r) for r in raw_ids)
+        options, state = server.authenticate_begin(
+            credentials=[
+                PublicKeyCredentialDescriptor(type=PublicKeyCredentialType.PUBLIC_KEY, id=r)
+                for r in raw_ids
+            ],
+            user_verification=UserVerificationRequirement.REQUIRED,
+            challenge=challenge,
+        )
+        ours, our_state = auth._request_options(challenge)
+        assert json.dumps(
+            {**ours, "allowCredentials": _allow_credentials(ids)}, sort_keys=True
+        ) == json.dumps(dict(options.public_key), sort_keys=True)
+        assert json.loads(our_state) == json.loads(json.dumps(state))
