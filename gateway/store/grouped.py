@@ -121,10 +121,11 @@ def _run_group(conn: Connection, *, batch: Sequence[_Pending]) -> list[tuple[boo
     outcomes: list[tuple[bool, Any]] = []
     group: dict[GroupBuffer, list[Any]] = {}
     savepoint = _Savepoints(conn)
+    info = conn.info  # a property that goes through the pool's connection record: once
     try:
         for p in batch:
             unit: dict[GroupBuffer, list[Any]] = {}
-            conn.info[_UNIT_BUFFER] = unit
+            info[_UNIT_BUFFER] = unit
             savepoint.begin()
             try:
                 value = p.fn(conn)
@@ -139,11 +140,11 @@ def _run_group(conn: Connection, *, batch: Sequence[_Pending]) -> list[tuple[boo
                 outcomes.append((True, value))
             for owner, items in unit.items():
                 group.setdefault(owner, []).extend(items)
-        del conn.info[_UNIT_BUFFER]
+        del info[_UNIT_BUFFER]
         for owner, items in group.items():
             owner.flush_group(conn, items)
     finally:
-        conn.info.pop(_UNIT_BUFFER, None)  # the connection outlives the transaction
+        info.pop(_UNIT_BUFFER, None)  # the connection outlives the transaction
     return outcomes
 
 
