@@ -149,14 +149,17 @@ def _run_group(conn: Connection, *, batch: Sequence[_Pending]) -> list[tuple[boo
 
 
 class _Savepoints:
-    """One unit's savepoint at a time. On SQLite as plain statements on the driver connection:
-    SQLAlchemy names each savepoint anew (``sa_savepoint_<n>``), so it compiled the SAVEPOINT and
-    RELEASE statements on every unit (seen in profiles: ~15 % of the write thread's time in a
-    ceremony). The name is reused: one unit's savepoint is released before the next begins.
-    Elsewhere (PostgreSQL, where a group is one unit) through ``Connection.begin_nested``."""
+    """One unit's savepoint at a time. On a SQLite file as plain statements on the driver
+    connection: SQLAlchemy names each savepoint anew (``sa_savepoint_<n>``), so it compiled the
+    SAVEPOINT and RELEASE statements on every unit (seen in profiles: ~15 % of the write
+    thread's time in a ceremony). The name is reused: one unit's savepoint is released before
+    the next begins. Elsewhere (PostgreSQL, where a group is one unit; in-memory SQLite through
+    aiosqlite) through ``Connection.begin_nested``."""
 
     def __init__(self, conn: Connection) -> None:
-        self._raw = conn.connection.driver_connection if conn.dialect.name == "sqlite" else None
+        # pysqlite only: the driver connection is then a plain sqlite3 connection (aiosqlite's,
+        # for an in-memory store, is asynchronous: SQLAlchemy's savepoints there).
+        self._raw = conn.connection.driver_connection if conn.dialect.driver == "pysqlite" else None
         self._conn = conn
         self._nested: Any = None
 

@@ -126,36 +126,43 @@ def test_concurrent_takes_of_one_challenge_exactly_one_wins(store_url: str) -> N
 
 
 def test_a_refused_unit_is_rolled_back_alone(store_url: str) -> None:
-    async def run() -> None:
-        db = await _open(store_url)
-        try:
-            kept, refused, broken = (new_bound_challenge(BINDING) for _ in range(3))
+    asyncio.run(_refused_unit_rolled_back_alone(store_url))
 
-            def refuse_after_writing(conn: Connection) -> str:
-                _put_unit(refused)(conn)
-                raise InvalidRequest("refused after its writes")
 
-            def fail_after_writing(conn: Connection) -> str:
-                _put_unit(broken)(conn)
-                raise ValueError("not a refusal")
+def test_a_refused_unit_is_rolled_back_alone_in_memory() -> None:
+    """SQLite in memory runs its groups through aiosqlite, not the SQLite threads: the
+    savepoints there are SQLAlchemy's, and a unit is still rolled back alone."""
+    asyncio.run(_refused_unit_rolled_back_alone("sqlite+aiosqlite://"))
 
-            outcomes = await asyncio.gather(
-                db.run_grouped(_put_unit(kept)),
-                db.run_grouped(refuse_after_writing, on_refusal=_refusal(None)),
-                db.run_grouped(fail_after_writing, on_refusal=_refusal(None)),
-                return_exceptions=True,
-            )
-            assert isinstance(outcomes[0], str)
-            assert isinstance(outcomes[1], InvalidRequest)
-            assert isinstance(outcomes[2], ValueError)
-            # Only the successful unit's rows remain; the refusal is recorded, the error not.
-            assert await _challenges(db) == {outcomes[0]}
-            assert await _counts(db) == {"test.put": 1, "test.refused": 1}
-            assert await _chain_ok(db)
-        finally:
-            await db.close()
 
-    asyncio.run(run())
+async def _refused_unit_rolled_back_alone(url: str) -> None:
+    db = await _open(url)
+    try:
+        kept, refused, broken = (new_bound_challenge(BINDING) for _ in range(3))
+
+        def refuse_after_writing(conn: Connection) -> str:
+            _put_unit(refused)(conn)
+            raise InvalidRequest("refused after its writes")
+
+        def fail_after_writing(conn: Connection) -> str:
+            _put_unit(broken)(conn)
+            raise ValueError("not a refusal")
+
+        outcomes = await asyncio.gather(
+            db.run_grouped(_put_unit(kept)),
+            db.run_grouped(refuse_after_writing, on_refusal=_refusal(None)),
+            db.run_grouped(fail_after_writing, on_refusal=_refusal(None)),
+            return_exceptions=True,
+        )
+        assert isinstance(outcomes[0], str)
+        assert isinstance(outcomes[1], InvalidRequest)
+        assert isinstance(outcomes[2], ValueError)
+        # Only the successful unit's rows remain; the refusal is recorded, the error not.
+        assert await _challenges(db) == {outcomes[0]}
+        assert await _counts(db) == {"test.put": 1, "test.refused": 1}
+        assert await _chain_ok(db)
+    finally:
+        await db.close()
 
 
 def test_a_failing_group_commits_nothing(store_url: str) -> None:
