@@ -21,7 +21,7 @@ typecheck: bootstrap
 	$(BIN)/mypy gateway
 
 test: bootstrap lint typecheck
-	$(BIN)/python -m pytest tests
+	$(BIN)/python -m pytest --durations=15 tests
 
 # Raw SoftHSM rate vs signHash (batch, single at 16 clients, 2 workers), RSS: bench/results.json
 bench: bootstrap

@@ -154,9 +154,11 @@ class PresenceMethod:
         now: datetime,
         **columns: Any,
     ) -> str:
-        return await self.challenges.put(
-            conn, challenge, kind=kind, signer_id=signer_id, facility_id=caller.facility_id,
-            binding=binding, now=now, ttl=self.challenge_ttl, **columns,
+        return await conn.run_sync(
+            lambda c: self.put_challenge_sync(
+                c, challenge, kind=kind, signer_id=signer_id, caller=caller, binding=binding,
+                now=now, **columns,
+            )
         )  # fmt: skip
 
     def put_challenge_sync(

@@ -44,7 +44,7 @@ from cryptography.x509.oid import AuthorityInformationAccessOID, NameOID
 from gateway.config import Settings
 from gateway.errors import ConfigError
 from gateway.files import write_private
-from gateway.pki.issue import CertAndKey, make_crl, random_serial
+from gateway.pki.issue import CA_KEY_USAGE, CertAndKey, make_crl, random_serial
 from gateway.pki.jpki import JPKI_AUTH_POLICY, JPKI_AUTH_ROOT_NAME
 from gateway.sandbox.hpki_cards import has_hpki_card, hpki_manifest_entry, load_hpki_card
 from gateway.sandbox.ocsp import OCSP_PATH, RESPONDER, SandboxOcspResponder
@@ -83,20 +83,7 @@ def make_test_jpki_ca(
         .not_valid_before(now - dt.timedelta(days=1))
         .not_valid_after(now + validity)
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=False,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=True,
-                crl_sign=True,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
+        .add_extension(CA_KEY_USAGE, critical=True)
         .add_extension(ski, critical=False)
         .sign(key, hashes.SHA256())
     )

@@ -13,8 +13,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
-import os
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -24,20 +22,11 @@ from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
 
 from gateway.api.portal.i18n import MESSAGES
+from tests.support.browser import chromium, facility_context, virtual_authenticator
 from tests.support.gateway import Server
 from tests.support.signing import b64, random_hashes, services
 
 pytestmark = [pytest.mark.tls, pytest.mark.hsm]
-
-CHROMIUM = Path(os.environ.get("HPKI_TEST_CHROMIUM", "/usr/bin/chromium"))
-LAUNCH_ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-]
 
 
 def _code(sandbox: dict[str, Any], signer_id: str) -> tuple[str, str]:
@@ -52,68 +41,35 @@ def _code(sandbox: dict[str, Any], signer_id: str) -> tuple[str, str]:
 def test_enrol_and_approve_in_chromium(
     gateway: Server, sandbox: dict[str, Any], hospital: dict[str, Any]
 ) -> None:
-    if not CHROMIUM.is_file():
-        raise RuntimeError(f"{CHROMIUM} not found: run `make test` (scripts/bootstrap.sh)")
-    # Playwright relays client-certificate contexts through its Node proxy, which must trust
-    # the sandbox server CA (set before the driver starts).
-    os.environ["NODE_EXTRA_CA_CERTS"] = sandbox["server_ca"]
-    from playwright.sync_api import sync_playwright
-
     signer = [s for s in sandbox["signers"] if s["role"] == "Medical Doctor"][1]
     code, password = _code(sandbox, signer["id"])
     origin = f"https://localhost:{gateway.port}"
     digests = random_hashes(2)
-    with sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=LAUNCH_ARGS)
-        try:
-            context = browser.new_context(
-                client_certificates=[
-                    {
-                        "origin": origin,
-                        "certPath": hospital["client_cert"],
-                        "keyPath": hospital["client_key"],
-                    }
-                ]
-            )
-            page = context.new_page()
-            cdp = context.new_cdp_session(page)
-            cdp.send("WebAuthn.enable")
-            authenticator = cdp.send(
-                "WebAuthn.addVirtualAuthenticator",
-                {
-                    "options": {
-                        "protocol": "ctap2",
-                        "transport": "internal",
-                        "hasResidentKey": True,
-                        "hasUserVerification": True,
-                        "isUserVerified": True,
-                        "automaticPresenceSimulation": True,
-                    }
-                },
-            )
-            page.goto(f"{origin}/enroll")
-            page.fill("#code", code)
-            page.fill("#password", password)
-            page.fill("#label", "Chromium virtual authenticator")
-            page.click("#submit")
-            page.wait_for_selector("#status.ok, #status.error", timeout=15_000)
-            status = page.text_content("#status") or ""
-            assert status.startswith(MESSAGES["ja"]["enrol_done"]), status  # Japanese first
-            creds = cdp.send(
-                "WebAuthn.getCredentials", {"authenticatorId": authenticator["authenticatorId"]}
-            )["credentials"]
-            assert len(creds) == 1
+    with chromium(sandbox["server_ca"]) as browser:
+        context = facility_context(browser, gateway.port, hospital)
+        page = context.new_page()
+        cdp, authenticator_id = virtual_authenticator(context, page)
+        page.goto(f"{origin}/enroll")
+        page.fill("#code", code)
+        page.fill("#password", password)
+        page.fill("#label", "Chromium virtual authenticator")
+        page.click("#submit")
+        page.wait_for_selector("#status.ok, #status.error", timeout=15_000)
+        status = page.text_content("#status") or ""
+        assert status.startswith(MESSAGES["ja"]["enrol_done"]), status  # Japanese first
+        creds = cdp.send("WebAuthn.getCredentials", {"authenticatorId": authenticator_id})[
+            "credentials"
+        ]
+        assert len(creds) == 1
 
-            page.goto(f"{origin}/approve")
-            page.fill("#credential", signer["credential_id"])
-            page.fill("#hashes", "\n".join(b64(d) for d in digests))
-            page.click("#submit")
-            page.wait_for_selector("#result[data-done]", timeout=15_000)
-            text = page.text_content("#result") or ""
-            assert not text.startswith("error"), text
-            result = json.loads(text)
-        finally:
-            browser.close()
+        page.goto(f"{origin}/approve")
+        page.fill("#credential", signer["credential_id"])
+        page.fill("#hashes", "\n".join(b64(d) for d in digests))
+        page.click("#submit")
+        page.wait_for_selector("#result[data-done]", timeout=15_000)
+        text = page.text_content("#result") or ""
+        assert not text.startswith("error"), text
+        result = json.loads(text)
 
     assert result["expiresIn"] == 300
     assert "SAD" not in result

@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from tests.integration.test_browser_webauthn import CHROMIUM, LAUNCH_ARGS
+from tests.support.browser import chromium, facility_context, virtual_authenticator
 from tests.support.gateway import Server
 from tests.support.signing import services
 
@@ -45,29 +45,12 @@ def _publish(shot: Path) -> None:
 
 @pytest.fixture(scope="module")
 def browser(sandbox: dict[str, Any]) -> Iterator[Any]:
-    if not CHROMIUM.is_file():
-        raise RuntimeError(f"{CHROMIUM} not found: run `make test` (scripts/bootstrap.sh)")
-    os.environ["NODE_EXTRA_CA_CERTS"] = sandbox["server_ca"]
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as pw:
-        b = pw.chromium.launch(executable_path=str(CHROMIUM), args=LAUNCH_ARGS)
-        try:
-            yield b
-        finally:
-            b.close()
+    with chromium(sandbox["server_ca"]) as b:
+        yield b
 
 
 def _context(browser: Any, gateway: Server, holder: dict[str, Any] | None) -> Any:
-    origin = f"https://localhost:{gateway.port}"
-    certs = (
-        [{"origin": origin, "certPath": holder["client_cert"], "keyPath": holder["client_key"]}]
-        if holder
-        else []
-    )
-    return browser.new_context(
-        client_certificates=certs, accept_downloads=True, viewport={"width": 1100, "height": 900}
-    )
+    return facility_context(browser, gateway.port, holder)
 
 
 @pytest.mark.parametrize("lang", ["ja", "en"])
@@ -122,21 +105,7 @@ def test_enrol_sign_and_verify_in_japanese(
     context = _context(browser, gateway, hospital)
     try:
         page = context.new_page()
-        cdp = context.new_cdp_session(page)
-        cdp.send("WebAuthn.enable")
-        cdp.send(
-            "WebAuthn.addVirtualAuthenticator",
-            {
-                "options": {
-                    "protocol": "ctap2",
-                    "transport": "internal",
-                    "hasResidentKey": True,
-                    "hasUserVerification": True,
-                    "isUserVerified": True,
-                    "automaticPresenceSimulation": True,
-                }
-            },
-        )
+        virtual_authenticator(context, page)
         # Enrol.
         page.goto(f"{origin}/portal/enrol?lang=ja")
         page.get_by_label("登録コード").fill(code)

@@ -6,15 +6,14 @@ A world of its own: enrolling the pharmacist replaces the manifest's code that o
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.integration.test_browser_webauthn import CHROMIUM, LAUNCH_ARGS
 from tests.integration.test_portal_browser import _context, _new_code
+from tests.support.browser import chromium, virtual_authenticator
 from tests.support.gateway import Server, free_port, run_cli
 
 pytestmark = [pytest.mark.tls, pytest.mark.hsm]
@@ -35,24 +34,8 @@ def world(tmp_path_factory: Any) -> Iterator[tuple[dict[str, Any], Server]]:
 
 @pytest.fixture(scope="module")
 def browser(world: tuple[dict[str, Any], Server]) -> Iterator[Any]:
-    if not CHROMIUM.is_file():
-        raise RuntimeError(f"{CHROMIUM} not found: run `make test` (scripts/bootstrap.sh)")
-    from playwright.sync_api import sync_playwright
-
-    before = os.environ.get("NODE_EXTRA_CA_CERTS")
-    os.environ["NODE_EXTRA_CA_CERTS"] = world[0]["server_ca"]  # read as Playwright starts
-    try:
-        with sync_playwright() as pw:
-            b = pw.chromium.launch(executable_path=str(CHROMIUM), args=LAUNCH_ARGS)
-            try:
-                yield b
-            finally:
-                b.close()
-    finally:
-        if before is None:
-            os.environ.pop("NODE_EXTRA_CA_CERTS", None)
-        else:
-            os.environ["NODE_EXTRA_CA_CERTS"] = before
+    with chromium(world[0]["server_ca"]) as b:
+        yield b
 
 
 def test_sign_a_dispensing_result_from_the_signed_prescription(
@@ -66,21 +49,7 @@ def test_sign_a_dispensing_result_from_the_signed_prescription(
     context = _context(browser, gateway, pharmacy)
     try:
         page = context.new_page()
-        cdp = context.new_cdp_session(page)
-        cdp.send("WebAuthn.enable")
-        cdp.send(
-            "WebAuthn.addVirtualAuthenticator",
-            {
-                "options": {
-                    "protocol": "ctap2",
-                    "transport": "internal",
-                    "hasResidentKey": True,
-                    "hasUserVerification": True,
-                    "isUserVerified": True,
-                    "automaticPresenceSimulation": True,
-                }
-            },
-        )
+        virtual_authenticator(context, page)
         page.goto(f"{origin}/portal/enrol?lang=en")
         page.get_by_label("Enrolment code").fill(code)
         page.get_by_label("Password").fill(password)

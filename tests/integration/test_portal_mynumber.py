@@ -116,12 +116,35 @@ def test_link_status_per_signer(
 def test_the_status_page_names_the_card_as_a_presence_method(
     gateway: Server, sandbox: dict[str, Any], hospital_ctx: Any, tmp_path: Path
 ) -> None:
-    target = next(s for s in sandbox["signers"] if s["role"] == "Medical Doctor")
-    links = json.loads(
-        run_cli("signer", "jpki-links", target["id"], "-c", sandbox["config"], "--json").stdout
-    )
-    html = request(gateway.port, "GET", "/portal/status?lang=en", ctx=hospital_ctx).body.decode()
-    assert ("My Number card" in html) == bool(links)
+    def links(signer_id: str) -> list[dict[str, Any]]:
+        out = run_cli("signer", "jpki-links", signer_id, "-c", sandbox["config"], "--json")
+        return list(json.loads(out.stdout))
+
+    def rows(signer_id: str) -> list[str]:
+        html = request(gateway.port, "GET", "/portal/status?lang=en", ctx=hospital_ctx).body
+        found = re.findall(
+            rf'<tr data-signer="{re.escape(signer_id)}">(.*?)</tr>', html.decode(), re.S
+        )
+        assert found, f"no row for {signer_id}"
+        return found
+
+    # Other tests link cards to the sandbox's doctors: take one without a card where there is
+    # one, so that both answers are seen; the row is the doctor's own (another's card may be
+    # named on the same page).
+    doctors = [s["id"] for s in sandbox["signers"] if s["role"] == "Medical Doctor"]
+    doctor = next((d for d in doctors if not links(d)), doctors[0])
+    before = links(doctor)
+    assert all(("My Number card" in row) == bool(before) for row in rows(doctor))
+    pem = tmp_path / "card.pem"
+    pem.write_bytes(_card_cert(sandbox).public_bytes(serialization.Encoding.PEM))
+    linked = json.loads(
+        run_cli("signer", "link-jpki", doctor, "--cert", str(pem), "-c", sandbox["config"],
+                "--json").stdout
+    )  # fmt: skip
+    assert all("My Number card" in row for row in rows(doctor))
+    run_cli("signer", "unlink-jpki", doctor, linked["id"], "-c", sandbox["config"])
+    assert links(doctor) == before
+    assert all(("My Number card" in row) == bool(before) for row in rows(doctor))
 
 
 def test_the_page_needs_a_client_certificate(gateway: Server, sandbox: dict[str, Any]) -> None:
