@@ -5,7 +5,7 @@ card_raw_sign_per_s   MSE + PSO round trips through pcscd to the virtual card (P
 local_batch_per_s     e-prescriptions per second through ``sign-batch`` (CSV -> signed XML)
 local_batch_cpu_ms_per_doc        CPU of the batch process per document (all its threads)
 local_batch_tree_cpu_ms_per_doc   CPU of every process per document: the batch, what it
-                                  started (builders, their forkserver), the card, pcscd
+                                  started, the card, pcscd
 card_raw_sign_tree_cpu_ms         the same for one raw signature
 Interleaved rounds, medians. With ``--latency S`` the virtual card sleeps S seconds per
 signature, like a real card (~0.3-1 s), to show what the overlap buys.
@@ -71,10 +71,10 @@ def _descendants(roots: set[int]) -> set[int]:
 
 
 def tree_cpu(roots: set[int]) -> dict[tuple[int, str, str], float]:
-    """CPU seconds of each process of the trees under ``roots``, keyed by (pid, start time):
-    user + system of the process itself and of the children it has reaped (builders are
-    reaped by their forkserver, which is counted with them)."""
-    out: dict[tuple[int, str], float] = {}
+    """CPU seconds of each process of the trees under ``roots``, keyed by (pid, start time,
+    command line): user + system of the process itself and of the children it has reaped
+    (workers that ended are counted with the process that reaped them, e.g. a forkserver)."""
+    out: dict[tuple[int, str, str], float] = {}
     for pid in _descendants(roots):
         try:
             with open(f"/proc/{pid}/stat") as f:
