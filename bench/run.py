@@ -22,6 +22,8 @@ Builds a throwaway sandbox, then measures on the same SoftHSM key:
                                  per signature like a real one
   local_batch_cpu_ms_per_doc     CPU of the batch process per e-prescription (the virtual card
                                  runs in a process of its own)
+  local_batch_tree_cpu_ms_per_doc  CPU of every process per e-prescription (the batch, the card
+                                 process, pcscd); card_raw_sign_tree_cpu_ms: per raw signature
   verify_eprescription_xl_per_s  long-term verification of the real ES-XL prescription in
   signxml_verify_per_s           process, beside signxml's XAdESVerifier (signature only)
   jpki_authorize_per_s           credentials/authorize with the My Number card (OCSP answer

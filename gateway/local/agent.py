@@ -257,22 +257,6 @@ class LocalAgent:
             await self._after(grant)
             return signatures
 
-    async def sign_digests_queued(
-        self, *, credential_id: str, sad: str, digests: Sequence[bytes]
-    ) -> list[bytes]:
-        """SHA-256 digests signed for a caller in this process (the batch): spent under the
-        lock, signed outside it, without the probe (as :meth:`sign_documents` with
-        ``probe=False``), so that several callers keep the card's next signature queued
-        behind the one it is making."""
-        for d in digests:
-            if len(d) != DigestAlgorithm.SHA256.digest_size:
-                raise InvalidRequest("a hash is not SHA256")
-        async with self._lock:
-            grant = await self._spend(sad, credential_id, digests)
-            grant.inflight += 1
-        async with self._in_flight(grant):
-            return await self.store.sign_digests(credential_id, digests, DigestAlgorithm.SHA256)
-
     async def signing_chain(self) -> list[x509.Certificate]:
         """The card certificate's validated path (leaf first, without the anchor when there
         are issuers), built once per card session; later calls re-check only that every

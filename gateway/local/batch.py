@@ -13,10 +13,9 @@ Ctrl-C (``stop``) is graceful: no new file is started, the documents in flight a
 written, the report is closed. Even when the batch is cancelled outright, a document whose
 signature was made is still written and reported before the report closes.
 
-Large AdES-B-B batches build their documents in builder processes (:mod:`gateway.local.build`)
-up to the digest the card signs, so the batch process only reads, talks to the card and
-writes: the card never waits for a document. Smaller batches and the levels with a timestamp
-build in this process, several documents at once (building overlaps the card's round trip).
+Several documents are under way at once: while the card signs one (in the card store's
+thread, through pcscd), the next ones are built in the event loop, so building overlaps the
+card's round trip.
 
 Memory stays flat for any number of files: the directory is walked lazily twice (once to count
 and find the first pending document, once to sign) and never held as a list; a bounded number
@@ -48,12 +47,16 @@ from lxml import etree
 from gateway.clock import Clock
 from gateway.errors import GatewayError, InvalidRequest
 from gateway.local.agent import CardSessionEnded, LocalAgent, NoCard
-from gateway.local.build import BUILDERS, BuilderPool, Built, profile_of, start_forkserver
-from gateway.sign.eprescription import EPrescriptionInput
+from gateway.sign.eprescription import (
+    PROFILES,
+    EPrescriptionInput,
+    EPrescriptionProfile,
+    profile_for_document,
+)
+from gateway.sign.xades import parse_untrusted
 from gateway.signing.core import DocumentJob
 
-#: Documents being built or at the card when the batch builds them itself (with builder
-#: processes: three per builder and two more, so that one is always ready for the card).
+#: Documents being built or at the card at once.
 PARALLEL = 4
 #: At most this many documents per group (one directory fsync each), written and fsync'ed by
 #: ``SYNCERS`` threads side by side.
@@ -64,14 +67,6 @@ GATHER = 0.05
 #: Signed documents handed to the writer thread and not yet on disk: the bound on signed
 #: documents held in memory. The writer makes them durable a group at a time.
 WRITERS = 2 * GROUP
-#: Fewer pending files than this: no builder processes. Starting them costs ~0.5-1.5 s of
-#: CPU (an interpreter importing the document code), which a batch of a few hundred documents
-#: at a fast card's pace does not win back; with a real card (0.3-1 s a signature) the batch
-#: process builds documents far faster than the card signs them anyway.
-POOL_MIN = 500
-#: Files per call to a builder process (with ``2 * builders + 1`` calls under way, one chunk
-#: is always built and waiting for the card).
-CHUNK = 8
 SUFFIXES = (".xml", ".csv")
 REPORT_JSON = "report.json"
 REPORT_CSV = "report.csv"
@@ -151,6 +146,17 @@ def input_names(src: Path) -> list[str]:
 
 def output_name(name: str) -> str:
     return Path(name).stem + ".xml"
+
+
+def profile_of(data: bytes, name: str, *, max_depth: int = 64) -> EPrescriptionProfile:
+    """The input's profile: a CSV is a prescription; an XML document says what it is."""
+    if name.lower().endswith(".csv"):
+        return PROFILES["jp-eprescription"]
+    root = parse_untrusted(data, max_depth=max_depth, what=name).getroot()
+    found = profile_for_document(root)
+    if found is None:
+        raise GatewayError(f"{name} is neither a prescription nor a dispensing document")
+    return found
 
 
 def job_for(data: bytes, name: str, *, level: str, max_depth: int = 64) -> tuple[DocumentJob, str]:
@@ -293,28 +299,18 @@ async def sign_batch(
     level: str = "AdES-B-B",
     progress: Callable[[int, int], None] | None = None,
     stop: asyncio.Event | None = None,
-    builders: int | None = None,
 ) -> BatchResult:
     """Sign every pending file; ``pin`` is called once, after the certificate check. Setting
-    ``stop`` ends the batch after the documents in flight (Ctrl-C). ``builders``: processes
-    that build AdES-B-B documents (default :data:`gateway.local.build.BUILDERS`; 0: none,
-    the batch process builds every document itself)."""
+    ``stop`` ends the batch after the documents in flight (Ctrl-C)."""
     await asyncio.to_thread(out.mkdir, parents=True, exist_ok=True)
     if await asyncio.to_thread(os.path.samefile, src, out):
         raise InvalidRequest("the output folder must not be the input folder")
-    n_builders = BUILDERS if builders is None else builders
     found = await asyncio.to_thread(survey, src, out, level)
-    warm: asyncio.Future[None] | None = None
-    if level == "AdES-B-B" and n_builders > 0 and found.pending >= POOL_MIN:
-        # The builders' forkserver imports the document code while the PIN is typed.
-        warm = asyncio.ensure_future(asyncio.to_thread(start_forkserver))
     result = BatchResult(files=found.files)
     stop = stop or asyncio.Event()
     report = _Report(out, agent.clock)
     writes: set[asyncio.Task[None]] = set()
     writer = _GroupWriter(out)
-    pool: BuilderPool | None = None
-    pool_start: asyncio.Future[None] | None = None
     signer = ""
 
     def advance() -> None:
@@ -337,11 +333,6 @@ async def sign_batch(
                 max_signatures=found.pending,
                 lifetime=math.inf,  # a card at ~1 s a signature takes hours for 10,000 files
             )
-            if warm is not None:
-                await warm
-                pool = BuilderPool(await agent.signing_chain(), agent.policy, n_builders)
-                # Until the builders answer, the documents are built here (nothing waits).
-                pool_start = asyncio.ensure_future(asyncio.to_thread(pool.start))
         names = iter_inputs(src)
         slots = asyncio.Semaphore(WRITERS)
 
@@ -358,21 +349,8 @@ async def sign_batch(
                 slots.release()
             advance()
 
-        async def sign_built(built: Built | str) -> bytes | str:
+        async def sign_one(name: str, data: bytes) -> bytes | str:
             """The document signed by the card, or why the file failed; card errors raise."""
-            if not isinstance(built, Built):
-                return built
-            try:
-                await agent.signing_chain()  # the certificates are still valid
-            except GatewayError as e:
-                return e.description
-            (signature,) = await agent.sign_digests_queued(
-                credential_id=credential_id, sad=sad, digests=[built.digest]
-            )
-            return built.with_signature(signature)
-
-        async def sign_here(name: str, data: bytes) -> bytes | str:
-            """Built in this process (before the builders answer, or from AdES-B-T on)."""
             try:
                 job, _ = job_for(data, name, level=level)
             except GatewayError as e:
@@ -384,9 +362,8 @@ async def sign_batch(
             assert doc is not None
             return doc
 
-        def take(limit: int) -> list[tuple[str, bytes]]:
-            """The next pending files (up to ``limit``), read; skipped ones reported."""
-            picked: list[tuple[str, bytes]] = []
+        def take() -> tuple[str, bytes] | None:
+            """The next pending file, read; skipped ones reported."""
             for name in names:
                 if (out / output_name(name)).exists():
                     result.skipped += 1
@@ -399,64 +376,40 @@ async def sign_batch(
                     report.row(name, "not_signed", signer, why)
                     continue
                 try:
-                    picked.append((name, (src / name).read_bytes()))
+                    return name, (src / name).read_bytes()
                 except OSError as e:
                     result.failed += 1
                     report.row(name, "failed", signer, f"{e!r}"[:500])
                     advance()
-                    continue
-                if len(picked) >= limit:
-                    break
-            return picked
+            return None
 
         async def worker() -> None:
-            while True:
-                on_pool = pool is not None and pool.ready
-                picked = take(CHUNK if on_pool else 1)
-                if not picked:
-                    return
-                built: list[Built | str] | None = None
-                if on_pool:
-                    assert pool is not None
-                    try:
-                        built = await pool.build(picked, level, agent.clock())
-                    except concurrent.futures.BrokenExecutor:
-                        pool.ready = False  # a builder died (killed): build here from now on
-                for i, (name, data) in enumerate(picked):
-                    if stop.is_set() and result.stopped is not None:
-                        # The card has gone: the rest of this chunk is left for a re-run.
-                        result.not_done += 1
-                        report.row(name, "not_signed", signer, result.stopped)
-                        continue
-                    try:
-                        if built is not None:
-                            doc = await sign_built(built[i])
-                        else:
-                            doc = await sign_here(name, data)
-                    except (NoCard, CardSessionEnded) as e:
-                        result.stopped = result.stopped or e.description
-                        stop.set()
-                        result.not_done += 1
-                        report.row(name, "not_signed", signer, e.description)
-                        continue
-                    except Exception as e:  # noqa: BLE001 - one bad file must not end the batch
-                        doc = e.description if isinstance(e, GatewayError) else f"{e!r}"[:500]
-                    if isinstance(doc, str):
-                        result.failed += 1
-                        report.row(name, "failed", signer, doc)
-                        advance()
-                        continue
-                    # Written by a task of its own, not awaited here (the worker goes on to
-                    # the next document) and not cancelled with the batch: once the card has
-                    # signed, the output and its report row are written before the report
-                    # closes.
-                    await slots.acquire()
-                    task = asyncio.ensure_future(finish(name, doc))
-                    writes.add(task)
-                    task.add_done_callback(writes.discard)
+            while (picked := take()) is not None:
+                name, data = picked
+                try:
+                    doc = await sign_one(name, data)
+                except (NoCard, CardSessionEnded) as e:
+                    result.stopped = result.stopped or e.description
+                    stop.set()
+                    result.not_done += 1
+                    report.row(name, "not_signed", signer, e.description)
+                    continue
+                except Exception as e:  # noqa: BLE001 - one bad file must not end the batch
+                    doc = e.description if isinstance(e, GatewayError) else f"{e!r}"[:500]
+                if isinstance(doc, str):
+                    result.failed += 1
+                    report.row(name, "failed", signer, doc)
+                    advance()
+                    continue
+                # Written by a task of its own, not awaited here (the worker goes on to the
+                # next document) and not cancelled with the batch: once the card has signed,
+                # the output and its report row are written before the report closes.
+                await slots.acquire()
+                task = asyncio.ensure_future(finish(name, doc))
+                writes.add(task)
+                task.add_done_callback(writes.discard)
 
-        tasks = PARALLEL if pool is None else max(PARALLEL, 2 * pool.n + 1)
-        await asyncio.gather(*(worker() for _ in range(tasks)))
+        await asyncio.gather(*(worker() for _ in range(PARALLEL)))
         while writes:
             await asyncio.gather(*writes)
         if result.not_done and result.stopped is None:
@@ -469,12 +422,6 @@ async def sign_batch(
         while writes:  # documents already signed by the card: on disk before the report closes
             await asyncio.gather(*writes, return_exceptions=True)
         await asyncio.to_thread(writer.close)
-        if pool is not None:
-            if pool_start is not None:
-                await asyncio.gather(pool_start, return_exceptions=True)
-            await asyncio.to_thread(pool.shutdown)
-        if warm is not None:
-            await asyncio.gather(warm, return_exceptions=True)
         done = result.skipped + result.signed + result.failed + result.not_done
         result.not_done += max(0, result.files - done)
         with contextlib.suppress(OSError):

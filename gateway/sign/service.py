@@ -353,16 +353,24 @@ async def _sign_xml(
 
 
 _builders: dict[bytes, XadesBuilder] = {}
+#: The last certificate object and its builder: a batch signs with the same object every time,
+#: and its fingerprint (DER, SHA-256) costs more than building half a document.
+_last: tuple[x509.Certificate, XadesBuilder] | None = None
 
 
 def _xades_builder(cert: x509.Certificate, issuers: list[x509.Certificate]) -> XadesBuilder:
     """One builder per certificate: its base64 and digests are computed once."""
+    global _last
     from cryptography.hazmat.primitives import hashes
 
+    last = _last
+    if last is not None and last[0] is cert:
+        return last[1]
     fp = cert.fingerprint(hashes.SHA256())
     b = _builders.get(fp)
     if b is None:
         if len(_builders) > 4096:
             _builders.clear()
         b = _builders[fp] = XadesBuilder(certificate=cert, chain=issuers)
+    _last = (cert, b)
     return b

@@ -463,10 +463,12 @@ def test_long_term_without_revocation_data_is_503_before_the_key(
 
 
 def test_unsigned_document_in_signed_out(world: SignWorld) -> None:
-    from gateway.sign.eprescription import build_prescription
+    from gateway.sign.eprescription import PRESCRIPTION, build_prescription, check_document
 
     doc_id = "1439e0c5-7c1d-4512-861d-263de48417bf"
     tree = build_prescription(CSV, prescription_id=doc_id, additional=_sample_additional())
+    # Signing from a CSV relies on this: a built prescription is the profile's shape.
+    check_document(tree, PRESCRIPTION)
     unsigned = etree.tostring(tree, xml_declaration=True, encoding="UTF-8")
     xml = _sign(world, None, "AdES-B-B", document=unsigned)
     root = etree.fromstring(xml)
