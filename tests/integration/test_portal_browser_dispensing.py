@@ -5,7 +5,6 @@ A world of its own: enrolling the pharmacist replaces the manifest's code that o
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -14,22 +13,15 @@ import pytest
 
 from tests.integration.test_portal_browser import _context, _new_code
 from tests.support.browser import chromium, virtual_authenticator
-from tests.support.gateway import Server, free_port, run_cli
+from tests.support.gateway import Server, own_world
 
 pytestmark = [pytest.mark.tls, pytest.mark.hsm]
 
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory: Any) -> Iterator[tuple[dict[str, Any], Server]]:
-    d = tmp_path_factory.mktemp("dispensing-world")
-    run_cli("sandbox", "init", str(d), "--port", str(free_port()))
-    manifest: dict[str, Any] = json.loads((d / "manifest.json").read_text())
-    srv = Server(Path(manifest["config"]), free_port())
-    srv.start()
-    try:
-        yield manifest, srv
-    finally:
-        srv.stop()
+    with own_world(tmp_path_factory.mktemp("dispensing-world")) as w:
+        yield w
 
 
 @pytest.fixture(scope="module")

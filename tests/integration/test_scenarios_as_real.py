@@ -28,7 +28,15 @@ from cryptography.hazmat.primitives import hashes, serialization
 
 from gateway.auth.fido2 import LOCKED_TEXT
 from gateway.sign.samples import PRESCRIPTION_CSV
-from tests.support.gateway import Response, Server, client_context, free_port, request, run_cli
+from tests.support.gateway import (
+    Response,
+    Server,
+    client_context,
+    free_port,
+    own_world,
+    request,
+    run_cli,
+)
 from tests.support.signing import Csc
 from tests.support.webauthn import SoftAuthenticator
 
@@ -40,16 +48,8 @@ PER_REQUEST = {"date", "x-request-id", "content-length"}
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory: Any) -> Iterator[tuple[dict[str, Any], Server]]:
-    d = tmp_path_factory.mktemp("scenario-real")
-    run_cli("sandbox", "init", str(d), "--port", str(free_port()))
-    manifest: dict[str, Any] = json.loads((d / "manifest.json").read_text())
-    manifest["dir"] = str(d)
-    srv = Server(Path(manifest["config"]), free_port())
-    srv.start()
-    try:
-        yield manifest, srv
-    finally:
-        srv.stop()
+    with own_world(tmp_path_factory.mktemp("scenario-real")) as w:
+        yield w
 
 
 def _ctx(m: dict[str, Any], who: dict[str, Any]) -> ssl.SSLContext:

@@ -159,3 +159,14 @@ def serving(
         yield srv
     finally:
         srv.stop()
+
+
+@contextmanager
+def own_world(d: Path) -> Iterator[tuple[dict[str, Any], Server]]:
+    """A sandbox world of a test module's own (built in ``d``) and its gateway, served: for
+    tests that change what the session's shared world must keep."""
+    run_cli("sandbox", "init", str(d), "--port", str(free_port()))
+    manifest: dict[str, Any] = json.loads((d / "manifest.json").read_text())
+    manifest["dir"] = str(d)
+    with serving(Path(manifest["config"])) as srv:
+        yield manifest, srv
