@@ -8,7 +8,7 @@ a *signing session* (SCAL 1: one biometric check, up to N signatures within H ho
 bound), capped by ``activation.signing_session_max_*``.
 
 The SAD issue follows the same path for every presence method: the authenticator proves
-presence for exactly the request (here ``Fido2Authenticator.verify_assertion``), this module
+presence for exactly the request (here ``Fido2Authenticator.verify_assertion_sync``), this module
 turns that into a ``gateway.signing.grant.Grant`` (level, count, TTL, hashes) after checking
 ``signing.rules.require_may_sign``, and ``SadLedger.issue`` stores it, in one transaction. A
 My Number card authenticator returns its presence the same way and builds a Grant with

@@ -571,28 +571,6 @@ class Fido2Authenticator(presence.PresenceMethod):
         except Exception as e:
             raise InvalidRequest(f"Invalid parameter authData: {_reason(e)}") from e
 
-    async def verify_assertion(
-        self,
-        conn: AsyncConnection,
-        *,
-        assertion: AuthenticationResponse,
-        facility_id: int,
-        credential_id: str,
-        binding: bytes,
-        now: datetime,
-    ) -> VerifiedPresence:
-        """Check the assertion against its stored challenge, inside the caller's write txn.
-
-        Raises InvalidRequest with the reason; the caller rolls back and records the refusal
-        (``refused``), which also burns the challenge.
-        """
-        return await conn.run_sync(
-            lambda c: self.verify_assertion_sync(
-                c, assertion=assertion, facility_id=facility_id, credential_id=credential_id,
-                binding=binding, now=now,
-            )
-        )  # fmt: skip
-
     def verify_assertion_sync(
         self,
         conn: Connection,
@@ -603,7 +581,12 @@ class Fido2Authenticator(presence.PresenceMethod):
         binding: bytes,
         now: datetime,
     ) -> VerifiedPresence:
-        """:meth:`verify_assertion` on a synchronous connection (a grouped write unit)."""
+        """Check the assertion against its stored challenge, inside the caller's write unit
+        (a grouped write unit's synchronous connection).
+
+        Raises InvalidRequest with the reason; the caller rolls back and records the refusal
+        (``refused``), which also burns the challenge.
+        """
         challenge = assertion.response.client_data.challenge
         cid = challenge_id(challenge)
         row = self.challenges.take_sync(conn, cid, kind="authenticate", now=now)

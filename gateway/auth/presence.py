@@ -137,24 +137,9 @@ class PresenceMethod:
     challenge_ttl: timedelta
     challenges: ChallengeStore
 
-    async def put_challenge(
-        self,
-        conn: AsyncConnection,
-        challenge: bytes,
-        *,
-        kind: str,
-        signer_id: str,
-        caller: Caller,
-        binding: bytes,
-        now: datetime,
-        **columns: Any,
-    ) -> str:
-        return await conn.run_sync(
-            lambda c: self.put_challenge_sync(
-                c, challenge, kind=kind, signer_id=signer_id, caller=caller, binding=binding,
-                now=now, **columns,
-            )
-        )  # fmt: skip
+    async def put_challenge(self, conn: AsyncConnection, challenge: bytes, **kw: Any) -> str:
+        """:meth:`put_challenge_sync` on an asynchronous connection (same keywords)."""
+        return await conn.run_sync(lambda c: self.put_challenge_sync(c, challenge, **kw))
 
     def put_challenge_sync(
         self,
@@ -168,7 +153,7 @@ class PresenceMethod:
         now: datetime,
         **columns: Any,
     ) -> str:
-        """:meth:`put_challenge` on a synchronous connection (grouped writes)."""
+        """Store a new challenge for ``caller`` in the caller's transaction; returns its id."""
         return self.challenges.put_sync(
             conn, challenge, kind=kind, signer_id=signer_id, facility_id=caller.facility_id,
             binding=binding, now=now, ttl=self.challenge_ttl, **columns,
