@@ -56,12 +56,11 @@ from gateway.sign.eprescription import (
 from gateway.sign.xades import parse_untrusted
 from gateway.signing.core import DocumentJob
 
-#: Documents being built or at the card at once.
-PARALLEL = 4
-#: At most this many documents per group (one directory fsync each), written and fsync'ed by
-#: ``SYNCERS`` threads side by side.
+#: Documents being built or at the card at once (8 kept the card busier than 4 or 16:
+#: docs/performance.md).
+PARALLEL = 8
+#: At most this many documents per group (one syncfs and one directory fsync each).
 GROUP = 64
-SYNCERS = 8
 #: Seconds a group waits for more documents after its first.
 GATHER = 0.05
 #: Signed documents handed to the writer thread and not yet on disk: the bound on signed
