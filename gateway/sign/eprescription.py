@@ -40,7 +40,6 @@ import datetime as dt
 import hashlib
 import io
 import re
-import secrets
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -51,6 +50,7 @@ from lxml import etree
 from gateway.errors import InvalidRequest, PkiError, RoleNotPermitted
 from gateway.hsm.api import KeyHandle
 from gateway.pki import hpki
+from gateway.sign import ids
 from gateway.sign.timestamp import TimestampClient
 from gateway.sign.xades import (
     DS,
@@ -268,7 +268,7 @@ def decode_csv(data: bytes, encoding: str = "utf-8") -> list[list[str]]:
 
 def _check_document_id(value: str | None, what: str) -> str:
     if value is None:
-        return str(uuid.uuid4())
+        return str(ids.uuid4())
     try:
         return str(uuid.UUID(value))
     except ValueError as e:
@@ -374,7 +374,7 @@ def build_dispensing(
     _management(root, p, _check_document_id(dispensing_id, "dispensing_id"))
     container = etree.SubElement(root, p.container)
     container.set("id", p.container)
-    placeholder = f"reference-prescription-{secrets.token_hex(16)}"
+    placeholder = f"reference-prescription-{ids.token_hex(16)}"
     etree.SubElement(container, "ReferencePrescription").text = placeholder
     _document(container, p, csv_bytes)
     info = etree.SubElement(root, p.additional)
@@ -565,13 +565,13 @@ async def sign_eprescription(
         # No Transforms, as in the samples: the node-set goes to octets by inclusive C14N 1.0.
         DataReference(
             uri=f"#{target}",
-            ref_id=f"id{secrets.token_hex(4)}-Reference1-Detached",
+            ref_id=f"id{ids.token_hex(4)}-Reference1-Detached",
             digest=hashlib.sha256(c14n(signed_el, exclusive=False)).digest(),
             transforms=(),
         )
     ]
     sig_id = profile.sign_path.rsplit("/", 1)[-1]
-    uid = secrets.token_hex(8)
+    uid = ids.token_hex(8)
     xb = builder or XadesBuilder(certificate=certificate, chain=chain)
     style = _STYLES[issuer_serial_v2]
     sig = xb.skeleton(

@@ -12,7 +12,6 @@ from __future__ import annotations
 import base64
 import datetime as dt
 import hashlib
-import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -22,6 +21,7 @@ from lxml import etree
 from gateway.clock import Clock, system_clock
 from gateway.errors import InvalidRequest
 from gateway.hsm.api import DigestAlgorithm
+from gateway.sign import ids
 from gateway.sign import timestamp as ts
 from gateway.sign.eprescription import profile_for_document
 from gateway.sign.xades import (
@@ -116,7 +116,7 @@ async def _add_signature_timestamp(
     )
     usp = unsigned_signature_properties(sig)
     sts = etree.Element(_XA + "SignatureTimeStamp")
-    sts.set("Id", f"id{secrets.token_hex(4)}" if sample else f"ts-id-{secrets.token_hex(8)}")
+    sts.set("Id", f"id{ids.token_hex(4)}" if sample else f"ts-id-{ids.token_hex(8)}")
     if not sample:
         etree.SubElement(sts, _DS + "CanonicalizationMethod").set("Algorithm", EXC_C14N)
     etree.SubElement(sts, _XA + "EncapsulatedTimeStamp").text = base64.b64encode(token).decode()
@@ -158,12 +158,12 @@ async def _extend_one(
             )
         tsa_data = await tsa_validation_data(_existing_token(sig), source, now)
         add_validation_data(
-            sig, signer=signer_data, tsa=tsa_data, sample=sample, uid=secrets.token_hex(8)
+            sig, signer=signer_data, tsa=tsa_data, sample=sample, uid=ids.token_hex(8)
         )
         form = "ES-XL"
     if target == "ES-A" and (form != "ES-A" or renew):
         await add_archive_timestamp(
-            sig, tsa=tsa, source=source, sample=sample, uid=secrets.token_hex(8), now=now
+            sig, tsa=tsa, source=source, sample=sample, uid=ids.token_hex(8), now=now
         )
         form = "ES-A"
     return form

@@ -21,7 +21,6 @@ import base64
 import datetime as dt
 import hashlib
 import io
-import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -34,6 +33,7 @@ from lxml import etree
 
 from gateway.errors import InvalidRequest
 from gateway.hsm.api import DigestAlgorithm, KeyHandle
+from gateway.sign import ids
 from gateway.sign.timestamp import TimestampClient
 
 if TYPE_CHECKING:
@@ -237,7 +237,7 @@ class _Ids:
             # The samples name most Ids after their element, but not the timestamps' and
             # the validation data's.
             bare = kind in _BARE_ID_KINDS
-            return f"id{secrets.token_hex(4)}" + ("" if bare else f"-{kind}")
+            return f"id{ids.token_hex(4)}" + ("" if bare else f"-{kind}")
         return {
             "SignatureValue": f"value-id-{self.uid}",
             "KeyInfo": f"keyInfo-id-{self.uid}",
@@ -395,8 +395,8 @@ class XadesBuilder:
         }
         ki_ref = {"uri": f"#{ki.get('Id')}", "digest": hashlib.sha256(c14n(ki)).digest()}
         if style.keyinfo_reference_first:
-            ki_ref["ref_id"] = f"id{secrets.token_hex(4)}-Reference{n + 1}-KeyInfo"
-            sp_ref["ref_id"] = f"id{secrets.token_hex(4)}-Reference{n + 2}-SignedProperties"
+            ki_ref["ref_id"] = f"id{ids.token_hex(4)}-Reference{n + 1}-KeyInfo"
+            sp_ref["ref_id"] = f"id{ids.token_hex(4)}-Reference{n + 2}-SignedProperties"
             ordered = [ki_ref, sp_ref]
         else:
             ordered = [sp_ref, ki_ref]
@@ -434,7 +434,7 @@ class XadesBuilder:
         long_term: LongTerm | None = None,
     ) -> bytes:
         """XAdES over ``document``; ``envelope``: Enveloped, Enveloping or Detached."""
-        uid = secrets.token_hex(8)
+        uid = ids.token_hex(8)
         sig_id = f"Signature-{uid}"
         ref_id = f"id-ref-{uid}"
         if envelope == "Enveloped":

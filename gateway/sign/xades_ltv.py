@@ -22,7 +22,6 @@ import dataclasses
 import datetime as dt
 import hashlib
 import itertools
-import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -34,6 +33,7 @@ from gateway.errors import AccessDenied, RevocationUnavailable, TsaUnavailable
 from gateway.hsm.api import DigestAlgorithm
 from gateway.pki.crl import CrlSource
 from gateway.pki.ocsp import OcspClient, OcspResult, ocsp_urls
+from gateway.sign import ids
 from gateway.sign import timestamp as ts
 from gateway.sign.xades import C14N10, DS, XADES, unsigned_signature_properties
 
@@ -222,7 +222,7 @@ async def tsa_validation_data(
 
 
 def _new_id(sample: bool, kind: str, uid: str) -> str:
-    return f"id{secrets.token_hex(4)}" if sample else f"{kind}-{uid}"
+    return f"id{ids.token_hex(4)}" if sample else f"{kind}-{uid}"
 
 
 def _values(parent: etree._Element, data: ValidationData, *, sample: bool, uid: str) -> None:
@@ -297,10 +297,10 @@ async def add_archive_timestamp(
     ats = etree.SubElement(
         usp, _XA141 + "ArchiveTimeStamp", nsmap={"xa141" if sample else "xades141": XADES141}
     )
-    ats.set("Id", _new_id(sample, "archive-ts", uid + secrets.token_hex(2)))
+    ats.set("Id", _new_id(sample, "archive-ts", uid + ids.token_hex(2)))
     etree.SubElement(ats, _DS + "CanonicalizationMethod").set("Algorithm", C14N10)
     etree.SubElement(ats, _XA + "EncapsulatedTimeStamp").text = base64.b64encode(token).decode()
-    _timestamp_validation_data(usp, ats, tsa_data, sample=sample, uid=uid + secrets.token_hex(2))
+    _timestamp_validation_data(usp, ats, tsa_data, sample=sample, uid=uid + ids.token_hex(2))
 
 
 @dataclass

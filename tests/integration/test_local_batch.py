@@ -311,3 +311,42 @@ def test_official_xml_and_dispensing_results_in_one_folder_each(
         rep = asyncio.run(verify_document((d_out / name).read_bytes(), trust=trust))
         assert rep.indication == "TOTAL-PASSED", (name, rep.reason)
         assert {s.document_type for s in rep.signatures} == {"prescription", "dispensing"}
+
+
+def test_an_output_that_cannot_be_written_fails_alone_and_a_rerun_signs_it(
+    pcsc: PcscWorld, card_world: CardWorld, hpki_slot: Any, tmp_path: Path
+) -> None:
+    """A file system that refuses one output (here: a file-size limit the large one passes,
+    EFBIG, as a full disk refuses): that file is reported failed with the reason, no partial
+    output or temporary file is left, the others are signed and durable, exit 1; the re-run
+    without the limit signs that one file only."""
+    doctor = card_world.card(pin=PIN)
+    hpki_slot.insert(doctor.applet)
+    cfg = card_world.config(reader=hpki_slot.name)
+    src, out = tmp_path / "in", tmp_path / "out"
+    write_inputs(src, 3)
+    big = build_prescription(PRESCRIPTION_CSV.format(n=9).encode())
+    big.getroot().append(etree.Comment(" padding " * 5_000))  # ~45 kB, kept in the signed output
+    (src / "big.xml").write_bytes(etree.tostring(big, xml_declaration=True, encoding="UTF-8"))
+    res = sign_batch_cli(pcsc.env(), cfg, src, out, PIN, max_file_size=30_000)
+    assert res.returncode == 1, res.stderr
+    status, summary = _report(out)
+    assert status == {"signed": {"rx-00000.csv", "rx-00001.csv", "rx-00002.csv"},
+                      "failed": {"big.xml"}}  # fmt: skip
+    report = json.loads((out / "report.json").read_text(encoding="utf-8"))
+    (failed,) = [f for f in report["files"] if f["status"] == "failed"]
+    assert failed["error"].startswith("cannot write the output:"), failed
+    assert (summary["signed"], summary["failed"], summary["complete"]) == (3, 1, False)
+    assert sorted(p.name for p in out.iterdir()) == [
+        "report.csv", "report.json", "rx-00000.xml", "rx-00001.xml", "rx-00002.xml",
+    ]  # fmt: skip
+    assert doctor.applet.signatures == 4  # the card signed it; the disk refused it
+
+    res = sign_batch_cli(pcsc.env(), cfg, src, out, PIN)
+    assert res.returncode == 0, res.stderr
+    status, summary = _report(out)
+    assert status == {"signed": {"big.xml"},
+                      "skipped": {"rx-00000.csv", "rx-00001.csv", "rx-00002.csv"}}  # fmt: skip
+    assert doctor.applet.signatures == 5
+    res_x = card_world.xmlsec(out / "big.xml")
+    assert res_x.returncode == 0, res_x.stderr

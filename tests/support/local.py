@@ -10,6 +10,7 @@ import contextlib
 import datetime as dt
 import json
 import os
+import resource
 import shutil
 import subprocess
 import urllib.error
@@ -189,13 +190,26 @@ def run_agent(
 
 
 def sign_batch_cli(
-    env: Mapping[str, str], cfg: Path, src: Path, out: Path, pin: str, *extra: str
+    env: Mapping[str, str],
+    cfg: Path,
+    src: Path,
+    out: Path,
+    pin: str,
+    *extra: str,
+    max_file_size: int | None = None,
 ) -> subprocess.CompletedProcess[str]:
-    """``local sign-batch --pin-stdin --json`` to completion."""
+    """``local sign-batch --pin-stdin --json`` to completion. ``max_file_size``: no file of
+    the process may grow past it (RLIMIT_FSIZE: EFBIG, as a full disk answers ENOSPC)."""
+
+    def limit() -> None:
+        if max_file_size is not None:
+            resource.setrlimit(resource.RLIMIT_FSIZE, (max_file_size, max_file_size))
+
     return subprocess.run(
         [*CLI, "local", "sign-batch", str(src), "--out", str(out), "--pin-stdin", "--json",
          "-c", str(cfg), *extra],
         input=pin + "\n", env=dict(env), cwd=REPO, capture_output=True, text=True, timeout=600,
+        preexec_fn=limit,
     )  # fmt: skip
 
 
