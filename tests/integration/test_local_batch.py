@@ -57,6 +57,18 @@ def _report(out: Path) -> tuple[dict[str, set[str]], dict[str, Any]]:
     return by_status, report["summary"]
 
 
+def _doctor_with_inputs(
+    card_world: CardWorld, hpki_slot: Any, base: Path, n: int
+) -> tuple[Any, Path, Path, Path]:
+    """A doctor's card in the reader, its config, and ``n`` CSV prescriptions in
+    ``<base>-in`` for ``<base>-out``."""
+    doctor = card_world.card(pin=PIN)
+    hpki_slot.insert(doctor.applet)
+    src, out = base.with_name(base.name + "-in"), base.with_name(base.name + "-out")
+    write_inputs(src, n)
+    return doctor, card_world.config(reader=hpki_slot.name), src, out
+
+
 def test_ctrl_c_mid_batch_then_the_rerun_completes_it(
     pcsc: PcscWorld, card_world: CardWorld, hpki_slot: Any, tmp_path: Path
 ) -> None:
@@ -266,11 +278,7 @@ def test_official_xml_and_dispensing_results_in_one_folder_each(
     """Unsigned official XML beside CSV (the doctor's card), an unreadable file reported as
     failed (exit 1, the others signed); then dispensing results around those signed
     prescriptions (the pharmacist's card)."""
-    doctor = card_world.card(pin=PIN)
-    hpki_slot.insert(doctor.applet)
-    cfg = card_world.config(reader=hpki_slot.name)
-    src, out = tmp_path / "rx-in", tmp_path / "rx-out"
-    write_inputs(src, 2)
+    doctor, cfg, src, out = _doctor_with_inputs(card_world, hpki_slot, tmp_path / "rx", 2)
     unsigned = build_prescription(PRESCRIPTION_CSV.format(n=7).encode())
     (src / "official.xml").write_bytes(
         etree.tostring(unsigned, xml_declaration=True, encoding="UTF-8")
@@ -320,11 +328,7 @@ def test_an_output_that_cannot_be_written_fails_alone_and_a_rerun_signs_it(
     EFBIG, as a full disk refuses): that file is reported failed with the reason, no partial
     output or temporary file is left, the others are signed and durable, exit 1; the re-run
     without the limit signs that one file only."""
-    doctor = card_world.card(pin=PIN)
-    hpki_slot.insert(doctor.applet)
-    cfg = card_world.config(reader=hpki_slot.name)
-    src, out = tmp_path / "in", tmp_path / "out"
-    write_inputs(src, 3)
+    doctor, cfg, src, out = _doctor_with_inputs(card_world, hpki_slot, tmp_path / "rx", 3)
     big = build_prescription(PRESCRIPTION_CSV.format(n=9).encode())
     big.getroot().append(etree.Comment(" padding " * 5_000))  # ~45 kB, kept in the signed output
     (src / "big.xml").write_bytes(etree.tostring(big, xml_declaration=True, encoding="UTF-8"))
