@@ -8,8 +8,12 @@ and the whole SCAL 2 ceremony per prescription.
   ceremony_per_s                 prescriptions per second, 16 concurrent doctors (each its own
                                  authenticator and keep-alive TLS connection, opened before
                                  the clock starts): authenticate/begin -> assertion ->
-                                 authorize -> signDoc XAdES e-prescription, one instance on
-                                 SQLite
+                                 authorize -> signDoc XAdES e-prescription, one instance
+                                 (1 worker) on SQLite
+  ceremony_workers_per_s         the same ceremonies against an instance of os.cpu_count()
+                                 workers (``serve --workers``, SO_REUSEPORT: the doctors'
+                                 connections spread over them) on the same database, in rounds
+                                 alternating with the one above
   ceremony_raw_pkcs11_per_s      raw C_Sign rate measured in rounds alternating with the
                                  ceremony rounds (the baseline the ceremony target refers to)
 
@@ -176,8 +180,18 @@ def ceremony_rates(tmp: Path) -> dict[str, float]:
                 "SELECT key_id FROM credential WHERE id = ?", (doc["credential_id"],)
             ).fetchone()[0]
         )
+    workers = os.cpu_count() or 1
     srv = Server(config, port, env=NO_LIMITS)
+    # The instance of several workers shares the database (the sandbox's TEST TSA runs with
+    # the first).
+    many = Server(
+        config,
+        free_port(),
+        env={**NO_LIMITS, "HPKI_GATEWAY_TEST_TSA__ENABLED": "false"},
+        workers=workers,
+    )
     srv.start()
+    many.start()
     doctors: list[tuple[str, SoftAuthenticator]] = []
     try:
         # 16 doctors = 16 authenticators of the sandbox doctor's credential (each enrolment
@@ -191,15 +205,21 @@ def ceremony_rates(tmp: Path) -> dict[str, float]:
                 )
                 code, pw = issued["enrollment_code"], issued["enrollment_password"]
             doctors.append((doc["credential_id"], asyncio.run(enrolled(port, ctx, code, pw))))
-        rates, raws = [], []
+        rates, rates_many, raws = [], [], []
         for r in range(ROUNDS):
-            print(f"  ceremony round {r + 1}/{ROUNDS}, then raw PKCS#11", flush=True)
+            print(
+                f"  ceremony round {r + 1}/{ROUNDS}: 1 worker, {workers} workers, raw PKCS#11",
+                flush=True,
+            )
             rates.append(asyncio.run(_ceremonies(port, ctx, doctors)))
+            rates_many.append(asyncio.run(_ceremonies(many.port, ctx, doctors)))
             raws.append(raw_rate(config, key_hex))
     finally:
+        many.stop()
         srv.stop()
     return {
         "ceremony_per_s": statistics.median(rates),
+        "ceremony_workers_per_s": statistics.median(rates_many),
         "ceremony_raw_pkcs11_per_s": statistics.median(raws),
     }
 

@@ -9,8 +9,10 @@ Builds a throwaway sandbox, then measures on the same SoftHSM key:
   signhash_batch_workers2_per_s  the batch rate with ``serve --workers 2``
   rss_mb_per_worker              largest VmRSS of a worker after its load
   signhash_single_pg_per_s, signhash_single_pg_2inst_per_s, ceremony_per_s,
+  ceremony_workers_per_s,
   ceremony_raw_pkcs11_per_s      bench_scale.py: PostgreSQL one / two instances, the SCAL 2
-                                 ceremony per prescription (see its docstring)
+                                 ceremony per prescription with one worker and with
+                                 os.cpu_count() workers (see its docstring)
   xades_eprescription_t_per_s    signDoc e-prescription at ES-T (AdES-B-T), and at ES-XL
   xades_eprescription_xl_per_s   (AdES-B-LT, revocation data from the cache), interleaved
   xades_eprescription_t_sequential_per_s, xades_eprescription_t_parallel_per_s
