@@ -2,7 +2,7 @@
 
 Inputs: unsigned official XML (prescription or dispensing result: the document says which) and
 prescription CSV files. For each ``IN/<name>`` the signed XML is written to ``OUT/<stem>.xml``
-through a temporary file, fsync'ed, and ``os.replace`` (atomic): an output exists only complete,
+through a temporary file, made durable, and ``os.replace`` (atomic): an output exists only complete,
 and an existing output means "done" — a re-run after Ctrl-C or a pulled card skips it, so
 nothing is signed twice or lost. Outputs are made durable a group at a time (one directory
 fsync per group, :class:`_GroupWriter`) and reported "signed" only then. The card's
@@ -61,6 +61,10 @@ from gateway.signing.core import DocumentJob
 PARALLEL = 8
 #: At most this many documents per group (one syncfs and one directory fsync each).
 GROUP = 64
+#: Groups this large are made durable by one syncfs of the file system; smaller ones (a real
+#: card's pace: a document every 0.3-1 s) by an fsync of each file, which waits for nothing
+#: else on the disk.
+SYNCFS_FROM = 8
 #: Seconds a group waits for more documents after its first.
 GATHER = 0.05
 #: Signed documents handed to the writer thread and not yet on disk: the bound on signed
@@ -204,10 +208,10 @@ class _GroupWriter:
     "signed". A crash before that leaves either no output (the file is signed again on the
     re-run) or a complete one (skipped), never a partial one.
 
-    The data is made durable by one ``syncfs`` of the output's file system per group on Linux
-    (:func:`_sync_files`): a file ``fsync`` each costs a system call, a wait and a thread
-    hand-over per document, which took more CPU than building the document. Where ``syncfs``
-    is missing, each file is fsync'ed.
+    The data of a group of ``SYNCFS_FROM`` or more is made durable by one ``syncfs`` of the
+    output's file system on Linux (:func:`_sync_files`): a file ``fsync`` each costs a system
+    call, a wait and a thread hand-over per document, which took more CPU than building the
+    document. Smaller groups, or where ``syncfs`` is missing: each file is fsync'ed.
     """
 
     def __init__(
@@ -257,10 +261,11 @@ class _GroupWriter:
     def _commit(self, group: list[tuple[str, str, bytes]]) -> list[tuple[str, OSError | None]]:
         errors: dict[str, OSError] = {}
         tmps: list[tuple[str, str, str]] = []  # (key, temporary path, final path)
+        whole_fs = _syncfs is not None and len(group) >= SYNCFS_FROM
         for key, name, data in group:
             tmp = f"{self.out}/.{name}.tmp"
             try:
-                _write_file(tmp, data, fsync=_syncfs is None)
+                _write_file(tmp, data, fsync=not whole_fs)
             except OSError as e:
                 errors[key] = e
                 with contextlib.suppress(OSError):
@@ -269,7 +274,8 @@ class _GroupWriter:
                 tmps.append((key, tmp, f"{self.out}/{name}"))
         if tmps:
             try:
-                _sync_files(self.out)
+                if whole_fs:
+                    _sync_files(self.out)
                 for key, tmp, final in tmps:
                     try:
                         os.replace(tmp, final)
@@ -310,10 +316,8 @@ def _write_file(path: str, data: bytes, *, fsync: bool) -> None:
 
 
 def _sync_files(directory: str) -> None:
-    """Every file written so far under ``directory``'s file system on disk (``syncfs``; a
-    no-op where it is missing, the files having been fsync'ed one by one)."""
-    if _syncfs is None:
-        return
+    """Every file written so far under ``directory``'s file system on disk (``syncfs``)."""
+    assert _syncfs is not None
     fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
         if _syncfs(fd) != 0:
