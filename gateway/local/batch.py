@@ -218,7 +218,7 @@ class _GroupWriter:
         self,
         out: Path,
         loop: asyncio.AbstractEventLoop,
-        written: Callable[[list[tuple[str, OSError | None]]], None],
+        written: Callable[[list[tuple[str, Exception | None]]], None],
     ) -> None:
         self.out = str(out)
         self._loop = loop
@@ -255,11 +255,14 @@ class _GroupWriter:
                     ending = True
                     break
                 group.append(item)
-            done = self._commit(group)
+            try:
+                done = self._commit(group)
+            except Exception as e:  # noqa: BLE001 - reported per file; the batch must not hang
+                done = [(key, e) for key, _, _ in group]
             self._loop.call_soon_threadsafe(self._written, done)
 
-    def _commit(self, group: list[tuple[str, str, bytes]]) -> list[tuple[str, OSError | None]]:
-        errors: dict[str, OSError] = {}
+    def _commit(self, group: list[tuple[str, str, bytes]]) -> list[tuple[str, Exception | None]]:
+        errors: dict[str, Exception] = {}
         tmps: list[tuple[str, str, str]] = []  # (key, temporary path, final path)
         whole_fs = _syncfs is not None and len(group) >= SYNCFS_FROM
         for key, name, data in group:
@@ -358,7 +361,7 @@ async def sign_batch(
     # Signed documents handed to the writer and not yet reported, bounded by WRITERS.
     slots = asyncio.Semaphore(WRITERS)
 
-    def written(group: list[tuple[str, OSError | None]]) -> None:
+    def written(group: list[tuple[str, Exception | None]]) -> None:
         for name, error in group:
             if error is not None:
                 result.failed += 1
