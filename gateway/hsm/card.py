@@ -13,12 +13,11 @@ destroy keys here: those calls raise ``KeyGenerationUnsupported``.
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import concurrent.futures
 import hashlib
-import queue
 import threading
 from collections.abc import Callable, Sequence
-from typing import Any, Protocol, TypeVar
+from typing import Protocol, TypeVar
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
@@ -75,66 +74,6 @@ def card_key_id(cert: x509.Certificate) -> str:
     return hashlib.sha256(spki).digest()[:16].hex()
 
 
-class _CardThread:
-    """One thread that makes every call to the card, in order, for the event loop.
-
-    Not ``run_in_executor``: its pool costs an idle-thread check, a work item and two chained
-    futures per call, and a batch makes a card call per document. Here a call is one queue
-    put, and its answer one ``call_soon_threadsafe``. The thread starts on the first call
-    (again after ``stop``).
-    """
-
-    def __init__(self, name: str) -> None:
-        self._name = name
-        self._calls: queue.SimpleQueue[_Call | None] = queue.SimpleQueue()
-        self._thread: threading.Thread | None = None
-        self._start = threading.Lock()
-
-    async def run(self, fn: Callable[[], T]) -> T:
-        loop = asyncio.get_running_loop()
-        done: asyncio.Future[T] = loop.create_future()
-        with self._start:
-            if self._thread is None or not self._thread.is_alive():
-                self._calls = queue.SimpleQueue()  # its own: a stopped thread drains the old one
-                self._thread = threading.Thread(
-                    target=self._serve, args=(self._calls,), name=self._name, daemon=True
-                )
-                self._thread.start()
-            self._calls.put((fn, loop, done))
-        return await done
-
-    def stop(self) -> None:
-        """End the thread after the calls already queued (it does not wait for them)."""
-        with self._start:
-            if self._thread is not None:
-                self._calls.put(None)
-                self._thread = None
-
-    @staticmethod
-    def _serve(calls: queue.SimpleQueue[_Call | None]) -> None:
-        while (call := calls.get()) is not None:
-            fn, loop, done = call
-            try:
-                value, error = fn(), None
-            except BaseException as e:  # noqa: BLE001 - handed to the awaiting caller
-                value, error = None, e
-            # A closed loop (RuntimeError): nobody waits for the answer.
-            with contextlib.suppress(RuntimeError):
-                loop.call_soon_threadsafe(_settle, done, value, error)
-
-
-_Call = tuple[Callable[[], Any], asyncio.AbstractEventLoop, "asyncio.Future[Any]"]
-
-
-def _settle(done: asyncio.Future[Any], value: Any, error: BaseException | None) -> None:
-    if done.cancelled():
-        return
-    if error is not None:
-        done.set_exception(error)
-    else:
-        done.set_result(value)
-
-
 class CardKeyBase:
     """What both card stores do alike: one worker thread for every card call, the key named
     by its certificate, no key generation, sessions (``generation``) that end with the card.
@@ -147,7 +86,7 @@ class CardKeyBase:
     def __init__(self, reader: str, *, thread_name: str, retry_after: int = 5) -> None:
         self.reader = reader
         self._retry_after = retry_after
-        self._worker = _CardThread(thread_name)
+        self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=thread_name)
         self._cert: x509.Certificate | None = None
         self._key_id: str | None = None
         self._handles: dict[str, StoreKeyHandle] = {}
@@ -160,7 +99,7 @@ class CardKeyBase:
         return f"{type(self).__name__}(reader={self.reader!r}, key_id={self._key_id!r})"
 
     async def _run(self, fn: Callable[[], T]) -> T:
-        return await self._worker.run(fn)
+        return await asyncio.get_running_loop().run_in_executor(self._pool, fn)
 
     def _open_blocking(self) -> None:
         raise NotImplementedError
@@ -192,7 +131,7 @@ class CardKeyBase:
                 self._drop_blocking()
 
         await self._run(drop)
-        self._worker.stop()
+        self._pool.shutdown(wait=False)
 
     async def relock(self) -> None:
         """End the card's verified state (a new session: the PIN must be given again)."""

@@ -226,7 +226,7 @@ class _GroupWriter:
         self._queue: queue.SimpleQueue[tuple[str, str, bytes] | None] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name="batch-write", daemon=True)
         self._thread.start()
-        self.closing: asyncio.Future[None] | None = None  # see _closed
+        self._closing: asyncio.Future[None] | None = None
 
     def submit(self, key: str, name: str, data: bytes) -> None:
         """Write ``data`` as ``name``; ``written`` is called with ``(key, error)`` later."""
@@ -236,6 +236,22 @@ class _GroupWriter:
         """Write what was submitted, then end the thread (every group reported before)."""
         self._queue.put(None)
         self._thread.join()
+
+    async def aclose(self) -> None:
+        """:meth:`close` from the event loop, once however often called: when it returns, the
+        thread has ended and every group it wrote has been reported (its last ``written``
+        call is queued to the loop before the join's answer). Shielded: a cancelled batch
+        still waits for the documents the card has signed."""
+        if self._closing is None:
+            self._closing = asyncio.ensure_future(asyncio.to_thread(self.close))
+        cancelled = False
+        while not self._closing.done():
+            try:
+                await asyncio.shield(self._closing)
+            except asyncio.CancelledError:
+                cancelled = True
+        if cancelled:
+            raise asyncio.CancelledError
 
     def _run(self) -> None:
         ending = False
@@ -458,7 +474,7 @@ async def sign_batch(
                 writer.submit(name, output_name(name), doc)
 
         await asyncio.gather(*(worker() for _ in range(PARALLEL)))
-        await _closed(writer)
+        await writer.aclose()
         if result.not_done and result.stopped is None:
             result.stopped = "interrupted"  # stop was set from outside (Ctrl-C)
         return result
@@ -468,24 +484,8 @@ async def sign_batch(
     finally:
         # Documents already signed by the card: on disk and reported before the report closes
         # (the writer hands each group to the loop before its thread ends).
-        await _closed(writer)
+        await writer.aclose()
         done = result.skipped + result.signed + result.failed + result.not_done
         result.not_done += max(0, result.files - done)
         with contextlib.suppress(OSError):
             report.close(result.summary())
-
-
-async def _closed(writer: _GroupWriter) -> None:
-    """The writer's thread ended and every group it wrote reported (its last ``written``
-    call runs on the loop before this returns: both are queued to the loop in that order).
-    Shielded: a cancelled batch still waits for the documents the card has signed."""
-    if writer.closing is None:
-        writer.closing = asyncio.ensure_future(asyncio.to_thread(writer.close))
-    cancelled = False
-    while not writer.closing.done():
-        try:
-            await asyncio.shield(writer.closing)
-        except asyncio.CancelledError:
-            cancelled = True
-    if cancelled:
-        raise asyncio.CancelledError

@@ -16,8 +16,7 @@ async def _write(out: Path, items: list[tuple[str, str, bytes]]) -> list[tuple[s
     writer = batch._GroupWriter(out, asyncio.get_running_loop(), got.extend)
     for item in items:
         writer.submit(*item)
-    await asyncio.to_thread(writer.close)
-    await asyncio.sleep(0)  # the last group's report, queued to the loop before the join
+    await writer.aclose()  # every group reported when it returns
     return got
 
 
