@@ -21,7 +21,7 @@ import hashlib
 import hmac
 import json
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from datetime import UTC, datetime
 from typing import Any
 
@@ -29,6 +29,7 @@ from sqlalchemy import Connection, bindparam, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from gateway.clock import Clock, system_clock
+from gateway.store.fast import FastStatement
 from gateway.store.grouped import defer_to_group
 from gateway.store.schema import audit_event, audit_head
 
@@ -88,14 +89,18 @@ def event_hash(
 
 
 # Built once (bind parameters only): SQLAlchemy reuses their cache keys and compiled forms.
-_RESERVE = (
+# On a SQLite file they run on the write thread's sqlite3 connection (``store/fast.py``).
+_RESERVE = FastStatement(
     update(audit_head)
     .where(audit_head.c.id == 1)
     .values(seq=audit_head.c.seq + bindparam("n"))
     .returning(audit_head.c.seq, audit_head.c.hash)
 )
-_INSERT = insert(audit_event)
-_ADVANCE = update(audit_head).where(audit_head.c.id == 1).values(hash=bindparam("h"))
+_INSERT = FastStatement(
+    insert(audit_event),
+    column_keys=[f.name for f in fields(AuditEvent)],
+)
+_ADVANCE = FastStatement(update(audit_head).where(audit_head.c.id == 1).values(hash=bindparam("h")))
 
 
 class AuditLog:
@@ -152,7 +157,7 @@ class AuditLog:
         if not records:
             return []
         n = len(records)
-        row = conn.execute(_RESERVE, {"n": n}).one()
+        row = _RESERVE.one(conn, {"n": n})
         seq, prev_hash = int(row.seq) - n, str(row.hash)
         events: list[AuditEvent] = []
         wall = self._clock()
@@ -186,8 +191,8 @@ class AuditLog:
             )
             prev_hash = h
         # vars(): the flat fields as they are (asdict copies recursively: ~5 % of a group).
-        conn.execute(_INSERT, [vars(ev) for ev in events])
-        conn.execute(_ADVANCE, {"h": prev_hash})
+        _INSERT.run_many(conn, [vars(ev) for ev in events])
+        _ADVANCE.run(conn, {"h": prev_hash})
         return events
 
     async def verify(self, conn: AsyncConnection) -> AuditReport:

@@ -29,6 +29,7 @@ from sqlalchemy import Connection, Table, bindparam, delete, insert, select, upd
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from gateway.errors import InvalidRequest
+from gateway.store.fast import FastStatement
 from gateway.store.schema import jpki_challenge, webauthn_challenge
 
 NONCE_BYTES = 16
@@ -128,14 +129,23 @@ class ChallengeStore:
         self.keeps_challenge = keeps_challenge
         # Built once with bind parameters: compiled once, not per ceremony.
         c = table.c
-        self._insert = insert(table)
-        self._find = select(table).where(c.id == bindparam("b_cid"))
-        self._use = (
+        # The ones of a ceremony run on the plain sqlite3 connection (``store/fast.py``).
+        self._inserts: dict[tuple[str, ...], FastStatement] = {}
+        self._find = FastStatement(select(table).where(c.id == bindparam("b_cid")))
+        use = (
             update(table)
             .where(c.id == bindparam("b_cid"), c.used_at.is_(None))
             .values(used_at=bindparam("b_now"))
         )
-        self._take = self._use.returning(*c)
+        self._use = FastStatement(use)
+        self._take = FastStatement(use.returning(*c))
+
+    def _insert(self, keys: tuple[str, ...]) -> FastStatement:
+        """The INSERT for exactly these columns (compiled once per set of columns)."""
+        stmt = self._inserts.get(keys)
+        if stmt is None:
+            stmt = self._inserts[keys] = FastStatement(insert(self.table), column_keys=keys)
+        return stmt
 
     async def put(self, conn: AsyncConnection, challenge: bytes, **kw: Any) -> str:
         """Store a new challenge (in the caller's transaction); returns its id."""
@@ -158,19 +168,17 @@ class ChallengeStore:
         cid = challenge_id(challenge)
         if self.keeps_challenge:
             columns["challenge"] = challenge
-        conn.execute(
-            self._insert,
-            {
-                "id": cid,
-                "kind": kind,
-                "signer_id": signer_id,
-                "facility_id": facility_id,
-                "binding": binding.decode(),
-                "created_at": now,
-                "expires_at": now + ttl,
-                **columns,
-            },
-        )
+        row = {
+            "id": cid,
+            "kind": kind,
+            "signer_id": signer_id,
+            "facility_id": facility_id,
+            "binding": binding.decode(),
+            "created_at": now,
+            "expires_at": now + ttl,
+            **columns,
+        }
+        self._insert(tuple(row)).run(conn, row)
         return cid
 
     async def find(self, conn: AsyncConnection, cid: str) -> Any:
@@ -178,7 +186,7 @@ class ChallengeStore:
         return await conn.run_sync(self.find_sync, cid)
 
     def find_sync(self, conn: Connection, cid: str) -> Any:
-        return conn.execute(self._find, {"b_cid": cid}).one_or_none()
+        return self._find.one_or_none(conn, {"b_cid": cid})
 
     async def peek(self, conn: AsyncConnection, cid: str, *, kind: str, now: datetime) -> Any:
         """The row of an unused, unexpired challenge of ``kind``, or refuse saying why."""
@@ -205,7 +213,7 @@ class ChallengeStore:
         """Mark it used and check it in one statement (``UPDATE ... RETURNING``). A refusal
         after the mark leaves the rollback of the caller's transaction (or savepoint) to undo
         it; every caller then burns the challenge anyway, as the refusal path does."""
-        row = conn.execute(self._take, {"b_cid": cid, "b_now": now}).one_or_none()
+        row = self._take.one_or_none(conn, {"b_cid": cid, "b_now": now})
         if row is None:  # unknown, or used already: say which
             self.peek_sync(conn, cid, kind=kind, now=now)
             raise InvalidRequest("challenge was already used")  # pragma: no cover - peek raised
@@ -217,7 +225,7 @@ class ChallengeStore:
         await conn.run_sync(lambda c: self.burn_sync(c, cid, now=now))
 
     def burn_sync(self, conn: Connection, cid: str, *, now: datetime) -> None:
-        conn.execute(self._use, {"b_cid": cid, "b_now": now})
+        self._use.run(conn, {"b_cid": cid, "b_now": now})
 
     async def purge(self, conn: AsyncConnection, *, before: datetime) -> int:
         """Delete the challenges that expired before ``before``; returns how many."""

@@ -68,6 +68,7 @@ from gateway.errors import AccessDenied, Conflict, InvalidRequest
 from gateway.passwords import AttemptLimit, hash_password, verify_password
 from gateway.signing.grant import Caller as Caller
 from gateway.store.db import Database
+from gateway.store.fast import FastStatement
 from gateway.store.schema import credential, enrollment, fido_credential, signer, signer_facility
 
 # python-fido2 2.x resolves the type hints of its WebAuthn data classes (string annotations)
@@ -519,9 +520,8 @@ class Fido2Authenticator(presence.PresenceMethod):
 
         def unit(conn: Connection) -> list[str]:
             # The served credential and its signer's authenticators in one read.
-            rows = conn.execute(
-                _BEGIN_READ, {"credential_id": credential_id, "facility_id": facility_id}
-            ).all()
+            params = {"credential_id": credential_id, "facility_id": facility_id}
+            rows = _BEGIN_READ.all(conn, params)
             signer_id = presence.served_signer(rows[0] if rows else None, credential_id)
             allow = [r.authenticator for r in rows if r.authenticator is not None]
             if not allow:
@@ -598,7 +598,7 @@ class Fido2Authenticator(presence.PresenceMethod):
                 "hashAlgorithmOID or numSignatures differ from authenticate/begin"
             )
         raw_id = websafe_encode(assertion.raw_id)
-        frow = conn.execute(_FIDO_CREDENTIAL, {"raw_id": raw_id}).one_or_none()
+        frow = _FIDO_CREDENTIAL.one_or_none(conn, {"raw_id": raw_id})
         if frow is None or frow.signer_id != state.signer_id:
             raise InvalidRequest("the authenticator is not registered for this signer")
         try:
@@ -697,7 +697,7 @@ _AUTHENTICATOR_IDS = select(fido_credential.c.credential_id).where(
 )
 #: ``store.signers.served_credential``, one row per authenticator of the credential's signer
 #: (one row with ``authenticator`` NULL when it has none).
-_BEGIN_READ = (
+_BEGIN_READ = FastStatement(
     select(
         credential.c.signer_id,
         credential.c.status,
@@ -714,10 +714,10 @@ _BEGIN_READ = (
         signer_facility.c.facility_id == bindparam("facility_id"),
     )
 )
-_FIDO_CREDENTIAL = select(fido_credential).where(
-    fido_credential.c.credential_id == bindparam("raw_id")
+_FIDO_CREDENTIAL = FastStatement(
+    select(fido_credential).where(fido_credential.c.credential_id == bindparam("raw_id"))
 )
-_COUNT = (
+_COUNT = FastStatement(
     update(fido_credential)
     .where(
         fido_credential.c.id == bindparam("b_id"),
@@ -738,10 +738,8 @@ def _count_signature(
             f"WebAuthn assertion refused: sign count {counter} does not exceed "
             f"{frow.sign_count} (cloned authenticator?)"
         )
-    res = conn.execute(
-        _COUNT, {"b_id": frow.id, "b_old": frow.sign_count, "b_new": counter, "b_now": now}
-    )
-    if res.rowcount != 1:
+    params = {"b_id": frow.id, "b_old": frow.sign_count, "b_new": counter, "b_now": now}
+    if _COUNT.run(conn, params) != 1:
         raise InvalidRequest("WebAuthn assertion refused: sign count changed concurrently")
     return counter
 

@@ -64,6 +64,7 @@ from gateway.hsm.api import DigestAlgorithm
 from gateway.signing.grant import Grant, IssuedSad, SignatureGrant
 from gateway.signing.rules import require_may_sign
 from gateway.store.db import Database
+from gateway.store.fast import FastStatement
 from gateway.store.schema import credential, facility, sad, sad_hash, signer, signer_facility
 
 if TYPE_CHECKING:
@@ -164,8 +165,8 @@ class SadLedger:
         bound = grant.scal == "2"
         alg = grant.hash_algorithm
         expires = now + grant.ttl
-        res = conn.execute(
-            _ISSUE,
+        sad_id = _ISSUE.insert(
+            conn,
             {
                 "token_hash": token_hash(token),
                 "facility_id": grant.facility_id,
@@ -181,11 +182,10 @@ class SadLedger:
                 "expires_at": expires,
             },
         )
-        sad_id = int(res.inserted_primary_key[0])  # type: ignore[index]
         if bound:
             multiset = Counter(bytes(h) for h in grant.hashes)
-            conn.execute(
-                _ISSUE_HASHES,
+            _ISSUE_HASHES.run_many(
+                conn,
                 [
                     {"sad_id": sad_id, "hash": h, "authorized": k, "remaining": k}
                     for h, k in multiset.items()
@@ -388,9 +388,18 @@ class SadLedger:
 
 
 _sad = sad  # the module-level name is shadowed by the ``sad`` parameters
+#: The columns ``issue_sync`` gives a new SAD.
+_SAD_COLUMNS = (
+    "token_hash", "facility_id", "signer_id", "credential_id", "fido_credential_id",
+    "presence", "hash_algorithm", "scal", "num_signatures", "remaining", "created_at",
+    "expires_at",
+)  # fmt: skip
 #: A new SAD (bind parameters only: compiled once).
-_ISSUE = insert(_sad)
-_ISSUE_HASHES = insert(sad_hash)
+#: On the write thread's sqlite3 connection (``store/fast.py``).
+_ISSUE = FastStatement(insert(_sad), column_keys=_SAD_COLUMNS)
+_ISSUE_HASHES = FastStatement(
+    insert(sad_hash), column_keys=("sad_id", "hash", "authorized", "remaining")
+)
 
 
 async def end_sads_of(conn: AsyncConnection, presence_ref: str, *, now: datetime) -> int:
@@ -471,12 +480,12 @@ _HASHES_LEFT = select(sad_hash.c.sad_id, sad_hash.c.hash, sad_hash.c.remaining).
     sad_hash.c.sad_id.in_(bindparam("sad_ids", expanding=True)),
     sad_hash.c.hash.in_(bindparam("hashes", expanding=True)),
 )
-_SPEND_SAD = (
+_SPEND_SAD = FastStatement(
     update(_sad)
     .where(_sad.c.id == bindparam("b_id"), _sad.c.remaining >= bindparam("b_n"))
     .values(remaining=_sad.c.remaining - bindparam("b_n"))
 )
-_SPEND_HASH = (
+_SPEND_HASH = FastStatement(
     update(sad_hash)
     .where(
         sad_hash.c.sad_id == bindparam("b_sad"),
@@ -653,15 +662,15 @@ def _returning_checked(
 
 
 def _update_checked(
-    conn: Connection, stmt: Any, params: list[dict[str, Any]], refusal: str
+    conn: Connection, stmt: FastStatement, params: list[dict[str, Any]], refusal: str
 ) -> None:
     """Run a one-row conditional UPDATE per parameter set; refuse unless every one matched."""
     if not params:
         return
     if len(params) > 1 and conn.dialect.supports_sane_multi_rowcount:
-        if conn.execute(stmt, params).rowcount != len(params):
+        if stmt.run_many(conn, params) != len(params):
             raise InvalidRequest(refusal)
         return
     for one in params:
-        if conn.execute(stmt, one).rowcount != 1:
+        if stmt.run(conn, one) != 1:
             raise InvalidRequest(refusal)

@@ -11,6 +11,7 @@ from typing import Any
 from sqlalchemy import Connection, bindparam, select
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from gateway.store.fast import FastStatement
 from gateway.store.schema import credential, fido_credential, jpki_binding, signer, signer_facility
 
 
@@ -67,6 +68,9 @@ _MAY_SIGN = (
 )
 
 
+_MAY_SIGN_FAST = FastStatement(_MAY_SIGN)  # on the write thread's sqlite3 connection
+
+
 async def may_sign_row(conn: AsyncConnection, *, credential_id: str, facility_id: int) -> Any:
     """What the may-sign rule needs: the credential's signer, status and certificate, the
     signer's status and whether it serves the facility (``facility_id`` NULL when not); None
@@ -78,7 +82,7 @@ async def may_sign_row(conn: AsyncConnection, *, credential_id: str, facility_id
 def may_sign_row_sync(conn: Connection, *, credential_id: str, facility_id: int) -> Any:
     """:func:`may_sign_row` on a synchronous connection (grouped writes)."""
     params = {"credential_id": credential_id, "facility_id": facility_id}
-    return conn.execute(_MAY_SIGN, params).one_or_none()
+    return _MAY_SIGN_FAST.one_or_none(conn, params)
 
 
 async def facility_credentials(

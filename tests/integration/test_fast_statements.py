@@ -1,0 +1,207 @@
+"""Hot statements on the plain sqlite3 connection (``store/fast.py``), on SQLite and PostgreSQL.
+
+On a SQLite file the write thread's statements of a ceremony run on the driver connection with
+SQLAlchemy's compiled SQL and type processors; everywhere else they are ordinary
+``Connection.execute`` calls. Both must store and return the same values (aware UTC datetimes,
+bytes, NULLs, row counts, new primary keys), inside the caller's transaction.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+from sqlalchemy import Connection, bindparam, insert, select, update
+from sqlalchemy.engine import Row
+
+from gateway.auth.challenges import WEBAUTHN_CHALLENGES, canonical_binding, new_bound_challenge
+from gateway.errors import InvalidRequest
+from gateway.store.db import Database
+from gateway.store.fast import FastStatement
+from gateway.store.schema import credential, facility, sad, sad_hash, signer, webauthn_challenge
+
+T0 = datetime(2026, 3, 1, 12, 0, 0, 123456, tzinfo=UTC)
+BINDING = canonical_binding(
+    credential_id="cred-f", hash_algorithm_oid=None, hashes=[b"\x02" * 32], num_signatures=1
+)
+_FACILITY = FastStatement(insert(facility), column_keys=(
+    "institution_code", "name", "kind", "provisional", "status", "policy", "created_at",
+))  # fmt: skip
+_SAD = FastStatement(insert(sad), column_keys=(
+    "token_hash", "facility_id", "signer_id", "credential_id", "presence", "scal",
+    "num_signatures", "remaining", "created_at", "expires_at",
+))  # fmt: skip
+_HASHES = FastStatement(
+    insert(sad_hash), column_keys=("sad_id", "hash", "authorized", "remaining")
+)
+_SPEND = FastStatement(
+    update(sad_hash)
+    .where(sad_hash.c.sad_id == bindparam("b_sad"), sad_hash.c.remaining >= bindparam("b_k"))
+    .values(remaining=sad_hash.c.remaining - bindparam("b_k"))
+)
+_HASHES_OF = FastStatement(
+    select(sad_hash.c.hash, sad_hash.c.remaining.label("left"))
+    .where(sad_hash.c.sad_id == bindparam("b_sad"))
+    .order_by(sad_hash.c.hash)
+)
+_EXPANDING = FastStatement(
+    select(facility.c.id).where(facility.c.id.in_(bindparam("ids", expanding=True)))
+)
+
+
+async def _open(url: str) -> Database:
+    db = Database(url)
+    await db.migrate()
+    async with db.write() as conn:
+        await conn.execute(
+            insert(signer).values(id="sgn-f", name="Fast Taro", role="Medical Doctor",
+                                  created_at=T0)
+        )  # fmt: skip
+        await conn.execute(
+            insert(credential).values(id="cred-f", signer_id="sgn-f", key_id="k" * 64,
+                                      key_bits=2048, status="active", created_at=T0,
+                                      updated_at=T0)
+        )  # fmt: skip
+    return db
+
+
+def _exercise(conn: Connection) -> dict[str, Any]:
+    """Every kind of call, in one write transaction; what came back."""
+    out: dict[str, Any] = {}
+    fac = _FACILITY.insert(conn, {
+        "institution_code": "0110000077", "name": "TEST 高速医院", "kind": "hospital",
+        "provisional": False, "status": "active", "policy": "{}", "created_at": T0,
+    })  # fmt: skip
+    out["facility"] = fac
+    sad_id = _SAD.insert(conn, {
+        "token_hash": "f" * 64, "facility_id": fac, "signer_id": "sgn-f",
+        "credential_id": "cred-f", "presence": "fido2", "scal": "2", "num_signatures": 3,
+        "remaining": 3, "created_at": T0, "expires_at": T0 + timedelta(minutes=5),
+    })  # fmt: skip
+    out["hashes_inserted"] = _HASHES.run_many(conn, [
+        {"sad_id": sad_id, "hash": bytes([i]) * 32, "authorized": 1, "remaining": 1}
+        for i in (1, 2, 3)
+    ])  # fmt: skip
+    out["spent"] = _SPEND.run(conn, {"b_sad": sad_id, "b_k": 1})
+    out["spent_again"] = _SPEND.run(conn, {"b_sad": sad_id, "b_k": 1})  # none left
+    rows = _HASHES_OF.all(conn, {"b_sad": sad_id})
+    out["row_kind"] = isinstance(rows[0], Row)
+    out["hashes"] = [(r.hash, r.left) for r in rows]
+    out["in_list"] = [r.id for r in _EXPANDING.all(conn, {"ids": [fac, fac + 1000]})]
+    # The challenge store (a ceremony's statements): put, take once, find, burn.
+    challenge = new_bound_challenge(BINDING)
+    cid = WEBAUTHN_CHALLENGES.put_sync(
+        conn, challenge, kind="authenticate", signer_id="sgn-f", facility_id=fac,
+        binding=BINDING, now=T0, ttl=timedelta(seconds=120),
+        credential_id="cred-f", fido2_state='{"x": 1}',
+    )  # fmt: skip
+    taken = WEBAUTHN_CHALLENGES.take_sync(conn, cid, kind="authenticate", now=T0)
+    out["taken"] = (taken.id, taken.signer_id, taken.facility_id, taken.binding,
+                    taken.fido2_state, taken.created_at, taken.expires_at, taken.used_at,
+                    taken.enrollment_id)  # fmt: skip
+    try:
+        WEBAUTHN_CHALLENGES.take_sync(conn, cid, kind="authenticate", now=T0)
+    except InvalidRequest as e:
+        out["second_take"] = e.description
+    other = new_bound_challenge(BINDING)
+    oid = WEBAUTHN_CHALLENGES.put_sync(
+        conn, other, kind="authenticate", signer_id="sgn-f", facility_id=fac,
+        binding=BINDING, now=T0, ttl=timedelta(seconds=120),
+        credential_id="cred-f", fido2_state="{}",
+    )  # fmt: skip
+    WEBAUTHN_CHALLENGES.burn_sync(conn, oid, now=T0 + timedelta(seconds=1))
+    burnt = WEBAUTHN_CHALLENGES.find_sync(conn, oid)
+    out["burnt_at"] = burnt.used_at
+    out["cid"] = cid
+    return out
+
+
+@pytest.mark.parametrize("write", [True, False], ids=["committed", "rolled-back"])
+def test_fast_statements_store_and_return_what_sqlalchemy_does(
+    store_url: str, write: bool
+) -> None:
+    async def run() -> tuple[dict[str, Any], list[Any], list[Any]]:
+        db = await _open(store_url)
+        try:
+            if write:
+                out = await db.run_write(_exercise)
+            else:
+
+                def fail(conn: Connection) -> None:
+                    _exercise(conn)
+                    raise InvalidRequest("refused")
+
+                with pytest.raises(InvalidRequest):
+                    await db.run_write(fail)
+                out = {}
+            async with db.read() as conn:
+                challenges = (await conn.execute(select(webauthn_challenge))).all()
+                sads = (await conn.execute(select(sad))).all()
+            return out, challenges, sads
+        finally:
+            await db.close()
+
+    out, challenges, sads = asyncio.run(run())
+    if not write:
+        # Inside the caller's transaction: its rollback takes them all back.
+        assert challenges == [] and sads == []
+        return
+    sqlite = store_url.startswith("sqlite")
+    # executemany's row count: asyncpg reports none (-1), as through SQLAlchemy.
+    assert out["hashes_inserted"] == (3 if sqlite else -1)
+    assert out["spent"] == 3 and out["spent_again"] == 0
+    assert out["hashes"] == [(bytes([i]) * 32, 0) for i in (1, 2, 3)]
+    # The fast path on a SQLite file, SQLAlchemy's rows elsewhere.
+    assert out["row_kind"] is (not sqlite)
+    assert out["in_list"] == [out["facility"]]  # an IN list: through SQLAlchemy
+    cid = out["cid"]
+    assert out["taken"] == (
+        cid, "sgn-f", out["facility"], BINDING.decode(), '{"x": 1}',
+        T0, T0 + timedelta(seconds=120), T0, None,
+    )  # fmt: skip
+    assert out["taken"][5].tzinfo is UTC and out["taken"][7].tzinfo is UTC
+    assert out["second_take"] == "challenge was already used"
+    assert out["burnt_at"] == T0 + timedelta(seconds=1)
+    # What was committed reads back the same through SQLAlchemy.
+    stored = {r.id: r for r in challenges}
+    assert stored[cid].used_at == T0 and stored[cid].expires_at == T0 + timedelta(seconds=120)
+    (s,) = sads
+    assert (s.facility_id, s.remaining, s.created_at, s.presence) == (
+        out["facility"], 3, T0, "fido2"
+    )
+
+
+def test_fast_statements_write_the_same_sqlite_text_as_sqlalchemy(tmp_path: Any) -> None:
+    """Byte for byte: a row written through the fast path and one written through
+    ``Connection.execute`` are stored alike (datetime text, blobs, NULLs)."""
+
+    async def run() -> list[tuple[Any, ...]]:
+        db = await _open(f"sqlite+aiosqlite:///{tmp_path / 'same.db'}")
+        row = {
+            "kind": "authenticate", "signer_id": "sgn-f", "facility_id": None,
+            "binding": BINDING.decode(), "created_at": T0,
+            "expires_at": T0 + timedelta(seconds=120), "credential_id": "cred-f",
+            "fido2_state": "{}",
+        }  # fmt: skip
+        fast = FastStatement(insert(webauthn_challenge), column_keys=("id", *row))
+
+        def write(conn: Connection) -> None:
+            fast.run(conn, {"id": "a" * 64, **row})
+            conn.execute(insert(webauthn_challenge), {"id": "b" * 64, **row})
+
+        try:
+            await db.run_write(write)
+            async with db.read() as conn:
+                res = await conn.exec_driver_sql(
+                    "SELECT * FROM webauthn_challenge ORDER BY id"
+                )
+                return [tuple(r) for r in res.all()]
+        finally:
+            await db.close()
+
+    a, b = asyncio.run(run())
+    assert a[0] == "a" * 64 and b[0] == "b" * 64
+    assert a[1:] == b[1:]
+    assert "2026-03-01 12:00:00.123456" in a  # naive UTC text, as SQLAlchemy writes it
