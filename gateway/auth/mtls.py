@@ -22,6 +22,7 @@ from sqlalchemy import Connection, bindparam, select, update
 from gateway.errors import AccessDenied
 from gateway.lifecycle.facilities import fingerprint
 from gateway.store.db import Database
+from gateway.store.fast import FastStatement
 from gateway.store.schema import admin, client_certificate, facility, vendor
 
 # last_used_at is a convenience for the status inquiry: refresh it at most this often per
@@ -52,7 +53,7 @@ class ClientIdentity:
         return f"facility:{self.institution_code}"
 
 
-_IDENTITY_QUERY = (
+_IDENTITY_QUERY = FastStatement(  # on the read thread's sqlite3 connection (store/fast.py)
     select(
         client_certificate.c.id,
         client_certificate.c.fingerprint_sha256,
@@ -121,7 +122,7 @@ class _IdentityReader:
 
 
 def _read_identities(fps: list[str], conn: Connection) -> dict[str, Any]:
-    return {r.fingerprint_sha256: r for r in conn.execute(_IDENTITY_QUERY, {"fps": fps})}
+    return {r.fingerprint_sha256: r for r in _IDENTITY_QUERY.all(conn, {"fps": fps})}
 
 
 _readers: weakref.WeakKeyDictionary[Database, _IdentityReader] = weakref.WeakKeyDictionary()

@@ -441,7 +441,7 @@ async def purge_expired(conn: AsyncConnection, *, before: datetime) -> int:
 #: fixed lock order: two workers' groups cannot deadlock): the rows stay locked until commit,
 #: so the remaining counts read here are the ones the UPDATEs change. SQLite: BEGIN IMMEDIATE
 #: already excludes every other writer; the clause renders empty.
-_SADS = (
+_SADS = FastStatement(
     select(
         _sad.c.id,
         _sad.c.token_hash,
@@ -476,9 +476,11 @@ _SADS = (
     .with_for_update(of=_sad)
 )
 #: Remaining counts of the requested hashes (a superset when several SADs are read at once).
-_HASHES_LEFT = select(sad_hash.c.sad_id, sad_hash.c.hash, sad_hash.c.remaining).where(
-    sad_hash.c.sad_id.in_(bindparam("sad_ids", expanding=True)),
-    sad_hash.c.hash.in_(bindparam("hashes", expanding=True)),
+_HASHES_LEFT = FastStatement(
+    select(sad_hash.c.sad_id, sad_hash.c.hash, sad_hash.c.remaining).where(
+        sad_hash.c.sad_id.in_(bindparam("sad_ids", expanding=True)),
+        sad_hash.c.hash.in_(bindparam("hashes", expanding=True)),
+    )
 )
 _SPEND_SAD = FastStatement(
     update(_sad)
@@ -509,13 +511,13 @@ class _Spender:
 
     def __init__(self, conn: Connection, tokens: Sequence[str], hashes: Iterable[bytes]) -> None:
         self.conn = conn
-        self.rows = {r.token_hash: r for r in conn.execute(_SADS, {"tokens": sorted(set(tokens))})}
+        self.rows = {r.token_hash: r for r in _SADS.all(conn, {"tokens": sorted(set(tokens))})}
         self.sad_left = {int(r.id): int(r.remaining) for r in self.rows.values()}
         self.hash_left: dict[tuple[int, bytes], int] = {}
         bound = sorted(int(r.id) for r in self.rows.values() if r.scal == "2")
         wanted = sorted({bytes(h) for h in hashes})
         if bound and wanted:
-            res = conn.execute(_HASHES_LEFT, {"sad_ids": bound, "hashes": wanted})
+            res = _HASHES_LEFT.all(conn, {"sad_ids": bound, "hashes": wanted})
             self.hash_left = {(int(r.sad_id), bytes(r.hash)): int(r.remaining) for r in res}
         self.sad_spent: Counter[int] = Counter()
         self.hash_spent: Counter[tuple[int, bytes]] = Counter()

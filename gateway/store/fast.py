@@ -10,9 +10,9 @@ datetimes stored as naive UTC text on SQLite, read back aware), and on a pysqlit
 runs that SQL on the driver connection itself. On any other driver (asyncpg, aiosqlite for an
 in-memory store) it is an ordinary ``Connection.execute``: same statement, same results.
 
-Only what the statement carries is handled; anything else falls back to
-``Connection.execute``: expanding IN lists, and inserts whose columns have Python-side
-defaults that SQLAlchemy would compute per execution (``insert_prefetch``).
+An expanding IN list (``bindparam(..., expanding=True)``) is rendered as one ``?`` per item,
+as SQLAlchemy renders it; an empty list, and inserts whose columns have Python-side defaults
+that SQLAlchemy computes per execution (``insert_prefetch``), go through ``Connection.execute``.
 
 It runs inside the caller's transaction: the driver connection is the one SQLAlchemy's
 ``Connection`` holds, in the transaction the caller began (SQLAlchemy's own savepoints on
@@ -38,7 +38,7 @@ _row_class: Any = namedtuple
 class _Plan:
     """A statement compiled for one dialect: SQL, parameter order and processors."""
 
-    __slots__ = ("binds", "defaults", "names", "results", "row", "sql")
+    __slots__ = ("binds", "defaults", "expanded", "expanding", "names", "results", "row", "sql")
 
     def __init__(
         self,
@@ -46,6 +46,7 @@ class _Plan:
         names: Sequence[str],
         defaults: Sequence[Any],
         binds: Sequence[_Processor],
+        expanding: Sequence[bool],
         row: Any,
         results: Sequence[_Processor] | None,
     ) -> None:
@@ -53,6 +54,8 @@ class _Plan:
         self.names = tuple(names)
         self.defaults = tuple(defaults)
         self.binds = tuple(binds)
+        self.expanding = tuple(expanding) if any(expanding) else None
+        self.expanded: dict[tuple[int, ...], str] = {}  # SQL per length of each IN list
         self.row = row  # a namedtuple class for the rows it returns, or None
         self.results = tuple(results) if results is not None else None
 
@@ -62,6 +65,37 @@ class _Plan:
             v = values.get(name, default)
             out.append(proc(v) if proc is not None else v)
         return tuple(out)
+
+    def statement(self, values: Mapping[str, Any]) -> tuple[str, tuple[Any, ...]] | None:
+        """The SQL and its parameters for ``values``; None for an empty IN list (SQLAlchemy
+        renders those as an empty set: its job)."""
+        if self.expanding is None:
+            return self.sql, self.params(values)
+        out: list[Any] = []
+        lengths: list[int] = []
+        for name, default, proc, expanding in zip(
+            self.names, self.defaults, self.binds, self.expanding, strict=True
+        ):
+            v = values.get(name, default)
+            if not expanding:
+                out.append(proc(v) if proc is not None else v)
+                continue
+            items = list(v)
+            if not items:
+                return None
+            lengths.append(len(items))
+            out.extend(items if proc is None else [proc(x) for x in items])
+        key = tuple(lengths)
+        sql = self.expanded.get(key)
+        if sql is None:
+            sql = self.sql
+            it = iter(lengths)
+            for name, expanding in zip(self.names, self.expanding, strict=True):
+                if expanding:
+                    sql = sql.replace(f"__[POSTCOMPILE_{name}]", ", ".join("?" * next(it)), 1)
+            if len(self.expanded) < 256:  # lengths vary with the group: keep a bounded few
+                self.expanded[key] = sql
+        return sql, tuple(out)
 
     def rows(self, raw: list[tuple[Any, ...]]) -> list[Any]:
         procs = self.results
@@ -99,10 +133,11 @@ class FastStatement:
     def all(self, conn: Connection, params: Mapping[str, Any]) -> list[Any]:
         """The rows it returns (a SELECT, or a statement with RETURNING)."""
         fast = self._plan(conn)
-        if fast is None:
+        stmt = fast[1].statement(params) if fast is not None else None
+        if fast is None or stmt is None:
             return list(conn.execute(self.stmt, dict(params)).all())
         raw, plan = fast
-        return plan.rows(raw.execute(plan.sql, plan.params(params)).fetchall())
+        return plan.rows(raw.execute(*stmt).fetchall())
 
     def one_or_none(self, conn: Connection, params: Mapping[str, Any]) -> Any:
         rows = self.all(conn, params)
@@ -119,16 +154,16 @@ class FastStatement:
     def run(self, conn: Connection, params: Mapping[str, Any]) -> int:
         """Execute once; the row count."""
         fast = self._plan(conn)
-        if fast is None:
+        stmt = fast[1].statement(params) if fast is not None else None
+        if fast is None or stmt is None:
             return int(conn.execute(self.stmt, dict(params)).rowcount)
-        raw, plan = fast
-        return int(raw.execute(plan.sql, plan.params(params)).rowcount)
+        return int(fast[0].execute(*stmt).rowcount)
 
     def run_many(self, conn: Connection, params: Sequence[Mapping[str, Any]]) -> int:
         """Execute once per parameter set (executemany); the total row count, or -1 where
         the driver reports none (asyncpg, as through SQLAlchemy)."""
         fast = self._plan(conn)
-        if fast is None:
+        if fast is None or fast[1].expanding is not None:
             return int(conn.execute(self.stmt, [dict(p) for p in params]).rowcount)
         raw, plan = fast
         return int(raw.executemany(plan.sql, [plan.params(p) for p in params]).rowcount)
@@ -153,10 +188,12 @@ def _compile(stmt: Any, dialect: Dialect, column_keys: list[str] | None) -> _Pla
     binds = compiled.binds
     defaults: list[Any] = []
     processors: list[_Processor] = []
+    expanding: list[bool] = []
     for name in names:
         bp = binds[name]
-        if bp.expanding:
-            return None  # an IN list rendered per execution: SQLAlchemy's job
+        if bp.expanding and f"__[POSTCOMPILE_{name}]" not in compiled.string:
+            return None  # pragma: no cover - an IN list rendered otherwise: SQLAlchemy's job
+        expanding.append(bool(bp.expanding))
         defaults.append(None if bp.required else bp.effective_value)
         processors.append(bp.type.dialect_impl(dialect).bind_processor(dialect))
     row: Any = None
@@ -171,4 +208,4 @@ def _compile(stmt: Any, dialect: Dialect, column_keys: list[str] | None) -> _Pla
         except ValueError:  # a column name that is no Python identifier: SQLAlchemy's Row
             return None
         results = [c.type.dialect_impl(dialect).result_processor(dialect, None) for c in cols]
-    return _Plan(compiled.string, names, defaults, processors, row, results)
+    return _Plan(compiled.string, names, defaults, processors, expanding, row, results)

@@ -33,9 +33,7 @@ _SAD = FastStatement(insert(sad), column_keys=(
     "token_hash", "facility_id", "signer_id", "credential_id", "presence", "scal",
     "num_signatures", "remaining", "created_at", "expires_at",
 ))  # fmt: skip
-_HASHES = FastStatement(
-    insert(sad_hash), column_keys=("sad_id", "hash", "authorized", "remaining")
-)
+_HASHES = FastStatement(insert(sad_hash), column_keys=("sad_id", "hash", "authorized", "remaining"))
 _SPEND = FastStatement(
     update(sad_hash)
     .where(sad_hash.c.sad_id == bindparam("b_sad"), sad_hash.c.remaining >= bindparam("b_k"))
@@ -48,6 +46,14 @@ _HASHES_OF = FastStatement(
 )
 _EXPANDING = FastStatement(
     select(facility.c.id).where(facility.c.id.in_(bindparam("ids", expanding=True)))
+)
+_TWO_LISTS = FastStatement(
+    select(sad_hash.c.hash)
+    .where(
+        sad_hash.c.sad_id.in_(bindparam("ids", expanding=True)),
+        sad_hash.c.hash.in_(bindparam("hashes", expanding=True)),
+    )
+    .order_by(sad_hash.c.hash)
 )
 
 
@@ -90,6 +96,14 @@ def _exercise(conn: Connection) -> dict[str, Any]:
     out["row_kind"] = isinstance(rows[0], Row)
     out["hashes"] = [(r.hash, r.left) for r in rows]
     out["in_list"] = [r.id for r in _EXPANDING.all(conn, {"ids": [fac, fac + 1000]})]
+    out["in_list_one"] = [r.id for r in _EXPANDING.all(conn, {"ids": [fac]})]
+    out["in_list_empty"] = _EXPANDING.all(conn, {"ids": []})  # through SQLAlchemy
+    out["two_lists"] = [
+        r.hash
+        for r in _TWO_LISTS.all(
+            conn, {"ids": [sad_id, sad_id + 7], "hashes": [b"\x03" * 32, b"\x01" * 32, b"x"]}
+        )
+    ]
     # The challenge store (a ceremony's statements): put, take once, find, burn.
     challenge = new_bound_challenge(BINDING)
     cid = WEBAUTHN_CHALLENGES.put_sync(
@@ -119,9 +133,7 @@ def _exercise(conn: Connection) -> dict[str, Any]:
 
 
 @pytest.mark.parametrize("write", [True, False], ids=["committed", "rolled-back"])
-def test_fast_statements_store_and_return_what_sqlalchemy_does(
-    store_url: str, write: bool
-) -> None:
+def test_fast_statements_store_and_return_what_sqlalchemy_does(store_url: str, write: bool) -> None:
     async def run() -> tuple[dict[str, Any], list[Any], list[Any]]:
         db = await _open(store_url)
         try:
@@ -155,7 +167,9 @@ def test_fast_statements_store_and_return_what_sqlalchemy_does(
     assert out["hashes"] == [(bytes([i]) * 32, 0) for i in (1, 2, 3)]
     # The fast path on a SQLite file, SQLAlchemy's rows elsewhere.
     assert out["row_kind"] is (not sqlite)
-    assert out["in_list"] == [out["facility"]]  # an IN list: through SQLAlchemy
+    assert out["in_list"] == out["in_list_one"] == [out["facility"]]
+    assert out["in_list_empty"] == []
+    assert out["two_lists"] == [b"\x01" * 32, b"\x03" * 32]
     cid = out["cid"]
     assert out["taken"] == (
         cid, "sgn-f", out["facility"], BINDING.decode(), '{"x": 1}',
@@ -169,7 +183,10 @@ def test_fast_statements_store_and_return_what_sqlalchemy_does(
     assert stored[cid].used_at == T0 and stored[cid].expires_at == T0 + timedelta(seconds=120)
     (s,) = sads
     assert (s.facility_id, s.remaining, s.created_at, s.presence) == (
-        out["facility"], 3, T0, "fido2"
+        out["facility"],
+        3,
+        T0,
+        "fido2",
     )
 
 
@@ -194,9 +211,7 @@ def test_fast_statements_write_the_same_sqlite_text_as_sqlalchemy(tmp_path: Any)
         try:
             await db.run_write(write)
             async with db.read() as conn:
-                res = await conn.exec_driver_sql(
-                    "SELECT * FROM webauthn_challenge ORDER BY id"
-                )
+                res = await conn.exec_driver_sql("SELECT * FROM webauthn_challenge ORDER BY id")
                 return [tuple(r) for r in res.all()]
         finally:
             await db.close()
