@@ -26,6 +26,7 @@ import asyncio
 import contextlib
 import hashlib
 import logging
+import sqlite3
 import threading
 from collections.abc import AsyncIterator, Callable, Hashable
 from contextlib import asynccontextmanager
@@ -35,7 +36,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from sqlalchemy import URL, Connection, Engine, create_engine, event, make_url, text
 from sqlalchemy.engine.interfaces import DBAPIConnection
-from sqlalchemy.exc import OperationalError, ProgrammingError
+from sqlalchemy.exc import DBAPIError, OperationalError, ProgrammingError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 from sqlalchemy.pool import ConnectionPoolEntry, NullPool
 
@@ -134,27 +135,50 @@ class _SyncSqlite:
         self._engine.dispose()
 
     def _txn(self, fn: Callable[[Connection], _T]) -> _T:
+        """``fn(conn)`` between a BEGIN and a COMMIT (write) or ROLLBACK (read), sent on the
+        driver connection: SQLAlchemy's transaction object and ``exec_driver_sql`` around
+        every hop cost more than the statements they send (the hot statements themselves run
+        on the driver connection too: ``store/fast.py``). ``fn``'s own ``conn.execute`` calls
+        begin SQLAlchemy's bookkeeping of a transaction (no statement on pysqlite: BEGIN is
+        ours), ended here with the driver's."""
         conn = self._conn
         if conn is None:
             conn = self._conn = self._engine.connect()
+        raw: Any = None
         try:
-            if self._write:
-                with conn.begin():
-                    conn.exec_driver_sql(self._begin)
-                    return fn(conn)  # committed if fn returns, rolled back if it raises
-            trans = conn.begin()
+            raw = conn.connection.driver_connection
+            _driver(raw.execute, self._begin)
             try:
-                conn.exec_driver_sql(self._begin)
-                return fn(conn)
-            finally:
-                trans.rollback()  # a read commits nothing
+                result = fn(conn)
+            except BaseException:
+                conn.rollback()
+                _driver(raw.rollback)
+                raise
+            if self._write:
+                conn.commit()  # SQLAlchemy's bookkeeping: COMMITs when fn's execute began it
+                _driver(raw.commit)  # committed if fn returns
+            else:
+                conn.rollback()
+                _driver(raw.rollback)  # a read commits nothing
+            return result
         except BaseException:
-            if conn.in_transaction() or conn.invalidated:
+            if raw is None or raw.in_transaction or conn.in_transaction() or conn.invalidated:
                 # The rollback itself failed: start over with a fresh connection.
                 self._conn = None
                 with contextlib.suppress(Exception):
                     conn.close()
             raise
+
+
+def _driver(call: Callable[..., Any], *args: Any) -> None:
+    """A call on the sqlite3 connection, its errors raised as SQLAlchemy raises them (a locked
+    or full database is SQLAlchemy's OperationalError: 503 in ``run``)."""
+    try:
+        call(*args)
+    except sqlite3.Error as e:
+        raise DBAPIError.instance(
+            str(args[0]) if args else call.__name__, (), e, sqlite3.Error
+        ) from e
 
 
 _Job = tuple[asyncio.AbstractEventLoop, "asyncio.Future[Any]", Callable[[Connection], Any]]

@@ -21,12 +21,14 @@ SQLite are plain statements on that connection too, see ``store/grouped.py``).
 
 from __future__ import annotations
 
+import sqlite3
 from collections import namedtuple
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from sqlalchemy import Connection
 from sqlalchemy.engine.interfaces import Dialect
+from sqlalchemy.exc import DBAPIError, StatementError
 from sqlalchemy.sql.expression import Executable
 
 _Processor = Callable[[Any], Any] | None
@@ -137,7 +139,10 @@ class FastStatement:
         if fast is None or stmt is None:
             return list(conn.execute(self.stmt, dict(params)).all())
         raw, plan = fast
-        return plan.rows(raw.execute(*stmt).fetchall())
+        try:
+            return plan.rows(raw.execute(*stmt).fetchall())
+        except sqlite3.Error as e:
+            raise _wrapped(e, stmt) from e
 
     def one_or_none(self, conn: Connection, params: Mapping[str, Any]) -> Any:
         rows = self.all(conn, params)
@@ -157,7 +162,10 @@ class FastStatement:
         stmt = fast[1].statement(params) if fast is not None else None
         if fast is None or stmt is None:
             return int(conn.execute(self.stmt, dict(params)).rowcount)
-        return int(fast[0].execute(*stmt).rowcount)
+        try:
+            return int(fast[0].execute(*stmt).rowcount)
+        except sqlite3.Error as e:
+            raise _wrapped(e, stmt) from e
 
     def run_many(self, conn: Connection, params: Sequence[Mapping[str, Any]]) -> int:
         """Execute once per parameter set (executemany); the total row count, or -1 where
@@ -166,7 +174,11 @@ class FastStatement:
         if fast is None or fast[1].expanding is not None:
             return int(conn.execute(self.stmt, [dict(p) for p in params]).rowcount)
         raw, plan = fast
-        return int(raw.executemany(plan.sql, [plan.params(p) for p in params]).rowcount)
+        many = [plan.params(p) for p in params]
+        try:
+            return int(raw.executemany(plan.sql, many).rowcount)
+        except sqlite3.Error as e:
+            raise _wrapped(e, (plan.sql, many)) from e
 
     def insert(self, conn: Connection, params: Mapping[str, Any]) -> int:
         """Execute an INSERT of one row; its integer primary key."""
@@ -175,7 +187,17 @@ class FastStatement:
             res = conn.execute(self.stmt, dict(params))
             return int(res.inserted_primary_key[0])  # type: ignore[index]
         raw, plan = fast
-        return int(raw.execute(plan.sql, plan.params(params)).lastrowid)
+        one = plan.params(params)
+        try:
+            return int(raw.execute(plan.sql, one).lastrowid)
+        except sqlite3.Error as e:
+            raise _wrapped(e, (plan.sql, one)) from e
+
+
+def _wrapped(e: sqlite3.Error, stmt: tuple[str, Any]) -> StatementError:
+    """The driver's error as SQLAlchemy raises it (``OperationalError`` for a locked or full
+    database, ``IntegrityError``, ...): what callers catch, e.g. ``Database.run_write``'s 503."""
+    return DBAPIError.instance(stmt[0], stmt[1], e, sqlite3.Error)
 
 
 def _compile(stmt: Any, dialect: Dialect, column_keys: list[str] | None) -> _Plan | None:

@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 from sqlalchemy import Connection, bindparam, insert, select, update
 from sqlalchemy.engine import Row
+from sqlalchemy.exc import IntegrityError
 
 from gateway.auth.challenges import WEBAUTHN_CHALLENGES, canonical_binding, new_bound_challenge
 from gateway.errors import InvalidRequest
@@ -220,3 +221,24 @@ def test_fast_statements_write_the_same_sqlite_text_as_sqlalchemy(tmp_path: Any)
     assert a[0] == "a" * 64 and b[0] == "b" * 64
     assert a[1:] == b[1:]
     assert "2026-03-01 12:00:00.123456" in a  # naive UTC text, as SQLAlchemy writes it
+
+
+def test_driver_errors_reach_callers_as_sqlalchemy_raises_them(store_url: str) -> None:
+    """A constraint broken on the fast path is SQLAlchemy's IntegrityError (a locked or full
+    database its OperationalError, which the store answers 503), as through SQLAlchemy."""
+    row = {
+        "id": "c" * 64, "kind": "authenticate", "signer_id": "sgn-f", "binding": "{}",
+        "created_at": T0, "expires_at": T0,
+    }  # fmt: skip
+    fast = FastStatement(insert(webauthn_challenge), column_keys=tuple(row))
+
+    async def run() -> None:
+        db = await _open(store_url)
+        try:
+            await db.run_write(lambda conn: fast.run(conn, row))
+            with pytest.raises(IntegrityError):
+                await db.run_write(lambda conn: fast.run(conn, row))
+        finally:
+            await db.close()
+
+    asyncio.run(run())

@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import sqlite3
 from pathlib import Path
+from typing import Any
 
 import pytest
 from sqlalchemy import Connection
 
+from gateway.errors import TemporarilyUnavailable
 from gateway.store.db import Database
 
 
@@ -76,5 +78,60 @@ async def test_write_thread_rolls_back_what_raised(tmp_path: Path) -> None:
 
         assert await db.run_read(count) == 0
         assert not _other_writer_refused(path)
+    finally:
+        await db.close()
+
+
+async def test_write_thread_commits_and_rolls_back_what_ran_on_the_driver(tmp_path: Path) -> None:
+    """A write function whose statements all run on the driver connection (store/fast.py),
+    none through SQLAlchemy: committed when it returns, rolled back when it raises, the lock
+    free afterwards either way."""
+    path = tmp_path / "t.db"
+    db = Database(f"sqlite+aiosqlite:///{path}")
+    try:
+        await db.migrate()
+        await db.run_write(lambda conn: conn.exec_driver_sql("CREATE TABLE probe (x INTEGER)"))
+
+        def driver(conn: Connection) -> Any:
+            raw = conn.connection.driver_connection
+            assert raw is not None
+            return raw
+
+        def insert(conn: Connection) -> bool:
+            driver(conn).execute("INSERT INTO probe VALUES (1)")
+            return bool(conn.in_transaction())
+
+        assert await db.run_write(insert) is False  # SQLAlchemy never saw a statement
+
+        def fail(conn: Connection) -> None:
+            driver(conn).execute("INSERT INTO probe VALUES (2)")
+            raise RuntimeError("after the insert")
+
+        with pytest.raises(RuntimeError):
+            await db.run_write(fail)
+
+        def rows(conn: Connection) -> list[int]:
+            return [r[0] for r in driver(conn).execute("SELECT x FROM probe")]
+
+        assert await db.run_read(rows) == [1]
+        assert not _other_writer_refused(path)
+    finally:
+        await db.close()
+
+
+async def test_a_write_lock_held_elsewhere_past_the_busy_timeout_is_503(tmp_path: Path) -> None:
+    path = tmp_path / "t.db"
+    db = Database(f"sqlite+aiosqlite:///{path}", busy_timeout_ms=100)
+    try:
+        await db.migrate()
+        holder = sqlite3.connect(path, isolation_level=None)
+        holder.execute("BEGIN IMMEDIATE")
+        try:
+            with pytest.raises(TemporarilyUnavailable):
+                await db.run_write(lambda conn: None)
+        finally:
+            holder.execute("ROLLBACK")
+            holder.close()
+        assert await db.run_write(lambda conn: 7) == 7  # the same thread, working again
     finally:
         await db.close()
