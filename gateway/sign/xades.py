@@ -254,6 +254,33 @@ class _CertInfo:
     issuer_serial_v2_b64: str
 
 
+#: ds:Reference templates by (ds prefix, with an Id, Type, transforms): a handful of shapes.
+_REFERENCE_TEMPLATES: dict[
+    tuple[str | None, bool, str | None, tuple[str, ...]], etree._Element
+] = {}
+
+
+def _reference_template(
+    prefix: str, with_id: bool, ref_type: str | None, transforms: tuple[str, ...]
+) -> etree._Element:
+    """A ds:Reference with its values empty, under a parent declaring ``prefix``; attributes
+    in the order they are written (Id, Type, URI)."""
+    parent = etree.Element(_DS + "SignedInfo", nsmap={prefix: DS})
+    ref = etree.SubElement(parent, _DS + "Reference")
+    if with_id:
+        ref.set("Id", "")
+    if ref_type:
+        ref.set("Type", ref_type)
+    ref.set("URI", "")
+    if transforms:
+        tr = etree.SubElement(ref, _DS + "Transforms")
+        for t in transforms:
+            etree.SubElement(tr, _DS + "Transform").set("Algorithm", t)
+    etree.SubElement(ref, _DS + "DigestMethod").set("Algorithm", SHA256)
+    etree.SubElement(ref, _DS + "DigestValue")
+    return ref
+
+
 @dataclass
 class XadesBuilder:
     """Signs with a KeyHandle; holds the certificate-derived values, computed once."""
@@ -378,18 +405,19 @@ class XadesBuilder:
         ref_type: str | None = None,
         transforms: Sequence[str] = (EXC_C14N,),
     ) -> None:
-        ref = etree.SubElement(si, _DS + "Reference")
+        """A ds:Reference appended to ``si``: a copy of a template of its shape (Id or not,
+        Type, transforms) with its Id, URI and digest (see :meth:`skeleton`)."""
+        assert si.prefix is not None  # the gateway's signatures declare their ds prefix
+        shape = (si.prefix, ref_id is not None, ref_type, tuple(transforms))
+        template = _REFERENCE_TEMPLATES.get(shape)
+        if template is None:
+            template = _REFERENCE_TEMPLATES[shape] = _reference_template(*shape)
+        ref = copy.deepcopy(template)
         if ref_id:
             ref.set("Id", ref_id)
-        if ref_type:
-            ref.set("Type", ref_type)
         ref.set("URI", uri)
-        if transforms:
-            tr = etree.SubElement(ref, _DS + "Transforms")
-            for t in transforms:
-                etree.SubElement(tr, _DS + "Transform").set("Algorithm", t)
-        etree.SubElement(ref, _DS + "DigestMethod").set("Algorithm", SHA256)
-        etree.SubElement(ref, _DS + "DigestValue").text = _b64(digest)
+        ref[-1].text = _b64(digest)  # DigestValue
+        si.append(ref)
 
     async def complete(
         self,
