@@ -325,7 +325,7 @@ class XadesBuilder:
         template = self._templates.get(style)
         if template is None:
             template = self._templates[style] = self._template(style)
-        sig = copy.deepcopy(template)
+        sig = copy.copy(template)  # lxml copies an element with its subtree (no memo)
         ids = _Ids(uid, style.sample_ids)
         sig.set("Id", signature_id)
         si, sv, ki, obj = sig[0], sig[1], sig[2], sig[3]
@@ -412,7 +412,7 @@ class XadesBuilder:
         template = _REFERENCE_TEMPLATES.get(shape)
         if template is None:
             template = _REFERENCE_TEMPLATES[shape] = _reference_template(*shape)
-        ref = copy.deepcopy(template)
+        ref = copy.copy(template)
         if ref_id:
             ref.set("Id", ref_id)
         ref.set("URI", uri)
