@@ -45,6 +45,7 @@ from lxml import etree
 
 from gateway.clock import Clock
 from gateway.errors import GatewayError, InvalidRequest
+from gateway.files import fsync_dir
 from gateway.local.agent import CardSessionEnded, LocalAgent, NoCard
 from gateway.sign.eprescription import (
     PROFILES,
@@ -306,7 +307,7 @@ class _GroupWriter:
                         os.replace(tmp, final)
                     except OSError as e:
                         errors[key] = e
-                fsync_dir(Path(self.out))
+                fsync_dir(self.out)
             except OSError as e:
                 for key, _, _ in tmps:
                     errors.setdefault(key, e)
@@ -348,14 +349,6 @@ def _sync_files(directory: str) -> None:
         if _syncfs(fd) != 0:
             err = ctypes.get_errno()
             raise OSError(err, f"syncfs: {os.strerror(err)}")
-    finally:
-        os.close(fd)
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
     finally:
         os.close(fd)
 
