@@ -14,11 +14,10 @@ locked, as ``"<id>:<failed_tries>:<checking_tries>"``, for the reset to put back
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 
 from gateway.config import Settings
+from gateway.files import replace_atomically
 
 __all__ = ["FILE", "OCSP_SCENARIOS", "active", "ocsp_scenario", "save", "serial_key"]
 
@@ -44,10 +43,8 @@ def active(settings: Settings) -> dict[str, list[str]]:
 
 def save(settings: Settings, data: dict[str, list[str]]) -> None:
     target = _path(settings)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".scenarios.")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        json.dump({k: sorted(v) for k, v in sorted(data.items()) if v}, f, indent=2)
-    os.replace(tmp, target)  # atomic: a reader sees the old or the new file, never half
+    text = json.dumps({k: sorted(v) for k, v in sorted(data.items()) if v}, indent=2)
+    replace_atomically(target, text.encode("utf-8"), mode=0o600)  # never half a file
 
 
 def serial_key(serial: int, credential: str) -> str:

@@ -14,7 +14,14 @@ from typing import Protocol
 
 from smartcard.CardConnection import CardConnection
 from smartcard.Exceptions import CardConnectionException, NoCardException, SmartcardException
-from smartcard.scard import SCARD_RESET_CARD, SCARD_SHARE_EXCLUSIVE
+from smartcard.pcsc.PCSCCardConnection import PCSCCardConnection, translateprotocolheader
+from smartcard.scard import (
+    SCARD_RESET_CARD,
+    SCARD_S_SUCCESS,
+    SCARD_SHARE_EXCLUSIVE,
+    SCardGetErrorMessage,
+    SCardTransmit,
+)
 from smartcard.System import readers as _readers
 
 from gateway.card.apdu import Command, Response
@@ -57,6 +64,14 @@ class PcscConnection:
         except CardConnectionException as e:
             raise CardError(CardErrorCode.NO_CARD, detail=str(e)) from e
         self._conn: CardConnection | None = conn
+        # APDUs go to pyscard's SCardTransmit binding with the connection's handle and
+        # protocol: its CardConnection.transmit adds observer events, protocol look-ups and
+        # list copies around each APDU, all run holding the GIL that a batch's document
+        # building shares with the card's thread.
+        pcsc = conn.component if hasattr(conn, "component") else conn
+        assert isinstance(pcsc, PCSCCardConnection)
+        self._hcard = pcsc.hcard
+        self._pci = translateprotocolheader(pcsc.getProtocol())
 
     @property
     def atr(self) -> bytes:
@@ -79,11 +94,12 @@ class PcscConnection:
 
     def _raw(self, apdu: bytes) -> Response:
         assert self._conn is not None
-        try:
-            data, sw1, sw2 = self._conn.transmit(list(apdu))
-        except CardConnectionException as e:
-            raise CardError(CardErrorCode.CARD_REMOVED) from e
-        return Response(bytes(data), (sw1 << 8) | sw2)
+        hresult, response = SCardTransmit(self._hcard, self._pci, list(apdu))
+        if hresult != SCARD_S_SUCCESS:
+            raise CardError(CardErrorCode.CARD_REMOVED, detail=SCardGetErrorMessage(hresult))
+        if len(response) < 2:
+            raise CardError(CardErrorCode.CARD_ERROR, detail="no status word in the answer")
+        return Response(bytes(response[:-2]), (response[-2] << 8) | response[-1])
 
     def close(self) -> None:
         conn, self._conn = self._conn, None

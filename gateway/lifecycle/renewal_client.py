@@ -18,9 +18,7 @@ from __future__ import annotations
 
 import base64
 import http.client
-import os
 import ssl
-import tempfile
 import urllib.parse
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
@@ -34,6 +32,7 @@ from cryptography.hazmat.primitives.serialization import pkcs7
 
 from gateway.clock import Clock, days_left, jst_date, system_clock
 from gateway.errors import GatewayError
+from gateway.files import replace_atomically
 
 EXIT_OK = 0
 EXIT_RENEWED = 10
@@ -191,20 +190,6 @@ def _check_answer(new: x509.Certificate, old: x509.Certificate, key: rsa.RSAPriv
         raise RenewalFailed("the new certificate's subject or issuer differs from the old one")
 
 
-def _atomic_write(path: Path, data: bytes, mode: int) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _install(
     files: ClientFiles, old: x509.Certificate, new: x509.Certificate, key: rsa.RSAPrivateKey
 ) -> list[str]:
@@ -215,18 +200,18 @@ def _install(
     try:
         for path, mode in ((files.key, 0o600), (files.cert, 0o644)):
             backup = path.with_name(f"{path.name}.{tag}.bak")
-            _atomic_write(backup, path.read_bytes(), mode)
+            replace_atomically(backup, path.read_bytes(), mode=mode)
             backups.append(str(backup))
-        _atomic_write(
+        replace_atomically(
             files.key,
             key.private_bytes(
                 serialization.Encoding.PEM,
                 serialization.PrivateFormat.PKCS8,
                 serialization.NoEncryption(),
             ),
-            0o600,
+            mode=0o600,
         )
-        _atomic_write(files.cert, new.public_bytes(serialization.Encoding.PEM), 0o644)
+        replace_atomically(files.cert, new.public_bytes(serialization.Encoding.PEM), mode=0o644)
     except OSError as e:
         raise RenewalFailed(
             f"the new certificate {format(new.serial_number, 'x')} was issued but could not be "

@@ -15,6 +15,7 @@ import asyncio
 import base64
 import contextlib
 import dataclasses
+import datetime as dt
 import hashlib
 import secrets
 import time
@@ -96,8 +97,11 @@ class LocalAgent:
     clock: Clock = system_clock
     _grants: dict[bytes, LocalGrant] = field(default_factory=dict)
     _lock: asyncio.Lock = field(default_factory=asyncio.Lock)
-    #: (card session, certificate, validated path) of the last path check.
-    _path: tuple[int, x509.Certificate, list[x509.Certificate]] | None = None
+    #: (card session, certificate, validated path, the path's validity window) of the last
+    #: path check.
+    _path: tuple[int, x509.Certificate, list[x509.Certificate], dt.datetime, dt.datetime] | None = (
+        None
+    )
 
     # -- the card -------------------------------------------------------------------------
 
@@ -259,8 +263,8 @@ class LocalAgent:
 
     async def signing_chain(self) -> list[x509.Certificate]:
         """The card certificate's validated path (leaf first, without the anchor when there
-        are issuers), built once per card session; later calls re-check only that every
-        certificate of it is valid now."""
+        are issuers), built once per card session; later calls re-check only that now lies
+        within every certificate's validity (the path's window, kept with it)."""
         cert = await self.store.certificate()
         cached = self._path
         now = self.clock()
@@ -268,10 +272,12 @@ class LocalAgent:
             cached is None
             or cached[0] != self.store.generation
             or cached[1] is not cert
-            or not all(c.not_valid_before_utc <= now < c.not_valid_after_utc for c in cached[2])
+            or not cached[3] <= now < cached[4]
         ):
             path = self.check_certificate(cert, None)
-            cached = self._path = (self.store.generation, cert, path)
+            start = max(c.not_valid_before_utc for c in path)
+            end = min(c.not_valid_after_utc for c in path)
+            cached = self._path = (self.store.generation, cert, path, start, end)
         path = cached[2]
         return path[:-1] if len(path) > 1 else path
 
@@ -322,8 +328,7 @@ class LocalAgent:
     async def _sign_job(
         self, key: KeyHandle, chain: list[x509.Certificate], job: DocumentJob
     ) -> SignedDocument:
-        # A job's fields other than its digest are sign_document's arguments, by name.
-        args = {f.name: getattr(job, f.name) for f in dataclasses.fields(job) if f.name != "digest"}
+        args = {name: getattr(job, name) for name in _JOB_ARGS}
         return await sign_document(
             key=key, chain=chain, tsa=self.tsa, now=self.clock(), policy=self.policy, **args
         )
@@ -331,6 +336,10 @@ class LocalAgent:
     async def close(self) -> None:
         self._grants.clear()
         await self.store.close()
+
+
+#: A job's fields other than its digest are sign_document's arguments, by name.
+_JOB_ARGS = tuple(f.name for f in dataclasses.fields(DocumentJob) if f.name != "digest")
 
 
 def _h(sad: str) -> bytes:

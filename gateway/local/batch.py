@@ -36,7 +36,6 @@ import math
 import os
 import queue
 import threading
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,6 +45,7 @@ from lxml import etree
 
 from gateway.clock import Clock
 from gateway.errors import GatewayError, InvalidRequest
+from gateway.files import fsync_dir
 from gateway.local.agent import CardSessionEnded, LocalAgent, NoCard
 from gateway.sign.eprescription import (
     PROFILES,
@@ -201,12 +201,17 @@ def survey(src: Path, out: Path, level: str) -> Survey:
 class _GroupWriter:
     """Writes signed documents durably, a group at a time, in a thread of its own.
 
-    For each group (what has arrived within ``GATHER`` seconds of its first document, at most
-    ``GROUP``): every document to ``.<name>.tmp``; their data made durable; each renamed to its
-    name; one fsync of the directory (the renames on disk); only then is the group handed back
-    to the event loop (``written``, one call per group), and only then does the report say
-    "signed". A crash before that leaves either no output (the file is signed again on the
-    re-run) or a complete one (skipped), never a partial one.
+    The event loop gathers each group (what is signed within ``GATHER`` seconds of its first
+    document, at most ``GROUP``) and hands it to the thread in one call: the thread wakes once
+    per group, not once per document (a wake-up is a system call made while holding the GIL
+    that the card's thread is waiting for, and it measured as costly as building the
+    document's XML).
+
+    For each group: every document to ``.<name>.tmp``; their data made durable; each renamed
+    to its name; one fsync of the directory (the renames on disk); only then is the group
+    handed back to the event loop (``written``, one call per group), and only then does the
+    report say "signed". A crash before that leaves either no output (the file is signed
+    again on the re-run) or a complete one (skipped), never a partial one.
 
     The data of a group of ``SYNCFS_FROM`` or more is made durable by one ``syncfs`` of the
     output's file system on Linux (:func:`_sync_files`): a file ``fsync`` each costs a system
@@ -223,26 +228,44 @@ class _GroupWriter:
         self.out = str(out)
         self._loop = loop
         self._written = written
-        self._queue: queue.SimpleQueue[tuple[str, str, bytes] | None] = queue.SimpleQueue()
+        self._queue: queue.SimpleQueue[list[tuple[str, str, bytes]] | None] = queue.SimpleQueue()
+        self._group: list[tuple[str, str, bytes]] = []
+        self._flush_at: asyncio.TimerHandle | None = None
         self._thread = threading.Thread(target=self._run, name="batch-write", daemon=True)
         self._thread.start()
         self._closing: asyncio.Future[None] | None = None
 
     def submit(self, key: str, name: str, data: bytes) -> None:
-        """Write ``data`` as ``name``; ``written`` is called with ``(key, error)`` later."""
-        self._queue.put((key, name, data))
+        """Write ``data`` as ``name``; ``written`` is called with ``(key, error)`` later.
+        Called in the event loop: the document joins the group being gathered."""
+        self._group.append((key, name, data))
+        if len(self._group) >= GROUP:
+            self.flush()
+        elif self._flush_at is None:
+            self._flush_at = self._loop.call_later(GATHER, self.flush)
+
+    def flush(self) -> None:
+        """Hand the group gathered so far to the thread."""
+        if self._flush_at is not None:
+            self._flush_at.cancel()
+            self._flush_at = None
+        if self._group:
+            group, self._group = self._group, []
+            self._queue.put(group)
 
     def close(self) -> None:
-        """Write what was submitted, then end the thread (every group reported before)."""
+        """Write what was handed over, then end the thread (every group reported before).
+        Blocking: from the event loop, :meth:`aclose`."""
         self._queue.put(None)
         self._thread.join()
 
     async def aclose(self) -> None:
-        """:meth:`close` from the event loop, once however often called: when it returns, the
-        thread has ended and every group it wrote has been reported (its last ``written``
-        call is queued to the loop before the join's answer). Shielded: a cancelled batch
-        still waits for the documents the card has signed."""
+        """The gathered group handed over, then :meth:`close`, once however often called:
+        when it returns, the thread has ended and every group it wrote has been reported
+        (its last ``written`` call is queued to the loop before the join's answer).
+        Shielded: a cancelled batch still waits for the documents the card has signed."""
         if self._closing is None:
+            self.flush()
             self._closing = asyncio.ensure_future(asyncio.to_thread(self.close))
         cancelled = False
         while not self._closing.done():
@@ -254,23 +277,7 @@ class _GroupWriter:
             raise asyncio.CancelledError
 
     def _run(self) -> None:
-        ending = False
-        while not ending:
-            first = self._queue.get()
-            if first is None:
-                return
-            group = [first]
-            until = time.monotonic() + GATHER
-            while len(group) < GROUP:
-                left = until - time.monotonic()
-                try:
-                    item = self._queue.get(timeout=left) if left > 0 else self._queue.get_nowait()
-                except queue.Empty:
-                    break
-                if item is None:
-                    ending = True
-                    break
-                group.append(item)
+        while (group := self._queue.get()) is not None:
             try:
                 done = self._commit(group)
             except Exception as e:  # noqa: BLE001 - reported per file; the batch must not hang
@@ -300,7 +307,7 @@ class _GroupWriter:
                         os.replace(tmp, final)
                     except OSError as e:
                         errors[key] = e
-                fsync_dir(Path(self.out))
+                fsync_dir(self.out)
             except OSError as e:
                 for key, _, _ in tmps:
                     errors.setdefault(key, e)
@@ -342,14 +349,6 @@ def _sync_files(directory: str) -> None:
         if _syncfs(fd) != 0:
             err = ctypes.get_errno()
             raise OSError(err, f"syncfs: {os.strerror(err)}")
-    finally:
-        os.close(fd)
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
     finally:
         os.close(fd)
 

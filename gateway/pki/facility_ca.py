@@ -11,9 +11,7 @@ gateway itself checks the store on every call).
 
 from __future__ import annotations
 
-import os
 import secrets
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -26,7 +24,7 @@ from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKey
 
 from gateway.clock import add_months
 from gateway.errors import ConfigError
-from gateway.files import write_private
+from gateway.files import replace_atomically, write_private
 from gateway.pki.issue import (
     CertAndKey,
     client_cert_for_key,
@@ -213,15 +211,7 @@ def publish_crl(
     """
     crl = make_crl(ca, revoked=list(revoked), now=now, next_update=validity)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(crl.public_bytes(serialization.Encoding.DER))
-        os.chmod(tmp, 0o644)  # a CRL is public
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    replace_atomically(path, crl.public_bytes(serialization.Encoding.DER), mode=0o644)  # public
     return crl
 
 

@@ -20,8 +20,9 @@ from typing import Any
 from gateway.clock import system_clock
 from gateway.config import Settings
 from gateway.errors import InvalidRequest
+from gateway.files import replace_atomically
 from gateway.sign.extend import TARGETS, extend_document
-from gateway.sign.renewal import renew_paths, replace_atomically
+from gateway.sign.renewal import renew_paths
 from gateway.sign.setup import signing_policy, tsa_client
 
 __all__ = ["add_arguments", "run"]

@@ -25,6 +25,7 @@ from typing import Any
 from gateway.clock import Clock, system_clock
 from gateway.config import Settings
 from gateway.errors import GatewayError
+from gateway.files import replace_atomically
 from gateway.sign.extend import extend_xml, needs_renewal
 from gateway.sign.timestamp import TimestampClient
 from gateway.sign.xades_ltv import LongTermSource
@@ -44,12 +45,6 @@ def xml_files(paths: Sequence[Path]) -> Iterator[Path]:
 
 def _list_xml(root: Path) -> list[Path]:
     return list(xml_files([root]))
-
-
-def replace_atomically(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.extend-tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
 
 
 @contextlib.contextmanager

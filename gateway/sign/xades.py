@@ -18,6 +18,7 @@ parser sees them and stops at a nesting limit while parsing.
 from __future__ import annotations
 
 import base64
+import copy
 import datetime as dt
 import hashlib
 import io
@@ -253,6 +254,33 @@ class _CertInfo:
     issuer_serial_v2_b64: str
 
 
+#: ds:Reference templates by (ds prefix, with an Id, Type, transforms): a handful of shapes.
+_REFERENCE_TEMPLATES: dict[
+    tuple[str | None, bool, str | None, tuple[str, ...]], etree._Element
+] = {}
+
+
+def _reference_template(
+    prefix: str, with_id: bool, ref_type: str | None, transforms: tuple[str, ...]
+) -> etree._Element:
+    """A ds:Reference with its values empty, under a parent declaring ``prefix``; attributes
+    in the order they are written (Id, Type, URI)."""
+    parent = etree.Element(_DS + "SignedInfo", nsmap={prefix: DS})
+    ref = etree.SubElement(parent, _DS + "Reference")
+    if with_id:
+        ref.set("Id", "")
+    if ref_type:
+        ref.set("Type", ref_type)
+    ref.set("URI", "")
+    if transforms:
+        tr = etree.SubElement(ref, _DS + "Transforms")
+        for t in transforms:
+            etree.SubElement(tr, _DS + "Transform").set("Algorithm", t)
+    etree.SubElement(ref, _DS + "DigestMethod").set("Algorithm", SHA256)
+    etree.SubElement(ref, _DS + "DigestValue")
+    return ref
+
+
 @dataclass
 class XadesBuilder:
     """Signs with a KeyHandle; holds the certificate-derived values, computed once."""
@@ -261,6 +289,7 @@ class XadesBuilder:
     chain: Sequence[x509.Certificate] = ()
     include_chain: bool = False
     _cert: _CertInfo = field(init=False)
+    _templates: dict[XadesStyle, etree._Element] = field(init=False, default_factory=dict)
 
     def __post_init__(self) -> None:
         der = self.certificate.public_bytes(serialization.Encoding.DER)
@@ -286,19 +315,58 @@ class XadesBuilder:
         data_refs: Sequence[DataReference],
         style: XadesStyle = GENERIC_STYLE,
     ) -> etree._Element:
-        """ds:Signature with SignedInfo still empty of references and no SignatureValue."""
+        """ds:Signature with SignedInfo still empty of references and no SignatureValue.
+
+        A copy of this builder's template for ``style`` with this signature's Ids, signing
+        time and data object formats: lxml copies a tree several times faster than it
+        builds one element by element, and the rest (the certificate, its digest, the
+        algorithms) is the same in every signature of the builder.
+        """
+        template = self._templates.get(style)
+        if template is None:
+            template = self._templates[style] = self._template(style)
+        sig = copy.copy(template)  # lxml copies an element with its subtree (no memo)
         ids = _Ids(uid, style.sample_ids)
-        sig = etree.Element(_DS + "Signature", nsmap={style.ds_prefix: DS})
         sig.set("Id", signature_id)
-        si = etree.SubElement(sig, _DS + "SignedInfo")
+        si, sv, ki, obj = sig[0], sig[1], sig[2], sig[3]
         if style.sample_ids:
             si.set("Id", ids("SignedInfo"))
+        sv.set("Id", ids("SignatureValue"))
+        ki.set("Id", ids("KeyInfo"))
+        qp = obj[0]
+        if style.sample_ids:
+            qp.set("Id", ids("QualifyingProperties"))
+        qp.set("Target", f"#{signature_id}")
+        sp = qp[0]
+        sp.set("Id", ids("SignedProperties"))
+        sp[0][0].text = (  # SignedSignatureProperties/SigningTime
+            signing_time.astimezone(dt.UTC if style.signing_time_utc else JST)
+            .replace(microsecond=0)
+            .isoformat()
+        )
+        formats = [r for r in data_refs if r.mime_type and r.ref_id]
+        if formats:
+            sdop = etree.SubElement(sp, _XA + "SignedDataObjectProperties")
+            for r in formats:
+                dof = etree.SubElement(sdop, _XA + "DataObjectFormat")
+                dof.set("ObjectReference", f"#{r.ref_id}")
+                etree.SubElement(dof, _XA + "MimeType").text = r.mime_type
+        return sig
+
+    def _template(self, style: XadesStyle) -> etree._Element:
+        """The skeleton without its per-signature values: each attribute that
+        :meth:`skeleton` fills in is already there, empty, so that attributes keep the
+        order in which they are written."""
+        sig = etree.Element(_DS + "Signature", nsmap={style.ds_prefix: DS})
+        sig.set("Id", "")
+        si = etree.SubElement(sig, _DS + "SignedInfo")
+        if style.sample_ids:
+            si.set("Id", "")
         etree.SubElement(si, _DS + "CanonicalizationMethod").set("Algorithm", EXC_C14N)
         etree.SubElement(si, _DS + "SignatureMethod").set("Algorithm", RSA_SHA256)
-        sv = etree.SubElement(sig, _DS + "SignatureValue")
-        sv.set("Id", ids("SignatureValue"))
+        etree.SubElement(sig, _DS + "SignatureValue").set("Id", "")
         ki = etree.SubElement(sig, _DS + "KeyInfo")
-        ki.set("Id", ids("KeyInfo"))
+        ki.set("Id", "")
         x509data = etree.SubElement(ki, _DS + "X509Data")
         etree.SubElement(x509data, _DS + "X509Certificate").text = self._cert.cert_b64
         if self.include_chain:
@@ -309,19 +377,15 @@ class XadesBuilder:
         if style.sample_ids:
             obj = etree.SubElement(sig, _DS + "Object", nsmap={style.xades_prefix: XADES})
             qp = etree.SubElement(obj, _XA + "QualifyingProperties")
-            qp.set("Id", ids("QualifyingProperties"))
+            qp.set("Id", "")
         else:
             obj = etree.SubElement(sig, _DS + "Object")
             qp = etree.SubElement(obj, _XA + "QualifyingProperties", nsmap={"xades": XADES})
-        qp.set("Target", f"#{signature_id}")
+        qp.set("Target", "")
         sp = etree.SubElement(qp, _XA + "SignedProperties")
-        sp.set("Id", ids("SignedProperties"))
+        sp.set("Id", "")
         ssp = etree.SubElement(sp, _XA + "SignedSignatureProperties")
-        etree.SubElement(ssp, _XA + "SigningTime").text = (
-            signing_time.astimezone(dt.UTC if style.signing_time_utc else JST)
-            .replace(microsecond=0)
-            .isoformat()
-        )
+        etree.SubElement(ssp, _XA + "SigningTime")
         scv2 = etree.SubElement(ssp, _XA + "SigningCertificateV2")
         cert = etree.SubElement(scv2, _XA + "Cert")
         cd = etree.SubElement(cert, _XA + "CertDigest")
@@ -329,13 +393,6 @@ class XadesBuilder:
         etree.SubElement(cd, _DS + "DigestValue").text = self._cert.digest_b64
         if style.issuer_serial_v2:
             etree.SubElement(cert, _XA + "IssuerSerialV2").text = self._cert.issuer_serial_v2_b64
-        formats = [r for r in data_refs if r.mime_type and r.ref_id]
-        if formats:
-            sdop = etree.SubElement(sp, _XA + "SignedDataObjectProperties")
-            for r in formats:
-                dof = etree.SubElement(sdop, _XA + "DataObjectFormat")
-                dof.set("ObjectReference", f"#{r.ref_id}")
-                etree.SubElement(dof, _XA + "MimeType").text = r.mime_type
         return sig
 
     @staticmethod
@@ -348,18 +405,19 @@ class XadesBuilder:
         ref_type: str | None = None,
         transforms: Sequence[str] = (EXC_C14N,),
     ) -> None:
-        ref = etree.SubElement(si, _DS + "Reference")
+        """A ds:Reference appended to ``si``: a copy of a template of its shape (Id or not,
+        Type, transforms) with its Id, URI and digest (see :meth:`skeleton`)."""
+        assert si.prefix is not None  # the gateway's signatures declare their ds prefix
+        shape = (si.prefix, ref_id is not None, ref_type, tuple(transforms))
+        template = _REFERENCE_TEMPLATES.get(shape)
+        if template is None:
+            template = _REFERENCE_TEMPLATES[shape] = _reference_template(*shape)
+        ref = copy.copy(template)
         if ref_id:
             ref.set("Id", ref_id)
-        if ref_type:
-            ref.set("Type", ref_type)
         ref.set("URI", uri)
-        if transforms:
-            tr = etree.SubElement(ref, _DS + "Transforms")
-            for t in transforms:
-                etree.SubElement(tr, _DS + "Transform").set("Algorithm", t)
-        etree.SubElement(ref, _DS + "DigestMethod").set("Algorithm", SHA256)
-        etree.SubElement(ref, _DS + "DigestValue").text = _b64(digest)
+        ref[-1].text = _b64(digest)  # DigestValue
+        si.append(ref)
 
     async def complete(
         self,

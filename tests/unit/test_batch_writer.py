@@ -43,3 +43,32 @@ def test_an_unexpected_failure_is_reported_for_each_file_of_its_group(
     assert [key for key, _ in got] == ["a.csv", "b.csv"]
     assert all(isinstance(e, RuntimeError) for _, e in got)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_the_event_loop_hands_over_full_groups_at_once_and_the_rest_after_the_gather_time(
+    tmp_path: Path,
+) -> None:
+    """A full group goes to the writer thread as soon as it is gathered; what is left goes
+    after GATHER seconds without the batch ending (a slow card's documents are not held back
+    until the end), each group reported in one call."""
+
+    async def run() -> list[list[tuple[str, Any]]]:
+        calls: list[list[tuple[str, Any]]] = []
+        both = asyncio.Event()
+
+        def written(group: list[tuple[str, Any]]) -> None:
+            calls.append(group)
+            if sum(len(c) for c in calls) == batch.GROUP + 6:
+                both.set()
+
+        writer = batch._GroupWriter(tmp_path, asyncio.get_running_loop(), written)
+        for i in range(batch.GROUP + 6):
+            writer.submit(f"rx-{i}.csv", f"rx-{i}.xml", b"<doc/>")
+        await asyncio.wait_for(both.wait(), 60)  # not closed yet: the timer handed them over
+        await writer.aclose()
+        return calls
+
+    calls = asyncio.run(run())
+    assert [len(c) for c in calls] == [batch.GROUP, 6]
+    assert all(error is None for c in calls for _, error in c)
+    assert len(list(tmp_path.glob("rx-*.xml"))) == batch.GROUP + 6
