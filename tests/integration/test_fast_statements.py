@@ -105,13 +105,16 @@ def _exercise(conn: Connection) -> dict[str, Any]:
             conn, {"ids": [sad_id, sad_id + 7], "hashes": [b"\x03" * 32, b"\x01" * 32, b"x"]}
         )
     ]
+
     # The challenge store (a ceremony's statements): put, take once, find, burn.
-    challenge = new_bound_challenge(BINDING)
-    cid = WEBAUTHN_CHALLENGES.put_sync(
-        conn, challenge, kind="authenticate", signer_id="sgn-f", facility_id=fac,
-        binding=BINDING, now=T0, ttl=timedelta(seconds=120),
-        credential_id="cred-f", fido2_state='{"x": 1}',
-    )  # fmt: skip
+    def put(fido2_state: str) -> str:
+        return WEBAUTHN_CHALLENGES.put_sync(
+            conn, new_bound_challenge(BINDING), kind="authenticate", signer_id="sgn-f",
+            facility_id=fac, binding=BINDING, now=T0, ttl=timedelta(seconds=120),
+            credential_id="cred-f", fido2_state=fido2_state,
+        )  # fmt: skip
+
+    cid = put('{"x": 1}')
     taken = WEBAUTHN_CHALLENGES.take_sync(conn, cid, kind="authenticate", now=T0)
     out["taken"] = (taken.id, taken.signer_id, taken.facility_id, taken.binding,
                     taken.fido2_state, taken.created_at, taken.expires_at, taken.used_at,
@@ -120,12 +123,7 @@ def _exercise(conn: Connection) -> dict[str, Any]:
         WEBAUTHN_CHALLENGES.take_sync(conn, cid, kind="authenticate", now=T0)
     except InvalidRequest as e:
         out["second_take"] = e.description
-    other = new_bound_challenge(BINDING)
-    oid = WEBAUTHN_CHALLENGES.put_sync(
-        conn, other, kind="authenticate", signer_id="sgn-f", facility_id=fac,
-        binding=BINDING, now=T0, ttl=timedelta(seconds=120),
-        credential_id="cred-f", fido2_state="{}",
-    )  # fmt: skip
+    oid = put("{}")
     WEBAUTHN_CHALLENGES.burn_sync(conn, oid, now=T0 + timedelta(seconds=1))
     burnt = WEBAUTHN_CHALLENGES.find_sync(conn, oid)
     out["burnt_at"] = burnt.used_at
