@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from sqlalchemy import URL, Connection, Engine, create_engine, event, make_url, text
 from sqlalchemy.engine.interfaces import DBAPIConnection
-from sqlalchemy.exc import DBAPIError, OperationalError, ProgrammingError
+from sqlalchemy.exc import OperationalError, ProgrammingError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 from sqlalchemy.pool import ConnectionPoolEntry, NullPool
 
@@ -44,6 +44,7 @@ if TYPE_CHECKING:
     from alembic.config import Config
 
 from gateway.errors import TemporarilyUnavailable
+from gateway.store.fast import as_sqlalchemy_error
 from gateway.store.grouped import GroupedWrites, OnRefusal
 
 log = logging.getLogger("gateway.store")
@@ -176,9 +177,7 @@ def _driver(call: Callable[..., Any], *args: Any) -> None:
     try:
         call(*args)
     except sqlite3.Error as e:
-        raise DBAPIError.instance(
-            str(args[0]) if args else call.__name__, (), e, sqlite3.Error
-        ) from e
+        raise as_sqlalchemy_error(e, (str(args[0]) if args else call.__name__, ())) from e
 
 
 _Job = tuple[asyncio.AbstractEventLoop, "asyncio.Future[Any]", Callable[[Connection], Any]]

@@ -142,7 +142,7 @@ class FastStatement:
         try:
             return plan.rows(raw.execute(*stmt).fetchall())
         except sqlite3.Error as e:
-            raise _wrapped(e, stmt) from e
+            raise as_sqlalchemy_error(e, stmt) from e
 
     def one_or_none(self, conn: Connection, params: Mapping[str, Any]) -> Any:
         rows = self.all(conn, params)
@@ -165,7 +165,7 @@ class FastStatement:
         try:
             return int(fast[0].execute(*stmt).rowcount)
         except sqlite3.Error as e:
-            raise _wrapped(e, stmt) from e
+            raise as_sqlalchemy_error(e, stmt) from e
 
     def run_many(self, conn: Connection, params: Sequence[Mapping[str, Any]]) -> int:
         """Execute once per parameter set (executemany); the total row count, or -1 where
@@ -178,7 +178,7 @@ class FastStatement:
         try:
             return int(raw.executemany(plan.sql, many).rowcount)
         except sqlite3.Error as e:
-            raise _wrapped(e, (plan.sql, many)) from e
+            raise as_sqlalchemy_error(e, (plan.sql, many)) from e
 
     def insert(self, conn: Connection, params: Mapping[str, Any]) -> int:
         """Execute an INSERT of one row; its integer primary key."""
@@ -191,12 +191,13 @@ class FastStatement:
         try:
             return int(raw.execute(plan.sql, one).lastrowid)
         except sqlite3.Error as e:
-            raise _wrapped(e, (plan.sql, one)) from e
+            raise as_sqlalchemy_error(e, (plan.sql, one)) from e
 
 
-def _wrapped(e: sqlite3.Error, stmt: tuple[str, Any]) -> StatementError:
+def as_sqlalchemy_error(e: sqlite3.Error, stmt: tuple[str, Any]) -> StatementError:
     """The driver's error as SQLAlchemy raises it (``OperationalError`` for a locked or full
-    database, ``IntegrityError``, ...): what callers catch, e.g. ``Database.run_write``'s 503."""
+    database, ``IntegrityError``, ...): what callers catch, e.g. ``Database.run_write``'s 503.
+    Also for the SQLite threads' own BEGIN / COMMIT / ROLLBACK (``store/db.py``)."""
     return DBAPIError.instance(stmt[0], stmt[1], e, sqlite3.Error)
 
 
