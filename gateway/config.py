@@ -471,6 +471,9 @@ class LocalSettings(_Section):
     """The per-install secret callers present (0600); unset: in the user's config dir."""
     grant_seconds: Annotated[int, Field(ge=5, le=3600)] = 300
     """Lifetime of a SAD issued after the PIN (spent or expired: the card is reset)."""
+    card_process: bool = True
+    """Drive the card (raw APDUs) from a child process of its own, so document building and
+    the card's round trips do not share the GIL; false: a thread of the agent's process."""
 
 
 class TestJpkiSettings(_Section):

@@ -66,6 +66,11 @@ class CardStore(KeyStore, Protocol):
 
     async def relock(self) -> None: ...
 
+    async def start(self) -> None:
+        """Get ready without touching the card (the card process starts): callers overlap
+        it with other work before ``open``."""
+        ...
+
 
 def card_key_id(cert: x509.Certificate) -> str:
     spki = cert.public_key().public_bytes(
@@ -74,9 +79,80 @@ def card_key_id(cert: x509.Certificate) -> str:
     return hashlib.sha256(spki).digest()[:16].hex()
 
 
-class CardKeyBase:
-    """What both card stores do alike: one worker thread for every card call, the key named
-    by its certificate, no key generation, sessions (``generation``) that end with the card.
+class CardKeyCommon:
+    """What every card store does alike: the key named by its certificate, no key generation,
+    sessions (``generation``) that end with the card. Subclasses set ``_cert`` and ``_key_id``
+    when they open the card and define ``open``."""
+
+    reader: str
+    generation: int
+    _cert: x509.Certificate | None
+    _key_id: str | None
+    _handles: dict[str, StoreKeyHandle]
+
+    async def open(self) -> None:
+        raise NotImplementedError
+
+    async def start(self) -> None:
+        """Nothing to start in this process."""
+
+    async def certificate(self) -> x509.Certificate:
+        if self._cert is None:
+            await self.open()
+        assert self._cert is not None
+        return self._cert
+
+    @property
+    def key_id(self) -> str | None:
+        return self._key_id
+
+    @property
+    def cached_certificate(self) -> x509.Certificate | None:
+        """The certificate read when the card was last opened (None before)."""
+        return self._cert
+
+    async def generate_rsa_key(self, *, label: str, bits: int = 2048) -> GeneratedKey:
+        check_key_request(label, bits)
+        raise KeyGenerationUnsupported("an HPKI card's key is generated at card issuance")
+
+    async def destroy_key(self, key_id: str) -> None:
+        raise KeyGenerationUnsupported("an HPKI card's key cannot be deleted from the host")
+
+    def _require(self, key_id: str) -> None:
+        if self._key_id is None or key_id != self._key_id:
+            raise KeyNotFound(f"signing key {key_id} not found on the HPKI card in {self.reader}")
+
+    async def get_key(self, key_id: str) -> KeyHandle:
+        self._require(key_id)
+        handle = self._handles.get(key_id)
+        if handle is None:
+            handle = self._handles[key_id] = StoreKeyHandle(self, key_id)  # type: ignore[arg-type]
+        return handle
+
+    async def public_key_der(self, key_id: str) -> bytes:
+        self._require(key_id)
+        assert self._cert is not None
+        return self._cert.public_key().public_bytes(
+            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+
+
+def key_attributes_of(access: dict[str, bool]) -> dict[str, bool]:
+    """The KeyStore attributes of a card key from its PrKD access flags; a card without one
+    (profile) is described by the HPKI card specification: the key never leaves the card."""
+    if not access:
+        access = {"sensitive": True, "extractable": False}
+        access |= {"alwaysSensitive": True, "neverExtractable": True}
+    return {
+        "SENSITIVE": access["sensitive"],
+        "EXTRACTABLE": access["extractable"],
+        "NEVER_EXTRACTABLE": access["neverExtractable"],
+        "ALWAYS_SENSITIVE": access["alwaysSensitive"],
+    }
+
+
+class CardKeyBase(CardKeyCommon):
+    """The in-process card stores: one worker thread for every card call.
 
     Subclasses open and drop the card session (``_open_blocking``, ``_drop_blocking``, run on
     the worker under ``_lock``), sign DigestInfos there (``_sign_blocking``), and translate a
@@ -125,45 +201,26 @@ class CardKeyBase:
         """Find the card, read its certificate (no PIN)."""
         await self._run(self._open_blocking)
 
-    async def close(self) -> None:
-        def drop() -> None:
-            with self._lock:
-                self._drop_blocking()
+    def close_blocking(self) -> None:
+        with self._lock:
+            self._drop_blocking()
 
-        await self._run(drop)
+    async def close(self) -> None:
+        await self._run(self.close_blocking)
         self._pool.shutdown(wait=False)
 
     async def relock(self) -> None:
         """End the card's verified state (a new session: the PIN must be given again)."""
         await self._run(self._open_blocking)
 
-    async def certificate(self) -> x509.Certificate:
-        if self._cert is None:
-            await self.open()
-        assert self._cert is not None
-        return self._cert
-
-    @property
-    def key_id(self) -> str | None:
-        return self._key_id
-
-    async def generate_rsa_key(self, *, label: str, bits: int = 2048) -> GeneratedKey:
-        check_key_request(label, bits)
-        raise KeyGenerationUnsupported("an HPKI card's key is generated at card issuance")
-
-    async def destroy_key(self, key_id: str) -> None:
-        raise KeyGenerationUnsupported("an HPKI card's key cannot be deleted from the host")
-
-    def _require(self, key_id: str) -> None:
-        if self._key_id is None or key_id != self._key_id:
-            raise KeyNotFound(f"signing key {key_id} not found on the HPKI card in {self.reader}")
-
-    async def get_key(self, key_id: str) -> KeyHandle:
-        self._require(key_id)
-        handle = self._handles.get(key_id)
-        if handle is None:
-            handle = self._handles[key_id] = StoreKeyHandle(self, key_id)
-        return handle
+    def sign_infos_blocking(self, infos: list[bytes]) -> list[bytes]:
+        """Sign checked DigestInfos; a card that left is HsmUnavailable."""
+        try:
+            return self._sign_blocking(infos)
+        except CardError as e:
+            if e.code in (CardErrorCode.CARD_REMOVED, CardErrorCode.NO_CARD):
+                raise self._unavailable(e) from e
+            raise
 
     async def sign_digests(
         self, key_id: str, digests: Sequence[bytes], algorithm: DigestAlgorithm
@@ -172,19 +229,7 @@ class CardKeyBase:
         self._require(key_id)
         if not infos:
             return []
-        try:
-            return await self._run(lambda: self._sign_blocking(infos))
-        except CardError as e:
-            if e.code in (CardErrorCode.CARD_REMOVED, CardErrorCode.NO_CARD):
-                raise self._unavailable(e) from e
-            raise
-
-    async def public_key_der(self, key_id: str) -> bytes:
-        self._require(key_id)
-        assert self._cert is not None
-        return self._cert.public_key().public_bytes(
-            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-        )
+        return await self._run(lambda: self.sign_infos_blocking(infos))
 
 
 class CardKeyStore(CardKeyBase):
@@ -254,16 +299,17 @@ class CardKeyStore(CardKeyBase):
                     self._drop_blocking()  # every grant on this card ends with it
                 raise
 
-    async def tries_left(self) -> int | None:
-        """Tries left without spending one; None when the PIN is verified."""
-        return await self._run(lambda: self._card_call(lambda c: c.tries_left()))
+    # The blocking API: what the async methods run on the worker thread, and what the card
+    # process (``hsm/card_process.py``) calls on its only thread.
 
-    async def pin_tries_left(self) -> int | None:
-        left = await self.tries_left()
-        return HPKI_PIN_TRIES if left is None else left  # verified: the counter is full
+    def open_blocking(self) -> None:
+        self._open_blocking()
 
-    async def unlock(self, pin: bytearray) -> None:
-        """VERIFY ``pin`` on the card, then overwrite the caller's buffer."""
+    def tries_left_blocking(self) -> int | None:
+        return self._card_call(lambda c: c.tries_left())
+
+    def unlock_blocking(self, pin: bytearray) -> None:
+        """VERIFY ``pin`` on the card, then overwrite the buffer."""
 
         def verify(c: HpkiCard) -> None:
             try:
@@ -271,7 +317,34 @@ class CardKeyStore(CardKeyBase):
             finally:
                 pin[:] = b"\x00" * len(pin)
 
-        await self._run(lambda: self._card_call(verify))
+        try:
+            self._card_call(verify)
+        finally:
+            pin[:] = b"\x00" * len(pin)  # also when there was no session to call
+
+    def check_blocking(self) -> None:
+        """Probe the card (tries-left VERIFY, which spends nothing)."""
+        try:
+            self.tries_left_blocking()
+        except CardError as e:
+            raise self._unavailable(e) from e
+
+    @property
+    def access(self) -> dict[str, bool]:
+        """The key's PrKD access flags ({} for a card described by a profile)."""
+        return dict(self._card.layout.access) if self._card and self._card.layout else {}
+
+    async def tries_left(self) -> int | None:
+        """Tries left without spending one; None when the PIN is verified."""
+        return await self._run(self.tries_left_blocking)
+
+    async def pin_tries_left(self) -> int | None:
+        left = await self.tries_left()
+        return HPKI_PIN_TRIES if left is None else left  # verified: the counter is full
+
+    async def unlock(self, pin: bytearray) -> None:
+        """VERIFY ``pin`` on the card, then overwrite the caller's buffer."""
+        await self._run(lambda: self.unlock_blocking(pin))
 
     # -- KeyStore --------------------------------------------------------------------------
 
@@ -279,23 +352,9 @@ class CardKeyStore(CardKeyBase):
         return self._card_call(lambda c: [c.sign_digest_info(i) for i in infos])
 
     async def key_attributes(self, key_id: str) -> dict[str, bool]:
-        """The card's PrKD access flags; a card without one (profile) is described by the
-        HPKI card specification: the key never leaves the card."""
+        """The card's PrKD access flags (``key_attributes_of``)."""
         self._require(key_id)
-        access = self._card.layout.access if self._card and self._card.layout else {}
-        if not access:
-            access = {"sensitive": True, "extractable": False}
-            access |= {"alwaysSensitive": True, "neverExtractable": True}
-        return {
-            "SENSITIVE": access["sensitive"],
-            "EXTRACTABLE": access["extractable"],
-            "NEVER_EXTRACTABLE": access["neverExtractable"],
-            "ALWAYS_SENSITIVE": access["alwaysSensitive"],
-        }
+        return key_attributes_of(self.access)
 
     async def check(self) -> None:
-        """Probe the card (tries-left VERIFY, which spends nothing)."""
-        try:
-            await self.tries_left()
-        except CardError as e:
-            raise self._unavailable(e) from e
+        await self._run(self.check_blocking)

@@ -368,7 +368,14 @@ async def sign_batch(
     await asyncio.to_thread(out.mkdir, parents=True, exist_ok=True)
     if await asyncio.to_thread(os.path.samefile, src, out):
         raise InvalidRequest("the output folder must not be the input folder")
-    found = await asyncio.to_thread(survey, src, out, level)
+    # The card process starts while the folder is surveyed (it is needed only when a file is
+    # pending; if it cannot start, opening the card below says why).
+    starting = asyncio.ensure_future(agent.store.start())
+    try:
+        found = await asyncio.to_thread(survey, src, out, level)
+    finally:
+        with contextlib.suppress(Exception):
+            await starting
     result = BatchResult(files=found.files)
     stop = stop or asyncio.Event()
     report = _Report(out, agent.clock)

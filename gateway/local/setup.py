@@ -12,12 +12,17 @@ from gateway.clock import Clock, system_clock
 from gateway.config import Settings
 from gateway.errors import ConfigError
 from gateway.hsm.card import CardKeyStore, CardStore
+from gateway.hsm.card_process import CardProcessStore
 from gateway.local.agent import LocalAgent, Trust
 from gateway.pki.load import load_certificate_files
 from gateway.sign.setup import signing_policy, tsa_client
 
 
-def card_store(settings: Settings, reader: str | None = None) -> CardKeyStore:
+def card_store(
+    settings: Settings, reader: str | None = None, *, process: bool | None = None
+) -> CardStore:
+    """The card store of ``reader`` (or ``local.reader``, or the first reader): in a child
+    process (``local.card_process``, or ``process``) or on a thread of this one."""
     s = settings.local
     name = reader or s.reader
     if name is None:
@@ -36,6 +41,8 @@ def card_store(settings: Settings, reader: str | None = None) -> CardKeyStore:
         CardProfile(p.name, pin_ref=p.pin_ref, key_fid=p.key_fid, cert_fid=p.cert_fid)
         for p in s.card_profiles
     ]
+    if settings.local.card_process if process is None else process:
+        return CardProcessStore(name, aids=aids, profiles=profiles)
     return CardKeyStore(name, aids=aids, profiles=profiles)
 
 

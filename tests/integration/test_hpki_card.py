@@ -1,4 +1,5 @@
-"""The virtual HPKI card behind real pcscd + vpcd, driven by CardKeyStore over pyscard."""
+"""The virtual HPKI card behind real pcscd + vpcd, driven over pyscard by CardKeyStore (a thread of
+this process) and by CardProcessStore (the card process): each test runs with both."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from gateway.card.hpki import JMA_PROFILE, CardProfile
 from gateway.errors import HsmUnavailable, KeyNotFound
 from gateway.hsm.api import DigestAlgorithm
 from gateway.hsm.card import CardKeyStore, KeyGenerationUnsupported
+from gateway.hsm.card_process import CardProcessStore
 from gateway.pki.issue import CertAndKey
 from gateway.sandbox import testworld
 from gateway.sandbox.hpki_cards import HpkiTestCard, make_hpki_card
@@ -30,6 +32,15 @@ LAYOUTS = {"pkcs15": PROFILE_PKCS15, "jma": PROFILE_FIXED}
 def hpki_ca() -> CertAndKey:
     now = dt.datetime.now(dt.UTC)
     return testworld.make_hpki_signing_ca(testworld.make_hpki_root(now=now), now=now)
+
+
+#: Either card store (both take the same arguments).
+CardStoreClass = type[CardKeyStore] | type[CardProcessStore]
+
+
+@pytest.fixture(params=[CardKeyStore, CardProcessStore], ids=["thread", "process"])
+def Store(request: pytest.FixtureRequest) -> CardStoreClass:
+    return request.param  # type: ignore[no-any-return]
 
 
 @pytest.fixture
@@ -47,11 +58,16 @@ def _verify(card: HpkiTestCard, digest: bytes, signature: bytes) -> None:
 @pytest.mark.parametrize("extended", [True, False], ids=["extended", "chaining"])
 @pytest.mark.parametrize("layout", sorted(LAYOUTS))
 async def test_card_signs_host_padded_blocks(
-    pcsc: PcscWorld, hpki_ca: CertAndKey, reader: str, layout: str, extended: bool
+    pcsc: PcscWorld,
+    hpki_ca: CertAndKey,
+    reader: str,
+    Store: CardStoreClass,
+    layout: str,
+    extended: bool,
 ) -> None:
     card = make_hpki_card(hpki_ca, pin=PIN, layout=LAYOUTS[layout], extended_length=extended)
     pcsc.readers[0].insert(card.applet)
-    store = CardKeyStore(reader, profiles=[JMA_PROFILE])
+    store = Store(reader, profiles=[JMA_PROFILE])
     await store.open()
     try:
         assert await store.certificate() == card.cert
@@ -74,21 +90,22 @@ async def test_card_signs_host_padded_blocks(
             "NEVER_EXTRACTABLE": True,
             "ALWAYS_SENSITIVE": True,
         }
-        assert store._card is not None and store._card.layout is not None
-        assert store._card.layout.source == layout
-        assert store._card.extended is extended
+        if isinstance(store, CardKeyStore):  # the session object lives in this process
+            assert store._card is not None and store._card.layout is not None
+            assert store._card.layout.source == layout
+            assert store._card.extended is extended
     finally:
         await store.close()
 
 
 @contextlib.asynccontextmanager
 async def _inserted(
-    pcsc: PcscWorld, hpki_ca: CertAndKey, reader: str
-) -> AsyncIterator[tuple[HpkiTestCard, CardKeyStore]]:
+    pcsc: PcscWorld, hpki_ca: CertAndKey, reader: str, Store: CardStoreClass
+) -> AsyncIterator[tuple[HpkiTestCard, CardKeyStore | CardProcessStore]]:
     """A doctor's card in the reader and a key store opened on it (closed afterwards)."""
     card = make_hpki_card(hpki_ca, pin=PIN)
     pcsc.readers[0].insert(card.applet)
-    store = CardKeyStore(reader)
+    store = Store(reader)
     await store.open()
     try:
         yield card, store
@@ -97,9 +114,9 @@ async def _inserted(
 
 
 async def test_wrong_pin_counts_down_and_locks_at_15(
-    pcsc: PcscWorld, hpki_ca: CertAndKey, reader: str
+    pcsc: PcscWorld, hpki_ca: CertAndKey, reader: str, Store: CardStoreClass
 ) -> None:
-    async with _inserted(pcsc, hpki_ca, reader) as (card, store):
+    async with _inserted(pcsc, hpki_ca, reader, Store) as (card, store):
         with pytest.raises(CardError) as info:
             await store.unlock(bytearray(b"000000"))
         assert info.value.code is CardErrorCode.WRONG_PIN and info.value.tries_left == 14
@@ -119,9 +136,9 @@ async def test_wrong_pin_counts_down_and_locks_at_15(
 
 
 async def test_unlock_wipes_the_callers_pin_buffer(
-    pcsc: PcscWorld, hpki_ca: CertAndKey, reader: str
+    pcsc: PcscWorld, hpki_ca: CertAndKey, reader: str, Store: CardStoreClass
 ) -> None:
-    async with _inserted(pcsc, hpki_ca, reader) as (_, store):
+    async with _inserted(pcsc, hpki_ca, reader, Store) as (_, store):
         buf = bytearray(PIN.encode())
         await store.unlock(buf)
         assert buf == bytearray(len(PIN))
@@ -129,11 +146,11 @@ async def test_unlock_wipes_the_callers_pin_buffer(
 
 
 async def test_pulled_card_ends_the_session_and_replaced_card_is_another_key(
-    pcsc: PcscWorld, hpki_ca: CertAndKey, reader: str
+    pcsc: PcscWorld, hpki_ca: CertAndKey, reader: str, Store: CardStoreClass
 ) -> None:
     first = make_hpki_card(hpki_ca, pin=PIN)
     pcsc.readers[0].insert(first.applet)
-    store = CardKeyStore(reader)
+    store = Store(reader)
     await store.open()
     try:
         await store.unlock(bytearray(PIN.encode()))
@@ -158,22 +175,22 @@ async def test_pulled_card_ends_the_session_and_replaced_card_is_another_key(
 
 
 async def test_unknown_card_layouts_and_key_generation(
-    pcsc: PcscWorld, hpki_ca: CertAndKey, reader: str
+    pcsc: PcscWorld, hpki_ca: CertAndKey, reader: str, Store: CardStoreClass
 ) -> None:
     card = make_hpki_card(hpki_ca, pin=PIN, layout=PROFILE_FIXED)
     pcsc.readers[0].insert(card.applet)
     other = CardProfile("other", pin_ref=0x81, key_fid=0x0101, cert_fid=0x0102)
-    store = CardKeyStore(reader, profiles=[other])
+    store = Store(reader, profiles=[other])
     with pytest.raises(CardError) as info:
         await store.open()
     assert info.value.code is CardErrorCode.NOT_HPKI_CARD
     await store.close()
-    store = CardKeyStore(reader, aids=[bytes.fromhex("E828BD080F00")])
+    store = Store(reader, aids=[bytes.fromhex("E828BD080F00")])
     with pytest.raises(CardError) as info:
         await store.open()
     assert info.value.code is CardErrorCode.NOT_HPKI_CARD
     await store.close()
-    store = CardKeyStore(reader)
+    store = Store(reader)
     await store.open()
     try:
         with pytest.raises(KeyGenerationUnsupported):

@@ -2,9 +2,10 @@
 
 One suite, parametrized over the stores (as pyHanko's tests/test_pkcs11.py runs one suite per
 token platform): the in-process PKCS#11 store, the signing process, and the HPKI card in a real
-pcscd + vpcd reader (its key was made at card issuance: the "generated" key is the card's).
-What only one store does (the PKCS#11 thread, the child process's life, outages, the card's PIN
-and removal) stays in test_hsm.py / test_hsm_signer_process.py / test_hpki_card.py.
+pcscd + vpcd reader, driven from a thread or from the card process (its key was made at card
+issuance: the "generated" key is the card's). What only one store does (the PKCS#11 thread, the
+child processes' life, outages, the card's PIN and removal) stays in test_hsm.py /
+test_hsm_signer_process.py / test_hpki_card.py / test_card_process.py.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from cryptography.hazmat.primitives.asymmetric import padding, rsa, utils
 from gateway.errors import HsmUnavailable, KeyNotFound
 from gateway.hsm.api import DigestAlgorithm, GeneratedKey, KeyHandle, KeyStore, StoreKeyHandle
 from gateway.hsm.card import CardKeyStore, KeyGenerationUnsupported
+from gateway.hsm.card_process import CardProcessStore
 from gateway.hsm.pkcs11 import Pkcs11KeyStore
 from gateway.hsm.signer_process import SignerProcessKeyStore
 from gateway.sandbox import testworld
@@ -39,12 +41,19 @@ STORES: dict[str, Callable[..., KeyStore]] = {
     "pkcs11": Pkcs11KeyStore,
     "signing-process": SignerProcessKeyStore,
     "card": lambda *, card_reader, **_: CardKeyStore(card_reader),
+    "card-process": lambda *, card_reader, **_: CardProcessStore(card_reader),
 }
+CARDS = ("card", "card-process")
 #: Stores that make and delete keys (a card's key is made when the card is issued).
 GENERATING = ("pkcs11", "signing-process")
 CARD_PIN = "135790"
 #: Where KeyNotFound says the key was looked for.
-WHERE = {"pkcs11": f"token {LABEL}", "signing-process": f"token {LABEL}", "card": "the HPKI card"}
+WHERE = {
+    "pkcs11": f"token {LABEL}",
+    "signing-process": f"token {LABEL}",
+    "card": "the HPKI card",
+    "card-process": "the HPKI card",
+}
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +82,7 @@ def kind(request: pytest.FixtureRequest) -> str:
 async def store(
     kind: str, token: SoftHsmToken, request: pytest.FixtureRequest
 ) -> AsyncIterator[KeyStore]:
-    if kind != "card":
+    if kind not in CARDS:
         ks = make_store(kind, token)
         await ks.open()
         yield ks
@@ -84,7 +93,7 @@ async def store(
     ca = testworld.make_hpki_signing_ca(testworld.make_hpki_root(now=now), now=now)
     reader = pcsc.readers[1]
     reader.insert(make_hpki_card(ca, pin=CARD_PIN).applet)
-    card = CardKeyStore(reader.name)
+    card = make_store(kind, token, card_reader=reader.name)
     try:
         await card.open()
         await card.unlock(bytearray(CARD_PIN.encode()))
@@ -96,7 +105,7 @@ async def store(
 
 @pytest.fixture
 async def generated(store: KeyStore) -> GeneratedKey:
-    if isinstance(store, CardKeyStore):
+    if isinstance(store, CardKeyStore | CardProcessStore):
         assert store.key_id is not None
         der = await store.public_key_der(store.key_id)
         return GeneratedKey(key_id=store.key_id, public_key_der=der, key_size=2048)
@@ -217,8 +226,11 @@ async def test_destroy_key_removes_both_halves(
         await store.public_key_der(key.key_id)
 
 
-async def test_unknown_reader_is_unavailable(pcsc: PcscWorld) -> None:
-    ks = CardKeyStore("no such reader 00 00")
+@pytest.mark.parametrize("kind", CARDS)
+async def test_unknown_reader_is_unavailable(
+    kind: str, pcsc: PcscWorld, token: SoftHsmToken
+) -> None:
+    ks = make_store(kind, token, card_reader="no such reader 00 00")
     with pytest.raises(HsmUnavailable):
         await ks.open()
     with pytest.raises(HsmUnavailable):

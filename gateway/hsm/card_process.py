@@ -1,0 +1,263 @@
+"""The HPKI card's PC/SC connection in a child process (``local.card_process = true``, the
+default): the card store the local agent and ``sign-batch`` use.
+
+Why: in one process the card's thread must take the GIL back from the document-building event
+loop after every APDU (twice per signature), and the event loop pays a thread hand-over per
+signature. Measured with the virtual card (docs/performance.md): a batch kept the card busy
+about 0.8x as well as a bare signing loop in-process, and about 1.1-1.2x with the card in its
+own process, at about 0.6x the batch process's CPU per document. Signatures are pipelined:
+requests are answered in order, so while the card signs one the next is already waiting in
+the pipe.
+
+The child (``python -m gateway.hsm.card_process``, plumbing in ``hsm/child.py``) runs an
+ordinary :class:`~gateway.hsm.card.CardKeyStore` through its blocking API on its only thread,
+so the APDUs, the error codes and texts are exactly those of the in-process store. Every answer
+carries the child's card session (generation, connected); the parent mirrors it, so a card
+pulled or replaced ends the session here as it does in-process: ``generation`` grows, and
+every SAD of the old session is dead. A child that dies ends the session too.
+
+The PIN crosses the private pipe once, inside ``unlock``; the caller's buffer is wiped when it
+has been sent, and the child wipes its copy after the VERIFY. It is never logged.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding
+
+from gateway.card.errors import CardError, CardErrorCode
+from gateway.card.hpki import DEFAULT_SIGN_AIDS, HPKI_PIN_TRIES, JMA_PROFILE, CardProfile
+from gateway.errors import HsmUnavailable, KeyNotFound
+from gateway.hsm.api import DigestAlgorithm, StoreKeyHandle
+from gateway.hsm.card import CardKeyCommon, key_attributes_of
+from gateway.hsm.child import Child, ChildStore, Served, child_main
+from gateway.hsm.encoding import digest_info
+
+__all__ = ["CardProcessStore"]
+
+_log = logging.getLogger("gateway.hsm")
+
+
+def _encode_error(e: Exception) -> tuple[Any, ...]:
+    if isinstance(e, CardError):
+        return ("CardError", e.code.value, e.tries_left, e.detail)
+    if isinstance(e, KeyNotFound):
+        return ("KeyNotFound", e.description, e.retry_after)
+    if isinstance(e, HsmUnavailable):
+        return ("HsmUnavailable", e.description, e.retry_after)
+    return ("ValueError", str(e))
+
+
+def _decode_error(error: tuple[Any, ...]) -> Exception:
+    kind = error[0]
+    if kind == "CardError":
+        _, code, tries_left, detail = error
+        return CardError(CardErrorCode(code), tries_left=tries_left, detail=detail)
+    if kind == "KeyNotFound":
+        return KeyNotFound(error[1], retry_after=error[2])
+    if kind == "HsmUnavailable":
+        return HsmUnavailable(error[1], retry_after=error[2])
+    return ValueError(error[1])
+
+
+class CardProcessStore(CardKeyCommon, ChildStore):
+    """CardStore of the HPKI card in ``reader``, driven by a child process.
+
+    Same API, errors and texts as :class:`~gateway.hsm.card.CardKeyStore`, which the child runs.
+    """
+
+    _module = "gateway.hsm.card_process"
+    _what = "HPKI card process"
+    _log = _log
+
+    def __init__(
+        self,
+        reader: str,
+        *,
+        aids: Sequence[bytes] = DEFAULT_SIGN_AIDS,
+        profiles: Sequence[CardProfile] = (JMA_PROFILE,),
+        retry_after: int = 5,
+        reconnect_interval: float = 1.0,
+    ) -> None:
+        super().__init__(
+            {
+                "reader": reader,
+                "aids": [a.hex() for a in aids],
+                "profiles": [(p.name, p.pin_ref, p.key_fid, p.cert_fid) for p in profiles],
+                "retry_after": retry_after,
+            },
+            reconnect_interval=reconnect_interval,
+        )
+        self.reader = reader
+        self._retry_after = retry_after
+        self._cert: x509.Certificate | None = None
+        self._key_id: str | None = None
+        self._access: dict[str, bool] = {}
+        self._handles: dict[str, StoreKeyHandle] = {}
+        #: Bumped whenever the card session ends (removed, replaced, closed, the child died):
+        #: SADs bound to an older generation are dead.
+        self.generation = 0
+        self._connected = False
+        self._child_generation: int | None = None  # the child's own count, last reported
+
+    def __repr__(self) -> str:
+        return f"CardProcessStore(reader={self.reader!r}, key_id={self._key_id!r})"
+
+    @property
+    def connected(self) -> bool:
+        return self._connected
+
+    # ---- CardStore API ---------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Start the card process (about 0.15 s of imports) without touching the card."""
+        self._closed = False
+        await self._ensure_child()
+
+    async def open(self) -> None:
+        """Start the card process if needed; find the card, read its certificate (no PIN)."""
+        self._closed = False
+        self._last_spawn = float("-inf")  # open() always tries now
+        self._opened(await self._request("open", ()))
+
+    async def relock(self) -> None:
+        """End the card's verified state (a new session: the PIN must be given again)."""
+        self._opened(await self._request("open", ()))
+
+    def _opened(self, answer: tuple[bytes, str | None, dict[str, bool]]) -> None:
+        cert_der, key_id, access = answer
+        cert = self._cert
+        if cert is None or cert.public_bytes(Encoding.DER) != cert_der:
+            cert = x509.load_der_x509_certificate(cert_der)
+        self._cert, self._key_id, self._access = cert, key_id, access
+
+    async def close(self) -> None:
+        await self._shutdown("close")
+
+    async def tries_left(self) -> int | None:
+        """Tries left without spending one; None when the PIN is verified."""
+        left: int | None = await self._request("tries_left", ())
+        return left
+
+    async def pin_tries_left(self) -> int | None:
+        left = await self.tries_left()
+        return HPKI_PIN_TRIES if left is None else left  # verified: the counter is full
+
+    async def unlock(self, pin: bytearray) -> None:
+        """VERIFY ``pin`` on the card (in the child), wiping the caller's buffer once sent."""
+        try:
+            if self._closed:
+                raise self._closed_error()
+            answer = self._send(await self._ensure_child(), "unlock", (bytes(pin),))
+        finally:
+            pin[:] = b"\x00" * len(pin)
+        await answer
+
+    async def check(self) -> None:
+        """Probe the card (tries-left VERIFY, which spends nothing)."""
+        await self._request("check", ())
+
+    async def sign_digests(
+        self, key_id: str, digests: Sequence[bytes], algorithm: DigestAlgorithm
+    ) -> list[bytes]:
+        infos = [digest_info(d, algorithm) for d in digests]  # all checked before any signs
+        self._require(key_id)
+        if not infos:
+            return []
+        signatures: list[bytes] = await self._request("sign", (infos,))
+        return signatures
+
+    async def key_attributes(self, key_id: str) -> dict[str, bool]:
+        """The card's PrKD access flags (``key_attributes_of``)."""
+        self._require(key_id)
+        return key_attributes_of(self._access)
+
+    # ---- ChildStore hooks ------------------------------------------------------------------
+
+    def _unavailable(self) -> HsmUnavailable:
+        return HsmUnavailable(
+            f"HPKI card in {self.reader}: the card process is not running",
+            retry_after=self._retry_after,
+        )
+
+    def _closed_error(self) -> HsmUnavailable:
+        return HsmUnavailable(
+            f"HPKI card in {self.reader}: the card store is closed", retry_after=self._retry_after
+        )
+
+    def _decode_error(self, error: Any) -> Exception:
+        return _decode_error(error)
+
+    async def _started(self, child: Child, *, replaces_dead: bool) -> None:
+        self._child_generation = None  # a new child counts from 0
+
+    def _state(self, state: Any) -> None:
+        generation, connected = state
+        if self._child_generation is not None and generation != self._child_generation:
+            self._end_session()
+        self._child_generation = generation
+        self._connected = connected
+
+    def _ended(self) -> None:
+        """The child is gone, and the card session with it."""
+        if self._connected:
+            self._end_session()
+        self._connected = False
+
+    def _end_session(self) -> None:
+        self.generation += 1
+
+
+# --------------------------------------------------------------------------------------------
+# Child side.
+
+
+def _serve(config: dict[str, Any]) -> Served:
+    from gateway.hsm.card import CardKeyStore
+
+    store = CardKeyStore(
+        config["reader"],
+        aids=[bytes.fromhex(a) for a in config["aids"]],
+        profiles=[CardProfile(*p) for p in config["profiles"]],
+        retry_after=config["retry_after"],
+    )
+
+    def open_card() -> tuple[bytes, str | None, dict[str, bool]]:
+        store.open_blocking()
+        cert = store.cached_certificate
+        assert cert is not None
+        return cert.public_bytes(Encoding.DER), store.key_id, store.access
+
+    def unlock(pin: bytes) -> None:
+        # The unpickled bytes cannot be overwritten (nor could the in-process store's copy
+        # for pyscard); the buffer the card call works from is wiped.
+        store.unlock_blocking(bytearray(pin))
+
+    return Served(
+        {
+            "open": open_card,
+            "close": store.close_blocking,
+            "tries_left": store.tries_left_blocking,
+            "unlock": unlock,
+            "check": store.check_blocking,
+            "sign": store.sign_infos_blocking,
+        },
+        reported=(CardError, HsmUnavailable, KeyNotFound, ValueError),
+        encode_error=_encode_error,
+        failed=("HsmUnavailable", f"HPKI card in {store.reader}: the card operation failed", 5),
+        state=lambda: (store.generation, store.connected),
+        close=store.close_blocking,
+    )
+
+
+def main() -> int:
+    return child_main("HPKI card process", _serve)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
