@@ -12,7 +12,6 @@ destroy keys here: those calls raise ``KeyGenerationUnsupported``.
 
 from __future__ import annotations
 
-import asyncio
 import concurrent.futures
 import hashlib
 import threading
@@ -175,6 +174,8 @@ class CardKeyBase(CardKeyCommon):
         return f"{type(self).__name__}(reader={self.reader!r}, key_id={self._key_id!r})"
 
     async def _run(self, fn: Callable[[], T]) -> T:
+        import asyncio  # here: the card process imports this module and has no event loop
+
         return await asyncio.get_running_loop().run_in_executor(self._pool, fn)
 
     def _open_blocking(self) -> None:

@@ -9,7 +9,7 @@ own process, at about 0.6x the batch process's CPU per document. Signatures are 
 requests are answered in order, so while the card signs one the next is already waiting in
 the pipe.
 
-The child (``python -m gateway.hsm.card_process``, plumbing in ``hsm/child.py``) runs an
+The child (``python -m gateway.hsm.card_child``, plumbing in ``hsm/child.py``) runs an
 ordinary :class:`~gateway.hsm.card.CardKeyStore` through its blocking API on its only thread,
 so the APDUs, the error codes and texts are exactly those of the in-process store. Every answer
 carries the child's card session (generation, connected); the parent mirrors it, so a card
@@ -23,46 +23,23 @@ has been sent, and the child wipes its copy after the VERIFY. It is never logged
 from __future__ import annotations
 
 import logging
-import sys
 from collections.abc import Sequence
 from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
-from gateway.card.errors import CardError, CardErrorCode
 from gateway.card.hpki import DEFAULT_SIGN_AIDS, HPKI_PIN_TRIES, JMA_PROFILE, CardProfile
-from gateway.errors import HsmUnavailable, KeyNotFound
+from gateway.errors import HsmUnavailable
 from gateway.hsm.api import DigestAlgorithm, StoreKeyHandle
 from gateway.hsm.card import CardKeyCommon, key_attributes_of
-from gateway.hsm.child import Child, ChildStore, Served, child_main
+from gateway.hsm.card_child import decode_error
+from gateway.hsm.child import Child, ChildStore
 from gateway.hsm.encoding import digest_info
 
 __all__ = ["CardProcessStore"]
 
 _log = logging.getLogger("gateway.hsm")
-
-
-def _encode_error(e: Exception) -> tuple[Any, ...]:
-    if isinstance(e, CardError):
-        return ("CardError", e.code.value, e.tries_left, e.detail)
-    if isinstance(e, KeyNotFound):
-        return ("KeyNotFound", e.description, e.retry_after)
-    if isinstance(e, HsmUnavailable):
-        return ("HsmUnavailable", e.description, e.retry_after)
-    return ("ValueError", str(e))
-
-
-def _decode_error(error: tuple[Any, ...]) -> Exception:
-    kind = error[0]
-    if kind == "CardError":
-        _, code, tries_left, detail = error
-        return CardError(CardErrorCode(code), tries_left=tries_left, detail=detail)
-    if kind == "KeyNotFound":
-        return KeyNotFound(error[1], retry_after=error[2])
-    if kind == "HsmUnavailable":
-        return HsmUnavailable(error[1], retry_after=error[2])
-    return ValueError(error[1])
 
 
 class CardProcessStore(CardKeyCommon, ChildStore):
@@ -71,7 +48,7 @@ class CardProcessStore(CardKeyCommon, ChildStore):
     Same API, errors and texts as :class:`~gateway.hsm.card.CardKeyStore`, which the child runs.
     """
 
-    _module = "gateway.hsm.card_process"
+    _module = "gateway.hsm.card_child"
     _what = "HPKI card process"
     _log = _log
 
@@ -191,7 +168,7 @@ class CardProcessStore(CardKeyCommon, ChildStore):
         )
 
     def _decode_error(self, error: Any) -> Exception:
-        return _decode_error(error)
+        return decode_error(error)
 
     async def _started(self, child: Child, *, replaces_dead: bool) -> None:
         self._child_generation = None  # a new child counts from 0
@@ -211,53 +188,3 @@ class CardProcessStore(CardKeyCommon, ChildStore):
 
     def _end_session(self) -> None:
         self.generation += 1
-
-
-# --------------------------------------------------------------------------------------------
-# Child side.
-
-
-def _serve(config: dict[str, Any]) -> Served:
-    from gateway.hsm.card import CardKeyStore
-
-    store = CardKeyStore(
-        config["reader"],
-        aids=[bytes.fromhex(a) for a in config["aids"]],
-        profiles=[CardProfile(*p) for p in config["profiles"]],
-        retry_after=config["retry_after"],
-    )
-
-    def open_card() -> tuple[bytes, str | None, dict[str, bool]]:
-        store.open_blocking()
-        cert = store.cached_certificate
-        assert cert is not None
-        return cert.public_bytes(Encoding.DER), store.key_id, store.access
-
-    def unlock(pin: bytes) -> None:
-        # The unpickled bytes cannot be overwritten (nor could the in-process store's copy
-        # for pyscard); the buffer the card call works from is wiped.
-        store.unlock_blocking(bytearray(pin))
-
-    return Served(
-        {
-            "open": open_card,
-            "close": store.close_blocking,
-            "tries_left": store.tries_left_blocking,
-            "unlock": unlock,
-            "check": store.check_blocking,
-            "sign": store.sign_infos_blocking,
-        },
-        reported=(CardError, HsmUnavailable, KeyNotFound, ValueError),
-        encode_error=_encode_error,
-        failed=("HsmUnavailable", f"HPKI card in {store.reader}: the card operation failed", 5),
-        state=lambda: (store.generation, store.connected),
-        close=store.close_blocking,
-    )
-
-
-def main() -> int:
-    return child_main("HPKI card process", _serve)
-
-
-if __name__ == "__main__":
-    sys.exit(main())
