@@ -4,7 +4,9 @@
 card_raw_sign_per_s   MSE + PSO round trips through pcscd to the virtual card (PIN verified):
                       a plain loop of blocking calls on one thread of a process that does
                       nothing else, the fastest this card is driven from Python
-local_batch_per_s     e-prescriptions per second through ``sign-batch`` (CSV -> signed XML)
+local_batch_per_s     e-prescriptions per second through ``sign-batch`` (CSV -> signed XML),
+                      start to end (card process start, card session, PIN included)
+local_batch_steady_per_s  the same between the first and the last group written
 local_batch_cpu_ms_per_doc        CPU of the batch process per document (all its threads)
 local_batch_tree_cpu_ms_per_doc   CPU of every process per document: the batch, what it
                                   started, the card, pcscd
@@ -38,6 +40,24 @@ from pathlib import Path
 from typing import Any
 
 HERE = Path(__file__).resolve().parents[1]
+#: Parent of the batch folders (see ``_scratch``).
+SCRATCH = HERE / "bench" / ".scratch"
+
+
+def _scratch() -> Path:
+    """A parent for the batch's input and output folders whose subdirectories ext4 places in
+    fresh block groups (the TOPDIR attribute, ``chattr +T``; best effort, other file systems
+    ignore it).
+
+    Why: /tmp on this machine is churned by the test suite and the other benchmarks (tens of
+    thousands of files created and deleted within minutes), and ext4 then spends ~0.6-0.8 ms of
+    kernel CPU per new file skipping recently deleted inodes (measured: 574-772 us per file
+    created in such a directory, 23-30 us in a fresh block group). A batch writes two files per
+    document; a doctor's folder is not in that state, so the batch's folders are kept out of it.
+    """
+    SCRATCH.mkdir(exist_ok=True)
+    subprocess.run(["chattr", "+T", str(SCRATCH)], capture_output=True, check=False)
+    return SCRATCH
 
 
 def _raw(store: object, n: int) -> float:
@@ -131,7 +151,10 @@ def run(
     from gateway.vcard.pcscd import start_pcscd
     from tests.support.local import make_card_world
 
-    with tempfile.TemporaryDirectory(prefix="hpki-card-bench-") as tmp:
+    with (
+        tempfile.TemporaryDirectory(prefix="hpki-card-bench-") as tmp,
+        tempfile.TemporaryDirectory(prefix="batch-", dir=_scratch()) as folders,
+    ):
         base = Path(tmp)
         inst = start_pcscd(base / "pcscd")
         os.environ["PCSCLITE_CSOCK_NAME"] = str(inst.socket_path)
@@ -155,14 +178,17 @@ def run(
         try:
             assert ours.recv() == "inserted"
             settings = load_settings(world.config(reader=name), environ={})
-            raw_rates, batch_rates, batch_cpu, tree, raw_tree = [], [], [], [], []
+            raw_rates, batch_rates, batch_cpu, tree, raw_tree, steady = [], [], [], [], [], []
             roots = {os.getpid(), inst.pid}
             for r in range(rounds):
                 raw_rate, raw_spent = asyncio.run(_raw_round(settings, raw_n, roots))
                 raw_rates.append(raw_rate)
                 raw_tree.append(raw_spent)
-                rate, cpu, spent = asyncio.run(_batch_round(settings, base, r, batch_n, roots))
+                rate, cpu, spent, flow = asyncio.run(
+                    _batch_round(settings, Path(folders), r, batch_n, roots)
+                )
                 batch_rates.append(rate)
+                steady.append(flow)
                 batch_cpu.append(cpu)
                 tree.append(spent)
             suffix = "" if not latency else f"_latency_{int(latency * 1000)}ms"
@@ -170,6 +196,7 @@ def run(
                 f"card_raw_sign{suffix}_per_s": statistics.median(raw_rates),
                 f"card_raw_sign{suffix}_tree_cpu_ms": statistics.median(raw_tree),
                 f"local_batch{suffix}_per_s": statistics.median(batch_rates),
+                f"local_batch{suffix}_steady_per_s": statistics.median(steady),
                 f"local_batch{suffix}_cpu_ms_per_doc": statistics.median(batch_cpu),
                 f"local_batch{suffix}_tree_cpu_ms_per_doc": statistics.median(tree),
             }
@@ -202,11 +229,13 @@ async def _raw_round(settings: object, n: int, roots: set[int]) -> tuple[float, 
 
 async def _batch_round(
     settings: object, base: Path, r: int, n: int, roots: set[int]
-) -> tuple[float, float, float]:
+) -> tuple[float, float, float, float]:
     """Documents per second; the batch process's CPU milliseconds per document (all its
-    threads; the card and pcscd are other processes); the CPU milliseconds per document of
-    every process under ``roots``. The CPU figures hold up under load far better than the
-    rate does."""
+    threads; the card process, the card and pcscd are other processes); the CPU milliseconds
+    per document of every process under ``roots``; documents per second between the first
+    and the last group written (the steady state: without the start — card process, card
+    session, PIN — and the end — the last group's sync, the reports). The CPU figures hold up
+    under load far better than the rates do."""
     from gateway.config import Settings
     from gateway.local.batch import sign_batch
     from gateway.local.setup import build_local_agent
@@ -216,10 +245,18 @@ async def _batch_round(
     src, out = base / f"in{r}", base / f"out{r}"
     write_prescriptions(src, n)
     agent = build_local_agent(settings)
+    marks: list[tuple[float, int]] = []
+
+    def progress(done: int, total: int) -> None:
+        if done:
+            marks.append((time.perf_counter(), done))
+
     try:
         before = tree_cpu(roots)
         t, cpu = time.perf_counter(), time.process_time()
-        result = await sign_batch(agent, src, out, pin=lambda: bytearray(b"123456"))
+        result = await sign_batch(
+            agent, src, out, pin=lambda: bytearray(b"123456"), progress=progress
+        )
         elapsed, cpu = time.perf_counter() - t, time.process_time() - cpu
         after = tree_cpu(roots)
     finally:
@@ -231,17 +268,21 @@ async def _batch_round(
             spent += v - before.get(k, 0.0)
             ms = (v - before.get(k, 0.0)) * 1000 / n
             print(f"  {k[0]:>7} {ms:6.3f} ms/doc  {k[2]}", file=sys.stderr)
-    return n / elapsed, cpu * 1000 / n, spent * 1000 / n
+    (t1, d1), (t2, d2) = marks[0], marks[-1]
+    return n / elapsed, cpu * 1000 / n, spent * 1000 / n, (d2 - d1) / (t2 - t1)
 
 
-def compare(base: Path, *, rounds: int, n: int, latency: float) -> dict[str, Any]:
-    """Both trees, interleaved, each round in a fresh process of that tree."""
+def compare(
+    base: Path, *, rounds: int, n: int, latency: float, per_process: int = 1
+) -> dict[str, Any]:
+    """Both trees, interleaved, each round in a fresh process of that tree (which measures
+    ``per_process`` rounds and reports their medians: 1 is a cold start every time)."""
     rates: dict[str, dict[str, list[float]]] = {"base": {}, "ours": {}}
     for _ in range(rounds):
         for name, tree in (("base", base), ("ours", HERE)):
             proc = subprocess.run(
-                [sys.executable, str(Path(__file__).resolve()), "--rounds", "1", "--n", str(n),
-                 "--latency", str(latency)],
+                [sys.executable, str(Path(__file__).resolve()), "--rounds", str(per_process),
+                 "--n", str(n), "--latency", str(latency)],
                 cwd=tree, env={**os.environ, "PYTHONPATH": str(tree)},
                 capture_output=True, text=True, check=True, timeout=3600,
             )  # fmt: skip
@@ -265,9 +306,12 @@ if __name__ == "__main__":
     p.add_argument("--n", type=int, default=1000)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--compare", type=Path, default=None, metavar="BASE")
+    p.add_argument("--per-process", type=int, default=1, help="rounds per process (--compare)")
     a = p.parse_args()
     if a.compare is not None:
-        result = compare(a.compare, rounds=a.rounds, n=a.n, latency=a.latency)
+        result = compare(
+            a.compare, rounds=a.rounds, n=a.n, latency=a.latency, per_process=a.per_process
+        )
         print(json.dumps(result, indent=2))
     else:
         print(json.dumps(run(rounds=a.rounds, raw_n=a.n, batch_n=a.n, latency=a.latency)))

@@ -19,11 +19,14 @@ Builds a throwaway sandbox, then measures on the same SoftHSM key:
                                  bench_tsa.py: ES-T with the documents of a request built one
                                  after the other vs 8 at once (their TSA round trips overlap)
   card_raw_sign_per_s            MSE + PSO round trips through pcscd to the virtual HPKI card
-  local_batch_per_s              e-prescriptions/s through local sign-batch (interleaved with
-                                 the raw card rate); *_latency_300ms_*: the card sleeping 0.3 s
-                                 per signature like a real one
-  local_batch_cpu_ms_per_doc     CPU of the batch process per e-prescription (the virtual card
-                                 runs in a process of its own)
+                                 (a blocking loop on one thread, nothing else in the process)
+  local_batch_per_s              e-prescriptions/s through local sign-batch, start to end
+                                 (interleaved with the raw card rate); *_latency_300ms_*: the
+                                 card sleeping 0.3 s per signature like a real one
+  local_batch_steady_per_s       the same between the first and the last group written
+                                 (without the card process's start, the card session, the PIN)
+  local_batch_cpu_ms_per_doc     CPU of the batch process per e-prescription (the card process
+                                 and the virtual card run in processes of their own)
   local_batch_tree_cpu_ms_per_doc  CPU of every process per e-prescription (the batch, the card
                                  process, pcscd); card_raw_sign_tree_cpu_ms: per raw signature
   verify_eprescription_xl_per_s  long-term verification of the real ES-XL prescription in
