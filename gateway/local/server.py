@@ -13,6 +13,7 @@ PIN travels in authorize).
 from __future__ import annotations
 
 import base64
+import contextlib
 import hmac
 import secrets
 from pathlib import Path
@@ -244,9 +245,16 @@ def create_local_app(
     app[SECRET] = secret
     app.add_routes(routes)
 
+    async def start(app: web.Application) -> None:
+        # The card process starts with the agent, not with the first request (a failure to
+        # start is reported by the request that needs the card).
+        with contextlib.suppress(Exception):
+            await agent.store.start()
+
     async def close(app: web.Application) -> None:
         await agent.close()
 
+    app.on_startup.append(start)
     app.on_cleanup.append(close)
     return app
 

@@ -152,6 +152,44 @@ def test_agent_speaks_csc_with_the_card_in_the_reader(
     assert report.indication == "TOTAL-PASSED", report.reason
 
 
+def _card_processes(parent: int) -> list[int]:
+    """The HPKI card processes among ``parent``'s children."""
+    found = []
+    for task in os.listdir(f"/proc/{parent}/task"):
+        with open(f"/proc/{parent}/task/{task}/children") as f:
+            for pid in f.read().split():
+                try:
+                    with open(f"/proc/{pid}/cmdline", "rb") as c:
+                        if b"gateway.hsm.card_child" in c.read():
+                            found.append(int(pid))
+                except FileNotFoundError:
+                    continue
+    return found
+
+
+def test_the_agent_starts_its_card_process_with_it_and_takes_it_along(
+    pcsc: PcscWorld, card_world: CardWorld, hpki_slot: Any, tmp_path: Path
+) -> None:
+    """The card process is up once the agent says where it listens (not at the first
+    request), and it ends with the agent."""
+    cfg = card_world.config(reader=hpki_slot.name, secret_file=tmp_path / "secret")
+    with run_agent(cfg, pcsc.env()) as a:
+        children = _card_processes(a.proc.pid)
+        assert len(children) == 1, children
+    deadline = time.monotonic() + 10
+    while _running(children[0]) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not _running(children[0])
+
+
+def _running(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(") ", 1)[1][0] != "Z"  # a zombie has ended
+    except FileNotFoundError:
+        return False
+
+
 def test_agent_refuses_a_wrong_role_and_an_expired_card_before_the_pin(
     agent: Agent, card_world: CardWorld, hpki_slot: Any
 ) -> None:
