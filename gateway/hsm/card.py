@@ -128,6 +128,19 @@ class CardKeyCommon:
             handle = self._handles[key_id] = StoreKeyHandle(self, key_id)  # type: ignore[arg-type]
         return handle
 
+    async def sign_digests(
+        self, key_id: str, digests: Sequence[bytes], algorithm: DigestAlgorithm
+    ) -> list[bytes]:
+        infos = [digest_info(d, algorithm) for d in digests]  # all checked before any signs
+        self._require(key_id)
+        if not infos:
+            return []
+        return await self._sign_infos(infos)
+
+    async def _sign_infos(self, infos: list[bytes]) -> list[bytes]:
+        """Sign checked DigestInfos with the card's key (a card that left: HsmUnavailable)."""
+        raise NotImplementedError
+
     async def public_key_der(self, key_id: str) -> bytes:
         self._require(key_id)
         assert self._cert is not None
@@ -223,13 +236,7 @@ class CardKeyBase(CardKeyCommon):
                 raise self._unavailable(e) from e
             raise
 
-    async def sign_digests(
-        self, key_id: str, digests: Sequence[bytes], algorithm: DigestAlgorithm
-    ) -> list[bytes]:
-        infos = [digest_info(d, algorithm) for d in digests]  # all checked before any signs
-        self._require(key_id)
-        if not infos:
-            return []
+    async def _sign_infos(self, infos: list[bytes]) -> list[bytes]:
         return await self._run(lambda: self.sign_infos_blocking(infos))
 
 

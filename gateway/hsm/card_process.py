@@ -31,11 +31,10 @@ from cryptography.hazmat.primitives.serialization import Encoding
 
 from gateway.card.hpki import DEFAULT_SIGN_AIDS, HPKI_PIN_TRIES, JMA_PROFILE, CardProfile
 from gateway.errors import HsmUnavailable
-from gateway.hsm.api import DigestAlgorithm, StoreKeyHandle
+from gateway.hsm.api import StoreKeyHandle
 from gateway.hsm.card import CardKeyCommon, key_attributes_of
 from gateway.hsm.card_child import decode_error
 from gateway.hsm.child import Child, ChildStore
-from gateway.hsm.encoding import digest_info
 
 __all__ = ["CardProcessStore"]
 
@@ -139,13 +138,7 @@ class CardProcessStore(CardKeyCommon, ChildStore):
         """Probe the card (tries-left VERIFY, which spends nothing)."""
         await self._request("check", ())
 
-    async def sign_digests(
-        self, key_id: str, digests: Sequence[bytes], algorithm: DigestAlgorithm
-    ) -> list[bytes]:
-        infos = [digest_info(d, algorithm) for d in digests]  # all checked before any signs
-        self._require(key_id)
-        if not infos:
-            return []
+    async def _sign_infos(self, infos: list[bytes]) -> list[bytes]:
         signatures: list[bytes] = await self._request("sign", (infos,))
         return signatures
 
