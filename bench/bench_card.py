@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import hashlib
 import json
 import multiprocessing
@@ -56,7 +57,8 @@ def _scratch() -> Path:
     document; a doctor's folder is not in that state, so the batch's folders are kept out of it.
     """
     SCRATCH.mkdir(exist_ok=True)
-    subprocess.run(["chattr", "+T", str(SCRATCH)], capture_output=True, check=False)
+    with contextlib.suppress(OSError):  # no chattr (e2fsprogs): the folders go as they may
+        subprocess.run(["chattr", "+T", str(SCRATCH)], capture_output=True, check=False)
     return SCRATCH
 
 
