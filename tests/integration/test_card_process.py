@@ -73,6 +73,20 @@ def gone_within(pid: int, seconds: float) -> bool:
     return not alive(pid)
 
 
+async def open_when_free(store: CardProcessStore, seconds: float = 10.0) -> None:
+    """``store.open()``, retried while pcscd still holds the exclusive connection of a client
+    that just died (it lets go when it notices the closed socket: asynchronously)."""
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            await store.open()
+            return
+        except HsmUnavailable:
+            if time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(0.05)
+
+
 async def test_pipelined_signatures_come_back_in_order_and_verify(
     pcsc: PcscWorld, card: HpkiTestCard
 ) -> None:
@@ -126,9 +140,9 @@ async def test_a_killed_card_process_ends_the_session_and_open_starts_a_new_one(
         assert not store.connected
         assert "HPKI card process" in caplog.text and "exited" in caplog.text
         assert await asyncio.to_thread(gone_within, pid, 5.0)
-        # open() starts a new process; the card wants its PIN again (the old child's
-        # connection reset it when it closed).
-        await store.open()
+        # open() starts a new process; the card wants its PIN again (pcscd reset the card
+        # when it dropped the dead process's connection).
+        await open_when_free(store)
         assert store.connected and store.key_id == key_id
         assert store.child_pid not in (None, pid)
         with pytest.raises(CardError) as info:
@@ -195,7 +209,7 @@ async def test_the_card_is_free_again_after_the_parent_died(
     """The exclusive connection died with the killed child: a new store opens the card."""
     test_the_card_process_dies_with_its_parent(pcsc, card)
     store = CardProcessStore(pcsc.readers[0].name)
-    await store.open()
+    await open_when_free(store)
     try:
         await store.unlock(bytearray(PIN.encode()))
         assert store.key_id is not None
