@@ -16,6 +16,10 @@ and the whole SCAL 2 ceremony per prescription.
                                  alternating with the one above
   ceremony_raw_pkcs11_per_s      raw C_Sign rate measured in rounds alternating with the
                                  ceremony rounds (the baseline the ceremony target refers to)
+  ceremony_serve_cpu_ms          CPU (user + system) per ceremony of the one-worker instance
+                                 and its children (signing process, TEST TSA), from /proc
+  ceremony_client_cpu_ms         CPU per ceremony of the bench's 16 doctors (this process),
+                                 on the same cores: both hold up under load better than rates
 
 Rounds of the one- and two-instance measures alternate (1, 2, 1, 2, ...) so that load on the
 machine hits both alike; each key is the median of its rounds. Target (bench only, never
@@ -43,6 +47,7 @@ import aiohttp
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from bench.bench_card import tree_cpu  # noqa: E402
 from bench.bench_signdoc import CSV_TEMPLATE  # noqa: E402
 from bench.run import NO_LIMITS, Client, _ctx, b64, enrolled, raw_rate  # noqa: E402
 from tests.support.gateway import Server, free_port, run_cli  # noqa: E402
@@ -205,13 +210,20 @@ def ceremony_rates(tmp: Path) -> dict[str, float]:
                 )
                 code, pw = issued["enrollment_code"], issued["enrollment_password"]
             doctors.append((doc["credential_id"], asyncio.run(enrolled(port, ctx, code, pw))))
-        rates, rates_many, raws = [], [], []
+        assert srv.proc is not None
+        serve = srv.proc.pid
+        rates, rates_many, raws, serve_cpu, client_cpu = [], [], [], [], []
+        n = len(doctors) * CEREMONIES_PER_DOCTOR
         for r in range(ROUNDS):
             print(
                 f"  ceremony round {r + 1}/{ROUNDS}: 1 worker, {workers} workers, raw PKCS#11",
                 flush=True,
             )
+            before, client = tree_cpu({serve}), time.process_time()
             rates.append(asyncio.run(_ceremonies(port, ctx, doctors)))
+            after, client = tree_cpu({serve}), time.process_time() - client
+            serve_cpu.append(sum(v - before.get(k, 0.0) for k, v in after.items()) * 1000 / n)
+            client_cpu.append(client * 1000 / n)
             rates_many.append(asyncio.run(_ceremonies(many.port, ctx, doctors)))
             raws.append(raw_rate(config, key_hex))
     finally:
@@ -221,6 +233,8 @@ def ceremony_rates(tmp: Path) -> dict[str, float]:
         "ceremony_per_s": statistics.median(rates),
         "ceremony_workers_per_s": statistics.median(rates_many),
         "ceremony_raw_pkcs11_per_s": statistics.median(raws),
+        "ceremony_serve_cpu_ms": statistics.median(serve_cpu),
+        "ceremony_client_cpu_ms": statistics.median(client_cpu),
     }
 
 
