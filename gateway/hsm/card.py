@@ -187,7 +187,8 @@ class CardKeyBase(CardKeyCommon):
         return f"{type(self).__name__}(reader={self.reader!r}, key_id={self._key_id!r})"
 
     async def _run(self, fn: Callable[[], T]) -> T:
-        import asyncio  # here: the card process imports this module and has no event loop
+        import asyncio  # here, not at the top: the card process imports this module and starts
+        # faster without asyncio
 
         return await asyncio.get_running_loop().run_in_executor(self._pool, fn)
 
