@@ -9,7 +9,8 @@ Two mechanisms, because each alone has a gap:
   closes it when the parent dies, and the child's watcher thread sees EOF and exits.
 
 Used by the sandbox's TEST TSA (``serve`` starts it) and by the verification pool's worker
-processes; the signing process has the same two guards (``hsm/signer_process.py``).
+processes; the HSM signing process and the HPKI card process have the same two guards
+(``hsm/child_main.py``: ``die_with_parent``, and EOF on the protocol's stdin).
 """
 
 from __future__ import annotations

@@ -320,14 +320,8 @@ class CardKeyStore(CardKeyBase):
     def unlock_blocking(self, pin: bytearray) -> None:
         """VERIFY ``pin`` on the card, then overwrite the buffer."""
 
-        def verify(c: HpkiCard) -> None:
-            try:
-                c.verify_pin(bytes(pin))
-            finally:
-                pin[:] = b"\x00" * len(pin)
-
         try:
-            self._card_call(verify)
+            self._card_call(lambda c: c.verify_pin(bytes(pin)))
         finally:
             pin[:] = b"\x00" * len(pin)  # also when there was no session to call
 

@@ -3,9 +3,10 @@ default): the card store the local agent and ``sign-batch`` use.
 
 Why: in one process the card's thread must take the GIL back from the document-building event
 loop after every APDU (twice per signature), and the event loop pays a thread hand-over per
-signature. Measured with the virtual card (docs/performance.md): a batch kept the card busy
-about 0.8x as well as a bare signing loop in-process, and about 1.1-1.2x with the card in its
-own process, at about 0.6x the batch process's CPU per document. Signatures are pipelined:
+signature. Measured with the virtual card against a bare blocking signing loop
+(docs/performance.md): a batch's steady state went from 0.86-0.92x that loop with the card's
+thread to 1.03-1.19x with the card process, at 0.67-0.82x the batch process's CPU per
+document; the process's start (~0.12 s) is paid once per batch. Signatures are pipelined:
 requests are answered in order, so while the card signs one the next is already waiting in
 the pipe.
 
@@ -27,7 +28,6 @@ from collections.abc import Sequence
 from typing import Any
 
 from cryptography import x509
-from cryptography.hazmat.primitives.serialization import Encoding
 
 from gateway.card.hpki import DEFAULT_SIGN_AIDS, HPKI_PIN_TRIES, JMA_PROFILE, CardProfile
 from gateway.errors import HsmUnavailable
@@ -72,6 +72,7 @@ class CardProcessStore(CardKeyCommon, ChildStore):
         self.reader = reader
         self._retry_after = retry_after
         self._cert: x509.Certificate | None = None
+        self._cert_der = b""
         self._key_id: str | None = None
         self._access: dict[str, bool] = {}
         self._handles: dict[str, StoreKeyHandle] = {}
@@ -107,10 +108,9 @@ class CardProcessStore(CardKeyCommon, ChildStore):
 
     def _opened(self, answer: tuple[bytes, str | None, dict[str, bool]]) -> None:
         cert_der, key_id, access = answer
-        cert = self._cert
-        if cert is None or cert.public_bytes(Encoding.DER) != cert_der:
-            cert = x509.load_der_x509_certificate(cert_der)
-        self._cert, self._key_id, self._access = cert, key_id, access
+        if self._cert is None or cert_der != self._cert_der:  # the same card: the same object
+            self._cert, self._cert_der = x509.load_der_x509_certificate(cert_der), cert_der
+        self._key_id, self._access = key_id, access
 
     async def close(self) -> None:
         await self._shutdown("close")
