@@ -113,7 +113,7 @@ class CardProcessStore(CardKeyCommon, ChildStore):
         self._key_id, self._access = key_id, access
 
     async def close(self) -> None:
-        await self._shutdown("close")
+        await self._shutdown()
 
     async def tries_left(self) -> int | None:
         """Tries left without spending one; None when the PIN is verified."""
@@ -163,7 +163,7 @@ class CardProcessStore(CardKeyCommon, ChildStore):
     def _decode_error(self, error: Any) -> Exception:
         return decode_error(error)
 
-    async def _started(self, child: Child, *, replaces_dead: bool) -> None:
+    async def _started(self, child: Child) -> None:
         self._child_generation = None  # a new child counts from 0
 
     def _state(self, state: Any) -> None:

@@ -115,7 +115,7 @@ class ChildStore:
     def _decode_error(self, error: Any) -> Exception:
         raise NotImplementedError
 
-    async def _started(self, child: Child, *, replaces_dead: bool) -> None:
+    async def _started(self, child: Child) -> None:
         """A new child is up (after ``open`` or a death); the default does nothing."""
 
     def _state(self, state: Any) -> None:
@@ -156,15 +156,15 @@ class ChildStore:
         child.writer.write(frame((request_id, op, args)))
         return future
 
-    async def _shutdown(self, close_op: str | None) -> None:
-        """Ask the child to close its session (``close_op``), then end it."""
+    async def _shutdown(self) -> None:
+        """Ask the child to close its session (its ``close`` operation), then end it."""
         self._closed = True
         child, self._child = self._child, None
         if child is None:
             return
-        if close_op is not None and child.alive and child.loop is asyncio.get_running_loop():
+        if child.alive and child.loop is asyncio.get_running_loop():
             with contextlib.suppress(Exception):
-                await self._send(child, close_op, ())
+                await self._send(child, "close", ())
         await self._stop(child)
 
     # ---- the process -----------------------------------------------------------------------
@@ -197,7 +197,7 @@ class ChildStore:
         self._last_spawn = time.monotonic()
         child = await self._spawn(loop)
         self._child = child
-        await self._started(child, replaces_dead=died)
+        await self._started(child)
         return child
 
     def _start_process(self) -> subprocess.Popen[bytes]:

@@ -116,7 +116,7 @@ class SignerProcessKeyStore(ChildStore):
 
     async def close(self) -> None:
         self._opened = False
-        await self._shutdown("close")
+        await self._shutdown()
 
     async def check(self) -> None:
         await self._request("check", ())
@@ -166,7 +166,7 @@ class SignerProcessKeyStore(ChildStore):
     def _decode_error(self, error: Any) -> Exception:
         return _decode_error(error)
 
-    async def _started(self, child: Child, *, replaces_dead: bool) -> None:
+    async def _started(self, child: Child) -> None:
         if self._opened:
             # A new process after a death: connect now, as the in-process store reconnects.
             await self._send(child, "open", ())
