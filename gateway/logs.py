@@ -82,6 +82,10 @@ def setup_logging(level: str = "INFO", fmt: str = "json") -> None:
         handler.setFormatter(
             TextFormatter("%(asctime)s %(levelname)s %(name)s [%(request_id)s] %(message)s")
         )
+    # No formatter here shows where a record was logged from (file, line, function): leave
+    # out the stack walk that finds it for every record (the logging HOWTO's "Optimization";
+    # measured ~1 % of a worker's CPU in the signing ceremony, an access line per request).
+    setattr(logging, "_srcfile", None)  # noqa: B010 - the documented switch is module-private
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)

@@ -30,15 +30,34 @@ def _path(settings: Settings) -> Path:
     return settings.base_dir / FILE
 
 
+#: The last file read, by path: its identity (device, inode, size, modification time) and
+#: what it said. ``save`` replaces the file (a new inode every time), so a file with the same
+#: identity says the same: one ``stat`` per request instead of reading and parsing the file
+#: (the sandbox's middlewares ask on every request, twice).
+_read: dict[Path, tuple[tuple[int, int, int, int], dict[str, list[str]]]] = {}
+
+
 def active(settings: Settings) -> dict[str, list[str]]:
-    """Every switched-on scenario: ``{key: [scenario, ...]}`` (empty when none)."""
+    """Every switched-on scenario: ``{key: [scenario, ...]}`` (empty when none), a copy the
+    caller may change."""
+    path = _path(settings)
     try:
-        data = json.loads(_path(settings).read_text(encoding="utf-8"))
+        st = path.stat()
+    except OSError:
+        return {}
+    ident = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+    seen = _read.get(path)
+    if seen is not None and seen[0] == ident:
+        return {k: list(v) for k, v in seen[1].items()}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return {}
     if not isinstance(data, dict):
         return {}
-    return {str(k): [str(x) for x in v] for k, v in data.items() if isinstance(v, list)}
+    out = {str(k): [str(x) for x in v] for k, v in data.items() if isinstance(v, list)}
+    _read[path] = (ident, out)
+    return {k: list(v) for k, v in out.items()}
 
 
 def save(settings: Settings, data: dict[str, list[str]]) -> None:

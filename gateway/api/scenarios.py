@@ -438,8 +438,10 @@ async def scenario_effects(request: web.Request, handler: Handler) -> web.Stream
         return await handler(request)
     data = active(request.app[SETTINGS])
     switched = set(data.get(f"facility:{ident.institution_code}", []))
-    if any(s.scope == "credential" for s in candidates) and request.content_type == (
-        "application/json"
+    if (
+        any(s.scope == "credential" for s in candidates)
+        and any(k.startswith("credential:") for k in data)  # else no body to read for it
+        and request.content_type == "application/json"
     ):
         try:
             parsed = await request.json()  # checked by browser_guard; aiohttp keeps the body

@@ -253,11 +253,13 @@ class SigningService:
     async def _build(
         self, job: DocumentJob, *, key: KeyHandle, chain: list[x509.Certificate], now: datetime
     ) -> service.SignedDocument:
-        """One signature. XAdES (the e-prescription and the generic envelopes) is built on the
-        builder thread (``offload.py``): parsing, building and canonicalising the document is
-        the request's CPU work and must not stop the event loop. CAdES (a few ASN.1 structures
-        over a digest) stays here, as do PAdES and the long-term levels, whose format code
-        reaches loop-bound clients (pyHanko's TSA client, CRL downloads) directly."""
+        """One signature. XAdES (the e-prescription and the generic envelopes) of more than
+        ``INLINE_BUILD_BYTES`` of input is built on the builder thread (``offload.py``):
+        parsing, building and canonicalising a large document is CPU work that must not stop
+        the event loop; a small one costs less than the hops there and back. CAdES (a few
+        ASN.1 structures over a digest) stays here, as do PAdES and the long-term levels,
+        whose format code reaches loop-bound clients (pyHanko's TSA client, CRL downloads)
+        directly."""
 
         def build(k: KeyHandle, tsa: Any) -> Any:
             return service.sign_document(
@@ -276,7 +278,11 @@ class SigningService:
                 policy=self.policy,
             )
 
-        if job.signature_format == "X" and job.conformance_level in _OFF_LOOP_LEVELS:
+        if (
+            job.signature_format == "X"
+            and job.conformance_level in _OFF_LOOP_LEVELS
+            and _input_bytes(job) > INLINE_BUILD_BYTES
+        ):
             limit = BUILD_SECONDS
             if job.conformance_level != "AdES-B-B" and self.tsa is not None:
                 limit += self.tsa.timeout
@@ -409,6 +415,33 @@ INSPECT_SECONDS = 10.0
 #: Wall-clock limit for building one XAdES signature on the builder thread; at B-T the TSA's
 #: own time-out (``timestamp.timeout``) is added, so a slow TSA still answers 503 as before.
 BUILD_SECONDS = 60.0
+
+#: XAdES of at most this much input (the document, and beside an e-prescription's CSV the
+#: signed prescription and additional code lines) is built on the event loop: with the
+#: untrusted-XML limits (``sign/xades.py``: attributes and namespace declarations per element,
+#: elements) that is at most a few milliseconds of work (a prescription: ~0.3 ms), less
+#: than the hops to the builder thread and back cost the worker (measured: the thread
+#: switches of the hops were a third of the builder thread's CPU in a ceremony). Larger input
+#: goes to the builder thread with its time limit (``offload.py``).
+INLINE_BUILD_BYTES = 16 * 1024
+
+
+def _input_bytes(job: DocumentJob) -> int:
+    """The size of what building ``job`` reads: the document and the e-prescription inputs."""
+    n = len(job.document or b"")
+    extra = job.eprescription_input
+    if extra is not None:
+        n += len(extra.prescription or b"")
+        n += sum(
+            len(line.re_code or "")
+            + len(line.yj_code or "")
+            + len(line.csv_line_no or "")
+            + len(line.dispensing_document_code or "")
+            for line in extra.additional
+        )
+        n += sum(len(k) + len(v) for k, v in extra.extra.items())
+        n += len(extra.document_id or "")
+    return n
 
 
 async def _inspect(jobs: Sequence[DocumentJob], policy: service.SigningPolicy) -> None:

@@ -76,27 +76,144 @@ def _sqlite_pragmas(engine: Engine, busy_timeout_ms: int) -> None:
         cur.close()
 
 
-class _SyncSqlite:
-    """A synchronous SQLite connection owned by one dedicated thread (sqlite3 connections belong
-    to the thread that opened them), running a whole transaction per hop.
+class _Transactions:
+    """A plain ``sqlite3`` connection and whole transactions on it, for one thread (sqlite3
+    connections belong to the thread that opened them).
 
-    The connection stays open between transactions (no pool checkout per hop) and holds no
-    transaction between them (no WAL snapshot is kept). Jobs reach the thread through a queue
-    and come back with ``call_soon_threadsafe``: lighter than an executor round trip.
-    """
+    The connection stays open between transactions (no pool checkout per transaction) and
+    holds no transaction between them (no WAL snapshot is kept)."""
 
     def __init__(self, url: URL, *, echo: bool, write: bool, busy_timeout_ms: int) -> None:
         engine = create_engine(url, echo=echo, poolclass=NullPool)
-        # The pragmas only: _txn emits BEGIN itself. A "begin" listener on this engine would
+        # The pragmas only: txn emits BEGIN itself. A "begin" listener on this engine would
         # make SQLAlchemy dispatch its (empty) execute events around every statement of every
         # transaction (measured: a fifth of SQLAlchemy's time per statement on this thread).
         _sqlite_pragmas(engine, busy_timeout_ms)
         self._engine = engine
         self._write = write
         self._begin = "BEGIN IMMEDIATE" if write else "BEGIN"
+        self._conn: Connection | None = None
+
+    def txn(self, fn: Callable[[Connection], _T], *, busy_is_final: bool = True) -> _T:
+        """``fn(conn)`` between a BEGIN and a COMMIT (write) or ROLLBACK (read), sent on the
+        driver connection: SQLAlchemy's transaction object and ``exec_driver_sql`` around
+        every hop cost more than the statements they send (the hot statements themselves run
+        on the driver connection too: ``store/fast.py``). ``fn``'s own ``conn.execute`` calls
+        begin SQLAlchemy's bookkeeping of a transaction (no statement on pysqlite: BEGIN is
+        ours), ended here with the driver's.
+
+        ``busy_is_final=False``: raise :class:`_Busy` (nothing done) if SQLite is busy when a
+        write transaction begins, or anywhere in a read (which changes nothing), instead of the
+        error the caller would get."""
+        conn = self._conn
+        if conn is None:
+            conn = self._conn = self._engine.connect()
+        raw: Any = None
+        try:
+            raw = conn.connection.driver_connection
+            if busy_is_final:
+                _driver(raw.execute, self._begin)
+            else:
+                try:
+                    raw.execute(self._begin)
+                except sqlite3.OperationalError as e:
+                    if _is_busy(e):
+                        raise _Busy from e
+                    raise as_sqlalchemy_error(e, (self._begin, ())) from e
+            try:
+                result = fn(conn)
+            except BaseException as e:
+                conn.rollback()
+                _driver(raw.rollback)
+                if not busy_is_final and not self._write and _is_busy(e):
+                    raise _Busy from e
+                raise
+            if self._write:
+                conn.commit()  # SQLAlchemy's bookkeeping: COMMITs when fn's execute began it
+                _driver(raw.commit)  # committed if fn returns
+            else:
+                conn.rollback()
+                _driver(raw.rollback)  # a read commits nothing
+            return result
+        except _Busy:
+            raise
+        except BaseException:
+            if raw is None or raw.in_transaction or conn.in_transaction() or conn.invalidated:
+                # The rollback itself failed: start over with a fresh connection.
+                self._conn = None
+                with contextlib.suppress(Exception):
+                    conn.close()
+            raise
+
+    def close(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            with contextlib.suppress(Exception):
+                conn.close()
+        self._engine.dispose()
+
+
+class _Busy(Exception):
+    """SQLite was busy (another process holds the write lock, or a checkpoint is running):
+    nothing was done, the transaction is for the thread that can wait (``_SyncSqlite``)."""
+
+
+def _is_busy(e: BaseException) -> bool:
+    orig = e.orig if isinstance(e, OperationalError) else e
+    code = getattr(orig, "sqlite_errorcode", None)
+    return isinstance(code, int) and code & 0xFF in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
+
+
+class _InlineSqlite:
+    """Transactions on the event loop's own thread, when SQLite answers at once.
+
+    A hop to a database thread and back costs two thread switches and two hand-overs of the
+    GIL (measured: a third of the worker's CPU per ceremony went to the kernel's task
+    switching, most of it from such hops), while the transactions of the hot paths take tens
+    of microseconds: a write of a few rows (WAL, ``synchronous=NORMAL``: no fsync at commit),
+    or one indexed read. Run here with a busy time-out of zero, a transaction either runs at
+    once or meets SQLite busy before it did anything: a write lock held by another process
+    (another worker, the CLI), a checkpoint. Then :class:`_Busy` sends it to the thread
+    (``_SyncSqlite``), which waits up to ``busy_timeout_ms`` as before. So the loop never waits
+    for a lock; a WAL checkpoint's writes (every ~1,000 pages) are the longest it is held.
+
+    Only on the thread that first used it (the worker's loop): from any other thread the
+    transaction takes the hop as before.
+    """
+
+    def __init__(self, url: URL, *, echo: bool, write: bool) -> None:
+        self._txns = _Transactions(url, echo=echo, write=write, busy_timeout_ms=0)
+        self._thread: int | None = None
+
+    def usable(self) -> bool:
+        me = threading.get_ident()
+        if self._thread is None:
+            self._thread = me
+        return self._thread == me
+
+    def run(self, fn: Callable[[Connection], _T]) -> _T:
+        """``fn``'s result, or :class:`_Busy`; a database error is the caller's 503."""
+        try:
+            return self._txns.txn(fn, busy_is_final=False)
+        except OperationalError as e:
+            raise TemporarilyUnavailable("database unavailable", retry_after=2) from e
+
+    def close(self) -> None:
+        if self._thread == threading.get_ident():
+            self._txns.close()
+
+
+class _SyncSqlite:
+    """A synchronous SQLite connection owned by one dedicated thread, running a whole
+    transaction per hop: for the transactions that must wait for SQLite (see
+    ``_InlineSqlite``). Jobs reach the thread through a queue and come back with
+    ``call_soon_threadsafe``: lighter than an executor round trip."""
+
+    def __init__(self, url: URL, *, echo: bool, write: bool, busy_timeout_ms: int) -> None:
+        self._args = (url, echo, write, busy_timeout_ms)
+        self._write = write
         self._jobs: SimpleQueue[_Job | None] = SimpleQueue()
         self._thread: threading.Thread | None = None
-        self._conn: Connection | None = None  # touched on the thread only
 
     async def run(self, fn: Callable[[Connection], _T]) -> _T:
         loop = asyncio.get_running_loop()
@@ -118,57 +235,20 @@ class _SyncSqlite:
             await asyncio.get_running_loop().run_in_executor(None, thread.join)
 
     def _serve(self) -> None:
+        url, echo, write, busy_timeout_ms = self._args
+        txns = _Transactions(url, echo=echo, write=write, busy_timeout_ms=busy_timeout_ms)
         while True:
             job = self._jobs.get()
             if job is None:
                 break
             loop, future, fn = job
             try:
-                result, error = self._txn(fn), None
+                result, error = txns.txn(fn), None
             except BaseException as e:  # noqa: BLE001 - delivered to the caller
                 result, error = None, e
             with contextlib.suppress(RuntimeError):  # the caller's loop is closed
                 loop.call_soon_threadsafe(_settle, future, result, error)
-        if self._conn is not None:
-            with contextlib.suppress(Exception):
-                self._conn.close()
-            self._conn = None
-        self._engine.dispose()
-
-    def _txn(self, fn: Callable[[Connection], _T]) -> _T:
-        """``fn(conn)`` between a BEGIN and a COMMIT (write) or ROLLBACK (read), sent on the
-        driver connection: SQLAlchemy's transaction object and ``exec_driver_sql`` around
-        every hop cost more than the statements they send (the hot statements themselves run
-        on the driver connection too: ``store/fast.py``). ``fn``'s own ``conn.execute`` calls
-        begin SQLAlchemy's bookkeeping of a transaction (no statement on pysqlite: BEGIN is
-        ours), ended here with the driver's."""
-        conn = self._conn
-        if conn is None:
-            conn = self._conn = self._engine.connect()
-        raw: Any = None
-        try:
-            raw = conn.connection.driver_connection
-            _driver(raw.execute, self._begin)
-            try:
-                result = fn(conn)
-            except BaseException:
-                conn.rollback()
-                _driver(raw.rollback)
-                raise
-            if self._write:
-                conn.commit()  # SQLAlchemy's bookkeeping: COMMITs when fn's execute began it
-                _driver(raw.commit)  # committed if fn returns
-            else:
-                conn.rollback()
-                _driver(raw.rollback)  # a read commits nothing
-            return result
-        except BaseException:
-            if raw is None or raw.in_transaction or conn.in_transaction() or conn.invalidated:
-                # The rollback itself failed: start over with a fresh connection.
-                self._conn = None
-                with contextlib.suppress(Exception):
-                    conn.close()
-            raise
+        txns.close()
 
 
 def _driver(call: Callable[..., Any], *args: Any) -> None:
@@ -211,6 +291,8 @@ class Database:
         # behind a write transaction (WAL: readers and the writer do not block each other).
         self._sync_read: _SyncSqlite | None = None
         self._sync_write: _SyncSqlite | None = None
+        self._inline_read: _InlineSqlite | None = None
+        self._inline_write: _InlineSqlite | None = None
         if self.is_sqlite:
             _sqlite_hooks(self.engine.sync_engine, busy_timeout_ms)
             sync_url = make_url(url).set(drivername="sqlite")
@@ -221,6 +303,8 @@ class Database:
                 self._sync_write = _SyncSqlite(
                     sync_url, echo=echo, write=True, busy_timeout_ms=busy_timeout_ms
                 )
+                self._inline_read = _InlineSqlite(sync_url, echo=echo, write=False)
+                self._inline_write = _InlineSqlite(sync_url, echo=echo, write=True)
         self._write_engine = self.engine.execution_options(**{_WRITE: True})
         # run_read on PostgreSQL: no BEGIN / ROLLBACK round trips around the read. Under READ
         # COMMITTED every statement takes its own snapshot inside a transaction anyway, so a
@@ -275,6 +359,9 @@ class Database:
         for sync in (self._sync_read, self._sync_write):
             if sync is not None:
                 await sync.close()
+        for inline in (self._inline_read, self._inline_write):
+            if inline is not None:
+                inline.close()
 
     @asynccontextmanager
     async def read(self) -> AsyncIterator[AsyncConnection]:
@@ -313,6 +400,10 @@ class Database:
                     return await conn.run_sync(fn)
             except OperationalError as e:
                 raise TemporarilyUnavailable("database unavailable", retry_after=2) from e
+        inline = self._inline_read
+        if inline is not None and inline.usable():
+            with contextlib.suppress(_Busy):
+                return inline.run(fn)
         return await self._sync_read.run(fn)
 
     async def run_write(self, fn: Callable[[Connection], _T]) -> _T:
@@ -324,6 +415,10 @@ class Database:
                 return await conn.run_sync(fn)
         assert self._write_lock is not None
         async with self._write_lock:
+            inline = self._inline_write
+            if inline is not None and inline.usable():
+                with contextlib.suppress(_Busy):
+                    return inline.run(fn)
             return await self._sync_write.run(fn)
 
     async def run_grouped(
