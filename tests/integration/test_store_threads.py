@@ -1,11 +1,13 @@
-"""The SQLite file's transaction threads (``Database.run_write`` / ``run_read``): the write
-thread takes the write lock when its transaction begins (``BEGIN IMMEDIATE``, before any
-statement of its own), the read thread takes none, and each runs its function inside a
-transaction."""
+"""The SQLite file's transactions (``Database.run_write`` / ``run_read``): on the event loop's
+thread when SQLite answers at once, on the write / read thread when it is busy. A write takes
+the write lock when its transaction begins (``BEGIN IMMEDIATE``, before any statement of its
+own), a read takes none, and each runs its function inside a transaction."""
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -133,5 +135,85 @@ async def test_a_write_lock_held_elsewhere_past_the_busy_timeout_is_503(tmp_path
             holder.execute("ROLLBACK")
             holder.close()
         assert await db.run_write(lambda conn: 7) == 7  # the same thread, working again
+    finally:
+        await db.close()
+
+
+async def test_transactions_run_on_the_loop_thread_when_sqlite_answers_at_once(
+    tmp_path: Path,
+) -> None:
+    """No hop when nothing is in the way: the write and the read run on the caller's thread
+    (the event loop's), each in its transaction, the write with the write lock."""
+    path = tmp_path / "t.db"
+    db = Database(f"sqlite+aiosqlite:///{path}")
+    try:
+        await db.migrate()
+        me = threading.current_thread().name
+
+        def write(conn: Connection) -> tuple[str, bool, bool]:
+            raw = conn.connection.driver_connection
+            assert raw is not None
+            return threading.current_thread().name, raw.in_transaction, _other_writer_refused(path)
+
+        assert await db.run_write(write) == (me, True, True)
+
+        def read(conn: Connection) -> tuple[str, bool]:
+            raw = conn.connection.driver_connection
+            assert raw is not None
+            return threading.current_thread().name, raw.in_transaction
+
+        assert await db.run_read(read) == (me, True)
+    finally:
+        await db.close()
+
+
+async def test_a_write_lock_held_elsewhere_sends_the_write_to_the_thread_and_the_loop_runs_on(
+    tmp_path: Path,
+) -> None:
+    """Another process holds the write lock: the write waits on the write thread (the busy
+    time-out), not on the loop, which goes on serving (here: a read, which WAL lets through
+    at once, on the loop); once the lock is free the write commits."""
+    path = tmp_path / "t.db"
+    db = Database(f"sqlite+aiosqlite:///{path}")
+    try:
+        await db.migrate()
+        await db.run_write(lambda conn: conn.exec_driver_sql("CREATE TABLE probe (x INTEGER)"))
+        holder = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        holder.execute("BEGIN IMMEDIATE")
+        released = threading.Event()
+
+        def release_later() -> None:
+            released.wait(5)
+            holder.execute("ROLLBACK")
+            holder.close()
+
+        releaser = threading.Thread(target=release_later)
+        releaser.start()
+        try:
+
+            def insert(conn: Connection) -> str:
+                conn.exec_driver_sql("INSERT INTO probe VALUES (1)")
+                return threading.current_thread().name
+
+            write = asyncio.create_task(db.run_write(insert))
+            await asyncio.sleep(0.2)
+            assert not write.done()  # waiting for the lock, off the loop
+
+            def read(conn: Connection) -> tuple[str, int]:
+                n = conn.exec_driver_sql("SELECT count(*) FROM probe").scalar_one()
+                return threading.current_thread().name, int(n)
+
+            assert await db.run_read(read) == (threading.current_thread().name, 0)
+            released.set()
+            assert await asyncio.wait_for(write, 10) == "sqlite-write"
+        finally:
+            released.set()
+            releaser.join()
+        assert (
+            await db.run_read(
+                lambda conn: conn.exec_driver_sql("SELECT count(*) FROM probe").scalar_one()
+            )
+            == 1
+        )
     finally:
         await db.close()

@@ -8,6 +8,7 @@ import asyncio
 import base64
 import dataclasses
 import datetime as dt
+import hashlib
 import threading
 from collections.abc import Sequence
 
@@ -16,7 +17,8 @@ from cryptography import x509
 
 from gateway.hsm.api import DigestAlgorithm, KeyHandle
 from gateway.sign import service
-from gateway.sign.eprescription import RolePolicy
+from gateway.sign.eprescription import AdditionalLine, EPrescriptionInput, RolePolicy
+from gateway.signing.core import INLINE_BUILD_BYTES, DocumentJob, SigningService
 from gateway.signing.offload import BuildCancelled, build_off_loop
 from tests.support.softkey import SoftwareKeyHandle, make_world
 
@@ -127,3 +129,58 @@ def test_errors_of_the_build_come_back_as_raised() -> None:
 
     with pytest.raises(KeyError, match="lookup"):
         asyncio.run(go())
+
+
+def _service(roles: RolePolicy) -> SigningService:
+    """A signing service with only what ``_build`` uses (its policy; no TSA at B-B)."""
+    return SigningService(
+        db=None,  # type: ignore[arg-type]
+        audit=None,  # type: ignore[arg-type]
+        ledger=None,  # type: ignore[arg-type]
+        keystore=None,  # type: ignore[arg-type]
+        clock=lambda: dt.datetime.now(dt.UTC),
+        policy=service.SigningPolicy(roles=roles),
+        tsa=None,
+    )
+
+
+@pytest.mark.parametrize("size", ["small", "large"])
+def test_a_small_xades_is_built_on_the_loop_and_a_large_one_on_the_builder_thread(
+    size: str,
+) -> None:
+    """Up to INLINE_BUILD_BYTES of input the hops to the builder thread cost more than the
+    build: it runs on the loop. Above, on the builder thread with its time limit. The
+    e-prescription's additional code lines count towards the size, as the document does."""
+    world = make_world()
+    key = _RecordingKey(world.signer_key)
+    roles = _RecordingRoles({"prescription": ["Medical Doctor"]})
+    extra = EPrescriptionInput()
+    if size == "large":
+        lines = INLINE_BUILD_BYTES // 100 + 1
+        extra = EPrescriptionInput(
+            additional=[AdditionalLine(re_code="1," + "6" * 100) for _ in range(lines)]
+        )
+        assert len(CSV) < INLINE_BUILD_BYTES  # the document alone would be built on the loop
+    job = DocumentJob(
+        digest=hashlib.sha256(CSV).digest(),
+        signature_format="X",
+        conformance_level="AdES-B-B",
+        envelope="Enveloped",
+        document=CSV,
+        profile="jp-eprescription",
+        eprescription_input=extra,
+    )
+
+    async def go() -> tuple[service.SignedDocument, str]:
+        signed = await _service(roles)._build(
+            job,
+            key=key,
+            chain=[world.signer_cert, *world.chain],
+            now=dt.datetime.now(dt.UTC),
+        )
+        return signed, threading.current_thread().name
+
+    signed, loop_thread = asyncio.run(go())
+    assert roles.threads == (["signature-builder"] if size == "large" else [loop_thread])
+    assert signed.document_with_signature is not None
+    assert key.threads == [loop_thread]  # the key signs on the loop either way
