@@ -394,6 +394,18 @@ def _since(data: dict[str, list[str]], target: str, name: str, fallback: datetim
 _OPENED: weakref.WeakKeyDictionary[object, datetime] = weakref.WeakKeyDictionary()
 
 
+#: The switched-on scenarios as this request's first middleware read them: both middlewares
+#: see the same file (and read it once).
+_ACTIVE = web.RequestKey("scenarios_active", dict)
+
+
+def _active_for(request: web.Request) -> dict[str, list[str]]:
+    data: dict[str, list[str]] | None = request.get(_ACTIVE)
+    if data is None:
+        data = request[_ACTIVE] = active(request.app[SETTINGS])
+    return data
+
+
 @web.middleware
 async def scenario_identity(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Installed in a sandbox only (``app.py``), right after the identity middleware: the
@@ -409,7 +421,7 @@ async def scenario_identity(request: web.Request, handler: Handler) -> web.Strea
         transport = request.transport
         opened = now if transport is None else _OPENED.setdefault(transport, now)
         target = f"facility:{ident.institution_code}"
-        data = active(request.app[SETTINGS])
+        data = _active_for(request)
         for name in CATALOG:  # the catalog's order: revoked before expired before suspended
             if name in AT_IDENTITY and name in data.get(target, []):
                 del request[IDENTITY]
@@ -436,7 +448,7 @@ async def scenario_effects(request: web.Request, handler: Handler) -> web.Stream
     candidates = [s for s in CATALOG.values() if s.name in REAL_PATH and s.applies(method, path)]
     if not candidates:
         return await handler(request)
-    data = active(request.app[SETTINGS])
+    data = _active_for(request)
     switched = set(data.get(f"facility:{ident.institution_code}", []))
     if (
         any(s.scope == "credential" for s in candidates)
