@@ -89,7 +89,7 @@ def event_hash(
 
 
 # Built once (bind parameters only): SQLAlchemy reuses their cache keys and compiled forms.
-# On a SQLite file they run on the write thread's sqlite3 connection (``store/fast.py``).
+# On a SQLite file they run on the SQLite write connection (``store/fast.py``).
 _RESERVE = FastStatement(
     update(audit_head)
     .where(audit_head.c.id == 1)

@@ -2,9 +2,9 @@
 
 The TLS layer has already checked the chain to the client CA bundle and the validity period.
 Here the certificate's SHA-256 fingerprint must be registered, not revoked, and its owner
-active. The store is read on every call, so a revocation or suspension is immediate: one
-indexed SELECT (``fingerprint_sha256`` is unique) in one hop to the database thread
-(``Database.run_read``). The ``last_used_at`` refresh (at most once a minute per certificate) is
+active. The store is read on every call, so a revocation or suspension is immediate: one indexed
+SELECT (``fingerprint_sha256`` is unique) in one transaction (``Database.run_read``). The
+``last_used_at`` refresh (at most once a minute per certificate) is
 written in the background (``Database.write_later``), never on the request's path.
 """
 
@@ -53,7 +53,7 @@ class ClientIdentity:
         return f"facility:{self.institution_code}"
 
 
-_IDENTITY_QUERY = FastStatement(  # on the read thread's sqlite3 connection (store/fast.py)
+_IDENTITY_QUERY = FastStatement(  # on the SQLite read connection (store/fast.py)
     select(
         client_certificate.c.id,
         client_certificate.c.fingerprint_sha256,
@@ -85,10 +85,10 @@ class _IdentityReader:
     """Shares one identity read among the requests waiting for it (per Database).
 
     A request's fingerprint waits for the next read; a read takes every fingerprint waiting
-    when it starts, and starts (on the database thread) after all of them arrived. So every
-    request still sees the store as committed after it asked: nothing is cached, a revocation
-    committed before a request's ``identify`` is always seen. Under load one SELECT (one hop)
-    serves every request that arrived while the previous read was running.
+    when it starts, and starts after all of them arrived. So every request still sees the
+    store as committed after it asked: nothing is cached, a revocation committed before a
+    request's ``identify`` is always seen. Under load one SELECT serves every request that
+    arrived while the previous read was running.
     """
 
     def __init__(self, db: Database) -> None:

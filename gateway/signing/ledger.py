@@ -23,8 +23,8 @@ request that fails part-way rolls back whole.
 
 **The fast path: ``consume_and_audit(SignRequest(...))``** does the same check, consumption and
 audit event, but groups concurrently waiting requests into ONE write transaction (one lock, one
-``BEGIN IMMEDIATE``, one COMMIT, one audit-head update for the whole group, all in one hop to the
-database thread: ``Database.run_write``). Each request is still checked on its own, in order,
+``BEGIN IMMEDIATE``, one COMMIT, one audit-head update for the whole group, all in one
+transaction: ``Database.run_write``). Each request is still checked on its own, in order,
 against what the requests before it in the group spent; a refused request writes nothing but its
 ``refused_action`` audit event, so it never fails the others. It returns once the group has
 committed, i.e. with the audit event durable before the caller signs or answers. Both paths are
@@ -83,7 +83,8 @@ class SignRequest:
     algorithm=..., now=...)``; on success the event ``action`` (actor, facility_code, the
     grant's signer, ``detail(grant)``) is appended, on refusal ``refused_action`` with
     ``{"reason": <the CSC text>, **refused_detail}``; both stamped ``now``. ``detail`` runs on
-    the database thread inside the transaction: it must be a quick, pure function of the grant.
+    the database connection's thread inside the transaction: it must be a quick, pure
+    function of the grant.
     """
 
     sad: str
@@ -395,7 +396,7 @@ _SAD_COLUMNS = (
     "expires_at",
 )  # fmt: skip
 #: A new SAD (bind parameters only: compiled once).
-#: On the write thread's sqlite3 connection (``store/fast.py``).
+#: On the SQLite write connection (``store/fast.py``).
 _ISSUE = FastStatement(insert(_sad), column_keys=_SAD_COLUMNS)
 _ISSUE_HASHES = FastStatement(
     insert(sad_hash), column_keys=("sad_id", "hash", "authorized", "remaining")

@@ -12,12 +12,14 @@ signHash at 16 clients went from ~1.2 s to milliseconds).
 Hot paths (the mTLS identity read, grouped SAD consumption, the presence ceremonies through
 ``run_grouped``: ``store/grouped.py``) use ``run_read`` / ``run_write``: the
 caller passes a *synchronous* function of a SQLAlchemy ``Connection`` and the whole transaction
-runs in one go. On a SQLite file that is one hop to a dedicated thread holding plain ``sqlite3``
-connections (same pragmas, same ``BEGIN IMMEDIATE``, same in-process write lock), instead of one
-hop through aiosqlite's thread per statement, cursor and commit (measured: ~4 hops per
-statement). On PostgreSQL (and in-memory SQLite) the same function runs through
-``AsyncConnection.run_sync`` in an ordinary ``read()`` / ``write()`` transaction, so the code and
-its SQL are the same on both backends.
+runs in one go. On a SQLite file it runs on plain ``sqlite3`` connections (same pragmas, same
+``BEGIN IMMEDIATE``, same in-process write lock): on the event loop's own thread when SQLite
+answers at once (``_InlineSqlite``: busy time-out zero), else, when another process holds the
+write lock or a checkpoint is in the way, on a dedicated thread that waits up to
+``busy_timeout_ms`` (``_SyncSqlite``). Either way not through aiosqlite's thread, one hop per
+statement, cursor and commit (measured: ~4 hops per statement). On PostgreSQL (and in-memory
+SQLite) the same function runs through ``AsyncConnection.run_sync`` in an ordinary ``read()`` /
+``write()`` transaction, so the code and its SQL are the same on both backends.
 """
 
 from __future__ import annotations
@@ -286,9 +288,10 @@ class Database:
         else:
             kwargs.update(pool_pre_ping=True, pool_size=5, max_overflow=5)
         self.engine: AsyncEngine = create_async_engine(url, **kwargs)
-        # The SQLite file again, through plain sqlite3 (run_read / run_write): a thread for
-        # reads and one for writes, so a read (the identity of every request) never queues
-        # behind a write transaction (WAL: readers and the writer do not block each other).
+        # The SQLite file again, through plain sqlite3 (run_read / run_write): connections on
+        # the loop's thread for what runs at once, and a thread for reads and one for writes
+        # for what must wait, so a read (the identity of every request) never queues behind a
+        # write transaction (WAL: readers and the writer do not block each other).
         self._sync_read: _SyncSqlite | None = None
         self._sync_write: _SyncSqlite | None = None
         self._inline_read: _InlineSqlite | None = None

@@ -6,7 +6,7 @@ statements. Run one transaction at a time, each statement a hop to the database 
 write lock was held mostly waiting for hops and commits. Here every request hands a *unit* (a
 synchronous function of a SQLAlchemy ``Connection``) to :meth:`GroupedWrites.run`; units that
 queue while a group is in the database run as the next group, in ONE write transaction through
-``Database.run_write`` (one lock, one ``BEGIN IMMEDIATE``, one COMMIT, one hop on SQLite).
+``Database.run_write`` (one lock, one ``BEGIN IMMEDIATE``, one COMMIT).
 
 Each unit runs inside its own SAVEPOINT, so units stay independent as if each had its own
 transaction:
@@ -80,7 +80,7 @@ class GroupedWrites:
 
     async def run(self, fn: Unit[_T], *, on_refusal: OnRefusal | None = None) -> _T:
         """``fn(conn)`` in its own savepoint of the next group transaction; its result once
-        the group committed. ``fn`` runs on the database thread: it must only use the
+        the group committed. ``fn`` runs on the database connection's thread: it must only use the
         connection it is given and be quick (no waiting on anything else)."""
         loop = asyncio.get_running_loop()
         pending = _Pending(fn=fn, on_refusal=on_refusal, future=loop.create_future())

@@ -68,7 +68,7 @@ _MAY_SIGN = (
 )
 
 
-_MAY_SIGN_FAST = FastStatement(_MAY_SIGN)  # on the write thread's sqlite3 connection
+_MAY_SIGN_FAST = FastStatement(_MAY_SIGN)  # on the SQLite write connection
 
 
 async def may_sign_row(conn: AsyncConnection, *, credential_id: str, facility_id: int) -> Any:

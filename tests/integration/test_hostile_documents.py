@@ -84,3 +84,39 @@ def test_an_xml_bomb_for_xades_is_a_quick_400_and_spends_nothing(
     assert not [x for x in rows if x.action == "signature.sign_doc" and digest in x.detail]
     refused = [x for x in rows if x.action == "signature.refused"]
     assert refused and "XML" in json.loads(refused[-1].detail)["reason"]
+
+
+def _nested_namespaces(levels: int = 8, per_element: int = 60) -> bytes:
+    """Within the parse limits (60 namespace declarations per element, 8 levels deep), but
+    libxml2's canonicalisation fails on it once the signature is being built."""
+    head = "".join(
+        "<e " + " ".join(f'xmlns:p{d}x{i}="u{d}{i}"' for i in range(per_element)) + ">"
+        for d in range(levels)
+    )
+    return f"<r>{head}x{'</e>' * levels}</r>".encode()
+
+
+def test_xml_that_fails_canonicalisation_is_a_400_and_gives_the_count_back(
+    csc: Csc, doctor: Any, sandbox: dict[str, Any], gateway: Server
+) -> None:
+    xml = _nested_namespaces()
+    doc, auth = doctor
+    sad = csc.authorize(doc["credential_id"], [hashlib.sha256(xml).digest()], auth)
+    body = {
+        "credentialID": doc["credential_id"],
+        "SAD": sad,
+        "documents": [
+            {"document": b64(xml), "signature_format": "X", "signed_envelope_property": "Enveloped"}
+        ],
+    }
+    first = csc.post("/csc/v2/signatures/signDoc", body)
+    assert first.status == 400, first.body
+    assert first.json()["error"] == "invalid_request"
+    assert "could not be read (C14NError)" in first.json()["error_description"]
+    # Refunded: the same SAD fails the same way again instead of being spent.
+    again = csc.post("/csc/v2/signatures/signDoc", body)
+    assert again.status == 400, again.body
+    assert again.json()["error_description"] == first.json()["error_description"]
+    failed = [r for r in _audit(sandbox["config"]) if r.action == "signature.failed"]
+    assert failed and json.loads(failed[-1].detail)["refunded"] is True
+    assert "Traceback" not in gateway.logs()
