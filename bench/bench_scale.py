@@ -20,6 +20,10 @@ and the whole SCAL 2 ceremony per prescription.
                                  and its children (signing process, TEST TSA), from /proc
   ceremony_client_cpu_ms         CPU per ceremony of the bench's 16 doctors (this process),
                                  on the same cores: both hold up under load better than rates
+  signhash_single_pg_busy_cores, signhash_single_pg_2inst_busy_cores, ceremony_busy_cores,
+  ceremony_workers_busy_cores    how many of the machine's cores were busy (all processes,
+                                 from /proc/stat) during those rounds: a figure near
+                                 os.cpu_count() says the machine, not the gateway, set the rate
 
 Rounds of the one- and two-instance measures alternate (1, 2, 1, 2, ...) so that load on the
 machine hits both alike; each key is the median of its rounds. Target (bench only, never
@@ -60,6 +64,19 @@ ROUNDS = int(os.environ.get("BENCH_SCALE_ROUNDS", "3"))
 # 20 x 16 ceremonies a round: long enough that the start and the last stragglers of a round
 # do not decide its rate.
 CEREMONIES_PER_DOCTOR = int(os.environ.get("BENCH_CEREMONIES_PER_DOCTOR", "20"))
+
+
+def _cpu_jiffies() -> tuple[int, int]:
+    """(busy, total) jiffies of the whole machine so far (/proc/stat's first line)."""
+    with open("/proc/stat") as f:
+        fields = [int(x) for x in f.readline().split()[1:]]
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+    return sum(fields) - idle, sum(fields)
+
+
+def _busy_cores(before: tuple[int, int], after: tuple[int, int]) -> float:
+    busy, total = after[0] - before[0], after[1] - before[1]
+    return (os.cpu_count() or 1) * busy / total if total else 0.0
 
 
 async def _single(
@@ -124,19 +141,25 @@ def postgres_rates(tmp: Path) -> dict[str, float]:
             auth = asyncio.run(
                 enrolled(a.port, ctx, doc["enrollment_code"], doc["enrollment_password"])
             )
-            one, two = [], []
+            one, two, busy_one, busy_two = [], [], [], []
             for r in range(ROUNDS):
                 print(
                     f"  PostgreSQL signHash round {r + 1}/{ROUNDS}: one instance, two", flush=True
                 )
+                start = _cpu_jiffies()
                 one.append(asyncio.run(_single([a.port], ctx, cred, auth)))
+                mid = _cpu_jiffies()
                 two.append(asyncio.run(_single([a.port, b.port], ctx, cred, auth)))
+                busy_one.append(_busy_cores(start, mid))
+                busy_two.append(_busy_cores(mid, _cpu_jiffies()))
         finally:
             b.stop()
             a.stop()
     return {
         "signhash_single_pg_per_s": statistics.median(one),
         "signhash_single_pg_2inst_per_s": statistics.median(two),
+        "signhash_single_pg_busy_cores": statistics.median(busy_one),
+        "signhash_single_pg_2inst_busy_cores": statistics.median(busy_two),
     }
 
 
@@ -213,6 +236,7 @@ def ceremony_rates(tmp: Path) -> dict[str, float]:
         assert srv.proc is not None
         serve = srv.proc.pid
         rates, rates_many, raws, serve_cpu, client_cpu = [], [], [], [], []
+        busy, busy_many = [], []
         n = len(doctors) * CEREMONIES_PER_DOCTOR
         for r in range(ROUNDS):
             print(
@@ -220,11 +244,16 @@ def ceremony_rates(tmp: Path) -> dict[str, float]:
                 flush=True,
             )
             before, client = tree_cpu({serve}), time.process_time()
+            start = _cpu_jiffies()
             rates.append(asyncio.run(_ceremonies(port, ctx, doctors)))
+            mid = _cpu_jiffies()
             after, client = tree_cpu({serve}), time.process_time() - client
             serve_cpu.append(sum(v - before.get(k, 0.0) for k, v in after.items()) * 1000 / n)
             client_cpu.append(client * 1000 / n)
+            busy.append(_busy_cores(start, mid))
+            start = _cpu_jiffies()
             rates_many.append(asyncio.run(_ceremonies(many.port, ctx, doctors)))
+            busy_many.append(_busy_cores(start, _cpu_jiffies()))
             raws.append(raw_rate(config, key_hex))
     finally:
         many.stop()
@@ -235,6 +264,8 @@ def ceremony_rates(tmp: Path) -> dict[str, float]:
         "ceremony_raw_pkcs11_per_s": statistics.median(raws),
         "ceremony_serve_cpu_ms": statistics.median(serve_cpu),
         "ceremony_client_cpu_ms": statistics.median(client_cpu),
+        "ceremony_busy_cores": statistics.median(busy),
+        "ceremony_workers_busy_cores": statistics.median(busy_many),
     }
 
 

@@ -10,6 +10,7 @@ Builds a throwaway sandbox, then measures on the same SoftHSM key:
   rss_mb_per_worker              largest VmRSS of a worker after its load
   signhash_single_pg_per_s, signhash_single_pg_2inst_per_s, ceremony_per_s,
   ceremony_workers_per_s, ceremony_serve_cpu_ms, ceremony_client_cpu_ms,
+  *_busy_cores,
   ceremony_raw_pkcs11_per_s      bench_scale.py: PostgreSQL one / two instances, the SCAL 2
                                  ceremony per prescription with one worker and with
                                  os.cpu_count() workers (see its docstring)
