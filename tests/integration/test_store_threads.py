@@ -8,6 +8,8 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 import threading
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -33,11 +35,25 @@ def _other_writer_refused(path: Path) -> bool:
         other.close()
 
 
-async def test_write_thread_holds_the_write_lock_from_its_begin(tmp_path: Path) -> None:
+@asynccontextmanager
+async def _store(
+    tmp_path: Path, *, probe: str | None = None, busy_timeout_ms: int = 15000
+) -> AsyncIterator[tuple[Database, Path]]:
+    """A migrated SQLite store in ``tmp_path`` (with a table ``probe (x <probe>)``), closed
+    after the block."""
     path = tmp_path / "t.db"
-    db = Database(f"sqlite+aiosqlite:///{path}")
+    db = Database(f"sqlite+aiosqlite:///{path}", busy_timeout_ms=busy_timeout_ms)
     try:
         await db.migrate()
+        if probe is not None:
+            await db.run_write(lambda conn: conn.exec_driver_sql(f"CREATE TABLE probe (x {probe})"))
+        yield db, path
+    finally:
+        await db.close()
+
+
+async def test_write_thread_holds_the_write_lock_from_its_begin(tmp_path: Path) -> None:
+    async with _store(tmp_path) as (db, path):
 
         def write(conn: Connection) -> tuple[bool, bool]:
             raw = conn.connection.driver_connection
@@ -53,15 +69,10 @@ async def test_write_thread_holds_the_write_lock_from_its_begin(tmp_path: Path) 
             return raw.in_transaction, _other_writer_refused(path)
 
         assert await db.run_read(read) == (True, False)
-    finally:
-        await db.close()
 
 
 async def test_write_thread_rolls_back_what_raised(tmp_path: Path) -> None:
-    path = tmp_path / "t.db"
-    db = Database(f"sqlite+aiosqlite:///{path}")
-    try:
-        await db.migrate()
+    async with _store(tmp_path) as (db, path):
 
         def create(conn: Connection) -> None:
             conn.exec_driver_sql("CREATE TABLE probe (x INTEGER)")
@@ -80,19 +91,13 @@ async def test_write_thread_rolls_back_what_raised(tmp_path: Path) -> None:
 
         assert await db.run_read(count) == 0
         assert not _other_writer_refused(path)
-    finally:
-        await db.close()
 
 
 async def test_write_thread_commits_and_rolls_back_what_ran_on_the_driver(tmp_path: Path) -> None:
     """A write function whose statements all run on the driver connection (store/fast.py),
     none through SQLAlchemy: committed when it returns, rolled back when it raises, the lock
     free afterwards either way."""
-    path = tmp_path / "t.db"
-    db = Database(f"sqlite+aiosqlite:///{path}")
-    try:
-        await db.migrate()
-        await db.run_write(lambda conn: conn.exec_driver_sql("CREATE TABLE probe (x INTEGER)"))
+    async with _store(tmp_path, probe="INTEGER") as (db, path):
 
         def driver(conn: Connection) -> Any:
             raw = conn.connection.driver_connection
@@ -117,15 +122,10 @@ async def test_write_thread_commits_and_rolls_back_what_ran_on_the_driver(tmp_pa
 
         assert await db.run_read(rows) == [1]
         assert not _other_writer_refused(path)
-    finally:
-        await db.close()
 
 
 async def test_a_write_lock_held_elsewhere_past_the_busy_timeout_is_503(tmp_path: Path) -> None:
-    path = tmp_path / "t.db"
-    db = Database(f"sqlite+aiosqlite:///{path}", busy_timeout_ms=100)
-    try:
-        await db.migrate()
+    async with _store(tmp_path, busy_timeout_ms=100) as (db, path):
         holder = sqlite3.connect(path, isolation_level=None)
         holder.execute("BEGIN IMMEDIATE")
         try:
@@ -135,8 +135,6 @@ async def test_a_write_lock_held_elsewhere_past_the_busy_timeout_is_503(tmp_path
             holder.execute("ROLLBACK")
             holder.close()
         assert await db.run_write(lambda conn: 7) == 7  # the same thread, working again
-    finally:
-        await db.close()
 
 
 async def test_transactions_run_on_the_loop_thread_when_sqlite_answers_at_once(
@@ -144,10 +142,7 @@ async def test_transactions_run_on_the_loop_thread_when_sqlite_answers_at_once(
 ) -> None:
     """No hop when nothing is in the way: the write and the read run on the caller's thread
     (the event loop's), each in its transaction, the write with the write lock."""
-    path = tmp_path / "t.db"
-    db = Database(f"sqlite+aiosqlite:///{path}")
-    try:
-        await db.migrate()
+    async with _store(tmp_path) as (db, path):
         me = threading.current_thread().name
 
         def write(conn: Connection) -> tuple[str, bool, bool]:
@@ -163,8 +158,6 @@ async def test_transactions_run_on_the_loop_thread_when_sqlite_answers_at_once(
             return threading.current_thread().name, raw.in_transaction
 
         assert await db.run_read(read) == (me, True)
-    finally:
-        await db.close()
 
 
 async def test_a_write_lock_held_elsewhere_sends_the_write_to_the_thread_and_the_loop_runs_on(
@@ -173,11 +166,7 @@ async def test_a_write_lock_held_elsewhere_sends_the_write_to_the_thread_and_the
     """Another process holds the write lock: the write waits on the write thread (the busy
     time-out), not on the loop, which goes on serving (here: a read, which WAL lets through
     at once, on the loop); once the lock is free the write commits."""
-    path = tmp_path / "t.db"
-    db = Database(f"sqlite+aiosqlite:///{path}")
-    try:
-        await db.migrate()
-        await db.run_write(lambda conn: conn.exec_driver_sql("CREATE TABLE probe (x INTEGER)"))
+    async with _store(tmp_path, probe="INTEGER") as (db, path):
         holder = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         holder.execute("BEGIN IMMEDIATE")
         released = threading.Event()
@@ -215,19 +204,13 @@ async def test_a_write_lock_held_elsewhere_sends_the_write_to_the_thread_and_the
             )
             == 1
         )
-    finally:
-        await db.close()
 
 
 async def test_the_wal_is_checkpointed_off_the_loop_and_stays_small(tmp_path: Path) -> None:
     """Writes on the loop's thread do not checkpoint the WAL themselves (its fsyncs would stop
     the loop); the write thread does, every CHECKPOINT_EVERY of them. Without it the WAL would
     only grow: 1,000 commits of a 4 KB row each are over 4 MB of WAL frames."""
-    path = tmp_path / "t.db"
-    db = Database(f"sqlite+aiosqlite:///{path}")
-    try:
-        await db.migrate()
-        await db.run_write(lambda conn: conn.exec_driver_sql("CREATE TABLE probe (x BLOB)"))
+    async with _store(tmp_path, probe="BLOB") as (db, path):
 
         def autocheckpoint(conn: Connection) -> int:
             return int(conn.exec_driver_sql("PRAGMA wal_autocheckpoint").scalar_one())
@@ -247,5 +230,3 @@ async def test_the_wal_is_checkpointed_off_the_loop_and_stays_small(tmp_path: Pa
             lambda conn: conn.exec_driver_sql("SELECT count(*) FROM probe").scalar_one()
         )
         assert count == 1000
-    finally:
-        await db.close()
