@@ -37,7 +37,7 @@ from sqlalchemy.exc import IntegrityError
 
 from gateway.auth import challenges as auth_challenges
 from gateway.clock import JST, days_left, jst_date
-from gateway.errors import GatewayError
+from gateway.errors import GatewayError, TemporarilyUnavailable
 from gateway.lifecycle import mailer
 from gateway.lifecycle.certificates import ClientCertificateService
 from gateway.lifecycle.notice import jp_date
@@ -363,6 +363,16 @@ class Scheduler:
                     )
             except _Skipped:
                 pass
+            except TemporarilyUnavailable as e:
+                # The store locked past its busy time-out, or down: an operating condition with
+                # its own line, not a stack trace (what a fault run and an operator read).
+                cause = e.__cause__
+                log.warning(
+                    "scheduler run failed: %s%s; retrying in %s s",
+                    e.description,
+                    f" (cause: {type(cause).__name__})" if cause is not None else "",
+                    interval,
+                )
             except Exception:
                 log.exception("scheduler run failed; retrying in %s s", interval)
             if on_run is not None:
