@@ -18,9 +18,6 @@ import pytest
 from sqlalchemy import func, insert, select
 
 from gateway.audit import AuditLog
-from gateway.lifecycle.certificates import ClientCertificateService
-from gateway.lifecycle.facilities import FacilityRegistry
-from gateway.lifecycle.scheduler import Scheduler
 from gateway.store.db import Database
 from gateway.store.schema import (
     audit_event,
@@ -227,35 +224,24 @@ async def test_a_store_locked_past_the_busy_timeout_is_one_warning_and_the_next_
     with one warning line naming the cause (no stack trace: an operating condition, which the
     fault tests check no log shows), and the next round, the lock gone, runs."""
     settings = make_settings(tmp_path)
-    clock = FakeClock(T0)
-    db = Database(settings.database_url(), busy_timeout_ms=100)
-    await db.migrate()
-    audit = AuditLog()
-    certs = ClientCertificateService(
-        settings=settings,
-        db=db,
-        audit=audit,
-        registry=FacilityRegistry(db=db, audit=audit),
-        clock=clock,
-    )
-    holder = sqlite3.connect(tmp_path / "gw.db", isolation_level=None)
-    holder.execute("BEGIN IMMEDIATE")
     outcomes: list[str] = []
     stop = asyncio.Event()
+    async with services(settings, FakeClock(T0), busy_timeout_ms=100) as svc:
+        holder = sqlite3.connect(tmp_path / "gw.db", isolation_level=None)
+        holder.execute("BEGIN IMMEDIATE")
 
-    def on_run(outcome: str) -> None:
-        outcomes.append(outcome)
-        if len(outcomes) == 1:
-            holder.execute("ROLLBACK")
-        else:
-            stop.set()
+        def on_run(outcome: str) -> None:
+            outcomes.append(outcome)
+            if len(outcomes) == 1:
+                holder.execute("ROLLBACK")
+            else:
+                stop.set()
 
-    try:
-        with caplog.at_level(logging.WARNING, logger="gateway.scheduler"):
-            await asyncio.wait_for(Scheduler(service=certs).loop(0.05, stop, on_run), 30)
-    finally:
-        holder.close()
-        await db.close()
+        try:
+            with caplog.at_level(logging.WARNING, logger="gateway.scheduler"):
+                await asyncio.wait_for(svc.scheduler.loop(0.05, stop, on_run), 30)
+        finally:
+            holder.close()
     assert outcomes == ["failed", "ok"]
     lines = [r for r in caplog.records if r.name == "gateway.scheduler"]
     assert len(lines) == 1, [r.getMessage() for r in lines]

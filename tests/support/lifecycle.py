@@ -94,8 +94,16 @@ class Services:
 
 
 @asynccontextmanager
-async def services(settings: Settings, clock: FakeClock) -> AsyncIterator[Services]:
-    db = Database(settings.database_url())
+async def services(
+    settings: Settings, clock: FakeClock, *, busy_timeout_ms: int | None = None
+) -> AsyncIterator[Services]:
+    """The store (migrated), registry, certificate service and scheduler of ``settings``;
+    ``busy_timeout_ms``: the store's SQLite busy time-out, when a test needs a short one."""
+    db = (
+        Database(settings.database_url())
+        if busy_timeout_ms is None
+        else Database(settings.database_url(), busy_timeout_ms=busy_timeout_ms)
+    )
     await db.migrate()
     audit = AuditLog()
     registry = FacilityRegistry(db=db, audit=audit)
