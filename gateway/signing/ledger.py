@@ -55,6 +55,7 @@ from sqlalchemy import (
     update,
     values,
 )
+from sqlalchemy.engine.interfaces import Dialect
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -656,11 +657,28 @@ def _spend_hashes(spent: list[tuple[tuple[int, bytes], int]]) -> tuple[Any, dict
     return _spend_hashes_stmt(len(spent)), params
 
 
+@functools.lru_cache(maxsize=2 * GROUP_MAX_REQUESTS)
+def _compiled(stmt: Any, dialect: Dialect) -> tuple[str, tuple[str, ...]]:
+    """The SQL of a multi-row spend and the order of its parameters, compiled once.
+
+    SQLAlchemy does not cache statements with a VALUES list (its cache key visitor marks
+    multi-values "not cacheable"), so ``Connection.execute`` would compile one on every call:
+    ~0.35 ms for 8 rows, twice per group on PostgreSQL. Its bind types (Integer, LargeBinary)
+    need no bind processors on asyncpg, so the driver takes the values as they are.
+    """
+    compiled: Any = stmt.compile(dialect=dialect)
+    if compiled.positiontup is None:  # pragma: no cover - asyncpg's paramstyle is positional
+        raise AssertionError(f"{dialect.paramstyle}: not a positional paramstyle")
+    return compiled.string, tuple(compiled.positiontup)
+
+
 def _returning_checked(
     conn: Connection, stmt: tuple[Any, dict[str, Any]], expected: int, refusal: str
 ) -> None:
     """Run a conditional multi-row UPDATE ... RETURNING; refuse unless every row matched."""
-    if len(conn.execute(*stmt).all()) != expected:
+    sql, names = _compiled(stmt[0], conn.dialect)
+    params = stmt[1]
+    if len(conn.exec_driver_sql(sql, tuple(params[n] for n in names)).all()) != expected:
         raise InvalidRequest(refusal)
 
 
