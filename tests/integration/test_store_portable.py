@@ -517,3 +517,50 @@ def test_a_grant_from_another_presence_method_is_issued_and_spent_the_same_way(u
             await db.close()
 
     asyncio.run(go())
+
+
+@pytest.mark.parametrize("idle", ["used-just-now", "idle"])
+def test_a_pooled_connection_the_database_closed(pg_databases: Databases, idle: str) -> None:
+    """PostgreSQL closes the gateway's pooled connections (a restart, a failover, a firewall's
+    idle time-out; here ``pg_terminate_backend``). A connection idle longer than the ping
+    threshold is pinged and replaced before use: no request notices. One used within the
+    threshold is not pinged (no ping round trips under load): its request gets 503
+    ``database unavailable`` (not a 500), and SQLAlchemy's invalidation of the whole pool
+    means that is the only one; the next writes succeed on new connections."""
+    from sqlalchemy import text
+
+    from gateway.errors import TemporarilyUnavailable
+
+    url = pg_databases.fresh()
+    # Wide apart, so that a slow machine cannot blur them: 30 s is "just now" for a psql run.
+    threshold = 0.2 if idle == "idle" else 30.0
+
+    async def write(db: Database) -> None:
+        async with db.write() as conn:
+            await conn.execute(text("SELECT pg_sleep(0.05)"))
+
+    async def go() -> list[str]:
+        db = Database(url, ping_after_idle_s=threshold)
+        try:
+            await asyncio.gather(*(write(db) for _ in range(3)))  # three pooled connections
+            assert db.engine.sync_engine.pool.checkedin() == 3
+            pg_databases.close_connections(url)
+            if idle == "idle":
+                await asyncio.sleep(threshold * 2)
+            outcomes = []
+            for _ in range(4):
+                try:
+                    await write(db)
+                    outcomes.append("ok")
+                except TemporarilyUnavailable as e:
+                    assert e.description == "database unavailable"
+                    outcomes.append("503")
+            return outcomes
+        finally:
+            await db.close()
+
+    outcomes = asyncio.run(go())
+    if idle == "idle":
+        assert outcomes == ["ok"] * 4
+    else:
+        assert outcomes == ["503", "ok", "ok", "ok"]

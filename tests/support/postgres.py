@@ -123,6 +123,14 @@ class Databases:
     def _db_url(self, name: str) -> str:
         return self.url.rsplit("/", 1)[0] + "/" + name
 
+    def close_connections(self, url: str) -> None:
+        """Close every connection to the database of ``url`` from the server's side, as a
+        restart or a failover does (``pg_terminate_backend``)."""
+        name = url.rsplit("/", 1)[1]
+        assert name.isidentifier(), name  # one of this class's databases
+        sql = "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{}'"
+        self._psql(sql.format(name) + " AND pid <> pg_backend_pid()")
+
     def fresh(self) -> str:
         """The SQLAlchemy URL of a new database holding the migrated, empty schema."""
         if not self._template_ready:
