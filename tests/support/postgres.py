@@ -125,10 +125,11 @@ class Databases:
 
     def close_connections(self, url: str) -> None:
         """Close every connection to the database of ``url`` from the server's side, as a
-        restart or a failover does (``pg_terminate_backend``)."""
+        restart or a failover does (``pg_terminate_backend``, waiting up to 5 s for each
+        backend to be gone, so the connections are closed when this returns)."""
         name = url.rsplit("/", 1)[1]
         assert name.isidentifier(), name  # one of this class's databases
-        sql = "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{}'"
+        sql = "SELECT pg_terminate_backend(pid, 5000) FROM pg_stat_activity WHERE datname = '{}'"
         self._psql(sql.format(name) + " AND pid <> pg_backend_pid()")
 
     def fresh(self) -> str:
