@@ -364,6 +364,27 @@ def _unavailable(e: DBAPIError) -> bool:
     return isinstance(e, OperationalError) or e.connection_invalidated
 
 
+def _down() -> TemporarilyUnavailable:
+    return TemporarilyUnavailable("database unavailable", retry_after=2)
+
+
+async def _connect(engine: AsyncEngine) -> AsyncConnection:
+    """A connection from ``engine``'s pool; 503 ``database unavailable`` if none can be had.
+
+    asyncpg raises a refused or timed-out TCP connect as the plain ``OSError`` it is
+    (``ConnectionRefusedError``, ``TimeoutError``), which SQLAlchemy passes through unwrapped:
+    with PostgreSQL down, every request would otherwise be a 500.
+    """
+    try:
+        return await engine.connect()
+    except DBAPIError as e:
+        if _unavailable(e):
+            raise _down() from e
+        raise
+    except OSError as e:
+        raise _down() from e
+
+
 class Database:
     """The store: one async engine, read and write transactions, migrations."""
 
@@ -434,12 +455,7 @@ class Database:
             yield True
             return
         key = int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "big", signed=True)
-        try:
-            conn = await self.engine.connect()
-        except DBAPIError as e:
-            if _unavailable(e):
-                raise TemporarilyUnavailable("database unavailable", retry_after=2) from e
-            raise
+        conn = await _connect(self.engine)
         try:
             got = bool(
                 (
@@ -469,13 +485,15 @@ class Database:
 
     @asynccontextmanager
     async def read(self) -> AsyncIterator[AsyncConnection]:
+        conn = await _connect(self.engine)
         try:
-            async with self.engine.connect() as conn:
-                yield conn
+            yield conn
         except DBAPIError as e:
             if _unavailable(e):
-                raise TemporarilyUnavailable("database unavailable", retry_after=2) from e
+                raise _down() from e
             raise
+        finally:
+            await conn.close()
 
     @asynccontextmanager
     async def write(self) -> AsyncIterator[AsyncConnection]:
@@ -489,13 +507,16 @@ class Database:
 
     @asynccontextmanager
     async def _write_txn(self) -> AsyncIterator[AsyncConnection]:
+        conn = await _connect(self._write_engine)
         try:
-            async with self._write_engine.begin() as conn:
+            async with conn.begin():
                 yield conn
         except DBAPIError as e:
             if _unavailable(e):
-                raise TemporarilyUnavailable("database unavailable", retry_after=2) from e
+                raise _down() from e
             raise
+        finally:
+            await conn.close()
 
     async def run_read(self, fn: Callable[[Connection], _T]) -> _T:
         """``fn(conn)`` in one read transaction, in one hop on SQLite (see the module doc).
@@ -503,13 +524,15 @@ class Database:
         ``fn`` must only use the connection it is given, and must not block on anything else.
         """
         if self._sync_read is None:
+            conn = await _connect(self._read_engine)
             try:
-                async with self._read_engine.connect() as conn:
-                    return await conn.run_sync(fn)
+                return await conn.run_sync(fn)
             except DBAPIError as e:
                 if _unavailable(e):
-                    raise TemporarilyUnavailable("database unavailable", retry_after=2) from e
+                    raise _down() from e
                 raise
+            finally:
+                await conn.close()
         inline = self._inline_read
         if inline is not None and inline.usable():
             with contextlib.suppress(_Busy):

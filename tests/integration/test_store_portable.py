@@ -24,7 +24,7 @@ from gateway.sandbox import testworld
 from gateway.signing.ledger import SadLedger, SignRequest, token_hash
 from gateway.store.db import Database
 from gateway.store.schema import metadata
-from tests.support.postgres import Databases
+from tests.support.postgres import Databases, postgres_cluster, stopped
 
 
 @pytest.fixture(scope="module")
@@ -564,3 +564,60 @@ def test_a_pooled_connection_the_database_closed(pg_databases: Databases, idle: 
         assert outcomes == ["ok"] * 4
     else:
         assert outcomes == ["503", "ok", "ok", "ok"]
+
+
+def test_postgresql_down_is_503_on_every_path_then_served_again() -> None:
+    """With the PostgreSQL server stopped, every way into the store (``read``, ``write``,
+    ``run_read``, ``run_write``, ``exclusive``) is 503 ``database unavailable`` with
+    Retry-After 2, not a 500: asyncpg raises a refused connect as a plain OSError, which
+    SQLAlchemy passes on unwrapped. Started again, the same ``Database`` serves at once."""
+    from sqlalchemy import text
+
+    from gateway.errors import TemporarilyUnavailable
+
+    def one(conn: Connection) -> int:
+        return int(conn.execute(text("SELECT 1")).scalar_one())
+
+    async def read(db: Database) -> None:
+        async with db.read() as conn:
+            await conn.execute(text("SELECT 1"))
+
+    async def write(db: Database) -> None:
+        async with db.write() as conn:
+            await conn.execute(text("SELECT 1"))
+
+    async def exclusive(db: Database) -> None:
+        async with db.exclusive("test") as got:
+            assert got
+
+    async def run_read(db: Database) -> None:
+        assert await db.run_read(one) == 1
+
+    async def run_write(db: Database) -> None:
+        assert await db.run_write(one) == 1
+
+    paths = [read, write, run_read, run_write, exclusive]
+
+    async def each(db: Database) -> list[str]:
+        out = []
+        for path in paths:
+            try:
+                await path(db)
+                out.append("ok")
+            except TemporarilyUnavailable as e:
+                assert (e.description, e.retry_after) == ("database unavailable", 2)
+                out.append("503")
+        return out
+
+    async def go(url: str) -> None:
+        db = Database(url)
+        try:
+            assert await each(db) == ["ok"] * len(paths)
+            with stopped(url):  # blocks the loop while pg_ctl runs: nothing else is on it
+                assert await each(db) == ["503"] * len(paths)
+            assert await each(db) == ["ok"] * len(paths)
+        finally:
+            await db.close()
+
+    with postgres_cluster() as url:
+        asyncio.run(go(url))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import pwd
+import shlex
 import shutil
 import subprocess
 import tempfile
@@ -96,6 +97,36 @@ def postgres_cluster() -> Iterator[str]:
             capture_output=True,
         )
         shutil.rmtree(base, ignore_errors=True)
+
+
+@contextmanager
+def stopped(url: str) -> Iterator[None]:
+    """The cluster of ``url`` stopped for the block (``pg_ctl stop -m fast``: its connections
+    are closed, new ones refused), then started again with the options it had."""
+    bindir = _bindir()
+    host_port = url.split("@", 1)[1].split("/", 1)[0]
+    host, port = host_port.split(":")
+    data = subprocess.run(
+        [str(bindir / "psql"), "-h", host, "-p", port, "-U", "postgres", "-d", "postgres",
+         "-At", "-c", "SHOW data_directory"],
+        check=True, capture_output=True, text=True,
+    ).stdout.strip()  # fmt: skip
+    # postmaster.opts: the server's command line, quoted; all but the program and its -D.
+    opts = shlex.split(Path(data, "postmaster.opts").read_text())[1:]
+    i = opts.index("-D")
+    del opts[i : i + 2]
+    prefix = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+    ctl = [*prefix, str(bindir / "pg_ctl"), "-D", data]
+    subprocess.run([*ctl, "-m", "fast", "-w", "stop"], check=True, capture_output=True)
+    try:
+        yield
+    finally:
+        log = str(Path(data).parent / "pg.log")
+        subprocess.run(
+            [*ctl, "-w", "-l", log, "-o", shlex.join(opts), "start"],
+            check=True,
+            capture_output=True,
+        )
 
 
 class Databases:
