@@ -22,7 +22,7 @@ from sqlalchemy import func, select
 from gateway.store.db import Database
 from gateway.store.schema import audit_event
 from tests.support.gateway import Server, client_context, free_port, run_cli
-from tests.support.postgres import Databases
+from tests.support.postgres import Databases, stopped
 from tests.support.signing import Csc, b64, random_hashes, replayed_authorizations
 from tests.support.webauthn import SoftAuthenticator
 
@@ -225,3 +225,26 @@ async def _actions(url: str) -> dict[str, int]:
             return {str(k): int(n) for k, n in rows.all()}
     finally:
         await db.close()
+
+
+def test_postgresql_down_is_503_at_both_instances_and_the_sad_survives(cluster: Cluster) -> None:
+    """The database server stops under two instances: signHash is 503 ``database unavailable``
+    with Retry-After 2 at both (not a 500, nothing spent); started again, the same SAD signs at
+    either instance at once, and the audit chain is intact."""
+    a, b = Csc(cluster.a.port, cluster.ctx), Csc(cluster.b.port, cluster.ctx)
+    cred = cluster.doc["credential_id"]
+    h = random_hashes(2)
+    sad = a.authorize(cred, h, cluster.auth)
+    with stopped(cluster.url):
+        for c in (a, b, a, b):
+            r = c.sign_hash(cred, sad, h[:1])
+            assert r.status == 503, r.body
+            assert r.headers.get("retry-after") == "2"
+            assert r.json()["error_description"] == "database unavailable"
+    for c, one in ((b, h[:1]), (a, h[1:])):
+        r = c.sign_hash(cred, sad, one)
+        assert r.status == 200, r.body
+    spent = a.sign_hash(cred, sad, h[:1])
+    assert spent.status == 400, spent.body
+    verify = run_cli("audit", "verify", "-c", str(cluster.config), "--json", check=False)
+    assert verify.returncode == 0, verify.stdout + verify.stderr
