@@ -76,8 +76,9 @@ class StoreSettings(_Section):
     echo: bool = False
     """Log SQL statements (development only)."""
     busy_timeout_ms: Annotated[int, Field(ge=1, le=600_000)] = 15000
-    """SQLite: how long a write waits for another process's write lock before the request
-    gets 503 ``temporarily_unavailable`` (Retry-After 2)."""
+    """How long a write waits for a lock held elsewhere before the request gets 503
+    ``temporarily_unavailable`` (Retry-After 2): on SQLite another process's write lock (the
+    busy time-out), on PostgreSQL a row or table lock (the sessions' ``lock_timeout``)."""
 
 
 class HsmSettings(_Section):

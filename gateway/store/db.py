@@ -357,11 +357,24 @@ def _ping_when_idle(engine: AsyncEngine, after_s: float) -> None:
     event.listen(pool, "checkout", checkout)
 
 
+#: How long a new PostgreSQL connection may take to open.
+CONNECT_TIMEOUT_S = 10.0
+#: PostgreSQL errors that mean "try again": lock_not_available (``lock_timeout``),
+#: deadlock_detected, serialization_failure. asyncpg's errors reach SQLAlchemy as a plain
+#: ``DBAPIError`` carrying the SQLSTATE, not as ``OperationalError``.
+_RETRYABLE_SQLSTATES = frozenset({"55P03", "40P01", "40001"})
+
+
 def _unavailable(e: DBAPIError) -> bool:
     """A database error that means "try again later": the store is down, locked or full
-    (OperationalError), or a pooled connection turned out to be broken (a disconnect, after
-    which SQLAlchemy has invalidated the pool)."""
-    return isinstance(e, OperationalError) or e.connection_invalidated
+    (OperationalError; on PostgreSQL a lock wait past ``lock_timeout``, a deadlock or a
+    serialization failure), or a pooled connection turned out to be broken (a disconnect,
+    after which SQLAlchemy has invalidated the pool)."""
+    return (
+        isinstance(e, OperationalError)
+        or e.connection_invalidated
+        or getattr(e.orig, "sqlstate", None) in _RETRYABLE_SQLSTATES
+    )
 
 
 def _down() -> TemporarilyUnavailable:
@@ -404,7 +417,19 @@ class Database:
             if path and path != ":memory:":
                 Path(path).parent.mkdir(parents=True, exist_ok=True)
         else:
-            kwargs.update(pool_size=5, max_overflow=5)
+            kwargs.update(
+                pool_size=5,
+                max_overflow=5,
+                connect_args={
+                    # A row or table lock held elsewhere (an administrator's open transaction,
+                    # a stuck instance) is waited for as long as a SQLite write waits for the
+                    # file lock, then the request gets 503: not a request hung for ever.
+                    "server_settings": {"lock_timeout": str(int(busy_timeout_ms))},
+                    # A database host that does not answer: refused after this, not after
+                    # asyncpg's default minute.
+                    "timeout": CONNECT_TIMEOUT_S,
+                },
+            )
         self.engine: AsyncEngine = create_async_engine(url, **kwargs)
         if not self.is_sqlite:
             _ping_when_idle(self.engine, ping_after_idle_s)

@@ -621,3 +621,43 @@ def test_postgresql_down_is_503_on_every_path_then_served_again() -> None:
 
     with postgres_cluster() as url:
         asyncio.run(go(url))
+
+
+def test_a_lock_held_elsewhere_on_postgresql_is_503_after_the_busy_time_out(
+    pg_databases: Databases,
+) -> None:
+    """Another session holds the audit head's row lock (an administrator's open transaction, a
+    stuck instance): an audit append waits ``busy_timeout_ms`` (PostgreSQL's ``lock_timeout``
+    for the gateway's sessions), then gets 503 ``database unavailable``, as on SQLite, instead
+    of hanging for as long as the lock is held; released, the next append goes through."""
+    import time
+
+    from sqlalchemy import text
+
+    from gateway.audit import AuditRecord
+    from gateway.errors import TemporarilyUnavailable
+
+    url = pg_databases.fresh()
+    record = AuditRecord(action="test.lock", actor="test", detail={}, now=datetime.now(UTC))
+
+    async def go() -> tuple[float, str]:
+        db = Database(url, busy_timeout_ms=300)
+        other = Database(url)
+        audit = AuditLog()
+        try:
+            async with other.write() as holder:
+                await holder.execute(text("SELECT seq FROM audit_head WHERE id = 1 FOR UPDATE"))
+                started = time.monotonic()
+                with pytest.raises(TemporarilyUnavailable, match="database unavailable"):
+                    await db.run_write(lambda conn: audit.append_many_sync(conn, [record]))
+                waited = time.monotonic() - started
+            await db.run_write(lambda conn: audit.append_many_sync(conn, [record]))
+            async with db.read() as conn:
+                return waited, (await audit.verify(conn)).message
+        finally:
+            await db.close()
+            await other.close()
+
+    waited, message = asyncio.run(go())
+    assert 0.3 <= waited < 10, waited
+    assert message == "chain intact", message
