@@ -381,21 +381,37 @@ def _down() -> TemporarilyUnavailable:
     return TemporarilyUnavailable("database unavailable", retry_after=2)
 
 
-async def _connect(engine: AsyncEngine) -> AsyncConnection:
-    """A connection from ``engine``'s pool; 503 ``database unavailable`` if none can be had.
+@asynccontextmanager
+async def _session(engine: AsyncEngine, *, begin: bool = False) -> AsyncIterator[AsyncConnection]:
+    """A pooled connection of ``engine`` for the block (in a transaction if ``begin``:
+    committed when the block exits cleanly, rolled back otherwise), with the store's failures
+    as 503 ``database unavailable`` (``_unavailable``).
 
-    asyncpg raises a refused or timed-out TCP connect as the plain ``OSError`` it is
-    (``ConnectionRefusedError``, ``TimeoutError``), which SQLAlchemy passes through unwrapped:
-    with PostgreSQL down, every request would otherwise be a 500.
+    That includes a connection that cannot be opened at all: asyncpg raises a refused or
+    timed-out TCP connect as the plain ``OSError`` it is (``ConnectionRefusedError``,
+    ``TimeoutError``), which SQLAlchemy passes through unwrapped, so with PostgreSQL down every
+    request would otherwise be a 500.
     """
     try:
-        return await engine.connect()
+        conn = await engine.connect()
+    except OSError as e:
+        raise _down() from e
     except DBAPIError as e:
         if _unavailable(e):
             raise _down() from e
         raise
-    except OSError as e:
-        raise _down() from e
+    try:
+        if begin:
+            async with conn.begin():
+                yield conn
+        else:
+            yield conn
+    except DBAPIError as e:
+        if _unavailable(e):
+            raise _down() from e
+        raise
+    finally:
+        await conn.close()
 
 
 class Database:
@@ -480,8 +496,7 @@ class Database:
             yield True
             return
         key = int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "big", signed=True)
-        conn = await _connect(self.engine)
-        try:
+        async with _session(self.engine) as conn:
             got = bool(
                 (
                     await conn.execute(text("SELECT pg_try_advisory_lock(:k)"), {"k": key})
@@ -494,8 +509,6 @@ class Database:
                 if got:
                     await conn.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": key})
                     await conn.commit()
-        finally:
-            await conn.close()
 
     async def close(self) -> None:
         if self._background:
@@ -510,15 +523,8 @@ class Database:
 
     @asynccontextmanager
     async def read(self) -> AsyncIterator[AsyncConnection]:
-        conn = await _connect(self.engine)
-        try:
+        async with _session(self.engine) as conn:
             yield conn
-        except DBAPIError as e:
-            if _unavailable(e):
-                raise _down() from e
-            raise
-        finally:
-            await conn.close()
 
     @asynccontextmanager
     async def write(self) -> AsyncIterator[AsyncConnection]:
@@ -532,16 +538,8 @@ class Database:
 
     @asynccontextmanager
     async def _write_txn(self) -> AsyncIterator[AsyncConnection]:
-        conn = await _connect(self._write_engine)
-        try:
-            async with conn.begin():
-                yield conn
-        except DBAPIError as e:
-            if _unavailable(e):
-                raise _down() from e
-            raise
-        finally:
-            await conn.close()
+        async with _session(self._write_engine, begin=True) as conn:
+            yield conn
 
     async def run_read(self, fn: Callable[[Connection], _T]) -> _T:
         """``fn(conn)`` in one read transaction, in one hop on SQLite (see the module doc).
@@ -549,15 +547,8 @@ class Database:
         ``fn`` must only use the connection it is given, and must not block on anything else.
         """
         if self._sync_read is None:
-            conn = await _connect(self._read_engine)
-            try:
+            async with _session(self._read_engine) as conn:
                 return await conn.run_sync(fn)
-            except DBAPIError as e:
-                if _unavailable(e):
-                    raise _down() from e
-                raise
-            finally:
-                await conn.close()
         inline = self._inline_read
         if inline is not None and inline.usable():
             with contextlib.suppress(_Busy):
