@@ -195,15 +195,34 @@ def test_enrol_sign_and_verify_in_japanese(
         context.close()
 
 
-def test_no_page_without_a_client_certificate(browser: Any, gateway: Server) -> None:
+def test_no_page_without_a_client_certificate(
+    browser: Any, gateway: Server, hospital: dict[str, Any]
+) -> None:
+    """Without a client certificate the gateway serves no page: the TLS handshake is refused.
+
+    The browser here takes any server certificate (``ignore_https_errors``), so the only thing
+    that can stop it is the missing client certificate. A browser that does not trust the
+    sandbox's server CA would fail with ERR_CERT_AUTHORITY_INVALID before the gateway had any
+    say, and the test would pass whatever the gateway did. The control: the same pages with
+    the hospital's certificate load."""
     from playwright.sync_api import Error
 
     origin = f"https://localhost:{gateway.port}"
-    context = _context(browser, gateway, None)
+    context = browser.new_context(ignore_https_errors=True)
     try:
         page = context.new_page()
         for name in PAGES:
-            with pytest.raises(Error):
+            with pytest.raises(Error) as refused:
                 page.goto(f"{origin}/portal/{name}")
+            text = str(refused.value)
+            assert "net::ERR_" in text and "ERR_CERT_" not in text, text
     finally:
         context.close()
+    control = _context(browser, gateway, hospital)
+    try:
+        page = control.new_page()
+        for name in PAGES:
+            response = page.goto(f"{origin}/portal/{name}")
+            assert response is not None and response.status == 200, name
+    finally:
+        control.close()
