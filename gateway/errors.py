@@ -28,6 +28,13 @@ class GatewayError(Exception):
     def client_description(self) -> str:
         return self.public_description or self.description
 
+    @property
+    def logged(self) -> str:
+        """The description with the type of its cause, for the server log (never the cause's
+        text, which may carry request data): ``database unavailable (cause: OperationalError)``."""
+        cause = self.__cause__
+        return self.description + (f" (cause: {type(cause).__name__})" if cause else "")
+
 
 class InvalidRequest(GatewayError):
     """Malformed or semantically invalid input (CSC ``invalid_request``)."""

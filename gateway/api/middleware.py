@@ -71,13 +71,7 @@ async def request_context(request: web.Request, handler: Handler) -> web.StreamR
             if isinstance(e, RateLimited) and METRICS in request.app:
                 request.app[METRICS].rate_limited.labels(e.limit).inc()
             if e.status >= 500:
-                cause = e.__cause__
-                log.warning(
-                    "%s: %s%s",
-                    e.code,
-                    e.description,
-                    f" (cause: {type(cause).__name__})" if cause is not None else "",
-                )
+                log.warning("%s: %s", e.code, e.logged)
             response = errors.from_gateway_error(request, e)
         except web.HTTPException as e:
             if e.status < 400:

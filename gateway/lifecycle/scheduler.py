@@ -366,13 +366,7 @@ class Scheduler:
             except TemporarilyUnavailable as e:
                 # The store locked past its busy time-out, or down: an operating condition with
                 # its own line, not a stack trace (what a fault run and an operator read).
-                cause = e.__cause__
-                log.warning(
-                    "scheduler run failed: %s%s; retrying in %s s",
-                    e.description,
-                    f" (cause: {type(cause).__name__})" if cause is not None else "",
-                    interval,
-                )
+                log.warning("scheduler run failed: %s; retrying in %s s", e.logged, interval)
             except Exception:
                 log.exception("scheduler run failed; retrying in %s s", interval)
             if on_run is not None:

@@ -57,6 +57,11 @@ _WRITE = "hpki_write"
 _T = TypeVar("_T")
 
 
+def _down() -> TemporarilyUnavailable:
+    """The store cannot be used now: 503 ``database unavailable``, Retry-After 2."""
+    return TemporarilyUnavailable("database unavailable", retry_after=2)
+
+
 def _sqlite_hooks(engine: Engine, busy_timeout_ms: int = 15000) -> None:
     _sqlite_pragmas(engine, busy_timeout_ms)
 
@@ -229,7 +234,7 @@ class _InlineSqlite:
         try:
             result = self._txns.txn(fn, busy_is_final=False)
         except OperationalError as e:
-            raise TemporarilyUnavailable("database unavailable", retry_after=2) from e
+            raise _down() from e
         self.commits += 1
         return result
 
@@ -261,7 +266,7 @@ class _SyncSqlite:
         try:
             return await future
         except OperationalError as e:
-            raise TemporarilyUnavailable("database unavailable", retry_after=2) from e
+            raise _down() from e
 
     async def close(self) -> None:
         thread, self._thread = self._thread, None
@@ -377,10 +382,6 @@ def _unavailable(e: DBAPIError) -> bool:
     )
 
 
-def _down() -> TemporarilyUnavailable:
-    return TemporarilyUnavailable("database unavailable", retry_after=2)
-
-
 @asynccontextmanager
 async def _session(engine: AsyncEngine, *, begin: bool = False) -> AsyncIterator[AsyncConnection]:
     """A pooled connection of ``engine`` for the block (in a transaction if ``begin``:
@@ -392,15 +393,12 @@ async def _session(engine: AsyncEngine, *, begin: bool = False) -> AsyncIterator
     ``TimeoutError``), which SQLAlchemy passes through unwrapped, so with PostgreSQL down every
     request would otherwise be a 500.
     """
+    conn: AsyncConnection | None = None
     try:
-        conn = await engine.connect()
-    except OSError as e:
-        raise _down() from e
-    except DBAPIError as e:
-        if _unavailable(e):
+        try:
+            conn = await engine.connect()
+        except OSError as e:  # only the connect: an OSError of the block is the block's own
             raise _down() from e
-        raise
-    try:
         if begin:
             async with conn.begin():
                 yield conn
@@ -411,7 +409,8 @@ async def _session(engine: AsyncEngine, *, begin: bool = False) -> AsyncIterator
             raise _down() from e
         raise
     finally:
-        await conn.close()
+        if conn is not None:
+            await conn.close()
 
 
 class Database:

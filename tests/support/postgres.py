@@ -28,6 +28,22 @@ def _bindir() -> Path:
     return versions[-1].parent
 
 
+def _as_postgres() -> list[str]:
+    """The prefix that runs a server command as ``postgres`` (the server refuses root)."""
+    return ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+
+
+def psql(url: str, sql: str) -> str:
+    """Run ``sql`` with psql on the ``postgres`` database of ``url``'s cluster; its output
+    (unaligned, tuples only)."""
+    host, port = url.split("@", 1)[1].split("/", 1)[0].split(":")
+    return subprocess.run(
+        [str(_bindir() / "psql"), "-h", host, "-p", port, "-U", "postgres", "-d", "postgres",
+         "-v", "ON_ERROR_STOP=1", "-q", "-At", "-c", sql],
+        check=True, capture_output=True, text=True,
+    ).stdout.strip()  # fmt: skip
+
+
 @contextmanager
 def postgres_cluster() -> Iterator[str]:
     """Yield an asyncpg SQLAlchemy URL of a fresh cluster; stop and delete it afterwards."""
@@ -36,12 +52,11 @@ def postgres_cluster() -> Iterator[str]:
     base = Path(tempfile.mkdtemp(prefix="hpki-gateway-pg-"))
     data = base / "pgdata"
     data.mkdir(parents=True)
-    prefix: list[str] = []
-    if os.geteuid() == 0:
+    prefix = _as_postgres()
+    if prefix:
         pw = pwd.getpwnam("postgres")
         for p in (base, data):
             os.chown(p, pw.pw_uid, pw.pw_gid)
-        prefix = ["runuser", "-u", "postgres", "--"]
     port = free_port()
     subprocess.run(
         [
@@ -103,20 +118,12 @@ def postgres_cluster() -> Iterator[str]:
 def stopped(url: str) -> Iterator[None]:
     """The cluster of ``url`` stopped for the block (``pg_ctl stop -m fast``: its connections
     are closed, new ones refused), then started again with the options it had."""
-    bindir = _bindir()
-    host_port = url.split("@", 1)[1].split("/", 1)[0]
-    host, port = host_port.split(":")
-    data = subprocess.run(
-        [str(bindir / "psql"), "-h", host, "-p", port, "-U", "postgres", "-d", "postgres",
-         "-At", "-c", "SHOW data_directory"],
-        check=True, capture_output=True, text=True,
-    ).stdout.strip()  # fmt: skip
+    data = psql(url, "SHOW data_directory")
     # postmaster.opts: the server's command line, quoted; all but the program and its -D.
     opts = shlex.split(Path(data, "postmaster.opts").read_text())[1:]
     i = opts.index("-D")
     del opts[i : i + 2]
-    prefix = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
-    ctl = [*prefix, str(bindir / "pg_ctl"), "-D", data]
+    ctl = [*_as_postgres(), str(_bindir() / "pg_ctl"), "-D", data]
     subprocess.run([*ctl, "-m", "fast", "-w", "stop"], check=True, capture_output=True)
     try:
         yield
@@ -142,14 +149,7 @@ class Databases:
         self._template_ready = False
 
     def _psql(self, sql: str) -> None:
-        host_port = self.url.split("@", 1)[1].split("/", 1)[0]
-        host, port = host_port.split(":")
-        subprocess.run(
-            [str(_bindir() / "psql"), "-h", host, "-p", port, "-U", "postgres", "-d", "postgres",
-             "-v", "ON_ERROR_STOP=1", "-q", "-c", sql],
-            check=True,
-            capture_output=True,
-        )  # fmt: skip
+        psql(self.url, sql)
 
     def _db_url(self, name: str) -> str:
         return self.url.rsplit("/", 1)[0] + "/" + name
