@@ -9,7 +9,14 @@ certificates) are read.
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    GCCollector,
+    Histogram,
+    ProcessCollector,
+)
 
 #: Latency buckets (seconds): a signHash is ~10 ms, a B-T signDoc with its TSA ~100 ms.
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
@@ -69,5 +76,14 @@ class Metrics:
             ["limit"],
             registry=r,
         )
+        self.gc_frozen = Gauge(
+            "hpki_gateway_gc_frozen_objects",
+            "Objects the worker froze after start-up (out of the cyclic collector's reach)",
+            registry=r,
+        )
+        # prometheus_client's own: python_gc_* (collections and what they freed, per
+        # generation) and process_* (resident memory, open files, CPU seconds, from /proc).
+        GCCollector(registry=r)
+        ProcessCollector(registry=r)
         for event in ("issued", "consumed", "refused", "refunded"):
             self.sad.labels(event)

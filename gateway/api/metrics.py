@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import time
 from datetime import timedelta
 
@@ -49,6 +50,7 @@ async def count_requests(request: web.Request, handler: Handler) -> web.StreamRe
 
 async def _refresh(app: web.Application, metrics: Metrics) -> None:
     """The gauges that describe state, read now."""
+    metrics.gc_frozen.set(gc.get_freeze_count())
     keystore = app.get(KEYSTORE)
     if keystore is not None:
         up = 0

@@ -69,6 +69,12 @@ def test_a_scrape_parses_and_counts_what_happened(
     assert m[("hpki_gateway_hsm_up", ())] == 1
     assert m[("hpki_gateway_signing_process_queue", ())] == 0
     assert m[("hpki_gateway_scheduler_runs_total", (("outcome", "ok"),))] >= 1
+    # The worker froze what start-up built (server.freeze_start_up_objects); the cyclic
+    # collector's and the process's own figures are there for the operator.
+    assert m[("hpki_gateway_gc_frozen_objects", ())] > 50_000
+    assert m[("python_gc_collections_total", (("generation", "2"),))] >= 1
+    assert m[("process_resident_memory_bytes", ())] > 10_000_000
+    assert m[("process_open_fds", ())] > 3
     for kind in ("facility_client", "signer"):
         for days in ("30", "90"):
             key = ("hpki_gateway_certificates_expiring", (("kind", kind), ("within_days", days)))
