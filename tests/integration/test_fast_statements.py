@@ -13,7 +13,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
-from sqlalchemy import Connection, bindparam, insert, select, update
+from sqlalchemy import Connection, Integer, bindparam, column, insert, select, update, values
 from sqlalchemy.engine import Row
 from sqlalchemy.exc import IntegrityError
 
@@ -44,6 +44,16 @@ _HASHES_OF = FastStatement(
     select(sad_hash.c.hash, sad_hash.c.remaining.label("left"))
     .where(sad_hash.c.sad_id == bindparam("b_sad"))
     .order_by(sad_hash.c.hash)
+)
+# A VALUES list: SQLAlchemy never caches it, so FastStatement compiles it once on every driver.
+_BY_VALUES = values(column("id", Integer), column("n", Integer), name="v").data(
+    [(bindparam("i0", type_=Integer), bindparam("n0", type_=Integer))]
+)
+_EXTEND = FastStatement(
+    update(sad)
+    .where(sad.c.id == _BY_VALUES.c.id)
+    .values(remaining=sad.c.remaining + _BY_VALUES.c.n)
+    .returning(sad.c.id, sad.c.remaining, sad.c.expires_at)
 )
 _EXPANDING = FastStatement(
     select(facility.c.id).where(facility.c.id.in_(bindparam("ids", expanding=True)))
@@ -91,6 +101,14 @@ def _exercise(conn: Connection) -> dict[str, Any]:
         {"sad_id": sad_id, "hash": bytes([i]) * 32, "authorized": 1, "remaining": 1}
         for i in (1, 2, 3)
     ])  # fmt: skip
+    if conn.dialect.name == "postgresql":  # SQLite has no column list for a VALUES alias
+        first = _EXTEND.all(conn, {"i0": sad_id, "n0": 2})
+        plan = _EXTEND._plans.get(conn.dialect)
+        second = _EXTEND.all(conn, {"i0": sad_id, "n0": -2})
+        out["uncached"] = (_EXTEND.uncached, _SPEND.uncached)
+        out["compiled_once"] = plan is not None and _EXTEND._plans.get(conn.dialect) is plan
+        out["extended"] = [(r.id, r.remaining, r.expires_at) for r in first + second]
+        out["extend_row_kind"] = isinstance(first[0], Row)
     out["spent"] = _SPEND.run(conn, {"b_sad": sad_id, "b_k": 1})
     out["spent_again"] = _SPEND.run(conn, {"b_sad": sad_id, "b_k": 1})  # none left
     rows = _HASHES_OF.all(conn, {"b_sad": sad_id})
@@ -162,6 +180,17 @@ def test_fast_statements_store_and_return_what_sqlalchemy_does(store_url: str, w
     sqlite = store_url.startswith("sqlite")
     # executemany's row count: asyncpg reports none (-1), as through SQLAlchemy.
     assert out["hashes_inserted"] == (3 if sqlite else -1)
+    if not sqlite:
+        # The VALUES statement (the ledger's multi-row spends on PostgreSQL): compiled once,
+        # run on the driver (no SQLAlchemy Row), through the same type processors (an aware
+        # datetime back).
+        assert out["uncached"] == (True, False)
+        assert out["compiled_once"] is True
+        assert out["extend_row_kind"] is False
+        expires = T0 + timedelta(minutes=5)
+        sid = out["extended"][0][0]
+        assert out["extended"] == [(sid, 5, expires), (sid, 3, expires)]
+        assert out["extended"][0][2].tzinfo is UTC
     assert out["spent"] == 3 and out["spent_again"] == 0
     assert out["hashes"] == [(bytes([i]) * 32, 0) for i in (1, 2, 3)]
     # The fast path on a SQLite file, SQLAlchemy's rows elsewhere.
