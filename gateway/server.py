@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
 import logging
 import multiprocessing
 import multiprocessing.connection
@@ -28,6 +27,7 @@ from aiohttp import web
 
 from gateway.config import Settings, load_settings
 from gateway.errors import ConfigError
+from gateway.lifetime import freeze_start_up_objects
 from gateway.logs import setup_logging
 
 log = logging.getLogger("gateway.server")
@@ -132,20 +132,6 @@ async def _serve(settings: Settings, *, reuse_port: bool, index: int = 0) -> Non
         if delivery_runner is not None:
             await delivery_runner.cleanup()
         await runner.cleanup()
-
-
-def freeze_start_up_objects() -> None:
-    """Take what start-up built (modules, the app, its services, caches: most of the heap)
-    out of the cyclic garbage collector's reach, once it is up.
-
-    Otherwise every full collection walks all of it: measured 57-62 ms per full collection
-    under the ceremony's load, a pause of every request in flight on this worker; 3 ms once
-    frozen (docs/performance.md). Frozen objects are never scanned again (they live as long
-    as the worker anyway); a collection first, so that no start-up garbage is kept for good
-    (``gc.freeze``'s own advice).
-    """
-    gc.collect()
-    gc.freeze()
 
 
 def _worker(config_path: str | None, index: int, reuse_port: bool, parent: int = 0) -> None:

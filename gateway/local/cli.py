@@ -43,6 +43,7 @@ def read_pin(args: argparse.Namespace) -> bytearray:
 async def cmd_local_serve(args: argparse.Namespace) -> int:
     from aiohttp import web
 
+    from gateway.lifetime import freeze_start_up_objects
     from gateway.local.server import LOOPBACK, create_local_app, load_or_create_secret
     from gateway.local.setup import build_local_agent
 
@@ -60,6 +61,7 @@ async def cmd_local_serve(args: argparse.Namespace) -> int:
         json.dumps({"url": f"http://{LOOPBACK}:{bound}", "secret_file": str(secret_path)}),
         flush=True,
     )
+    freeze_start_up_objects()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

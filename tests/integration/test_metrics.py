@@ -69,7 +69,7 @@ def test_a_scrape_parses_and_counts_what_happened(
     assert m[("hpki_gateway_hsm_up", ())] == 1
     assert m[("hpki_gateway_signing_process_queue", ())] == 0
     assert m[("hpki_gateway_scheduler_runs_total", (("outcome", "ok"),))] >= 1
-    # The worker froze what start-up built (server.freeze_start_up_objects); the cyclic
+    # The worker froze what start-up built (lifetime.freeze_start_up_objects); the cyclic
     # collector's and the process's own figures are there for the operator.
     assert m[("hpki_gateway_gc_frozen_objects", ())] > 50_000
     assert m[("python_gc_collections_total", (("generation", "2"),))] >= 1

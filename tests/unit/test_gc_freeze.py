@@ -1,4 +1,4 @@
-"""server.freeze_start_up_objects: what start-up built is frozen, its garbage is not.
+"""lifetime.freeze_start_up_objects: what start-up built is frozen, its garbage is not.
 
 Run in a child interpreter: freezing pytest's own heap would outlive the test."""
 
@@ -9,7 +9,7 @@ import sys
 
 _CHILD = """
 import gc, weakref
-from gateway.server import freeze_start_up_objects
+from gateway.lifetime import freeze_start_up_objects
 
 class Node:
     pass
