@@ -61,7 +61,7 @@ def freeze_start_up_objects() -> None:
     out of the cyclic garbage collector's reach, once a long-running server is up (each
     ``serve`` worker, ``local serve``).
 
-    Otherwise every full collection walks all of it: measured 57-62 ms per full collection
+    Otherwise every full collection walks all of it: measured 56-61 ms per full collection
     under the ceremony's load, a pause of every request in flight on a gateway worker; 3 ms once
     frozen (docs/performance.md). Frozen objects are never scanned again (they live as long
     as the process anyway); a collection first, so that no start-up garbage is kept for good
