@@ -1,4 +1,5 @@
-"""Child processes that end with their parent, however the parent ends (kill -9 included).
+"""Process lifetimes: child processes that end with their parent, however the parent ends
+(kill -9 included), and long-running servers that freeze what their start-up built.
 
 Two mechanisms, because each alone has a gap:
 
@@ -8,11 +9,11 @@ Two mechanisms, because each alone has a gap:
 - A pipe the child watches: the parent keeps the write end (the child's stdin); the kernel
   closes it when the parent dies, and the child's watcher thread sees EOF and exits.
 
-Also ``freeze_start_up_objects``, for the long-running servers once they are up.
-
 Used by the sandbox's TEST TSA (``serve`` starts it) and by the verification pool's worker
 processes; the HSM signing process and the HPKI card process have the same two guards
 (``hsm/child_main.py``: ``die_with_parent``, and EOF on the protocol's stdin).
+
+``freeze_start_up_objects``: each ``serve`` worker and ``local serve``, once listening.
 """
 
 from __future__ import annotations
