@@ -57,11 +57,17 @@ async def cmd_local_serve(args: argparse.Namespace) -> int:
     site = web.TCPSite(runner, LOOPBACK, port)
     await site.start()
     bound = runner.addresses[0][1] if runner.addresses else port
+    frozen = freeze_start_up_objects()
     print(
-        json.dumps({"url": f"http://{LOOPBACK}:{bound}", "secret_file": str(secret_path)}),
+        json.dumps(
+            {
+                "url": f"http://{LOOPBACK}:{bound}",
+                "secret_file": str(secret_path),
+                "gc_frozen_objects": frozen,
+            }
+        ),
         flush=True,
     )
-    freeze_start_up_objects()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

@@ -11,8 +11,10 @@ runs that SQL on the driver connection itself. On any other driver (asyncpg, aio
 in-memory store) it is an ordinary ``Connection.execute``: same statement, same results,
 except for a statement SQLAlchemy never caches (its cache-key visitor refuses one with a
 VALUES list, e.g. the ledger's multi-row spends): ``Connection.execute`` would compile that
-one on every call (~0.35 ms for 8 rows), so it is compiled once per dialect here too and run
-with ``exec_driver_sql``, through the same type processors.
+one on every call (~0.35 ms for 8 rows), so ``all`` and ``run`` compile it once per dialect
+here too and run it with ``exec_driver_sql``, through the same type processors (``insert``
+and ``run_many`` of such a statement on another driver still go through
+``Connection.execute``: nothing uses them that way).
 
 An expanding IN list (``bindparam(..., expanding=True)``) is rendered as one ``?`` per item,
 as SQLAlchemy renders it; an empty list, and inserts whose columns have Python-side defaults

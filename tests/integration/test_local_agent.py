@@ -176,6 +176,9 @@ def test_the_agent_starts_its_card_process_with_it_and_takes_it_along(
     with run_agent(cfg, pcsc.env()) as a:
         children = _card_processes(a.proc.pid)
         assert len(children) == 1, children
+        # Once listening, it froze what start-up built (lifetime.freeze_start_up_objects):
+        # full collections no longer walk the modules and the app (docs/performance.md).
+        assert a.info["gc_frozen_objects"] > 50_000, a.info
     deadline = time.monotonic() + 10
     while _running(children[0]) and time.monotonic() < deadline:
         time.sleep(0.05)

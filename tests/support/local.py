@@ -122,8 +122,11 @@ def write_prescriptions(directory: Path, n: int) -> list[str]:
 class Agent:
     """``hpki-gateway local serve`` in a subprocess, called as a facility system would."""
 
-    def __init__(self, url: str, secret: bytes, proc: subprocess.Popen[str]) -> None:
+    def __init__(
+        self, url: str, secret: bytes, proc: subprocess.Popen[str], info: dict[str, Any]
+    ) -> None:
         self.url, self.secret, self.proc = url, secret, proc
+        self.info = info  # the start-up line it printed
 
     def post(self, path: str, body: Any, *, secret: bytes | None = None) -> tuple[int, Any]:
         token = self.secret if secret is None else secret
@@ -181,7 +184,7 @@ def run_agent(
         secret_path = Path(info["secret_file"])
         assert secret_path.stat().st_mode & 0o077 == 0  # only this user can read it
         assert info["url"].startswith("http://127.0.0.1:")
-        yield Agent(info["url"], secret_path.read_bytes().strip(), proc)
+        yield Agent(info["url"], secret_path.read_bytes().strip(), proc, info)
     finally:
         proc.terminate()
         out, err = proc.communicate(timeout=30)
