@@ -15,7 +15,7 @@ from aiohttp import web
 from pydantic import Field
 
 from gateway.api.decode import caller_of, check_lengths, decode_hashes, digest_algorithm
-from gateway.api.keys import FIDO2, SETTINGS
+from gateway.api.keys import ACTIVATION, DB, FIDO2, SETTINGS
 from gateway.api.portal import pages as portal_pages
 from gateway.api.schema import CscRequest, parse
 from gateway.auth.challenges import Approval
@@ -72,11 +72,12 @@ async def register_complete(request: web.Request) -> web.Response:
     )
 
 
-def begin_args(
+async def begin_args(
     request: web.Request, req: AuthenticateBeginRequest, *, relayed: str
 ) -> tuple[Caller, Approval]:
     """Check an ``authenticate/begin`` body; ``relayed`` is the refusal for a caller without
-    a facility."""
+    a facility. Without hashes (a signing session, SCAL 1) the facility's policy must allow
+    one for ``numSignatures``: refused here (400) rather than after the signer's gesture."""
     caller = caller_of(request)
     if caller.facility_id is None:
         raise AccessDenied(relayed)
@@ -88,8 +89,13 @@ def begin_args(
         check_lengths(hashes, digest_algorithm(req.hashAlgorithmOID), field="hashes")
         if req.numSignatures != len(hashes):
             raise InvalidRequest("Invalid parameter numSignatures: must equal the number of hashes")
-    elif req.hashAlgorithmOID is not None:
-        digest_algorithm(req.hashAlgorithmOID)
+    else:
+        if req.hashAlgorithmOID is not None:
+            digest_algorithm(req.hashAlgorithmOID)
+        async with request.app[DB].read() as conn:
+            await request.app[ACTIVATION].check_session_begin(
+                conn, caller.facility_id, req.numSignatures
+            )
     return caller, Approval(
         credential_id=req.credentialID,
         hashes=hashes,
@@ -101,7 +107,7 @@ def begin_args(
 @routes.post("/auth/fido2/authenticate/begin")
 async def authenticate_begin(request: web.Request) -> web.Response:
     req = await parse(request, AuthenticateBeginRequest)
-    caller, approval = begin_args(
+    caller, approval = await begin_args(
         request, req, relayed="FIDO2 authentication is relayed by facility client certificates"
     )
     options = await request.app[FIDO2].authenticate_begin(caller=caller, approval=approval)

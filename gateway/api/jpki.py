@@ -72,7 +72,7 @@ def _enabled(request: web.Request) -> None:
 async def authenticate_begin(request: web.Request) -> web.Response:
     _enabled(request)
     req = await parse(request, AuthenticateBeginRequest)
-    caller, approval = begin_args(
+    caller, approval = await begin_args(
         request, req, relayed="My Number card authentication is relayed by facility certificates"
     )
     out = await request.app[JPKI].authenticate_begin(caller=caller, approval=approval)

@@ -99,6 +99,15 @@ class SignatureActivation:
         ).scalar_one_or_none()
         return self._capped(raw)
 
+    async def check_session_begin(
+        self, conn: AsyncConnection, facility_id: int, num_signatures: int
+    ) -> None:
+        """``authenticate/begin`` without hashes: refuse now what ``authorize`` would refuse
+        (no signing-session policy; more signatures than it allows), before the signer
+        touches an authenticator or a card. ``authorize`` checks again: the policy may change
+        in between."""
+        self._session_level(await self.session_policy(conn, facility_id), num_signatures)
+
     async def set_session_policy(
         self, institution_code: str, policy: SigningSessionPolicy, *, actor: str
     ) -> SigningSessionPolicy:

@@ -162,6 +162,10 @@ def test_signing_session_policy(
     assert csc.enroll(code, password, auth).status == 200
     conf = sandbox["config"]
     fac = hospital["institution_code"]
+    # Off: a begin without hashes is refused before the signer's gesture (no challenge).
+    r = csc.post("/auth/fido2/authenticate/begin", {"credentialID": cred, "numSignatures": 3})
+    assert r.status == 400, r.body
+    assert "no signing-session policy" in r.json()["detail"]
     r = run_cli(
         "facility", "signing-session", fac, "--enable", "--hours", "19",
         "--max-signatures", "3", "-c", conf, check=False,
@@ -185,12 +189,18 @@ def test_signing_session_policy(
         r = csc.sign_hash(cred, sad, random_hashes(1))
         assert r.status == 400
         assert "exceeds" in r.json()["error_description"]
-        # More than the policy allows is refused at authorize.
+        # More than the policy allows is refused at begin, before the gesture.
         r = csc.post("/auth/fido2/authenticate/begin", {"credentialID": cred, "numSignatures": 4})
+        assert r.status == 400, r.body
+        assert "at most 3" in r.json()["detail"]
+        # authorize checks again: the policy may end between begin and authorize.
+        r = csc.post("/auth/fido2/authenticate/begin", {"credentialID": cred, "numSignatures": 3})
+        assert r.status == 200, r.body
         a = auth.get(r.json()["publicKey"])
-        r = csc.authorize_raw(cred, [], a, alg=None, n=4)
+        run_cli("facility", "signing-session", fac, "--disable", "-c", conf)
+        r = csc.authorize_raw(cred, [], a, alg=None, n=3)
         assert r.status == 400
-        assert "at most 3" in r.json()["error_description"]
+        assert "no signing-session policy" in r.json()["error_description"]
     finally:
         run_cli("facility", "signing-session", fac, "--disable", "-c", conf)
 
