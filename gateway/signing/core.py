@@ -20,9 +20,11 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import hashlib
+import json
 from collections import Counter
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
@@ -496,18 +498,39 @@ def _hash_detail(spent: SignatureGrant) -> dict[str, Any]:
 
 
 def _document_detail(spent: SignatureGrant, *, jobs: Sequence[DocumentJob]) -> dict[str, Any]:
+    documents = []
+    for d, j in zip(spent.hashes, jobs, strict=True):
+        entry: dict[str, Any] = {
+            "digest": d.hex(),
+            "format": j.signature_format,
+            "level": j.conformance_level,
+            "envelope": j.envelope,
+            "profile": j.profile,
+        }
+        if j.eprescription_input is not None:
+            entry.update(_extension_detail(j.eprescription_input))
+        documents.append(entry)
     return {
         "credential": spent.credential_id,
         "key_id": spent.key_id,
         "scal": spent.scal,
-        "documents": [
-            {
-                "digest": d.hex(),
-                "format": j.signature_format,
-                "level": j.conformance_level,
-                "envelope": j.envelope,
-                "profile": j.profile,
-            }
-            for d, j in zip(spent.hashes, jobs, strict=True)
-        ],
+        "documents": documents,
     }
+
+
+def _extension_detail(extra: EPrescriptionInput) -> dict[str, Any]:
+    """What an e-prescription request from a CSV adds beside the approved digest (SHA-256 of
+    the CSV): the document id as given, SHA-256 of the additional information (canonical JSON)
+    and of the embedded prescription. The signature does not cover the id and the additional
+    information either (as in real documents: its data reference is the document element
+    only), so the record is where an auditor finds what the facility system put there."""
+    out: dict[str, Any] = {}
+    if extra.document_id is not None:
+        out["document_id"] = extra.document_id
+    if extra.additional:
+        lines = [asdict(a) for a in extra.additional]
+        canonical = json.dumps(lines, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+        out["additional_information_sha256"] = hashlib.sha256(canonical.encode()).hexdigest()
+    if extra.prescription is not None:
+        out["prescription_sha256"] = hashlib.sha256(extra.prescription).hexdigest()
+    return out

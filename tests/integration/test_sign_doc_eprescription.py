@@ -15,11 +15,13 @@ from typing import Any
 import pytest
 from cryptography import x509
 from lxml import etree
+from sqlalchemy import select
 
+from gateway.store.schema import audit_event
 from gateway.verify import TrustConfig, verify_document
 from tests.integration.test_signatures_eprescription import SAMPLE, _mhlw_root, _sample_tsa_root
 from tests.support.gateway import Server, client_context
-from tests.support.signing import Csc, b64
+from tests.support.signing import Csc, b64, services
 from tests.support.webauthn import SoftAuthenticator
 
 pytestmark = [pytest.mark.tls, pytest.mark.hsm]
@@ -90,6 +92,30 @@ def test_dispensing_by_the_sandbox_pharmacist_around_the_real_prescription(
     assert by_type["prescription"].chain["path"][-1].startswith("OU=MHLW HPKI Root CA V2")
     assert by_type["dispensing"].xades_level == "ES-XL"
     assert "Jiro Chozai" in by_type["dispensing"].signer["subject"]
+    # The SAD approved SHA-256 of the CSV only; what the facility system put beside it (the
+    # id, the additional lines, the embedded prescription) is named in the audit record.
+    digest = hashlib.sha256(DISPENSING_CSV).hexdigest()
+    (detail,) = [
+        d
+        for r in _audit(sandbox["config"])
+        if r.action == "signature.sign_doc"
+        for d in json.loads(r.detail)["documents"]
+        if d["digest"] == digest
+    ]
+    lines = [{"re_code": "201,1,1,1,2,622688101", "yj_code": None, "csv_line_no": "2",
+              "dispensing_document_code": "1"}]  # fmt: skip
+    canonical = json.dumps(lines, sort_keys=True, separators=(",", ":")).encode()
+    assert detail["document_id"] == entry["dispensing_id"]
+    assert detail["additional_information_sha256"] == hashlib.sha256(canonical).hexdigest()
+    assert detail["prescription_sha256"] == hashlib.sha256(SAMPLE.read_bytes()).hexdigest()
+
+
+def _audit(config: str) -> list[Any]:
+    async def rows() -> list[Any]:
+        async with services(config) as svc, svc.db.read() as conn:
+            return list((await conn.execute(select(audit_event))).all())
+
+    return asyncio.run(rows())
 
 
 def test_a_broken_embedded_prescription_is_refused_and_the_sad_kept(
