@@ -95,12 +95,47 @@ def init_token(softhsm_dir: Path, pin_file: Path, so_pin_file: Path) -> Path:
     return softhsm_dir / "softhsm2.conf"
 
 
-def _free_port() -> int:
+#: Ports this process handed out: two picks before either is bound must still differ.
+_handed_out: set[int] = set()
+
+
+def free_port() -> int:
+    """A free loopback port below the kernel's ephemeral range, for a listener bound again
+    later: the sandbox's TSA and card-CA ports are written into its settings and certificates,
+    then bound at every ``serve``, and tests start servers on ports picked beforehand.
+
+    The kernel takes an outgoing connection's local port from the ephemeral range
+    (``net.ipv4.ip_local_port_range``), and a port picked there with ``bind(0)`` may be taken
+    by such a connection before its listener binds it (then the TSA does not start, or a test's
+    server cannot). Below that range nothing takes a port but a listener. The kernel's own
+    choice when the range is unknown or nothing below it is free."""
+    import random
     import socket
 
+    low = _ephemeral_low()
+    for _ in range(200 if low > 2_048 else 0):
+        port = random.randrange(max(1_024, low - 12_000), low)  # noqa: S311 - not a secret
+        if port in _handed_out:
+            continue
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _handed_out.add(port)
+        return port
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+def _ephemeral_low() -> int:
+    """The first port of the ephemeral range; 0 when it cannot be read (not Linux)."""
+    try:
+        text = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text()
+        return int(text.split()[0])
+    except (OSError, ValueError, IndexError):
+        return 0
 
 
 def _settings_toml(port: int, tsa_port: int, *, ocsp_in_aia: bool = True) -> str:
@@ -214,11 +249,11 @@ async def init_sandbox(
     init_token(d / "softhsm", d / "secrets" / "hsm.pin", d / "secrets" / "so.pin")
     write_private(d / "secrets" / "audit.key", secrets.token_hex(32).encode())
     write_private(d / "secrets" / "delivery.key", secrets.token_hex(32).encode())
-    tsa_port = tsa_port or _free_port()
+    tsa_port = tsa_port or free_port()
     # The TEST TSA's listener also publishes the CRLs and answers OCSP (`serve` runs it), at
     # the URLs the TEST certificates name, so outside verifiers can check revocation.
     client_ca = _write_pki(d, now, pki_url=pki_base_url(tsa_port))
-    jpki_port = _free_port()
+    jpki_port = free_port()
     toml = _settings_toml(port, tsa_port, ocsp_in_aia=ocsp_in_aia) + jpki_settings_toml(jpki_port)
     if store_url is not None:  # e.g. PostgreSQL, shared by several gateway instances
         toml = toml.replace(

@@ -22,9 +22,11 @@ CLI = [sys.executable, "-m", "gateway"]
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A free port below the ephemeral range (``gateway.sandbox.world.free_port``): no
+    outgoing connection can take it before the server binds it."""
+    from gateway.sandbox.world import free_port as below_ephemeral
+
+    return below_ephemeral()
 
 
 def run_cli(
