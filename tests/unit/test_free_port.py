@@ -17,4 +17,3 @@ def test_ports_are_below_the_ephemeral_range_free_and_never_handed_out_twice() -
     for p in ports[:10]:
         with socket.socket() as s:
             s.bind(("127.0.0.1", p))  # free: a listener can bind it
-
