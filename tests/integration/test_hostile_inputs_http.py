@@ -9,11 +9,13 @@ Real processes only: the session's gateway, a second one with the delivery liste
 from __future__ import annotations
 
 import ssl
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.support.gateway import Response, Server, request
+from tests.support.gateway import Response, Server, client_context, free_port, request
 
 pytestmark = [pytest.mark.tls, pytest.mark.hsm]
 
@@ -63,3 +65,55 @@ def test_a_non_utf8_content_type_is_a_415_with_the_request_id(
         text = body["detail"]
     assert "request bodies must be JSON" in text and "text/" in text
     _quiet_since(gateway, before)
+
+
+# -- 2. the delivery listener's form -----------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def delivery(sandbox: dict[str, Any]) -> Iterator[tuple[Server, int]]:
+    dport = free_port()
+    srv = Server(
+        Path(sandbox["config"]),
+        free_port(),
+        env={
+            "HPKI_GATEWAY_DELIVERY__ENABLED": "true",
+            "HPKI_GATEWAY_DELIVERY__PORT": str(dport),
+            "HPKI_GATEWAY_DELIVERY__PUBLIC_URL": f"https://localhost:{dport}",
+        },
+    )
+    srv.start()
+    yield srv, dport
+    srv.stop()
+
+
+_BOUNDARY = "----hostile" + "7" * 8
+UNREADABLE_FORMS = {
+    "multipart-without-boundary": ("multipart/form-data", b"password=secret"),
+    "truncated-multipart": (
+        f"multipart/form-data; boundary={_BOUNDARY}",
+        f'--{_BOUNDARY}\r\nContent-Disposition: form-data; name="password"\r\n\r\nsecr'.encode(),
+    ),
+    "unknown-charset": ("application/x-www-form-urlencoded; charset=nope", b"password=secret"),
+    "not-utf8": ("application/x-www-form-urlencoded", b"password=\xff\xfe"),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(UNREADABLE_FORMS))
+def test_an_unreadable_download_form_is_a_400_without_an_error_log(
+    delivery: tuple[Server, int], sandbox: dict[str, Any], kind: str
+) -> None:
+    srv, dport = delivery
+    ctype, body = UNREADABLE_FORMS[kind]
+    before = len(srv.logs())
+    r = request(
+        dport,
+        "POST",
+        "/download/" + "A" * 32,
+        ctx=client_context(sandbox["server_ca"]),  # no client certificate: anyone
+        body=body,
+        headers={"Content-Type": ctype},
+    )
+    answer = _problem(r, 400, "invalid_request")
+    assert "form" in answer["detail"]
+    _quiet_since(srv, before)
