@@ -8,14 +8,20 @@ Real processes only: the session's gateway, a second one with the delivery liste
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import secrets
 import ssl
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 
 from tests.support.gateway import Response, Server, client_context, free_port, request
+from tests.support.signing import Csc, b64
 
 pytestmark = [pytest.mark.tls, pytest.mark.hsm]
 
@@ -117,3 +123,135 @@ def test_an_unreadable_download_form_is_a_400_without_an_error_log(
     answer = _problem(r, 400, "invalid_request")
     assert "form" in answer["detail"]
     _quiet_since(srv, before)
+
+
+# -- 3. /extend ----------------------------------------------------------------------------------
+
+DS = "http://www.w3.org/2000/09/xmldsig#"
+XADES = "http://uri.etsi.org/01903/v1.3.2#"
+
+
+def _cert_der(sandbox: dict[str, Any], hospital: dict[str, Any]) -> bytes:
+    pem = Path(hospital["client_cert"]).read_bytes()
+    return x509.load_pem_x509_certificate(pem).public_bytes(serialization.Encoding.DER)
+
+
+def _xades(*, cert_b64: str, cert_digest: bytes | None = None, value: str = "AAAA") -> bytes:
+    """Every element an ES-BES has, around a SignatureValue nobody made."""
+    binding = (
+        "<xades:SigningCertificateV2><xades:Cert><xades:CertDigest>"
+        f'<ds:DigestMethod Algorithm="http://www.w3.org/2001/04/xmlenc#sha256"/>'
+        f"<ds:DigestValue>{base64.b64encode(cert_digest).decode()}</ds:DigestValue>"
+        "</xades:CertDigest></xades:Cert></xades:SigningCertificateV2>"
+        if cert_digest is not None
+        else ""
+    )
+    return (
+        f'<ds:Signature xmlns:ds="{DS}" xmlns:xades="{XADES}" Id="sig">'
+        "<ds:SignedInfo>"
+        '<ds:CanonicalizationMethod Algorithm="http://www.w3.org/2001/10/xml-exc-c14n#"/>'
+        '<ds:SignatureMethod Algorithm="http://www.w3.org/2001/04/xmldsig-more#rsa-sha256"/>'
+        '<ds:Reference URI="#sp" Type="http://uri.etsi.org/01903#SignedProperties">'
+        '<ds:DigestMethod Algorithm="http://www.w3.org/2001/04/xmlenc#sha256"/>'
+        "<ds:DigestValue>AAAA</ds:DigestValue></ds:Reference>"
+        "</ds:SignedInfo>"
+        f"<ds:SignatureValue>{value}</ds:SignatureValue>"
+        f"<ds:KeyInfo><ds:X509Data><ds:X509Certificate>{cert_b64}</ds:X509Certificate>"
+        "</ds:X509Data></ds:KeyInfo>"
+        '<ds:Object><xades:QualifyingProperties Target="#sig">'
+        '<xades:SignedProperties Id="sp"><xades:SignedSignatureProperties>'
+        f"{binding}</xades:SignedSignatureProperties></xades:SignedProperties>"
+        "</xades:QualifyingProperties></ds:Object>"
+        "</ds:Signature>"
+    ).encode()
+
+
+def _extend_cases(sandbox: dict[str, Any], hospital: dict[str, Any]) -> dict[str, Any]:
+    der = _cert_der(sandbox, hospital)
+    return {
+        # was 500 (ValueError after the TSA had been asked for a timestamp)
+        "no-qualifying-properties": (
+            f'<ds:Signature xmlns:ds="{DS}" Id="s"><ds:SignatureValue>AAAA</ds:SignatureValue>'
+            "</ds:Signature>".encode(),
+            "AdES-B-T",
+            "required element missing (ES-BES)",
+        ),
+        # was 500 (cryptography's ValueError on the certificate)
+        "certificate-MAA=": (
+            _xades(cert_b64="MAA="),
+            "AdES-B-LT",
+            "no certificate in the signature matches its signing-certificate binding",
+        ),
+        # was 200: a TSA timestamp over a SignatureValue nobody made
+        "junk-signature-value": (
+            _xades(
+                cert_b64=base64.b64encode(der).decode(), cert_digest=hashlib.sha256(der).digest()
+            ),
+            "AdES-B-T",
+            "SignatureValue",
+        ),
+        # was 500 (pyHanko's PdfReadError)
+        "pdf-without-body": (b"%PDF-1.4\n%%EOF", "AdES-B-LTA", "PAdES signature cannot be read"),
+    }
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["no-qualifying-properties", "certificate-MAA=", "junk-signature-value", "pdf-without-body"],
+)
+def test_extend_refuses_what_is_not_a_signature_it_can_extend(
+    gateway: Server,
+    hospital_ctx: ssl.SSLContext,
+    sandbox: dict[str, Any],
+    hospital: dict[str, Any],
+    case: str,
+) -> None:
+    document, level, needle = _extend_cases(sandbox, hospital)[case]
+    before = len(gateway.logs())
+    r = request(
+        gateway.port,
+        "POST",
+        "/extend",
+        ctx=hospital_ctx,
+        json_body={"document": base64.b64encode(document).decode(), "level": level},
+    )
+    answer = _problem(r, 400, "invalid_request")
+    assert needle in answer["detail"], answer
+    _quiet_since(gateway, before)
+
+
+def test_extend_takes_a_real_detached_xades_to_b_t_and_refuses_b_lta_with_a_400(
+    gateway: Server, hospital_ctx: ssl.SSLContext, doctor: Any
+) -> None:
+    """A real signature passes the new check (B-T: 200); B-LTA of a detached one was a 500
+    (ValueError: the archive timestamp needs the content, which /extend does not take)."""
+    doc, auth = doctor
+    content = b"detached content " + secrets.token_bytes(8)
+    csc = Csc(gateway.port, hospital_ctx)
+    sad = csc.authorize(doc["credential_id"], [hashlib.sha256(content).digest()], auth)
+    r = csc.post(
+        "/csc/v2/signatures/signDoc",
+        {
+            "credentialID": doc["credential_id"],
+            "SAD": sad,
+            "documents": [
+                {
+                    "document": b64(content),
+                    "signature_format": "X",
+                    "signed_envelope_property": "Detached",
+                }
+            ],
+        },
+    )
+    assert r.status == 200, r.body
+    (signature,) = r.json()["SignatureObject"]  # detached: the signature alone
+
+    def extend(level: str) -> Response:
+        body = {"document": signature, "level": level}
+        return request(gateway.port, "POST", "/extend", ctx=hospital_ctx, json_body=body)
+
+    assert extend("AdES-B-T").status == 200
+    before = len(gateway.logs())
+    answer = _problem(extend("AdES-B-LTA"), 400, "invalid_request")
+    assert "is detached" in answer["detail"], answer
+    _quiet_since(gateway, before)
