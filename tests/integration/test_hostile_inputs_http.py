@@ -255,3 +255,54 @@ def test_extend_takes_a_real_detached_xades_to_b_t_and_refuses_b_lta_with_a_400(
     answer = _problem(extend("AdES-B-LTA"), 400, "invalid_request")
     assert "is detached" in answer["detail"], answer
     _quiet_since(gateway, before)
+
+
+# -- 4. the portal's verify form -----------------------------------------------------------------
+
+
+def _multipart(fields: dict[str, str]) -> tuple[bytes, str]:
+    boundary = "----portal" + secrets.token_hex(8)
+    out = b""
+    for name, value in fields.items():
+        out += f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n'.encode()
+        out += value.encode() + b"\r\n"
+    return out + f"--{boundary}--\r\n".encode(), f"multipart/form-data; boundary={boundary}"
+
+
+@pytest.mark.parametrize("field", ["document_b64", "content_b64"])
+def test_portal_verify_refuses_bad_base64_with_a_400(
+    gateway: Server, hospital_ctx: ssl.SSLContext, field: str
+) -> None:
+    fields = {"document_b64": base64.b64encode(b"<r/>").decode(), field: "!!!!"}
+    body, ctype = _multipart(fields)
+    before = len(gateway.logs())
+    r = request(
+        gateway.port,
+        "POST",
+        "/portal/verify",
+        ctx=hospital_ctx,
+        body=body,
+        headers={"Content-Type": ctype, "Origin": f"https://localhost:{gateway.port}"},
+    )
+    answer = _problem(r, 400, "invalid_request")
+    assert f"{field} is not valid base64" in answer["detail"]
+    _quiet_since(gateway, before)
+
+
+@pytest.mark.parametrize("kind", ["multipart-without-boundary", "truncated-multipart"])
+def test_portal_verify_refuses_an_unreadable_form_with_a_400(
+    gateway: Server, hospital_ctx: ssl.SSLContext, kind: str
+) -> None:
+    ctype, body = UNREADABLE_FORMS[kind]
+    before = len(gateway.logs())
+    r = request(
+        gateway.port,
+        "POST",
+        "/portal/verify",
+        ctx=hospital_ctx,
+        body=body,
+        headers={"Content-Type": ctype, "Origin": f"https://localhost:{gateway.port}"},
+    )
+    answer = _problem(r, 400, "invalid_request")
+    assert "the form cannot be read" in answer["detail"]
+    _quiet_since(gateway, before)
