@@ -306,3 +306,20 @@ def test_portal_verify_refuses_an_unreadable_form_with_a_400(
     answer = _problem(r, 400, "invalid_request")
     assert "the form cannot be read" in answer["detail"]
     _quiet_since(gateway, before)
+
+
+# -- 5. the admin statement of a month past the calendar ------------------------------------------
+
+
+@pytest.mark.parametrize("month", ["9999-12"])
+def test_a_statement_month_past_the_calendar_is_a_400(
+    gateway: Server, sandbox: dict[str, Any], hospital: dict[str, Any], month: str
+) -> None:
+    a = sandbox["admin"]
+    admin = client_context(sandbox["server_ca"], a["client_cert"], a["client_key"])
+    before = len(gateway.logs())
+    code = hospital["institution_code"]
+    r = request(gateway.port, "GET", f"/admin/facilities/{code}/statements/{month}", ctx=admin)
+    answer = _problem(r, 400, "invalid_request")
+    assert f"month {month!r} is not YYYY-MM" in answer["detail"], answer
+    _quiet_since(gateway, before)
