@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import json
 import secrets
 import ssl
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -20,7 +23,10 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
+from gateway.vcard.hpki import HPKI_PIN_TRIES
 from tests.support.gateway import Response, Server, client_context, free_port, request
+from tests.support.local import Agent, CardWorld, LocalEndpoint, run_agent
+from tests.support.pcsc import PcscWorld
 from tests.support.signing import Csc, b64
 
 pytestmark = [pytest.mark.tls, pytest.mark.hsm]
@@ -323,3 +329,95 @@ def test_a_statement_month_past_the_calendar_is_a_400(
     answer = _problem(r, 400, "invalid_request")
     assert f"month {month!r} is not YYYY-MM" in answer["detail"], answer
     _quiet_since(gateway, before)
+
+
+# -- 6. local serve ------------------------------------------------------------------------------
+
+PIN = "314159"
+BAD_PIN = "pin-7Q\ud834Zk"  # a lone surrogate: no UTF-8 for the card
+
+
+def _post_raw(agent: Agent, path: str, body: Any) -> tuple[int, str, bytes]:
+    """POST as a facility system would; the status, Content-Type and body, whatever they are."""
+    req = urllib.request.Request(  # noqa: S310 - the agent's loopback URL
+        agent.url + path,
+        data=json.dumps(body).encode(),  # ensure_ascii: the surrogate travels as \\ud834
+        headers={"Content-Type": "application/json",
+                 "Authorization": "Bearer " + agent.secret.decode()},
+        method="POST",
+    )  # fmt: skip
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:  # noqa: S310 - loopback
+            return r.status, r.headers.get("Content-Type", ""), r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.headers.get("Content-Type", ""), e.read()
+
+
+def test_local_authorize_refuses_a_bad_pin_and_document_type_without_echo_or_traceback(
+    pcsc: PcscWorld, card_world: CardWorld, hpki_slot: Any, tmp_path: Path
+) -> None:
+    card = card_world.card(pin=PIN)
+    hpki_slot.insert(card.applet)
+    cfg = card_world.config(reader=hpki_slot.name, secret_file=tmp_path / "secret")
+    with run_agent(cfg, pcsc.env(), secrets_never_logged=(PIN, "pin-7Q")) as agent:
+        cid = agent.post("/csc/v2/credentials/list", {})[1]["credentialIDs"][0]
+        base = {"credentialID": cid, "numSignatures": 1}
+        cases = {
+            "pin": {**base, "authData": [{"id": "pin", "value": BAD_PIN}]},
+            "surrogate-type": {**base, "documentType": "\ud800",
+                               "authData": [{"id": "pin", "value": PIN}]},
+            "markup-type": {**base, "documentType": "<b>x</b>",
+                            "authData": [{"id": "pin", "value": PIN}]},
+        }  # fmt: skip
+        for name, body in cases.items():
+            status, ctype, raw = _post_raw(agent, "/csc/v2/credentials/authorize", body)
+            assert status == 400 and ctype.startswith("application/json"), (name, status, raw[:300])
+            answer = json.loads(raw)
+            assert answer["error"] == "invalid_request", (name, answer)
+            field = "authData" if name == "pin" else "documentType"
+            assert field in answer["error_description"], (name, answer)
+            for echoed in ("pin-7Q", "Zk", "ud834", "ud800", "<b>", "position"):
+                assert echoed not in raw.decode(), (name, answer)
+        # The card never saw a PIN: every refusal came before it.
+        assert card.applet.tries_left == HPKI_PIN_TRIES
+    assert agent.stderr is not None
+    assert "Traceback" not in agent.stderr, agent.stderr[-2000:]
+    assert "surrogates" not in agent.stderr and "position" not in agent.stderr
+
+
+def _fails_canonicalisation(levels: int = 8, per_element: int = 60) -> bytes:
+    """Within the parse limits, but libxml2's canonicalisation fails on it once the signature
+    is being built (as test_hostile_documents.py's, where the remote gateway answers 400)."""
+    head = "".join(
+        "<e " + " ".join(f'xmlns:p{d}x{i}="u{d}{i}"' for i in range(per_element)) + ">"
+        for d in range(levels)
+    )
+    return f"<r>{head}x{'</e>' * levels}</r>".encode()
+
+
+def test_an_unexpected_local_failure_is_a_generic_json_500_without_a_traceback(
+    pcsc: PcscWorld, card_world: CardWorld, hpki_slot: Any, tmp_path: Path
+) -> None:
+    """What the local agent does not expect (here lxml's C14NError after the SAD is spent)
+    answers the API's JSON, never aiohttp's plain 500 and a traceback on stderr."""
+    card = card_world.card(pin=PIN)
+    hpki_slot.insert(card.applet)
+    cfg = card_world.config(reader=hpki_slot.name, secret_file=tmp_path / "secret")
+    xml = _fails_canonicalisation()
+    with run_agent(cfg, pcsc.env(), secrets_never_logged=(PIN,)) as agent:
+        cid = agent.post("/csc/v2/credentials/list", {})[1]["credentialIDs"][0]
+        sad = LocalEndpoint(agent, PIN).authorize(cid, [hashlib.sha256(xml).digest()])
+        document = {
+            "document": b64(xml),
+            "signature_format": "X",
+            "signed_envelope_property": "Enveloped",
+        }
+        body = {"credentialID": cid, "SAD": sad, "documents": [document]}
+        status, ctype, raw = _post_raw(agent, "/csc/v2/signatures/signDoc", body)
+        assert status == 500 and ctype.startswith("application/json"), (status, raw[:300])
+        answer = json.loads(raw)
+        assert answer["error"] == "server_error", answer
+        assert "C14N" not in answer["error_description"]
+    assert agent.stderr is not None
+    assert "Traceback" not in agent.stderr, agent.stderr[-2000:]
+    assert "unhandled C14NError on /csc/v2/signatures/signDoc at " in agent.stderr
