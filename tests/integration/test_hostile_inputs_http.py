@@ -1,6 +1,7 @@
 """Inputs a security review sent that answered 500 (or, for /extend, a TSA timestamp over junk):
 each is now a clear 4xx in the route's error format, with the request id, and leaves neither a
-stack trace nor an ERROR line in the log.
+stack trace nor an ERROR line in the log; what the local agent does not foresee answers a
+generic 500 in its API's JSON.
 
 Real processes only: the session's gateway, a second one with the delivery listener on, and
 ``hpki-gateway local serve`` over pcscd with a virtual HPKI card.
@@ -137,7 +138,7 @@ DS = "http://www.w3.org/2000/09/xmldsig#"
 XADES = "http://uri.etsi.org/01903/v1.3.2#"
 
 
-def _cert_der(sandbox: dict[str, Any], hospital: dict[str, Any]) -> bytes:
+def _cert_der(hospital: dict[str, Any]) -> bytes:
     pem = Path(hospital["client_cert"]).read_bytes()
     return x509.load_pem_x509_certificate(pem).public_bytes(serialization.Encoding.DER)
 
@@ -172,8 +173,8 @@ def _xades(*, cert_b64: str, cert_digest: bytes | None = None, value: str = "AAA
     ).encode()
 
 
-def _extend_cases(sandbox: dict[str, Any], hospital: dict[str, Any]) -> dict[str, Any]:
-    der = _cert_der(sandbox, hospital)
+def _extend_cases(hospital: dict[str, Any]) -> dict[str, Any]:
+    der = _cert_der(hospital)
     return {
         # was 500 (ValueError after the TSA had been asked for a timestamp)
         "no-qualifying-properties": (
@@ -206,13 +207,9 @@ def _extend_cases(sandbox: dict[str, Any], hospital: dict[str, Any]) -> dict[str
     ["no-qualifying-properties", "certificate-MAA=", "junk-signature-value", "pdf-without-body"],
 )
 def test_extend_refuses_what_is_not_a_signature_it_can_extend(
-    gateway: Server,
-    hospital_ctx: ssl.SSLContext,
-    sandbox: dict[str, Any],
-    hospital: dict[str, Any],
-    case: str,
+    gateway: Server, hospital_ctx: ssl.SSLContext, hospital: dict[str, Any], case: str
 ) -> None:
-    document, level, needle = _extend_cases(sandbox, hospital)[case]
+    document, level, needle = _extend_cases(hospital)[case]
     before = len(gateway.logs())
     r = request(
         gateway.port,
