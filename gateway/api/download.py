@@ -57,7 +57,16 @@ async def download(request: web.Request) -> web.Response:
     token = _token(request)
     if request.content_length is not None and request.content_length > MAX_FORM_BYTES:
         raise InvalidRequest("form too large")
-    data = await request.post()
+    try:
+        data = await request.post()
+    except (ValueError, LookupError) as e:
+        # Anyone can send this listener anything: a multipart type without its boundary, a
+        # multipart body cut short (ValueError), bytes that are not in the form's charset
+        # (UnicodeDecodeError) or a charset Python does not know (LookupError).
+        raise InvalidRequest(
+            "the form cannot be read: post it as an HTML form does "
+            "(application/x-www-form-urlencoded or multipart/form-data, UTF-8)"
+        ) from e
     password = data.get("password")
     if not isinstance(password, str) or not password:
         raise InvalidRequest("give the download password in the form field 'password'")

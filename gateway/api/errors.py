@@ -69,10 +69,21 @@ def render(
         body["request_id"] = request_id
     return web.Response(
         status=status,
-        text=json.dumps(body, ensure_ascii=False),
+        body=_encode(body),
         content_type=content_type,
+        charset="utf-8",
         headers=hdrs,
     )
+
+
+def _encode(body: dict[str, Any]) -> bytes:
+    """``body`` as UTF-8 JSON, readable (Japanese as is) when it can be; a text holding what
+    UTF-8 cannot encode (a lone surrogate, e.g. from a header that was not UTF-8) falls back to
+    ``\\uXXXX`` escapes, so that no error body ever fails to render."""
+    try:
+        return json.dumps(body, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        return json.dumps(body, ensure_ascii=True).encode("ascii")
 
 
 def from_gateway_error(request: web.Request, e: GatewayError) -> web.Response:

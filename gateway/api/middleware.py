@@ -203,7 +203,10 @@ async def browser_guard(request: web.Request, handler: Handler) -> web.StreamRes
             # can send, so the guard's reason for insisting on JSON holds for it too.
             request.path.startswith(EST_PREFIX) and request.content_type == "application/pkcs10"
         ):
-            shown = request.headers.get("Content-Type", "none")[:100]
+            # Quoted (repr): the header may hold anything, even bytes that are not UTF-8
+            # (aiohttp hands them over as surrogates, which no response body can carry).
+            given = request.headers.get("Content-Type")
+            shown = "none" if given is None else repr(given[:100])
             raise UnsupportedMediaType(
                 f"request bodies must be JSON sent as Content-Type: application/json (got {shown})"
             )

@@ -97,8 +97,9 @@ class Statement:
 
 def month_bounds(month: str) -> tuple[datetime, datetime]:
     m = _MONTH.fullmatch(month or "")
-    if m is None or not 1 <= int(m.group(2)) <= 12 or int(m.group(1)) < 2000:
-        raise InvalidRequest(f"month {month!r} is not YYYY-MM")
+    # Years end at 9998: the end of 9999-12 (10000-01-01) is past what datetime can hold.
+    if m is None or not 1 <= int(m.group(2)) <= 12 or not 2000 <= int(m.group(1)) <= 9998:
+        raise InvalidRequest(f"month {month!r} is not YYYY-MM (2000-01 to 9998-12)")
     y, mo = int(m.group(1)), int(m.group(2))
     start = datetime(y, mo, 1, tzinfo=JST)
     end = datetime(y + (mo == 12), mo % 12 + 1, 1, tzinfo=JST)

@@ -15,9 +15,10 @@ from __future__ import annotations
 import base64
 import contextlib
 import hmac
+import logging
 import secrets
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from aiohttp import web
 from cryptography.hazmat.primitives import serialization
@@ -34,6 +35,8 @@ from gateway.card.errors import CardError
 from gateway.errors import GatewayError, InvalidRequest
 from gateway.files import write_private
 from gateway.local.agent import LocalAgent, NoCard, PinRejected
+
+log = logging.getLogger("gateway.local")
 
 AGENT = web.AppKey("local_agent", LocalAgent)
 SECRET = web.AppKey("local_secret", bytes)
@@ -77,6 +80,21 @@ async def _guard(request: web.Request, handler: Any) -> web.StreamResponse:
         return render(request, status=503, code=e.code.value, description=e.message("en"))
     except web.HTTPException as e:
         return render(request, status=e.status, code="invalid_request", description=e.reason)
+    except Exception as e:  # noqa: BLE001 - the last resort: a 500 in the API's format
+        # Neither a stack trace nor the exception's text: either may carry the request's data
+        # (a PIN's characters and their positions). Its type and where it was raised are
+        # enough to find the fault.
+        tb = e.__traceback__
+        while tb is not None and tb.tb_next is not None:
+            tb = tb.tb_next
+        where = f"{tb.tb_frame.f_code.co_filename}:{tb.tb_lineno}" if tb else "?"
+        log.error("unhandled %s on %s at %s", type(e).__name__, request.path, where)
+        return render(
+            request,
+            status=500,
+            code="server_error",
+            description="internal error of the local agent; its log says where",
+        )
 
 
 class InfoRequest(CscRequest):
@@ -84,8 +102,9 @@ class InfoRequest(CscRequest):
 
 
 class LocalAuthorizeRequest(AuthorizeRequest):
-    documentType: str | None = None
-    """Optional: "prescription" or "dispensing"; the card's hcRole is checked before the PIN."""
+    documentType: Literal["prescription", "dispensing"] | None = None
+    """Optional: the card's hcRole is checked before the PIN. Anything else is 400 with
+    pydantic's message, which does not repeat the value."""
 
 
 class CredentialInfoRequest(CscRequest):
@@ -186,7 +205,14 @@ async def credentials_info(request: web.Request) -> web.Response:
 def _pin(auth_data: list[Any]) -> bytearray:
     for item in auth_data:
         if item.id == "pin" and isinstance(item.value, str):
-            return bytearray(item.value.encode("utf-8"))
+            try:
+                return bytearray(item.value.encode("utf-8"))
+            except UnicodeEncodeError:
+                # A lone surrogate (JSON's "\ud834"): no card takes it. ``from None``: the
+                # encoding error holds the PIN and the character's position.
+                raise InvalidRequest(
+                    "Invalid parameter authData: the PIN is not text that can be sent to the card"
+                ) from None
     raise InvalidRequest(
         'Missing (or invalid type) parameter authData: expected [{"id": "pin", "value": "<PIN>"}]'
     )

@@ -97,11 +97,30 @@ def _covered_elsewhere(sig: etree._Element, sigs: Sequence[etree._Element]) -> b
     return False
 
 
-def _signer_cert(sig: etree._Element) -> x509.Certificate:
-    el = sig.find(f"{_DS}KeyInfo/{_DS}X509Data/{_DS}X509Certificate")
-    if el is None or not (el.text or "").strip():
-        raise InvalidRequest("the signature carries no signer certificate in KeyInfo")
-    return x509.load_der_x509_certificate(base64.b64decode("".join((el.text or "").split())))
+def _extendable(sig: etree._Element, target: str) -> x509.Certificate:
+    """The signer's certificate when ``sig`` is a XAdES signature this can extend to
+    ``target``; InvalidRequest otherwise, before any timestamp is asked for.
+
+    Only a real signature is extended: one with the elements of ES-BES whose SignatureValue
+    the certificate its binding names verifies (no trust decided; that is /verify's job).
+    Anything else (a ds:Signature without xades:QualifyingProperties, a certificate that does
+    not parse, a SignatureValue nobody made) would only get the TSA's timestamp over junk."""
+    from gateway.verify.xml import signature_signer  # the verifier imports this package
+
+    name = sig.get("Id") or "(without Id)"
+    try:
+        signer = signature_signer(sig)
+    except (ValueError, TypeError, KeyError, etree.C14NError) as e:
+        raise InvalidRequest(f"the signature {name} cannot be extended: {e}") from e
+    if target == "ES-A":
+        for ref in sig.iterfind(f"{_DS}SignedInfo/{_DS}Reference"):
+            uri = ref.get("URI")
+            if uri is not None and uri != "" and not uri.startswith("#"):
+                raise InvalidRequest(
+                    f"the signature {name} is detached ({uri!r}): the archive timestamp of "
+                    "B-LTA covers the signed content, which /extend does not take"
+                )
+    return signer
 
 
 async def _add_signature_timestamp(
@@ -137,6 +156,7 @@ async def _extend_one(
     sig: etree._Element,
     target: str,
     *,
+    signer: x509.Certificate,
     tsa: ts.TimestampClient,
     source: LongTermSource,
     now: dt.datetime,
@@ -149,7 +169,6 @@ async def _extend_one(
         await _add_signature_timestamp(sig, tsa, sample=sample)
         form = "ES-T"
     if _ORDER.index(form) < _ORDER.index("ES-XL") <= _ORDER.index(target):
-        signer = _signer_cert(sig)
         signer_data = await path_validation_data(signer, [*source.certs], source, now)
         if not signer_data.certs:
             raise InvalidRequest(
@@ -192,16 +211,29 @@ async def extend_xml(
     if not sigs:
         raise InvalidRequest("the document has no XML signature to extend")
     sample = profile_for_document(root) is not None
-    changes = []
+    plan: list[tuple[etree._Element, str, x509.Certificate | None]] = []
     for sig in sigs:
         if _covered_elsewhere(sig, sigs):
             continue
         before = _form(sig)
         if _ORDER.index(before) > _ORDER.index(target) or (before == target and not renew):
+            plan.append((sig, before, None))
+        else:  # every signature checked before the first timestamp is asked for
+            plan.append((sig, before, _extendable(sig, target)))
+    changes = []
+    for sig, before, signer in plan:
+        if signer is None:
             changes.append((sig.get("Id") or "", before, before))
             continue
         after = await _extend_one(
-            sig, target, tsa=tsa, source=source, now=now, sample=sample, renew=renew
+            sig,
+            target,
+            signer=signer,
+            tsa=tsa,
+            source=source,
+            now=now,
+            sample=sample,
+            renew=renew,
         )
         changes.append((sig.get("Id") or "", before, after))
     out: bytes = etree.tostring(tree, xml_declaration=True, encoding="UTF-8")
@@ -233,10 +265,14 @@ async def extend_document(
         return await extend_xml(
             data, level, tsa=tsa, source=source, now=now, renew=renew, max_depth=max_depth
         )
+    from pyhanko.pdf_utils.misc import PdfError
+
     extend = extend_binary.extend_pdf if fmt == "PAdES" else extend_binary.extend_cms
     try:
         out, changes = await extend(data, target, tsa=tsa, source=source, now=now, renew=renew)
-    except (ValueError, TypeError, KeyError) as e:
+    except (ValueError, TypeError, KeyError, IndexError, RecursionError, PdfError) as e:
+        # What asn1crypto and pyHanko raise on a document they cannot read (as signDoc's
+        # _MALFORMED in gateway/signing/core.py, plus pyHanko's PdfReadError).
         raise InvalidRequest(f"the {fmt} signature cannot be read: {e}") from e
     return ExtendResult(out, changes)
 

@@ -37,7 +37,7 @@ from gateway.verify.xml_profile import placement_problem, slot_for
 from gateway.verify.xml_refs import XADES141, b64_text, element_path, id_index, reference_octets
 from gateway.verify.xml_values import ES_LEVELS, read_unsigned, structure_problem
 
-__all__ = ["integrity_problem", "verify_xml"]
+__all__ = ["integrity_problem", "signature_signer", "verify_xml"]
 
 _DIGEST_URIS = {
     "http://www.w3.org/2001/04/xmlenc#sha256": "sha256",
@@ -199,6 +199,26 @@ def _signature_value(sig: etree._Element, cert: x509.Certificate) -> str | None:
     except InvalidSignature:
         return "the signature value does not verify with the signer's public key"
     return None
+
+
+def signature_signer(sig: etree._Element) -> x509.Certificate:
+    """The certificate whose key made ``sig``'s SignatureValue over its SignedInfo, which the
+    signature's signing-certificate binding names; ValueError saying what is wrong otherwise
+    (the elements of ES-BES, the binding, the algorithms, the value). No trust is decided and
+    the references are not followed (a detached signature's content is not at hand): used
+    before a signature is extended, so that only a real signature gets a timestamp."""
+    problem = structure_problem(sig)
+    if problem is not None:
+        raise ValueError(problem)
+    candidates = _candidates(sig)
+    binding = _binding(sig, candidates)
+    signer = next((c for c in candidates if binding and binding.matches(c)), None)
+    if signer is None:
+        raise ValueError("no certificate in the signature matches its signing-certificate binding")
+    problem = _signature_value(sig, signer)
+    if problem is not None:
+        raise ValueError(problem)
+    return signer
 
 
 def integrity_problem(sig: etree._Element, tree: etree._ElementTree) -> str | None:

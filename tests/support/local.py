@@ -127,6 +127,8 @@ class Agent:
     ) -> None:
         self.url, self.secret, self.proc = url, secret, proc
         self.info = info  # the start-up line it printed
+        self.stdout: str | None = None  # all it wrote, once run_agent has stopped it
+        self.stderr: str | None = None
 
     def post(self, path: str, body: Any, *, secret: bytes | None = None) -> tuple[int, Any]:
         token = self.secret if secret is None else secret
@@ -176,6 +178,7 @@ def run_agent(
         [*CLI, "local", "serve", "-c", str(cfg), "--port", "0", *extra],
         env=dict(env), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
+    agent = None
     try:
         assert proc.stdout is not None
         line = proc.stdout.readline()
@@ -184,10 +187,13 @@ def run_agent(
         secret_path = Path(info["secret_file"])
         assert secret_path.stat().st_mode & 0o077 == 0  # only this user can read it
         assert info["url"].startswith("http://127.0.0.1:")
-        yield Agent(info["url"], secret_path.read_bytes().strip(), proc, info)
+        agent = Agent(info["url"], secret_path.read_bytes().strip(), proc, info)
+        yield agent
     finally:
         proc.terminate()
         out, err = proc.communicate(timeout=30)
+        if agent is not None:
+            agent.stdout, agent.stderr = line + out, err
         for secret in secrets_never_logged:
             assert secret not in out and secret not in err  # the PIN never reaches a log
 

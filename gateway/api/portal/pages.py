@@ -326,18 +326,37 @@ async def _form(request: web.Request) -> dict[str, bytes | str]:
     """The posted form: file fields as bytes, other fields as text; each within the limit."""
     limit = request.app[SETTINGS].signing.max_document_bytes
     out: dict[str, bytes | str] = {}
-    reader = await request.multipart()
-    while True:
-        part = await reader.next()
-        if part is None:
-            break
-        if not isinstance(part, BodyPartReader) or not part.name:
-            continue
-        data = bytes(await part.read(decode=False))
-        if len(data) > limit:
-            raise PayloadTooLarge(f"{part.name} of {len(data)} bytes is over the limit of {limit}")
-        out[part.name] = data if part.filename is not None else data.decode("utf-8", "replace")
+    try:
+        reader = await request.multipart()
+        while True:
+            part = await reader.next()
+            if part is None:
+                break
+            if not isinstance(part, BodyPartReader) or not part.name:
+                continue
+            data = bytes(await part.read(decode=False))
+            if len(data) > limit:
+                raise PayloadTooLarge(
+                    f"{part.name} of {len(data)} bytes is over the limit of {limit}"
+                )
+            out[part.name] = data if part.filename is not None else data.decode("utf-8", "replace")
+    except (ValueError, LookupError) as e:
+        # aiohttp's multipart reader on a type without its boundary or a body cut short.
+        raise InvalidRequest(
+            "the form cannot be read: post it as multipart/form-data, as the portal's pages do"
+        ) from e
     return out
+
+
+def _b64(form: dict[str, bytes | str], name: str) -> bytes | None:
+    """The form field ``name`` as base64-decoded bytes; None when it is absent or empty."""
+    text = _text(form, name)
+    if text is None:
+        return None
+    try:
+        return base64.b64decode(text, validate=True)
+    except ValueError as e:  # binascii.Error is a ValueError
+        raise InvalidRequest(f"{name} is not valid base64") from e
 
 
 def _text(form: dict[str, bytes | str], name: str) -> str | None:
@@ -406,13 +425,12 @@ async def verify_upload(request: web.Request) -> web.Response:
     document = _file(form, "document")
     if document is None:
         # The report page re-posts what it verified as base64 to download JSON or PDF.
-        b64 = _text(form, "document_b64")
-        document = base64.b64decode(b64, validate=True) if b64 else None
+        document = _b64(form, "document_b64")
     if document is None:
         raise InvalidRequest("Missing (or invalid type) parameter document")
     content = _file(form, "content")
-    if content is None and _text(form, "content_b64"):
-        content = base64.b64decode(_text(form, "content_b64") or "", validate=True)
+    if content is None:
+        content = _b64(form, "content_b64")
     report = (await request.app[VERIFY_POOL].verify(document, content)).to_json_dict()
     output = _text(form, "output") or "html"
     lang = _lang(request)
