@@ -1,0 +1,83 @@
+"""Refusals a security review found answered 500: each is now a clear 4xx, with its audit record
+(and, for a presence ceremony, its challenge burnt).
+
+Real parts only: the session's sandbox gateway behind real mTLS, a software WebAuthn
+authenticator signing real assertions, card certificates issued by the sandbox's JPKI CA and
+signed over real challenges, PKCS#10 requests signed with their own key. Each input is well
+formed except for the one thing the review changed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import ssl
+from typing import Any
+
+import pytest
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import padding
+from sqlalchemy import select
+
+from gateway.store.schema import audit_event
+from tests.support.gateway import Server
+from tests.support.signing import Csc, random_hashes, services
+from tests.support.webauthn import SoftAuthenticator
+
+pytestmark = [pytest.mark.tls, pytest.mark.hsm]
+
+SHA256 = "2.16.840.1.101.3.4.2.1"
+
+
+@pytest.fixture(scope="module")
+def csc(gateway: Server, hospital_ctx: ssl.SSLContext) -> Csc:
+    return Csc(gateway.port, hospital_ctx)
+
+
+async def _audit_details(config: str, action: str) -> list[dict[str, Any]]:
+    async with services(config) as svc, svc.db.read() as conn:
+        q = select(audit_event).where(audit_event.c.action == action).order_by(audit_event.c.seq)
+        return [
+            {**json.loads(r.detail), "_signer": r.signer_id} for r in (await conn.execute(q)).all()
+        ]
+
+
+def _details(sandbox: dict[str, Any], action: str) -> list[dict[str, Any]]:
+    return asyncio.run(_audit_details(sandbox["config"], action))
+
+
+def _re_sign(der: bytes, tbs: bytes, new_tbs: bytes, signature: bytes, key: Any) -> bytes:
+    """``der`` (a certificate or request) with its signed part replaced by ``new_tbs`` (same
+    length) and signed again by ``key`` (RSA PKCS#1 v1.5, SHA-256; same signature length)."""
+    assert len(new_tbs) == len(tbs) and der.count(tbs) == 1 and der.endswith(signature)
+    new_sig = key.sign(new_tbs, padding.PKCS1v15(), hashes.SHA256())
+    assert len(new_sig) == len(signature)
+    return der.replace(tbs, new_tbs)[: -len(signature)] + new_sig
+
+
+# -- 1. FIDO2: clientDataJSON "origin" of another JSON type ----------------------------------
+
+
+def test_fido2_origin_not_a_string_is_400_audited_and_burns_the_challenge(
+    doctor: tuple[dict[str, Any], SoftAuthenticator], csc: Csc, sandbox: dict[str, Any]
+) -> None:
+    doc, auth = doctor
+    cred = doc["credential_id"]
+    hashes = random_hashes(1)
+    r = csc.begin(cred, hashes)
+    assert r.status == 200, r.body
+    pk = r.json()["publicKey"]
+    # A real assertion, signed by the authenticator, over client data whose origin is a list.
+    bad = auth.get(pk, origin=["x"])  # type: ignore[arg-type]
+    r = csc.authorize_raw(cred, hashes, bad)
+    assert r.status == 400, r.body
+    assert r.json()["error"] == "invalid_request"
+    assert "origin" in r.json()["error_description"], r.body
+    refused = [d for d in _details(sandbox, "sad.refused") if d.get("hashes") == [hashes[0].hex()]]
+    assert len(refused) == 1, refused
+    assert "Invalid origin" in refused[0]["reason"], refused
+    # The refused attempt burnt the challenge: a correct assertion for it gets no SAD.
+    r = csc.authorize_raw(cred, hashes, auth.get(pk))
+    assert r.status == 400, r.body
+    assert "SAD" not in r.json()
+    assert "already used" in r.json()["error_description"], r.body

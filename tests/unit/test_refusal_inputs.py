@@ -1,0 +1,143 @@
+"""Inputs a security review found answered 500, one check each, on the real parts: python-fido2's
+server behind the origin check, the grouped writes and the audit chain on a SQLite file,
+cryptography reading certificates and requests the tests build and sign, the JSON loader."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import padding, rsa
+from cryptography.x509.oid import NameOID
+from sqlalchemy import select
+from sqlalchemy.exc import OperationalError
+
+from gateway.audit import AuditLog
+from gateway.auth import presence
+from gateway.auth.fido2 import Fido2Authenticator
+from gateway.errors import GatewayError, InvalidRequest
+from gateway.signing.grant import Caller
+from gateway.store.db import Database
+from gateway.store.schema import audit_event
+
+KEY = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+NAME = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "TEST refusal inputs")])
+CALLER = Caller(actor="facility:1310000011", facility_id=1, institution_code="1310000011")
+
+
+def _re_sign(der: bytes, tbs: bytes, new_tbs: bytes, signature: bytes) -> bytes:
+    """``der`` with its signed part replaced (same length) and signed again by KEY."""
+    assert len(new_tbs) == len(tbs) and der.count(tbs) == 1 and der.endswith(signature)
+    return der.replace(tbs, new_tbs)[: -len(signature)] + KEY.sign(
+        new_tbs, padding.PKCS1v15(), hashes.SHA256()
+    )
+
+
+def _certificate(*, key_oid_last_byte: int = 0x01) -> x509.Certificate:
+    """A self-signed RSA certificate; its SPKI algorithm 1.2.840.113549.1.1.<last byte>."""
+    now = dt.datetime.now(dt.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(NAME)
+        .issuer_name(NAME)
+        .public_key(KEY.public_key())
+        .serial_number(1)
+        .not_valid_before(now)
+        .not_valid_after(now + dt.timedelta(days=1))
+        .sign(KEY, hashes.SHA256())
+    )
+    rsa_encryption = bytes.fromhex("06092a864886f70d010101")
+    tbs = cert.tbs_certificate_bytes
+    new_tbs = tbs.replace(rsa_encryption, rsa_encryption[:-1] + bytes([key_oid_last_byte]))
+    der = cert.public_bytes(serialization.Encoding.DER)
+    return x509.load_der_x509_certificate(_re_sign(der, tbs, new_tbs, cert.signature))
+
+
+# -- 1. FIDO2 origin; unexpected exceptions in a presence check ------------------------------
+
+
+def test_an_origin_of_another_json_type_is_not_allowed() -> None:
+    auth = Fido2Authenticator(
+        db=Database("sqlite+aiosqlite://"), audit=AuditLog(), rp_id="localhost", rp_name="TEST",
+        origins=frozenset({"https://localhost"}),
+    )  # fmt: skip
+    assert auth._origin_allowed("https://localhost")
+    for origin in (["https://localhost"], {"a": 1}, None, 1, "https://evil.example"):
+        assert not auth._origin_allowed(origin)  # a list raised TypeError (unhashable)
+
+
+async def _store(tmp_path: Path) -> Database:
+    db = Database(f"sqlite+aiosqlite:///{tmp_path}/gw.db")
+    await db.migrate()
+    return db
+
+
+async def test_an_unexpected_exception_in_a_grouped_unit_is_its_refusal(tmp_path: Path) -> None:
+    db = await _store(tmp_path)
+    recorded: list[GatewayError] = []
+    try:
+
+        def broken(conn: Any) -> None:
+            {}[["origin"]]  # type: ignore[index]  # TypeError: unhashable type: 'list'
+
+        with pytest.raises(presence.CheckFailed) as e:
+            await db.run_grouped(
+                presence.refusing(broken), on_refusal=lambda c, err: recorded.append(err)
+            )
+        assert e.value.status == 500 and isinstance(e.value.__cause__, TypeError)
+        assert recorded == [e.value]  # the grouped write ran on_refusal: audit, burn
+        assert e.value.description == "presence check failed: unexpected TypeError"
+        assert "TypeError" not in e.value.client_description
+
+        def refused(conn: Any) -> None:
+            raise InvalidRequest("refused as before")
+
+        with pytest.raises(InvalidRequest):
+            await db.run_grouped(
+                presence.refusing(refused), on_refusal=lambda c, err: recorded.append(err)
+            )
+        assert [type(r) for r in recorded] == [presence.CheckFailed, InvalidRequest]
+
+        def store_error(conn: Any) -> None:
+            raise OperationalError("SELECT 1", {}, Exception("disk I/O error"))
+
+        # The store's own errors keep their path: no refusal to record in a failing store.
+        with pytest.raises(OperationalError):
+            await db.run_grouped(
+                presence.refusing(store_error), on_refusal=lambda c, err: recorded.append(err)
+            )
+        assert len(recorded) == 2
+    finally:
+        await db.close()
+
+
+async def test_an_unexpected_exception_in_an_attempt_is_audited(tmp_path: Path) -> None:
+    db = await _store(tmp_path)
+    audit = AuditLog()
+    try:
+        auth = Fido2Authenticator(
+            db=db, audit=audit, rp_id="localhost", rp_name="TEST",
+            origins=frozenset({"https://localhost"}),
+        )  # fmt: skip
+        now = dt.datetime.now(dt.UTC)
+        with pytest.raises(presence.CheckFailed):
+            async with auth.attempt("test.refused", CALLER, now=now, challenge="00" * 32):
+                raise KeyError("origin")
+        async with db.read() as conn:
+            rows = (
+                await conn.execute(
+                    select(audit_event).where(audit_event.c.action == "test.refused")
+                )
+            ).all()
+            assert len(rows) == 1
+            assert json.loads(rows[0].detail) == {
+                "reason": "presence check failed: unexpected KeyError"
+            }
+            assert (await audit.verify(conn)).ok
+    finally:
+        await db.close()
