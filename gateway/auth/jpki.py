@@ -30,7 +30,6 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
-import json
 import secrets
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -45,6 +44,7 @@ from sqlalchemy import insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from gateway import safe_json
 from gateway.audit import AuditLog
 from gateway.auth import presence
 from gateway.auth.challenges import (
@@ -139,12 +139,12 @@ def parse_auth_data(auth_data: Sequence[Mapping[str, Any]]) -> JpkiAuthorization
             continue
         value = item.get("value")
         if isinstance(value, str):
+            # The bounded loader, as for the webauthn value: a value nested past its depth or
+            # with an integer past Python's digit limit is a 400, not RecursionError / ValueError.
             try:
-                value = json.loads(value)
-            except json.JSONDecodeError as e:
-                raise InvalidRequest(
-                    "Invalid parameter authData: the jpki value is not JSON"
-                ) from e
+                value = safe_json.loads(value, what="the jpki value")
+            except InvalidRequest as e:
+                raise InvalidRequest(f"Invalid parameter authData: {e.description}") from e
         if not isinstance(value, dict):
             break
         cert_b64, sig_b64, cid = (
@@ -156,6 +156,12 @@ def parse_auth_data(auth_data: Sequence[Mapping[str, Any]]) -> JpkiAuthorization
             break
         if len(cert_b64) > MAX_CERT_BYTES * 2 or len(sig_b64) > 2048 or len(cid) > 128:
             raise InvalidRequest("Invalid parameter authData: jpki value too large")
+        if not (cid.isascii() and cid.isprintable()):
+            # Ids are hex; a lone surrogate (a JSON "\udcff") cannot even be looked up or
+            # burnt in the store (UnicodeEncodeError: a 500 with the refusal unrecorded).
+            raise InvalidRequest(
+                "Invalid parameter authData: the jpki challenge_id is not printable ASCII"
+            )
         try:
             der = base64.b64decode(cert_b64, validate=True)
             sig = base64.b64decode(sig_b64, validate=True)

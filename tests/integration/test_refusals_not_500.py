@@ -12,16 +12,18 @@ from __future__ import annotations
 import asyncio
 import json
 import ssl
+from pathlib import Path
 from typing import Any
 
 import pytest
-from cryptography.hazmat.primitives import hashes
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding
 from sqlalchemy import select
 
 from gateway.store.schema import audit_event
 from tests.support.gateway import Server
-from tests.support.signing import Csc, random_hashes, services
+from tests.support.signing import Csc, b64, random_hashes, services
 from tests.support.webauthn import SoftAuthenticator
 
 pytestmark = [pytest.mark.tls, pytest.mark.hsm]
@@ -81,3 +83,67 @@ def test_fido2_origin_not_a_string_is_400_audited_and_burns_the_challenge(
     assert r.status == 400, r.body
     assert "SAD" not in r.json()
     assert "already used" in r.json()["error_description"], r.body
+
+
+# -- 2. JPKI authData value: nesting and digits past the safe loader's bounds -----------------
+
+
+@pytest.mark.parametrize(
+    ("value", "text"),
+    [
+        ("[" * 50_000 + "]" * 50_000, "the jpki value is nested deeper than 32 levels"),
+        (
+            '{"certificate": "", "signature": "", "challenge_id": "", "n": ' + "7" * 5000 + "}",
+            "the jpki value has a number with too many digits",
+        ),
+    ],
+    ids=["deep", "digits"],
+)
+def test_jpki_value_past_the_json_bounds_is_400_and_audited(
+    value: str, text: str, csc: Csc, sandbox: dict[str, Any], hospital: dict[str, Any]
+) -> None:
+    before = len(_details(sandbox, "sad.refused"))
+    hashes = random_hashes(1)
+    r = csc.post(
+        "/csc/v2/credentials/authorize",
+        {
+            "credentialID": "any",
+            "numSignatures": 1,
+            "hashes": [b64(hashes[0])],
+            "hashAlgorithmOID": SHA256,
+            "authData": [{"id": "jpki", "value": value}],
+        },
+    )
+    assert r.status == 400, r.body
+    assert r.json()["error_description"] == f"Invalid parameter authData: {text}"
+    rows = _details(sandbox, "sad.refused")
+    assert len(rows) == before + 1
+    assert rows[-1]["reason"] == f"Invalid parameter authData: {text}"
+
+
+def test_jpki_challenge_id_not_ascii_is_400_and_audited(csc: Csc, sandbox: dict[str, Any]) -> None:
+    """A JSON "\\udcff" challenge_id (a lone surrogate once parsed) could not be looked up or
+    burnt in the store: UnicodeEncodeError, a 500 with no record."""
+    before = len(_details(sandbox, "sad.refused"))
+    hashes = random_hashes(1)
+    anchor = x509.load_pem_x509_certificate(Path(sandbox["jpki"]["trust_anchor"]).read_bytes())
+    value = {
+        "certificate": b64(anchor.public_bytes(serialization.Encoding.DER)),
+        "signature": b64(bytes(256)),
+        "challenge_id": "\udcff",  # json.dumps sends the escape \udcff
+    }
+    r = csc.post(
+        "/csc/v2/credentials/authorize",
+        {
+            "credentialID": "any",
+            "numSignatures": 1,
+            "hashes": [b64(hashes[0])],
+            "hashAlgorithmOID": SHA256,
+            "authData": [{"id": "jpki", "value": value}],
+        },
+    )
+    text = "Invalid parameter authData: the jpki challenge_id is not printable ASCII"
+    assert r.status == 400, r.body
+    assert r.json()["error_description"] == text
+    rows = _details(sandbox, "sad.refused")
+    assert len(rows) == before + 1 and rows[-1]["reason"] == text

@@ -4,6 +4,7 @@ cryptography reading certificates and requests the tests build and sign, the JSO
 
 from __future__ import annotations
 
+import base64
 import datetime as dt
 import json
 from pathlib import Path
@@ -20,6 +21,7 @@ from sqlalchemy.exc import OperationalError
 from gateway.audit import AuditLog
 from gateway.auth import presence
 from gateway.auth.fido2 import Fido2Authenticator
+from gateway.auth.jpki import parse_auth_data
 from gateway.errors import GatewayError, InvalidRequest
 from gateway.signing.grant import Caller
 from gateway.store.db import Database
@@ -141,3 +143,36 @@ async def test_an_unexpected_exception_in_an_attempt_is_audited(tmp_path: Path) 
             assert (await audit.verify(conn)).ok
     finally:
         await db.close()
+
+
+# -- 2. the JPKI authData value ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("value", "text"),
+    [
+        ("[" * 50_000 + "]" * 50_000, "the jpki value is nested deeper than 32 levels"),
+        ("[" + "9" * 5000 + "]", "the jpki value has a number with too many digits"),
+        ("{", "the jpki value is not valid JSON: Expecting property name enclosed in double"),
+    ],
+    ids=["deep", "digits", "not-json"],
+)
+def test_jpki_value_is_read_with_the_bounded_loader(value: str, text: str) -> None:
+    with pytest.raises(InvalidRequest) as e:
+        parse_auth_data([{"id": "jpki", "value": value}])
+    assert e.value.description.startswith(f"Invalid parameter authData: {text}")
+
+
+def test_jpki_challenge_id_must_be_printable_ascii() -> None:
+    cert = _certificate()
+    der = cert.public_bytes(serialization.Encoding.DER)
+    value = {
+        "certificate": base64.b64encode(der).decode(),
+        "signature": "AAAA",
+        "challenge_id": "\udcff",  # what a JSON "\udcff" escape becomes
+    }
+    with pytest.raises(InvalidRequest) as e:
+        parse_auth_data([{"id": "jpki", "value": value}])
+    assert e.value.description == (
+        "Invalid parameter authData: the jpki challenge_id is not printable ASCII"
+    )
