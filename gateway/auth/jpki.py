@@ -37,7 +37,7 @@ from datetime import datetime, timedelta
 from typing import Any, Literal
 
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from sqlalchemy import insert, select, update
@@ -186,10 +186,27 @@ def parse_auth_data(auth_data: Sequence[Mapping[str, Any]]) -> JpkiAuthorization
     return None
 
 
-def verify_card_signature(cert: x509.Certificate, challenge: bytes, signature: bytes) -> None:
-    key = cert.public_key()
+def card_key(cert: x509.Certificate) -> rsa.RSAPublicKey:
+    """The card certificate's RSA key, or a 400 that names why not.
+
+    The certificate is the client's: its SubjectPublicKeyInfo may name an algorithm
+    cryptography cannot load (``UnsupportedAlgorithm``, e.g. 1.2.840.113549.1.1.99) or hold
+    a key it refuses (``ValueError``); either was a 500 that skipped the refusal's record.
+    """
+    try:
+        key = cert.public_key()
+    except (UnsupportedAlgorithm, ValueError) as e:
+        raise InvalidRequest(
+            "the JPKI authentication certificate's key cannot be read (algorithm "
+            f"{cert.public_key_algorithm_oid.dotted_string}): a card's key is RSA"
+        ) from e
     if not isinstance(key, rsa.RSAPublicKey):
         raise InvalidRequest("the JPKI authentication certificate does not hold an RSA key")
+    return key
+
+
+def verify_card_signature(cert: x509.Certificate, challenge: bytes, signature: bytes) -> None:
+    key = card_key(cert)
     try:
         key.verify(signature, challenge, padding.PKCS1v15(), hashes.SHA256())
     except InvalidSignature as e:
@@ -246,6 +263,7 @@ class JpkiAuthenticator(presence.PresenceMethod):
 
     async def check_certificate(self, cert: x509.Certificate, now: datetime) -> CheckedCertificate:
         """Path (by key), validity, key usage, revocation. Network I/O: call outside a txn."""
+        card_key(cert)  # a key that cannot be read is a 400 before anything uses it
         anchor = self._issuer_by_key(cert, now)
         if not cert.not_valid_before_utc <= now < cert.not_valid_after_utc:
             raise AccessDenied(

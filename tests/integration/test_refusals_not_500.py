@@ -10,6 +10,8 @@ formed except for the one thing the review changed.
 from __future__ import annotations
 
 import asyncio
+import base64
+import datetime as dt
 import json
 import ssl
 from pathlib import Path
@@ -18,11 +20,13 @@ from typing import Any
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import padding
+from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from sqlalchemy import select
 
+from gateway.pki.issue import CertAndKey
+from gateway.sandbox.jpki import issue_auth_cert
 from gateway.store.schema import audit_event
-from tests.support.gateway import Server
+from tests.support.gateway import Server, client_context, request, run_cli
 from tests.support.signing import Csc, b64, random_hashes, services
 from tests.support.webauthn import SoftAuthenticator
 
@@ -147,3 +151,78 @@ def test_jpki_challenge_id_not_ascii_is_400_and_audited(csc: Csc, sandbox: dict[
     assert r.json()["error_description"] == text
     rows = _details(sandbox, "sad.refused")
     assert len(rows) == before + 1 and rows[-1]["reason"] == text
+
+
+# -- 3. JPKI card registration: a key algorithm the gateway cannot load ----------------------
+
+
+RSA_ENCRYPTION = bytes.fromhex("06092a864886f70d010101")  # 1.2.840.113549.1.1.1
+UNKNOWN_KEY_ALG = bytes.fromhex("06092a864886f70d010163")  # 1.2.840.113549.1.1.99
+
+
+def _sandbox_jpki_ca(sandbox: dict[str, Any]) -> CertAndKey:
+    d = Path(sandbox["dir"]) / "jpki"
+    key = serialization.load_pem_private_key((d / "test-jpki-ca.key").read_bytes(), None)
+    assert isinstance(key, rsa.RSAPrivateKey)
+    return CertAndKey(
+        cert=x509.load_pem_x509_certificate((d / "test-jpki-ca.pem").read_bytes()), key=key
+    )
+
+
+def test_jpki_register_with_unknown_key_algorithm_is_400_and_audited(
+    doctor: tuple[dict[str, Any], SoftAuthenticator],
+    csc: Csc,
+    sandbox: dict[str, Any],
+) -> None:
+    doc, _ = doctor  # enrolled first: a new code revokes the manifest's unused one
+    issued = json.loads(
+        run_cli("signer", "enroll-code", doc["id"], "-c", sandbox["config"], "--json").stdout
+    )
+    r = csc.post(
+        "/auth/jpki/register/begin",
+        {"enrollment_code": issued["enrollment_code"], "password": issued["enrollment_password"]},
+    )
+    assert r.status == 200, r.body
+    cid = r.json()["challenge_id"]
+    challenge = base64.urlsafe_b64decode(r.json()["challenge"] + "==")
+    # A card certificate issued by the sandbox's JPKI CA, its SubjectPublicKeyInfo algorithm
+    # changed to 1.2.840.113549.1.1.99 and signed again by the CA (a valid issuer signature).
+    ca = _sandbox_jpki_ca(sandbox)
+    card_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    cert = issue_auth_cert(
+        ca, card_key.public_key(), now=dt.datetime.now(dt.UTC), ocsp_url=sandbox["jpki"]["ocsp_url"]
+    )
+    der = cert.public_bytes(serialization.Encoding.DER)
+    tbs = cert.tbs_certificate_bytes
+    assert tbs.count(RSA_ENCRYPTION) == 1
+    der = _re_sign(der, tbs, tbs.replace(RSA_ENCRYPTION, UNKNOWN_KEY_ALG), cert.signature, ca.key)
+    sig = card_key.sign(challenge, padding.PKCS1v15(), hashes.SHA256())
+    before = len(_details(sandbox, "jpki.link.refused"))
+    r = csc.post(
+        "/auth/jpki/register/complete",
+        {
+            "enrollment_code": issued["enrollment_code"],
+            "certificate": b64(der),
+            "signature": b64(sig),
+            "challenge_id": cid,
+        },
+    )
+    assert r.status == 400, r.body
+    assert "1.2.840.113549.1.1.99" in r.json()["detail"], r.body
+    rows = _details(sandbox, "jpki.link.refused")
+    assert len(rows) == before + 1
+    assert rows[-1]["_signer"] == doc["id"] and "1.2.840.113549.1.1.99" in rows[-1]["reason"]
+    # The officer's link of the same certificate: issuer signature valid, OCSP "good", then
+    # its key was read for the link's SPKI hash (UnsupportedAlgorithm, 500). Refused first now.
+    a = sandbox["admin"]
+    r = request(
+        csc.port,
+        "POST",
+        f"/admin/signers/{doc['id']}/jpki",
+        ctx=client_context(sandbox["server_ca"], a["client_cert"], a["client_key"]),
+        json_body={"certificate": b64(der)},
+    )
+    assert r.status == 400, r.body
+    assert "1.2.840.113549.1.1.99" in r.json()["detail"], r.body
+    rows = _details(sandbox, "jpki.link.refused")
+    assert len(rows) == before + 2 and "1.2.840.113549.1.1.99" in rows[-1]["reason"]

@@ -21,7 +21,7 @@ from sqlalchemy.exc import OperationalError
 from gateway.audit import AuditLog
 from gateway.auth import presence
 from gateway.auth.fido2 import Fido2Authenticator
-from gateway.auth.jpki import parse_auth_data
+from gateway.auth.jpki import card_key, parse_auth_data, verify_card_signature
 from gateway.errors import GatewayError, InvalidRequest
 from gateway.signing.grant import Caller
 from gateway.store.db import Database
@@ -176,3 +176,18 @@ def test_jpki_challenge_id_must_be_printable_ascii() -> None:
     assert e.value.description == (
         "Invalid parameter authData: the jpki challenge_id is not printable ASCII"
     )
+
+
+# -- 3. a card certificate whose key algorithm cryptography cannot load -----------------------
+
+
+def test_a_card_key_of_an_unknown_algorithm_is_400() -> None:
+    cert = _certificate(key_oid_last_byte=0x63)  # 1.2.840.113549.1.1.99
+    for check in (lambda: card_key(cert), lambda: verify_card_signature(cert, b"c", b"s")):
+        with pytest.raises(InvalidRequest) as e:
+            check()
+        assert e.value.description == (
+            "the JPKI authentication certificate's key cannot be read (algorithm "
+            "1.2.840.113549.1.1.99): a card's key is RSA"
+        )
+    assert isinstance(card_key(_certificate()), rsa.RSAPublicKey)
