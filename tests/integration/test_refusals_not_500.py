@@ -21,11 +21,13 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
+from cryptography.x509.oid import ExtensionOID, NameOID
 from sqlalchemy import select
 
 from gateway.pki.issue import CertAndKey
 from gateway.sandbox.jpki import issue_auth_cert
 from gateway.store.schema import audit_event
+from tests.integration.test_est_renewal import facility_expiring_in, refusals
 from tests.support.gateway import Server, client_context, request, run_cli
 from tests.support.signing import Csc, b64, random_hashes, services
 from tests.support.webauthn import SoftAuthenticator
@@ -226,3 +228,67 @@ def test_jpki_register_with_unknown_key_algorithm_is_400_and_audited(
     assert "1.2.840.113549.1.1.99" in r.json()["detail"], r.body
     rows = _details(sandbox, "jpki.link.refused")
     assert len(rows) == before + 2 and "1.2.840.113549.1.1.99" in rows[-1]["reason"]
+
+
+# -- 4. EST renewal: a signed request whose extensions cryptography cannot read --------------
+
+
+PLACEHOLDER_OID = x509.ObjectIdentifier("2.5.29.99")  # encoded as long as 2.5.29.15 (keyUsage)
+
+
+def _csr_with_two_key_usages(code: str) -> bytes:
+    """A request signed by its own key, carrying keyUsage twice (built with a placeholder OID
+    of the same encoded length, then renamed and signed again)."""
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    usage = x509.KeyUsage(
+        digital_signature=True, content_commitment=False, key_encipherment=False,
+        data_encipherment=False, key_agreement=False, key_cert_sign=False, crl_sign=False,
+        encipher_only=False, decipher_only=False,
+    )  # fmt: skip
+    csr = (
+        x509.CertificateSigningRequestBuilder()
+        .subject_name(
+            x509.Name(
+                [
+                    x509.NameAttribute(NameOID.COUNTRY_NAME, "JP"),
+                    x509.NameAttribute(NameOID.COMMON_NAME, f"TEST clinic {code}"),
+                    x509.NameAttribute(NameOID.SERIAL_NUMBER, code),
+                ]
+            )
+        )
+        .add_extension(usage, critical=True)
+        .add_extension(
+            x509.UnrecognizedExtension(PLACEHOLDER_OID, usage.public_bytes()), critical=True
+        )
+        .sign(key, hashes.SHA256())
+    )
+    placeholder = bytes.fromhex("0603551d63")
+    tbs = csr.tbs_certrequest_bytes
+    assert tbs.count(placeholder) == 1
+    renamed = tbs.replace(placeholder, bytes.fromhex("0603551d0f"))
+    der = csr.public_bytes(serialization.Encoding.DER)
+    out = _re_sign(der, tbs, renamed, csr.signature, key)
+    check = x509.load_der_x509_csr(out)
+    assert check.is_signature_valid
+    return out
+
+
+def test_est_request_with_duplicate_extension_is_400_and_audited(
+    gateway: Server, sandbox: dict[str, Any], tmp_path: Path
+) -> None:
+    # Expires in 30 days: inside the 90-day renewal window.
+    code, d = facility_expiring_in(sandbox, 30, tmp_path / "cur")
+    ctx = client_context(sandbox["server_ca"], str(d / "client.pem"), str(d / "client.key"))
+    r = request(
+        gateway.port,
+        "POST",
+        "/.well-known/est/simplereenroll",
+        ctx=ctx,
+        body=base64.encodebytes(_csr_with_two_key_usages(code)),
+        headers={"Content-Type": "application/pkcs10"},
+    )
+    assert r.status == 400, r.body
+    assert "extensions cannot be read" in r.json()["detail"], r.body
+    assert ExtensionOID.KEY_USAGE.dotted_string in r.json()["detail"], r.body
+    rows = refusals(sandbox, code)
+    assert len(rows) == 1 and "extensions cannot be read" in rows[0]["reason"], rows

@@ -23,6 +23,7 @@ from gateway.auth import presence
 from gateway.auth.fido2 import Fido2Authenticator
 from gateway.auth.jpki import card_key, parse_auth_data, verify_card_signature
 from gateway.errors import GatewayError, InvalidRequest
+from gateway.pki import csr_check
 from gateway.signing.grant import Caller
 from gateway.store.db import Database
 from gateway.store.schema import audit_event
@@ -191,3 +192,51 @@ def test_a_card_key_of_an_unknown_algorithm_is_400() -> None:
             "1.2.840.113549.1.1.99): a card's key is RSA"
         )
     assert isinstance(card_key(_certificate()), rsa.RSAPublicKey)
+
+
+# -- 4. PKCS#10 requests whose parts cryptography cannot read ---------------------------------
+
+
+DIGITAL_SIGNATURE = x509.KeyUsage(
+    digital_signature=True, content_commitment=False, key_encipherment=False,
+    data_encipherment=False, key_agreement=False, key_cert_sign=False, crl_sign=False,
+    encipher_only=False, decipher_only=False,
+)  # fmt: skip
+
+
+def _csr(ext_der: bytes, oid_last_byte: int) -> x509.CertificateSigningRequest:
+    """A request signed by KEY with keyUsage, and ``ext_der`` as extension 2.5.29.<last byte>."""
+    csr = (
+        x509.CertificateSigningRequestBuilder()
+        .subject_name(x509.Name([]))
+        .add_extension(
+            x509.UnrecognizedExtension(x509.ObjectIdentifier("2.5.29.99"), ext_der),
+            critical=False,
+        )
+        .add_extension(DIGITAL_SIGNATURE, critical=True)
+        .sign(KEY, hashes.SHA256())
+    )
+    tbs = csr.tbs_certrequest_bytes
+    new_tbs = tbs.replace(
+        bytes.fromhex("0603551d63"), bytes.fromhex("0603551d") + bytes([oid_last_byte])
+    )
+    der = _re_sign(csr.public_bytes(serialization.Encoding.DER), tbs, new_tbs, csr.signature)
+    out = x509.load_der_x509_csr(der)
+    assert out.is_signature_valid
+    return out
+
+
+@pytest.mark.parametrize(
+    ("ext_der", "oid", "text"),
+    [
+        (bytes.fromhex("03020780"), 0x0F, "Duplicate 2.5.29.15 extension"),  # keyUsage twice
+        (bytes.fromhex("3003010105"), 0x13, "BasicConstraints::ca"),  # BOOLEAN 0x05
+    ],
+    ids=["duplicate-key-usage", "bad-basic-constraints"],
+)
+def test_an_unreadable_extension_is_invalid_request(ext_der: bytes, oid: int, text: str) -> None:
+    csr = _csr(ext_der, oid)
+    with pytest.raises(InvalidRequest) as e:
+        csr_check.check_request(csr, current=_certificate(), min_rsa_bits=2048)
+    assert e.value.description.startswith("the request's extensions cannot be read (")
+    assert text in e.value.description
