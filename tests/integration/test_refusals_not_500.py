@@ -292,3 +292,28 @@ def test_est_request_with_duplicate_extension_is_400_and_audited(
     assert ExtensionOID.KEY_USAGE.dotted_string in r.json()["detail"], r.body
     rows = refusals(sandbox, code)
     assert len(rows) == 1 and "extensions cannot be read" in rows[0]["reason"], rows
+
+
+# -- 5. Idempotency-Key: a byte that is not UTF-8 ---------------------------------------------
+
+
+def test_idempotency_key_not_ascii_is_400_and_audited(
+    gateway: Server, sandbox: dict[str, Any], hospital: dict[str, Any]
+) -> None:
+    ctx = client_context(sandbox["server_ca"], hospital["client_cert"], hospital["client_key"])
+    before = len(_details(sandbox, "application.refused"))
+    r = request(
+        gateway.port,
+        "POST",
+        "/facility/applications",
+        ctx=ctx,
+        json_body={"kind": "reapply", "remarks": "端末名称の変更"},
+        headers={"Idempotency-Key": "k\xff"},  # http.client sends it as the byte 0xff
+    )
+    assert r.status == 400, r.body
+    assert r.json()["detail"] == "an idempotency key is 1-100 printable ASCII characters"
+    rows = _details(sandbox, "application.refused")
+    assert len(rows) == before + 1
+    assert rows[-1]["reason"] == "an idempotency key is 1-100 printable ASCII characters"
+    # Recorded, escaped: the audit chain's canonical JSON stays encodable.
+    assert rows[-1]["idempotency_key"] == "k\\udcff"

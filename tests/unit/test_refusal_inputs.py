@@ -18,11 +18,12 @@ from cryptography.x509.oid import NameOID
 from sqlalchemy import select
 from sqlalchemy.exc import OperationalError
 
-from gateway.audit import AuditLog
+from gateway.audit import AuditLog, event_hash
 from gateway.auth import presence
 from gateway.auth.fido2 import Fido2Authenticator
 from gateway.auth.jpki import card_key, parse_auth_data, verify_card_signature
 from gateway.errors import GatewayError, InvalidRequest
+from gateway.lifecycle.applications import _audited_key, _check_idempotency_key
 from gateway.pki import csr_check
 from gateway.signing.grant import Caller
 from gateway.store.db import Database
@@ -240,3 +241,51 @@ def test_an_unreadable_extension_is_invalid_request(ext_der: bytes, oid: int, te
         csr_check.check_request(csr, current=_certificate(), min_rsa_bits=2048)
     assert e.value.description.startswith("the request's extensions cannot be read (")
     assert text in e.value.description
+
+
+# -- 5. Idempotency-Key, and the audit chain given a string UTF-8 cannot encode ---------------
+
+
+def test_an_idempotency_key_is_printable_ascii() -> None:
+    for good in ("form-0001", "a" * 100, "webform 2026/11/27 #1"):
+        _check_idempotency_key(good)
+        assert _audited_key(good) == good
+    for bad in ("k\udcff", "フォーム-1", "a" * 101, " ", "", "a\nb"):
+        with pytest.raises(InvalidRequest) as e:
+            _check_idempotency_key(bad)
+        assert e.value.description == "an idempotency key is 1-100 printable ASCII characters"
+        recorded = _audited_key(bad)
+        assert recorded is not None and len(recorded) <= 600
+        recorded.encode("utf-8")  # always encodable
+    assert _audited_key("k\udcff") == "k\\udcff"
+
+
+async def test_the_audit_chain_takes_a_string_utf8_cannot_encode(tmp_path: Path) -> None:
+    db = await _store(tmp_path)
+    audit = AuditLog(key=b"k" * 32)
+    try:
+        async with db.write() as conn:
+            plain = await audit.append(
+                conn, action="test.plain", actor="facility:1310000011",
+                detail={"reason": "日本語 text"},
+            )  # fmt: skip
+            odd = await audit.append(
+                conn, action="test.odd", actor="facility:\udcff", signer_id="s\udcff",
+                detail={"reason": "k\udcff"},
+            )  # fmt: skip
+        # A string that encodes is hashed exactly as before (the chain's existing hashes).
+        assert plain.detail == '{"reason":"日本語 text"}'
+        assert plain.hash == event_hash(
+            key=b"k" * 32, seq=plain.seq, ts=plain.ts, actor="facility:1310000011",
+            facility_code=None, signer_id=None, action="test.plain", detail=plain.detail,
+            prev_hash=plain.prev_hash,
+        )  # fmt: skip
+        # The other is stored escaped; its detail is still JSON of the same value.
+        assert odd.actor == "facility:\\udcff" and odd.signer_id == "s\\udcff"
+        assert odd.detail == '{"reason":"k\\udcff"}'
+        assert json.loads(odd.detail) == {"reason": "k\udcff"}
+        async with db.read() as conn:
+            report = await audit.verify(conn)
+        assert report.ok and report.events == 2
+    finally:
+        await db.close()
