@@ -67,10 +67,15 @@ def render(
         content_type = "application/problem+json"
     if request_id:
         body["request_id"] = request_id
+    # A description may quote a header, where aiohttp decodes a byte that is not UTF-8 as a lone
+    # surrogate (Content-Type: text/\xff -> 'text/\udcff'): UTF-8 cannot encode it, and the
+    # error's own rendering was a 500. Such characters go out as their JSON escapes (\udcff);
+    # every other text is the same bytes as before.
     return web.Response(
         status=status,
-        text=json.dumps(body, ensure_ascii=False),
+        body=json.dumps(body, ensure_ascii=False).encode("utf-8", "backslashreplace"),
         content_type=content_type,
+        charset="utf-8",
         headers=hdrs,
     )
 

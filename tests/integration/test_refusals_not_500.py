@@ -317,3 +317,26 @@ def test_idempotency_key_not_ascii_is_400_and_audited(
     assert rows[-1]["reason"] == "an idempotency key is 1-100 printable ASCII characters"
     # Recorded, escaped: the audit chain's canonical JSON stays encodable.
     assert rows[-1]["idempotency_key"] == "k\\udcff"
+
+
+# -- 6. An error whose text quotes such a header ----------------------------------------------
+
+
+def test_content_type_not_utf8_is_415_not_500(
+    gateway: Server, hospital_ctx: ssl.SSLContext
+) -> None:
+    """The 415 quotes the Content-Type; with a byte that is not UTF-8 in it, rendering the
+    error itself raised UnicodeEncodeError (aiohttp's bare 500)."""
+    r = request(
+        gateway.port,
+        "POST",
+        "/facility/applications",
+        ctx=hospital_ctx,
+        body=b"{}",
+        headers={"Content-Type": "text/\xff"},
+    )
+    assert r.status == 415, r.body
+    assert r.headers["content-type"] == "application/problem+json; charset=utf-8"
+    assert r.json()["detail"] == (
+        "request bodies must be JSON sent as Content-Type: application/json (got text/\udcff)"
+    )
