@@ -13,6 +13,10 @@ reports the first gap in the sequence, broken link, modified row or truncated ta
 appends several events with the head moved once: one UPDATE ... RETURNING reserves ``n`` sequence
 numbers, one multi-row INSERT, one UPDATE of the head hash, whatever ``n`` is. The chain is the
 same as ``n`` single appends: event k links to event k-1.
+
+A string UTF-8 cannot encode (a lone surrogate, from a header byte that is not UTF-8 or a JSON
+``\\udcff`` escape) is stored and hashed backslash-escaped (``_escaped``); every other string,
+and so every existing event's hash, is unchanged.
 """
 
 from __future__ import annotations
@@ -63,6 +67,24 @@ class AuditRecord:
 
 def _canonical(detail: Mapping[str, Any]) -> str:
     return json.dumps(detail, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+def _escaped(text: str) -> str:
+    """``text`` with what UTF-8 cannot encode (lone surrogates: what a byte that is not UTF-8
+    becomes in a string decoded with ``surrogateescape``, e.g. an HTTP header, or a JSON
+    ``\\udcff`` escape) written as backslash escapes (``\\udcff``); everything else as it is.
+
+    Only for a string that fails to encode: every other string is hashed and stored unchanged,
+    so the hashes of existing events (and of every event such a string is not in) are the
+    same bytes as before. In the canonical detail JSON a surrogate can only stand inside a
+    string, where ``\\udcff`` is the JSON escape of the same character: the detail stays
+    valid JSON with the same meaning. The escaped text is what is hashed and stored, so
+    ``verify`` recomputes the same hash from the row."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _escaped_or_none(text: str | None) -> str | None:
+    return None if text is None else _escaped(text)
 
 
 def event_hash(
@@ -164,26 +186,38 @@ class AuditLog:
         for rec in records:
             seq += 1
             ts = (rec.now or wall).astimezone(UTC).isoformat(timespec="microseconds")
+            actor, facility_code, signer_id, action = (
+                rec.actor, rec.facility_code, rec.signer_id, rec.action,
+            )  # fmt: skip
             detail_text = _canonical(rec.detail or {})
-            h = event_hash(
-                key=self._key,
-                seq=seq,
-                ts=ts,
-                actor=rec.actor,
-                facility_code=rec.facility_code,
-                signer_id=rec.signer_id,
-                action=rec.action,
-                detail=detail_text,
-                prev_hash=prev_hash,
-            )
+            try:
+                h = event_hash(
+                    key=self._key, seq=seq, ts=ts, actor=actor, facility_code=facility_code,
+                    signer_id=signer_id, action=action, detail=detail_text, prev_hash=prev_hash,
+                )  # fmt: skip
+            except UnicodeEncodeError:
+                # A string UTF-8 cannot encode (see _escaped): neither hashed nor stored
+                # (SQLite and PostgreSQL refuse it too), and the refusal it came with was a
+                # 500. Escaped, only then: strings that encode are hashed as they always were.
+                actor, action, detail_text = (
+                    _escaped(actor),
+                    _escaped(action),
+                    _escaped(detail_text),
+                )
+                facility_code = _escaped_or_none(facility_code)
+                signer_id = _escaped_or_none(signer_id)
+                h = event_hash(
+                    key=self._key, seq=seq, ts=ts, actor=actor, facility_code=facility_code,
+                    signer_id=signer_id, action=action, detail=detail_text, prev_hash=prev_hash,
+                )  # fmt: skip
             events.append(
                 AuditEvent(
                     seq=seq,
                     ts=ts,
-                    actor=rec.actor,
-                    facility_code=rec.facility_code,
-                    signer_id=rec.signer_id,
-                    action=rec.action,
+                    actor=actor,
+                    facility_code=facility_code,
+                    signer_id=signer_id,
+                    action=action,
                     detail=detail_text,
                     prev_hash=prev_hash,
                     hash=h,

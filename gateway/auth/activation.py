@@ -213,10 +213,11 @@ class SignatureActivation:
         # One grouped write unit: take the challenge, check the assertion, move the sign count,
         # check the may-sign rule and issue the SAD with its audit event. A refusal rolls the
         # unit back; its challenge is then burnt and the refusal audited in the same group.
+        # An unexpected exception in the checks is such a refusal too (presence.refusing).
         refusal = self.fido2.refusal_unit(
             action="sad.refused", caller=caller, attempt=attempt, detail=detail, now=now
         )
-        issued = await self.db.run_grouped(unit, on_refusal=refusal)
+        issued = await self.db.run_grouped(presence.refusing(unit), on_refusal=refusal)
         self.ledger.count_issued()
         return issued
 

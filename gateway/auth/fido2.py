@@ -204,8 +204,10 @@ class Fido2Authenticator(presence.PresenceMethod):
         )
         self._template = _options_template(self.server)
 
-    def _origin_allowed(self, origin: str) -> bool:
-        return origin in self.origins
+    def _origin_allowed(self, origin: object) -> bool:
+        # clientDataJSON is the client's JSON: "origin" may be any JSON value (a list is not
+        # hashable, and a set lookup of it raised TypeError: a 500 that skipped the refusal).
+        return isinstance(origin, str) and origin in self.origins
 
     # -- enrolment codes (CLI) --------------------------------------------------------------
 

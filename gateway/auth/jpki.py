@@ -30,7 +30,6 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
-import json
 import secrets
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -38,13 +37,14 @@ from datetime import datetime, timedelta
 from typing import Any, Literal
 
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from sqlalchemy import insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from gateway import safe_json
 from gateway.audit import AuditLog
 from gateway.auth import presence
 from gateway.auth.challenges import (
@@ -139,12 +139,12 @@ def parse_auth_data(auth_data: Sequence[Mapping[str, Any]]) -> JpkiAuthorization
             continue
         value = item.get("value")
         if isinstance(value, str):
+            # The bounded loader, as for the webauthn value: a value nested past its depth or
+            # with an integer past Python's digit limit is a 400, not RecursionError / ValueError.
             try:
-                value = json.loads(value)
-            except json.JSONDecodeError as e:
-                raise InvalidRequest(
-                    "Invalid parameter authData: the jpki value is not JSON"
-                ) from e
+                value = safe_json.loads(value, what="the jpki value")
+            except InvalidRequest as e:
+                raise InvalidRequest(f"Invalid parameter authData: {e.description}") from e
         if not isinstance(value, dict):
             break
         cert_b64, sig_b64, cid = (
@@ -156,6 +156,12 @@ def parse_auth_data(auth_data: Sequence[Mapping[str, Any]]) -> JpkiAuthorization
             break
         if len(cert_b64) > MAX_CERT_BYTES * 2 or len(sig_b64) > 2048 or len(cid) > 128:
             raise InvalidRequest("Invalid parameter authData: jpki value too large")
+        if not (cid.isascii() and cid.isprintable()):
+            # Ids are hex; a lone surrogate (a JSON "\udcff") cannot even be looked up or
+            # burnt in the store (UnicodeEncodeError: a 500 with the refusal unrecorded).
+            raise InvalidRequest(
+                "Invalid parameter authData: the jpki challenge_id is not printable ASCII"
+            )
         try:
             der = base64.b64decode(cert_b64, validate=True)
             sig = base64.b64decode(sig_b64, validate=True)
@@ -180,10 +186,27 @@ def parse_auth_data(auth_data: Sequence[Mapping[str, Any]]) -> JpkiAuthorization
     return None
 
 
-def verify_card_signature(cert: x509.Certificate, challenge: bytes, signature: bytes) -> None:
-    key = cert.public_key()
+def card_key(cert: x509.Certificate) -> rsa.RSAPublicKey:
+    """The card certificate's RSA key, or a 400 that names why not.
+
+    The certificate is the client's: its SubjectPublicKeyInfo may name an algorithm
+    cryptography cannot load (``UnsupportedAlgorithm``, e.g. 1.2.840.113549.1.1.99) or hold
+    a key it refuses (``ValueError``); either was a 500 that skipped the refusal's record.
+    """
+    try:
+        key = cert.public_key()
+    except (UnsupportedAlgorithm, ValueError) as e:
+        raise InvalidRequest(
+            "the JPKI authentication certificate's key cannot be read (algorithm "
+            f"{cert.public_key_algorithm_oid.dotted_string}): a card's key is RSA"
+        ) from e
     if not isinstance(key, rsa.RSAPublicKey):
         raise InvalidRequest("the JPKI authentication certificate does not hold an RSA key")
+    return key
+
+
+def verify_card_signature(cert: x509.Certificate, challenge: bytes, signature: bytes) -> None:
+    key = card_key(cert)
     try:
         key.verify(signature, challenge, padding.PKCS1v15(), hashes.SHA256())
     except InvalidSignature as e:
@@ -240,6 +263,7 @@ class JpkiAuthenticator(presence.PresenceMethod):
 
     async def check_certificate(self, cert: x509.Certificate, now: datetime) -> CheckedCertificate:
         """Path (by key), validity, key usage, revocation. Network I/O: call outside a txn."""
+        card_key(cert)  # a key that cannot be read is a 400 before anything uses it
         anchor = self._issuer_by_key(cert, now)
         if not cert.not_valid_before_utc <= now < cert.not_valid_after_utc:
             raise AccessDenied(

@@ -9,12 +9,15 @@ challenge burnt. The proofs themselves stay in ``fido2.py`` and ``jpki.py``.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator, Mapping, Sequence
+import logging
+import sqlite3
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, fields
 from datetime import datetime, timedelta
 from typing import Any, TypeVar
 
 from sqlalchemy import Connection, Table, delete, select
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from gateway.audit import AuditLog, AuditRecord
@@ -30,6 +33,61 @@ from gateway.store.db import Database
 from gateway.store.grouped import OnRefusal
 
 _T = TypeVar("_T")
+
+log = logging.getLogger("gateway.auth")
+
+
+class CheckFailed(GatewayError):
+    """An unexpected exception while a presence proof was checked (input no check foresaw, or
+    a bug): a refusal like the others (audited, its challenge burnt), answered 500 with a safe
+    text; the server log names the exception's type and where it was raised."""
+
+    status = 500
+    code = "server_error"
+    public_description = (
+        "internal error while checking the presence proof; its challenge is used up: begin again"
+    )
+
+
+def as_refusal(e: Exception) -> GatewayError | None:
+    """The refusal an exception raised during a presence check stands for: itself for a
+    :class:`GatewayError`; :class:`CheckFailed` for anything unexpected (logged with its type
+    and where it was raised). None for the store's own errors: the transaction that would
+    record the refusal is in trouble too, and they keep their path (``Database.run_write``:
+    503, and a grouped write's other units unaffected)."""
+    if isinstance(e, GatewayError):
+        return e
+    if isinstance(e, SQLAlchemyError | sqlite3.Error):
+        return None
+    # No stack trace (it may carry the proof's data; docs/operations.md): the type and where
+    # it was raised are enough to find the fault, as for any unhandled error of a request.
+    tb = e.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    where = f"{tb.tb_frame.f_code.co_filename}:{tb.tb_lineno}" if tb else "?"
+    log.error("presence check failed: unexpected %s at %s", type(e).__name__, where)
+    failed = CheckFailed(f"presence check failed: unexpected {type(e).__name__}")
+    failed.__cause__ = e
+    return failed
+
+
+def refusing(unit: Callable[[Connection], _T]) -> Callable[[Connection], _T]:
+    """A grouped write unit whose unexpected exceptions are refusals (:func:`as_refusal`), so
+    that its ``on_refusal`` (:meth:`PresenceMethod.refusal_unit`, which grouped writes run for
+    a ``GatewayError`` only) audits them and burns the challenge."""
+
+    def run(conn: Connection) -> _T:
+        try:
+            return unit(conn)
+        except GatewayError:
+            raise
+        except Exception as e:
+            refusal = as_refusal(e)
+            if refusal is None:
+                raise
+            raise refusal from e
+
+    return run
 
 
 def facility_of(caller: Caller) -> tuple[int, str]:
@@ -227,17 +285,24 @@ class PresenceMethod:
         challenge: str | None = None,
         detail: Mapping[str, Any] | None = None,
     ) -> AsyncIterator[Attempt]:
-        """A ceremony whose refusal (any ``GatewayError``) is audited as ``action`` with what
-        the body set on the :class:`Attempt`, its challenge burnt, and raised again."""
+        """A ceremony whose refusal (any ``GatewayError``, and any unexpected exception: see
+        :func:`as_refusal`) is audited as ``action`` with what the body set on the
+        :class:`Attempt`, its challenge burnt, and raised again (an unexpected one as
+        :class:`CheckFailed`, 500)."""
         attempt = Attempt(challenge=challenge)
         try:
             yield attempt
-        except GatewayError as e:
+        except Exception as e:
+            refusal = as_refusal(e)
+            if refusal is None:
+                raise
             await self.refused(
-                action=action, caller=caller, signer_id=attempt.signer_id, reason=e.description,
-                challenge=attempt.challenge, detail=detail, now=now,
+                action=action, caller=caller, signer_id=attempt.signer_id,
+                reason=refusal.description, challenge=attempt.challenge, detail=detail, now=now,
             )  # fmt: skip
-            raise
+            if refusal is e:
+                raise
+            raise refusal from e
 
     async def _registrations(self, table: Table, signer_id: str) -> list[Any]:
         async with self.db.read() as conn:

@@ -262,7 +262,7 @@ class ApplicationService:
                         "via": who.via,
                         "code": e.code,
                         "reason": e.description[:300],
-                        "idempotency_key": idempotency_key,
+                        "idempotency_key": _audited_key(idempotency_key),
                     },
                     now=now,
                 )
@@ -737,11 +737,31 @@ class ApplicationService:
 # -- the steps of a submission ------------------------------------------------------------------
 
 
+def _idempotency_key_ok(key: str) -> bool:
+    """1-100 printable ASCII characters, not all spaces. ASCII: the key comes in an HTTP
+    header, where aiohttp turns a byte that is not UTF-8 into a lone surrogate ('k\\xff' ->
+    'k\\udcff'), which UTF-8 cannot encode (the refusal's audit record failed: a 500)."""
+    return (
+        0 < len(key) <= IDEMPOTENCY_KEY_MAX
+        and key.isascii()
+        and key.isprintable()
+        and bool(key.strip())
+    )
+
+
 def _check_idempotency_key(key: str | None) -> None:
-    if key is not None and (
-        not key.strip() or len(key) > IDEMPOTENCY_KEY_MAX or not key.isprintable()
-    ):
-        raise InvalidRequest(f"an idempotency key is 1-{IDEMPOTENCY_KEY_MAX} printable characters")
+    if key is not None and not _idempotency_key_ok(key):
+        raise InvalidRequest(
+            f"an idempotency key is 1-{IDEMPOTENCY_KEY_MAX} printable ASCII characters"
+        )
+
+
+def _audited_key(key: str | None) -> str | None:
+    """The key as a refusal records it: as given when valid, else its first 100 characters
+    with everything outside ASCII backslash-escaped (bounded, and always encodable)."""
+    if key is None or _idempotency_key_ok(key):
+        return key
+    return key[:IDEMPOTENCY_KEY_MAX].encode("ascii", "backslashreplace").decode("ascii")
 
 
 async def _open_applications(conn: AsyncConnection, institution_code: str) -> list[Any]:

@@ -5,8 +5,10 @@ wishes: the subject and the extensions of the new certificate are the profile's
 (:func:`gateway.pki.issue.client_cert_for_key`). A request is refused, with the reason, when its
 signature does not verify (no proof of possession), its key is weak, it names a subject other
 than the current certificate's (another facility, another terminal), or it asks for extensions
-beyond the profile (a CA flag, other usages, alternative names). Reuse of a key is checked by
-the caller against the store (every certified key's SHA-256 is recorded).
+beyond the profile (a CA flag, other usages, alternative names). A part cryptography cannot
+read (an extension given twice, a malformed value, an unknown algorithm) is refused naming it.
+Reuse of a key is checked by the caller against the store (every certified key's SHA-256 is
+recorded).
 """
 
 from __future__ import annotations
@@ -15,13 +17,18 @@ import base64
 import binascii
 import hashlib
 import re
+from collections.abc import Callable
+from typing import TypeVar
 
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from gateway.errors import InvalidRequest
+
+_T = TypeVar("_T")
 
 MAX_CSR_BYTES = 16 * 1024
 ALLOWED_CURVES = (ec.SECP256R1, ec.SECP384R1, ec.SECP521R1)
@@ -71,25 +78,45 @@ def spki_sha256(csr: x509.CertificateSigningRequest) -> str:
     return hashlib.sha256(der).hexdigest()
 
 
+#: What cryptography raises when a part of a loaded request, parsed on first access, cannot
+#: be read: a malformed value (ValueError), an algorithm it does not know (UnsupportedAlgorithm),
+#: an extension given twice (DuplicateExtension), a general name type it does not know.
+_UNREADABLE = (
+    ValueError,
+    UnsupportedAlgorithm,
+    x509.DuplicateExtension,
+    x509.UnsupportedGeneralNameType,
+)
+
+
+def _read(what: str, read: Callable[[], _T]) -> _T:
+    """A part of the request, or :class:`InvalidRequest` naming the part that cannot be read
+    (before, a correctly signed request with e.g. keyUsage twice was a 500, not audited)."""
+    try:
+        return read()
+    except _UNREADABLE as e:
+        raise InvalidRequest(f"the request's {what} cannot be read ({e})") from None
+
+
 def check_request(
     csr: x509.CertificateSigningRequest, *, current: x509.Certificate, min_rsa_bits: int
 ) -> None:
     """Raise :class:`InvalidRequest` with the reason when ``csr`` cannot renew ``current``."""
-    if not csr.is_signature_valid:
+    if not _read("signature", lambda: csr.is_signature_valid):
         raise InvalidRequest("the request's signature does not verify (proof of possession)")
-    algo = csr.signature_hash_algorithm
+    algo = _read("signature algorithm", lambda: csr.signature_hash_algorithm)
     if algo is None or isinstance(algo, WEAK_HASHES):
         raise InvalidRequest(
             f"the request is signed with {algo.name if algo else 'no digest'}: use SHA-256 "
             "or stronger"
         )
     _check_key(csr, min_rsa_bits)
-    _check_subject(csr.subject, current.subject)
+    _check_subject(_read("subject", lambda: csr.subject), current.subject)
     _check_extensions(csr)
 
 
 def _check_key(csr: x509.CertificateSigningRequest, min_rsa_bits: int) -> None:
-    key = csr.public_key()
+    key = _read("key", csr.public_key)
     if isinstance(key, rsa.RSAPublicKey):
         if key.key_size < min_rsa_bits:
             raise InvalidRequest(
@@ -145,7 +172,7 @@ def _check_subject(subject: x509.Name, current: x509.Name) -> None:
 
 
 def _check_extensions(csr: x509.CertificateSigningRequest) -> None:
-    for ext in csr.extensions:
+    for ext in _read("extensions", lambda: csr.extensions):
         v = ext.value
         if isinstance(v, x509.KeyUsage):
             wanted = {
