@@ -38,7 +38,7 @@ from gateway.hsm.card import CardStore
 from gateway.local.credential import check_card_certificate
 from gateway.sign.service import SignedDocument, SigningPolicy, sign_document
 from gateway.sign.timestamp import TimestampClient
-from gateway.signing.core import DocumentJob
+from gateway.signing.core import MALFORMED, DocumentJob
 
 
 class PinRejected(GatewayError):
@@ -299,18 +299,21 @@ class LocalAgent:
         async with self._lock:
             if probe:
                 await self._probe()
-            grant = await self._spend(sad, credential_id, [j.digest for j in jobs])
+            digests = [j.digest for j in jobs]
+            grant = await self._spend(sad, credential_id, digests)
             grant.inflight += 1
-        async with self._in_flight(grant):
+        async with self._in_flight(grant, digests):
             chain = await self.signing_chain()
             handle = await self.store.get_key(credential_id)
             return [await self._sign_job(handle, chain, j) for j in jobs]
 
     @contextlib.asynccontextmanager
-    async def _in_flight(self, grant: LocalGrant) -> AsyncIterator[None]:
+    async def _in_flight(self, grant: LocalGrant, digests: Sequence[bytes]) -> AsyncIterator[None]:
         """A spent grant while its signatures are made (outside the lock): a card that fails
-        or is pulled ends the grant (and with it every SAD of the card: NoCard); otherwise the
-        grant is settled once the signatures are made."""
+        or is pulled ends the grant (and with it every SAD of the card: NoCard); any other
+        failure gives ``digests`` back to the grant, as the remote gateway gives the count
+        back (nothing was returned; a document the format libraries cannot read is 400);
+        otherwise the grant is settled once the signatures are made."""
         try:
             yield
         except (CardError, HsmUnavailable) as e:
@@ -318,8 +321,15 @@ class LocalAgent:
                 grant.inflight -= 1
                 await self._end(grant)
             raise NoCard("the card failed or was removed while signing") from e
-        except BaseException:
+        except BaseException as e:
             grant.inflight -= 1
+            grant.remaining += len(digests)
+            if grant.hashes is not None:
+                grant.hashes.update(digests)
+            if isinstance(e, MALFORMED):
+                raise InvalidRequest(
+                    f"document could not be read ({type(e).__name__}); nothing was signed"
+                ) from e
             raise
         async with self._lock:
             grant.inflight -= 1

@@ -50,7 +50,9 @@ if TYPE_CHECKING:
 #: What the format libraries raise on a client's document they cannot process: pyHanko's
 #: lookup and recursion errors on a malformed PDF; libxml2's canonicalisation failing on XML
 #: within the parse limits (e.g. namespace declarations nested level after level).
-_MALFORMED = (KeyError, IndexError, RecursionError, etree.C14NError)
+#: What the format libraries (pyHanko, lxml) raise on a malformed client document: the input's
+#: fault, answered 400 once the count is back (here and in the local agent).
+MALFORMED = (KeyError, IndexError, RecursionError, etree.C14NError)
 #: XAdES levels built off the event loop: those whose only outside calls are the key and the
 #: TSA (both bridged back to the loop by ``offload.build_off_loop``).
 _OFF_LOOP_LEVELS = frozenset({"AdES-B-B", "AdES-B-T"})
@@ -241,7 +243,7 @@ class SigningService:
                 error=e,
                 detail={"credential": spent.credential_id, "method": "signDoc"},
             )
-            if isinstance(e, _MALFORMED):
+            if isinstance(e, MALFORMED):
                 # The format libraries (pyHanko, lxml) parse the client's document and fail on
                 # a malformed one with lookup or recursion errors of their own: the input's
                 # fault, answered as such once the count is back.

@@ -392,11 +392,13 @@ def _fails_canonicalisation(levels: int = 8, per_element: int = 60) -> bytes:
     return f"<r>{head}x{'</e>' * levels}</r>".encode()
 
 
-def test_an_unexpected_local_failure_is_a_generic_json_500_without_a_traceback(
+def test_a_local_document_that_fails_after_the_spend_is_400_and_the_count_given_back(
     pcsc: PcscWorld, card_world: CardWorld, hpki_slot: Any, tmp_path: Path
 ) -> None:
-    """What the local agent does not expect (here lxml's C14NError after the SAD is spent)
-    answers the API's JSON, never aiohttp's plain 500 and a traceback on stderr."""
+    """lxml's C14NError after the SAD is spent: the local agent answered aiohttp's plain 500
+    with a traceback on stderr, then a generic JSON 500 with the SAD's count gone. Now, as on
+    the remote gateway: 400, and the count is given back (the same SAD is refused the same way
+    again, not as spent)."""
     card = card_world.card(pin=PIN)
     hpki_slot.insert(card.applet)
     cfg = card_world.config(reader=hpki_slot.name, secret_file=tmp_path / "secret")
@@ -410,11 +412,13 @@ def test_an_unexpected_local_failure_is_a_generic_json_500_without_a_traceback(
             "signed_envelope_property": "Enveloped",
         }
         body = {"credentialID": cid, "SAD": sad, "documents": [document]}
-        status, ctype, raw = _post_raw(agent, "/csc/v2/signatures/signDoc", body)
-        assert status == 500 and ctype.startswith("application/json"), (status, raw[:300])
-        answer = json.loads(raw)
-        assert answer["error"] == "server_error", answer
-        assert "C14N" not in answer["error_description"]
+        for _ in range(2):  # the second time proves the count came back
+            status, ctype, raw = _post_raw(agent, "/csc/v2/signatures/signDoc", body)
+            assert status == 400 and ctype.startswith("application/json"), (status, raw[:300])
+            answer = json.loads(raw)
+            assert answer["error"] == "invalid_request", answer
+            assert answer["error_description"] == (
+                "document could not be read (C14NError); nothing was signed"
+            )
     assert agent.stderr is not None
     assert "Traceback" not in agent.stderr, agent.stderr[-2000:]
-    assert "unhandled C14NError on /csc/v2/signatures/signDoc at " in agent.stderr
