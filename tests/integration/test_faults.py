@@ -186,9 +186,27 @@ def test_kill_9_of_the_whole_server_under_load_on_postgresql(pg_world: World) ->
     _kill_whole_server(pg_world, 2)
 
 
+def _workers_answering(world: World, n: int) -> set[int]:
+    """Wait (at most 60 s) until ``n`` distinct workers have answered /health. Server.start
+    returns once the port accepts, i.e. once the first worker listens; the kernel spreads new
+    connections over the workers listening, so all of them answer once all are up (each with
+    its signing process, started before it listens)."""
+    pids: set[int] = set()
+
+    def all_seen() -> bool:
+        r = request(world.port, "GET", "/health", ctx=world.ctx)
+        if r.status == 200:
+            pids.add(r.json()["worker"])
+        return len(pids) >= n
+
+    assert wait_until(all_seen, 60, step=0.05), pids
+    return pids
+
+
 def _kill_whole_server(world: World, workers: int) -> None:
     srv = world.server(workers=workers if workers > 1 else None)
     srv.start()
+    _workers_answering(world, workers)
     ledger = Ledger()
     stop, threads = _run_load(world, ledger)
     try:

@@ -30,7 +30,13 @@ from pkcs11 import exceptions as p11x
 from gateway.errors import ConfigError, HsmUnavailable
 from gateway.hsm.api import DigestAlgorithm, GeneratedKey
 from gateway.hsm.pkcs11 import Pkcs11KeyStore
-from tests.support.softhsm import SOFTHSM_MODULE, SoftHsmToken, make_token, process_token
+from tests.support.softhsm import (
+    SOFTHSM_MODULE,
+    SoftHsmToken,
+    failed_connects,
+    make_token,
+    process_token,
+)
 
 pytestmark = pytest.mark.hsm
 
@@ -176,9 +182,11 @@ async def test_token_outage_and_recovery_with_the_same_store(
             await store.get_key(generated.key_id)  # not KeyNotFound: the token is gone
         with pytest.raises(HsmUnavailable):
             await store.sign_digests(generated.key_id, [digest], DigestAlgorithm.SHA256)
+        attempts = failed_connects(caplog.records, token.label)
         await asyncio.sleep(0.25)  # past reconnect_interval: a real attempt, still failing
         with pytest.raises(HsmUnavailable):
             await store.check()
+        assert failed_connects(caplog.records, token.label) == attempts + 1, caplog.text
     finally:
         away.rename(token.token_dir)
 

@@ -26,7 +26,7 @@ from cryptography.hazmat.primitives.asymmetric import padding, rsa, utils
 from gateway.errors import HsmUnavailable
 from gateway.hsm.api import DigestAlgorithm, GeneratedKey
 from gateway.hsm.signer_process import SignerProcessKeyStore
-from tests.support.softhsm import SOFTHSM_MODULE, SoftHsmToken, process_token
+from tests.support.softhsm import SOFTHSM_MODULE, SoftHsmToken, failed_connects, process_token
 
 pytestmark = pytest.mark.hsm
 
@@ -108,9 +108,11 @@ async def test_token_outage_and_recovery(
             await store.check()
         with pytest.raises(HsmUnavailable):
             await store.get_key(generated.key_id)  # not KeyNotFound: the token is gone
-        await asyncio.sleep(0.25)
+        attempts = failed_connects(caplog.records, token.label)
+        await asyncio.sleep(0.25)  # past reconnect_interval: a real attempt (in the child)
         with pytest.raises(HsmUnavailable):
             await store.check()
+        assert failed_connects(caplog.records, token.label) == attempts + 1, caplog.text
     finally:
         away.rename(token.token_dir)
     deadline = time.perf_counter() + 5

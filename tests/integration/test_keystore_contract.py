@@ -13,8 +13,8 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import hashlib
+import logging
 import os
-import time
 from collections.abc import AsyncIterator, Callable
 
 import pytest
@@ -30,7 +30,7 @@ from gateway.hsm.signer_process import SignerProcessKeyStore
 from gateway.sandbox import testworld
 from gateway.sandbox.hpki_cards import make_hpki_card
 from tests.support.pcsc import PcscWorld
-from tests.support.softhsm import SOFTHSM_MODULE, SoftHsmToken, process_token
+from tests.support.softhsm import SOFTHSM_MODULE, SoftHsmToken, failed_connects, process_token
 
 pytestmark = pytest.mark.hsm
 
@@ -239,13 +239,16 @@ async def test_unknown_reader_is_unavailable(
 
 
 @pytest.mark.parametrize("kind", GENERATING)
-async def test_unknown_token_label_fails_fast(kind: str, token: SoftHsmToken) -> None:
+async def test_unknown_token_label_fails_fast(
+    kind: str, token: SoftHsmToken, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="gateway.hsm")
     ks = make_store(kind, token, token_label="no-such-token", retry_after=9, reconnect_interval=60)
     with pytest.raises(HsmUnavailable) as info:
         await ks.open()
     assert info.value.retry_after == 9
-    started = time.perf_counter()
+    assert failed_connects(caplog.records, "no-such-token") == 1, caplog.text  # open's attempt
     with pytest.raises(HsmUnavailable):
         await ks.check()  # within reconnect_interval: fails fast, no new attempt
-    assert time.perf_counter() - started < 0.05
+    assert failed_connects(caplog.records, "no-such-token") == 1, caplog.text
     await ks.close()

@@ -659,5 +659,5 @@ def test_a_lock_held_elsewhere_on_postgresql_is_503_after_the_busy_time_out(
             await other.close()
 
     waited, message = asyncio.run(go())
-    assert 0.3 <= waited < 10, waited
+    assert waited >= 0.3, waited  # it waited busy_timeout_ms before giving up
     assert message == "chain intact", message

@@ -11,6 +11,7 @@ one directory: ``$HPKI_TEST_SOFTHSM_DIR`` when set, else a directory in pytest's
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import shutil
@@ -124,3 +125,12 @@ def process_token(tmp_path_factory: pytest.TempPathFactory, label: str) -> SoftH
         )
     os.environ["SOFTHSM2_CONF"] = str(token.conf)
     return token
+
+
+def failed_connects(records: list[logging.LogRecord], label: str) -> int:
+    """Failed attempts to connect to token ``label`` while it is gone (or never existed), by
+    their log lines: Pkcs11KeyStore logs one per attempt (WARNING for the first of an outage,
+    DEBUG for the retries; the signing process forwards its own to the worker's loggers).
+    Needs ``caplog.set_level(logging.DEBUG, logger="gateway.hsm")``."""
+    line = f"HSM token {label!r} not found"
+    return sum(r.name == "gateway.hsm" and r.getMessage() == line for r in records)
