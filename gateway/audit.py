@@ -280,7 +280,9 @@ class AuditLog:
                 f"the chain ends at event {count} but the head records event {head.seq}: "
                 "events were removed from the end or the head was altered",
             )
-        return AuditReport(ok=True, events=count, seq=None, problem=None, message="chain intact")
+        return AuditReport(
+            ok=True, events=count, seq=None, problem=None, message="chain intact", head_hash=prev
+        )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -290,6 +292,10 @@ class AuditReport:
     seq: int | None  # the event at fault
     problem: str | None  # gap | broken_link | modified | truncated | head_missing
     message: str
+    #: The newest event's hash (the head's) when the chain is intact: with ``events`` (its
+    #: seq), what to keep off the database host to tell a restore's losses later
+    #: (docs/deployment.md). The genesis value for an empty chain; None when broken.
+    head_hash: str | None = None
 
     @classmethod
     def fail(cls, events: int, seq: int | None, problem: str, message: str) -> AuditReport:

@@ -14,7 +14,7 @@ async def cmd_audit_verify(args: argparse.Namespace) -> int:
     async with Context(settings_of(args), with_keystore=False) as ctx, ctx.db.read() as conn:
         report = await ctx.audit.verify(conn)
     text = (
-        f"audit chain intact: {report.events} events"
+        f"audit chain intact: {report.events} events, head {report.head_hash}"
         if report.ok
         else f"AUDIT CHAIN BROKEN ({report.problem}): {report.message} "
         f"({report.events} events verified before it)"

@@ -4,6 +4,7 @@ tampering found."""
 from __future__ import annotations
 
 import asyncio
+import json
 import sqlite3
 import subprocess
 import sys
@@ -181,10 +182,15 @@ def test_cli_audit_verify_detects_tampering(tmp_path: Path) -> None:
     d = tmp_path / "sb"
     run_cli("sandbox", "init", str(d), "--port", "18444")
     cfg = str(d / "gateway.toml")
-    ok = run_cli("audit", "verify", "-c", cfg, "--json")
-    assert '"ok": true' in ok.stdout
-    db = d / "data" / "gateway.db"
-    _sql(db, "UPDATE audit_event SET actor = 'someone-else' WHERE seq = 2")
+    ok = json.loads(run_cli("audit", "verify", "-c", cfg, "--json").stdout)
+    assert ok["ok"] is True
+    # The head to keep off the database host (docs/deployment.md): the newest event's hash.
+    db_path = d / "data" / "gateway.db"
+    with sqlite3.connect(db_path) as con:
+        head = con.execute("SELECT seq, hash FROM audit_head").fetchone()
+    assert (ok["events"], ok["head_hash"]) == (head[0], head[1])
+    assert ok["events"] > 0
+    _sql(db_path, "UPDATE audit_event SET actor = 'someone-else' WHERE seq = 2")
     bad = run_cli("audit", "verify", "-c", cfg, check=False)
     assert bad.returncode == 1
     assert "AUDIT CHAIN BROKEN (modified)" in bad.stdout
