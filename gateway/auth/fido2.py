@@ -619,12 +619,20 @@ class Fido2Authenticator(presence.PresenceMethod):
 
 
 async def use_enrollment(conn: AsyncConnection, enrollment_id: int, *, now: datetime) -> None:
-    """The code registered what it was issued for (an authenticator, a card): it is used up."""
-    await conn.execute(
+    """The code registered what it was issued for (an authenticator, a card): it is used up.
+
+    Only an active code is: two registrations completed at once with one code (the facility
+    relaying it knows code and password) both read it active, and on PostgreSQL (READ
+    COMMITTED) both inserted their authenticator; the second UPDATE now waits for the first,
+    finds the code used and matches no row: Conflict, and the caller's transaction (its
+    authenticator or card link) rolls back."""
+    res = await conn.execute(
         update(enrollment)
-        .where(enrollment.c.id == enrollment_id)
+        .where(enrollment.c.id == enrollment_id, enrollment.c.status == "active")
         .values(status="used", used_at=now)
     )
+    if res.rowcount != 1:
+        raise Conflict("enrollment code was already used: ask for a new one")
 
 
 async def _authenticator_ids(conn: AsyncConnection, signer_id: str) -> list[str]:

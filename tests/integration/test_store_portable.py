@@ -519,6 +519,79 @@ def test_a_grant_from_another_presence_method_is_issued_and_spent_the_same_way(u
     asyncio.run(go())
 
 
+def test_one_enrolment_code_registers_one_authenticator_when_two_complete_at_once(
+    url: str,
+) -> None:
+    """Two registrations completed at once with one code (the facility relaying the ceremony
+    knows code and password): on PostgreSQL (READ COMMITTED) both read the code active and
+    both authenticators were stored. ``use_enrollment`` now uses up only an active code: the
+    second waits for the first, matches no row, and its transaction rolls back (Conflict)."""
+    from sqlalchemy import func, insert, select
+
+    from gateway.auth.fido2 import use_enrollment
+    from gateway.store.schema import enrollment, fido_credential
+
+    async def go() -> None:
+        db = await _fresh(url)
+        try:
+            await _signing_world(db, sads=0, hashes=[])
+            now = datetime.now(UTC)
+            async with db.write() as conn:
+                res = await conn.execute(
+                    insert(enrollment).values(
+                        signer_id="sgn-1",
+                        code_hash="c" * 64,
+                        password_hash="x",
+                        failed_tries=0,
+                        status="active",
+                        expires_at=now + timedelta(days=1),
+                        created_at=now,
+                    )
+                )
+                eid = res.inserted_primary_key[0]  # type: ignore[index]
+            # On PostgreSQL both transactions store their authenticator before either uses the
+            # code up (the race); SQLite serializes write transactions, so the second begins
+            # after the first committed.
+            both_stored = asyncio.Barrier(2) if url.startswith("postgresql") else None
+
+            async def register(i: int) -> str:
+                try:
+                    async with db.write() as conn:
+                        await conn.execute(
+                            insert(fido_credential).values(
+                                id=f"fido-{i}",
+                                signer_id="sgn-1",
+                                credential_id=f"cred{i}",
+                                credential_data=b"x",
+                                sign_count=0,
+                                aaguid="0" * 36,
+                                created_at=now,
+                            )
+                        )
+                        if both_stored is not None:
+                            await both_stored.wait()
+                        await use_enrollment(conn, eid, now=now)
+                    return "registered"
+                except Conflict as e:
+                    return str(e)
+
+            got = sorted(await asyncio.gather(register(1), register(2)))
+            assert got == [
+                "enrollment code was already used: ask for a new one",
+                "registered",
+            ], got
+            async with db.read() as conn:
+                stored = await conn.execute(select(func.count()).select_from(fido_credential))
+                status = (
+                    await conn.execute(select(enrollment.c.status).where(enrollment.c.id == eid))
+                ).scalar_one()
+            assert (stored.scalar_one(), status) == (1, "used")
+        finally:
+            await db.close()
+
+    asyncio.run(go())
+
+
 @pytest.mark.parametrize("idle", ["used-just-now", "idle"])
 def test_a_pooled_connection_the_database_closed(pg_databases: Databases, idle: str) -> None:
     """PostgreSQL closes the gateway's pooled connections (a restart, a failover, a firewall's
