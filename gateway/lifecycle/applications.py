@@ -195,12 +195,27 @@ class VendorRegistry:
             )
             if res.rowcount != 1:
                 raise NotFound(f"vendor {name!r} does not serve {institution_code}")
+            # Its open applications for the facility stay open but are not approved while the
+            # vendor is unlinked (ApplicationService.approve: 409): recorded here for the officer.
+            still_open = (
+                await conn.execute(
+                    select(application.c.request_id)
+                    .where(
+                        and_(
+                            application.c.vendor_id == v.id,
+                            application.c.facility_id == fac.id,
+                            application.c.status == OPEN,
+                        )
+                    )
+                    .order_by(application.c.created_at, application.c.id)
+                )
+            ).scalars()
             await self.audit.append(
                 conn,
                 action="vendor.unlink",
                 actor=actor,
                 facility_code=fac.institution_code,
-                detail={"vendor": name},
+                detail={"vendor": name, "open_applications": list(still_open)},
                 now=now,
             )
         return await self.get(name)
@@ -330,6 +345,10 @@ class ApplicationService:
     async def _replay(
         self, earlier: Any, digest: str, who: Applicant, key: str, now: datetime
     ) -> dict[str, Any]:
+        # A replay answers with the application as it is now (status, decision, serials): only
+        # to a submitter still entitled to it, checked first (the 409 below names it too).
+        async with self.db.read() as conn:
+            await self._check_replayer(conn, earlier, who)
         if earlier.body_sha256 != digest:
             raise Conflict(
                 f"idempotency key {key!r} was used for application {earlier.request_id} with "
@@ -345,6 +364,34 @@ class ApplicationService:
                 now=now,
             )
         return await self.get(earlier.request_id)
+
+    async def _check_replayer(self, conn: AsyncConnection, earlier: Any, who: Applicant) -> None:
+        """The right a new submission needs, for the application replayed: a vendor still
+        linked to its facility (an unlinked vendor got 200 and the application as it is now:
+        security review 2026-12), the facility itself; officers always."""
+        if who.via == "officer":
+            return
+        fid = earlier.facility_id
+        if fid is None:
+            fac = await self._facility_in(conn, earlier.institution_code)
+            fid = fac.id if fac else None
+        if who.via == "facility":
+            own = await self._facility_in(conn, who.facility_code or "")
+            if fid is None or own is None or own.id != fid:
+                raise AccessDenied("a facility applies for itself only")
+            return
+        linked = (
+            who.via == "vendor"
+            and who.vendor_id is not None
+            and fid is not None
+            and await VendorRegistry.serves_in(conn, who.vendor_id, fid)
+        )
+        if linked:
+            return
+        raise AccessDenied(
+            f"vendor {who.vendor_name!r} is not linked to facility {earlier.institution_code}: "
+            "an officer links a vendor to the facilities it serves"
+        )
 
     @staticmethod
     def _validate(sub: Submission) -> Submission:
@@ -469,11 +516,16 @@ class ApplicationService:
 
     # -- decisions -------------------------------------------------------------------------
 
-    async def _claim(self, request_id: str, actor: str) -> Any:
-        """Take the open application for a decision (one officer wins a double click)."""
+    async def _claim(self, request_id: str, actor: str, *, approving: bool = False) -> Any:
+        """Take the open application for a decision (one officer wins a double click). An
+        approval also needs a vendor's application to come from a vendor still linked to the
+        facility, checked in the same transaction as the claim (an unlink commits before or
+        after it, never between)."""
         now = self.clock()
         async with self.db.write() as conn:
             row = await self._get_row(conn, request_id)
+            if approving and row.status == OPEN:
+                await self._check_vendor_still_linked(conn, row)
             res = await conn.execute(
                 update(application)
                 .where(and_(application.c.id == row.id, application.c.status == OPEN))
@@ -485,6 +537,24 @@ class ApplicationService:
                     "application can be decided"
                 )
         return row
+
+    async def _check_vendor_still_linked(self, conn: AsyncConnection, row: Any) -> None:
+        if row.via != "vendor" or row.vendor_id is None:
+            return
+        fid = row.facility_id
+        if fid is None:
+            fac = await self._facility_in(conn, row.institution_code)
+            fid = fac.id if fac else None
+        if fid is not None and await VendorRegistry.serves_in(conn, row.vendor_id, fid):
+            return
+        name = (
+            await conn.execute(select(vendor.c.name).where(vendor.c.id == row.vendor_id))
+        ).scalar_one_or_none()
+        raise Conflict(
+            f"application {row.request_id} was submitted by vendor {name!r}, which is no longer "
+            f"linked to facility {row.institution_code}: it is not approved; reject it with a "
+            "reason, or link the vendor again"
+        )
 
     async def _release(self, row: Any) -> None:
         async with self.db.write() as conn:
@@ -520,7 +590,7 @@ class ApplicationService:
         self, request_id: str, *, actor: str, note: str | None = None
     ) -> dict[str, Any]:
         """Carry the application out through the lifecycle; on failure it stays open."""
-        row = await self._claim(request_id, actor)
+        row = await self._claim(request_id, actor, approving=True)
         try:
             results, status = await self._carry_out(row, actor)
         except BaseException:

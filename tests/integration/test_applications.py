@@ -216,6 +216,54 @@ async def test_vendor_applies_only_for_linked_facilities_and_never_redirects_del
         assert "TEST 中央クリニック 資格 太郎 様" in notice_text(Path(issued["password_notice"]))
 
 
+async def test_an_unlinked_vendor_can_neither_replay_nor_have_its_open_application_approved(
+    tmp_path: Path,
+) -> None:
+    """A replay answers with the application as it is now (status, decision, serials): only to a
+    submitter still entitled to it. An open application of a vendor no longer linked is not
+    approved (409) until an officer links the vendor again; it can be rejected."""
+    async with world(tmp_path) as w:
+        app, _ = await w.svc.submit(new_app(), OFFICER)
+        await w.svc.approve(app["request_id"], actor="admin:officer")
+        name = "TEST 解約ベンダー株式会社"
+        await w.vendors.add(name, contact_email=None, actor="admin:officer")
+        who = Applicant(
+            actor=f"vendor:{name}", via="vendor", vendor_id=await _vendor_id(w, name),
+            vendor_name=name,
+        )  # fmt: skip
+        await w.vendors.link(name, CODE, actor="admin:officer")
+        lost = Submission(
+            kind="reapply", institution_code=CODE, remarks="通知書紛失", cause="notice_lost"
+        )
+        first, created = await w.svc.submit(lost, who, idempotency_key="k1")
+        assert created
+        await w.vendors.unlink(name, CODE, actor="admin:officer")
+        with pytest.raises(AccessDenied, match="not linked"):
+            await w.svc.submit(lost, who, idempotency_key="k1")
+        # other content under the key: still 403, not the 409 that names the application
+        with pytest.raises(AccessDenied, match="not linked"):
+            await w.svc.submit(
+                Submission(kind="reapply", institution_code=CODE, remarks="別"),
+                who,
+                idempotency_key="k1",
+            )
+        with pytest.raises(Conflict, match="no longer linked"):
+            await w.svc.approve(first["request_id"], actor="admin:officer")
+        assert (await w.svc.get(first["request_id"]))["status"] == "submitted"
+        acts = await actions(w)
+        refused = [d for a, _, d in acts if a == "application.refused"]
+        assert [d["code"] for d in refused[-2:]] == ["access_denied", "access_denied"]
+        assert "application.replayed" not in [a for a, _, _ in acts]
+        [unlink] = [d for a, _, d in acts if a == "vendor.unlink"]
+        assert unlink["open_applications"] == [first["request_id"]]
+        # Linked again: the replay answers and the approval goes through.
+        await w.vendors.link(name, CODE, actor="admin:officer")
+        again, created = await w.svc.submit(lost, who, idempotency_key="k1")
+        assert not created and again["request_id"] == first["request_id"]
+        out = await w.svc.approve(first["request_id"], actor="admin:officer")
+        assert out["status"] == "issued"
+
+
 async def _vendor_id(w: World, name: str) -> int:
     from gateway.store.schema import vendor
 

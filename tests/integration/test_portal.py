@@ -211,8 +211,11 @@ def test_downloads_list_the_sandbox_and_a_broken_sample_fails(
         assert f'href="/portal/downloads/{name}"' in html, name
     r = request(gateway.port, "GET", "/portal/downloads/manifest.json", ctx=hospital_ctx)
     assert r.json()["url"] == sandbox["url"]
+    # The administrator's p12 and password are not a facility's (security review: any facility
+    # downloaded them, and so became an administrator of a shared sandbox).
+    assert "client-admin.p12" not in html and sandbox["admin"]["p12_password"] not in html
     p12 = request(gateway.port, "GET", "/portal/downloads/client-admin.p12", ctx=hospital_ctx)
-    assert p12.body == Path(sandbox["admin"]["client_p12"]).read_bytes()
+    assert p12.status == 404
     r = request(gateway.port, "GET", "/portal/downloads/..%2Fgateway.toml", ctx=hospital_ctx)
     assert r.status == 404
 

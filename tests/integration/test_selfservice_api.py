@@ -266,3 +266,48 @@ def test_statement_routes_and_command(
     assert out.read_bytes() == pdf_r.body  # the command and the route make the same document
     r = request(gateway.port, "GET", f"/admin/facilities/{code}/statements/2026-13", ctx=admin_ctx)
     assert r.status == 400
+
+
+def test_an_unlinked_vendor_gets_nothing_by_replay_and_its_application_is_not_approved(
+    gateway: Server, admin_ctx: ssl.SSLContext, sandbox: dict[str, Any], tmp_path: Path
+) -> None:
+    """The security review's case: a vendor re-posting its submission with the same
+    Idempotency-Key after the officer unlinked it got 200 and the application as it is now."""
+    port, code, name = gateway.port, "2718000004", "test-vendor-unlinked"
+    r = request(port, "POST", "/admin/applications", ctx=admin_ctx, json_body=new_body(code))
+    r = request(
+        port, "POST", f"/admin/applications/{r.json()['request_id']}/approve", ctx=admin_ctx,
+        json_body={},
+    )  # fmt: skip
+    assert r.status == 200, r.body
+    run_cli("vendor", "add", name, "-c", sandbox["config"])
+    run_cli("vendor", "issue-cert", name, "--out", str(tmp_path / "v"), "-c", sandbox["config"])
+    vctx = client_context(
+        sandbox["server_ca"], str(tmp_path / "v" / "client.pem"), str(tmp_path / "v" / "client.key")
+    )
+    link = {"institution_code": code}
+    r = request(port, "POST", f"/admin/vendors/{name}/facilities", ctx=admin_ctx, json_body=link)
+    assert r.status == 200
+    body = {"kind": "reapply", "remarks": "lost notice", "cause": "notice_lost"}
+    key = {"Idempotency-Key": "k1"}
+    path = f"/vendor/facilities/{code}/applications"
+    r = request(port, "POST", path, ctx=vctx, json_body=body, headers=key)
+    assert r.status == 201, r.body
+    rid = r.json()["request_id"]
+    r = request(
+        port, "POST", f"/admin/vendors/{name}/facilities/{code}/unlink", ctx=admin_ctx,
+        json_body={},
+    )  # fmt: skip
+    assert r.status == 200 and r.json()["facilities"] == []
+    assert request(port, "GET", path, ctx=vctx).status == 403
+    r = request(port, "POST", path, ctx=vctx, json_body=body, headers=key)
+    assert r.status == 403, r.body
+    assert "not linked" in r.json()["detail"] and rid not in r.body.decode()
+    r = request(port, "POST", f"/admin/applications/{rid}/approve", ctx=admin_ctx, json_body={})
+    assert r.status == 409, r.body
+    assert "no longer linked" in r.json()["detail"]
+    r = request(
+        port, "POST", f"/admin/applications/{rid}/reject", ctx=admin_ctx,
+        json_body={"reason": "代理人の委任終了"},
+    )  # fmt: skip
+    assert r.status == 200 and r.json()["status"] == "rejected"

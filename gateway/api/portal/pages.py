@@ -505,11 +505,59 @@ def broken(signed_xml: bytes) -> bytes:
     raise ValueError("not a signed e-prescription or dispensing result")
 
 
+#: A client's credentials in the manifest (``facilities[]``, ``admin``): a facility caller gets
+#: its own only (security review: any facility downloaded the administrator's p12 and password).
+_HOLDER_SECRETS = ("client_key", "client_p12", "p12_password")
+_SIGNER_SECRETS = ("enrollment_code", "enrollment_password")
+
+
+def _without(entry: Any, keys: tuple[str, ...]) -> Any:
+    return {k: v for k, v in entry.items() if k not in keys} if isinstance(entry, dict) else entry
+
+
+def manifest_for(manifest: dict[str, Any], ident: ClientIdentity) -> dict[str, Any]:
+    """The manifest as ``ident`` may download it: whole for an administrator; for anyone else
+    without the other holders' keys, PKCS#12 and passwords (every other facility's, the
+    administrator's), the enrolment codes of signers not linked to the caller's facility and the
+    PINs of their cards. Every field is kept (paths, URLs, the caller's own secrets)."""
+    if ident.kind == "admin":
+        return manifest
+    code = ident.institution_code
+    out = dict(manifest)
+    if isinstance(manifest.get("admin"), dict):
+        out["admin"] = _without(manifest["admin"], _HOLDER_SECRETS)
+    out["facilities"] = [
+        f if isinstance(f, dict) and f.get("institution_code") == code
+        else _without(f, _HOLDER_SECRETS)
+        for f in manifest.get("facilities", [])
+    ]  # fmt: skip
+    signers = manifest.get("signers", [])
+    mine = {s.get("id") for s in signers if isinstance(s, dict) and code in s.get("facilities", [])}
+    out["signers"] = [
+        s if isinstance(s, dict) and s.get("id") in mine else _without(s, _SIGNER_SECRETS)
+        for s in signers
+    ]
+    if "cards" in manifest:
+        out["cards"] = [
+            c if isinstance(c, dict) and c.get("signer") in mine else _without(c, ("pin",))
+            for c in manifest.get("cards") or []
+        ]
+    return out
+
+
 def downloads(request: web.Request) -> list[Download]:
+    """What the caller may download: the public material (CA certificates, CRLs, samples) for
+    every caller; client PKCS#12 files with their passwords for an administrator all, for a
+    facility its own; the manifest as ``manifest_for`` cuts it."""
     manifest = sandbox_manifest(request)
     if manifest is None:
         return []
-    out = [Download("manifest.json", "dl_manifest", data=_manifest_bytes(manifest))]
+    ident = identity(request)
+    out = [
+        Download(
+            "manifest.json", "dl_manifest", data=_manifest_bytes(manifest_for(manifest, ident))
+        )
+    ]
     pem = "application/x-pem-file"
     for key in ("server_ca", "hpki_trust_anchors", "hpki_intermediates", "tsa_trust_anchors"):
         value = manifest.get(key)
@@ -528,6 +576,8 @@ def downloads(request: web.Request) -> list[Download]:
         out.append(Download(Path(jpki["crl_file"]).name, "dl_crl", Path(jpki["crl_file"]),
                             media_type="application/pkix-crl"))  # fmt: skip
     holders = [*manifest.get("facilities", []), {"institution_code": "admin", **manifest["admin"]}]
+    if ident.kind != "admin":
+        holders = [f for f in holders if f["institution_code"] == ident.institution_code]
     for f in holders:
         out.append(
             Download(
