@@ -278,18 +278,8 @@ def test_portal_verify_refuses_bad_base64_with_a_400(
 ) -> None:
     fields = {"document_b64": base64.b64encode(b"<r/>").decode(), field: "!!!!"}
     body, ctype = _multipart(fields)
-    before = len(gateway.logs())
-    r = request(
-        gateway.port,
-        "POST",
-        "/portal/verify",
-        ctx=hospital_ctx,
-        body=body,
-        headers={"Content-Type": ctype, "Origin": f"https://localhost:{gateway.port}"},
-    )
-    answer = _problem(r, 400, "invalid_request")
+    answer = _portal_verify_400(gateway, hospital_ctx, body, ctype)
     assert f"{field} is not valid base64" in answer["detail"]
-    _quiet_since(gateway, before)
 
 
 @pytest.mark.parametrize("kind", ["multipart-without-boundary", "truncated-multipart"])
@@ -297,18 +287,26 @@ def test_portal_verify_refuses_an_unreadable_form_with_a_400(
     gateway: Server, hospital_ctx: ssl.SSLContext, kind: str
 ) -> None:
     ctype, body = UNREADABLE_FORMS[kind]
+    answer = _portal_verify_400(gateway, hospital_ctx, body, ctype)
+    assert "the form cannot be read" in answer["detail"]
+
+
+def _portal_verify_400(
+    gateway: Server, ctx: ssl.SSLContext, body: bytes, ctype: str
+) -> dict[str, Any]:
+    """POST the form to /portal/verify (same-origin): a 400 problem, nothing logged."""
     before = len(gateway.logs())
     r = request(
         gateway.port,
         "POST",
         "/portal/verify",
-        ctx=hospital_ctx,
+        ctx=ctx,
         body=body,
         headers={"Content-Type": ctype, "Origin": f"https://localhost:{gateway.port}"},
     )
     answer = _problem(r, 400, "invalid_request")
-    assert "the form cannot be read" in answer["detail"]
     _quiet_since(gateway, before)
+    return answer
 
 
 # -- 5. the admin statement of a month past the calendar ------------------------------------------
