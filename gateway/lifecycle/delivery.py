@@ -84,6 +84,22 @@ def new_secrets() -> tuple[str, str]:
     return secrets.token_urlsafe(32), random_password(12)
 
 
+@dataclass(frozen=True, kw_only=True)
+class NewSecrets:
+    """A new link token and download password, with the password's scrypt verifier."""
+
+    token: str
+    password: str
+    password_hash: str
+
+
+def make_secrets() -> NewSecrets:
+    """New secrets for a download window (scrypt: run it in a thread, before the write
+    transaction that stores them, so the event loop and the write lock never wait on it)."""
+    token, password = new_secrets()
+    return NewSecrets(token=token, password=password, password_hash=hash_password(password))
+
+
 async def create_in(
     conn: AsyncConnection,
     *,
@@ -146,17 +162,17 @@ def refuse_unavailable(
 
 
 async def reset_window_in(
-    conn: AsyncConnection, *, delivery_id: int, now: datetime, days: int
+    conn: AsyncConnection, *, delivery_id: int, now: datetime, days: int, fresh: NewSecrets
 ) -> DeliveryWindow:
-    token, password = new_secrets()
+    """Replace the link's token and password (``fresh``, from :func:`make_secrets`)."""
     expires = now + timedelta(days=days)
     row = (
         await conn.execute(
             update(certificate_delivery)
             .where(certificate_delivery.c.id == delivery_id)
             .values(
-                token_hash=token_hash(token),
-                password_hash=hash_password(password),
+                token_hash=token_hash(fresh.token),
+                password_hash=fresh.password_hash,
                 window_started_at=now,
                 expires_at=expires,
                 rounds=certificate_delivery.c.rounds + 1,
@@ -167,7 +183,9 @@ async def reset_window_in(
             .returning(certificate_delivery.c.rounds)
         )
     ).one()
-    return DeliveryWindow(token=token, password=password, expires_at=expires, round=int(row.rounds))
+    return DeliveryWindow(
+        token=fresh.token, password=fresh.password, expires_at=expires, round=int(row.rounds)
+    )
 
 
 async def delivery_for_certificate(conn: AsyncConnection, certificate_id: int) -> Any:

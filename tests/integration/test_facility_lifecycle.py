@@ -7,6 +7,7 @@ fresh engine, which is what a restart or another worker looks like to the store.
 from __future__ import annotations
 
 import asyncio
+import json
 import shutil
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -347,6 +348,82 @@ async def test_download_window_lock_resend_and_the_p12(tmp_path: Path, store_url
     assert len(chain) == 1
     with pytest.raises(ValueError):
         pkcs12.load_key_and_certificates(p12, pwd2.encode())
+
+
+async def test_wrong_password_while_a_resend_replaces_the_link(
+    tmp_path: Path, store_url: str
+) -> None:
+    """The review's race, made deterministic: a wrong download password is being checked when
+    an officer resends. Before, counting it selected the row by the old token hash, found
+    nothing (``NoResultFound``): 500, and the guess was never audited. Now it is audited
+    against the certificate, not counted against the new link, and answered as the replaced
+    link is (404)."""
+    clock = FakeClock(T0)
+    settings = make_settings(tmp_path, store_url=store_url)
+    async with services(settings, clock) as s:
+        from gateway.lifecycle import delivery
+        from gateway.store.schema import certificate_delivery
+
+        await _hospital(s)
+        res = await s.certs.issue("1310000011", actor="test")
+        box = Path(res.outbox)
+
+        async def counters() -> tuple[int, int]:
+            async with s.db.read() as conn:
+                row = (
+                    await conn.execute(
+                        select(
+                            certificate_delivery.c.failed_attempts,
+                            certificate_delivery.c.checking_attempts,
+                        )
+                    )
+                ).one()
+            return int(row[0]), int(row[1])
+
+        # The attempt counter alone, in the download's order: a check reserved on the link,
+        # the resend, then the wrong password counted against the link it was reserved on.
+        token = download_token(box)
+        async with s.db.read() as conn:
+            link_id = (await conn.execute(select(certificate_delivery.c.id))).scalar_one()
+        mine = (certificate_delivery.c.id == link_id) & (
+            certificate_delivery.c.token_hash == delivery.token_hash(token)
+        )
+        async with s.db.write() as conn:
+            assert await delivery.ATTEMPTS.reserve(conn, mine, 5)
+        await s.certs.resend(res.serial, actor="officer")
+        async with s.db.write() as conn:
+            assert (
+                await delivery.ATTEMPTS.failed_check(conn, mine, mine, 5, {"locked_at": clock()})
+                is None
+            )
+        assert await counters() == (0, 0)
+        # The download's own steps, with the resend in between.
+        token2 = download_token(box, "resend-2-")
+        link = await s.certs._reserve_check(token2, clock())
+        assert await counters() == (0, 1)
+        await s.certs.resend(res.serial, actor="officer")
+        with pytest.raises(NotFound, match="a resend replaces older links"):
+            await s.certs._wrong_download_password(link, clock(), remote="192.0.2.7")
+        assert await counters() == (0, 0)  # the new link keeps all its attempts
+        async with s.db.read() as conn:
+            wrong = [
+                json.loads(r.detail)
+                for r in (
+                    await conn.execute(
+                        select(audit_event.c.detail).where(
+                            audit_event.c.action == "delivery.wrong_password"
+                        )
+                    )
+                )
+            ]
+        assert wrong == [
+            {"serial": res.serial, "failed_attempts": None, "link": "replaced meanwhile"}
+        ]
+        token3, pwd3 = download_token(box, "resend-3-"), download_password(box, "resend-3-")
+        with pytest.raises(WrongPassword, match="4 attempts left"):
+            await s.certs.download(token3, "wrong", remote=None)
+        name, _ = await s.certs.download(token3, pwd3, remote=None)
+        assert name == "client.hpki-gateway.p12"
 
 
 async def test_revocation_is_immediate_and_publishes_the_crl(
