@@ -6,7 +6,9 @@ The rules come from the source documents (HPKI.md §6):
   notice (PDF) with the PKCS#12 password; the file is kept (wrapped) only until downloaded;
 - a rotation (institution code change, provisional → real code, renewal) makes the new
   certificate active at once and schedules the old one's revocation one calendar month after
-  the new one's issue date; the scheduler carries it out (gateway/lifecycle/scheduler.py);
+  the new one's issue date; the scheduler carries it out (gateway/lifecycle/scheduler.py).
+  The old one's stored file and download link end at once, and an old one never downloaded
+  (nobody can be using it) is revoked at once;
 - stopping the service revokes at once; a certificate is never silently replaced;
 - every revocation republishes the facility CA's CRL.
 
@@ -447,9 +449,9 @@ class ClientCertificateService:
         delivery_kind: str | None = None,
         fee_event: str | None = None,
     ) -> tuple[list[dict[str, str]], list[dict[str, Any]]]:
-        """One transaction: schedule the replaced certificate's revocation, register the new
-        one, open its download window, charge its fees. Returns the replaced certificates and
-        the fee entries."""
+        """One transaction: schedule (or carry out) the replaced certificate's revocation,
+        register the new one, open its download window, charge its fees. Returns the replaced
+        certificates and the fee entries."""
         replaced: list[dict[str, str]] = []
         serial = format(cert.serial_number, "x")
         async with self.db.write() as conn:
@@ -510,6 +512,8 @@ class ClientCertificateService:
                 detail={"serial": serial, "entries": charged},
                 now=now,
             )
+        if any(r["status"] == "revoked" for r in replaced):
+            await self.publish_crl()
         return replaced, charged
 
     async def _schedule_replacement(
@@ -525,8 +529,16 @@ class ClientCertificateService:
         actor: str,
         now: datetime,
     ) -> dict[str, str]:
+        """The old certificate's file and link end now (a reissue after a lost notice must
+        neutralise a notice and link that may be in other hands). Once downloaded, it stays
+        valid for the overlap (the facility needs time to switch); never downloaded, nobody
+        can be using it: revoked at once, audited and published as any revocation."""
+        # The file first: this waits for (or defeats) a download committing meanwhile, so
+        # downloaded_at read next is final.
+        await delivery.drop_file_in(conn, old.id)
+        downloaded = await self.registry.downloaded_at_in(conn, old.id) is not None
         overlap = self.settings.certificates.rotation_overlap_months
-        revoke_at = add_months(now, overlap) if overlap else now
+        revoke_at = add_months(now, overlap) if overlap and downloaded else now
         why = {
             "renewal": "renewal",
             "code_change": f"institution code change {fac.institution_code} → {new_code}",
@@ -553,11 +565,21 @@ class ClientCertificateService:
                 "old_code": fac.institution_code,
                 "new_code": new_code or fac.institution_code,
                 "revoke_at": revoke_at.isoformat(),
+                "downloaded": downloaded,
                 "reason": reason,
             },
             now=now,
         )
-        return {"serial": old.serial_hex, "revoke_at": revoke_at.isoformat(), "reason": text}
+        if not downloaded:
+            await self.registry.revoke_in(
+                conn, old.serial_hex, reason=text[:500], actor=actor, now=now
+            )
+        return {
+            "serial": old.serial_hex,
+            "revoke_at": revoke_at.isoformat(),
+            "reason": text,
+            "status": "revoked" if revoke_at <= now else "overlapping",
+        }
 
     # -- renewal by the facility's own system (EST) -----------------------------------------
 
@@ -735,6 +757,11 @@ class ClientCertificateService:
         async with self.db.write() as conn:
             cert, fac = await self.registry.certificate_and_facility_in(conn, serial)
             row = await delivery.delivery_for_certificate(conn, cert.id)
+            if certificate_status(cert, now) == "overlapping":
+                raise Conflict(
+                    f"certificate {serial} is no longer the facility's current certificate "
+                    f"({cert.revocation_reason}); resend the current certificate's link instead"
+                )
             if row.downloaded_at is not None:
                 raise Conflict(
                     f"certificate {serial} was downloaded on "
@@ -811,6 +838,7 @@ class ClientCertificateService:
                         certificate_delivery,
                         client_certificate.c.serial_hex,
                         client_certificate.c.status.label("cert_status"),
+                        client_certificate.c.revoke_at.label("cert_revoke_at"),
                         facility.c.institution_code,
                     )
                     .select_from(
@@ -823,7 +851,13 @@ class ClientCertificateService:
             ).one_or_none()
         if row is None:
             raise NotFound(_REPLACED_LINK)
-        delivery.refuse_unavailable(row, row.cert_status, now, max_attempts)
+        delivery.refuse_unavailable(
+            row,
+            row.cert_status,
+            now,
+            max_attempts,
+            replaced=row.cert_revoke_at is not None,
+        )
         # Reserve a check BEFORE the (slow) password check, atomically: at most max_attempts
         # guesses are ever checked, however many arrive at once (delivery.ATTEMPTS). The right
         # password gives its reservation back when it consumes the file.
@@ -930,7 +964,9 @@ class ClientCertificateService:
             row = await delivery.link_state_in(conn, th)
         if row is None:
             raise NotFound(_REPLACED_LINK)
-        delivery.refuse_unavailable(row, row.cert_status, now, max_attempts)
+        delivery.refuse_unavailable(
+            row, row.cert_status, now, max_attempts, replaced=row.cert_revoke_at is not None
+        )
 
     async def export_p12(self, serial: str, *, actor: str) -> tuple[str, bytes]:
         """Take the stored file out for an officer's own transfer; counts as the download."""
@@ -946,6 +982,7 @@ class ClientCertificateService:
                 now,
                 self.settings.certificates.max_download_attempts,
                 check_window=False,
+                replaced=cert.revoke_at is not None,
             )
             p12 = self.wrapper.unwrap(row.p12_wrapped, serial)
             await delivery.export_file_in(conn, row.id, now)

@@ -7,7 +7,7 @@ password sent in a separate mail; a resend opens a new 14-day window. Here:
   neither a working link nor the password;
 - the PKCS#12 (itself encrypted under the p12 password that exists only on the printed notice)
   is wrapped with AES-256-GCM under ``certificates.delivery_key_file`` and deleted from the
-  store the moment it is downloaded (or its certificate is revoked);
+  store the moment it is downloaded (or its certificate is revoked or replaced);
 - wrong passwords are counted in the store (``ATTEMPTS``: a check is reserved before the slow
   scrypt); at ``max_download_attempts`` wrong ones the link locks until an officer resends
   (new token, new password, new window).
@@ -139,9 +139,19 @@ def locked_error(max_attempts: int) -> Locked:
 
 
 def refuse_unavailable(
-    row: Any, cert_status: str, now: datetime, max_attempts: int, *, check_window: bool = True
+    row: Any,
+    cert_status: str,
+    now: datetime,
+    max_attempts: int,
+    *,
+    check_window: bool = True,
+    replaced: bool = False,
 ) -> None:
-    """Raise the reason this download cannot happen, if any (order: most final first)."""
+    """Raise the reason this download cannot happen, if any (order: most final first).
+
+    ``replaced``: the certificate has a revocation scheduled (a rotation replaced it); its
+    file is never delivered any more (a rotation drops it; this covers files kept by a
+    rotation made before that rule)."""
     if row.downloaded_at is not None:
         raise Gone(
             f"this certificate file was already downloaded on "
@@ -150,6 +160,8 @@ def refuse_unavailable(
         )
     if cert_status == "revoked" or row.p12_wrapped is None:
         raise Gone("this certificate was revoked; its file is no longer available")
+    if replaced:
+        raise Gone("this certificate was replaced by a newer one; its file is no longer available")
     if not check_window:
         return
     if row.locked_at is not None or row.failed_attempts >= max_attempts:
@@ -204,7 +216,8 @@ async def delivery_for_certificate(conn: AsyncConnection, certificate_id: int) -
 
 
 async def drop_file_in(conn: AsyncConnection, certificate_id: int) -> None:
-    """Delete the stored PKCS#12 (revocation): a revoked certificate is never delivered."""
+    """Delete the stored PKCS#12 (revocation, replacement): a revoked or replaced
+    certificate is never delivered; its link answers as a revoked certificate's does."""
     await conn.execute(
         update(certificate_delivery)
         .where(certificate_delivery.c.certificate_id == certificate_id)
@@ -222,10 +235,15 @@ async def export_file_in(conn: AsyncConnection, delivery_id: int, now: datetime)
 
 
 async def link_state_in(conn: AsyncConnection, th: str) -> Any:
-    """The delivery with token hash ``th`` and its certificate's status, or None."""
+    """The delivery with token hash ``th``, its certificate's status and scheduled
+    revocation (``cert_revoke_at``), or None."""
     return (
         await conn.execute(
-            select(certificate_delivery, client_certificate.c.status.label("cert_status"))
+            select(
+                certificate_delivery,
+                client_certificate.c.status.label("cert_status"),
+                client_certificate.c.revoke_at.label("cert_revoke_at"),
+            )
             .select_from(certificate_delivery.join(client_certificate))
             .where(certificate_delivery.c.token_hash == th)
         )
