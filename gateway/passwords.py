@@ -102,12 +102,14 @@ class AttemptLimit:
         open_row: ColumnElement[bool],
         limit: int,
         lock: Mapping[str, Any],
-    ) -> tuple[int, bool]:
+    ) -> tuple[int, bool] | None:
         """The reserved check found a wrong password: count it; the ``limit``-th locks.
 
         Returns (wrong passwords so far, whether this one locked the row). ``row`` selects the
         row whatever its state (a concurrent change must not lose the count); only an
-        ``open_row`` is locked, by writing the values ``lock``.
+        ``open_row`` is locked, by writing the values ``lock``. None when ``row`` no longer
+        selects anything (a download link replaced by a resend while its password was being
+        checked): nothing is counted, and the caller answers as for the replaced row.
         """
         t = self.table.c
         counted = (
@@ -122,7 +124,9 @@ class AttemptLimit:
                 )
                 .returning(t[self.failed])
             )
-        ).one()
+        ).one_or_none()
+        if counted is None:
+            return None
         failed = int(counted[0])
         if failed < limit:
             return failed, False

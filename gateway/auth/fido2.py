@@ -388,13 +388,16 @@ class Fido2Authenticator(presence.PresenceMethod):
     ) -> NoReturn:
         """The reserved check failed: it counts as a wrong password; the last one locks."""
         async with self.db.write() as conn:
-            tries, locked = await _ATTEMPTS.failed_check(
+            counted = await _ATTEMPTS.failed_check(
                 conn,
                 enrollment.c.id == enrollment_id,
                 _open_enrollment(enrollment_id),
                 self.max_password_tries,
                 lock={"status": "locked"},
             )
+            if counted is None:  # pragma: no cover - selected by id; enrolments are kept
+                raise InvalidRequest("enrollment code is not valid")
+            tries, locked = counted
             await self.audit.append(
                 conn,
                 action="enrollment.locked" if locked else "enrollment.wrong_password",

@@ -139,7 +139,10 @@ def _issue_text(res: Any, verb: str) -> str:
         + f", expires {res.expires[:10]}"
     ]
     for r in res.replaced:
-        lines.append(f"  replaces {r['serial']}: revoked automatically at {r['revoke_at']}")
+        if r["status"] == "revoked":
+            lines.append(f"  replaces {r['serial']}: revoked at once")
+        else:
+            lines.append(f"  replaces {r['serial']}: revoked automatically at {r['revoke_at']}")
     if res.hand_over:
         lines.append(
             f"  files in {Path(res.hand_over['p12']).parent}; "

@@ -6,7 +6,9 @@ The rules come from the source documents (HPKI.md §6):
   notice (PDF) with the PKCS#12 password; the file is kept (wrapped) only until downloaded;
 - a rotation (institution code change, provisional → real code, renewal) makes the new
   certificate active at once and schedules the old one's revocation one calendar month after
-  the new one's issue date; the scheduler carries it out (gateway/lifecycle/scheduler.py);
+  the new one's issue date; the scheduler carries it out (gateway/lifecycle/scheduler.py).
+  The old one's stored file and download link end at once, and an old one never downloaded
+  (nobody can be using it) is revoked at once;
 - stopping the service revokes at once; a certificate is never silently replaced;
 - every revocation republishes the facility CA's CRL.
 
@@ -22,7 +24,7 @@ import shutil
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from cryptography import x509
 from sqlalchemy import and_, select, update
@@ -49,6 +51,8 @@ from gateway.store.db import Database
 from gateway.store.schema import certificate_delivery, client_certificate, facility
 
 log = logging.getLogger("gateway.certificates")
+
+_REPLACED_LINK = "this download link is not valid (a resend replaces older links)"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -445,9 +449,9 @@ class ClientCertificateService:
         delivery_kind: str | None = None,
         fee_event: str | None = None,
     ) -> tuple[list[dict[str, str]], list[dict[str, Any]]]:
-        """One transaction: schedule the replaced certificate's revocation, register the new
-        one, open its download window, charge its fees. Returns the replaced certificates and
-        the fee entries."""
+        """One transaction: schedule (or carry out) the replaced certificate's revocation,
+        register the new one, open its download window, charge its fees. Returns the replaced
+        certificates and the fee entries."""
         replaced: list[dict[str, str]] = []
         serial = format(cert.serial_number, "x")
         async with self.db.write() as conn:
@@ -508,6 +512,8 @@ class ClientCertificateService:
                 detail={"serial": serial, "entries": charged},
                 now=now,
             )
+        if any(r["status"] == "revoked" for r in replaced):
+            await self.publish_crl()
         return replaced, charged
 
     async def _schedule_replacement(
@@ -523,8 +529,16 @@ class ClientCertificateService:
         actor: str,
         now: datetime,
     ) -> dict[str, str]:
+        """The old certificate's file and link end now (a reissue after a lost notice must
+        neutralise a notice and link that may be in other hands). Once downloaded, it stays
+        valid for the overlap (the facility needs time to switch); never downloaded, nobody
+        can be using it: revoked at once, audited and published as any revocation."""
+        # The file first: this waits for (or defeats) a download committing meanwhile, so
+        # downloaded_at read next is final.
+        await delivery.drop_file_in(conn, old.id)
+        downloaded = await self.registry.downloaded_at_in(conn, old.id) is not None
         overlap = self.settings.certificates.rotation_overlap_months
-        revoke_at = add_months(now, overlap) if overlap else now
+        revoke_at = add_months(now, overlap) if overlap and downloaded else now
         why = {
             "renewal": "renewal",
             "code_change": f"institution code change {fac.institution_code} → {new_code}",
@@ -551,11 +565,21 @@ class ClientCertificateService:
                 "old_code": fac.institution_code,
                 "new_code": new_code or fac.institution_code,
                 "revoke_at": revoke_at.isoformat(),
+                "downloaded": downloaded,
                 "reason": reason,
             },
             now=now,
         )
-        return {"serial": old.serial_hex, "revoke_at": revoke_at.isoformat(), "reason": text}
+        if not downloaded:
+            await self.registry.revoke_in(
+                conn, old.serial_hex, reason=text[:500], actor=actor, now=now
+            )
+        return {
+            "serial": old.serial_hex,
+            "revoke_at": revoke_at.isoformat(),
+            "reason": text,
+            "status": "revoked" if revoke_at <= now else "overlapping",
+        }
 
     # -- renewal by the facility's own system (EST) -----------------------------------------
 
@@ -728,9 +752,16 @@ class ClientCertificateService:
         """A new 14-day window: new link, new download password, attempts reset."""
         now = self.clock()
         serial = normalize_serial(serial)
+        # The scrypt verifier is made off the event loop, before the write transaction.
+        fresh = await asyncio.to_thread(delivery.make_secrets)
         async with self.db.write() as conn:
             cert, fac = await self.registry.certificate_and_facility_in(conn, serial)
             row = await delivery.delivery_for_certificate(conn, cert.id)
+            if certificate_status(cert, now) == "overlapping":
+                raise Conflict(
+                    f"certificate {serial} is no longer the facility's current certificate "
+                    f"({cert.revocation_reason}); resend the current certificate's link instead"
+                )
             if row.downloaded_at is not None:
                 raise Conflict(
                     f"certificate {serial} was downloaded on "
@@ -740,7 +771,11 @@ class ClientCertificateService:
             if certificate_status(cert, now) in ("revoked", "expired") or row.p12_wrapped is None:
                 raise Conflict(f"certificate {serial} is {certificate_status(cert, now)}")
             window = await delivery.reset_window_in(
-                conn, delivery_id=row.id, now=now, days=self.settings.certificates.download_days
+                conn,
+                delivery_id=row.id,
+                now=now,
+                days=self.settings.certificates.download_days,
+                fresh=fresh,
             )
             await self.audit.append(
                 conn,
@@ -770,9 +805,30 @@ class ClientCertificateService:
 
     async def download(self, token: str, password: str, *, remote: str | None) -> tuple[str, bytes]:
         """The one-time download; counts wrong passwords and locks the link at the limit."""
-        from gateway.errors import WrongPassword
-
         now = self.clock()
+        link = await self._reserve_check(token, now)
+        ok = await asyncio.to_thread(delivery.verify_password, password, link.password_hash)
+        if not ok:
+            await self._wrong_download_password(link, now, remote=remote)
+        return await self._consume(link, now, remote=remote)
+
+    @staticmethod
+    def _link_clauses(link: Any) -> tuple[Any, Any]:
+        """SQL: the link row while its token is unchanged (``mine``), and while it is open."""
+        mine = and_(
+            certificate_delivery.c.id == link.id,
+            certificate_delivery.c.token_hash == link.token_hash,
+        )
+        open_link = and_(
+            mine,
+            certificate_delivery.c.locked_at.is_(None),
+            certificate_delivery.c.downloaded_at.is_(None),
+        )
+        return mine, open_link
+
+    async def _reserve_check(self, token: str, now: datetime) -> Any:
+        """The download's first step: the link (refused if it cannot be used now) and one
+        password check reserved on it. Returns the link row."""
         max_attempts = self.settings.certificates.max_download_attempts
         th = delivery.token_hash(token)
         async with self.db.read() as conn:
@@ -782,6 +838,7 @@ class ClientCertificateService:
                         certificate_delivery,
                         client_certificate.c.serial_hex,
                         client_certificate.c.status.label("cert_status"),
+                        client_certificate.c.revoke_at.label("cert_revoke_at"),
                         facility.c.institution_code,
                     )
                     .select_from(
@@ -793,46 +850,63 @@ class ClientCertificateService:
                 )
             ).one_or_none()
         if row is None:
-            raise NotFound("this download link is not valid (a resend replaces older links)")
-        delivery.refuse_unavailable(row, row.cert_status, now, max_attempts)
-        code = row.institution_code
-        mine = and_(
-            certificate_delivery.c.id == row.id,
-            certificate_delivery.c.token_hash == th,
+            raise NotFound(_REPLACED_LINK)
+        delivery.refuse_unavailable(
+            row,
+            row.cert_status,
+            now,
+            max_attempts,
+            replaced=row.cert_revoke_at is not None,
         )
         # Reserve a check BEFORE the (slow) password check, atomically: at most max_attempts
         # guesses are ever checked, however many arrive at once (delivery.ATTEMPTS). The right
         # password gives its reservation back when it consumes the file.
-        open_link = and_(
-            mine,
-            certificate_delivery.c.locked_at.is_(None),
-            certificate_delivery.c.downloaded_at.is_(None),
-        )
+        _, open_link = self._link_clauses(row)
         async with self.db.write() as conn:
             reserved = await delivery.ATTEMPTS.reserve(conn, open_link, max_attempts)
         if not reserved:
             await self._refuse_now(th, now, max_attempts)
             raise delivery.locked_error(max_attempts)
-        ok = await asyncio.to_thread(delivery.verify_password, password, row.password_hash)
-        if not ok:
-            async with self.db.write() as conn:
-                failed, locked = await delivery.ATTEMPTS.failed_check(
-                    conn, mine, open_link, max_attempts, lock={"locked_at": now}
-                )
-                await self.audit.append(
-                    conn,
-                    action="delivery.locked" if locked else "delivery.wrong_password",
-                    actor=f"download:{remote or 'unknown'}",
-                    facility_code=code,
-                    detail={"serial": row.serial_hex, "failed_attempts": failed},
-                    now=now,
-                )
-            if failed >= max_attempts:
-                raise delivery.locked_error(max_attempts)
-            raise WrongPassword(
-                f"wrong download password ({max_attempts - failed} attempts left before the "
-                "link locks)"
+        return row
+
+    async def _wrong_download_password(
+        self, link: Any, now: datetime, *, remote: str | None
+    ) -> NoReturn:
+        """The reserved check found a wrong password: counted and audited; the last one locks.
+
+        A resend may have replaced the link while the password was checked: the guess is then
+        audited against the certificate but not counted against the new link, and answered as
+        the replaced link is."""
+        from gateway.errors import WrongPassword
+
+        max_attempts = self.settings.certificates.max_download_attempts
+        mine, open_link = self._link_clauses(link)
+        async with self.db.write() as conn:
+            counted = await delivery.ATTEMPTS.failed_check(
+                conn, mine, open_link, max_attempts, lock={"locked_at": now}
             )
+            failed, locked = counted if counted is not None else (None, False)
+            await self.audit.append(
+                conn,
+                action="delivery.locked" if locked else "delivery.wrong_password",
+                actor=f"download:{remote or 'unknown'}",
+                facility_code=link.institution_code,
+                detail={"serial": link.serial_hex, "failed_attempts": failed}
+                | ({} if counted is not None else {"link": "replaced meanwhile"}),
+                now=now,
+            )
+        if failed is None:
+            raise NotFound(_REPLACED_LINK)
+        if failed >= max_attempts:
+            raise delivery.locked_error(max_attempts)
+        raise WrongPassword(
+            f"wrong download password ({max_attempts - failed} attempts left before the link locks)"
+        )
+
+    async def _consume(self, link: Any, now: datetime, *, remote: str | None) -> tuple[str, bytes]:
+        """The right password: the file leaves the store (once), the download is audited."""
+        max_attempts = self.settings.certificates.max_download_attempts
+        mine, _ = self._link_clauses(link)
         async with self.db.write() as conn:
             res2 = await conn.execute(
                 update(certificate_delivery)
@@ -853,19 +927,19 @@ class ClientCertificateService:
             if res2.rowcount != 1:
                 # Locked by a concurrent wrong guess meanwhile: the same answer as any guess
                 # after the lock, so a late right password is not revealed.
-                await self._refuse_now(th, now, max_attempts)
+                await self._refuse_now(link.token_hash, now, max_attempts)
                 raise Conflict("this download link was used or changed a moment ago")
-            p12 = self.wrapper.unwrap(row.p12_wrapped, row.serial_hex)
+            p12 = self.wrapper.unwrap(link.p12_wrapped, link.serial_hex)
             await self._released(
                 conn,
-                certificate_id=row.certificate_id,
+                certificate_id=link.certificate_id,
                 now=now,
                 action="delivery.download",
                 actor=f"download:{remote or 'unknown'}",
-                facility_code=code,
-                detail={"serial": row.serial_hex, "round": row.rounds},
+                facility_code=link.institution_code,
+                detail={"serial": link.serial_hex, "round": link.rounds},
             )
-        return row.file_name, p12
+        return link.file_name, p12
 
     async def _released(
         self,
@@ -889,8 +963,10 @@ class ClientCertificateService:
         async with self.db.read() as conn:
             row = await delivery.link_state_in(conn, th)
         if row is None:
-            raise NotFound("this download link is not valid (a resend replaces older links)")
-        delivery.refuse_unavailable(row, row.cert_status, now, max_attempts)
+            raise NotFound(_REPLACED_LINK)
+        delivery.refuse_unavailable(
+            row, row.cert_status, now, max_attempts, replaced=row.cert_revoke_at is not None
+        )
 
     async def export_p12(self, serial: str, *, actor: str) -> tuple[str, bytes]:
         """Take the stored file out for an officer's own transfer; counts as the download."""
@@ -906,6 +982,7 @@ class ClientCertificateService:
                 now,
                 self.settings.certificates.max_download_attempts,
                 check_window=False,
+                replaced=cert.revoke_at is not None,
             )
             p12 = self.wrapper.unwrap(row.p12_wrapped, serial)
             await delivery.export_file_in(conn, row.id, now)

@@ -7,7 +7,7 @@ password sent in a separate mail; a resend opens a new 14-day window. Here:
   neither a working link nor the password;
 - the PKCS#12 (itself encrypted under the p12 password that exists only on the printed notice)
   is wrapped with AES-256-GCM under ``certificates.delivery_key_file`` and deleted from the
-  store the moment it is downloaded (or its certificate is revoked);
+  store the moment it is downloaded (or its certificate is revoked or replaced);
 - wrong passwords are counted in the store (``ATTEMPTS``: a check is reserved before the slow
   scrypt); at ``max_download_attempts`` wrong ones the link locks until an officer resends
   (new token, new password, new window).
@@ -84,6 +84,22 @@ def new_secrets() -> tuple[str, str]:
     return secrets.token_urlsafe(32), random_password(12)
 
 
+@dataclass(frozen=True, kw_only=True)
+class NewSecrets:
+    """A new link token and download password, with the password's scrypt verifier."""
+
+    token: str
+    password: str
+    password_hash: str
+
+
+def make_secrets() -> NewSecrets:
+    """New secrets for a download window (scrypt: run it in a thread, before the write
+    transaction that stores them, so the event loop and the write lock never wait on it)."""
+    token, password = new_secrets()
+    return NewSecrets(token=token, password=password, password_hash=hash_password(password))
+
+
 async def create_in(
     conn: AsyncConnection,
     *,
@@ -123,9 +139,19 @@ def locked_error(max_attempts: int) -> Locked:
 
 
 def refuse_unavailable(
-    row: Any, cert_status: str, now: datetime, max_attempts: int, *, check_window: bool = True
+    row: Any,
+    cert_status: str,
+    now: datetime,
+    max_attempts: int,
+    *,
+    check_window: bool = True,
+    replaced: bool = False,
 ) -> None:
-    """Raise the reason this download cannot happen, if any (order: most final first)."""
+    """Raise the reason this download cannot happen, if any (order: most final first).
+
+    ``replaced``: the certificate has a revocation scheduled (a rotation replaced it); its
+    file is never delivered any more (a rotation drops it; this covers files kept by a
+    rotation made before that rule)."""
     if row.downloaded_at is not None:
         raise Gone(
             f"this certificate file was already downloaded on "
@@ -134,6 +160,8 @@ def refuse_unavailable(
         )
     if cert_status == "revoked" or row.p12_wrapped is None:
         raise Gone("this certificate was revoked; its file is no longer available")
+    if replaced:
+        raise Gone("this certificate was replaced by a newer one; its file is no longer available")
     if not check_window:
         return
     if row.locked_at is not None or row.failed_attempts >= max_attempts:
@@ -146,17 +174,17 @@ def refuse_unavailable(
 
 
 async def reset_window_in(
-    conn: AsyncConnection, *, delivery_id: int, now: datetime, days: int
+    conn: AsyncConnection, *, delivery_id: int, now: datetime, days: int, fresh: NewSecrets
 ) -> DeliveryWindow:
-    token, password = new_secrets()
+    """Replace the link's token and password (``fresh``, from :func:`make_secrets`)."""
     expires = now + timedelta(days=days)
     row = (
         await conn.execute(
             update(certificate_delivery)
             .where(certificate_delivery.c.id == delivery_id)
             .values(
-                token_hash=token_hash(token),
-                password_hash=hash_password(password),
+                token_hash=token_hash(fresh.token),
+                password_hash=fresh.password_hash,
                 window_started_at=now,
                 expires_at=expires,
                 rounds=certificate_delivery.c.rounds + 1,
@@ -167,7 +195,9 @@ async def reset_window_in(
             .returning(certificate_delivery.c.rounds)
         )
     ).one()
-    return DeliveryWindow(token=token, password=password, expires_at=expires, round=int(row.rounds))
+    return DeliveryWindow(
+        token=fresh.token, password=fresh.password, expires_at=expires, round=int(row.rounds)
+    )
 
 
 async def delivery_for_certificate(conn: AsyncConnection, certificate_id: int) -> Any:
@@ -186,7 +216,8 @@ async def delivery_for_certificate(conn: AsyncConnection, certificate_id: int) -
 
 
 async def drop_file_in(conn: AsyncConnection, certificate_id: int) -> None:
-    """Delete the stored PKCS#12 (revocation): a revoked certificate is never delivered."""
+    """Delete the stored PKCS#12 (revocation, replacement): a revoked or replaced
+    certificate is never delivered; its link answers as a revoked certificate's does."""
     await conn.execute(
         update(certificate_delivery)
         .where(certificate_delivery.c.certificate_id == certificate_id)
@@ -204,10 +235,15 @@ async def export_file_in(conn: AsyncConnection, delivery_id: int, now: datetime)
 
 
 async def link_state_in(conn: AsyncConnection, th: str) -> Any:
-    """The delivery with token hash ``th`` and its certificate's status, or None."""
+    """The delivery with token hash ``th``, its certificate's status and scheduled
+    revocation (``cert_revoke_at``), or None."""
     return (
         await conn.execute(
-            select(certificate_delivery, client_certificate.c.status.label("cert_status"))
+            select(
+                certificate_delivery,
+                client_certificate.c.status.label("cert_status"),
+                client_certificate.c.revoke_at.label("cert_revoke_at"),
+            )
             .select_from(certificate_delivery.join(client_certificate))
             .where(certificate_delivery.c.token_hash == th)
         )

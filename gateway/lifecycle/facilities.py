@@ -807,6 +807,19 @@ class FacilityRegistry:
             .values(downloaded_at=now)
         )
 
+    @staticmethod
+    async def downloaded_at_in(conn: AsyncConnection, certificate_id: int) -> datetime | None:
+        """When the certificate's file was downloaded, exported or handed over (None: never)."""
+        row = (
+            await conn.execute(
+                select(client_certificate.c.downloaded_at).where(
+                    client_certificate.c.id == certificate_id
+                )
+            )
+        ).one()
+        downloaded: datetime | None = row.downloaded_at
+        return downloaded
+
     async def due_revocations(self, now: datetime) -> list[Any]:
         """Active certificates whose scheduled revocation time has come."""
         async with self.db.read() as conn:

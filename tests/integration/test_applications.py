@@ -210,7 +210,7 @@ async def test_vendor_applies_only_for_linked_facilities_and_never_redirects_del
         [issued] = out["issued_certificates"]
         assert [f["kind"] for f in issued["fees"]] == ["issuance", "postage"]
         assert issued["fees"][1]["amount_yen"] == 753
-        assert len(issued["replaced"]) == 1  # the old certificate overlaps one month
+        assert [r["status"] for r in issued["replaced"]] == ["revoked"]  # never downloaded
         mail = read_eml(Path(issued["outbox"]) / "mail-2-download-password.eml")
         assert mail["To"] == "office@clinic.test.invalid"
         assert "TEST 中央クリニック 資格 太郎 様" in notice_text(Path(issued["password_notice"]))

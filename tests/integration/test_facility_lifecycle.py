@@ -7,6 +7,7 @@ fresh engine, which is what a restart or another worker looks like to the store.
 from __future__ import annotations
 
 import asyncio
+import json
 import shutil
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -135,6 +136,9 @@ async def test_rotation_revokes_the_old_certificate_exactly_one_month_later(
         await _hospital(s, code="1310000029", provisional=True)
         old = await s.certs.issue("1310000029", actor="test")
         old_der = await _der(s, old.serial)
+        # Downloaded, so in use: the rotation keeps it valid for the overlap.
+        box = Path(old.outbox)
+        await s.certs.download(download_token(box), download_password(box), remote=None)
         with pytest.raises(InvalidRequest, match="provisional code"):
             await s.certs.rotate("1310000029", actor="test")
         # Provisional -> real code, on 31 March: the old one goes on 30 April (no 31st).
@@ -145,6 +149,7 @@ async def test_rotation_revokes_the_old_certificate_exactly_one_month_later(
         new_der = await _der(s, new.serial)
     revoke_at = datetime(2026, 4, 30, 15, 30, tzinfo=JST)
     assert new.replaced[0]["serial"] == old.serial
+    assert new.replaced[0]["status"] == "overlapping"
     assert datetime.fromisoformat(new.replaced[0]["revoke_at"]) == revoke_at
     async with services(settings, clock) as s:  # restart: the schedule is in the store
         status = await s.certs.status("1310000037")
@@ -158,6 +163,9 @@ async def test_rotation_revokes_the_old_certificate_exactly_one_month_later(
         for der in (old_der, new_der):
             ident = await identify(s.db, der, now=clock())
             assert ident.institution_code == "1310000037"
+        # Only the current certificate's link is ever resent.
+        with pytest.raises(Conflict, match="no longer the facility's current certificate"):
+            await s.certs.resend(old.serial, actor="officer")
         clock.set(revoke_at - timedelta(seconds=1))
         assert (await s.scheduler.run_once()).revoked == []
         await identify(s.db, old_der, now=clock())
@@ -188,6 +196,113 @@ async def test_rotation_revokes_the_old_certificate_exactly_one_month_later(
         x509.ReasonFlags.superseded
     )
     assert crl.get_revoked_certificate_by_serial_number(int(new.serial, 16)) is None
+
+
+async def test_reissue_after_a_lost_notice_ends_the_undelivered_certificate(
+    tmp_path: Path, store_url: str
+) -> None:
+    """The security review's sequence: a certificate with a live link (resent once), never
+    downloaded, reissued because its password notice was lost. Before, the old link still
+    delivered the old .p12 (200) and that certificate worked for a month; a resend of it gave
+    the facility two live links. Now its file and link end and it is revoked at once."""
+    clock = FakeClock(T0)
+    settings = make_settings(tmp_path, store_url=store_url)
+    async with services(settings, clock) as s:
+        await _hospital(s, code="1310000037")
+        old = await s.certs.issue("1310000037", actor="test")
+        old_der = await _der(s, old.serial)
+        box = Path(old.outbox)
+        clock.advance(days=1)
+        await s.certs.resend(old.serial, actor="officer")
+        token, pwd = download_token(box, "resend-2-"), download_password(box, "resend-2-")
+        clock.advance(days=1)
+        new = await s.certs.rotate(
+            "1310000037", reason="password notice lost", postage="notice_lost", actor="officer"
+        )
+        # The old link and the old notice deliver nothing; the certificate is refused.
+        with pytest.raises(Gone, match="revoked; its file is no longer available"):
+            await s.certs.download(token, pwd, remote="192.0.2.7")
+        with pytest.raises(AccessDenied, match="revoked on"):
+            await identify(s.db, old_der, now=clock())
+        with pytest.raises(Conflict, match="is revoked"):
+            await s.certs.resend(old.serial, actor="officer")
+        with pytest.raises(Gone, match="revoked"):
+            await s.certs.export_p12(old.serial, actor="officer")
+        [replaced] = new.replaced
+        assert replaced["serial"] == old.serial and replaced["status"] == "revoked"
+        assert datetime.fromisoformat(replaced["revoke_at"]) == clock()
+        by_serial = {c["serial"]: c for c in (await s.certs.status("1310000037"))["certificates"]}
+        gone = by_serial[old.serial]
+        assert gone["status"] == "revoked" and gone["downloaded_at"] is None
+        assert datetime.fromisoformat(gone["revoked_at"]) == clock()
+        assert gone["reason"].startswith(f"replaced by {new.serial} (renewal)")
+        assert by_serial[new.serial]["status"] == "active"
+        async with s.db.read() as conn:
+            from gateway.store.schema import certificate_delivery
+
+            kept = (
+                await conn.execute(
+                    select(certificate_delivery.c.p12_wrapped)
+                    .join(client_certificate)
+                    .where(client_certificate.c.serial_hex == old.serial)
+                )
+            ).scalar_one()
+            events = [
+                (r.action, json.loads(r.detail))
+                for r in (await conn.execute(select(audit_event).order_by(audit_event.c.seq)))
+            ]
+        assert kept is None
+        assert (
+            "client_certificate.revoke",
+            {"serial": old.serial, "reason": gone["reason"]},
+        ) in events
+        rotate = next(d for a, d in events if a == "client_certificate.rotate")
+        assert rotate["downloaded"] is False and rotate["old_serial"] == old.serial
+        # The new certificate is delivered as usual: one live link for the facility.
+        new_box = Path(new.outbox)
+        name, _ = await s.certs.download(
+            download_token(new_box), download_password(new_box), remote=None
+        )
+        assert name == "client.hpki-gateway.p12"
+        # The scheduler has nothing left to do for the old one.
+        clock.advance(days=40)
+        assert (await s.scheduler.run_once()).revoked == []
+    crl = x509.load_der_x509_crl((tmp_path / "facility.crl").read_bytes())
+    entry = crl.get_revoked_certificate_by_serial_number(int(old.serial, 16))
+    assert entry is not None
+    assert entry.extensions.get_extension_for_class(x509.CRLReason).value.reason == (
+        x509.ReasonFlags.superseded
+    )
+
+
+async def test_a_file_kept_by_an_earlier_rotation_is_not_delivered(tmp_path: Path) -> None:
+    """A store written before the rule above: a replaced (overlapping) certificate whose file is
+    still kept. Its link, an export and a resend are all refused."""
+    clock = FakeClock(T0)
+    settings = make_settings(tmp_path)
+    async with services(settings, clock) as s:
+        await _hospital(s)
+        res = await s.certs.issue("1310000011", actor="test")
+        box = Path(res.outbox)
+        async with s.db.write() as conn:  # what a rotation used to leave behind
+            await s.registry.schedule_revocation_in(
+                conn,
+                (
+                    await conn.execute(
+                        select(client_certificate.c.id).where(
+                            client_certificate.c.serial_hex == res.serial
+                        )
+                    )
+                ).scalar_one(),
+                revoke_at=clock() + timedelta(days=30),
+                reason="replaced by 1234 (renewal)",
+            )
+        with pytest.raises(Gone, match="replaced by a newer one"):
+            await s.certs.download(download_token(box), download_password(box), remote=None)
+        with pytest.raises(Gone, match="replaced by a newer one"):
+            await s.certs.export_p12(res.serial, actor="officer")
+        with pytest.raises(Conflict, match="no longer the facility's current certificate"):
+            await s.certs.resend(res.serial, actor="officer")
 
 
 async def test_renewal_and_rotation_refusals(tmp_path: Path) -> None:
@@ -347,6 +462,82 @@ async def test_download_window_lock_resend_and_the_p12(tmp_path: Path, store_url
     assert len(chain) == 1
     with pytest.raises(ValueError):
         pkcs12.load_key_and_certificates(p12, pwd2.encode())
+
+
+async def test_wrong_password_while_a_resend_replaces_the_link(
+    tmp_path: Path, store_url: str
+) -> None:
+    """The review's race, made deterministic: a wrong download password is being checked when
+    an officer resends. Before, counting it selected the row by the old token hash, found
+    nothing (``NoResultFound``): 500, and the guess was never audited. Now it is audited
+    against the certificate, not counted against the new link, and answered as the replaced
+    link is (404)."""
+    clock = FakeClock(T0)
+    settings = make_settings(tmp_path, store_url=store_url)
+    async with services(settings, clock) as s:
+        from gateway.lifecycle import delivery
+        from gateway.store.schema import certificate_delivery
+
+        await _hospital(s)
+        res = await s.certs.issue("1310000011", actor="test")
+        box = Path(res.outbox)
+
+        async def counters() -> tuple[int, int]:
+            async with s.db.read() as conn:
+                row = (
+                    await conn.execute(
+                        select(
+                            certificate_delivery.c.failed_attempts,
+                            certificate_delivery.c.checking_attempts,
+                        )
+                    )
+                ).one()
+            return int(row[0]), int(row[1])
+
+        # The attempt counter alone, in the download's order: a check reserved on the link,
+        # the resend, then the wrong password counted against the link it was reserved on.
+        token = download_token(box)
+        async with s.db.read() as conn:
+            link_id = (await conn.execute(select(certificate_delivery.c.id))).scalar_one()
+        mine = (certificate_delivery.c.id == link_id) & (
+            certificate_delivery.c.token_hash == delivery.token_hash(token)
+        )
+        async with s.db.write() as conn:
+            assert await delivery.ATTEMPTS.reserve(conn, mine, 5)
+        await s.certs.resend(res.serial, actor="officer")
+        async with s.db.write() as conn:
+            assert (
+                await delivery.ATTEMPTS.failed_check(conn, mine, mine, 5, {"locked_at": clock()})
+                is None
+            )
+        assert await counters() == (0, 0)
+        # The download's own steps, with the resend in between.
+        token2 = download_token(box, "resend-2-")
+        link = await s.certs._reserve_check(token2, clock())
+        assert await counters() == (0, 1)
+        await s.certs.resend(res.serial, actor="officer")
+        with pytest.raises(NotFound, match="a resend replaces older links"):
+            await s.certs._wrong_download_password(link, clock(), remote="192.0.2.7")
+        assert await counters() == (0, 0)  # the new link keeps all its attempts
+        async with s.db.read() as conn:
+            wrong = [
+                json.loads(r.detail)
+                for r in (
+                    await conn.execute(
+                        select(audit_event.c.detail).where(
+                            audit_event.c.action == "delivery.wrong_password"
+                        )
+                    )
+                )
+            ]
+        assert wrong == [
+            {"serial": res.serial, "failed_attempts": None, "link": "replaced meanwhile"}
+        ]
+        token3, pwd3 = download_token(box, "resend-3-"), download_password(box, "resend-3-")
+        with pytest.raises(WrongPassword, match="4 attempts left"):
+            await s.certs.download(token3, "wrong", remote=None)
+        name, _ = await s.certs.download(token3, pwd3, remote=None)
+        assert name == "client.hpki-gateway.p12"
 
 
 async def test_revocation_is_immediate_and_publishes_the_crl(
