@@ -29,7 +29,13 @@ from gateway.config import load_settings
 from gateway.lifecycle.certificates import ClientCertificateService
 from gateway.lifecycle.facilities import FacilityRegistry
 from gateway.store.db import Database
-from tests.support.gateway import Server, client_context, free_port, request, run_cli
+from tests.support.gateway import (
+    Server,
+    client_context,
+    request,
+    run_cli,
+    serving_with_delivery,
+)
 from tests.support.lifecycle import FakeClock, download_password, notice_text
 
 pytestmark = [pytest.mark.tls, pytest.mark.hsm]
@@ -56,19 +62,8 @@ def _require(*tools: str) -> None:
 
 @pytest.fixture(scope="module")
 def delivery_gateway(sandbox: dict[str, Any]) -> Iterator[tuple[Server, int]]:
-    dport = free_port()
-    srv = Server(
-        Path(sandbox["config"]),
-        free_port(),
-        env={
-            "HPKI_GATEWAY_DELIVERY__ENABLED": "true",
-            "HPKI_GATEWAY_DELIVERY__PORT": str(dport),
-            "HPKI_GATEWAY_DELIVERY__PUBLIC_URL": f"https://localhost:{dport}",
-        },
-    )
-    srv.start()
-    yield srv, dport
-    srv.stop()
+    with serving_with_delivery(Path(sandbox["config"])) as served:
+        yield served
 
 
 @pytest.fixture(scope="module")

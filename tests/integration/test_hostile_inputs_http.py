@@ -25,7 +25,13 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from gateway.vcard.hpki import HPKI_PIN_TRIES
-from tests.support.gateway import Response, Server, client_context, free_port, request
+from tests.support.gateway import (
+    Response,
+    Server,
+    client_context,
+    request,
+    serving_with_delivery,
+)
 from tests.support.local import Agent, CardWorld, LocalEndpoint, run_agent
 from tests.support.pcsc import PcscWorld
 from tests.support.signing import Csc, b64
@@ -85,19 +91,8 @@ def test_a_non_utf8_content_type_is_a_415_with_the_request_id(
 
 @pytest.fixture(scope="module")
 def delivery(sandbox: dict[str, Any]) -> Iterator[tuple[Server, int]]:
-    dport = free_port()
-    srv = Server(
-        Path(sandbox["config"]),
-        free_port(),
-        env={
-            "HPKI_GATEWAY_DELIVERY__ENABLED": "true",
-            "HPKI_GATEWAY_DELIVERY__PORT": str(dport),
-            "HPKI_GATEWAY_DELIVERY__PUBLIC_URL": f"https://localhost:{dport}",
-        },
-    )
-    srv.start()
-    yield srv, dport
-    srv.stop()
+    with serving_with_delivery(Path(sandbox["config"])) as served:
+        yield served
 
 
 _BOUNDARY = "----hostile" + "7" * 8

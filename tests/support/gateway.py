@@ -164,6 +164,20 @@ def serving(
 
 
 @contextmanager
+def serving_with_delivery(config: Path) -> Iterator[tuple[Server, int]]:
+    """A gateway with its delivery listener on (server TLS only, the one-time downloads):
+    the server and the delivery port."""
+    dport = free_port()
+    env = {
+        "HPKI_GATEWAY_DELIVERY__ENABLED": "true",
+        "HPKI_GATEWAY_DELIVERY__PORT": str(dport),
+        "HPKI_GATEWAY_DELIVERY__PUBLIC_URL": f"https://localhost:{dport}",
+    }
+    with serving(config, env=env) as srv:
+        yield srv, dport
+
+
+@contextmanager
 def own_world(d: Path) -> Iterator[tuple[dict[str, Any], Server]]:
     """A sandbox world of a test module's own (built in ``d``) and its gateway, served: for
     tests that change what the session's shared world must keep."""
