@@ -108,51 +108,40 @@ def test_fido2_origin_not_a_string_is_400_audited_and_burns_the_challenge(
 def test_jpki_value_past_the_json_bounds_is_400_and_audited(
     value: str, text: str, csc: Csc, sandbox: dict[str, Any], hospital: dict[str, Any]
 ) -> None:
+    _jpki_refused(csc, sandbox, value, f"Invalid parameter authData: {text}")
+
+
+def _jpki_refused(csc: Csc, sandbox: dict[str, Any], value: Any, text: str) -> None:
+    """credentials/authorize with this jpki authData value: 400 with ``text``, and one
+    ``sad.refused`` record giving it as the reason."""
     before = len(_details(sandbox, "sad.refused"))
-    hashes = random_hashes(1)
     r = csc.post(
         "/csc/v2/credentials/authorize",
         {
             "credentialID": "any",
             "numSignatures": 1,
-            "hashes": [b64(hashes[0])],
+            "hashes": [b64(random_hashes(1)[0])],
             "hashAlgorithmOID": SHA256,
             "authData": [{"id": "jpki", "value": value}],
         },
     )
     assert r.status == 400, r.body
-    assert r.json()["error_description"] == f"Invalid parameter authData: {text}"
+    assert r.json()["error_description"] == text
     rows = _details(sandbox, "sad.refused")
-    assert len(rows) == before + 1
-    assert rows[-1]["reason"] == f"Invalid parameter authData: {text}"
+    assert len(rows) == before + 1 and rows[-1]["reason"] == text
 
 
 def test_jpki_challenge_id_not_ascii_is_400_and_audited(csc: Csc, sandbox: dict[str, Any]) -> None:
     """A JSON "\\udcff" challenge_id (a lone surrogate once parsed) could not be looked up or
     burnt in the store: UnicodeEncodeError, a 500 with no record."""
-    before = len(_details(sandbox, "sad.refused"))
-    hashes = random_hashes(1)
     anchor = x509.load_pem_x509_certificate(Path(sandbox["jpki"]["trust_anchor"]).read_bytes())
     value = {
         "certificate": b64(anchor.public_bytes(serialization.Encoding.DER)),
         "signature": b64(bytes(256)),
         "challenge_id": "\udcff",  # json.dumps sends the escape \udcff
     }
-    r = csc.post(
-        "/csc/v2/credentials/authorize",
-        {
-            "credentialID": "any",
-            "numSignatures": 1,
-            "hashes": [b64(hashes[0])],
-            "hashAlgorithmOID": SHA256,
-            "authData": [{"id": "jpki", "value": value}],
-        },
-    )
     text = "Invalid parameter authData: the jpki challenge_id is not printable ASCII"
-    assert r.status == 400, r.body
-    assert r.json()["error_description"] == text
-    rows = _details(sandbox, "sad.refused")
-    assert len(rows) == before + 1 and rows[-1]["reason"] == text
+    _jpki_refused(csc, sandbox, value, text)
 
 
 # -- 3. JPKI card registration: a key algorithm the gateway cannot load ----------------------
