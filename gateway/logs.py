@@ -10,6 +10,7 @@ import json
 import logging
 import sys
 from datetime import UTC, datetime
+from types import TracebackType
 from typing import Any
 
 request_id_var: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
@@ -23,6 +24,15 @@ class _RequestIdFilter(logging.Filter):
         return True
 
 
+def where_raised(tb: TracebackType | None) -> str:
+    """``file:line`` of the innermost frame of a traceback ("?" without one): with the
+    exception's type, what finds a fault without a stack trace in the log (the request path's
+    rule: a trace may carry the request's data, a PIN's characters or a header's bytes)."""
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return f"{tb.tb_frame.f_code.co_filename}:{tb.tb_lineno}" if tb else "?"
+
+
 class _NoTraceback(logging.Filter):
     """aiohttp's own error logs (a request it could not parse, a connection it could not
     serve) carry the exception, whose message quotes the raw request line or header: a
@@ -33,9 +43,7 @@ class _NoTraceback(logging.Filter):
         if record.exc_info and record.name.startswith("aiohttp"):
             exc = record.exc_info[1]
             tb = record.exc_info[2]
-            while tb is not None and tb.tb_next is not None:
-                tb = tb.tb_next
-            where = f" at {tb.tb_frame.f_code.co_filename}:{tb.tb_lineno}" if tb else ""
+            where = f" at {where_raised(tb)}" if tb else ""
             code = getattr(exc, "code", None)
             status = f" ({code})" if isinstance(code, int) else ""
             record.msg = f"{record.getMessage()}: {type(exc).__name__}{status}{where}"

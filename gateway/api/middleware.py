@@ -31,7 +31,7 @@ from gateway.api.schema import UnreadableBody
 from gateway.auth.mtls import ClientIdentity, identify
 from gateway.clock import days_left, jst_date
 from gateway.errors import AccessDenied, GatewayError, PayloadTooLarge, UnsupportedMediaType
-from gateway.logs import request_id_var
+from gateway.logs import request_id_var, where_raised
 
 log = logging.getLogger("gateway.api")
 access_log = logging.getLogger("gateway.access")
@@ -80,10 +80,7 @@ async def request_context(request: web.Request, handler: Handler) -> web.StreamR
         except Exception as e:  # noqa: BLE001 - the last resort: a 500, never a crash
             # No stack trace in the log (it may carry request data): the type, the message's
             # first line and where it was raised are enough to find the fault.
-            tb = e.__traceback__
-            while tb is not None and tb.tb_next is not None:
-                tb = tb.tb_next
-            where = f"{tb.tb_frame.f_code.co_filename}:{tb.tb_lineno}" if tb else "?"
+            where = where_raised(e.__traceback__)
             log.error(
                 "unhandled %s on %s %s at %s: %s",
                 type(e).__name__,

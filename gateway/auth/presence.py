@@ -25,6 +25,7 @@ from gateway.auth.challenges import ChallengeStore
 from gateway.clock import Clock
 from gateway.errors import AccessDenied, GatewayError, InvalidRequest, NotFound
 from gateway.hsm.api import DigestAlgorithm
+from gateway.logs import where_raised
 from gateway.signing.grant import Caller, Grant, IssuedSad
 from gateway.signing.ledger import SadLedger, end_sads_of
 from gateway.signing.rules import require_credential_active, require_may_sign, require_signer_active
@@ -61,10 +62,7 @@ def as_refusal(e: Exception) -> GatewayError | None:
         return None
     # No stack trace (it may carry the proof's data; docs/operations.md): the type and where
     # it was raised are enough to find the fault, as for any unhandled error of a request.
-    tb = e.__traceback__
-    while tb is not None and tb.tb_next is not None:
-        tb = tb.tb_next
-    where = f"{tb.tb_frame.f_code.co_filename}:{tb.tb_lineno}" if tb else "?"
+    where = where_raised(e.__traceback__)
     log.error("presence check failed: unexpected %s at %s", type(e).__name__, where)
     failed = CheckFailed(f"presence check failed: unexpected {type(e).__name__}")
     failed.__cause__ = e

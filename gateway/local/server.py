@@ -35,6 +35,7 @@ from gateway.card.errors import CardError
 from gateway.errors import GatewayError, InvalidRequest
 from gateway.files import write_private
 from gateway.local.agent import LocalAgent, NoCard, PinRejected
+from gateway.logs import where_raised
 
 log = logging.getLogger("gateway.local")
 
@@ -84,10 +85,7 @@ async def _guard(request: web.Request, handler: Any) -> web.StreamResponse:
         # Neither a stack trace nor the exception's text: either may carry the request's data
         # (a PIN's characters and their positions). Its type and where it was raised are
         # enough to find the fault.
-        tb = e.__traceback__
-        while tb is not None and tb.tb_next is not None:
-            tb = tb.tb_next
-        where = f"{tb.tb_frame.f_code.co_filename}:{tb.tb_lineno}" if tb else "?"
+        where = where_raised(e.__traceback__)
         log.error("unhandled %s on %s at %s", type(e).__name__, request.path, where)
         return render(
             request,
