@@ -368,7 +368,7 @@ class ApplicationService:
     async def _check_replayer(self, conn: AsyncConnection, earlier: Any, who: Applicant) -> None:
         """The right a new submission needs, for the application replayed: a vendor still
         linked to its facility (an unlinked vendor got 200 and the application as it is now:
-        security review 2026-12), the facility itself; officers always."""
+        security review of 2026-11-28), the facility itself; officers always."""
         if who.via == "officer":
             return
         fid = earlier.facility_id
