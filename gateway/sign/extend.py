@@ -272,7 +272,7 @@ async def extend_document(
         out, changes = await extend(data, target, tsa=tsa, source=source, now=now, renew=renew)
     except (ValueError, TypeError, KeyError, IndexError, RecursionError, PdfError) as e:
         # What asn1crypto and pyHanko raise on a document they cannot read (as signDoc's
-        # _MALFORMED in gateway/signing/core.py, plus pyHanko's PdfReadError).
+        # MALFORMED in gateway/signing/core.py, plus pyHanko's PdfReadError).
         raise InvalidRequest(f"the {fmt} signature cannot be read: {e}") from e
     return ExtendResult(out, changes)
 
