@@ -65,6 +65,40 @@ _CMS_ORDER = ["B-B", "B-T", "B-LT", "B-LTA"]
 _CMS_TARGET = {"ES-T": "B-T", "ES-XL": "B-LT", "ES-A": "B-LTA"}
 
 
+def _cms_level(si: Any, sd: Any) -> str:
+    """Where a SignerInfo stands: B-B, B-T (a signature timestamp), B-LT (and validation data
+    in the SignedData), B-LTA (and an archive-time-stamp-v3)."""
+    has_ts = _attr(si["unsigned_attrs"], "signature_time_stamp_token") is not None
+    has_ats = _attr(si["unsigned_attrs"], "archive_time_stamp_v3") is not None
+    has_lt = has_ts and bool(len(sd["crls"] or []))
+    return "B-LTA" if has_ats and has_lt else "B-LT" if has_lt else "B-T" if has_ts else "B-B"
+
+
+def _encapsulated(sd: Any) -> bytes | None:
+    """The signed content when the SignedData carries it; None when detached."""
+    content = sd["encap_content_info"]["content"]
+    if isinstance(content, core.Void) or content is None:
+        return None
+    native = content.native
+    return native if isinstance(native, bytes) else bytes(content.contents)
+
+
+def _extendable(
+    si: Any, certs: list[x509.Certificate], content: bytes | None, *, name: str
+) -> x509.Certificate:
+    """Only a real signature is extended: its signer's certificate is in the SignedData and
+    verifies its signature over the signed attributes (and, when the content is carried, the
+    messageDigest matches it). Anything else would get the TSA's timestamp over junk. No trust
+    is decided (that is /verify's job); the signer, or 400 before any timestamp is asked for."""
+    signer = ts._find_signer_cert(si, certs)
+    if signer is None:
+        raise InvalidRequest("the signer certificate is not in the CMS signature")
+    problem = ts.verify_signer_info(si, signer, content_digest_of=content)
+    if problem is not None:
+        raise InvalidRequest(f"the {name} cannot be extended: {problem}")
+    return signer
+
+
 async def extend_cms(
     data: bytes,
     form: str,
@@ -86,21 +120,28 @@ async def extend_cms(
         if c.name == "certificate"
     ]
     target = _CMS_TARGET[form]
+    # (SignerInfo, its level, its signer when it is to be extended)
+    plan: list[tuple[Any, str, x509.Certificate | None]] = []
+    for i, si in enumerate(sd["signer_infos"]):
+        before = _cms_level(si, sd)
+        renewing = renew and target == "B-LTA" and before == "B-LTA"
+        signer = None
+        if _CMS_ORDER.index(before) < _CMS_ORDER.index(target) or renewing:
+            # every one checked before the first timestamp is asked for
+            signer = _extendable(si, certs, _encapsulated(sd), name=f"SignerInfo {i + 1}")
+        plan.append((si, before, signer))
     changes: list[tuple[str, str, str]] = []
     extra_certs: list[x509.Certificate] = []
     extra_crls: list[x509.CertificateRevocationList] = []
     extra_ocsps: list[bytes] = []
     to_archive: list[Any] = []
-    for i, si in enumerate(sd["signer_infos"]):
-        has_ts = _attr(si["unsigned_attrs"], "signature_time_stamp_token") is not None
-        has_ats = _attr(si["unsigned_attrs"], "archive_time_stamp_v3") is not None
-        has_lt = has_ts and bool(len(sd["crls"] or []))
-        before = "B-LTA" if has_ats and has_lt else "B-LT" if has_lt else "B-T" if has_ts else "B-B"
+    for i, (si, before, signer) in enumerate(plan):
         name = f"SignerInfo {i + 1}"
-        renewing = renew and target == "B-LTA" and before == "B-LTA"
-        if _CMS_ORDER.index(before) >= _CMS_ORDER.index(target) and not renewing:
+        if signer is None:
             changes.append((name, before, before))
             continue
+        has_ts = before != "B-B"
+        has_lt = before in ("B-LT", "B-LTA")
         if not has_ts:
             token = await tsa.timestamp(
                 hashlib.sha256(si["signature"].native).digest(), DigestAlgorithm.SHA256
@@ -113,9 +154,6 @@ async def extend_cms(
         else:
             token = _attr(si["unsigned_attrs"], "signature_time_stamp_token").dump()
         if target != "B-T" and not has_lt:
-            signer = ts._find_signer_cert(si, certs)
-            if signer is None:
-                raise InvalidRequest("the signer certificate is not in the CMS signature")
             data_s = await _signer_data(signer, certs, source, now)
             data_t = await tsa_validation_data(token, source, now)
             extra_certs += [*data_s.certs, *data_t.certs]

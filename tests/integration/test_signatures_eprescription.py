@@ -942,6 +942,29 @@ def test_extend_refuses_what_cannot_be_built(world: SignWorld, tsa: dict[str, An
         _extend(world, tsa, _sign_bb(world, "P"), "AdES-B-T")
 
 
+@pytest.mark.parametrize("fault", ["signature-value", "content"])
+def test_extend_refuses_a_cades_signature_that_does_not_verify(
+    world: SignWorld, tsa: dict[str, Any], fault: str
+) -> None:
+    """/extend asked the TSA to timestamp any well-formed SignerInfo: a signature value nobody
+    made, or a content changed after signing, got a B-T timestamp. Now the signer's
+    certificate must verify it (and the content carried must match its messageDigest) before
+    any timestamp is asked for."""
+    from asn1crypto import cms as asn1_cms
+
+    ci = asn1_cms.ContentInfo.load(_sign_bb(world, "C"))
+    sd = ci["content"]
+    if fault == "signature-value":
+        si = sd["signer_infos"][0]
+        si["signature"] = bytes(len(si["signature"].native))
+        needle = "SignerInfo 1 cannot be extended: "
+    else:
+        sd["encap_content_info"] = {"content_type": "data", "content": CSV + b"changed"}
+        needle = "content digest does not match messageDigest"
+    with pytest.raises(InvalidRequest, match=needle):
+        _extend(world, tsa, ci.dump(), "AdES-B-T")
+
+
 def test_issuer_serial_v2_as_an_option(world: SignWorld) -> None:
     from asn1crypto import tsp
 
