@@ -589,12 +589,30 @@ class ApplicationService:
     async def approve(
         self, request_id: str, *, actor: str, note: str | None = None
     ) -> dict[str, Any]:
-        """Carry the application out through the lifecycle; on failure it stays open."""
-        row = await self._claim(request_id, actor, approving=True)
+        """Carry the application out through the lifecycle; on failure it stays open, and a
+        refusal (not open, an unlinked vendor's, the lifecycle's own refusal) is audited as
+        ``application.approve_refused``."""
         try:
-            results, status = await self._carry_out(row, actor)
-        except BaseException:
-            await self._release(row)
+            row = await self._claim(request_id, actor, approving=True)
+            try:
+                results, status = await self._carry_out(row, actor)
+            except BaseException:
+                await self._release(row)
+                raise
+        except GatewayError as e:
+            async with self.db.write() as conn:
+                await self.audit.append(
+                    conn,
+                    action="application.approve_refused",
+                    actor=actor,
+                    facility_code=None,
+                    detail={
+                        "request_id": request_id[:64],
+                        "code": e.code,
+                        "reason": e.description[:300],
+                    },
+                    now=self.clock(),
+                )
             raise
         now = self.clock()
         serials = [r.serial for r in results]

@@ -251,6 +251,11 @@ async def test_an_unlinked_vendor_can_neither_replay_nor_have_its_open_applicati
             await w.svc.approve(first["request_id"], actor="admin:officer")
         assert (await w.svc.get(first["request_id"]))["status"] == "submitted"
         acts = await actions(w)
+        # The officer's refused approval is on record too.
+        [approve_refused] = [d for a, _, d in acts if a == "application.approve_refused"]
+        assert approve_refused["request_id"] == first["request_id"]
+        assert approve_refused["code"] == "conflict"
+        assert "no longer linked" in approve_refused["reason"]
         refused = [d for a, _, d in acts if a == "application.refused"]
         assert [d["code"] for d in refused[-2:]] == ["access_denied", "access_denied"]
         assert "application.replayed" not in [a for a, _, _ in acts]
