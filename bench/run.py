@@ -56,8 +56,14 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import uvloop
 
 REPO = Path(__file__).resolve().parents[1]
+
+# The bench's clients run on uvloop, as the gateway's workers do: on one machine they share
+# the gateway's cores, and a cheaper client leaves more of them to what is measured. Every
+# bench module imports this one, so every ``asyncio.run`` of theirs gets a uvloop loop.
+asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
 sys.path.insert(0, str(REPO))
 
 from tests.support.gateway import Server, free_port, run_cli  # noqa: E402

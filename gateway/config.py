@@ -62,6 +62,8 @@ class ServerSettings(_Section):
     """Largest request body accepted; larger ones get 413."""
     workers: Annotated[int, Field(ge=1, le=64)] = 1
     """Worker processes sharing the port (SO_REUSEPORT); ``serve --workers`` overrides."""
+    event_loop: Literal["uvloop", "asyncio"] = "uvloop"
+    """The workers' event loop: uvloop (faster, the default) or the standard library's."""
 
 
 class StoreSettings(_Section):

@@ -25,6 +25,7 @@ from collections.abc import Iterator
 
 from aiohttp import web
 
+from gateway import eventloop
 from gateway.config import Settings, load_settings
 from gateway.errors import ConfigError
 from gateway.lifetime import freeze_start_up_objects
@@ -113,11 +114,12 @@ async def _serve(settings: Settings, *, reuse_port: bool, index: int = 0) -> Non
         await web.TCPSite(metrics_runner, settings.metrics.host, port).start()
         log.info("metrics on http://%s:%s/metrics", settings.metrics.host, port)
     log.info(
-        "serving %s on %s:%s (pid %s)",
+        "serving %s on %s:%s (pid %s, event loop %s)",
         settings.server.public_url,
         settings.server.host,
         settings.server.port,
         os.getpid(),
+        type(asyncio.get_running_loop()).__module__.split(".")[0],
     )
     freeze_start_up_objects()
     stop = asyncio.Event()
@@ -143,7 +145,9 @@ def _worker(config_path: str | None, index: int, reuse_port: bool, parent: int =
     settings = load_settings(config_path)
     setup_logging(settings.logging.level, settings.logging.format)
     try:
-        asyncio.run(_serve(settings, reuse_port=reuse_port, index=index))
+        eventloop.run(
+            _serve(settings, reuse_port=reuse_port, index=index), settings.server.event_loop
+        )
     except ConfigError as e:
         log.error("worker %s cannot start: %s", index, e)
         sys.exit(2)
@@ -172,7 +176,7 @@ def serve(config_path: str | None, *, workers: int | None = None) -> int:
     asyncio.run(_migrate(settings))
     with _test_tsa(config_path, settings):
         if n == 1:
-            asyncio.run(_serve(settings, reuse_port=False))
+            eventloop.run(_serve(settings, reuse_port=False), settings.server.event_loop)
             return 0
         return _supervise(config_path, n)
 

@@ -388,9 +388,11 @@ def _since(data: dict[str, list[str]], target: str, name: str, fallback: datetim
         return fallback
 
 
-#: When each connection (its TLS transport) first carried a request: a certificate that
+#: When each connection (its TLS session object) first carried a request: a certificate that
 #: "expired" after that was checked valid in its TLS handshake, as on a real keep-alive
-#: connection; one opened later would have been refused in the handshake.
+#: connection; one opened later would have been refused in the handshake. Keyed by the
+#: connection's ``ssl.SSLObject``, not its transport: uvloop's transports take no weak
+#: reference.
 _OPENED: weakref.WeakKeyDictionary[object, datetime] = weakref.WeakKeyDictionary()
 
 
@@ -419,7 +421,8 @@ async def scenario_identity(request: web.Request, handler: Handler) -> web.Strea
     ):
         now = _now(request)
         transport = request.transport
-        opened = now if transport is None else _OPENED.setdefault(transport, now)
+        tls = None if transport is None else transport.get_extra_info("ssl_object")
+        opened = now if tls is None else _OPENED.setdefault(tls, now)
         target = f"facility:{ident.institution_code}"
         data = _active_for(request)
         for name in CATALOG:  # the catalog's order: revoked before expired before suspended

@@ -14,7 +14,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from gateway.sandbox import testworld
-from tests.support.gateway import Server, client_context, request, run_cli
+from tests.support.gateway import Server, client_context, request, run_cli, serving
 
 pytestmark = [pytest.mark.tls, pytest.mark.hsm]
 
@@ -365,3 +365,24 @@ def test_cross_site_requests_are_403(
             gateway.port, "POST", "/csc/v2/info", ctx=hospital_ctx, json_body={}, headers=headers
         )
         assert r.status == 200, (headers, r.body)
+
+
+def test_the_gateway_runs_on_uvloop_by_default(gateway: Server) -> None:
+    """``server.event_loop`` defaults to uvloop: the start-up line names the loop running."""
+    line = next(x for x in gateway.logs().splitlines() if "serving https://" in x)
+    assert "event loop uvloop" in line, line
+
+
+def test_the_standard_event_loop_serves_the_same(
+    sandbox: dict[str, Any], hospital_ctx: ssl.SSLContext
+) -> None:
+    """``server.event_loop = "asyncio"`` (the fallback): mTLS refusals in the handshake and a
+    CSC call answered as on uvloop."""
+    env = {"HPKI_GATEWAY_SERVER__EVENT_LOOP": "asyncio", "HPKI_GATEWAY_TEST_TSA__ENABLED": "false"}
+    with serving(Path(sandbox["config"]), env=env) as srv:
+        line = next(x for x in srv.logs().splitlines() if "serving https://" in x)
+        assert "event loop asyncio" in line, line
+        _handshake_refused(srv.port, client_context(sandbox["server_ca"]), hospital_ctx)
+        r = request(srv.port, "POST", "/csc/v2/info", ctx=hospital_ctx, json_body={})
+        assert r.status == 200, r.body
+        assert r.json()["region"] == "JP"
