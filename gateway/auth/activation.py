@@ -170,16 +170,21 @@ class SignatureActivation:
         """
         now = now or self.clock()
         facility_id, _ = presence.facility_of(caller)
-        parsed = self.fido2.parse_assertion(assertion)
-        algorithm = presence.hash_algorithm(approval.hash_algorithm_oid)
         credential_id, hashes, num_signatures = (
             approval.credential_id,
             approval.hashes,
             approval.num_signatures,
         )
         detail = {"credential": credential_id, "hashes": [h.hex() for h in hashes]}
+        # An assertion that does not parse names no challenge to burn and no signer: its
+        # refusal is audited here, in a transaction of its own, as the handler audits a body
+        # it cannot read.
+        async with self.fido2.attempt("sad.refused", caller, now=now, detail=detail):
+            parsed = self.fido2.parse_assertion(assertion)
+            algorithm = presence.hash_algorithm(approval.hash_algorithm_oid)
+            challenge = challenge_id(parsed.response.client_data.challenge)
         binding = approval.binding()
-        attempt = presence.Attempt(challenge=challenge_id(parsed.response.client_data.challenge))
+        attempt = presence.Attempt(challenge=challenge)
 
         def unit(conn: Connection) -> IssuedSad:
             scal, ttl = self._level_sync(conn, facility_id, hashes, algorithm, num_signatures)

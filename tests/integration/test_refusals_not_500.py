@@ -91,6 +91,34 @@ def test_fido2_origin_not_a_string_is_400_audited_and_burns_the_challenge(
     assert "already used" in r.json()["error_description"], r.body
 
 
+@pytest.mark.parametrize(
+    "mangle",
+    [
+        lambda a: {**a, "response": {**a["response"], "clientDataJSON": "!!not base64url!!"}},
+        lambda a: {**a, "response": {**a["response"], "clientDataJSON": "bm90IGpzb24"}},
+        lambda a: {**a, "response": "not an object"},
+    ],
+    ids=["client-data-not-base64", "client-data-not-json", "response-not-an-object"],
+)
+def test_fido2_assertion_that_does_not_parse_is_400_and_audited(
+    mangle: Any, doctor: tuple[dict[str, Any], SoftAuthenticator], csc: Csc, sandbox: dict[str, Any]
+) -> None:
+    """An assertion that names no challenge (its client data unreadable) is still a refused
+    authorization on the record: ``sad.refused`` with the reason, the hashes it was for."""
+    doc, auth = doctor
+    cred = doc["credential_id"]
+    hashes = random_hashes(1)
+    r = csc.begin(cred, hashes)
+    assert r.status == 200, r.body
+    r = csc.authorize_raw(cred, hashes, mangle(auth.get(r.json()["publicKey"])))
+    assert r.status == 400, r.body
+    assert r.json()["error_description"].startswith("Invalid parameter authData"), r.body
+    refused = [d for d in _details(sandbox, "sad.refused") if d.get("hashes") == [hashes[0].hex()]]
+    assert len(refused) == 1, refused
+    assert refused[0]["reason"] == r.json()["error_description"], refused
+    assert refused[0]["credential"] == cred
+
+
 # -- 2. JPKI authData value: nesting and digits past the safe loader's bounds -----------------
 
 
