@@ -455,6 +455,8 @@ class ClientCertificateService:
         replaced: list[dict[str, str]] = []
         serial = format(cert.serial_number, "x")
         async with self.db.write() as conn:
+            # The facility's row first (_lock_in_order); register_in locks it again.
+            await self.registry.lock_facility_in(conn, fac.id)
             if replace is not None:
                 replaced.append(
                     await self._schedule_replacement(
@@ -516,6 +518,19 @@ class ClientCertificateService:
             await self.publish_crl()
         return replaced, charged
 
+    async def _lock_in_order(
+        self, conn: AsyncConnection, facility_id: int | None, certificate_id: int
+    ) -> None:
+        """Every lifecycle transaction that changes a certificate takes its locks in one order
+        (PostgreSQL; SQLite has one writer): the facility's row, then the certificate's
+        delivery (its file is dropped: a revoked or replaced certificate is never delivered),
+        then the certificate's row, then the audit head. Two of them on the same facility
+        (an officer's revocation, a rotation, a scheduled revocation, the end of the service)
+        queue behind each other instead of deadlocking."""
+        if facility_id is not None:
+            await self.registry.lock_facility_in(conn, facility_id)
+        await delivery.drop_file_in(conn, certificate_id)
+
     async def _schedule_replacement(
         self,
         conn: AsyncConnection,
@@ -550,6 +565,9 @@ class ClientCertificateService:
         if not await self.registry.schedule_revocation_in(
             conn, old.id, revoke_at=revoke_at, reason=text
         ):
+            now_row = await self.registry.certificate_owner_in(conn, old.serial_hex)
+            if now_row is not None and now_row.status == "revoked":
+                raise Conflict(f"certificate {old.serial_hex} was revoked meanwhile")
             raise Conflict(f"certificate {old.serial_hex} is already being replaced")
         if new_code is not None:
             await self.registry.change_code_in(conn, fac.id, new_code)
@@ -1005,10 +1023,10 @@ class ClientCertificateService:
         now = self.clock()
         serial = normalize_serial(serial)
         async with self.db.write() as conn:
-            row = await self.registry.revoke_in(
-                conn, serial, reason=reason.strip(), actor=actor, now=now
-            )
-            await delivery.drop_file_in(conn, row.id)
+            target = await self.registry.certificate_owner_in(conn, serial)
+            if target is not None:  # else revoke_in says it is not registered
+                await self._lock_in_order(conn, target.facility_id, target.id)
+            await self.registry.revoke_in(conn, serial, reason=reason.strip(), actor=actor, now=now)
         await self.publish_crl()
         return {
             "serial": serial,
@@ -1028,9 +1046,12 @@ class ClientCertificateService:
             if fac.status == "stopped":
                 raise Conflict(f"facility {institution_code} has already stopped the service")
             rows = await self.registry.active_certificates_in(conn, fac.id)
+            # The lock order (_lock_in_order): every file, then every certificate (each
+            # revocation appends to the audit, whose head stays locked from the first on).
+            for r in rows:
+                await delivery.drop_file_in(conn, r.id)
             for r in rows:
                 await self.registry.revoke_in(conn, r.serial_hex, reason=text, actor=actor, now=now)
-                await delivery.drop_file_in(conn, r.id)
             await self.registry.stop_in(conn, fac.id, reason=text, now=now)
             await self.audit.append(
                 conn,
@@ -1050,9 +1071,9 @@ class ClientCertificateService:
         done = []
         for r in due:
             async with self.db.write() as conn:
+                await self._lock_in_order(conn, r.facility_id, r.id)
                 if not await self.registry.revoke_scheduled_in(conn, r.id, r.revoke_at):
                     continue  # another worker got there first
-                await delivery.drop_file_in(conn, r.id)
                 await self.audit.append(
                     conn,
                     action="client_certificate.revoke_scheduled",

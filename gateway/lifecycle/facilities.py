@@ -667,6 +667,27 @@ class FacilityRegistry:
             f"{existing.serial_hex} (one per facility; rotate it instead)"
         )
 
+    @staticmethod
+    async def certificate_owner_in(conn: AsyncConnection, serial_hex: str) -> Any:
+        """The certificate's row id, status and facility id (None for an administrator's or
+        a vendor's), without locking; None if it is not registered."""
+        return (
+            await conn.execute(
+                select(
+                    client_certificate.c.id,
+                    client_certificate.c.status,
+                    client_certificate.c.facility_id,
+                ).where(client_certificate.c.serial_hex == serial_hex)
+            )
+        ).one_or_none()
+
+    @staticmethod
+    async def lock_facility_in(conn: AsyncConnection, facility_id: int) -> None:
+        """Lock the facility's row until the caller's transaction ends (PostgreSQL)."""
+        await conn.execute(
+            select(facility.c.id).where(facility.c.id == facility_id).with_for_update()
+        )
+
     async def revoke_in(
         self,
         conn: AsyncConnection,
@@ -826,6 +847,7 @@ class FacilityRegistry:
             rows = await conn.execute(
                 select(
                     client_certificate.c.id,
+                    client_certificate.c.facility_id,
                     client_certificate.c.serial_hex,
                     client_certificate.c.revoke_at,
                     client_certificate.c.revocation_reason,

@@ -42,6 +42,7 @@ from tests.support.lifecycle import (
     read_eml,
     services,
 )
+from tests.support.postgres import Databases, psql
 
 T0 = datetime(2026, 1, 31, 10, 0, tzinfo=JST)  # the 31st on purpose (see clock.add_months)
 
@@ -664,3 +665,69 @@ def test_expired_fingerprint_is_refused_by_identify_too(tmp_path: Path, store_ur
 
 
 _ = UTC
+
+
+async def _lock_waiters(url: str, n: int) -> None:
+    """Until ``n`` sessions of ``url``'s database wait for a lock (PostgreSQL)."""
+    name = url.rsplit("/", 1)[1].split("?")[0]
+    assert name.isidentifier(), name  # a throwaway database's own name, quoted below
+    sql = (
+        "SELECT count(*) FROM pg_stat_activity "  # noqa: S608 - name checked above
+        f"WHERE datname = '{name}' AND wait_event_type = 'Lock'"
+    )
+    for _ in range(600):
+        if int(await asyncio.to_thread(psql, url, sql)) >= n:
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"fewer than {n} sessions waited for a lock within 30 s")
+
+
+@pytest.fixture
+def pg_url(pg_databases: Databases) -> str:
+    """A fresh database of the session's PostgreSQL cluster."""
+    return pg_databases.fresh()
+
+
+async def test_an_officer_revoking_a_certificate_being_rotated_queues_not_deadlocks(
+    tmp_path: Path, pg_url: str
+) -> None:
+    """PostgreSQL: every lifecycle transaction takes its locks in one order (the facility's row,
+    the certificate's delivery, the certificate, the audit head), so an officer's revocation
+    and a rotation of the same certificate queue behind each other. Before, the revocation
+    held the certificate and waited for the delivery while the rotation held the delivery and
+    waited for the certificate: PostgreSQL broke the deadlock and one of them got 503.
+
+    A third session holds the audit head until both wait, so that they overlap every run."""
+    from sqlalchemy import text
+
+    from gateway.store.db import Database
+
+    url = pg_url
+    clock = FakeClock(T0)
+    settings = make_settings(tmp_path, store_url=url)
+    async with services(settings, clock) as s:
+        await _hospital(s)
+        first = await s.certs.issue("1310000011", actor="test")
+        holder = Database(url)
+        try:
+            async with holder.write() as conn:
+                await conn.execute(text("SELECT seq FROM audit_head WHERE id = 1 FOR UPDATE"))
+                revoke = asyncio.ensure_future(
+                    s.certs.revoke(first.serial, reason="PC stolen", actor="officer")
+                )
+                await _lock_waiters(url, 1)
+                rotate = asyncio.ensure_future(s.certs.rotate("1310000011", actor="officer"))
+                await _lock_waiters(url, 2)
+            revoked, rotated = await asyncio.gather(revoke, rotate, return_exceptions=True)
+        finally:
+            await holder.close()
+        assert isinstance(revoked, dict) and revoked["status"] == "revoked", revoked
+        # The rotation came second and found the certificate revoked: a clear 409.
+        assert isinstance(rotated, Conflict), rotated
+        assert "was revoked meanwhile" in rotated.description
+        st = await s.certs.status("1310000011")
+        assert [c["status"] for c in st["certificates"]] == ["revoked"]
+        async with s.db.read() as conn:
+            from gateway.audit import AuditLog
+
+            assert (await AuditLog().verify(conn)).message == "chain intact"
