@@ -9,6 +9,8 @@ certificates) are read.
 
 from __future__ import annotations
 
+from typing import Any
+
 from prometheus_client import (
     CollectorRegistry,
     Counter,
@@ -85,5 +87,24 @@ class Metrics:
         # generation) and process_* (resident memory, open files, CPU seconds, from /proc).
         GCCollector(registry=r)
         ProcessCollector(registry=r)
+        # The per-request children by label values, looked up once each: ``labels()`` takes
+        # a lock and checks its arguments on every call, three times per ceremony.
+        self._per_request: dict[tuple[str, str, int], tuple[Any, Any]] = {}
         for event in ("issued", "consumed", "refused", "refunded"):
             self.sad.labels(event)
+
+    def request_done(self, route: str, method: str, status: int, seconds: float) -> None:
+        """Count one answered request and its latency. A method outside HTTP's usual ones
+        (the parser also takes WebDAV's, PURGE and some 25 more) is counted as ``OTHER``."""
+        key = (route, method if method in _METHODS else "OTHER", status)
+        children = self._per_request.get(key)
+        if children is None:
+            children = self._per_request[key] = (
+                self.requests.labels(route, key[1], str(status)),
+                self.latency.labels(route),
+            )
+        children[0].inc()
+        children[1].observe(seconds)
+
+
+_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"})

@@ -44,8 +44,7 @@ async def count_requests(request: web.Request, handler: Handler) -> web.StreamRe
     finally:
         resource = request.match_info.route.resource
         route = resource.canonical if resource is not None else "unmatched"
-        metrics.requests.labels(route, request.method, str(status)).inc()
-        metrics.latency.labels(route).observe(time.perf_counter() - started)
+        metrics.request_done(route, request.method, status, time.perf_counter() - started)
 
 
 async def _refresh(app: web.Application, metrics: Metrics) -> None:

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.support.gateway import Server, free_port, serving
+from tests.support.gateway import Server, free_port, request, serving
 from tests.support.signing import Csc, random_hashes
 
 pytestmark = [pytest.mark.tls, pytest.mark.hsm]
@@ -65,6 +65,10 @@ def test_a_scrape_parses_and_counts_what_happened(
         assert r.status == 200, r.body
         refused = csc.sign_hash(doc["credential_id"], "not-a-sad-" + "x" * 40, hashes[:1])
         assert refused.status == 400
+        # The HTTP parser's other methods (WebDAV's, PURGE, ...) count as one label value.
+        for method in ("PROPFIND", "MKCOL"):
+            odd = request(srv.port, method, "/csc/v2/info", ctx=hospital_ctx)
+            assert odd.status == 405, (method, odd.status)
         # The scheduler's first run starts with the server and may still be going (the
         # scrapes themselves are not counted as requests).
         deadline = time.monotonic() + 30
@@ -73,6 +77,9 @@ def test_a_scrape_parses_and_counts_what_happened(
     sign = (("method", "POST"), ("route", "/csc/v2/signatures/signHash"))
     assert m[("hpki_gateway_requests_total", (*sign[:1], sign[1], ("status", "200")))] == 1
     assert m[("hpki_gateway_requests_total", (*sign[:1], sign[1], ("status", "400")))] == 1
+    other = (("method", "OTHER"), ("route", "unmatched"), ("status", "405"))
+    assert m[("hpki_gateway_requests_total", other)] == 2
+    assert not [k for k in m if ("method", "PROPFIND") in k[1] or ("method", "MKCOL") in k[1]]
     bucket = ("hpki_gateway_request_duration_seconds_count", (sign[1],))
     assert m[bucket] == 2
     presence = (("format", "hash"), ("level", "raw"), ("presence", "fido2"))
