@@ -232,7 +232,9 @@ def ceremony_rates(tmp: Path) -> dict[str, float]:
                     run_cli("signer", "enroll-code", doc["id"], "-c", str(config), "--json").stdout
                 )
                 code, pw = issued["enrollment_code"], issued["enrollment_password"]
-            doctors.append((doc["credential_id"], asyncio.run(enrolled(port, ctx, code, pw))))
+            doctors.append(
+                (doc["credential_id"], asyncio.run(enrolled(port, ctx, code, pw, counter=True)))
+            )
         assert srv.proc is not None
         serve = srv.proc.pid
         rates, rates_many, raws, serve_cpu, client_cpu = [], [], [], [], []

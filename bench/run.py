@@ -377,8 +377,14 @@ def worker_pids(srv: Server) -> list[int]:
     return workers or [srv.proc.pid]
 
 
-async def enrolled(port: int, ctx: ssl.SSLContext, code: str, pw: str) -> SoftAuthenticator:
-    auth = SoftAuthenticator(origin=f"https://localhost:{port}")
+async def enrolled(
+    port: int, ctx: ssl.SSLContext, code: str, pw: str, *, counter: bool = False
+) -> SoftAuthenticator:
+    """An authenticator enrolled with the code. Without a counter by default: the benches
+    share one authenticator among concurrent clients, whose assertions reach the gateway in
+    any order (a counter would make the later-numbered one refuse the earlier as a clone).
+    ``counter=True``: one doctor's key used one ceremony after the other."""
+    auth = SoftAuthenticator(origin=f"https://localhost:{port}", counter_less=not counter)
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=ctx)) as s:
         await Client(port, ctx, s).enroll(code, pw, auth)
     return auth

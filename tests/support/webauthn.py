@@ -30,6 +30,10 @@ class SoftAuthenticator:
     origin: str
     rp_id: str = "localhost"
     sign_count: int = 0
+    #: Always report sign count 0, as authenticators without a counter do (synced passkeys):
+    #: for one authenticator shared by concurrent clients, whose assertions reach the gateway
+    #: in any order (a counter that did not grow is refused as a clone).
+    counter_less: bool = False
     key: ec.EllipticCurvePrivateKey = field(
         default_factory=lambda: ec.generate_private_key(ec.SECP256R1())
     )
@@ -87,7 +91,9 @@ class SoftAuthenticator:
         client_data = self._client_data(
             "webauthn.get", challenge or public_key["challenge"], origin
         )
-        if counter is None:
+        if counter is None and self.counter_less:
+            counter = 0
+        elif counter is None:
             self.sign_count += 1
             counter = self.sign_count
         rp_hash = hashlib.sha256((rp_id or public_key["rpId"]).encode()).digest()
