@@ -27,7 +27,7 @@ import json
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, fields
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import Connection, bindparam, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
@@ -36,6 +36,9 @@ from gateway.clock import Clock, system_clock
 from gateway.store.fast import FastStatement
 from gateway.store.grouped import defer_to_group
 from gateway.store.schema import audit_event, audit_head
+
+if TYPE_CHECKING:
+    from gateway.store.db import Database
 
 GENESIS = "0" * 64
 
@@ -153,6 +156,30 @@ class AuditLog:
             now=now,
         )
         return (await self.append_many(conn, [record]))[0]
+
+    async def append_alone(
+        self,
+        db: Database,
+        *,
+        action: str,
+        actor: str,
+        facility_code: str | None = None,
+        signer_id: str | None = None,
+        detail: Mapping[str, Any] | None = None,
+        now: datetime | None = None,
+    ) -> AuditEvent:
+        """Append one event in a write transaction of its own: a refusal whose work was rolled
+        back, or an event about work done outside the store (a mail sent, a CSR built)."""
+        async with db.write() as conn:
+            return await self.append(
+                conn,
+                action=action,
+                actor=actor,
+                facility_code=facility_code,
+                signer_id=signer_id,
+                detail=detail,
+                now=now,
+            )
 
     def record_sync(self, conn: Connection, records: Sequence[AuditRecord]) -> None:
         """Append ``records`` in the caller's transaction: inside a grouped write unit

@@ -167,14 +167,13 @@ class RefusalSummary:
             ],
         }
         try:
-            async with self.db.write() as conn:
-                await self.audit.append(
-                    conn,
-                    action="request.refused.summary",
-                    actor="gateway",
-                    detail=detail,
-                    now=now,
-                )
+            await self.audit.append_alone(
+                self.db,
+                action="request.refused.summary",
+                actor="gateway",
+                detail=detail,
+                now=now,
+            )
         except GatewayError as e:
             # The store is unavailable: keep the counts for the next flush.
             log.warning("refusal summary not written: %s", e.description)

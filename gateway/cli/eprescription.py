@@ -47,19 +47,18 @@ async def cmd_eprescription_sign(args: argparse.Namespace) -> int:
         finally:
             if tsa is not None:
                 await tsa.close()
-        async with ctx.db.write() as conn:
-            await ctx.audit.append(
-                conn,
-                action="signature.eprescription.cli",
-                actor=actor(),
-                signer_id=signer.id,
-                detail={
-                    "credential": cred.id,
-                    "profile": args.profile,
-                    "level": args.level,
-                    "document_sha256": signed.document_digest.hex(),
-                },
-            )
+        await ctx.audit.append_alone(
+            ctx.db,
+            action="signature.eprescription.cli",
+            actor=actor(),
+            signer_id=signer.id,
+            detail={
+                "credential": cred.id,
+                "profile": args.profile,
+                "level": args.level,
+                "document_sha256": signed.document_digest.hex(),
+            },
+        )
     assert signed.document_with_signature is not None
     write_output(args.out, signed.document_with_signature)
     return 0

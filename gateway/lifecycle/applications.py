@@ -264,23 +264,22 @@ class ApplicationService:
         try:
             return await self._submit(sub, who, idempotency_key, now)
         except GatewayError as e:
-            async with self.db.write() as conn:
-                await self.audit.append(
-                    conn,
-                    action="application.refused",
-                    actor=who.actor,
-                    facility_code=sub.institution_code[:10]
-                    if isinstance(sub.institution_code, str)
-                    else None,
-                    detail={
-                        "kind": sub.kind,
-                        "via": who.via,
-                        "code": e.code,
-                        "reason": e.description[:300],
-                        "idempotency_key": _audited_key(idempotency_key),
-                    },
-                    now=now,
-                )
+            await self.audit.append_alone(
+                self.db,
+                action="application.refused",
+                actor=who.actor,
+                facility_code=sub.institution_code[:10]
+                if isinstance(sub.institution_code, str)
+                else None,
+                detail={
+                    "kind": sub.kind,
+                    "via": who.via,
+                    "code": e.code,
+                    "reason": e.description[:300],
+                    "idempotency_key": _audited_key(idempotency_key),
+                },
+                now=now,
+            )
             raise
 
     async def _submit(
@@ -354,15 +353,14 @@ class ApplicationService:
                 f"idempotency key {key!r} was used for application {earlier.request_id} with "
                 "other content: use a new key for a new application"
             )
-        async with self.db.write() as conn:
-            await self.audit.append(
-                conn,
-                action="application.replayed",
-                actor=who.actor,
-                facility_code=earlier.institution_code,
-                detail={"request_id": earlier.request_id, "idempotency_key": key},
-                now=now,
-            )
+        await self.audit.append_alone(
+            self.db,
+            action="application.replayed",
+            actor=who.actor,
+            facility_code=earlier.institution_code,
+            detail={"request_id": earlier.request_id, "idempotency_key": key},
+            now=now,
+        )
         return await self.get(earlier.request_id)
 
     async def _check_replayer(self, conn: AsyncConnection, earlier: Any, who: Applicant) -> None:
@@ -600,19 +598,18 @@ class ApplicationService:
                 await self._release(row)
                 raise
         except GatewayError as e:
-            async with self.db.write() as conn:
-                await self.audit.append(
-                    conn,
-                    action="application.approve_refused",
-                    actor=actor,
-                    facility_code=None,
-                    detail={
-                        "request_id": request_id[:64],
-                        "code": e.code,
-                        "reason": e.description[:300],
-                    },
-                    now=self.clock(),
-                )
+            await self.audit.append_alone(
+                self.db,
+                action="application.approve_refused",
+                actor=actor,
+                facility_code=None,
+                detail={
+                    "request_id": request_id[:64],
+                    "code": e.code,
+                    "reason": e.description[:300],
+                },
+                now=self.clock(),
+            )
             raise
         now = self.clock()
         serials = [r.serial for r in results]

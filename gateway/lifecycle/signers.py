@@ -402,14 +402,13 @@ class SignerService:
         public_der = await self.keys.public_key_der(cred.key_id)
         handle = await self.keys.get_key(cred.key_id)
         der = await build_csr(public_key_der=public_der, subject=subject, key=handle)
-        async with self.db.write() as conn:
-            await self.audit.append(
-                conn,
-                action="credential.csr",
-                actor=actor,
-                signer_id=signer_id,
-                detail={"credential": cred.id},
-            )
+        await self.audit.append_alone(
+            self.db,
+            action="credential.csr",
+            actor=actor,
+            signer_id=signer_id,
+            detail={"credential": cred.id},
+        )
         return der
 
     async def import_cert(

@@ -85,17 +85,16 @@ async def write_samples(
             path = out_dir / f"{kind}-{level}.xml"
             path.write_bytes(data)
             listing[kind][level] = str(path)
-            async with db.write() as conn:
-                await audit.append(
-                    conn,
-                    action="signature.sample",
-                    actor="sandbox:init",
-                    detail={
-                        "document": path.name,
-                        "level": level,
-                        "document_sha256": hashlib.sha256(data).hexdigest(),
-                    },
-                )
+            await audit.append_alone(
+                db,
+                action="signature.sample",
+                actor="sandbox:init",
+                detail={
+                    "document": path.name,
+                    "level": level,
+                    "document_sha256": hashlib.sha256(data).hexdigest(),
+                },
+            )
     return listing
 
 

@@ -77,19 +77,18 @@ async def run(
             data, args.level, tsa=tsa, source=source, renew=args.renew, now=now
         )
         entry["result"] = "extended"
-        async with db.write() as conn:
-            await audit.append(
-                conn,
-                action="signature.extend",
-                actor=actor,
-                detail={
-                    "file": str(path),
-                    "level": args.level,
-                    "renew": args.renew,
-                    "document_sha256": hashlib.sha256(data).hexdigest(),
-                    "extended_sha256": hashlib.sha256(result.document).hexdigest(),
-                },
-            )
+        await audit.append_alone(
+            db,
+            action="signature.extend",
+            actor=actor,
+            detail={
+                "file": str(path),
+                "level": args.level,
+                "renew": args.renew,
+                "document_sha256": hashlib.sha256(data).hexdigest(),
+                "extended_sha256": hashlib.sha256(result.document).hexdigest(),
+            },
+        )
         if args.out:
             replace_atomically(Path(args.out), result.document)
         else:

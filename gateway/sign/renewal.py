@@ -117,19 +117,18 @@ async def _renew_one(
         entry["result"] = "not renewed: the TSA's own certificate expires within the window"
         return entry
     await asyncio.to_thread(replace_atomically, path, result.document)
-    async with db.write() as conn:
-        await audit.append(
-            conn,
-            action="signature.extend",
-            actor=actor,
-            detail={
-                "file": str(path),
-                "level": "AdES-B-LTA",
-                "renew": True,
-                "document_sha256": hashlib.sha256(data).hexdigest(),
-                "extended_sha256": hashlib.sha256(result.document).hexdigest(),
-            },
-        )
+    await audit.append_alone(
+        db,
+        action="signature.extend",
+        actor=actor,
+        detail={
+            "file": str(path),
+            "level": "AdES-B-LTA",
+            "renew": True,
+            "document_sha256": hashlib.sha256(data).hexdigest(),
+            "extended_sha256": hashlib.sha256(result.document).hexdigest(),
+        },
+    )
     entry["result"] = "renewed"
     return entry
 

@@ -146,15 +146,14 @@ class SigningService:
         self, caller: Caller, *, action: str, reason: str, detail: Mapping[str, Any]
     ) -> None:
         """Audit a request refused before it reached the ledger (bad input)."""
-        async with self.db.write() as conn:
-            await self.audit.append(
-                conn,
-                action=action,
-                actor=caller.actor,
-                facility_code=caller.institution_code,
-                detail={"reason": reason, **detail},
-                now=self.clock(),
-            )
+        await self.audit.append_alone(
+            self.db,
+            action=action,
+            actor=caller.actor,
+            facility_code=caller.institution_code,
+            detail={"reason": reason, **detail},
+            now=self.clock(),
+        )
 
     # -- signHash ---------------------------------------------------------------------------
 
