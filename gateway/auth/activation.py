@@ -239,8 +239,12 @@ class SignatureActivation:
         if hashes:
             presence.check_bound_request(hashes, algorithm, num_signatures)
             return "2", self.sad_ttl
+        # FOR SHARE (PostgreSQL): a policy change waits for this session's SAD to commit, so
+        # its end_sessions sees it; or this waits for the change and reads the new policy.
+        # Unlocked, a session opened under the old policy could commit after the change ended
+        # the others, and outlive it. SQLite: one writer; the clause renders empty.
         raw = conn.execute(
-            select(facility.c.policy).where(facility.c.id == facility_id)
+            select(facility.c.policy).where(facility.c.id == facility_id).with_for_update(read=True)
         ).scalar_one_or_none()
         return self._session_level(self._capped(raw), num_signatures)
 

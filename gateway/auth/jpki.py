@@ -342,15 +342,14 @@ class JpkiAuthenticator(presence.PresenceMethod):
         try:
             checked = await self.check_certificate(cert, now)
         except GatewayError as e:
-            async with self.db.write() as conn:
-                await self.audit.append(
-                    conn,
-                    action="jpki.link.refused",
-                    actor=actor,
-                    signer_id=signer_id,
-                    detail={"reason": e.description, "serial": f"{cert.serial_number:x}"},
-                    now=now,
-                )
+            await self.audit.append_alone(
+                self.db,
+                action="jpki.link.refused",
+                actor=actor,
+                signer_id=signer_id,
+                detail={"reason": e.description, "serial": f"{cert.serial_number:x}"},
+                now=now,
+            )
             raise
         async with self.db.write() as conn:
             await presence.require_active_signer(conn, signer_id)
@@ -519,9 +518,16 @@ class JpkiAuthenticator(presence.PresenceMethod):
                 "this My Number card is not linked to the signer of this credential (a renewed "
                 "card must be linked again)"
             )
-        await conn.execute(
+        touched = await conn.execute(
             update(jpki_binding).where(jpki_binding.c.id == row.id).values(last_used_at=now)
         )
+        if touched.rowcount != 1:
+            # Unlinked meanwhile (PostgreSQL: this UPDATE waited for the unlink's DELETE, which
+            # ended the SADs it knew of, not this one): refuse, as with no link at all.
+            raise AccessDenied(
+                "this My Number card is not linked to the signer of this credential (a renewed "
+                "card must be linked again)"
+            )
         return JpkiPresence(
             signer_id=state.signer_id,
             binding_id=row.id,

@@ -30,7 +30,7 @@ from cryptography import x509
 from sqlalchemy import and_, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from gateway.audit import AuditLog
+from gateway.audit import AuditLog, AuditRecord
 from gateway.clock import Clock, add_months, days_left, jst_date, system_clock
 from gateway.config import Settings
 from gateway.errors import ConfigError, Conflict, GatewayError, InvalidRequest, NotFound
@@ -618,15 +618,14 @@ class ClientCertificateService:
         try:
             return await self._renew_from_request(serial, request_body, actor=actor, now=now)
         except GatewayError as e:
-            async with self.db.write() as conn:
-                await self.audit.append(
-                    conn,
-                    action="client_certificate.renewal_refused",
-                    actor=actor,
-                    facility_code=facility_code,
-                    detail={"serial": serial, "code": e.code, "reason": e.description[:300]},
-                    now=now,
-                )
+            await self.audit.append_alone(
+                self.db,
+                action="client_certificate.renewal_refused",
+                actor=actor,
+                facility_code=facility_code,
+                detail={"serial": serial, "code": e.code, "reason": e.description[:300]},
+                now=now,
+            )
             raise
 
     async def _renew_from_request(
@@ -755,15 +754,14 @@ class ClientCertificateService:
         except GatewayError as e:
             log.warning("delivery mail for %s not sent: %s", serial, e.description)
             return False, e.description
-        async with self.db.write() as conn:
-            await self.audit.append(
-                conn,
-                action="delivery.mailed",
-                actor="system:mailer",
-                facility_code=code,
-                detail={"serial": serial, "round": window.round, "to": to},
-                now=now,
-            )
+        await self.audit.append_alone(
+            self.db,
+            action="delivery.mailed",
+            actor="system:mailer",
+            facility_code=code,
+            detail={"serial": serial, "round": window.round, "to": to},
+            now=now,
+        )
         return True, None
 
     async def resend(self, serial: str, *, actor: str) -> ResendResult:
@@ -945,7 +943,7 @@ class ClientCertificateService:
             if res2.rowcount != 1:
                 # Locked by a concurrent wrong guess meanwhile: the same answer as any guess
                 # after the lock, so a late right password is not revealed.
-                await self._refuse_now(link.token_hash, now, max_attempts)
+                await self._refuse_in(conn, link.token_hash, now, max_attempts)
                 raise Conflict("this download link was used or changed a moment ago")
             p12 = self.wrapper.unwrap(link.p12_wrapped, link.serial_hex)
             await self._released(
@@ -979,7 +977,14 @@ class ClientCertificateService:
     async def _refuse_now(self, th: str, now: datetime, max_attempts: int) -> None:
         """Raise why the link with token hash ``th`` cannot be used now (re-read), if any."""
         async with self.db.read() as conn:
-            row = await delivery.link_state_in(conn, th)
+            await self._refuse_in(conn, th, now, max_attempts)
+
+    @staticmethod
+    async def _refuse_in(conn: AsyncConnection, th: str, now: datetime, max_attempts: int) -> None:
+        """:meth:`_refuse_now` in the caller's transaction: inside a write transaction, no
+        second pooled connection is taken while this one is held (PostgreSQL's pool is
+        bounded; writers each waiting for a reader would stall it)."""
+        row = await delivery.link_state_in(conn, th)
         if row is None:
             raise NotFound(_REPLACED_LINK)
         delivery.refuse_unavailable(
@@ -1050,17 +1055,23 @@ class ClientCertificateService:
             # revocation appends to the audit, whose head stays locked from the first on).
             for r in rows:
                 await delivery.drop_file_in(conn, r.id)
+            records: list[AuditRecord] = []
             for r in rows:
-                await self.registry.revoke_in(conn, r.serial_hex, reason=text, actor=actor, now=now)
+                await self.registry.revoke_in(
+                    conn, r.serial_hex, reason=text, actor=actor, now=now, audit_later=records
+                )
             await self.registry.stop_in(conn, fac.id, reason=text, now=now)
-            await self.audit.append(
-                conn,
-                action="facility.stop",
-                actor=actor,
-                facility_code=institution_code,
-                detail={"reason": reason, "revoked": [r.serial_hex for r in rows]},
-                now=now,
+            records.append(
+                AuditRecord(
+                    action="facility.stop",
+                    actor=actor,
+                    facility_code=institution_code,
+                    detail={"reason": reason, "revoked": [r.serial_hex for r in rows]},
+                    now=now,
+                )
             )
+            # Last, in one move of the head: signatures wait for it no longer than that.
+            await self.audit.append_many(conn, records)
         await self.publish_crl()
         return [r.serial_hex for r in rows]
 

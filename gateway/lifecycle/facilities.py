@@ -21,7 +21,7 @@ from sqlalchemy import and_, func, insert, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from gateway.audit import AuditLog
+from gateway.audit import AuditLog, AuditRecord
 from gateway.clock import Clock, system_clock
 from gateway.errors import Conflict, InvalidRequest, NotFound
 from gateway.store.db import Database
@@ -369,7 +369,9 @@ class FacilityRegistry:
             raise InvalidRequest("a suspension needs a reason")
         now = now or self.clock()
         async with self.db.write() as conn:
-            fac = await self.get_in(conn, institution_code)
+            # Locked: a suspension racing the end of the service must not write "suspended"
+            # (or "active") over "stopped" after it (PostgreSQL; SQLite has one writer).
+            fac = await self.get_in(conn, institution_code, for_update=True)
             if fac.status == "stopped":
                 raise Conflict(
                     f"facility {institution_code} stopped the service on "
@@ -697,8 +699,11 @@ class FacilityRegistry:
         actor: str,
         now: datetime,
         action: str = "client_certificate.revoke",
+        audit_later: list[AuditRecord] | None = None,
     ) -> Any:
-        """Revoke at once inside the caller's transaction; returns the row before the change."""
+        """Revoke at once inside the caller's transaction; returns the row before the change.
+        ``audit_later``: its audit record goes there, for the caller to append with the rest
+        of its transaction's (the audit head taken once, last, as every writer takes it)."""
         row = (
             await conn.execute(
                 select(client_certificate, facility.c.institution_code)
@@ -715,14 +720,17 @@ class FacilityRegistry:
             .where(client_certificate.c.id == row.id)
             .values(status="revoked", revoked_at=now, revocation_reason=reason)
         )
-        await self.audit.append(
-            conn,
+        record = AuditRecord(
             action=action,
             actor=actor,
             facility_code=row.institution_code,
             detail={"serial": serial_hex, "reason": reason},
             now=now,
         )
+        if audit_later is not None:
+            audit_later.append(record)
+        else:
+            await self.audit.append_many(conn, [record])
         return row
 
     async def certificates(

@@ -403,34 +403,52 @@ _ISSUE_HASHES = FastStatement(
 )
 
 
+async def _lock_in_id_order(conn: AsyncConnection, *where: Any) -> list[int]:
+    """Lock the SADs matching ``where`` in id order, the order a consume group locks them in
+    (``_SADS``): a bulk UPDATE or DELETE would lock them in whatever order PostgreSQL scans
+    (heap or expiry index), and deadlock with a group holding one of them and waiting for
+    another. SQLite: one writer, the clause renders empty."""
+    rows = await conn.execute(select(_sad.c.id).where(*where).order_by(_sad.c.id).with_for_update())
+    return [int(r[0]) for r in rows]
+
+
 async def end_sads_of(conn: AsyncConnection, presence_ref: str, *, now: datetime) -> int:
     """End every live SAD that ``presence_ref`` (an authenticator, a card link) approved: a
     lost key or card must not keep signing through what it opened. Returns how many."""
-    res = await conn.execute(
-        update(_sad)
-        .where(_sad.c.fido_credential_id == presence_ref, _sad.c.expires_at > now)
-        .values(expires_at=now)
+    ids = await _lock_in_id_order(
+        conn, _sad.c.fido_credential_id == presence_ref, _sad.c.expires_at > now
     )
-    return int(res.rowcount)
+    if ids:
+        await conn.execute(update(_sad).where(_sad.c.id.in_(ids)).values(expires_at=now))
+    return len(ids)
 
 
 async def end_sessions(conn: AsyncConnection, facility_id: int, *, now: datetime) -> int:
     """End the facility's live signing sessions (SCAL 1 SADs). Returns how many."""
-    res = await conn.execute(
-        update(_sad)
-        .where(_sad.c.facility_id == facility_id, _sad.c.scal == "1", _sad.c.expires_at > now)
-        .values(expires_at=now)
+    ids = await _lock_in_id_order(
+        conn, _sad.c.facility_id == facility_id, _sad.c.scal == "1", _sad.c.expires_at > now
     )
-    return int(res.rowcount)
+    if ids:
+        await conn.execute(update(_sad).where(_sad.c.id.in_(ids)).values(expires_at=now))
+    return len(ids)
 
 
 async def purge_expired(conn: AsyncConnection, *, before: datetime) -> int:
-    """Delete the SADs that expired before ``before``, with their hashes. Returns how many."""
-    old = select(_sad.c.id).where(_sad.c.expires_at < before)
+    """Delete the SADs that expired before ``before``, with their hashes; returns how many.
+    Rows a consume group holds are skipped (``SKIP LOCKED``, PostgreSQL; the next run takes
+    them): the purge never waits for signing, and locks in id order, SAD before hashes, as a
+    group does. Subqueries, not id lists: a day of SADs is more ids than a statement takes
+    bind parameters."""
+    old = (
+        select(_sad.c.id)
+        .where(_sad.c.expires_at < before)
+        .order_by(_sad.c.id)
+        .with_for_update(skip_locked=True)
+    )
     # sad_hash rows go with their SAD (ON DELETE CASCADE); deleted explicitly too, so the purge
     # does not depend on the database enforcing foreign keys.
     await conn.execute(delete(sad_hash).where(sad_hash.c.sad_id.in_(old)))
-    res = await conn.execute(delete(_sad).where(_sad.c.expires_at < before))
+    res = await conn.execute(delete(_sad).where(_sad.c.id.in_(old)))
     return int(res.rowcount)
 
 

@@ -42,7 +42,7 @@ from tests.support.lifecycle import (
     read_eml,
     services,
 )
-from tests.support.postgres import Databases, psql
+from tests.support.postgres import Databases, lock_waiters
 
 T0 = datetime(2026, 1, 31, 10, 0, tzinfo=JST)  # the 31st on purpose (see clock.add_months)
 
@@ -667,21 +667,6 @@ def test_expired_fingerprint_is_refused_by_identify_too(tmp_path: Path, store_ur
 _ = UTC
 
 
-async def _lock_waiters(url: str, n: int) -> None:
-    """Until ``n`` sessions of ``url``'s database wait for a lock (PostgreSQL)."""
-    name = url.rsplit("/", 1)[1].split("?")[0]
-    assert name.isidentifier(), name  # a throwaway database's own name, quoted below
-    sql = (
-        "SELECT count(*) FROM pg_stat_activity "  # noqa: S608 - name checked above
-        f"WHERE datname = '{name}' AND wait_event_type = 'Lock'"
-    )
-    for _ in range(600):
-        if int(await asyncio.to_thread(psql, url, sql)) >= n:
-            return
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"fewer than {n} sessions waited for a lock within 30 s")
-
-
 @pytest.fixture
 def pg_url(pg_databases: Databases) -> str:
     """A fresh database of the session's PostgreSQL cluster."""
@@ -715,9 +700,9 @@ async def test_an_officer_revoking_a_certificate_being_rotated_queues_not_deadlo
                 revoke = asyncio.ensure_future(
                     s.certs.revoke(first.serial, reason="PC stolen", actor="officer")
                 )
-                await _lock_waiters(url, 1)
+                await lock_waiters(url, 1)
                 rotate = asyncio.ensure_future(s.certs.rotate("1310000011", actor="officer"))
-                await _lock_waiters(url, 2)
+                await lock_waiters(url, 2)
             revoked, rotated = await asyncio.gather(revoke, rotate, return_exceptions=True)
         finally:
             await holder.close()
@@ -727,6 +712,95 @@ async def test_an_officer_revoking_a_certificate_being_rotated_queues_not_deadlo
         assert "was revoked meanwhile" in rotated.description
         st = await s.certs.status("1310000011")
         assert [c["status"] for c in st["certificates"]] == ["revoked"]
+        async with s.db.read() as conn:
+            from gateway.audit import AuditLog
+
+            assert (await AuditLog().verify(conn)).message == "chain intact"
+
+
+async def test_a_suspension_racing_the_end_of_service_does_not_overwrite_stopped(
+    tmp_path: Path, pg_url: str
+) -> None:
+    """PostgreSQL: a suspension reads the facility under its row lock. Before, it read the row
+    unlocked ("active"), its UPDATE waited for the end of the service to commit, and then wrote
+    "suspended" over "stopped": a facility that had left the service could be resumed."""
+    from sqlalchemy import text
+
+    from gateway.store.db import Database
+
+    clock = FakeClock(T0)
+    settings = make_settings(tmp_path, store_url=pg_url)
+    async with services(settings, clock) as s:
+        await _hospital(s)
+        holder = Database(pg_url)
+        try:
+            async with holder.write() as conn:  # the end of the service, not yet committed
+                await conn.execute(
+                    text(
+                        "UPDATE facility SET status = 'stopped', status_reason = 'closed' "
+                        "WHERE institution_code = '1310000011'"
+                    )
+                )
+                suspend = asyncio.ensure_future(
+                    s.registry.set_status(
+                        "1310000011", status="suspended", reason="audit", actor="officer"
+                    )
+                )
+                await lock_waiters(pg_url, 1)
+            outcome = await asyncio.gather(suspend, return_exceptions=True)
+        finally:
+            await holder.close()
+        assert isinstance(outcome[0], Conflict), outcome
+        assert "stopped the service" in outcome[0].description
+        assert (await s.registry.get("1310000011")).status == "stopped"
+
+
+async def test_the_end_of_service_takes_the_audit_head_last(tmp_path: Path, pg_url: str) -> None:
+    """PostgreSQL: ending a facility's service revokes each of its certificates and appends
+    the audit records together at the end. Before, each revocation appended its own, so from
+    the second certificate on the audit head (which every signature needs) stayed locked
+    while the transaction waited for other rows, here a certificate row another session holds
+    (as an identity's ``last_used_at`` write does for a moment)."""
+    from sqlalchemy import text
+
+    from gateway.store.db import Database
+
+    clock = FakeClock(T0)
+    settings = make_settings(tmp_path, store_url=pg_url)
+    async with services(settings, clock) as s:
+        await s.registry.add(
+            institution_code="1410000018", name="TEST 端末クリニック", kind="clinic",
+            per_terminal=True, actor="test",
+        )  # fmt: skip
+        one = await s.certs.issue("1410000018", terminal="端末01", actor="test")
+        two = await s.certs.issue("1410000018", terminal="端末02", actor="test")
+        holder, probe = Database(pg_url), Database(pg_url)
+        try:
+            async with holder.write() as conn:  # holds the second certificate's row
+                await conn.execute(
+                    text(
+                        "UPDATE client_certificate SET last_used_at = now() WHERE serial_hex = :s"
+                    ),
+                    {"s": two.serial},
+                )
+                stop = asyncio.ensure_future(
+                    s.certs.stop_service("1410000018", reason="閉院", actor="officer")
+                )
+                await lock_waiters(pg_url, 1)
+                try:
+                    async with probe.write() as p:
+                        await p.execute(
+                            text("SELECT 1 FROM audit_head WHERE id = 1 FOR UPDATE NOWAIT")
+                        )
+                    head = "free"
+                except Exception as e:  # noqa: BLE001 - the lock error, whatever its wrapping
+                    head = f"locked ({type(e).__name__})"
+            stopped = await stop
+        finally:
+            await holder.close()
+            await probe.close()
+        assert head == "free", head
+        assert sorted(stopped) == sorted([one.serial, two.serial])
         async with s.db.read() as conn:
             from gateway.audit import AuditLog
 

@@ -24,7 +24,13 @@ from gateway.sandbox import testworld
 from gateway.signing.ledger import SadLedger, SignRequest, token_hash
 from gateway.store.db import Database
 from gateway.store.schema import metadata
-from tests.support.postgres import Databases, postgres_cluster, stopped
+from tests.support.postgres import (
+    Databases,
+    lock_waiters,
+    lock_waiting,
+    postgres_cluster,
+    stopped,
+)
 
 
 @pytest.fixture(scope="module")
@@ -734,3 +740,196 @@ def test_a_lock_held_elsewhere_on_postgresql_is_503_after_the_busy_time_out(
     waited, message = asyncio.run(go())
     assert waited >= 0.3, waited  # it waited busy_timeout_ms before giving up
     assert message == "chain intact", message
+
+
+def test_ending_sessions_locks_sads_in_id_order_on_postgresql(pg_url: str) -> None:
+    """A facility's sessions ended (a policy change) lock their SADs in id order, as a consume
+    group does, whatever order PostgreSQL scans them in. Before, the bulk UPDATE locked them in
+    scan order: with S2 found first (expiring first, and last rewritten after S1 here) it held
+    S2 while waiting for S1, which a group holding S1 and waiting for S2 made a deadlock (503).
+
+    A third session holds S1; while the ending waits for it, S2 must still be free."""
+    from sqlalchemy import text, update
+
+    from gateway.signing.ledger import end_sessions
+    from gateway.store.schema import sad
+
+    async def go() -> tuple[str, int]:
+        db = await _fresh(pg_url)
+        holder, probe = Database(pg_url), Database(pg_url)
+        try:
+            fid, _ = await _signing_world(db, sads=2, hashes=[b"\x01" * 32])
+            now = datetime.now(UTC)
+            async with db.write() as conn:
+                s1, s2 = sorted((await conn.execute(text("SELECT id FROM sad"))).scalars())
+                await conn.execute(update(sad).values(scal="1"))
+                await conn.execute(
+                    update(sad).where(sad.c.id == s2).values(expires_at=now + timedelta(hours=1))
+                )
+                await conn.execute(
+                    update(sad).where(sad.c.id == s1).values(expires_at=now + timedelta(hours=2))
+                )
+            async with holder.write() as h:
+                await h.execute(text("SELECT id FROM sad WHERE id = :i FOR UPDATE"), {"i": s1})
+
+                async def end() -> int:
+                    async with db.write() as conn:
+                        return await end_sessions(conn, fid, now=now)
+
+                ending = asyncio.ensure_future(end())
+                await lock_waiters(pg_url, 1)
+                try:
+                    async with probe.write() as p:
+                        await p.execute(
+                            text("SELECT id FROM sad WHERE id = :i FOR UPDATE NOWAIT"), {"i": s2}
+                        )
+                    s2_state = "free"
+                except Exception as e:  # noqa: BLE001 - the lock error, whatever its wrapping
+                    s2_state = f"locked ({type(e).__name__})"
+            return s2_state, await ending
+        finally:
+            for d in (db, holder, probe):
+                await d.close()
+
+    s2_state, ended = asyncio.run(go())
+    assert s2_state == "free", s2_state
+    assert ended == 2
+
+
+def test_a_card_unlinked_while_its_authorization_is_checked_gets_no_sad(pg_url: str) -> None:
+    """PostgreSQL: the card's link is read, then its ``last_used_at`` written. An unlink that
+    commits in between (here: a third session's DELETE, committed while the check's UPDATE
+    waits for it) leaves the UPDATE with no row: refused. Before, the row count was not
+    checked and the check passed, so a SAD was issued that the unlink, which ends the card's
+    live SADs, never saw."""
+    import hashlib
+
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+    from sqlalchemy import insert, text
+
+    from gateway.auth.challenges import Approval
+    from gateway.auth.jpki import (
+        CheckedCertificate,
+        JpkiAuthenticator,
+        JpkiAuthorization,
+        spki_sha256,
+    )
+    from gateway.sandbox.jpki import issue_auth_cert, make_test_jpki_ca
+    from gateway.signing.grant import Caller
+    from gateway.store.schema import jpki_binding
+
+    now = datetime.now(UTC)
+    ca = make_test_jpki_ca(now=now)
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    cert = issue_auth_cert(ca, key.public_key(), now=now)
+    der = cert.public_bytes(serialization.Encoding.DER)
+
+    async def go() -> object:
+        db = await _fresh(pg_url)
+        holder = Database(pg_url)
+        try:
+            fid, _ = await _signing_world(db, sads=0, hashes=[])
+            async with db.write() as conn:
+                await conn.execute(
+                    insert(jpki_binding).values(
+                        id="jb-1", signer_id="sgn-1", spki_sha256=spki_sha256(cert),
+                        issuer=cert.issuer.rfc4514_string(), serial=f"{cert.serial_number:x}",
+                        certificate_der=der, not_after=cert.not_valid_after_utc, created_at=now,
+                    )
+                )  # fmt: skip
+            audit = AuditLog()
+            card = JpkiAuthenticator(
+                db=db, audit=audit, fido2=None, ledger=SadLedger(db=db, audit=audit),  # type: ignore[arg-type]
+                trust_anchors=[ca.cert], revocation=None,  # type: ignore[arg-type]
+            )  # fmt: skip
+            approval = Approval(
+                credential_id="cred-1",
+                hashes=[hashlib.sha256(b"rx").digest()],
+                hash_algorithm_oid="2.16.840.1.101.3.4.2.1",
+                num_signatures=1,
+            )
+            caller = Caller(
+                actor="facility:1310000011", facility_id=fid, institution_code="1310000011"
+            )
+            begun = await card.authenticate_begin(caller=caller, approval=approval)
+            authorization = JpkiAuthorization(
+                certificate=cert,
+                certificate_der=der,
+                signature=b"",
+                challenge_id=begun["challenge_id"],
+            )
+            checked = CheckedCertificate(
+                cert=cert, der=der, anchor=ca.cert, spki_sha256=spki_sha256(cert), revocation="good"
+            )
+
+            async def check() -> object:
+                async with db.write() as conn:
+                    return await card.verify(
+                        conn, authorization, checked, facility_id=fid, credential_id="cred-1",
+                        binding=approval.binding(), now=datetime.now(UTC),
+                    )  # fmt: skip
+
+            async with holder.write() as h:  # the unlink, committed while the check waits
+                await h.execute(text("DELETE FROM jpki_binding WHERE id = 'jb-1'"))
+                checking = asyncio.ensure_future(check())
+                await lock_waiters(pg_url, 1)
+            return (await asyncio.gather(checking, return_exceptions=True))[0]
+        finally:
+            await db.close()
+            await holder.close()
+
+    outcome = asyncio.run(go())
+    assert isinstance(outcome, AccessDenied), outcome
+    assert "not linked" in outcome.description
+
+
+def test_a_session_opened_while_the_policy_changes_waits_for_the_change(pg_url: str) -> None:
+    """PostgreSQL: ``authorize`` without hashes reads the facility's signing-session policy
+    under a share lock. A policy change in progress (here: a third session's UPDATE, not yet
+    committed) makes it wait, and it then reads the new policy: no session. Before, it read
+    the old policy at once and opened a session that the change's end of sessions never saw."""
+    from sqlalchemy import text
+
+    from gateway.auth.activation import SignatureActivation, SigningSessionPolicy
+    from gateway.errors import InvalidRequest
+
+    async def go() -> tuple[bool, object]:
+        db = await _fresh(pg_url)
+        holder = Database(pg_url)
+        try:
+            fid, _ = await _signing_world(db, sads=0, hashes=[])
+            audit = AuditLog()
+            act = SignatureActivation(
+                db=db, audit=audit, fido2=None, ledger=SadLedger(db=db, audit=audit),  # type: ignore[arg-type]
+            )  # fmt: skip
+            await act.set_session_policy(
+                "1310000011",
+                SigningSessionPolicy(enabled=True, max_signatures=10, hours=1),
+                actor="officer",
+            )
+
+            async def level() -> object:
+                async with db.write() as conn:
+                    return await conn.run_sync(lambda c: act._level_sync(c, fid, [], None, 1))
+
+            async with holder.write() as h:  # the officer's change, not yet committed
+                await h.execute(text("UPDATE facility SET policy = '{}' WHERE id = :f"), {"f": fid})
+                checking = asyncio.ensure_future(level())
+                waited = False
+                for _ in range(600):  # until it waits for the lock, or is done without waiting
+                    if checking.done():
+                        break
+                    if await lock_waiting(pg_url) >= 1:
+                        waited = True
+                        break
+                    await asyncio.sleep(0.05)
+            return waited, (await asyncio.gather(checking, return_exceptions=True))[0]
+        finally:
+            await db.close()
+            await holder.close()
+
+    waited, outcome = asyncio.run(go())
+    assert waited, outcome  # it waited for the change
+    assert isinstance(outcome, InvalidRequest), outcome
+    assert "no signing-session policy" in outcome.description

@@ -6,6 +6,7 @@ listens on 127.0.0.1 on a free port, trust authentication, removed at the end.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import pwd
 import shlex
@@ -185,3 +186,23 @@ class Databases:
         name = f"hpki_test_{self._n}"
         self._psql(f"CREATE DATABASE {name} TEMPLATE {self.TEMPLATE}")
         return self._db_url(name)
+
+
+async def lock_waiting(url: str) -> int:
+    """How many sessions of ``url``'s database wait for a lock now (PostgreSQL)."""
+    name = url.rsplit("/", 1)[1].split("?")[0]
+    assert name.isidentifier(), name  # a throwaway database's own name, quoted below
+    sql = (
+        "SELECT count(*) FROM pg_stat_activity "  # noqa: S608 - name checked above
+        f"WHERE datname = '{name}' AND wait_event_type = 'Lock'"
+    )
+    return int(await asyncio.to_thread(psql, url, sql))
+
+
+async def lock_waiters(url: str, n: int) -> None:
+    """Until ``n`` sessions of ``url``'s database wait for a lock (PostgreSQL)."""
+    for _ in range(600):
+        if await lock_waiting(url) >= n:
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"fewer than {n} sessions waited for a lock within 30 s")
