@@ -132,6 +132,8 @@ def der_length(header: bytes) -> int:
     """
     if len(header) < 2:
         raise ValueError("DER header too short")
+    if header[0] != 0x30:  # a certificate (the only use) is a SEQUENCE
+        raise ValueError("not a DER SEQUENCE")
     first = header[1]
     if first < 0x80:
         return 2 + first

@@ -14,6 +14,8 @@ class CardErrorCode(StrEnum):
     NO_READER = "no_reader"
     NO_CARD = "no_card"
     CARD_REMOVED = "card_removed"
+    CARD_IN_USE = "card_in_use"
+    READER_ERROR = "reader_error"
     NOT_MY_NUMBER_CARD = "not_my_number_card"
     NOT_HPKI_CARD = "not_hpki_card"
     PIN_FORMAT = "pin_format"
@@ -37,6 +39,14 @@ _MESSAGES: dict[CardErrorCode, tuple[str, str]] = {
     CardErrorCode.CARD_REMOVED: (
         "処理の途中でカードが外されました。カードを置いたまま、もう一度やり直してください。",
         "The card was removed during the operation. Leave it on the reader and try again.",
+    ),
+    CardErrorCode.CARD_IN_USE: (
+        "カードを他のソフトウェアが使用中です。他のカード利用ソフトを終了してから、もう一度やり直してください。",
+        "Another program is using the card. Close other card software and try again.",
+    ),
+    CardErrorCode.READER_ERROR: (
+        "カードリーダーがカードにコマンドを送れませんでした（{detail}）。",
+        "The card reader could not pass the command to the card ({detail}).",
     ),
     CardErrorCode.NOT_MY_NUMBER_CARD: (
         "このカードはマイナンバーカードではありません（または読み取れません）。",

@@ -13,6 +13,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
+from cryptography import x509
+
 from gateway.card.apdu import (
     SW_END_OF_FILE,
     SW_OK,
@@ -117,6 +119,10 @@ class JpkiCard:
             if not chunk:
                 raise CardError(CardErrorCode.CARD_ERROR, detail="short certificate")
             data += chunk
+        try:
+            x509.load_der_x509_certificate(data)
+        except ValueError as e:
+            raise CardError(CardErrorCode.CARD_ERROR, detail="unreadable certificate") from e
         return data
 
     def auth_pin_tries(self) -> int:
@@ -152,7 +158,10 @@ class JpkiCard:
         resp = self._tx(Command(0x80, 0x2A, 0x00, 0x80, digest_info, le=0x100))
         if resp.sw == 0x6982:
             raise CardError(CardErrorCode.CARD_ERROR, detail="PIN not verified")
-        return self._check(resp).data
+        signature = self._check(resp).data
+        if len(signature) != 256:  # RSA-2048, the card's only key size
+            raise CardError(CardErrorCode.CARD_ERROR, detail="signature of the wrong length")
+        return signature
 
     def sign(self, data: bytes) -> bytes:
         """The signature over SHA-256(``data``), e.g. the 48 challenge bytes."""

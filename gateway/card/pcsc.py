@@ -16,6 +16,11 @@ from smartcard.CardConnection import CardConnection
 from smartcard.Exceptions import CardConnectionException, NoCardException, SmartcardException
 from smartcard.pcsc.PCSCCardConnection import PCSCCardConnection, translateprotocolheader
 from smartcard.scard import (
+    SCARD_E_INSUFFICIENT_BUFFER,
+    SCARD_E_INVALID_PARAMETER,
+    SCARD_E_INVALID_VALUE,
+    SCARD_E_NOT_TRANSACTED,
+    SCARD_E_SHARING_VIOLATION,
     SCARD_RESET_CARD,
     SCARD_S_SUCCESS,
     SCARD_SHARE_EXCLUSIVE,
@@ -58,11 +63,13 @@ class PcscConnection:
             raise CardError(CardErrorCode.NO_READER)
         conn: CardConnection = found.createConnection()
         try:
-            conn.connect(mode=SCARD_SHARE_EXCLUSIVE, disposition=SCARD_RESET_CARD)
-        except NoCardException as e:
-            raise CardError(CardErrorCode.NO_CARD) from e
-        except CardConnectionException as e:
-            raise CardError(CardErrorCode.NO_CARD, detail=str(e)) from e
+            _connect(conn)
+        except BaseException:
+            # Its PC/SC context goes now, not when the object is collected (a caller that
+            # polls for a card would leave one behind per try).
+            with contextlib.suppress(Exception):
+                conn.release()
+            raise
         self._conn: CardConnection | None = conn
         # APDUs go to pyscard's SCardTransmit binding with the connection's handle and
         # protocol: its CardConnection.transmit adds observer events, protocol look-ups and
@@ -96,7 +103,12 @@ class PcscConnection:
         assert self._conn is not None
         hresult, response = SCardTransmit(self._hcard, self._pci, list(apdu))
         if hresult != SCARD_S_SUCCESS:
-            raise CardError(CardErrorCode.CARD_REMOVED, detail=SCardGetErrorMessage(hresult))
+            detail = SCardGetErrorMessage(hresult)
+            if hresult in _REFUSED_BY_READER:
+                # The reader or its driver refused the exchange (an extended APDU to a reader
+                # without extended length: "Transaction failed."); the card is still there.
+                raise CardError(CardErrorCode.READER_ERROR, detail=detail)
+            raise CardError(CardErrorCode.CARD_REMOVED, detail=detail)
         if len(response) < 2:
             raise CardError(CardErrorCode.CARD_ERROR, detail="no status word in the answer")
         return Response(bytes(response[:-2]), (response[-2] << 8) | response[-1])
@@ -114,3 +126,35 @@ class PcscConnection:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _connect(conn: CardConnection) -> None:
+    """Connect exclusively (the card reset when the connection ends); CardError if not."""
+    try:
+        conn.connect(mode=SCARD_SHARE_EXCLUSIVE, disposition=SCARD_RESET_CARD)
+    except NoCardException as e:
+        raise CardError(CardErrorCode.NO_CARD) from e
+    except CardConnectionException as e:
+        if _hresult(e) == SCARD_E_SHARING_VIOLATION:
+            # Another program holds the card (the JPKI user software, a browser's PKCS#11
+            # module): "place your card" would send the doctor the wrong way.
+            raise CardError(CardErrorCode.CARD_IN_USE) from e
+        raise CardError(CardErrorCode.NO_CARD, detail=str(e)) from e
+
+
+#: SCardTransmit results of a refused exchange, the session intact (pcsc-lite maps a driver's
+#: communication error to NOT_TRANSACTED); anything else ends the session (card removed or
+#: reset, reader unplugged, pcscd gone).
+_REFUSED_BY_READER = frozenset(
+    {
+        SCARD_E_NOT_TRANSACTED,
+        SCARD_E_INSUFFICIENT_BUFFER,
+        SCARD_E_INVALID_PARAMETER,
+        SCARD_E_INVALID_VALUE,
+    }
+)
+
+
+def _hresult(e: CardConnectionException) -> int | None:
+    value = getattr(e, "hresult", None)
+    return value if isinstance(value, int) else None

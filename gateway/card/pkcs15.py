@@ -1,9 +1,11 @@
 """The few ISO 7816-15 (PKCS#15) structures an HPKI card's signing application carries.
 
-EF.OD lists the directory files (``privateKeys [0]`` and ``certificates [4]``, each a path);
-a PrKDF entry ties a key iD to the key's file and its PIN; a CDF entry ties the same iD to
-the certificate's file. Tags follow what OpenSC reads and writes (pkcs15-prkey.c,
-pkcs15-cert.c): the typeAttributes ``[1]`` and the OD choices wrap their SEQUENCE.
+EF.OD lists the directory files (``privateKeys [0]``, ``certificates [4]`` and
+``authObjects [8]``, each a path); a PrKDF entry ties a key iD to the key's file and names its
+PIN by an authId; a CDF entry ties the same iD to the certificate's file; an AODF entry gives
+the PIN of that authId its reference (the VERIFY P2). Tags follow what OpenSC reads and
+writes (pkcs15-prkey.c, pkcs15-cert.c, pkcs15-pin.c): the typeAttributes ``[1]`` and the OD
+choices wrap their SEQUENCE; the optional subClassAttributes ``[0]`` are read past.
 
 asn1crypto has no ISO 7816-15 module; these are declared with its core types (the parsing
 itself is asn1crypto's), covering only the fields an RSA signing key and its certificate use.
@@ -51,6 +53,8 @@ class PrivateRsaKeyObject(core.Sequence):  # type: ignore[misc]
     _fields = [  # noqa: RUF012
         ("common", CommonObjectAttributes),
         ("key", CommonKeyAttributes),
+        # CommonPrivateKeyAttributes (subject name, key identifiers): read past, not used.
+        ("sub_class", core.Sequence, {"implicit": 0, "optional": True}),
         ("type", PrivateRsaKeyAttributes, {"explicit": 1}),
     ]
 
@@ -70,7 +74,39 @@ class CertificateObject(core.Sequence):  # type: ignore[misc]
     _fields = [  # noqa: RUF012
         ("common", CommonObjectAttributes),
         ("cert", CommonCertificateAttributes),
+        ("sub_class", core.Sequence, {"implicit": 0, "optional": True}),
         ("type", X509CertificateAttributes, {"explicit": 1}),
+    ]
+
+
+class CommonAuthenticationObjectAttributes(core.Sequence):  # type: ignore[misc]
+    _fields = [("auth_id", core.OctetString)]  # noqa: RUF012
+
+
+class PasswordType(core.Enumerated):  # type: ignore[misc]
+    _map = {0: "bcd", 1: "ascii-numeric", 2: "utf8", 3: "half-nibble-bcd", 4: "iso9564-1"}  # noqa: RUF012
+
+
+class PasswordAttributes(core.Sequence):  # type: ignore[misc]
+    _fields = [  # noqa: RUF012
+        ("flags", core.BitString),
+        ("type", PasswordType),
+        ("min_length", core.Integer),
+        ("stored_length", core.Integer),
+        ("max_length", core.Integer, {"optional": True}),
+        ("reference", core.Integer, {"implicit": 0, "default": 0}),
+        ("pad_char", core.OctetString, {"optional": True}),
+    ]
+
+
+class AuthenticationObject(core.Sequence):  # type: ignore[misc]
+    """A PasswordAuthenticationObject (the AODF's ``pwd`` choice, a SEQUENCE)."""
+
+    _fields = [  # noqa: RUF012
+        ("common", CommonObjectAttributes),
+        ("auth", CommonAuthenticationObjectAttributes),
+        ("sub_class", core.Sequence, {"implicit": 0, "optional": True}),
+        ("type", PasswordAttributes, {"explicit": 1}),
     ]
 
 
@@ -105,24 +141,31 @@ def _fid(path: Path) -> int:
     return int.from_bytes(raw[-2:], "big")  # the EF is the last file id of the path
 
 
-def build_od(*, prkdf_fid: int, cdf_fid: int) -> bytes:
+def build_od(*, prkdf_fid: int, cdf_fid: int, aodf_fid: int | None = None) -> bytes:
     pk: bytes = OdEntry(name="private_keys", value=_path(prkdf_fid)).dump()
     certs: bytes = OdEntry(name="certificates", value=_path(cdf_fid)).dump()
-    return pk + certs
+    auth: bytes = (
+        OdEntry(name="auth_objects", value=_path(aodf_fid)).dump() if aodf_fid is not None else b""
+    )
+    return pk + certs + auth
 
 
 def build_prkdf(
-    *, label: str, key_id: bytes, key_fid: int, key_ref: int, modulus_bits: int, pin_ref: int
+    *,
+    label: str,
+    key_id: bytes,
+    key_fid: int,
+    key_ref: int | None,
+    modulus_bits: int,
+    auth_id: bytes,
 ) -> bytes:
+    key: dict[str, Any] = {"id": key_id, "usage": _USAGE_SIGN_NR, "access_flags": (1, 0, 1, 1, 1)}
+    if key_ref is not None:
+        key["key_reference"] = key_ref
     der: bytes = PrivateRsaKeyObject(
         {
-            "common": {"label": label, "auth_id": bytes((pin_ref,))},
-            "key": {
-                "id": key_id,
-                "usage": _USAGE_SIGN_NR,
-                "access_flags": (1, 0, 1, 1, 1),
-                "key_reference": key_ref,
-            },
+            "common": {"label": label, "auth_id": auth_id},
+            "key": key,
             "type": {"value": _path(key_fid), "modulus_length": modulus_bits},
         }
     ).dump()
@@ -134,6 +177,38 @@ def build_cdf(*, label: str, key_id: bytes, cert_fid: int) -> bytes:
         {"common": {"label": label}, "cert": {"id": key_id}, "type": {"value": _path(cert_fid)}}
     ).dump()
     return der
+
+
+def build_aodf(*, label: str, auth_id: bytes, reference: int) -> bytes:
+    """One PIN (4-16 UTF-8 characters, as an HPKI card's) with its VERIFY reference."""
+    der: bytes = AuthenticationObject(
+        {
+            "common": {"label": label},
+            "auth": {"auth_id": auth_id},
+            "type": {
+                "flags": (0, 1, 0, 0, 1),  # local, initialized
+                "type": "utf8",
+                "min_length": 4,
+                "stored_length": 16,
+                "max_length": 16,
+                "reference": reference,
+            },
+        }
+    ).dump()
+    return der
+
+
+def parse_aodf(data: bytes) -> dict[bytes, int]:
+    """EF.AODF -> {authId: the PIN's reference (VERIFY P2)}: the PrKD's authId names its PIN
+    here, it is not the reference itself (ISO 7816-15; a JAHIS card: authId 08, reference
+    0x88). Entries of other kinds (biometric, external) are skipped."""
+    out: dict[bytes, int] = {}
+    for raw in _objects(data):
+        if raw[0] != 0x30:  # biometricTemplate [1], authKey [2], external [3]
+            continue
+        a = AuthenticationObject.load(raw)
+        out.setdefault(bytes(a["auth"]["auth_id"].native), int(a["type"]["reference"].native))
+    return out
 
 
 def _objects(data: bytes) -> list[bytes]:
@@ -154,7 +229,7 @@ class SigningKeyInfo:
     key_id: bytes
     key_fid: int
     key_ref: int | None
-    pin_ref: int | None
+    auth_id: bytes | None  # names the PIN in the AODF
     modulus_bits: int
     cert_fid: int
     access: dict[str, bool]
@@ -195,7 +270,7 @@ def find_signing_key(prkdf: bytes, cdf: bytes) -> SigningKeyInfo:
             key_id=key_id,
             key_fid=_fid(k["type"]["value"]),
             key_ref=int(ref) if ref is not None else None,
-            pin_ref=auth[-1] if auth else None,
+            auth_id=bytes(auth) if auth else None,
             modulus_bits=int(k["type"]["modulus_length"].native),
             cert_fid=certs[key_id],
             access={

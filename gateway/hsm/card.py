@@ -273,7 +273,7 @@ class CardKeyStore(CardKeyBase):
             try:
                 card.select()
                 cert = card.certificate()
-            except CardError:
+            except BaseException:  # whatever went wrong, the exclusive connection ends
                 close = getattr(conn, "close", None)
                 if close is not None:
                     close()

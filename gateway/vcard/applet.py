@@ -58,6 +58,9 @@ class BinaryFile:
     """A transparent EF: READ BINARY with offset in P1-P2 (15 bits), at most 256 bytes."""
 
     content: bytes
+    #: The most a READ BINARY answers; less than asked is allowed (ISO 7816-4), and some cards
+    #: answer 9000 with fewer bytes than Le before the end of the file.
+    max_read: int = MAX_READ
 
     def read(self, command: Command) -> Response:
         if command.p1 & 0x80:  # short EF id addressing: not offered by these cards
@@ -66,7 +69,9 @@ class BinaryFile:
         if offset >= len(self.content):
             return Response.status(SW_OFFSET_OUT_OF_RANGE)
         want = min(command.le or MAX_READ, MAX_READ)
-        chunk = self.content[offset : offset + want]
+        chunk = self.content[offset : offset + min(want, self.max_read)]
+        if len(chunk) < want and offset + len(chunk) < len(self.content):
+            return Response(chunk, SW_OK)  # a short answer, more to read
         return Response(chunk, SW_OK if len(chunk) == want else SW_END_OF_FILE)
 
 
@@ -158,3 +163,50 @@ def parse_digest_info(
     if len(digest) != algorithm.digest_size:
         return None
     return algorithm, digest
+
+
+@dataclass
+class T0Answers:
+    """A card answering as T=0 cards do, around any applet: data never comes with the command
+    that asked for it but is announced (``61 xx``) and fetched with GET RESPONSE (``00 C0``,
+    in pieces of at most ``xx``), and a READ BINARY asking for more than the file holds is
+    told the right length (``6C xx``) instead of being answered short. The host's transport
+    (``card/pcsc.py``) must follow both."""
+
+    inner: CardApplet
+    _pending: bytes = b""
+    gets: int = 0  # GET RESPONSE commands served, for tests
+
+    @property
+    def atr(self) -> bytes:
+        return self.inner.atr
+
+    def power_on(self) -> None:
+        self._pending = b""
+        self.inner.power_on()
+
+    def power_off(self) -> None:
+        self._pending = b""
+        self.inner.power_off()
+
+    def reset(self) -> None:
+        self._pending = b""
+        self.inner.reset()
+
+    def process(self, command: Command) -> Response:
+        if command.cla == 0x00 and command.ins == 0xC0:
+            if not self._pending:
+                return Response.status(0x6985)  # conditions of use not satisfied
+            self.gets += 1
+            want = command.le or 0x100
+            chunk, self._pending = self._pending[:want], self._pending[want:]
+            more = len(self._pending)
+            return Response(chunk, 0x9000 if not more else 0x6100 | min(more, 0xFF))
+        self._pending = b""
+        r = self.inner.process(command)
+        if r.sw == SW_END_OF_FILE and command.ins == 0xB0 and r.data:
+            return Response.status(0x6C00 | (len(r.data) & 0xFF))  # ask again with this Le
+        if not r.data or r.sw != 0x9000:
+            return r
+        self._pending = r.data
+        return Response.status(0x6100 | (len(r.data) & 0xFF))

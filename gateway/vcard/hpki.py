@@ -6,8 +6,9 @@ READ BINARY in chunks of at most 256 bytes; VERIFY the PIN (``63 Cx`` tries left
 SIGNATURE (``00 2A 9E 9A``) signs a 256-byte block the host has already padded
 (``00 01 FF.. 00 DigestInfo``: unlike JPKI, the HPKI card does not pad).
 
-Two layouts: ``PROFILE_PKCS15`` carries ISO 7816-15 files (EF.OD naming a PrKDF and a CDF
-whose entries give the key and certificate file ids) so a host finds everything by parsing;
+Two layouts: ``PROFILE_PKCS15`` carries ISO 7816-15 files (EF.OD naming a PrKDF, a CDF and an
+AODF whose entries give the key and certificate file ids and the PIN's reference) so a host
+finds everything by parsing;
 ``PROFILE_FIXED`` is a real JMA card's layout (PIN EF 0002 with reference 0x88, key EF 000C,
 certificate EF 0016, no directory files) that a host only knows from a card profile.
 ``extended_length`` False makes the card refuse extended APDUs, so the host must chain
@@ -35,7 +36,7 @@ from gateway.card.apdu import (
     Command,
     Response,
 )
-from gateway.card.pkcs15 import build_cdf, build_od, build_prkdf
+from gateway.card.pkcs15 import build_aodf, build_cdf, build_od, build_prkdf
 from gateway.vcard.applet import BinaryFile, FileApplet, make_atr, parse_digest_info
 
 #: The signing application of a real JMA card (RID E8 28 BD 08 0F + PIX).
@@ -47,6 +48,8 @@ SW_LAST_COMMAND_EXPECTED = 0x6883
 EF_OD = 0x5031
 EF_PRKDF = 0x5001
 EF_CDF = 0x5002
+EF_AODF = 0x5003
+PIN_AUTH_ID = bytes.fromhex("01")  # the PrKD's authId: names the PIN in the AODF
 
 
 @dataclass(frozen=True)
@@ -84,6 +87,8 @@ class HpkiApplet(FileApplet):
     tries_left: int = HPKI_PIN_TRIES
     #: Simulated time the card takes per signature (a real card: ~0.3-1 s), for the bench.
     sign_delay: float = 0.0
+    #: The most one READ BINARY answers (a card may answer less than asked).
+    read_chunk: int = 256
     signatures: int = field(default=0, init=False)
     _dst_key: int | None = field(default=None, init=False)
     _chain: bytes | None = field(default=None, init=False)
@@ -95,9 +100,11 @@ class HpkiApplet(FileApplet):
             raise ValueError("HPKI cards hold RSA-2048 keys")
         self._forget()
         lay = self.layout
-        self._files = {lay.cert_fid: BinaryFile(self.cert_der)}
+        self._files = {lay.cert_fid: BinaryFile(self.cert_der, max_read=self.read_chunk)}
         if lay.pkcs15:
-            self._files[EF_OD] = BinaryFile(build_od(prkdf_fid=EF_PRKDF, cdf_fid=EF_CDF))
+            self._files[EF_OD] = BinaryFile(
+                build_od(prkdf_fid=EF_PRKDF, cdf_fid=EF_CDF, aodf_fid=EF_AODF)
+            )
             self._files[EF_PRKDF] = BinaryFile(
                 build_prkdf(
                     label="HPKI signing key",
@@ -105,8 +112,14 @@ class HpkiApplet(FileApplet):
                     key_fid=lay.key_fid,
                     key_ref=lay.key_fid & 0xFF,
                     modulus_bits=2048,
-                    pin_ref=lay.pin_ref,
+                    auth_id=PIN_AUTH_ID,
                 )
+            )
+            # The PIN's reference is in the AODF, under the authId the PrKD names (as on a
+            # JAHIS card: authId 08, reference 0x88); the two differ here, so a host that
+            # took the authId for the reference is refused.
+            self._files[EF_AODF] = BinaryFile(
+                build_aodf(label="HPKI PIN", auth_id=PIN_AUTH_ID, reference=lay.pin_ref)
             )
             self._files[EF_CDF] = BinaryFile(
                 build_cdf(label="HPKI signing certificate", key_id=KEY_ID, cert_fid=lay.cert_fid)
@@ -160,12 +173,15 @@ class HpkiApplet(FileApplet):
         if (c.p1, c.p2) != (0x41, 0xB6):
             return Response.status(SW_WRONG_P1P2)
         d = c.data
-        # 84 (key reference) or 81 (key file id), each with a 1- or 2-byte value.
-        if len(d) < 3 or d[0] not in (0x81, 0x84) or d[1] != len(d) - 2 or d[1] > 2:
+        if len(d) < 3 or d[0] not in (0x81, 0x84) or d[1] != len(d) - 2:
             return Response.status(SW_WRONG_DATA)
-        ref = int.from_bytes(d[2:], "big")
         key_fid = self.layout.key_fid
-        if ref not in (key_fid, key_fid & 0xFF):
+        # The key's file id in two bytes, tag 84 or 81 (HPKI.md §5: 84 02 00 0C on the JMA
+        # card); with ISO 7816-15 files, also the key reference their PrKD gives (84 01).
+        accepted = {bytes((t, 2)) + key_fid.to_bytes(2, "big") for t in (0x81, 0x84)}
+        if self.layout.pkcs15:
+            accepted.add(bytes((0x84, 1, key_fid & 0xFF)))
+        if d not in accepted:
             return Response.status(0x6A88)  # referenced data not found
         self._dst_key = key_fid
         return Response.status(SW_OK)

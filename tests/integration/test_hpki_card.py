@@ -9,11 +9,12 @@ import hashlib
 from collections.abc import AsyncIterator, Iterator
 
 import pytest
-from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa, utils
 
 from gateway.card.errors import CardError, CardErrorCode
-from gateway.card.hpki import JMA_PROFILE, CardProfile
+from gateway.card.hpki import JMA_PROFILE, CardProfile, HpkiCard
+from gateway.card.jpki import digest_info_sha256
 from gateway.errors import HsmUnavailable, KeyNotFound
 from gateway.hsm.api import DigestAlgorithm
 from gateway.hsm.card import CardKeyStore, KeyGenerationUnsupported
@@ -199,3 +200,74 @@ async def test_unknown_card_layouts_and_key_generation(
             await store.generate_rsa_key(label="x", bits=1024)
     finally:
         await store.close()
+
+
+def test_a_card_another_program_holds_is_in_use_not_absent(
+    pcsc: PcscWorld, hpki_ca: CertAndKey, reader: str
+) -> None:
+    """Another program's exclusive connection (the JPKI user software, a browser's PKCS#11
+    module): pcscd answers "sharing violation", which the doctor must hear as "close the other
+    card software", not "place your card" (before: NO_CARD)."""
+    from smartcard import scard
+
+    from gateway.card.pcsc import PcscConnection
+
+    card = make_hpki_card(hpki_ca, pin=PIN)
+    pcsc.readers[0].insert(card.applet)
+    # The other program: PC/SC's own calls (pyscard's connection objects release their
+    # context again when collected, after pcscd has gone).
+    rc, ctx = scard.SCardEstablishContext(scard.SCARD_SCOPE_USER)
+    assert rc == scard.SCARD_S_SUCCESS
+    rc, handle, _ = scard.SCardConnect(
+        ctx, reader, scard.SCARD_SHARE_EXCLUSIVE, scard.SCARD_PROTOCOL_T0 | scard.SCARD_PROTOCOL_T1
+    )
+    assert rc == scard.SCARD_S_SUCCESS, scard.SCardGetErrorMessage(rc)
+    try:
+        with pytest.raises(CardError) as e:
+            PcscConnection(reader)
+        assert e.value.code is CardErrorCode.CARD_IN_USE
+        assert "Another program" in e.value.message("en")
+    finally:
+        scard.SCardDisconnect(handle, scard.SCARD_LEAVE_CARD)
+        scard.SCardReleaseContext(ctx)
+    with PcscConnection(reader) as conn:  # free again
+        assert conn.atr
+
+
+def test_cards_answering_as_t0_cards_through_pcscd(
+    pcsc: PcscWorld, hpki_ca: CertAndKey, reader: str
+) -> None:
+    """Through pcscd, cards that announce their data (``61 xx`` + GET RESPONSE) and correct a
+    READ BINARY's length (``6C xx``), as T=0 cards do: the certificate reads whole and the
+    signature verifies, for the HPKI card and the My Number card."""
+    from gateway.card.jpki import JpkiCard
+    from gateway.card.pcsc import PcscConnection
+    from gateway.sandbox.jpki import issue_auth_cert, make_test_jpki_ca
+    from gateway.vcard.applet import T0Answers
+    from gateway.vcard.jpki import JpkiApplet
+
+    card = make_hpki_card(hpki_ca, pin=PIN, layout=PROFILE_FIXED)
+    t0 = T0Answers(card.applet)
+    pcsc.readers[0].insert(t0)
+    with PcscConnection(reader) as conn:
+        hpki = HpkiCard(conn, profiles=[JMA_PROFILE])
+        assert hpki.certificate() == card.cert
+        hpki.verify_pin(PIN.encode())
+        digest = hashlib.sha256(b"rx").digest()
+        _verify(card, digest, hpki.sign_digest_info(digest_info_sha256(b"rx")))
+    assert t0.gets >= 3  # the certificate's chunks and the signature came by GET RESPONSE
+    pcsc.readers[0].remove()
+
+    now = dt.datetime.now(dt.UTC)
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    cert = issue_auth_cert(make_test_jpki_ca(now=now), key.public_key(), now=now)
+    der = cert.public_bytes(serialization.Encoding.DER)
+    mnc = T0Answers(JpkiApplet(auth_key=key, auth_cert_der=der, auth_ca_der=b"", pin="1234"))
+    pcsc.readers[0].insert(mnc)
+    with PcscConnection(reader) as conn:
+        jpki = JpkiCard(conn)
+        assert jpki.read_auth_certificate() == der
+        jpki.verify_auth_pin("1234")
+        sig = jpki.sign(b"challenge")
+        key.public_key().verify(sig, b"challenge", padding.PKCS1v15(), hashes.SHA256())
+    assert mnc.gets >= 2
