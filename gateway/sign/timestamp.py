@@ -290,6 +290,11 @@ def _can_issue(cert: x509.Certificate) -> bool:
         return True
 
 
+#: The most certificates a TSA path is searched through (the token's and its validation
+#: data's): beyond it the token is refused, not searched.
+MAX_PATH_POOL = 64
+
+
 def simple_path_problem(
     cert: x509.Certificate,
     pool: Sequence[x509.Certificate],
@@ -304,28 +309,47 @@ def simple_path_problem(
     and national services often do not meet (no basicConstraints on a self-signed root,
     issuer and serial in its authority key identifier), while a TSA path needs no more than
     this; the timeStamping EKU is checked by the caller.
+
+    Breadth first, each certificate of the pool taken into the search once: a pool of many
+    certificates with the same name (all issuers of each other) costs at most pool² signature
+    checks, not pool^depth (a depth-first search without that took 7 s for 12 of them).
     """
     if not cert.not_valid_before_utc <= moment <= cert.not_valid_after_utc:
         return f"{cert.subject.rfc4514_string()} is not valid at {moment.isoformat()}"
-    for anchor in anchors:
-        if anchor.subject == cert.issuer:
-            try:
-                cert.verify_directly_issued_by(anchor)
-                return None
-            except (ValueError, TypeError, InvalidSignature):
+    if len(pool) > MAX_PATH_POOL:
+        return f"more than {MAX_PATH_POOL} certificates to search for a TSA path"
+    seen = {cert.fingerprint(hashes.SHA256())}
+    frontier = [cert]
+    for level in range(depth + 1):
+        found: list[x509.Certificate] = []
+        for c in frontier:
+            for anchor in anchors:
+                if anchor.subject == c.issuer and _issued_by(c, anchor):
+                    return None
+            if level == depth:
                 continue
-    if depth == 0:
-        return "the TSA path is too long"
-    for issuer in pool:
-        if issuer.subject != cert.issuer or issuer == cert or not _can_issue(issuer):
-            continue
-        try:
-            cert.verify_directly_issued_by(issuer)
-        except (ValueError, TypeError, InvalidSignature):
-            continue
-        if simple_path_problem(issuer, pool, anchors, moment, depth - 1) is None:
-            return None
+            for issuer in pool:
+                if issuer.subject != c.issuer or not _can_issue(issuer):
+                    continue
+                fp = issuer.fingerprint(hashes.SHA256())
+                if fp in seen or not _issued_by(c, issuer):
+                    continue
+                if not issuer.not_valid_before_utc <= moment <= issuer.not_valid_after_utc:
+                    continue
+                seen.add(fp)
+                found.append(issuer)
+        if not found:
+            break
+        frontier = found
     return f"no path from {cert.subject.rfc4514_string()} to a TSA trust anchor"
+
+
+def _issued_by(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
+    try:
+        cert.verify_directly_issued_by(issuer)
+    except (ValueError, TypeError, InvalidSignature):
+        return False
+    return True
 
 
 def _find_signer_cert(si: Any, certs: list[x509.Certificate]) -> x509.Certificate | None:

@@ -167,13 +167,32 @@ def _cms_binding(si: Any, cert: x509.Certificate) -> str | None:
     return "no signingCertificateV2 attribute binds the signer certificate"
 
 
-def _attached_content(sd: Any, content: bytes | None) -> bytes | None:
+def _embedded_content(sd: Any) -> bytes | None:
+    """The content the SignedData carries (None: detached)."""
     embedded_content = sd["encap_content_info"]["content"]
     if isinstance(embedded_content, core.Void) or embedded_content is None:
-        return content
+        return None
     attached = embedded_content.native
-    # The embedded content is what was signed; a separately given content is ignored.
-    return attached if isinstance(attached, bytes) else embedded_content.contents
+    return attached if isinstance(attached, bytes) else bytes(embedded_content.contents)
+
+
+def _content_type_problem(si: Any, econtent_type: str) -> str | None:
+    """RFC 5652 §11.1: with signed attributes, exactly one content-type attribute of one value,
+    equal to the encapsulated content's type; else why not."""
+    attrs = si["signed_attrs"]
+    found = [] if isinstance(attrs, core.Void) else [
+        a for a in attrs if a["type"].native == "content_type"
+    ]  # fmt: skip
+    if not found:
+        return "no content-type signed attribute"
+    if len(found) > 1 or len(found[0]["values"]) != 1:
+        return "more than one content-type signed attribute value"
+    if found[0]["values"][0].native != econtent_type:
+        return (
+            f"the content-type signed attribute ({found[0]['values'][0].native}) is not the "
+            f"encapsulated content's type ({econtent_type})"
+        )
+    return None
 
 
 def _integrity(
@@ -278,7 +297,12 @@ async def verify_cms_signed_data(
 ) -> list[SignatureReport]:
     """Every SignerInfo of ``sd``; ``extra_*``: validation data found outside the CMS (the
     PDF's DSS) and archive timestamps over it (PDF document timestamps)."""
-    content = _attached_content(sd, content)
+    attached = _embedded_content(sd)
+    # A content given beside a signature that carries its own must be that content: the
+    # caller would otherwise read "valid" for bytes that were never signed.
+    given_differs = content is not None and attached is not None and content != attached
+    content = attached if attached is not None else content
+    econtent_type = sd["encap_content_info"]["content_type"].native
     if len(sd["signer_infos"]) > trust.max_signatures:
         raise InvalidRequest(
             f"the signature has {len(sd['signer_infos'])} SignerInfos; at most "
@@ -300,6 +324,17 @@ async def verify_cms_signed_data(
             )
             continue
         rep.signer = signer_info(cert)
+        if given_differs:
+            rep.fail(
+                TOTAL_FAILED,
+                "HASH_FAILURE",
+                "the content given differs from the content the signature carries",
+            )
+            continue
+        problem = _content_type_problem(si, econtent_type)
+        if problem is not None:
+            rep.fail(TOTAL_FAILED, "FORMAT_FAILURE", problem)
+            continue
         if not _integrity(rep, si, cert, content, content_digest):
             continue
         st = _attr(si["signed_attrs"], "signing_time")
