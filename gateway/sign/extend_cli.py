@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime as dt
-import hashlib
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +21,7 @@ from gateway.config import Settings
 from gateway.errors import InvalidRequest
 from gateway.files import replace_atomically
 from gateway.sign.extend import TARGETS, extend_document
-from gateway.sign.renewal import renew_paths
+from gateway.sign.renewal import extension_detail, renew_paths
 from gateway.sign.setup import signing_policy, tsa_client
 
 __all__ = ["add_arguments", "run"]
@@ -81,13 +80,7 @@ async def run(
             db,
             action="signature.extend",
             actor=actor,
-            detail={
-                "file": str(path),
-                "level": args.level,
-                "renew": args.renew,
-                "document_sha256": hashlib.sha256(data).hexdigest(),
-                "extended_sha256": hashlib.sha256(result.document).hexdigest(),
-            },
+            detail=extension_detail(path, args.level, args.renew, data, result.document),
         )
         if args.out:
             replace_atomically(Path(args.out), result.document)

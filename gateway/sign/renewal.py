@@ -93,6 +93,19 @@ async def renew_paths(
     return out
 
 
+def extension_detail(
+    path: Path, level: str, renew: bool, before: bytes, after: bytes
+) -> dict[str, Any]:
+    """The ``signature.extend`` audit detail: the file, the level, and both documents' digests."""
+    return {
+        "file": str(path),
+        "level": level,
+        "renew": renew,
+        "document_sha256": hashlib.sha256(before).hexdigest(),
+        "extended_sha256": hashlib.sha256(after).hexdigest(),
+    }
+
+
 async def _renew_one(
     path: Path,
     within: dt.timedelta,
@@ -121,13 +134,7 @@ async def _renew_one(
         db,
         action="signature.extend",
         actor=actor,
-        detail={
-            "file": str(path),
-            "level": "AdES-B-LTA",
-            "renew": True,
-            "document_sha256": hashlib.sha256(data).hexdigest(),
-            "extended_sha256": hashlib.sha256(result.document).hexdigest(),
-        },
+        detail=extension_detail(path, "AdES-B-LTA", True, data, result.document),
     )
     entry["result"] = "renewed"
     return entry
