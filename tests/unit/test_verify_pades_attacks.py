@@ -4,6 +4,9 @@ dummy timestamper with a chosen time, incremental updates written by hand).
 1. A document timestamp proves the existence of the signatures in the revisions it covers, and
    of no others: one added *before* a signature must not date it (it would turn a signature by
    a since-revoked or expired certificate into a passed one).
+2. What is changed after a signature counts: an incremental update that swaps the page content
+   fails the signature; DSS and document timestamps (LTA updates) and, unless the signature's
+   DocMDP forbids it, further signatures do not.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from collections.abc import Sequence
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
+from pyhanko.sign import fields, signers
 
 from gateway.pki.crl import CrlSource
 from gateway.pki.issue import make_crl
@@ -124,6 +128,7 @@ def test_a_later_document_timestamp_still_proves_the_signature(world: World) -> 
     sig = rep.signatures[0]
     assert (sig.level, sig.proven_by) == ("B-T", "archive timestamp")
     assert sig.best_signature_time == at.isoformat()
+    assert sig.modification_level == "LTA_UPDATES"
 
 
 def test_a_document_timestamp_that_does_not_cover_its_revision_fails(world: World) -> None:
@@ -150,3 +155,82 @@ def test_a_document_timestamp_that_does_not_cover_its_revision_fails(world: Worl
     rep = _verify(rewritten, _trust(world))
     assert (rep.indication, rep.sub_indication) == ("TOTAL-FAILED", "FORMAT_FAILURE"), rep.reason
     assert "document timestamp 'TS' does not cover its whole revision" in rep.reason
+
+
+# -- 2. changes after signing ---------------------------------------------------------------------
+
+
+def test_page_content_replaced_after_signing_fails(world: World) -> None:
+    signed = pdf_forge.sign(world, pdf_forge.one_page_pdf("Take 1 tablet"))
+    assert _verify(signed, _trust(world)).indication == "TOTAL-PASSED"
+    changed = pdf_forge.replace_page_text(signed, "Take 50 tablets")
+
+    rep = _verify(changed, _trust(world))
+    # Before the fix: TOTAL-PASSED B-B with the note "the file was updated after this signature".
+    assert (rep.indication, rep.sub_indication) == ("TOTAL-FAILED", "HASH_FAILURE"), rep.reason
+    assert "modified after this signature" in rep.reason
+    sig = rep.signatures[0]
+    assert sig.modification_level == "OTHER"
+    assert sig.signer is not None and "Taro Test" in sig.signer["subject"]
+
+
+def test_content_replaced_after_a_document_timestamp_fails(world: World) -> None:
+    """The change comes after a legitimate B-LTA update: still caught (every revision after
+    the signature is compared with the signed one)."""
+    pdf = pdf_forge.sign(world, pdf_forge.one_page_pdf("Take 1 tablet"))
+    pdf = pdf_forge.document_timestamp(world, pdf, NOW - dt.timedelta(minutes=1), field="TS")
+    pdf = pdf_forge.replace_page_text(pdf, "Take 50 tablets")
+    rep = _verify(pdf, _trust(world))
+    assert (rep.indication, rep.sub_indication) == ("TOTAL-FAILED", "HASH_FAILURE"), rep.reason
+
+
+def test_a_later_signature_breaks_a_no_changes_certification(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A certification signature with DocMDP P=1 (no changes) followed by an approval
+    signature (pyHanko refuses to write it; an attacker's tool need not)."""
+    certified = pdf_forge.sign(
+        world,
+        pdf_forge.one_page_pdf(),
+        field="Author",
+        certify=True,
+        docmdp=fields.MDPPerm.NO_CHANGES,
+    )
+    monkeypatch.setattr(
+        signers.PdfSigner, "_enforce_certification_constraints", lambda self, reader: None
+    )
+    pdf = pdf_forge.sign(world, certified, field="Second")
+    rep = _verify(pdf, _trust(world))
+    author, second = rep.signatures
+    assert (author.indication, author.sub_indication) == ("TOTAL-FAILED", "HASH_FAILURE")
+    assert author.modification_level == "FORM_FILLING"
+    assert "no changes" in author.reason
+    assert second.indication == "TOTAL-PASSED" and second.modification_level == "NONE"
+    assert rep.indication == "TOTAL-FAILED"
+
+
+def test_lta_updates_and_further_signatures_pass(world: World) -> None:
+    """What legitimate documents add after a signature: a DSS and document timestamps (B-LT,
+    B-LTA), another approval signature; a certification allowing form filling permits those."""
+    crl = make_crl(
+        world.ca, revoked=[], now=NOW - dt.timedelta(hours=1), next_update=dt.timedelta(days=7)
+    )
+    pdf = pdf_forge.sign(world, pdf_forge.one_page_pdf())
+    pdf = pdf_forge.document_timestamp(world, pdf, NOW - dt.timedelta(minutes=2), field="TS1")
+    pdf = pdf_forge.add_dss(pdf, [crl])
+    pdf = pdf_forge.document_timestamp(world, pdf, NOW - dt.timedelta(minutes=1), field="TS2")
+    rep = _verify(pdf, _trust(world))
+    assert rep.indication == "TOTAL-PASSED", rep.reason
+    assert (rep.signatures[0].level, rep.signatures[0].modification_level) == (
+        "B-LTA",
+        "LTA_UPDATES",
+    )
+
+    two = pdf_forge.sign(world, pdf_forge.sign(world, pdf_forge.one_page_pdf()), field="S2")
+    rep = _verify(two, _trust(world))
+    assert rep.indication == "TOTAL-PASSED", rep.reason
+    assert [s.modification_level for s in rep.signatures] == ["FORM_FILLING", "NONE"]
+
+    certified = pdf_forge.sign(world, pdf_forge.one_page_pdf(), field="Author", certify=True)
+    rep = _verify(pdf_forge.sign(world, certified, field="S2"), _trust(world))
+    assert rep.indication == "TOTAL-PASSED", rep.reason
