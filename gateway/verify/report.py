@@ -49,6 +49,10 @@ class SignatureReport:
     notes: list[str] = field(default_factory=list)
     #: What the signature's references cover (element paths, "the whole document", ...).
     signed_elements: list[str] = field(default_factory=list)
+    #: PAdES: what the revisions after the signature changed (pyHanko's difference analysis):
+    #: NONE, LTA_UPDATES (DSS, document timestamps), FORM_FILLING (incl. further signatures),
+    #: ANNOTATIONS, OTHER (anything else: the page content, ...); None for other formats.
+    modification_level: str | None = None
 
     def fail(self, indication: str, sub: str, reason: str) -> SignatureReport:
         if self.indication == TOTAL_PASSED:
@@ -80,6 +84,7 @@ class SignatureReport:
             "location": self.location,
             "notes": self.notes,
             "signed_elements": self.signed_elements,
+            "modification_level": self.modification_level,
         }
 
 
@@ -151,6 +156,8 @@ def render_text(report: VerificationReport) -> str:
             lines.append(f"    timestamp:  {sig.timestamp['time']} ({sig.timestamp['status']})")
         for ats in sig.archive_timestamps:
             lines.append(f"    archive ts: {ats['time']} ({ats['status']})")
+        if sig.modification_level:
+            lines.append(f"    changed:    {sig.modification_level} (after the signature)")
         lines.append(
             f"    chain:      {sig.chain.get('status')}"
             + (f" at {sig.chain['checked_at']}" if sig.chain.get("checked_at") else "")

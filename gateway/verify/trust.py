@@ -82,6 +82,9 @@ class TimestampEvidence:
     imprint_digest: bytes | None = None
     #: What the timestamp covers was changed or removed (CAdES ats-hash-index-v3): HASH_FAILURE.
     hash_problem: str | None = None
+    #: It does not sit where it must (a PDF document timestamp whose ByteRange does not cover
+    #: the revision that added it): FORMAT_FAILURE.
+    structure_problem: str | None = None
     #: OCSP responses (DER) carried for the TSA's certificates.
     ocsps: list[bytes] = field(default_factory=list)
 
@@ -174,6 +177,9 @@ def _check_timestamps(
         what = f"{t.kind} timestamp"
         if t.hash_problem is not None:
             rep.fail(TOTAL_FAILED, "HASH_FAILURE", f"{what}: {t.hash_problem}")
+            return None
+        if t.structure_problem is not None:
+            rep.fail(TOTAL_FAILED, "FORMAT_FAILURE", f"{what}: {t.structure_problem}")
             return None
         if t.error is not None or t.token_der is None:
             rep.fail(TOTAL_FAILED, "FORMAT_FAILURE", f"{what} unreadable: {t.error}")
