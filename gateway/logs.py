@@ -33,14 +33,19 @@ def where_raised(tb: TracebackType | None) -> str:
     return f"{tb.tb_frame.f_code.co_filename}:{tb.tb_lineno}" if tb else "?"
 
 
+#: Libraries whose log records carry exceptions raised on a client's input: aiohttp (a
+#: request it could not parse: the raw request line or header in the message) and pyHanko
+#: (a PDF changed after signing: its objects described in the message).
+_CLIENT_INPUT_LOGGERS = ("aiohttp", "pyhanko")
+
+
 class _NoTraceback(logging.Filter):
-    """aiohttp's own error logs (a request it could not parse, a connection it could not
-    serve) carry the exception, whose message quotes the raw request line or header: a
-    traceback with a client's bytes in it. Keep only what finds the fault: the exception's
-    type, its HTTP status if it has one, and where it was raised."""
+    """Library error logs about a client's input carry the exception, whose message quotes
+    the input: a traceback with a client's bytes in it. Keep only what finds the fault: the
+    exception's type, its HTTP status if it has one, and where it was raised."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.exc_info and record.name.startswith("aiohttp"):
+        if record.exc_info and record.name.startswith(_CLIENT_INPUT_LOGGERS):
             exc = record.exc_info[1]
             tb = record.exc_info[2]
             where = f" at {where_raised(tb)}" if tb else ""

@@ -35,6 +35,7 @@ _TRUST: TrustConfig | None = None  # in a worker process: built once from the se
 def _init_worker(settings: Settings, parent: int = 0) -> None:
     global _TRUST
     from gateway.lifetime import die_with_parent
+    from gateway.logs import setup_logging
     from gateway.sign.setup import trust_config
 
     # End with the gateway worker, even a kill -9'd one (70-220 MB each otherwise held by an
@@ -42,6 +43,9 @@ def _init_worker(settings: Settings, parent: int = 0) -> None:
     if parent and not die_with_parent(parent):
         os._exit(0)
 
+    # The gateway's own log set-up: without it, Python's last-resort handler would print
+    # the libraries' warnings with their tracebacks (pyHanko's on a PDF changed after signing).
+    setup_logging(settings.logging.level, settings.logging.format)
     _TRUST = trust_config(settings)
 
 

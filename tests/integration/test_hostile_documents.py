@@ -120,3 +120,26 @@ def test_xml_that_fails_canonicalisation_is_a_400_and_gives_the_count_back(
     failed = [r for r in _audit(sandbox["config"]) if r.action == "signature.failed"]
     assert failed and json.loads(failed[-1].detail)["refunded"] is True
     assert "Traceback" not in gateway.logs()
+
+
+def test_a_pdf_changed_after_signing_fails_and_logs_no_traceback(csc: Csc, gateway: Server) -> None:
+    """/verify on a PDF whose page was swapped after signing: TOTAL-FAILED, and pyHanko's
+    warning about it reaches the log as one line (its type and place), not a traceback that
+    quotes the client's objects. Before, the verification process had no log set-up and
+    Python's last-resort handler printed the traceback."""
+    import base64
+
+    from tests.support import pdf_forge
+    from tests.support.softkey import make_world
+
+    world = make_world()
+    signed = pdf_forge.sign(world, pdf_forge.one_page_pdf("Take 1 tablet"))
+    changed = pdf_forge.replace_page_text(signed, "Take 50 tablets")
+    mark = len(gateway.logs())
+    r = csc.post("/verify", {"document": base64.b64encode(changed).decode()})
+    assert r.status == 200, r.body
+    report = r.json()
+    assert (report["indication"], report["sub_indication"]) == ("TOTAL-FAILED", "HASH_FAILURE")
+    logged = gateway.logs()[mark:]
+    assert "Error in diff operation" in logged, logged[-2000:]
+    assert "Traceback" not in logged, logged[-2000:]
