@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import itertools
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from cryptography import x509
@@ -51,6 +53,13 @@ _SIG_URIS: dict[str, hashes.HashAlgorithm] = {
 }
 _DS = "{%s}" % DS  # noqa: UP031
 _XA = "{%s}" % XADES  # noqa: UP031
+_TIMESTAMPS = (
+    _XA + "SignatureTimeStamp",
+    f"{{{XADES141}}}ArchiveTimeStamp",
+    _XA + "ArchiveTimeStamp",
+)
+#: Further faults named after the one that decided (each timestamp may have one).
+_MAX_ALSO = 5
 _SSP = f"{_DS}Object/{_XA}QualifyingProperties/{_XA}SignedProperties/{_XA}SignedSignatureProperties"
 
 
@@ -266,7 +275,8 @@ async def verify_xml(
         if rep.decided and rep.level is None:
             # Stopped before the unsigned properties: name their own faults too, as the
             # reference verifier reports each of its checks.
-            extra = [p for p in _timestamp_prechecks(sig) if p not in rep.reason]
+            checks = _timestamp_prechecks(sig, limit=trust.max_timestamps)
+            extra = [p for p in dict.fromkeys(checks) if p not in rep.reason]
             try:
                 unbound = _binding(sig, []) is None
             except ValueError:
@@ -274,18 +284,27 @@ async def verify_xml(
             if unbound and "signing certificate" not in rep.reason:
                 extra.append("no signing certificate is named (SigningCertificateV2, ...)")
             if extra:
-                rep.reason += "; also: " + "; ".join(extra)
+                shown = extra[:_MAX_ALSO]
+                if len(extra) > _MAX_ALSO:
+                    shown.append(f"and {len(extra) - _MAX_ALSO} more")
+                rep.reason += "; also: " + "; ".join(shown)
     return reports
 
 
-def _timestamp_prechecks(sig: etree._Element) -> list[str]:
-    """Faults of the timestamps that need no trust: unreadable tokens, a signature timestamp
-    that does not cover the SignatureValue."""
+def _timestamps(sig: etree._Element) -> Iterator[etree._Element]:
+    """The signature's timestamps that are read: SignatureTimeStamp, ArchiveTimeStamp (1.4.1
+    and 1.3.2)."""
+    return sig.iter(*_TIMESTAMPS)
+
+
+def _timestamp_prechecks(sig: etree._Element, *, limit: int) -> list[str]:
+    """Faults of the (first ``limit``) timestamps that need no trust: unreadable tokens, a
+    signature timestamp that does not cover the SignatureValue."""
     from gateway.sign import timestamp as ts
 
     out: list[str] = []
     sv = sig.find(_DS + "SignatureValue")
-    for el in sig.iter(_XA + "SignatureTimeStamp", f"{{{XADES141}}}ArchiveTimeStamp"):
+    for el in itertools.islice(_timestamps(sig), limit):
         name = etree.QName(el).localname
         try:
             token = ts.parse_token(
@@ -319,6 +338,15 @@ async def _verify_one(
             "FORMAT_FAILURE",
             f"the signature has {len(si.findall(_DS + 'Reference'))} references; at most "
             f"{trust.max_references} are verified (signing.verify_max_references)",
+        )
+        return
+    n = sum(1 for _ in _timestamps(sig))
+    if n > trust.max_timestamps:
+        rep.fail(
+            TOTAL_FAILED,
+            "FORMAT_FAILURE",
+            f"the signature has {n} timestamps; at most {trust.max_timestamps} are verified "
+            "(signing.verify_max_timestamps)",
         )
         return
     profile, slot = slot_for(sig, trust.profiles)

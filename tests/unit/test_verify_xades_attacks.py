@@ -1,0 +1,133 @@
+"""XAdES verification under the attacks of a review, each built in the test from the real signed
+e-prescription (../shared/fixtures/e-prescription, MediSignVerifier's public test data) and
+verified offline with the real MHLW HPKI root and the CRLs the document carries.
+
+Each test failed before its fix:
+- A: thousands of ArchiveTimeStamps, each re-canonicalising every property before it;
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+from pathlib import Path
+from typing import Any
+
+import pytest
+from cryptography import x509
+from lxml import etree
+
+from gateway.sign.xades import DS, XADES
+from gateway.verify import TrustConfig, VerificationReport, verify_document
+from gateway.verify.xml_refs import XADES141
+
+FIX = Path(__file__).resolve().parents[2].parent / "shared" / "fixtures"
+SAMPLE = FIX / "e-prescription" / "Prescription-004_01.xml"
+MHLW_ROOT = FIX / "real-hpki" / "mhlw_hpki_root_ca_v2.cer"
+_DS = f"{{{DS}}}"
+_XA = f"{{{XADES}}}"
+_USP = (
+    f"{_DS}Object/{_XA}QualifyingProperties/{_XA}UnsignedProperties/"
+    f"{_XA}UnsignedSignatureProperties"
+)
+
+
+def _real_trust(**kw: Any) -> TrustConfig:
+    """The MHLW root and the sample's own test TSA root (what the sample passes with)."""
+    tsa_root = None
+    for el in etree.parse(str(SAMPLE)).iter(f"{_XA}EncapsulatedX509Certificate"):
+        c = x509.load_der_x509_certificate(base64.b64decode(el.text or ""))
+        if c.subject == c.issuer and "TimeStampServer" in c.subject.rfc4514_string():
+            tsa_root = c
+    assert tsa_root is not None
+    root = x509.load_der_x509_certificate(MHLW_ROOT.read_bytes())
+    return TrustConfig(anchors=[root], tsa_anchors=[tsa_root], **kw)
+
+
+def _limited(max_timestamps: int) -> TrustConfig:
+    trust = _real_trust()
+    trust.max_timestamps = max_timestamps  # set, not passed: the attribute is new
+    return trust
+
+
+def _sample() -> etree._Element:
+    return etree.fromstring(SAMPLE.read_bytes())
+
+
+def _signature(root: etree._Element) -> etree._Element:
+    sig = root.find(f".//{_DS}Signature")
+    assert sig is not None
+    return sig
+
+
+def _verify(doc: etree._Element | bytes, trust: TrustConfig | None = None) -> VerificationReport:
+    data = doc if isinstance(doc, bytes) else etree.tostring(doc, xml_declaration=True)
+    return asyncio.run(verify_document(data, trust=trust or _real_trust()))
+
+
+def test_the_untouched_sample_passes() -> None:
+    rep = _verify(_sample())
+    assert rep.indication == "TOTAL-PASSED", rep.reason
+    assert rep.signatures[0].document_type == "prescription"
+
+
+# -- A: archive timestamps -----------------------------------------------------------------------
+
+
+def _with_archive_timestamps(n: int) -> etree._Element:
+    """The sample plus ``n`` XAdES 1.4.1 ArchiveTimeStamps with junk tokens (of different
+    lengths, so that each is unreadable in its own words)."""
+    root = _sample()
+    usp = _signature(root).find(_USP)
+    assert usp is not None
+    for i in range(n):
+        ats = etree.SubElement(usp, f"{{{XADES141}}}ArchiveTimeStamp", Id=f"ats{i}")
+        etree.SubElement(ats, f"{_XA}EncapsulatedTimeStamp").text = "A" * (40 + 4 * i)
+    return root
+
+
+def test_more_archive_timestamps_than_the_limit_are_refused_before_any_work() -> None:
+    rep = _verify(_with_archive_timestamps(400))
+    assert (rep.indication, rep.sub_indication) == ("TOTAL-FAILED", "FORMAT_FAILURE")
+    assert rep.reason.startswith(
+        "the signature has 401 timestamps; at most 10 are verified (signing.verify_max_timestamps)"
+    ), rep.reason[:300]
+    # The other faults are still named, but not one per timestamp: before, 35 KB here.
+    assert len(rep.reason) < 1500, len(rep.reason)
+
+
+def test_the_timestamp_limit_is_a_setting() -> None:
+    rep = _verify(_with_archive_timestamps(3), _limited(3))
+    assert "the signature has 4 timestamps; at most 3 are verified" in rep.reason
+
+
+def test_each_property_is_canonicalised_once_for_all_archive_timestamps(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Within the limit, the input of each ArchiveTimeStamp is built on the one before it:
+    the canonicalisations grow with the number of properties, not with its square."""
+    from gateway.verify import xml_refs
+
+    calls = 0
+    real = xml_refs.c14n
+
+    def counting(node: Any, *, exclusive: bool) -> bytes:
+        nonlocal calls
+        calls += 1
+        return real(node, exclusive=exclusive)
+
+    monkeypatch.setattr(xml_refs, "c14n", counting)
+    n = 60
+    rep = _verify(_with_archive_timestamps(n), _limited(100))
+    assert rep.indication != "TOTAL-PASSED"
+    assert "ArchiveTimeStamp" in rep.reason or "archive timestamp" in rep.reason
+    # The references, SignedInfo, SignatureValue, KeyInfo and each of the 5 + 60 properties
+    # once (72 here); before, everything again for every timestamp (2,373).
+    assert calls < 3 * n, calls
+
+
+def test_the_list_of_further_faults_is_cut_short() -> None:
+    rep = _verify(_with_archive_timestamps(60), _limited(100))
+    assert rep.indication == "TOTAL-FAILED"
+    assert "also: " in rep.reason and " more" in rep.reason, rep.reason[:2000]
+    assert len(rep.reason) < 1500, len(rep.reason)
