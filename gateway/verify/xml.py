@@ -35,7 +35,7 @@ from gateway.verify.cms import load_cert
 from gateway.verify.report import INDETERMINATE, TOTAL_FAILED, SignatureReport
 from gateway.verify.schema import schema_problem
 from gateway.verify.trust import Evidence, TrustConfig, check_common, signer_info
-from gateway.verify.xml_profile import placement_problem, slot_for
+from gateway.verify.xml_profile import misplaced_problem, placement_problem, slot_for
 from gateway.verify.xml_refs import XADES141, b64_text, element_path, id_index, reference_octets
 from gateway.verify.xml_values import ES_LEVELS, read_unsigned, structure_problem
 
@@ -349,12 +349,12 @@ async def _verify_one(
             "(signing.verify_max_timestamps)",
         )
         return
-    profile, slot = slot_for(sig, trust.profiles)
+    profile, slot = slot_for(sig, trust.profiles, doc.index)
     if profile is not None:
         rep.format = f"XAdES ({profile.name})"
         rep.document_type = slot.document_type if slot is not None else profile.document_type
         if slot is None:
-            rep.fail(TOTAL_FAILED, "FORMAT_FAILURE", placement_problem(profile) or "misplaced")
+            rep.fail(TOTAL_FAILED, "FORMAT_FAILURE", misplaced_problem(profile, sig))
             return
     problem = structure_problem(sig)
     if problem is not None:

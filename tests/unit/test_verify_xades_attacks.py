@@ -4,6 +4,8 @@ verified offline with the real MHLW HPKI root and the CRLs the document carries.
 
 Each test failed before its fix:
 - A: thousands of ArchiveTimeStamps, each re-canonicalising every property before it;
+- B: a namespaced look-alike of the signed element before it, the signed document wrapped after a
+  forged one (or its root renamed), read as a plain XAdES signature;
 """
 
 from __future__ import annotations
@@ -131,3 +133,69 @@ def test_the_list_of_further_faults_is_cut_short() -> None:
     assert rep.indication == "TOTAL-FAILED"
     assert "also: " in rep.reason and " more" in rep.reason, rep.reason[:2000]
     assert len(rep.reason) < 1500, len(rep.reason)
+
+
+# -- B: look-alike elements and an unknown root --------------------------------------------------
+
+FORGED = base64.b64encode(b"1,forged\n").decode()
+
+
+def _prescription(root: etree._Element) -> etree._Element:
+    el = root.find("Prescription")
+    assert el is not None
+    return el
+
+
+def _refused(rep: VerificationReport, *words: str) -> None:
+    assert (rep.indication, rep.sub_indication) == ("TOTAL-FAILED", "FORMAT_FAILURE"), rep.reason
+    for w in words:
+        assert w in rep.reason, rep.reason
+
+
+def test_a_namespaced_look_alike_before_the_signed_document_is_refused() -> None:
+    """A reader that ignores namespaces takes the first <PrescriptionDocument>: the forged one."""
+    root = _sample()
+    evil = etree.Element("{urn:evil}PrescriptionDocument", nsmap={None: "urn:evil"})
+    evil.text = FORGED
+    _prescription(root).insert(1, evil)
+    data = etree.tostring(root)
+    assert b'<PrescriptionDocument xmlns="urn:evil">' in data
+    _refused(_verify(data), "urn:evil", "PrescriptionDocument")
+
+
+def test_a_prefixed_look_alike_with_an_id_is_refused() -> None:
+    root = _sample()
+    evil = etree.Element("{urn:evil}PrescriptionDocument", nsmap={"p": "urn:evil"}, id="PD2")
+    evil.text = FORGED
+    _prescription(root).insert(1, evil)
+    _refused(_verify(root), "urn:evil")
+
+
+def test_an_element_in_a_foreign_namespace_anywhere_in_the_body_is_refused() -> None:
+    root = _sample()
+    extra = root.find("Prescription/AdditionalPrescriptionInformation")
+    assert extra is not None
+    etree.SubElement(extra, "{urn:evil}Note").text = "take 30 instead"
+    _refused(_verify(root), "urn:evil", "no namespace")
+
+
+def test_the_signed_document_wrapped_after_a_forged_one_is_refused() -> None:
+    """<Envelope><Document>forged</Document><Document>the real one</Document></Envelope>: the
+    root is no e-prescription, yet the signature is one (it sits in PrescriptionSign); before,
+    TOTAL-PASSED as a plain XAdES signature, without the profile, placement and role checks."""
+    real = _sample()
+    envelope = etree.Element("Envelope")
+    forged = etree.SubElement(etree.SubElement(envelope, "Document"), "Prescription")
+    etree.SubElement(forged, "PrescriptionDocument").text = FORGED
+    envelope.append(real)
+    rep = _verify(envelope)
+    _refused(rep, "<Envelope>", "PrescriptionSign")
+    assert rep.signatures[0].document_type == "prescription"
+
+
+def test_a_renamed_root_does_not_make_the_signature_a_plain_xades_one() -> None:
+    root = _sample()
+    root.tag = "Dokument"  # the references do not cover the root element itself
+    rep = _verify(root)
+    _refused(rep, "<Dokument>")
+    assert rep.signatures[0].format == "XAdES (jp-eprescription)"
