@@ -128,9 +128,10 @@ def placement_problem(
     root: etree._Element,
     covered: Sequence[etree._Element] = (),
 ) -> str | None:
-    """None when the document has no element in a namespace outside its signatures, and the
+    """None when the document has no element in a namespace outside its signatures, the
     slot's signed element is the one element of its (local) name, at its fixed path, and
-    covered by the references."""
+    covered by the references, and its Base64 document element holds text alone (no child
+    node: a comment inside would be invisible to the digest)."""
     foreign = _foreign_element(root)
     if foreign is not None:
         from gateway.verify.xml_refs import element_path
@@ -151,6 +152,23 @@ def placement_problem(
         moved = [el for el in covered if _local(el) == name]
         return f"the signature does not cover {fixed}" + (
             " (it covers another element of that name instead: signature wrapping)" if moved else ""
+        )
+    text_el = root.find(slot.text_path)
+    if text_el is None:
+        return f"no {profile.root}/{slot.text_path} element"
+    if len(text_el):  # child nodes of any kind: elements, comments, processing instructions
+        child = text_el[0]
+        kind = (
+            "a comment"
+            if isinstance(child, etree._Comment)
+            else "a processing instruction"
+            if isinstance(child, etree._ProcessingInstruction)
+            else f"an element <{etree.QName(child).text}>"
+        )
+        return (
+            f"<{_last(slot.text_path)}> must hold its Base64 text alone: it holds {kind} "
+            "(canonicalization leaves comments out of the digest, and a reader of the "
+            "element's text stops at the first child)"
         )
     counts = Counter(_local(el) for el in root.iter("*"))
     for tag in sorted({*slot.signed_path.split("/"), *slot.sign_path.split("/")}):

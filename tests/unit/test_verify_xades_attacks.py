@@ -6,6 +6,7 @@ Each test failed before its fix:
 - A: thousands of ArchiveTimeStamps, each re-canonicalising every property before it;
 - B: a namespaced look-alike of the signed element before it, the signed document wrapped after a
   forged one (or its root renamed), read as a plain XAdES signature;
+- C: a comment inside the signed Base64 text (left out by C14N, cutting the text a reader gets);
 """
 
 from __future__ import annotations
@@ -199,3 +200,71 @@ def test_a_renamed_root_does_not_make_the_signature_a_plain_xades_one() -> None:
     rep = _verify(root)
     _refused(rep, "<Dokument>")
     assert rep.signatures[0].format == "XAdES (jp-eprescription)"
+
+
+# -- C: the signed Base64 text split by a comment ------------------------------------------------
+
+
+def _split(node: Any, at: int) -> etree._Element:
+    """The sample with ``node`` (a comment or processing instruction) inside the signed
+    PrescriptionDocument, ``at`` characters into its Base64 text."""
+    root = _sample()
+    el = root.find("Prescription/PrescriptionDocument")
+    assert el is not None and el.text
+    text = el.text
+    el.text = text[:at] or None
+    el.append(node)
+    node.tail = text[at:]
+    return root
+
+
+@pytest.mark.parametrize("at", [0, 400])
+def test_a_comment_inside_the_signed_document_text_is_refused(at: int) -> None:
+    """C14N leaves comments out, so the digest still matches; a reader taking the element's
+    text gets the part before the comment (a truncated CSV, or nothing)."""
+    root = _split(etree.Comment("x"), at)
+    read = root.find("Prescription/PrescriptionDocument")
+    assert read is not None and len(read.text or "") == at
+    rep = _verify(root)
+    _refused(rep, "<PrescriptionDocument>", "comment")
+
+
+def test_the_signed_document_element_must_hold_its_text_alone() -> None:
+    """Whatever the child node: the fixed-path check refuses it itself (a processing
+    instruction also changes the digest, so the whole verification fails earlier)."""
+    from gateway.sign.eprescription import DISPENSING, PRESCRIPTION
+    from gateway.verify.xml_profile import placement_problem
+
+    root = _split(etree.PI("x"), 400)
+    target = root.find("Prescription/PrescriptionDocument")
+    assert target is not None
+    problem = placement_problem(PRESCRIPTION, PRESCRIPTION.slots[0], root, [target])
+    assert problem is not None and "processing instruction" in problem, problem
+    # a dispensing result: the signed element is <Dispensing>, its Base64 in DispensingDocument
+    doc = etree.fromstring(
+        "<Document><DispensingManagement/><Dispensing id='Dispensing'><ReferencePrescription/>"
+        "<DispensingDocument>MSxh<!--x-->Cg==</DispensingDocument></Dispensing>"
+        "<DispensingSign/></Document>"
+    )
+    dispensing = doc.find("Dispensing")
+    assert dispensing is not None
+    problem = placement_problem(DISPENSING, DISPENSING.slots[0], doc, [dispensing])
+    assert problem is not None and "<DispensingDocument>" in problem, problem
+
+
+def test_signing_refuses_what_verification_would() -> None:
+    """An unsigned prescription given for signing with a comment in its Base64 text."""
+    from gateway.errors import InvalidRequest
+    from gateway.sign.eprescription import PRESCRIPTION, check_document
+
+    def unsigned(root: etree._Element) -> etree._ElementTree:
+        slot = root.find("Prescription/PrescriptionSign")
+        assert slot is not None
+        for child in list(slot):
+            slot.remove(child)
+        slot.text = None
+        return root.getroottree()
+
+    check_document(unsigned(_sample()), PRESCRIPTION)
+    with pytest.raises(InvalidRequest, match="Base64 text alone"):
+        check_document(unsigned(_split(etree.Comment("x"), 400)), PRESCRIPTION)
