@@ -12,6 +12,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import itertools
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -19,6 +20,7 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
+from cryptography.x509.oid import NameOID
 from lxml import etree
 
 from gateway.errors import InvalidRequest
@@ -73,21 +75,61 @@ class _Doc:
 
 @dataclass
 class _Binding:
-    """What names the signer: (algorithm, digest) of SigningCertificate(V2), or issuer/serial."""
+    """What names the signer: (algorithm, digest) of SigningCertificate(V2), or the issuer and
+    serial of a signed KeyInfo's X509IssuerSerial."""
 
     digest: tuple[str, bytes] | None = None
     serial: int | None = None
+    issuer: str = ""
     candidates: list[x509.Certificate] = field(default_factory=list)
 
     def matches(self, cert: x509.Certificate) -> bool:
         if self.digest is not None:
             der = cert.public_bytes(serialization.Encoding.DER)
             return hashlib.new(self.digest[0], der).digest() == self.digest[1]
-        return self.serial is not None and cert.serial_number == self.serial
+        return (
+            self.serial is not None
+            and cert.serial_number == self.serial
+            and _same_name(self.issuer, cert.issuer)
+        )
+
+
+#: Attribute types XML-DSig producers write that RFC 4514 parsing does not know by name.
+_NAME_ALIASES = {
+    "E": NameOID.EMAIL_ADDRESS,
+    "EMAILADDRESS": NameOID.EMAIL_ADDRESS,
+    "SERIALNUMBER": NameOID.SERIAL_NUMBER,
+}
+
+
+def _same_name(text: str, name: x509.Name) -> bool:
+    """Whether an X509IssuerName (RFC 2253/4514 text; producers put spaces after the commas)
+    is ``name``; anything unreadable is not."""
+    for form in (text.strip(), re.sub(r"\s*,\s*", ",", text.strip())):
+        if form == name.rfc4514_string():
+            return True
+        try:
+            if x509.Name.from_rfc4514_string(form, _NAME_ALIASES) == name:
+                return True
+        except ValueError:
+            continue
+    return False
+
+
+def _signed_key_info(sig: etree._Element) -> bool:
+    """Whether a reference of the signature points at its KeyInfo (its digest is checked with
+    the others; a duplicated Id is refused there)."""
+    ki = sig.find(_DS + "KeyInfo")
+    if ki is None:
+        return False
+    ids = {f"#{v}" for v in (ki.get("Id"), ki.get("ID"), ki.get("id")) if v}
+    return any(ref.get("URI") in ids for ref in sig.iterfind(f"{_DS}SignedInfo/{_DS}Reference"))
 
 
 def _binding(sig: etree._Element, candidates: list[x509.Certificate]) -> _Binding | None:
-    """SigningCertificateV2, SigningCertificate, or X509IssuerSerial in KeyInfo (None: none)."""
+    """SigningCertificateV2 or SigningCertificate in the SignedProperties, or else the
+    X509IssuerSerial of a signed KeyInfo (None: nothing signed names the signer). An unsigned
+    KeyInfo names nothing: it can be swapped for another certificate of the same key."""
     for prop in ("SigningCertificateV2", "SigningCertificate"):
         cd = sig.find(f"{_SSP}/{_XA}{prop}/{_XA}Cert/{_XA}CertDigest")
         if cd is not None:
@@ -97,10 +139,29 @@ def _binding(sig: etree._Element, candidates: list[x509.Certificate]) -> _Bindin
                 raise ValueError(f"{prop} uses an unsupported digest method")
             value = b64_text(cd.find(_DS + "DigestValue"), f"{prop} CertDigest")
             return _Binding(digest=(alg, value), candidates=candidates)
-    serial = sig.find(f"{_DS}KeyInfo/{_DS}X509Data/{_DS}X509IssuerSerial/{_DS}X509SerialNumber")
-    if serial is not None and (serial.text or "").strip().isdigit():
-        return _Binding(serial=int((serial.text or "").strip()), candidates=candidates)
-    return None
+    iss = sig.find(f"{_DS}KeyInfo/{_DS}X509Data/{_DS}X509IssuerSerial")
+    if iss is None or not _signed_key_info(sig):
+        return None
+    serial = (iss.findtext(_DS + "X509SerialNumber") or "").strip()
+    issuer = (iss.findtext(_DS + "X509IssuerName") or "").strip()
+    if not serial.isdigit() or not issuer:
+        return None
+    return _Binding(serial=int(serial), issuer=issuer, candidates=candidates)
+
+
+def _unbound_reason(sig: etree._Element) -> str:
+    if sig.find(f"{_DS}KeyInfo/{_DS}X509Data/{_DS}X509IssuerSerial") is not None and (
+        not _signed_key_info(sig)
+    ):
+        return (
+            "no signing certificate: neither SigningCertificateV2 nor SigningCertificate is in "
+            "the SignedProperties, and the KeyInfo's X509IssuerSerial does not count: no "
+            "reference signs the KeyInfo"
+        )
+    return (
+        "no signing certificate: neither SigningCertificateV2, SigningCertificate nor a signed "
+        "KeyInfo's X509IssuerSerial (issuer and serial) names it"
+    )
 
 
 def _candidates(sig: etree._Element) -> list[x509.Certificate]:
@@ -366,12 +427,7 @@ async def _verify_one(
     candidates = _candidates(sig)
     binding = _binding(sig, candidates)
     if binding is None:
-        rep.fail(
-            INDETERMINATE,
-            "NO_SIGNING_CERTIFICATE_FOUND",
-            "no signing certificate: neither SigningCertificateV2, SigningCertificate nor "
-            "KeyInfo X509IssuerSerial names it",
-        )
+        rep.fail(INDETERMINATE, "NO_SIGNING_CERTIFICATE_FOUND", _unbound_reason(sig))
         return
     cert = next((c for c in candidates if binding.matches(c)), None)
     verifier = cert or (candidates[0] if candidates else None)

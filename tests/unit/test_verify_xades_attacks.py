@@ -1,28 +1,36 @@
 """XAdES verification under the attacks of a review, each built in the test from the real signed
 e-prescription (../shared/fixtures/e-prescription, MediSignVerifier's public test data) and
-verified offline with the real MHLW HPKI root and the CRLs the document carries.
+verified offline: with the real MHLW HPKI root and the CRLs the document carries, or (D, where
+the signature must be remade) in the sample's tree signed anew by a software TEST world.
 
-Each test failed before its fix:
+The tests of each attack failed before its fix (the others check that what must pass passes):
 - A: thousands of ArchiveTimeStamps, each re-canonicalising every property before it;
 - B: a namespaced look-alike of the signed element before it, the signed document wrapped after a
   forged one (or its root renamed), read as a plain XAdES signature;
 - C: a comment inside the signed Base64 text (left out by C14N, cutting the text a reader gets);
+- D: no SigningCertificate(V2), and an unsigned KeyInfo whose X509IssuerSerial (wrong issuer, right
+  serial) or certificate (another of the same key) named the signer.
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import hashlib
 from pathlib import Path
 from typing import Any
 
 import pytest
 from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import padding
 from lxml import etree
 
-from gateway.sign.xades import DS, XADES
+from gateway.sandbox import testworld
+from gateway.sign.xades import DS, XADES, c14n
 from gateway.verify import TrustConfig, VerificationReport, verify_document
-from gateway.verify.xml_refs import XADES141
+from gateway.verify.xml_refs import XADES141, id_index, reference_octets
+from tests.support import softkey
 
 FIX = Path(__file__).resolve().parents[2].parent / "shared" / "fixtures"
 SAMPLE = FIX / "e-prescription" / "Prescription-004_01.xml"
@@ -268,3 +276,152 @@ def test_signing_refuses_what_verification_would() -> None:
     check_document(unsigned(_sample()), PRESCRIPTION)
     with pytest.raises(InvalidRequest, match="Base64 text alone"):
         check_document(unsigned(_split(etree.Comment("x"), 400)), PRESCRIPTION)
+
+
+# -- D: the signing-certificate binding ----------------------------------------------------------
+# The sample's doctor key is not at hand: its signature is remade, in the sample's own tree,
+# with a software test world's key (a TEST HPKI CA, role Medical Doctor).
+
+
+@pytest.fixture(scope="module")
+def world() -> softkey.World:
+    return softkey.make_world()
+
+
+def _world_trust(w: softkey.World) -> TrustConfig:
+    return TrustConfig(anchors=[w.root.cert], intermediates=[w.ca.cert], check_revocation=False)
+
+
+def _der(cert: x509.Certificate) -> bytes:
+    return cert.public_bytes(serialization.Encoding.DER)
+
+
+def _resigned(
+    w: softkey.World,
+    *,
+    signing_certificate: bool = True,
+    sign_key_info: bool = True,
+    issuer_serial: tuple[str, int] | None = None,
+) -> etree._Element:
+    """The sample's tree signed anew by ``w``'s doctor: ES-BES (the unsigned properties of the
+    real signature dropped), with or without SigningCertificateV2, the KeyInfo reference, and an
+    X509IssuerSerial (issuer name, serial) in KeyInfo."""
+    root = _sample()
+    sig = _signature(root)
+    qp = sig.find(f"{_DS}Object/{_XA}QualifyingProperties")
+    assert qp is not None
+    for el in qp.findall(f"{_XA}UnsignedProperties"):
+        qp.remove(el)
+    ssp = qp.find(f"{_XA}SignedProperties/{_XA}SignedSignatureProperties")
+    scv2 = ssp.find(f"{_XA}SigningCertificateV2") if ssp is not None else None
+    assert ssp is not None and scv2 is not None
+    if signing_certificate:
+        dv = scv2.find(f"{_XA}Cert/{_XA}CertDigest/{_DS}DigestValue")
+        assert dv is not None
+        dv.text = base64.b64encode(hashlib.sha256(_der(w.signer_cert)).digest()).decode()
+    else:
+        ssp.remove(scv2)
+    x509data = sig.find(f"{_DS}KeyInfo/{_DS}X509Data")
+    assert x509data is not None
+    x509data[0].text = base64.b64encode(_der(w.signer_cert)).decode()
+    if issuer_serial is not None:
+        iss = etree.SubElement(x509data, f"{_DS}X509IssuerSerial")
+        etree.SubElement(iss, f"{_DS}X509IssuerName").text = issuer_serial[0]
+        etree.SubElement(iss, f"{_DS}X509SerialNumber").text = str(issuer_serial[1])
+    si = sig.find(f"{_DS}SignedInfo")
+    assert si is not None
+    refs = si.findall(f"{_DS}Reference")
+    if not sign_key_info:
+        (ki_ref,) = [r for r in refs if "KeyInfo" in (r.get("Id") or "")]
+        si.remove(ki_ref)
+    index, _ = id_index(root)
+    for ref in si.iterfind(f"{_DS}Reference"):
+        octets, _target = reference_octets(ref, sig, root.getroottree(), index, None)
+        dv = ref.find(f"{_DS}DigestValue")
+        assert octets is not None and dv is not None
+        dv.text = base64.b64encode(hashlib.sha256(octets).digest()).decode()
+    value = w.signer_key.sign(c14n(si, exclusive=True), padding.PKCS1v15(), hashes.SHA256())
+    sv = sig.find(f"{_DS}SignatureValue")
+    assert sv is not None
+    sv.text = base64.b64encode(value).decode()
+    return root
+
+
+def _issuer(w: softkey.World) -> str:
+    return w.ca.cert.subject.rfc4514_string()
+
+
+def test_the_resigned_sample_passes(world: softkey.World) -> None:
+    rep = _verify(_resigned(world), _world_trust(world))
+    assert rep.indication == "TOTAL-PASSED", rep.reason
+    assert "CN=Taro Test" in rep.signatures[0].signer["subject"]
+
+
+def test_a_signed_key_info_with_issuer_and_serial_still_names_the_signer(
+    world: softkey.World,
+) -> None:
+    """The reference verifier's third form (no SigningCertificate(V2)) keeps working when the
+    KeyInfo is signed and its X509IssuerSerial names the certificate."""
+    serial = world.signer_cert.serial_number
+    for issuer in (_issuer(world), _issuer(world).replace(",", ", ")):
+        doc = _resigned(world, signing_certificate=False, issuer_serial=(issuer, serial))
+        rep = _verify(doc, _world_trust(world))
+        assert rep.indication == "TOTAL-PASSED", rep.reason
+
+
+def test_an_unsigned_key_info_binds_no_signer(world: softkey.World) -> None:
+    """No SigningCertificateV2, the KeyInfo outside the references, its X509IssuerSerial with
+    the right serial under another issuer's name: before, TOTAL-PASSED."""
+    doc = _resigned(
+        world,
+        signing_certificate=False,
+        sign_key_info=False,
+        issuer_serial=("CN=Somebody Else", world.signer_cert.serial_number),
+    )
+    rep = _verify(doc, _world_trust(world))
+    assert (rep.indication, rep.sub_indication) == (
+        "INDETERMINATE",
+        "NO_SIGNING_CERTIFICATE_FOUND",
+    ), rep.reason
+    assert "no reference signs the KeyInfo" in rep.reason, rep.reason
+
+
+def test_issuer_serial_must_match_the_issuer_as_well(world: softkey.World) -> None:
+    doc = _resigned(
+        world,
+        signing_certificate=False,
+        issuer_serial=("CN=Somebody Else", world.signer_cert.serial_number),
+    )
+    rep = _verify(doc, _world_trust(world))
+    assert (rep.indication, rep.sub_indication) == (
+        "INDETERMINATE",
+        "NO_SIGNING_CERTIFICATE_FOUND",
+    ), rep.reason
+
+
+def test_another_certificate_of_the_same_key_cannot_be_swapped_in(world: softkey.World) -> None:
+    """Signed with the KeyInfo unsigned; afterwards KeyInfo swapped for another certificate
+    of the same key (another doctor's name): before, TOTAL-PASSED under that identity."""
+    spki = world.signer_key.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    other = testworld.issue_hpki_signer_cert(
+        world.ca, public_key_der=spki, name_romaji="Hanako Other", name_kanji="他",
+        role="Medical Doctor", organization="OTHER HOSPITAL", serial_number_attr="OTHER0002",
+        now=world.signer_cert.not_valid_before_utc,
+    )  # fmt: skip
+    doc = _resigned(
+        world,
+        signing_certificate=False,
+        sign_key_info=False,
+        issuer_serial=(_issuer(world), world.signer_cert.serial_number),
+    )
+    x509data = _signature(doc).find(f"{_DS}KeyInfo/{_DS}X509Data")
+    assert x509data is not None
+    x509data[0].text = base64.b64encode(_der(other)).decode()
+    serial = x509data.find(f"{_DS}X509IssuerSerial/{_DS}X509SerialNumber")
+    assert serial is not None
+    serial.text = str(other.serial_number)
+    rep = _verify(doc, _world_trust(world))
+    assert rep.indication != "TOTAL-PASSED", rep.signatures[0].signer
+    assert rep.sub_indication == "NO_SIGNING_CERTIFICATE_FOUND", rep.reason
