@@ -329,6 +329,9 @@ class SigningSettings(_Section):
     """Most signatures one document may carry for verification (more: FORMAT_FAILURE)."""
     verify_max_references: Annotated[int, Field(ge=1, le=1000)] = 10
     """Most ds:Reference elements one XML signature may have (more: FORMAT_FAILURE)."""
+    verify_max_timestamps: Annotated[int, Field(ge=1, le=1000)] = 10
+    """Most SignatureTimeStamp and ArchiveTimeStamp elements one XML signature may have (more:
+    FORMAT_FAILURE); an ES-A gains one archive timestamp per renewal."""
     verify_timeout_seconds: Annotated[float, Field(gt=0, le=600)] = 20.0
     """Wall-clock limit of one ``/verify``; slower ones are stopped (503, Retry-After)."""
     verify_concurrency: Annotated[int, Field(ge=1, le=64)] = 2

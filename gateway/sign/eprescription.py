@@ -103,6 +103,12 @@ class SignatureSlot:
     sign_path: str
     signed_path: str
     document_type: str
+    #: The element holding the Base64 document, its text alone ("": the signed element).
+    document_path: str = ""
+
+    @property
+    def text_path(self) -> str:
+        return self.document_path or self.signed_path
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -162,7 +168,9 @@ DISPENSING = EPrescriptionProfile(
     additional="AdditionalDispensedInformation",
     schema_location="ED.xsd",
     slots=(
-        SignatureSlot("DispensingSign", "Dispensing", "dispensing"),
+        SignatureSlot(
+            "DispensingSign", "Dispensing", "dispensing", "Dispensing/DispensingDocument"
+        ),
         SignatureSlot(
             f"{_EMBEDDED}/PrescriptionSign", f"{_EMBEDDED}/PrescriptionDocument", "prescription"
         ),
@@ -406,6 +414,8 @@ def _ids(root: etree._Element) -> dict[str, int]:
 
 
 def _check_base64_csv(el: etree._Element, what: str, encoding: str) -> bytes:
+    if len(el):  # a comment would be left out of the signed digest, yet split the text
+        raise InvalidRequest(f"{what} must hold its Base64 text alone (no comments or elements)")
     text = "".join((el.text or "").split())
     try:
         data = base64.b64decode(text, validate=True)

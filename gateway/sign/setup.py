@@ -91,6 +91,7 @@ def trust_config(
     if settings is not None:
         trust.max_signatures = settings.signing.verify_max_signatures
         trust.max_references = settings.signing.verify_max_references
+        trust.max_timestamps = settings.signing.verify_max_timestamps
     return trust
 
 

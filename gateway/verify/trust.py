@@ -62,6 +62,9 @@ class TrustConfig:
     #: in one XML signature (each reference may cost a canonicalisation of the whole document).
     max_signatures: int = 10
     max_references: int = 10
+    #: Refused before any timestamp is read: more SignatureTimeStamps and ArchiveTimeStamps in
+    #: one XML signature (each archive timestamp stamps everything before it).
+    max_timestamps: int = 10
     #: Check the XAdES parts against the ETSI schemas (TS 101 903 1.3.2 / 1.4.1).
     xml_schema: bool = True
 

@@ -11,12 +11,16 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import itertools
+import re
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
+from cryptography.x509.oid import NameOID
 from lxml import etree
 
 from gateway.errors import InvalidRequest
@@ -33,7 +37,7 @@ from gateway.verify.cms import load_cert
 from gateway.verify.report import INDETERMINATE, TOTAL_FAILED, SignatureReport
 from gateway.verify.schema import schema_problem
 from gateway.verify.trust import Evidence, TrustConfig, check_common, signer_info
-from gateway.verify.xml_profile import placement_problem, slot_for
+from gateway.verify.xml_profile import misplaced_problem, placement_problem, slot_for
 from gateway.verify.xml_refs import XADES141, b64_text, element_path, id_index, reference_octets
 from gateway.verify.xml_values import ES_LEVELS, read_unsigned, structure_problem
 
@@ -51,6 +55,13 @@ _SIG_URIS: dict[str, hashes.HashAlgorithm] = {
 }
 _DS = "{%s}" % DS  # noqa: UP031
 _XA = "{%s}" % XADES  # noqa: UP031
+_TIMESTAMPS = (
+    _XA + "SignatureTimeStamp",
+    f"{{{XADES141}}}ArchiveTimeStamp",
+    _XA + "ArchiveTimeStamp",
+)
+#: Further faults named after the one that decided (each timestamp may have one).
+_MAX_ALSO = 5
 _SSP = f"{_DS}Object/{_XA}QualifyingProperties/{_XA}SignedProperties/{_XA}SignedSignatureProperties"
 
 
@@ -64,21 +75,61 @@ class _Doc:
 
 @dataclass
 class _Binding:
-    """What names the signer: (algorithm, digest) of SigningCertificate(V2), or issuer/serial."""
+    """What names the signer: (algorithm, digest) of SigningCertificate(V2), or the issuer and
+    serial of a signed KeyInfo's X509IssuerSerial."""
 
     digest: tuple[str, bytes] | None = None
     serial: int | None = None
+    issuer: str = ""
     candidates: list[x509.Certificate] = field(default_factory=list)
 
     def matches(self, cert: x509.Certificate) -> bool:
         if self.digest is not None:
             der = cert.public_bytes(serialization.Encoding.DER)
             return hashlib.new(self.digest[0], der).digest() == self.digest[1]
-        return self.serial is not None and cert.serial_number == self.serial
+        return (
+            self.serial is not None
+            and cert.serial_number == self.serial
+            and _same_name(self.issuer, cert.issuer)
+        )
+
+
+#: Attribute types XML-DSig producers write that RFC 4514 parsing does not know by name.
+_NAME_ALIASES = {
+    "E": NameOID.EMAIL_ADDRESS,
+    "EMAILADDRESS": NameOID.EMAIL_ADDRESS,
+    "SERIALNUMBER": NameOID.SERIAL_NUMBER,
+}
+
+
+def _same_name(text: str, name: x509.Name) -> bool:
+    """Whether an X509IssuerName (RFC 2253/4514 text; producers put spaces after the commas)
+    is ``name``; anything unreadable is not."""
+    for form in (text.strip(), re.sub(r"\s*,\s*", ",", text.strip())):
+        if form == name.rfc4514_string():
+            return True
+        try:
+            if x509.Name.from_rfc4514_string(form, _NAME_ALIASES) == name:
+                return True
+        except ValueError:
+            continue
+    return False
+
+
+def _signed_key_info(sig: etree._Element) -> bool:
+    """Whether a reference of the signature points at its KeyInfo (its digest is checked with
+    the others; a duplicated Id is refused there)."""
+    ki = sig.find(_DS + "KeyInfo")
+    if ki is None:
+        return False
+    ids = {f"#{v}" for v in (ki.get("Id"), ki.get("ID"), ki.get("id")) if v}
+    return any(ref.get("URI") in ids for ref in sig.iterfind(f"{_DS}SignedInfo/{_DS}Reference"))
 
 
 def _binding(sig: etree._Element, candidates: list[x509.Certificate]) -> _Binding | None:
-    """SigningCertificateV2, SigningCertificate, or X509IssuerSerial in KeyInfo (None: none)."""
+    """SigningCertificateV2 or SigningCertificate in the SignedProperties, or else the
+    X509IssuerSerial of a signed KeyInfo (None: nothing signed names the signer). An unsigned
+    KeyInfo names nothing: it can be swapped for another certificate of the same key."""
     for prop in ("SigningCertificateV2", "SigningCertificate"):
         cd = sig.find(f"{_SSP}/{_XA}{prop}/{_XA}Cert/{_XA}CertDigest")
         if cd is not None:
@@ -88,10 +139,29 @@ def _binding(sig: etree._Element, candidates: list[x509.Certificate]) -> _Bindin
                 raise ValueError(f"{prop} uses an unsupported digest method")
             value = b64_text(cd.find(_DS + "DigestValue"), f"{prop} CertDigest")
             return _Binding(digest=(alg, value), candidates=candidates)
-    serial = sig.find(f"{_DS}KeyInfo/{_DS}X509Data/{_DS}X509IssuerSerial/{_DS}X509SerialNumber")
-    if serial is not None and (serial.text or "").strip().isdigit():
-        return _Binding(serial=int((serial.text or "").strip()), candidates=candidates)
-    return None
+    iss = sig.find(f"{_DS}KeyInfo/{_DS}X509Data/{_DS}X509IssuerSerial")
+    if iss is None or not _signed_key_info(sig):
+        return None
+    serial = (iss.findtext(_DS + "X509SerialNumber") or "").strip()
+    issuer = (iss.findtext(_DS + "X509IssuerName") or "").strip()
+    if not serial.isdigit() or not issuer:
+        return None
+    return _Binding(serial=int(serial), issuer=issuer, candidates=candidates)
+
+
+def _unbound_reason(sig: etree._Element) -> str:
+    if sig.find(f"{_DS}KeyInfo/{_DS}X509Data/{_DS}X509IssuerSerial") is not None and (
+        not _signed_key_info(sig)
+    ):
+        return (
+            "no signing certificate: neither SigningCertificateV2 nor SigningCertificate is in "
+            "the SignedProperties, and the KeyInfo's X509IssuerSerial does not count: no "
+            "reference signs the KeyInfo"
+        )
+    return (
+        "no signing certificate: neither SigningCertificateV2, SigningCertificate nor a signed "
+        "KeyInfo's X509IssuerSerial (issuer and serial) names it"
+    )
 
 
 def _candidates(sig: etree._Element) -> list[x509.Certificate]:
@@ -266,7 +336,8 @@ async def verify_xml(
         if rep.decided and rep.level is None:
             # Stopped before the unsigned properties: name their own faults too, as the
             # reference verifier reports each of its checks.
-            extra = [p for p in _timestamp_prechecks(sig) if p not in rep.reason]
+            checks = _timestamp_prechecks(sig, limit=trust.max_timestamps)
+            extra = [p for p in dict.fromkeys(checks) if p not in rep.reason]
             try:
                 unbound = _binding(sig, []) is None
             except ValueError:
@@ -274,18 +345,27 @@ async def verify_xml(
             if unbound and "signing certificate" not in rep.reason:
                 extra.append("no signing certificate is named (SigningCertificateV2, ...)")
             if extra:
-                rep.reason += "; also: " + "; ".join(extra)
+                shown = extra[:_MAX_ALSO]
+                if len(extra) > _MAX_ALSO:
+                    shown.append(f"and {len(extra) - _MAX_ALSO} more")
+                rep.reason += "; also: " + "; ".join(shown)
     return reports
 
 
-def _timestamp_prechecks(sig: etree._Element) -> list[str]:
-    """Faults of the timestamps that need no trust: unreadable tokens, a signature timestamp
-    that does not cover the SignatureValue."""
+def _timestamps(sig: etree._Element) -> Iterator[etree._Element]:
+    """The signature's timestamps that are read: SignatureTimeStamp, ArchiveTimeStamp (1.4.1
+    and 1.3.2)."""
+    return sig.iter(*_TIMESTAMPS)
+
+
+def _timestamp_prechecks(sig: etree._Element, *, limit: int) -> list[str]:
+    """Faults of the (first ``limit``) timestamps that need no trust: unreadable tokens, a
+    signature timestamp that does not cover the SignatureValue."""
     from gateway.sign import timestamp as ts
 
     out: list[str] = []
     sv = sig.find(_DS + "SignatureValue")
-    for el in sig.iter(_XA + "SignatureTimeStamp", f"{{{XADES141}}}ArchiveTimeStamp"):
+    for el in itertools.islice(_timestamps(sig), limit):
         name = etree.QName(el).localname
         try:
             token = ts.parse_token(
@@ -321,12 +401,21 @@ async def _verify_one(
             f"{trust.max_references} are verified (signing.verify_max_references)",
         )
         return
-    profile, slot = slot_for(sig, trust.profiles)
+    n = sum(1 for _ in _timestamps(sig))
+    if n > trust.max_timestamps:
+        rep.fail(
+            TOTAL_FAILED,
+            "FORMAT_FAILURE",
+            f"the signature has {n} timestamps; at most {trust.max_timestamps} are verified "
+            "(signing.verify_max_timestamps)",
+        )
+        return
+    profile, slot = slot_for(sig, trust.profiles, doc.index)
     if profile is not None:
         rep.format = f"XAdES ({profile.name})"
         rep.document_type = slot.document_type if slot is not None else profile.document_type
         if slot is None:
-            rep.fail(TOTAL_FAILED, "FORMAT_FAILURE", placement_problem(profile) or "misplaced")
+            rep.fail(TOTAL_FAILED, "FORMAT_FAILURE", misplaced_problem(profile, sig))
             return
     problem = structure_problem(sig)
     if problem is not None:
@@ -338,12 +427,7 @@ async def _verify_one(
     candidates = _candidates(sig)
     binding = _binding(sig, candidates)
     if binding is None:
-        rep.fail(
-            INDETERMINATE,
-            "NO_SIGNING_CERTIFICATE_FOUND",
-            "no signing certificate: neither SigningCertificateV2, SigningCertificate nor "
-            "KeyInfo X509IssuerSerial names it",
-        )
+        rep.fail(INDETERMINATE, "NO_SIGNING_CERTIFICATE_FOUND", _unbound_reason(sig))
         return
     cert = next((c for c in candidates if binding.matches(c)), None)
     verifier = cert or (candidates[0] if candidates else None)

@@ -15,6 +15,7 @@ from gateway.sign.xades import C14N10, DETACHED_URI, DS, ENVELOPED, EXC_C14N, XA
 
 __all__ = [
     "XADES141",
+    "ArchiveInputs",
     "apply_transforms",
     "archive_timestamp_input",
     "b64_text",
@@ -159,30 +160,80 @@ def archive_timestamp_input(
     precedes the ArchiveTimeStamp (``before``; None: all of them, for a new one), canonical and
     in document order; and every ds:Object other than the one holding QualifyingProperties.
     """
-    parts: list[bytes] = []
-    si = sig.find(_DS + "SignedInfo")
-    if si is None:
-        raise ValueError("no ds:SignedInfo")
-    for ref in si.iterfind(_DS + "Reference"):
-        octets, _ = reference_octets(ref, sig, tree, index, content)
-        if octets is None:
-            raise ValueError("a detached reference's content is needed for the archive timestamp")
-        parts.append(octets)
-    for tag in ("SignedInfo", "SignatureValue", "KeyInfo"):
-        el = sig.find(_DS + tag)
-        if el is not None:
-            parts.append(c14n(el, exclusive=exclusive))
-    usp = sig.find(
-        f"{_DS}Object/{_XA}QualifyingProperties/{_XA}UnsignedProperties/"
-        f"{_XA}UnsignedSignatureProperties"
-    )
-    if usp is not None:
-        for prop in usp:
-            if prop is before:
-                break
-            if isinstance(prop.tag, str):
-                parts.append(c14n(prop, exclusive=exclusive))
-    for obj in sig.iterfind(_DS + "Object"):
-        if obj.find(_XA + "QualifyingProperties") is None:
-            parts.append(c14n(obj, exclusive=exclusive))
-    return b"".join(parts)
+    return ArchiveInputs(sig, tree, index, content=content).input(before, exclusive=exclusive)
+
+
+class ArchiveInputs:
+    """:func:`archive_timestamp_input` for each ArchiveTimeStamp of one signature in turn.
+
+    The parts every timestamp shares (references, SignedInfo, SignatureValue, KeyInfo, the other
+    ds:Objects) are made once, and each unsigned property is canonicalized once per
+    canonicalization method, not again for every later timestamp (which made the work grow
+    with the square of the number of timestamps).
+    """
+
+    def __init__(
+        self,
+        sig: etree._Element,
+        tree: etree._ElementTree,
+        index: dict[str, etree._Element],
+        *,
+        content: bytes | None = None,
+    ) -> None:
+        self._sig, self._tree, self._index, self._content = sig, tree, index, content
+        usp = sig.find(
+            f"{_DS}Object/{_XA}QualifyingProperties/{_XA}UnsignedProperties/"
+            f"{_XA}UnsignedSignatureProperties"
+        )
+        children = list(usp) if usp is not None else []
+        #: The unsigned properties (elements), and for each child of UnsignedSignatureProperties
+        #: how many of them precede it (the list keeps the proxies, hence their ids, alive).
+        self._children = children
+        self._props: list[etree._Element] = []
+        self._before: dict[int, int] = {}
+        for child in children:
+            self._before[id(child)] = len(self._props)
+            if isinstance(child.tag, str):
+                self._props.append(child)
+        self._refs: bytes | None = None
+        self._fixed: dict[bool, tuple[bytes, bytes]] = {}
+        self._canonical: dict[bool, list[bytes]] = {}
+
+    def input(self, before: etree._Element | None, *, exclusive: bool) -> bytes:
+        """The input of the ArchiveTimeStamp ``before`` (None: of a new, last one)."""
+        n = len(self._props) if before is None else self._before.get(id(before), len(self._props))
+        head, tail = self._fixed_parts(exclusive)
+        done = self._canonical.setdefault(exclusive, [])
+        while len(done) < n:
+            done.append(c14n(self._props[len(done)], exclusive=exclusive))
+        return b"".join([head, *done[:n], tail])
+
+    def _fixed_parts(self, exclusive: bool) -> tuple[bytes, bytes]:
+        if exclusive in self._fixed:
+            return self._fixed[exclusive]
+        sig = self._sig
+        si = sig.find(_DS + "SignedInfo")
+        if si is None:
+            raise ValueError("no ds:SignedInfo")
+        if self._refs is None:
+            parts: list[bytes] = []
+            for ref in si.iterfind(_DS + "Reference"):
+                octets, _ = reference_octets(ref, sig, self._tree, self._index, self._content)
+                if octets is None:
+                    raise ValueError(
+                        "a detached reference's content is needed for the archive timestamp"
+                    )
+                parts.append(octets)
+            self._refs = b"".join(parts)
+        head = [self._refs]
+        for tag in ("SignedInfo", "SignatureValue", "KeyInfo"):
+            el = sig.find(_DS + tag)
+            if el is not None:
+                head.append(c14n(el, exclusive=exclusive))
+        tail = [
+            c14n(obj, exclusive=exclusive)
+            for obj in sig.iterfind(_DS + "Object")
+            if obj.find(_XA + "QualifyingProperties") is None
+        ]
+        self._fixed[exclusive] = (b"".join(head), b"".join(tail))
+        return self._fixed[exclusive]

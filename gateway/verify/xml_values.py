@@ -10,7 +10,7 @@ from lxml import etree
 
 from gateway.sign.xades import C14N10, DS, EXC_C14N, SIGNED_PROPERTIES_TYPE, XADES, c14n
 from gateway.verify.trust import TimestampEvidence
-from gateway.verify.xml_refs import XADES141, archive_timestamp_input, b64_text
+from gateway.verify.xml_refs import XADES141, ArchiveInputs, b64_text
 
 __all__ = ["ES_LEVELS", "UnsignedValues", "read_unsigned", "structure_problem"]
 
@@ -139,6 +139,7 @@ def read_unsigned(
             _crls(prop.find(_XA + "RevocationValues"), "TimeStampValidationData CRL"),
             _ocsps(prop.find(_XA + "RevocationValues"), "TimeStampValidationData OCSP"),
         )
+    archive = ArchiveInputs(sig, tree, index, content=content)
     for prop in usp.iterchildren("*"):
         name = etree.QName(prop).localname
         if prop.tag == _XA + "SignatureTimeStamp":
@@ -148,9 +149,7 @@ def read_unsigned(
         elif prop.tag in (_XA141 + "ArchiveTimeStamp", _XA + "ArchiveTimeStamp"):
             kind = "archive"
             exclusive = _ts_c14n(prop)
-            imprint = archive_timestamp_input(
-                sig, prop, tree, index, exclusive=exclusive, content=content
-            )
+            imprint = archive.input(prop, exclusive=exclusive)
         elif prop.tag == _XA + "CertificateValues":
             out.certs += _certs(prop, "CertificateValues certificate")
             out.has_values = True
