@@ -557,7 +557,7 @@ def test_concurrent_double_spend_two_workers(
     sandbox: dict[str, Any], doctor: Any, hospital_ctx: ssl.SSLContext
 ) -> None:
     doc, _ = doctor
-    with serving(Path(sandbox["config"]), workers=2) as srv:
+    with serving(Path(sandbox["config"]), workers=2, tsa=False) as srv:
         csc2 = Csc(srv.port, hospital_ctx)
         auth = SoftAuthenticator(origin=f"https://localhost:{srv.port}")
         code = asyncio.run(_new_code(sandbox, doc["id"]))

@@ -16,7 +16,7 @@ pytestmark = [pytest.mark.tls, pytest.mark.hsm]
 
 def test_two_workers_share_the_port(sandbox: dict[str, Any], hospital: dict[str, Any]) -> None:
     ctx = client_context(sandbox["server_ca"], hospital["client_cert"], hospital["client_key"])
-    with serving(Path(sandbox["config"]), workers=2) as srv:
+    with serving(Path(sandbox["config"]), workers=2, tsa=False) as srv:
         pids = set()
         # Each request on a new connection: the kernel picks a worker. The port accepts as
         # soon as the first worker has bound it; the second may still be starting.
@@ -37,7 +37,7 @@ def test_a_dead_worker_is_restarted(sandbox: dict[str, Any], hospital: dict[str,
     import signal
 
     ctx = client_context(sandbox["server_ca"], hospital["client_cert"], hospital["client_key"])
-    with serving(Path(sandbox["config"]), workers=2) as srv:
+    with serving(Path(sandbox["config"]), workers=2, tsa=False) as srv:
         victim = request(srv.port, "GET", "/health", ctx=ctx).json()["worker"]
         os.kill(victim, signal.SIGKILL)
         deadline = time.monotonic() + 20

@@ -153,8 +153,17 @@ class Server:
 
 @contextmanager
 def serving(
-    config: Path, *, workers: int | None = None, env: dict[str, str] | None = None
+    config: Path,
+    *,
+    workers: int | None = None,
+    env: dict[str, str] | None = None,
+    tsa: bool = True,
 ) -> Iterator[Server]:
+    """A gateway on ``config``, stopped afterwards. ``tsa=False`` for a second gateway on a
+    world that has one already (the session's): its TEST TSA would take the world's TSA port
+    if it came first, and take it away when it stops, from the gateway that stays."""
+    if not tsa:
+        env = {"HPKI_GATEWAY_TEST_TSA__ENABLED": "false", **(env or {})}
     srv = Server(config, free_port(), workers=workers, env=env)
     srv.start()
     try:
@@ -173,7 +182,7 @@ def serving_with_delivery(config: Path) -> Iterator[tuple[Server, int]]:
         "HPKI_GATEWAY_DELIVERY__PORT": str(dport),
         "HPKI_GATEWAY_DELIVERY__PUBLIC_URL": f"https://localhost:{dport}",
     }
-    with serving(config, env=env) as srv:
+    with serving(config, env=env, tsa=False) as srv:
         yield srv, dport
 
 
