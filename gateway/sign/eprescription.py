@@ -391,13 +391,25 @@ def build_dispensing(
     etree.SubElement(root, "DispensingSign")
     # The prescription goes in as its serialized bytes and the whole is parsed again: moving
     # lxml elements between documents re-resolves their namespaces (a default-namespace
-    # element becomes prefixed), which would change the prescription's bytes.
-    inner = "".join(
-        [container_src.text or "", *(etree.tostring(c, encoding="unicode") for c in container_src)]
-    ).encode("utf-8")
+    # element becomes prefixed), which would change the prescription's bytes. The children
+    # are cut out of the serialized Prescription rather than serialized one by one: lxml
+    # writes every namespace in scope on each element it serializes alone, and each child
+    # would gain an xmlns:xsi declaration the signed prescription does not have.
+    inner = _inner_xml(container_src).encode("utf-8")
     skeleton = etree.tostring(root, encoding="UTF-8", xml_declaration=True)
     assembled = skeleton.replace(placeholder.encode(), inner, 1)
     return parse_untrusted(assembled, max_depth=256, what="the dispensing result")
+
+
+def _inner_xml(el: etree._Element) -> str:
+    """The content of ``el`` as it serializes inside its own document: text and children
+    without the namespace declarations that ``el`` and its ancestors make (in scope again
+    under an element that declares the same ones)."""
+    whole = etree.tostring(el, encoding="unicode", with_tail=False)
+    if whole.endswith("/>") and not len(el) and not el.text:
+        return ""
+    # lxml escapes ">" in attribute values, so the first one ends the start tag.
+    return whole[whole.index(">") + 1 : whole.rindex("</")]
 
 
 # -- checking an unsigned document -------------------------------------------------------------

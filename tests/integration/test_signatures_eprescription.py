@@ -30,7 +30,7 @@ from lxml import etree
 from gateway.errors import InvalidRequest, RevocationUnavailable
 from gateway.pki.crl import CrlSource, load_crl_files
 from gateway.sandbox import testworld
-from gateway.sign.eprescription import AdditionalLine, EPrescriptionInput
+from gateway.sign.eprescription import AdditionalLine, EPrescriptionInput, build_dispensing
 from gateway.sign.extend import extend_document
 from gateway.sign.service import SignedDocument, SigningPolicy, sign_document
 from gateway.sign.timestamp import Rfc3161Client
@@ -430,6 +430,24 @@ def test_dispensing_around_the_real_prescription(world: SignWorld, tsa: dict[str
     assert by_type["prescription"].chain["path"][-1].startswith("OU=MHLW HPKI Root CA V2")
     assert by_type["dispensing"].xades_level == "ES-A"
     assert by_type["dispensing"].signer["hc_roles"] == ["Pharmacist"]
+
+
+def test_the_embedded_prescription_keeps_the_real_prescriptions_bytes() -> None:
+    """ReferencePrescription holds the signed prescription's content as the real file has it:
+    no namespace declaration added to its children (each once gained an xmlns:xsi that the
+    signed prescription does not have). The one change left in the real sample is lxml's
+    serialization of an empty element (``Value=".." />`` written ``Value=".."/>``): markup
+    inside a tag, which C14N does not see."""
+    raw = SAMPLE.read_bytes().decode("utf-8")
+    built = build_dispensing(DISPENSING_CSV, prescription=etree.parse(str(SAMPLE)))
+    out = etree.tostring(built, encoding="unicode")
+
+    def inner(text: str, tag: str) -> str:
+        return text[text.index(f"<{tag}>") + len(tag) + 2 : text.index(f"</{tag}>")]
+
+    embedded = inner(out, "ReferencePrescription")
+    assert "xmlns:xsi" not in embedded
+    assert embedded == inner(raw, "Prescription").replace('" />', '"/>')
 
 
 def test_dispensing_refuses_a_broken_prescription_before_the_key(
