@@ -376,8 +376,18 @@ def build_dispensing(
     container_src = src.find(PRESCRIPTION.container)
     if src.tag != PRESCRIPTION.root or container_src is None:
         raise InvalidRequest("the prescription is not a Document/Prescription e-prescription")
-    if set(src.nsmap.items()) - {("xsi", XSI)}:
-        raise InvalidRequest("the prescription's root declares namespaces other than xsi")
+    if dict(container_src.nsmap) != {"xsi": XSI}:
+        # The embedded PrescriptionDocument's digest (inclusive C14N) sees the namespaces in
+        # scope: the new root gives it xsi alone, so the prescription must have had the same.
+        if set(container_src.nsmap.items()) - {("xsi", XSI)}:
+            raise InvalidRequest(
+                "the prescription's root or Prescription declares namespaces other than xsi"
+            )
+        raise InvalidRequest(
+            "the prescription's root does not declare xsi (its "
+            'xsi:noNamespaceSchemaLocation="EP.xsd"): its signature would break inside the '
+            "dispensing result"
+        )
     root = _root(p)
     _management(root, p, _check_document_id(dispensing_id, "dispensing_id"))
     container = etree.SubElement(root, p.container)
@@ -445,7 +455,7 @@ def check_document(
     root = tree.getroot()
     if root.tag != p.root or root.get("id") != p.root:
         raise InvalidRequest(f'the {p.name} document\'s root must be <{p.root} id="{p.root}">')
-    if root.get(_XSI_SCHEMA) not in (None, p.schema_location):
+    if root.get(_XSI_SCHEMA) != p.schema_location:
         raise InvalidRequest(f"the {p.name} document's schema location must be {p.schema_location}")
     dupes = sorted(k for k, n in _ids(root).items() if n > 1)
     if dupes:
@@ -463,6 +473,15 @@ def check_document(
     signed = root.find(p.signed_path)
     if signed is None or signed.get("id") != signed.tag:
         raise InvalidRequest(f"no {p.root}/{p.signed_path} element with its id")
+    if p.document_type == "prescription" and dict(signed.nsmap) != {"xsi": XSI}:
+        # Its reference has no Transforms: inclusive C14N, which takes in every namespace in
+        # scope. Inside a dispensing result the root declares xsi alone, so any other in-scope
+        # namespace (or none) would change the digest and break the prescription there.
+        raise InvalidRequest(
+            f"{p.signed_path} must have the xsi namespace alone in scope (declared on the "
+            "root, as in the real prescriptions), or its signature breaks inside a "
+            "dispensing result"
+        )
     doc = root.find(f"{p.container}/{p.document}")
     if doc is None or doc.get("id") != p.document:
         raise InvalidRequest(f"no {p.root}/{p.container}/{p.document} element with its id")
