@@ -376,8 +376,18 @@ def build_dispensing(
     container_src = src.find(PRESCRIPTION.container)
     if src.tag != PRESCRIPTION.root or container_src is None:
         raise InvalidRequest("the prescription is not a Document/Prescription e-prescription")
-    if set(src.nsmap.items()) - {("xsi", XSI)}:
-        raise InvalidRequest("the prescription's root declares namespaces other than xsi")
+    if dict(container_src.nsmap) != {"xsi": XSI}:
+        # The embedded PrescriptionDocument's digest (inclusive C14N) sees the namespaces in
+        # scope: the new root gives it xsi alone, so the prescription must have had the same.
+        if set(container_src.nsmap.items()) - {("xsi", XSI)}:
+            raise InvalidRequest(
+                "the prescription's root or Prescription declares namespaces other than xsi"
+            )
+        raise InvalidRequest(
+            "the prescription's root does not declare xsi (its "
+            'xsi:noNamespaceSchemaLocation="EP.xsd"): its signature would break inside the '
+            "dispensing result"
+        )
     root = _root(p)
     _management(root, p, _check_document_id(dispensing_id, "dispensing_id"))
     container = etree.SubElement(root, p.container)
@@ -391,13 +401,25 @@ def build_dispensing(
     etree.SubElement(root, "DispensingSign")
     # The prescription goes in as its serialized bytes and the whole is parsed again: moving
     # lxml elements between documents re-resolves their namespaces (a default-namespace
-    # element becomes prefixed), which would change the prescription's bytes.
-    inner = "".join(
-        [container_src.text or "", *(etree.tostring(c, encoding="unicode") for c in container_src)]
-    ).encode("utf-8")
+    # element becomes prefixed), which would change the prescription's bytes. The children
+    # are cut out of the serialized Prescription rather than serialized one by one: lxml
+    # writes every namespace in scope on each element it serializes alone, and each child
+    # would gain an xmlns:xsi declaration the signed prescription does not have.
+    inner = _inner_xml(container_src).encode("utf-8")
     skeleton = etree.tostring(root, encoding="UTF-8", xml_declaration=True)
     assembled = skeleton.replace(placeholder.encode(), inner, 1)
     return parse_untrusted(assembled, max_depth=256, what="the dispensing result")
+
+
+def _inner_xml(el: etree._Element) -> str:
+    """The content of ``el`` as it serializes inside its own document: text and children
+    without the namespace declarations that ``el`` and its ancestors make (in scope again
+    under an element that declares the same ones)."""
+    whole = etree.tostring(el, encoding="unicode", with_tail=False)
+    if whole.endswith("/>") and not len(el) and not el.text:
+        return ""
+    # lxml escapes ">" in attribute values, so the first one ends the start tag.
+    return whole[whole.index(">") + 1 : whole.rindex("</")]
 
 
 # -- checking an unsigned document -------------------------------------------------------------
@@ -433,7 +455,7 @@ def check_document(
     root = tree.getroot()
     if root.tag != p.root or root.get("id") != p.root:
         raise InvalidRequest(f'the {p.name} document\'s root must be <{p.root} id="{p.root}">')
-    if root.get(_XSI_SCHEMA) not in (None, p.schema_location):
+    if root.get(_XSI_SCHEMA) != p.schema_location:
         raise InvalidRequest(f"the {p.name} document's schema location must be {p.schema_location}")
     dupes = sorted(k for k, n in _ids(root).items() if n > 1)
     if dupes:
@@ -451,6 +473,15 @@ def check_document(
     signed = root.find(p.signed_path)
     if signed is None or signed.get("id") != signed.tag:
         raise InvalidRequest(f"no {p.root}/{p.signed_path} element with its id")
+    if p.document_type == "prescription" and dict(signed.nsmap) != {"xsi": XSI}:
+        # Its reference has no Transforms: inclusive C14N, which takes in every namespace in
+        # scope. Inside a dispensing result the root declares xsi alone, so any other in-scope
+        # namespace (or none) would change the digest and break the prescription there.
+        raise InvalidRequest(
+            f"{p.signed_path} must have the xsi namespace alone in scope (declared on the "
+            "root, as in the real prescriptions), or its signature breaks inside a "
+            "dispensing result"
+        )
     doc = root.find(f"{p.container}/{p.document}")
     if doc is None or doc.get("id") != p.document:
         raise InvalidRequest(f"no {p.root}/{p.container}/{p.document} element with its id")

@@ -30,7 +30,7 @@ from lxml import etree
 from gateway.errors import InvalidRequest, RevocationUnavailable
 from gateway.pki.crl import CrlSource, load_crl_files
 from gateway.sandbox import testworld
-from gateway.sign.eprescription import AdditionalLine, EPrescriptionInput
+from gateway.sign.eprescription import AdditionalLine, EPrescriptionInput, build_dispensing
 from gateway.sign.extend import extend_document
 from gateway.sign.service import SignedDocument, SigningPolicy, sign_document
 from gateway.sign.timestamp import Rfc3161Client
@@ -49,6 +49,7 @@ SAMPLE = FIX / "e-prescription" / "Prescription-004_01.xml"
 NEGATIVE = FIX / "e-prescription" / "negative"
 MHLW_ROOT = FIX / "real-hpki" / "mhlw_hpki_root_ca_v2.cer"
 NS = {"ds": DS, "xades": XADES}
+XSI = "http://www.w3.org/2001/XMLSchema-instance"
 CSV = "1,医療機関コード,1310000011\r\n2,処方,ロキソニン錠60mg,3錠,分3毎食後\r\n".encode()
 DISPENSING_CSV = "1,薬局コード,1310000022\r\n2,調剤,ロキソニン錠60mg,3錠\r\n".encode()
 
@@ -432,6 +433,36 @@ def test_dispensing_around_the_real_prescription(world: SignWorld, tsa: dict[str
     assert by_type["dispensing"].signer["hc_roles"] == ["Pharmacist"]
 
 
+def test_the_embedded_prescription_keeps_the_real_prescriptions_bytes() -> None:
+    """ReferencePrescription holds the signed prescription's content as the real file has it:
+    no namespace declaration added to its children (each once gained an xmlns:xsi that the
+    signed prescription does not have). The one change left in the real sample is lxml's
+    serialization of an empty element (``Value=".." />`` written ``Value=".."/>``): markup
+    inside a tag, which C14N does not see."""
+    raw = SAMPLE.read_bytes().decode("utf-8")
+    built = build_dispensing(DISPENSING_CSV, prescription=etree.parse(str(SAMPLE)))
+    out = etree.tostring(built, encoding="unicode")
+
+    def inner(text: str, tag: str) -> str:
+        return text[text.index(f"<{tag}>") + len(tag) + 2 : text.index(f"</{tag}>")]
+
+    embedded = inner(out, "ReferencePrescription")
+    assert "xmlns:xsi" not in embedded
+    assert embedded == inner(raw, "Prescription").replace('" />', '"/>')
+
+
+def test_dispensing_names_a_prescription_root_without_xsi() -> None:
+    """Inside a dispensing result the root declares xsi, which the embedded PrescriptionDocument's
+    digest (inclusive C14N) then takes in: a prescription whose root did not declare it cannot
+    travel intact, and the reason says so (it was "the embedded prescription's signature is
+    broken", as if the prescriber's signature were at fault)."""
+    raw = SAMPLE.read_bytes()
+    bare = raw.replace(f' xmlns:xsi="{XSI}"'.encode(), b"", 1)
+    bare = bare.replace(b' xsi:noNamespaceSchemaLocation="EP.xsd"', b"", 1)
+    with pytest.raises(InvalidRequest, match="does not declare xsi"):
+        build_dispensing(DISPENSING_CSV, prescription=etree.ElementTree(etree.fromstring(bare)))
+
+
 def test_dispensing_refuses_a_broken_prescription_before_the_key(
     world: SignWorld, tsa: dict[str, Any]
 ) -> None:
@@ -518,6 +549,15 @@ BAD_DOCUMENTS = {
             )
         ),
         "not valid utf-8",
+    ),
+    # The real prescriptions' root: xsi:noNamespaceSchemaLocation="EP.xsd", xsi alone in scope.
+    "no schema location": (
+        _unsigned(lambda r: r.attrib.pop(f"{{{XSI}}}noNamespaceSchemaLocation")),
+        "schema location must be EP.xsd",
+    ),
+    "another namespace in scope": (
+        _unsigned().replace(b"<Document ", b'<Document xmlns:x="urn:x" ', 1),
+        "xsi namespace alone in scope",
     ),
     "already signed": (
         _unsigned(lambda r: etree.SubElement(r.find("Prescription/PrescriptionSign"), "X")),
