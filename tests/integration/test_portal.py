@@ -253,6 +253,37 @@ def test_portal_forms_need_this_listener_as_origin(
     assert r.status == 415
 
 
+def test_no_form_puts_a_password_in_the_url(gateway: Server, hospital_ctx: Any) -> None:
+    """A form without ``method`` is a GET: without JavaScript (or before its script loads) the
+    enrolment form sent the code and password as ``/portal/enrol?code=…&password=…`` (browser
+    history, proxy logs). Every form with a password field posts."""
+    from html.parser import HTMLParser
+
+    class Forms(HTMLParser):
+        def __init__(self) -> None:
+            super().__init__()
+            self.forms: list[dict[str, Any]] = []
+
+        def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+            a = dict(attrs)
+            if tag == "form":
+                self.forms.append({"id": a.get("id"), "method": a.get("method"), "pw": False})
+            elif tag == "input" and a.get("type") == "password" and self.forms:
+                self.forms[-1]["pw"] = True
+
+    checked = 0
+    for page in [*PAGES, "/portal/enrol/mynumber", "/portal/scenarios", "/enroll", "/approve"]:
+        r = request(gateway.port, "GET", page, ctx=hospital_ctx)
+        assert r.status == 200, page
+        parser = Forms()
+        parser.feed(r.body.decode())
+        for form in parser.forms:
+            if form["pw"]:
+                checked += 1
+                assert (form["method"] or "get").lower() == "post", (page, form["id"])
+    assert checked >= 2  # /portal/enrol and /enroll
+
+
 def test_no_portal_page_without_a_client_certificate(
     gateway: Server, sandbox: dict[str, Any]
 ) -> None:
