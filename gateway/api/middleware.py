@@ -188,12 +188,19 @@ async def browser_guard(request: web.Request, handler: Handler) -> web.StreamRes
     ``application/json`` (which a cross-site form or no-cors fetch cannot send) is 415. Under
     ``/admin/`` a request the browser marks cross-site is 403 whatever its method: GETs there
     are audited (a password notice fetched, a statement made), and a cross-site ``<img>`` or
-    link must not write records in the administrator's name.
+    link must not write records in the administrator's name. Any other cross-site request that
+    is not a navigation (a subresource or fetch of another site's page) is 403 too.
     """
     cross_site = request.headers.get("Sec-Fetch-Site", "").lower() == "cross-site"
     if cross_site and (request.path == "/admin" or request.path.startswith("/admin/")):
         # Some admin GETs write an audit record (a password notice fetched, a statement made):
         # an <img> on any page must not make an administrator's browser write one.
+        raise AccessDenied("cross-site requests are refused")
+    if cross_site and request.headers.get("Sec-Fetch-Mode", "").lower() not in ("", "navigate"):
+        # A cross-site page's <script>, <img>, <link> or fetch: nothing here is a resource for
+        # other sites, and its load/error events would tell that page the status (which
+        # client-<code>.p12 the browser's certificate may download, whether it is an admin's).
+        # A link or a typed address (mode navigate) still opens the portal.
         raise AccessDenied("cross-site requests are refused")
     if request.method in _UNSAFE:
         if cross_site:

@@ -284,6 +284,36 @@ def test_no_form_puts_a_password_in_the_url(gateway: Server, hospital_ctx: Any) 
     assert checked >= 2  # /portal/enrol and /enroll
 
 
+def test_a_cross_site_page_cannot_probe_the_portal(
+    gateway: Server, hospital_ctx: Any, hospital: dict[str, Any], sandbox: dict[str, Any]
+) -> None:
+    """A cross-site <script>/<img>/<link> (Sec-Fetch-Mode no-cors) learned the status of a
+    portal download: 200 for the client-<code>.p12 the browser's certificate may fetch, 404
+    for the others, so any page could tell which facility (or an administrator) the visitor
+    is. Such requests are 403 for every name; a link from another site (navigate) still
+    opens the portal."""
+    own = f"/portal/downloads/client-{hospital['institution_code']}.p12"
+    other = next(
+        f"/portal/downloads/client-{f['institution_code']}.p12"
+        for f in sandbox["facilities"]
+        if f["institution_code"] != hospital["institution_code"]
+    )
+    sub = {"Sec-Fetch-Site": "cross-site", "Sec-Fetch-Mode": "no-cors", "Sec-Fetch-Dest": "script"}
+    for path in (own, other, "/portal/status", "/portal/downloads/manifest.json"):
+        r = request(gateway.port, "GET", path, ctx=hospital_ctx, headers=sub)
+        assert r.status == 403, (path, r.status)
+    link = {
+        "Sec-Fetch-Site": "cross-site",
+        "Sec-Fetch-Mode": "navigate",
+        "Sec-Fetch-Dest": "document",
+    }
+    assert (
+        request(gateway.port, "GET", "/portal/status", ctx=hospital_ctx, headers=link).status == 200
+    )
+    same = {"Sec-Fetch-Site": "same-origin", "Sec-Fetch-Mode": "no-cors"}
+    assert request(gateway.port, "GET", own, ctx=hospital_ctx, headers=same).status == 200
+
+
 def test_no_portal_page_without_a_client_certificate(
     gateway: Server, sandbox: dict[str, Any]
 ) -> None:
