@@ -185,10 +185,25 @@ async def browser_guard(request: web.Request, handler: Handler) -> web.StreamRes
     A browser holding a facility or admin certificate presents it to any site that makes it
     send a request here; such a request is refused when the browser marks it cross-site
     (``Sec-Fetch-Site``) or names a foreign ``Origin`` (403), and a body in any other type than
-    ``application/json`` (which a cross-site form or no-cors fetch cannot send) is 415.
+    ``application/json`` (which a cross-site form or no-cors fetch cannot send) is 415. Under
+    ``/admin/`` a request the browser marks cross-site is 403 whatever its method: GETs there
+    are audited (a password notice fetched, a statement made), and a cross-site ``<img>`` or
+    link must not write records in the administrator's name. Any other cross-site request that
+    is not a navigation (a subresource or fetch of another site's page) is 403 too.
     """
+    cross_site = request.headers.get("Sec-Fetch-Site", "").lower() == "cross-site"
+    if cross_site and (request.path == "/admin" or request.path.startswith("/admin/")):
+        # Some admin GETs write an audit record (a password notice fetched, a statement made):
+        # an <img> on any page must not make an administrator's browser write one.
+        raise AccessDenied("cross-site requests are refused")
+    if cross_site and request.headers.get("Sec-Fetch-Mode", "").lower() not in ("", "navigate"):
+        # A cross-site page's <script>, <img>, <link> or fetch: nothing here is a resource for
+        # other sites, and its load/error events would tell that page the status (which
+        # client-<code>.p12 the browser's certificate may download, whether it is an admin's).
+        # A link or a typed address (mode navigate) still opens the portal.
+        raise AccessDenied("cross-site requests are refused")
     if request.method in _UNSAFE:
-        if request.headers.get("Sec-Fetch-Site", "").lower() == "cross-site":
+        if cross_site:
             raise AccessDenied("cross-site requests are refused")
         origin = request.headers.get("Origin")
         if origin is not None and origin.rstrip("/") not in own_origins(request):

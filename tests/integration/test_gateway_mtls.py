@@ -367,6 +367,25 @@ def test_cross_site_requests_are_403(
         assert r.status == 200, (headers, r.body)
 
 
+def test_cross_site_admin_gets_are_403(gateway: Server, sandbox: dict[str, Any]) -> None:
+    """Admin GETs that write an audit record (a statement made, a password notice fetched) were
+    served to a cross-site <img> in an administrator's browser (no-cors GET: no Origin, no
+    guard), so any page could write records in the administrator's name. Under /admin/ a
+    request marked cross-site is 403 whatever its method; same-origin and non-browser clients
+    (no Sec-Fetch-Site) still get the statement."""
+    admin = _admin_ctx(sandbox)
+    code = sandbox["facilities"][0]["institution_code"]
+    statement = f"/admin/facilities/{code}/statements/2026-01"
+    img = {"Sec-Fetch-Site": "cross-site", "Sec-Fetch-Mode": "no-cors", "Sec-Fetch-Dest": "image"}
+    for path in (statement, f"{statement}?format=csv", "/admin/facilities"):
+        r = request(gateway.port, "GET", path, ctx=admin, headers=img)
+        assert r.status == 403, (path, r.body[:200])
+        assert r.json()["code"] == "access_denied"
+    for headers in ({"Sec-Fetch-Site": "same-origin"}, {"Sec-Fetch-Site": "none"}, {}):
+        r = request(gateway.port, "GET", statement, ctx=admin, headers=headers)
+        assert r.status == 200, (headers, r.body[:200])
+
+
 def test_the_gateway_runs_on_uvloop_by_default(gateway: Server) -> None:
     """``server.event_loop`` defaults to uvloop: the start-up line names the loop running."""
     line = next(x for x in gateway.logs().splitlines() if "serving https://" in x)

@@ -253,6 +253,67 @@ def test_portal_forms_need_this_listener_as_origin(
     assert r.status == 415
 
 
+def test_no_form_puts_a_password_in_the_url(gateway: Server, hospital_ctx: Any) -> None:
+    """A form without ``method`` is a GET: without JavaScript (or before its script loads) the
+    enrolment form sent the code and password as ``/portal/enrol?code=…&password=…`` (browser
+    history, proxy logs). Every form with a password field posts."""
+    from html.parser import HTMLParser
+
+    class Forms(HTMLParser):
+        def __init__(self) -> None:
+            super().__init__()
+            self.forms: list[dict[str, Any]] = []
+
+        def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+            a = dict(attrs)
+            if tag == "form":
+                self.forms.append({"id": a.get("id"), "method": a.get("method"), "pw": False})
+            elif tag == "input" and a.get("type") == "password" and self.forms:
+                self.forms[-1]["pw"] = True
+
+    checked = 0
+    for page in [*PAGES, "/portal/enrol/mynumber", "/portal/scenarios", "/enroll", "/approve"]:
+        r = request(gateway.port, "GET", page, ctx=hospital_ctx)
+        assert r.status == 200, page
+        parser = Forms()
+        parser.feed(r.body.decode())
+        for form in parser.forms:
+            if form["pw"]:
+                checked += 1
+                assert (form["method"] or "get").lower() == "post", (page, form["id"])
+    assert checked >= 2  # /portal/enrol and /enroll
+
+
+def test_a_cross_site_page_cannot_probe_the_portal(
+    gateway: Server, hospital_ctx: Any, hospital: dict[str, Any], sandbox: dict[str, Any]
+) -> None:
+    """A cross-site <script>/<img>/<link> (Sec-Fetch-Mode no-cors) learned the status of a
+    portal download: 200 for the client-<code>.p12 the browser's certificate may fetch, 404
+    for the others, so any page could tell which facility (or an administrator) the visitor
+    is. Such requests are 403 for every name; a link from another site (navigate) still
+    opens the portal."""
+    own = f"/portal/downloads/client-{hospital['institution_code']}.p12"
+    other = next(
+        f"/portal/downloads/client-{f['institution_code']}.p12"
+        for f in sandbox["facilities"]
+        if f["institution_code"] != hospital["institution_code"]
+    )
+    sub = {"Sec-Fetch-Site": "cross-site", "Sec-Fetch-Mode": "no-cors", "Sec-Fetch-Dest": "script"}
+    for path in (own, other, "/portal/status", "/portal/downloads/manifest.json"):
+        r = request(gateway.port, "GET", path, ctx=hospital_ctx, headers=sub)
+        assert r.status == 403, (path, r.status)
+    link = {
+        "Sec-Fetch-Site": "cross-site",
+        "Sec-Fetch-Mode": "navigate",
+        "Sec-Fetch-Dest": "document",
+    }
+    assert (
+        request(gateway.port, "GET", "/portal/status", ctx=hospital_ctx, headers=link).status == 200
+    )
+    same = {"Sec-Fetch-Site": "same-origin", "Sec-Fetch-Mode": "no-cors"}
+    assert request(gateway.port, "GET", own, ctx=hospital_ctx, headers=same).status == 200
+
+
 def test_no_portal_page_without_a_client_certificate(
     gateway: Server, sandbox: dict[str, Any]
 ) -> None:
