@@ -11,11 +11,9 @@ from typing import Any
 
 import pytest
 from asn1crypto import cms
-from asn1crypto import x509 as asn1_x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import padding
 
 from gateway.verify import TrustConfig, verify_document
+from tests.support import cms_forge
 from tests.support.softkey import World, make_world
 
 CONTENT = b"Rx: 1 tablet"
@@ -26,61 +24,12 @@ def world() -> World:
     return make_world()
 
 
-def _attr(kind: str, values: list[Any]) -> cms.CMSAttribute:
-    return cms.CMSAttribute({"type": kind, "values": values})
-
-
-def _signing_certificate_v2(world: World) -> cms.CMSAttribute:
-    der = world.signer_cert.public_bytes(serialization.Encoding.DER)
-    return _attr(
-        "signing_certificate_v2",
-        [
-            {
-                "certs": [
-                    {
-                        "hash_algorithm": {"algorithm": "sha256"},
-                        "cert_hash": hashlib.sha256(der).digest(),
-                    }
-                ]
-            }
-        ],
-    )
+_attr = cms_forge.attribute
 
 
 def _signed(world: World, attrs: list[cms.CMSAttribute], *, content: bytes = CONTENT) -> bytes:
     """An attached CAdES-style SignedData over ``content`` with exactly ``attrs`` signed."""
-    signed_attrs = cms.CMSAttributes(attrs)
-    signature = world.signer_key.sign(signed_attrs.dump(), padding.PKCS1v15(), hashes.SHA256())
-    cert = asn1_x509.Certificate.load(world.signer_cert.public_bytes(serialization.Encoding.DER))
-    ca = asn1_x509.Certificate.load(world.ca.cert.public_bytes(serialization.Encoding.DER))
-    si = cms.SignerInfo(
-        {
-            "version": "v1",
-            "sid": cms.SignerIdentifier(
-                {
-                    "issuer_and_serial_number": {
-                        "issuer": cert.issuer,
-                        "serial_number": cert.serial_number,
-                    }
-                }
-            ),
-            "digest_algorithm": {"algorithm": "sha256"},
-            "signed_attrs": signed_attrs,
-            "signature_algorithm": {"algorithm": "sha256_rsa"},
-            "signature": signature,
-        }
-    )
-    sd = cms.SignedData(
-        {
-            "version": "v1",
-            "digest_algorithms": [{"algorithm": "sha256"}],
-            "encap_content_info": {"content_type": "data", "content": content},
-            "certificates": [cert, ca],
-            "signer_infos": [si],
-        }
-    )
-    der: bytes = cms.ContentInfo({"content_type": "signed_data", "content": sd}).dump()
-    return der
+    return cms_forge.signed_cms(world, attrs, content=content)
 
 
 def _verify(world: World, data: bytes, content: bytes | None = None) -> Any:
@@ -94,7 +43,7 @@ def _good_attrs(world: World, content_type: str = "data") -> list[cms.CMSAttribu
     return [
         _attr("content_type", [content_type]),
         _attr("message_digest", [hashlib.sha256(CONTENT).digest()]),
-        _signing_certificate_v2(world),
+        cms_forge.signing_certificate_v2(world),
     ]
 
 

@@ -10,12 +10,11 @@ import datetime as dt
 import hashlib
 
 import pytest
-from asn1crypto import algos, cms, core, tsp
-from asn1crypto import x509 as asn1_x509
+from asn1crypto import tsp
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import padding
 
 from gateway.verify import TrustConfig, VerificationReport, verify_document
+from tests.support import cms_forge
 from tests.support.softkey import World, make_world
 
 CONTENT = b"1,Rx,Loxonin 60mg,3 tablets\r\n"
@@ -29,75 +28,22 @@ def world() -> World:
 
 def _cms(world: World, *, digest: str = "sha256", binding: str = "v2-sha256") -> bytes:
     """An attached CMS SignedData over CONTENT with the given digest and certificate binding."""
-    der = world.signer_cert.public_bytes(serialization.Encoding.DER)
-    cert = asn1_x509.Certificate.load(der)
     attrs = [
-        cms.CMSAttribute({"type": "content_type", "values": ["data"]}),
-        cms.CMSAttribute(
-            {"type": "message_digest", "values": [hashlib.new(digest, CONTENT).digest()]}
-        ),
+        cms_forge.attribute("content_type", ["data"]),
+        cms_forge.attribute("message_digest", [hashlib.new(digest, CONTENT).digest()]),
     ]
     if binding.startswith("v2-"):
-        alg = binding.removeprefix("v2-")
-        attrs.append(
-            cms.CMSAttribute(
-                {
-                    "type": "signing_certificate_v2",
-                    "values": [
-                        {
-                            "certs": [
-                                {
-                                    "hash_algorithm": {"algorithm": alg},
-                                    "cert_hash": hashlib.new(alg, der).digest(),
-                                }
-                            ]
-                        }
-                    ],
-                }
-            )
-        )
+        attrs.append(cms_forge.signing_certificate_v2(world, binding.removeprefix("v2-")))
     else:  # ESS signingCertificate (v1): SHA-1 by definition
+        der = world.signer_cert.public_bytes(serialization.Encoding.DER)
+        cert_hash = hashlib.sha1(der).digest()  # noqa: S324 - the refused binding
         attrs.append(
-            cms.CMSAttribute(
-                {
-                    "type": "signing_certificate",
-                    "values": [
-                        tsp.SigningCertificate(
-                            {"certs": [{"cert_hash": hashlib.sha1(der).digest()}]}  # noqa: S324
-                        )
-                    ],
-                }
+            cms_forge.attribute(
+                "signing_certificate",
+                [tsp.SigningCertificate({"certs": [{"cert_hash": cert_hash}]})],
             )
         )
-    signed_attrs = cms.CMSAttributes(attrs)
-    signature = world.signer_key.sign(signed_attrs.dump(), padding.PKCS1v15(), _HASHES[digest])
-    si = cms.SignerInfo(
-        {
-            "version": "v1",
-            "sid": cms.SignerIdentifier(
-                {
-                    "issuer_and_serial_number": {
-                        "issuer": cert.issuer,
-                        "serial_number": cert.serial_number,
-                    }
-                }
-            ),
-            "digest_algorithm": algos.DigestAlgorithm({"algorithm": digest}),
-            "signed_attrs": signed_attrs,
-            "signature_algorithm": algos.SignedDigestAlgorithm({"algorithm": "rsassa_pkcs1v15"}),
-            "signature": signature,
-        }
-    )
-    sd = cms.SignedData(
-        {
-            "version": "v1",
-            "digest_algorithms": [algos.DigestAlgorithm({"algorithm": digest})],
-            "encap_content_info": {"content_type": "data", "content": core.OctetString(CONTENT)},
-            "certificates": [cert],
-            "signer_infos": [si],
-        }
-    )
-    return cms.ContentInfo({"content_type": "signed_data", "content": sd}).dump()
+    return cms_forge.signed_cms(world, attrs, content=CONTENT, digest=digest)
 
 
 def _verify(world: World, data: bytes) -> VerificationReport:
