@@ -91,6 +91,7 @@ async def request_context(request: web.Request, handler: Handler) -> web.StreamR
             )
             response = errors.internal(request)
         response.headers["X-Request-ID"] = rid
+        _hardening_headers(response)
         _expiry_header(request, response)
         client_rid = request.headers.get("X-Request-ID", "")
         if client_rid and _CLIENT_RID.match(client_rid):
@@ -111,6 +112,22 @@ async def request_context(request: web.Request, handler: Handler) -> web.StreamR
             },
         )
         request_id_var.reset(token)
+
+
+#: Every answer of the mTLS listener: browsers do not guess a type other than the one
+#: declared (an error's JSON that repeats a path is never run as HTML), and keep no copy of
+#: an error (it may name a certificate or a facility). No HSTS here: a sandbox on
+#: ``localhost`` would pin every other local service of the tester's browser to HTTPS.
+_ALWAYS = {"X-Content-Type-Options": "nosniff"}
+
+
+def _hardening_headers(response: web.StreamResponse) -> None:
+    if response.prepared:  # a streamed answer sent its headers already (set by its handler)
+        return
+    for name, value in _ALWAYS.items():
+        response.headers.setdefault(name, value)
+    if response.status >= 400:
+        response.headers.setdefault("Cache-Control", "no-store")
 
 
 def _expiry_header(request: web.Request, response: web.StreamResponse) -> None:

@@ -405,3 +405,17 @@ def test_the_standard_event_loop_serves_the_same(
         r = request(srv.port, "POST", "/csc/v2/info", ctx=hospital_ctx, json_body={})
         assert r.status == 200, r.body
         assert r.json()["region"] == "JP"
+
+
+def test_every_answer_carries_the_hardening_headers(
+    gateway: Server, hospital_ctx: ssl.SSLContext
+) -> None:
+    """nosniff on every answer of the mTLS listener, and no-store on errors (a problem+json
+    that repeats the path and names the certificate). Before, an error answer had neither."""
+    ok = request(gateway.port, "POST", "/csc/v2/info", ctx=hospital_ctx, json_body={})
+    missing = request(gateway.port, "GET", "/no/such/route", ctx=hospital_ctx)
+    assert (ok.status, missing.status) == (200, 404)
+    for r in (ok, missing):
+        assert r.headers["x-content-type-options"] == "nosniff"
+    assert missing.headers["cache-control"] == "no-store"
+    assert missing.headers["content-type"].startswith("application/problem+json")
