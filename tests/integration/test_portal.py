@@ -323,3 +323,27 @@ def test_no_portal_page_without_a_client_certificate(
     for page in [*PAGES, "/portal/api", "/portal/downloads/manifest.json"]:
         with pytest.raises((ssl.SSLError, ConnectionError, OSError)):
             request(gateway.port, "GET", page, ctx=bare)
+
+
+def test_the_verify_page_says_what_changed_after_a_pdf_signature(
+    gateway: Server, hospital_ctx: Any
+) -> None:
+    """A PDF whose page was swapped after signing: the page names the change in the reader's
+    language (the report's ``modification_level``), not only the failure code."""
+    from tests.support import pdf_forge
+    from tests.support.softkey import make_world
+
+    world = make_world()
+    signed = pdf_forge.sign(world, pdf_forge.one_page_pdf("Take 1 tablet"))
+    changed = pdf_forge.replace_page_text(signed, "Take 50 tablets")
+    for lang, text in (
+        ("ja", "内容の変更（署名された内容ではありません）"),
+        ("en", "the content changed"),
+    ):
+        r = post_form(
+            gateway, hospital_ctx, f"/portal/verify?lang={lang}", {"document": ("rx.pdf", changed)}
+        )
+        html = r.body.decode()
+        assert r.status == 200, html[:400]
+        assert 'class="modification" data-level="OTHER"' in html, html[-3000:]
+        assert text in html

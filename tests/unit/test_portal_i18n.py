@@ -36,3 +36,12 @@ def test_indications_in_words() -> None:
     assert i18n.explain_sub("en", "HASH_FAILURE").startswith("The signed content was changed")
     assert i18n.explain_sub("en", "SOMETHING_NEW") == i18n.EN["sub_unknown"]
     assert i18n.explain_sub("ja", None) == ""
+
+
+def test_every_modification_level_has_words_in_both_languages() -> None:
+    """The verify page looks the level's words up by name (``t["modification_" ~ level]``)."""
+    from pyhanko.sign.diff_analysis import ModificationLevel
+
+    for level in ModificationLevel:
+        assert f"modification_{level.name}" in i18n.JA, level
+        assert f"modification_{level.name}" in i18n.EN, level
