@@ -102,7 +102,14 @@ class VerificationReport:
         if not sigs:
             return cls(fmt, [], TOTAL_FAILED, "FORMAT_FAILURE", "no signature found")
         worst = max(sigs, key=lambda s: _RANK[s.indication])
-        reason = worst.reason if len(sigs) == 1 else f"{len(sigs)} signatures; {worst.reason}"
+        if len(sigs) == 1:
+            reason = worst.reason
+        elif worst.indication == TOTAL_PASSED:
+            # Every signature named (a dispensing result: the doctor's and the pharmacist's),
+            # not the first one alone as if it were the document's.
+            reason = f"{len(sigs)} signatures, all valid: " + "; ".join(s.reason for s in sigs)
+        else:
+            reason = f"{len(sigs)} signatures; {worst.reason}"
         return cls(fmt, sigs, worst.indication, worst.sub_indication, reason)
 
     @property
