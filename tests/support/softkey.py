@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -12,6 +13,7 @@ from cryptography.hazmat.primitives.asymmetric import padding, rsa, utils
 
 from gateway.hsm.api import DigestAlgorithm
 from gateway.sandbox import testworld
+from gateway.verify import TrustConfig
 
 _HASHES = {
     DigestAlgorithm.SHA256: hashes.SHA256(),
@@ -54,6 +56,16 @@ class World:
 
     def handle(self) -> SoftwareKeyHandle:
         return SoftwareKeyHandle(self.signer_key)
+
+    def trust(self, **kw: Any) -> TrustConfig:
+        """A verifier trusting this world's root through its CA, revocation not checked unless
+        ``kw`` says otherwise (``kw`` adds or overrides TrustConfig's fields)."""
+        fields: dict[str, Any] = {
+            "anchors": [self.root.cert],
+            "intermediates": [self.ca.cert],
+            "check_revocation": False,
+        }
+        return TrustConfig(**{**fields, **kw})
 
 
 def make_world(role: str = "Medical Doctor", *, now: dt.datetime | None = None) -> World:

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 from asn1crypto import cms
 
-from gateway.verify import TrustConfig, verify_document
+from gateway.verify import verify_document
 from tests.support import cms_forge
 from tests.support.softkey import World, make_world
 
@@ -33,9 +33,7 @@ def _signed(world: World, attrs: list[cms.CMSAttribute], *, content: bytes = CON
 
 
 def _verify(world: World, data: bytes, content: bytes | None = None) -> Any:
-    trust = TrustConfig(
-        anchors=[world.root.cert], intermediates=[world.ca.cert], check_revocation=False
-    )
+    trust = world.trust()
     return asyncio.run(verify_document(data, trust=trust, content=content))
 
 

@@ -39,12 +39,8 @@ def world() -> World:
 def _trust(
     world: World, crls: Sequence[x509.CertificateRevocationList] = (), *, revocation: bool = False
 ) -> TrustConfig:
-    return TrustConfig(
-        anchors=[world.root.cert],
-        intermediates=[world.ca.cert],
-        tsa_anchors=[world.tsa_ca.cert],
-        crls=CrlSource(list(crls)),
-        check_revocation=revocation,
+    return world.trust(
+        tsa_anchors=[world.tsa_ca.cert], crls=CrlSource(list(crls)), check_revocation=revocation
     )
 
 

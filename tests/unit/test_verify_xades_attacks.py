@@ -289,7 +289,7 @@ def world() -> softkey.World:
 
 
 def _world_trust(w: softkey.World) -> TrustConfig:
-    return TrustConfig(anchors=[w.root.cert], intermediates=[w.ca.cert], check_revocation=False)
+    return w.trust()
 
 
 def _der(cert: x509.Certificate) -> bytes:

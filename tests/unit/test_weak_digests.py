@@ -13,7 +13,7 @@ import pytest
 from asn1crypto import tsp
 from cryptography.hazmat.primitives import hashes, serialization
 
-from gateway.verify import TrustConfig, VerificationReport, verify_document
+from gateway.verify import VerificationReport, verify_document
 from tests.support import cms_forge
 from tests.support.softkey import World, make_world
 
@@ -47,9 +47,7 @@ def _cms(world: World, *, digest: str = "sha256", binding: str = "v2-sha256") ->
 
 
 def _verify(world: World, data: bytes) -> VerificationReport:
-    trust = TrustConfig(
-        anchors=[world.root.cert], intermediates=[world.ca.cert], check_revocation=False
-    )
+    trust = world.trust()
     return asyncio.run(verify_document(data, trust=trust, now=dt.datetime.now(dt.UTC)))
 
 
