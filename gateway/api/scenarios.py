@@ -30,8 +30,9 @@ middleware is not installed.
 
 from __future__ import annotations
 
+import functools
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Literal
@@ -48,7 +49,7 @@ from gateway.auth.fido2 import LOCKED_TEXT
 from gateway.auth.mtls import ClientIdentity
 from gateway.config import Settings
 from gateway.errors import AccessDenied, InvalidRequest
-from gateway.scenario_file import OCSP_SCENARIOS, active, save, serial_key
+from gateway.scenario_file import OCSP_SCENARIOS, active, save, serial_key, snapshot
 from gateway.store.schema import enrollment, facility, signer_facility
 
 __all__ = [
@@ -381,7 +382,9 @@ def _identity_error(name: str, ident: ClientIdentity, since: datetime) -> Access
     raise AssertionError(name)  # pragma: no cover - AT_IDENTITY is closed
 
 
-def _since(data: dict[str, list[str]], target: str, name: str, fallback: datetime) -> datetime:
+def _since(
+    data: Mapping[str, Sequence[str]], target: str, name: str, fallback: datetime
+) -> datetime:
     try:
         return datetime.fromisoformat(data[_since_key(target, name)][0])
     except (KeyError, IndexError, ValueError):
@@ -398,14 +401,21 @@ _OPENED: weakref.WeakKeyDictionary[object, datetime] = weakref.WeakKeyDictionary
 
 #: The switched-on scenarios as this request's first middleware read them: both middlewares
 #: see the same file (and read it once).
-_ACTIVE = web.RequestKey("scenarios_active", dict)
+_ACTIVE = web.RequestKey("scenarios_active", Mapping)
 
 
-def _active_for(request: web.Request) -> dict[str, list[str]]:
-    data: dict[str, list[str]] | None = request.get(_ACTIVE)
+def _active_for(request: web.Request) -> Mapping[str, tuple[str, ...]]:
+    data: Mapping[str, tuple[str, ...]] | None = request.get(_ACTIVE)
     if data is None:
-        data = request[_ACTIVE] = active(request.app[SETTINGS])
+        data = request[_ACTIVE] = snapshot(request.app[SETTINGS])
     return data
+
+
+@functools.lru_cache(maxsize=512)
+def _real_path_candidates(method: str, path: str) -> tuple[Scenario, ...]:
+    """The signing-path scenarios that apply to a request (a handful of routes: a bounded
+    cache instead of every catalog entry's test on every request)."""
+    return tuple(s for s in CATALOG.values() if s.name in REAL_PATH and s.applies(method, path))
 
 
 @web.middleware
@@ -424,11 +434,11 @@ async def scenario_identity(request: web.Request, handler: Handler) -> web.Strea
         tls = None if transport is None else transport.get_extra_info("ssl_object")
         opened = now if tls is None else _OPENED.setdefault(tls, now)
         target = f"facility:{ident.institution_code}"
-        data = _active_for(request)
-        for name in CATALOG:  # the catalog's order: revoked before expired before suspended
-            if name in AT_IDENTITY and name in data.get(target, []):
+        switched = _active_for(request).get(target, ())
+        for name in CATALOG if switched else ():  # revoked before expired before suspended
+            if name in AT_IDENTITY and name in switched:
                 del request[IDENTITY]
-                since = _since(data, target, name, now)
+                since = _since(_active_for(request), target, name, now)
                 expired_before_connecting = (
                     name == "facility_certificate_expired" and opened >= since
                 )
@@ -448,11 +458,13 @@ async def scenario_effects(request: web.Request, handler: Handler) -> web.Stream
     if not isinstance(ident, ClientIdentity) or ident.kind != "facility":
         return await handler(request)
     method, path = request.method, request.path
-    candidates = [s for s in CATALOG.values() if s.name in REAL_PATH and s.applies(method, path)]
+    candidates = _real_path_candidates(method, path)
     if not candidates:
         return await handler(request)
     data = _active_for(request)
-    switched = set(data.get(f"facility:{ident.institution_code}", []))
+    if not data:  # nothing switched on (the usual case): nothing to look up
+        return await handler(request)
+    switched = set(data.get(f"facility:{ident.institution_code}", ()))
     if (
         any(s.scope == "credential" for s in candidates)
         and any(k.startswith("credential:") for k in data)  # else no body to read for it
@@ -464,7 +476,7 @@ async def scenario_effects(request: web.Request, handler: Handler) -> web.Stream
             parsed = None
         credential = parsed.get("credentialID") if isinstance(parsed, dict) else None
         if isinstance(credential, str):
-            switched |= set(data.get(f"credential:{credential}", []))
+            switched |= set(data.get(f"credential:{credential}", ()))
     real = frozenset(s.name for s in candidates if s.name in switched)
     if not real:
         return await handler(request)

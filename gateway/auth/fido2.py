@@ -33,13 +33,18 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, NoReturn
 
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec
 from fido2 import utils as fido2_utils
+from fido2.cose import ES256
 from fido2.server import Fido2Server
 from fido2.utils import websafe_decode, websafe_encode
 from fido2.webauthn import (
     AttestedCredentialData,
     AuthenticationResponse,
+    AuthenticatorAssertionResponse,
     AuthenticatorData,
+    CollectedClientData,
     PublicKeyCredentialDescriptor,
     PublicKeyCredentialRpEntity,
     PublicKeyCredentialType,
@@ -572,7 +577,7 @@ class Fido2Authenticator(presence.PresenceMethod):
     @staticmethod
     def parse_assertion(response: Mapping[str, Any]) -> AuthenticationResponse:
         try:
-            return AuthenticationResponse.from_dict(response)
+            return _plain_assertion(response) or AuthenticationResponse.from_dict(response)
         except Exception as e:
             raise InvalidRequest(f"Invalid parameter authData: {_reason(e)}") from e
 
@@ -688,10 +693,69 @@ def _descriptor(credential_id: str) -> PublicKeyCredentialDescriptor:
     )
 
 
+_PLAIN_KEYS = frozenset({"id", "rawId", "type", "response", "clientExtensionResults"})
+_PLAIN_RESPONSE_KEYS = frozenset({"clientDataJSON", "authenticatorData", "signature"})
+
+
+def _plain_assertion(data: Mapping[str, Any]) -> AuthenticationResponse | None:
+    """The AuthenticationResponse of an assertion in the shape every browser sends
+    (``PublicKeyCredential.toJSON()``: id = rawId, type public-key, no extension results, no
+    user handle), built from its parts; None for any other shape (python-fido2's
+    ``from_dict`` then parses it, and refuses what it refuses).
+
+    Why by hand: ``from_dict`` walks the data classes' type hints field by field (~110 µs
+    per assertion measured, ~190 µs on a served worker); the parts themselves
+    (``CollectedClientData``, ``AuthenticatorData``) are python-fido2's, and the result is
+    equal to ``from_dict``'s (``tests/unit/test_fido2_units.py``)."""
+    if not isinstance(data, dict) or not data.keys() <= _PLAIN_KEYS:
+        return None
+    raw_id, response = data.get("rawId"), data.get("response")
+    if (
+        not isinstance(raw_id, str)
+        or data.get("id", raw_id) != raw_id
+        or data.get("type", "public-key") != "public-key"
+        or data.get("clientExtensionResults", {}) != {}
+        or not isinstance(response, dict)
+        or response.keys() != _PLAIN_RESPONSE_KEYS
+        or not all(isinstance(v, str) for v in response.values())
+    ):
+        return None
+    return AuthenticationResponse(
+        raw_id=websafe_decode(raw_id),
+        response=AuthenticatorAssertionResponse(
+            client_data=CollectedClientData(websafe_decode(response["clientDataJSON"])),
+            authenticator_data=AuthenticatorData(websafe_decode(response["authenticatorData"])),
+            signature=websafe_decode(response["signature"]),
+        ),
+    )
+
+
+class _ES256(ES256):
+    """python-fido2's ES256 key with its ``cryptography`` public key built once, when the
+    stored credential is parsed (``_attested``), not for every assertion: building it
+    checks that the point is on the curve, about a fifth of each verification (measured
+    ~28 µs of ~100). Same checks, same exceptions as ``ES256.verify``."""
+
+    def __init__(self, cose: Mapping[int, Any]) -> None:
+        super().__init__(cose)
+        if self[-1] != 1:
+            raise ValueError("Unsupported elliptic curve")
+        self._key = ec.EllipticCurvePublicNumbers(
+            int.from_bytes(self[-2], "big"), int.from_bytes(self[-3], "big"), ec.SECP256R1()
+        ).public_key()
+
+    def verify(self, message: bytes, signature: bytes) -> None:
+        self._key.verify(signature, message, ec.ECDSA(hashes.SHA256()))
+
+
 @functools.lru_cache(maxsize=4096)
 def _attested(credential_data: bytes) -> AttestedCredentialData:
     """A stored credential's public key, parsed once: immutable for its bytes."""
-    return AttestedCredentialData(credential_data)
+    attested = AttestedCredentialData(credential_data)
+    if type(attested.public_key) is ES256 and attested.public_key.get(-1) == 1:
+        # python-fido2 sets its parsed fields this way (the class is immutable bytes).
+        object.__setattr__(attested, "public_key", _ES256(attested.public_key))
+    return attested
 
 
 def _state_of(cid: str, row: Any) -> ChallengeState:

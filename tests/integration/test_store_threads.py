@@ -160,6 +160,31 @@ async def test_transactions_run_on_the_loop_thread_when_sqlite_answers_at_once(
         assert await db.run_read(read) == (me, True)
 
 
+async def test_a_read_on_the_loop_runs_on_the_writers_connection_without_its_lock(
+    tmp_path: Path,
+) -> None:
+    """Reads on the loop's thread use the writer's connection, whose page cache holds what
+    this process wrote (another connection's cache is dropped whenever the file changed),
+    in a read transaction: no write lock, and they see every committed write."""
+    async with _store(tmp_path, probe="INTEGER") as (db, path):
+
+        def insert(conn: Connection) -> int:
+            conn.exec_driver_sql("INSERT INTO probe VALUES (7)")
+            return id(conn.connection.driver_connection)
+
+        def read(conn: Connection) -> tuple[int, bool, bool, int]:
+            raw = conn.connection.driver_connection
+            assert raw is not None
+            n = int(conn.exec_driver_sql("SELECT sum(x) FROM probe").scalar_one())
+            return id(raw), raw.in_transaction, _other_writer_refused(path), n
+
+        writer = await db.run_write(insert)
+        assert await db.run_read(read) == (writer, True, False, 7)
+        # and the next write on that connection is not inside the read's transaction
+        assert await db.run_write(insert) == writer
+        assert (await db.run_read(read))[3] == 14
+
+
 async def test_a_write_lock_held_elsewhere_sends_the_write_to_the_thread_and_the_loop_runs_on(
     tmp_path: Path,
 ) -> None:

@@ -156,3 +156,111 @@ def test_request_options_are_python_fido2s_own(authenticators: int) -> None:
             {**ours, "allowCredentials": _allow_credentials(ids)}, sort_keys=True
         ) == json.dumps(dict(options.public_key), sort_keys=True)
         assert json.loads(our_state) == json.loads(json.dumps(state))
+
+
+def _assertion() -> tuple[dict[str, object], object, str]:
+    """A software authenticator's assertion (as a browser's JSON), its public key and the
+    challenge it signed."""
+    import os
+
+    from fido2.utils import websafe_encode
+
+    from tests.support.webauthn import SoftAuthenticator
+
+    soft = SoftAuthenticator(origin="https://localhost")
+    challenge = websafe_encode(os.urandom(48))
+    options = {
+        "challenge": challenge,
+        "rpId": "localhost",
+        "allowCredentials": [{"id": soft.credential_id_b64, "type": "public-key"}],
+    }
+    return soft.get(options), soft, challenge
+
+
+def test_a_browsers_assertion_is_parsed_as_python_fido2_parses_it() -> None:
+    """The assertions browsers send (toJSON: id, rawId, type, response, empty extension
+    results) are built from their parts; the result equals python-fido2's from_dict."""
+    from fido2.webauthn import AuthenticationResponse
+
+    from gateway.auth.fido2 import Fido2Authenticator, _plain_assertion
+
+    sent, _, _ = _assertion()
+    trimmed = {k: v for k, v in sent.items() if k not in ("id", "type", "clientExtensionResults")}
+    for data in (sent, trimmed):
+        ours = _plain_assertion(data)
+        assert ours is not None
+        assert ours == AuthenticationResponse.from_dict(data)
+        assert Fido2Authenticator.parse_assertion(data) == ours
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"authenticatorAttachment": "cross-platform"},
+        {"clientExtensionResults": {"appid": True}},
+        {"response": "userHandle"},
+        {"id": "AAAA"},
+        {"type": "password"},
+    ],
+)
+def test_other_assertion_shapes_are_python_fido2s_to_parse(change: dict[str, object]) -> None:
+    """Anything else goes to from_dict, which takes it or refuses it as before (id other
+    than rawId, another type: 400)."""
+    from fido2.webauthn import AuthenticationResponse
+
+    from gateway.auth.fido2 import Fido2Authenticator, _plain_assertion
+    from gateway.errors import InvalidRequest
+
+    sent, _, _ = _assertion()
+    data = dict(sent)
+    if change == {"response": "userHandle"}:
+        data["response"] = {**sent["response"], "userHandle": "dXNlcg"}  # type: ignore[dict-item]
+    else:
+        data.update(change)
+    assert _plain_assertion(data) is None
+    try:
+        expected = AuthenticationResponse.from_dict(data)
+    except Exception:  # noqa: BLE001 - python-fido2 refuses it: so must we
+        with pytest.raises(InvalidRequest):
+            Fido2Authenticator.parse_assertion(data)
+    else:
+        assert Fido2Authenticator.parse_assertion(data) == expected
+
+
+def test_a_stored_es256_key_is_loaded_once_and_verifies_as_python_fido2s() -> None:
+    """``_attested`` keeps the credential's public key loaded; python-fido2's
+    authenticate_complete accepts the real signature and refuses a changed one."""
+    from fido2.cose import ES256
+    from fido2.server import Fido2Server
+    from fido2.utils import websafe_decode
+    from fido2.webauthn import (
+        Aaguid,
+        AttestedCredentialData,
+        PublicKeyCredentialRpEntity,
+        UserVerificationRequirement,
+    )
+
+    from gateway.auth.fido2 import _ES256, Fido2Authenticator, _attested
+
+    sent, soft, challenge = _assertion()
+    stored = AttestedCredentialData.create(
+        Aaguid.NONE,
+        websafe_decode(soft.credential_id_b64),
+        ES256.from_cryptography_key(soft.key.public_key()),
+    )
+    cred = _attested(bytes(stored))
+    assert type(cred.public_key) is _ES256 and dict(cred.public_key) == dict(stored.public_key)
+    server = Fido2Server(PublicKeyCredentialRpEntity(name="TEST", id="localhost"))
+    state = {"challenge": challenge, "user_verification": UserVerificationRequirement.REQUIRED}
+    good = Fido2Authenticator.parse_assertion(sent)
+    assert server.authenticate_complete(state, [cred], good) is cred
+    response = dict(sent["response"])  # type: ignore[call-overload]
+    signature = bytearray(websafe_decode(response["signature"]))
+    signature[-1] ^= 1
+    from fido2.utils import websafe_encode
+
+    bad = Fido2Authenticator.parse_assertion(
+        {**sent, "response": {**response, "signature": websafe_encode(bytes(signature))}}
+    )
+    with pytest.raises(ValueError, match="Invalid signature"):
+        server.authenticate_complete(state, [cred], bad)
