@@ -37,7 +37,7 @@ def _path(settings: Settings) -> Path:
 #: what it said. ``save`` replaces the file (a new inode every time), so a file with the same
 #: identity says the same: one ``stat`` per request instead of reading and parsing the file
 #: (the sandbox's middlewares ask on every request).
-_read: dict[str, tuple[tuple[int, int, int, int], dict[str, tuple[str, ...]]]] = {}
+_read: dict[str, tuple[tuple[int, int, int, int], Mapping[str, tuple[str, ...]]]] = {}
 _EMPTY: Mapping[str, tuple[str, ...]] = MappingProxyType({})
 
 
@@ -60,7 +60,9 @@ def snapshot(settings: Settings) -> Mapping[str, tuple[str, ...]]:
         return _EMPTY
     if not isinstance(data, dict):
         return _EMPTY
-    out = {str(k): tuple(str(x) for x in v) for k, v in data.items() if isinstance(v, list)}
+    out = MappingProxyType(
+        {str(k): tuple(str(x) for x in v) for k, v in data.items() if isinstance(v, list)}
+    )
     _read[path] = (ident, out)
     return out
 
