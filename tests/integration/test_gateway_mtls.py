@@ -14,6 +14,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from gateway.sandbox import testworld
+from tests.support.faults import wait_until
 from tests.support.gateway import Server, client_context, request, run_cli, serving
 
 pytestmark = [pytest.mark.tls, pytest.mark.hsm]
@@ -250,9 +251,11 @@ def test_request_id_is_in_the_log_and_no_traceback(
     r = request(gateway.port, "POST", "/csc/v2/credentials/info", ctx=hospital_ctx, body=b"{x")
     rid = r.headers["x-request-id"]
     assert r.json()["request_id"] == rid
-    time.sleep(0.2)
-    lines = [line for line in gateway.logs().splitlines() if rid in line]
-    assert any('"status": 400' in line for line in lines), lines
+
+    def lines() -> list[str]:  # the access line is written when the answering turn ends
+        return [line for line in gateway.logs().splitlines() if rid in line]
+
+    assert wait_until(lambda: any('"status": 400' in line for line in lines()), 5), lines()
     assert "Traceback" not in gateway.logs()
 
 

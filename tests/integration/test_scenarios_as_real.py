@@ -116,11 +116,17 @@ def _audited(config: str, call: Any, *args: Any) -> tuple[Response, list[dict[st
 
 
 def _access_log(srv: Server, request_id: str) -> dict[str, Any]:
-    for line in srv.logs().splitlines():
-        if request_id in line and '"gateway.access"' in line:
-            entry: dict[str, Any] = json.loads(line)
-            return entry
-    raise AssertionError(f"no access log line for {request_id}")
+    """The request's access line. The worker writes its access lines when the loop's turn
+    that answered ends (after the answer left): wait for it a little."""
+    deadline = time.monotonic() + 5
+    while True:
+        for line in srv.logs().splitlines():
+            if request_id in line and '"gateway.access"' in line:
+                entry: dict[str, Any] = json.loads(line)
+                return entry
+        if time.monotonic() > deadline:
+            raise AssertionError(f"no access log line for {request_id}")
+        time.sleep(0.02)
 
 
 def _shape(srv: Server, r: Response, *, mask: dict[str, str]) -> dict[str, Any]:
