@@ -228,7 +228,10 @@ class SigningService:
             now=now,
         )
         try:
-            key = GrantedKey(await self.keystore.get_key(spent.key_id), budget=len(jobs))
+            # No lookup of its own first: the store looks the key up with each signature
+            # (``sign_digests``: KeyNotFound for a missing key, as ``get_key`` says it), and
+            # a separate lookup was a second round trip to the signing process per request.
+            key = GrantedKey(StoreKeyHandle(self.keystore, spent.key_id), budget=len(jobs))
             chain = _chain(spent)
             results = await service.all_or_none(
                 [functools.partial(self._build, j, key=key, chain=chain, now=now) for j in jobs],

@@ -204,6 +204,12 @@ async def test_unknown_key_is_key_not_found(kind: str, store: KeyStore) -> None:
         await store.get_key("not-hex")
     with pytest.raises(KeyNotFound):
         await store.public_key_der(unknown)
+    # signDoc signs through a handle of the key id alone (no get_key first): the lookup
+    # that goes with the signature must say it the same way.
+    with pytest.raises(KeyNotFound, match=f"signing key {unknown} not found on {WHERE[kind]}"):
+        await store.sign_digests(unknown, [bytes(32)], DigestAlgorithm.SHA256)
+    with pytest.raises(KeyNotFound):
+        await StoreKeyHandle(store, unknown).sign_digest(bytes(32), DigestAlgorithm.SHA256)
     await store.check()  # a missing key says nothing about the store's health
 
 
