@@ -4,11 +4,15 @@ J-LIS gives OCSP/CRL access only to registered verifiers or through platform ope
 (HPKI.md §4), so the source is pluggable and configured (``[jpki]``): an OCSP responder
 (a configured URL, else the certificate's AIA), CRL files, or CRL URLs. Each answers "good",
 "revoked", or "unknown" when it cannot answer; what to do with "unknown" is the caller's
-policy (``jpki.on_revocation_unavailable``, "refuse" by default).
+policy (``jpki.on_revocation_unavailable``, "refuse" by default). An OCSP responder that
+answers certStatus "unknown" HAS answered (it has no record of the certificate: not issued by
+the CA it serves, or the responder of another CA generation): that is "unrecognized", which
+the caller refuses whatever its policy for a source that cannot answer.
 
-Good OCSP answers are cached per certificate for ``cache_seconds`` (capped by the answer's
-own nextUpdate by the OCSP checks): a doctor signing a batch does not hit the responder per
-authorization, and a revocation shows within that time.
+Good OCSP answers are cached per certificate for ``cache_seconds``, never past the answer's
+own nextUpdate (without one, past thisUpdate + the OCSP checks' maximum age): a doctor signing
+a batch does not hit the responder per authorization, and a revocation shows within that
+time.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ import aiohttp
 from cryptography import x509
 
 from gateway.pki.crl import CrlSource, RevocationStatus, load_crl, load_crl_files
-from gateway.pki.ocsp import OcspClient, ocsp_urls
+from gateway.pki.ocsp import MAX_AGE_WITHOUT_NEXT_UPDATE, OcspClient, OcspResult, ocsp_urls
 
 
 class JpkiRevocationSource(Protocol):
@@ -57,11 +61,26 @@ class OcspRevocation:
         if answer.status == "good":
             if len(self._good) > 100_000:
                 self._good.clear()
-            self._good[key] = time.monotonic() + self.cache_seconds
+            self._good[key] = time.monotonic() + _cacheable_seconds(answer, now, self.cache_seconds)
             return RevocationStatus("good", answer.reason, source="ocsp")
         if answer.status == "revoked":
             return RevocationStatus("revoked", answer.reason, answer.revocation_time, source="ocsp")
+        if answer.status == "unknown":  # a responder said certStatus "unknown": an answer
+            return RevocationStatus("unrecognized", answer.reason, source="ocsp")
         return RevocationStatus("unknown", answer.reason, source="ocsp")
+
+
+def _cacheable_seconds(answer: OcspResult, now: dt.datetime, cache_seconds: float) -> float:
+    """How long a good ``answer`` may be reused: ``cache_seconds``, but not past the time the
+    answer itself stops being current (its nextUpdate; without one, thisUpdate + the maximum
+    age the OCSP checks accept)."""
+    if answer.next_update is not None:
+        until = answer.next_update
+    elif answer.this_update is not None:
+        until = answer.this_update + MAX_AGE_WITHOUT_NEXT_UPDATE
+    else:  # pragma: no cover - a good answer carries its times
+        return 0.0
+    return max(0.0, min(cache_seconds, (until - now).total_seconds()))
 
 
 class CrlRevocation:

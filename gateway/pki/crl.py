@@ -39,7 +39,7 @@ CLOCK_SKEW = dt.timedelta(minutes=5)
 
 @dataclass(frozen=True)
 class RevocationStatus:
-    status: str  # "good" | "revoked" | "unknown"
+    status: str  # "good" | "revoked" | "unknown" (| "unrecognized": auth/jpki_revocation.py)
     reason: str
     revocation_time: dt.datetime | None = None
     source: str = "crl"  # "crl" | "ocsp": what decided

@@ -1,0 +1,138 @@
+"""My Number card revocation by OCSP: what the responder's answers mean for a card.
+
+A real responder (the TEST OCSP app, RFC 6960 over HTTP on 127.0.0.1) for a TEST JPKI CA with
+the real root's DN; the card certificates are checked by the authenticator's own certificate
+checks (``JpkiAuthenticator.check_certificate``) through ``OcspRevocation``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import time
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+
+from gateway.auth.jpki import JpkiAuthenticator
+from gateway.auth.jpki_revocation import OcspRevocation
+from gateway.errors import AccessDenied
+from gateway.pki.issue import CertAndKey, make_crl
+from gateway.sandbox.jpki import issue_auth_cert, make_test_jpki_ca
+from gateway.sandbox.ocsp import SandboxOcspResponder, create_ocsp_app
+from gateway.sandbox.testworld import issue_ocsp_responder_cert
+from tests.integration.test_ocsp import closed_port_url, serve
+
+NOW = dt.datetime.now(dt.UTC)
+
+
+@pytest.fixture(scope="module")
+def ca() -> CertAndKey:
+    return make_test_jpki_ca(now=NOW - dt.timedelta(days=1))
+
+
+def _card(ca: CertAndKey) -> x509.Certificate:
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    return issue_auth_cert(ca, key.public_key(), now=dt.datetime.now(dt.UTC))
+
+
+def _auth(ca: CertAndKey, source: OcspRevocation, *, accept: bool) -> JpkiAuthenticator:
+    return JpkiAuthenticator(
+        db=None,  # type: ignore[arg-type] - certificate checks touch no database
+        audit=None,  # type: ignore[arg-type]
+        fido2=None,  # type: ignore[arg-type]
+        ledger=None,  # type: ignore[arg-type]
+        trust_anchors=[ca.cert],
+        revocation=source,
+        on_revocation_unavailable="accept" if accept else "refuse",
+    )
+
+
+async def _check(auth: JpkiAuthenticator, card: x509.Certificate) -> str:
+    try:
+        return (await auth.check_certificate(card, dt.datetime.now(dt.UTC))).revocation
+    except AccessDenied as e:
+        return e.description
+
+
+def _responder(
+    ca: CertAndKey, tmp: Path, *, unknown: frozenset[int] = frozenset(),
+    validity: dt.timedelta = dt.timedelta(hours=1),
+) -> SandboxOcspResponder:  # fmt: skip
+    delegate = issue_ocsp_responder_cert(ca, now=NOW - dt.timedelta(days=1))
+    crl = tmp / "jpki.crl"
+    if not crl.exists():
+        _write_crl(ca, crl, [])
+    return SandboxOcspResponder(
+        ca_cert=ca.cert,
+        signer_cert=delegate.cert,
+        signer_key=delegate.key,
+        crl_files=[crl],
+        validity=validity,
+        override=lambda serial: "unknown" if serial in unknown else None,
+    )
+
+
+def _write_crl(ca: CertAndKey, path: Path, revoked: list[int]) -> None:
+    now = dt.datetime.now(dt.UTC)
+    crl = make_crl(
+        ca, revoked=[(s, now, None) for s in revoked], now=now, next_update=dt.timedelta(days=1)
+    )
+    path.write_bytes(crl.public_bytes(serialization.Encoding.DER))
+
+
+def test_a_card_the_responder_does_not_know_is_refused_even_when_unavailable_is_accepted(
+    ca: CertAndKey, tmp_path: Path
+) -> None:
+    """``jpki.on_revocation_unavailable = "accept"`` is for a source that cannot answer. A
+    responder that answers "unknown" for a card that chains to the anchor has answered: it
+    has no record of that certificate (not issued by the CA it serves, or the responder of
+    another CA generation). That answer was taken as "unavailable" and the card accepted
+    (``unavailable-accepted``); it is refused now, whatever the fallback says."""
+    card, other = _card(ca), _card(ca)
+    responder = _responder(ca, tmp_path, unknown={card.serial_number})
+
+    async def run() -> tuple[str, str, str, str]:
+        async with serve(create_ocsp_app(responder)) as url:
+            source = OcspRevocation(url=url)
+            return (
+                await _check(_auth(ca, source, accept=True), card),
+                await _check(_auth(ca, source, accept=False), card),
+                await _check(_auth(ca, source, accept=True), other),
+                await _check(_auth(ca, OcspRevocation(url=closed_port_url()), accept=True), card),
+            )
+
+    unknown_accept, unknown_refuse, known, down_accept = asyncio.run(run())
+    assert unknown_accept.startswith("the JPKI certificate is not known to the revocation source")
+    assert "does not know the certificate" in unknown_accept
+    assert unknown_refuse == unknown_accept
+    assert known == "good"
+    # A responder that cannot be reached is what the fallback is for: unchanged.
+    assert down_accept == "unavailable-accepted"
+
+
+def test_a_good_answer_is_not_reused_past_its_own_next_update(
+    ca: CertAndKey, tmp_path: Path
+) -> None:
+    """Good answers are cached ``jpki.ocsp_cache_seconds`` (here 300 s), but never past the
+    answer's nextUpdate: after that the responder is asked again, and a card revoked in the
+    meantime is refused. Before, the cached "good" was reused for the whole 300 s."""
+    card = _card(ca)
+    responder = _responder(ca, tmp_path, validity=dt.timedelta(seconds=2))
+
+    async def run() -> tuple[str, str]:
+        async with serve(create_ocsp_app(responder)) as url:
+            auth = _auth(ca, OcspRevocation(url=url, cache_seconds=300), accept=False)
+            first = await _check(auth, card)
+            _write_crl(ca, tmp_path / "jpki.crl", [card.serial_number])  # the CA revokes it
+            await asyncio.sleep(3.2)  # past the answer's nextUpdate, well within 300 s
+            return first, await _check(auth, card)
+
+    t0 = time.monotonic()
+    first, later = asyncio.run(run())
+    assert time.monotonic() - t0 < 60
+    assert first == "good"
+    assert later.startswith("the JPKI certificate is revoked"), later
