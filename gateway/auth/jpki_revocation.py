@@ -2,7 +2,8 @@
 
 J-LIS gives OCSP/CRL access only to registered verifiers or through platform operators
 (HPKI.md §4), so the source is pluggable and configured (``[jpki]``): an OCSP responder
-(a configured URL, else the certificate's AIA), CRL files, or CRL URLs. Each answers "good",
+(a configured URL, else the certificate's AIA), CRL files, or CRL URLs (a fetched CRL is kept
+until its nextUpdate only when the issuer's key verifies it). Each answers "good",
 "revoked", or "unknown" when it cannot answer; what to do with "unknown" is the caller's
 policy (``jpki.on_revocation_unavailable``, "refuse" by default). An OCSP responder that
 answers certStatus "unknown" HAS answered (it has no record of the certificate: not issued by
@@ -25,6 +26,7 @@ from typing import Protocol
 
 import aiohttp
 from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import rsa
 
 from gateway.pki.crl import CrlSource, RevocationStatus, load_crl, load_crl_files
 from gateway.pki.ocsp import MAX_AGE_WITHOUT_NEXT_UPDATE, OcspClient, OcspResult, ocsp_urls
@@ -83,8 +85,23 @@ def _cacheable_seconds(answer: OcspResult, now: dt.datetime, cache_seconds: floa
     return max(0.0, min(cache_seconds, (until - now).total_seconds()))
 
 
+def _keepable(crl: x509.CertificateRevocationList, issuer: x509.Certificate) -> bool:
+    """Whether a fetched ``crl`` may be kept until its nextUpdate: one with a nextUpdate, of
+    ``issuer`` by name AND key. Anything else (a forged or foreign body, a CRL of another CA
+    generation with the same DN) must not stay in place of the real CRL: kept, it answered
+    every check until its own, chosen, nextUpdate."""
+    public = issuer.public_key()
+    return (
+        crl.next_update_utc is not None
+        and crl.issuer == issuer.subject
+        and isinstance(public, rsa.RSAPublicKey)
+        and crl.is_signature_valid(public)
+    )
+
+
 class CrlRevocation:
-    """CRL files (re-read when they change) and CRL URLs (cached until nextUpdate)."""
+    """CRL files (re-read when they change) and CRL URLs (kept until nextUpdate when they are
+    the issuer's, by key; otherwise fetched again at the next check)."""
 
     def __init__(
         self, *, files: Sequence[Path] = (), urls: Sequence[str] = (), timeout: float = 5.0
@@ -103,7 +120,9 @@ class CrlRevocation:
             self._stamp = stamp
         return self._from_files
 
-    async def _url_crls(self, now: dt.datetime) -> tuple[list[x509.CertificateRevocationList], str]:
+    async def _url_crls(
+        self, issuer: x509.Certificate, now: dt.datetime
+    ) -> tuple[list[x509.CertificateRevocationList], str]:
         out, problems = [], []
         for url in self.urls:
             crl = self._from_urls.get(url)
@@ -122,7 +141,10 @@ class CrlRevocation:
                 except (aiohttp.ClientError, TimeoutError, OSError, ValueError) as e:
                     problems.append(f"CRL {url} unreachable ({type(e).__name__})")
                     continue
-                self._from_urls[url] = crl
+                if _keepable(crl, issuer):
+                    self._from_urls[url] = crl
+                else:  # used for this check only (and reported there); fetched again next time
+                    self._from_urls.pop(url, None)
             out.append(crl)
         return out, "; ".join(problems)
 
@@ -130,7 +152,7 @@ class CrlRevocation:
         self, cert: x509.Certificate, issuer: x509.Certificate, now: dt.datetime
     ) -> RevocationStatus:
         crls = list(self._file_crls())
-        fetched, problems = await self._url_crls(now)
+        fetched, problems = await self._url_crls(issuer, now)
         crls += fetched
         result = await CrlSource(crls).status(cert, issuer, now, fetch=False)
         if result.status == "unknown" and problems:

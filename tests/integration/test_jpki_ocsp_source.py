@@ -1,8 +1,9 @@
-"""My Number card revocation by OCSP: what the responder's answers mean for a card.
+"""My Number card revocation from the network: what OCSP answers and fetched CRLs mean.
 
-A real responder (the TEST OCSP app, RFC 6960 over HTTP on 127.0.0.1) for a TEST JPKI CA with
-the real root's DN; the card certificates are checked by the authenticator's own certificate
-checks (``JpkiAuthenticator.check_certificate``) through ``OcspRevocation``.
+A real responder (the TEST OCSP app, RFC 6960 over HTTP on 127.0.0.1) and a CRL URL on
+127.0.0.1, for a TEST JPKI CA with the real root's DN; the card certificates are checked by the
+authenticator's own certificate checks (``JpkiAuthenticator.check_certificate``) through
+``OcspRevocation`` and ``CrlRevocation``.
 """
 
 from __future__ import annotations
@@ -13,12 +14,13 @@ import time
 from pathlib import Path
 
 import pytest
+from aiohttp import web
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from gateway.auth.jpki import JpkiAuthenticator
-from gateway.auth.jpki_revocation import OcspRevocation
+from gateway.auth.jpki_revocation import CrlRevocation, OcspRevocation
 from gateway.errors import AccessDenied
 from gateway.pki.issue import CertAndKey, make_crl
 from gateway.sandbox.jpki import issue_auth_cert, make_test_jpki_ca
@@ -136,3 +138,42 @@ def test_a_good_answer_is_not_reused_past_its_own_next_update(
     assert time.monotonic() - t0 < 60
     assert first == "good"
     assert later.startswith("the JPKI certificate is revoked"), later
+
+
+def test_a_crl_url_answer_that_does_not_verify_is_not_kept(ca: CertAndKey) -> None:
+    """``jpki.crl_urls`` are fetched and kept until nextUpdate. A body that is not a CRL of
+    the card's issuer (here one signed by a CA with the same DN, dated to stay current for
+    years: what anyone between the gateway and a plain-HTTP CRL URL can send once) was kept
+    too, so every card stayed refused ("cannot be checked now") until that far nextUpdate or
+    a restart, although the URL served the CA's real CRL again. Such a body is now used for
+    that one check only; the next check fetches again."""
+    card = _card(ca)
+    rogue = make_test_jpki_ca(now=NOW - dt.timedelta(days=1))
+    now = dt.datetime.now(dt.UTC)
+    forged = make_crl(rogue, revoked=[], now=now, next_update=dt.timedelta(days=3650))
+    real = make_crl(ca, revoked=[], now=now, next_update=dt.timedelta(days=1))
+    served = [forged]
+
+    async def crl(_: web.Request) -> web.Response:
+        return web.Response(body=served[0].public_bytes(serialization.Encoding.DER))
+
+    async def run() -> tuple[str, str]:
+        app = web.Application()
+        app.router.add_get("/crl", crl)
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        url = f"http://127.0.0.1:{runner.addresses[0][1]}/crl"
+        try:
+            auth = _auth(ca, CrlRevocation(urls=[url]), accept=False)
+            first = await _check(auth, card)
+            served[0] = real  # the URL serves the CA's own CRL again
+            return first, await _check(auth, card)
+        finally:
+            await runner.cleanup()
+
+    first, later = asyncio.run(run())
+    assert first.startswith("the revocation status of the JPKI certificate cannot be checked")
+    assert "invalid signature" in first
+    assert later == "good"
