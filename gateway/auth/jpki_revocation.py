@@ -28,6 +28,7 @@ import aiohttp
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import rsa
 
+from gateway.errors import ConfigError
 from gateway.pki.crl import CrlSource, RevocationStatus, load_crl, load_crl_files
 from gateway.pki.ocsp import MAX_AGE_WITHOUT_NEXT_UPDATE, OcspClient, OcspResult, ocsp_urls
 
@@ -113,12 +114,19 @@ class CrlRevocation:
         self._from_files: list[x509.CertificateRevocationList] = []
         self._from_urls: dict[str, x509.CertificateRevocationList] = {}
 
-    def _file_crls(self) -> list[x509.CertificateRevocationList]:
-        stamp = tuple(p.stat().st_mtime if p.exists() else -1.0 for p in self.files)
-        if stamp != self._stamp:
-            self._from_files = load_crl_files([p for p in self.files if p.exists()])
-            self._stamp = stamp
-        return self._from_files
+    def _file_crls(self) -> tuple[list[x509.CertificateRevocationList], str]:
+        """The CRL files, re-read when one changed. A file that cannot be read now (caught
+        half-written by the job that mirrors it, removed meanwhile) is a problem of this check,
+        not an internal error: the copies read before stay (each still counts only while
+        current) and the files are read again at the next check."""
+        try:
+            stamp = tuple(p.stat().st_mtime if p.exists() else -1.0 for p in self.files)
+            if stamp != self._stamp:
+                self._from_files = load_crl_files([p for p in self.files if p.exists()])
+                self._stamp = stamp
+        except (ConfigError, OSError) as e:
+            return self._from_files, str(e)
+        return self._from_files, ""
 
     async def _url_crls(
         self, issuer: x509.Certificate, now: dt.datetime
@@ -151,9 +159,10 @@ class CrlRevocation:
     async def status(
         self, cert: x509.Certificate, issuer: x509.Certificate, now: dt.datetime
     ) -> RevocationStatus:
-        crls = list(self._file_crls())
+        from_files, file_problem = self._file_crls()
         fetched, problems = await self._url_crls(issuer, now)
-        crls += fetched
+        crls = [*from_files, *fetched]
+        problems = "; ".join(p for p in (file_problem, problems) if p)
         result = await CrlSource(crls).status(cert, issuer, now, fetch=False)
         if result.status == "unknown" and problems:
             return RevocationStatus("unknown", f"{result.reason}; {problems}")

@@ -146,3 +146,34 @@ def test_complete_crls_still_decide(ca: CertAndKey, card: x509.Certificate, tmp_
         True,
     )  # fmt: skip
     assert _check(ca, card, _crl(ca, [], users), tmp_path) == "good"
+
+
+def test_an_unreadable_crl_file_is_no_answer_not_an_internal_error(
+    ca: CertAndKey, card: x509.Certificate, tmp_path: Path
+) -> None:
+    """A CRL file caught half-written by the job that mirrors it (or otherwise not a CRL):
+    the card's revocation cannot be checked now, a 403 with its reason like any other source
+    that cannot answer. It raised ConfigError, which the authorize path turned into a 500
+    (and the officer's link into a 500 with no jpki.link.refused record); once the file is
+    whole again, it decides."""
+    path = tmp_path / "jpki.crl"
+    whole = _crl(ca, [card.serial_number]).public_bytes(serialization.Encoding.DER)
+    path.write_bytes(whole[: len(whole) // 2])
+    auth = JpkiAuthenticator(
+        db=None,  # type: ignore[arg-type] - certificate checks touch no database
+        audit=None,  # type: ignore[arg-type]
+        fido2=None,  # type: ignore[arg-type]
+        ledger=None,  # type: ignore[arg-type]
+        trust_anchors=[ca.cert],
+        revocation=CrlRevocation(files=[path]),
+    )
+    with pytest.raises(AccessDenied) as e:
+        asyncio.run(auth.check_certificate(card, NOW))
+    assert e.value.description.startswith(
+        "the revocation status of the JPKI certificate cannot be checked now"
+    )
+    assert "cannot load CRL" in e.value.description
+    path.write_bytes(whole)
+    with pytest.raises(AccessDenied) as e:
+        asyncio.run(auth.check_certificate(card, NOW))
+    assert "is revoked" in e.value.description
