@@ -10,15 +10,16 @@ answers certStatus "unknown" HAS answered (it has no record of the certificate: 
 the CA it serves, or the responder of another CA generation): that is "unrecognized", which
 the caller refuses whatever its policy for a source that cannot answer.
 
-Good OCSP answers are cached per certificate for ``cache_seconds``, never past the answer's
-own nextUpdate (without one, past thisUpdate + the OCSP checks' maximum age): a doctor signing
-a batch does not hit the responder per authorization, and a revocation shows within that
-time.
+Good OCSP answers are cached per certificate (issuer KEY + serial: all JPKI roots share one
+DN) for ``cache_seconds``, never past the answer's own nextUpdate (without one, past
+thisUpdate + the OCSP checks' maximum age): a doctor signing a batch does not hit the
+responder per authorization, and a revocation shows within that time.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -26,6 +27,7 @@ from typing import Protocol
 
 import aiohttp
 from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from gateway.errors import ConfigError
@@ -48,12 +50,14 @@ class OcspRevocation:
         self.url = url
         self.client = OcspClient(timeout=timeout)
         self.cache_seconds = cache_seconds
-        self._good: dict[tuple[str, int], float] = {}
+        self._good: dict[tuple[bytes, int], float] = {}
 
     async def status(
         self, cert: x509.Certificate, issuer: x509.Certificate, now: dt.datetime
     ) -> RevocationStatus:
-        key = (cert.issuer.rfc4514_string(), cert.serial_number)
+        # Per issuer KEY and serial: all JPKI roots share one DN, so a name and a serial do not
+        # tell a card of one root generation from a card of another.
+        key = (_key_id(issuer), cert.serial_number)
         until = self._good.get(key)
         if until is not None and time.monotonic() < until:
             return RevocationStatus("good", "OCSP: good (cached)", source="ocsp")
@@ -71,6 +75,14 @@ class OcspRevocation:
         if answer.status == "unknown":  # a responder said certStatus "unknown": an answer
             return RevocationStatus("unrecognized", answer.reason, source="ocsp")
         return RevocationStatus("unknown", answer.reason, source="ocsp")
+
+
+def _key_id(cert: x509.Certificate) -> bytes:
+    """SHA-256 of ``cert``'s SubjectPublicKeyInfo."""
+    spki = cert.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    return hashlib.sha256(spki).digest()
 
 
 def _cacheable_seconds(answer: OcspResult, now: dt.datetime, cache_seconds: float) -> float:

@@ -16,8 +16,9 @@ from pathlib import Path
 import pytest
 from aiohttp import web
 from cryptography import x509
-from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.x509.oid import AuthorityInformationAccessOID
 
 from gateway.auth.jpki import JpkiAuthenticator
 from gateway.auth.jpki_revocation import CrlRevocation, OcspRevocation
@@ -177,3 +178,64 @@ def test_a_crl_url_answer_that_does_not_verify_is_not_kept(ca: CertAndKey) -> No
     assert first.startswith("the revocation status of the JPKI certificate cannot be checked")
     assert "invalid signature" in first
     assert later == "good"
+
+
+def _card_with_serial(ca: CertAndKey, serial: int, ocsp_url: str) -> x509.Certificate:
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    now = dt.datetime.now(dt.UTC)
+    return (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME, f"TEST{serial:X}")]))
+        .issuer_name(ca.cert.subject)
+        .public_key(key.public_key())
+        .serial_number(serial)
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(days=30))
+        .add_extension(
+            x509.AuthorityInformationAccess(
+                [
+                    x509.AccessDescription(
+                        AuthorityInformationAccessOID.OCSP, x509.UniformResourceIdentifier(ocsp_url)
+                    )
+                ]
+            ),
+            critical=False,
+        )
+        .sign(ca.key, hashes.SHA256())
+    )
+
+
+def test_a_cached_good_answer_is_for_one_issuer_key_not_one_issuer_name(
+    ca: CertAndKey, tmp_path: Path
+) -> None:
+    """All JPKI roots share one DN. A good answer was cached under (issuer DN, serial), so a
+    card of another root generation with the same serial, revoked by its own CA, read
+    "good (cached)" for ``ocsp_cache_seconds``. The cache is per issuer key now."""
+    other_ca = make_test_jpki_ca(now=NOW - dt.timedelta(days=1))
+    assert other_ca.cert.subject == ca.cert.subject
+    serial = 0x4A504B49
+    a_dir, b_dir = tmp_path / "a", tmp_path / "b"
+    a_dir.mkdir()
+    b_dir.mkdir()
+    _write_crl(other_ca, b_dir / "jpki.crl", [serial])  # the other generation revoked its card
+
+    async def run() -> tuple[str, str]:
+        async with (
+            serve(create_ocsp_app(_responder(ca, a_dir))) as url_a,
+            serve(create_ocsp_app(_responder(other_ca, b_dir))) as url_b,
+        ):
+            source = OcspRevocation(cache_seconds=300)  # each card's AIA names its responder
+            auth = JpkiAuthenticator(
+                db=None,  # type: ignore[arg-type] - certificate checks touch no database
+                audit=None,  # type: ignore[arg-type]
+                fido2=None,  # type: ignore[arg-type]
+                ledger=None,  # type: ignore[arg-type]
+                trust_anchors=[ca.cert, other_ca.cert],
+                revocation=source,
+            )
+            first = await _check(auth, _card_with_serial(ca, serial, url_a))
+            return first, await _check(auth, _card_with_serial(other_ca, serial, url_b))
+
+    first, other = asyncio.run(run())
+    assert first == "good"
+    assert other.startswith("the JPKI certificate is revoked"), other
