@@ -436,7 +436,8 @@ class JpkiSettings(_Section):
     crl_files: list[Path] = Field(default_factory=list)
     """CRL files (DER or PEM), re-read when they change (``revocation = "crl"``)."""
     crl_urls: list[str] = Field(default_factory=list)
-    """CRL URLs, fetched and cached until nextUpdate (``revocation = "crl"``)."""
+    """CRL URLs, fetched and cached until nextUpdate (``revocation = "crl"``); only a CRL the
+    issuer's key verifies is kept."""
     timeout_seconds: Annotated[float, Field(gt=0, le=60)] = 5.0
     """Time allowed for one OCSP or CRL request."""
     on_revocation_unavailable: Literal["refuse", "accept"] = "refuse"

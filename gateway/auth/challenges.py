@@ -9,8 +9,8 @@ compares it in constant time.
 
 The state of a challenge is a row, single use and short-lived, in the table of its method
 (``webauthn_challenge``, ``jpki_challenge``); :class:`ChallengeStore` is the only code that
-reads or writes those tables: put, peek, take (atomically, once), burn (a refusal), purge (the
-scheduler).
+reads or writes those tables: put, peek, take (atomically, once), burn (a refusal: only a
+challenge of the refused caller's facility), purge (the scheduler).
 """
 
 from __future__ import annotations
@@ -139,6 +139,7 @@ class ChallengeStore:
         )
         self._use = FastStatement(use)
         self._take = FastStatement(use.returning(*c))
+        self._burn_for = FastStatement(use.where(c.facility_id == bindparam("b_facility")))
 
     def _insert(self, keys: tuple[str, ...]) -> FastStatement:
         """The INSERT for exactly these columns (compiled once per set of columns)."""
@@ -226,6 +227,20 @@ class ChallengeStore:
 
     def burn_sync(self, conn: Connection, cid: str, *, now: datetime) -> None:
         self._use.run(conn, {"b_cid": cid, "b_now": now})
+
+    async def burn_for(
+        self, conn: AsyncConnection, cid: str, *, facility_id: int | None, now: datetime
+    ) -> None:
+        """:meth:`burn` only when the challenge was issued to ``facility_id``: a refusal burns
+        the caller's own challenge, never another facility's (an id sent by the wrong facility
+        is refused, and the challenge stays usable by the facility it was issued to)."""
+        await conn.run_sync(lambda c: self.burn_for_sync(c, cid, facility_id=facility_id, now=now))
+
+    def burn_for_sync(
+        self, conn: Connection, cid: str, *, facility_id: int | None, now: datetime
+    ) -> None:
+        if facility_id is not None:
+            self._burn_for.run(conn, {"b_cid": cid, "b_now": now, "b_facility": facility_id})
 
     async def purge(self, conn: AsyncConnection, *, before: datetime) -> int:
         """Delete the challenges that expired before ``before``; returns how many."""

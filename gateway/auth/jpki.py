@@ -15,7 +15,8 @@ client signs SHA-256 of those 48 bytes (RSA PKCS#1 v1.5) and sends, as
   (``verify_directly_issued_by``), never by name: a rogue CA with the same DN fails;
 - validity now, digitalSignature key usage, then revocation through the configured source
   (:mod:`gateway.auth.jpki_revocation`); when the source cannot answer, refused unless the
-  operator set ``jpki.on_revocation_unavailable = "accept"`` (audited as such);
+  operator set ``jpki.on_revocation_unavailable = "accept"`` (audited as such); a responder
+  that answers "unknown" (no record of the certificate) is refused in any case;
 - the certificate must be linked to the challenge's signer by its public key AND its issuer
   and serial (a renewed card has a new key and serial: it needs a new link).
 
@@ -279,6 +280,13 @@ class JpkiAuthenticator(presence.PresenceMethod):
         status = await self.revocation.status(cert, anchor, now)
         if status.status == "revoked":
             raise AccessDenied(f"the JPKI certificate is revoked ({status.reason})")
+        if status.status == "unrecognized":
+            # The responder answered that it has no record of this certificate: an answer, not
+            # an outage, so the fallback for a source that cannot answer does not apply.
+            raise AccessDenied(
+                f"the JPKI certificate is not known to the revocation source ({status.reason}); "
+                "refused whatever jpki.on_revocation_unavailable says"
+            )
         revocation = "good"
         if status.status != "good":
             if self.on_revocation_unavailable != "accept":

@@ -226,11 +226,14 @@ class PresenceMethod:
         detail: Mapping[str, Any] | None = None,
         now: datetime | None = None,
     ) -> None:
-        """Record a refused ceremony in its own transaction and burn its challenge."""
+        """Record a refused ceremony in its own transaction and burn its challenge (when it was
+        issued to the caller's facility: another facility's is left to that facility)."""
         now = now or self.clock()
         async with self.db.write() as conn:
             if challenge is not None:
-                await self.challenges.burn(conn, challenge, now=now)
+                await self.challenges.burn_for(
+                    conn, challenge, facility_id=caller.facility_id, now=now
+                )
             await self.audit.append(
                 conn,
                 action=action,
@@ -256,7 +259,9 @@ class PresenceMethod:
 
         def record(conn: Connection, e: GatewayError) -> None:
             if attempt.challenge is not None:
-                self.challenges.burn_sync(conn, attempt.challenge, now=now)
+                self.challenges.burn_for_sync(
+                    conn, attempt.challenge, facility_id=caller.facility_id, now=now
+                )
             self.audit.record_sync(
                 conn,
                 [

@@ -5,9 +5,13 @@ combines the two).
 CRLs come from local files (a relying party mirrors them; the sandbox writes its own) and,
 only when enabled, from the certificates' distribution points with a time-out. A CRL counts
 only if its issuer name matches, the issuer's key verifies it, its lastUpdate is not in the
-future and it is not past nextUpdate; otherwise the status is "unknown", which verification
-reports as INDETERMINATE. Among the usable CRLs of an issuer, the certificate is revoked if any
-of them lists it; otherwise the newest (latest lastUpdate) is reported as the one that decided.
+future, it is not past nextUpdate, and it covers the certificate (RFC 5280 §6.3.3: not a delta
+CRL; an IssuingDistributionPoint, if any, limited to no reasons, no CA-only or attribute-only
+scope, not indirect, and naming the certificate's distribution point when it names one; no
+critical extension it does not understand); otherwise the status is "unknown", which
+verification reports as INDETERMINATE. Among the usable CRLs of an issuer, the certificate is
+revoked if any of them lists it; otherwise the newest (latest lastUpdate) is reported as the one
+that decided.
 """
 
 from __future__ import annotations
@@ -35,7 +39,7 @@ CLOCK_SKEW = dt.timedelta(minutes=5)
 
 @dataclass(frozen=True)
 class RevocationStatus:
-    status: str  # "good" | "revoked" | "unknown"
+    status: str  # "good" | "revoked" | "unknown" (| "unrecognized": auth/jpki_revocation.py)
     reason: str
     revocation_time: dt.datetime | None = None
     source: str = "crl"  # "crl" | "ocsp": what decided
@@ -68,6 +72,47 @@ def _crl_urls(cert: x509.Certificate) -> list[str]:
         for gn in (dp.full_name or ())
         if isinstance(gn, x509.UniformResourceIdentifier)
     ]
+
+
+def _scope_problem(crl: x509.CertificateRevocationList, cert: x509.Certificate) -> str | None:
+    """None when ``crl`` (already known to be a current CRL of the issuer) is complete for
+    ``cert``; else why not. A CRL that lists only part of what its issuer revoked (a delta CRL,
+    an ARL, a partition, some reasons) cannot say "good": the certificate may be revoked on
+    another."""
+    who = crl.issuer.rfc4514_string()
+    try:
+        exts = list(crl.extensions)
+        idp_ext = next(
+            (e for e in exts if isinstance(e.value, x509.IssuingDistributionPoint)), None
+        )
+    except ValueError as e:
+        return f"CRL of {who} has extensions that cannot be read ({e})"
+    for ext in exts:
+        if isinstance(ext.value, x509.DeltaCRLIndicator):
+            return f"CRL of {who} is a delta CRL (not a complete list)"
+        if ext.critical and isinstance(ext.value, x509.UnrecognizedExtension):
+            return f"CRL of {who} has a critical extension {ext.oid.dotted_string} not understood"
+    if idp_ext is None:
+        return None
+    idp = idp_ext.value
+    assert isinstance(idp, x509.IssuingDistributionPoint)
+    if idp.only_contains_ca_certs or idp.only_contains_attribute_certs:
+        return f"CRL of {who} covers only CA or attribute certificates (an ARL)"
+    if idp.only_some_reasons is not None:
+        return f"CRL of {who} covers only some revocation reasons"
+    if idp.indirect_crl:
+        return f"CRL of {who} is an indirect CRL (not supported)"
+    if idp.relative_name is not None:
+        return f"CRL of {who} is a partition named relative to its issuer (not supported)"
+    if idp.full_name is not None:
+        try:
+            dps = cert.extensions.get_extension_for_class(x509.CRLDistributionPoints).value
+            names = {gn for dp in dps for gn in (dp.full_name or ())}
+        except x509.ExtensionNotFound:
+            names = set()
+        if not names.intersection(idp.full_name):
+            return f"CRL of {who} is a partition for another distribution point"
+    return None
 
 
 class CrlSource:
@@ -144,14 +189,18 @@ class CrlSource:
         problems: list[str] = []
         candidates = list(self._crls)
         urls = [u for u in _crl_urls(cert) if u.startswith(("http://", "https://"))]
-        if self.fetch and not any(self._usable(c, issuer, moment) is None for c in candidates):
+
+        def covers(c: x509.CertificateRevocationList) -> bool:
+            return self._usable(c, issuer, moment) is None and _scope_problem(c, cert) is None
+
+        if self.fetch and not any(covers(c) for c in candidates):
             for url in urls:
                 crl = await self._download(url)
                 if crl is not None:
                     candidates.append(crl)
                 else:
                     problems.append(f"{url} did not answer with a CRL")
-        usable = [c for c in candidates if self._usable(c, issuer, moment) is None]
+        usable = [c for c in candidates if covers(c)]
         if usable:
             return max(usable, key=lambda c: c.last_update_utc), ""
         where = ", ".join(urls) or "no CRL distribution point"
@@ -183,6 +232,8 @@ class CrlSource:
             why = self._usable(crl, issuer, moment)
             if why == "issuer differs":
                 continue
+            if why is None:
+                why = _scope_problem(crl, cert)
             if why is not None:
                 problems.append(why)
                 continue

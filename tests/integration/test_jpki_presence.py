@@ -311,6 +311,36 @@ def test_attack_refused(
     assert ATTACKS[case] in json.loads(rows[-1].detail)["reason"]
 
 
+def test_another_facility_cannot_burn_this_facilitys_challenge(
+    jpki_doctor: Doctor, sandbox: dict[str, Any], pcsc: PcscWorld, pharmacy: dict[str, Any]
+) -> None:
+    """A facility that sends another facility's challenge_id (and even the card's answer to it)
+    is refused and audited, but the challenge stays the other facility's: its refusal used to
+    burn it, so the doctor's own authorize then failed with 'challenge was already used'."""
+    gw, doc = jpki_doctor.gw, jpki_doctor.manifest
+    cred = doc["credential_id"]
+    hashes = [hashlib.sha256(b"cross-facility burn").digest()]
+    begun = _begin(gw, cred, hashes)
+    cert, sig = _card_sign(jpki_doctor.applet, jpki_doctor.pin, _decode(begun["challenge"]), pcsc)
+    other = GatewayClient(
+        url=gw.url,
+        client_cert=pharmacy["client_cert"],
+        client_key=pharmacy["client_key"],
+        server_ca=sandbox["server_ca"],
+    )
+    before = asyncio.run(_audit_rows(sandbox["config"], "sad.refused"))
+    with pytest.raises(GatewayCallError) as err:
+        _authorize_raw(other, cred, hashes, cert, sig, begun["challenge_id"])
+    assert err.value.status == 400
+    assert "the challenge was issued to another facility" in err.value.description
+    rows = asyncio.run(_audit_rows(sandbox["config"], "sad.refused"))
+    assert len(rows) == len(before) + 1
+    assert rows[-1].facility_code == pharmacy["institution_code"]
+    assert "issued to another facility" in json.loads(rows[-1].detail)["reason"]
+    # The doctor's facility still gets its SAD with its own challenge.
+    assert _authorize_raw(gw, cred, hashes, cert, sig, begun["challenge_id"])["SAD"]
+
+
 def test_pin_blocked_mid_flow_is_refused_and_audited(
     jpki_doctor: Doctor, sandbox: dict[str, Any], pcsc: PcscWorld, hospital: dict[str, Any]
 ) -> None:
