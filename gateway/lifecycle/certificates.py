@@ -1104,12 +1104,15 @@ class ClientCertificateService:
 
     # -- CRL --------------------------------------------------------------------------------
 
-    async def publish_crl(self) -> Path | None:
-        """Rewrite the facility CA's CRL from the store (all revoked, unexpired certificates)."""
-        path = self.settings.pki.facility_crl
-        if path is None:
-            return None
-        now = self.clock()
+    #: A publication re-reads the store after writing and writes again while it missed a
+    #: revocation (another worker's, committed meanwhile); past this many rounds the
+    #: scheduler's next run completes it (:meth:`refresh_crl`).
+    CRL_PUBLISH_ROUNDS = 5
+
+    async def _crl_entries(
+        self, now: datetime
+    ) -> list[tuple[int, datetime, x509.ReasonFlags | None]]:
+        """What the CRL must list now: the store's revoked, unexpired certificates of this CA."""
         rows = await self.registry.revoked_unexpired(now)
         ca = self.ca
         entries = []
@@ -1125,25 +1128,53 @@ class ClientCertificateService:
                 else None
             )
             entries.append((int(r.serial_hex, 16), r.revoked_at or now, reason))
-        await asyncio.to_thread(
-            facility_ca.publish_crl,
-            ca,
-            path,
-            revoked=entries,
-            now=now,
-            validity=timedelta(hours=self.settings.pki.crl_validity_hours),
+        return entries
+
+    async def publish_crl(self) -> Path | None:
+        """Rewrite the facility CA's CRL from the store (all revoked, unexpired certificates).
+
+        Workers publish independently and the last rename wins: a worker that read the store
+        before another's revocation committed may rename its file over the other's. So after
+        writing, the store is read again, and the CRL written again while it lacks a serial
+        the store has revoked: the last writer's file then lists every revocation."""
+        path = self.settings.pki.facility_crl
+        if path is None:
+            return None
+        now = self.clock()
+        entries = await self._crl_entries(now)
+        for _ in range(self.CRL_PUBLISH_ROUNDS):
+            await asyncio.to_thread(
+                facility_ca.publish_crl,
+                self.ca,
+                path,
+                revoked=entries,
+                now=now,
+                validity=timedelta(hours=self.settings.pki.crl_validity_hours),
+            )
+            written = {serial for serial, _, _ in entries}
+            now = self.clock()
+            entries = await self._crl_entries(now)
+            if written >= {serial for serial, _, _ in entries}:
+                return path
+        log.warning(
+            "the facility CRL kept missing revocations for %d rounds; the scheduler completes it",
+            self.CRL_PUBLISH_ROUNDS,
         )
         return path
 
     async def refresh_crl(self) -> bool:
-        """Republish when the CRL is missing or its nextUpdate is within crl_refresh_hours."""
+        """Republish when the CRL is missing, its nextUpdate is within crl_refresh_hours, or
+        it lacks a revocation the store has (a publication that failed or was overwritten)."""
         path = self.settings.pki.facility_crl
         if path is None:
             return False
-        nu = await asyncio.to_thread(facility_ca.crl_next_update, path)
+        published = await asyncio.to_thread(facility_ca.crl_contents, path, self.ca)
         margin = timedelta(hours=self.settings.pki.crl_refresh_hours)
-        if nu is not None and nu - self.clock() > margin:
-            return False
+        now = self.clock()
+        if published is not None and published.next_update - now > margin:
+            wanted = {serial for serial, _, _ in await self._crl_entries(now)}
+            if wanted <= published.serials:
+                return False
         await self.publish_crl()
         return True
 

@@ -11,6 +11,7 @@ import json
 import shutil
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 from aiosmtpd.controller import Controller
@@ -29,7 +30,8 @@ from gateway.errors import (
     NotFound,
     WrongPassword,
 )
-from gateway.lifecycle.facilities import fingerprint
+from gateway.lifecycle.certificates import ClientCertificateService
+from gateway.lifecycle.facilities import FacilityRegistry, fingerprint
 from gateway.store.schema import audit_event, client_certificate, notification
 from tests.support.gateway import free_port
 from tests.support.lifecycle import (
@@ -805,3 +807,79 @@ async def test_the_end_of_service_takes_the_audit_head_last(tmp_path: Path, pg_u
             from gateway.audit import AuditLog
 
             assert (await AuditLog().verify(conn)).message == "chain intact"
+
+
+class _HeldCrlRead(FacilityRegistry):
+    """Another worker's registry: its first CRL read returns only when the test lets it, so
+    the two workers' publications interleave the same way on every run."""
+
+    def __init__(self, **kw: Any) -> None:
+        super().__init__(**kw)
+        self.read = asyncio.Event()
+        self.release = asyncio.Event()
+
+    async def revoked_unexpired(self, now: datetime) -> list[Any]:
+        rows = await super().revoked_unexpired(now)
+        if not self.read.is_set():
+            self.read.set()
+            await self.release.wait()
+        return rows
+
+
+def _crl_serials(path: Path) -> set[int]:
+    return {r.serial_number for r in x509.load_der_x509_crl(path.read_bytes())}
+
+
+async def test_two_workers_revoking_at_once_both_reach_the_crl(
+    tmp_path: Path, store_url: str
+) -> None:
+    """Two workers revoke at the same moment: worker 2 read the store for its CRL before
+    worker 1's revocation committed, and renamed its file over worker 1's. Before, the CRL
+    then lacked worker 1's revocation until the scheduler's refresh near nextUpdate (5 days
+    later); now a publisher re-reads the store after writing and writes again when it missed
+    a revocation."""
+    clock = FakeClock(T0)
+    settings = make_settings(tmp_path, store_url=store_url)
+    async with services(settings, clock) as s:
+        await _hospital(s)
+        await s.registry.add(
+            institution_code="1310000060", name="TEST 別医院", kind="clinic", actor="t"
+        )
+        one = await s.certs.issue("1310000011", actor="test")
+        two = await s.certs.issue("1310000060", actor="test")
+        held = _HeldCrlRead(db=s.db, audit=s.certs.audit)
+        worker2 = ClientCertificateService(
+            settings=settings, db=s.db, audit=s.certs.audit, registry=held, clock=clock
+        )
+        late = asyncio.ensure_future(worker2.revoke(two.serial, reason="PC stolen", actor="o"))
+        await held.read.wait()  # worker 2 committed and read {two}; its file is not written
+        await s.certs.revoke(one.serial, reason="key lost", actor="o")
+        held.release.set()
+        await late
+        crl = tmp_path / "facility.crl"
+        assert _crl_serials(crl) == {int(one.serial, 16), int(two.serial, 16)}
+
+
+async def test_the_scheduler_rewrites_a_crl_that_misses_a_revocation(
+    tmp_path: Path, store_url: str
+) -> None:
+    """A revocation committed in the store but missing from the published CRL (its
+    publication failed or was overwritten) is put there by the next scheduler run. Before,
+    the scheduler rewrote the CRL only when its nextUpdate came near (2 of 7 days left)."""
+    clock = FakeClock(T0)
+    settings = make_settings(tmp_path, store_url=store_url)
+    async with services(settings, clock) as s:
+        await _hospital(s)
+        res = await s.certs.issue("1310000011", actor="test")
+        crl = tmp_path / "facility.crl"
+        await s.certs.publish_crl()
+        before = crl.read_bytes()
+        await s.certs.revoke(res.serial, reason="PC stolen", actor="officer")
+        crl.write_bytes(before)  # the revocation's publication lost
+        clock.advance(minutes=5)
+        report = await s.scheduler.run_once()
+        assert report.crl_published
+        assert _crl_serials(crl) == {int(res.serial, 16)}
+        # A CRL that lists everything is left alone until nextUpdate nears.
+        clock.advance(minutes=5)
+        assert await s.certs.refresh_crl() is False
