@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import shutil
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timedelta
@@ -53,6 +54,17 @@ from gateway.store.schema import certificate_delivery, client_certificate, facil
 log = logging.getLogger("gateway.certificates")
 
 _REPLACED_LINK = "this download link is not valid (a resend replaces older links)"
+EST_RENEWAL_REASON = "renewed by the facility's system (EST)"
+# The reason a certificate renewed over EST carries until it is revoked (_schedule_replacement).
+_EST_REPLACED = re.compile(r"replaced by ([0-9a-f]+) \(renewal\): " + re.escape(EST_RENEWAL_REASON))
+
+
+@dataclass(frozen=True, kw_only=True)
+class _Renewal:
+    id: int
+    serial_hex: str
+    status: str
+    facility_id: int | None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -685,7 +697,7 @@ class ClientCertificateService:
             replace=old,
             new_code=None,
             rotation_kind="renewal",
-            rotation_reason="renewed by the facility's system (EST)",
+            rotation_reason=EST_RENEWAL_REASON,
             delivery_kind="est",
             fee_event="est_renewal",
         )
@@ -1022,23 +1034,102 @@ class ClientCertificateService:
 
     # -- revocation -------------------------------------------------------------------------
 
-    async def revoke(self, serial: str, *, reason: str, actor: str) -> dict[str, Any]:
+    async def revoke(
+        self, serial: str, *, reason: str, actor: str, with_renewals: bool = False
+    ) -> dict[str, Any]:
+        """Revoke at once. A certificate renewed over EST lives on in its renewal, whose key
+        whoever held this certificate made (a thief too): the answer names those still valid
+        (``renewals``), and ``with_renewals`` revokes them as well, even when this certificate
+        itself was revoked already (its scheduled revocation came)."""
         if not reason.strip():
             raise InvalidRequest("a revocation needs a reason")
         now = self.clock()
         serial = normalize_serial(serial)
+        text = reason.strip()
         async with self.db.write() as conn:
             target = await self.registry.certificate_owner_in(conn, serial)
-            if target is not None:  # else revoke_in says it is not registered
-                await self._lock_in_order(conn, target.facility_id, target.id)
-            await self.registry.revoke_in(conn, serial, reason=reason.strip(), actor=actor, now=now)
+            if target is None:
+                raise NotFound(f"client certificate {serial} is not registered")
+            # The lock order (_lock_in_order): the facility first, then every file, then the
+            # certificates and the audit head (the revocations' records appended together,
+            # last). Under the facility's lock a renewal either committed or waits for us.
+            if target.facility_id is not None:
+                await self.registry.lock_facility_in(conn, target.facility_id)
+                target = await self.registry.certificate_owner_in(conn, serial)
+            renewals = await self._est_renewals_in(conn, serial)
+            if target.status == "revoked" and not (with_renewals and renewals):
+                into = ", ".join(r.serial_hex for r in renewals)
+                raise Conflict(
+                    f"client certificate {serial} was already revoked"
+                    + (
+                        f"; it was renewed over EST into {into} (still valid): revoke "
+                        "with_renewals to end those"
+                        if renewals
+                        else ""
+                    )
+                )
+            ending = [target, *renewals] if with_renewals else [target]
+            for r in ending:
+                await delivery.drop_file_in(conn, r.id)
+            records: list[AuditRecord] = []
+            if target.status != "revoked":
+                await self.registry.revoke_in(
+                    conn, serial, reason=text, actor=actor, now=now, audit_later=records
+                )
+            if with_renewals:
+                for r in renewals:
+                    await self.registry.revoke_in(
+                        conn,
+                        r.serial_hex,
+                        reason=f"renewed over EST from revoked {serial}: {text}"[:500],
+                        actor=actor,
+                        now=now,
+                        audit_later=records,
+                    )
+            await self.audit.append_many(conn, records)
         await self.publish_crl()
         return {
             "serial": serial,
             "status": "revoked",
             "revoked_at": now.isoformat(),
             "reason": reason,
+            "renewals": [
+                {"serial": r.serial_hex, "status": "revoked" if with_renewals else "active"}
+                for r in renewals
+            ],
         }
+
+    async def _est_renewals_in(self, conn: AsyncConnection, serial: str) -> list[Any]:
+        """The certificates, not revoked, that renewed ``serial`` over EST, and theirs in turn
+        (each replaced one's reason names its replacement: :meth:`_schedule_replacement`)."""
+        out: list[Any] = []
+        seen = {serial}
+        current = serial
+        while True:
+            row = (
+                await conn.execute(
+                    select(client_certificate.c.revocation_reason).where(
+                        client_certificate.c.serial_hex == current
+                    )
+                )
+            ).one_or_none()
+            m = _EST_REPLACED.fullmatch((row.revocation_reason or "") if row else "")
+            if m is None or m.group(1) in seen:
+                return out
+            current = m.group(1)
+            seen.add(current)
+            nxt = await self.registry.certificate_owner_in(conn, current)
+            if nxt is None:
+                return out
+            if nxt.status != "revoked":
+                out.append(
+                    _Renewal(
+                        id=nxt.id,
+                        serial_hex=current,
+                        status=nxt.status,
+                        facility_id=nxt.facility_id,
+                    )
+                )
 
     async def stop_service(self, institution_code: str, *, reason: str, actor: str) -> list[str]:
         """The facility stops using the service: every certificate is revoked at once."""

@@ -883,3 +883,81 @@ async def test_the_scheduler_rewrites_a_crl_that_misses_a_revocation(
         # A CRL that lists everything is left alone until nextUpdate nears.
         clock.advance(minutes=5)
         assert await s.certs.refresh_crl() is False
+
+
+async def _renewed_over_est(
+    s, code: str, clock: FakeClock, tmp: Path
+) -> tuple[str, x509.Certificate]:  # type: ignore[no-untyped-def]
+    """A facility certificate (handed over) renewed over EST 30 days before its expiry with a
+    key of the caller's own: (the renewed serial, the renewal)."""
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    clock.set(T0)
+    held = await s.certs.issue(code, actor="test", hand_over_dir=tmp / code)
+    der = await _der(s, held.serial)
+    clock.set(datetime.fromisoformat(held.expires) - timedelta(days=30))
+    csr = x509.CertificateSigningRequestBuilder().subject_name(
+        x509.load_der_x509_certificate(der).subject
+    )
+    body = csr.sign(ec.generate_private_key(ec.SECP256R1()), hashes.SHA256()).public_bytes(
+        serialization.Encoding.DER
+    )
+    renewed, _ = await s.certs.renew_from_request(
+        held.serial, body, actor=f"facility:{code}", facility_code=code
+    )
+    return held.serial, renewed
+
+
+async def test_revoking_a_stolen_certificate_reaches_its_renewal_over_est(
+    tmp_path: Path, store_url: str
+) -> None:
+    """Whoever holds a facility's certificate in its renewal window can renew it over EST with
+    a key of their own. Before, revoking the stolen certificate said nothing of that renewal
+    and left it valid for its 39 months (and once the stolen one's overlap had ended, the
+    revocation was a bare 409 'already revoked'); now the revocation names the renewals still
+    valid (``renewals``) and ``with_renewals`` revokes them too."""
+    from cryptography.hazmat.primitives import serialization
+
+    clock = FakeClock(T0)
+    settings = make_settings(tmp_path, store_url=store_url)
+    async with services(settings, clock) as s:
+        # The stolen certificate still overlaps: the officer sees the renewal in the answer.
+        await _hospital(s)
+        stolen, renewed = await _renewed_over_est(s, "1310000011", clock, tmp_path)
+        renewed_serial = format(renewed.serial_number, "x")
+        out = await s.certs.revoke(stolen, reason="PC stolen", actor="officer")
+        assert out["renewals"] == [{"serial": renewed_serial, "status": "active"}]
+        await identify(s.db, renewed.public_bytes(serialization.Encoding.DER), now=clock())
+
+        # The other way: with_renewals ends the renewal with it.
+        await s.registry.add(
+            institution_code="1310000060", name="TEST 別医院", kind="clinic", actor="t", now=T0
+        )
+        stolen, renewed = await _renewed_over_est(s, "1310000060", clock, tmp_path)
+        renewed_serial = format(renewed.serial_number, "x")
+        # The overlap ended: the stolen certificate's scheduled revocation was carried out.
+        clock.advance(days=40)
+        assert await s.certs.revoke_due() == [stolen]
+        with pytest.raises(Conflict, match=f"renewed over EST into {renewed_serial}"):
+            await s.certs.revoke(stolen, reason="PC stolen", actor="officer")
+        out = await s.certs.revoke(stolen, reason="PC stolen", actor="officer", with_renewals=True)
+        assert out["renewals"] == [{"serial": renewed_serial, "status": "revoked"}]
+        with pytest.raises(AccessDenied, match=f"renewed over EST from revoked {stolen}"):
+            await identify(s.db, renewed.public_bytes(serialization.Encoding.DER), now=clock())
+        assert renewed.serial_number in _crl_serials(tmp_path / "facility.crl")
+        with pytest.raises(Conflict, match=r"already revoked$"):
+            await s.certs.revoke(stolen, reason="x", actor="officer", with_renewals=True)
+        async with s.db.read() as conn:
+            from gateway.audit import AuditLog
+
+            assert (await AuditLog().verify(conn)).message == "chain intact"
+            details = (
+                await conn.execute(
+                    select(audit_event.c.detail).where(
+                        audit_event.c.action == "client_certificate.revoke",
+                        audit_event.c.facility_code == "1310000060",
+                    )
+                )
+            ).scalars()
+            assert [json.loads(d)["serial"] for d in details] == [renewed_serial]
