@@ -961,3 +961,85 @@ async def test_revoking_a_stolen_certificate_reaches_its_renewal_over_est(
                 )
             ).scalars()
             assert [json.loads(d)["serial"] for d in details] == [renewed_serial]
+
+
+def _renewal_request(der: bytes) -> bytes:
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    csr = x509.CertificateSigningRequestBuilder().subject_name(
+        x509.load_der_x509_certificate(der).subject
+    )
+    return csr.sign(ec.generate_private_key(ec.SECP256R1()), hashes.SHA256()).public_bytes(
+        serialization.Encoding.DER
+    )
+
+
+@pytest.mark.parametrize("rival", ["renewal", "revocation", "suspension"])
+async def test_an_est_renewal_racing_another_change_of_the_certificate(
+    tmp_path: Path, pg_url: str, rival: str
+) -> None:
+    """PostgreSQL: an EST renewal and a second renewal with the same certificate, an officer's
+    revocation of it, or the facility's suspension overlap (a third session holds the audit
+    head until both wait). The renewal holds the facility's row first; the rival, queued
+    behind it, finds the certificate being replaced (409) or acts on the committed renewal
+    (revoked with it named; suspended: every certificate refused). Never two current
+    certificates, never a 500 or a deadlock."""
+    from sqlalchemy import text
+
+    from gateway.store.db import Database
+
+    clock = FakeClock(T0)
+    settings = make_settings(tmp_path, store_url=pg_url)
+    async with services(settings, clock) as s:
+        await _hospital(s)
+        held = await s.certs.issue("1310000011", actor="test", hand_over_dir=tmp_path / "h")
+        der = await _der(s, held.serial)
+        clock.set(datetime.fromisoformat(held.expires) - timedelta(days=30))
+        me = {"actor": "facility:1310000011", "facility_code": "1310000011"}
+        holder = Database(pg_url)
+        try:
+            async with holder.write() as conn:
+                await conn.execute(text("SELECT seq FROM audit_head WHERE id = 1 FOR UPDATE"))
+                first = asyncio.ensure_future(
+                    s.certs.renew_from_request(held.serial, _renewal_request(der), **me)
+                )
+                await lock_waiters(pg_url, 1)
+                if rival == "renewal":
+                    other = s.certs.renew_from_request(held.serial, _renewal_request(der), **me)
+                elif rival == "revocation":
+                    other = s.certs.revoke(held.serial, reason="PC stolen", actor="officer")
+                else:
+                    other = s.registry.set_status(
+                        "1310000011", status="suspended", reason="audit", actor="officer"
+                    )
+                second = asyncio.ensure_future(other)
+                await lock_waiters(pg_url, 2)
+            renewed, outcome = await asyncio.gather(first, second, return_exceptions=True)
+        finally:
+            await holder.close()
+        assert isinstance(renewed, tuple), renewed
+        new_serial = format(renewed[0].serial_number, "x")
+        st = await s.certs.status("1310000011")
+        by = {c["serial"]: c["status"] for c in st["certificates"]}
+        if rival == "renewal":
+            assert isinstance(outcome, Conflict), outcome
+            assert "already replaced" in outcome.description or "being replaced" in (
+                outcome.description
+            )
+            assert by == {held.serial: "overlapping", new_serial: "active"}
+        elif rival == "revocation":
+            assert isinstance(outcome, dict), outcome
+            assert outcome["renewals"] == [{"serial": new_serial, "status": "active"}]
+            assert by == {held.serial: "revoked", new_serial: "active"}
+        else:
+            assert not isinstance(outcome, BaseException), outcome
+            from cryptography.hazmat.primitives.serialization import Encoding
+
+            new_der = renewed[0].public_bytes(Encoding.DER)
+            with pytest.raises(AccessDenied, match="suspended"):
+                await identify(s.db, new_der, now=clock())
+        async with s.db.read() as conn:
+            from gateway.audit import AuditLog
+
+            assert (await AuditLog().verify(conn)).message == "chain intact"
