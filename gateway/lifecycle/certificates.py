@@ -648,6 +648,9 @@ class ClientCertificateService:
             old, fac = await self.registry.certificate_and_facility_in(conn, serial)
         status = certificate_status(old, now)
         if status == "overlapping":
+            repeated = await self._lost_answer(old, fac, request_body, actor=actor, now=now)
+            if repeated is not None:
+                return repeated, {"replaced": serial, "repeated": True}
             raise Conflict(
                 f"certificate {serial} was already replaced ({old.revocation_reason}); renew "
                 "with the newer certificate"
@@ -707,6 +710,46 @@ class ClientCertificateService:
                 fac.institution_code, auto_renewal=True, actor=actor, now=now
             )
         return cert, {"replaced": serial, "fees": charged}
+
+    async def _lost_answer(
+        self, old: Any, fac: Facility, request_body: bytes, *, actor: str, now: datetime
+    ) -> x509.Certificate | None:
+        """The certificate that renewed ``old`` over EST, when the request is for its very key
+        (proof of possession checked): the answer of a renewal that committed but never
+        reached the facility, given again (audited), nothing issued. None otherwise."""
+        m = _EST_REPLACED.fullmatch(old.revocation_reason or "")
+        if m is None:
+            return None
+        current = x509.load_der_x509_certificate(old.certificate_der)
+        try:
+            csr = csr_check.decode_request(request_body)
+            csr_check.check_request(
+                csr, current=current, min_rsa_bits=self.settings.certificates.renewal_min_rsa_bits
+            )
+        except GatewayError:
+            return None
+        async with self.db.read() as conn:
+            row = (
+                await conn.execute(
+                    select(client_certificate).where(client_certificate.c.serial_hex == m[1])
+                )
+            ).one_or_none()
+        if (
+            row is None
+            or row.facility_id != old.facility_id
+            or certificate_status(row, now) != "active"
+            or row.spki_sha256 != csr_check.spki_sha256(csr)
+        ):
+            return None
+        await self.audit.append_alone(
+            self.db,
+            action="client_certificate.renewal_repeated",
+            actor=actor,
+            facility_code=fac.institution_code,
+            detail={"serial": old.serial_hex, "new_serial": row.serial_hex},
+            now=now,
+        )
+        return x509.load_der_x509_certificate(row.certificate_der)
 
     # -- delivery ---------------------------------------------------------------------------
 

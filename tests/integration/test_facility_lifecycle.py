@@ -1043,3 +1043,59 @@ async def test_an_est_renewal_racing_another_change_of_the_certificate(
             from gateway.audit import AuditLog
 
             assert (await AuditLog().verify(conn)).message == "chain intact"
+
+
+async def test_a_renewal_whose_answer_was_lost_is_answered_again(
+    tmp_path: Path, store_url: str
+) -> None:
+    """The gateway committed an EST renewal but its answer never reached the facility (the
+    connection dropped). Before, the same request again was 409 'already replaced' for good:
+    the facility's system held a key nobody certified for it and an old certificate revoked a
+    month later, and had to apply anew. Now a request for the very key of the certificate
+    that replaced this one (its proof of possession checked) gets that certificate again,
+    audited; nothing new is issued. Another key is still 409."""
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    clock = FakeClock(T0)
+    settings = make_settings(tmp_path, store_url=store_url)
+    async with services(settings, clock) as s:
+        await _hospital(s)
+        held = await s.certs.issue("1310000011", actor="test", hand_over_dir=tmp_path / "h")
+        der = await _der(s, held.serial)
+        clock.set(datetime.fromisoformat(held.expires) - timedelta(days=30))
+        subject = x509.load_der_x509_certificate(der).subject
+        key = ec.generate_private_key(ec.SECP256R1())
+
+        def request(k: ec.EllipticCurvePrivateKey) -> bytes:
+            csr = x509.CertificateSigningRequestBuilder().subject_name(subject)
+            return csr.sign(k, hashes.SHA256()).public_bytes(serialization.Encoding.DER)
+
+        me = {"actor": "facility:1310000011", "facility_code": "1310000011"}
+        first, _ = await s.certs.renew_from_request(held.serial, request(key), **me)
+        clock.advance(hours=1)
+        again, info = await s.certs.renew_from_request(held.serial, request(key), **me)
+        assert again == first and info == {"replaced": held.serial, "repeated": True}
+        st = await s.certs.status("1310000011")
+        assert len(st["certificates"]) == 2  # nothing new issued
+        with pytest.raises(Conflict, match="already replaced"):
+            await s.certs.renew_from_request(
+                held.serial, request(ec.generate_private_key(ec.SECP256R1())), **me
+            )
+        # The new certificate revoked: its key is answered no more.
+        await s.certs.revoke(format(first.serial_number, "x"), reason="lost", actor="o")
+        with pytest.raises(Conflict, match="already replaced"):
+            await s.certs.renew_from_request(held.serial, request(key), **me)
+        async with s.db.read() as conn:
+            actions = (
+                await conn.execute(
+                    select(audit_event.c.action).where(
+                        audit_event.c.action.like("client_certificate.renewal%")
+                    )
+                )
+            ).scalars()
+            assert list(actions) == [
+                "client_certificate.renewal_repeated",
+                "client_certificate.renewal_refused",
+                "client_certificate.renewal_refused",
+            ]
