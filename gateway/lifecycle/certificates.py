@@ -1302,10 +1302,16 @@ class ClientCertificateService:
         path = self.settings.pki.facility_crl
         if path is None:
             return False
-        published = await asyncio.to_thread(facility_ca.crl_contents, path, self.ca)
-        margin = timedelta(hours=self.settings.pki.crl_refresh_hours)
+        pki = self.settings.pki
+        # Without the CA configured nothing can be compared or published: as before, only
+        # a CRL near its nextUpdate (or missing) is an error to report.
+        ca = self.ca if pki.facility_ca_cert and pki.facility_ca_key else None
+        published = await asyncio.to_thread(facility_ca.crl_contents, path, ca)
+        margin = timedelta(hours=pki.crl_refresh_hours)
         now = self.clock()
         if published is not None and published.next_update - now > margin:
+            if ca is None:
+                return False
             wanted = {serial for serial, _, _ in await self._crl_entries(now)}
             if wanted <= published.serials:
                 return False

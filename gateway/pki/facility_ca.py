@@ -221,18 +221,18 @@ class PublishedCrl:
     serials: frozenset[int]
 
 
-def crl_contents(path: Path, ca: CertAndKey) -> PublishedCrl | None:
+def crl_contents(path: Path, ca: CertAndKey | None) -> PublishedCrl | None:
     """nextUpdate and revoked serials of the published CRL; None when there is none, it is
-    unreadable, has no nextUpdate, or is not a valid CRL of ``ca`` (then it is rewritten)."""
+    unreadable, has no nextUpdate, or is not a valid CRL of ``ca`` (then it is rewritten;
+    ``ca`` None: not checked)."""
     try:
         crl = x509.load_der_x509_crl(path.read_bytes())
     except (OSError, ValueError):
         return None
     next_update = crl.next_update_utc
-    if (
-        next_update is None
-        or crl.issuer != ca.cert.subject
-        or not crl.is_signature_valid(ca.key.public_key())
+    if next_update is None or (
+        ca is not None
+        and (crl.issuer != ca.cert.subject or not crl.is_signature_valid(ca.key.public_key()))
     ):
         return None
     return PublishedCrl(next_update=next_update, serials=frozenset(r.serial_number for r in crl))
