@@ -1106,7 +1106,7 @@ class ClientCertificateService:
                     f"client certificate {serial} was already revoked"
                     + (
                         f"; it was renewed over EST into {into} (still valid): revoke "
-                        "with_renewals to end those"
+                        "with_renewals (--with-renewals) to end those"
                         if renewals
                         else ""
                     )
