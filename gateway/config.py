@@ -21,7 +21,14 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from gateway.errors import ConfigError
 
@@ -191,6 +198,19 @@ class CertificateSettings(_Section):
     renewal_min_rsa_bits: Annotated[int, Field(ge=2048, le=8192)] = 2048
     """The smallest RSA key a renewal request (CSR) may carry; EC keys must be P-256 or
     stronger."""
+
+    @model_validator(mode="after")
+    def _renewal_window_within_validity(self) -> CertificateSettings:
+        # A renewed certificate must start outside the window: else it could renew again at
+        # once, and one certificate would mint any number (28 days: the shortest month).
+        if self.renewal_window_days >= 28 * self.validity_months:
+            raise ValueError(
+                f"renewal_window_days ({self.renewal_window_days}) must be shorter than the "
+                f"shortest validity of validity_months ({self.validity_months} months, at least "
+                f"{28 * self.validity_months} days), or a renewed certificate could renew again "
+                "at once"
+            )
+        return self
 
 
 class FeeSettings(_Section):

@@ -65,6 +65,11 @@ class Reason(AdminRequest):
     reason: str = Field(min_length=1, max_length=300)
 
 
+class Revocation(Reason):
+    with_renewals: bool = False
+    """Revoke too the certificates that renewed this one over EST (a stolen certificate)."""
+
+
 def _actor(request: web.Request) -> str:
     return identity(request).actor
 
@@ -185,9 +190,12 @@ async def rotate_certificate(request: web.Request) -> web.Response:
 
 @routes.post("/admin/certificates/{serial}/revoke")
 async def revoke_certificate(request: web.Request) -> web.Response:
-    req = await parse(request, Reason)
+    req = await parse(request, Revocation)
     out = await request.app[CERTIFICATES].revoke(
-        request.match_info["serial"], reason=req.reason, actor=_actor(request)
+        request.match_info["serial"],
+        reason=req.reason,
+        actor=_actor(request),
+        with_renewals=req.with_renewals,
     )
     return web.json_response(out)
 

@@ -196,8 +196,18 @@ async def cmd_facility_rotate_cert(args: argparse.Namespace) -> int:
 
 async def cmd_facility_revoke_cert(args: argparse.Namespace) -> int:
     async with Context(settings_of(args), with_keystore=False) as ctx:
-        out = await ctx.certificates.revoke(args.serial, reason=args.reason, actor=actor())
-    emit(args, out, f"revoked {out['serial']}")
+        out = await ctx.certificates.revoke(
+            args.serial, reason=args.reason, actor=actor(), with_renewals=args.with_renewals
+        )
+    lines = [f"revoked {out['serial']}"]
+    for r in out["renewals"]:
+        lines.append(
+            f"  renewed over EST into {r['serial']}: revoked too"
+            if r["status"] == "revoked"
+            else f"  renewed over EST into {r['serial']}: still valid "
+            f"(if the key was stolen, revoke it too: revoke-cert {r['serial']})"
+        )
+    emit(args, out, "\n".join(lines))
     return 0
 
 
@@ -374,6 +384,11 @@ def register_facility(sub: Any) -> None:
     config_flags(p)
     p.add_argument("serial", help="certificate serial (hex)")
     p.add_argument("--reason", required=True)
+    p.add_argument(
+        "--with-renewals",
+        action="store_true",
+        help="revoke too the certificates that renewed this one over EST (a stolen certificate)",
+    )
     p.set_defaults(func=cmd_facility_revoke_cert)
 
     p = fac.add_parser(

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import shutil
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timedelta
@@ -53,6 +54,17 @@ from gateway.store.schema import certificate_delivery, client_certificate, facil
 log = logging.getLogger("gateway.certificates")
 
 _REPLACED_LINK = "this download link is not valid (a resend replaces older links)"
+EST_RENEWAL_REASON = "renewed by the facility's system (EST)"
+# The reason a certificate renewed over EST carries until it is revoked (_schedule_replacement).
+_EST_REPLACED = re.compile(r"replaced by ([0-9a-f]+) \(renewal\): " + re.escape(EST_RENEWAL_REASON))
+
+
+@dataclass(frozen=True, kw_only=True)
+class _Renewal:
+    id: int
+    serial_hex: str
+    status: str
+    facility_id: int | None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -636,6 +648,9 @@ class ClientCertificateService:
             old, fac = await self.registry.certificate_and_facility_in(conn, serial)
         status = certificate_status(old, now)
         if status == "overlapping":
+            repeated = await self._lost_answer(old, fac, request_body, actor=actor, now=now)
+            if repeated is not None:
+                return repeated, {"replaced": serial, "repeated": True}
             raise Conflict(
                 f"certificate {serial} was already replaced ({old.revocation_reason}); renew "
                 "with the newer certificate"
@@ -685,7 +700,7 @@ class ClientCertificateService:
             replace=old,
             new_code=None,
             rotation_kind="renewal",
-            rotation_reason="renewed by the facility's system (EST)",
+            rotation_reason=EST_RENEWAL_REASON,
             delivery_kind="est",
             fee_event="est_renewal",
         )
@@ -695,6 +710,46 @@ class ClientCertificateService:
                 fac.institution_code, auto_renewal=True, actor=actor, now=now
             )
         return cert, {"replaced": serial, "fees": charged}
+
+    async def _lost_answer(
+        self, old: Any, fac: Facility, request_body: bytes, *, actor: str, now: datetime
+    ) -> x509.Certificate | None:
+        """The certificate that renewed ``old`` over EST, when the request is for its very key
+        (proof of possession checked): the answer of a renewal that committed but never
+        reached the facility, given again (audited), nothing issued. None otherwise."""
+        m = _EST_REPLACED.fullmatch(old.revocation_reason or "")
+        if m is None:
+            return None
+        current = x509.load_der_x509_certificate(old.certificate_der)
+        try:
+            csr = csr_check.decode_request(request_body)
+            csr_check.check_request(
+                csr, current=current, min_rsa_bits=self.settings.certificates.renewal_min_rsa_bits
+            )
+        except GatewayError:
+            return None
+        async with self.db.read() as conn:
+            row = (
+                await conn.execute(
+                    select(client_certificate).where(client_certificate.c.serial_hex == m[1])
+                )
+            ).one_or_none()
+        if (
+            row is None
+            or row.facility_id != old.facility_id
+            or certificate_status(row, now) != "active"
+            or row.spki_sha256 != csr_check.spki_sha256(csr)
+        ):
+            return None
+        await self.audit.append_alone(
+            self.db,
+            action="client_certificate.renewal_repeated",
+            actor=actor,
+            facility_code=fac.institution_code,
+            detail={"serial": old.serial_hex, "new_serial": row.serial_hex},
+            now=now,
+        )
+        return x509.load_der_x509_certificate(row.certificate_der)
 
     # -- delivery ---------------------------------------------------------------------------
 
@@ -1022,23 +1077,102 @@ class ClientCertificateService:
 
     # -- revocation -------------------------------------------------------------------------
 
-    async def revoke(self, serial: str, *, reason: str, actor: str) -> dict[str, Any]:
+    async def revoke(
+        self, serial: str, *, reason: str, actor: str, with_renewals: bool = False
+    ) -> dict[str, Any]:
+        """Revoke at once. A certificate renewed over EST lives on in its renewal, whose key
+        whoever held this certificate made (a thief too): the answer names those still valid
+        (``renewals``), and ``with_renewals`` revokes them as well, even when this certificate
+        itself was revoked already (its scheduled revocation came)."""
         if not reason.strip():
             raise InvalidRequest("a revocation needs a reason")
         now = self.clock()
         serial = normalize_serial(serial)
+        text = reason.strip()
         async with self.db.write() as conn:
             target = await self.registry.certificate_owner_in(conn, serial)
-            if target is not None:  # else revoke_in says it is not registered
-                await self._lock_in_order(conn, target.facility_id, target.id)
-            await self.registry.revoke_in(conn, serial, reason=reason.strip(), actor=actor, now=now)
+            if target is None:
+                raise NotFound(f"client certificate {serial} is not registered")
+            # The lock order (_lock_in_order): the facility first, then every file, then the
+            # certificates and the audit head (the revocations' records appended together,
+            # last). Under the facility's lock a renewal either committed or waits for us.
+            if target.facility_id is not None:
+                await self.registry.lock_facility_in(conn, target.facility_id)
+                target = await self.registry.certificate_owner_in(conn, serial)
+            renewals = await self._est_renewals_in(conn, serial)
+            if target.status == "revoked" and not (with_renewals and renewals):
+                into = ", ".join(r.serial_hex for r in renewals)
+                raise Conflict(
+                    f"client certificate {serial} was already revoked"
+                    + (
+                        f"; it was renewed over EST into {into} (still valid): revoke "
+                        "with_renewals (--with-renewals) to end those"
+                        if renewals
+                        else ""
+                    )
+                )
+            ending = [target, *renewals] if with_renewals else [target]
+            for r in ending:
+                await delivery.drop_file_in(conn, r.id)
+            records: list[AuditRecord] = []
+            if target.status != "revoked":
+                await self.registry.revoke_in(
+                    conn, serial, reason=text, actor=actor, now=now, audit_later=records
+                )
+            if with_renewals:
+                for r in renewals:
+                    await self.registry.revoke_in(
+                        conn,
+                        r.serial_hex,
+                        reason=f"renewed over EST from revoked {serial}: {text}"[:500],
+                        actor=actor,
+                        now=now,
+                        audit_later=records,
+                    )
+            await self.audit.append_many(conn, records)
         await self.publish_crl()
         return {
             "serial": serial,
             "status": "revoked",
             "revoked_at": now.isoformat(),
             "reason": reason,
+            "renewals": [
+                {"serial": r.serial_hex, "status": "revoked" if with_renewals else "active"}
+                for r in renewals
+            ],
         }
+
+    async def _est_renewals_in(self, conn: AsyncConnection, serial: str) -> list[Any]:
+        """The certificates, not revoked, that renewed ``serial`` over EST, and theirs in turn
+        (each replaced one's reason names its replacement: :meth:`_schedule_replacement`)."""
+        out: list[Any] = []
+        seen = {serial}
+        current = serial
+        while True:
+            row = (
+                await conn.execute(
+                    select(client_certificate.c.revocation_reason).where(
+                        client_certificate.c.serial_hex == current
+                    )
+                )
+            ).one_or_none()
+            m = _EST_REPLACED.fullmatch((row.revocation_reason or "") if row else "")
+            if m is None or m.group(1) in seen:
+                return out
+            current = m.group(1)
+            seen.add(current)
+            nxt = await self.registry.certificate_owner_in(conn, current)
+            if nxt is None:
+                return out
+            if nxt.status != "revoked":
+                out.append(
+                    _Renewal(
+                        id=nxt.id,
+                        serial_hex=current,
+                        status=nxt.status,
+                        facility_id=nxt.facility_id,
+                    )
+                )
 
     async def stop_service(self, institution_code: str, *, reason: str, actor: str) -> list[str]:
         """The facility stops using the service: every certificate is revoked at once."""
@@ -1104,12 +1238,15 @@ class ClientCertificateService:
 
     # -- CRL --------------------------------------------------------------------------------
 
-    async def publish_crl(self) -> Path | None:
-        """Rewrite the facility CA's CRL from the store (all revoked, unexpired certificates)."""
-        path = self.settings.pki.facility_crl
-        if path is None:
-            return None
-        now = self.clock()
+    #: A publication re-reads the store after writing and writes again while it missed a
+    #: revocation (another worker's, committed meanwhile); past this many rounds the
+    #: scheduler's next run completes it (:meth:`refresh_crl`).
+    CRL_PUBLISH_ROUNDS = 5
+
+    async def _crl_entries(
+        self, now: datetime
+    ) -> list[tuple[int, datetime, x509.ReasonFlags | None]]:
+        """What the CRL must list now: the store's revoked, unexpired certificates of this CA."""
         rows = await self.registry.revoked_unexpired(now)
         ca = self.ca
         entries = []
@@ -1125,25 +1262,59 @@ class ClientCertificateService:
                 else None
             )
             entries.append((int(r.serial_hex, 16), r.revoked_at or now, reason))
-        await asyncio.to_thread(
-            facility_ca.publish_crl,
-            ca,
-            path,
-            revoked=entries,
-            now=now,
-            validity=timedelta(hours=self.settings.pki.crl_validity_hours),
+        return entries
+
+    async def publish_crl(self) -> Path | None:
+        """Rewrite the facility CA's CRL from the store (all revoked, unexpired certificates).
+
+        Workers publish independently and the last rename wins: a worker that read the store
+        before another's revocation committed may rename its file over the other's. So after
+        writing, the store is read again, and the CRL written again while it lacks a serial
+        the store has revoked: the last writer's file then lists every revocation."""
+        path = self.settings.pki.facility_crl
+        if path is None:
+            return None
+        now = self.clock()
+        entries = await self._crl_entries(now)
+        for _ in range(self.CRL_PUBLISH_ROUNDS):
+            await asyncio.to_thread(
+                facility_ca.publish_crl,
+                self.ca,
+                path,
+                revoked=entries,
+                now=now,
+                validity=timedelta(hours=self.settings.pki.crl_validity_hours),
+            )
+            written = {serial for serial, _, _ in entries}
+            now = self.clock()
+            entries = await self._crl_entries(now)
+            if written >= {serial for serial, _, _ in entries}:
+                return path
+        log.warning(
+            "the facility CRL kept missing revocations for %d rounds; the scheduler completes it",
+            self.CRL_PUBLISH_ROUNDS,
         )
         return path
 
     async def refresh_crl(self) -> bool:
-        """Republish when the CRL is missing or its nextUpdate is within crl_refresh_hours."""
+        """Republish when the CRL is missing, its nextUpdate is within crl_refresh_hours, or
+        it lacks a revocation the store has (a publication that failed or was overwritten)."""
         path = self.settings.pki.facility_crl
         if path is None:
             return False
-        nu = await asyncio.to_thread(facility_ca.crl_next_update, path)
-        margin = timedelta(hours=self.settings.pki.crl_refresh_hours)
-        if nu is not None and nu - self.clock() > margin:
-            return False
+        pki = self.settings.pki
+        # Without the CA configured nothing can be compared or published: as before, only
+        # a CRL near its nextUpdate (or missing) is an error to report.
+        ca = self.ca if pki.facility_ca_cert and pki.facility_ca_key else None
+        published = await asyncio.to_thread(facility_ca.crl_contents, path, ca)
+        margin = timedelta(hours=pki.crl_refresh_hours)
+        now = self.clock()
+        if published is not None and published.next_update - now > margin:
+            if ca is None:
+                return False
+            wanted = {serial for serial, _, _ in await self._crl_entries(now)}
+            if wanted <= published.serials:
+                return False
         await self.publish_crl()
         return True
 

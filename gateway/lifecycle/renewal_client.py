@@ -6,7 +6,10 @@ Run daily from cron (or a Windows task) on the facility's system. Each run:
 3. inside the renewal window, makes a new key and a PKCS#10 request at the facility (the key
    never leaves it), sends it to the gateway's EST ``simplereenroll`` authenticated by the
    current certificate, checks the answer (the same subject and issuer, the new key), and
-   writes the new key and certificate atomically, after a backup of the old ones.
+   writes the new key and certificate atomically, after a backup of the old ones. The new key
+   is kept (``<key>.<old serial>.pending``, 0600) before it is sent, until its certificate is
+   installed: if the answer is lost, the next run asks again for the same key and the gateway
+   answers with the certificate it issued.
 Exit codes: 0 nothing to do (or only a warning), 10 renewed, 1 failure (the message says why;
 the old files are untouched), 2 bad usage.
 
@@ -129,7 +132,8 @@ def renew(
     if left > renew_within:
         return report
     try:
-        new_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        pending = pending_key_path(files, cert)
+        new_key = _pending_key(pending)
         csr = (
             x509.CertificateSigningRequestBuilder()
             .subject_name(cert.subject)
@@ -138,6 +142,7 @@ def renew(
         new_cert = _enroll(url, files, csr, timeout=timeout)
         _check_answer(new_cert, cert, new_key)
         report.backups = _install(files, cert, new_cert, new_key)
+        pending.unlink(missing_ok=True)
     except GatewayError as e:
         report.error = e.description
         return report
@@ -145,6 +150,38 @@ def renew(
     report.new_serial = format(new_cert.serial_number, "x")
     report.new_expires = jst_date(new_cert.not_valid_after_utc).isoformat()
     return report
+
+
+def pending_key_path(files: ClientFiles, cert: x509.Certificate) -> Path:
+    """Where the key made to renew ``cert`` waits (0600) until its certificate is installed."""
+    return files.key.with_name(f"{files.key.name}.{format(cert.serial_number, 'x')}.pending")
+
+
+def _pending_key(path: Path) -> rsa.RSAPrivateKey:
+    """The key of an earlier run that renewing ``cert`` did not finish, else a new one, kept
+    before it is sent: when the gateway certified it but its answer was lost (the connection
+    dropped), the next run asks for the same key and the gateway answers with the
+    certificate it issued (a new key would be refused: the certificate was replaced)."""
+    try:
+        key = serialization.load_pem_private_key(path.read_bytes(), password=None)
+        if isinstance(key, rsa.RSAPrivateKey) and key.key_size >= 2048:
+            return key
+    except (OSError, ValueError, TypeError):
+        pass
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    try:
+        replace_atomically(
+            path,
+            key.private_bytes(
+                serialization.Encoding.PEM,
+                serialization.PrivateFormat.PKCS8,
+                serialization.NoEncryption(),
+            ),
+            mode=0o600,
+        )
+    except OSError as e:
+        raise RenewalFailed(f"cannot keep the new key in {path}: {e}") from e
+    return key
 
 
 def _enroll(

@@ -215,10 +215,24 @@ def publish_crl(
     return crl
 
 
-def crl_next_update(path: Path) -> datetime | None:
-    """nextUpdate of the published CRL, or None when there is none (or it is unreadable)."""
+@dataclass(frozen=True, kw_only=True)
+class PublishedCrl:
+    next_update: datetime
+    serials: frozenset[int]
+
+
+def crl_contents(path: Path, ca: CertAndKey | None) -> PublishedCrl | None:
+    """nextUpdate and revoked serials of the published CRL; None when there is none, it is
+    unreadable, has no nextUpdate, or is not a valid CRL of ``ca`` (then it is rewritten;
+    ``ca`` None: not checked)."""
     try:
         crl = x509.load_der_x509_crl(path.read_bytes())
     except (OSError, ValueError):
         return None
-    return crl.next_update_utc
+    next_update = crl.next_update_utc
+    if next_update is None or (
+        ca is not None
+        and (crl.issuer != ca.cert.subject or not crl.is_signature_valid(ca.key.public_key()))
+    ):
+        return None
+    return PublishedCrl(next_update=next_update, serials=frozenset(r.serial_number for r in crl))

@@ -454,3 +454,56 @@ def test_a_revoked_certificate_cannot_renew(
     )
     status, body = post_csr(sandbox, gateway.port, d, csr)
     assert status == 403 and "was revoked" in json.loads(body)["detail"], body
+
+
+async def test_a_renewal_whose_answer_was_lost_completes_on_the_next_run(
+    sandbox: dict[str, Any], tmp_path: Path
+) -> None:
+    """The gateway certified the key of a client run, but the answer never arrived (the
+    connection dropped after the commit): that run's key waits in ``<key>.<serial>.pending``.
+    Before, the next run made another key and the gateway refused it for good (409: the
+    certificate was replaced), the facility's system then holding a certificate revoked a month
+    later; now the next run asks again for the pending key, the gateway answers with the
+    certificate it issued, and the run installs it."""
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    from gateway.lifecycle.renewal_client import pending_key_path
+
+    code, d = await asyncio.to_thread(facility_expiring_in, sandbox, 100, tmp_path / "sys")
+    old = x509.load_pem_x509_certificate((d / "client.pem").read_bytes())
+    files = ClientFiles(
+        cert=d / "client.pem", key=d / "client.key", server_ca=Path(sandbox["server_ca"])
+    )
+    clock = FakeClock(old.not_valid_after_utc - timedelta(days=30))
+    # The lost run: its key kept, its request committed by the gateway.
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    pending = pending_key_path(files, old)
+    pending.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    csr = (
+        x509.CertificateSigningRequestBuilder().subject_name(old.subject).sign(key, hashes.SHA256())
+    )
+    db, svc = _service(sandbox, clock)
+    try:
+        issued, _ = await svc.renew_from_request(
+            format(old.serial_number, "x"),
+            csr.public_bytes(serialization.Encoding.DER),
+            actor=f"facility:{code}",
+            facility_code=code,
+        )
+    finally:
+        await db.close()
+    async with in_process_gateway(sandbox["config"], clock) as port:
+        r = await asyncio.to_thread(renew, f"https://localhost:{port}", files, clock=clock)
+    assert r.exit_code == EXIT_RENEWED, r.error
+    assert r.new_serial == format(issued.serial_number, "x")
+    assert x509.load_pem_x509_certificate((d / "client.pem").read_bytes()) == issued
+    installed = serialization.load_pem_private_key((d / "client.key").read_bytes(), None)
+    assert installed.public_key() == key.public_key()
+    assert not pending.exists()

@@ -285,6 +285,20 @@ def test_admin_api_is_for_admins_only_and_audited(
         ("GET", "/admin/facilities/0999999999", None, 404, "not registered"),
         ("POST", "/admin/certificates/zz/revoke", {"reason": "x"}, 400, "not hexadecimal"),
         ("POST", "/admin/certificates/abc123/revoke", {"reason": "x"}, 404, "not registered"),
+        (
+            "POST",
+            "/admin/certificates/abc123/revoke",
+            {"reason": "x", "with_renewals": True},
+            404,
+            "not registered",
+        ),
+        (
+            "POST",
+            "/admin/certificates/abc123/revoke",
+            {"reason": "x", "with_renewals": "yes"},
+            400,
+            "with_renewals",
+        ),
         ("GET", "/admin/certificates/expiring?within=abc", None, 400, "within"),
     ]
     for method, path, body, status, needle in cases:

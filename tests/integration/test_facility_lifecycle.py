@@ -11,6 +11,7 @@ import json
 import shutil
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 from aiosmtpd.controller import Controller
@@ -29,7 +30,8 @@ from gateway.errors import (
     NotFound,
     WrongPassword,
 )
-from gateway.lifecycle.facilities import fingerprint
+from gateway.lifecycle.certificates import ClientCertificateService
+from gateway.lifecycle.facilities import FacilityRegistry, fingerprint
 from gateway.store.schema import audit_event, client_certificate, notification
 from tests.support.gateway import free_port
 from tests.support.lifecycle import (
@@ -805,3 +807,295 @@ async def test_the_end_of_service_takes_the_audit_head_last(tmp_path: Path, pg_u
             from gateway.audit import AuditLog
 
             assert (await AuditLog().verify(conn)).message == "chain intact"
+
+
+class _HeldCrlRead(FacilityRegistry):
+    """Another worker's registry: its first CRL read returns only when the test lets it, so
+    the two workers' publications interleave the same way on every run."""
+
+    def __init__(self, **kw: Any) -> None:
+        super().__init__(**kw)
+        self.read = asyncio.Event()
+        self.release = asyncio.Event()
+
+    async def revoked_unexpired(self, now: datetime) -> list[Any]:
+        rows = await super().revoked_unexpired(now)
+        if not self.read.is_set():
+            self.read.set()
+            await self.release.wait()
+        return rows
+
+
+def _crl_serials(path: Path) -> set[int]:
+    return {r.serial_number for r in x509.load_der_x509_crl(path.read_bytes())}
+
+
+async def test_two_workers_revoking_at_once_both_reach_the_crl(
+    tmp_path: Path, store_url: str
+) -> None:
+    """Two workers revoke at the same moment: worker 2 read the store for its CRL before
+    worker 1's revocation committed, and renamed its file over worker 1's. Before, the CRL
+    then lacked worker 1's revocation until the scheduler's refresh near nextUpdate (5 days
+    later); now a publisher re-reads the store after writing and writes again when it missed
+    a revocation."""
+    clock = FakeClock(T0)
+    settings = make_settings(tmp_path, store_url=store_url)
+    async with services(settings, clock) as s:
+        await _hospital(s)
+        await s.registry.add(
+            institution_code="1310000060", name="TEST 別医院", kind="clinic", actor="t"
+        )
+        one = await s.certs.issue("1310000011", actor="test")
+        two = await s.certs.issue("1310000060", actor="test")
+        held = _HeldCrlRead(db=s.db, audit=s.certs.audit)
+        worker2 = ClientCertificateService(
+            settings=settings, db=s.db, audit=s.certs.audit, registry=held, clock=clock
+        )
+        late = asyncio.ensure_future(worker2.revoke(two.serial, reason="PC stolen", actor="o"))
+        await held.read.wait()  # worker 2 committed and read {two}; its file is not written
+        await s.certs.revoke(one.serial, reason="key lost", actor="o")
+        held.release.set()
+        await late
+        crl = tmp_path / "facility.crl"
+        assert _crl_serials(crl) == {int(one.serial, 16), int(two.serial, 16)}
+
+
+async def test_the_scheduler_rewrites_a_crl_that_misses_a_revocation(
+    tmp_path: Path, store_url: str
+) -> None:
+    """A revocation committed in the store but missing from the published CRL (its
+    publication failed or was overwritten) is put there by the next scheduler run. Before,
+    the scheduler rewrote the CRL only when its nextUpdate came near (2 of 7 days left)."""
+    clock = FakeClock(T0)
+    settings = make_settings(tmp_path, store_url=store_url)
+    async with services(settings, clock) as s:
+        await _hospital(s)
+        res = await s.certs.issue("1310000011", actor="test")
+        crl = tmp_path / "facility.crl"
+        await s.certs.publish_crl()
+        before = crl.read_bytes()
+        await s.certs.revoke(res.serial, reason="PC stolen", actor="officer")
+        crl.write_bytes(before)  # the revocation's publication lost
+        clock.advance(minutes=5)
+        report = await s.scheduler.run_once()
+        assert report.crl_published
+        assert _crl_serials(crl) == {int(res.serial, 16)}
+        # A CRL that lists everything is left alone until nextUpdate nears.
+        clock.advance(minutes=5)
+        assert await s.certs.refresh_crl() is False
+
+
+async def _renewed_over_est(
+    s, code: str, clock: FakeClock, tmp: Path
+) -> tuple[str, x509.Certificate]:  # type: ignore[no-untyped-def]
+    """A facility certificate (handed over) renewed over EST 30 days before its expiry with a
+    key of the caller's own: (the renewed serial, the renewal)."""
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    clock.set(T0)
+    held = await s.certs.issue(code, actor="test", hand_over_dir=tmp / code)
+    der = await _der(s, held.serial)
+    clock.set(datetime.fromisoformat(held.expires) - timedelta(days=30))
+    csr = x509.CertificateSigningRequestBuilder().subject_name(
+        x509.load_der_x509_certificate(der).subject
+    )
+    body = csr.sign(ec.generate_private_key(ec.SECP256R1()), hashes.SHA256()).public_bytes(
+        serialization.Encoding.DER
+    )
+    renewed, _ = await s.certs.renew_from_request(
+        held.serial, body, actor=f"facility:{code}", facility_code=code
+    )
+    return held.serial, renewed
+
+
+async def test_revoking_a_stolen_certificate_reaches_its_renewal_over_est(
+    tmp_path: Path, store_url: str
+) -> None:
+    """Whoever holds a facility's certificate in its renewal window can renew it over EST with
+    a key of their own. Before, revoking the stolen certificate said nothing of that renewal
+    and left it valid for its 39 months (and once the stolen one's overlap had ended, the
+    revocation was a bare 409 'already revoked'); now the revocation names the renewals still
+    valid (``renewals``) and ``with_renewals`` revokes them too."""
+    from cryptography.hazmat.primitives import serialization
+
+    clock = FakeClock(T0)
+    settings = make_settings(tmp_path, store_url=store_url)
+    async with services(settings, clock) as s:
+        # The stolen certificate still overlaps: the officer sees the renewal in the answer.
+        await _hospital(s)
+        stolen, renewed = await _renewed_over_est(s, "1310000011", clock, tmp_path)
+        renewed_serial = format(renewed.serial_number, "x")
+        out = await s.certs.revoke(stolen, reason="PC stolen", actor="officer")
+        assert out["renewals"] == [{"serial": renewed_serial, "status": "active"}]
+        await identify(s.db, renewed.public_bytes(serialization.Encoding.DER), now=clock())
+
+        # The other way: with_renewals ends the renewal with it.
+        await s.registry.add(
+            institution_code="1310000060", name="TEST 別医院", kind="clinic", actor="t", now=T0
+        )
+        stolen, renewed = await _renewed_over_est(s, "1310000060", clock, tmp_path)
+        renewed_serial = format(renewed.serial_number, "x")
+        # The overlap ended: the stolen certificate's scheduled revocation was carried out.
+        clock.advance(days=40)
+        assert await s.certs.revoke_due() == [stolen]
+        with pytest.raises(Conflict, match=f"renewed over EST into {renewed_serial}"):
+            await s.certs.revoke(stolen, reason="PC stolen", actor="officer")
+        out = await s.certs.revoke(stolen, reason="PC stolen", actor="officer", with_renewals=True)
+        assert out["renewals"] == [{"serial": renewed_serial, "status": "revoked"}]
+        with pytest.raises(AccessDenied, match=f"renewed over EST from revoked {stolen}"):
+            await identify(s.db, renewed.public_bytes(serialization.Encoding.DER), now=clock())
+        assert renewed.serial_number in _crl_serials(tmp_path / "facility.crl")
+        with pytest.raises(Conflict, match=r"already revoked$"):
+            await s.certs.revoke(stolen, reason="x", actor="officer", with_renewals=True)
+        async with s.db.read() as conn:
+            from gateway.audit import AuditLog
+
+            assert (await AuditLog().verify(conn)).message == "chain intact"
+            details = (
+                await conn.execute(
+                    select(audit_event.c.detail).where(
+                        audit_event.c.action == "client_certificate.revoke",
+                        audit_event.c.facility_code == "1310000060",
+                    )
+                )
+            ).scalars()
+            assert [json.loads(d)["serial"] for d in details] == [renewed_serial]
+
+
+def _renewal_request(der: bytes) -> bytes:
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    csr = x509.CertificateSigningRequestBuilder().subject_name(
+        x509.load_der_x509_certificate(der).subject
+    )
+    return csr.sign(ec.generate_private_key(ec.SECP256R1()), hashes.SHA256()).public_bytes(
+        serialization.Encoding.DER
+    )
+
+
+@pytest.mark.parametrize("rival", ["renewal", "revocation", "suspension"])
+async def test_an_est_renewal_racing_another_change_of_the_certificate(
+    tmp_path: Path, pg_url: str, rival: str
+) -> None:
+    """PostgreSQL: an EST renewal and a second renewal with the same certificate, an officer's
+    revocation of it, or the facility's suspension overlap (a third session holds the audit
+    head until both wait). The renewal holds the facility's row first; the rival, queued
+    behind it, finds the certificate being replaced (409) or acts on the committed renewal
+    (revoked with it named; suspended: every certificate refused). Never two current
+    certificates, never a 500 or a deadlock."""
+    from sqlalchemy import text
+
+    from gateway.store.db import Database
+
+    clock = FakeClock(T0)
+    settings = make_settings(tmp_path, store_url=pg_url)
+    async with services(settings, clock) as s:
+        await _hospital(s)
+        held = await s.certs.issue("1310000011", actor="test", hand_over_dir=tmp_path / "h")
+        der = await _der(s, held.serial)
+        clock.set(datetime.fromisoformat(held.expires) - timedelta(days=30))
+        me = {"actor": "facility:1310000011", "facility_code": "1310000011"}
+        holder = Database(pg_url)
+        try:
+            async with holder.write() as conn:
+                await conn.execute(text("SELECT seq FROM audit_head WHERE id = 1 FOR UPDATE"))
+                first = asyncio.ensure_future(
+                    s.certs.renew_from_request(held.serial, _renewal_request(der), **me)
+                )
+                await lock_waiters(pg_url, 1)
+                if rival == "renewal":
+                    other = s.certs.renew_from_request(held.serial, _renewal_request(der), **me)
+                elif rival == "revocation":
+                    other = s.certs.revoke(held.serial, reason="PC stolen", actor="officer")
+                else:
+                    other = s.registry.set_status(
+                        "1310000011", status="suspended", reason="audit", actor="officer"
+                    )
+                second = asyncio.ensure_future(other)
+                await lock_waiters(pg_url, 2)
+            renewed, outcome = await asyncio.gather(first, second, return_exceptions=True)
+        finally:
+            await holder.close()
+        assert isinstance(renewed, tuple), renewed
+        new_serial = format(renewed[0].serial_number, "x")
+        st = await s.certs.status("1310000011")
+        by = {c["serial"]: c["status"] for c in st["certificates"]}
+        if rival == "renewal":
+            assert isinstance(outcome, Conflict), outcome
+            assert "already replaced" in outcome.description or "being replaced" in (
+                outcome.description
+            )
+            assert by == {held.serial: "overlapping", new_serial: "active"}
+        elif rival == "revocation":
+            assert isinstance(outcome, dict), outcome
+            assert outcome["renewals"] == [{"serial": new_serial, "status": "active"}]
+            assert by == {held.serial: "revoked", new_serial: "active"}
+        else:
+            assert not isinstance(outcome, BaseException), outcome
+            from cryptography.hazmat.primitives.serialization import Encoding
+
+            new_der = renewed[0].public_bytes(Encoding.DER)
+            with pytest.raises(AccessDenied, match="suspended"):
+                await identify(s.db, new_der, now=clock())
+        async with s.db.read() as conn:
+            from gateway.audit import AuditLog
+
+            assert (await AuditLog().verify(conn)).message == "chain intact"
+
+
+async def test_a_renewal_whose_answer_was_lost_is_answered_again(
+    tmp_path: Path, store_url: str
+) -> None:
+    """The gateway committed an EST renewal but its answer never reached the facility (the
+    connection dropped). Before, the same request again was 409 'already replaced' for good:
+    the facility's system held a key nobody certified for it and an old certificate revoked a
+    month later, and had to apply anew. Now a request for the very key of the certificate
+    that replaced this one (its proof of possession checked) gets that certificate again,
+    audited; nothing new is issued. Another key is still 409."""
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    clock = FakeClock(T0)
+    settings = make_settings(tmp_path, store_url=store_url)
+    async with services(settings, clock) as s:
+        await _hospital(s)
+        held = await s.certs.issue("1310000011", actor="test", hand_over_dir=tmp_path / "h")
+        der = await _der(s, held.serial)
+        clock.set(datetime.fromisoformat(held.expires) - timedelta(days=30))
+        subject = x509.load_der_x509_certificate(der).subject
+        key = ec.generate_private_key(ec.SECP256R1())
+
+        def request(k: ec.EllipticCurvePrivateKey) -> bytes:
+            csr = x509.CertificateSigningRequestBuilder().subject_name(subject)
+            return csr.sign(k, hashes.SHA256()).public_bytes(serialization.Encoding.DER)
+
+        me = {"actor": "facility:1310000011", "facility_code": "1310000011"}
+        first, _ = await s.certs.renew_from_request(held.serial, request(key), **me)
+        clock.advance(hours=1)
+        again, info = await s.certs.renew_from_request(held.serial, request(key), **me)
+        assert again == first and info == {"replaced": held.serial, "repeated": True}
+        st = await s.certs.status("1310000011")
+        assert len(st["certificates"]) == 2  # nothing new issued
+        with pytest.raises(Conflict, match="already replaced"):
+            await s.certs.renew_from_request(
+                held.serial, request(ec.generate_private_key(ec.SECP256R1())), **me
+            )
+        # The new certificate revoked: its key is answered no more.
+        await s.certs.revoke(format(first.serial_number, "x"), reason="lost", actor="o")
+        with pytest.raises(Conflict, match="already replaced"):
+            await s.certs.renew_from_request(held.serial, request(key), **me)
+        async with s.db.read() as conn:
+            actions = (
+                await conn.execute(
+                    select(audit_event.c.action).where(
+                        audit_event.c.action.like("client_certificate.renewal%")
+                    )
+                )
+            ).scalars()
+            assert list(actions) == [
+                "client_certificate.renewal_repeated",
+                "client_certificate.renewal_refused",
+                "client_certificate.renewal_refused",
+            ]

@@ -130,3 +130,22 @@ def test_postgres_password_is_applied_from_file(tmp_path: Path) -> None:
     text = BASE + '\n[store]\nurl = "postgresql+asyncpg://gw@db/gw"\npassword_file = "db.pw"\n'
     s = load_settings(_write(tmp_path, text), environ={})
     assert s.database_url() == "postgresql+asyncpg://gw:s3cret@db/gw"
+
+
+@pytest.mark.parametrize(
+    ("months", "window", "ok"), [(39, 90, True), (3, 83, True), (3, 84, False), (1, 90, False)]
+)
+def test_a_renewed_certificate_is_never_inside_its_renewal_window(
+    tmp_path: Path, months: int, window: int, ok: bool
+) -> None:
+    """Before, a validity shorter than the EST renewal window was accepted: every renewed
+    certificate could renew again at once, so one facility certificate could mint any number
+    of certificates (each charged, each valid through its overlap)."""
+    text = BASE + (f"[certificates]\nvalidity_months = {months}\nrenewal_window_days = {window}\n")
+    if ok:
+        s = load_settings(_write(tmp_path, text), environ={})
+        assert s.certificates.renewal_window_days == window
+        return
+    with pytest.raises(ConfigError) as e:
+        load_settings(_write(tmp_path, text), environ={})
+    assert "renewal_window_days" in str(e.value) and "validity_months" in str(e.value)
