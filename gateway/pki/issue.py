@@ -194,7 +194,10 @@ def leaf_builder(
     now: dt.datetime,
     validity: dt.timedelta,
 ) -> x509.CertificateBuilder:
-    """A leaf for ``key`` (a private key here, or only the public key of a request)."""
+    """A leaf for ``key`` (a private key here, or only the public key of a request), valid
+    for ``validity`` but never past its CA's own expiry (RFC 5280 §6.1.3: a path is only
+    valid while every certificate in it is; a longer leaf would state a validity it never
+    has)."""
     now = aware(now)
     public = key.public_key() if isinstance(key, rsa.RSAPrivateKey) else key
     return (
@@ -204,7 +207,7 @@ def leaf_builder(
         .public_key(public)
         .serial_number(random_serial())
         .not_valid_before(now)
-        .not_valid_after(now + validity)
+        .not_valid_after(min(now + validity, ca.cert.not_valid_after_utc))
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(aki(ca.cert), critical=False)
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(public), critical=False)
