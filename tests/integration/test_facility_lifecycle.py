@@ -71,6 +71,15 @@ async def _der(s, serial: str) -> bytes:  # type: ignore[no-untyped-def]
         ).scalar_one()
 
 
+async def _in_renewal_window(s, clock, hand_over: Path, code: str = "1310000011"):  # type: ignore[no-untyped-def]
+    """A facility certificate issued (handed over to ``hand_over``) and the clock 30 days
+    before its expiry, inside its renewal window: (the issued certificate, its DER)."""
+    held = await s.certs.issue(code, actor="test", hand_over_dir=hand_over)
+    der = await _der(s, held.serial)
+    clock.set(datetime.fromisoformat(held.expires) - timedelta(days=30))
+    return held, der
+
+
 async def test_reminders_exactly_on_the_listed_days_and_once(
     tmp_path: Path, store_url: str
 ) -> None:
@@ -894,9 +903,7 @@ async def _renewed_over_est(
     from cryptography.hazmat.primitives.asymmetric import ec
 
     clock.set(T0)
-    held = await s.certs.issue(code, actor="test", hand_over_dir=tmp / code)
-    der = await _der(s, held.serial)
-    clock.set(datetime.fromisoformat(held.expires) - timedelta(days=30))
+    held, der = await _in_renewal_window(s, clock, tmp / code, code)
     csr = x509.CertificateSigningRequestBuilder().subject_name(
         x509.load_der_x509_certificate(der).subject
     )
@@ -993,9 +1000,7 @@ async def test_an_est_renewal_racing_another_change_of_the_certificate(
     settings = make_settings(tmp_path, store_url=pg_url)
     async with services(settings, clock) as s:
         await _hospital(s)
-        held = await s.certs.issue("1310000011", actor="test", hand_over_dir=tmp_path / "h")
-        der = await _der(s, held.serial)
-        clock.set(datetime.fromisoformat(held.expires) - timedelta(days=30))
+        held, der = await _in_renewal_window(s, clock, tmp_path / "h")
         me = {"actor": "facility:1310000011", "facility_code": "1310000011"}
         holder = Database(pg_url)
         try:
@@ -1061,9 +1066,7 @@ async def test_a_renewal_whose_answer_was_lost_is_answered_again(
     settings = make_settings(tmp_path, store_url=store_url)
     async with services(settings, clock) as s:
         await _hospital(s)
-        held = await s.certs.issue("1310000011", actor="test", hand_over_dir=tmp_path / "h")
-        der = await _der(s, held.serial)
-        clock.set(datetime.fromisoformat(held.expires) - timedelta(days=30))
+        held, der = await _in_renewal_window(s, clock, tmp_path / "h")
         subject = x509.load_der_x509_certificate(der).subject
         key = ec.generate_private_key(ec.SECP256R1())
 

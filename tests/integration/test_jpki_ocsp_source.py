@@ -28,6 +28,7 @@ from gateway.sandbox.jpki import issue_auth_cert, make_test_jpki_ca
 from gateway.sandbox.ocsp import SandboxOcspResponder, create_ocsp_app
 from gateway.sandbox.testworld import issue_ocsp_responder_cert
 from tests.integration.test_ocsp import closed_port_url, serve
+from tests.support.jpki_checks import certificate_checker
 
 NOW = dt.datetime.now(dt.UTC)
 
@@ -43,15 +44,7 @@ def _card(ca: CertAndKey) -> x509.Certificate:
 
 
 def _auth(ca: CertAndKey, source: OcspRevocation, *, accept: bool) -> JpkiAuthenticator:
-    return JpkiAuthenticator(
-        db=None,  # type: ignore[arg-type] - certificate checks touch no database
-        audit=None,  # type: ignore[arg-type]
-        fido2=None,  # type: ignore[arg-type]
-        ledger=None,  # type: ignore[arg-type]
-        trust_anchors=[ca.cert],
-        revocation=source,
-        on_revocation_unavailable="accept" if accept else "refuse",
-    )
+    return certificate_checker([ca.cert], source, accept_unavailable=accept)
 
 
 async def _check(auth: JpkiAuthenticator, card: x509.Certificate) -> str:
@@ -225,14 +218,7 @@ def test_a_cached_good_answer_is_for_one_issuer_key_not_one_issuer_name(
             serve(create_ocsp_app(_responder(other_ca, b_dir))) as url_b,
         ):
             source = OcspRevocation(cache_seconds=300)  # each card's AIA names its responder
-            auth = JpkiAuthenticator(
-                db=None,  # type: ignore[arg-type] - certificate checks touch no database
-                audit=None,  # type: ignore[arg-type]
-                fido2=None,  # type: ignore[arg-type]
-                ledger=None,  # type: ignore[arg-type]
-                trust_anchors=[ca.cert, other_ca.cert],
-                revocation=source,
-            )
+            auth = certificate_checker([ca.cert, other_ca.cert], source)
             first = await _check(auth, _card_with_serial(ca, serial, url_a))
             return first, await _check(auth, _card_with_serial(other_ca, serial, url_b))
 

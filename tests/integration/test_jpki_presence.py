@@ -30,6 +30,7 @@ from gateway.sandbox.jpki import issue_auth_cert, load_card, make_test_jpki_ca, 
 from gateway.store.schema import audit_event
 from gateway.vcard.jpki import JpkiApplet
 from tests.support.gateway import CLI, REPO, Server, run_cli
+from tests.support.jpki_checks import certificate_checker
 from tests.support.pcsc import PcscWorld
 from tests.support.signing import Csc, b64, services
 
@@ -562,7 +563,6 @@ async def _link(sandbox: dict[str, Any], signer_id: str, der: bytes) -> str:
 def test_revoked_by_crl_source(sandbox: dict[str, Any]) -> None:
     """The CRL source (file): a listed serial is refused, another is good; a CRL signed by a
     rogue CA with the same DN does not count."""
-    from gateway.auth.jpki import JpkiAuthenticator
     from gateway.auth.jpki_revocation import CrlRevocation
     from gateway.errors import AccessDenied
 
@@ -583,14 +583,10 @@ def test_revoked_by_crl_source(sandbox: dict[str, Any]) -> None:
     (crl_dir / "rogue.crl").write_bytes(rogue_crl.public_bytes(serialization.Encoding.DER))
 
     async def check(cert: x509.Certificate, accept: bool = False) -> str:
-        auth = JpkiAuthenticator(
-            db=None,  # type: ignore[arg-type] - certificate checks touch no database
-            audit=None,  # type: ignore[arg-type]
-            fido2=None,  # type: ignore[arg-type]
-            ledger=None,  # type: ignore[arg-type]
-            trust_anchors=[ca.cert],
-            revocation=CrlRevocation(files=[crl_dir / "jpki.crl", crl_dir / "rogue.crl"]),
-            on_revocation_unavailable="accept" if accept else "refuse",
+        auth = certificate_checker(
+            [ca.cert],
+            CrlRevocation(files=[crl_dir / "jpki.crl", crl_dir / "rogue.crl"]),
+            accept_unavailable=accept,
         )
         try:
             return (await auth.check_certificate(cert, now)).revocation
@@ -604,14 +600,10 @@ def test_revoked_by_crl_source(sandbox: dict[str, Any]) -> None:
     stranger = x509.load_der_x509_certificate(_applet(stranger_ca).auth_cert_der)
 
     async def check_stranger(accept: bool) -> str:
-        auth = JpkiAuthenticator(
-            db=None,  # type: ignore[arg-type]
-            audit=None,  # type: ignore[arg-type]
-            fido2=None,  # type: ignore[arg-type]
-            ledger=None,  # type: ignore[arg-type]
-            trust_anchors=[stranger_ca.cert],
-            revocation=CrlRevocation(files=[crl_dir / "jpki.crl"]),
-            on_revocation_unavailable="accept" if accept else "refuse",
+        auth = certificate_checker(
+            [stranger_ca.cert],
+            CrlRevocation(files=[crl_dir / "jpki.crl"]),
+            accept_unavailable=accept,
         )
         try:
             return (await auth.check_certificate(stranger, now)).revocation

@@ -19,11 +19,11 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from gateway.auth.jpki import JpkiAuthenticator
 from gateway.auth.jpki_revocation import CrlRevocation
 from gateway.errors import AccessDenied
 from gateway.pki.issue import CertAndKey
 from gateway.sandbox.jpki import issue_auth_cert, make_test_jpki_ca
+from tests.support.jpki_checks import certificate_checker
 
 NOW = dt.datetime.now(dt.UTC)
 DP = "http://jpki.test/crl/auth-1.crl"
@@ -91,14 +91,7 @@ def _check(ca: CertAndKey, card: x509.Certificate, crl: x509.CertificateRevocati
            tmp: Path) -> str:  # fmt: skip
     path = tmp / "jpki.crl"
     path.write_bytes(crl.public_bytes(serialization.Encoding.DER))
-    auth = JpkiAuthenticator(
-        db=None,  # type: ignore[arg-type] - certificate checks touch no database
-        audit=None,  # type: ignore[arg-type]
-        fido2=None,  # type: ignore[arg-type]
-        ledger=None,  # type: ignore[arg-type]
-        trust_anchors=[ca.cert],
-        revocation=CrlRevocation(files=[path]),
-    )
+    auth = certificate_checker([ca.cert], CrlRevocation(files=[path]))
     try:
         return asyncio.run(auth.check_certificate(card, NOW)).revocation
     except AccessDenied as e:
@@ -159,14 +152,7 @@ def test_an_unreadable_crl_file_is_no_answer_not_an_internal_error(
     path = tmp_path / "jpki.crl"
     whole = _crl(ca, [card.serial_number]).public_bytes(serialization.Encoding.DER)
     path.write_bytes(whole[: len(whole) // 2])
-    auth = JpkiAuthenticator(
-        db=None,  # type: ignore[arg-type] - certificate checks touch no database
-        audit=None,  # type: ignore[arg-type]
-        fido2=None,  # type: ignore[arg-type]
-        ledger=None,  # type: ignore[arg-type]
-        trust_anchors=[ca.cert],
-        revocation=CrlRevocation(files=[path]),
-    )
+    auth = certificate_checker([ca.cert], CrlRevocation(files=[path]))
     with pytest.raises(AccessDenied) as e:
         asyncio.run(auth.check_certificate(card, NOW))
     assert e.value.description.startswith(
