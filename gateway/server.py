@@ -77,15 +77,6 @@ async def _serve(settings: Settings, *, reuse_port: bool, index: int = 0) -> Non
     app = create_app(settings)
     runner = web.AppRunner(app, access_log=None, handle_signals=False)
     await runner.setup()
-    site = web.TCPSite(
-        runner,
-        settings.server.host,
-        settings.server.port,
-        ssl_context=make_ssl_context(settings),
-        reuse_port=reuse_port,
-        backlog=1024,
-    )
-    await site.start()
     delivery_runner = None
     if settings.delivery.enabled:
         delivery_runner = web.AppRunner(
@@ -113,6 +104,17 @@ async def _serve(settings: Settings, *, reuse_port: bool, index: int = 0) -> Non
         port = settings.metrics.port + index
         await web.TCPSite(metrics_runner, settings.metrics.host, port).start()
         log.info("metrics on http://%s:%s/metrics", settings.metrics.host, port)
+    # The main listener opens last: whoever waits for its port (a supervisor, a load
+    # balancer's health check, the tests) finds the delivery and metrics listeners open.
+    site = web.TCPSite(
+        runner,
+        settings.server.host,
+        settings.server.port,
+        ssl_context=make_ssl_context(settings),
+        reuse_port=reuse_port,
+        backlog=1024,
+    )
+    await site.start()
     log.info(
         "serving %s on %s:%s (pid %s, event loop %s)",
         settings.server.public_url,

@@ -389,9 +389,19 @@ def test_cross_site_admin_gets_are_403(gateway: Server, sandbox: dict[str, Any])
         assert r.status == 200, (headers, r.body[:200])
 
 
+def _serving_line(srv: Server) -> str:
+    """The start-up line, logged right after the port opened (a client may be faster)."""
+
+    def lines() -> list[str]:
+        return [x for x in srv.logs().splitlines() if "serving https://" in x]
+
+    assert wait_until(lambda: bool(lines()), 5), srv.logs()[-2000:]
+    return lines()[0]
+
+
 def test_the_gateway_runs_on_uvloop_by_default(gateway: Server) -> None:
     """``server.event_loop`` defaults to uvloop: the start-up line names the loop running."""
-    line = next(x for x in gateway.logs().splitlines() if "serving https://" in x)
+    line = _serving_line(gateway)
     assert "event loop uvloop" in line, line
 
 
@@ -402,7 +412,7 @@ def test_the_standard_event_loop_serves_the_same(
     CSC call answered as on uvloop."""
     env = {"HPKI_GATEWAY_SERVER__EVENT_LOOP": "asyncio", "HPKI_GATEWAY_TEST_TSA__ENABLED": "false"}
     with serving(Path(sandbox["config"]), env=env) as srv:
-        line = next(x for x in srv.logs().splitlines() if "serving https://" in x)
+        line = _serving_line(srv)
         assert "event loop asyncio" in line, line
         _handshake_refused(srv.port, client_context(sandbox["server_ca"]), hospital_ctx)
         r = request(srv.port, "POST", "/csc/v2/info", ctx=hospital_ctx, json_body={})

@@ -183,6 +183,9 @@ def serving_with_delivery(config: Path) -> Iterator[tuple[Server, int]]:
         "HPKI_GATEWAY_DELIVERY__PUBLIC_URL": f"https://localhost:{dport}",
     }
     with serving(config, env=env, tsa=False) as srv:
+        # The main port opens last (server._serve): once it answers, so does the delivery
+        # port, at once, no retry.
+        socket.create_connection(("127.0.0.1", dport), timeout=5).close()
         yield srv, dport
 
 
