@@ -33,10 +33,11 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, NoReturn
 
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from fido2 import utils as fido2_utils
-from fido2.cose import ES256
+from fido2.cose import ES256, UnsupportedKey
 from fido2.server import Fido2Server
 from fido2.utils import websafe_decode, websafe_encode
 from fido2.webauthn import (
@@ -116,6 +117,47 @@ def new_enrollment_code() -> str:
 
 def new_enrollment_password() -> str:
     return "".join(secrets.choice(_PASSWORD_ALPHABET) for _ in range(12))
+
+
+#: WebAuthn §7.1: "Verify that the credentialId is ≤ 1023 bytes."
+MAX_CREDENTIAL_ID_BYTES = 1023
+_PROBE_SIGNATURE = b"\x30\x06\x02\x01\x01\x02\x01\x01"  # DER ECDSA (1, 1): never valid
+
+
+def check_registered_credential(
+    cred: AttestedCredentialData | None, offered: frozenset[int]
+) -> None:
+    """A registered credential the gateway can use: an id of at most 1023 bytes, and a public
+    key of an algorithm register/begin offered that verifies signatures (a probe signature is
+    refused as invalid, not as unusable).
+
+    python-fido2's ``register_complete`` checks neither: it stored RS1 (RSA with SHA-1, never
+    offered) keys, keys of algorithms it cannot verify and ES256 keys off the curve (every
+    assertion of those then failed with a 500), and credential ids longer than the column."""
+    if cred is None:  # pragma: no cover - register_complete requires AT
+        raise InvalidRequest("registration refused: no attested credential data")
+    if len(cred.credential_id) > MAX_CREDENTIAL_ID_BYTES:
+        raise InvalidRequest(
+            f"registration refused: credential id of {len(cred.credential_id)} bytes "
+            f"(at most {MAX_CREDENTIAL_ID_BYTES})"
+        )
+    alg = cred.public_key.get(3)
+    if isinstance(cred.public_key, UnsupportedKey) or alg not in offered:
+        raise InvalidRequest(
+            f"registration refused: public key algorithm {alg!r} was not offered in "
+            "pubKeyCredParams"
+        )
+    try:
+        _attested(bytes(cred)).public_key.verify(b"registration probe", _PROBE_SIGNATURE)
+    except InvalidSignature:
+        return
+    except Exception as e:
+        raise InvalidRequest(
+            f"registration refused: the public key cannot verify signatures ({_reason(e)})"
+        ) from e
+    raise InvalidRequest(  # pragma: no cover - a fixed signature verified: refuse that key too
+        "registration refused: the public key accepts a forged signature"
+    )
 
 
 def sign_count_ok(stored: int, received: int) -> bool:
@@ -208,6 +250,8 @@ class Fido2Authenticator(presence.PresenceMethod):
             verify_origin=self._origin_allowed,
         )
         self._template = _options_template(self.server)
+        #: The COSE algorithms register/begin offers (pubKeyCredParams): the only ones stored.
+        self.offered_algorithms = frozenset(int(p.alg) for p in self.server.allowed_algorithms)
 
     def _origin_allowed(self, origin: object) -> bool:
         # clientDataJSON is the client's JSON: "origin" may be any JSON value (a list is not
@@ -447,6 +491,7 @@ class Fido2Authenticator(presence.PresenceMethod):
                 auth_data = self.server.register_complete(state.fido2_state, registration)
             except ValueError as e:
                 raise InvalidRequest(f"registration refused: {e}") from e
+            check_registered_credential(auth_data.credential_data, self.offered_algorithms)
             return await self._store_authenticator(
                 conn, auth_data, enrollment_id=row.id, signer_id=row.signer_id,
                 caller=caller, label=label, now=now,

@@ -9,6 +9,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
+from cryptography.hazmat.primitives.asymmetric import ec
 
 from tests.support.gateway import Server, run_cli
 from tests.support.signing import SHA256, Csc, b64, random_hashes, services
@@ -417,3 +418,70 @@ def test_concurrent_password_guesses_are_reserved_before_checking(
         r = _begin(csc, code, pw)
         assert (r.status, r.json()["detail"]) == (403, LOCKED)
     assert asyncio.run(checked())[0] == 5
+
+
+def _rsa_cose(alg: int) -> dict[int, Any]:
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    numbers = rsa.generate_private_key(65537, 2048).public_key().public_numbers()
+    return {1: 3, 3: alg, -1: numbers.n.to_bytes(256, "big"), -2: (65537).to_bytes(3, "big")}
+
+
+def _cose_keys() -> dict[str, dict[int, Any]]:
+    p256 = ec.generate_private_key(ec.SECP256R1()).public_key().public_numbers()
+    x = p256.x.to_bytes(32, "big")
+    return {
+        # RS1: RSASSA-PKCS1-v1_5 with SHA-1, not in pubKeyCredParams, verified with SHA-1.
+        "rs1_sha1": _rsa_cose(-65535),
+        # An algorithm python-fido2 has no verifier for: every assertion failed (500).
+        "unknown_algorithm": {1: 2, 3: -260, -1: 1, -2: x, -3: x},
+        # ES256 with a point that is not on P-256: every assertion failed (500).
+        "es256_point_off_the_curve": {1: 2, 3: -7, -1: 1, -2: x, -3: (1).to_bytes(32, "big")},
+        # ES256 on another curve (P-384 coordinates): never verifiable.
+        "es256_on_p384": {1: 2, 3: -7, -1: 2, -2: b"\1" * 48, -3: b"\2" * 48},
+    }
+
+
+@pytest.mark.parametrize("kind", list(_cose_keys()))
+def test_registration_refuses_a_key_the_gateway_does_not_offer_or_cannot_verify(
+    csc: Csc, sandbox: dict[str, Any], gateway: Server, kind: str
+) -> None:
+    """register/complete stores only a public key of an algorithm offered in pubKeyCredParams
+    that can verify an assertion; the code stays usable for a proper authenticator."""
+    signer = _signer(sandbox)
+    origin = f"https://localhost:{gateway.port}"
+    code, password = _code(sandbox, signer["id"])
+    r = _begin(csc, code, password)
+    assert r.status == 200, r.body
+    options = r.json()["publicKey"]
+    offered = {p["alg"] for p in options["pubKeyCredParams"]}
+    cose = _cose_keys()[kind]
+    bad = SoftAuthenticator(origin=origin)
+    r = csc.post(
+        "/auth/fido2/register/complete",
+        {"enrollment_code": code, "credential": bad.create(options, cose=cose)},
+    )
+    assert r.status == 400, (kind, r.status, r.body)
+    assert r.json()["detail"].startswith("registration refused: "), r.body
+    assert cose[3] in offered or "not offered" in r.json()["detail"]
+    good = SoftAuthenticator(origin=origin)
+    assert csc.enroll(code, password, good).status == 200
+    csc.authorize(signer["credential_id"], random_hashes(1), good)
+
+
+def test_registration_refuses_a_credential_id_longer_than_1023_bytes(
+    csc: Csc, sandbox: dict[str, Any], gateway: Server
+) -> None:
+    """WebAuthn §7.1 step 'credentialId ≤ 1023 bytes': a longer id was stored on SQLite and,
+    longer than the column (1,400 base64url characters), failed the insert on PostgreSQL."""
+    signer = _signer(sandbox)
+    code, password = _code(sandbox, signer["id"])
+    r = _begin(csc, code, password)
+    assert r.status == 200, r.body
+    auth = SoftAuthenticator(origin=f"https://localhost:{gateway.port}", credential_id=b"\7" * 1100)
+    r = csc.post(
+        "/auth/fido2/register/complete",
+        {"enrollment_code": code, "credential": auth.create(r.json()["publicKey"])},
+    )
+    assert r.status == 400, r.body
+    assert "1023" in r.json()["detail"]
