@@ -23,12 +23,14 @@ into a SAD.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import hashlib
 import json
+import logging
 import secrets
 import typing
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, NoReturn
@@ -55,7 +57,7 @@ from fido2.webauthn import (
     UserVerificationRequirement,
 )
 from sqlalchemy import ColumnElement, Connection, and_, bindparam, insert, select, update
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from gateway.audit import AuditLog
@@ -70,7 +72,7 @@ from gateway.auth.challenges import (
     new_bound_challenge,
 )
 from gateway.clock import Clock, system_clock
-from gateway.errors import AccessDenied, Conflict, InvalidRequest
+from gateway.errors import AccessDenied, Conflict, GatewayError, InvalidRequest
 from gateway.passwords import AttemptLimit, hash_password, verify_password
 from gateway.signing.grant import Caller as Caller
 from gateway.store.db import Database
@@ -89,6 +91,8 @@ _PASSWORD_ALPHABET = "23456789abcdefghjkmnpqrstuvwxyzABCDEFGHJKLMNPQRSTUVWXYZ"  
 #: The one answer once a code is locked, or while every remaining attempt is being checked.
 LOCKED_TEXT = "enrollment code is locked after too many wrong passwords: ask for a new one"
 
+
+log = logging.getLogger("gateway.auth")
 
 _ATTEMPTS = AttemptLimit(enrollment, failed="failed_tries", checking="checking_tries")
 
@@ -358,8 +362,8 @@ class Fido2Authenticator(presence.PresenceMethod):
     ) -> dict[str, Any]:
         """Check code + password, then return ``{"publicKey": creation options}``."""
         now = now or self.clock()
-        await self.check_enrollment_password(code=code, password=password, caller=caller, now=now)
-        async with self.db.write() as conn:
+        checked = self.enrollment_checked(code=code, password=password, caller=caller, now=now)
+        async with checked, self.db.write() as conn:
             row = await self.take_checked_enrollment(conn, code=code, caller=caller, now=now)
             srow = (await conn.execute(select(signer).where(signer.c.id == row.signer_id))).one()
             exclude = _descriptors(await _authenticator_ids(conn, row.signer_id))
@@ -390,21 +394,60 @@ class Fido2Authenticator(presence.PresenceMethod):
 
     async def check_enrollment_password(
         self, *, code: str, password: str, caller: Caller, now: datetime
-    ) -> None:
+    ) -> int:
         """Code + password, under the one attempt limit of every enrolment method.
 
         The attempt is reserved BEFORE the (slow) password check, atomically: however many
         guesses arrive at once, at most max_password_tries passwords are ever checked. A wrong
         password counts (the last one locks) and raises; the right one keeps its reservation
-        until :meth:`take_checked_enrollment` gives it back.
+        until :meth:`take_checked_enrollment` gives it back (use it through
+        :meth:`enrollment_checked`, which also gives it back when the request fails before).
+        Returns the enrolment's id.
         """
         async with self.db.read() as conn:
             row = await self._enrollment_for(conn, code, caller, now)
         if not await self._reserve_try(row.id):
             await self._refuse_now(code, caller, now)
-        ok = await asyncio.to_thread(verify_password, password, row.password_hash)
+        try:
+            ok = await asyncio.to_thread(verify_password, password, row.password_hash)
+        except BaseException:  # cancelled while checking: nothing was learnt
+            await self._give_back_try(row.id)
+            raise
         if not ok:
             await self._wrong_password(row.id, row.signer_id, caller, now)
+        return int(row.id)
+
+    @contextlib.asynccontextmanager
+    async def enrollment_checked(
+        self, *, code: str, password: str, caller: Caller, now: datetime
+    ) -> AsyncIterator[None]:
+        """:meth:`check_enrollment_password`, then the body: the write transaction that calls
+        :meth:`take_checked_enrollment` (and nothing after it). When the body fails (the
+        signer was locked meanwhile, the store refused the write, the request was cancelled),
+        its rollback undid the give-back, so the right password's reservation is given back
+        here, in a transaction of its own: it stayed reserved, and each such failure took an
+        attempt away until the right password was answered 'locked'."""
+        enrollment_id = await self.check_enrollment_password(
+            code=code, password=password, caller=caller, now=now
+        )
+        try:
+            yield
+        except BaseException:
+            await self._give_back_try(enrollment_id)
+            raise
+
+    async def _give_back_try(self, enrollment_id: int) -> None:
+        """Give a reservation back outside the request's transaction (best effort: when the
+        store cannot be written now, the attempt stays reserved, which errs toward the lock)."""
+        try:
+            async with self.db.write() as conn:
+                await _ATTEMPTS.give_back(conn, _open_enrollment(enrollment_id))
+        except (GatewayError, SQLAlchemyError) as e:
+            log.warning(
+                "enrollment %s: reserved password attempt not given back (%s)",
+                enrollment_id,
+                type(e).__name__,
+            )
 
     async def take_checked_enrollment(
         self, conn: AsyncConnection, *, code: str, caller: Caller, now: datetime

@@ -11,6 +11,8 @@ from typing import Any
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from gateway.auth.fido2 import code_hash
+from gateway.signing.grant import Caller
 from tests.support.gateway import Server, run_cli
 from tests.support.signing import SHA256, Csc, b64, random_hashes, services
 from tests.support.webauthn import SoftAuthenticator
@@ -485,3 +487,65 @@ def test_registration_refuses_a_credential_id_longer_than_1023_bytes(
     )
     assert r.status == 400, r.body
     assert "1023" in r.json()["detail"]
+
+
+def test_a_begin_failing_after_the_right_password_gives_its_attempt_back(
+    csc: Csc, sandbox: dict[str, Any], hospital: dict[str, Any]
+) -> None:
+    """The right password's reserved attempt is given back when register/begin fails after the
+    password check: here an officer's ``signer lock`` lands between the check and the stored
+    challenge (the same path a database error or a cancelled request takes). The attempt
+    stayed reserved: after an unlock, 4 wrong passwords answered 'locked' to the right one."""
+    from sqlalchemy import select
+
+    from gateway.errors import AccessDenied
+    from gateway.store.schema import enrollment, facility
+
+    signer = _signer(sandbox)
+    conf = sandbox["config"]
+    code, password = _code(sandbox, signer["id"])
+
+    async def begin_while_an_officer_locks_the_signer() -> tuple[str, int]:
+        async with services(conf) as svc:
+            async with svc.db.read() as conn:
+                fid = (
+                    await conn.execute(
+                        select(facility.c.id).where(
+                            facility.c.institution_code == hospital["institution_code"]
+                        )
+                    )
+                ).scalar_one()
+            caller = Caller(
+                actor="test", facility_id=fid, institution_code=hospital["institution_code"]
+            )
+            fido2 = svc.fido2
+            check = fido2.check_enrollment_password
+
+            async def locked_meanwhile(**kw: Any) -> Any:
+                checked = await check(**kw)
+                run_cli("signer", "lock", signer["id"], "--reason", "test", "-c", conf)
+                return checked
+
+            fido2.check_enrollment_password = locked_meanwhile  # type: ignore[method-assign]
+            with pytest.raises(AccessDenied) as refused:
+                await fido2.register_begin(code=code, password=password, caller=caller)
+            async with svc.db.read() as conn:
+                checking = (
+                    await conn.execute(
+                        select(enrollment.c.checking_tries).where(
+                            enrollment.c.code_hash == code_hash(code)
+                        )
+                    )
+                ).scalar_one()
+            return refused.value.description, int(checking)
+
+    try:
+        detail, checking = asyncio.run(begin_while_an_officer_locks_the_signer())
+    finally:
+        run_cli("signer", "unlock", signer["id"], "-c", conf)
+    assert "locked" in detail and checking == 0, (detail, checking)
+    for left in (4, 3, 2, 1):
+        r = _begin(csc, code, "wrong-password")
+        assert r.json()["detail"] == f"wrong enrollment password ({left} tries left)", r.body
+    r = _begin(csc, code, password)
+    assert r.status == 200, r.body
