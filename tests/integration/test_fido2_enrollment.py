@@ -549,3 +549,51 @@ def test_a_begin_failing_after_the_right_password_gives_its_attempt_back(
         assert r.json()["detail"] == f"wrong enrollment password ({left} tries left)", r.body
     r = _begin(csc, code, password)
     assert r.status == 200, r.body
+
+
+def test_an_authenticator_registered_to_one_signer_cannot_be_registered_to_another(
+    csc: Csc, sandbox: dict[str, Any], gateway: Server
+) -> None:
+    """The WebAuthn credential id is unique across signers: registering the same credential
+    (same id, same key) with another signer's code is 409 and leaves it with its signer."""
+    first, second = _signer(sandbox, 0), _signer(sandbox, 1)
+    auth = SoftAuthenticator(origin=f"https://localhost:{gateway.port}")
+    code, password = _code(sandbox, first["id"])
+    assert csc.enroll(code, password, auth).status == 200
+    code2, password2 = _code(sandbox, second["id"])
+    r = csc.enroll(code2, password2, auth)
+    assert r.status == 409, r.body
+    assert r.json()["detail"] == "this authenticator is already registered"
+    listed = run_cli("signer", "authenticators", second["id"], "-c", sandbox["config"], "--json")
+    assert auth.credential_id_b64 not in {a["credential_id"] for a in json.loads(listed.stdout)}
+    csc.authorize(first["credential_id"], random_hashes(1), auth)
+    # The second signer's code was not used up by the refusal.
+    assert _begin(csc, code2, password2).status == 200
+
+
+@pytest.mark.parametrize(
+    "label",
+    [
+        "key\nfido-0000000000000000  aaguid 00000000-0000-0000-0000-000000000000  count 0",
+        "key\x1b[1A\x1b[2K",  # a terminal escape: moves up and erases the listing's line
+        "key\r",
+        "key\u202eyek",  # right-to-left override
+    ],
+)
+def test_an_authenticator_label_is_one_printable_line(
+    csc: Csc, sandbox: dict[str, Any], gateway: Server, label: str
+) -> None:
+    """The relaying facility names the authenticator; the officer reads the name in
+    ``signer authenticators``. A newline forged a listing line (a second, fake authenticator,
+    or a row hiding the real one); a terminal escape rewrote the officer's screen."""
+    signer = _signer(sandbox)
+    auth = SoftAuthenticator(origin=f"https://localhost:{gateway.port}")
+    code, password = _code(sandbox, signer["id"])
+    r = _begin(csc, code, password)
+    assert r.status == 200, r.body
+    body = {"enrollment_code": code, "credential": auth.create(r.json()["publicKey"])}
+    r = csc.post("/auth/fido2/register/complete", {**body, "label": label})
+    assert r.status == 400, r.body
+    assert r.json()["detail"].startswith("Invalid parameter label"), r.body
+    r = csc.post("/auth/fido2/register/complete", {**body, "label": "USB key (desk 3)"})
+    assert r.status == 200, r.body
