@@ -273,6 +273,12 @@ class Fido2Authenticator(presence.PresenceMethod):
         pw_hash = await asyncio.to_thread(hash_password, password)
         expires = now + self.enrollment_validity
         async with self.db.write() as conn:
+            # One issue at a time per signer: the signer's row is locked (PostgreSQL; SQLite
+            # writes one transaction at a time). Without it, codes issued at once each revoked
+            # what was active before them and stayed active side by side.
+            await conn.execute(
+                select(signer.c.id).where(signer.c.id == signer_id).with_for_update()
+            )
             await presence.require_active_signer(conn, signer_id)
             revoked = await conn.execute(
                 update(enrollment)

@@ -971,3 +971,41 @@ def test_enrolment_password_attempts_are_reserved_once_each_under_concurrency(ur
             await db.close()
 
     asyncio.run(go())
+
+
+def test_two_enrolment_codes_issued_at_once_leave_one_active(url: str) -> None:
+    """A new enrolment code revokes the signer's earlier unused ones: also when two are
+    issued at once (two officers, or a repeated command), one of them stays active."""
+    from sqlalchemy import func, select
+
+    from gateway.audit import AuditLog
+    from gateway.auth.fido2 import Fido2Authenticator
+    from gateway.store.schema import enrollment
+
+    async def go() -> None:
+        db = await _fresh(url)
+        try:
+            await _signing_world(db, sads=0, hashes=[])
+            fido2 = Fido2Authenticator(
+                db=db, audit=AuditLog(), rp_id="localhost", rp_name="t",
+                origins=frozenset({"https://localhost"}),
+            )  # fmt: skip
+            for _ in range(5):
+                await asyncio.gather(
+                    *(fido2.issue_enrollment("sgn-1", actor="officer") for _ in range(4))
+                )
+                async with db.read() as conn:
+                    active = (
+                        await conn.execute(
+                            select(func.count())
+                            .select_from(enrollment)
+                            .where(
+                                enrollment.c.signer_id == "sgn-1", enrollment.c.status == "active"
+                            )
+                        )
+                    ).scalar_one()
+                assert active == 1, active
+        finally:
+            await db.close()
+
+    asyncio.run(go())
