@@ -552,14 +552,13 @@ def test_a_begin_failing_after_the_right_password_gives_its_attempt_back(
 
 
 def test_an_authenticator_registered_to_one_signer_cannot_be_registered_to_another(
-    csc: Csc, sandbox: dict[str, Any], gateway: Server
+    csc: Csc, sandbox: dict[str, Any], doctor: tuple[dict[str, Any], SoftAuthenticator]
 ) -> None:
-    """The WebAuthn credential id is unique across signers: registering the same credential
-    (same id, same key) with another signer's code is 409 and leaves it with its signer."""
-    first, second = _signer(sandbox, 0), _signer(sandbox, 1)
-    auth = SoftAuthenticator(origin=f"https://localhost:{gateway.port}")
-    code, password = _code(sandbox, first["id"])
-    assert csc.enroll(code, password, auth).status == 200
+    """The WebAuthn credential id is unique across signers: registering the first doctor's
+    credential (same id, same key) with another signer's code is 409 and leaves it with its
+    signer."""
+    first, auth = doctor
+    second = _signer(sandbox, 1)
     code2, password2 = _code(sandbox, second["id"])
     r = csc.enroll(code2, password2, auth)
     assert r.status == 409, r.body
