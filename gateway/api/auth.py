@@ -17,7 +17,7 @@ from pydantic import Field
 from gateway.api.decode import caller_of, check_lengths, decode_hashes, digest_algorithm
 from gateway.api.keys import ACTIVATION, DB, FIDO2, SETTINGS
 from gateway.api.portal import pages as portal_pages
-from gateway.api.schema import CscRequest, parse
+from gateway.api.schema import CscRequest, Label, parse
 from gateway.auth.challenges import Approval
 from gateway.errors import AccessDenied, InvalidRequest
 from gateway.signing.grant import Caller
@@ -38,7 +38,7 @@ class RegisterBeginRequest(CscRequest):
 class RegisterCompleteRequest(CscRequest):
     enrollment_code: str = Field(min_length=1, max_length=64)
     credential: dict[str, Any]
-    label: str | None = Field(default=None, max_length=200)
+    label: Label | None = None
 
 
 class AuthenticateBeginRequest(CscRequest):

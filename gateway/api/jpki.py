@@ -18,7 +18,7 @@ from gateway.api.auth import AuthenticateBeginRequest, begin_args
 from gateway.api.decode import caller_of
 from gateway.api.keys import DB, JPKI, SETTINGS
 from gateway.api.middleware import identity
-from gateway.api.schema import CscRequest, parse
+from gateway.api.schema import CscRequest, Label, parse
 from gateway.auth.jpki import AUTH_DATA_ID, parse_auth_data
 from gateway.auth.presence import registered_methods
 from gateway.errors import InvalidRequest, NotFound
@@ -42,13 +42,13 @@ class JpkiRegisterComplete(CscRequest):
     certificate: str = Field(min_length=1, max_length=16384)
     signature: str = Field(min_length=1, max_length=2048)
     challenge_id: str = Field(min_length=1, max_length=128)
-    label: str | None = Field(default=None, max_length=200)
+    label: Label | None = None
 
 
 class LinkJpki(AdminRequest):
     certificate: str = Field(min_length=1, max_length=24000)
     """base64 DER, or PEM text."""
-    label: str | None = Field(default=None, max_length=200)
+    label: Label | None = None
 
 
 def offered_presence_methods(request: web.Request) -> list[str]:

@@ -7,10 +7,10 @@ it too.
 
 from __future__ import annotations
 
-from typing import TypeVar
+from typing import Annotated, TypeVar
 
 from aiohttp import web
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
 from gateway.errors import InvalidRequest
 from gateway.safe_json import MAX_JSON_DEPTH as MAX_JSON_DEPTH
@@ -18,6 +18,19 @@ from gateway.safe_json import UnreadableBody as UnreadableBody
 from gateway.safe_json import loads as loads
 
 M = TypeVar("M", bound=BaseModel)
+
+
+def _one_printable_line(text: str) -> str:
+    if not text.isprintable():
+        raise ValueError(
+            "must be one line of printable characters (no control or format characters)"
+        )
+    return text
+
+
+#: A name a client gives a registration (an authenticator, a card link), shown to officers by
+#: the CLI: a newline forged listing lines, a control character rewrote their terminal.
+Label = Annotated[str, Field(max_length=200), AfterValidator(_one_printable_line)]
 
 
 class CscRequest(BaseModel):

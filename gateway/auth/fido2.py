@@ -23,20 +23,23 @@ into a SAD.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import hashlib
 import json
+import logging
 import secrets
 import typing
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, NoReturn
 
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from fido2 import utils as fido2_utils
-from fido2.cose import ES256
+from fido2.cose import ES256, UnsupportedKey
 from fido2.server import Fido2Server
 from fido2.utils import websafe_decode, websafe_encode
 from fido2.webauthn import (
@@ -54,7 +57,7 @@ from fido2.webauthn import (
     UserVerificationRequirement,
 )
 from sqlalchemy import ColumnElement, Connection, and_, bindparam, insert, select, update
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from gateway.audit import AuditLog
@@ -69,7 +72,7 @@ from gateway.auth.challenges import (
     new_bound_challenge,
 )
 from gateway.clock import Clock, system_clock
-from gateway.errors import AccessDenied, Conflict, InvalidRequest
+from gateway.errors import AccessDenied, Conflict, GatewayError, InvalidRequest
 from gateway.passwords import AttemptLimit, hash_password, verify_password
 from gateway.signing.grant import Caller as Caller
 from gateway.store.db import Database
@@ -88,6 +91,8 @@ _PASSWORD_ALPHABET = "23456789abcdefghjkmnpqrstuvwxyzABCDEFGHJKLMNPQRSTUVWXYZ"  
 #: The one answer once a code is locked, or while every remaining attempt is being checked.
 LOCKED_TEXT = "enrollment code is locked after too many wrong passwords: ask for a new one"
 
+
+log = logging.getLogger("gateway.auth")
 
 _ATTEMPTS = AttemptLimit(enrollment, failed="failed_tries", checking="checking_tries")
 
@@ -116,6 +121,47 @@ def new_enrollment_code() -> str:
 
 def new_enrollment_password() -> str:
     return "".join(secrets.choice(_PASSWORD_ALPHABET) for _ in range(12))
+
+
+#: WebAuthn §7.1: "Verify that the credentialId is ≤ 1023 bytes."
+MAX_CREDENTIAL_ID_BYTES = 1023
+_PROBE_SIGNATURE = b"\x30\x06\x02\x01\x01\x02\x01\x01"  # DER ECDSA (1, 1): never valid
+
+
+def check_registered_credential(
+    cred: AttestedCredentialData | None, offered: frozenset[int]
+) -> None:
+    """A registered credential the gateway can use: an id of at most 1023 bytes, and a public
+    key of an algorithm register/begin offered that verifies signatures (a probe signature is
+    refused as invalid, not as unusable).
+
+    python-fido2's ``register_complete`` checks neither: it stored RS1 (RSA with SHA-1, never
+    offered) keys, keys of algorithms it cannot verify and ES256 keys off the curve (every
+    assertion of those then failed with a 500), and credential ids longer than the column."""
+    if cred is None:  # pragma: no cover - register_complete requires AT
+        raise InvalidRequest("registration refused: no attested credential data")
+    if len(cred.credential_id) > MAX_CREDENTIAL_ID_BYTES:
+        raise InvalidRequest(
+            f"registration refused: credential id of {len(cred.credential_id)} bytes "
+            f"(at most {MAX_CREDENTIAL_ID_BYTES})"
+        )
+    alg = cred.public_key.get(3)
+    if isinstance(cred.public_key, UnsupportedKey) or alg not in offered:
+        raise InvalidRequest(
+            f"registration refused: public key algorithm {alg!r} was not offered in "
+            "pubKeyCredParams"
+        )
+    try:
+        _attested(bytes(cred)).public_key.verify(b"registration probe", _PROBE_SIGNATURE)
+    except InvalidSignature:
+        return
+    except Exception as e:
+        raise InvalidRequest(
+            f"registration refused: the public key cannot verify signatures ({_reason(e)})"
+        ) from e
+    raise InvalidRequest(  # pragma: no cover - a fixed signature verified: refuse that key too
+        "registration refused: the public key accepts a forged signature"
+    )
 
 
 def sign_count_ok(stored: int, received: int) -> bool:
@@ -208,6 +254,8 @@ class Fido2Authenticator(presence.PresenceMethod):
             verify_origin=self._origin_allowed,
         )
         self._template = _options_template(self.server)
+        #: The COSE algorithms register/begin offers (pubKeyCredParams): the only ones stored.
+        self.offered_algorithms = frozenset(int(p.alg) for p in self.server.allowed_algorithms)
 
     def _origin_allowed(self, origin: object) -> bool:
         # clientDataJSON is the client's JSON: "origin" may be any JSON value (a list is not
@@ -225,6 +273,12 @@ class Fido2Authenticator(presence.PresenceMethod):
         pw_hash = await asyncio.to_thread(hash_password, password)
         expires = now + self.enrollment_validity
         async with self.db.write() as conn:
+            # One issue at a time per signer: the signer's row is locked (PostgreSQL; SQLite
+            # writes one transaction at a time). Without it, codes issued at once each revoked
+            # what was active before them and stayed active side by side.
+            await conn.execute(
+                select(signer.c.id).where(signer.c.id == signer_id).with_for_update()
+            )
             await presence.require_active_signer(conn, signer_id)
             revoked = await conn.execute(
                 update(enrollment)
@@ -314,8 +368,8 @@ class Fido2Authenticator(presence.PresenceMethod):
     ) -> dict[str, Any]:
         """Check code + password, then return ``{"publicKey": creation options}``."""
         now = now or self.clock()
-        await self.check_enrollment_password(code=code, password=password, caller=caller, now=now)
-        async with self.db.write() as conn:
+        checked = self.enrollment_checked(code=code, password=password, caller=caller, now=now)
+        async with checked, self.db.write() as conn:
             row = await self.take_checked_enrollment(conn, code=code, caller=caller, now=now)
             srow = (await conn.execute(select(signer).where(signer.c.id == row.signer_id))).one()
             exclude = _descriptors(await _authenticator_ids(conn, row.signer_id))
@@ -346,21 +400,60 @@ class Fido2Authenticator(presence.PresenceMethod):
 
     async def check_enrollment_password(
         self, *, code: str, password: str, caller: Caller, now: datetime
-    ) -> None:
+    ) -> int:
         """Code + password, under the one attempt limit of every enrolment method.
 
         The attempt is reserved BEFORE the (slow) password check, atomically: however many
         guesses arrive at once, at most max_password_tries passwords are ever checked. A wrong
         password counts (the last one locks) and raises; the right one keeps its reservation
-        until :meth:`take_checked_enrollment` gives it back.
+        until :meth:`take_checked_enrollment` gives it back (use it through
+        :meth:`enrollment_checked`, which also gives it back when the request fails before).
+        Returns the enrolment's id.
         """
         async with self.db.read() as conn:
             row = await self._enrollment_for(conn, code, caller, now)
         if not await self._reserve_try(row.id):
             await self._refuse_now(code, caller, now)
-        ok = await asyncio.to_thread(verify_password, password, row.password_hash)
+        try:
+            ok = await asyncio.to_thread(verify_password, password, row.password_hash)
+        except BaseException:  # cancelled while checking: nothing was learnt
+            await self._give_back_try(row.id)
+            raise
         if not ok:
             await self._wrong_password(row.id, row.signer_id, caller, now)
+        return int(row.id)
+
+    @contextlib.asynccontextmanager
+    async def enrollment_checked(
+        self, *, code: str, password: str, caller: Caller, now: datetime
+    ) -> AsyncIterator[None]:
+        """:meth:`check_enrollment_password`, then the body: the write transaction that calls
+        :meth:`take_checked_enrollment` (and nothing after it). When the body fails (the
+        signer was locked meanwhile, the store refused the write, the request was cancelled),
+        its rollback undid the give-back, so the right password's reservation is given back
+        here, in a transaction of its own: it stayed reserved, and each such failure took an
+        attempt away until the right password was answered 'locked'."""
+        enrollment_id = await self.check_enrollment_password(
+            code=code, password=password, caller=caller, now=now
+        )
+        try:
+            yield
+        except BaseException:
+            await self._give_back_try(enrollment_id)
+            raise
+
+    async def _give_back_try(self, enrollment_id: int) -> None:
+        """Give a reservation back outside the request's transaction (best effort: when the
+        store cannot be written now, the attempt stays reserved, which errs toward the lock)."""
+        try:
+            async with self.db.write() as conn:
+                await _ATTEMPTS.give_back(conn, _open_enrollment(enrollment_id))
+        except (GatewayError, SQLAlchemyError) as e:
+            log.warning(
+                "enrollment %s: reserved password attempt not given back (%s)",
+                enrollment_id,
+                type(e).__name__,
+            )
 
     async def take_checked_enrollment(
         self, conn: AsyncConnection, *, code: str, caller: Caller, now: datetime
@@ -447,6 +540,7 @@ class Fido2Authenticator(presence.PresenceMethod):
                 auth_data = self.server.register_complete(state.fido2_state, registration)
             except ValueError as e:
                 raise InvalidRequest(f"registration refused: {e}") from e
+            check_registered_credential(auth_data.credential_data, self.offered_algorithms)
             return await self._store_authenticator(
                 conn, auth_data, enrollment_id=row.id, signer_id=row.signer_id,
                 caller=caller, label=label, now=now,

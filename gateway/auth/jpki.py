@@ -394,10 +394,10 @@ class JpkiAuthenticator(presence.PresenceMethod):
         """Check code + password (shared attempt counter with FIDO2), return a challenge."""
         now = self.clock()
         # The same code, password and attempt limit as FIDO2 enrolment.
-        await self.fido2.check_enrollment_password(
+        checked = self.fido2.enrollment_checked(
             code=code, password=password, caller=caller, now=now
         )
-        async with self.db.write() as conn:
+        async with checked, self.db.write() as conn:
             row = await self.fido2.take_checked_enrollment(conn, code=code, caller=caller, now=now)
             binding = enrollment_binding(row.id)
             challenge = new_bound_challenge(binding)

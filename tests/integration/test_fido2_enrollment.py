@@ -9,7 +9,10 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
+from cryptography.hazmat.primitives.asymmetric import ec
 
+from gateway.auth.fido2 import code_hash
+from gateway.signing.grant import Caller
 from tests.support.gateway import Server, run_cli
 from tests.support.signing import SHA256, Csc, b64, random_hashes, services
 from tests.support.webauthn import SoftAuthenticator
@@ -417,3 +420,179 @@ def test_concurrent_password_guesses_are_reserved_before_checking(
         r = _begin(csc, code, pw)
         assert (r.status, r.json()["detail"]) == (403, LOCKED)
     assert asyncio.run(checked())[0] == 5
+
+
+def _rsa_cose(alg: int) -> dict[int, Any]:
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    numbers = rsa.generate_private_key(65537, 2048).public_key().public_numbers()
+    return {1: 3, 3: alg, -1: numbers.n.to_bytes(256, "big"), -2: (65537).to_bytes(3, "big")}
+
+
+def _cose_keys() -> dict[str, dict[int, Any]]:
+    p256 = ec.generate_private_key(ec.SECP256R1()).public_key().public_numbers()
+    x = p256.x.to_bytes(32, "big")
+    return {
+        # RS1: RSASSA-PKCS1-v1_5 with SHA-1, not in pubKeyCredParams, verified with SHA-1.
+        "rs1_sha1": _rsa_cose(-65535),
+        # An algorithm python-fido2 has no verifier for: every assertion failed (500).
+        "unknown_algorithm": {1: 2, 3: -260, -1: 1, -2: x, -3: x},
+        # ES256 with a point that is not on P-256: every assertion failed (500).
+        "es256_point_off_the_curve": {1: 2, 3: -7, -1: 1, -2: x, -3: (1).to_bytes(32, "big")},
+        # ES256 on another curve (P-384 coordinates): never verifiable.
+        "es256_on_p384": {1: 2, 3: -7, -1: 2, -2: b"\1" * 48, -3: b"\2" * 48},
+    }
+
+
+@pytest.mark.parametrize("kind", list(_cose_keys()))
+def test_registration_refuses_a_key_the_gateway_does_not_offer_or_cannot_verify(
+    csc: Csc, sandbox: dict[str, Any], gateway: Server, kind: str
+) -> None:
+    """register/complete stores only a public key of an algorithm offered in pubKeyCredParams
+    that can verify an assertion; the code stays usable for a proper authenticator."""
+    signer = _signer(sandbox)
+    origin = f"https://localhost:{gateway.port}"
+    code, password = _code(sandbox, signer["id"])
+    r = _begin(csc, code, password)
+    assert r.status == 200, r.body
+    options = r.json()["publicKey"]
+    offered = {p["alg"] for p in options["pubKeyCredParams"]}
+    cose = _cose_keys()[kind]
+    bad = SoftAuthenticator(origin=origin)
+    r = csc.post(
+        "/auth/fido2/register/complete",
+        {"enrollment_code": code, "credential": bad.create(options, cose=cose)},
+    )
+    assert r.status == 400, (kind, r.status, r.body)
+    assert r.json()["detail"].startswith("registration refused: "), r.body
+    assert cose[3] in offered or "not offered" in r.json()["detail"]
+    good = SoftAuthenticator(origin=origin)
+    assert csc.enroll(code, password, good).status == 200
+    csc.authorize(signer["credential_id"], random_hashes(1), good)
+
+
+def test_registration_refuses_a_credential_id_longer_than_1023_bytes(
+    csc: Csc, sandbox: dict[str, Any], gateway: Server
+) -> None:
+    """WebAuthn §7.1 step 'credentialId ≤ 1023 bytes': a longer id was stored on SQLite and,
+    longer than the column (1,400 base64url characters), failed the insert on PostgreSQL."""
+    signer = _signer(sandbox)
+    code, password = _code(sandbox, signer["id"])
+    r = _begin(csc, code, password)
+    assert r.status == 200, r.body
+    auth = SoftAuthenticator(origin=f"https://localhost:{gateway.port}", credential_id=b"\7" * 1100)
+    r = csc.post(
+        "/auth/fido2/register/complete",
+        {"enrollment_code": code, "credential": auth.create(r.json()["publicKey"])},
+    )
+    assert r.status == 400, r.body
+    assert "1023" in r.json()["detail"]
+
+
+def test_a_begin_failing_after_the_right_password_gives_its_attempt_back(
+    csc: Csc, sandbox: dict[str, Any], hospital: dict[str, Any]
+) -> None:
+    """The right password's reserved attempt is given back when register/begin fails after the
+    password check: here an officer's ``signer lock`` lands between the check and the stored
+    challenge (the same path a database error or a cancelled request takes). The attempt
+    stayed reserved: after an unlock, 4 wrong passwords answered 'locked' to the right one."""
+    from sqlalchemy import select
+
+    from gateway.errors import AccessDenied
+    from gateway.store.schema import enrollment, facility
+
+    signer = _signer(sandbox)
+    conf = sandbox["config"]
+    code, password = _code(sandbox, signer["id"])
+
+    async def begin_while_an_officer_locks_the_signer() -> tuple[str, int]:
+        async with services(conf) as svc:
+            async with svc.db.read() as conn:
+                fid = (
+                    await conn.execute(
+                        select(facility.c.id).where(
+                            facility.c.institution_code == hospital["institution_code"]
+                        )
+                    )
+                ).scalar_one()
+            caller = Caller(
+                actor="test", facility_id=fid, institution_code=hospital["institution_code"]
+            )
+            fido2 = svc.fido2
+            check = fido2.check_enrollment_password
+
+            async def locked_meanwhile(**kw: Any) -> Any:
+                checked = await check(**kw)
+                run_cli("signer", "lock", signer["id"], "--reason", "test", "-c", conf)
+                return checked
+
+            fido2.check_enrollment_password = locked_meanwhile  # type: ignore[method-assign]
+            with pytest.raises(AccessDenied) as refused:
+                await fido2.register_begin(code=code, password=password, caller=caller)
+            async with svc.db.read() as conn:
+                checking = (
+                    await conn.execute(
+                        select(enrollment.c.checking_tries).where(
+                            enrollment.c.code_hash == code_hash(code)
+                        )
+                    )
+                ).scalar_one()
+            return refused.value.description, int(checking)
+
+    try:
+        detail, checking = asyncio.run(begin_while_an_officer_locks_the_signer())
+    finally:
+        run_cli("signer", "unlock", signer["id"], "-c", conf)
+    assert "locked" in detail and checking == 0, (detail, checking)
+    for left in (4, 3, 2, 1):
+        r = _begin(csc, code, "wrong-password")
+        assert r.json()["detail"] == f"wrong enrollment password ({left} tries left)", r.body
+    r = _begin(csc, code, password)
+    assert r.status == 200, r.body
+
+
+def test_an_authenticator_registered_to_one_signer_cannot_be_registered_to_another(
+    csc: Csc, sandbox: dict[str, Any], doctor: tuple[dict[str, Any], SoftAuthenticator]
+) -> None:
+    """The WebAuthn credential id is unique across signers: registering the first doctor's
+    credential (same id, same key) with another signer's code is 409 and leaves it with its
+    signer."""
+    first, auth = doctor
+    second = _signer(sandbox, 1)
+    code2, password2 = _code(sandbox, second["id"])
+    r = csc.enroll(code2, password2, auth)
+    assert r.status == 409, r.body
+    assert r.json()["detail"] == "this authenticator is already registered"
+    listed = run_cli("signer", "authenticators", second["id"], "-c", sandbox["config"], "--json")
+    assert auth.credential_id_b64 not in {a["credential_id"] for a in json.loads(listed.stdout)}
+    csc.authorize(first["credential_id"], random_hashes(1), auth)
+    # The second signer's code was not used up by the refusal.
+    assert _begin(csc, code2, password2).status == 200
+
+
+@pytest.mark.parametrize(
+    "label",
+    [
+        "key\nfido-0000000000000000  aaguid 00000000-0000-0000-0000-000000000000  count 0",
+        "key\x1b[1A\x1b[2K",  # a terminal escape: moves up and erases the listing's line
+        "key\r",
+        "key\u202eyek",  # right-to-left override
+    ],
+)
+def test_an_authenticator_label_is_one_printable_line(
+    csc: Csc, sandbox: dict[str, Any], gateway: Server, label: str
+) -> None:
+    """The relaying facility names the authenticator; the officer reads the name in
+    ``signer authenticators``. A newline forged a listing line (a second, fake authenticator,
+    or a row hiding the real one); a terminal escape rewrote the officer's screen."""
+    signer = _signer(sandbox)
+    auth = SoftAuthenticator(origin=f"https://localhost:{gateway.port}")
+    code, password = _code(sandbox, signer["id"])
+    r = _begin(csc, code, password)
+    assert r.status == 200, r.body
+    body = {"enrollment_code": code, "credential": auth.create(r.json()["publicKey"])}
+    r = csc.post("/auth/fido2/register/complete", {**body, "label": label})
+    assert r.status == 400, r.body
+    assert r.json()["detail"].startswith("Invalid parameter label"), r.body
+    r = csc.post("/auth/fido2/register/complete", {**body, "label": "USB key (desk 3)"})
+    assert r.status == 200, r.body

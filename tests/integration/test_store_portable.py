@@ -933,3 +933,79 @@ def test_a_session_opened_while_the_policy_changes_waits_for_the_change(pg_url: 
     assert waited, outcome  # it waited for the change
     assert isinstance(outcome, InvalidRequest), outcome
     assert "no signing-session policy" in outcome.description
+
+
+def test_enrolment_password_attempts_are_reserved_once_each_under_concurrency(url: str) -> None:
+    """30 reservations of one enrolment code's password attempts at once, each in its own
+    write transaction: exactly ``limit`` succeed on both stores (on PostgreSQL, READ
+    COMMITTED re-checks ``failed + checking < limit`` on the row a blocked UPDATE gets)."""
+    from sqlalchemy import insert, select
+
+    from gateway.auth.fido2 import _ATTEMPTS, _open_enrollment
+    from gateway.store.schema import enrollment
+
+    async def go() -> None:
+        db = await _fresh(url)
+        try:
+            await _signing_world(db, sads=0, hashes=[])
+            now = datetime.now(UTC)
+            async with db.write() as conn:
+                res = await conn.execute(
+                    insert(enrollment).values(
+                        signer_id="sgn-1", code_hash="d" * 64, password_hash="x", failed_tries=0,
+                        status="active", expires_at=now + timedelta(days=1), created_at=now,
+                    )
+                )  # fmt: skip
+                eid = res.inserted_primary_key[0]  # type: ignore[index]
+
+            async def reserve() -> bool:
+                async with db.write() as conn:
+                    return await _ATTEMPTS.reserve(conn, _open_enrollment(eid), 5)
+
+            got = await asyncio.gather(*(reserve() for _ in range(30)))
+            assert sum(got) == 5, got
+            async with db.read() as conn:
+                row = (await conn.execute(select(enrollment).where(enrollment.c.id == eid))).one()
+            assert (row.failed_tries, row.checking_tries) == (0, 5)
+        finally:
+            await db.close()
+
+    asyncio.run(go())
+
+
+def test_two_enrolment_codes_issued_at_once_leave_one_active(url: str) -> None:
+    """A new enrolment code revokes the signer's earlier unused ones: also when two are
+    issued at once (two officers, or a repeated command), one of them stays active."""
+    from sqlalchemy import func, select
+
+    from gateway.audit import AuditLog
+    from gateway.auth.fido2 import Fido2Authenticator
+    from gateway.store.schema import enrollment
+
+    async def go() -> None:
+        db = await _fresh(url)
+        try:
+            await _signing_world(db, sads=0, hashes=[])
+            fido2 = Fido2Authenticator(
+                db=db, audit=AuditLog(), rp_id="localhost", rp_name="t",
+                origins=frozenset({"https://localhost"}),
+            )  # fmt: skip
+            for _ in range(5):
+                await asyncio.gather(
+                    *(fido2.issue_enrollment("sgn-1", actor="officer") for _ in range(4))
+                )
+                async with db.read() as conn:
+                    active = (
+                        await conn.execute(
+                            select(func.count())
+                            .select_from(enrollment)
+                            .where(
+                                enrollment.c.signer_id == "sgn-1", enrollment.c.status == "active"
+                            )
+                        )
+                    ).scalar_one()
+                assert active == 1, active
+        finally:
+            await db.close()
+
+    asyncio.run(go())

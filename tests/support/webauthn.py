@@ -55,12 +55,14 @@ class SoftAuthenticator:
         origin: str | None = None,
         rp_id: str | None = None,
         flags: int = FLAG.UP | FLAG.UV | FLAG.AT,
+        cose: dict[int, Any] | None = None,
     ) -> dict[str, Any]:
-        """navigator.credentials.create(): a RegistrationResponse as JSON."""
+        """navigator.credentials.create(): a RegistrationResponse as JSON. ``cose`` replaces
+        the credential's public key (COSE_Key map) with one the authenticator does not hold."""
         assert public_key["authenticatorSelection"]["userVerification"] == "required"
         client_data = self._client_data("webauthn.create", public_key["challenge"], origin)
-        cose = ES256.from_cryptography_key(self.key.public_key())
-        cred = AttestedCredentialData.create(AAGUID, self.credential_id, cose)
+        key = ES256.from_cryptography_key(self.key.public_key()) if cose is None else cose
+        cred = AttestedCredentialData.create(AAGUID, self.credential_id, key)
         rp_hash = hashlib.sha256((rp_id or public_key["rp"]["id"]).encode()).digest()
         auth_data = AuthenticatorData.create(rp_hash, flags, self.sign_count, cred)
         attestation = cbor.encode({"fmt": "none", "authData": bytes(auth_data), "attStmt": {}})
