@@ -257,7 +257,14 @@ class AuditLog:
         return events
 
     async def verify(self, conn: AsyncConnection) -> AuditReport:
-        """Walk the whole chain; stop at the first problem."""
+        """Walk the whole chain; stop at the first problem.
+
+        The events and the head are read in one snapshot: on PostgreSQL the transaction is
+        REPEATABLE READ (under READ COMMITTED each statement has its own, so an event appended
+        while the walk ran put the head ahead of the walked events: a live, intact chain read
+        'truncated'); a SQLite read transaction is one snapshot already."""
+        if conn.dialect.name == "postgresql" and not conn.in_transaction():
+            await conn.execution_options(isolation_level="REPEATABLE READ")
         expected_seq = 1
         prev = GENESIS
         count = 0

@@ -227,3 +227,40 @@ def test_an_action_and_its_audit_event_commit_together(tmp_path: Path) -> None:
     )
     assert after == ("facility.add", "0510000015")
     assert run_cli("audit", "verify", "-c", cfg).returncode == 0
+
+
+def test_verify_on_a_live_chain_sees_one_snapshot(store_url: str) -> None:
+    """`audit verify` run while the gateway appends (the daily cron of docs/deployment.md)
+    reports the chain as of one moment. On PostgreSQL (READ COMMITTED) the walk of the events
+    and the read of the head were two snapshots: an event committed in between made an intact
+    chain read 'truncated' (head ahead of the events walked)."""
+
+    async def go() -> list[Any]:
+        db = await _db(store_url)
+        audit = AuditLog(key=b"k" * 32)
+        await _fill(db, audit, 400)
+        stop = asyncio.Event()
+
+        async def writer() -> None:
+            i = 0
+            while not stop.is_set():
+                async with db.write() as conn:
+                    await audit.append(conn, action="live", actor="test", detail={"i": i})
+                i += 1
+                await asyncio.sleep(0)
+
+        task = asyncio.create_task(writer())
+        reader = Database(store_url)
+        try:
+            reports = [await _verify(reader, audit) for _ in range(8)]
+        finally:
+            stop.set()
+            await task
+            await reader.close()
+            await db.close()
+        return reports
+
+    reports = asyncio.run(go())
+    assert [(r.ok, r.problem) for r in reports] == [(True, None)] * 8, reports
+    counts = [r.events for r in reports]
+    assert counts == sorted(counts) and counts[-1] > 400
