@@ -256,8 +256,16 @@ class AuditLog:
         _ADVANCE.run(conn, {"h": prev_hash})
         return events
 
-    async def verify(self, conn: AsyncConnection) -> AuditReport:
+    async def verify(
+        self, conn: AsyncConnection, *, since: tuple[int, str] | None = None
+    ) -> AuditReport:
         """Walk the whole chain; stop at the first problem.
+
+        ``since``: an earlier report's ``(events, head_hash)``, kept off the database host.
+        The chain must still hold that event with that hash: deleting the newest events and
+        setting the head back to the last one kept is a consistent chain (no key needed: the
+        head holds only an existing event's seq and hash), which only a head recorded
+        elsewhere tells apart (``rolled_back``; ``diverged`` when that event differs).
 
         The events and the head are read in one snapshot: on PostgreSQL the transaction is
         REPEATABLE READ (under READ COMMITTED each statement has its own, so an event appended
@@ -268,6 +276,7 @@ class AuditLog:
         expected_seq = 1
         prev = GENESIS
         count = 0
+        since_hash = GENESIS if since is not None and since[0] == 0 else None
         result = await conn.stream(select(audit_event).order_by(audit_event.c.seq))
         async for r in result:
             seq = int(r.seq)
@@ -301,6 +310,8 @@ class AuditLog:
                     count, seq, "modified", f"event {seq} was modified: its hash does not match"
                 )
             prev = r.hash
+            if since is not None and seq == since[0]:
+                since_hash = r.hash
             expected_seq += 1
             count += 1
         head = (await conn.execute(select(audit_head).where(audit_head.c.id == 1))).one_or_none()
@@ -314,6 +325,23 @@ class AuditLog:
                 f"the chain ends at event {count} but the head records event {head.seq}: "
                 "events were removed from the end or the head was altered",
             )
+        if since is not None:
+            if count < since[0]:
+                return AuditReport.fail(
+                    count,
+                    since[0],
+                    "rolled_back",
+                    f"the chain ends at event {count} but event {since[0]} was recorded "
+                    "earlier: the newest events were removed and the head set back, or the "
+                    "database was restored from an older copy",
+                )
+            if since_hash is None or not hmac.compare_digest(since_hash, since[1]):
+                return AuditReport.fail(
+                    count,
+                    since[0],
+                    "diverged",
+                    f"event {since[0]} is not the one recorded earlier: its hash differs",
+                )
         return AuditReport(
             ok=True, events=count, seq=None, problem=None, message="chain intact", head_hash=prev
         )
@@ -324,7 +352,8 @@ class AuditReport:
     ok: bool
     events: int  # events verified before the first problem (all of them when ok)
     seq: int | None  # the event at fault
-    problem: str | None  # gap | broken_link | modified | truncated | head_missing
+    #: gap | broken_link | modified | truncated | head_missing | rolled_back | diverged
+    problem: str | None
     message: str
     #: The newest event's hash (the head's) when the chain is intact: with ``events`` (its
     #: seq), what to keep off the database host to tell a restore's losses later
