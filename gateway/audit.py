@@ -14,6 +14,10 @@ appends several events with the head moved once: one UPDATE ... RETURNING reserv
 numbers, one multi-row INSERT, one UPDATE of the head hash, whatever ``n`` is. The chain is the
 same as ``n`` single appends: event k links to event k-1.
 
+Deleting the newest events and setting the head to the last one kept needs no HMAC key (the head
+holds an existing event's seq and hash): ``verify(since=...)`` finds it against a head kept
+elsewhere, and each process watches for it while it runs (``_watch``: ``audit.head_rolled_back``).
+
 A string UTF-8 cannot encode (a lone surrogate, from a header byte that is not UTF-8 or a JSON
 ``\\udcff`` escape) is stored and hashed backslash-escaped (``_escaped``); every other string,
 and so every existing event's hash, is unchanged.
@@ -24,7 +28,10 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
-from collections.abc import Mapping, Sequence
+import logging
+import os
+import socket
+from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import asdict, dataclass, fields
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
@@ -41,6 +48,10 @@ if TYPE_CHECKING:
     from gateway.store.db import Database
 
 GENESIS = "0" * 64
+#: The event a process appends when it finds the head behind an event it saw committed.
+ROLLED_BACK = "audit.head_rolled_back"
+
+log = logging.getLogger("gateway.audit")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -126,6 +137,12 @@ _INSERT = FastStatement(
     column_keys=[f.name for f in fields(AuditEvent)],
 )
 _ADVANCE = FastStatement(update(audit_head).where(audit_head.c.id == 1).values(hash=bindparam("h")))
+#: The hashes of the events this process remembers (at most two: see ``_watch``).
+_HASHES_AT = FastStatement(
+    select(audit_event.c.seq, audit_event.c.hash).where(
+        audit_event.c.seq.in_(bindparam("seqs", expanding=True))
+    )
+)
 
 
 class AuditLog:
@@ -134,6 +151,11 @@ class AuditLog:
     def __init__(self, *, key: bytes | None = None, clock: Clock = system_clock) -> None:
         self._key = key
         self._clock = clock  # stamps events whose caller gave no ``now``
+        #: Per store (``_store_of``): the newest event this process appended, (seq, hash),
+        #: committed or not (its transaction may still roll back), and the newest one it has
+        #: since found committed (see ``_watch``).
+        self._pending: dict[Hashable, tuple[int, str]] = {}
+        self._seen: dict[Hashable, tuple[int, str]] = {}
 
     async def append(
         self,
@@ -208,6 +230,10 @@ class AuditLog:
         n = len(records)
         row = _RESERVE.one(conn, {"n": n})
         seq, prev_hash = int(row.seq) - n, str(row.hash)
+        alarm = self._watch(conn, seq, prev_hash)
+        if alarm is not None:
+            _RESERVE.one(conn, {"n": 1})
+            records = [alarm, *records]
         events: list[AuditEvent] = []
         wall = self._clock()
         for rec in records:
@@ -254,7 +280,50 @@ class AuditLog:
         # vars(): the flat fields as they are (asdict copies recursively: ~5 % of a group).
         _INSERT.run_many(conn, [vars(ev) for ev in events])
         _ADVANCE.run(conn, {"h": prev_hash})
-        return events
+        self._pending[_store_of(conn)] = (events[-1].seq, events[-1].hash)
+        return events[1:] if alarm is not None else events
+
+    def _watch(self, conn: Connection, head_seq: int, head_hash: str) -> AuditRecord | None:
+        """Whether the head went back behind an event this process saw committed: the newest
+        events deleted and the head set to the last one kept (which needs no HMAC key), or the
+        database replaced by an older copy under a running gateway. Returns the
+        ``audit.head_rolled_back`` event to append first, naming what was seen, if so.
+
+        Runs under the head row lock (right after ``_RESERVE``): every transaction that
+        appended before has committed or rolled back. The event this process appended last
+        (``_pending``) is taken as seen once it is in the chain with its hash (one indexed
+        read of at most two rows per append); one missing (its transaction rolled back, or
+        it was deleted) cannot be told apart and is dropped. Each worker process watches the
+        events it appended; ``audit verify --since`` is the check that survives a restart."""
+        store = _store_of(conn)
+        pending, seen = self._pending.pop(store, None), self._seen.get(store)
+        wanted = {m[0] for m in (pending, seen) if m is not None and m[0] <= head_seq}
+        found: dict[int, str] = {}
+        if wanted:
+            found = {
+                int(r.seq): str(r.hash) for r in _HASHES_AT.all(conn, {"seqs": sorted(wanted)})
+            }
+        if pending is not None and found.get(pending[0]) == pending[1]:
+            self._seen[store] = seen = pending
+        if seen is None or (seen[0] <= head_seq and found.get(seen[0]) == seen[1]):
+            return None
+        del self._seen[store]  # one alarm per rollback; the next events are watched anew
+        log.error(
+            "audit head rolled back: event %d (%s) was committed, the head is at event %d (%s); "
+            "run 'hpki-gateway audit verify --since' with the last report kept elsewhere",
+            seen[0], seen[1], head_seq, head_hash,
+        )  # fmt: skip
+        return AuditRecord(
+            action=ROLLED_BACK,
+            actor="gateway",
+            detail={
+                "instance": f"{socket.gethostname()}:{os.getpid()}",
+                "seen_seq": seen[0],
+                "seen_hash": seen[1],
+                "head_seq": head_seq,
+                "head_hash": head_hash,
+            },
+        )
 
     async def verify(
         self, conn: AsyncConnection, *, since: tuple[int, str] | None = None
@@ -345,6 +414,15 @@ class AuditLog:
         return AuditReport(
             ok=True, events=count, seq=None, problem=None, message="chain intact", head_hash=prev
         )
+
+
+def _store_of(conn: Connection) -> Hashable:
+    """Which database ``conn`` is on, the same for a Database's async, write-thread and inline
+    connections (one process may open several stores: the CLI, tests)."""
+    url = conn.engine.url
+    if url.get_backend_name() == "sqlite" and url.database in (None, "", ":memory:"):
+        return id(conn.engine)
+    return (url.get_backend_name(), url.host, url.port, url.database)
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 from sqlalchemy import text
 
-from gateway.audit import AuditLog, event_hash
+from gateway.audit import ROLLED_BACK, AuditLog, event_hash
 from gateway.store.db import Database
 from tests.support.gateway import run_cli
 
@@ -369,3 +369,44 @@ def test_cli_audit_verify_since_an_earlier_report(tmp_path: Path) -> None:
     refused = run_cli("audit", "verify", "-c", cfg, "--since", str(broken), check=False)
     assert refused.returncode != 0
     assert "intact chain" in refused.stdout + refused.stderr
+
+
+def _actions(url: str) -> list[tuple[int, str, str]]:
+    rows = _tamper(url, "SELECT seq, action, detail FROM audit_event ORDER BY seq")
+    return [(int(r[0]), str(r[1]), str(r[2])) for r in rows]
+
+
+def test_the_running_gateway_records_a_head_set_back(store_url: str) -> None:
+    """An insider deletes the newest events and sets the head to the last one kept (no key
+    needed). The process that appended them finds it at its next append, under the head lock,
+    and appends ``audit.head_rolled_back`` first, in the chain it cannot have forged; a
+    transaction of its own that rolled back is not taken for one; another worker that appended
+    past the point after the rollback does not hide it."""
+    key = b"k" * 32
+
+    async def go() -> None:
+        db = await _db(store_url)
+        audit, other = AuditLog(key=key), AuditLog(key=key)  # two worker processes
+        try:
+            await _fill(db, audit, 5)
+            # A transaction of its own rolled back after its append: no alarm follows.
+            with pytest.raises(RuntimeError):
+                async with db.write() as conn:
+                    await audit.append(conn, action="rolled.back", actor="test")
+                    raise RuntimeError
+            await _fill(db, audit, 1)  # event 6
+            await _fill(db, audit, 1)  # event 7 (event 6 is now seen committed)
+            acts = await asyncio.to_thread(_actions, store_url)
+            assert [a for _, a, _ in acts] == ["test.event"] * 7
+            await asyncio.to_thread(_roll_back, store_url, 3)
+            await _fill(db, other, 4)  # events 4-7 again, by a worker that saw none of them
+            await _fill(db, audit, 1)
+        finally:
+            await db.close()
+
+    asyncio.run(go())
+    acts = _actions(store_url)
+    assert [a for _, a, _ in acts] == ["test.event"] * 7 + [ROLLED_BACK, "test.event"]
+    detail = json.loads(acts[7][2])
+    assert (detail["seen_seq"], detail["head_seq"]) == (6, 7)
+    assert _report(store_url, key).ok  # the chain goes on, with the record of the rollback
