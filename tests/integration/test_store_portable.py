@@ -933,3 +933,84 @@ def test_a_session_opened_while_the_policy_changes_waits_for_the_change(pg_url: 
     assert waited, outcome  # it waited for the change
     assert isinstance(outcome, InvalidRequest), outcome
     assert "no signing-session policy" in outcome.description
+
+
+@pytest.mark.parametrize("method", ["signHash", "signDoc"])
+def test_a_request_cancelled_while_its_spend_is_queued_is_refunded(url: str, method: str) -> None:
+    """A signing request that goes away (client gone at shutdown, a cancelled task) while its
+    spend waits in the group queue: the group commits the spend and its signature event anyway.
+    Before, nobody refunded it: the SAD lost the count and the audit held a signature that was
+    never made, with no failure after it. Now the count comes back once the group committed,
+    with ``signature.failed`` ("request cancelled", refunded) after the event."""
+    import json
+
+    from sqlalchemy import select
+
+    from gateway.sign import service
+    from gateway.signing.core import DocumentJob, SigningService
+    from gateway.signing.grant import Caller
+    from gateway.store.schema import audit_event, sad
+
+    h = bytes([9]) * 32
+
+    async def go() -> tuple[list[tuple[str, str]], int]:
+        db = await _fresh(url)
+        audit = AuditLog()
+        signing = SigningService(
+            db=db,
+            audit=audit,
+            ledger=SadLedger(db=db, audit=audit),
+            keystore=None,  # type: ignore[arg-type]  # never reached: cancelled before the key
+            clock=system_clock,
+            policy=service.SigningPolicy(),
+            tsa=None,
+        )
+        try:
+            fid, (token,) = await _signing_world(db, sads=1, hashes=[h])
+            caller = Caller(actor="facility:1310000011", facility_id=fid, institution_code="1")
+            if method == "signHash":
+                work = signing.sign_hashes(
+                    caller, sad=token, credential_id="cred-1", hashes=[h],
+                    algorithm=DigestAlgorithm.SHA256, refused_detail={},
+                )  # fmt: skip
+            else:
+                job = DocumentJob(
+                    digest=h, signature_format="C", conformance_level="AdES-B-B",
+                    envelope="Detached", document=None, document_digest=h,
+                )  # fmt: skip
+                work = signing.sign_documents(
+                    caller, sad=token, credential_id="cred-1", jobs=[job], refused_detail={}
+                )
+            task = asyncio.ensure_future(work)
+            for _ in range(3):  # queued: the group's drainer is scheduled, not yet run
+                await asyncio.sleep(0)
+                if signing.ledger._queue:
+                    break
+            assert signing.ledger._queue
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            for _ in range(200):  # the group commits, then the refund
+                async with db.read() as conn:
+                    events = (
+                        await conn.execute(
+                            select(audit_event.c.action, audit_event.c.detail).order_by(
+                                audit_event.c.seq
+                            )
+                        )
+                    ).all()
+                    left = (await conn.execute(select(sad.c.remaining))).scalar_one()
+                if events[-1][0] == "signature.failed":
+                    break
+                await asyncio.sleep(0.02)
+            return [(str(a), str(d)) for a, d in events], int(left)
+        finally:
+            await db.close()
+
+    events, left = asyncio.run(go())
+    actions = [a for a, _ in events if a.startswith("signature.")]
+    spend = "signature.sign_hash" if method == "signHash" else "signature.sign_doc"
+    assert actions == [spend, "signature.failed"], events
+    failed = json.loads(events[-1][1])
+    assert (failed["reason"], failed["refunded"]) == ("request cancelled", True)
+    assert left == 1
