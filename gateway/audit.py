@@ -31,6 +31,7 @@ import json
 import logging
 import os
 import socket
+from collections import Counter
 from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import asdict, dataclass, fields
 from datetime import UTC, datetime
@@ -345,6 +346,7 @@ class AuditLog:
         expected_seq = 1
         prev = GENESIS
         count = 0
+        sads = _SadReplay()
         since_hash = GENESIS if since is not None and since[0] == 0 else None
         result = await conn.stream(select(audit_event).order_by(audit_event.c.seq))
         async for r in result:
@@ -377,6 +379,11 @@ class AuditLog:
             if not hmac.compare_digest(recomputed, r.hash):
                 return AuditReport.fail(
                     count, seq, "modified", f"event {seq} was modified: its hash does not match"
+                )
+            unapproved = sads.see(r.action, r.ts, r.detail)
+            if unapproved is not None:
+                return AuditReport.fail(
+                    count, seq, "unapproved_signature", f"event {seq}: {unapproved}"
                 )
             prev = r.hash
             if since is not None and seq == since[0]:
@@ -416,6 +423,82 @@ class AuditLog:
         )
 
 
+_SPENDS = frozenset({"signature.sign_hash", "signature.sign_doc"})
+
+
+@dataclass(kw_only=True)
+class _Issued:
+    credential: Any
+    scal: Any
+    left: int
+    hashes: Counter[str]
+    expires: datetime | None
+
+
+def _utc(text: str) -> datetime:
+    t = datetime.fromisoformat(text)
+    return t if t.tzinfo is not None else t.replace(tzinfo=UTC)
+
+
+class _SadReplay:
+    """The SAD ledger replayed from the chain, for ``verify``: every signature event that
+    names its SAD (``"sad"``: the row id, since 2026-11-28) must spend a SAD a ``sad.issue``
+    event issued, for its credential, before it expired, within its count and (SCAL 2) its
+    hashes, less what earlier signatures spent and plus what ``signature.failed`` refunded.
+    Someone who can write the database but not the HMAC key can insert a SAD row and sign
+    with it; its signature is audited but has no approval in the chain, and this finds it."""
+
+    def __init__(self) -> None:
+        self.sads: dict[int, _Issued] = {}
+
+    def see(self, action: str, ts: str, detail_text: str) -> str | None:
+        if action != "sad.issue" and action not in _SPENDS and action != "signature.failed":
+            return None
+        try:
+            d = json.loads(detail_text)
+        except ValueError:
+            return None
+        sad = d.get("sad") if isinstance(d, dict) else None
+        if not isinstance(sad, int) or isinstance(sad, bool):
+            return None  # an event from before SAD ids were recorded, or not about a SAD
+        if action == "sad.issue":
+            expires = d.get("expires_at")
+            self.sads[sad] = _Issued(
+                credential=d.get("credential"),
+                scal=d.get("scal"),
+                left=int(d.get("num_signatures") or 0),
+                hashes=Counter(d.get("hashes") or []),
+                expires=_utc(expires) if isinstance(expires, str) else None,
+            )
+            return None
+        if action == "signature.sign_doc":
+            hashes = [str(x.get("digest")) for x in d.get("documents") or []]
+        else:
+            hashes = [str(h) for h in d.get("hashes") or []]
+        issued = self.sads.get(sad)
+        if action == "signature.failed":
+            if issued is not None and d.get("refunded") is True:
+                issued.left += len(hashes)
+                if issued.scal == "2":
+                    issued.hashes.update(hashes)
+            return None
+        if issued is None:
+            return f"a signature spent SAD {sad}, which no sad.issue event issued"
+        if d.get("credential") != issued.credential:
+            return f"a signature spent SAD {sad} with another credential than it was issued for"
+        if issued.expires is not None and _utc(ts) >= issued.expires:
+            return f"a signature spent SAD {sad} after it expired"
+        if len(hashes) > issued.left:
+            return f"a signature spent SAD {sad} beyond the number of signatures it authorized"
+        if issued.scal == "2":
+            need = Counter(hashes)
+            if any(issued.hashes[h] < k for h, k in need.items()):
+                return f"a signature spent SAD {sad} on a hash it was not issued for"
+            issued.hashes.subtract(need)
+        issued.left -= len(hashes)
+        return None
+
+
 def _store_of(conn: Connection) -> Hashable:
     """Which database ``conn`` is on, the same for a Database's async, write-thread and inline
     connections (one process may open several stores: the CLI, tests)."""
@@ -430,7 +513,8 @@ class AuditReport:
     ok: bool
     events: int  # events verified before the first problem (all of them when ok)
     seq: int | None  # the event at fault
-    #: gap | broken_link | modified | truncated | head_missing | rolled_back | diverged
+    #: gap | broken_link | modified | truncated | head_missing | unapproved_signature |
+    #: rolled_back | diverged
     problem: str | None
     message: str
     #: The newest event's hash (the head's) when the chain is intact: with ``events`` (its

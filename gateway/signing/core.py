@@ -535,11 +535,18 @@ def _xml_input(job: DocumentJob) -> bool:
 
 
 def _doc_failed_detail(spent: SignatureGrant) -> dict[str, Any]:
-    return {"credential": spent.credential_id, "method": "signDoc"}
+    """A signDoc's refund: the SAD and the digests given back (``audit verify`` replays it)."""
+    return {
+        "credential": spent.credential_id,
+        "method": "signDoc",
+        "sad": spent.sad,
+        "hashes": [h.hex() for h in spent.hashes],
+    }
 
 
 def _hash_detail(spent: SignatureGrant) -> dict[str, Any]:
     return {
+        "sad": spent.sad,
         "credential": spent.credential_id,
         "key_id": spent.key_id,
         "scal": spent.scal,
@@ -562,6 +569,7 @@ def _document_detail(spent: SignatureGrant, *, jobs: Sequence[DocumentJob]) -> d
             entry.update(_extension_detail(j.eprescription_input))
         documents.append(entry)
     return {
+        "sad": spent.sad,
         "credential": spent.credential_id,
         "key_id": spent.key_id,
         "scal": spent.scal,

@@ -600,6 +600,7 @@ class _Spender:
             algorithm=algorithm,
             scal=row.scal,
             presence=row.presence,
+            sad=sad_id,
             certificate_der=row.certificate_der,
             chain_pem=row.chain_pem,
         )
