@@ -380,7 +380,7 @@ class AuditLog:
                 return AuditReport.fail(
                     count, seq, "modified", f"event {seq} was modified: its hash does not match"
                 )
-            unapproved = sads.see(r.action, r.ts, r.detail)
+            unapproved = sads.see(r.action, r.ts, r.facility_code, r.detail)
             if unapproved is not None:
                 return AuditReport.fail(
                     count, seq, "unapproved_signature", f"event {seq}: {unapproved}"
@@ -429,6 +429,7 @@ _SPENDS = frozenset({"signature.sign_hash", "signature.sign_doc"})
 @dataclass(kw_only=True)
 class _Issued:
     credential: Any
+    facility_code: str | None
     scal: Any
     left: int
     hashes: Counter[str]
@@ -443,15 +444,16 @@ def _utc(text: str) -> datetime:
 class _SadReplay:
     """The SAD ledger replayed from the chain, for ``verify``: every signature event that
     names its SAD (``"sad"``: the row id, since 2026-11-28) must spend a SAD a ``sad.issue``
-    event issued, for its credential, before it expired, within its count and (SCAL 2) its
-    hashes, less what earlier signatures spent and plus what ``signature.failed`` refunded.
+    event issued, for its credential and facility, before it expired, within its count and
+    (SCAL 2) its hashes, less what earlier signatures spent and plus what ``signature.failed``
+    refunded.
     Someone who can write the database but not the HMAC key can insert a SAD row and sign
     with it; its signature is audited but has no approval in the chain, and this finds it."""
 
     def __init__(self) -> None:
         self.sads: dict[int, _Issued] = {}
 
-    def see(self, action: str, ts: str, detail_text: str) -> str | None:
+    def see(self, action: str, ts: str, facility_code: str | None, detail_text: str) -> str | None:
         if action != "sad.issue" and action not in _SPENDS and action != "signature.failed":
             return None
         try:
@@ -465,6 +467,7 @@ class _SadReplay:
             expires = d.get("expires_at")
             self.sads[sad] = _Issued(
                 credential=d.get("credential"),
+                facility_code=facility_code,
                 scal=d.get("scal"),
                 left=int(d.get("num_signatures") or 0),
                 hashes=Counter(d.get("hashes") or []),
@@ -486,6 +489,8 @@ class _SadReplay:
             return f"a signature spent SAD {sad}, which no sad.issue event issued"
         if d.get("credential") != issued.credential:
             return f"a signature spent SAD {sad} with another credential than it was issued for"
+        if facility_code != issued.facility_code:
+            return f"a signature spent SAD {sad} at another facility than it was issued to"
         if issued.expires is not None and _utc(ts) >= issued.expires:
             return f"a signature spent SAD {sad} after it expired"
         if len(hashes) > issued.left:
