@@ -14,6 +14,10 @@ appends several events with the head moved once: one UPDATE ... RETURNING reserv
 numbers, one multi-row INSERT, one UPDATE of the head hash, whatever ``n`` is. The chain is the
 same as ``n`` single appends: event k links to event k-1.
 
+Deleting the newest events and setting the head to the last one kept needs no HMAC key (the head
+holds an existing event's seq and hash): ``verify(since=...)`` finds it against a head kept
+elsewhere, and each process watches for it while it runs (``_watch``: ``audit.head_rolled_back``).
+
 A string UTF-8 cannot encode (a lone surrogate, from a header byte that is not UTF-8 or a JSON
 ``\\udcff`` escape) is stored and hashed backslash-escaped (``_escaped``); every other string,
 and so every existing event's hash, is unchanged.
@@ -24,7 +28,11 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
-from collections.abc import Mapping, Sequence
+import logging
+import os
+import socket
+from collections import Counter
+from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import asdict, dataclass, fields
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
@@ -41,6 +49,10 @@ if TYPE_CHECKING:
     from gateway.store.db import Database
 
 GENESIS = "0" * 64
+#: The event a process appends when it finds the head behind an event it saw committed.
+ROLLED_BACK = "audit.head_rolled_back"
+
+log = logging.getLogger("gateway.audit")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -126,6 +138,12 @@ _INSERT = FastStatement(
     column_keys=[f.name for f in fields(AuditEvent)],
 )
 _ADVANCE = FastStatement(update(audit_head).where(audit_head.c.id == 1).values(hash=bindparam("h")))
+#: The hashes of the events this process remembers (at most two: see ``_watch``).
+_HASHES_AT = FastStatement(
+    select(audit_event.c.seq, audit_event.c.hash).where(
+        audit_event.c.seq.in_(bindparam("seqs", expanding=True))
+    )
+)
 
 
 class AuditLog:
@@ -134,6 +152,11 @@ class AuditLog:
     def __init__(self, *, key: bytes | None = None, clock: Clock = system_clock) -> None:
         self._key = key
         self._clock = clock  # stamps events whose caller gave no ``now``
+        #: Per store (``_store_of``): the newest event this process appended, (seq, hash),
+        #: committed or not (its transaction may still roll back), and the newest one it has
+        #: since found committed (see ``_watch``).
+        self._pending: dict[Hashable, tuple[int, str]] = {}
+        self._seen: dict[Hashable, tuple[int, str]] = {}
 
     async def append(
         self,
@@ -208,6 +231,10 @@ class AuditLog:
         n = len(records)
         row = _RESERVE.one(conn, {"n": n})
         seq, prev_hash = int(row.seq) - n, str(row.hash)
+        alarm = self._watch(conn, seq, prev_hash)
+        if alarm is not None:
+            _RESERVE.one(conn, {"n": 1})
+            records = [alarm, *records]
         events: list[AuditEvent] = []
         wall = self._clock()
         for rec in records:
@@ -254,13 +281,73 @@ class AuditLog:
         # vars(): the flat fields as they are (asdict copies recursively: ~5 % of a group).
         _INSERT.run_many(conn, [vars(ev) for ev in events])
         _ADVANCE.run(conn, {"h": prev_hash})
-        return events
+        self._pending[_store_of(conn)] = (events[-1].seq, events[-1].hash)
+        return events[1:] if alarm is not None else events
 
-    async def verify(self, conn: AsyncConnection) -> AuditReport:
-        """Walk the whole chain; stop at the first problem."""
+    def _watch(self, conn: Connection, head_seq: int, head_hash: str) -> AuditRecord | None:
+        """Whether the head went back behind an event this process saw committed: the newest
+        events deleted and the head set to the last one kept (which needs no HMAC key), or the
+        database replaced by an older copy under a running gateway. Returns the
+        ``audit.head_rolled_back`` event to append first, naming what was seen, if so.
+
+        Runs under the head row lock (right after ``_RESERVE``): every transaction that
+        appended before has committed or rolled back. The event this process appended last
+        (``_pending``) is taken as seen once it is in the chain with its hash (one indexed
+        read of at most two rows per append); one missing (its transaction rolled back, or
+        it was deleted) cannot be told apart and is dropped. Each worker process watches the
+        events it appended; ``audit verify --since`` is the check that survives a restart."""
+        store = _store_of(conn)
+        pending, seen = self._pending.pop(store, None), self._seen.get(store)
+        wanted = {m[0] for m in (pending, seen) if m is not None and m[0] <= head_seq}
+        found: dict[int, str] = {}
+        if wanted:
+            found = {
+                int(r.seq): str(r.hash) for r in _HASHES_AT.all(conn, {"seqs": sorted(wanted)})
+            }
+        if pending is not None and found.get(pending[0]) == pending[1]:
+            self._seen[store] = seen = pending
+        if seen is None or (seen[0] <= head_seq and found.get(seen[0]) == seen[1]):
+            return None
+        del self._seen[store]  # one alarm per rollback; the next events are watched anew
+        log.error(
+            "audit head rolled back: event %d (%s) was committed, the head is at event %d (%s); "
+            "run 'hpki-gateway audit verify --since' with the last report kept elsewhere",
+            seen[0], seen[1], head_seq, head_hash,
+        )  # fmt: skip
+        return AuditRecord(
+            action=ROLLED_BACK,
+            actor="gateway",
+            detail={
+                "instance": f"{socket.gethostname()}:{os.getpid()}",
+                "seen_seq": seen[0],
+                "seen_hash": seen[1],
+                "head_seq": head_seq,
+                "head_hash": head_hash,
+            },
+        )
+
+    async def verify(
+        self, conn: AsyncConnection, *, since: tuple[int, str] | None = None
+    ) -> AuditReport:
+        """Walk the whole chain; stop at the first problem.
+
+        ``since``: an earlier report's ``(events, head_hash)``, kept off the database host.
+        The chain must still hold that event with that hash: deleting the newest events and
+        setting the head back to the last one kept is a consistent chain (no key needed: the
+        head holds only an existing event's seq and hash), which only a head recorded
+        elsewhere tells apart (``rolled_back``; ``diverged`` when that event differs).
+
+        The events and the head are read in one snapshot: on PostgreSQL the transaction is
+        REPEATABLE READ (under READ COMMITTED each statement has its own, so an event appended
+        while the walk ran put the head ahead of the walked events: a live, intact chain read
+        'truncated'); a SQLite read transaction is one snapshot already."""
+        if conn.dialect.name == "postgresql" and not conn.in_transaction():
+            await conn.execution_options(isolation_level="REPEATABLE READ")
         expected_seq = 1
         prev = GENESIS
         count = 0
+        sads = _SadReplay()
+        since_hash = GENESIS if since is not None and since[0] == 0 else None
         result = await conn.stream(select(audit_event).order_by(audit_event.c.seq))
         async for r in result:
             seq = int(r.seq)
@@ -293,7 +380,14 @@ class AuditLog:
                 return AuditReport.fail(
                     count, seq, "modified", f"event {seq} was modified: its hash does not match"
                 )
+            unapproved = sads.see(r.action, r.ts, r.facility_code, r.detail)
+            if unapproved is not None:
+                return AuditReport.fail(
+                    count, seq, "unapproved_signature", f"event {seq}: {unapproved}"
+                )
             prev = r.hash
+            if since is not None and seq == since[0]:
+                since_hash = r.hash
             expected_seq += 1
             count += 1
         head = (await conn.execute(select(audit_head).where(audit_head.c.id == 1))).one_or_none()
@@ -307,9 +401,116 @@ class AuditLog:
                 f"the chain ends at event {count} but the head records event {head.seq}: "
                 "events were removed from the end or the head was altered",
             )
+        if since is not None:
+            if count < since[0]:
+                return AuditReport.fail(
+                    count,
+                    since[0],
+                    "rolled_back",
+                    f"the chain ends at event {count} but event {since[0]} was recorded "
+                    "earlier: the newest events were removed and the head set back, or the "
+                    "database was restored from an older copy",
+                )
+            if since_hash is None or not hmac.compare_digest(since_hash, since[1]):
+                return AuditReport.fail(
+                    count,
+                    since[0],
+                    "diverged",
+                    f"event {since[0]} is not the one recorded earlier: its hash differs",
+                )
         return AuditReport(
             ok=True, events=count, seq=None, problem=None, message="chain intact", head_hash=prev
         )
+
+
+_SPENDS = frozenset({"signature.sign_hash", "signature.sign_doc"})
+
+
+@dataclass(kw_only=True)
+class _Issued:
+    credential: Any
+    facility_code: str | None
+    scal: Any
+    left: int
+    hashes: Counter[str]
+    expires: datetime | None
+
+
+def _utc(text: str) -> datetime:
+    t = datetime.fromisoformat(text)
+    return t if t.tzinfo is not None else t.replace(tzinfo=UTC)
+
+
+class _SadReplay:
+    """The SAD ledger replayed from the chain, for ``verify``: every signature event that
+    names its SAD (``"sad"``: the row id, since 2026-11-28) must spend a SAD a ``sad.issue``
+    event issued, for its credential and facility, before it expired, within its count and
+    (SCAL 2) its hashes, less what earlier signatures spent and plus what ``signature.failed``
+    refunded.
+    Someone who can write the database but not the HMAC key can insert a SAD row and sign
+    with it; its signature is audited but has no approval in the chain, and this finds it."""
+
+    def __init__(self) -> None:
+        self.sads: dict[int, _Issued] = {}
+
+    def see(self, action: str, ts: str, facility_code: str | None, detail_text: str) -> str | None:
+        if action != "sad.issue" and action not in _SPENDS and action != "signature.failed":
+            return None
+        try:
+            d = json.loads(detail_text)
+        except ValueError:
+            return None
+        sad = d.get("sad") if isinstance(d, dict) else None
+        if not isinstance(sad, int) or isinstance(sad, bool):
+            return None  # an event from before SAD ids were recorded, or not about a SAD
+        if action == "sad.issue":
+            expires = d.get("expires_at")
+            self.sads[sad] = _Issued(
+                credential=d.get("credential"),
+                facility_code=facility_code,
+                scal=d.get("scal"),
+                left=int(d.get("num_signatures") or 0),
+                hashes=Counter(d.get("hashes") or []),
+                expires=_utc(expires) if isinstance(expires, str) else None,
+            )
+            return None
+        if action == "signature.sign_doc":
+            hashes = [str(x.get("digest")) for x in d.get("documents") or []]
+        else:
+            hashes = [str(h) for h in d.get("hashes") or []]
+        issued = self.sads.get(sad)
+        if action == "signature.failed":
+            if issued is not None and d.get("refunded") is True:
+                issued.left += len(hashes)
+                if issued.scal == "2":
+                    issued.hashes.update(hashes)
+            return None
+        if issued is None:
+            return f"a signature spent SAD {sad}, which no sad.issue event issued"
+        if d.get("credential") != issued.credential:
+            return f"a signature spent SAD {sad} with another credential than it was issued for"
+        if facility_code != issued.facility_code:
+            return f"a signature spent SAD {sad} at another facility than it was issued to"
+        if issued.expires is not None and _utc(ts) >= issued.expires:
+            return f"a signature spent SAD {sad} after it expired"
+        if len(hashes) > issued.left:
+            return f"a signature spent SAD {sad} beyond the number of signatures it authorized"
+        if issued.scal == "2":
+            need = Counter(hashes)
+            if any(issued.hashes[h] < k for h, k in need.items()):
+                return f"a signature spent SAD {sad} on a hash it was not issued for"
+            issued.hashes.subtract(need)
+        issued.left -= len(hashes)
+        return None
+
+
+def _store_of(conn: Connection) -> Hashable:
+    """Which database ``conn`` is on, the same for a Database's async, write-thread and inline
+    connections (one process may open several stores: the CLI, tests)."""
+    url = conn.engine.url
+    if url.get_backend_name() == "sqlite" and url.database in (None, "", ":memory:"):
+        return id(conn.engine)
+    return (url.get_backend_name(), url.host, url.port, url.database)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -317,7 +518,9 @@ class AuditReport:
     ok: bool
     events: int  # events verified before the first problem (all of them when ok)
     seq: int | None  # the event at fault
-    problem: str | None  # gap | broken_link | modified | truncated | head_missing
+    #: gap | broken_link | modified | truncated | head_missing | unapproved_signature |
+    #: rolled_back | diverged
+    problem: str | None
     message: str
     #: The newest event's hash (the head's) when the chain is intact: with ``events`` (its
     #: seq), what to keep off the database host to tell a restore's losses later

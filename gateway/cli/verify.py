@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 from typing import Any
 
@@ -10,9 +11,29 @@ from gateway.cli.common import Context, actor, config_flags, emit, settings_of
 from gateway.config import load_settings
 
 
+def _since(path: str | None) -> tuple[int, str] | None:
+    """``(events, head_hash)`` of an earlier ``audit verify --json`` report (``--since``)."""
+    if path is None:
+        return None
+    try:
+        earlier = json.loads(Path(path).read_text())
+        events, head = earlier["events"], earlier["head_hash"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise SystemExit(f"--since {path}: not an 'audit verify --json' report ({e})") from e
+    if (
+        earlier.get("ok") is not True
+        or not isinstance(events, int)
+        or events < 0
+        or not isinstance(head, str)
+    ):
+        raise SystemExit(f"--since {path}: not the report of an intact chain")
+    return events, head
+
+
 async def cmd_audit_verify(args: argparse.Namespace) -> int:
+    since = _since(args.since)
     async with Context(settings_of(args), with_keystore=False) as ctx, ctx.db.read() as conn:
-        report = await ctx.audit.verify(conn)
+        report = await ctx.audit.verify(conn, since=since)
     text = (
         f"audit chain intact: {report.events} events, head {report.head_hash}"
         if report.ok
@@ -181,6 +202,14 @@ def register(sub: Any) -> None:
     au = sub.add_parser("audit", help="audit log").add_subparsers(dest="sub", required=True)
     p = au.add_parser("verify", help="verify the hash chain; exit 1 on the first problem")
     config_flags(p)
+    p.add_argument(
+        "--since",
+        metavar="REPORT",
+        default=None,
+        help="an earlier 'audit verify --json' report kept off the database host: its newest "
+        "event must still be in the chain with the same hash (finds a tail deleted together "
+        "with the head set back, or an older restore)",
+    )
     p.set_defaults(func=cmd_audit_verify)
 
     ce = sub.add_parser("cert", help="certificates").add_subparsers(dest="sub", required=True)

@@ -13,7 +13,8 @@ signing endpoint calls it after decoding and validating its input:
    derives from the document, e.g. CAdES signed attributes).
 3. If no signature could be produced (HSM down, TSA down, role not permitted, malformed
    document) the spent count is refunded, the failure audited, and the error raised; nothing
-   is returned.
+   is returned. So is a request cancelled while its spend waited in the group queue, once
+   the group has committed the spend (``_refund_abandoned``).
 """
 
 from __future__ import annotations
@@ -22,8 +23,9 @@ import asyncio
 import functools
 import hashlib
 import json
+import logging
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
@@ -46,6 +48,8 @@ from gateway.store.db import Database
 
 if TYPE_CHECKING:
     from gateway.metrics import Metrics
+
+log = logging.getLogger("gateway.signing")
 
 #: What the format libraries raise on a client's document they cannot process: pyHanko's
 #: lookup and recursion errors on a malformed PDF; libxml2's canonicalisation failing on XML
@@ -141,6 +145,8 @@ class SigningService:
         self.tsa = tsa
         #: Set by the app (gateway/metrics.py): SADs consumed / refused / refunded, signatures.
         self.metrics: Metrics | None = None
+        #: Refunds of requests cancelled while their spend was queued (``_spend``).
+        self._abandoned: set[asyncio.Task[None]] = set()
 
     async def refused(
         self, caller: Caller, *, action: str, reason: str, detail: Mapping[str, Any]
@@ -177,6 +183,7 @@ class SigningService:
             action="signature.sign_hash",
             detail=_hash_detail,
             refused_detail=refused_detail,
+            failed_detail=_hash_detail,
             now=self.clock(),
         )
         key = GrantedKey(
@@ -225,6 +232,7 @@ class SigningService:
             action="signature.sign_doc",
             detail=functools.partial(_document_detail, jobs=jobs),
             refused_detail=refused_detail,
+            failed_detail=_doc_failed_detail,
             now=now,
         )
         try:
@@ -239,11 +247,7 @@ class SigningService:
             )
         except BaseException as e:
             await self._refund(
-                caller,
-                sad=sad,
-                spent=spent,
-                error=e,
-                detail={"credential": spent.credential_id, "method": "signDoc"},
+                caller, sad=sad, spent=spent, error=e, detail=_doc_failed_detail(spent)
             )
             if isinstance(e, MALFORMED):
                 # The format libraries (pyHanko, lxml) parse the client's document and fail on
@@ -322,6 +326,7 @@ class SigningService:
         action: str,
         detail: Any,
         refused_detail: Mapping[str, Any],
+        failed_detail: Callable[[SignatureGrant], Mapping[str, Any]],
         now: datetime,
     ) -> SignatureGrant:
         if caller.facility_id is None:  # pragma: no cover - the handlers refuse it first
@@ -339,8 +344,21 @@ class SigningService:
             detail=detail,
             refused_detail=refused_detail,
         )
+        outcome = self.ledger.submit(request)
         try:
-            spent = await self.ledger.consume_and_audit(request)
+            # Shielded: once queued, the spend commits with its group whether or not this
+            # request is still waiting for it.
+            spent = await asyncio.shield(outcome)
+        except asyncio.CancelledError:
+            # The request went away (client gone at shutdown, a cancelled task) with its spend
+            # queued or in the database: refund it once committed, so that no count is lost
+            # and no signature event stands without the failure that followed it.
+            outcome.add_done_callback(
+                functools.partial(
+                    self._refund_abandoned, caller=caller, sad=sad, detail=failed_detail
+                )
+            )
+            raise
         except (InvalidRequest, AccessDenied):
             if self.metrics is not None:
                 self.metrics.sad.labels("refused").inc()
@@ -348,6 +366,31 @@ class SigningService:
         if self.metrics is not None:
             self.metrics.sad.labels("consumed").inc(len(spent.hashes))
         return spent
+
+    def _refund_abandoned(
+        self,
+        outcome: asyncio.Future[SignatureGrant],
+        *,
+        caller: Caller,
+        sad: str,
+        detail: Callable[[SignatureGrant], Mapping[str, Any]],
+    ) -> None:
+        """The spend of a request that went away has its outcome: refund it if it was spent."""
+        if outcome.cancelled() or outcome.exception() is not None:
+            return  # nothing spent (refused: audited by the group; failed: rolled back)
+        spent = outcome.result()
+        task = asyncio.get_running_loop().create_task(
+            self._write_refund(
+                caller, sad=sad, spent=spent, reason="request cancelled", detail=detail(spent)
+            )
+        )
+        self._abandoned.add(task)
+        task.add_done_callback(self._abandoned_done)
+
+    def _abandoned_done(self, task: asyncio.Task[None]) -> None:
+        self._abandoned.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("refund of a cancelled request failed: %s", type(task.exception()).__name__)
 
     async def _refund(
         self,
@@ -491,8 +534,19 @@ def _xml_input(job: DocumentJob) -> bool:
     return env == "Enveloped" or (env == "Enveloping" and job.document.lstrip().startswith(b"<"))
 
 
+def _doc_failed_detail(spent: SignatureGrant) -> dict[str, Any]:
+    """A signDoc's refund: the SAD and the digests given back (``audit verify`` replays it)."""
+    return {
+        "credential": spent.credential_id,
+        "method": "signDoc",
+        "sad": spent.sad,
+        "hashes": [h.hex() for h in spent.hashes],
+    }
+
+
 def _hash_detail(spent: SignatureGrant) -> dict[str, Any]:
     return {
+        "sad": spent.sad,
         "credential": spent.credential_id,
         "key_id": spent.key_id,
         "scal": spent.scal,
@@ -515,6 +569,7 @@ def _document_detail(spent: SignatureGrant, *, jobs: Sequence[DocumentJob]) -> d
             entry.update(_extension_detail(j.eprescription_input))
         documents.append(entry)
     return {
+        "sad": spent.sad,
         "credential": spent.credential_id,
         "key_id": spent.key_id,
         "scal": spent.scal,

@@ -63,6 +63,9 @@ class SignatureGrant:
     algorithm: DigestAlgorithm
     scal: str
     presence: str
+    #: The SAD spent (its row id, what its ``sad.issue`` event names): each signature event
+    #: names it, so that ``audit verify`` ties the signature to the approval it spent.
+    sad: int | None = None
     #: The credential's certificate and issuers as read in the spending transaction (what a
     #: signature embeds; signHash does not need them).
     certificate_der: bytes | None = field(default=None, repr=False, compare=False)

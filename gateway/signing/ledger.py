@@ -258,6 +258,13 @@ class SadLedger:
         raises the refusal (``InvalidRequest``/``AccessDenied``) once a ``req.refused_action``
         event saying why is committed, so callers must not audit it again. See the module doc.
         """
+        return await self.submit(req)
+
+    def submit(self, req: SignRequest) -> asyncio.Future[SignatureGrant]:
+        """Queue ``req`` for the next group; its outcome as a future (``consume_and_audit``
+        awaits it). Cancelling the future after the request joined a group cannot stop the
+        spend: the caller that goes away shields the future and refunds what it resolves to
+        (``SigningService._spend``)."""
         loop = asyncio.get_running_loop()
         pending = _Pending(req=req, token=token_hash(req.sad), future=loop.create_future())
         self._queue.append(pending)
@@ -266,7 +273,7 @@ class SadLedger:
             task = loop.create_task(self._drain())
             self._drainers.add(task)
             task.add_done_callback(self._drainers.discard)
-        return await pending.future
+        return pending.future
 
     async def _drain(self) -> None:
         """Run the queue as batches, one write transaction each, until it is empty.
@@ -593,6 +600,7 @@ class _Spender:
             algorithm=algorithm,
             scal=row.scal,
             presence=row.presence,
+            sad=sad_id,
             certificate_der=row.certificate_der,
             chain_pem=row.chain_pem,
         )

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 from sqlalchemy import text
 
-from gateway.audit import AuditLog, event_hash
+from gateway.audit import ROLLED_BACK, AuditLog, event_hash
 from gateway.store.db import Database
 from tests.support.gateway import run_cli
 
@@ -227,3 +227,186 @@ def test_an_action_and_its_audit_event_commit_together(tmp_path: Path) -> None:
     )
     assert after == ("facility.add", "0510000015")
     assert run_cli("audit", "verify", "-c", cfg).returncode == 0
+
+
+def test_verify_on_a_live_chain_sees_one_snapshot(store_url: str) -> None:
+    """`audit verify` run while the gateway appends (the daily cron of docs/deployment.md)
+    reports the chain as of one moment. On PostgreSQL (READ COMMITTED) the walk of the events
+    and the read of the head were two snapshots: an event committed in between made an intact
+    chain read 'truncated' (head ahead of the events walked)."""
+
+    async def go() -> list[Any]:
+        db = await _db(store_url)
+        audit = AuditLog(key=b"k" * 32)
+        await _fill(db, audit, 400)
+        stop = asyncio.Event()
+
+        async def writer() -> None:
+            i = 0
+            while not stop.is_set():
+                async with db.write() as conn:
+                    await audit.append(conn, action="live", actor="test", detail={"i": i})
+                i += 1
+                await asyncio.sleep(0)
+
+        task = asyncio.create_task(writer())
+        reader = Database(store_url)
+        try:
+            reports = [await _verify(reader, audit) for _ in range(8)]
+        finally:
+            stop.set()
+            await task
+            await reader.close()
+            await db.close()
+        return reports
+
+    reports = asyncio.run(go())
+    assert [(r.ok, r.problem) for r in reports] == [(True, None)] * 8, reports
+    counts = [r.events for r in reports]
+    assert counts == sorted(counts) and counts[-1] > 400
+
+
+def _head_of(url: str, seq: int) -> str:
+    return str(_tamper(url, "SELECT hash FROM audit_event WHERE seq = :s", s=seq)[0][0])
+
+
+def _roll_back(url: str, keep: int) -> None:
+    """An insider without the HMAC key deletes every event after ``keep`` and sets the head to
+    the last one kept: only rows already in the database are used."""
+    h = _head_of(url, keep)
+    _tamper(url, "DELETE FROM audit_event WHERE seq > :k", k=keep)
+    _tamper(url, "UPDATE audit_head SET seq = :k, hash = :h WHERE id = 1", k=keep, h=h)
+
+
+def _report_since(url: str, key: bytes | None, since: tuple[int, str]) -> Any:
+    async def go() -> Any:
+        db = Database(url)
+        try:
+            async with db.read() as conn:
+                return await AuditLog(key=key).verify(conn, since=since)
+        finally:
+            await db.close()
+
+    return asyncio.run(go())
+
+
+def test_a_tail_deleted_with_the_head_set_back_is_found_against_an_earlier_head(
+    store_url: str,
+) -> None:
+    key = b"k" * 32
+
+    async def fill(n: int) -> None:
+        db = await _db(store_url)
+        await _fill(db, AuditLog(key=key), n)
+        await db.close()
+
+    asyncio.run(fill(10))
+    exported = _report(store_url, key)  # the daily report kept off the database host
+    assert (exported.ok, exported.events) == (True, 10)
+    asyncio.run(fill(2))
+    _roll_back(store_url, 7)
+    # The HMAC key does not help here: the truncated chain and its head are consistent.
+    assert _report(store_url, key).ok
+    r = _report_since(store_url, key, (exported.events, exported.head_hash))
+    assert (r.ok, r.problem, r.seq, r.events) == (False, "rolled_back", 10, 7)
+    # Appending on after the rollback does not hide it: event 10 is another event now.
+    asyncio.run(fill(5))
+    assert _report(store_url, key).ok
+    r = _report_since(store_url, key, (exported.events, exported.head_hash))
+    assert (r.ok, r.problem, r.seq) == (False, "diverged", 10)
+    # The chain as it stands, against its own head: intact.
+    assert _report_since(store_url, key, (12, _head_of(store_url, 12))).ok
+
+
+def test_a_keyless_chain_rewritten_whole_is_found_against_an_earlier_head(store: str) -> None:
+    exported = _report(store)
+    rows = _tamper(
+        store,
+        "SELECT seq, ts, actor, facility_code, signer_id, action, detail FROM audit_event "
+        "ORDER BY seq",
+    )
+    prev = "0" * 64
+    for seq, ts, actor, fc, sid, action, detail in rows:
+        if seq == 4:
+            detail = '{"i":"forged"}'
+        h = event_hash(
+            key=None, seq=seq, ts=ts, actor=actor, facility_code=fc, signer_id=sid,
+            action=action, detail=detail, prev_hash=prev,
+        )  # fmt: skip
+        _tamper(
+            store,
+            "UPDATE audit_event SET detail = :d, prev_hash = :p, hash = :h WHERE seq = :s",
+            d=detail, p=prev, h=h, s=seq,
+        )  # fmt: skip
+        prev = h
+    _tamper(store, "UPDATE audit_head SET hash = :h WHERE id = 1", h=prev)
+    assert _report(store).ok  # the documented open risk without a key
+    r = _report_since(store, None, (exported.events, exported.head_hash))
+    assert (r.ok, r.problem, r.seq) == (False, "diverged", 10)
+
+
+def test_cli_audit_verify_since_an_earlier_report(tmp_path: Path) -> None:
+    d = tmp_path / "sb"
+    run_cli("sandbox", "init", str(d), "--port", "18445")
+    cfg = str(d / "gateway.toml")
+    earlier = tmp_path / "earlier.json"
+    earlier.write_text(run_cli("audit", "verify", "-c", cfg, "--json").stdout)
+    n = json.loads(earlier.read_text())["events"]
+    assert n > 2
+    ok = run_cli("audit", "verify", "-c", cfg, "--since", str(earlier), "--json")
+    assert json.loads(ok.stdout)["ok"] is True
+    db_path = d / "data" / "gateway.db"
+    with sqlite3.connect(db_path) as con:
+        (h,) = con.execute("SELECT hash FROM audit_event WHERE seq = ?", (n - 1,)).fetchone()
+        con.execute("DELETE FROM audit_event WHERE seq = ?", (n,))
+        con.execute("UPDATE audit_head SET seq = ?, hash = ? WHERE id = 1", (n - 1, h))
+    assert run_cli("audit", "verify", "-c", cfg, check=False).returncode == 0
+    bad = run_cli("audit", "verify", "-c", cfg, "--since", str(earlier), check=False)
+    assert bad.returncode == 1
+    assert "AUDIT CHAIN BROKEN (rolled_back)" in bad.stdout
+    broken = tmp_path / "broken.json"
+    broken.write_text(json.dumps({"ok": False, "events": 3, "head_hash": None}))
+    refused = run_cli("audit", "verify", "-c", cfg, "--since", str(broken), check=False)
+    assert refused.returncode != 0
+    assert "intact chain" in refused.stdout + refused.stderr
+
+
+def _actions(url: str) -> list[tuple[int, str, str]]:
+    rows = _tamper(url, "SELECT seq, action, detail FROM audit_event ORDER BY seq")
+    return [(int(r[0]), str(r[1]), str(r[2])) for r in rows]
+
+
+def test_the_running_gateway_records_a_head_set_back(store_url: str) -> None:
+    """An insider deletes the newest events and sets the head to the last one kept (no key
+    needed). The process that appended them finds it at its next append, under the head lock,
+    and appends ``audit.head_rolled_back`` first, in the chain it cannot have forged; a
+    transaction of its own that rolled back is not taken for one; another worker that appended
+    past the point after the rollback does not hide it."""
+    key = b"k" * 32
+
+    async def go() -> None:
+        db = await _db(store_url)
+        audit, other = AuditLog(key=key), AuditLog(key=key)  # two worker processes
+        try:
+            await _fill(db, audit, 5)
+            # A transaction of its own rolled back after its append: no alarm follows.
+            with pytest.raises(RuntimeError):
+                async with db.write() as conn:
+                    await audit.append(conn, action="rolled.back", actor="test")
+                    raise RuntimeError
+            await _fill(db, audit, 1)  # event 6
+            await _fill(db, audit, 1)  # event 7 (event 6 is now seen committed)
+            acts = await asyncio.to_thread(_actions, store_url)
+            assert [a for _, a, _ in acts] == ["test.event"] * 7
+            await asyncio.to_thread(_roll_back, store_url, 3)
+            await _fill(db, other, 4)  # events 4-7 again, by a worker that saw none of them
+            await _fill(db, audit, 1)
+        finally:
+            await db.close()
+
+    asyncio.run(go())
+    acts = _actions(store_url)
+    assert [a for _, a, _ in acts] == ["test.event"] * 7 + [ROLLED_BACK, "test.event"]
+    detail = json.loads(acts[7][2])
+    assert (detail["seen_seq"], detail["head_seq"]) == (6, 7)
+    assert _report(store_url, key).ok  # the chain goes on, with the record of the rollback

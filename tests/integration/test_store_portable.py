@@ -8,6 +8,7 @@ import sys
 import textwrap
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 from alembic.autogenerate import compare_metadata
@@ -1009,3 +1010,193 @@ def test_two_enrolment_codes_issued_at_once_leave_one_active(url: str) -> None:
             await db.close()
 
     asyncio.run(go())
+
+
+@pytest.mark.parametrize("method", ["signHash", "signDoc"])
+def test_a_request_cancelled_while_its_spend_is_queued_is_refunded(url: str, method: str) -> None:
+    """A signing request that goes away (client gone at shutdown, a cancelled task) while its
+    spend waits in the group queue: the group commits the spend and its signature event anyway.
+    Before, nobody refunded it: the SAD lost the count and the audit held a signature that was
+    never made, with no failure after it. Now the count comes back once the group committed,
+    with ``signature.failed`` ("request cancelled", refunded) after the event."""
+    import json
+
+    from sqlalchemy import select
+
+    from gateway.sign import service
+    from gateway.signing.core import DocumentJob, SigningService
+    from gateway.signing.grant import Caller
+    from gateway.store.schema import audit_event, sad
+
+    h = bytes([9]) * 32
+
+    async def go() -> tuple[list[tuple[str, str]], int]:
+        db = await _fresh(url)
+        audit = AuditLog()
+        signing = SigningService(
+            db=db,
+            audit=audit,
+            ledger=SadLedger(db=db, audit=audit),
+            keystore=None,  # type: ignore[arg-type]  # never reached: cancelled before the key
+            clock=system_clock,
+            policy=service.SigningPolicy(),
+            tsa=None,
+        )
+        try:
+            fid, (token,) = await _signing_world(db, sads=1, hashes=[h])
+            caller = Caller(actor="facility:1310000011", facility_id=fid, institution_code="1")
+            if method == "signHash":
+                work = signing.sign_hashes(
+                    caller, sad=token, credential_id="cred-1", hashes=[h],
+                    algorithm=DigestAlgorithm.SHA256, refused_detail={},
+                )  # fmt: skip
+            else:
+                job = DocumentJob(
+                    digest=h, signature_format="C", conformance_level="AdES-B-B",
+                    envelope="Detached", document=None, document_digest=h,
+                )  # fmt: skip
+                work = signing.sign_documents(
+                    caller, sad=token, credential_id="cred-1", jobs=[job], refused_detail={}
+                )
+            task = asyncio.ensure_future(work)
+            for _ in range(3):  # queued: the group's drainer is scheduled, not yet run
+                await asyncio.sleep(0)
+                if signing.ledger._queue:
+                    break
+            assert signing.ledger._queue
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            for _ in range(200):  # the group commits, then the refund
+                async with db.read() as conn:
+                    events = (
+                        await conn.execute(
+                            select(audit_event.c.action, audit_event.c.detail).order_by(
+                                audit_event.c.seq
+                            )
+                        )
+                    ).all()
+                    left = (await conn.execute(select(sad.c.remaining))).scalar_one()
+                if events[-1][0] == "signature.failed":
+                    break
+                await asyncio.sleep(0.02)
+            return [(str(a), str(d)) for a, d in events], int(left)
+        finally:
+            await db.close()
+
+    events, left = asyncio.run(go())
+    actions = [a for a, _ in events if a.startswith("signature.")]
+    spend = "signature.sign_hash" if method == "signHash" else "signature.sign_doc"
+    assert actions == [spend, "signature.failed"], events
+    failed = json.loads(events[-1][1])
+    assert (failed["reason"], failed["refunded"]) == ("request cancelled", True)
+    assert left == 1
+
+
+def test_audit_verify_ties_each_signature_to_an_issued_sad(url: str) -> None:
+    """Someone who can write the database but not the HMAC key inserts a SAD row (or raises a
+    SAD's count) and signs with it: the signature is audited, but before, nothing in the chain
+    told it from an approved one (its event did not even name the SAD) and ``audit verify``
+    passed. Each signature event now names its SAD, and verify replays the ledger from the
+    chain: a spend of a SAD no ``sad.issue`` issued, or beyond its count, is
+    ``unapproved_signature``; refunds (``signature.failed``) give the count back."""
+    from sqlalchemy import update
+
+    from gateway.signing.core import _hash_detail
+    from gateway.signing.grant import Grant
+    from gateway.store.schema import sad, sad_hash
+
+    h1, h2 = bytes([5]) * 32, bytes([6]) * 32
+    key = None  # _signing_world audits without a key
+
+    def spend(token: str, fid: int, h: bytes) -> SignRequest:
+        return SignRequest(
+            sad=token, facility_id=fid, credential_id="cred-1", hashes=[h],
+            algorithm=DigestAlgorithm.SHA256, now=datetime.now(UTC),
+            actor="facility:1310000011", facility_code="1310000011",
+            action="signature.sign_hash", detail=_hash_detail,
+        )  # fmt: skip
+
+    async def verify(db: Database) -> Any:
+        async with db.read() as conn:
+            return await AuditLog(key=key).verify(conn)
+
+    async def go() -> list[Any]:
+        db = await _fresh(url)
+        audit = AuditLog(key=key)
+        ledger = SadLedger(db=db, audit=audit)
+        reports = []
+        try:
+            fid, (forged,) = await _signing_world(db, sads=1, hashes=[h2])  # no sad.issue
+            grant = Grant(
+                facility_id=fid, signer_id="sgn-1", credential_id="cred-1", hashes=(h1,),
+                hash_algorithm=DigestAlgorithm.SHA256, count=1, scal="2", presence="fido2",
+                presence_ref=None, ttl=timedelta(minutes=5),
+            )  # fmt: skip
+            async with db.write() as conn:
+                issued = await ledger.issue(
+                    conn, grant, actor="t", facility_code="1310000011", now=datetime.now(UTC)
+                )
+            spent = await ledger.consume_and_audit(spend(issued.token, fid, h1))
+            async with db.write() as conn:  # what SigningService._write_refund does
+                await ledger.refund(conn, sad=issued.token, grant=spent)
+                await audit.append(
+                    conn, action="signature.failed", actor="t",
+                    detail={**_hash_detail(spent), "reason": "x", "refunded": True},
+                )  # fmt: skip
+            await ledger.consume_and_audit(spend(issued.token, fid, h1))
+            reports.append(await verify(db))  # approved, refunded once, spent again: intact
+            async with db.write() as conn:  # the insider gives the SAD its count back
+                await conn.execute(update(sad).values(remaining=1))
+                await conn.execute(update(sad_hash).values(remaining=1))
+            await ledger.consume_and_audit(spend(issued.token, fid, h1))
+            reports.append(await verify(db))
+            await ledger.consume_and_audit(spend(forged, fid, h2))
+            async with db.read() as conn:
+                reports.append(await AuditLog(key=key).verify(conn, since=None))
+        finally:
+            await db.close()
+        return reports
+
+    intact, over, _ = asyncio.run(go())
+    assert intact.ok, intact.message
+    assert (over.ok, over.problem) == (False, "unapproved_signature"), over
+    assert "beyond the number of signatures" in over.message
+
+
+def test_audit_verify_finds_a_signature_of_a_sad_inserted_behind_the_gateway(url: str) -> None:
+    """A SAD row written into the database (no ``sad.issue`` event, which needs the key) signs
+    once: its audited signature names a SAD the chain never issued."""
+    from gateway.signing.core import _hash_detail
+
+    h = bytes([6]) * 32
+
+    async def go() -> Any:
+        db = await _fresh(url)
+        ledger = SadLedger(db=db, audit=AuditLog())
+        try:
+            fid, (forged,) = await _signing_world(db, sads=1, hashes=[h])
+            async with db.read() as conn:
+                assert (await AuditLog().verify(conn)).ok
+            await ledger.consume_and_audit(
+                SignRequest(
+                    sad=forged,
+                    facility_id=fid,
+                    credential_id="cred-1",
+                    hashes=[h],
+                    algorithm=DigestAlgorithm.SHA256,
+                    now=datetime.now(UTC),
+                    actor="facility:1310000011",
+                    facility_code="1310000011",
+                    action="signature.sign_hash",
+                    detail=_hash_detail,
+                )
+            )
+            async with db.read() as conn:
+                return await AuditLog().verify(conn)
+        finally:
+            await db.close()
+
+    r = asyncio.run(go())
+    assert (r.ok, r.problem) == (False, "unapproved_signature"), r
+    assert "which no sad.issue event issued" in r.message
