@@ -156,6 +156,22 @@ def test_concurrent_appends_from_two_processes(url: str) -> None:
 # -- grouped SAD consumption (SignatureActivation.consume_and_audit) on both backends ---------
 
 
+async def _active_enrollment(db: Database, code_hash: str, now: datetime) -> int:
+    """An active enrolment code of the signing world's signer (expiring in a day): its id."""
+    from sqlalchemy import insert
+
+    from gateway.store.schema import enrollment
+
+    async with db.write() as conn:
+        res = await conn.execute(
+            insert(enrollment).values(
+                signer_id="sgn-1", code_hash=code_hash, password_hash="x", failed_tries=0,
+                status="active", expires_at=now + timedelta(days=1), created_at=now,
+            )
+        )  # fmt: skip
+        return int(res.inserted_primary_key[0])  # type: ignore[index]
+
+
 async def _signing_world(db: Database, *, sads: int, hashes: list[bytes]) -> tuple[int, list[str]]:
     """A facility, an active signer serving it with an active credential (valid certificate),
     and ``sads`` hash-bound SADs, each authorizing the multiset ``hashes``. Returns the
@@ -543,19 +559,7 @@ def test_one_enrolment_code_registers_one_authenticator_when_two_complete_at_onc
         try:
             await _signing_world(db, sads=0, hashes=[])
             now = datetime.now(UTC)
-            async with db.write() as conn:
-                res = await conn.execute(
-                    insert(enrollment).values(
-                        signer_id="sgn-1",
-                        code_hash="c" * 64,
-                        password_hash="x",
-                        failed_tries=0,
-                        status="active",
-                        expires_at=now + timedelta(days=1),
-                        created_at=now,
-                    )
-                )
-                eid = res.inserted_primary_key[0]  # type: ignore[index]
+            eid = await _active_enrollment(db, "c" * 64, now)
             # On PostgreSQL both transactions store their authenticator before either uses the
             # code up (the race); SQLite serializes write transactions, so the second begins
             # after the first committed.
@@ -940,7 +944,7 @@ def test_enrolment_password_attempts_are_reserved_once_each_under_concurrency(ur
     """30 reservations of one enrolment code's password attempts at once, each in its own
     write transaction: exactly ``limit`` succeed on both stores (on PostgreSQL, READ
     COMMITTED re-checks ``failed + checking < limit`` on the row a blocked UPDATE gets)."""
-    from sqlalchemy import insert, select
+    from sqlalchemy import select
 
     from gateway.auth.fido2 import _ATTEMPTS, _open_enrollment
     from gateway.store.schema import enrollment
@@ -950,14 +954,7 @@ def test_enrolment_password_attempts_are_reserved_once_each_under_concurrency(ur
         try:
             await _signing_world(db, sads=0, hashes=[])
             now = datetime.now(UTC)
-            async with db.write() as conn:
-                res = await conn.execute(
-                    insert(enrollment).values(
-                        signer_id="sgn-1", code_hash="d" * 64, password_hash="x", failed_tries=0,
-                        status="active", expires_at=now + timedelta(days=1), created_at=now,
-                    )
-                )  # fmt: skip
-                eid = res.inserted_primary_key[0]  # type: ignore[index]
+            eid = await _active_enrollment(db, "d" * 64, now)
 
             async def reserve() -> bool:
                 async with db.write() as conn:
