@@ -491,8 +491,13 @@ def test_concurrent_download_guesses_are_reserved_before_checking(
     statuses = [st for st, _ in results.values()]
     assert len(statuses) == 30
     assert 409 not in statuses, results
-    assert set(statuses) <= {200, 403, 423}, results
-    checked = [i for i, (st, _) in results.items() if st != 423]
+    assert set(statuses) <= {200, 403, 410, 423}, results
+    # A guess that reaches the gateway after the right one has downloaded the file (a slow
+    # TLS handshake on a busy machine) finds it gone: 410, as every guess afterwards does.
+    gone = {d for st, d in results.values() if st == 410}
+    assert not gone or results[25][0] == 200, results
+    assert all(d.startswith("this certificate file was already downloaded") for d in gone)
+    checked = [i for i, (st, _) in results.items() if st in (200, 403)]
     assert len(checked) <= 5, results
     locked = {d for st, d in results.values() if st == 423}
     assert len(locked) == 1, results
