@@ -298,6 +298,11 @@ class AuditLog:
         events it appended; ``audit verify --since`` is the check that survives a restart."""
         store = _store_of(conn)
         pending, seen = self._pending.pop(store, None), self._seen.get(store)
+        if pending is not None and pending == (head_seq, head_hash):
+            # The head is this process's last event (one worker, or no other append since):
+            # committed, and nothing is behind it; no read on the signing path.
+            self._seen[store] = pending
+            return None
         wanted = {m[0] for m in (pending, seen) if m is not None and m[0] <= head_seq}
         found: dict[int, str] = {}
         if wanted:
